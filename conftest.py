@@ -1,0 +1,7 @@
+# Triton reads TRITON_INTERPRET when a kernel module is imported, so it must be set
+# before any test module imports kernels/. CUDA runs override it with TRITON_INTERPRET=0.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
