@@ -1,0 +1,131 @@
+"""Every engine setting, validated in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    # "auto": float32 on CPU (the fast dtype there), the checkpoint's dtype (or bf16) on CUDA.
+    dtype: str = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    # KV cache size: a block count wins over bytes; on CUDA, neither set means
+    # gpu_memory_utilization decides after profiling a dummy forward.
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's choice
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("EngineConfig.model must name a model directory, GGUF file or known model")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend == "auto":
+            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"EngineConfig.attention_backend must be 'auto' or one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"EngineConfig.block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"EngineConfig.num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(
+                f"EngineConfig.kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(
+                f"EngineConfig.max_num_batched_tokens must be at least block_size ({self.block_size}), "
+                f"got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"EngineConfig.max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"EngineConfig.max_model_len must be at least 1, got {self.max_model_len}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("EngineConfig.tensor_parallel_size above 1 is not supported yet")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"EngineConfig.num_threads must be at least 1, got {self.num_threads}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.device == "cpu":
+            return torch.float32
+        if checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return checkpoint_dtype
+        return torch.bfloat16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_env(cls, prefix: str = "BENTO_LLM_", **overrides) -> "EngineConfig":
+        """Settings from environment variables (BENTO_LLM_MODEL, BENTO_LLM_NUM_KV_BLOCKS, ...),
+        with explicit overrides winning."""
+        values: dict = {}
+        for f in fields(cls):
+            raw = os.environ.get(prefix + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse_env(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse_env(name: str, type_name: str, raw: str):
+    type_name = str(type_name)
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ValueError(f"environment setting for {name} must be a {type_name.split()[0]}, got {raw!r}") from None
+    return raw

@@ -1,0 +1,129 @@
+"""Plain-torch paged-attention ops: the CPU backend and the oracle for the Triton kernels.
+
+Shapes shared by every op (the Triton kernels in this package take the same arguments):
+  k_cache, v_cache   [num_blocks, block_size, num_kv_heads, head_dim]
+  key, value         [num_tokens, num_kv_heads, head_dim]
+  query, output      [num_tokens, num_heads, head_dim]
+  slot_mapping       int64 [num_tokens]; slot = block_id * block_size + offset; -1 = skip
+  block_tables       int32 [num_seqs, max_blocks_per_seq]; unused entries hold any valid
+                     block id (0) and are masked by context_lens
+  context_lens       int32 [num_seqs]; tokens in the cache for the sequence, this step's included
+  cu_query_lens      int32 [num_seqs + 1]; query tokens of sequence i are
+                     query[cu_query_lens[i]:cu_query_lens[i + 1]], the last tokens of its context
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """One sequence's cached tokens, contiguous: [context_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:context_len]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (query is [num_seqs, num_heads, head_dim])."""
+    num_seqs, num_heads, head_dim = query.shape
+    block_size = k_cache.shape[1]
+    max_len = int(context_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks].long()
+    # [num_seqs, max_len, kv_heads, head_dim] -> [num_seqs, kv_heads, max_len, head_dim]
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
+    positions = torch.arange(max_len, device=query.device)
+    mask = (positions[None, :] < context_lens[:, None].to(query.device))[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads
+    )
+    return out[:, :, 0, :]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a mixed batch: prefill chunks (many query tokens, possibly after
+    cached context) and decodes (one query token). Query token j of a sequence with q query
+    tokens and c context tokens sits at position c - q + j and sees positions up to it."""
+    num_tokens, num_heads, head_dim = query.shape
+    output = torch.empty_like(query)
+    query_lens = (cu_query_lens[1:] - cu_query_lens[:-1]).tolist()
+    starts = cu_query_lens[:-1].tolist()
+    ctx_lens = context_lens.tolist()
+    decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
+    if len(decode_rows) > 1:
+        rows = torch.tensor(decode_rows, device=query.device)
+        token_idx = cu_query_lens[:-1].long()[rows]
+        output[token_idx] = decode_attention(
+            query[token_idx], k_cache, v_cache, block_tables[rows], context_lens[rows], scale
+        )
+        done = set(decode_rows)
+    else:
+        done = set()
+    for i, (start, q_len, ctx_len) in enumerate(zip(starts, query_lens, ctx_lens)):
+        if i in done or q_len == 0:
+            continue
+        q = query[start : start + q_len].transpose(0, 1)  # [heads, q_len, d]
+        k = _gather_context(k_cache, block_tables[i], ctx_len).transpose(0, 1).to(query.dtype)
+        v = _gather_context(v_cache, block_tables[i], ctx_len).transpose(0, 1).to(query.dtype)
+        gqa = k.shape[0] != num_heads
+        if q_len == ctx_len:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        elif q_len == 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        else:
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
+            mask = torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        output[start : start + q_len] = out.transpose(0, 1)
+    return output
+
+
+def copy_blocks(
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    block_mapping: torch.Tensor,
+) -> None:
+    """Copy whole blocks within each layer's cache: block_mapping is int64 [N, 2] of (src, dst)."""
+    src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
+    for k_cache, v_cache in zip(k_caches, v_caches):
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
+
+
+def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy blocks between two pools that may live on different devices (GPU <-> CPU swap)."""
+    src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
+    dst_cache[dst.to(dst_cache.device)] = src_cache[src.to(src_cache.device)].to(dst_cache.device)
