@@ -1,0 +1,151 @@
+"""The online engine: the step loop runs in its own thread while work exists; each request's
+outputs flow to the asyncio loop that added it.
+
+Steps are long CPU or GPU work; running them on the event loop would stall every HTTP
+connection, so the loop thread owns the LLMEngine and the event loop only enqueues commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.llm_engine import EngineStats, EngineStepError, LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's loop thread is gone; no request can run."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.engine = LLMEngine(config, **kwargs)
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.model_name = self.engine.model_name
+        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="bento-llm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate at once (ValueError says what to change), then stream cumulative outputs.
+        Leaving the stream early aborts the request."""
+        if self._dead is not None or self._stopped:
+            raise EngineDeadError(f"the engine is not running: {self._dead!r}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use; use a unique id")
+        seq = self.engine.make_sequence(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._commands.put(("add", seq))
+        self._wakeup.set()
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the request's blocks are freed before the next step runs."""
+        if self._streams.pop(request_id, None) is not None:
+            self._commands.put(("abort", request_id))
+            self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return self.engine.apply_chat_template(messages)
+
+    async def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- the loop thread ---------------------------------------------------------------------
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                seq: Sequence = arg
+                if seq.request_id in self._streams:  # not aborted while queued
+                    self.engine.add_sequence(seq)
+            else:
+                self.engine.abort_request(arg)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except EngineStepError as e:
+                    # One bad step fails its own requests; the engine and the others go on.
+                    for rid in e.request_ids:
+                        stream = self._streams.pop(rid, None)
+                        if stream is not None:
+                            stream.put(e)
+                    continue
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
+                    if out.finished:
+                        del self._streams[out.request_id]
+                    stream.put(out)
+        except BaseException as e:  # a bug in the loop itself: fail every waiting request
+            logger.exception("engine loop died")
+            self._dead = e
+            for rid, stream in list(self._streams.items()):
+                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+            self._streams.clear()
+        finally:
+            for rid in list(self.engine.requests):
+                self.engine.abort_request(rid)

@@ -1,0 +1,70 @@
+"""Incremental detokenization and stop-string handling.
+
+Decoding each new token alone breaks multi-byte characters (split across byte-level tokens)
+and word-piece spaces (a SentencePiece token's leading space depends on what precedes it).
+So, as vLLM does, decode a short window ending at the new tokens and emit only the text past
+the window's previous end, holding back text that still ends in an incomplete character.
+"""
+
+from __future__ import annotations
+
+from engine.sequence import Sequence
+
+# Tokens of context before the unread ones: enough for any tokenizer's merge or space rule.
+_WINDOW = 6
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.all_special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def start(self, seq: Sequence) -> None:
+        """Position the window at the end of the prompt."""
+        seq.read_offset = seq.num_prompt_tokens
+        seq.prefix_offset = max(0, seq.num_prompt_tokens - _WINDOW)
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def step(self, seq: Sequence) -> str:
+        """Append the text of newly generated tokens to seq.output_text; return the new text."""
+        skip = seq.params.skip_special_tokens
+        ids = seq.token_ids
+        if skip and ids[-1] in self.all_special_ids:
+            return ""
+        prefix_text = self._decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        full_text = self._decode(ids[seq.prefix_offset :], skip)
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""  # nothing printable yet, or a character still incomplete
+        if not full_text.startswith(prefix_text):
+            # A merge changed earlier characters; the window's common prefix is still safe.
+            common = 0
+            while common < min(len(prefix_text), len(full_text)) and prefix_text[common] == full_text[common]:
+                common += 1
+            prefix_text = prefix_text[:common]
+        new_text = full_text[len(prefix_text) :]
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = len(ids)
+        seq.output_text += new_text
+        return new_text
+
+
+def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:
+    """Find a stop string that ends within the newest characters; cut the output there.
+    Stop strings may span tokens, so search back over the longest stop string's length."""
+    stops = seq.params.stop
+    if not stops or not num_new_chars:
+        return None
+    text = seq.output_text
+    search_from = max(0, len(text) - num_new_chars - max(len(s) for s in stops) + 1)
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        at = text.find(stop, search_from)
+        if at != -1 and (best is None or at < best[0]):
+            best = (at, stop)
+    if best is None:
+        return None
+    at, stop = best
+    seq.output_text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+    return stop

@@ -1,0 +1,254 @@
+"""The synchronous engine: requests in, one scheduled step at a time, outputs out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager, KVCacheUsage
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer, find_stop_string
+from engine.loader import load_model_source
+from engine.model_runner import ModelRunner
+from engine.models.llama import ModelConfig
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_kv_blocks: int
+    num_kv_blocks_used: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in it were aborted and their blocks freed."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.config = config if config is not None else EngineConfig(**kwargs)
+        source = load_model_source(self.config.model)
+        self.model_name = source.name
+        self.tokenizer = source.tokenizer
+        self.model_config = ModelConfig.from_hf(source.hf_config, source.path)
+        max_model_len = self._resolve_max_model_len(source.path)
+        self.runner = ModelRunner(self.config, source, self.model_config, max_model_len)
+        capacity = self.runner.num_blocks * self.config.block_size
+        if capacity < max_model_len:
+            logger.warning(
+                "KV cache holds %d tokens, fewer than max_model_len %d: limiting max_model_len to %d",
+                capacity, max_model_len, capacity,
+            )
+            max_model_len = capacity
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        eos = set(self.model_config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.runner.sampler.eos_token_ids = self.eos_token_ids
+        self.requests: dict[str, Sequence] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def _resolve_max_model_len(self, source: str) -> int:
+        model_max = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window and self.model_config.sliding_window < model_max:
+            # Within the window, sliding-window attention is full attention: honour it exactly
+            # by never letting a sequence grow past it.
+            model_max = self.model_config.sliding_window
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return model_max
+        if wanted > model_max:
+            raise ValueError(
+                f"max_model_len={wanted} exceeds what {source} supports ({model_max}, from its "
+                "max_position_embeddings / sliding_window); lower max_model_len"
+            )
+        return wanted
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_sequence(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validate and tokenize a request without touching engine state (any thread may call)."""
+        params = params if params is not None else SamplingParams()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; send at least one character or token")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            if not token_ids:
+                raise ValueError("prompt is empty; send at least one token id")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
+                f"(KV cache: {self.runner.num_blocks} blocks x {self.config.block_size} tokens) and at least "
+                "one token must be generated; shorten the prompt"
+            )
+        room = self.max_model_len - len(token_ids)
+        seq = Sequence(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
+        )
+        seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use; use a unique id")
+        self.detokenizer.start(seq)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params, arrival_time)
+        self.add_sequence(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish("abort")
+        seq.metrics.finished_time = time.time()
+        logger.debug("aborted %s; %d blocks free", request_id, self.block_manager.num_free_blocks)
+        return self._output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        logger.debug(
+            "step: %d seqs, %d tokens, %d preempted, %d blocks free",
+            len(schedule.scheduled), schedule.num_batched_tokens, schedule.num_preempted,
+            self.block_manager.num_free_blocks,
+        )
+        try:
+            result = self.runner.execute(schedule)
+        except Exception as e:
+            ids = [item.seq.request_id for item in schedule.scheduled]
+            for rid in ids:
+                self.abort_request(rid)
+            logger.exception("step failed; aborted %s", ids)
+            raise EngineStepError(ids, e) from e
+
+        now = time.time()
+        for item in schedule.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.seq.num_output_tokens == 0:
+                self.prompt_tokens += item.num_new_tokens
+        outputs = []
+        for row, index in enumerate(result.sampled_indices):
+            seq = schedule.scheduled[index].seq
+            seq.append_token(result.sampled.token_ids[row], result.sampled.logprobs[row], result.sampled.top_logprobs[row])
+            self.generation_tokens += 1
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            seq.metrics.last_token_time = now
+            self._check_stop(seq, len(self.detokenizer.step(seq)))
+            if seq.is_finished:
+                seq.metrics.finished_time = now
+                self.scheduler.finish(seq)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, num_new_chars: int) -> None:
+        p = seq.params
+        token = seq.token_ids[-1]
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return seq.finish("stop")
+            if token in p.stop_token_ids:
+                return seq.finish("stop", token)
+            stop = find_stop_string(seq, num_new_chars)
+            if stop is not None:
+                return seq.finish("stop", stop)
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=seq.output_text,
+            token_ids=seq.output_token_ids,
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion],
+            finished=seq.is_finished,
+            metrics=seq.metrics,
+        )
+
+    # ---- reports ----------------------------------------------------------------------------
+    def kv_cache_usage(self) -> KVCacheUsage:
+        return self.block_manager.usage()
+
+    def stats(self) -> EngineStats:
+        usage = self.block_manager.usage()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=0,
+            num_kv_blocks=usage.num_blocks,
+            num_kv_blocks_used=usage.num_used_blocks,
+            kv_cache_usage=usage.usage,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name} has no chat template; send a plain prompt instead")
+        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))

@@ -1,0 +1,158 @@
+"""Owns the model and the paged KV cache; turns a schedule into flat tensors and runs a step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.config import EngineConfig
+from engine.loader import ModelSource
+from engine.models.llama import LlamaForCausalLM, ModelConfig
+from engine.sampler import SampleResult, Sampler
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# KV memory on CPU when neither a block count nor a byte size is given.
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class StepResult:
+    sampled: SampleResult
+    sampled_indices: list[int]  # indices into SchedulerOutput.scheduled that sampled a token
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig, max_model_len: int):
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype(source.checkpoint_dtype)
+        self.model_config = model_config
+        self.block_size = config.block_size
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config, max_model_len)
+        # Materialize on the target device without a throwaway random init.
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.rotary = type(model.rotary)(model_config, max_model_len).to(self.device)
+        model.load_weights(source.iter_weights(), source.path)
+        if model_config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        self.model = model.eval()
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
+
+        self.num_blocks = self._decide_num_blocks()
+        shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
+        self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.1f KiB per block, %d tokens capacity, %.1f MiB (%s, %s backend)",
+            self.num_blocks, self.block_size, self.bytes_per_block / 1024, self.num_blocks * self.block_size,
+            self.num_blocks * self.bytes_per_block / 2**20, self.dtype, self.backend.name,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.model_config.kv_bytes_per_token(self.dtype)
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            num = cfg.kv_cache_memory_bytes // self.bytes_per_block
+        elif self.device.type == "cuda":
+            num = self._profile_cuda_blocks()
+        else:
+            num = DEFAULT_CPU_KV_BYTES // self.bytes_per_block
+        if num < 1:
+            raise ValueError(
+                f"KV cache memory leaves no room for one block of {self.bytes_per_block} bytes; "
+                "raise kv_cache_memory_bytes or gpu_memory_utilization"
+            )
+        return int(num)
+
+    def _profile_cuda_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the card after a dummy forward at the
+        token budget (its activations are the peak the engine will need)."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.model.rotary.cos.shape[0])
+        num_blocks = (num_tokens + self.block_size - 1) // self.block_size
+        mc, dev = self.model_config, self.device
+        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(2 * mc.num_layers)]
+        backend = AttentionBackend(self.config.attention_backend, caches[: mc.num_layers], caches[mc.num_layers :])
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None, :],
+            context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            cu_query_lens=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            max_query_len=num_tokens,
+            all_decode=False,
+        )
+        torch.cuda.reset_peak_memory_stats(dev)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        self.model(ids, torch.arange(num_tokens, device=dev), backend, meta, torch.arange(num_tokens, device=dev))
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del caches, backend
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        used_by_others = total - free - torch.cuda.memory_reserved(dev)
+        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
+        logger.info("profiled peak %.2f GiB at %d tokens; %.2f GiB left for the KV cache",
+                    peak / 2**30, num_tokens, budget / 2**30)
+        return int(budget // self.bytes_per_block)
+
+    def execute(self, schedule: SchedulerOutput) -> StepResult:
+        self.backend.copy_blocks(schedule.block_copies)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        context_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled_indices: list[int] = []
+        bs = self.block_size
+        for i, item in enumerate(schedule.scheduled):
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            token_ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            cu.append(cu[-1] + n)
+            context_lens.append(start + n)
+            if item.samples:
+                logits_indices.append(cu[-1] - 1)
+                sampled_indices.append(i)
+        max_blocks = max(len(item.seq.block_table) for item in schedule.scheduled)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in schedule.scheduled]
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_query_len=max(item.num_new_tokens for item in schedule.scheduled),
+            all_decode=all(item.num_new_tokens == 1 for item in schedule.scheduled),
+        )
+        logits = self.model(
+            torch.tensor(token_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.backend,
+            meta,
+            torch.tensor(logits_indices, dtype=torch.long, device=dev),
+        )
+        seqs = [schedule.scheduled[i].seq for i in sampled_indices]
+        if not seqs:
+            return StepResult(SampleResult([], [], []), [])
+        return StepResult(self.sampler(logits, seqs), sampled_indices)
+

@@ -1,0 +1,285 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a flat, unpadded token batch.
+
+Plain PyTorch in the manner of gpt-fast. q/k/v and gate/up are fused into one matmul each,
+since on CPU one large matmul beats three small ones. Attention reads and writes the paged
+KV cache through an AttentionBackend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    inv_freq: torch.Tensor  # RoPE inverse frequencies, scaling applied
+    rope_attention_scaling: float
+    eos_token_ids: list[int]
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf(cls, hf_config, source: str) -> "ModelConfig":
+        """Translate a transformers config; a field we cannot honour is an error naming it."""
+
+        def unsupported(field: str, value, why: str) -> ValueError:
+            return ValueError(f"{source}: config field {field}={value!r} is not supported: {why}")
+
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise unsupported("model_type", model_type, f"supported are {SUPPORTED_MODEL_TYPES}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise unsupported("hidden_act", act, "only silu (SwiGLU) is implemented")
+        if getattr(hf_config, "pretraining_tp", 1) not in (1, None):
+            raise unsupported("pretraining_tp", hf_config.pretraining_tp, "only 1 is implemented")
+        rope = _rope_parameters(hf_config)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise unsupported("rope_scaling", rope, f"rope types {SUPPORTED_ROPE_TYPES} are implemented")
+        inv_freq, attention_scaling = _rope_inv_freq(hf_config, rope_type)
+
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise unsupported("num_key_value_heads", num_kv_heads, f"must divide num_attention_heads ({num_heads})")
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding_window = getattr(hf_config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+            sliding_window = None
+        qwen = model_type == "qwen2"
+        return cls(
+            model_type=model_type,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 has a bias on q/k/v but not on o_proj; Llama's attention_bias covers all four.
+            attention_bias=True if qwen else bool(getattr(hf_config, "attention_bias", False)),
+            o_proj_bias=False if qwen else bool(getattr(hf_config, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            inv_freq=inv_freq,
+            rope_attention_scaling=attention_scaling,
+            eos_token_ids=eos_ids,
+            sliding_window=sliding_window,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
+
+
+def _rope_parameters(hf_config) -> dict:
+    # transformers 5 keeps rope_theta and scaling in rope_parameters; older configs in rope_scaling.
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    return dict(params)
+
+
+def _rope_inv_freq(hf_config, rope_type: str) -> tuple[torch.Tensor, float]:
+    # transformers' own RoPE initialisers, so frequencies (llama3 scaling included) match the reference.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type == "default":
+        params = _rope_parameters(hf_config)
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        positions = torch.arange(max_positions, dtype=torch.float, device=config.inv_freq.device)
+        freqs = positions[:, None] * config.inv_freq[None, :]
+        self.register_buffer("cos", freqs.cos() * config.rope_attention_scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * config.rope_attention_scaling, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved)."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(q.view(-1, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = backend.forward(self.layer_idx, q, k, v, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rotary, backend, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config, max_positions)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (float32) for the tokens at logits_indices only: the LM head is the largest
+        matmul of a small model, so prefill positions that sample nothing skip it."""
+        x = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, backend, meta)
+        x = self.norm(x[logits_indices])
+        return self.lm_head(x).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must
+        be covered exactly once."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        fused = {
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
+        }
+        c = self.config
+        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        offsets = {"qkv_proj": [(0, q), (q, kv), (q + kv, kv)], "gate_up_proj": [(0, inter), (inter, inter)]}
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            part = None
+            for old, (new, index) in fused.items():
+                if f".{old}." in name:
+                    name, part = name.replace(f".{old}.", f".{new}."), index
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"{source}: unexpected weight {hf_name!r} for a {c.model_type} model")
+            target = param.data
+            key = name
+            if part is not None:
+                start, size = offsets[name.split(".")[-2]][part]
+                target = target.narrow(0, start, size)
+                key = f"{name}#{part}"
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"the config implies {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            loaded.add(key)
+        expected = set()
+        for name in params:
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                expected.update(f"{name}#{i}" for i in range(3))
+            elif "gate_up_proj." in name:
+                expected.update(f"{name}#{i}" for i in range(2))
+            else:
+                expected.add(name)
+        if c.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")

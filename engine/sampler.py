@@ -1,0 +1,135 @@
+"""Batched sampling: logits processors and draws vectorized over the batch.
+
+The only per-request Python work is drawing noise from a seeded request's own generator, so a
+seeded request samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import PositionLogprobs
+from engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token under the model's distribution
+    top_logprobs: list[PositionLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int]):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits: float32 [len(seqs), vocab]; row i belongs to seqs[i]."""
+        logits = logits[:, : self.vocab_size]
+        # Logprobs report the model's own distribution, before any processing (as vLLM does).
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        logits = self._apply_processors(logits.clone(), seqs)
+        token_ids = self._draw(logits, seqs)
+
+        if raw_logprobs is None:
+            return SampleResult(token_ids.tolist(), [0.0] * len(seqs), [None] * len(seqs))
+        chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
+        max_k = max(s.params.logprobs or 0 for s in seqs)
+        top_vals, top_ids = raw_logprobs.topk(max(max_k, 1), dim=-1)
+        tops: list[PositionLogprobs | None] = []
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is None:
+                tops.append(None)
+                continue
+            entry = {int(token_ids[i]): float(chosen[i])}
+            for tid, val in zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist()):
+                entry.setdefault(tid, val)
+            tops.append(entry)
+        return SampleResult(token_ids.tolist(), chosen.tolist(), tops)
+
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device = logits.device
+        # min_tokens: EOS and stop tokens are impossible until enough tokens exist.
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=device)
+
+        penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        if penalized:
+            logits[penalized] = self._apply_penalties(logits[penalized], [seqs[i] for i in penalized])
+
+        temperatures = torch.tensor(
+            [s.params.temperature if not s.params.greedy else 1.0 for s in seqs], device=device
+        )
+        logits = logits / temperatures[:, None]
+
+        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs], device=device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+        if bool((top_k < self.vocab_size).any() or (top_p < 1).any()):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        if bool((min_p > 0).any()):
+            probs = logits.softmax(dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """vLLM's definitions: repetition divides positive / multiplies negative logits of
+        tokens in prompt or output; presence and frequency subtract for output tokens."""
+        device = logits.device
+        rows = len(seqs)
+        output_counts = torch.zeros(rows, self.vocab_size, device=device)
+        seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=device)
+        for i, seq in enumerate(seqs):
+            out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
+            seen[i, torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device)] = True
+        seen |= output_counts > 0
+        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
+        freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
+        pres = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+        return logits - freq * output_counts - pres * (output_counts > 0).float()
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        greedy_ids = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return greedy_ids
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and lets each
+        # seeded row use its own generator without a per-row multinomial call.
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None and not seq.params.greedy:
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(noise.device)
+        sampled_ids = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, sampled_ids)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
+    # already reaches top_p. The first token is always kept.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
