@@ -251,4 +251,6 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name} has no chat template; send a plain prompt instead")
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already wrote the special tokens; encoding must not add a second BOS.
+        return self.tokenizer.encode(text, add_special_tokens=False)
