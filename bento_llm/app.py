@@ -1,0 +1,115 @@
+"""The FastAPI app that BentoML mounts at /v1: routes and OpenAI-shaped error handling.
+
+Bodies are parsed here, not by FastAPI's body parameters, so that malformed JSON, wrong
+types and unknown fields all go through one mapping to OpenAI's error shape, strictly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bento_llm.errors import OpenAIError, from_validation_error, server_error
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from bento_llm.runtime import LLMRuntime
+from bento_llm.serving import OpenAIServing
+
+logger = logging.getLogger("bento_llm")
+
+RuntimeGetter = Callable[[], LLMRuntime | None]
+
+
+def _schema_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body parsed by hand, so /docs still shows it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # fmt: skip
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body or b"null")
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    """Answered here rather than by an exception handler: Starlette re-raises unhandled
+    exceptions after answering, which would log every 400 as a server crash."""
+    if isinstance(exc, OpenAIError):
+        return exc.response()
+    # One request failed; log it with its trace and answer it alone with a 500.
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return server_error().response()
+
+
+def create_app(get_runtime: RuntimeGetter) -> FastAPI:
+    """`get_runtime` returns the process's LLMRuntime; BentoML creates it after import,
+    so the app looks it up per request."""
+    app = FastAPI(
+        title="bento-llm OpenAI-compatible API",
+        description="OpenAI's /v1 completions, chat completions and models, served by bento-llm's paged-KV engine.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+
+    def serving() -> OpenAIServing:
+        runtime = get_runtime()
+        if runtime is None:
+            raise OpenAIError("The server is starting; retry when /readyz answers 200.", 503, "server_error", code="model_not_ready")
+        return OpenAIServing(runtime)
+
+    @app.get("/models", response_model=ModelList)
+    async def list_models() -> Any:
+        return serving().models()
+
+    @app.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> Any:
+        s = serving()
+        s.check_model(model_id)
+        return s.models().data[0]
+
+    @app.post("/completions", openapi_extra=_schema_body(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        try:
+            s = serving()
+            return await s.completions(await _parse(request, CompletionRequest), request)
+        except Exception as e:  # noqa: BLE001
+            return _error_response(request, e)
+
+    @app.post("/chat/completions", openapi_extra=_schema_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        try:
+            s = serving()
+            return await s.chat(await _parse(request, ChatCompletionRequest), request)
+        except Exception as e:  # noqa: BLE001
+            return _error_response(request, e)
+
+    # BentoML mounts this app "passively": a path no route matches falls through to
+    # BentoML's plain 404. Catch the rest of /v1 here so it answers in OpenAI's shape.
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unknown(request: Request, path: str) -> Response:
+        return OpenAIError(f"Unknown request URL: {request.method} {request.url.path}", 404, code="unknown_url").response()
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(
+            {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return _error_response(request, exc)
+
+    return app

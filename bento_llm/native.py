@@ -1,0 +1,54 @@
+"""The text stream behind the BentoML-native endpoints (`bentoml.SyncHTTPClient`):
+plain text increments instead of OpenAI chunks, same engine, same validation."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from bento_llm.chat import apply_chat_template
+from bento_llm.errors import OpenAIError
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, random_id
+from bento_llm.runtime import LLMRuntime
+from bento_llm.serving import OpenAIServing, Prompt
+from bento_llm.sampling import to_sampling_params
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def prepare(runtime: LLMRuntime, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any]) -> tuple[Prompt, Any]:
+    """Validate as the OpenAI routes do; raises OpenAIError before anything starts."""
+    serving = OpenAIServing(runtime)
+    runtime.require_engine()
+    if messages is not None:
+        request = ChatCompletionRequest.model_validate({"messages": messages, **_options(options)}, strict=False)
+        params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=None, vocab_size=runtime.vocab_size)
+        text = apply_chat_template(runtime.tokenizer, request)
+        ids = runtime.tokenizer.encode(text, add_special_tokens=False)
+        param = "messages"
+    else:
+        request = CompletionRequest.model_validate({"prompt": prompt or "", **_options(options)}, strict=False)
+        params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=None, vocab_size=runtime.vocab_size)
+        text = prompt or ""
+        ids = runtime.tokenizer.encode(text, add_special_tokens=True)
+        param = "prompt"
+    if params.n != 1:
+        raise OpenAIError("n must be 1 on the streaming text endpoints", param="n")
+    serving.check_length(len(ids), params.max_tokens, param)
+    return Prompt(list(ids), text), params
+
+
+async def text_stream(runtime: LLMRuntime, prompt: Prompt, params: Any) -> AsyncIterator[str]:
+    """Text increments until the request ends; closing the iterator aborts the request."""
+    serving = OpenAIServing(runtime)
+    job = serving.start([random_id("gen")], [prompt], params, "prompt")
+    sent = 0
+    try:
+        async for _, output in job.outputs():
+            text = output.outputs[0].text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+    finally:
+        await job.close()

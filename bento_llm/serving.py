@@ -1,0 +1,340 @@
+"""The two OpenAI endpoints over the engine: prompts in, engine requests started,
+outputs gathered (or streamed) back in OpenAI's shape.
+
+Every engine request started here is aborted on every way out that is not its natural
+end: client disconnect, error, BentoML's timeout, a failure in a sibling prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bento_llm import formatting as fmt
+from bento_llm.chat import apply_chat_template
+from bento_llm.errors import OpenAIError, bad_request, context_length_exceeded, from_value_error, model_not_found
+from bento_llm.metrics import RequestTimer
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
+from bento_llm.runtime import LLMRuntime
+from bento_llm.sampling import to_sampling_params
+from bento_llm.streaming import (
+    DONE,
+    ClientDisconnected,
+    EventStreamResponse,
+    close_stream,
+    merge_streams,
+    sse,
+    unless_disconnected,
+)
+
+logger = logging.getLogger("bento_llm")
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # for echo; decoded lazily when the prompt came as ids
+
+
+@dataclass
+class Job:
+    """The engine requests of one HTTP request, and their bookkeeping."""
+
+    runtime: LLMRuntime
+    request_ids: list[str]
+    streams: list[AsyncIterator[Any]] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)
+    timers: list[RequestTimer] = field(default_factory=list)
+
+    def abort_unfinished(self) -> None:
+        engine = self.runtime.engine
+        for i, request_id in enumerate(self.request_ids[: len(self.streams)]):
+            if i in self.finished:
+                continue
+            self.finished.add(i)
+            self.timers[i].finished("abort")
+            if engine is not None:
+                try:
+                    engine.abort(request_id)
+                except Exception:  # noqa: BLE001 - aborting a request that just ended is harmless
+                    logger.debug("abort %s failed", request_id, exc_info=True)
+
+    async def close(self) -> None:
+        self.abort_unfinished()
+        for stream in self.streams:
+            await close_stream(stream)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, cumulative RequestOutput) as they come, with metrics."""
+        async for index, output in merge_streams(self.streams):
+            timer = self.timers[index]
+            timer.tokens_seen(sum(len(o.token_ids) for o in output.outputs))
+            if output.finished:
+                self.finished.add(index)
+                reasons = [o.finish_reason for o in output.outputs]
+                timer.finished("length" if "length" in reasons else (reasons[0] if reasons else None))
+            yield index, output
+
+    async def final_outputs(self) -> list[Any]:
+        finals: list[Any] = [None] * len(self.streams)
+        async for index, output in self.outputs():
+            finals[index] = output
+        return finals
+
+
+class OpenAIServing:
+    def __init__(self, runtime: LLMRuntime) -> None:
+        self.runtime = runtime
+
+    # ------------------------------------------------------------------ shared
+
+    def models(self) -> ModelList:
+        rt = self.runtime
+        return ModelList(data=[ModelCard(id=rt.model_name, root=rt.settings.model, max_model_len=rt.max_model_len or None)])
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.runtime.model_name, self.runtime.settings.model):
+            raise model_not_found(name)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        limit = self.runtime.max_model_len
+        if prompt_tokens == 0:
+            raise bad_request(f"The {param} is empty: it must contain at least one token", param=param)
+        if prompt_tokens >= limit or (max_tokens is not None and prompt_tokens + max_tokens > limit):
+            raise context_length_exceeded(limit, prompt_tokens, max_tokens, param)
+
+    def start(self, request_ids: list[str], prompts: list[Prompt], params: Any, param: str) -> Job:
+        engine = self.runtime.require_engine()
+        job = Job(self.runtime, request_ids)
+        try:
+            for request_id, prompt in zip(request_ids, prompts):
+                timer = self.runtime.metrics.timer()
+                job.streams.append(engine.add_request(request_id, prompt.token_ids, params))
+                job.timers.append(timer)
+        except ValueError as e:
+            job.abort_unfinished()
+            raise from_value_error(e, {"prompt": param}) from None
+        except BaseException:
+            job.abort_unfinished()
+            raise
+        return job
+
+    async def respond(self, raw: Request, job: Job, build: Any) -> Response:
+        """Non-streaming: wait for every request, aborting them if the client leaves."""
+        try:
+            finals = await unless_disconnected(raw, job.final_outputs(), job.abort_unfinished)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody is listening; for the access log only
+        finally:
+            await job.close()
+        return JSONResponse(build(finals))
+
+    def stream(self, job: Job, events: AsyncIterator[str]) -> Response:
+        async def guarded() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            except OpenAIError as e:
+                yield sse(e.body())
+            except Exception:  # noqa: BLE001 - one failed request must not take the server down
+                logger.exception("stream failed")
+                yield sse(OpenAIError("The server had an error while processing your request.", 500, "server_error").body())
+            else:
+                return
+            finally:
+                await job.close()
+            yield DONE
+
+        return EventStreamResponse(guarded())
+
+    # ------------------------------------------------------------------ completions
+
+    def completion_prompts(self, request: CompletionRequest) -> list[Prompt]:
+        tokenizer, vocab = self.runtime.tokenizer, self.runtime.vocab_size
+        raw = request.prompt
+        if isinstance(raw, str):
+            raw = [raw]
+        if not raw:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if isinstance(raw[0], int):
+            raw = [raw]  # one prompt given as token ids
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                prompts.append(Prompt(list(ids), item))
+                continue
+            if not item:
+                raise bad_request("a token-id prompt must not be empty", param="prompt")
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", param="prompt")
+            prompts.append(Prompt(list(item)))
+        return prompts
+
+    async def completions(self, request: CompletionRequest, raw: Request) -> Response:
+        rt = self.runtime
+        rt.require_engine()
+        self.check_model(request.model)
+        k = request.logprobs
+        params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=k, vocab_size=rt.vocab_size)
+        prompts = self.completion_prompts(request)
+        for prompt in prompts:
+            self.check_length(len(prompt.token_ids), params.max_tokens, "prompt")
+        response_id, created, n = random_id("cmpl"), int(time.time()), params.n
+        if request.echo:
+            for prompt in prompts:
+                if prompt.text is None:
+                    prompt.text = rt.tokenizer.decode(prompt.token_ids)
+        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
+        job = self.start(ids, prompts, params, "prompt")
+
+        def logprobs_of(out: Any, start: int, offset: int) -> dict[str, Any] | None:
+            if k is None:
+                return None
+            return fmt.completion_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k, offset)
+
+        if not request.stream:
+
+            def build(finals: list[Any]) -> dict[str, Any]:
+                choices = []
+                for i, final in enumerate(finals):
+                    prefix = prompts[i].text if request.echo else ""
+                    for out in final.outputs:
+                        choices.append({
+                            "index": i * n + out.index,
+                            "text": prefix + out.text,
+                            "logprobs": logprobs_of(out, 0, len(prefix)),
+                            "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason,
+                        })  # fmt: skip
+                choices.sort(key=lambda c: c["index"])
+                completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+                return {
+                    "id": response_id, "object": "text_completion", "created": created, "model": rt.model_name,
+                    "choices": choices, "usage": fmt.usage(sum(len(p.token_ids) for p in prompts), completion),
+                    "system_fingerprint": None,
+                }  # fmt: skip
+
+            return await self.respond(raw, job, build)
+
+        async def events() -> AsyncIterator[str]:
+            sent_text: dict[int, int] = {}
+            sent_tokens: dict[int, int] = {}
+            offsets: dict[int, int] = {}
+            done: set[int] = set()
+            completion_tokens = 0
+            async for i, output in job.outputs():
+                for out in output.outputs:
+                    index = i * n + out.index
+                    if index not in sent_text:
+                        sent_text[index] = sent_tokens[index] = 0
+                        offsets[index] = 0
+                        prefix = prompts[i].text if request.echo else ""
+                    else:
+                        prefix = ""
+                    if index in done:
+                        continue
+                    delta = prefix + out.text[sent_text[index]:]
+                    start = sent_tokens[index]
+                    if not delta and len(out.token_ids) == start and out.finish_reason is None:
+                        continue
+                    if out.finish_reason is not None:
+                        done.add(index)
+                    lp = logprobs_of(out, start, offsets[index])
+                    offsets[index] += len(delta)
+                    completion_tokens += len(out.token_ids) - start
+                    sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
+                    choice = {"index": index, "text": delta, "logprobs": lp,
+                              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}  # fmt: skip
+                    yield sse(fmt.chunk("text_completion", response_id, created, rt.model_name, [choice], request.include_usage))
+            if request.include_usage:
+                usage = fmt.usage(sum(len(p.token_ids) for p in prompts), completion_tokens)
+                yield sse(fmt.chunk("text_completion", response_id, created, rt.model_name, [], True, usage))
+            yield DONE
+
+        return self.stream(job, events())
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        rt = self.runtime
+        rt.require_engine()
+        self.check_model(request.model)
+        k = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.requested_max_tokens
+        params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
+        prompt_text = apply_chat_template(rt.tokenizer, request)
+        prompt = Prompt(list(rt.tokenizer.encode(prompt_text, add_special_tokens=False)), prompt_text)
+        self.check_length(len(prompt.token_ids), params.max_tokens, "messages")
+        # vLLM's echo: repeat the final message when the reply continues it.
+        last = request.messages[-1]
+        echo = last.text(len(request.messages) - 1) if request.echo and last.role == "assistant" else ""
+        response_id, created, n = random_id("chatcmpl"), int(time.time()), params.n
+        job = self.start([response_id], [prompt], params, "messages")
+
+        def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
+            if k is None:
+                return None
+            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k)}
+
+        if not request.stream:
+
+            def build(finals: list[Any]) -> dict[str, Any]:
+                final = finals[0]
+                choices = [
+                    {
+                        "index": out.index,
+                        "message": {"role": "assistant", "content": echo + out.text, "refusal": None},
+                        "logprobs": logprobs_of(out, 0),
+                        "finish_reason": out.finish_reason,
+                        "stop_reason": out.stop_reason,
+                    }
+                    for out in sorted(final.outputs, key=lambda o: o.index)
+                ]
+                completion = sum(len(o.token_ids) for o in final.outputs)
+                return {
+                    "id": response_id, "object": "chat.completion", "created": created, "model": rt.model_name,
+                    "choices": choices, "usage": fmt.usage(len(prompt.token_ids), completion),
+                    "system_fingerprint": None,
+                }  # fmt: skip
+
+            return await self.respond(raw, job, build)
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            return sse(fmt.chunk("chat.completion.chunk", response_id, created, rt.model_name, choices, request.include_usage, usage))
+
+        async def events() -> AsyncIterator[str]:
+            # The role comes first, before any token, as OpenAI sends it.
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for j in range(n)])
+            sent_text = [0] * n
+            sent_tokens = [0] * n
+            done = [False] * n
+            completion_tokens = 0
+            async for _, output in job.outputs():
+                for out in output.outputs:
+                    j = out.index
+                    if done[j]:
+                        continue
+                    delta = out.text[sent_text[j]:]
+                    if sent_tokens[j] == 0 and echo and (delta or out.token_ids):
+                        delta = echo + delta
+                    start = sent_tokens[j]
+                    if delta or len(out.token_ids) > start:
+                        completion_tokens += len(out.token_ids) - start
+                        sent_text[j], sent_tokens[j] = len(out.text), len(out.token_ids)
+                        yield chunk([{"index": j, "delta": {"content": delta}, "logprobs": logprobs_of(out, start), "finish_reason": None}])
+                    if out.finish_reason is not None:
+                        done[j] = True
+                        yield chunk([{"index": j, "delta": {}, "logprobs": None,
+                                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}])  # fmt: skip
+            if request.include_usage:
+                yield chunk([], fmt.usage(len(prompt.token_ids), completion_tokens))
+            yield DONE
+
+        return self.stream(job, events())

@@ -1,0 +1,127 @@
+"""Plumbing between engine streams and HTTP: server-sent events, merging several
+request streams, and aborting work whose client has gone away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+logger = logging.getLogger("bento_llm")
+
+T = TypeVar("T")
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: str | dict[str, Any]) -> str:
+    """One server-sent event, the way OpenAI frames them."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, at once.
+
+    Starlette stops iterating when the client disconnects (or a send fails) but leaves the
+    generator to the garbage collector; closing it here runs its `finally`, which aborts
+    the engine requests, so their KV blocks come back within one engine step.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
+        super().__init__(content, headers=headers, **kwargs)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as (index, item), in arrival order."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    end = object()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item, None))
+            await queue.put((index, end, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, end, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is end:
+                remaining -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def close_stream(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection. Only call it after the body has
+    been read: from then on the only message the server can receive is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def unless_disconnected(
+    request: Request, work: Awaitable[T], on_disconnect: Callable[[], None]
+) -> T:
+    """Await `work`; if the client goes away first, cancel it, call `on_disconnect`
+    (which aborts the engine requests) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # e.g. BentoML's request timeout
+        task.cancel()
+        on_disconnect()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    on_disconnect()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientDisconnected()

@@ -1,0 +1,127 @@
+"""bento-llm as a BentoML service: `bentoml serve` in this directory serves the default
+model with an OpenAI-compatible API at /v1 and BentoML-native streaming endpoints.
+
+Settings: `bentoml serve --arg model=/path/to/checkpoint --arg num_kv_blocks=2048` or
+the environment (BENTO_LLM_MODEL, BENTO_LLM_NUM_KV_BLOCKS, ...); see bento_llm/settings.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any, AsyncGenerator
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+from bento_llm.app import create_app
+from bento_llm.auth import APIKeyMiddleware
+from bento_llm.errors import OpenAIError
+from bento_llm.model_store import DEFAULT_GGUF_FILE, ensure_default_model
+from bento_llm.native import prepare, text_stream
+from bento_llm.runtime import LLMRuntime
+from bento_llm.settings import load_settings
+from engine.config import DEFAULT_MODEL
+
+logger = logging.getLogger("bento_llm")
+
+settings = load_settings(vars(bentoml.use_arguments()))
+# The default model's weights as a BentoML model: `bentoml build` packs them into the Bento.
+DEFAULT_MODEL_TAG = ensure_default_model() if settings.model == DEFAULT_MODEL else None
+
+_runtime: LLMRuntime | None = None
+openai_app = create_app(lambda: _runtime)
+
+
+def _bentoml_error(e: OpenAIError) -> BentoMLException:
+    # BentoML answers a BentoMLException with its error_code as the status.
+    return BentoMLException(e.message, error_code=HTTPStatus(e.status))
+
+
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.service(
+    name="bento-llm",
+    # One worker owns the one engine; the engine does the batching, continuously.
+    workers=1,
+    traffic={"timeout": settings.timeout, "max_concurrency": settings.max_concurrency},
+    envs=[{"name": "BENTOML_DO_NOT_TRACK", "value": "true"}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
+)
+class BentoLLM:
+    if DEFAULT_MODEL_TAG is not None:
+        default_weights = bentoml.models.BentoModel(DEFAULT_MODEL_TAG)
+
+    def __init__(self) -> None:
+        global _runtime
+        model_path = None
+        if DEFAULT_MODEL_TAG is not None:
+            model_path = self.default_weights.path_of(DEFAULT_GGUF_FILE)
+        self.runtime = LLMRuntime(settings, model_path=model_path)
+        _runtime = self.runtime
+        # In the background: /livez must answer while the weights load.
+        self.runtime.start()
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    def __is_alive__(self) -> bool:
+        # A model that failed to load will not recover; let the orchestrator restart us.
+        return not self.runtime.failed
+
+    def __metrics__(self, content: str) -> str:
+        return content + self.runtime.metrics.render()
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        await self.runtime.shutdown()
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt: str,
+        max_tokens: int | None = 256,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> AsyncGenerator[str, None]:
+        """Stream the completion of a raw prompt as text pieces."""
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos)
+        async for piece in self._stream(prompt, None, options):
+            yield piece
+
+    @bentoml.api
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = 256,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> AsyncGenerator[str, None]:
+        """Stream the assistant's reply to chat messages ({"role", "content"}) as text pieces."""
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos)
+        async for piece in self._stream(None, messages, options):
+            yield piece
+
+    async def _stream(self, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any]) -> AsyncGenerator[str, None]:
+        try:
+            prompt_, params = prepare(self.runtime, prompt, messages, options)
+        except OpenAIError as e:
+            # Raised before the first piece, so BentoML can still answer with the status.
+            raise _bentoml_error(e) from None
+        async for piece in text_stream(self.runtime, prompt_, params):
+            yield piece
+
+
+# /v1/* and the native endpoints need the key when one is set; health, metrics and docs stay open.
+BentoLLM.add_asgi_middleware(
+    APIKeyMiddleware,
+    api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+    prefixes=("/v1",),
+    paths=("/generate", "/chat"),
+)
