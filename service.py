@@ -52,6 +52,8 @@ class BentoLLM:
 
     def __init__(self) -> None:
         global _runtime
+        # BentoML's server logging keeps the root at WARNING; our start-up lines are useful.
+        logging.getLogger("bento_llm").setLevel(logging.INFO)
         model_path = None
         if DEFAULT_MODEL_TAG is not None:
             model_path = self.default_weights.path_of(DEFAULT_GGUF_FILE)

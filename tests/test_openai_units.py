@@ -1,0 +1,256 @@
+"""Fast unit tests of the server's pieces that need no model: settings, error mapping,
+auth, metrics rendering and the background-loading state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+from bento_llm.app import create_app
+from bento_llm.auth import APIKeyMiddleware
+from bento_llm.errors import from_validation_error, from_value_error
+from bento_llm.metrics import Histogram, ServerMetrics
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
+from bento_llm.runtime import LLMRuntime
+from bento_llm.settings import Settings, load_settings, parse_size
+from engine import SamplingParams
+from engine.config import DEFAULT_MODEL
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_defaults_serve_the_default_model():
+    s = load_settings({}, environ={})
+    assert s.model == DEFAULT_MODEL and s.model_name == DEFAULT_MODEL
+    assert s.api_key is None and s.max_concurrency >= 64 and s.timeout >= 600
+    assert s.engine_overrides()["model"] == DEFAULT_MODEL
+
+
+def test_arguments_win_over_environment_and_are_coerced():
+    env = {"BENTO_LLM_NUM_KV_BLOCKS": "100", "BENTO_LLM_MAX_MODEL_LEN": "256", "BENTO_LLM_API_KEY": "from-env"}
+    s = load_settings({"num_kv_blocks": "512", "kv_cache_memory": "1GiB", "served-model-name": "m"}, environ=env)
+    assert s.num_kv_blocks == 512 and s.max_model_len == 256
+    assert s.kv_cache_memory == 2**30 and s.model_name == "m"
+    assert s.api_key is not None and s.api_key.get_secret_value() == "from-env"
+    assert "from-env" not in repr(s)  # the key never shows in logs
+    overrides = s.engine_overrides()
+    assert overrides["num_kv_blocks"] == 512 and overrides["kv_cache_memory_bytes"] == 2**30
+
+
+def test_settings_refuse_unknown_names_and_bad_values():
+    with pytest.raises(ValueError, match="num_kv_blokcs"):
+        load_settings({"num_kv_blokcs": "5"}, environ={})
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        load_settings({"num_kv_blocks": "many"}, environ={})
+    with pytest.raises(ValueError):
+        load_settings({"max_concurrency": "0"}, environ={})
+
+
+def test_parse_size():
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("1e3") == 1000
+    assert parse_size(77) == 77
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_served_name_defaults_to_last_path_component():
+    assert Settings(model="/models/my-llama/").model_name == "my-llama"
+    assert Settings(model="/m/x.gguf", served_model_name="prod").model_name == "prod"
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _validation_error(model, body) -> dict:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate_json(body if isinstance(body, (str, bytes)) else json.dumps(body))
+    return from_validation_error(info.value).body()["error"]
+
+
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ("{not json", None, "invalid_json"),
+        ([], None, "invalid_type"),
+        ({"prompt": 3}, "prompt", "invalid_type"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature", "invalid_type"),
+        ({"prompt": "x", "max_tokens": 1.5}, "max_tokens", "invalid_type"),
+        ({"prompt": "x", "stream": 1}, "stream", "invalid_type"),
+        ({"prompt": "x", "frobnicate": True}, "frobnicate", "unknown_parameter"),
+        ({"max_tokens": 3}, "prompt", "missing_required_parameter"),
+    ],
+)
+def test_validation_errors_name_the_field(body, param, code):
+    error = _validation_error(CompletionRequest, body)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["code"] == code, error
+    if param:
+        assert param in error["message"]
+
+
+def test_chat_validation_error_points_into_messages():
+    error = _validation_error(ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]})
+    assert error["param"] == "messages.[1].role"
+    error = _validation_error(ChatCompletionRequest, {"messages": []})
+    assert error["param"] == "messages"
+
+
+def test_engine_value_errors_become_400_naming_the_request_field():
+    with pytest.raises(ValueError) as info:
+        SamplingParams(top_p=3.0)
+    error = from_value_error(info.value).body()["error"]
+    assert error["param"] == "top_p" and "top_p" in error["message"] and "SamplingParams" not in error["message"]
+    with pytest.raises(ValueError) as info:
+        SamplingParams(logprobs=50)
+    error = from_value_error(info.value, {"logprobs": "top_logprobs"}).body()["error"]
+    assert error["param"] == "top_logprobs"
+
+
+# ---------------------------------------------------------------- auth
+
+
+async def _ok_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_api_key_middleware():
+    client = TestClient(APIKeyMiddleware(_ok_app, "s3cret", prefixes=("/v1",), paths=("/generate",)))
+    for path in ("/v1/models", "/v1", "/generate"):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+        assert client.get(path, headers={"Authorization": "Basic s3cret"}).status_code == 401
+        assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get(path, headers={"Authorization": "bearer s3cret"}).status_code == 200
+    for path in ("/livez", "/readyz", "/metrics", "/v1x", "/"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_no_api_key_means_open():
+    client = TestClient(APIKeyMiddleware(_ok_app, None))
+    assert client.get("/v1/models").status_code == 200
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_histogram_is_cumulative():
+    h = Histogram([0.1, 1.0])
+    for value in (0.05, 0.5, 0.5, 5.0):
+        h.observe(value)
+    family = h.family("x_seconds", "doc", {"model_name": "m"})
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.1": 1, "1.0": 3, "+Inf": 4}
+
+
+def test_metrics_render_vllm_names():
+    class Stats:
+        num_running, num_waiting, num_swapped = 2, 1, 0
+        num_kv_blocks, num_kv_blocks_used, kv_cache_usage = 10, 4, 0.4
+        prefix_cache_queries = prefix_cache_hits = num_preemptions = 0
+        prompt_tokens, generation_tokens = 30, 12
+
+    metrics = ServerMetrics("m", lambda: Stats())
+    timer = metrics.timer()
+    timer.tokens_seen(1)
+    timer.tokens_seen(3)
+    timer.finished("stop")
+    text = metrics.render()
+    for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_requests_swapped",
+        "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
+    ):  # fmt: skip
+        assert f'{name}{{' in text, name
+    assert 'vllm:num_requests_running{model_name="m"} 2.0' in text
+    assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 2.0' in text
+    assert 'vllm:request_success_total{finished_reason="stop",model_name="m"} 1.0' in text
+    # Before the engine is loaded there are no engine numbers, but the page still renders.
+    assert "vllm:num_requests_running" not in ServerMetrics("m", lambda: None).render()
+
+
+# ---------------------------------------------------------------- background loading
+
+
+class _Tokenizer:
+    chat_template = None
+
+    def __len__(self):
+        return 10
+
+    def encode(self, text, add_special_tokens=True):
+        return [1] * len(text)
+
+    def decode(self, ids, **_):
+        return "x" * len(ids)
+
+
+class _Engine:
+    tokenizer = _Tokenizer()
+    max_model_len = 32
+
+    class model_config:
+        vocab_size = 10
+
+    def stats(self):
+        return None
+
+    async def shutdown(self):
+        pass
+
+
+def _client(runtime) -> TestClient:
+    return TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))]))
+
+
+def test_routes_answer_503_while_loading_then_serve():
+    gate = threading.Event()
+
+    def factory(config):
+        assert gate.wait(10)
+        return _Engine()
+
+    runtime = LLMRuntime(Settings(model="/nowhere/tiny"), engine_factory=factory)
+    runtime.start()
+    client = _client(runtime)
+    try:
+        assert not runtime.ready and not runtime.failed
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_not_ready"
+    finally:
+        gate.set()
+    assert runtime.wait(10)
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    asyncio.run(runtime.shutdown())
+
+
+def test_failed_load_is_reported():
+    def factory(config):
+        raise FileNotFoundError("no weights here")
+
+    runtime = LLMRuntime(Settings(model="/nowhere/tiny"), engine_factory=factory)
+    runtime.start()
+    assert not runtime.wait(10)
+    assert runtime.failed and "no weights here" in runtime.error
+    response = _client(runtime).post("/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 503 and "no weights here" in response.json()["error"]["message"]
+
+
+def test_routes_before_the_service_exists():
+    response = TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: None))])).get("/v1/models")
+    assert response.status_code == 503 and set(response.json()["error"]) == {"message", "type", "param", "code"}
