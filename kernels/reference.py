@@ -58,11 +58,17 @@ def decode_attention(
     k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
     v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
     positions = torch.arange(max_len, device=query.device)
-    mask = (positions[None, :] < context_lens[:, None].to(query.device))[:, None, None, :]
+    valid = positions[None, :] < context_lens[:, None].to(query.device)  # [num_seqs, max_len]
+    mask = valid[:, None, None, :]
+    # Slots past a sequence's context hold whatever the cache memory held (stale tokens, or NaN
+    # bit patterns in never-written memory); the attention mask alone lets NaN through (NaN * 0).
+    k = k.masked_fill(~valid[:, None, :, None], 0)
+    v = v.masked_fill(~valid[:, None, :, None], 0)
     out = F.scaled_dot_product_attention(
         query[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads
     )
-    return out[:, :, 0, :]
+    # A sequence with no context (a padding row) attends to nothing: zeros, not NaN.
+    return out[:, :, 0, :].masked_fill(~valid.any(1)[:, None, None], 0)
 
 
 def paged_attention(
