@@ -1,0 +1,145 @@
+"""Decode-attention benchmark: the Triton paged kernel against the card's copy bandwidth and against
+PyTorch's scaled_dot_product_attention on the same K/V gathered contiguous.
+
+    python bench/bench_kernels.py                      # batch 1..256 x context 512..32k, fp16
+    python bench/bench_kernels.py --batch-sizes 1 8 --context-lens 4096 --json bench/results.json
+
+Decode is memory bound, so the figure of merit is achieved bandwidth: bytes of K, V and Q read
+over the kernel time, next to a device-to-device copy's (read + write) bandwidth. SDPA gets the
+group trick (the G query heads of a KV head become G query rows), so it reads K and V once, like
+the paged kernel, but from contiguous memory and without the block-table indirection.
+Needs a CUDA device; it refuses to run without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # real kernels only: must be set before kernels/ is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--context-lens", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--num-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16, choices=[16, 32])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--max-kv-gib", type=float, default=16.0,
+                   help="skip shapes whose K+V cache exceeds this (SDPA needs a second, gathered copy)")
+    p.add_argument("--no-sdpa", action="store_true", help="time the Triton kernel only")
+    p.add_argument("--rep-ms", type=int, default=200, help="time budget per measurement")
+    p.add_argument("--json", metavar="PATH", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.num_heads % args.num_kv_heads:
+        p.error("--num-heads must be a multiple of --num-kv-heads")
+    return args
+
+
+def bench_ms(fn, rep_ms: int) -> float:
+    import triton.testing
+
+    # do_bench clears L2 between runs: small caches would otherwise be timed from L2, not HBM.
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth(rep_ms: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep_ms)
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def run_case(args: argparse.Namespace, batch: int, ctx: int, copy_bw: float) -> dict | None:
+    from kernels import triton_attention, triton_ops
+
+    dtype, bs = DTYPES[args.dtype], args.block_size
+    h, kvh, d = args.num_heads, args.num_kv_heads, args.head_dim
+    elt = torch.finfo(dtype).bits // 8
+    kv_bytes = 2 * batch * ctx * kvh * d * elt
+    if kv_bytes > args.max_kv_gib * (1 << 30):
+        return None
+    blocks_per_seq = math.ceil(ctx / bs)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    # Shuffled physical blocks, as a long-running server's free list hands them out.
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).view(batch, blocks_per_seq).int()
+    context_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    query = torch.randn(batch, h, d, device="cuda", dtype=dtype)
+    scale = d**-0.5
+
+    def paged():
+        return triton_ops.decode_attention(query, k_cache, v_cache, tables, context_lens, scale)
+
+    out = paged()
+    ms = bench_ms(paged, args.rep_ms)
+    read = kv_bytes + query.numel() * elt
+    segments = triton_attention._pick_segments(batch * kvh, blocks_per_seq * bs, query.device)
+    row = dict(batch=batch, context=ctx, segments=segments, triton_ms=ms,
+               triton_gbs=read / (ms * 1e-3) / 1e9, triton_pct_copy=100 * read / (ms * 1e-3) / copy_bw)
+
+    if not args.no_sdpa:
+        # Gathered contiguous: [batch, kvh, ctx, d]. The query's G heads per KV head become G rows.
+        k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+        v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+        del k_cache, v_cache
+        q = query.view(batch, kvh, h // kvh, d)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        ref = sdpa().reshape(batch, h, d)
+        row["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+        sdpa_ms = bench_ms(sdpa, args.rep_ms)
+        row.update(sdpa_ms=sdpa_ms, sdpa_gbs=read / (sdpa_ms * 1e-3) / 1e9, speedup_vs_sdpa=sdpa_ms / ms)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU: torch.cuda.is_available() is False. "
+                 "(The kernels' correctness tests run on CPU: pytest tests/test_kernels.py.)")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    copy_bw = copy_bandwidth(args.rep_ms)
+    print(f"{name}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(f"heads {args.num_heads}/{args.num_kv_heads}, head_dim {args.head_dim}, block {args.block_size}, {args.dtype}")
+    cols = ["batch", "context", "segments", "triton_ms", "triton_gbs", "triton_pct_copy"]
+    if not args.no_sdpa:
+        cols += ["sdpa_ms", "sdpa_gbs", "speedup_vs_sdpa", "max_abs_diff"]
+    print(" ".join(f"{c:>15}" for c in cols))
+    rows = []
+    for ctx in args.context_lens:
+        for batch in args.batch_sizes:
+            row = run_case(args, batch, ctx, copy_bw)
+            torch.cuda.empty_cache()
+            if row is None:
+                print(f"{batch:>15} {ctx:>15}  skipped: K+V over --max-kv-gib {args.max_kv_gib}")
+                continue
+            rows.append(row)
+            print(" ".join(f"{row[c]:>15.4g}" if isinstance(row[c], float) else f"{row[c]:>15}" for c in cols))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, copy_gbs=copy_bw / 1e9, args=vars(args), results=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
