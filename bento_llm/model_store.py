@@ -43,6 +43,14 @@ def ensure_default_model() -> str | None:
     """The tag of the default model in the BentoML model store (a Bento's own store when
     serving a Bento), importing it from the pip package the first time. None when neither
     has it: the engine then resolves the default model by itself."""
+    try:
+        return _ensure_default_model()
+    except Exception:  # noqa: BLE001 - e.g. a read-only model store: serve from the package instead
+        logger.warning("could not put the default model into the BentoML model store", exc_info=True)
+        return None
+
+
+def _ensure_default_model() -> str | None:
     import bentoml
 
     stored = stored_default_model()

@@ -95,7 +95,7 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         rt = self.runtime
-        return ModelList(data=[ModelCard(id=rt.model_name, root=rt.settings.model, max_model_len=rt.max_model_len or None)])
+        return ModelList(data=[ModelCard(id=rt.model_name, root=rt.model_path or rt.settings.model, max_model_len=rt.max_model_len or None)])
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.runtime.model_name, self.runtime.settings.model):
