@@ -1,0 +1,255 @@
+"""Serving benchmark in the manner of `vllm bench serve`.
+
+Sends a stream of streaming chat (or completion) requests to a running OpenAI-compatible
+server, at a given request rate (Poisson arrivals) and/or under a maximum concurrency, and
+prints request throughput, output tokens/s and TTFT, TPOT and ITL (mean, median, p99).
+
+    # against a running server
+    python bench/bench_serving.py --base-url http://127.0.0.1:3000 --num-prompts 64 \
+        --max-tokens 128 --max-concurrency 16
+    # start `bentoml serve` itself (on 127.0.0.1), run, stop it
+    python bench/bench_serving.py --launch --server-arg num_threads=1 --max-concurrency 16
+    # the baseline the targets are stated against: transformers' generate, one request at a time
+    python bench/bench_serving.py --hf-baseline --num-prompts 4 --max-tokens 128
+
+Every request asks for exactly --max-tokens tokens (ignore_eos), as vLLM's random dataset
+does, so runs compare like with like. Output tokens are counted from the server's usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TOPICS = ["the ocean", "a lighthouse keeper", "quantum computers", "bread baking", "the Roman empire",
+          "honeybees", "a robot learning to paint", "mountain climbing", "jazz music", "volcanoes",
+          "the history of maps", "a city at night", "chess openings", "rain forests", "the moon landing",
+          "a small bookshop"]  # fmt: skip
+TASKS = ["Write a short story about {}.", "Explain {} to a ten-year-old.", "Write a poem about {}.",
+         "List some surprising facts about {}.", "Describe a day in the life of someone obsessed with {}.",
+         "Write a blog post introduction about {}."]  # fmt: skip
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    """Varied, deterministic chat prompts (the machine has no dataset download)."""
+    rng = random.Random(seed)
+    pairs = [(task, topic) for task in TASKS for topic in TOPICS]
+    rng.shuffle(pairs)
+    return [pairs[i % len(pairs)][0].format(pairs[i % len(pairs)][1]) for i in range(n)]
+
+
+@dataclass
+class RequestResult:
+    success: bool = False
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def send(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str) -> RequestResult:
+    body: dict = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                  "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+    if args.endpoint == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+    else:
+        path, body["prompt"] = "/v1/completions", prompt
+    result = RequestResult()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                    return result
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    text = choice.get("delta", {}).get("content") if args.endpoint == "chat" else choice.get("text")
+                    if not text:
+                        continue  # the role chunk and the finish chunk carry no token
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+        result.latency = time.perf_counter() - start
+        result.success = result.output_tokens > 0
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+        result.error = repr(e)
+    return result
+
+
+async def run(args: argparse.Namespace, prompts: list[str]) -> tuple[list[RequestResult], float]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
+        if args.model is None:
+            args.model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        print(f"model {args.model}: warm-up request ...", flush=True)
+        warm = await send(client, args, prompts[0])
+        if not warm.success:
+            raise SystemExit(f"warm-up request failed: {warm.error}")
+        semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        rng = np.random.default_rng(args.seed)
+
+        async def limited(prompt: str) -> RequestResult:
+            async with semaphore:
+                return await send(client, args, prompt)
+
+        print(f"{len(prompts)} requests, rate {args.request_rate}, max concurrency {args.max_concurrency}", flush=True)
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(limited(prompt)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], duration: float, args: argparse.Namespace) -> dict:
+    ok = [r for r in results if r.success]
+    ms = lambda xs: np.asarray(xs, dtype=float) * 1000  # noqa: E731
+    ttft = ms([r.ttft for r in ok])
+    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    itl = ms([x for r in ok for x in r.itl])
+    e2e = ms([r.latency for r in ok])
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+
+    def stats(name: str, values: np.ndarray) -> dict:
+        if values.size == 0:
+            return {f"mean_{name}_ms": None, f"median_{name}_ms": None, f"p99_{name}_ms": None}
+        return {f"mean_{name}_ms": float(values.mean()), f"median_{name}_ms": float(np.median(values)),
+                f"p99_{name}_ms": float(np.percentile(values, 99))}  # fmt: skip
+
+    return {
+        "endpoint": args.endpoint, "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
+        "max_tokens": args.max_tokens, "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5], "duration_s": duration,
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        **stats("ttft", ttft), **stats("tpot", tpot), **stats("itl", itl), **stats("e2el", e2e),
+    }  # fmt: skip
+
+
+def print_summary(s: dict) -> None:
+    line = lambda k, v: print(f"{k:<40}{v:<10.2f}" if isinstance(v, float) else f"{k:<40}{v}")  # noqa: E731
+    print("{s:{c}^50}".format(s=" Serving Benchmark Result ", c="="))
+    line("Successful requests:", s["completed"])
+    line("Failed requests:", s["failed"])
+    line("Maximum request concurrency:", s["max_concurrency"])
+    line("Benchmark duration (s):", s["duration_s"])
+    line("Total input tokens:", s["total_input_tokens"])
+    line("Total generated tokens:", s["total_output_tokens"])
+    line("Request throughput (req/s):", s["request_throughput"])
+    line("Output token throughput (tok/s):", s["output_throughput"])
+    line("Total Token throughput (tok/s):", s["total_token_throughput"])
+    for title, key, label in (("Time to First Token", "ttft", "TTFT"), ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
+                              ("Inter-token Latency", "itl", "ITL"), ("End-to-end Latency", "e2el", "E2EL")):  # fmt: skip
+        print("{s:{c}^50}".format(s=title, c="-"))
+        for stat in ("mean", "median", "p99"):
+            value = s[f"{stat}_{key}_ms"]
+            line(f"{stat.capitalize() if stat != 'p99' else 'P99'} {label} (ms):", value if value is not None else "n/a")
+    print("=" * 50)
+    for error in s["errors"]:
+        print("error:", error)
+
+
+def hf_baseline(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """transformers' generate, one request at a time, greedy, exactly max_tokens each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import DEFAULT_MODEL
+    from engine.loader import default_gguf_path, gguf_cache_dir, load_model_source
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_name = args.model or DEFAULT_MODEL
+    source = load_model_source(model_name)  # converts a GGUF once into an HF directory
+    directory = gguf_cache_dir(default_gguf_path()) if model_name == DEFAULT_MODEL else source.path
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = source.tokenizer
+    timings = []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False)
+            timings.append((time.perf_counter() - start, out.shape[1] - ids.shape[1]))
+            print(f"hf generate {i}: {timings[-1][1]} tokens in {timings[-1][0]:.2f} s", flush=True)
+    total_time = sum(t for t, _ in timings)
+    total_tokens = sum(n for _, n in timings)
+    result = {"hf_baseline": True, "threads": torch.get_num_threads(), "requests": len(prompts),
+              "output_tokens": total_tokens, "duration_s": total_time, "output_throughput": total_tokens / total_time}  # fmt: skip
+    print(f"transformers generate, one at a time ({result['threads']} threads): {result['output_throughput']:.2f} output tok/s")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default="http://127.0.0.1:3000")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--model", default=None, help="default: the server's first model")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals; inf: all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-json", default=None, help="append the summary as one JSON line to this file")
+    parser.add_argument("--label", default=None, help="a name stored with the result")
+    parser.add_argument("--launch", action="store_true", help="start `bentoml serve` on 127.0.0.1 for the run")
+    parser.add_argument("--server-arg", action="append", default=[], help="KEY=VALUE passed as --arg to a launched server")
+    parser.add_argument("--hf-baseline", action="store_true", help="measure transformers' one-at-a-time generate instead")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for --hf-baseline")
+    args = parser.parse_args()
+    prompts = make_prompts(args.num_prompts, args.seed)
+
+    if args.hf_baseline:
+        summary = hf_baseline(args, prompts)
+    elif args.launch:
+        from bento_llm.testing import ServerProcess
+
+        server_args = dict(item.split("=", 1) for item in args.server_arg)
+        with ServerProcess(args=server_args, log_path="/tmp/bento-llm-bench-serve.log") as server:
+            args.base_url = server.url
+            results, duration = asyncio.run(run(args, prompts))
+        summary = summarize(results, duration, args)
+        print_summary(summary)
+    else:
+        results, duration = asyncio.run(run(args, prompts))
+        summary = summarize(results, duration, args)
+        print_summary(summary)
+    if args.result_json:
+        with open(args.result_json, "a") as f:
+            f.write(json.dumps({"label": args.label, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
