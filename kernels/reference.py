@@ -55,15 +55,15 @@ def decode_attention(
     num_blocks = (max_len + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks].long()
     # [num_seqs, max_len, kv_heads, head_dim] -> [num_seqs, kv_heads, max_len, head_dim]
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
     positions = torch.arange(max_len, device=query.device)
     valid = positions[None, :] < context_lens[:, None].to(query.device)  # [num_seqs, max_len]
     mask = valid[:, None, None, :]
-    # Slots past a sequence's context hold whatever the cache memory held (stale tokens, or NaN
-    # bit patterns in never-written memory); the attention mask alone lets NaN through (NaN * 0).
-    k = k.masked_fill(~valid[:, None, :, None], 0)
-    v = v.masked_fill(~valid[:, None, :, None], 0)
+    # The gather is a fresh copy, so clearing it in place is free of extra allocations. Slots
+    # past a sequence's context hold whatever the cache memory held (stale tokens, or NaN bit
+    # patterns in never-written memory); the attention mask alone lets NaN through (NaN * 0).
+    invalid = ~valid[:, :, None, None]
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].masked_fill_(invalid, 0).transpose(1, 2).to(query.dtype)
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].masked_fill_(invalid, 0).transpose(1, 2).to(query.dtype)
     out = F.scaled_dot_product_attention(
         query[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads
     )

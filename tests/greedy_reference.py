@@ -33,8 +33,8 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[i
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             do_sample=False,
+            eos_token_id=None,  # run past EOS without banning it, as the engine's ignore_eos does
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=0,

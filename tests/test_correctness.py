@@ -73,7 +73,7 @@ def check(outs, tokenizer, entry) -> Comparison:
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-def run_staggered(engine: LLMEngine, prompts: list[str], every: int = 3):
+def run_staggered(engine: LLMEngine, prompts: list[str], every: int = 3, params: SamplingParams = GREEDY):
     """Add one prompt every few steps while the earlier ones decode."""
     pending = list(enumerate(prompts))
     finished = {}
@@ -81,7 +81,7 @@ def run_staggered(engine: LLMEngine, prompts: list[str], every: int = 3):
     while pending or engine.has_unfinished_requests():
         if pending and step % every == 0:
             i, prompt = pending.pop(0)
-            engine.add_request(f"r{i}", prompt, GREEDY)
+            engine.add_request(f"r{i}", prompt, params)
         for out in engine.step():
             if out.finished:
                 finished[int(out.request_id[1:])] = out

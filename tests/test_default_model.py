@@ -1,0 +1,88 @@
+"""The default model, SmolLM2-135M-Instruct, against transformers on the same dequantized weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import DEFAULT_MODEL, LLM, SamplingParams
+from engine.loader import load_model_source
+from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
+from tests.helpers import load_hf_reference
+from tests.test_correctness import run_staggered
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 32
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def quicksort(arr):",
+    "The three primary colors are",
+    "In 1969, Neil Armstrong",
+    "Water boils at",
+    "A good way to learn a new language is",
+    "Translate to French: I like apples.",
+]
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return LLM(DEFAULT_MODEL, num_kv_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def reference(default_llm):
+    """Prompt -> (ids, transformers' greedy tokens, logits), from the same converted weights."""
+    source = load_model_source(DEFAULT_MODEL)
+    model = load_hf_reference(Path(source.weight_files[0]).parent)
+    tokenizer = default_llm.get_tokenizer()
+    out = {}
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        out[prompt] = (ids, *hf_greedy(model, ids, MAX_TOKENS))
+    return out
+
+
+def compare(outs, reference) -> Comparison:
+    result = Comparison()
+    for out in outs:
+        ids, tokens, logits = reference[out.prompt]
+        assert out.prompt_token_ids == ids
+        compare_greedy(out.outputs[0].token_ids, tokens, logits, result)
+    assert result.near_ties <= 2, result
+    return result
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_default_model_all_together(default_llm, reference):
+    compare(default_llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference)
+
+
+def test_default_model_one_at_a_time(default_llm, reference):
+    compare([default_llm.generate(p, GREEDY, use_tqdm=False)[0] for p in PROMPTS[:4]], reference)
+
+
+def test_default_model_arriving_staggered(default_llm, reference):
+    compare(run_staggered(default_llm.engine, PROMPTS, every=4, params=GREEDY), reference)
+
+
+def test_default_model_under_preemption(reference):
+    # 12 blocks of 16 tokens: eight 40-token sequences need twice that, so requests are preempted.
+    llm = LLM(DEFAULT_MODEL, num_kv_blocks=12)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    compare(outs, reference)
+
+
+def test_default_model_chat_answers(default_llm):
+    out = default_llm.chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        SamplingParams(temperature=0.0, max_tokens=16),
+        use_tqdm=False,
+    )[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"  # <|im_end|> ends the turn
