@@ -1,0 +1,123 @@
+"""Continuous batching: who runs each step, chunked prefill, preemption, admission limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import SamplingParams
+from engine.llm_engine import LLMEngine
+from tests.helpers import make_tiny_llama
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("sched"))
+
+
+def drain(engine: LLMEngine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def record_schedules(engine: LLMEngine) -> list[dict[str, int]]:
+    """Every step's batch from now on, as request id -> query tokens."""
+    steps: list[dict[str, int]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        steps.append({item.seq.request_id: item.num_new_tokens for item in out.scheduled})
+        return out
+
+    engine.scheduler.schedule = recording
+    return steps
+
+
+def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64, max_num_batched_tokens=32)
+    engine.add_request("short", "Hello there", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    engine.step()  # the short prompt is prefilled and now decodes
+    steps = record_schedules(engine)
+    long_prompt = list(range(100, 300))  # 200 tokens over a 32-token budget
+    engine.add_request("long", long_prompt, GREEDY)
+    done = drain(engine)
+    prefill_steps = [s for s in steps if s.get("long", 0) > 1]
+    assert len(prefill_steps) >= 200 // 32
+    # Every step of the long prefill also ran the short request's decode, within the budget.
+    assert all(s.get("short") == 1 for s in prefill_steps)
+    assert all(sum(s.values()) <= 32 for s in steps)
+    assert sum(s["long"] for s in prefill_steps) == len(long_prompt)  # 6 chunks of 31, then 14
+    assert len(done["long"].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_requests_join_and_leave_the_batch_every_step(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64)
+    engine.add_request("a", "one two three", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine.add_request("b", "four five six", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    finished_at = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        if step == 1:
+            engine.add_request("c", "seven eight", SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        for out in engine.step():
+            if out.finished:
+                finished_at[out.request_id] = step
+                # Its blocks went back the same step.
+                assert out.request_id not in engine.requests
+        step += 1
+    assert finished_at == {"a": 2, "c": 2, "b": 5}
+
+
+def test_max_num_seqs_caps_the_running_batch(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64, max_num_seqs=2)
+    for i in range(5):
+        engine.add_request(f"r{i}", f"prompt number {i}", GREEDY)
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+    assert peak == 2
+
+
+def test_preemption_recomputes_and_never_drops_a_request(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=4, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    for i in range(6):
+        engine.add_request(f"r{i}", list(range(10 + i, 30 + i)), params)
+    done = drain(engine)
+    assert sorted(done) == [f"r{i}" for i in range(6)]
+    assert all(len(out.outputs[0].token_ids) == 20 for out in done.values())
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_a_prompt_that_can_never_fit_is_rejected_when_added(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=4)  # 64 tokens of cache
+    assert engine.max_model_len == 64
+    with pytest.raises(ValueError, match="prompt has 80 tokens, but max_model_len is 64"):
+        engine.add_request("big", list(range(80)), GREEDY)
+    assert not engine.has_unfinished_requests()
+
+
+def test_generation_stops_at_the_context_length(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64, max_model_len=40)
+    engine.add_request("r", list(range(30)), SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    out = drain(engine)["r"]
+    assert len(out.outputs[0].token_ids) == 10
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_kv_usage_reports_used_free_shared_and_waste(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64)
+    engine.add_request("r", list(range(20)), GREEDY)
+    engine.step()
+    usage = engine.kv_cache_usage()
+    assert (usage.num_used_blocks, usage.num_free_blocks, usage.num_shared_blocks) == (2, 62, 0)
+    assert usage.internal_waste == pytest.approx(12 / 32)
+    drain(engine)
+    assert engine.kv_cache_usage().num_used_blocks == 0
