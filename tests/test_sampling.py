@@ -1,0 +1,195 @@
+"""Sampling: seeded draws, top-k/top-p/min-p, penalties, logit bias, stop conditions, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.sampler import Sampler
+from engine.sequence import Sequence
+from engine.outputs import RequestMetrics
+from tests.helpers import load_hf_reference, make_tiny_llama
+
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("sampling"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    return LLM(tiny_path, num_kv_blocks=128)
+
+
+def make_seq(params: SamplingParams, prompt=(1, 2, 3), output=()) -> Sequence:
+    seq = Sequence("r", None, list(prompt), params, RequestMetrics(arrival_time=0.0))
+    seq.token_ids += list(output)
+    return seq
+
+
+def draw_many(params: SamplingParams, logits: torch.Tensor, n: int = 4000) -> torch.Tensor:
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    seqs = [make_seq(params) for _ in range(n)]
+    return torch.tensor(sampler(logits.expand(n, -1).clone(), seqs).token_ids)
+
+
+def test_top_k_never_emits_a_token_outside_the_k_largest():
+    logits = torch.randn(VOCAB)
+    drawn = draw_many(SamplingParams(temperature=1.5, top_k=5), logits)
+    allowed = set(logits.topk(5).indices.tolist())
+    assert set(drawn.tolist()) <= allowed
+    assert len(set(drawn.tolist())) == 5  # and every one of them does appear
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.randn(VOCAB) * 2
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    mass = probs[order].cumsum(0)
+    keep = int((mass < 0.6).sum()) + 1
+    drawn = draw_many(SamplingParams(temperature=1.0, top_p=0.6), logits)
+    assert set(drawn.tolist()) <= set(order[:keep].tolist())
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
+    logits = torch.randn(VOCAB) * 2
+    probs = logits.softmax(-1)
+    drawn = draw_many(SamplingParams(temperature=1.0, min_p=0.2), logits)
+    assert set(drawn.tolist()) <= set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+
+
+def test_sampling_follows_the_temperature_scaled_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
+    drawn = draw_many(SamplingParams(temperature=0.5), logits, n=20000)
+    freq = torch.bincount(drawn, minlength=VOCAB)[:3].float() / len(drawn)
+    expected = (logits[:3] / 0.5).softmax(-1)
+    assert torch.allclose(freq, expected, atol=0.02)
+
+
+def test_penalties_and_logit_bias_change_logits_exactly_as_defined():
+    torch.manual_seed(0)
+    logits = torch.randn(VOCAB) * 3
+    prompt, output = [4, 5, 6], [6, 7, 7, 7]
+    params = SamplingParams(
+        temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={9: 5.0}
+    )
+    got = Sampler(VOCAB, [0])._apply_processors(logits[None].clone(), [make_seq(params, prompt, output)])[0]
+    want = logits.clone()
+    want[9] += 5.0
+    for token in {4, 5, 6, 7}:  # prompt or output: repetition penalty
+        want[token] = want[token] / 1.3 if want[token] > 0 else want[token] * 1.3
+    counts = {6: 1, 7: 3}
+    for token, count in counts.items():  # output only: frequency and presence
+        want[token] -= 0.25 * count + 0.5
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
+    logits = torch.zeros(VOCAB)
+    logits[0] = 50.0  # EOS dominates
+    logits[3] = 49.0  # then a stop token
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    seq = make_seq(SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3]), output=[11])
+    assert sampler(logits[None].clone(), [seq]).token_ids[0] not in (0, 3)
+    seq = make_seq(SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=[3]), output=[11])
+    assert sampler(logits[None].clone(), [seq]).token_ids == [0]
+
+
+def test_a_seeded_request_gives_the_same_tokens_whatever_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate("The weather today", seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = llm.generate(
+        ["Some other prompt", "The weather today", "A third one"], [others, seeded, others], use_tqdm=False
+    )
+    assert batch[1].outputs[0].token_ids == alone
+    different_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16, ignore_eos=True)
+    assert llm.generate("The weather today", different_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_stop_token_ids_end_the_output_with_that_token(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = llm.generate("Count with me", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = tokens[5]
+    first = tokens.index(stop_at)
+    out = llm.generate(
+        "Count with me", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_at]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.token_ids == tokens[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
+
+
+def test_eos_ends_generation_unless_ignore_eos(llm):
+    eos = llm.engine.eos_token_ids[0]
+    forced = dict(temperature=0.0, max_tokens=5, logit_bias={eos: 100.0})
+    out = llm.generate("Hi", SamplingParams(**forced), use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == ([eos], "stop")
+    out = llm.generate("Hi", SamplingParams(**forced, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert (len(out.token_ids), out.finish_reason) == (5, "length")
+
+
+def test_stop_strings_spanning_tokens_are_cut_from_the_output(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    full = llm.generate("Tell me a story", greedy, use_tqdm=False)[0].outputs[0]
+    tokenizer = llm.get_tokenizer()
+    # A stop string made of the end of token 3's text and the start of token 4's.
+    piece3 = tokenizer.decode(full.token_ids[:4])
+    piece4 = tokenizer.decode(full.token_ids[:5])
+    boundary = len(piece3)
+    stop = piece4[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and stop in full.text
+    cut = full.text.index(stop)
+    out = llm.generate("Tell me a story", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (full.text[:cut], "stop", stop)
+    kept = llm.generate(
+        "Tell me a story",
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text == full.text[: cut + len(stop)]
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(llm, tiny_path):
+    out = llm.generate("Logprobs please", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3),
+                       use_tqdm=False)[0]
+    ref = load_hf_reference(tiny_path)
+    ids = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids])
+    with torch.inference_mode():
+        logprobs = ref(input_ids=ids).logits[0].float().log_softmax(-1)
+    n_prompt = len(out.prompt_token_ids)
+    total = 0.0
+    for pos, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        row = logprobs[n_prompt + pos - 1]
+        assert len(entry) == 3 and token in entry  # greedy: the chosen token is in the top 3
+        for tid, value in entry.items():
+            assert value == pytest.approx(float(row[tid]), abs=1e-4)
+        assert set(entry) == set(row.topk(3).indices.tolist())
+        total += entry[token]
+    assert out.outputs[0].cumulative_logprob == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(stop=[""]), "stop"),
+        (dict(logit_bias={1: 200}), "logit_bias"),
+    ],
+)
+def test_impossible_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
+        SamplingParams(**kwargs)
