@@ -1,0 +1,209 @@
+"""The offline LLM API and the online AsyncEngine, as users call them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
+from tests.conftest import assert_all_blocks_free
+from tests.helpers import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("api"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    return LLM(tiny_path, num_kv_blocks=128)
+
+
+def test_generate_returns_vllm_shaped_outputs_in_prompt_order(llm):
+    prompts = ["first prompt", "second, longer prompt here", "third"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    for out in outs:
+        assert out.finished
+        assert out.prompt_token_ids == llm.get_tokenizer().encode(out.prompt)
+        completion = out.outputs[0]
+        assert len(completion.token_ids) == 5 and completion.finish_reason == "length"
+        assert completion.text == llm.get_tokenizer().decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_generate_accepts_token_ids_and_per_prompt_params(llm):
+    outs = llm.generate(
+        [[1, 2, 3], [4, 5]],
+        [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+         SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)],
+        use_tqdm=False,
+    )
+    assert [o.prompt for o in outs] == [None, None]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3]
+
+
+def test_chat_applies_the_models_chat_template(llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    expected = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert llm.get_tokenizer().decode(out.prompt_token_ids) == expected
+    assert expected.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda llm: llm.generate("", use_tqdm=False), "prompt is empty"),
+        (lambda llm: llm.generate([[]], use_tqdm=False), "prompt is empty"),
+        (lambda llm: llm.generate("x" * 3000, use_tqdm=False), r"prompt has \d+ tokens, but max_model_len is 512"),
+        (lambda llm: llm.generate([[10**9]], use_tqdm=False), "token ids must be integers"),
+        (lambda llm: llm.generate([], use_tqdm=False), "prompts is empty"),
+        (lambda llm: llm.generate(["a", "b"], [SamplingParams()] * 3, use_tqdm=False), "3 SamplingParams for 2"),
+        (lambda llm: llm.generate("ok", SamplingParams(max_tokens=0)), r"max_tokens must be at least 1"),
+        (lambda llm: llm.generate("ok", SamplingParams(temperature=-1)), r"temperature must be non-negative"),
+    ],
+)
+def test_bad_input_raises_value_error_saying_what_to_change(llm, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(llm)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["fine", ""], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model="no-such-model"), "no such directory or file, nor a known model name"),
+        (dict(model="x", block_size=12), "block_size must be one of"),
+        (dict(model="x", attention_backend="cuda-magic"), "attention_backend must be"),
+        (dict(model="x", num_kv_blocks=0), "num_kv_blocks must be at least 1"),
+        (dict(model="x", max_num_batched_tokens=4), "max_num_batched_tokens must be at least block_size"),
+        (dict(model="x", dtype="float8"), "dtype must be"),
+    ],
+)
+def test_bad_engine_settings_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(**kwargs)
+
+
+def test_max_model_len_beyond_the_model_is_refused(tiny_path):
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds"):
+        LLM(tiny_path, max_model_len=4096)
+
+
+def test_engine_config_reads_environment_settings(monkeypatch):
+    monkeypatch.setenv("BENTO_LLM_NUM_KV_BLOCKS", "77")
+    monkeypatch.setenv("BENTO_LLM_DTYPE", "float32")
+    config = EngineConfig.from_env(model="m")
+    assert (config.num_kv_blocks, config.dtype, config.model) == (77, "float32", "m")
+    monkeypatch.setenv("BENTO_LLM_MAX_NUM_SEQS", "many")
+    with pytest.raises(ValueError, match="max_num_seqs must be a int"):
+        EngineConfig.from_env()
+
+
+# ---- AsyncEngine ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def async_engine(tiny_path):
+    engine = AsyncEngine(EngineConfig(model=tiny_path, num_kv_blocks=64))
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+async def collect(stream):
+    return [out async for out in stream]
+
+
+def test_async_stream_yields_growing_outputs_until_finished(async_engine, llm):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        return await collect(async_engine.add_request("s1", "streaming test", params))
+
+    items = asyncio.run(main())
+    assert [len(i.outputs[0].token_ids) for i in items] == list(range(1, 9))
+    assert [i.finished for i in items] == [False] * 7 + [True]
+    offline = llm.generate("streaming test", params, use_tqdm=False)[0].outputs[0]
+    assert items[-1].outputs[0].token_ids == offline.token_ids
+    assert items[-1].outputs[0].text == offline.text
+    assert items[-1].metrics.first_token_time <= items[-1].metrics.finished_time
+
+
+def test_async_concurrent_requests_all_complete(async_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    async def main():
+        streams = [async_engine.add_request(f"c{i}", f"concurrent {i}", params) for i in range(8)]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = asyncio.run(main())
+    assert all(r[-1].finished and len(r[-1].outputs[0].token_ids) == 6 for r in results)
+    assert_all_blocks_free(async_engine.engine)
+
+
+def test_async_abort_and_leaving_the_stream_free_blocks(async_engine):
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        stream = async_engine.add_request("leave", "a long generation", params)
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await stream.aclose()  # what a disconnecting client's handler does
+        stream2 = async_engine.add_request("abort", "another long one", params)
+        first = await stream2.__anext__()
+        async_engine.abort("abort")
+        await stream2.aclose()
+        for _ in range(100):  # the engine frees them before its next step
+            if async_engine.stats().num_kv_blocks_used == 0 and async_engine.stats().num_running == 0:
+                return first
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"blocks not freed: {async_engine.stats()}")
+
+    first = asyncio.run(main())
+    assert not first.finished
+    assert_all_blocks_free(async_engine.engine)
+
+
+def test_async_bad_input_raises_at_once(async_engine):
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            async_engine.add_request("bad", "", SamplingParams())
+        stream = async_engine.add_request("dup", "x", SamplingParams(max_tokens=2))
+        with pytest.raises(ValueError, match="already in use"):
+            async_engine.add_request("dup", "y", SamplingParams())
+        await collect(stream)
+
+    asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(async_engine, monkeypatch):
+    runner = async_engine.engine.runner
+    original = runner.execute
+    calls = {"n": 0}
+
+    def flaky(schedule):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return original(schedule)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="injected failure"):
+            await collect(async_engine.add_request("fails", "boom", params))
+        return await collect(async_engine.add_request("works", "fine", params))
+
+    items = asyncio.run(main())
+    assert items[-1].finished and len(items[-1].outputs[0].token_ids) == 3
+    assert_all_blocks_free(async_engine.engine)
