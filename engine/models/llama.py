@@ -3,6 +3,11 @@
 Plain PyTorch in the manner of gpt-fast. q/k/v and gate/up are fused into one matmul each,
 since on CPU one large matmul beats three small ones. Attention reads and writes the paged
 KV cache through an AttentionBackend.
+
+Tensor parallel (given a ParallelState): q/k/v and gate/up are column-parallel (each rank holds
+its heads and MLP columns, sliced per projection before fusing), o and down are row-parallel
+(partial sums all-reduced), the embedding and LM head are split by vocabulary rows. Each rank
+loads only its slices. Without one, the model is exactly the single-process one: no collectives.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.distributed import ParallelState, ShardLayout
+from engine.loader import weight_shape
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -145,17 +152,36 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+class RowParallelLinear(nn.Linear):
+    """Input features split across ranks: each computes a partial product, an all-reduce sums
+    them, and the bias (whole on every rank) is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelState):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+def _row_linear(in_features: int, out_features: int, bias: bool, parallel: ParallelState | None) -> nn.Linear:
+    if parallel is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, parallel)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, shard: ShardLayout, parallel: ParallelState | None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
+        self.q_size = self.num_heads * config.head_dim
+        self.kv_size = self.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = _row_linear(self.q_size, config.hidden_size, config.o_proj_bias, parallel)
         self.scale = self.head_dim**-0.5
 
     def forward(
@@ -175,11 +201,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: ShardLayout, parallel: ParallelState | None):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.intermediate_size = shard.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = _row_linear(self.intermediate_size, config.hidden_size, config.mlp_bias, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -187,12 +213,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, shard: ShardLayout, parallel: ParallelState | None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, shard, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, shard, parallel)
 
     def forward(self, x, positions, rotary, backend, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta)
@@ -200,13 +226,19 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int):
+    def __init__(self, config: ModelConfig, max_positions: int, parallel: ParallelState | None = None):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.parallel = parallel
+        self.shard = (
+            ShardLayout.of(config) if parallel is None else ShardLayout.of(config, parallel.rank, parallel.world_size)
+        )
+        # Vocabulary rows [vocab_start, vocab_start + vocab_rows) on this rank; the last rank's
+        # rows past vocab_size are padding, zero in both the embedding and the LM head.
+        self.embed_tokens = nn.Embedding(self.shard.vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.shard, parallel) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_rows, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config, max_positions)
@@ -221,16 +253,31 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (float32) for the tokens at logits_indices only: the LM head is the largest
-        matmul of a small model, so prefill positions that sample nothing skip it."""
-        x = self.embed_tokens(token_ids)
+        matmul of a small model, so prefill positions that sample nothing skip it. Tensor
+        parallel: rank 0 gets the full vocabulary's logits, the other ranks None."""
+        x = self._embed(token_ids)
         for layer in self.layers:
             x = layer(x, positions, self.rotary, backend, meta)
         x = self.norm(x[logits_indices])
-        return self.lm_head(x).float()
+        logits = self.lm_head(x).float()
+        if self.parallel is None:
+            return logits
+        logits = self.parallel.gather_to_first(logits)
+        return None if logits is None else logits[:, : self.config.vocab_size]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter must
-        be covered exactly once."""
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel is None:
+            return self.embed_tokens(token_ids)
+        # Each rank embeds the ids in its rows (zeros for the rest); the all-reduce fills them in.
+        local = token_ids - self.shard.vocab_start
+        mine = (local >= 0) & (local < self.shard.vocab_rows)
+        x = self.embed_tokens(local.clamp(0, self.shard.vocab_rows - 1)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.parallel.all_reduce(x)
+
+    def load_weights(self, weights: Iterable[tuple[str, object]], source: str) -> None:
+        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up; every parameter must be
+        covered exactly once. A weight is a tensor or a lazy slice (loader.iter_weight_slices);
+        tensor parallel, only this rank's rows or columns of it are read."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         fused = {
@@ -240,15 +287,41 @@ class LlamaForCausalLM(nn.Module):
             "gate_proj": ("gate_up_proj", 0),
             "up_proj": ("gate_up_proj", 1),
         }
-        c = self.config
-        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        c, sh = self.config, self.shard
+        q, kv, inter = sh.num_heads * c.head_dim, sh.num_kv_heads * c.head_dim, sh.intermediate_size
         offsets = {"qkv_proj": [(0, q), (q, kv), (q + kv, kv)], "gate_up_proj": [(0, inter), (inter, inter)]}
-        for hf_name, tensor in weights:
+        # HF projection -> (dim split across ranks, this rank's start, its size, full size).
+        real_vocab_rows = max(0, min(sh.vocab_rows, c.vocab_size - sh.vocab_start))
+        splits = {
+            "q_proj": (0, sh.rank * q, q, c.num_heads * c.head_dim),
+            "k_proj": (0, sh.kv_head_start * c.head_dim, kv, c.num_kv_heads * c.head_dim),
+            "v_proj": (0, sh.kv_head_start * c.head_dim, kv, c.num_kv_heads * c.head_dim),
+            "gate_proj": (0, sh.rank * inter, inter, c.intermediate_size),
+            "up_proj": (0, sh.rank * inter, inter, c.intermediate_size),
+            "o_proj.weight": (1, sh.rank * q, q, c.num_heads * c.head_dim),
+            "down_proj.weight": (1, sh.rank * inter, inter, c.intermediate_size),
+            "embed_tokens": (0, sh.vocab_start, real_vocab_rows, c.vocab_size),
+            "lm_head": (0, sh.vocab_start, real_vocab_rows, c.vocab_size),
+        }
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            if name in params:  # a tied lm_head is the embedding
+                params[name].data[real_vocab_rows:].zero_()  # padding rows of the last rank
+
+        def split_of(name: str):
+            parts = name.split(".")
+            if parts[0] in ("embed_tokens", "lm_head"):
+                return splits[parts[0]]
+            if len(parts) >= 2 and parts[-2] in ("o_proj", "down_proj"):
+                return splits.get(f"{parts[-2]}.{parts[-1]}")  # their bias is whole on every rank
+            return splits.get(parts[-2]) if len(parts) >= 2 else None
+
+        for hf_name, weight in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
+            split = split_of(name)
             part = None
             for old, (new, index) in fused.items():
                 if f".{old}." in name:
@@ -263,23 +336,33 @@ class LlamaForCausalLM(nn.Module):
                 start, size = offsets[name.split(".")[-2]][part]
                 target = target.narrow(0, start, size)
                 key = f"{name}#{part}"
-            if tuple(target.shape) != tuple(tensor.shape):
+            shape = weight_shape(weight)
+            expected = list(target.shape)
+            if split is not None:
+                dim, start, size, full = split
+                expected[dim] = full
+                if name.split(".")[0] in ("embed_tokens", "lm_head"):
+                    target = target.narrow(0, 0, size)
+            if tuple(shape) != tuple(expected):
                 raise ValueError(
-                    f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, "
-                    f"the config implies {tuple(target.shape)}"
+                    f"{source}: weight {hf_name!r} has shape {tuple(shape)}, the config implies {tuple(expected)}"
                 )
-            target.copy_(tensor)
+            if split is not None and (self.parallel is not None or not isinstance(weight, torch.Tensor)):
+                weight = weight[start : start + size] if dim == 0 else weight[:, start : start + size]
+            elif not isinstance(weight, torch.Tensor):
+                weight = weight[:]
+            target.copy_(weight)
             loaded.add(key)
-        expected = set()
+        expected_keys = set()
         for name in params:
             if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
-                expected.update(f"{name}#{i}" for i in range(3))
+                expected_keys.update(f"{name}#{i}" for i in range(3))
             elif "gate_up_proj." in name:
-                expected.update(f"{name}#{i}" for i in range(2))
+                expected_keys.update(f"{name}#{i}" for i in range(2))
             else:
-                expected.add(name)
+                expected_keys.add(name)
         if c.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-        missing = sorted(expected - loaded)
+            expected_keys.discard("lm_head.weight")
+        missing = sorted(expected_keys - loaded)
         if missing:
             raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
