@@ -40,6 +40,15 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's choice
     tensor_parallel_size: int = 1
+    # Tensor-parallel rendezvous (torch.distributed TCP store on rank 0, the engine process).
+    # tp_master_port 0 picks a free port, which only works when every rank runs on this machine.
+    tp_master_addr: str = "127.0.0.1"
+    tp_master_port: int = 0
+    # Ranks started on this machine (0..tp_local_ranks-1); the rest join from other machines
+    # with `python -m engine.distributed` (see its docstring). None: all of them.
+    tp_local_ranks: int | None = None
+    # A collective that waits longer than this means a rank is stuck: the engine fails.
+    tp_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,10 +87,29 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"EngineConfig.max_model_len must be at least 1, got {self.max_model_len}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("EngineConfig.tensor_parallel_size above 1 is not supported yet")
+        self._check_tensor_parallel()
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be at least 1, got {self.num_threads}")
+
+    def _check_tensor_parallel(self) -> None:
+        n = self.tensor_parallel_size
+        if n < 1:
+            raise ValueError(f"EngineConfig.tensor_parallel_size must be at least 1, got {n}")
+        if n > 1 and self.device not in ("cpu", "cuda"):
+            raise ValueError(
+                f"EngineConfig.device must be 'cpu' or 'cuda' with tensor_parallel_size > 1 (rank r uses "
+                f"cuda:r on its machine), got {self.device!r}"
+            )
+        if self.tp_local_ranks is not None and not 1 <= self.tp_local_ranks <= n:
+            raise ValueError(
+                f"EngineConfig.tp_local_ranks must be between 1 and tensor_parallel_size ({n}), got {self.tp_local_ranks}"
+            )
+        if not 0 <= self.tp_master_port < 65536:
+            raise ValueError(f"EngineConfig.tp_master_port must be a TCP port (0 picks one), got {self.tp_master_port}")
+        if self.tp_master_port == 0 and (self.tp_local_ranks or n) < n:
+            raise ValueError("EngineConfig.tp_master_port must be set when some ranks run on other machines")
+        if self.tp_timeout_s <= 0:
+            raise ValueError(f"EngineConfig.tp_timeout_s must be positive, got {self.tp_timeout_s}")
 
     @property
     def torch_device(self) -> torch.device:

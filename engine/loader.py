@@ -115,6 +115,30 @@ class ModelSource:
                         yield name, tensor
                         bar.update()
 
+    def iter_weight_slices(self) -> Iterator[tuple[str, "WeightSlice"]]:
+        """(Hugging Face parameter name, lazy handle) pairs: indexing a handle (h[a:b], h[:, a:b])
+        reads only those rows or columns, so a tensor-parallel rank reads just its shard. A handle
+        is valid until the next pair is taken; its shape is `weight_shape(handle)`."""
+        if self._tensors is not None:
+            yield from self._tensors.items()
+            return
+        for file in self.weight_files:
+            try:
+                handle = safe_open(file, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
+            with handle:
+                for name in handle.keys():
+                    yield name, handle.get_slice(name)
+
+
+# A torch.Tensor, or safetensors' lazy slice of one (what iter_weight_slices yields).
+WeightSlice = object
+
+
+def weight_shape(weight) -> tuple[int, ...]:
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
+
 
 def load_model_source(model: str) -> ModelSource:
     """Resolve `model` (HF directory, .gguf file or the default model's name) and load its

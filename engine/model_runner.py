@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import EngineConfig
+from engine.distributed import DriverBackend, DriverModel, ParallelState, TensorParallelDriver, check_tensor_parallel
 from engine.loader import ModelSource
 from engine.models.llama import LlamaForCausalLM, ModelConfig
 from engine.sampler import SampleResult, Sampler
@@ -27,29 +30,76 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig, max_model_len: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        model_config: ModelConfig,
+        max_model_len: int,
+        parallel: ParallelState | None = None,
+    ):
+        """tensor_parallel_size > 1: the engine's runner (parallel None) becomes rank 0 and starts
+        the other ranks, whose runners (engine.distributed) are built here too, with their
+        ParallelState. Every rank loads its own shard and allocates its own KV heads' cache."""
         self.config = config
-        self.device = config.torch_device
         self.dtype = config.torch_dtype(source.checkpoint_dtype)
         self.model_config = model_config
         self.block_size = config.block_size
-        if config.num_threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+        self.driver: TensorParallelDriver | None = None
+        tp = config.tensor_parallel_size
+        if tp > 1 and parallel is None:
+            check_tensor_parallel(model_config, tp)  # before any process starts or weight loads
+            self.driver = TensorParallelDriver(config, max_model_len)
+            parallel = self.driver.state
+        self.parallel = parallel
+        try:
+            self._build(config, source, model_config, max_model_len)
+        except BaseException:
+            if self.driver is not None:
+                self.driver.shutdown()
+            raise
+        if self.driver is not None:
+            # A forgotten engine must not leave its ranks running (also runs at interpreter exit).
+            weakref.finalize(self, self.driver.shutdown)
+            # Rank 0's scheduler-facing model and backend send every step and block copy to all ranks.
+            self.model = DriverModel(self.driver, self.model)
+            self.backend = DriverBackend(self.driver, self.backend)
+
+    def _build(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig, max_model_len: int) -> None:
+        parallel = self.parallel
+        self.device = config.torch_device
+        if parallel is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", parallel.local_rank)
+        if self.device.type == "cpu":
+            if config.num_threads is not None:
+                torch.set_num_threads(config.num_threads)
+            elif parallel is not None:
+                # Ranks on one machine share its cores; oversubscribed ranks wait on each other.
+                local = config.tp_local_ranks or config.tensor_parallel_size
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(config.seed)
 
         with torch.device("meta"):
-            model = LlamaForCausalLM(model_config, max_model_len)
+            model = LlamaForCausalLM(model_config, max_model_len, parallel)
         # Materialize on the target device without a throwaway random init.
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary = type(model.rotary)(model_config, max_model_len).to(self.device)
-        model.load_weights(source.iter_weights(), source.path)
+        # A rank reads only its slices of each tensor; one process reads whole tensors.
+        weights = source.iter_weights() if parallel is None else source.iter_weight_slices()
+        model.load_weights(weights, source.path)
         if model_config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
+        self.num_local_kv_heads = model.shard.num_kv_heads
 
+        if parallel is not None:
+            parallel.min_over_ranks(0)  # every rank loaded: profiling's collectives start together
         self.num_blocks = self._decide_num_blocks()
-        shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        if parallel is not None:
+            # Rank 0's block manager hands out block ids for every rank's cache.
+            self.num_blocks = parallel.min_over_ranks(self.num_blocks)
+        shape = (self.num_blocks, self.block_size, self.num_local_kv_heads, model_config.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
@@ -61,7 +111,14 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.model_config.kv_bytes_per_token(self.dtype)
+        """Of this rank's cache (its KV heads): memory settings are per device."""
+        mc = self.model_config
+        return self.block_size * mc.kv_bytes_per_token(self.dtype) // mc.num_kv_heads * self.num_local_kv_heads
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do in one process); safe to call twice."""
+        if self.driver is not None:
+            self.driver.shutdown()
 
     def _decide_num_blocks(self) -> int:
         cfg = self.config
@@ -86,7 +143,7 @@ class ModelRunner:
         num_tokens = min(self.config.max_num_batched_tokens, self.model.rotary.cos.shape[0])
         num_blocks = (num_tokens + self.block_size - 1) // self.block_size
         mc, dev = self.model_config, self.device
-        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (num_blocks, self.block_size, self.num_local_kv_heads, mc.head_dim)
         caches = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(2 * mc.num_layers)]
         backend = AttentionBackend(self.config.attention_backend, caches[: mc.num_layers], caches[mc.num_layers :])
         meta = AttentionMetadata(
