@@ -19,6 +19,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("torch", "triton")
+PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 
 @dataclass
@@ -49,6 +50,14 @@ class EngineConfig:
     tp_local_ranks: int | None = None
     # A collective that waits longer than this means a rank is stuck: the engine fails.
     tp_timeout_s: float = 30.0
+    # Full blocks are cached by content and reused by later requests with the same prefix.
+    enable_prefix_caching: bool = True
+    # CPU block pool for swapped-out requests, in GiB (allocated on first swap).
+    swap_space: float = 4.0
+    # "auto": swap requests with several sequences (n > 1, beams), whose shared blocks a
+    # recompute would lose; recompute single-sequence requests. Swap falls back to recompute
+    # when the CPU pool is full.
+    preemption_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -88,6 +97,12 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"EngineConfig.max_model_len must be at least 1, got {self.max_model_len}")
         self._check_tensor_parallel()
+        if self.swap_space < 0:
+            raise ValueError(f"EngineConfig.swap_space must be non-negative (GiB), got {self.swap_space}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"EngineConfig.preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be at least 1, got {self.num_threads}")
 

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from engine.beam_search import beam_search_step, beam_score
 from engine.block_manager import BlockManager, KVCacheUsage
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop_string
@@ -16,6 +17,8 @@ from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.sequence_group import GroupStatus, SequenceGroup
+from engine.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,8 @@ class EngineStats:
     num_kv_blocks: int
     num_kv_blocks_used: int
     kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens served from cached blocks
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
@@ -62,15 +65,20 @@ class LLMEngine:
             )
             max_model_len = capacity
         self.max_model_len = max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        num_cpu_blocks = int(self.config.swap_space * 2**30) // self.runner.bytes_per_block
+        self.cpu_block_manager = BlockManager(num_cpu_blocks, self.config.block_size)
+        self.swap_space = SwapSpace(self.runner.k_caches, self.runner.v_caches, num_cpu_blocks)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.cpu_block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
         eos = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
         self.runner.sampler.eos_token_ids = self.eos_token_ids
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, SequenceGroup] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -97,9 +105,15 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
-    ) -> Sequence:
+    ) -> SequenceGroup:
         """Validate and tokenize a request without touching engine state (any thread may call)."""
         params = params if params is not None else SamplingParams()
+        for limit in ("max_num_seqs", "max_num_batched_tokens"):
+            if params.best_of > getattr(self.config, limit):
+                raise ValueError(
+                    f"best_of (or n) is {params.best_of}, but the engine runs at most {limit}="
+                    f"{getattr(self.config, limit)} sequences together; lower it"
+                )
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; send at least one character or token")
@@ -127,30 +141,32 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
         )
         seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        return seq
-
-    def add_sequence(self, seq: Sequence) -> None:
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already in use; use a unique id")
         self.detokenizer.start(seq)
-        self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
+        return SequenceGroup.single(seq)
+
+    def add_sequence(self, group: SequenceGroup) -> None:
+        """Queue a request made by make_sequence."""
+        if group.request_id in self.requests:
+            raise ValueError(f"request id {group.request_id!r} is already in use; use a unique id")
+        self.requests[group.request_id] = group
+        self.scheduler.add(group)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> Sequence:
-        seq = self.make_sequence(request_id, prompt, params, arrival_time)
-        self.add_sequence(seq)
-        return seq
+                    arrival_time: float | None = None) -> SequenceGroup:
+        group = self.make_sequence(request_id, prompt, params, arrival_time)
+        self.add_sequence(group)
+        return group
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
+        group = self.requests.pop(request_id, None)
+        if group is None:
             return None
-        self.scheduler.finish(seq)
-        seq.finish("abort")
-        seq.metrics.finished_time = time.time()
+        self.scheduler.finish(group)
+        for seq in group.seqs:
+            seq.finish("abort")
+        group.metrics.finished_time = time.time()
         logger.debug("aborted %s; %d blocks free", request_id, self.block_manager.num_free_blocks)
-        return self._output(seq)
+        return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -158,6 +174,9 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         schedule = self.scheduler.schedule()
+        # Before the forward pass: swapped-out blocks may be handed to this step's writes.
+        self.swap_space.swap_out(schedule.blocks_to_swap_out)
+        self.swap_space.swap_in(schedule.blocks_to_swap_in)
         if schedule.is_empty:
             return []
         logger.debug(
@@ -168,7 +187,7 @@ class LLMEngine:
         try:
             result = self.runner.execute(schedule)
         except Exception as e:
-            ids = [item.seq.request_id for item in schedule.scheduled]
+            ids = list(dict.fromkeys(item.seq.request_id for item in schedule.scheduled))
             for rid in ids:
                 self.abort_request(rid)
             logger.exception("step failed; aborted %s", ids)
@@ -177,23 +196,49 @@ class LLMEngine:
         now = time.time()
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
             if item.seq.num_output_tokens == 0:
                 self.prompt_tokens += item.num_new_tokens
+        # Each sampled row, grouped by request.
+        sampled: dict[str, list[tuple[Sequence, int]]] = {}
+        row = 0
+        for index in result.sampled_indices:
+            for seq in schedule.scheduled[index].sample_seqs:
+                sampled.setdefault(seq.request_id, []).append((seq, row))
+                row += 1
+
         outputs = []
-        for row, index in enumerate(result.sampled_indices):
-            seq = schedule.scheduled[index].seq
-            seq.append_token(result.sampled.token_ids[row], result.sampled.logprobs[row], result.sampled.top_logprobs[row])
-            self.generation_tokens += 1
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            seq.metrics.last_token_time = now
-            self._check_stop(seq, len(self.detokenizer.step(seq)))
-            if seq.is_finished:
-                seq.metrics.finished_time = now
-                self.scheduler.finish(seq)
-                del self.requests[seq.request_id]
-            outputs.append(self._output(seq))
+        for request_id, rows in sampled.items():
+            group = self.requests[request_id]
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            group.metrics.last_token_time = now
+            self.generation_tokens += len(rows)
+            if group.params.use_beam_search:
+                self._beam_step(group, rows, result.sampled)
+            else:
+                for seq, r in rows:
+                    s = result.sampled
+                    seq.append_token(s.token_ids[r], s.logprobs[r], s.top_logprobs[r])
+                    self._check_stop(seq, len(self.detokenizer.step(seq)))
+                    if seq.is_finished:
+                        self.scheduler.free_seq(seq)
+                        group.retire(seq)
+                if not group.seqs:
+                    group.status = GroupStatus.FINISHED
+            if group.is_finished:
+                group.metrics.finished_time = now
+                self.scheduler.finish(group)
+                del self.requests[request_id]
+            if group.is_finished or not group.params.use_beam_search:
+                outputs.append(self._output(group))
         return outputs
+
+    def _beam_step(self, group: SequenceGroup, rows: list[tuple[Sequence, int]], sampled) -> None:
+        if len(rows) != len(group.seqs):
+            raise RuntimeError(f"{group.request_id}: {len(rows)} of {len(group.seqs)} beams sampled in one step")
+        samples = [(seq, *sampled.beam_candidates[r]) for seq, r in rows]
+        beam_search_step(group, samples, self.block_manager, self.eos_token_ids, self.max_model_len)
 
     def _check_stop(self, seq: Sequence, num_new_chars: int) -> None:
         p = seq.params
@@ -209,40 +254,65 @@ class LLMEngine:
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=seq.output_text,
-            token_ids=seq.output_token_ids,
-            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
+    def _output(self, group: SequenceGroup) -> RequestOutput:
+        p = group.params
+        if p.use_beam_search:
+            # The best finished hypotheses; while running (or aborted), the best live beams.
+            pool = group.finished or group.seqs
+            seqs = sorted(pool, key=lambda s: -beam_score(s, p.length_penalty) if s.num_output_tokens else 0.0)
+        elif p.best_of > p.n:
+            seqs = sorted(group.seqs + group.finished, key=lambda s: -s.cumulative_logprob)
+        else:
+            seqs = sorted(group.seqs + group.finished, key=lambda s: s.index)
+        report_cumulative = p.logprobs is not None or p.best_of > 1
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=self._beam_text(seq) if p.use_beam_search else seq.output_text,
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if report_cumulative else None,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for i, seq in enumerate(seqs[: p.n])
+        ]
         return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[completion],
-            finished=seq.is_finished,
-            metrics=seq.metrics,
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=group.is_finished,
+            metrics=group.metrics,
+            num_cached_tokens=group.num_cached_tokens,
+        )
+
+    def _beam_text(self, seq: Sequence) -> str:
+        # Beams fork and die every step, so their text is decoded once, not incrementally.
+        return self.tokenizer.decode(
+            seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens,
+            clean_up_tokenization_spaces=False,
         )
 
     # ---- reports ----------------------------------------------------------------------------
     def kv_cache_usage(self) -> KVCacheUsage:
         return self.block_manager.usage()
 
+    def swap_usage(self) -> KVCacheUsage:
+        """The CPU pool that swapped-out requests' blocks live in."""
+        return self.cpu_block_manager.usage()
+
     def stats(self) -> EngineStats:
         usage = self.block_manager.usage()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_swapped=0,
+            num_swapped=len(self.scheduler.swapped),
             num_kv_blocks=usage.num_blocks,
             num_kv_blocks_used=usage.num_used_blocks,
             kv_cache_usage=usage.usage,
-            prefix_cache_queries=0,
-            prefix_cache_hits=0,
+            prefix_cache_queries=self.block_manager.prefix_queried_tokens,
+            prefix_cache_hits=self.block_manager.prefix_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,

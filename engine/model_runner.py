@@ -26,7 +26,8 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 @dataclass
 class StepResult:
     sampled: SampleResult
-    sampled_indices: list[int]  # indices into SchedulerOutput.scheduled that sampled a token
+    # Indices into SchedulerOutput.scheduled that sampled; sampled's rows follow their sample_seqs.
+    sampled_indices: list[int]
 
 
 class ModelRunner:
@@ -208,7 +209,11 @@ class ModelRunner:
             meta,
             torch.tensor(logits_indices, dtype=torch.long, device=dev),
         )
-        seqs = [schedule.scheduled[i].seq for i in sampled_indices]
+        # A request's first sample may fan out: each of its sample_seqs draws from the same row.
+        rows = [row for row, i in enumerate(sampled_indices) for _ in schedule.scheduled[i].sample_seqs]
+        if len(rows) != len(sampled_indices):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        seqs = [seq for i in sampled_indices for seq in schedule.scheduled[i].sample_seqs]
         if not seqs:
             return StepResult(SampleResult([], [], []), [])
         return StepResult(self.sampler(logits, seqs), sampled_indices)

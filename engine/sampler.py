@@ -6,10 +6,11 @@ seeded request samples the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.beam_search import num_candidates
 from engine.outputs import PositionLogprobs
 from engine.sequence import Sequence
 
@@ -19,6 +20,9 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]  # of each sampled token under the model's distribution
     top_logprobs: list[PositionLogprobs | None]
+    # Beam-search rows: the best candidate token ids and their logprobs (after the logits
+    # processors, as transformers scores beams); None for other rows.
+    beam_candidates: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
 
 
 class Sampler:
@@ -29,15 +33,17 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: float32 [len(seqs), vocab]; row i belongs to seqs[i]."""
         logits = logits[:, : self.vocab_size]
-        # Logprobs report the model's own distribution, before any processing (as vLLM does).
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        # Logprobs report the model's own distribution, before any processing (as vLLM does);
+        # best_of ranks samples by their cumulative logprob, so it needs them too.
+        want_logprobs = any(s.params.logprobs is not None or s.params.best_of > 1 for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
         logits = self._apply_processors(logits.clone(), seqs)
         token_ids = self._draw(logits, seqs)
+        beams = self._beam_candidates(logits, seqs)
 
         if raw_logprobs is None:
-            return SampleResult(token_ids.tolist(), [0.0] * len(seqs), [None] * len(seqs))
+            return SampleResult(token_ids.tolist(), [0.0] * len(seqs), [None] * len(seqs), beams)
         chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
         max_k = max(s.params.logprobs or 0 for s in seqs)
         top_vals, top_ids = raw_logprobs.topk(max(max_k, 1), dim=-1)
@@ -51,7 +57,18 @@ class Sampler:
             for tid, val in zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist()):
                 entry.setdefault(tid, val)
             tops.append(entry)
-        return SampleResult(token_ids.tolist(), chosen.tolist(), tops)
+        return SampleResult(token_ids.tolist(), chosen.tolist(), tops, beams)
+
+    def _beam_candidates(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[list[int], list[float]] | None]:
+        rows = [i for i, s in enumerate(seqs) if s.params.use_beam_search]
+        result: list[tuple[list[int], list[float]] | None] = [None] * len(seqs)
+        if not rows:
+            return result
+        ks = [min(num_candidates(seqs[i].params, self.eos_token_ids), self.vocab_size) for i in rows]
+        values, ids = logits[rows].log_softmax(dim=-1).topk(max(ks), dim=-1)
+        for row, k, vals, tids in zip(rows, ks, values.tolist(), ids.tolist()):
+            result[row] = (tids[:k], vals[:k])
+        return result
 
     def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device

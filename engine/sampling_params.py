@@ -9,7 +9,11 @@ MAX_LOGPROBS = 20
 
 @dataclass
 class SamplingParams:
-    n: int = 1
+    n: int = 1  # completions returned
+    best_of: int | None = None  # sequences generated (None: n); the n best by cumulative logprob return
+    use_beam_search: bool = False  # beam width is best_of (or n)
+    length_penalty: float = 1.0  # beam score = cumulative logprob / generated_length ** length_penalty
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 (or 0) disables top-k
@@ -38,6 +42,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == 0:
             self.top_k = -1
+        if self.best_of is None:
+            self.best_of = self.n
         self._validate()
 
     def _validate(self) -> None:
@@ -46,9 +52,8 @@ class SamplingParams:
 
         if self.n < 1:
             raise bad("n", "must be at least 1")
-        if self.n > 1:
-            # Parallel sampling with copy-on-write is tracked in issue 3.
-            raise bad("n", "above 1 is not supported yet; send separate requests")
+        if self.best_of < self.n:
+            raise bad("best_of", f"must be at least n ({self.n})")
         if self.temperature < 0:
             raise bad("temperature", "must be non-negative (0 means greedy)")
         if not 0 < self.top_p <= 1:
@@ -73,13 +78,41 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
-        if self.prompt_logprobs is not None:
-            raise bad("prompt_logprobs", "is not supported yet; leave it unset")
+        if self.early_stopping not in (True, False, "never"):
+            raise bad("early_stopping", "must be True, False or 'never'")
+        if self.use_beam_search:
+            self._validate_beam_search(bad)
+        else:
+            if self.best_of > 1 and self.greedy:
+                raise bad("best_of", "must be 1 with greedy sampling (temperature 0): every sample would be equal")
+            if self.length_penalty != 1.0:
+                raise bad("length_penalty", "only applies to beam search (use_beam_search=True)")
+            if self.early_stopping is not False:
+                raise bad("early_stopping", "only applies to beam search (use_beam_search=True)")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain empty strings")
         for bias in self.logit_bias.values():
             if not -100 <= bias <= 100:
                 raise bad("logit_bias", "values must be in [-100, 100]")
+
+    def _validate_beam_search(self, bad) -> None:
+        if self.best_of < 2:
+            raise bad("best_of", "must be at least 2 with beam search (the beam width is best_of, or n)")
+        if self.temperature != 0.0:
+            raise bad("temperature", "must be 0 with beam search (beams are chosen, not sampled)")
+        if self.top_p != 1.0 or self.top_k != -1 or self.min_p != 0.0:
+            name = "top_p" if self.top_p != 1.0 else "top_k" if self.top_k != -1 else "min_p"
+            raise bad(name, "must be left unset with beam search")
+        if self.seed is not None:
+            raise bad("seed", "must be left unset with beam search (it draws nothing)")
+        if self.stop:
+            raise bad("stop", "strings are not applied to beam search; use stop_token_ids")
+        if self.logprobs is not None:
+            raise bad("logprobs", "are not reported for beam search; read cumulative_logprob")
+
+    @property
+    def beam_width(self) -> int:
+        return self.best_of if self.use_beam_search else 1
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -41,6 +42,11 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    index: int = 0  # which of the request's samples (0 .. best_of - 1)
+    # Prefix-cache keys of the full blocks known so far (engine.block_manager), and how many of
+    # this sequence's full blocks the cache has been offered.
+    block_hashes: list[int] = field(default_factory=list)
+    num_offered_blocks: int = 0
     # Incremental detokenization state (engine.detokenizer).
     output_text: str = ""
     prefix_offset: int = 0
@@ -82,6 +88,22 @@ class Sequence:
         self.cumulative_logprob += logprob
         if self.logprobs is not None and top_logprobs is not None:
             self.logprobs.append(top_logprobs)
+
+    def fork(self, index: int) -> "Sequence":
+        """A new sequence with this one's tokens and state but no blocks of its own
+        (BlockManager.fork shares them)."""
+        child = copy.copy(self)
+        child.seq_id = next(_seq_ids)
+        child.index = index
+        child.token_ids = list(self.token_ids)
+        child.block_table = []
+        child.block_hashes = list(self.block_hashes)
+        child.logprobs = list(self.logprobs) if self.logprobs is not None else None
+        child.generator = None
+        if self.params.seed is not None:
+            # Each sample draws from its own stream, so it reproduces whatever the batch.
+            child.generator = torch.Generator().manual_seed(hash((self.params.seed, index)) & (2**63 - 1))
+        return child
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

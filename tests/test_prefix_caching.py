@@ -1,0 +1,109 @@
+"""Automatic prefix caching: full blocks are found by content and reused, exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import SamplingParams
+from engine.block_manager import BlockManager
+from engine.llm_engine import LLMEngine
+from tests.conftest import assert_all_blocks_free
+from tests.helpers import make_tiny_llama
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+SYSTEM = list(range(1000, 1100))  # a 100-token "system prompt": 6 full blocks of 16
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("prefix"))
+
+
+def run(engine: LLMEngine, request_id: str, prompt, params=GREEDY):
+    engine.add_request(request_id, prompt, params)
+    done = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done = out
+    return done
+
+
+def prefill_tokens(engine: LLMEngine, request_id: str, prompt) -> tuple[int, object]:
+    """Run one request alone; return the prompt tokens it fed the model and its output."""
+    fed = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        fed.extend(item.num_new_tokens for item in out.scheduled if item.seq.num_output_tokens == 0)
+        return out
+
+    engine.scheduler.schedule = recording
+    try:
+        out = run(engine, request_id, prompt)
+    finally:
+        engine.scheduler.schedule = schedule
+    return sum(fed), out
+
+
+def test_a_second_request_with_the_same_system_prompt_prefills_only_its_new_tokens(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64)
+    first_fed, _ = prefill_tokens(engine, "a", SYSTEM + [5, 6, 7])
+    assert first_fed == 103
+    second_fed, out = prefill_tokens(engine, "b", SYSTEM + [8, 9, 10, 11])
+    # 96 tokens (6 full blocks) come from the cache; the rest are computed.
+    assert second_fed == 104 - 96
+    assert out.num_cached_tokens == 96
+    stats = engine.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (103 + 104, 96)
+    assert engine.block_manager.prefix_queries == 2 and engine.block_manager.prefix_hits == 1
+
+
+def test_outputs_are_identical_with_caching_on_and_off(tiny_path):
+    prompts = [SYSTEM + [i, i + 1, i + 2] for i in range(5)] + [SYSTEM[:48], SYSTEM[:48] + [3]]
+    outputs = {}
+    for caching in (False, True):
+        engine = LLMEngine(model=tiny_path, num_kv_blocks=64, enable_prefix_caching=caching)
+        outputs[caching] = [run(engine, f"r{i}", p).outputs[0].token_ids for i, p in enumerate(prompts)]
+        assert (engine.stats().prefix_cache_hits > 0) == caching
+        assert_all_blocks_free(engine)
+    assert outputs[True] == outputs[False]
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token(tiny_path):
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=64)
+    prompt = SYSTEM[:64]  # exactly 4 blocks
+    reference = run(engine, "a", prompt).outputs[0].token_ids
+    fed, out = prefill_tokens(engine, "b", prompt)
+    assert fed == 16  # three blocks reused; the fourth holds the token whose logits are needed
+    assert out.outputs[0].token_ids == reference
+
+
+def test_freed_cached_blocks_stay_findable_until_reused():
+    bm = BlockManager(4, 4, enable_prefix_caching=True)
+
+    class Seq:
+        def __init__(self, seq_id, tokens):
+            self.seq_id, self.token_ids = seq_id, list(tokens)
+            self.block_table, self.num_computed_tokens = [], 0
+            self.block_hashes, self.num_offered_blocks = [], 0
+
+    a = Seq(0, range(9))
+    bm.append_slots(a, 9)
+    a.num_computed_tokens = 9
+    bm.cache_full_blocks(a)
+    cached_blocks = list(a.block_table[:2])
+    bm.free(a)
+    assert bm.num_free_blocks == 4  # free, yet still cached
+    b = Seq(1, range(10))
+    assert bm.reuse_cached_prefix(b) == 8
+    assert b.block_table == cached_blocks
+    bm.free(b)
+    # Filling the pool with other content evicts them, least recently freed first.
+    c = Seq(2, range(100, 116))
+    bm.append_slots(c, 16)
+    d = Seq(3, range(10))
+    assert bm.reuse_cached_prefix(d) == 0
+    bm.free(c)
+    assert bm.num_free_blocks == 4 and not any(bm.ref_counts)
