@@ -101,6 +101,8 @@ class AsyncEngine:
         self._stopped = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join, 30)
+        if not self._thread.is_alive():  # never while a step may still be talking to the ranks
+            self.engine.runner.shutdown()  # tensor-parallel workers, if any
 
     # ---- the loop thread ---------------------------------------------------------------------
     def _drain_commands(self) -> None:

@@ -289,8 +289,14 @@ class TensorParallelDriver:
 
     def _describe_death(self, rank: int) -> str:
         proc = self.procs[rank]
+        proc.join(1.0)  # another thread may be reaping it: wait for its exit code to be recorded
         code = proc.exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
+        if code is None:
+            how = "died"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
         detail = self._rank_error(rank)
         return f"tensor-parallel rank {rank} (pid {proc.pid}) {how}" + (f": {detail}" if detail else "")
 
@@ -458,9 +464,13 @@ def run_worker(rank: int, local_rank: int, addr: str, port: int, world_size: int
         state = _init_groups(config, store, rank, local_rank)
         source = load_model_source(config.model)
         model_config = ModelConfig.from_hf(source.hf_config, source.path)
+        before = _peak_rss()
         runner = ModelRunner(config, source, model_config, settings["max_model_len"], parallel=state)
         del source
-        store.set(f"bento_llm/memory/{rank}", json.dumps(_peak_rss()))
+        after = _peak_rss()
+        after["VmRSS_before_weights"] = before.get("VmRSS", 0)
+        after["RssAnon_before_weights"] = before.get("RssAnon", 0)
+        store.set(f"bento_llm/memory/{rank}", json.dumps(after))
         _serve(runner, state)
     except BaseException as e:
         try:

@@ -23,6 +23,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also stop when the LLM is
+        garbage-collected or the interpreter exits)."""
+        self.engine.runner.shutdown()
+
     def generate(
         self,
         prompts: str | list[str] | list[int] | list[list[int]],

@@ -1,0 +1,198 @@
+"""Tensor parallelism over torch.distributed (gloo on CPU): the same greedy tokens as one process,
+split KV heads and replicated ones, a clear and quick failure when a rank dies, no process left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from engine import DEFAULT_MODEL, LLM, EngineConfig, SamplingParams
+from engine.llm_engine import EngineStepError, LLMEngine
+from engine.loader import load_model_source
+from tests.greedy_reference import NEAR_TIE_RTOL, hf_greedy
+from tests.helpers import load_hf_reference, make_tiny_llama
+from tests.test_correctness import run_staggered
+
+MAX_TOKENS = 16
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "1, 2, 3, 4,",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def engine_children() -> list[psutil.Process]:
+    """Processes this test process started, but for multiprocessing's shared resource tracker
+    (one per interpreter, it exits with it)."""
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    yield
+    deadline = time.monotonic() + 10
+    while engine_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine_children() == [], "a tensor-parallel rank outlived its engine"
+
+
+def assert_same_greedy(tp_outs, single_outs, reference) -> None:
+    """TP=N picks TP=1's tokens; where they part, it must be a near-tie of the reference logits."""
+    for tp, one in zip(tp_outs, single_outs):
+        a, b = tp.outputs[0].token_ids, one.outputs[0].token_ids
+        assert len(a) == len(b) == MAX_TOKENS
+        if a == b:
+            continue
+        pos = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        ref_tokens, ref_logits = reference(tp.prompt_token_ids)
+        assert ref_tokens[:pos] == a[:pos], "diverged after the reference did: cannot judge the tie"
+        x, y = float(ref_logits[pos][a[pos]]), float(ref_logits[pos][b[pos]])
+        assert abs(x - y) <= NEAR_TIE_RTOL * max(abs(x), abs(y)), f"token {pos}: {a[pos]} vs {b[pos]}, not a near-tie"
+
+
+def hf_reference(path: str):
+    model = load_hf_reference(path)
+    return lambda ids: hf_greedy(model, ids, MAX_TOKENS)
+
+
+def check_against_one_process(path: str, tp: int, **engine_args) -> LLM:
+    single = LLM(path, **engine_args).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(path, tensor_parallel_size=tp, **engine_args)
+    assert_same_greedy(llm.generate(PROMPTS, GREEDY, use_tqdm=False), single, hf_reference(path))
+    return llm
+
+
+def test_tp2_splits_four_kv_heads_and_matches_one_process(tmp_path):
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=4)
+    llm = check_against_one_process(path, 2, num_kv_blocks=64)
+    try:
+        runner = llm.engine.runner
+        assert runner.num_local_kv_heads == 2 and runner.k_caches[0].shape[2] == 2
+        assert len(runner.driver.procs) == 1
+    finally:
+        llm.shutdown()
+
+
+def test_tp2_replicates_a_single_kv_head_and_matches_one_process(tmp_path):
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+    llm = check_against_one_process(path, 2, num_kv_blocks=64)
+    try:
+        assert llm.engine.runner.num_local_kv_heads == 1
+    finally:
+        llm.shutdown()
+
+
+def test_tp2_qkv_bias_staggered_arrivals_and_preemption_match_one_process(tmp_path):
+    # Qwen2's q/k/v biases are split with their heads; 6 blocks force recompute preemption while
+    # requests arrive mid-decode, so chunks, decodes and re-prefills all cross the broadcast.
+    path = make_tiny_llama(tmp_path, model_type="qwen2", num_attention_heads=4, num_key_value_heads=2)
+    single = run_staggered(LLMEngine(model=path, num_kv_blocks=6), PROMPTS, every=1, params=GREEDY)
+    engine = LLMEngine(model=path, num_kv_blocks=6, tensor_parallel_size=2)
+    try:
+        outs = run_staggered(engine, PROMPTS, every=1, params=GREEDY)
+        assert engine.scheduler.num_preemptions > 0
+        assert_same_greedy(outs, single, hf_reference(path))
+    finally:
+        engine.runner.shutdown()
+
+
+@pytest.mark.slow
+def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third():
+    # SmolLM2-135M: 9 query heads, 3 KV heads -> 3 and 1 per rank.
+    prompts = PROMPTS[:2]
+    single = LLM(DEFAULT_MODEL, num_kv_blocks=32).generate(prompts, GREEDY, use_tqdm=False)
+    llm = LLM(DEFAULT_MODEL, num_kv_blocks=32, tensor_parallel_size=3)
+    try:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        source = load_model_source(DEFAULT_MODEL)
+        assert_same_greedy(outs, single, hf_reference(str(Path(source.weight_files[0]).parent)))
+
+        model = llm.engine.runner.model
+        shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        total = sum(
+            torch.Size(shape).numel() * 4 for header in source.weight_headers.values() for _, shape in header.values()
+        )
+        # Norms are the only replicated weights; padding-free vocab 49152 splits evenly.
+        assert shard_bytes < total / 3 * 1.01, (shard_bytes, total)
+        print(f"\nweights: {total / 2**20:.0f} MiB float32 in all, {shard_bytes / 2**20:.0f} MiB on rank 0")
+        for rank, mem in sorted(llm.engine.runner.driver.memory_report().items()):
+            print(f"rank {rank}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()))
+    finally:
+        llm.shutdown()
+
+
+def test_indivisible_head_counts_fail_before_any_process_or_weight(tmp_path, monkeypatch):
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    from engine.models.llama import LlamaForCausalLM
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights", never)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 cannot split.*num_attention_heads=4.*Sizes that work: \[1, 2, 4\]"):
+        LLM(path, tensor_parallel_size=3)
+    assert engine_children() == []
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(tensor_parallel_size=0), "at least 1"),
+        (dict(tensor_parallel_size=2, tp_local_ranks=3), "tp_local_ranks"),
+        (dict(tensor_parallel_size=2, tp_local_ranks=1), "tp_master_port must be set"),
+        (dict(tensor_parallel_size=2, tp_timeout_s=0), "tp_timeout_s"),
+        (dict(tensor_parallel_size=2, device="cuda:1"), "'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_tensor_parallel_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**settings)
+
+
+def test_tensor_parallel_size_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BENTO_LLM_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("BENTO_LLM_TP_MASTER_PORT", "29555")
+    config = EngineConfig.from_env()
+    assert (config.tensor_parallel_size, config.tp_master_port) == (2, 29555)
+
+
+def test_a_killed_worker_fails_generate_within_30_s_and_leaves_no_process(tmp_path):
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    llm = LLM(path, num_kv_blocks=256, tensor_parallel_size=2)
+    worker = llm.engine.runner.driver.procs[1]
+    killed_at = []
+
+    def kill_mid_run():
+        while llm.engine.generation_tokens < 8:  # decoding is under way
+            time.sleep(0.01)
+        killed_at.append(time.monotonic())
+        os.kill(worker.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    killer.start()
+    long_run = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    with pytest.raises(EngineStepError, match=rf"rank 1 \(pid {worker.pid}\) was killed by SIGKILL"):
+        llm.generate(PROMPTS, long_run, use_tqdm=False)
+    assert killed_at and time.monotonic() - killed_at[0] < 30
+    killer.join()
+    assert not worker.is_alive()
+    # The engine stays down, saying so at once, rather than hanging on the next request.
+    with pytest.raises(EngineStepError, match="start a new one"):
+        llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    llm.shutdown()
