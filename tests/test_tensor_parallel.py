@@ -196,3 +196,28 @@ def test_a_killed_worker_fails_generate_within_30_s_and_leaves_no_process(tmp_pa
     with pytest.raises(EngineStepError, match="start a new one"):
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     llm.shutdown()
+
+
+def test_a_rank_started_by_hand_joins_through_the_rendezvous_variables(tmp_path):
+    """What a second machine runs: `python -m engine.distributed` with MASTER_ADDR, MASTER_PORT,
+    WORLD_SIZE and RANK; the engine starts only its own ranks (tp_local_ranks)."""
+    import socket
+    import subprocess
+    import sys
+
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    single = LLM(path, num_kv_blocks=64).generate(PROMPTS, GREEDY, use_tqdm=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK="1")
+    remote = subprocess.Popen([sys.executable, "-m", "engine.distributed"], env=env, cwd=Path(__file__).parents[1])
+    try:
+        llm = LLM(path, num_kv_blocks=64, tensor_parallel_size=2, tp_local_ranks=1, tp_master_port=port)
+        assert llm.engine.runner.driver.procs == {}  # nothing started here
+        assert_same_greedy(llm.generate(PROMPTS, GREEDY, use_tqdm=False), single, hf_reference(path))
+        llm.shutdown()
+        assert remote.wait(timeout=30) == 0  # told to stop, it exits cleanly
+    finally:
+        remote.kill()
+        remote.wait()
