@@ -229,6 +229,12 @@ class TensorParallelDriver:
                 "torch.distributed is already initialized in this process: one tensor-parallel engine per "
                 "process (shut the other down first)"
             )
+        local = config.tp_local_ranks or self.world_size
+        if config.device == "cuda" and local > torch.cuda.device_count():
+            raise ValueError(
+                f"{local} tensor-parallel ranks on this machine need {local} CUDA devices, "
+                f"{torch.cuda.device_count()} are visible; lower tensor_parallel_size or tp_local_ranks"
+            )
         self.store = dist.TCPStore(
             config.tp_master_addr, config.tp_master_port, self.world_size, is_master=True,
             timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S), wait_for_workers=False,
