@@ -49,7 +49,7 @@ JOIN_TIMEOUT_S = 600.0
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 
 _KEY_SETTINGS = "bento_llm/settings"
-_CMD_STEP, _CMD_COPY, _CMD_SHUTDOWN = 1, 2, 3
+_CMD_STEP, _CMD_COPY, _CMD_SHUTDOWN, _CMD_SWAP_OUT, _CMD_SWAP_IN = 1, 2, 3, 4, 5
 _HEADER_LEN = 8
 
 
@@ -208,7 +208,7 @@ def _payload_len(header: list[int]) -> int:
     cmd, n_tok, n_seq, max_blocks, n_logits, _, _, n_copies = header
     if cmd == _CMD_STEP:
         return 3 * n_tok + n_seq * max_blocks + 2 * n_seq + 1 + n_logits
-    if cmd == _CMD_COPY:
+    if cmd in (_CMD_COPY, _CMD_SWAP_OUT, _CMD_SWAP_IN):
         return 2 * n_copies
     return 0
 
@@ -357,8 +357,8 @@ class TensorParallelDriver:
     def send_step(self, token_ids, positions, meta: AttentionMetadata, logits_indices) -> None:
         self._broadcast(*_pack_step(token_ids, positions, meta, logits_indices))
 
-    def send_copy(self, mapping: list[tuple[int, int]]) -> None:
-        header = torch.tensor([_CMD_COPY, 0, 0, 0, 0, 0, 0, len(mapping)], dtype=torch.int64)
+    def send_copy(self, mapping: list[tuple[int, int]], cmd: int = _CMD_COPY, num_cpu_blocks: int = 0) -> None:
+        header = torch.tensor([cmd, num_cpu_blocks, 0, 0, 0, 0, 0, len(mapping)], dtype=torch.int64)
         self._broadcast(header, torch.tensor(mapping, dtype=torch.int64).flatten())
 
     def memory_report(self) -> dict[int, dict[str, int]]:
@@ -438,6 +438,30 @@ class DriverBackend:
         self.backend.copy_blocks(mapping)
 
 
+class DriverSwapSpace:
+    """Rank 0's CPU swap pool: each rank swaps its own KV heads' blocks in and out of its own pool."""
+
+    def __init__(self, driver: TensorParallelDriver, swap_space):
+        self.driver = driver
+        self.swap_space = swap_space
+
+    def __getattr__(self, name: str):
+        return getattr(self.swap_space, name)
+
+    def swap_out(self, mapping: list[tuple[int, int]]) -> None:
+        self._send(_CMD_SWAP_OUT, mapping)
+        self.swap_space.swap_out(mapping)
+
+    def swap_in(self, mapping: list[tuple[int, int]]) -> None:
+        self._send(_CMD_SWAP_IN, mapping)
+        self.swap_space.swap_in(mapping)
+
+    def _send(self, cmd: int, mapping: list[tuple[int, int]]) -> None:
+        if mapping:
+            pool = self.swap_space.num_blocks
+            self.driver.guard("a swap", lambda: self.driver.send_copy(mapping, cmd, pool))
+
+
 # ---- ranks 1..N-1 -------------------------------------------------------------------------------
 def _spawned_worker(rank: int, local_rank: int, addr: str, port: int, world_size: int, parent_pid: int) -> None:
     # A worker started here must not outlive the engine even if the engine is SIGKILLed (gloo
@@ -488,7 +512,10 @@ def run_worker(rank: int, local_rank: int, addr: str, port: int, world_size: int
 
 
 def _serve(runner, state: ParallelState) -> None:
+    from engine.swap_space import SwapSpace
+
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+    swap_space = None  # like rank 0's, allocated on first use
     while True:
         dist.broadcast(header, 0, group=state.control_group)
         values = header.tolist()
@@ -500,6 +527,11 @@ def _serve(runner, state: ParallelState) -> None:
             runner.model(ids, pos, runner.backend, meta, logits_idx)
         elif values[0] == _CMD_COPY:
             runner.backend.copy_blocks([tuple(p) for p in payload.view(-1, 2).tolist()])
+        elif values[0] in (_CMD_SWAP_OUT, _CMD_SWAP_IN):
+            if swap_space is None:
+                swap_space = SwapSpace(runner.k_caches, runner.v_caches, values[1])
+            mapping = [tuple(p) for p in payload.view(-1, 2).tolist()]
+            (swap_space.swap_out if values[0] == _CMD_SWAP_OUT else swap_space.swap_in)(mapping)
         elif values[0] == _CMD_SHUTDOWN:
             return
         else:

@@ -18,7 +18,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.sequence_group import GroupStatus, SequenceGroup
-from engine.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class LLMEngine:
         )
         num_cpu_blocks = int(self.config.swap_space * 2**30) // self.runner.bytes_per_block
         self.cpu_block_manager = BlockManager(num_cpu_blocks, self.config.block_size)
-        self.swap_space = SwapSpace(self.runner.k_caches, self.runner.v_caches, num_cpu_blocks)
+        self.swap_space = self.runner.make_swap_space(num_cpu_blocks)
         self.scheduler = Scheduler(self.config, self.block_manager, self.cpu_block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
         eos = set(self.model_config.eos_token_ids)

@@ -11,11 +11,19 @@ import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import EngineConfig
-from engine.distributed import DriverBackend, DriverModel, ParallelState, TensorParallelDriver, check_tensor_parallel
+from engine.distributed import (
+    DriverBackend,
+    DriverModel,
+    DriverSwapSpace,
+    ParallelState,
+    TensorParallelDriver,
+    check_tensor_parallel,
+)
 from engine.loader import ModelSource
 from engine.models.llama import LlamaForCausalLM, ModelConfig
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
+from engine.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,11 @@ class ModelRunner:
         """Of this rank's cache (its KV heads): memory settings are per device."""
         mc = self.model_config
         return self.block_size * mc.kv_bytes_per_token(self.dtype) // mc.num_kv_heads * self.num_local_kv_heads
+
+    def make_swap_space(self, num_cpu_blocks: int) -> SwapSpace:
+        """The CPU pool for swapped-out blocks; tensor parallel, every rank swaps its own heads."""
+        swap_space = SwapSpace(self.k_caches, self.v_caches, num_cpu_blocks)
+        return swap_space if self.driver is None else DriverSwapSpace(self.driver, swap_space)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel ranks (nothing to do in one process); safe to call twice."""

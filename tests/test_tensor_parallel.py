@@ -221,3 +221,26 @@ def test_a_rank_started_by_hand_joins_through_the_rendezvous_variables(tmp_path)
     finally:
         remote.kill()
         remote.wait()
+
+
+def test_tp2_swapped_out_and_back_in_blocks_match_one_process(tmp_path):
+    # 4 blocks for four 36-token sequences: requests are swapped to each rank's CPU pool and back.
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+
+    def run(engine: LLMEngine) -> list:
+        for i in range(4):
+            engine.add_request(f"r{i}", list(range(10 + i, 30 + i)), GREEDY)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update((out.request_id, out) for out in engine.step() if out.finished)
+        return [done[f"r{i}"] for i in range(4)]
+
+    single = run(LLMEngine(model=path, num_kv_blocks=64))
+    engine = LLMEngine(model=path, num_kv_blocks=4, max_num_batched_tokens=64, preemption_mode="swap",
+                       tensor_parallel_size=2)
+    try:
+        outs = run(engine)
+        assert engine.scheduler.num_swap_outs > 0
+        assert_same_greedy(outs, single, hf_reference(path))
+    finally:
+        engine.runner.shutdown()
