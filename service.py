@@ -17,6 +17,7 @@ from bentoml.exceptions import BentoMLException
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import OpenAIError
+from bento_llm.limits import ConcurrencyLimitMiddleware
 from bento_llm.model_store import DEFAULT_GGUF_FILE, ensure_default_model, packaged_gguf
 from bento_llm.native import prepare, text_stream
 from bento_llm.runtime import LLMRuntime
@@ -43,7 +44,10 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
     name="bento-llm",
     # One worker owns the one engine; the engine does the batching, continuously.
     workers=1,
-    traffic={"timeout": settings.timeout, "max_concurrency": settings.max_concurrency},
+    # Long generations answer late: the timeout covers a whole non-streaming request.
+    # max_concurrency is enforced by ConcurrencyLimitMiddleware below instead of BentoML's
+    # traffic.max_concurrency, whose 429 body is not in OpenAI's error shape.
+    traffic={"timeout": settings.timeout},
     envs=[{"name": "BENTOML_DO_NOT_TRACK", "value": "true"}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
 )
 class BentoLLM:
@@ -123,10 +127,16 @@ class BentoLLM:
             yield piece
 
 
-# /v1/* and the native endpoints need the key when one is set; health, metrics and docs stay open.
+# /v1/* and the native endpoints need the key when one is set, and count against
+# max_concurrency; health, metrics and docs stay open and unlimited. The key is checked
+# first (outermost), so an unauthenticated flood cannot take the concurrency slots.
+API_PREFIXES, API_PATHS = ("/v1",), ("/generate", "/chat")
 BentoLLM.add_asgi_middleware(
     APIKeyMiddleware,
     api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-    prefixes=("/v1",),
-    paths=("/generate", "/chat"),
+    prefixes=API_PREFIXES,
+    paths=API_PATHS,
+)
+BentoLLM.add_asgi_middleware(
+    ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency, prefixes=API_PREFIXES, paths=API_PATHS
 )

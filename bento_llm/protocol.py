@@ -49,7 +49,7 @@ class _SamplingRequest(_Request):
     best_of: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | Literal["never"] = False
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -62,14 +62,6 @@ class _SamplingRequest(_Request):
     prompt_logprobs: int | None = None
 
     def check_unsupported(self) -> None:
-        if self.use_beam_search:
-            raise unsupported("use_beam_search", "Beam search (use_beam_search)")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise unsupported("best_of", "best_of different from n")
-        if self.length_penalty != 1.0:
-            raise unsupported("length_penalty", "length_penalty (beam search only)")
-        if self.early_stopping:
-            raise unsupported("early_stopping", "early_stopping (beam search only)")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:

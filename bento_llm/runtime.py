@@ -58,7 +58,11 @@ class LLMRuntime:
 
     @property
     def failed(self) -> bool:
-        return self.error is not None
+        """The model failed to load, or the engine's step loop died: nothing will run again."""
+        if self.error is not None:
+            return True
+        # AsyncEngine records a fatal loop error here (and refuses new requests).
+        return self.engine is not None and getattr(self.engine, "_dead", None) is not None
 
     def require_engine(self) -> Any:
         if self.engine is not None:

@@ -41,11 +41,17 @@ def to_sampling_params(
             raise bad_request(f"stop_token_ids {bad} are outside the vocabulary", param="stop_token_ids")
     # The request's names for SamplingParams fields, so that a 400 points at what was sent.
     names = {"logprobs": "logprobs", "max_tokens": "max_tokens", "prompt": "prompt"}
+    if request.best_of is None:
+        names["best_of"] = "n"  # the engine's best_of defaults to n
     if isinstance(request, ChatCompletionRequest):
         names.update(logprobs="top_logprobs", max_tokens=request.max_tokens_param, prompt="messages")
     try:
         return SamplingParams(
             n=request.n if request.n is not None else 1,
+            best_of=request.best_of,
+            use_beam_search=request.use_beam_search,
+            length_penalty=request.length_penalty,
+            early_stopping=request.early_stopping,
             temperature=_or(request.temperature, 1.0),
             top_p=_or(request.top_p, 1.0),
             top_k=_or(request.top_k, -1),

@@ -35,6 +35,13 @@ from bento_llm.streaming import (
 logger = logging.getLogger("bento_llm")
 
 
+def _buffered(params: Any) -> bool:
+    """Whether a stream can only be sent at the end. With best_of > n the engine reports the
+    n best samples so far, and which sample is "choice 0" changes from step to step; beam
+    search reports only its final beams. Neither can be sent as increments."""
+    return bool(params.use_beam_search or (params.best_of or params.n) > params.n)
+
+
 @dataclass
 class Prompt:
     token_ids: list[int]
@@ -187,6 +194,7 @@ class OpenAIServing:
         for prompt in prompts:
             self.check_length(len(prompt.token_ids), params.max_tokens, "prompt")
         response_id, created, n = random_id("cmpl"), int(time.time()), params.n
+        buffered = _buffered(params)
         if request.echo:
             for prompt in prompts:
                 if prompt.text is None:
@@ -230,6 +238,8 @@ class OpenAIServing:
             done: set[int] = set()
             completion_tokens = 0
             async for i, output in job.outputs():
+                if buffered and not output.finished:
+                    continue
                 for out in output.outputs:
                     index = i * n + out.index
                     if index not in sent_text:
@@ -276,6 +286,7 @@ class OpenAIServing:
         last = request.messages[-1]
         echo = last.text(len(request.messages) - 1) if request.echo and last.role == "assistant" else ""
         response_id, created, n = random_id("chatcmpl"), int(time.time()), params.n
+        buffered = _buffered(params)
         job = self.start([response_id], [prompt], params, "messages")
 
         def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
@@ -311,12 +322,15 @@ class OpenAIServing:
 
         async def events() -> AsyncIterator[str]:
             # The role comes first, before any token, as OpenAI sends it.
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for j in range(n)])
+            for j in range(n):  # one choice per chunk, as OpenAI streams them
+                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             sent_text = [0] * n
             sent_tokens = [0] * n
             done = [False] * n
             completion_tokens = 0
             async for _, output in job.outputs():
+                if buffered and not output.finished:
+                    continue
                 for out in output.outputs:
                     j = out.index
                     if done[j]:

@@ -58,8 +58,11 @@ class Settings(BaseModel):
     num_kv_blocks: int | None = Field(default=None, ge=1)
     kv_cache_memory: int | None = Field(default=None, ge=1)  # bytes; accepts "2GiB"
     block_size: int = 16
-    swap_space: int | None = Field(default=None, ge=0)  # bytes of CPU swap; accepts "4GiB"
+    # CPU swap pool for preempted requests, in GiB as in vLLM ("4"); "512MiB" also works.
+    swap_space: float | None = Field(default=None, ge=0)
     enable_prefix_caching: bool | None = None
+    preemption_mode: str | None = None  # "auto" | "swap" | "recompute"
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
@@ -73,10 +76,19 @@ class Settings(BaseModel):
     # a non-streaming generation answers only at the end, so this must cover the longest one.
     timeout: float = Field(default=3600.0, gt=0)
 
-    @field_validator("kv_cache_memory", "swap_space", mode="before")
+    @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return None if value in (None, "") else parse_size(value)
+
+    @field_validator("swap_space", mode="before")
+    @classmethod
+    def _gib(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        if isinstance(value, str) and re.search(r"[A-Za-z]", value):
+            return parse_size(value) / 2**30  # a size with a unit
+        return value  # a bare number is GiB
 
     @field_validator("api_key", "served_model_name", mode="before")
     @classmethod
@@ -103,8 +115,10 @@ class Settings(BaseModel):
             "num_kv_blocks": self.num_kv_blocks,
             "kv_cache_memory_bytes": self.kv_cache_memory,
             "block_size": self.block_size,
-            "swap_space_bytes": self.swap_space,
+            "swap_space": self.swap_space,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "preemption_mode": self.preemption_mode,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "num_threads": self.num_threads,
@@ -116,10 +130,9 @@ class Settings(BaseModel):
         """Settings that were given but that this engine build cannot apply."""
         names = set(EngineConfig.field_names())
         missing = []
-        if self.swap_space is not None and not ({"swap_space", "swap_space_bytes"} & names):
-            missing.append("swap_space")
-        if self.enable_prefix_caching is not None and "enable_prefix_caching" not in names:
-            missing.append("enable_prefix_caching")
+        for name in ("swap_space", "enable_prefix_caching", "preemption_mode", "tensor_parallel_size"):
+            if getattr(self, name) is not None and name not in names:
+                missing.append(name)
         return missing
 
     def engine_config(self) -> EngineConfig:

@@ -163,9 +163,11 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "temperature": 0}, 400, "n"),  # n equal greedy samples
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True, "best_of": 2, "temperature": 0.7}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "length_penalty": 2.0}, 400, "length_penalty"),
+    ("/v1/completions", {"prompt": "x", "early_stopping": "sometimes"}, 400, "early_stopping"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
@@ -236,3 +238,35 @@ def test_a_failing_request_gets_500_and_the_others_go_on(client, runtime, monkey
     assert streamed.status_code == 200
     assert '"server_error"' in streamed.text and streamed.text.endswith("data: [DONE]\n\n")
     assert client.post("/v1/completions", json={"prompt": "fine", **GREEDY}).status_code == 200
+
+
+def test_parallel_sampling_n(client):
+    body = client.post("/v1/completions", json={"prompt": ["Once", "Twice"], "n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 6, "ignore_eos": True}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"]["completion_tokens"] == 24
+    assert body["choices"][0]["text"] != body["choices"][1]["text"]
+    request = {"messages": CHAT, "n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 6, "ignore_eos": True, "logprobs": True}
+    reply = client.post("/v1/chat/completions", json=request).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2] and reply["usage"]["completion_tokens"] == 18
+    assert all(len(c["logprobs"]["content"]) == 6 for c in reply["choices"])
+    chunks = events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+    for j in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == j]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert [m["finish_reason"] for m in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+        # Seeded: the stream repeats the non-streaming answer, choice by choice.
+        assert "".join(m["delta"].get("content") or "" for m in mine) == reply["choices"][j]["message"]["content"]
+
+
+def test_best_of_and_beam_search(client):
+    best = client.post("/v1/completions", json={"prompt": "Once", "best_of": 3, "temperature": 1.0, "seed": 1, "max_tokens": 6}).json()
+    assert len(best["choices"]) == 1
+    streamed = events(client.post("/v1/completions", json={"prompt": "Once", "best_of": 3, "temperature": 1.0, "seed": 1, "max_tokens": 6, "stream": True}))
+    # The best sample is only known at the end: one chunk carries it.
+    assert [c["choices"][0]["text"] for c in streamed] == [best["choices"][0]["text"]]
+    beam = {"prompt": "Once", "n": 2, "best_of": 3, "use_beam_search": True, "temperature": 0, "max_tokens": 6, "length_penalty": 0.5}
+    body = client.post("/v1/completions", json=beam).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["text"] != body["choices"][1]["text"]
+    streamed = events(client.post("/v1/completions", json={**beam, "stream": True}))
+    texts = {c["choices"][0]["index"]: c["choices"][0]["text"] for c in streamed}
+    assert texts == {0: body["choices"][0]["text"], 1: body["choices"][1]["text"]}

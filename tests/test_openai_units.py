@@ -254,3 +254,44 @@ def test_failed_load_is_reported():
 def test_routes_before_the_service_exists():
     response = TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: None))])).get("/v1/models")
     assert response.status_code == 503 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_concurrency_limit_answers_429_in_openai_shape():
+    import anyio
+
+    from bento_llm.limits import ConcurrencyLimitMiddleware
+
+    gate = anyio.Event()
+    statuses: list[int] = []
+
+    async def slow_app(scope, receive, send):
+        await gate.wait()
+        await _ok_app(scope, receive, send)
+
+    limiter = ConcurrencyLimitMiddleware(slow_app, max_concurrency=2, prefixes=("/v1",))
+
+    async def call(path: str) -> None:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        await limiter({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send)
+        statuses.append(sent[0]["status"])
+        if sent[0]["status"] == 429:
+            assert json.loads(sent[1]["body"])["error"]["code"] == "too_many_requests"
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "/v1/a")
+            tg.start_soon(call, "/v1/b")
+            await anyio.sleep(0.05)
+            await call("/v1/c")  # over the limit: refused at once
+            gate.set()  # health and other paths are never limited
+        await call("/v1/d")  # the slots came back
+
+    anyio.run(main)
+    assert statuses == [429, 200, 200, 200]

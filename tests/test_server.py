@@ -125,13 +125,22 @@ def test_logprobs(sdk):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
 
 
-def test_n_above_one_is_refused_for_now(sdk):
-    # Parallel sampling is not in the engine yet: a clear 400 naming the field.
-    with pytest.raises(openai.BadRequestError) as info:
-        sdk.chat.completions.create(model="tiny", messages=CHAT, n=2, max_tokens=4)
+def test_n_above_one_and_beam_search(sdk):
+    reply = sdk.chat.completions.create(model="tiny", messages=CHAT, n=3, temperature=1.0, seed=4, max_tokens=5, extra_body=NO_EOS)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.usage.completion_tokens == 15
+    stream = sdk.chat.completions.create(model="tiny", messages=CHAT, n=3, temperature=1.0, seed=4, max_tokens=5, stream=True, extra_body=NO_EOS)
+    texts = ["", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in reply.choices]
+    completion = sdk.completions.create(model="tiny", prompt=["Hi", "Bye"], n=2, temperature=0.9, max_tokens=4, logprobs=1, extra_body=NO_EOS)
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3] and all(len(c.logprobs.tokens) == 4 for c in completion.choices)
+    beams = sdk.completions.create(model="tiny", prompt="Hi", n=2, best_of=2, temperature=0, max_tokens=4, extra_body={"use_beam_search": True})
+    assert len(beams.choices) == 2
+    with pytest.raises(openai.BadRequestError) as info:  # n equal greedy samples make no sense
+        sdk.chat.completions.create(model="tiny", messages=CHAT, n=2, temperature=0, max_tokens=4)
     assert info.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError):
-        sdk.completions.create(model="tiny", prompt="Hi", n=3, max_tokens=4)
 
 
 def test_sync_http_client_streams(server, sdk):
@@ -150,7 +159,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, 400, "max_tokens"),  # wrong type
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),  # out of range
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),  # unsupported
-    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),  # unsupported
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 2}, 400, "prompt_logprobs"),  # unsupported
     ("/v1/completions", {"prompt": "x", "colour": "red"}, 400, "colour"),  # unknown
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),  # unknown model
     ("/v1/responses", {"input": "x"}, 404, None),  # unknown route
