@@ -45,6 +45,15 @@ def test_arguments_win_over_environment_and_are_coerced():
     assert overrides["num_kv_blocks"] == 512 and overrides["kv_cache_memory_bytes"] == 2**30
 
 
+def test_engine_only_knobs_pass_through():
+    s = load_settings({"swap_space": "2", "enable_prefix_caching": "false", "preemption_mode": "swap"}, environ={})
+    assert s.swap_space == 2.0 and s.enable_prefix_caching is False
+    assert load_settings({"swap_space": "512MiB"}, environ={}).swap_space == 0.5
+    config = load_settings({"model": "/m", "swap_space": "1", "enable_prefix_caching": "0"}, environ={}).engine_config()
+    assert config.swap_space == 1.0 and config.enable_prefix_caching is False
+    assert s.unsupported_by_engine() == []
+
+
 def test_settings_refuse_unknown_names_and_bad_values():
     with pytest.raises(ValueError, match="num_kv_blokcs"):
         load_settings({"num_kv_blokcs": "5"}, environ={})
