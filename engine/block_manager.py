@@ -211,6 +211,8 @@ class BlockManager:
         return seq.num_computed_tokens
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
         self.prefix_queries += 1
         self.prefix_hits += num_hit_tokens > 0
         self.prefix_queried_tokens += num_tokens
