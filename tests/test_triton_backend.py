@@ -34,14 +34,17 @@ def tiny_gqa(tmp_path_factory):
     )
 
 
-def test_triton_backend_matches_torch_on_a_mixed_chunked_batch(tiny_gqa):
+def test_triton_backend_matches_torch_on_a_mixed_batch_with_prefix_cache_hits(tiny_gqa):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    results = {}
+    results, hits = {}, {}
     for backend in ("torch", "triton"):
         # A 16-token budget chunks the long prompts, so steps mix decodes with prefill chunks
-        # that attend to context already in the cache.
+        # that attend to context already in the cache; the second shared-prefix prompt arrives
+        # after the first finished its prefill, so its first blocks are prefix-cache hits.
         engine = LLMEngine(model=tiny_gqa, attention_backend=backend, num_kv_blocks=32, max_num_batched_tokens=16)
         assert engine.runner.backend.name == backend
-        outs = run_staggered(engine, PROMPTS, every=2, params=params)
+        outs = run_staggered(engine, PROMPTS, every=6, params=params)
         results[backend] = [o.outputs[0].token_ids for o in outs]
+        hits[backend] = engine.stats().prefix_cache_hits
+    assert hits["triton"] == hits["torch"] >= 16
     assert results["triton"] == results["torch"]
