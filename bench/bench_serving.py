@@ -196,6 +196,9 @@ def hf_baseline(args: argparse.Namespace, prompts: list[str]) -> dict:
     tokenizer = source.tokenizer
     timings = []
     with torch.no_grad():
+        # Warm-up, as the serving runs have: the first generate pays for lazy initialisation.
+        warm = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        model.generate(warm, max_new_tokens=8, do_sample=False)
         for i, prompt in enumerate(prompts):
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
             start = time.perf_counter()
