@@ -15,7 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bento_llm.errors import OpenAIError, from_validation_error, server_error
-from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from bento_llm.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 from bento_llm.runtime import LLMRuntime
 from bento_llm.serving import OpenAIServing
 
@@ -24,9 +30,14 @@ logger = logging.getLogger("bento_llm")
 RuntimeGetter = Callable[[], LLMRuntime | None]
 
 
+_BODY_SCHEMAS: dict[str, Any] = {}  # nested models of hand-parsed bodies, for components/schemas
+
+
 def _schema_body(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI for a body parsed by hand, so /docs still shows it."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # fmt: skip
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
@@ -73,7 +84,7 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
         s.check_model(model_id)
         return s.models().data[0]
 
-    @app.post("/completions", openapi_extra=_schema_body(CompletionRequest))
+    @app.post("/completions", openapi_extra=_schema_body(CompletionRequest), responses={200: {"model": CompletionResponse}})
     async def completions(request: Request) -> Response:
         try:
             s = serving()
@@ -81,7 +92,7 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
         except Exception as e:  # noqa: BLE001
             return _error_response(request, e)
 
-    @app.post("/chat/completions", openapi_extra=_schema_body(ChatCompletionRequest))
+    @app.post("/chat/completions", openapi_extra=_schema_body(ChatCompletionRequest), responses={200: {"model": ChatCompletionResponse}})
     async def chat_completions(request: Request) -> Response:
         try:
             s = serving()
@@ -94,6 +105,15 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(request: Request, path: str) -> Response:
         return OpenAIError(f"Unknown request URL: {request.method} {request.url.path}", 404, code="unknown_url").response()
+
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        spec = generate_openapi()
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:

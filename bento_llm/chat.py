@@ -17,7 +17,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def render_messages(tokenizer: Any, request: ChatCompletionRequest) -> list[dict[str, str]]:
+def render_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     messages = []
     for i, message in enumerate(request.messages):
         # "developer" is OpenAI's new name for the system role; templates know "system".
@@ -27,7 +27,7 @@ def render_messages(tokenizer: Any, request: ChatCompletionRequest) -> list[dict
 
 
 def apply_chat_template(tokenizer: Any, request: ChatCompletionRequest) -> str:
-    messages = render_messages(tokenizer, request)
+    messages = render_messages(request)
     if request.continue_final_message and messages[-1]["role"] != "assistant":
         raise bad_request(
             "continue_final_message needs the last message to be from the assistant",

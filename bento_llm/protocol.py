@@ -187,6 +187,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 # ---------------------------------------------------------------- responses
+# The handlers build responses as dicts (cheaper per streamed token); these models are the
+# documented shape, shown on /v1/docs. Stream chunks are ChatCompletionChunk / CompletionChunk.
 
 
 class _Response(BaseModel):

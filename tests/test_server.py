@@ -15,6 +15,9 @@ import pytest
 from bento_llm.testing import ServerProcess, metric, scrape
 from tests.helpers import make_tiny_llama
 
+# A server process and a tiny model take ~15 s to start; the tests then take ~30 s together.
+pytestmark = pytest.mark.slow
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = dict(temperature=0, max_tokens=12)
