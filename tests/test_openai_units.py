@@ -304,3 +304,12 @@ def test_concurrency_limit_answers_429_in_openai_shape():
 
     anyio.run(main)
     assert statuses == [429, 200, 200, 200]
+
+
+def test_openapi_has_every_schema_it_refers_to():
+    import re
+
+    spec = create_app(lambda: None).openapi()
+    refs = set(re.findall(r"#/components/schemas/(\w+)", json.dumps(spec)))
+    assert {"ChatMessage", "StreamOptions", "ChatCompletionResponse"} <= refs
+    assert refs <= set(spec["components"]["schemas"])

@@ -5,6 +5,7 @@ Both use a throw-away BENTOML_HOME, so the machine's model store is left alone."
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     build = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-        cwd=REPO_ROOT, env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
     )
     assert build.returncode == 0, build.stdout + build.stderr
     tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
