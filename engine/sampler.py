@@ -87,10 +87,9 @@ class Sampler:
         if penalized:
             logits[penalized] = self._apply_penalties(logits[penalized], [seqs[i] for i in penalized])
 
-        temperatures = torch.tensor(
-            [s.params.temperature if not s.params.greedy else 1.0 for s in seqs], device=device
-        )
-        logits = logits / temperatures[:, None]
+        temperatures = [s.params.temperature if not s.params.greedy else 1.0 for s in seqs]
+        if any(t != 1.0 for t in temperatures):  # a full pass over the vocabulary otherwise wasted
+            logits = logits / torch.tensor(temperatures, device=device)[:, None]
 
         top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs], device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=device)

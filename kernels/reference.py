@@ -50,22 +50,27 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence (query is [num_seqs, num_heads, head_dim])."""
     num_seqs, num_heads, head_dim = query.shape
-    block_size = k_cache.shape[1]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
-    num_blocks = (max_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks].long()
-    # [num_seqs, max_len, kv_heads, head_dim] -> [num_seqs, kv_heads, max_len, head_dim]
     positions = torch.arange(max_len, device=query.device)
     valid = positions[None, :] < context_lens[:, None].to(query.device)  # [num_seqs, max_len]
-    mask = valid[:, None, None, :]
-    # The gather is a fresh copy, so clearing it in place is free of extra allocations. Slots
-    # past a sequence's context hold whatever the cache memory held (stale tokens, or NaN bit
-    # patterns in never-written memory); the attention mask alone lets NaN through (NaN * 0).
-    invalid = ~valid[:, :, None, None]
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].masked_fill_(invalid, 0).transpose(1, 2).to(query.dtype)
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].masked_fill_(invalid, 0).transpose(1, 2).to(query.dtype)
+    # One slot index per (sequence, position), shared by K and V: a row gather over the cache
+    # viewed as [slots, kv_heads * head_dim] moves whole contiguous rows, several times faster
+    # on CPU than advanced indexing of the 4-d block tensor.
+    slots = (block_tables.long()[:, positions // block_size] * block_size + positions % block_size).flatten()
+    # Slots past a sequence's context hold whatever the cache memory held (stale tokens, or NaN
+    # bit patterns in never-written memory); the attention mask alone lets NaN through (NaN * 0),
+    # so those rows are zeroed, touching only the padding rows.
+    invalid = (~valid).flatten().nonzero().squeeze(1)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        rows = cache.view(-1, kv_heads * head_dim).index_select(0, slots).to(query.dtype)
+        rows.index_fill_(0, invalid, 0)
+        return rows.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)
+
     out = F.scaled_dot_product_attention(
-        query[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads
+        query[:, :, None, :], gather(k_cache), gather(v_cache), attn_mask=valid[:, None, None, :],
+        scale=scale, enable_gqa=kv_heads != num_heads,
     )
     # A sequence with no context (a padding row) attends to nothing: zeros, not NaN.
     return out[:, :, 0, :].masked_fill(~valid.any(1)[:, None, None], 0)
