@@ -182,6 +182,7 @@ class ModelRunner:
                     peak / 2**30, num_tokens, budget / 2**30)
         return int(budget // self.bytes_per_block)
 
+    @torch.inference_mode()
     def execute(self, schedule: SchedulerOutput) -> StepResult:
         self.backend.copy_blocks(schedule.block_copies)
         token_ids: list[int] = []

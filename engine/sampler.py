@@ -38,7 +38,9 @@ class Sampler:
         want_logprobs = any(s.params.logprobs is not None or s.params.best_of > 1 for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
-        logits = self._apply_processors(logits.clone(), seqs)
+        # In place: the runner hands over logits that nothing else reads, and raw_logprobs is
+        # already its own tensor; a copy would be a full extra pass over [batch, vocab].
+        logits = self._apply_processors(logits, seqs)
         token_ids = self._draw(logits, seqs)
         beams = self._beam_candidates(logits, seqs)
 

@@ -144,10 +144,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * config.rope_attention_scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * config.rope_attention_scaling, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at this step's positions, looked up once and shared by every layer."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved)."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = rope
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -187,14 +191,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(-1, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        q = RotaryEmbedding.apply(q.view(-1, self.num_heads, self.head_dim), rope)
+        k = RotaryEmbedding.apply(k.view(-1, self.num_kv_heads, self.head_dim), rope)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -220,8 +223,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, shard, parallel)
 
-    def forward(self, x, positions, rotary, backend, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta)
+    def forward(self, x, rope, backend, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -256,8 +259,9 @@ class LlamaForCausalLM(nn.Module):
         matmul of a small model, so prefill positions that sample nothing skip it. Tensor
         parallel: rank 0 gets the full vocabulary's logits, the other ranks None."""
         x = self._embed(token_ids)
+        rope = self.rotary.table(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, backend, meta)
+            x = layer(x, rope, backend, meta)
         x = self.norm(x[logits_indices])
         logits = self.lm_head(x).float()
         if self.parallel is None:
