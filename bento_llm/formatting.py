@@ -47,6 +47,26 @@ def completion_logprobs(
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs(
+    token_text: TokenText, positions: Sequence[dict[int, float] | None] | None
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's prompt_logprobs shape: per prompt token, {token id: {logprob, rank, decoded_token}}
+    with rank counted among the reported tokens (None for the first prompt token)."""
+    if positions is None:
+        return None
+    result: list[dict[str, dict[str, Any]] | None] = []
+    for position in positions:
+        if position is None:
+            result.append(None)
+            continue
+        ranked = sorted(position.items(), key=lambda kv: kv[1], reverse=True)
+        result.append({
+            str(tid): {"logprob": _clamp(lp), "rank": rank, "decoded_token": token_text(tid)}
+            for rank, (tid, lp) in enumerate(ranked, start=1)
+        })  # fmt: skip
+    return result
+
+
 def chat_logprobs(
     token_text: TokenText,
     token_ids: Sequence[int],

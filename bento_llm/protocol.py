@@ -66,6 +66,8 @@ class _SamplingRequest(_Request):
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             raise unsupported("stream_options.continuous_usage_stats")
+        if self.prompt_logprobs is not None and self.stream:
+            raise unsupported("prompt_logprobs", "prompt_logprobs with stream")
 
     @property
     def include_usage(self) -> bool:
@@ -158,6 +160,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        if self.prompt_logprobs is not None:
+            raise unsupported("prompt_logprobs", "prompt_logprobs in chat (use /v1/completions)")
         if self.tools or self.functions:
             raise unsupported("tools" if self.tools else "functions", "Tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
@@ -228,6 +232,8 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's extension: per prompt token, None for the first.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class CompletionResponse(_Response):

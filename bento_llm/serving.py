@@ -220,6 +220,7 @@ class OpenAIServing:
                             "logprobs": logprobs_of(out, 0, len(prefix)),
                             "finish_reason": out.finish_reason,
                             "stop_reason": out.stop_reason,
+                            "prompt_logprobs": fmt.prompt_logprobs(rt.token_text, final.prompt_logprobs),
                         })  # fmt: skip
                 choices.sort(key=lambda c: c["index"])
                 completion = sum(len(o.token_ids) for f in finals for o in f.outputs)

@@ -284,6 +284,7 @@ class LLMEngine:
             finished=group.is_finished,
             metrics=group.metrics,
             num_cached_tokens=group.num_cached_tokens,
+            prompt_logprobs=list(group.first.prompt_logprobs) if group.first.prompt_logprobs is not None else None,
         )
 
     def _beam_text(self, seq: Sequence) -> str:

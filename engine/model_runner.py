@@ -23,6 +23,7 @@ from engine.loader import ModelSource
 from engine.models.llama import LlamaForCausalLM, ModelConfig
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
 from engine.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,14 @@ class ModelRunner:
                     peak / 2**30, num_tokens, budget / 2**30)
         return int(budget // self.bytes_per_block)
 
+    def _record_prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+        entries = self.sampler.prompt_logprobs(
+            logits, [seq.token_ids[p + 1] for seq, p in rows], [seq.params.prompt_logprobs for seq, _ in rows]
+        )
+        for (seq, p), entry in zip(rows, entries):
+            if len(seq.prompt_logprobs) == p + 1:
+                seq.prompt_logprobs.append(entry)
+
     @torch.inference_mode()
     def execute(self, schedule: SchedulerOutput) -> StepResult:
         self.backend.copy_blocks(schedule.block_copies)
@@ -192,6 +201,8 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_indices: list[int] = []
         sampled_indices: list[int] = []
+        prompt_rows: list[tuple[Sequence, int]] = []  # (sequence, position) whose logits score the prompt
+        prompt_indices: list[int] = []
         bs = self.block_size
         for i, item in enumerate(schedule.scheduled):
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
@@ -204,6 +215,12 @@ class ModelRunner:
             if item.samples:
                 logits_indices.append(cu[-1] - 1)
                 sampled_indices.append(i)
+            if seq.prompt_logprobs is not None:
+                # Position p's logits predict prompt token p + 1; recomputed positions (after a
+                # preemption) already have their entry.
+                for p in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((seq, p))
+                    prompt_indices.append(cu[-2] + p - start)
         max_blocks = max(len(item.seq.block_table) for item in schedule.scheduled)
         tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in schedule.scheduled]
 
@@ -221,8 +238,11 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=dev),
             self.backend,
             meta,
-            torch.tensor(logits_indices, dtype=torch.long, device=dev),
+            torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev),
         )
+        if prompt_rows and logits is not None:  # None on tensor-parallel ranks other than 0
+            self._record_prompt_logprobs(logits[len(logits_indices) :], prompt_rows)
+            logits = logits[: len(logits_indices)]
         # A request's first sample may fan out: each of its sample_seqs draws from the same row.
         rows = [row for row, i in enumerate(sampled_indices) for _ in schedule.scheduled[i].sample_seqs]
         if len(rows) != len(sampled_indices):

@@ -41,3 +41,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

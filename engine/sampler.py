@@ -61,6 +61,21 @@ class Sampler:
             tops.append(entry)
         return SampleResult(token_ids.tolist(), chosen.tolist(), tops, beams)
 
+    @staticmethod
+    def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], ks: list[int]) -> list[PositionLogprobs]:
+        """Row i's logprob of next_tokens[i] and its ks[i] most likely tokens, under the model's
+        raw distribution."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(next_tokens, device=logits.device)[:, None])[:, 0].tolist()
+        top_vals, top_ids = logprobs.topk(max(max(ks), 1), dim=-1)
+        entries = []
+        for token, value, k, ids, vals in zip(next_tokens, chosen, ks, top_ids.tolist(), top_vals.tolist()):
+            entry = {token: value}
+            for tid, val in zip(ids[:k], vals[:k]):
+                entry.setdefault(tid, val)
+            entries.append(entry)
+        return entries
+
     def _beam_candidates(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[list[int], list[float]] | None]:
         rows = [i for i, s in enumerate(seqs) if s.params.use_beam_search]
         result: list[tuple[list[int], list[float]] | None] = [None] * len(seqs)

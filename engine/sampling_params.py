@@ -78,8 +78,6 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
-        if self.prompt_logprobs is not None:
-            raise bad("prompt_logprobs", "is not supported yet; leave it unset")
         if self.early_stopping not in (True, False, "never"):
             raise bad("early_stopping", "must be True, False or 'never'")
         if self.use_beam_search:

@@ -188,7 +188,13 @@ class Scheduler:
             group = self.waiting[0]
             if self.running and self._num_running_seqs() + group.max_num_seqs > self.max_num_seqs:
                 return
-            hits = {s.seq_id: bm.reuse_cached_prefix(s) for s in group.seqs if not s.block_table}
+            # Cached positions compute no logits, so a request asking for prompt logprobs
+            # prefills its whole prompt.
+            hits = {
+                s.seq_id: bm.reuse_cached_prefix(s)
+                for s in group.seqs
+                if not s.block_table and s.params.prompt_logprobs is None
+            }
             chunks = self._chunks(group, self._budget)
             if not chunks or bm.blocks_needed_for(chunks) > bm.num_free_blocks:
                 for seq in group.seqs:  # give the cache hits back

@@ -38,6 +38,9 @@ class Sequence:
     max_tokens: int = 0  # resolved against the context length
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] | None = None
+    # One entry per prompt token (None for the first, which nothing predicts). Forks share the
+    # list: it is complete before a request's first sample, so before any fork.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
@@ -56,6 +59,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

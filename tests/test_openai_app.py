@@ -142,6 +142,18 @@ def test_logprobs(client):
     assert [t["token"] for t in tokens] == [c["token"] for c in content]
 
 
+def test_prompt_logprobs_in_completions(client, runtime):
+    body = client.post("/v1/completions", json={"prompt": "Hello there, friend", **GREEDY, "prompt_logprobs": 2}).json()
+    prompt_ids = runtime.tokenizer.encode("Hello there, friend")
+    entries = body["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    for token_id, entry in zip(prompt_ids[1:], entries[1:]):
+        assert str(token_id) in entry and 2 <= len(entry) <= 3
+        assert all(v["logprob"] <= 0 and v["rank"] >= 1 and isinstance(v["decoded_token"], str) for v in entry.values())
+    plain = client.post("/v1/completions", json={"prompt": "Hello", **GREEDY}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+
+
 def test_seeded_sampling_repeats(client):
     request = {"prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "seed": 7, "top_k": 50, "min_p": 0.01,
                "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "min_tokens": 2}  # fmt: skip
@@ -169,7 +181,9 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "length_penalty": 2.0}, 400, "length_penalty"),
     ("/v1/completions", {"prompt": "x", "early_stopping": "sometimes"}, 400, "early_stopping"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),

@@ -28,7 +28,7 @@ def test_best_of_defaults_to_n_and_beam_width_to_best_of():
         (dict(use_beam_search=True, best_of=2, temperature=0.0, early_stopping="sometimes"), "early_stopping"),
         (dict(length_penalty=2.0), "length_penalty"),
         (dict(early_stopping=True), "early_stopping"),
-        (dict(prompt_logprobs=1), "prompt_logprobs"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
     ],
 )
 def test_impossible_combinations_name_the_field(kwargs, field):

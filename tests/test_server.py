@@ -162,7 +162,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, 400, "max_tokens"),  # wrong type
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),  # out of range
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),  # unsupported
-    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 2}, 400, "prompt_logprobs"),  # unsupported
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),  # over 20
     ("/v1/completions", {"prompt": "x", "colour": "red"}, 400, "colour"),  # unknown
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),  # unknown model
     ("/v1/responses", {"input": "x"}, 404, None),  # unknown route
