@@ -62,7 +62,7 @@ class LLMRuntime:
         if self.error is not None:
             return True
         # AsyncEngine records a fatal loop error here (and refuses new requests).
-        return self.engine is not None and getattr(self.engine, "_dead", None) is not None
+        return self.engine is not None and self.engine.is_dead
 
     def require_engine(self) -> Any:
         if self.engine is not None:

@@ -52,6 +52,11 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def is_dead(self) -> bool:
+        """The step loop died of a bug; no request can run until the engine is rebuilt."""
+        return self._dead is not None
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

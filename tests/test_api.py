@@ -207,3 +207,25 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(async_engine, 
     items = asyncio.run(main())
     assert items[-1].finished and len(items[-1].outputs[0].token_ids) == 3
     assert_all_blocks_free(async_engine.engine)
+
+
+def test_a_dead_engine_loop_fails_waiting_requests_and_refuses_new_ones(tiny_path):
+    from engine.async_engine import EngineDeadError
+
+    engine = AsyncEngine(EngineConfig(model=tiny_path, num_kv_blocks=16))
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+
+    def broken_schedule():
+        raise RuntimeError("a bug in the scheduler")  # outside the model step's error handling
+
+    engine.engine.scheduler.schedule = broken_schedule
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="a bug in the scheduler"):
+            await collect(engine.add_request("doomed", "hello", params))
+        with pytest.raises(EngineDeadError):
+            engine.add_request("later", "hello", params)
+
+    asyncio.run(main())
+    assert engine.is_dead
+    assert_all_blocks_free(engine.engine)
