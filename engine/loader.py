@@ -102,11 +102,7 @@ class ModelSource:
         total = sum(len(header) for header in self.weight_headers.values())
         with tqdm(total=total, desc="Loading weights", unit="tensor") as bar:
             for file in self.weight_files:
-                try:
-                    handle = safe_open(file, framework="pt")
-                except (SafetensorError, OSError) as e:
-                    raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
-                with handle:
+                with _open_safetensors(file) as handle:
                     for name in handle.keys():
                         try:
                             tensor = handle.get_tensor(name)
@@ -123,11 +119,7 @@ class ModelSource:
             yield from self._tensors.items()
             return
         for file in self.weight_files:
-            try:
-                handle = safe_open(file, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
-            with handle:
+            with _open_safetensors(file) as handle:
                 for name in handle.keys():
                     yield name, handle.get_slice(name)
 
@@ -138,6 +130,13 @@ WeightSlice = object
 
 def weight_shape(weight) -> tuple[int, ...]:
     return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
+
+
+def _open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
 
 
 def load_model_source(model: str) -> ModelSource:
