@@ -6,7 +6,6 @@ end: client disconnect, error, BentoML's timeout, a failure in a sibling prompt.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field

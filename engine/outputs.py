@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # One position's logprobs: token id -> logprob, the sampled token first, then the top ones.
 PositionLogprobs = dict[int, float]

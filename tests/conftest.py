@@ -31,6 +31,23 @@ def every_block_free_after_each_test():
         assert not engine.has_unfinished_requests(), "requests left behind in the scheduler"
 
 
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """The default tiny random Llama (tests/helpers.py), built once for every module that only
+    needs some small model; modules that need particular shapes build their own."""
+    from tests.helpers import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    """tiny_path and its transformers reference model."""
+    from tests.helpers import load_hf_reference
+
+    return tiny_path, load_hf_reference(tiny_path)
+
+
 def assert_all_blocks_free(engine) -> None:
     usage = engine.kv_cache_usage()
     assert usage.num_used_blocks == 0 and usage.num_free_blocks == usage.num_blocks, usage

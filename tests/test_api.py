@@ -8,12 +8,6 @@ import pytest
 
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from tests.conftest import assert_all_blocks_free
-from tests.helpers import make_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("api"))
 
 
 @pytest.fixture(scope="module")

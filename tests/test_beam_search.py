@@ -9,17 +9,11 @@ import torch
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
 from engine.llm_engine import LLMEngine
-from tests.helpers import load_hf_reference, make_tiny_llama
+from tests.helpers import load_hf_reference
 
 PROMPTS = ["Hello, my name is", "The capital of France is a city that", "1, 2, 3, 4,"]
 # (beam width, length_penalty, early_stopping)
 SETTINGS = [(4, 1.0, False), (3, 0.5, True), (4, 2.0, "never"), (2, -0.5, False), (4, 0.0, "never")]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_llama(tmp_path_factory.mktemp("beam"))
-    return path, load_hf_reference(path)
 
 
 def hf_beam(model, prompt_ids, width, length_penalty, early_stopping, max_new_tokens, stop_token=None):

@@ -6,14 +6,8 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
-from tests.helpers import make_tiny_llama
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("parallel"))
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
 
 from engine import SamplingParams
 from engine.block_manager import BlockManager
 from engine.llm_engine import LLMEngine
 from tests.conftest import assert_all_blocks_free
-from tests.helpers import make_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 SYSTEM = list(range(1000, 1100))  # a 100-token "system prompt": 6 full blocks of 16
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("prefix"))
 
 
 def run(engine: LLMEngine, request_id: str, prompt, params=GREEDY):

@@ -7,16 +7,9 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
-from tests.helpers import load_hf_reference, make_tiny_llama
 from tests.test_correctness import run_staggered
 
 PROMPT = "A prompt long enough to be prefilled in several chunks when the token budget is small, and then some."
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_llama(tmp_path_factory.mktemp("prompt-logprobs"))
-    return path, load_hf_reference(path)
 
 
 def expected(ref, prompt_ids: list[int]) -> torch.Tensor:

@@ -9,14 +9,9 @@ from engine import LLM, SamplingParams
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.outputs import RequestMetrics
-from tests.helpers import load_hf_reference, make_tiny_llama
+from tests.helpers import load_hf_reference
 
 VOCAB = 50
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("sampling"))
 
 
 @pytest.fixture(scope="module")

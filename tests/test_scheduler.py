@@ -6,14 +6,8 @@ import pytest
 
 from engine import SamplingParams
 from engine.llm_engine import LLMEngine
-from tests.helpers import make_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("sched"))
 
 
 def drain(engine: LLMEngine) -> dict:

@@ -7,7 +7,6 @@ import pytest
 from engine import SamplingParams
 from engine.llm_engine import LLMEngine
 from tests.conftest import assert_all_blocks_free
-from tests.helpers import make_tiny_llama
 
 SAMPLES = SamplingParams(n=4, temperature=1.0, seed=21, max_tokens=20, ignore_eos=True)
 BEAMS = SamplingParams(use_beam_search=True, best_of=4, temperature=0.0, max_tokens=20, ignore_eos=True)
@@ -18,11 +17,6 @@ REQUESTS = [
     ("n4-b", list(range(500, 520)), SAMPLES),
     ("single", list(range(700, 720)), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("swap"))
 
 
 def run_all(engine: LLMEngine) -> tuple[dict[str, list[list[int]]], int]:
