@@ -20,7 +20,7 @@ from engine.distributed import (
     check_tensor_parallel,
 )
 from engine.loader import ModelSource
-from engine.models.llama import LlamaForCausalLM, ModelConfig
+from engine.models.llama import LlamaForCausalLM, ModelConfig, can_pack_for_cpu
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -99,6 +99,8 @@ class ModelRunner:
         model.load_weights(weights, source.path)
         if model_config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
+        if can_pack_for_cpu(self.device, self.dtype):
+            model.pack_linear_weights_for_cpu()
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
         self.num_local_kv_heads = model.shard.num_kv_heads

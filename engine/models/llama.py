@@ -156,7 +156,38 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-class RowParallelLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear that on CPU can also hold its weight packed, once at load, into oneDNN's
+    blocked layout (pack_for_cpu). Measured on a 2-core AVX-512 Xeon, float32: matmuls of 4-200
+    rows (decode batches) run 1.2-2x faster through the packed weight than through F.linear's
+    BLAS call, bfloat16 faster still, but 1-3 rows (a lone decode) run up to 2x slower; so both
+    copies are kept and the row count picks one."""
+
+    packed_weight: torch.Tensor | None = None
+    min_packed_rows = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is None or x.shape[0] < self.min_packed_rows:
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+
+    def pack_for_cpu(self) -> None:
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+
+def can_pack_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class RowParallelLinear(Linear):
     """Input features split across ranks: each computes a partial product, an all-reduce sums
     them, and the bias (whole on every rank) is added once, after the sum."""
 
@@ -165,13 +196,13 @@ class RowParallelLinear(nn.Linear):
         self.parallel = parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        y = self.parallel.all_reduce(self.project(x, None))
         return y if self.bias is None else y + self.bias
 
 
-def _row_linear(in_features: int, out_features: int, bias: bool, parallel: ParallelState | None) -> nn.Linear:
+def _row_linear(in_features: int, out_features: int, bias: bool, parallel: ParallelState | None) -> Linear:
     if parallel is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
     return RowParallelLinear(in_features, out_features, bias, parallel)
 
 
@@ -184,7 +215,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * config.head_dim
         self.kv_size = self.num_kv_heads * config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = _row_linear(self.q_size, config.hidden_size, config.o_proj_bias, parallel)
         self.scale = self.head_dim**-0.5
 
@@ -207,7 +238,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, shard: ShardLayout, parallel: ParallelState | None):
         super().__init__()
         self.intermediate_size = shard.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
         self.down_proj = _row_linear(self.intermediate_size, config.hidden_size, config.mlp_bias, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(self.shard.vocab_rows, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, self.shard, parallel) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_rows, bias=False)
+        self.lm_head = Linear(config.hidden_size, self.shard.vocab_rows, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config, max_positions)
@@ -268,6 +299,12 @@ class LlamaForCausalLM(nn.Module):
             return logits
         logits = self.parallel.gather_to_first(logits)
         return None if logits is None else logits[:, : self.config.vocab_size]
+
+    def pack_linear_weights_for_cpu(self) -> None:
+        """After loading: every projection and the LM head also get a oneDNN-packed copy."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_cpu()
 
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

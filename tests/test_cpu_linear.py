@@ -1,0 +1,46 @@
+"""Projections on CPU run through oneDNN with packed weights, and give F.linear's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM
+from engine.models.llama import Linear, can_pack_for_cpu
+
+pytestmark = pytest.mark.skipif(
+    not can_pack_for_cpu(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
+)
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64])
+def test_packed_linear_equals_f_linear(dtype, bias, rows):
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(96, 160, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(160, 96, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(160, generator=gen))
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+    layer.pack_for_cpu()
+    assert layer.packed_weight is not None
+    with torch.inference_mode():
+        out = layer(x)
+        # Rows gathered from a larger batch (the LM head's input) are not contiguous in memory.
+        strided = layer(torch.cat([x, x]).view(2, rows, 96).transpose(0, 1)[:, 1])
+    assert out.dtype == dtype and out.shape == (rows, 160)
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+    torch.testing.assert_close(strided.float(), expected, **TOL[dtype])
+
+
+def test_the_engine_packs_every_projection_on_cpu(tiny_path):
+    model = LLM(str(tiny_path), num_kv_blocks=16).engine.runner.model
+    projections = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(projections) == 4 * model.config.num_layers + 1
+    assert all(m.packed_weight is not None for m in projections)
