@@ -172,6 +172,36 @@ def test_decode_attention_matches_reference(gen, num_heads, num_kv_heads, head_d
                    expected, torch.float32)
 
 
+def dense_decode_attention(query, k_cache, v_cache, tables, context_lens, scale):
+    """Softmax attention written out per sequence and head: the oracle of the reference itself."""
+    out = torch.zeros_like(query, dtype=torch.float32)
+    group = query.shape[1] // k_cache.shape[2]
+    for i, n in enumerate(context_lens.tolist()):
+        k = reference._gather_context(k_cache, tables[i], n).float()  # [n, kv_heads, head_dim]
+        v = reference._gather_context(v_cache, tables[i], n).float()
+        for h in range(query.shape[1] if n else 0):
+            weights = torch.softmax(k[:, h // group] @ query[i, h].float() * scale, dim=0)
+            out[i, h] = weights @ v[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_decode_attention_is_softmax_attention_and_replans_after_in_place_edits(gen, dtype):
+    """The CPU path plans its gather once a step and reuses it across layers: a plan must never
+    outlive an in-place change to the block tables or context lengths."""
+    ctx = decode_contexts(gen, 16) + [0]
+    k_cache, v_cache, tables, context_lens = paged_kv(gen, ctx, 16, 3, 64, dtype)
+    query = randn(gen, len(ctx), 9, 64, dtype=dtype)
+    for _ in range(2):  # the second call reuses the plan
+        out = reference.decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125)
+        assert_matches(out, dense_decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125), dtype)
+    tables[[0, 1]] = tables[[1, 0]]  # sequences 0 and 1 trade places, then 0 loses its last token
+    context_lens[[0, 1]] = context_lens[[1, 0]]
+    context_lens[0] -= 1
+    out = reference.decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125)
+    assert_matches(out, dense_decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_segments", [1, 2], ids=["one-pass", "split-k"])
 def test_decode_attention_in_half_precision_accumulates_in_fp32(gen, dtype, num_segments):
