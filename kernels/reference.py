@@ -121,19 +121,10 @@ def decode_attention(
         rows.index_fill_(0, plan.padding, 0)
         return rows.view(num_seqs, plan.max_len, kv_heads, head_dim).transpose(1, 2)
 
-    k, v = gather(k_cache), gather(v_cache)  # [num_seqs, kv_heads, max_len, head_dim]
-    if query.dtype == torch.float32:
-        # Two batched matmuls beat CPU SDPA's flash kernel ~1.7x for a single query row (measured
-        # in float32; for half types SDPA is the faster one). Query heads sharing a KV head are
-        # the rows of one matmul.
-        q = query.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(plan.bias)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v).view(num_seqs, num_heads, head_dim)
-    else:
-        out = F.scaled_dot_product_attention(
-            query[:, :, None, :], k, v, attn_mask=plan.bias.to(query.dtype), scale=scale,
-            enable_gqa=kv_heads != num_heads,
-        )[:, :, 0, :]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], gather(k_cache), gather(v_cache), attn_mask=plan.bias.to(query.dtype),
+        scale=scale, enable_gqa=kv_heads != num_heads,
+    )[:, :, 0, :]
     # A sequence with no context (a padding row) attends to nothing: zeros, not NaN.
     return out if plan.empty is None else out.masked_fill(plan.empty[:, None, None], 0)
 
