@@ -141,8 +141,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         positions = torch.arange(max_positions, dtype=torch.float, device=config.inv_freq.device)
         freqs = positions[:, None] * config.inv_freq[None, :]
-        self.register_buffer("cos", freqs.cos() * config.rope_attention_scaling, persistent=False)
-        self.register_buffer("sin", freqs.sin() * config.rope_attention_scaling, persistent=False)
+        # Full-width tables, sin signed for the first half: rotation is x * cos + roll(x) * sin.
+        cos, sin = freqs.cos() * config.rope_attention_scaling, freqs.sin() * config.rope_attention_scaling
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at this step's positions, looked up once and shared by every layer."""
@@ -150,10 +152,11 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved)."""
+        """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved):
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
         cos, sin = rope
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        x32 = x.float()
+        return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -226,10 +229,11 @@ class Attention(nn.Module):
         backend: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = RotaryEmbedding.apply(q.view(-1, self.num_heads, self.head_dim), rope)
-        k = RotaryEmbedding.apply(k.view(-1, self.num_kv_heads, self.head_dim), rope)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k rotate together: one set of ops for both.
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = RotaryEmbedding.apply(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
