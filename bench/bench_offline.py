@@ -40,7 +40,7 @@ def chat_prompts(n: int) -> list[list[dict]]:
 def run_engine(args, conversations):
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, num_threads=args.threads, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
     engine = llm.engine
     prompts = [engine.apply_chat_template(c) for c in conversations]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -69,14 +69,14 @@ def run_engine(args, conversations):
     )
 
 
-def load_hf(model_name: str):
+def load_hf(model_name: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from engine.loader import load_model_source
 
     source = load_model_source(model_name)
     directory = Path(source.weight_files[0]).parent
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval()
     return model, source.tokenizer
 
 
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--hf-single-subset", type=int, default=4, help="prompts run one at a time by transformers")
     parser.add_argument("--hf-batch-size", type=int, default=8)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="of the engine and of transformers alike")
     parser.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,7 +120,7 @@ def main() -> None:
           f"internal waste at peak {ours['peak_waste']:.1%}, preemptions {ours['preemptions']}")
     rows = [("bento-llm engine (continuous batching)", ours, "")]
     if not args.no_hf:
-        model, tokenizer = load_hf(args.model)
+        model, tokenizer = load_hf(args.model, args.dtype)
         prompts = ours["prompts"]
         run_hf(model, tokenizer, prompts[:1], 1, 4)  # warm-up
         single = run_hf(model, tokenizer, prompts[: args.hf_single_subset], 1, args.max_tokens)
@@ -135,7 +137,7 @@ def main() -> None:
 
 def append_results(args, rows, ours) -> None:
     command = "python bench/bench_offline.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, float32"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, {args.dtype}"
     lines = [
         f"\n## Offline throughput, {args.num_prompts} chat prompts x {args.max_tokens} tokens "
         f"({time.strftime('%Y-%m-%d')})\n",

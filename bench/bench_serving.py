@@ -11,6 +11,9 @@ prints request throughput, output tokens/s and TTFT, TPOT and ITL (mean, median,
     python bench/bench_serving.py --launch --server-arg num_threads=1 --max-concurrency 16
     # the baseline the targets are stated against: transformers' generate, one request at a time
     python bench/bench_serving.py --hf-baseline --num-prompts 4 --max-tokens 128
+    # bfloat16 (fast on CPUs with AMX / AVX512-BF16): server and baseline in the same dtype
+    python bench/bench_serving.py --launch --server-arg dtype=bfloat16 --max-concurrency 16
+    python bench/bench_serving.py --hf-baseline --dtype bfloat16 --num-prompts 4
 
 Every request asks for exactly --max-tokens tokens (ignore_eos), as vLLM's random dataset
 does, so runs compare like with like. Output tokens are counted from the server's usage.
@@ -192,7 +195,7 @@ def hf_baseline(args: argparse.Namespace, prompts: list[str]) -> dict:
     model_name = args.model or DEFAULT_MODEL
     source = load_model_source(model_name)  # converts a GGUF once into an HF directory
     directory = gguf_cache_dir(default_gguf_path()) if model_name == DEFAULT_MODEL else source.path
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = source.tokenizer
     timings = []
     with torch.no_grad():
@@ -207,9 +210,9 @@ def hf_baseline(args: argparse.Namespace, prompts: list[str]) -> dict:
             print(f"hf generate {i}: {timings[-1][1]} tokens in {timings[-1][0]:.2f} s", flush=True)
     total_time = sum(t for t, _ in timings)
     total_tokens = sum(n for _, n in timings)
-    result = {"hf_baseline": True, "threads": torch.get_num_threads(), "requests": len(prompts),
+    result = {"hf_baseline": True, "dtype": args.dtype, "threads": torch.get_num_threads(), "requests": len(prompts),
               "output_tokens": total_tokens, "duration_s": total_time, "output_throughput": total_tokens / total_time}  # fmt: skip
-    print(f"transformers generate, one at a time ({result['threads']} threads): {result['output_throughput']:.2f} output tok/s")
+    print(f"transformers generate, one at a time ({args.dtype}, {result['threads']} threads): {result['output_throughput']:.2f} output tok/s")
     return result
 
 
@@ -231,6 +234,8 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="KEY=VALUE passed as --arg to a launched server")
     parser.add_argument("--hf-baseline", action="store_true", help="measure transformers' one-at-a-time generate instead")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for --hf-baseline")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="transformers' dtype for --hf-baseline (match the server's --server-arg dtype)")
     args = parser.parse_args()
     prompts = make_prompts(args.num_prompts, args.seed)
 

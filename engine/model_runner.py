@@ -93,6 +93,7 @@ class ModelRunner:
             model = LlamaForCausalLM(model_config, max_model_len, parallel)
         # Materialize on the target device without a throwaway random init.
         model = model.to_empty(device=self.device).to(self.dtype)
+        model.keep_norms_in_float32()
         model.rotary = type(model.rotary)(model_config, max_model_len).to(self.device)
         # A rank reads only its slices of each tensor; one process reads whole tensors.
         weights = source.iter_weights() if parallel is None else source.iter_weight_slices()
@@ -101,6 +102,9 @@ class ModelRunner:
             model.lm_head.weight = model.embed_tokens.weight
         if can_pack_for_cpu(self.device, self.dtype):
             model.pack_linear_weights_for_cpu()
+        if self.device.type == "cpu":
+            logger.info("CPU: %d torch threads, %s, projections %s", torch.get_num_threads(), self.dtype,
+                        "oneDNN-packed" if can_pack_for_cpu(self.device, self.dtype) else "through BLAS")
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
         self.num_local_kv_heads = model.shard.num_kv_heads

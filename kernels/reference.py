@@ -14,7 +14,7 @@ Shapes shared by every op (the Triton kernels in this package take the same argu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,13 @@ class _DecodePlan:
     bias: torch.Tensor  # float32 [num_seqs, 1, 1, max_len]: 0 inside the context, -inf past it
     empty: torch.Tensor | None  # bool [num_seqs]: sequences with no context at all; None if none
     max_len: int
+    masks: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The bias in the query's dtype (SDPA wants them equal), converted once a step."""
+        if dtype not in self.masks:
+            self.masks[dtype] = self.bias.to(dtype)
+        return self.masks[dtype]
 
     def fits(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> bool:
         return (
@@ -122,7 +129,7 @@ def decode_attention(
         return rows.view(num_seqs, plan.max_len, kv_heads, head_dim).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        query[:, :, None, :], gather(k_cache), gather(v_cache), attn_mask=plan.bias.to(query.dtype),
+        query[:, :, None, :], gather(k_cache), gather(v_cache), attn_mask=plan.mask(query.dtype),
         scale=scale, enable_gqa=kv_heads != num_heads,
     )[:, :, 0, :]
     # A sequence with no context (a padding row) attends to nothing: zeros, not NaN.

@@ -133,6 +133,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the model's dtype; the weight stays float32 (keep_norms_in_float32).
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -146,17 +147,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
         self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at this step's positions, looked up once and shared by every layer."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at this step's positions, looked up once and shared by every layer; in
+        the model's dtype, as transformers rotates (computed in float32, rounded once)."""
+        return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved):
         (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
         cos, sin = rope
-        x32 = x.float()
-        return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Linear(nn.Linear):
@@ -294,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
         matmul of a small model, so prefill positions that sample nothing skip it. Tensor
         parallel: rank 0 gets the full vocabulary's logits, the other ranks None."""
         x = self._embed(token_ids)
-        rope = self.rotary.table(positions)
+        rope = self.rotary.table(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, backend, meta)
         x = self.norm(x[logits_indices])
@@ -303,6 +304,13 @@ class LlamaForCausalLM(nn.Module):
             return logits
         logits = self.parallel.gather_to_first(logits)
         return None if logits is None else logits[:, : self.config.vocab_size]
+
+    def keep_norms_in_float32(self) -> None:
+        """After a cast to a half dtype: norm weights are tiny and the norms run in float32, so
+        keeping them there saves a conversion per norm and step."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
 
     def pack_linear_weights_for_cpu(self) -> None:
         """After loading: every projection and the LM head also get a oneDNN-packed copy."""
