@@ -86,3 +86,23 @@ def test_default_model_chat_answers(default_llm):
     )[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"  # <|im_end|> ends the turn
+
+
+def test_bfloat16_stays_close_to_float32_transformers(reference):
+    """bfloat16, the fast CPU dtype where AMX exists, scored on transformers' float32 greedy
+    continuations (fed back as prompts, read through prompt_logprobs): each reference token's
+    logprob stays within bfloat16's rounding and the argmax agrees almost everywhere."""
+    llm = LLM(DEFAULT_MODEL, dtype="bfloat16", num_kv_blocks=256)
+    diffs, agree, total = [], 0, 0
+    for prompt, (ids, tokens, logits) in reference.items():
+        out = llm.generate([ids + tokens], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+        for step, (token, row) in enumerate(zip(tokens, logits)):
+            entry = out.prompt_logprobs[len(ids) + step]
+            expected = row.float().log_softmax(-1)
+            diffs.append(abs(entry[token] - float(expected[token])))
+            top = max(entry, key=entry.get)  # prompt_logprobs=1 holds the argmax besides the token
+            agree += top == int(expected.argmax())
+            total += 1
+    diffs.sort()
+    assert diffs[len(diffs) // 2] < 0.05 and diffs[-1] < 1.0, (diffs[len(diffs) // 2], diffs[-1])
+    assert agree / total >= 0.9, (agree, total)
