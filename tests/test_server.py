@@ -73,6 +73,12 @@ def test_health_metrics_and_models_stay_open(server, sdk):
     assert [m.id for m in sdk.models.list().data] == ["tiny"]
 
 
+def test_the_server_log_says_what_the_engine_decided(server):
+    log = server.log_tail(chars=100_000)
+    assert "KV cache: 128 blocks of 16 tokens" in log
+    assert "torch threads" in log
+
+
 def test_api_key_is_required(server):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
