@@ -32,8 +32,13 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """False when the stream's event loop is closed: nobody awaits it any more."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
 
 
 class AsyncEngine:
@@ -146,7 +151,9 @@ class AsyncEngine:
                         continue
                     if out.finished:
                         del self._streams[out.request_id]
-                    stream.put(out)
+                    if not stream.put(out):
+                        self._streams.pop(out.request_id, None)
+                        self.engine.abort_request(out.request_id)
         except BaseException as e:  # a bug in the loop itself: fail every waiting request
             logger.exception("engine loop died")
             self._dead = e

@@ -167,6 +167,34 @@ def test_async_abort_and_leaving_the_stream_free_blocks(async_engine):
     assert_all_blocks_free(async_engine.engine)
 
 
+def test_a_closed_event_loop_aborts_its_requests_and_the_engine_goes_on(async_engine):
+    """A loop closed under a running request cannot take its outputs: that request is aborted
+    and every other one carries on."""
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    orphan_loop = asyncio.new_event_loop()
+
+    async def start():
+        stream = async_engine.add_request("orphan", "a request whose loop goes away", params)
+        return await stream.__anext__()
+
+    assert not orphan_loop.run_until_complete(start()).finished
+    orphan_loop.close()
+
+    async def main():
+        short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        out = await collect(async_engine.add_request("survivor", "another request", short))
+        for _ in range(100):
+            if async_engine.stats().num_kv_blocks_used == 0 and async_engine.stats().num_running == 0:
+                return out
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"blocks not freed: {async_engine.stats()}")
+
+    out = asyncio.run(main())
+    assert out[-1].finished and len(out[-1].outputs[0].token_ids) == 5
+    assert not async_engine.is_dead
+    assert_all_blocks_free(async_engine.engine)
+
+
 def test_async_bad_input_raises_at_once(async_engine):
     async def main():
         with pytest.raises(ValueError, match="prompt is empty"):
