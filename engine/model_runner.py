@@ -100,11 +100,12 @@ class ModelRunner:
         model.load_weights(weights, source.path)
         if model_config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        if can_pack_for_cpu(self.device, self.dtype):
+        packed = can_pack_for_cpu(self.device, self.dtype)
+        if packed:
             model.pack_linear_weights_for_cpu()
         if self.device.type == "cpu":
             logger.info("CPU: %d torch threads, %s, projections %s", torch.get_num_threads(), self.dtype,
-                        "oneDNN-packed" if can_pack_for_cpu(self.device, self.dtype) else "through BLAS")
+                        "oneDNN-packed" if packed else "through BLAS")
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
         self.num_local_kv_heads = model.shard.num_kv_heads
