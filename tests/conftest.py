@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import pytest
+import torch
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
 
@@ -29,6 +31,15 @@ def every_block_free_after_each_test():
         usage = engine.kv_cache_usage()
         assert usage.num_free_blocks == usage.num_blocks, f"KV blocks leaked: {usage}"
         assert not engine.has_unfinished_requests(), "requests left behind in the scheduler"
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Random inputs drawn fresh every run for kernel tests; the seed is printed (shown on a
+    failure) and KERNEL_TEST_SEED=<n> replays it."""
+    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"KERNEL_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="session")

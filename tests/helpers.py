@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -144,3 +145,30 @@ def top2_logit_gaps(model, num_tokens: int = 2048, seq_len: int = 64, seed: int 
     logits = model(input_ids=ids).logits.float()
     top2 = logits.topk(2, dim=-1).values
     return (top2[..., 0] - top2[..., 1]).flatten()
+
+
+NAN = float("nan")
+
+
+def paged_kv(gen, ctx_lens, block_size, num_kv_heads, head_dim, dtype, spare_blocks=3, extra_width=1, device="cpu"):
+    """Caches holding each sequence's context in shuffled physical blocks; every slot no context
+    owns (spare blocks, the tail of partial last blocks) is NaN. Unused table entries are 0."""
+    per_seq = [math.ceil(c / block_size) for c in ctx_lens]
+    num_blocks = sum(per_seq) + spare_blocks
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(len(ctx_lens), max(per_seq) + extra_width, dtype=torch.int32)
+    shape = (num_blocks * block_size, num_kv_heads, head_dim)
+    k_flat = torch.full(shape, NAN, dtype=dtype)
+    v_flat = torch.full(shape, NAN, dtype=dtype)
+    used = 0
+    for i, (ctx, n) in enumerate(zip(ctx_lens, per_seq)):
+        blocks = order[used : used + n]
+        used += n
+        tables[i, :n] = blocks.int()
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
+        k_flat[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v_flat[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache = k_flat.view(num_blocks, block_size, num_kv_heads, head_dim).to(device)
+    v_cache = v_flat.view(num_blocks, block_size, num_kv_heads, head_dim).to(device)
+    context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    return k_cache, v_cache, tables.to(device), context_lens

@@ -2,13 +2,14 @@
 
 Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by the root conftest) and
 unchanged on a CUDA device with TRITON_INTERPRET=0. Inputs are drawn fresh every run; the seed is
-printed (shown on failure) and KERNEL_TEST_SEED=<n> replays it. Cache slots that no sequence owns
+printed (shown on failure) and KERNEL_TEST_SEED=<n> replays it (the gen fixture, conftest.py). Cache slots that no sequence owns
 and every output buffer are filled with NaN first, so a kernel that reads past a context or leaves
 an output unwritten fails loudly. Shapes stay tiny: the interpreter runs each program in numpy.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -20,10 +21,10 @@ pytest.importorskip("triton")
 
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 from kernels.triton_attention import attention  # noqa: E402
+from tests.helpers import NAN, paged_kv  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
-NAN = float("nan")
 # fp32: only summation order differs. Half precision: the inputs are exactly representable, so
 # the oracle is the reference in fp32; the kernels round P for the PV product (on GPU) and the output.
 TOL = {
@@ -31,13 +32,6 @@ TOL = {
     torch.float16: dict(atol=4e-3, rtol=4e-3),
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -49,28 +43,7 @@ def randint(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=gen))
 
 
-def paged_kv(gen, ctx_lens, block_size, num_kv_heads, head_dim, dtype, spare_blocks=3, extra_width=1):
-    """Caches holding each sequence's context in shuffled physical blocks; every slot no context
-    owns (spare blocks, the tail of partial last blocks) is NaN. Unused table entries are 0."""
-    per_seq = [math.ceil(c / block_size) for c in ctx_lens]
-    num_blocks = sum(per_seq) + spare_blocks
-    order = torch.randperm(num_blocks, generator=gen)
-    tables = torch.zeros(len(ctx_lens), max(per_seq) + extra_width, dtype=torch.int32)
-    shape = (num_blocks * block_size, num_kv_heads, head_dim)
-    k_flat = torch.full(shape, NAN, dtype=dtype)
-    v_flat = torch.full(shape, NAN, dtype=dtype)
-    used = 0
-    for i, (ctx, n) in enumerate(zip(ctx_lens, per_seq)):
-        blocks = order[used : used + n]
-        used += n
-        tables[i, :n] = blocks.int()
-        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
-        k_flat[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_flat[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
-    k_cache = k_flat.view(num_blocks, block_size, num_kv_heads, head_dim).to(DEVICE)
-    v_cache = v_flat.view(num_blocks, block_size, num_kv_heads, head_dim).to(DEVICE)
-    context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    return k_cache, v_cache, tables.to(DEVICE), context_lens
+paged_kv = functools.partial(paged_kv, device=DEVICE)
 
 
 def oracle(fn, query, k_cache, v_cache, *args):
