@@ -1,16 +1,20 @@
 """The attention backend interface: the model hands it q/k/v per layer, it owns the paged cache.
 
 A backend is a module of ops with one signature set (see kernels/reference.py): "torch" is the
-plain-torch reference (CPU and any device), "triton" the Triton kernels (CUDA, or the CPU under
-TRITON_INTERPRET=1 for tests).
+plain-torch reference (any device), "cpu" the fused C++ kernels (kernels/cpu_ops.py), "triton"
+the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1 for tests). The model also takes
+its pointwise ops (norms, rotary, SwiGLU) from the backend's module.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,17 +27,29 @@ class AttentionMetadata:
     all_decode: bool  # every sequence has exactly one query token
 
 
-_BACKEND_MODULES = {"torch": "kernels.reference", "triton": "kernels.triton_ops"}
+_BACKEND_MODULES = {"cpu": "kernels.cpu_ops", "torch": "kernels.reference", "triton": "kernels.triton_ops"}
 
 
 class AttentionBackend:
     def __init__(self, name: str, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
-        if name not in _BACKEND_MODULES:
-            raise ValueError(f"attention_backend must be one of {sorted(_BACKEND_MODULES)}, got {name!r}")
+        """name "auto" picks by the caches' device: triton on CUDA, cpu on CPU unless its C++
+        kernels cannot be built here (then torch, with a warning)."""
+        if name != "auto" and name not in _BACKEND_MODULES:
+            raise ValueError(f"attention_backend must be 'auto' or one of {sorted(_BACKEND_MODULES)}, got {name!r}")
+        device = k_caches[0].device if k_caches else torch.device("cpu")
+        if name == "cpu" and device.type != "cpu":
+            raise ValueError(f"attention_backend='cpu' runs on CPU tensors only, the KV cache is on {device}")
+        fallback = None
+        if name == "auto":
+            name = "triton" if device.type == "cuda" else "cpu"
+            fallback = "torch" if name == "cpu" else None
         try:
             self.ops = importlib.import_module(_BACKEND_MODULES[name])
         except ImportError as e:
-            raise ValueError(f"attention_backend={name!r} is unavailable here: {e}") from e
+            if fallback is None:
+                raise ValueError(f"attention_backend={name!r} is unavailable here: {e}") from e
+            logger.warning("using the plain-torch backend: %s", e)
+            name, self.ops = fallback, importlib.import_module(_BACKEND_MODULES[fallback])
         self.name = name
         self.k_caches = k_caches
         self.v_caches = v_caches

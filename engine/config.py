@@ -18,7 +18,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("cpu", "torch", "triton")
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 
@@ -37,7 +37,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
-    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    # "cpu": C++ kernels (CPU only); "torch": plain torch (any device); "triton": Triton kernels.
+    # "auto": triton on CUDA; cpu on CPU, or torch where the C++ kernels cannot be built.
+    attention_backend: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's choice
     tensor_parallel_size: int = 1
@@ -68,9 +70,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend == "auto":
-            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        # "auto" is resolved where the backend is built (engine/attention.py): on CPU it
+        # depends on whether the C++ kernels build on this machine.
+        if self.attention_backend != "auto" and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention_backend must be 'auto' or one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"

@@ -1,4 +1,7 @@
-"""Plain-torch paged-attention ops: the CPU backend and the oracle for the Triton kernels.
+"""Plain-torch ops: the "torch" backend (any device) and the oracle for the Triton and C++ kernels.
+
+Paged attention and the KV cache, then the model's pointwise ops (norms, rotary, SwiGLU), which
+kernels/cpu_ops.py fuses on CPU.
 
 Shapes shared by every op (the Triton kernels in this package take the same arguments):
   k_cache, v_cache   [num_blocks, block_size, num_kv_heads, head_dim]
@@ -150,6 +153,23 @@ def paged_attention(
     """Causal attention for a mixed batch: prefill chunks (many query tokens, possibly after
     cached context) and decodes (one query token). Query token j of a sequence with q query
     tokens and c context tokens sits at position c - q + j and sees positions up to it."""
+    return mixed_batch_attention(
+        decode_attention, query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale
+    )
+
+
+def mixed_batch_attention(
+    decode,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention with the decode rows handed together to `decode` (a decode_attention):
+    the CPU backend passes its C++ one. Prefill rows run SDPA one sequence at a time."""
     num_tokens, num_heads, head_dim = query.shape
     output = torch.empty_like(query)
     query_lens = (cu_query_lens[1:] - cu_query_lens[:-1]).tolist()
@@ -159,7 +179,7 @@ def paged_attention(
     if len(decode_rows) > 1:
         rows = torch.tensor(decode_rows, device=query.device)
         token_idx = cu_query_lens[:-1].long()[rows]
-        output[token_idx] = decode_attention(
+        output[token_idx] = decode(
             query[token_idx], k_cache, v_cache, block_tables[rows], context_lens[rows], scale
         )
         done = set(decode_rows)
@@ -200,3 +220,27 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping:
     """Copy blocks between two pools that may live on different devices (GPU <-> CPU swap)."""
     src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
     dst_cache[dst.to(dst_cache.device)] = src_cache[src.to(src_cache.device)].to(dst_cache.device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In float32 whatever x's dtype (weight is float32: LlamaForCausalLM.keep_norms_in_float32),
+    rounded once to x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x in place, then the norm of the sum: a decoder sublayer's pre-norm."""
+    return rms_norm(residual.add_(x), weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation over the fused projection's output [tokens, 2 * I]: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_embedding_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on qk [tokens, heads, head_dim]: Hugging Face's rotate-half convention as
+    x * cos + roll(x, head_dim / 2) * sin, with full-width tables whose sin is signed (-sin for
+    the first half); see RotaryEmbedding.table."""
+    qk.copy_(torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin))

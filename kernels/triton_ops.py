@@ -1,6 +1,7 @@
 """The Triton backend: the same functions, names and signatures as kernels/reference.py, so the
-engine picks a backend by picking a module (`kernels.reference` on CPU, `kernels.triton_ops` on
-CUDA). Import it only after TRITON_INTERPRET is settled: Triton reads it at import time.
+engine picks a backend by picking a module (`kernels.triton_ops` on CUDA, `kernels.cpu_ops` or
+`kernels.reference` on CPU); the model's pointwise ops here are reference.py's torch ops. Import
+it only after TRITON_INTERPRET is settled: Triton reads it at import time.
 
 Host syncs: none of these functions reads a device value on the host (no .item()/.tolist());
 launch grids come from tensor shapes only (see kernels/triton_attention.py for how).
@@ -8,7 +9,11 @@ launch grids come from tensor shapes only (see kernels/triton_attention.py for h
 
 from __future__ import annotations
 
+from kernels.reference import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
 from kernels.triton_attention import decode_attention, paged_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv_cache
 
-__all__ = ["write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks"]
+__all__ = [
+    "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_",
+]

@@ -127,3 +127,14 @@ def test_greedy_matches_transformers_with_chunked_prefill(tiny_models):
     # A 16-token budget splits every prompt longer than that into chunks.
     engine = LLMEngine(model=entry[0], num_kv_blocks=256, max_num_batched_tokens=16)
     check(run_staggered(engine, PROMPTS, every=2), engine.tokenizer, entry)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("variant", ["gqa", "mqa-tied", "qwen2-qkv-bias"])
+def test_greedy_matches_transformers_on_both_cpu_backends(tiny_models, variant, backend):
+    """The C++ kernels (the default on CPU) and the plain-torch ops, through mixed steps where
+    prefills run beside decodes."""
+    entry = tiny_models(variant)
+    engine = LLMEngine(model=entry[0], num_kv_blocks=256, attention_backend=backend)
+    assert engine.runner.backend.name == backend
+    check(run_staggered(engine, PROMPTS), engine.tokenizer, entry)

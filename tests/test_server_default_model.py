@@ -74,7 +74,8 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
     assert len(models) == 1 and models[0].startswith(DEFAULT_MODEL_STORE_NAME + ":")
     model_name, model_version = models[0].split(":")
     assert (home / "models" / model_name / model_version / DEFAULT_GGUF_FILE).stat().st_size > 50_000_000
-    for path in ("src/service.py", "src/bento_llm/app.py", "src/engine/async_engine.py", "src/kernels/__init__.py"):
+    for path in ("src/service.py", "src/bento_llm/app.py", "src/engine/async_engine.py", "src/kernels/__init__.py",
+                 "src/kernels/csrc/cpu_ops.cpp"):
         assert (bento_dir / path).is_file(), path
     assert not (bento_dir / "src/tests").exists()
     requirements = (bento_dir / "env/python/requirements.txt").read_text()
@@ -89,3 +90,4 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, temperature=0, max_tokens=4)
         assert reply.choices[0].message.content.strip()
+    assert "cpu backend" in (tmp_path / "serve.log").read_text()  # the Bento's C++ kernels built and ran

@@ -132,9 +132,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32 whatever the model's dtype; the weight stays float32 (keep_norms_in_float32).
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, ops, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """In float32 whatever the model's dtype (the weight stays float32: keep_norms_in_float32).
+        With a residual: residual += x in place first, and the norm is of the sum (one fused op
+        in the CPU backend). ops is the attention backend's op module."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(residual, x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -152,12 +156,6 @@ class RotaryEmbedding(nn.Module):
         the model's dtype, as transformers rotates (computed in float32, rounded once)."""
         return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
 
-    @staticmethod
-    def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; HF's rotate_half convention (halves, not interleaved):
-        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-        cos, sin = rope
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Linear(nn.Linear):
@@ -231,9 +229,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        # q and k rotate together: one set of ops for both.
+        # q and k rotate together, in place in the fused projection's output.
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        backend.ops.rotary_embedding_(qk, *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -246,9 +245,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
         self.down_proj = _row_linear(self.intermediate_size, config.hidden_size, config.mlp_bias, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -259,9 +257,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, shard, parallel)
 
-    def forward(self, x, rope, backend, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, backend, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it is added): the add
+        happens in the next norm, fused with it (vLLM's layout)."""
+        ops = backend.ops
+        if residual is None:  # the first layer: the embeddings are the residual stream
+            residual, h = x, self.input_layernorm(x, ops)
+        else:
+            h = self.input_layernorm(x, ops, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, rope, backend, meta), ops, residual)
+        return self.mlp(h, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -296,9 +301,10 @@ class LlamaForCausalLM(nn.Module):
         parallel: rank 0 gets the full vocabulary's logits, the other ranks None."""
         x = self._embed(token_ids)
         rope = self.rotary.table(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, backend, meta)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, rope, backend, meta)
+        x = self.norm(x[logits_indices], backend.ops, residual[logits_indices])
         logits = self.lm_head(x).float()
         if self.parallel is None:
             return logits

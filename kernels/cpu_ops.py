@@ -1,0 +1,97 @@
+"""The "cpu" backend: fused C++ kernels (kernels/csrc/cpu_ops.cpp) with the names and
+signatures of kernels/reference.py, the default on CPU.
+
+The source is compiled on first import with torch.utils.cpp_extension (g++ and ninja, about 15
+seconds) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions), once per machine kind: the build targets the CPU's vector extensions
+(AVX-512 or AVX2 as torch detects them), so the extension's name carries them. An import that
+cannot build raises ImportError; the engine then falls back to the plain-torch backend.
+
+Prefill attention stays torch's SDPA per sequence (compute-bound, where SDPA's flash kernel is
+good); decode rows, the cache writes and the model's pointwise ops are the C++ kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import reference
+from kernels.reference import copy_blocks, swap_blocks
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# torch's name for the widest vector extension this CPU has -> the gcc target for it.
+_ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
+
+__all__ = [
+    "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_",
+]
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        # The ninja package's binary, when its venv's bin directory is not on PATH.
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"bento_llm_cpu_ops_{capability.lower()}"
+    started = time.perf_counter()
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            # The float loops vectorize only with these math flags (reductions need reassociation).
+            extra_cflags=[
+                "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+                *_ARCH_FLAGS.get(capability, []),
+            ],
+            # libgomp.so.1 is the OpenMP runtime torch already loaded (same soname): one thread pool.
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler, ninja or header: the caller falls back
+        raise ImportError(f"the CPU kernels in {SOURCE} could not be built: {e}") from e
+    # Compiled on first use (about 15 s), loaded from the cache after.
+    logger.info("CPU kernels %s ready in %.1f s", name, time.perf_counter() - started)
+
+
+if not hasattr(torch.ops.bento_llm, "decode_attention"):
+    _build()
+_ops = torch.ops.bento_llm
+
+rms_norm = _ops.rms_norm
+add_rms_norm = _ops.add_rms_norm
+silu_mul = _ops.silu_mul
+rotary_embedding_ = _ops.rotary_embedding_
+write_kv_cache = _ops.write_kv_cache
+decode_attention = _ops.decode_attention
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """reference.paged_attention, its decode rows through the C++ decode_attention."""
+    return reference.mixed_batch_attention(
+        decode_attention, query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale
+    )

@@ -1,0 +1,230 @@
+"""The C++ CPU kernels (kernels/cpu_ops.py, the default backend on CPU) against the plain-torch
+ops of kernels/reference.py, on random inputs (seed printed; KERNEL_TEST_SEED=<n> replays it).
+
+Unused cache slots and the tails of partial blocks hold NaN, so a kernel that reads past a
+context fails. Tolerances: float32 differs from the reference only in summation order and in
+exp's last bits; half dtypes compute in float32 and round once, so they stay within about one
+unit in the last place of the reference computed in float32 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kernels import cpu_ops, reference
+from tests.helpers import NAN, paged_kv
+
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (query heads, KV heads, head_dim, block size): MHA, SmolLM2's 9/3 GQA, GQA 8, MQA.
+LAYOUTS = [
+    pytest.param(4, 4, 64, 16, id="mha-d64"),
+    pytest.param(9, 3, 64, 16, id="gqa3-smollm2"),
+    pytest.param(16, 2, 96, 32, id="gqa8-d96-bs32"),
+    pytest.param(8, 1, 128, 8, id="mqa-d128-bs8"),
+]
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), expected.float(), **TOL[dtype])
+
+
+def test_cpu_ops_take_the_reference_arguments():
+    for name in cpu_ops.__all__:
+        ours = getattr(cpu_ops, name)
+        want = list(inspect.signature(getattr(reference, name)).parameters)
+        if isinstance(ours, torch._ops.OpOverloadPacket):
+            got = [arg.name for arg in ours.default._schema.arguments]
+        else:
+            got = list(inspect.signature(ours).parameters)
+        assert got == want, name
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache_fills_the_named_slots_from_fused_qkv_views_and_skips_minus_one(gen, dtype):
+    num_tokens, num_heads, kv_heads, head_dim, block_size = 9, 9, 3, 64, 16
+    qkv = torch.randn(num_tokens, (num_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    width = kv_heads * head_dim
+    key = qkv[:, num_heads * head_dim :][:, :width].view(num_tokens, kv_heads, head_dim)
+    value = qkv[:, num_heads * head_dim + width :].view(num_tokens, kv_heads, head_dim)
+    slots = torch.randperm(4 * block_size, generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=gen)[:3]] = -1
+    k_cache = torch.full((4, block_size, kv_heads, head_dim), NAN, dtype=dtype)
+    v_cache = torch.full_like(k_cache, NAN)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    cpu_ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+    reference.write_kv_cache(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k_cache.isnan(), k_ref.isnan()) and (~k_cache.isnan()).sum() == 6 * width
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_write_kv_cache_converts_to_the_cache_dtype(gen):
+    key, value = torch.randn(5, 2, 64, generator=gen), torch.randn(5, 2, 64, generator=gen)
+    slots = torch.tensor([3, -1, 17, 0, 30])
+    k_cache = torch.full((2, 16, 2, 64), NAN, dtype=torch.bfloat16)
+    v_cache = torch.full_like(k_cache, NAN)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    cpu_ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+    reference.write_kv_cache(key, value, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_write_kv_cache_refuses_a_slot_outside_the_cache(gen):
+    key = torch.randn(2, 1, 64, generator=gen)
+    cache = torch.zeros(2, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="slot 32 is outside the cache"):
+        cpu_ops.write_kv_cache(key, key, cache, cache.clone(), torch.tensor([0, 32]))
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,block_size", LAYOUTS)
+def test_decode_attention_matches_reference(gen, dtype, num_heads, kv_heads, head_dim, block_size):
+    # A full last block, a single token, lengths across several blocks, and a padding row (0).
+    ctx = [block_size * 3, 1, int(torch.randint(2, 6 * block_size, (1,), generator=gen)), 5 * block_size - 1, 0]
+    k_cache, v_cache, tables, lens = paged_kv(gen, [max(c, 1) for c in ctx], block_size, kv_heads, head_dim, dtype)
+    lens[-1] = 0
+    # The query is a view into a fused qkv row, as the model passes it.
+    qkv = torch.randn(len(ctx), (num_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    query = qkv[:, : num_heads * head_dim].view(len(ctx), num_heads, head_dim)
+    scale = head_dim**-0.5
+    out = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, scale)
+    want = reference.decode_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    assert_close(out, want, dtype)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # attends to nothing
+
+
+def test_decode_attention_splits_work_across_threads_with_the_same_result(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [70, 3, 129, 16, 200, 1, 33, 64], 16, 3, 64, torch.float32)
+    query = torch.randn(8, 9, 64, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert_close(many, reference.decode_attention(query, k_cache, v_cache, tables, lens, 0.125), torch.float32)
+
+
+def test_decode_attention_refuses_block_tables_that_point_outside_the_cache(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [20, 5], 16, 1, 64, torch.float32)
+    query = torch.randn(2, 2, 64, generator=gen)
+    tables[0, 1] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match=r"block_tables\[0\]\[1\]"):
+        cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    lens[1] = 16 * tables.shape[1] + 1
+    with pytest.raises(RuntimeError, match="needs more blocks than block_tables holds"):
+        cpu_ops.decode_attention(query[1:], k_cache, v_cache, tables[1:], lens[1:], 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_runs_prefills_beside_decodes(gen, dtype):
+    # (query tokens, context): a prefill, two decodes, a chunk after cached context, one decode.
+    rows = [(12, 12), (1, 40), (1, 7), (5, 37), (1, 1)]
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 3, 64, dtype)
+    cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 9, 64, generator=gen).to(dtype)
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    want = reference.paged_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, cu, 0.125)
+    assert_close(out, want, dtype)
+
+
+# ---------------------------------------------------------------- the model's pointwise ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 300])  # a decode, a decode batch, a prefill (threaded)
+def test_rms_norm_and_the_fused_residual_add(gen, dtype, rows):
+    x = (torch.randn(rows, 2 * 576, generator=gen) * 3).to(dtype)[:, 576:]  # strided rows
+    weight = torch.rand(576, generator=gen) + 0.5
+    assert_close(cpu_ops.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), dtype)
+
+    residual = torch.randn(rows, 576, generator=gen).to(dtype)
+    ours, theirs = residual.clone(), residual.clone()
+    out = cpu_ops.add_rms_norm(ours, x, weight, 1e-5)
+    want = reference.add_rms_norm(theirs, x, weight, 1e-5)
+    assert torch.equal(ours, theirs)  # the sum, rounded to the dtype, is left in residual
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_silu_mul(gen, dtype, rows):
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 4
+    gate_up[0, :8] = torch.tensor([-200.0, -90.0, -20.0, -1e-6, 0.0, 1e-6, 90.0, 200.0])  # saturated and tiny
+    gate_up = gate_up.to(dtype)
+    assert_close(cpu_ops.silu_mul(gate_up), reference.silu_mul(gate_up.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_rotates_q_and_k_in_place_in_the_fused_projection(gen, dtype):
+    from engine.models.llama import ModelConfig, RotaryEmbedding
+
+    tokens, num_heads, kv_heads, head_dim = 7, 9, 3, 64
+    config = ModelConfig(
+        model_type="llama", vocab_size=8, hidden_size=num_heads * head_dim, intermediate_size=8, num_layers=1,
+        num_heads=num_heads, num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
+        max_position_embeddings=512, tie_word_embeddings=False, attention_bias=False, o_proj_bias=False,
+        mlp_bias=False, inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)),
+        rope_attention_scaling=1.0, eos_token_ids=[], sliding_window=None,
+    )
+    rope = RotaryEmbedding(config, 512).table(torch.randint(0, 512, (tokens,), generator=gen), dtype)
+    qkv = torch.randn(tokens, (num_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    ours, theirs = qkv.clone(), qkv.float()
+    rotated = (num_heads + kv_heads) * head_dim
+    cpu_ops.rotary_embedding_(ours[:, :rotated].view(tokens, -1, head_dim), *rope)
+    reference.rotary_embedding_(theirs[:, :rotated].view(tokens, -1, head_dim), *(t.float() for t in rope))
+    assert_close(ours, theirs, dtype)
+    assert torch.equal(ours[:, rotated:], qkv[:, rotated:])  # v untouched
+    assert not torch.equal(ours[:, :rotated], qkv[:, :rotated])
+
+
+# ---------------------------------------------------------------- building
+
+
+def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_refused(tmp_path):
+    """A machine that cannot build the kernels (no C++ compiler here) still serves, through the
+    plain-torch backend, and says why; asking for "cpu" by name is a clear error."""
+    script = textwrap.dedent(
+        """
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING)
+        from engine.attention import AttentionBackend
+        caches = [torch.zeros(2, 16, 1, 64)]
+        print("auto ->", AttentionBackend("auto", caches, caches).name)
+        try:
+            AttentionBackend("cpu", caches, caches)
+        except ValueError as e:
+            print("cpu ->", e)
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "auto -> torch" in done.stdout
+    assert "using the plain-torch backend" in done.stderr and "could not be built" in done.stderr
+    assert "cpu -> attention_backend='cpu' is unavailable here" in done.stdout
