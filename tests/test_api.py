@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
+from engine import config as config_module
 from tests.conftest import assert_all_blocks_free
 
 
@@ -90,6 +92,27 @@ def test_bad_engine_settings_raise_value_error(kwargs, message):
 def test_max_model_len_beyond_the_model_is_refused(tiny_path):
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds"):
         LLM(tiny_path, max_model_len=4096)
+
+
+@pytest.mark.parametrize(
+    "native_bf16, checkpoint, expected",
+    [
+        (True, None, torch.bfloat16),  # a quantized GGUF (the default model) on an AMX CPU
+        (True, torch.bfloat16, torch.bfloat16),
+        (True, torch.float16, torch.bfloat16),
+        (True, torch.float32, torch.float32),  # float32 checkpoints stay exact
+        (False, None, torch.float32),  # emulated bfloat16 would be slower than float32
+        (False, torch.bfloat16, torch.float32),
+    ],
+)
+def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, native_bf16, checkpoint, expected):
+    monkeypatch.setattr(config_module, "cpu_has_native_bfloat16", lambda: native_bf16)
+    assert EngineConfig(model="m", device="cpu").torch_dtype(checkpoint) == expected
+    assert EngineConfig(model="m", device="cpu", dtype="float32").torch_dtype(checkpoint) == torch.float32
+
+
+def test_the_engine_runs_a_float32_checkpoint_in_float32(tiny_path):
+    assert LLM(tiny_path, num_kv_blocks=16).engine.runner.dtype == torch.float32
 
 
 def test_engine_config_reads_environment_settings(monkeypatch):

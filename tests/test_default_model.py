@@ -29,7 +29,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def default_llm():
-    return LLM(DEFAULT_MODEL, num_kv_blocks=512)
+    # float32, not auto (bfloat16 on CPUs with AMX): the token-for-token check is in float32.
+    return LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=512)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_default_model_arriving_staggered(default_llm, reference):
 
 def test_default_model_under_preemption(reference):
     # 12 blocks of 16 tokens: eight 40-token sequences need twice that, so requests are preempted.
-    llm = LLM(DEFAULT_MODEL, num_kv_blocks=12)
+    llm = LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=12)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
     compare(outs, reference)
