@@ -57,8 +57,8 @@ class BentoLLM:
     def __init__(self) -> None:
         global _runtime
         # BentoML's server logging keeps the root at WARNING; our start-up lines, and the
-        # engine's decisions (KV cache size, threads, tensor-parallel ranks), are useful.
-        for name in ("bento_llm", "engine"):
+        # engine's decisions (KV cache size, threads, tensor-parallel ranks, CPU kernels), are useful.
+        for name in ("bento_llm", "engine", "kernels"):
             logging.getLogger(name).setLevel(logging.INFO)
         model_path = None
         if DEFAULT_MODEL_TAG is not None and packaged_gguf() is None:

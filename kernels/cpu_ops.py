@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -39,14 +38,14 @@ __all__ = [
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:
-        # The ninja package's binary, when its venv's bin directory is not on PATH.
-        try:
-            import ninja
+    try:
+        # The ninja package's binary (a dependency) before any other on PATH: its venv's bin may
+        # not be on PATH, and ninja versions read each other's build logs as stale (a rebuild).
+        import ninja
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     capability = torch.backends.cpu.get_cpu_capability()
     name = f"bento_llm_cpu_ops_{capability.lower()}"
     started = time.perf_counter()
