@@ -157,7 +157,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
 
 
-
 class Linear(nn.Linear):
     """nn.Linear that on CPU can also hold its weight packed, once at load, into oneDNN's
     blocked layout (pack_for_cpu). Measured on a 2-core AVX-512 Xeon, float32: matmuls of 4-200
