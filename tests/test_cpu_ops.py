@@ -87,11 +87,14 @@ def test_write_kv_cache_converts_to_the_cache_dtype(gen):
     torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
 
 
-def test_write_kv_cache_refuses_a_slot_outside_the_cache(gen):
+def test_write_kv_cache_refuses_a_slot_outside_the_cache_and_writes_nothing(gen):
     key = torch.randn(2, 1, 64, generator=gen)
-    cache = torch.zeros(2, 16, 1, 64)
+    k_cache, v_cache = torch.zeros(2, 16, 1, 64), torch.zeros(2, 16, 1, 64)
     with pytest.raises(RuntimeError, match="slot 32 is outside the cache"):
-        cpu_ops.write_kv_cache(key, key, cache, cache.clone(), torch.tensor([0, 32]))
+        cpu_ops.write_kv_cache(key, key, k_cache, v_cache, torch.tensor([0, 32]))
+    assert not k_cache.any() and not v_cache.any()  # slot 0 was not written either
+    with pytest.raises(RuntimeError, match="k_cache and v_cache must have one shape"):
+        cpu_ops.write_kv_cache(key, key, k_cache, torch.zeros(1, 16, 1, 64), torch.tensor([0, 31]))
 
 
 # ---------------------------------------------------------------- decode attention

@@ -228,6 +228,7 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
                     const at::Tensor& slot_mapping) {
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
   const at::Tensor key = key_in.to(k_cache.scalar_type());
   const at::Tensor value = value_in.to(v_cache.scalar_type());
   check_rows(key, "key", 3);
@@ -246,10 +247,13 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
   char* k_dst = static_cast<char*>(k_cache.data_ptr());
   char* v_dst = static_cast<char*>(v_cache.data_ptr());
   const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
+  // Every slot is checked before any is written: a refused call leaves the caches as they were.
+  for (int64_t t = 0; t < key.size(0); ++t) {
+    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " is outside the cache (", num_slots, " slots)");
+  }
   for (int64_t t = 0; t < key.size(0); ++t) {
     const int64_t slot = slots[t];
     if (slot < 0) continue;
-    TORCH_CHECK(slot < num_slots, "slot ", slot, " is outside the cache (", num_slots, " slots)");
     std::memcpy(k_dst + slot * bytes, k_src + t * k_stride, bytes);
     std::memcpy(v_dst + slot * bytes, v_src + t * v_stride, bytes);
   }
