@@ -73,19 +73,41 @@ def test_a_whole_cached_prompt_still_computes_its_last_token(tiny_path):
     assert out.outputs[0].token_ids == reference
 
 
+def test_a_block_is_reused_only_after_the_same_prefix_not_for_the_same_tokens_elsewhere(tiny_path):
+    """The key chains each block to its parent: a prompt whose first two blocks hold the tokens
+    of another prompt's third and fourth blocks must not take their K/V (computed after other
+    tokens, at other positions)."""
+    head, tail = list(range(1000, 1032)), list(range(2000, 2032))
+    prompts = [head + tail + [5], tail + [7, 8, 9], head + [7, 8, 9]]
+    outputs = {}
+    for caching in (False, True):
+        engine = LLMEngine(model=tiny_path, num_kv_blocks=64, enable_prefix_caching=caching)
+        outputs[caching] = [run(engine, f"r{i}", p) for i, p in enumerate(prompts)]
+    assert [out.num_cached_tokens for out in outputs[True]] == [0, 0, 32]  # only the true prefix hits
+    assert [o.outputs[0].token_ids for o in outputs[True]] == [o.outputs[0].token_ids for o in outputs[False]]
+
+
+class Seq:
+    """The block manager's view of a sequence with prefix caching."""
+
+    def __init__(self, seq_id, tokens):
+        self.seq_id, self.token_ids = seq_id, list(tokens)
+        self.block_table, self.num_computed_tokens = [], 0
+        self.block_hashes, self.num_offered_blocks = [], 0
+
+
+def computed(bm: BlockManager, seq_id: int, tokens) -> Seq:
+    """A sequence whose tokens are all computed and offered to the cache."""
+    seq = Seq(seq_id, tokens)
+    bm.append_slots(seq, len(seq.token_ids))
+    seq.num_computed_tokens = len(seq.token_ids)
+    bm.cache_full_blocks(seq)
+    return seq
+
+
 def test_freed_cached_blocks_stay_findable_until_reused():
     bm = BlockManager(4, 4, enable_prefix_caching=True)
-
-    class Seq:
-        def __init__(self, seq_id, tokens):
-            self.seq_id, self.token_ids = seq_id, list(tokens)
-            self.block_table, self.num_computed_tokens = [], 0
-            self.block_hashes, self.num_offered_blocks = [], 0
-
-    a = Seq(0, range(9))
-    bm.append_slots(a, 9)
-    a.num_computed_tokens = 9
-    bm.cache_full_blocks(a)
+    a = computed(bm, 0, range(9))
     cached_blocks = list(a.block_table[:2])
     bm.free(a)
     assert bm.num_free_blocks == 4  # free, yet still cached
@@ -93,10 +115,23 @@ def test_freed_cached_blocks_stay_findable_until_reused():
     assert bm.reuse_cached_prefix(b) == 8
     assert b.block_table == cached_blocks
     bm.free(b)
-    # Filling the pool with other content evicts them, least recently freed first.
+    # Filling the pool with other content evicts them.
     c = Seq(2, range(100, 116))
     bm.append_slots(c, 16)
     d = Seq(3, range(10))
     assert bm.reuse_cached_prefix(d) == 0
     bm.free(c)
     assert bm.num_free_blocks == 4 and not any(bm.ref_counts)
+
+
+def test_a_partly_refilled_pool_takes_unused_blocks_then_evicts_least_recently_freed_first():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    a, b = computed(bm, 0, range(8)), computed(bm, 1, range(100, 108))
+    bm.free(a)  # freed first, and within a request its tail block first
+    bm.free(b)
+    # Five blocks: the four never handed out, then one eviction: a's tail block.
+    c = Seq(2, range(200, 220))
+    bm.append_slots(c, 20)
+    assert a.block_table == [] and c.block_table == [4, 5, 6, 7, 1]  # a held 0 and 1, b 2 and 3
+    assert bm.reuse_cached_prefix(Seq(3, list(range(8)) + [9])) == 4  # a keeps its first block
+    assert bm.reuse_cached_prefix(Seq(4, list(range(100, 108)) + [9])) == 8  # b is untouched
