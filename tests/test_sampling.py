@@ -186,6 +186,17 @@ def test_stop_strings_spanning_tokens_are_cut_from_the_output(llm):
     assert kept.text == full.text[: cut + len(stop)]
 
 
+def test_a_stop_string_at_the_start_of_the_output_ends_it_with_empty_text(llm):
+    greedy = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    full = llm.generate("Tell me a story", SamplingParams(**greedy), use_tqdm=False)[0].outputs[0]
+    first_text = llm.get_tokenizer().decode(full.token_ids[:1])
+    stop = first_text[:2]
+    assert stop and full.text.startswith(stop)
+    out = llm.generate("Tell me a story", SamplingParams(**greedy, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == ("", "stop", stop)
+    assert out.token_ids == full.token_ids[:1]  # it stopped at once, not at max_tokens
+
+
 def test_logprobs_equal_log_softmax_of_transformers_logits(llm, tiny_path):
     out = llm.generate("Logprobs please", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3),
                        use_tqdm=False)[0]
