@@ -135,3 +135,17 @@ def test_a_partly_refilled_pool_takes_unused_blocks_then_evicts_least_recently_f
     assert a.block_table == [] and c.block_table == [4, 5, 6, 7, 1]  # a held 0 and 1, b 2 and 3
     assert bm.reuse_cached_prefix(Seq(3, list(range(8)) + [9])) == 4  # a keeps its first block
     assert bm.reuse_cached_prefix(Seq(4, list(range(100, 108)) + [9])) == 8  # b is untouched
+
+
+def test_a_block_key_names_its_whole_prefix():
+    """Keys chain to the parent block's key: a block's tokens after a different prefix, at
+    another place, or after a prefix that differs only further back, are a miss."""
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+    x, y, y2, z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]
+    held = [computed(bm, 0, x + y + z), computed(bm, 1, x + y2 + [0, 0, 0, 0])]
+    assert bm.reuse_cached_prefix(Seq(2, y + z + [0])) == 0  # a's later blocks, at the start
+    assert bm.reuse_cached_prefix(Seq(3, y2 + y + z + [0])) == 0  # a's later blocks, after another head
+    # x + y2 is cached (by the second sequence); z after it is not, though z after x + y is.
+    assert bm.reuse_cached_prefix(Seq(4, x + y2 + z + [0])) == 8
+    assert bm.reuse_cached_prefix(Seq(5, x + y + z + [0])) == 12
+    del held
