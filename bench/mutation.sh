@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of the engine's core with mutmut (PyPI; `pip install mutmut==3.8.1`), each
+# Mutation testing of the engine's core with mutmut (pip install -e ".[mutation]"), each
 # target against only its own fast tests. Not in CI: slow. Results go to bench/RESULTS.md by hand.
 #
 #   nice -n 19 env OMP_NUM_THREADS=1 bench/mutation.sh [target ...]
@@ -26,7 +26,7 @@ declare -A TARGETS=(
   [detokenizer]="engine/detokenizer.py|tests/test_detokenizer.py"
 )
 
-[ -x "$MUTMUT" ] || { echo "mutmut not found next to $PYTHON: pip install mutmut==3.8.1" >&2; exit 2; }
+[ -x "$MUTMUT" ] || { echo "mutmut not found next to $PYTHON: pip install -e \".[mutation]\"" >&2; exit 2; }
 for target in "${@:-block_manager scheduler sampler detokenizer}"; do
   for name in $target; do
     [ -n "${TARGETS[$name]:-}" ] || { echo "unknown target $name (one of ${!TARGETS[*]})" >&2; exit 2; }
