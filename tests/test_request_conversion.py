@@ -4,18 +4,12 @@ server hands them to the engine."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.testclient import TestClient
 
-from bento_llm.app import create_app
-from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings
 from engine import SamplingParams
+from tests.helpers import running_app
 
 CHAT = [{"role": "user", "content": "Say hi"}]
 
@@ -33,31 +27,28 @@ BEAM = dict(use_beam_search=True, n=2, best_of=3, temperature=0.0, length_penalt
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_path):
-    rt = LLMRuntime(Settings(model=tiny_path, num_kv_blocks=64))
-    rt.load()
-    assert rt.ready, rt.error
-    yield rt
-    asyncio.run(rt.shutdown())
-
-
-@pytest.fixture(scope="module")
-def client(runtime):
-    with TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))])) as c:
-        yield c
+def app(tiny_path):
+    with running_app(tiny_path, num_kv_blocks=64) as runtime_and_client:
+        yield runtime_and_client
 
 
 @pytest.fixture
-def received(runtime, monkeypatch) -> list[SamplingParams]:
+def client(app):
+    return app[1]
+
+
+@pytest.fixture
+def received(app, monkeypatch) -> list[SamplingParams]:
     """The SamplingParams of each request the server hands to the engine (which then runs it)."""
+    engine = app[0].engine
     seen: list[SamplingParams] = []
-    add_request = runtime.engine.add_request
+    add_request = engine.add_request
 
     def recording(request_id, prompt, params=None):
         seen.append(params)
         return add_request(request_id, prompt, params)
 
-    monkeypatch.setattr(runtime.engine, "add_request", recording)
+    monkeypatch.setattr(engine, "add_request", recording)
     return seen
 
 
