@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -133,6 +134,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def free_plus_used_is_total(self):
         usage = self.bm.usage()
+        assert usage.num_blocks == NUM_BLOCKS
         assert usage.num_free_blocks + usage.num_used_blocks == NUM_BLOCKS
         assert len(set(self.bm.free_blocks)) == self.bm.num_free_blocks
         assert all(self.bm.ref_counts[b] == 0 for b in self.bm.free_blocks)
@@ -162,6 +164,9 @@ def test_writing_into_a_shared_partial_block_copies_it_first():
     child = FakeSeq(1)
     bm.fork(parent, child)
     assert bm.usage().num_shared_blocks == 2
+    assert bm.blocks_needed(child, 0) == 0  # no write, no copy
+    with pytest.raises(RuntimeError, match="sequence 1 already owns blocks"):
+        bm.fork(parent, child)
     copies = bm.append_slots(child, 1)
     assert copies == [(parent.block_table[1], child.block_table[1])]
     assert child.block_table[0] == parent.block_table[0]  # the full block stays shared

@@ -130,11 +130,12 @@ def test_a_partly_refilled_pool_takes_unused_blocks_then_evicts_least_recently_f
     bm.free(a)  # freed first, and within a request its tail block first
     bm.free(b)
     # Five blocks: the four never handed out, then one eviction: a's tail block.
-    c = Seq(2, range(200, 220))
-    bm.append_slots(c, 20)
+    c = computed(bm, 2, range(200, 220))
     assert a.block_table == [] and c.block_table == [4, 5, 6, 7, 1]  # a held 0 and 1, b 2 and 3
     assert bm.reuse_cached_prefix(Seq(3, list(range(8)) + [9])) == 4  # a keeps its first block
     assert bm.reuse_cached_prefix(Seq(4, list(range(100, 108)) + [9])) == 8  # b is untouched
+    # The evicted block forgot a's key and is cached again under c's.
+    assert bm.reuse_cached_prefix(Seq(5, list(range(200, 220)) + [9])) == 20
 
 
 def test_a_block_key_names_its_whole_prefix():
@@ -149,3 +150,34 @@ def test_a_block_key_names_its_whole_prefix():
     assert bm.reuse_cached_prefix(Seq(4, x + y2 + z + [0])) == 8
     assert bm.reuse_cached_prefix(Seq(5, x + y + z + [0])) == 12
     del held
+
+
+def test_reusing_cached_blocks_shares_them_and_leaves_a_token_to_compute():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    owner = computed(bm, 0, range(12))
+    reader = Seq(1, range(12))  # the whole prompt is cached: its last block is computed again
+    assert bm.reuse_cached_prefix(reader) == 8
+    assert reader.block_table == owner.block_table[:2] and reader.num_computed_tokens == 8
+    assert [bm.ref_counts[b] for b in owner.block_table] == [2, 2, 1] and bm.num_free_blocks == 5
+    assert bm.reuse_cached_prefix(reader) == 0 and len(reader.block_table) == 2  # it has blocks already
+    # The reader computes on and offers its own new full blocks to the cache.
+    reader.token_ids += list(range(100, 106))
+    bm.append_slots(reader, 10)
+    reader.num_computed_tokens = 18
+    bm.cache_full_blocks(reader)
+    follower = Seq(2, reader.token_ids + [0])
+    assert bm.reuse_cached_prefix(follower) == 16
+    for seq in (owner, reader, follower):
+        bm.free(seq)
+    assert bm.num_free_blocks == 8 and not any(bm.ref_counts)
+    assert BlockManager(8, 4).reuse_cached_prefix(Seq(3, range(12))) == 0  # caching off
+
+
+def test_prefix_query_counters_add_up_from_zero():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    bm.record_prefix_query(10, 8)
+    bm.record_prefix_query(6, 0)
+    assert (bm.prefix_queries, bm.prefix_hits, bm.prefix_queried_tokens, bm.prefix_hit_tokens) == (2, 1, 16, 8)
+    off = BlockManager(8, 4)
+    off.record_prefix_query(10, 8)
+    assert (off.prefix_queries, off.prefix_hits, off.prefix_queried_tokens, off.prefix_hit_tokens) == (0, 0, 0, 0)
