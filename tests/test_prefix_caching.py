@@ -165,6 +165,7 @@ def test_reusing_cached_blocks_shares_them_and_leaves_a_token_to_compute():
     bm.append_slots(reader, 10)
     reader.num_computed_tokens = 18
     bm.cache_full_blocks(reader)
+    bm.cache_full_blocks(reader)  # offering again changes nothing
     follower = Seq(2, reader.token_ids + [0])
     assert bm.reuse_cached_prefix(follower) == 16
     for seq in (owner, reader, follower):
