@@ -164,7 +164,7 @@ def test_writing_into_a_shared_partial_block_copies_it_first():
     child = FakeSeq(1)
     bm.fork(parent, child)
     assert bm.usage().num_shared_blocks == 2
-    assert bm.blocks_needed(child, 0) == 0  # no write, no copy
+    assert bm.blocks_needed(child, 0) == bm.blocks_needed_for([(child, 0)]) == 0  # no write, no copy
     with pytest.raises(RuntimeError, match="sequence 1 already owns blocks"):
         bm.fork(parent, child)
     copies = bm.append_slots(child, 1)
