@@ -1,36 +1,106 @@
-"""Fixtures shared by the engine tests, and the rule that no test leaks a KV block."""
+"""Fixtures shared by the engine tests, and the rule that no test leaks a KV block.
+
+The rule: after every test, every engine the test built or drove (add_sequence, step,
+abort_request), module- and session-scoped fixtures' engines included, has every device and
+CPU block free and no request left. Engines are held strongly from their creation until the
+check after the test that made them has run (a test's local engine would otherwise be collected
+first and never looked at); a fixture's engine is checked again after every test that uses it.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-import weakref
+import threading
+import time
 
 import pytest
 import torch
 
-_engines: "weakref.WeakSet" = weakref.WeakSet()
+# Engines built since the last check, and engines driven since the last check: strong references,
+# dropped once the check has run.
+_built: list = []
+_driven: dict[int, object] = {}
+_lock = threading.Lock()
+# An AsyncEngine frees a finished request's blocks on its own thread, a moment after the client
+# saw the last token: how long the check waits for that before calling it a leak.
+_SETTLE_S = 5.0
 
 
-@pytest.fixture(autouse=True)
-def every_block_free_after_each_test():
-    """After every test that runs requests, every block of every engine it made is free."""
+def _track(method, registry_add):
+    @functools.wraps(method)
+    def tracked(self, *args, **kwargs):
+        registry_add(self)
+        return method(self, *args, **kwargs)
+
+    return tracked
+
+
+def _add_built(engine) -> None:
+    with _lock:
+        _built.append(engine)
+
+
+def _add_driven(engine) -> None:
+    with _lock:
+        _driven[id(engine)] = engine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engines_are_tracked():
+    """Patch LLMEngine before any fixture can build one, for the whole session."""
     from engine.llm_engine import LLMEngine
 
-    original_init = LLMEngine.__init__
-
-    def tracking_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        _engines.add(self)
-
-    LLMEngine.__init__ = tracking_init
+    originals = {name: getattr(LLMEngine, name) for name in ("__init__", "add_sequence", "step", "abort_request")}
+    LLMEngine.__init__ = _track(originals["__init__"], _add_built)
+    for name in ("add_sequence", "step", "abort_request"):
+        setattr(LLMEngine, name, _track(originals[name], _add_driven))
     try:
         yield
     finally:
-        LLMEngine.__init__ = original_init
-    for engine in list(_engines):
-        usage = engine.kv_cache_usage()
-        assert usage.num_free_blocks == usage.num_blocks, f"KV blocks leaked: {usage}"
-        assert not engine.has_unfinished_requests(), "requests left behind in the scheduler"
+        for name, method in originals.items():
+            setattr(LLMEngine, name, method)
+
+
+def leaks(engine) -> str | None:
+    """What the engine still holds, or None when every block is free and no request is left.
+    (__init__ may have failed half way: an engine without a block manager holds nothing.)"""
+    if getattr(engine, "scheduler", None) is None:
+        return None
+    usage, swapped = engine.block_manager.usage(), engine.cpu_block_manager.usage()
+    problems = []
+    if usage.num_free_blocks != usage.num_blocks or usage.num_used_blocks:
+        problems.append(f"KV blocks leaked: {usage}")
+    if swapped.num_free_blocks != swapped.num_blocks or swapped.num_used_blocks:
+        problems.append(f"CPU swap blocks leaked: {swapped}")
+    if engine.has_unfinished_requests() or engine.requests:
+        problems.append(f"requests left behind: {sorted(engine.requests)}")
+    return "; ".join(problems) or None
+
+
+@pytest.fixture(autouse=True)
+def every_block_free_after_each_test(engines_are_tracked):
+    """After every test, every engine it built or drove holds no block and no request."""
+    yield
+    with _lock:
+        engines = list({id(e): e for e in [*_built, *_driven.values()]}.values())
+        _built.clear()
+        _driven.clear()
+    failures = []
+    for engine in engines:
+        deadline = time.monotonic() + _SETTLE_S
+        while True:
+            try:
+                problem = leaks(engine)
+            except RuntimeError as e:  # read while an AsyncEngine's thread was changing it
+                problem = repr(e)
+            if problem is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if problem is not None:
+            failures.append(problem)
+    del engines
+    assert not failures, "\n".join(failures)
 
 
 @pytest.fixture

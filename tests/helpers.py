@@ -22,6 +22,7 @@ top two of 49152 draws), so bf16/fp16 comparisons need a tolerance or a per-step
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import math
 import os
@@ -172,3 +173,27 @@ def paged_kv(gen, ctx_lens, block_size, num_kv_heads, head_dim, dtype, spare_blo
     v_cache = v_flat.view(num_blocks, block_size, num_kv_heads, head_dim).to(device)
     context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, tables.to(device), context_lens
+
+
+@contextlib.contextmanager
+def running_app(model: str, **settings):
+    """The /v1 app in-process (Starlette TestClient) over a real engine for `model`; yields
+    (runtime, client) and shuts the engine down after."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    from bento_llm.app import create_app
+    from bento_llm.runtime import LLMRuntime
+    from bento_llm.settings import Settings
+
+    runtime = LLMRuntime(Settings(model=model, **settings))
+    runtime.load()
+    assert runtime.ready, runtime.error
+    try:
+        with TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))])) as client:
+            yield runtime, client
+    finally:
+        asyncio.run(runtime.shutdown())

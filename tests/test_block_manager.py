@@ -1,9 +1,11 @@
-"""The block manager under random sequences of allocate, append, fork and free."""
+"""The block manager under random sequences of allocate, append (one sequence or several at
+once), fork, free and a swap round trip through a second pool."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -21,6 +23,18 @@ class FakeSeq:
     seq_id: int
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+
+
+def sharing(seqs: list[FakeSeq]) -> list[tuple[int, ...]]:
+    """The block tables with each block renamed by order of first appearance: equal when the
+    same positions share blocks, whatever the physical ids."""
+    names: dict[int, int] = {}
+    return [tuple(names.setdefault(b, len(names)) for b in seq.block_table) for seq in seqs]
+
+
+def fill_levels(bm: BlockManager, seqs: list[FakeSeq]) -> list[int]:
+    """The filled slots of the sequences' distinct blocks, sorted."""
+    return sorted(bm.filled[b] for b in {b for seq in seqs for b in seq.block_table})
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -55,6 +69,45 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
+    def append_to_several(self, data):
+        """One step's writes for several sequences: blocks_needed_for counts exactly the blocks
+        append_slots then takes, shared last blocks included (the last writer writes in place)."""
+        picked = data.draw(st.lists(st.sampled_from(self.seqs), min_size=1, max_size=4, unique_by=id))
+        chunks = [(seq, data.draw(st.integers(1, BLOCK_SIZE + 1))) for seq in picked]
+        needed = self.bm.blocks_needed_for(chunks)
+        if needed > self.bm.num_free_blocks:
+            return
+        before = self.bm.num_free_blocks
+        for seq, n in chunks:
+            self.copies += self.bm.append_slots(seq, n)
+            seq.num_computed_tokens += n
+        assert self.bm.num_free_blocks == before - needed
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def swap_out_and_back(self, data):
+        """A request (a sequence and every sequence sharing a block with it) moves to a second
+        pool and back: the same sharing, the same fill levels, every block accounted for."""
+        group = [data.draw(st.sampled_from(self.seqs))]
+        while True:
+            blocks = {b for seq in group for b in seq.block_table}
+            more = [s for s in self.seqs if s not in group and blocks & set(s.block_table)]
+            if not more:
+                break
+            group += more
+        before = sharing(group), fill_levels(self.bm, group)
+        cpu = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+        copies_out = self.bm.move_to(group, cpu)
+        assert sorted(src for src, _ in copies_out) == sorted(blocks)
+        assert cpu.usage().num_used_blocks == len(blocks) and not any(self.bm.ref_counts[b] for b in blocks)
+        assert (sharing(group), fill_levels(cpu, group)) == before
+        copies_in = cpu.move_to(group, self.bm)
+        assert len(copies_in) == len(blocks)
+        assert cpu.num_free_blocks == NUM_BLOCKS and not any(cpu.ref_counts)
+        assert (sharing(group), fill_levels(self.bm, group)) == before
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.seqs))
         child = FakeSeq(self.next_id)
@@ -81,6 +134,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def free_plus_used_is_total(self):
         usage = self.bm.usage()
+        assert usage.num_blocks == NUM_BLOCKS
         assert usage.num_free_blocks + usage.num_used_blocks == NUM_BLOCKS
         assert len(set(self.bm.free_blocks)) == self.bm.num_free_blocks
         assert all(self.bm.ref_counts[b] == 0 for b in self.bm.free_blocks)
@@ -110,6 +164,9 @@ def test_writing_into_a_shared_partial_block_copies_it_first():
     child = FakeSeq(1)
     bm.fork(parent, child)
     assert bm.usage().num_shared_blocks == 2
+    assert bm.blocks_needed(child, 0) == bm.blocks_needed_for([(child, 0)]) == 0  # no write, no copy
+    with pytest.raises(RuntimeError, match="sequence 1 already owns blocks"):
+        bm.fork(parent, child)
     copies = bm.append_slots(child, 1)
     assert copies == [(parent.block_table[1], child.block_table[1])]
     assert child.block_table[0] == parent.block_table[0]  # the full block stays shared

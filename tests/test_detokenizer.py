@@ -1,4 +1,5 @@
-"""Incremental detokenization: text streamed token by token equals decoding all at once."""
+"""Incremental detokenization (text streamed token by token equals decoding all at once) and
+stop strings (found where they end, cut where they begin)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from engine import SamplingParams
-from engine.detokenizer import Detokenizer
+from engine.detokenizer import Detokenizer, find_stop_string
 from engine.outputs import RequestMetrics
 from engine.sequence import Sequence
 from tests.helpers import default_tokenizer
@@ -60,3 +61,48 @@ def test_word_piece_spaces_survive_token_by_token_decoding():
     assert tokenizer.decode(ids[3:4]) == "are"  # alone, the space is lost
     pieces = stream(tokenizer, ids[:2], ids[2:])
     assert "".join(pieces) == " how are you today?"
+
+
+def text_seq(params: SamplingParams, text: str) -> Sequence:
+    seq = Sequence("r", None, [1], params, RequestMetrics(arrival_time=0.0))
+    seq.output_text = text
+    return seq
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_the_stop_string_that_occurs_first_in_the_text_wins_whatever_its_place_in_the_list(include):
+    # One step added "Hello. World! Bye", which holds both stop strings.
+    seq = text_seq(SamplingParams(stop=["!", ". W"], include_stop_str_in_output=include), "Hello. World! Bye")
+    assert find_stop_string(seq, num_new_chars=17) == ". W"
+    assert seq.output_text == ("Hello. W" if include else "Hello")
+
+
+def test_of_two_stop_strings_at_the_same_place_the_first_listed_wins():
+    seq = text_seq(SamplingParams(stop=["ab", "abc"]), "xxabcd")
+    assert find_stop_string(seq, num_new_chars=3) == "ab" and seq.output_text == "xx"
+
+
+def test_a_stop_string_that_began_in_earlier_text_is_found_and_cut_there():
+    seq = text_seq(SamplingParams(stop=["STOP"]), "one ST" + "OP two")
+    assert find_stop_string(seq, num_new_chars=len("OP two")) == "STOP"
+    assert seq.output_text == "one "
+
+
+def test_a_stop_string_wholly_in_older_text_is_not_found_again():
+    # Older text was checked when it arrived (or came before min_tokens, when nothing is
+    # checked): a stop string ending just before the new text is not cut out again.
+    seq = text_seq(SamplingParams(stop=["xy"]), "abxy" + "def")
+    assert find_stop_string(seq, num_new_chars=3) is None and seq.output_text == "abxydef"
+
+
+def test_a_stop_string_at_the_very_start_cuts_the_output_to_nothing():
+    seq = text_seq(SamplingParams(stop=["Hel"]), "Hello")
+    assert find_stop_string(seq, num_new_chars=5) == "Hel"
+    assert seq.output_text == ""
+    kept = text_seq(SamplingParams(stop=["Hel"], include_stop_str_in_output=True), "Hello")
+    assert find_stop_string(kept, num_new_chars=5) == "Hel" and kept.output_text == "Hel"
+
+
+def test_no_new_text_finds_no_stop_string():
+    seq = text_seq(SamplingParams(stop=["lo"]), "Hello")
+    assert find_stop_string(seq, num_new_chars=0) is None and seq.output_text == "Hello"

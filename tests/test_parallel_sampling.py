@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
@@ -56,6 +57,39 @@ def test_n4_shares_the_prompt_blocks_and_copies_at_most_one_block_per_sample(tin
     assert shared_seen >= 2
     # Only the shared, partly filled prompt block was ever copied: once by each sample but the last.
     assert len(copies) == 3 and len({src for src, _ in copies}) == 1
+
+
+def test_diverging_samples_in_a_copied_block_score_as_each_sample_run_alone(tiny):
+    """Every sample writes its first token into the prompt's shared, partly filled block, so
+    all but one write into a copy: each sample's logprobs must equal transformers' on that
+    sample's own tokens, as if it had been run alone with nothing shared."""
+    path, reference = tiny
+    engine = LLMEngine(model=path, num_kv_blocks=64)
+    prompt = list(range(300, 340))  # 2 full blocks and a half-filled one
+    params = SamplingParams(n=4, temperature=1.5, seed=3, max_tokens=10, ignore_eos=True, logprobs=1)
+    engine.add_request("r", prompt, params)
+    copies = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        copies.extend(out.block_copies)
+        return out
+
+    engine.scheduler.schedule = recording
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    assert len(copies) == 3  # the shared partial block, copied by each sample but the last writer
+    samples = [c.token_ids for c in final.outputs]
+    assert len({tuple(s[:2]) for s in samples}) == 4  # they diverge at once
+    with torch.inference_mode():
+        for completion in final.outputs:
+            ids = torch.tensor([prompt + completion.token_ids])
+            logprobs = reference(input_ids=ids).logits[0].float().log_softmax(-1)
+            want = [float(logprobs[len(prompt) + i - 1, t]) for i, t in enumerate(completion.token_ids)]
+            got = [entry[t] for entry, t in zip(completion.logprobs, completion.token_ids)]
+            assert got == pytest.approx(want, abs=1e-4), completion.index
 
 
 def test_n_samples_come_back_as_n_completions(llm):

@@ -31,29 +31,66 @@ def draw_many(params: SamplingParams, logits: torch.Tensor, n: int = 4000) -> to
     return torch.tensor(sampler(logits.expand(n, -1).clone(), seqs).token_ids)
 
 
-def test_top_k_never_emits_a_token_outside_the_k_largest():
-    logits = torch.randn(VOCAB)
-    drawn = draw_many(SamplingParams(temperature=1.5, top_k=5), logits)
-    allowed = set(logits.topk(5).indices.tolist())
-    assert set(drawn.tolist()) <= allowed
-    assert len(set(drawn.tolist())) == 5  # and every one of them does appear
+def kept_by_processors(params: SamplingParams, logits: torch.Tensor) -> set[int]:
+    """The tokens the sampler's filters leave drawable (a finite logit) for one row."""
+    out = Sampler(VOCAB, eos_token_ids=[0])._apply_processors(logits[None].clone(), [make_seq(params)])[0]
+    return set(torch.nonzero(torch.isfinite(out)).flatten().tolist())
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    logits = torch.randn(VOCAB) * 2
-    probs = logits.softmax(-1)
-    order = probs.argsort(descending=True)
-    mass = probs[order].cumsum(0)
-    keep = int((mass < 0.6).sum()) + 1
-    drawn = draw_many(SamplingParams(temperature=1.0, top_p=0.6), logits)
-    assert set(drawn.tolist()) <= set(order[:keep].tolist())
+def top_p_set(probs: list[float], p: float, candidates: list[int]) -> set[int]:
+    """The smallest set of the most likely candidates whose mass (renormalized over the
+    candidates) reaches p, computed the slow way."""
+    total = sum(probs[i] for i in candidates)
+    kept, mass = set(), 0.0
+    for i in sorted(candidates, key=lambda i: -probs[i]):
+        kept.add(i)
+        mass += probs[i] / total
+        if mass >= p:
+            break
+    return kept
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
-    logits = torch.randn(VOCAB) * 2
-    probs = logits.softmax(-1)
-    drawn = draw_many(SamplingParams(temperature=1.0, min_p=0.2), logits)
-    assert set(drawn.tolist()) <= set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+# Distinct probabilities, no cumulative sum within 1e-3 of the thresholds used below.
+SHAPED = torch.log(torch.tensor([0.22, 0.18, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04, 0.03] + [0.02 / 41] * 41))
+SHAPED = SHAPED[torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_top_k_keeps_exactly_the_k_most_likely_tokens(k):
+    allowed = set(SHAPED.topk(k).indices.tolist())
+    params = SamplingParams(temperature=1.0, top_k=k)
+    assert kept_by_processors(params, SHAPED) == allowed
+    assert set(draw_many(params, SHAPED).tolist()) == allowed  # nothing outside, every one inside
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.62, 0.9])
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p(p):
+    probs = SHAPED.softmax(-1).tolist()
+    allowed = top_p_set(probs, p, list(range(VOCAB)))
+    params = SamplingParams(temperature=1.0, top_p=p)
+    assert kept_by_processors(params, SHAPED) == allowed
+    if len(allowed) <= 9:  # the tail tokens are too rare to all appear in the draws
+        assert set(draw_many(params, SHAPED).tolist()) == allowed
+
+
+def test_top_p_applies_to_the_top_k_renormalized_distribution():
+    probs = SHAPED.softmax(-1).tolist()
+    top4 = SHAPED.topk(4).indices.tolist()
+    # The top two hold 0.40 of the top four's 0.67 (0.6 >= 0.5); of the whole vocabulary, 0.40 < 0.5.
+    allowed = top_p_set(probs, 0.5, top4)
+    assert len(allowed) == 2 and len(top_p_set(probs, 0.5, list(range(VOCAB)))) == 3
+    assert kept_by_processors(SamplingParams(temperature=1.0, top_k=4, top_p=0.5), SHAPED) == allowed
+
+
+@pytest.mark.parametrize("min_p, temperature", [(0.2, 1.0), (0.5, 1.0), (0.2, 0.5), (0.05, 2.0)])
+def test_min_p_keeps_exactly_the_tokens_above_a_fraction_of_the_top_probability(min_p, temperature):
+    probs = (SHAPED / temperature).softmax(-1)  # min-p reads the temperature-scaled distribution
+    allowed = set(torch.nonzero(probs >= min_p * probs.max()).flatten().tolist())
+    assert 1 < len(allowed) < VOCAB
+    params = SamplingParams(temperature=temperature, min_p=min_p)
+    assert kept_by_processors(params, SHAPED) == allowed
+    if len(allowed) <= 9:
+        assert set(draw_many(params, SHAPED).tolist()) == allowed
 
 
 def test_sampling_follows_the_temperature_scaled_distribution():
@@ -147,6 +184,17 @@ def test_stop_strings_spanning_tokens_are_cut_from_the_output(llm):
         use_tqdm=False,
     )[0].outputs[0]
     assert kept.text == full.text[: cut + len(stop)]
+
+
+def test_a_stop_string_at_the_start_of_the_output_ends_it_with_empty_text(llm):
+    greedy = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    full = llm.generate("Tell me a story", SamplingParams(**greedy), use_tqdm=False)[0].outputs[0]
+    first_text = llm.get_tokenizer().decode(full.token_ids[:1])
+    stop = first_text[:2]
+    assert stop and full.text.startswith(stop)
+    out = llm.generate("Tell me a story", SamplingParams(**greedy, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == ("", "stop", stop)
+    assert out.token_ids == full.token_ids[:1]  # it stopped at once, not at max_tokens
 
 
 def test_logprobs_equal_log_softmax_of_transformers_logits(llm, tiny_path):

@@ -41,7 +41,9 @@ def server(model_dir, tmp_path_factory):
     )
     with process:
         yield process
-    # After the whole module: no request was left running or holding blocks.
+        # After the whole module: no request was left running, waiting, swapped or holding blocks.
+        values = wait_idle(process)
+        assert metric(values, "vllm:num_requests_waiting") == 0 and metric(values, "vllm:num_requests_swapped") == 0
 
 
 @pytest.fixture(scope="module")
