@@ -54,7 +54,8 @@ class LLMRuntime:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        """Loaded and able to run requests: a dead engine loop is not ready (and not alive)."""
+        return self.engine is not None and not self.failed
 
     @property
     def failed(self) -> bool:
