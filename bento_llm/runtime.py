@@ -66,6 +66,8 @@ class LLMRuntime:
         return self.engine is not None and self.engine.is_dead
 
     def require_engine(self) -> Any:
+        if self.engine is not None and self.engine.is_dead:
+            raise not_ready("The engine stopped after an internal error; the server must be restarted (/livez is 503).")
         if self.engine is not None:
             return self.engine
         if self.error is not None:
