@@ -107,7 +107,8 @@ class Sampler:
             result[row] = (tids[:k], vals[:k])
         return result
 
-    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures) -> torch.Tensor:
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures | None = None) -> torch.Tensor:
+        failed = _RowFailures() if failed is None else failed
         device = logits.device
 
         def ban_and_bias(i: int, seq: Sequence) -> None:
@@ -166,7 +167,8 @@ class Sampler:
         logits = torch.where(seen, penalized, logits)
         return logits - freq * output_counts - pres * (output_counts > 0).float()
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures | None = None) -> torch.Tensor:
+        failed = _RowFailures() if failed is None else failed
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         greedy_ids = logits.max(dim=-1).indices  # the first maximum, as argmax, ~1.7x faster on CPU
         if bool(greedy.all()):
