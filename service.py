@@ -7,6 +7,7 @@ the environment (BENTO_LLM_MODEL, BENTO_LLM_NUM_KV_BLOCKS, ...); see bento_llm/s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
 from typing import Any, AsyncGenerator
@@ -17,7 +18,9 @@ from bentoml.exceptions import BentoMLException
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import OpenAIError
-from bento_llm.limits import ConcurrencyLimitMiddleware
+from bento_llm.exposure import warn_if_exposed
+from bento_llm.http_metrics import bound_bentoml_path_labels
+from bento_llm.limits import BodySizeLimitMiddleware, ConcurrencyLimitMiddleware
 from bento_llm.model_store import DEFAULT_GGUF_FILE, ensure_default_model, packaged_gguf
 from bento_llm.native import prepare, text_stream
 from bento_llm.runtime import LLMRuntime
@@ -32,6 +35,13 @@ DEFAULT_MODEL_TAG = ensure_default_model() if settings.model == DEFAULT_MODEL el
 
 _runtime: LLMRuntime | None = None
 openai_app = create_app(lambda: _runtime)
+
+# BentoML's HTTP metrics get one label per route; every other path shares one.
+bound_bentoml_path_labels(
+    known=["/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/generate", "/chat",
+           *(f"/v1{route.path}" for route in openai_app.routes if "{" not in route.path)],
+    prefixes=[("/v1/models/", "/v1/models/{model}"), ("/static_content/", "/static_content/{file}")],
+)  # fmt: skip
 
 
 def _bentoml_error(e: OpenAIError) -> BentoMLException:
@@ -48,6 +58,9 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
     # max_concurrency is enforced by ConcurrencyLimitMiddleware below instead of BentoML's
     # traffic.max_concurrency, whose 429 body is not in OpenAI's error shape.
     traffic={"timeout": settings.timeout},
+    # Only this machine unless asked (`--host 0.0.0.0`, BENTOML_HOST): BentoML's own default
+    # is every interface, which with no API key opens the model to the network.
+    http={"host": "127.0.0.1"},
     envs=[{"name": "BENTOML_DO_NOT_TRACK", "value": "true"}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
 )
 class BentoLLM:
@@ -70,6 +83,7 @@ class BentoLLM:
         _runtime = self.runtime
         # In the background: /livez must answer while the weights load.
         self.runtime.start()
+        warn_if_exposed(api_key_set=settings.api_key is not None)
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready
@@ -121,7 +135,8 @@ class BentoLLM:
 
     async def _stream(self, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any]) -> AsyncGenerator[str, None]:
         try:
-            prompt_, params = prepare(self.runtime, prompt, messages, options)
+            # Off the event loop: it tokenizes, which takes seconds for megabytes of text.
+            prompt_, params = await asyncio.to_thread(prepare, self.runtime, prompt, messages, options)
         except OpenAIError as e:
             # Raised before the first piece, so BentoML can still answer with the status.
             raise _bentoml_error(e) from None
@@ -130,15 +145,19 @@ class BentoLLM:
 
 
 # /v1/* and the native endpoints need the key when one is set, and count against
-# max_concurrency; health, metrics and docs stay open and unlimited. The key is checked
-# first (outermost), so an unauthenticated flood cannot take the concurrency slots.
+# max_concurrency; health, metrics and docs (BentoML's at /, the API's at /v1/docs) stay
+# open. The key is checked first (outermost), so an unauthenticated flood cannot take the
+# concurrency slots, nor make the server read its bodies.
 API_PREFIXES, API_PATHS = ("/v1",), ("/generate", "/chat")
+API_DOCS = ("/v1/docs", "/v1/docs/oauth2-redirect", "/v1/openapi.json", "/v1/redoc")
 BentoLLM.add_asgi_middleware(
     APIKeyMiddleware,
     api_key=settings.api_key.get_secret_value() if settings.api_key else None,
     prefixes=API_PREFIXES,
     paths=API_PATHS,
+    open_paths=API_DOCS,
 )
+BentoLLM.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
 BentoLLM.add_asgi_middleware(
     ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency, prefixes=API_PREFIXES, paths=API_PATHS
 )

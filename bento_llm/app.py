@@ -20,6 +20,8 @@ from bento_llm.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
+    ModelCard,
     ModelList,
 )
 from bento_llm.runtime import LLMRuntime
@@ -31,6 +33,21 @@ RuntimeGetter = Callable[[], LLMRuntime | None]
 
 
 _BODY_SCHEMAS: dict[str, Any] = {}  # nested models of hand-parsed bodies, for components/schemas
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route really gives, for the OpenAPI document. 401 comes from the
+    API-key middleware, 413 from the body limit, 429 from the concurrency limit."""
+    meaning = {
+        400: "Invalid request: the error's `param` names the field", 401: "Missing or wrong API key",
+        404: "Unknown model or URL", 413: "Request body too large",
+        429: "Too many concurrent requests; retry shortly", 503: "The model is loading, or the engine stopped",
+    }  # fmt: skip
+    return {status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses}
+
+
+_READ_ERRORS = _errors(401, 404, 429, 503)
+_GENERATE_ERRORS = _errors(400, 401, 404, 413, 429, 503)
 
 
 def _schema_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -74,17 +91,17 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
             raise OpenAIError("The server is starting; retry when /readyz answers 200.", 503, "server_error", code="model_not_ready")
         return OpenAIServing(runtime)
 
-    @app.get("/models", response_model=ModelList)
+    @app.get("/models", response_model=ModelList, responses=_READ_ERRORS)
     async def list_models() -> Any:
         return serving().models()
 
-    @app.get("/models/{model_id:path}")
+    @app.get("/models/{model_id:path}", responses={200: {"model": ModelCard}, **_READ_ERRORS})
     async def get_model(model_id: str) -> Any:
         s = serving()
         s.check_model(model_id)
         return s.models().data[0]
 
-    @app.post("/completions", openapi_extra=_schema_body(CompletionRequest), responses={200: {"model": CompletionResponse}})
+    @app.post("/completions", openapi_extra=_schema_body(CompletionRequest), responses={200: {"model": CompletionResponse}, **_GENERATE_ERRORS})
     async def completions(request: Request) -> Response:
         try:
             s = serving()
@@ -92,7 +109,7 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
         except Exception as e:  # noqa: BLE001
             return _error_response(request, e)
 
-    @app.post("/chat/completions", openapi_extra=_schema_body(ChatCompletionRequest), responses={200: {"model": ChatCompletionResponse}})
+    @app.post("/chat/completions", openapi_extra=_schema_body(ChatCompletionRequest), responses={200: {"model": ChatCompletionResponse}, **_GENERATE_ERRORS})
     async def chat_completions(request: Request) -> Response:
         try:
             s = serving()
@@ -109,8 +126,19 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
         spec = generate_openapi()
-        spec.setdefault("components", {}).setdefault("schemas", {}).update(_BODY_SCHEMAS)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(_BODY_SCHEMAS)
+        # FastAPI documents a 422 for every route with a parameter; this app never sends one
+        # (a bad path or body is a 400 or 404 in OpenAI's shape).
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        app.openapi_schema = spec
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]

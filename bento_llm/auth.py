@@ -26,7 +26,8 @@ def _error_body(message: str, code: str | None) -> bytes:
 
 class APIKeyMiddleware:
     """Requires `Authorization: Bearer <api_key>` on every path under one of `prefixes`
-    or equal to one of `paths`; everything else (health, metrics, docs) stays open."""
+    or equal to one of `paths`, except the `open_paths` (the API's own docs); everything else
+    (health, metrics, docs) stays open."""
 
     def __init__(
         self,
@@ -34,13 +35,17 @@ class APIKeyMiddleware:
         api_key: str | None,
         prefixes: Iterable[str] = ("/v1",),
         paths: Iterable[str] = (),
+        open_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.prefixes = tuple(p.rstrip("/") for p in prefixes)
         self.paths = frozenset(paths)
+        self.open_paths = frozenset(open_paths)
 
     def protects(self, path: str) -> bool:
+        if path in self.open_paths:
+            return False
         if path in self.paths:
             return True
         return any(path == p or path.startswith(p + "/") for p in self.prefixes)

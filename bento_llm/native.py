@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from bento_llm.chat import apply_chat_template
-from bento_llm.errors import OpenAIError
+from pydantic import ValidationError
+
+from bento_llm.errors import OpenAIError, from_validation_error
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, random_id
 from bento_llm.runtime import LLMRuntime
 from bento_llm.serving import OpenAIServing, Prompt
@@ -18,25 +19,27 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(runtime: LLMRuntime, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any]) -> tuple[Prompt, Any]:
-    """Validate as the OpenAI routes do; raises OpenAIError before anything starts."""
+    """Validate as the OpenAI routes do; raises OpenAIError before anything starts.
+    Tokenizes: call it off the event loop."""
     serving = OpenAIServing(runtime)
     runtime.require_engine()
+    try:
+        if messages is not None:
+            request: Any = ChatCompletionRequest.model_validate({"messages": messages, **_options(options)}, strict=False)
+        else:
+            request = CompletionRequest.model_validate({"prompt": prompt or "", **_options(options)}, strict=False)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=None, vocab_size=runtime.vocab_size)
     if messages is not None:
-        request = ChatCompletionRequest.model_validate({"messages": messages, **_options(options)}, strict=False)
-        params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=None, vocab_size=runtime.vocab_size)
-        text = apply_chat_template(runtime.tokenizer, request)
-        ids = runtime.tokenizer.encode(text, add_special_tokens=False)
-        param = "messages"
+        tokenized, param = serving.chat_prompt(request), "messages"
     else:
-        request = CompletionRequest.model_validate({"prompt": prompt or "", **_options(options)}, strict=False)
-        params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=None, vocab_size=runtime.vocab_size)
         text = prompt or ""
-        ids = runtime.tokenizer.encode(text, add_special_tokens=True)
-        param = "prompt"
+        tokenized, param = Prompt(list(runtime.tokenizer.encode(text, add_special_tokens=True)), text), "prompt"
     if params.n != 1:
         raise OpenAIError("n must be 1 on the streaming text endpoints", param="n")
-    serving.check_length(len(ids), params.max_tokens, param)
-    return Prompt(list(ids), text), params
+    serving.check_length(len(tokenized.token_ids), params.max_tokens, param)
+    return tokenized, params
 
 
 async def text_stream(runtime: LLMRuntime, prompt: Prompt, params: Any) -> AsyncIterator[str]:

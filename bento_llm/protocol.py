@@ -22,7 +22,9 @@ def random_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+    # allow_inf_nan=False: Python's JSON parser (and pydantic's) reads NaN, Infinity and 1e999;
+    # no sampling value means anything there, so they are refused at the door.
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -92,13 +94,13 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(_Request):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     type: str
     text: str | None = None
 
 
 class ChatMessage(_Request):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -316,3 +318,16 @@ class CompletionChunk(_Response):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every error the API answers, whatever its status."""
+
+    error: ErrorDetail

@@ -54,7 +54,8 @@ class LLMRuntime:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        """Loaded and able to run requests: a dead engine loop is not ready (and not alive)."""
+        return self.engine is not None and not self.failed
 
     @property
     def failed(self) -> bool:
@@ -65,6 +66,8 @@ class LLMRuntime:
         return self.engine is not None and self.engine.is_dead
 
     def require_engine(self) -> Any:
+        if self.engine is not None and self.engine.is_dead:
+            raise not_ready("The engine stopped after an internal error; the server must be restarted (/livez is 503).")
         if self.engine is not None:
             return self.engine
         if self.error is not None:

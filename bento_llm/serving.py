@@ -6,6 +6,7 @@ end: client disconnect, error, BentoML's timeout, a failure in a sibling prompt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -189,7 +190,8 @@ class OpenAIServing:
         self.check_model(request.model)
         k = request.logprobs
         params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=k, vocab_size=rt.vocab_size)
-        prompts = self.completion_prompts(request)
+        # Off the event loop: tokenizing megabytes takes seconds, and /livez must still answer.
+        prompts = await asyncio.to_thread(self.completion_prompts, request)
         for prompt in prompts:
             self.check_length(len(prompt.token_ids), params.max_tokens, "prompt")
         response_id, created, n = random_id("cmpl"), int(time.time()), params.n
@@ -272,6 +274,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ chat
 
+    def chat_prompt(self, request: ChatCompletionRequest) -> Prompt:
+        text = apply_chat_template(self.runtime.tokenizer, request)
+        return Prompt(list(self.runtime.tokenizer.encode(text, add_special_tokens=False)), text)
+
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         rt = self.runtime
         rt.require_engine()
@@ -279,8 +285,7 @@ class OpenAIServing:
         k = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.requested_max_tokens
         params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
-        prompt_text = apply_chat_template(rt.tokenizer, request)
-        prompt = Prompt(list(rt.tokenizer.encode(prompt_text, add_special_tokens=False)), prompt_text)
+        prompt = await asyncio.to_thread(self.chat_prompt, request)  # off the loop, as completions
         self.check_length(len(prompt.token_ids), params.max_tokens, "messages")
         # vLLM's echo: repeat the final message when the reply continues it.
         last = request.messages[-1]

@@ -72,11 +72,15 @@ class Settings(BaseModel):
     # Requests in flight before BentoML answers 429. The engine queues and batches on its
     # own, so this is an overload guard, not a batching knob: keep it well above max_num_seqs.
     max_concurrency: int = Field(default=256, ge=1)
+    # Larger request bodies are refused with 413 before they are read; accepts "4MiB".
+    # Big enough for a batch of full-context prompts; small enough that one request cannot
+    # hold the tokenizer (and memory) for long.
+    max_request_bytes: int = Field(default=4 * 2**20, ge=1024)
     # Seconds before BentoML gives up on a request that has not started its response;
     # a non-streaming generation answers only at the end, so this must cover the longest one.
     timeout: float = Field(default=3600.0, gt=0)
 
-    @field_validator("kv_cache_memory", mode="before")
+    @field_validator("kv_cache_memory", "max_request_bytes", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return None if value in (None, "") else parse_size(value)

@@ -89,6 +89,9 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._commands.put(("add", seq))
         self._wakeup.set()
+        if self._dead is not None:  # died while this request was being made: nobody will run it
+            self._streams.pop(request_id, None)
+            raise EngineDeadError(f"the engine is not running: {self._dead!r}")
         return self._iterate(request_id, stream)
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
@@ -148,7 +151,7 @@ class AsyncEngine:
                 if seq.request_id in self._streams:  # not aborted while queued
                     self.engine.add_sequence(seq)
             else:
-                self.engine.abort_request(arg)
+                self.engine.discard_request(arg)
 
     def _loop(self) -> None:
         try:
@@ -161,12 +164,12 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except EngineStepError as e:
-                    # One bad step fails its own requests; the engine and the others go on.
-                    for rid in e.request_ids:
+                    # Failed requests get their own error; the engine and the others go on.
+                    for rid, error in e.errors.items():
                         stream = self._streams.pop(rid, None)
                         if stream is not None:
-                            stream.put(e)
-                    continue
+                            stream.put(error)
+                    outputs = e.outputs
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
@@ -175,13 +178,20 @@ class AsyncEngine:
                         del self._streams[out.request_id]
                     if not stream.put(out):
                         self._streams.pop(out.request_id, None)
-                        self.engine.abort_request(out.request_id)
-        except BaseException as e:  # a bug in the loop itself: fail every waiting request
+                        self.engine.discard_request(out.request_id)
+        except BaseException as e:  # not pinned to any request: the engine is dead
             logger.exception("engine loop died")
             self._dead = e
+            self._discard_all()  # before the errors go out: a failed request holds no block
             for rid, stream in list(self._streams.items()):
                 stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
             self._streams.clear()
         finally:
-            for rid in list(self.engine.requests):
-                self.engine.abort_request(rid)
+            self._discard_all()
+
+    def _discard_all(self) -> None:
+        for rid in list(self.engine.requests):
+            try:
+                self.engine.discard_request(rid)
+            except Exception:  # noqa: BLE001 - the engine is going away; free what can be freed
+                logger.exception("could not free request %s", rid)

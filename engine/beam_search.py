@@ -84,23 +84,31 @@ def beam_search_step(
     group.finished.sort(key=lambda s: -beam_score(s, params.length_penalty))
     del group.finished[width:]
 
-    # Forks first, from the parents as they were; then every survivor takes its token.
+    # Forks first, from the parents as they were; then every survivor takes its token. A
+    # failure part-way frees the forks made so far: aborting the request frees group.seqs,
+    # and a fork must not hold blocks outside it.
     survivors: list[tuple[Sequence, _Candidate]] = []
     reused: set[int] = set()
-    for c in continuing:
-        if c.parent.seq_id in reused:
-            child = c.parent.fork(0)
-            block_manager.fork(c.parent, child)
-            survivors.append((child, c))
-        else:
-            reused.add(c.parent.seq_id)
-            survivors.append((c.parent, c))
+    try:
+        for c in continuing:
+            if c.parent.seq_id in reused:
+                child = c.parent.fork(0)
+                survivors.append((child, c))
+                block_manager.fork(c.parent, child)
+            else:
+                reused.add(c.parent.seq_id)
+                survivors.append((c.parent, c))
+    except BaseException:
+        for seq, _ in survivors:
+            if seq.seq_id not in reused:
+                block_manager.free(seq)
+        raise
     for seq in group.seqs:
         if seq.seq_id not in reused:
             block_manager.free(seq)  # pruned
+    group.seqs = [seq for seq, _ in survivors]
     for seq, c in survivors:
         seq.append_token(c.token_id, c.logprob, None)
-    group.seqs = [seq for seq, _ in survivors]
 
     if _search_is_done(group, continuing, params):
         for seq in group.seqs:

@@ -6,14 +6,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine.beam_search import beam_search_step, beam_score
+from engine.beam_search import beam_search_step
 from engine.block_manager import BlockManager, KVCacheUsage
 from engine.config import EngineConfig
-from engine.detokenizer import Detokenizer, find_stop_string
+from engine.detokenizer import Detokenizer
 from engine.loader import load_model_source
 from engine.model_runner import ModelRunner
 from engine.models.llama import ModelConfig
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.output_processor import build_output, check_stop
+from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -40,11 +41,23 @@ class EngineStats:
 
 
 class EngineStepError(RuntimeError):
-    """A step failed; the requests in it were aborted and their blocks freed."""
+    """A step failed for some requests: those were aborted and their blocks freed.
 
-    def __init__(self, request_ids: list[str], cause: BaseException):
+    `outputs` are the step's outputs of every other request, which went on; `errors` maps each
+    failed request to its own exception (the forward pass failing fails all of its requests
+    with one cause)."""
+
+    def __init__(
+        self,
+        request_ids: list[str],
+        cause: BaseException,
+        outputs: list[RequestOutput] | None = None,
+        errors: dict[str, BaseException] | None = None,
+    ):
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
         self.request_ids = request_ids
+        self.outputs = outputs or []
+        self.errors = errors or {rid: cause for rid in request_ids}
 
 
 class LLMEngine:
@@ -113,6 +126,11 @@ class LLMEngine:
                     f"best_of (or n) is {params.best_of}, but the engine runs at most {limit}="
                     f"{getattr(self.config, limit)} sequences together; lower it"
                 )
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise ValueError(f"SamplingParams.{name} token ids must be below the vocabulary size {vocab}, got {outside[:5]}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; send at least one character or token")
@@ -121,7 +139,6 @@ class LLMEngine:
             text, token_ids = None, list(prompt)
             if not token_ids:
                 raise ValueError("prompt is empty; send at least one token id")
-            vocab = self.model_config.vocab_size
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
@@ -157,6 +174,12 @@ class LLMEngine:
         return group
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        group = self.discard_request(request_id)
+        return build_output(group, self.tokenizer) if group is not None else None
+
+    def discard_request(self, request_id: str) -> SequenceGroup | None:
+        """abort_request without its last output: frees the blocks and computes nothing of the
+        request's own that could fail."""
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
@@ -165,7 +188,7 @@ class LLMEngine:
             seq.finish("abort")
         group.metrics.finished_time = time.time()
         logger.debug("aborted %s; %d blocks free", request_id, self.block_manager.num_free_blocks)
-        return self._output(group)
+        return group
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -188,10 +211,12 @@ class LLMEngine:
         except Exception as e:
             ids = list(dict.fromkeys(item.seq.request_id for item in schedule.scheduled))
             for rid in ids:
-                self.abort_request(rid)
+                self.discard_request(rid)
             logger.exception("step failed; aborted %s", ids)
             raise EngineStepError(ids, e) from e
 
+        # Engine-wide bookkeeping: a failure here cannot be pinned to a request and propagates
+        # (the AsyncEngine then reports itself dead).
         now = time.time()
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -206,93 +231,58 @@ class LLMEngine:
                 sampled.setdefault(seq.request_id, []).append((seq, row))
                 row += 1
 
-        outputs = []
+        # Per-request work: whatever one request's rows raise (in the sampler, or here) fails
+        # that request alone; its blocks are freed and every other request goes on.
+        outputs: list[RequestOutput] = []
+        failures: dict[str, BaseException] = {}
         for request_id, rows in sampled.items():
-            group = self.requests[request_id]
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-            group.metrics.last_token_time = now
-            self.generation_tokens += len(rows)
-            if group.params.use_beam_search:
-                self._beam_step(group, rows, result.sampled)
-            else:
-                for seq, r in rows:
-                    s = result.sampled
-                    seq.append_token(s.token_ids[r], s.logprobs[r], s.top_logprobs[r])
-                    self._check_stop(seq, len(self.detokenizer.step(seq)))
-                    if seq.is_finished:
-                        self.scheduler.free_seq(seq)
-                        group.retire(seq)
-                if not group.seqs:
-                    group.status = GroupStatus.FINISHED
-            if group.is_finished:
-                group.metrics.finished_time = now
-                self.scheduler.finish(group)
-                del self.requests[request_id]
-            if group.is_finished or not group.params.use_beam_search:
-                outputs.append(self._output(group))
+            try:
+                group = self.requests[request_id]
+                failed_row = next((result.sampled.failed[r] for _, r in rows if r in result.sampled.failed), None)
+                if failed_row is not None:
+                    raise failed_row
+                output = self._advance(group, rows, result.sampled, now)
+            except Exception as e:  # noqa: BLE001 - pinned to this request
+                logger.exception("request %s failed in the step; aborting it alone", request_id)
+                self.discard_request(request_id)
+                failures[request_id] = e
+                continue
+            if output is not None:
+                outputs.append(output)
+        if failures:
+            raise EngineStepError(list(failures), next(iter(failures.values())), outputs, failures)
         return outputs
+
+    def _advance(self, group: SequenceGroup, rows: list[tuple[Sequence, int]], sampled, now: float) -> RequestOutput | None:
+        """One request takes its sampled tokens: stops, detokenization, the output to stream."""
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = now
+        group.metrics.last_token_time = now
+        self.generation_tokens += len(rows)
+        if group.params.use_beam_search:
+            self._beam_step(group, rows, sampled)
+        else:
+            for seq, r in rows:
+                seq.append_token(sampled.token_ids[r], sampled.logprobs[r], sampled.top_logprobs[r])
+                check_stop(seq, len(self.detokenizer.step(seq)), self.eos_token_ids, self.max_model_len)
+                if seq.is_finished:
+                    self.scheduler.free_seq(seq)
+                    group.retire(seq)
+            if not group.seqs:
+                group.status = GroupStatus.FINISHED
+        if group.is_finished:
+            group.metrics.finished_time = now
+            self.scheduler.finish(group)
+            del self.requests[group.request_id]
+        if group.is_finished or not group.params.use_beam_search:
+            return build_output(group, self.tokenizer)
+        return None
 
     def _beam_step(self, group: SequenceGroup, rows: list[tuple[Sequence, int]], sampled) -> None:
         if len(rows) != len(group.seqs):
             raise RuntimeError(f"{group.request_id}: {len(rows)} of {len(group.seqs)} beams sampled in one step")
         samples = [(seq, *sampled.beam_candidates[r]) for seq, r in rows]
         beam_search_step(group, samples, self.block_manager, self.eos_token_ids, self.max_model_len)
-
-    def _check_stop(self, seq: Sequence, num_new_chars: int) -> None:
-        p = seq.params
-        token = seq.token_ids[-1]
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return seq.finish("stop")
-            if token in p.stop_token_ids:
-                return seq.finish("stop", token)
-            stop = find_stop_string(seq, num_new_chars)
-            if stop is not None:
-                return seq.finish("stop", stop)
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish("length")
-
-    def _output(self, group: SequenceGroup) -> RequestOutput:
-        p = group.params
-        if p.use_beam_search:
-            # The best finished hypotheses; while running (or aborted), the best live beams.
-            pool = group.finished or group.seqs
-            seqs = sorted(pool, key=lambda s: -beam_score(s, p.length_penalty) if s.num_output_tokens else 0.0)
-        elif p.best_of > p.n:
-            seqs = sorted(group.seqs + group.finished, key=lambda s: -s.cumulative_logprob)
-        else:
-            seqs = sorted(group.seqs + group.finished, key=lambda s: s.index)
-        report_cumulative = p.logprobs is not None or p.best_of > 1
-        completions = [
-            CompletionOutput(
-                index=i,
-                text=self._beam_text(seq) if p.use_beam_search else seq.output_text,
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if report_cumulative else None,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for i, seq in enumerate(seqs[: p.n])
-        ]
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            outputs=completions,
-            finished=group.is_finished,
-            metrics=group.metrics,
-            num_cached_tokens=group.num_cached_tokens,
-            prompt_logprobs=list(group.first.prompt_logprobs) if group.first.prompt_logprobs is not None else None,
-        )
-
-    def _beam_text(self, seq: Sequence) -> str:
-        # Beams fork and die every step, so their text is decoded once, not incrementally.
-        return self.tokenizer.decode(
-            seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
 
     # ---- reports ----------------------------------------------------------------------------
     def kv_cache_usage(self) -> KVCacheUsage:

@@ -2,6 +2,10 @@
 
 The only per-request Python work is drawing noise from a seeded request's own generator, so a
 seeded request samples the same tokens whatever else is in the batch.
+
+Per-row work (logit bias, banned stop tokens, penalty counts, seeded noise, logprob entries)
+runs under `_RowFailures`: an exception there fails only its own row, which the engine then
+aborts, and every other row samples as if it were not in the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ class SampleResult:
     # Beam-search rows: the best candidate token ids and their logprobs (after the logits
     # processors, as transformers scores beams); None for other rows.
     beam_candidates: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
+    # Rows whose own processing raised: their token is meaningless and their request must fail.
+    failed: dict[int, BaseException] = field(default_factory=dict)
+
+
+class _RowFailures(dict):
+    """Row -> the first exception its per-row work raised."""
+
+    def run(self, row: int, work, *args) -> None:
+        if row in self:
+            return
+        try:
+            work(*args)
+        except Exception as e:  # noqa: BLE001 - pinned to this row; the engine fails its request
+            self[row] = e
 
 
 class Sampler:
@@ -40,26 +58,28 @@ class Sampler:
 
         # In place: the runner hands over logits that nothing else reads, and raw_logprobs is
         # already its own tensor; a copy would be a full extra pass over [batch, vocab].
-        logits = self._apply_processors(logits, seqs)
-        token_ids = self._draw(logits, seqs)
+        failed = _RowFailures()
+        logits = self._apply_processors(logits, seqs, failed)
+        token_ids = self._draw(logits, seqs, failed)
         beams = self._beam_candidates(logits, seqs)
 
         if raw_logprobs is None:
-            return SampleResult(token_ids.tolist(), [0.0] * len(seqs), [None] * len(seqs), beams)
+            return SampleResult(token_ids.tolist(), [0.0] * len(seqs), [None] * len(seqs), beams, dict(failed))
         chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
         max_k = max(s.params.logprobs or 0 for s in seqs)
         top_vals, top_ids = raw_logprobs.topk(max(max_k, 1), dim=-1)
-        tops: list[PositionLogprobs | None] = []
-        for i, seq in enumerate(seqs):
-            k = seq.params.logprobs
-            if k is None:
-                tops.append(None)
-                continue
+        tops: list[PositionLogprobs | None] = [None] * len(seqs)
+
+        def top_entry(i: int, k: int) -> None:
             entry = {int(token_ids[i]): float(chosen[i])}
             for tid, val in zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist()):
                 entry.setdefault(tid, val)
-            tops.append(entry)
-        return SampleResult(token_ids.tolist(), chosen.tolist(), tops, beams)
+            tops[i] = entry
+
+        for i, seq in enumerate(seqs):
+            if seq.params.logprobs is not None:
+                failed.run(i, top_entry, i, seq.params.logprobs)
+        return SampleResult(token_ids.tolist(), chosen.tolist(), tops, beams, dict(failed))
 
     @staticmethod
     def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], ks: list[int]) -> list[PositionLogprobs]:
@@ -87,11 +107,13 @@ class Sampler:
             result[row] = (tids[:k], vals[:k])
         return result
 
-    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures | None = None) -> torch.Tensor:
+        failed = _RowFailures() if failed is None else failed
         device = logits.device
-        # min_tokens: EOS and stop tokens are impossible until enough tokens exist.
-        for i, seq in enumerate(seqs):
+
+        def ban_and_bias(i: int, seq: Sequence) -> None:
             p = seq.params
+            # min_tokens: EOS and stop tokens are impossible until enough tokens exist.
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 if banned:
@@ -100,15 +122,18 @@ class Sampler:
                 ids = torch.tensor(list(p.logit_bias), device=device)
                 logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=device)
 
+        for i, seq in enumerate(seqs):
+            failed.run(i, ban_and_bias, i, seq)
+
         penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if penalized:
-            logits[penalized] = self._apply_penalties(logits[penalized], [seqs[i] for i in penalized])
+            logits[penalized] = self._apply_penalties(logits[penalized], [seqs[i] for i in penalized], penalized, failed)
 
         temperatures = [s.params.temperature if not s.params.greedy else 1.0 for s in seqs]
         if any(t != 1.0 for t in temperatures):  # a full pass over the vocabulary otherwise wasted
             logits = logits / torch.tensor(temperatures, device=device)[:, None]
 
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs], device=device)
+        top_k = torch.tensor([min(s.params.top_k, self.vocab_size) if s.params.top_k > 0 else self.vocab_size for s in seqs], device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
         min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
         if bool((top_k < self.vocab_size).any() or (top_p < 1).any()):
@@ -119,17 +144,21 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         return logits
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], rows_in_batch: list[int], failed: _RowFailures) -> torch.Tensor:
         """vLLM's definitions: repetition divides positive / multiplies negative logits of
         tokens in prompt or output; presence and frequency subtract for output tokens."""
         device = logits.device
         rows = len(seqs)
         output_counts = torch.zeros(rows, self.vocab_size, device=device)
         seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=device)
-        for i, seq in enumerate(seqs):
+
+        def count(i: int, seq: Sequence) -> None:
             out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
             output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
             seen[i, torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device)] = True
+
+        for i, seq in enumerate(seqs):
+            failed.run(rows_in_batch[i], count, i, seq)
         seen |= output_counts > 0
         rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
         freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
@@ -138,7 +167,8 @@ class Sampler:
         logits = torch.where(seen, penalized, logits)
         return logits - freq * output_counts - pres * (output_counts > 0).float()
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures | None = None) -> torch.Tensor:
+        failed = _RowFailures() if failed is None else failed
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         greedy_ids = logits.max(dim=-1).indices  # the first maximum, as argmax, ~1.7x faster on CPU
         if bool(greedy.all()):
@@ -147,9 +177,13 @@ class Sampler:
         # seeded row use its own generator without a per-row multinomial call.
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
+
+        def seeded_noise(i: int, generator: torch.Generator) -> None:
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
+
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(noise.device)
+                failed.run(i, seeded_noise, i, seq.generator)
         sampled_ids = (probs / noise).max(dim=-1).indices
         return torch.where(greedy, greedy_ids, sampled_ids)
 

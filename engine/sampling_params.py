@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+# Ranges where the sampler's float32 arithmetic stays meaningful: below MIN_TEMPERATURE a
+# temperature is clamped to it (as vLLM does); above MAX_TEMPERATURE sampling is as good as
+# uniform; a repetition penalty outside its range scales logits to inf
+# or to 0; a length penalty past MAX_LENGTH_PENALTY overflows length ** penalty.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+MAX_LENGTH_PENALTY = 10.0
+_INT64 = (-(2**63), 2**63 - 1)
+_SEEDS = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's range
+_INT_FIELDS = ("n", "best_of", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_FLOAT_FIELDS = ("length_penalty", "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -39,12 +60,40 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
-        if self.top_k == 0:
-            self.top_k = -1
         if self.best_of is None:
             self.best_of = self.n
+        self._check_types()
+        if self.top_k == 0:
+            self.top_k = -1
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # vLLM's documented clamp: logits divided by a tinier temperature overflow to inf
+            # and the softmax turns to NaN.
+            self.temperature = MIN_TEMPERATURE
         self._validate()
+
+    def _check_types(self) -> None:
+        """Every number is of its type, finite, and fits the int64 / float32 tensors the
+        sampler builds, before any range check compares it."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_int(value, *_INT64):
+                raise ValueError(f"SamplingParams.{name} must be an integer in [-2**63, 2**63 - 1], got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_finite_number(value):
+                raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
+        if self.seed is not None and not _is_int(self.seed, *_SEEDS):
+            raise ValueError(f"SamplingParams.seed must be an integer in [-2**63, 2**64 - 1] (what torch's generator takes), got {self.seed!r}")
+        if not all(_is_int(t, 0, _INT64[1]) for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative integer token ids, got {self.stop_token_ids!r}")
+        try:
+            self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias or {}).items()}
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"SamplingParams.logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        if any(k < 0 or not math.isfinite(v) for k, v in self.logit_bias.items()):
+            raise ValueError(f"SamplingParams.logit_bias must map token ids to finite numbers, got {self.logit_bias!r}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be strings, got {self.stop!r}")
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -54,8 +103,8 @@ class SamplingParams:
             raise bad("n", "must be at least 1")
         if self.best_of < self.n:
             raise bad("best_of", f"must be at least n ({self.n})")
-        if self.temperature < 0:
-            raise bad("temperature", "must be non-negative (0 means greedy)")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be non-negative (0 means greedy) and at most {MAX_TEMPERATURE}")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if self.top_k < -1:
@@ -66,8 +115,10 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be positive")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be positive, in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1 is none)")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise bad("length_penalty", f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be at least 1")
         if self.min_tokens < 0:

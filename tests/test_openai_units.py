@@ -97,6 +97,9 @@ def _validation_error(model, body) -> dict:
         ({"prompt": "x", "stream": 1}, "stream", "invalid_type"),
         ({"prompt": "x", "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"max_tokens": 3}, "prompt", "missing_required_parameter"),
+        ('{"prompt": "x", "temperature": NaN}', "temperature", "invalid_value"),  # non-finite JSON
+        ('{"prompt": "x", "top_p": -Infinity}', "top_p", "invalid_value"),
+        ('{"prompt": "x", "presence_penalty": 1e999}', "presence_penalty", "invalid_value"),
     ],
 )
 def test_validation_errors_name_the_field(body, param, code):
@@ -145,6 +148,59 @@ def test_api_key_middleware():
         assert client.get(path, headers={"Authorization": "bearer s3cret"}).status_code == 200
     for path in ("/livez", "/readyz", "/metrics", "/v1x", "/"):
         assert client.get(path).status_code == 200, path
+
+
+def test_the_api_docs_stay_open_behind_a_key():
+    client = TestClient(APIKeyMiddleware(_ok_app, "s3cret", prefixes=("/v1",), open_paths=("/v1/docs",)))
+    assert client.get("/v1/docs").status_code == 200 and client.get("/v1/models").status_code == 401
+
+
+def test_body_limit_answers_413_in_openai_shape():
+    from bento_llm.limits import BodySizeLimitMiddleware
+
+    async def echo_length(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RuntimeError("client went away")  # what a real app does; the 413 still goes out
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    client = TestClient(BodySizeLimitMiddleware(echo_length, max_bytes=1000), raise_server_exceptions=False)
+    assert client.post("/v1/completions", content=b"x" * 1000).text == "1000"
+    for content in (b"x" * 1001, iter([b"x" * 600, b"x" * 600])):  # declared, then chunked
+        response = client.post("/v1/completions", content=content)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_paths_share_one_metrics_label():
+    from bento_llm.http_metrics import OTHER, path_label
+
+    known, prefixes = frozenset({"/livez", "/v1/completions"}), [("/v1/models/", "/v1/models/{model}")]
+    assert path_label("/livez", known, prefixes) == "/livez"
+    assert path_label("/v1/models/tiny", known, prefixes) == "/v1/models/{model}"
+    assert {path_label(p, known, prefixes) for p in ("/x", "/v1/x\x00", "/livez/", "")} == {OTHER}
+
+
+def test_a_server_listening_beyond_loopback_without_a_key_warns(caplog):
+    import socket
+
+    from bento_llm.exposure import is_loopback, listening_addresses, warn_if_exposed
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        assert "0.0.0.0" in listening_addresses()
+        with caplog.at_level("WARNING", logger="bento_llm"):
+            warn_if_exposed(api_key_set=True)
+            assert not caplog.records
+            warn_if_exposed(api_key_set=False)
+        assert "without an API key" in caplog.text
 
 
 def test_no_api_key_means_open():
@@ -211,6 +267,7 @@ class _Tokenizer:
 class _Engine:
     tokenizer = _Tokenizer()
     max_model_len = 32
+    is_dead = False
 
     class model_config:
         vocab_size = 10
