@@ -463,9 +463,12 @@ void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, const Fn& fn) {
 
 template <typename T>
 void paged_attention_kernel(const AttentionArgs<T>& a, std::vector<Unit>& units) {
-  const int64_t max_rows = std::max<int64_t>(1, kTileRows / a.group) * a.group;
-  int64_t total_cost = 0;
-  for (const Unit& u : units) total_cost += u.tokens * a.group * u.kv_end();
+  // Buffers sized for this batch's tallest tile (a decode batch's are a few rows, not kTileRows).
+  int64_t max_rows = 1, total_cost = 0;
+  for (const Unit& u : units) {
+    max_rows = std::max(max_rows, u.tokens * a.group);
+    total_cost += u.tokens * a.group * u.kv_end();
+  }
   const int64_t target = total_cost / kTargetItems + 1;
   std::vector<Item> items;
   int64_t workspace_size = 0;
