@@ -7,8 +7,9 @@ seconds) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
 (AVX-512 or AVX2 as torch detects them), so the extension's name carries them. An import that
 cannot build raises ImportError; the engine then falls back to the plain-torch backend.
 
-Prefill attention stays torch's SDPA per sequence (compute-bound, where SDPA's flash kernel is
-good); decode rows, the cache writes and the model's pointwise ops are the C++ kernels.
+Attention is one C++ kernel for prefill chunks, decodes and mixed batches, reading the paged
+cache through the block table (see paged attention in the source); the cache writes and the
+model's pointwise ops are C++ kernels too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from kernels import reference
 from kernels.reference import copy_blocks, swap_blocks
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _build() -> None:
     logger.info("CPU kernels %s ready in %.1f s", name, time.perf_counter() - started)
 
 
-if not hasattr(torch.ops.bento_llm, "decode_attention"):
+if not hasattr(torch.ops.bento_llm, "paged_attention"):
     _build()
 _ops = torch.ops.bento_llm
 
@@ -79,18 +79,4 @@ silu_mul = _ops.silu_mul
 rotary_embedding_ = _ops.rotary_embedding_
 write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention
-
-
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cu_query_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """reference.paged_attention, its decode rows through the C++ decode_attention."""
-    return reference.mixed_batch_attention(
-        decode_attention, query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale
-    )
+paged_attention = _ops.paged_attention

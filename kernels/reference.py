@@ -152,24 +152,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention for a mixed batch: prefill chunks (many query tokens, possibly after
     cached context) and decodes (one query token). Query token j of a sequence with q query
-    tokens and c context tokens sits at position c - q + j and sees positions up to it."""
-    return mixed_batch_attention(
-        decode_attention, query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale
-    )
-
-
-def mixed_batch_attention(
-    decode,
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    cu_query_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """paged_attention with the decode rows handed together to `decode` (a decode_attention):
-    the CPU backend passes its C++ one. Prefill rows run SDPA one sequence at a time."""
+    tokens and c context tokens sits at position c - q + j and sees positions up to it.
+    Decode rows run together through decode_attention; prefill rows SDPA one sequence at a time
+    on a gathered copy of its context."""
     num_tokens, num_heads, head_dim = query.shape
     output = torch.empty_like(query)
     query_lens = (cu_query_lens[1:] - cu_query_lens[:-1]).tolist()
@@ -179,7 +164,7 @@ def mixed_batch_attention(
     if len(decode_rows) > 1:
         rows = torch.tensor(decode_rows, device=query.device)
         token_idx = cu_query_lens[:-1].long()[rows]
-        output[token_idx] = decode(
+        output[token_idx] = decode_attention(
             query[token_idx], k_cache, v_cache, block_tables[rows], context_lens[rows], scale
         )
         done = set(decode_rows)

@@ -143,16 +143,86 @@ def test_decode_attention_refuses_block_tables_that_point_outside_the_cache(gen)
         cpu_ops.decode_attention(query[1:], k_cache, v_cache, tables[1:], lens[1:], 0.125)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_runs_prefills_beside_decodes(gen, dtype):
-    # (query tokens, context): a prefill, two decodes, a chunk after cached context, one decode.
-    rows = [(12, 12), (1, 40), (1, 7), (5, 37), (1, 1)]
-    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 3, 64, dtype)
+# ---------------------------------------------------------------- paged (prefill) attention
+# The kernel's tiles: 192 query rows (tokens x query heads of a KV head), 128 keys; a unit of work
+# costlier than 1/16 of the batch splits its keys into partitions of at least 512.
+
+
+def run_paged(gen, rows, num_heads, kv_heads, head_dim, block_size, dtype):
+    """cpu_ops.paged_attention and the float32 reference on one batch of (query tokens, context)."""
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in rows], block_size, kv_heads, head_dim, dtype)
     cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int()
-    query = torch.randn(int(cu[-1]), 9, 64, generator=gen).to(dtype)
-    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
-    want = reference.paged_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, cu, 0.125)
+    # The query is a view into a fused qkv row, as the model passes it.
+    qkv = torch.randn(int(cu[-1]), (num_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    query = qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    scale = head_dim**-0.5
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale)
+    want = reference.paged_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, cu, scale)
+    return out, want
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,block_size", LAYOUTS)
+def test_paged_attention_runs_prefills_chunks_after_cached_context_and_decodes_in_one_batch(
+    gen, dtype, num_heads, kv_heads, head_dim, block_size
+):
+    # A whole prompt crossing query and key tiles and blocks; a decode; a chunk after cached
+    # context (as chunked prefill and prefix hits run) ending mid-block; a one-token prompt; a
+    # chunk of exactly one key tile after a partial block; another decode.
+    rows = [(300, 300), (1, 77), (70, 333), (1, 1), (128, 128 + block_size // 2), (1, 129)]
+    out, want = run_paged(gen, rows, num_heads, kv_heads, head_dim, block_size, dtype)
     assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param([(1, 3000)], id="lone-decode"),
+        pytest.param([(50, 2050)], id="question-after-cached-document"),
+        pytest.param([(1, 2500)] + [(1, 40)] * 7, id="one-long-decode-among-short"),
+    ],
+)
+def test_paged_attention_splits_a_long_context_into_partitions_with_the_same_result(gen, dtype, rows):
+    out, want = run_paged(gen, rows, 9, 3, 64, 16, dtype)
+    assert_close(out, want, dtype)
+
+
+def test_decode_attention_of_a_lone_long_sequence_matches_the_reference(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [2777], 16, 3, 64, torch.bfloat16)
+    query = torch.randn(1, 9, 64, generator=gen).bfloat16()
+    out = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    want = reference.decode_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, 0.125)
+    assert_close(out, want, torch.bfloat16)
+
+
+def test_paged_attention_gives_the_same_bits_on_one_and_two_threads(gen):
+    rows = [(400, 900), (1, 2000), (1, 30), (33, 33)]
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 3, 64, torch.float32)
+    cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 9, 64, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    want = reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert_close(many, want, torch.float32)
+
+
+def test_paged_attention_refuses_query_lens_that_do_not_fit_the_context(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [20, 5], 16, 1, 64, torch.float32)
+    query = torch.randn(10, 2, 64, generator=gen)
+    with pytest.raises(RuntimeError, match=r"sequence 1 has 6 query tokens but context_lens\[1\] = 5"):
+        cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, torch.tensor([0, 4, 10]).int(), 0.125)
+    with pytest.raises(RuntimeError, match="cu_query_lens must run from 0 to the number of query tokens"):
+        cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, torch.tensor([0, 4, 9]).int(), 0.125)
+    with pytest.raises(RuntimeError, match="cu_query_lens must not decrease"):
+        cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, torch.tensor([0, 12, 10]).int(), 0.125)
 
 
 # ---------------------------------------------------------------- the model's pointwise ops

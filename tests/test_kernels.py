@@ -285,6 +285,26 @@ def test_paged_attention_long_prefills_use_tall_query_tiles(gen):
     assert_matches(out, reference.paged_attention(query, k_cache, v_cache, tables, context_lens, cu, 0.125), torch.float32)
 
 
+@pytest.mark.parametrize(
+    "dtype,num_segments",
+    [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 4)],
+    ids=["fp32-one-pass", "fp32-split-k", "bf16-split-k"],
+)
+def test_paged_attention_at_long_context(gen, dtype, num_segments):
+    """Long prompts: a chunk after ~1,500 cached tokens (chunked prefill, a prefix hit on a long
+    document) beside a decode at ~2,000 tokens and a short one, through dozens of key tiles and
+    across partition edges. One KV head and 64-key tiles keep the interpreter to seconds."""
+    chunk, cached = randint(gen, 17, 30), randint(gen, 1400, 1600)
+    rows = [(chunk, cached + chunk), (1, randint(gen, 1900, 2100)), (1, randint(gen, 1, 40))]
+    k_cache, v_cache, tables, context_lens = paged_kv(gen, [c for _, c in rows], 16, 1, 64, dtype)
+    cu = torch.tensor([0] + [q for q, _ in rows], dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    query = randn(gen, int(cu[-1]), 4, 64, dtype=dtype)
+    out = attention(query, k_cache, v_cache, tables, context_lens, cu, 0.125,
+                    out=torch.full_like(query, NAN), num_segments=num_segments, block_n=64)
+    expected = oracle(reference.paged_attention, query, k_cache, v_cache, tables, context_lens, cu, 0.125)
+    assert_matches(out, expected, dtype)
+
+
 def test_paged_attention_of_a_decode_only_batch_equals_decode_attention(gen):
     ctx = decode_contexts(gen, 16, n=5)
     k_cache, v_cache, tables, context_lens = paged_kv(gen, ctx, 16, 3, 64, torch.float32)

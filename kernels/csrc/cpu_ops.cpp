@@ -17,10 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -259,86 +261,259 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
   }
 }
 
-// One query token per sequence, reading keys and values where the block table says they are
-// (no gather copy). A work item is one (sequence, KV head): the query heads that share that KV
-// head are scored together, so each cached row is loaded once for all of them.
+// ---------------------------------------------------------------- paged attention
+//
+// One kernel for prefill chunks, decodes and mixed batches: each sequence's query rows attend to
+// its context read where the block table says it is (no gathered copy), causally (query token j
+// of a sequence with q query tokens and c context tokens sits at position c - q + j). Flash
+// style: the keys are walked in tiles of kKeyTile, each staged to float32, with an online softmax
+// in float32, so scores exist for one [rows, kKeyTile] tile at a time.
+//
+// A unit of work is (sequence, KV head, query tile): the query heads sharing a KV head are rows
+// of one tile (row = token * group + head in group), so each K/V row is read once for the group.
+// A unit much costlier than an even share of the batch (a lone decode at long context, a short
+// question after a long cached document) splits its keys into partitions reduced afterwards, as
+// the Triton decode kernel's split-K does. The split depends on the batch's shape only, never on
+// the thread count: 1 or N threads give the same bits.
+
+constexpr int64_t kTileRows = 192;      // query rows per tile: a GEMM shape that runs near peak
+constexpr int64_t kKeyTile = 128;       // keys per tile: scores and staged K/V stay in L2
+constexpr int64_t kMatmulRows = 16;     // below this (decodes), hand loops beat a GEMM call's overhead
+constexpr int64_t kPartitionKeys = 512; // the shortest partition worth a reduction
+constexpr int64_t kTargetItems = 16;    // split so that no item costs more than 1/16 of the batch
+
+struct Unit {
+  int64_t seq, head, first_token, tokens, q_pos, parts, part_keys, workspace;
+  int64_t kv_end() const { return q_pos + tokens; }  // keys the tile's last token sees
+};
+
+struct Item {
+  int64_t unit, part, cost;
+};
+
 template <typename T>
-void decode_attention_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& block_tables, const at::Tensor& context_lens, float scale,
-                             at::Tensor& out) {
-  const int64_t num_seqs = query.size(0), num_heads = query.size(1), dim = query.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / kv_heads;
-  const int64_t slot_stride = kv_heads * dim, block_stride = block_size * slot_stride;
-  const int64_t table_stride = block_tables.stride(0), max_blocks = block_tables.size(1);
-  const int64_t q_stride = query.stride(0);
-  const T* q_base = query.data_ptr<T>();
-  const T* k_base = k_cache.data_ptr<T>();
-  const T* v_base = v_cache.data_ptr<T>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  T* o_base = out.data_ptr<T>();
-  const int64_t num_blocks = k_cache.size(0);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t used = (static_cast<int64_t>(lens[s]) + block_size - 1) / block_size;
-    TORCH_CHECK(lens[s] >= 0 && used <= max_blocks, "context_lens[", s, "] = ", lens[s],
-                " needs more blocks than block_tables holds");
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t block = tables[s * table_stride + b];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables[", s, "][", b, "] = ", block,
-                  " is outside the cache (", num_blocks, " blocks)");
+struct AttentionArgs {
+  const T *q, *k, *v;
+  T* out;
+  const int32_t* tables;
+  int64_t q_stride, table_stride, group, dim, num_heads, block_size, slot_stride, block_stride;
+  float scale;
+};
+
+// Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
+template <typename T>
+void stage_keys(float* dst, const T* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
+                const AttentionArgs<T>& a) {
+  // Block by block: one table lookup (and division) per run of rows, not per row.
+  for (int64_t j = 0; j < n;) {
+    const int64_t p = first + j, offset = p % a.block_size, run = std::min(a.block_size - offset, n - j);
+    const T* src = cache + table[p / a.block_size] * a.block_stride + offset * a.slot_stride + head * a.dim;
+    for (int64_t r = 0; r < run; ++r, ++j) {
+      for (int64_t d = 0; d < a.dim; ++d) dst[j * a.dim + d] = load(src + r * a.slot_stride, d);
     }
   }
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), acc(group * dim), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / kv_heads, h = item % kv_heads, len = lens[s];
-      T* o = o_base + (s * num_heads + h * group) * dim;
-      if (len == 0) {  // a padding row attends to nothing: zeros
-        for (int64_t i = 0; i < group * dim; ++i) store(o, i, 0.0f);
-        continue;
-      }
-      const T* q_src = q_base + s * q_stride + h * group * dim;
-      for (int64_t i = 0; i < group * dim; ++i) q[i] = load(q_src, i) * scale;
-      scores.resize(group * len);
-      const int32_t* table = tables + s * table_stride;
-      for (int64_t p = 0; p < len; ++p) {
-        const T* k = k_base + table[p / block_size] * block_stride + (p % block_size) * slot_stride + h * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q.data() + g * dim;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < dim; ++d) dot += qg[d] * load(k, d);
-          scores[g * len + p] = dot;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * len;
-        float max_score = sc[0];
-        for (int64_t p = 1; p < len; ++p) max_score = std::max(max_score, sc[p]);
-        float total = 0.0f;
-        for (int64_t p = 0; p < len; ++p) {
-          sc[p] = fast_exp(sc[p] - max_score);
-          total += sc[p];
-        }
-        const float inv_total = 1.0f / total;
-        for (int64_t p = 0; p < len; ++p) sc[p] *= inv_total;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = 0; p < len; ++p) {
-        const T* v = v_base + table[p / block_size] * block_stride + (p % block_size) * slot_stride + h * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * len + p];
-          float* a = acc.data() + g * dim;
-          for (int64_t d = 0; d < dim; ++d) a[d] += weight * load(v, d);
-        }
-      }
-      for (int64_t i = 0; i < group * dim; ++i) store(o, i, acc[i]);
+}
+
+at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// scores [rows, n] = q [rows, dim] . k [n, dim]^T
+void tile_scores(float* scores, const float* q, const float* k, int64_t rows, int64_t n, int64_t dim) {
+  if (rows >= kMatmulRows) {
+    auto out = float_view(scores, rows, n);
+    at::mm_out(out, float_view(q, rows, dim), float_view(k, n, dim).t());
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) dot += q[r * dim + d] * k[j * dim + d];
+      scores[r * n + j] = dot;
     }
+  }
+}
+
+// acc [rows, dim] += weights [rows, n] . v [n, dim]
+void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
+  if (rows >= kMatmulRows) {
+    float_view(acc, rows, dim).addmm_(float_view(weights, rows, n), float_view(v, n, dim));
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = acc + r * dim;
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = weights[r * n + j];
+      if (w == 0.0f) continue;
+      for (int64_t d = 0; d < dim; ++d) out[d] += w * v[j * dim + d];
+    }
+  }
+}
+
+// Scores -> softmax weights against each row's running max; rescales the row's running sum and
+// accumulator when the max moves. Row r's token sees the first visible0 + r / group keys of the
+// tile (the causal edge); the rest get weight 0.
+void online_softmax(float* scores, float* acc, float* row_max, float* row_sum, int64_t rows, int64_t n,
+                    int64_t group, int64_t dim, int64_t visible0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * n;
+    const int64_t visible = std::min(n, visible0 + r / group);
+    if (visible <= 0) {
+      std::fill(s, s + n, 0.0f);
+      continue;
+    }
+    float tile_max = s[0];
+    for (int64_t j = 1; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
+    const float new_max = std::max(row_max[r], tile_max);
+    const float alpha = fast_exp(row_max[r] - new_max);  // 0 on the first tile (max was -inf)
+    float total = 0.0f;
+    for (int64_t j = 0; j < visible; ++j) {
+      s[j] = fast_exp(s[j] - new_max);
+      total += s[j];
+    }
+    std::fill(s + visible, s + n, 0.0f);
+    row_sum[r] = row_sum[r] * alpha + total;
+    row_max[r] = new_max;
+    if (alpha != 1.0f) {
+      for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] *= alpha;
+    }
+  }
+}
+
+struct TileBuffers {
+  std::vector<float> q, k, v, scores, acc, row_max, row_sum;
+  TileBuffers(int64_t rows, int64_t dim)
+      : q(rows * dim), k(kKeyTile * dim), v(kKeyTile * dim), scores(rows * kKeyTile), acc(rows * dim),
+        row_max(rows), row_sum(rows) {}
+};
+
+// One unit's rows against keys [k_begin, k_end): leaves the unnormalized accumulator, each row's
+// max and sum in b.
+template <typename T>
+void attend(const AttentionArgs<T>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+  const int64_t rows = u.tokens * a.group, width = a.group * a.dim;
+  for (int64_t i = 0; i < u.tokens; ++i) {
+    const T* src = a.q + (u.first_token + i) * a.q_stride + u.head * width;
+    for (int64_t e = 0; e < width; ++e) b.q[i * width + e] = load(src, e) * a.scale;
+  }
+  std::fill_n(b.row_max.begin(), rows, -std::numeric_limits<float>::infinity());
+  std::fill_n(b.row_sum.begin(), rows, 0.0f);
+  std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
+  const int32_t* table = a.tables + u.seq * a.table_stride;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, k_end - k0);
+    stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
+    stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
+    tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
+    online_softmax(b.scores.data(), b.acc.data(), b.row_max.data(), b.row_sum.data(), rows, n, a.group, a.dim,
+                   u.q_pos - k0 + 1);
+    tile_accumulate(b.acc.data(), b.scores.data(), b.v.data(), rows, n, a.dim);
+  }
+}
+
+template <typename T>
+void write_rows(const AttentionArgs<T>& a, const Unit& u, const float* acc, const float* row_sum) {
+  const int64_t width = a.group * a.dim;
+  for (int64_t i = 0; i < u.tokens; ++i) {
+    T* dst = a.out + (u.first_token + i) * a.num_heads * a.dim + u.head * width;
+    for (int64_t g = 0; g < a.group; ++g) {
+      const int64_t r = i * a.group + g;
+      const float inv = 1.0f / row_sum[r];
+      for (int64_t d = 0; d < a.dim; ++d) store(dst, g * a.dim + d, acc[r * a.dim + d] * inv);
+    }
+  }
+}
+
+// Partition p of a split unit left [rows] maxes, [rows] sums and [rows, dim] accumulators at
+// workspace + offset + p * rows * (dim + 2); combine them with each partition's weight
+// e^(max_p - max), as one softmax over all the keys would have.
+template <typename T>
+void reduce_partitions(const AttentionArgs<T>& a, const Unit& u, const float* workspace, TileBuffers& b) {
+  const int64_t rows = u.tokens * a.group, stride = rows * (a.dim + 2);
+  const float* base = workspace + u.workspace;
+  std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float max = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < u.parts; ++p) max = std::max(max, base[p * stride + r]);
+    float total = 0.0f;
+    for (int64_t p = 0; p < u.parts; ++p) {
+      const float* part = base + p * stride;
+      const float w = fast_exp(part[r] - max);  // 0 for a partition this row sees none of
+      if (w == 0.0f) continue;
+      total += w * part[rows + r];
+      const float* acc = part + 2 * rows + r * a.dim;
+      for (int64_t d = 0; d < a.dim; ++d) b.acc[r * a.dim + d] += w * acc[d];
+    }
+    b.row_sum[r] = total;
+  }
+  write_rows(a, u, b.acc.data(), b.row_sum.data());
+}
+
+// Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
+// whichever thread is free (items come sorted costliest first, so the threads finish together).
+template <typename Fn>
+void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+    TileBuffers buffers(rows, dim);
+    for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+template <typename T>
+void paged_attention_kernel(const AttentionArgs<T>& a, std::vector<Unit>& units) {
+  // Buffers sized for this batch's tallest tile (a decode batch's are a few rows, not kTileRows).
+  int64_t max_rows = 1, total_cost = 0;
+  for (const Unit& u : units) {
+    max_rows = std::max(max_rows, u.tokens * a.group);
+    total_cost += u.tokens * a.group * u.kv_end();
+  }
+  const int64_t target = total_cost / kTargetItems + 1;
+  std::vector<Item> items;
+  int64_t workspace_size = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
+    Unit& u = units[i];
+    const int64_t rows = u.tokens * a.group;
+    const int64_t keys = std::max(kPartitionKeys, (target + rows - 1) / rows);
+    u.part_keys = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
+    u.parts = (u.kv_end() + u.part_keys - 1) / u.part_keys;
+    if (u.parts > 1) {
+      u.workspace = workspace_size;
+      workspace_size += u.parts * rows * (a.dim + 2);
+    }
+    for (int64_t p = 0; p < u.parts; ++p) {
+      items.push_back({i, p, rows * (std::min(u.kv_end(), (p + 1) * u.part_keys) - p * u.part_keys)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  std::vector<float> workspace(workspace_size);
+  for_each_dynamic(static_cast<int64_t>(items.size()), max_rows, a.dim, [&](TileBuffers& b, int64_t index) {
+    const Item& item = items[index];
+    const Unit& u = units[item.unit];
+    const int64_t k_begin = item.part * u.part_keys, k_end = std::min(u.kv_end(), k_begin + u.part_keys);
+    attend(a, u, k_begin, k_end, b);
+    if (u.parts == 1) {
+      write_rows(a, u, b.acc.data(), b.row_sum.data());
+      return;
+    }
+    const int64_t rows = u.tokens * a.group;
+    float* part = workspace.data() + u.workspace + item.part * rows * (a.dim + 2);
+    std::copy_n(b.row_max.begin(), rows, part);
+    std::copy_n(b.row_sum.begin(), rows, part + rows);
+    std::copy_n(b.acc.begin(), rows * a.dim, part + 2 * rows);
+  });
+  std::vector<int64_t> split;
+  for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
+    if (units[i].parts > 1) split.push_back(i);
+  }
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_rows, a.dim, [&](TileBuffers& b, int64_t index) {
+    reduce_partitions(a, units[split[index]], workspace.data(), b);
+  });
+}
+
+void check_attention_args(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_seqs) {
   check_rows(query, "query", 3);
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
@@ -348,17 +523,82 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_cache, 
   TORCH_CHECK(query.size(2) == k_cache.size(3), "query's head_dim does not match the cache's");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of the KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
-                  block_tables.size(0) == query.size(0),
+                  block_tables.size(0) == num_seqs,
               "block_tables must be int32 [num_seqs, max_blocks], dense in its rows");
   TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.is_contiguous() &&
-                  context_lens.numel() == query.size(0),
+                  context_lens.numel() == num_seqs,
               "context_lens must be dense int32 [num_seqs]");
+  const int64_t block_size = k_cache.size(1), max_blocks = block_tables.size(1), num_blocks = k_cache.size(0);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t used = (static_cast<int64_t>(lens[s]) + block_size - 1) / block_size;
+    TORCH_CHECK(lens[s] >= 0 && used <= max_blocks, "context_lens[", s, "] = ", lens[s],
+                " needs more blocks than block_tables holds");
+    for (int64_t b = 0; b < used; ++b) {
+      const int32_t block = tables[s * block_tables.stride(0) + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables[", s, "][", b, "] = ", block,
+                  " is outside the cache (", num_blocks, " blocks)");
+    }
+  }
+}
+
+// cu (num_seqs + 1 offsets into query's tokens), or nullptr for one query token per sequence.
+at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens, const int32_t* cu,
+                     double scale) {
+  const int64_t num_seqs = context_lens.numel(), num_heads = query.size(1), dim = query.size(2);
+  const int64_t group = num_heads / k_cache.size(2), tile_tokens = std::max<int64_t>(1, kTileRows / group);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
   auto out = at::empty(query.sizes(), query.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
-    decode_attention_kernel<scalar_t>(query, k_cache, v_cache, block_tables, context_lens,
-                                      static_cast<float>(scale), out);
+  std::vector<Unit> units;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t first = cu ? cu[s] : s, q_len = cu ? cu[s + 1] - cu[s] : 1, ctx = lens[s];
+    if (ctx == 0 && q_len <= 1) {  // a padding row attends to nothing: zeros
+      out.narrow(0, first, q_len).zero_();
+      continue;
+    }
+    TORCH_CHECK(q_len <= ctx, "sequence ", s, " has ", q_len, " query tokens but context_lens[", s, "] = ", ctx);
+    for (int64_t t = 0; t < q_len; t += tile_tokens) {
+      for (int64_t h = 0; h < k_cache.size(2); ++h) {
+        units.push_back({s, h, first + t, std::min(tile_tokens, q_len - t), ctx - q_len + t, 1, 0, 0});
+      }
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
+    const AttentionArgs<scalar_t> args{
+        query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0), group,
+        dim, num_heads, k_cache.size(1), k_cache.size(2) * dim, k_cache.size(1) * k_cache.size(2) * dim,
+        static_cast<float>(scale)};
+    paged_attention_kernel(args, units);
   });
   return out;
+}
+
+// One query token per sequence (query is [num_seqs, num_heads, head_dim]).
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_attention_args(query, k_cache, v_cache, block_tables, context_lens, query.size(0));
+  return attention(query, k_cache, v_cache, block_tables, context_lens, nullptr, scale);
+}
+
+// A mixed batch: sequence i's query tokens are query[cu_query_lens[i]:cu_query_lens[i + 1]], the
+// last tokens of its context (a prefill chunk, possibly after cached context, or a decode).
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           const at::Tensor& cu_query_lens, double scale) {
+  check_attention_args(query, k_cache, v_cache, block_tables, context_lens, context_lens.numel());
+  TORCH_CHECK(cu_query_lens.scalar_type() == at::kInt && cu_query_lens.is_contiguous() &&
+                  cu_query_lens.numel() == context_lens.numel() + 1,
+              "cu_query_lens must be dense int32 [num_seqs + 1]");
+  const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[context_lens.numel()] == query.size(0),
+              "cu_query_lens must run from 0 to the number of query tokens");
+  for (int64_t s = 0; s < context_lens.numel(); ++s) {
+    TORCH_CHECK(cu[s + 1] >= cu[s], "cu_query_lens must not decrease (at ", s, ")");
+  }
+  return attention(query, k_cache, v_cache, block_tables, context_lens, cu, scale);
 }
 
 }  // namespace
@@ -373,4 +613,7 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "float scale) -> Tensor",
         &decode_attention);
+  m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+        "Tensor cu_query_lens, float scale) -> Tensor",
+        &paged_attention);
 }
