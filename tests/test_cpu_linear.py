@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM
-from engine.models.llama import Linear, can_pack_for_cpu
+from engine.layers.linear import Linear, can_pack_for_cpu
 
 pytestmark = pytest.mark.skipif(
     not can_pack_for_cpu(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
@@ -40,7 +40,7 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
 
 
 def test_the_engine_packs_every_projection_on_cpu(tiny_path):
-    model = LLM(str(tiny_path), num_kv_blocks=16).engine.runner.model
+    model = LLM(str(tiny_path), num_kv_blocks=16).engine.runner.model_runner.model
     projections = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(projections) == 4 * model.config.num_layers + 1
     assert all(m.packed_weight is not None for m in projections)

@@ -82,9 +82,9 @@ def test_tp2_splits_four_kv_heads_and_matches_one_process(tmp_path):
     path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=4)
     llm = check_against_one_process(path, 2, num_kv_blocks=64)
     try:
-        runner = llm.engine.runner
+        runner = llm.engine.runner.model_runner
         assert runner.num_local_kv_heads == 2 and runner.k_caches[0].shape[2] == 2
-        assert len(runner.driver.procs) == 1
+        assert len(llm.engine.runner.driver.procs) == 1
     finally:
         llm.shutdown()
 
@@ -93,7 +93,7 @@ def test_tp2_replicates_a_single_kv_head_and_matches_one_process(tmp_path):
     path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
     llm = check_against_one_process(path, 2, num_kv_blocks=64)
     try:
-        assert llm.engine.runner.num_local_kv_heads == 1
+        assert llm.engine.runner.model_runner.num_local_kv_heads == 1
     finally:
         llm.shutdown()
 
@@ -123,7 +123,7 @@ def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third():
         source = load_model_source(DEFAULT_MODEL)
         assert_same_greedy(outs, single, hf_reference(str(Path(source.weight_files[0]).parent)))
 
-        model = llm.engine.runner.model
+        model = llm.engine.runner.model_runner.model
         shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         total = sum(
             torch.Size(shape).numel() * 4 for header in source.weight_headers.values() for _, shape in header.values()
