@@ -18,6 +18,7 @@ from engine.llm_engine import EngineStepError, LLMEngine
 from engine.loader import load_model_source
 from tests.greedy_reference import NEAR_TIE_RTOL, hf_greedy
 from tests.helpers import load_hf_reference, make_tiny_llama
+from tests.model_factories import make_tiny_checkpoint
 from tests.test_correctness import run_staggered
 
 MAX_TOKENS = 16
@@ -110,6 +111,21 @@ def test_tp2_qkv_bias_staggered_arrivals_and_preemption_match_one_process(tmp_pa
         assert_same_greedy(outs, single, hf_reference(path))
     finally:
         engine.runner.shutdown()
+
+
+def test_tp2_phi3_fused_qkv_and_gate_up_checkpoint_matches_one_process(tmp_path):
+    # Phi-3 ships q/k/v and gate/up already fused: each rank cuts its heads and columns out of
+    # every block of the fused tensor.
+    path = make_tiny_checkpoint(tmp_path, "Phi3Config", num_attention_heads=4, num_key_value_heads=2)
+    check_against_one_process(path, 2, num_kv_blocks=64).shutdown()
+
+
+def test_tp2_moe_with_a_shared_expert_matches_one_process(tmp_path):
+    # Qwen2-MoE: every expert's intermediate columns split across ranks, the shared expert like a
+    # dense MLP, one dense layer (mlp_only_layers) beside a sparse one.
+    path = make_tiny_checkpoint(tmp_path, "Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, shared_expert_intermediate_size=64, mlp_only_layers=[1])
+    check_against_one_process(path, 2, num_kv_blocks=64).shutdown()
 
 
 @pytest.mark.slow
