@@ -122,3 +122,13 @@ def test_fused_moe_equals_the_per_token_loop_with_uneven_routing(gen, renormaliz
     meta = AttentionMetadata(*(torch.zeros(1),) * 4, max_query_len=1, all_decode=True)
     with torch.no_grad(), forward_context(meta, backend, torch.zeros(1)):
         torch.testing.assert_close(moe(x, logits), reference_moe(moe, x, logits), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "phi3-longrope"])
+def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
+    """The Triton kernels (under the interpreter on CPU) through prefill chunks and decodes."""
+    pytest.importorskip("triton")
+    entry = family(name)
+    engine = LLMEngine(model=entry[0], num_kv_blocks=32, max_num_batched_tokens=16, attention_backend="triton")
+    assert engine.runner.backend.name == "triton"
+    check(entry, run(engine, PROMPTS[:2], every=1))

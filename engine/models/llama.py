@@ -47,9 +47,17 @@ class LlamaAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         return qk, v
 
+    use_rope = True
+
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """Where a family normalizes query and key heads before the rotation (Qwen3)."""
+        return qk
+
     def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
         qk, v = self.split_qkv(self.qkv_proj(x))
-        rope.rotate_(qk)
+        qk = self.norm_qk(qk)
+        if self.use_rope:
+            rope.rotate_(qk)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RopeTable
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from engine.parallel_state import ParallelState
@@ -18,13 +17,9 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-        qk, v = self.split_qkv(self.qkv_proj(x))
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        rope.rotate_(qk)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v))
+        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

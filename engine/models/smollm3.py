@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
-from engine.layers.rotary import RopeTable
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from engine.parallel_state import ParallelState
@@ -15,13 +12,6 @@ class SmolLM3Attention(LlamaAttention):
         super().__init__(config, layer_idx, parallel)
         no_rope = getattr(config.hf_config, "no_rope_layers", None)
         self.use_rope = bool(no_rope[layer_idx]) if no_rope else True
-
-    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-        qk, v = self.split_qkv(self.qkv_proj(x))
-        if self.use_rope:
-            rope.rotate_(qk)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v))
 
 
 class SmolLM3DecoderLayer(LlamaDecoderLayer):
