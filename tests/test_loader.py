@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import loader
+from engine import loader, model_files
 from engine.config import DEFAULT_MODEL
 from engine.loader import ModelLoadError, default_gguf_path, gguf_cache_dir, load_model_source
 from tests.helpers import load_hf_reference, make_tiny_llama, make_tiny_qwen2
@@ -254,7 +254,7 @@ def test_an_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_pa
         raise AssertionError("a weight file was read")
 
     monkeypatch.setattr(loader, "read_safetensors_header", never)
-    monkeypatch.setattr(loader, "safe_open", never)
+    monkeypatch.setattr(model_files, "safe_open", never)
     with pytest.raises(ValueError, match=r"unsupported model, architectures=\['GemmaForCausalLM'\].*supported: LlamaForCausalLM"):
         load_model_source(str(path))
 
