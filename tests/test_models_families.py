@@ -35,6 +35,13 @@ FAMILIES = {
     "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
                                       logits_scaling=2.0)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),
+    # Windows of 8 tokens under prompts of up to 27: the sliding layer sees only its window.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                                            "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6)})),
 }
 
 

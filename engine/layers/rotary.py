@@ -54,13 +54,15 @@ def rope_spec(hf_config, head_dim: int, layer_type: str | None = None) -> RopeSp
         return RopeSpec(1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0)
     init = ROPE_INIT_FUNCTIONS[rope_type]
     kwargs = {"layer_type": layer_type} if layer_type is not None else {}
-    inv_freq, scaling = init(hf_config, torch.device("cpu"), **kwargs)
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        inv_freq, scaling = init(hf_config, torch.device("cpu"), **kwargs)
     if rope_type != "longrope":
         return RopeSpec(inv_freq.float(), float(scaling))
     original = params.get("original_max_position_embeddings") or getattr(
         hf_config, "original_max_position_embeddings", hf_config.max_position_embeddings
     )
-    long_inv_freq, _ = init(hf_config, torch.device("cpu"), seq_len=original + 1, **kwargs)
+    with torch.device("cpu"):
+        long_inv_freq, _ = init(hf_config, torch.device("cpu"), seq_len=original + 1, **kwargs)
     return RopeSpec(inv_freq.float(), float(scaling), long_inv_freq.float(), int(original))
 
 

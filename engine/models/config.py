@@ -14,6 +14,10 @@ from engine.models import registry
 from engine.parallel_state import check_tensor_parallel
 
 
+# Families whose attention layers apply their own (per-layer) sliding windows.
+WINDOWS_IN_LAYERS = ("gemma2", "gemma3_text")
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -50,7 +54,7 @@ class ModelConfig:
         architecture = registry.architecture_of(
             getattr(hf_config, "architectures", None), getattr(hf_config, "model_type", None), source
         )
-        act = getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None) or "silu"
+        act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu"
         if act not in ACTIVATIONS:
             raise unsupported("hidden_act", act, f"implemented are {sorted(ACTIVATIONS)}")
         if getattr(hf_config, "pretraining_tp", 1) not in (1, None):
@@ -68,9 +72,11 @@ class ModelConfig:
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         sliding_window = getattr(hf_config, "sliding_window", None)
+        model_type = hf_config.model_type
         if not getattr(hf_config, "use_sliding_window", True):  # Qwen2/3 name a window they do not use
             sliding_window = None
-        model_type = hf_config.model_type
+        if model_type in WINDOWS_IN_LAYERS:  # their layers apply it: no cap on the model's length
+            sliding_window = None
         # Qwen2 has a bias on q/k/v but not on o_proj; Llama's attention_bias covers all four.
         qwen2 = model_type in ("qwen2", "qwen2_moe")
         attention_bias = bool(getattr(hf_config, "attention_bias", False))

@@ -23,6 +23,8 @@ _MODELS = {
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM", "mixtral"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
+    "Gemma2ForCausalLM": ("gemma", "Gemma2ForCausalLM", "gemma2"),
+    "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM", "gemma3_text"),
 }
 
 
