@@ -139,3 +139,10 @@ def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
     engine = LLMEngine(model=entry[0], num_kv_blocks=32, max_num_batched_tokens=16, attention_backend="triton")
     assert engine.runner.backend.name == "triton"
     check(entry, run(engine, PROMPTS[:2], every=1))
+
+
+def test_a_rope_type_that_depends_on_the_batch_is_refused_naming_the_field(tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "LlamaConfig", rope_parameters=dict(rope_type="dynamic", factor=2.0,
+                                                                                rope_theta=10000.0))
+    with pytest.raises(ValueError, match=r"config field rope_parameters=.*'dynamic'.* is not supported"):
+        LLMEngine(model=path, num_kv_blocks=8)
