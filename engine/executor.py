@@ -82,6 +82,7 @@ class Executor:
 
         return self.driver.guard(method, call)
 
+    @torch.inference_mode()  # the sampler edits the logits in place (masks, penalties)
     def execute(self, schedule: SchedulerOutput) -> StepResult:
         if schedule.block_copies:
             self.run_all("copy_blocks", schedule.block_copies)
