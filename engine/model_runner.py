@@ -1,30 +1,26 @@
-"""Owns the model and the paged KV cache; turns a schedule into flat tensors and runs a step."""
+"""One rank's model and paged KV cache: builds the model its registry entry names, loads this
+rank's shard, turns a schedule into step inputs (rank 0), runs a step from them (every rank)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionBackend
 from engine.config import EngineConfig
-from engine.distributed import (
-    DriverBackend,
-    DriverModel,
-    DriverSwapSpace,
-    ParallelState,
-    TensorParallelDriver,
-    check_tensor_parallel,
-)
+from engine.forward_context import AttentionMetadata, forward_context
+from engine.layers.linear import can_pack_for_cpu
 from engine.loader import ModelSource
-from engine.models.llama import LlamaForCausalLM, ModelConfig, can_pack_for_cpu
+from engine.models.config import ModelConfig
+from engine.models.registry import model_class
+from engine.parallel_state import ParallelState
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
-from engine.swap_space import SwapSpace
+from engine.step_inputs import StepBuffers, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +35,15 @@ class StepResult:
     sampled_indices: list[int]
 
 
+@dataclass
+class PreparedStep:
+    """Rank 0's bookkeeping for a step: its inputs and which logits rows go where."""
+
+    inputs: StepInputs
+    sampled_indices: list[int]
+    prompt_rows: list[tuple[Sequence, int]]  # (sequence, position) whose logits score the prompt
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -48,35 +53,12 @@ class ModelRunner:
         max_model_len: int,
         parallel: ParallelState | None = None,
     ):
-        """tensor_parallel_size > 1: the engine's runner (parallel None) becomes rank 0 and starts
-        the other ranks, whose runners (engine.distributed) are built here too, with their
-        ParallelState. Every rank loads its own shard and allocates its own KV heads' cache."""
+        """parallel None: the whole model in this process; else this rank's shard of it."""
         self.config = config
         self.dtype = config.torch_dtype(source.checkpoint_dtype)
         self.model_config = model_config
         self.block_size = config.block_size
-        self.driver: TensorParallelDriver | None = None
-        tp = config.tensor_parallel_size
-        if tp > 1 and parallel is None:
-            check_tensor_parallel(model_config, tp)  # before any process starts or weight loads
-            self.driver = TensorParallelDriver(config, max_model_len)
-            parallel = self.driver.state
         self.parallel = parallel
-        try:
-            self._build(config, source, model_config, max_model_len)
-        except BaseException:
-            if self.driver is not None:
-                self.driver.shutdown()
-            raise
-        if self.driver is not None:
-            # A forgotten engine must not leave its ranks running (also runs at interpreter exit).
-            weakref.finalize(self, self.driver.shutdown)
-            # Rank 0's scheduler-facing model and backend send every step and block copy to all ranks.
-            self.model = DriverModel(self.driver, self.model)
-            self.backend = DriverBackend(self.driver, self.backend)
-
-    def _build(self, config: EngineConfig, source: ModelSource, model_config: ModelConfig, max_model_len: int) -> None:
-        parallel = self.parallel
         self.device = config.torch_device
         if parallel is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", parallel.local_rank)
@@ -90,16 +72,15 @@ class ModelRunner:
         torch.manual_seed(config.seed)
 
         with torch.device("meta"):
-            model = LlamaForCausalLM(model_config, max_model_len, parallel)
+            model = model_class(model_config.architecture)(model_config, max_model_len, parallel)
         # Materialize on the target device without a throwaway random init.
         model = model.to_empty(device=self.device).to(self.dtype)
+        model.lm_head.retie()
         model.keep_norms_in_float32()
-        model.rotary = type(model.rotary)(model_config, max_model_len).to(self.device)
+        model.init_buffers(self.device)
         # A rank reads only its slices of each tensor; one process reads whole tensors.
         weights = source.iter_weights() if parallel is None else source.iter_weight_slices()
         model.load_weights(weights, source.path)
-        if model_config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
         packed = can_pack_for_cpu(self.device, self.dtype)
         if packed:
             model.pack_linear_weights_for_cpu()
@@ -108,7 +89,7 @@ class ModelRunner:
                         "oneDNN-packed" if packed else "through BLAS")
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
-        self.num_local_kv_heads = model.shard.num_kv_heads
+        self.num_local_kv_heads = model.num_local_kv_heads
 
         if parallel is not None:
             parallel.min_over_ranks(0)  # every rank loaded: profiling's collectives start together
@@ -116,14 +97,24 @@ class ModelRunner:
         if parallel is not None:
             # Rank 0's block manager hands out block ids for every rank's cache.
             self.num_blocks = parallel.min_over_ranks(self.num_blocks)
-        shape = (self.num_blocks, self.block_size, self.num_local_kv_heads, model_config.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_layers)]
+        self.k_caches, self.v_caches = self._allocate_caches(self.num_blocks)
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
+        max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.buffers = StepBuffers(
+            max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device
+        )
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f KiB per block, %d tokens capacity, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.bytes_per_block / 1024, self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block / 2**20, self.dtype, self.backend.name,
+        )
+
+    def _allocate_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        shape = (num_blocks, self.block_size, self.num_local_kv_heads, self.model_config.head_dim)
+        layers = range(self.model_config.num_layers)
+        return (
+            [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
+            [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
         )
 
     @property
@@ -131,16 +122,6 @@ class ModelRunner:
         """Of this rank's cache (its KV heads): memory settings are per device."""
         mc = self.model_config
         return self.block_size * mc.kv_bytes_per_token(self.dtype) // mc.num_kv_heads * self.num_local_kv_heads
-
-    def make_swap_space(self, num_cpu_blocks: int) -> SwapSpace:
-        """The CPU pool for swapped-out blocks; tensor parallel, every rank swaps its own heads."""
-        swap_space = SwapSpace(self.k_caches, self.v_caches, num_cpu_blocks)
-        return swap_space if self.driver is None else DriverSwapSpace(self.driver, swap_space)
-
-    def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks (nothing to do in one process); safe to call twice."""
-        if self.driver is not None:
-            self.driver.shutdown()
 
     def _decide_num_blocks(self) -> int:
         cfg = self.config
@@ -159,15 +140,15 @@ class ModelRunner:
             )
         return int(num)
 
+    @torch.inference_mode()
     def _profile_cuda_blocks(self) -> int:
         """Blocks that fit in gpu_memory_utilization of the card after a dummy forward at the
         token budget (its activations are the peak the engine will need)."""
         num_tokens = min(self.config.max_num_batched_tokens, self.model.rotary.cos.shape[0])
         num_blocks = (num_tokens + self.block_size - 1) // self.block_size
-        mc, dev = self.model_config, self.device
-        shape = (num_blocks, self.block_size, self.num_local_kv_heads, mc.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(2 * mc.num_layers)]
-        backend = AttentionBackend(self.config.attention_backend, caches[: mc.num_layers], caches[mc.num_layers :])
+        dev = self.device
+        k_caches, v_caches = self._allocate_caches(num_blocks)
+        backend = AttentionBackend(self.config.attention_backend, k_caches, v_caches)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None, :],
@@ -177,11 +158,12 @@ class ModelRunner:
             all_decode=False,
         )
         torch.cuda.reset_peak_memory_stats(dev)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
-        self.model(ids, torch.arange(num_tokens, device=dev), backend, meta, torch.arange(num_tokens, device=dev))
+        positions = torch.arange(num_tokens, device=dev)
+        with forward_context(meta, backend, positions):
+            self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev), positions, positions)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        del caches, backend
+        del k_caches, v_caches, backend
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         used_by_others = total - free - torch.cuda.memory_reserved(dev)
@@ -190,17 +172,9 @@ class ModelRunner:
                     peak / 2**30, num_tokens, budget / 2**30)
         return int(budget // self.bytes_per_block)
 
-    def _record_prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
-        entries = self.sampler.prompt_logprobs(
-            logits, [seq.token_ids[p + 1] for seq, p in rows], [seq.params.prompt_logprobs for seq, _ in rows]
-        )
-        for (seq, p), entry in zip(rows, entries):
-            if len(seq.prompt_logprobs) == p + 1:
-                seq.prompt_logprobs.append(entry)
-
-    @torch.inference_mode()
-    def execute(self, schedule: SchedulerOutput) -> StepResult:
-        self.backend.copy_blocks(schedule.block_copies)
+    # ---- a step -------------------------------------------------------------------------------
+    def prepare(self, schedule: SchedulerOutput) -> PreparedStep:
+        """Rank 0: the flat inputs of a schedule, and where its logits rows go."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -208,7 +182,7 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_indices: list[int] = []
         sampled_indices: list[int] = []
-        prompt_rows: list[tuple[Sequence, int]] = []  # (sequence, position) whose logits score the prompt
+        prompt_rows: list[tuple[Sequence, int]] = []
         prompt_indices: list[int] = []
         bs = self.block_size
         for i, item in enumerate(schedule.scheduled):
@@ -229,27 +203,34 @@ class ModelRunner:
                     prompt_rows.append((seq, p))
                     prompt_indices.append(cu[-2] + p - start)
         max_blocks = max(len(item.seq.block_table) for item in schedule.scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in schedule.scheduled]
-
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+        tables = [b for item in schedule.scheduled for b in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
+        inputs = StepInputs(
+            token_ids=token_ids, positions=positions, slot_mapping=slots, block_tables=tables, max_blocks=max_blocks,
+            context_lens=context_lens, cu_query_lens=cu, logits_indices=logits_indices + prompt_indices,
             max_query_len=max(item.num_new_tokens for item in schedule.scheduled),
             all_decode=all(item.num_new_tokens == 1 for item in schedule.scheduled),
         )
-        logits = self.model(
-            torch.tensor(token_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.backend,
-            meta,
-            torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=dev),
-        )
-        if prompt_rows and logits is not None:  # None on tensor-parallel ranks other than 0
-            self._record_prompt_logprobs(logits[len(logits_indices) :], prompt_rows)
-            logits = logits[: len(logits_indices)]
+        return PreparedStep(inputs, sampled_indices, prompt_rows)
+
+    @torch.inference_mode()
+    def execute_model(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Every rank: the step's forward pass; rank 0 gets the logits, other ranks None."""
+        ids, positions, logits_indices, meta = self.buffers.fill(inputs)
+        with forward_context(meta, self.backend, positions):
+            return self.model(ids, positions, logits_indices)
+
+    def sample(self, logits: torch.Tensor, schedule: SchedulerOutput, step: PreparedStep) -> StepResult:
+        """Rank 0: prompt logprobs, then the next token of every sequence that samples."""
+        sampled_indices = step.sampled_indices
+        if step.prompt_rows:
+            rows, n = step.prompt_rows, len(sampled_indices)
+            entries = self.sampler.prompt_logprobs(
+                logits[n:], [seq.token_ids[p + 1] for seq, p in rows], [seq.params.prompt_logprobs for seq, _ in rows]
+            )
+            for (seq, p), entry in zip(rows, entries):
+                if len(seq.prompt_logprobs) == p + 1:
+                    seq.prompt_logprobs.append(entry)
+            logits = logits[:n]
         # A request's first sample may fan out: each of its sample_seqs draws from the same row.
         rows = [row for row, i in enumerate(sampled_indices) for _ in schedule.scheduled[i].sample_seqs]
         if len(rows) != len(sampled_indices):
@@ -259,3 +240,5 @@ class ModelRunner:
             return StepResult(SampleResult([], [], []), [])
         return StepResult(self.sampler(logits, seqs), sampled_indices)
 
+    def copy_blocks(self, mapping: list[tuple[int, int]]) -> None:
+        self.backend.copy_blocks(mapping)

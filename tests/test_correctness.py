@@ -136,5 +136,5 @@ def test_greedy_matches_transformers_on_both_cpu_backends(tiny_models, variant, 
     prefills run beside decodes."""
     entry = tiny_models(variant)
     engine = LLMEngine(model=entry[0], num_kv_blocks=256, attention_backend=backend)
-    assert engine.runner.backend.name == backend
+    assert engine.runner.model_runner.backend.name == backend
     check(run_staggered(engine, PROMPTS), engine.tokenizer, entry)

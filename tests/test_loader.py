@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import loader
+from engine import loader, model_files
 from engine.config import DEFAULT_MODEL
 from engine.loader import ModelLoadError, default_gguf_path, gguf_cache_dir, load_model_source
 from tests.helpers import load_hf_reference, make_tiny_llama, make_tiny_qwen2
@@ -234,7 +234,28 @@ def test_unsupported_architecture_names_config_json_and_the_architectures_value(
     config = json.loads((path / "config.json").read_text())
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json.*architectures=\['GPT2LMHeadModel'\]"):
+    with pytest.raises(ValueError, match=r"config\.json.*architectures=\['GPT2LMHeadModel'\]") as refused:
+        load_model_source(str(path))
+    # The list is the registry's, the one list of what is supported.
+    from engine.models import registry
+
+    supported = registry.supported_architectures()
+    assert {"LlamaForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"} <= set(supported)
+    assert str(refused.value).endswith("supported: " + ", ".join(supported))
+
+
+def test_an_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    path = Path(make_tiny_llama(tmp_path))
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["GemmaForCausalLM"], model_type="gemma")
+    (path / "config.json").write_text(json.dumps(config))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a weight file was read")
+
+    monkeypatch.setattr(loader, "read_safetensors_header", never)
+    monkeypatch.setattr(model_files, "safe_open", never)
+    with pytest.raises(ValueError, match=r"unsupported model, architectures=\['GemmaForCausalLM'\].*supported: LlamaForCausalLM"):
         load_model_source(str(path))
 
 

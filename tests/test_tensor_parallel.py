@@ -18,6 +18,7 @@ from engine.llm_engine import EngineStepError, LLMEngine
 from engine.loader import load_model_source
 from tests.greedy_reference import NEAR_TIE_RTOL, hf_greedy
 from tests.helpers import load_hf_reference, make_tiny_llama
+from tests.model_factories import make_tiny_checkpoint
 from tests.test_correctness import run_staggered
 
 MAX_TOKENS = 16
@@ -87,9 +88,9 @@ def test_tp2_splits_four_kv_heads_and_matches_one_process(tmp_path):
     path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=4)
     llm = check_against_one_process(path, 2, num_kv_blocks=64)
     try:
-        runner = llm.engine.runner
+        runner = llm.engine.runner.model_runner
         assert runner.num_local_kv_heads == 2 and runner.k_caches[0].shape[2] == 2
-        assert len(runner.driver.procs) == 1
+        assert len(llm.engine.runner.driver.procs) == 1
     finally:
         llm.shutdown()
 
@@ -98,7 +99,7 @@ def test_tp2_replicates_a_single_kv_head_and_matches_one_process(tmp_path):
     path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
     llm = check_against_one_process(path, 2, num_kv_blocks=64)
     try:
-        assert llm.engine.runner.num_local_kv_heads == 1
+        assert llm.engine.runner.model_runner.num_local_kv_heads == 1
     finally:
         llm.shutdown()
 
@@ -117,6 +118,21 @@ def test_tp2_qkv_bias_staggered_arrivals_and_preemption_match_one_process(tmp_pa
         engine.runner.shutdown()
 
 
+def test_tp2_phi3_fused_qkv_and_gate_up_checkpoint_matches_one_process(tmp_path):
+    # Phi-3 ships q/k/v and gate/up already fused: each rank cuts its heads and columns out of
+    # every block of the fused tensor.
+    path = make_tiny_checkpoint(tmp_path, "Phi3Config", num_attention_heads=4, num_key_value_heads=2)
+    check_against_one_process(path, 2, num_kv_blocks=64).shutdown()
+
+
+def test_tp2_moe_with_a_shared_expert_matches_one_process(tmp_path):
+    # Qwen2-MoE: every expert's intermediate columns split across ranks, the shared expert like a
+    # dense MLP, one dense layer (mlp_only_layers) beside a sparse one.
+    path = make_tiny_checkpoint(tmp_path, "Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, shared_expert_intermediate_size=64, mlp_only_layers=[1])
+    check_against_one_process(path, 2, num_kv_blocks=64).shutdown()
+
+
 @pytest.mark.slow
 def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third():
     # SmolLM2-135M: 9 query heads, 3 KV heads -> 3 and 1 per rank.
@@ -128,7 +144,7 @@ def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third():
         source = load_model_source(DEFAULT_MODEL)
         assert_same_greedy(outs, single, hf_reference(str(Path(source.weight_files[0]).parent)))
 
-        model = llm.engine.runner.model
+        model = llm.engine.runner.model_runner.model
         shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         total = sum(
             torch.Size(shape).numel() * 4 for header in source.weight_headers.values() for _, shape in header.values()

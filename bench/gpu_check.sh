@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, under 8 minutes on one GPU; writes one results file.
+#
+#   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--dry-run]
+#
+# Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
+#   kernels   the Triton kernel and backend tests on the GPU (TRITON_INTERPRET=0)
+#   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
+#   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
+#   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml
+# --dry-run checks the arguments and writes the results file with every step "skipped": what
+# the CPU-only test suite runs. Record the card and the numbers in bench/RESULTS.md after a run.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+OUT="$ROOT/bench/gpu_check_results.md"
+ALL_STEPS="kernels greedy bandwidth serving"
+STEPS="$ALL_STEPS"
+DRY_RUN=0
+
+usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || { echo "gpu_check.sh: --out needs a file" >&2; exit 2; }; OUT="$2"; shift 2 ;;
+    --only)
+      [ $# -ge 2 ] || { echo "gpu_check.sh: --only needs steps" >&2; exit 2; }
+      STEPS="${2//,/ }"
+      for s in $STEPS; do
+        case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_check.sh: unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
+      done
+      shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: no CUDA device visible to $PYTHON (use --dry-run to check the script itself)" >&2
+  exit 3
+fi
+
+mkdir -p "$(dirname "$OUT")"
+CARD="$([ "$DRY_RUN" = 1 ] && echo "none (dry run)" || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+{
+  echo "# bento-llm GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- card: ${CARD:-unknown}"
+  echo "- steps: $STEPS"
+} > "$OUT"
+
+FAILED=0
+run_step() {  # name, timeout seconds, command...
+  local name="$1" limit="$2"; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '\n## %s: skipped (dry run)\n\n    %s\n' "$name" "$*" >> "$OUT"
+    return 0
+  fi
+  local log start status
+  log="$(mktemp)"; start=$(date +%s)
+  (cd "$ROOT" && timeout "$limit" "$@") > "$log" 2>&1
+  status=$?
+  local verdict="pass"; [ $status -eq 0 ] || { verdict="FAIL (exit $status)"; FAILED=1; }
+  { printf '\n## %s: %s in %ss\n\n    %s\n\n```\n' "$name" "$verdict" "$(( $(date +%s) - start ))" "$*"
+    tail -n 40 "$log"; echo '```'; } >> "$OUT"
+  rm -f "$log"
+}
+
+SERVE_DIR="$(mktemp -d)"
+trap 'rm -rf "$SERVE_DIR"' EXIT
+make_1b_llama() {  # a random-weight Llama of TinyLlama-1.1B's shape, bf16, with the default tokenizer
+  "$PYTHON" - "$SERVE_DIR/llama-1b" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+sys.path.insert(0, ".")
+from tests.helpers import default_tokenizer, default_tokenizer_dir
+import shutil
+tok = default_tokenizer()
+config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+for f in Path(default_tokenizer_dir()).iterdir():
+    shutil.copy(f, Path(sys.argv[1]) / f.name)
+PY
+}
+
+export TRITON_INTERPRET=0
+run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_backend.py
+run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
+run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100
+case " $STEPS " in *" serving "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
+run_step serving 200 "$PYTHON" bench/bench_serving.py --launch --server-arg "model=$SERVE_DIR/llama-1b" \
+  --num-prompts 64 --max-tokens 128 --max-concurrency 16 --label "gpu-check random 1B llama"
+
+echo "results: $OUT"
+exit $FAILED

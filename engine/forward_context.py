@@ -1,0 +1,51 @@
+"""What every layer of one forward pass shares: the step's attention metadata and the backend.
+
+The model runner fills its persistent step buffers, then runs the model inside
+`forward_context(...)`; attention layers read the context instead of having the metadata
+threaded through every call, so a new attention input (or a captured CUDA graph reading the
+same buffers) needs no change to any model. A leaf module: it imports only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    context_lens: torch.Tensor  # int32 [num_seqs]
+    cu_query_lens: torch.Tensor  # int32 [num_seqs + 1]
+    max_query_len: int
+    all_decode: bool  # every sequence has exactly one query token
+
+
+@dataclass
+class ForwardContext:
+    meta: AttentionMetadata
+    backend: Any  # engine.attention.AttentionBackend: its ops and the paged KV cache
+    positions: torch.Tensor  # int64 [num_tokens]
+
+
+_current: ForwardContext | None = None
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata, backend, positions: torch.Tensor) -> Iterator[ForwardContext]:
+    global _current
+    previous, _current = _current, ForwardContext(meta, backend, positions)
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("a model layer ran outside a forward pass (no forward_context is set)")
+    return _current

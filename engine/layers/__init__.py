@@ -1,0 +1,1 @@
+"""Building blocks of the model families: each layer loads its own tensor-parallel shard."""

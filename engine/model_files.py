@@ -1,0 +1,170 @@
+"""Reading a model's files: safetensors headers (checked for truncation), shard indexes,
+tokenizers, JSON, and writing a converted GGUF's cache entry. Every error is a ModelLoadError
+naming the file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+class ModelLoadError(ValueError):
+    """A model's files are missing, unreadable or unsupported. The message names the file."""
+
+def open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: cannot read this safetensors file ({e})") from e
+
+def weight_files(directory: Path) -> list[Path]:
+    index_path = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index_path}: no 'weight_map' mapping parameter names to shard files")
+        shards = []
+        for shard_name in sorted(set(weight_map.values())):
+            shard = directory / shard_name
+            if not shard.is_file():
+                raise ModelLoadError(f"{shard} is listed in {index_path} but missing")
+            shards.append(shard)
+        return shards
+    if single.is_file():
+        return [single]
+    found = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
+    extra = f"; found {sorted(found)}, but only model.safetensors or sharded safetensors with an index are read" if found else ""
+    raise ModelLoadError(f"{directory}: no model.safetensors or model.safetensors.index.json{extra}")
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parameter name -> (dtype, shape) from a safetensors header, checking the file is complete.
+
+    Parsed here rather than by safetensors because its errors ("incomplete metadata, file not fully
+    covered") do not say which file, and a truncated download is the usual cause.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ModelLoadError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise ModelLoadError(
+                f"{path}: truncated or not a safetensors file (header length {header_len}, file size {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            entries = {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{path}: corrupt safetensors header ({e})") from e
+    data_end = 8 + header_len + max((offsets[1] for _, _, offsets in entries.values()), default=0)
+    if data_end > size:
+        raise ModelLoadError(
+            f"{path}: truncated safetensors file: its header describes {data_end} bytes, the file has {size}"
+        )
+    return {k: (dtype, shape) for k, (dtype, shape, _) in entries.items()}
+
+
+def checkpoint_dtype(headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]]) -> torch.dtype | None:
+    # Weighted by element count, so a few float32 norms in a bf16 checkpoint do not decide it.
+    counts: Counter[str] = Counter()
+    for header in headers.values():
+        for dtype, shape in header.values():
+            if dtype in _SAFETENSORS_DTYPES:
+                counts[dtype] += int(torch.Size(shape).numel())
+    return _SAFETENSORS_DTYPES[counts.most_common(1)[0][0]] if counts else None
+
+
+def load_tokenizer(directory: Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    if gguf_file is None and not any((directory / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{directory}: no tokenizer file ({', '.join(_TOKENIZER_FILES)}); "
+            "save one there with tokenizer.save_pretrained"
+        )
+    where = directory / gguf_file if gguf_file else directory
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{where}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+class FlatModel:
+    """The model as load_gguf_checkpoint's name mapping sees it, without its submodules.
+
+    Given the real model, transformers rebuilds gguf's tensor-name map once per submodule (~400
+    times for SmolLM2's 30 layers: 4-8 s idle, 30 s on a busy 2-core machine) to catch models
+    whose names need a prefix; the top-level call alone already maps every parameter of the
+    architectures we support, and yields the same mapping.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.config = model.config
+        self._state = model.state_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        return iter(())
+
+def write_cache(
+    cache_dir: Path,
+    gguf_path: Path,
+    hf_config: PretrainedConfig,
+    tensors: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Write a normal HF directory into a temporary sibling and rename it into place, so a reader
+    never sees a half-written entry and two concurrent converters do not corrupt each other."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename and hide the entry from other users
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": str(gguf_path)})
+        hf_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        stat = gguf_path.stat()
+        (tmp / "bento_llm_source.json").write_text(
+            json.dumps({"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        )
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            if not cache_dir.is_dir():
+                raise
+            logger.info("%s: another process cached it first", cache_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

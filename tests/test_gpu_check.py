@@ -1,0 +1,61 @@
+"""bench/gpu_check.sh's CPU-runnable parts: arguments, the refusal without a GPU, the results
+file, and the greedy-check helper it runs (here on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_dry_run_writes_every_step_as_skipped(tmp_path):
+    out = tmp_path / "results.md"
+    done = run("--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert text.startswith("# bento-llm GPU check") and "- card: none (dry run)" in text
+    for step in ("kernels", "greedy", "bandwidth", "serving"):
+        assert f"## {step}: skipped (dry run)" in text
+    assert "TRITON_INTERPRET" not in text and "tests/test_kernels.py" in text
+
+
+def test_only_runs_the_named_steps(tmp_path):
+    out = tmp_path / "results.md"
+    assert run("--dry-run", "--only", "greedy,bandwidth", "--out", str(out)).returncode == 0
+    text = out.read_text()
+    assert "## greedy:" in text and "## bandwidth:" in text and "## kernels:" not in text and "## serving:" not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--only", "warp"), "unknown step 'warp'"),
+    (("--frobnicate",), "unknown argument '--frobnicate'"),
+    (("--out",), "--out needs a file"),
+])
+def test_bad_arguments_exit_2_naming_them(args, message):
+    done = run(*args)
+    assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_it_refuses_and_says_how_to_dry_run(tmp_path):
+    done = run("--out", str(tmp_path / "r.md"))
+    assert done.returncode == 3 and "no CUDA device" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_the_greedy_helper_passes_on_cpu_float32():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_greedy
+
+    assert gpu_greedy.main(["--device", "cpu", "--families", "qwen3", "--dtypes", "float32", "--max-tokens", "4"]) == 0
