@@ -9,6 +9,8 @@ the whole checkpoint tensor (for Phi-3's qkv_proj that is all three blocks, fuse
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -74,7 +76,22 @@ def can_pack_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and (dtype != torch.bfloat16 or _onednn_packs_bfloat16())
     )
+
+
+@functools.cache
+def _onednn_packs_bfloat16() -> bool:
+    """oneDNN packs bfloat16 weights only on CPUs with AVX512-BW or AVX-NE-CONVERT (an AVX2-only
+    CPU raises "bf16 path needs the cpu support ..." at the reorder); there F.linear runs them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op: may go away; probe the reorder itself
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), None)
+            return True
+        except RuntimeError:
+            return False
 
 
 @dataclass(frozen=True)
