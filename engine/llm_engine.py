@@ -122,9 +122,10 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         for limit in ("max_num_seqs", "max_num_batched_tokens"):
             if params.best_of > getattr(self.config, limit):
+                field = "n" if params.n == params.best_of else "best_of"  # the one the user set
                 raise ValueError(
-                    f"best_of (or n) is {params.best_of}, but the engine runs at most {limit}="
-                    f"{getattr(self.config, limit)} sequences together; lower it"
+                    f"SamplingParams.{field} asks for {params.best_of} sequences, but the engine runs at most "
+                    f"{limit}={getattr(self.config, limit)} sequences together; lower it"
                 )
         vocab = self.model_config.vocab_size
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):

@@ -169,3 +169,11 @@ def test_tiny_temperatures_are_clamped_as_vllm_does_and_ids_outside_the_vocabula
     for kwargs, field in ((dict(stop_token_ids=[vocab]), "stop_token_ids"), (dict(logit_bias={vocab + 5: 1.0}), "logit_bias")):
         with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
             engine.make_sequence("x", "hi", SamplingParams(**kwargs))
+
+
+def test_more_sequences_than_the_engine_runs_together_is_refused_naming_n_or_best_of(engine):
+    """Found by the property test above: the refusal named no field, so the server's 400 had no param."""
+    limit = engine.config.max_num_seqs
+    for kwargs, field in ((dict(n=limit + 1), "n"), (dict(n=2, best_of=2**31, temperature=1.0), "best_of")):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{field} asks for"):
+            engine.make_sequence("x", "hi", SamplingParams(**kwargs))
