@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.reference import _gather_context
+
 
 def paged_attention(
     query: torch.Tensor,
@@ -25,7 +27,6 @@ def paged_attention(
     soft_cap: float | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(query)
-    block_size = k_cache.shape[1]
     group = query.shape[1] // k_cache.shape[2]
     cu, lens = cu_query_lens.tolist(), context_lens.tolist()
     for i, length in enumerate(lens):
@@ -33,9 +34,8 @@ def paged_attention(
         n = q.shape[0]
         if n == 0:
             continue
-        blocks = block_tables[i, : -(-length // block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
+        k = _gather_context(k_cache, block_tables[i], length).float().repeat_interleave(group, dim=1)
+        v = _gather_context(v_cache, block_tables[i], length).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         if soft_cap is not None:
             scores = torch.tanh(scores / soft_cap) * soft_cap
