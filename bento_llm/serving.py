@@ -228,7 +228,6 @@ class OpenAIServing:
                 return {
                     "id": response_id, "object": "text_completion", "created": created, "model": rt.model_name,
                     "choices": choices, "usage": fmt.usage(sum(len(p.token_ids) for p in prompts), completion),
-                    "system_fingerprint": None,
                 }  # fmt: skip
 
             return await self.respond(raw, job, build)
@@ -297,7 +296,8 @@ class OpenAIServing:
         def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
             if k is None:
                 return None
-            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k)}
+            # "refusal" is required by OpenAI's schema; this server never refuses.
+            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k), "refusal": None}
 
         if not request.stream:
 
@@ -317,7 +317,6 @@ class OpenAIServing:
                 return {
                     "id": response_id, "object": "chat.completion", "created": created, "model": rt.model_name,
                     "choices": choices, "usage": fmt.usage(len(prompt.token_ids), completion),
-                    "system_fingerprint": None,
                 }  # fmt: skip
 
             return await self.respond(raw, job, build)
