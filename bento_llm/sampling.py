@@ -8,6 +8,10 @@ from engine import SamplingParams
 from bento_llm.errors import bad_request, from_value_error
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
 
+# Whether the engine can force output to a JSON schema (grammar-constrained decoding, issue 14's
+# structured outputs). tool_choice "required"/named and /v1/models' capabilities read this.
+STRUCTURED_OUTPUTS = False
+
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     if not raw:

@@ -169,7 +169,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"messages": [', 400, None),  # malformed JSON
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, 400, "max_tokens"),  # wrong type
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),  # out of range
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),  # unsupported
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the default template has no tool-call format
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),  # over 20
     ("/v1/completions", {"prompt": "x", "colour": "red"}, 400, "colour"),  # unknown
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),  # unknown model
