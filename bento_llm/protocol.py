@@ -130,7 +130,7 @@ class ChatMessage(_Request):
         if extra - {"function_call"}:
             field = sorted(extra - {"function_call"})[0]
             raise bad_request(f"Unrecognized message field: {field}", param=f"{param}.{field}")
-        if self.tool_calls and self.role != "assistant":
+        if self.tool_calls is not None and self.role != "assistant":
             raise bad_request("Only assistant messages can have tool_calls", param=f"{param}.tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise bad_request("A tool message needs the tool_call_id it answers", param=f"{param}.tool_call_id")
@@ -249,6 +249,16 @@ class _Response(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+class ModelCapabilities(_Response):
+    """What the served model can do through this server (bento-llm's extension of the model object)."""
+
+    tool_calling: bool  # tools with tool_choice "auto": the chat template has a format a parser reads
+    tool_call_parser: str | None
+    forced_tool_choice: bool  # tool_choice "required" or a named function
+    structured_outputs: bool
+    reasoning_parser: str | None  # reasoning_content is filled in
+
+
 class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -256,6 +266,7 @@ class ModelCard(_Response):
     owned_by: str = "bento-llm"
     root: str | None = None
     max_model_len: int | None = None
+    capabilities: ModelCapabilities | None = None
 
 
 class ModelList(_Response):

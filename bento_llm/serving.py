@@ -20,10 +20,10 @@ from bento_llm.chat import apply_chat_template
 from bento_llm.chat_output import MessageStream, OutputParser, finish_reason, message_body
 from bento_llm.errors import OpenAIError, bad_request, context_length_exceeded, from_value_error, model_not_found
 from bento_llm.metrics import RequestTimer
-from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCapabilities, ModelCard, ModelList, random_id
 from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
-from bento_llm.sampling import to_sampling_params
+from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
 from bento_llm.tool_calling import ToolSetup, tool_setup
 from bento_llm.streaming import (
     DONE,
@@ -105,7 +105,12 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         rt = self.runtime
-        return ModelList(data=[ModelCard(id=rt.model_name, root=rt.model_path or rt.settings.model, max_model_len=rt.max_model_len or None)])
+        capabilities = ModelCapabilities(
+            tool_calling=rt.tool_parser is not None, tool_call_parser=rt.tool_parser, forced_tool_choice=STRUCTURED_OUTPUTS,
+            structured_outputs=STRUCTURED_OUTPUTS, reasoning_parser=rt.reasoning_parser,
+        )  # fmt: skip
+        card = ModelCard(id=rt.model_name, root=rt.model_path or rt.settings.model, max_model_len=rt.max_model_len or None, capabilities=capabilities)
+        return ModelList(data=[card])
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.runtime.model_name, self.runtime.settings.model):
