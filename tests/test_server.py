@@ -82,7 +82,8 @@ def test_the_server_log_says_what_the_engine_decided(server):
 
 
 def test_api_key_is_required(server):
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate")):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate"),
+                         ("POST", "/tokenize"), ("POST", "/detokenize")):  # fmt: skip
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             response = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x"})
             assert response.status_code == 401, (path, headers)
@@ -90,6 +91,19 @@ def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="tiny", messages=CHAT)
+
+
+def test_tokenize_and_detokenize_at_the_root(server):
+    """vLLM's paths, next to BentoML's own routes (which the root mount must not shadow)."""
+    body = httpx.post(server.url + "/tokenize", headers=AUTH, json={"prompt": "Hello there"}).json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", headers=AUTH, json={"tokens": body["tokens"]}).json()["prompt"].endswith("Hello there")
+    chat = httpx.post(server.url + "/tokenize", headers=AUTH, json={"messages": CHAT}).json()
+    reply = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={"messages": CHAT, "max_tokens": 1}).json()
+    assert chat["count"] == reply["usage"]["prompt_tokens"]
+    assert httpx.post(server.url + "/tokenize", headers=AUTH, json={"prompt": 1}).json()["error"]["param"] == "prompt"
+    assert httpx.get(server.url + "/livez").status_code == 200 and httpx.get(server.url + "/docs.json").status_code == 200
+    assert httpx.get(server.url + "/tokenize", headers=AUTH).status_code in (404, 405)
 
 
 def test_chat_sync_and_stream(sdk):
