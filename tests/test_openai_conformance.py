@@ -8,20 +8,14 @@ last chunk, as this server does; stream chunks of completions are checked with t
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.testclient import TestClient
 
-from bento_llm.app import create_app
-from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings
+from tests.app_fixtures import app_client, loaded_runtime
 from tests.helpers import make_tiny_llama
 from tests.test_openai_app import events
 
@@ -66,13 +60,8 @@ def stream_conforms(kind: str, response) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    model = make_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    runtime = LLMRuntime(Settings(model=model, num_kv_blocks=64))
-    runtime.load()
-    assert runtime.ready, runtime.error
-    with TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))])) as c:
+    with loaded_runtime(make_tiny_llama(tmp_path_factory.mktemp("tiny"))) as runtime, app_client(runtime) as c:
         yield c
-    asyncio.run(runtime.shutdown())
 
 
 def test_the_vendored_spec_names_its_source():

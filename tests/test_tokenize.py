@@ -4,16 +4,9 @@ server's root are checked against a real `bentoml serve` in tests/test_server.py
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.testclient import TestClient
 
-from bento_llm.app import create_app, create_root_app
-from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings
+from tests.app_fixtures import app_client, loaded_runtime
 from tests.chat_templates import HERMES_THINKING, write_chat_template
 from tests.helpers import make_tiny_llama
 from tests.test_tool_calling import TOOLS, USER
@@ -21,18 +14,13 @@ from tests.test_tool_calling import TOOLS, USER
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    model = write_chat_template(make_tiny_llama(tmp_path_factory.mktemp("tok")), HERMES_THINKING)
-    rt = LLMRuntime(Settings(model=model, num_kv_blocks=16))
-    rt.load()
-    assert rt.ready, rt.error
-    yield rt
-    asyncio.run(rt.shutdown())
+    with loaded_runtime(write_chat_template(make_tiny_llama(tmp_path_factory.mktemp("tok")), HERMES_THINKING), num_kv_blocks=16) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
 def client(runtime):
-    app = Starlette(routes=[Mount("/v1", create_app(lambda: runtime)), Mount("/", create_root_app(lambda: runtime))])
-    with TestClient(app) as c:
+    with app_client(runtime) as c:
         yield c
 
 

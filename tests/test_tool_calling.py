@@ -10,19 +10,12 @@ the engine, parsing, ids, finish_reason, streaming deltas, and the openai SDK's 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import openai
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.testclient import TestClient
 
-from bento_llm.app import create_app
-from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings
+from tests.app_fixtures import app_client, assert_no_request_left, loaded_runtime
 from tests.chat_templates import HERMES_THINKING, write_chat_template
 from tests.helpers import make_tiny_llama
 from tests.test_openai_app import events
@@ -47,27 +40,20 @@ CALLS = (
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    model = write_chat_template(make_tiny_llama(tmp_path_factory.mktemp("tools")), HERMES_THINKING)
-    rt = LLMRuntime(Settings(model=model, num_kv_blocks=64))
-    rt.load()
-    assert rt.ready, rt.error
-    yield rt
-    asyncio.run(rt.shutdown())
+    with loaded_runtime(write_chat_template(make_tiny_llama(tmp_path_factory.mktemp("tools")), HERMES_THINKING)) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
 def client(runtime):
-    with TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))])) as c:
+    with app_client(runtime) as c:
         yield c
 
 
 @pytest.fixture(autouse=True)
 def no_request_left(runtime):
     yield
-    deadline = time.monotonic() + 5
-    while runtime.engine.stats().num_kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert runtime.engine.stats().num_kv_blocks_used == 0
+    assert_no_request_left(runtime)
 
 
 def prefilled(runtime, reply: str, **extra) -> dict:
