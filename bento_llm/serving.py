@@ -24,7 +24,7 @@ from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCa
 from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
 from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
-from bento_llm.tool_calling import ToolSetup, tool_setup
+from bento_llm.tool_calling import ToolSetup, force_tool_call, tool_setup
 from bento_llm.streaming import (
     DONE,
     ClientDisconnected,
@@ -297,6 +297,7 @@ class OpenAIServing:
         max_tokens = request.requested_max_tokens
         params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
         tools = tool_setup(request, rt.tool_parser)
+        params = force_tool_call(params, tools)
         prompt = await asyncio.to_thread(self.chat_prompt, request, tools)  # off the loop, as completions
         parser = self.output_parser(tools, prompt)
         self.check_length(len(prompt.token_ids), params.max_tokens, "messages")

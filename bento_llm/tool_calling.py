@@ -6,10 +6,11 @@ one, and "none" promises the client that it will not."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bento_llm.errors import bad_request, unsupported
+from bento_llm.errors import bad_request, from_value_error, unsupported
 from bento_llm.protocol import ChatCompletionRequest, NamedToolChoice
 from bento_llm.sampling import STRUCTURED_OUTPUTS
 from bento_llm.tool_parsers import PARSERS, NamedToolParser, RequiredToolParser, ToolParser
@@ -70,3 +71,15 @@ def tool_setup(request: ChatCompletionRequest, parser_name: str | None) -> ToolS
         raise unsupported("tool_choice", "tool_choice 'required' or a named function (forcing a call needs structured outputs)")
     parser = NamedToolParser(choice.function.name) if isinstance(choice, NamedToolChoice) else RequiredToolParser(names, parallel)
     return ToolSetup(template_tools, parser, tool_call_schema(request))
+
+
+def force_tool_call(params: Any, setup: ToolSetup) -> Any:
+    """SamplingParams whose output structured outputs force to the call(s) tool_choice asks for."""
+    if setup.schema is None:
+        return params
+    if getattr(params, "structured_outputs", None) is not None:
+        raise bad_request("tool_choice 'required' or a named function cannot be combined with another output constraint", param="tool_choice")
+    try:
+        return dataclasses.replace(params, structured_outputs={"json": setup.schema})
+    except ValueError as e:  # a keyword in a tool's parameters the grammar cannot enforce
+        raise from_value_error(e, {"structured_outputs": "tools"}) from None

@@ -14,7 +14,9 @@ import json
 
 import openai
 import pytest
+from jsonschema import Draft202012Validator
 
+from bento_llm.sampling import STRUCTURED_OUTPUTS
 from tests.app_fixtures import app_client, assert_no_request_left, loaded_runtime
 from tests.chat_templates import HERMES_THINKING, write_chat_template
 from tests.helpers import make_tiny_llama
@@ -192,8 +194,10 @@ def test_openai_sdk_agent_loop(runtime, client):
     [
         ({"tool_choice": "auto"}, "tool_choice"),  # without tools
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),  # needs structured outputs (not on this branch)
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, "tool_choice"),
+        *([] if STRUCTURED_OUTPUTS else [  # forcing a call needs structured outputs
+            ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, "tool_choice"),
+        ]),  # fmt: skip
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.[0].function.name"),
         ({"tools": [SEARCH_TOOL, SEARCH_TOOL]}, "tools"),
@@ -208,3 +212,55 @@ def test_bad_tool_requests_name_the_field(client, extra, param):
     response = client.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 1, **extra})
     assert response.status_code == 400, response.text
     assert conforms("error", response.json())["error"]["param"] == param
+
+
+# Tools whose arguments a grammar keeps short (enums, booleans): a tiny random model at
+# temperature 1 would otherwise write strings until max_tokens.
+FORCED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}},
+        "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "is_open", "parameters": {
+        "type": "object", "properties": {"open": {"type": "boolean"}}, "required": ["open"], "additionalProperties": False}}},
+]  # fmt: skip
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in FORCED_TOOLS}
+forced = pytest.mark.skipif(not STRUCTURED_OUTPUTS, reason="forcing a call needs structured outputs (SamplingParams.structured_outputs)")
+
+
+@forced
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "is_open"}}]
+)
+def test_forced_tool_choice_always_calls_validly(runtime, client, tool_choice):
+    """tool_choice "required" or a named function: the model's own sampled output (no pre-fill),
+    forced by structured outputs to a valid call, at temperature 1 over several seeds."""
+    for seed in range(3):
+        body = {"messages": [USER], "tools": FORCED_TOOLS, "tool_choice": tool_choice, "parallel_tool_calls": False,
+                "temperature": 1.0, "seed": seed, "max_tokens": 64}  # fmt: skip
+        choice = conforms("chat", client.post("/v1/chat/completions", json=body).json())["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        name = call["function"]["name"]
+        if isinstance(tool_choice, dict):
+            assert name == tool_choice["function"]["name"]
+        Draft202012Validator(PARAMETERS[name]).validate(json.loads(call["function"]["arguments"]))
+        streamed = reassembled(events(client.post("/v1/chat/completions", json={**body, "stream": True})))
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed["tool_calls"]] == [(name, call["function"]["arguments"])]
+
+
+@forced
+def test_openai_sdk_agent_loop_with_required_tool_choice(runtime, client):
+    """The agent loop of the issue: the model must call a tool, the client runs it and answers
+    with a tool message, the model answers."""
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    first = sdk.chat.completions.create(model=runtime.model_name, messages=[USER], tools=FORCED_TOOLS, tool_choice="required",
+                                        parallel_tool_calls=False, temperature=1.0, seed=7, max_tokens=64)  # fmt: skip
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and message.content is None
+    call = message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    Draft202012Validator(PARAMETERS[call.function.name]).validate(arguments)
+    result = {"tool": call.function.name, "arguments": arguments, "answer": 42}
+    history = [USER, message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+    second = sdk.chat.completions.create(model=runtime.model_name, messages=history, tools=FORCED_TOOLS, max_tokens=5, temperature=0)
+    assert second.choices[0].message.role == "assistant" and second.usage.prompt_tokens > first.usage.prompt_tokens

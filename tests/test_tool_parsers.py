@@ -220,3 +220,54 @@ def test_detection_from_chat_templates():
     assert detect_tool_parser("Given the following functions, please respond with a JSON for a function call") == "llama3_json"
     assert detect_tool_parser("{{ '<|im_start|>' + message['role'] }}") is None
     assert detect_reasoning_parser("{{ '<think>\\n' }}") == "think" and detect_reasoning_parser("plain") is None
+
+
+CITY_TOOL = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}
+SEARCH_TOOL = {"name": "search"}  # no parameters: any object
+
+
+def _request(tool_choice, parallel=None):
+    from bento_llm.protocol import ChatCompletionRequest
+
+    tools = [{"type": "function", "function": f} for f in (CITY_TOOL, SEARCH_TOOL)]
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": tool_choice}
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    return ChatCompletionRequest.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    "tool_choice,parallel,valid,invalid",
+    [
+        ({"type": "function", "function": {"name": "get_weather"}}, None,
+         ['{"city": "Paris"}'], ['{"town": "Paris"}', '{"city": 3}', "[]"]),
+        ("required", None,
+         ['[{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+          '[{"name": "search", "parameters": {"q": 1}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'],
+         ["[]", '[{"name": "launch", "parameters": {}}]', '[{"name": "get_weather", "parameters": {}}]', '{"name": "search", "parameters": {}}']),
+        ("required", False, ['[{"name": "search", "parameters": {}}]'],
+         ['[{"name": "search", "parameters": {}}, {"name": "search", "parameters": {}}]']),
+    ],
+    ids=["named", "required", "required_one"],
+)  # fmt: skip
+def test_tool_call_schema_is_what_the_forced_parsers_read(tool_choice, parallel, valid, invalid):
+    """tool_choice "required" / a named function force the output to this schema (structured
+    outputs); every output it allows reads back as calls whose arguments fit the tool."""
+    from jsonschema import Draft202012Validator
+
+    from bento_llm.tool_calling import tool_call_schema
+
+    request = _request(tool_choice, parallel)
+    validator = Draft202012Validator(tool_call_schema(request))
+    for text in invalid:
+        assert not validator.is_valid(json.loads(text)), text
+    for text in valid:
+        assert validator.is_valid(json.loads(text)), text
+        if isinstance(tool_choice, dict):
+            parser = NamedToolParser(tool_choice["function"]["name"])
+        else:
+            parser = RequiredToolParser(["get_weather", "search"], parallel is not False)
+        calls = parser.parse(text, finished=True).calls
+        expected = [json.loads(text)] if isinstance(tool_choice, dict) else [c["parameters"] for c in json.loads(text)]
+        assert [json.loads(c.arguments) for c in calls] == expected
+    assert tool_call_schema(_request("auto")) is None and tool_call_schema(_request("none")) is None
