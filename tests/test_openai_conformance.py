@@ -75,6 +75,9 @@ def test_the_vendored_spec_names_its_source():
 
 def test_models_conform(client):
     body = conforms("models", client.get("/v1/models").json())
+    # bento-llm's extension: what the model can do (this template has no tool format, no <think>).
+    capabilities = body["data"][0]["capabilities"]
+    assert capabilities["tool_calling"] is False and capabilities["reasoning_parser"] is None and body["data"][0]["max_model_len"] > 0
     conforms("model", client.get(f"/v1/models/{body['data'][0]['id']}").json())
 
 
