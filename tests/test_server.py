@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from bento_llm.sampling import STRUCTURED_OUTPUTS
 from bento_llm.testing import ServerProcess, metric, scrape
 from tests.helpers import make_tiny_llama
 
@@ -104,6 +105,31 @@ def test_tokenize_and_detokenize_at_the_root(server):
     assert httpx.post(server.url + "/tokenize", headers=AUTH, json={"prompt": 1}).json()["error"]["param"] == "prompt"
     assert httpx.get(server.url + "/livez").status_code == 200 and httpx.get(server.url + "/docs.json").status_code == 200
     assert httpx.get(server.url + "/tokenize", headers=AUTH).status_code in (404, 405)
+
+
+@pytest.mark.skipif(not STRUCTURED_OUTPUTS, reason="forcing a call needs structured outputs (SamplingParams.structured_outputs)")
+def test_openai_sdk_agent_loop_with_required_tool_choice(sdk):
+    """The issue's agent loop against a real server: the model must call a tool (forced to a valid
+    call by structured outputs, whatever the tiny model would write), the client runs it and
+    answers with a tool message, the model answers."""
+    from jsonschema import Draft202012Validator
+
+    from tests.test_tool_calling import FORCED_TOOLS, PARAMETERS
+
+    question = {"role": "user", "content": "Is the museum in Oslo open?"}
+    first = sdk.chat.completions.create(model="tiny", messages=[question], tools=FORCED_TOOLS, tool_choice="required",
+                                        temperature=1.0, seed=3, max_tokens=64, parallel_tool_calls=False)  # fmt: skip
+    assert first.choices[0].finish_reason == "tool_calls"
+    calls = first.choices[0].message.tool_calls
+    for call in calls:
+        Draft202012Validator(PARAMETERS[call.function.name]).validate(json.loads(call.function.arguments))
+    history = [question, first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "tool", "tool_call_id": c.id, "content": json.dumps({"ok": True})} for c in calls]
+    # This model's template has no tool-call format, so "auto" is refused (as vLLM does without a
+    # parser); the client asks for the answer with tool_choice "none".
+    second = sdk.chat.completions.create(model="tiny", messages=history, tools=FORCED_TOOLS, tool_choice="none", max_tokens=8,
+                                         temperature=0, extra_body=NO_EOS)  # fmt: skip
+    assert second.choices[0].message.content and second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_chat_sync_and_stream(sdk):
