@@ -321,10 +321,23 @@ class ChoiceLogprobs(_Response):
     refusal: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text as the model wrote it; may be invalid JSON (check before use)
+
+
+class ResponseToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None  # only when the model called tools
+    reasoning_content: str | None = None  # only with a reasoning parser
 
 
 class ChatChoice(_Response):
@@ -344,9 +357,23 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None  # in a call's first delta only
+    arguments: str | None = None  # the next piece of the arguments
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None  # in a call's first delta only
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):

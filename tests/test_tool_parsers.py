@@ -271,3 +271,24 @@ def test_tool_call_schema_is_what_the_forced_parsers_read(tool_choice, parallel,
         expected = [json.loads(text)] if isinstance(tool_choice, dict) else [c["parameters"] for c in json.loads(text)]
         assert [json.loads(c.arguments) for c in calls] == expected
     assert tool_call_schema(_request("auto")) is None and tool_call_schema(_request("none")) is None
+
+
+@pytest.mark.parametrize(
+    "template,tool_setting,reasoning_setting,expected",
+    [
+        ("<tool_call>{{ tools }}</tool_call> <think>", "auto", "auto", ("hermes", "think")),
+        ("plain ChatML", "auto", "auto", (None, None)),
+        ("plain ChatML", "llama3_json", "think", ("llama3_json", "think")),  # a model tuned for a format its template hides
+        ("<tool_call> <think>", "none", "none", (None, None)),
+    ],
+)
+def test_settings_choose_the_parsers(template, tool_setting, reasoning_setting, expected):
+    from types import SimpleNamespace
+
+    from bento_llm.runtime import _output_parsers
+    from bento_llm.settings import Settings
+
+    settings = Settings(tool_call_parser=tool_setting, reasoning_parser=reasoning_setting)
+    assert _output_parsers(settings, SimpleNamespace(chat_template=template)) == expected
+    with pytest.raises(ValueError):
+        Settings(tool_call_parser="xml")
