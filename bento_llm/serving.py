@@ -24,7 +24,6 @@ from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCa
 from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
 from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
-from bento_llm.tool_calling import ToolSetup, force_tool_call, tool_setup
 from bento_llm.streaming import (
     DONE,
     ClientDisconnected,
@@ -34,6 +33,7 @@ from bento_llm.streaming import (
     sse,
     unless_disconnected,
 )
+from bento_llm.tool_calling import ToolSetup, force_tool_call, tool_setup
 
 logger = logging.getLogger("bento_llm")
 
