@@ -15,7 +15,7 @@ from typing import Any, AsyncGenerator
 import bentoml
 from bentoml.exceptions import BentoMLException
 
-from bento_llm.app import create_app
+from bento_llm.app import create_app, create_root_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import OpenAIError
 from bento_llm.exposure import warn_if_exposed
@@ -35,10 +35,11 @@ DEFAULT_MODEL_TAG = ensure_default_model() if settings.model == DEFAULT_MODEL el
 
 _runtime: LLMRuntime | None = None
 openai_app = create_app(lambda: _runtime)
+root_app = create_root_app(lambda: _runtime)  # vLLM's /tokenize and /detokenize
 
 # BentoML's HTTP metrics get one label per route; every other path shares one.
 bound_bentoml_path_labels(
-    known=["/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/generate", "/chat",
+    known=["/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/generate", "/chat", "/tokenize", "/detokenize",
            *(f"/v1{route.path}" for route in openai_app.routes if "{" not in route.path)],
     prefixes=[("/v1/models/", "/v1/models/{model}"), ("/static_content/", "/static_content/{file}")],
 )  # fmt: skip
@@ -50,6 +51,7 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
 
 
 @bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(root_app, path="/")
 @bentoml.service(
     name="bento-llm",
     # One worker owns the one engine; the engine does the batching, continuously.
@@ -148,7 +150,7 @@ class BentoLLM:
 # max_concurrency; health, metrics and docs (BentoML's at /, the API's at /v1/docs) stay
 # open. The key is checked first (outermost), so an unauthenticated flood cannot take the
 # concurrency slots, nor make the server read its bodies.
-API_PREFIXES, API_PATHS = ("/v1",), ("/generate", "/chat")
+API_PREFIXES, API_PATHS = ("/v1",), ("/generate", "/chat", "/tokenize", "/detokenize")
 API_DOCS = ("/v1/docs", "/v1/docs/oauth2-redirect", "/v1/openapi.json", "/v1/redoc")
 BentoLLM.add_asgi_middleware(
     APIKeyMiddleware,

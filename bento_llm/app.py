@@ -5,6 +5,7 @@ types and unknown fields all go through one mapping to OpenAI's error shape, str
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bento_llm.errors import OpenAIError, from_validation_error, server_error
+from bento_llm.errors import OpenAIError, bad_request, from_validation_error, server_error
 from bento_llm.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -26,6 +27,7 @@ from bento_llm.protocol import (
 )
 from bento_llm.runtime import LLMRuntime
 from bento_llm.serving import OpenAIServing
+from bento_llm.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, detokenize, tokenize, tokenize_request_model
 
 logger = logging.getLogger("bento_llm")
 
@@ -57,10 +59,16 @@ def _schema_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
+async def _parse(request: Request, model: type[BaseModel] | Callable[[Any], type[BaseModel]]) -> Any:
+    """The body as `model`, or as the model `model(body)` picks when it is a function."""
     body = await request.body()
     try:
-        return model.model_validate_json(body or b"null")
+        if isinstance(model, type):
+            return model.model_validate_json(body or b"null")
+        raw = json.loads(body or b"null")
+        return model(raw).model_validate(raw)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"We could not parse the JSON body of your request: {e}. The body must be a JSON object.", code="invalid_json") from None
     except ValidationError as e:
         raise from_validation_error(e) from None
 
@@ -75,6 +83,32 @@ def _error_response(request: Request, exc: Exception) -> Response:
     return server_error().response()
 
 
+def _handle_errors(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(
+            {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return _error_response(request, exc)
+
+
+def _serving(get_runtime: RuntimeGetter) -> OpenAIServing:
+    runtime = get_runtime()
+    if runtime is None:
+        raise OpenAIError("The server is starting; retry when /readyz answers 200.", 503, "server_error", code="model_not_ready")
+    return OpenAIServing(runtime)
+
+
 def create_app(get_runtime: RuntimeGetter) -> FastAPI:
     """`get_runtime` returns the process's LLMRuntime; BentoML creates it after import,
     so the app looks it up per request."""
@@ -86,10 +120,7 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
     )
 
     def serving() -> OpenAIServing:
-        runtime = get_runtime()
-        if runtime is None:
-            raise OpenAIError("The server is starting; retry when /readyz answers 200.", 503, "server_error", code="model_not_ready")
-        return OpenAIServing(runtime)
+        return _serving(get_runtime)
 
     @app.get("/models", response_model=ModelList, responses=_READ_ERRORS)
     async def list_models() -> Any:
@@ -143,21 +174,35 @@ def create_app(get_runtime: RuntimeGetter) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.exception_handler(OpenAIError)
-    async def openai_error(_: Request, exc: OpenAIError) -> Response:
-        return exc.response()
+    _handle_errors(app)
+    return app
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(
-            {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        return _error_response(request, exc)
+def create_root_app(get_runtime: RuntimeGetter) -> FastAPI:
+    """vLLM's routes outside /v1: POST /tokenize and POST /detokenize. Mounted at the server's
+    root, where BentoML's own routes come first; it has no docs pages of its own so that it
+    never shadows BentoML's."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        try:
+            s = _serving(get_runtime)
+            body: TokenizeChatRequest | TokenizeCompletionRequest = await _parse(request, tokenize_request_model)
+            s.check_model(body.model)
+            return JSONResponse(await tokenize(s.runtime, body))
+        except Exception as e:  # noqa: BLE001
+            return _error_response(request, e)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        try:
+            s = _serving(get_runtime)
+            body: DetokenizeRequest = await _parse(request, DetokenizeRequest)
+            s.check_model(body.model)
+            return JSONResponse(await detokenize(s.runtime, body))
+        except Exception as e:  # noqa: BLE001
+            return _error_response(request, e)
+
+    _handle_errors(app)
     return app

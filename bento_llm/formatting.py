@@ -110,6 +110,8 @@ def chunk(
         "model": model,
         "choices": choices,
     }
-    if include_usage:
-        body["usage"] = usage_value  # null on every chunk but the last, as OpenAI does
+    if include_usage and (usage_value is not None or object_name == "chat.completion.chunk"):
+        # Chat: null on every chunk but the last, as OpenAI does (its chat chunk schema allows
+        # null). The legacy completions schema does not, so its chunks carry usage only at the end.
+        body["usage"] = usage_value
     return body

@@ -99,23 +99,41 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning_content: str | None = None  # assistant, vLLM's: the reasoning of an earlier turn
 
     def text(self, index: int) -> str:
         """The message's text; anything but text parts is refused."""
         param = f"messages.[{index}]"
-        if self.role in ("tool", "function"):
-            raise unsupported(f"{param}.role", f"The '{self.role}' role (tool calling)")
+        if self.role == "function":
+            raise unsupported(f"{param}.role", "The 'function' role (deprecated; use tools and the 'tool' role)")
         extra = set((self.model_extra or {}).keys()) - {"refusal"}
-        if (self.model_extra or {}).get("tool_calls") or (self.model_extra or {}).get("function_call"):
-            raise unsupported(f"{param}.tool_calls", "Tool calls")
-        if extra - {"tool_calls", "function_call"}:
-            field = sorted(extra - {"tool_calls", "function_call"})[0]
+        if (self.model_extra or {}).get("function_call"):
+            raise unsupported(f"{param}.function_call", "function_call (deprecated; use tool_calls)")
+        if extra - {"function_call"}:
+            field = sorted(extra - {"function_call"})[0]
             raise bad_request(f"Unrecognized message field: {field}", param=f"{param}.{field}")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise bad_request("Only assistant messages can have tool_calls", param=f"{param}.tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise bad_request("A tool message needs the tool_call_id it answers", param=f"{param}.tool_call_id")
         if self.content is None:
             if self.role == "assistant":
                 return ""
@@ -130,6 +148,27 @@ class ChatMessage(_Request):
         return "".join(pieces)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
@@ -140,12 +179,12 @@ class ChatCompletionRequest(_SamplingRequest):
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # OpenAI fields we cannot honour unless left at their neutral value.
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
     response_format: dict[str, Any] | None = None
@@ -164,10 +203,19 @@ class ChatCompletionRequest(_SamplingRequest):
         super().check_unsupported()
         if self.prompt_logprobs is not None:
             raise unsupported("prompt_logprobs", "prompt_logprobs in chat (use /v1/completions)")
-        if self.tools or self.functions:
-            raise unsupported("tools" if self.tools else "functions", "Tool calling")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise unsupported("tool_choice" if self.tool_choice not in (None, "none") else "function_call")
+        if self.functions:
+            raise unsupported("functions", "functions (deprecated; use tools)")
+        if self.function_call not in (None, "none"):
+            raise unsupported("function_call", "function_call (deprecated; use tool_choice)")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise bad_request("tool_choice is only allowed when tools are specified", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.name
+            if wanted not in {t.function.name for t in self.tools or []}:
+                raise bad_request(f"tool_choice names the function '{wanted}', which is not in tools", param="tool_choice")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise bad_request("Two tools have the same function name", param="tools")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
         if self.modalities is not None and self.modalities != ["text"]:
@@ -201,6 +249,16 @@ class _Response(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+class ModelCapabilities(_Response):
+    """What the served model can do through this server (bento-llm's extension of the model object)."""
+
+    tool_calling: bool  # tools with tool_choice "auto": the chat template has a format a parser reads
+    tool_call_parser: str | None
+    forced_tool_choice: bool  # tool_choice "required" or a named function
+    structured_outputs: bool
+    reasoning_parser: str | None  # reasoning_content is filled in
+
+
 class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -208,6 +266,7 @@ class ModelCard(_Response):
     owned_by: str = "bento-llm"
     root: str | None = None
     max_model_len: int | None = None
+    capabilities: ModelCapabilities | None = None
 
 
 class ModelList(_Response):
@@ -245,7 +304,6 @@ class CompletionResponse(_Response):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class TopLogprob(_Response):
@@ -263,10 +321,23 @@ class ChoiceLogprobs(_Response):
     refusal: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text as the model wrote it; may be invalid JSON (check before use)
+
+
+class ResponseToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None  # only when the model called tools
+    reasoning_content: str | None = None  # only with a reasoning parser
 
 
 class ChatChoice(_Response):
@@ -284,12 +355,25 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None  # in a call's first delta only
+    arguments: str | None = None  # the next piece of the arguments
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None  # in a call's first delta only
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -307,7 +391,6 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class CompletionChunk(_Response):
@@ -317,7 +400,6 @@ class CompletionChunk(_Response):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ErrorDetail(_Response):

@@ -13,9 +13,12 @@ import threading
 import time
 from typing import Any, Callable
 
+from bento_llm.chat import template_source
 from bento_llm.errors import not_ready
 from bento_llm.metrics import ServerMetrics
+from bento_llm.reasoning import detect_reasoning_parser
 from bento_llm.settings import Settings
+from bento_llm.tool_parsers import detect_tool_parser
 
 logger = logging.getLogger("bento_llm")
 
@@ -44,6 +47,8 @@ class LLMRuntime:
         self.tokenizer: Any | None = None
         self.max_model_len: int = 0
         self.vocab_size: int = 0
+        self.tool_parser: str | None = None  # a name in tool_parsers.PARSERS
+        self.reasoning_parser: str | None = None  # a name in reasoning.PARSERS
         self.error: str | None = None
         self.load_seconds: float | None = None
         self._thread: threading.Thread | None = None
@@ -105,6 +110,7 @@ class LLMRuntime:
             self.max_model_len = int(getattr(engine, "max_model_len", None) or engine.model_config.max_model_len)
             self.vocab_size = _vocab_size(engine, tokenizer)
             self.tokenizer = tokenizer
+            self.tool_parser, self.reasoning_parser = _output_parsers(self.settings, tokenizer)
             self.engine = engine  # last: this is what flips /readyz
             self.load_seconds = time.perf_counter() - started
             logger.info("model %s ready in %.1f s", self.model_name, self.load_seconds)
@@ -126,6 +132,15 @@ class LLMRuntime:
             text = self.tokenizer.decode([token_id])
             self._token_text[token_id] = text
         return text
+
+
+def _output_parsers(settings: Settings, tokenizer: Any) -> tuple[str | None, str | None]:
+    """The tool-call and reasoning parsers: the settings', or what the chat template shows."""
+    template = template_source(tokenizer)
+    tools, reasoning = settings.tool_call_parser, settings.reasoning_parser
+    tools = detect_tool_parser(template) if tools == "auto" else tools
+    reasoning = detect_reasoning_parser(template) if reasoning == "auto" else reasoning
+    return (None if tools == "none" else tools), (None if reasoning == "none" else reasoning)
 
 
 def _vocab_size(engine: Any, tokenizer: Any) -> int:

@@ -3,10 +3,17 @@ name the request's own field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine import SamplingParams
 
 from bento_llm.errors import bad_request, from_value_error
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
+
+# Whether the engine can force output to a JSON schema (grammar-constrained decoding, issue 14's
+# structured outputs, SamplingParams.structured_outputs). tool_choice "required"/named and
+# /v1/models' capabilities read this.
+STRUCTURED_OUTPUTS = "structured_outputs" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:

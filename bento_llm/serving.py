@@ -17,11 +17,13 @@ from starlette.responses import JSONResponse, Response
 
 from bento_llm import formatting as fmt
 from bento_llm.chat import apply_chat_template
+from bento_llm.chat_output import MessageStream, OutputParser, finish_reason, message_body
 from bento_llm.errors import OpenAIError, bad_request, context_length_exceeded, from_value_error, model_not_found
 from bento_llm.metrics import RequestTimer
-from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
+from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCapabilities, ModelCard, ModelList, random_id
+from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
-from bento_llm.sampling import to_sampling_params
+from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
 from bento_llm.streaming import (
     DONE,
     ClientDisconnected,
@@ -31,6 +33,7 @@ from bento_llm.streaming import (
     sse,
     unless_disconnected,
 )
+from bento_llm.tool_calling import ToolSetup, force_tool_call, tool_setup
 
 logger = logging.getLogger("bento_llm")
 
@@ -102,7 +105,12 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         rt = self.runtime
-        return ModelList(data=[ModelCard(id=rt.model_name, root=rt.model_path or rt.settings.model, max_model_len=rt.max_model_len or None)])
+        capabilities = ModelCapabilities(
+            tool_calling=rt.tool_parser is not None, tool_call_parser=rt.tool_parser, forced_tool_choice=STRUCTURED_OUTPUTS,
+            structured_outputs=STRUCTURED_OUTPUTS, reasoning_parser=rt.reasoning_parser,
+        )  # fmt: skip
+        card = ModelCard(id=rt.model_name, root=rt.model_path or rt.settings.model, max_model_len=rt.max_model_len or None, capabilities=capabilities)
+        return ModelList(data=[card])
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.runtime.model_name, self.runtime.settings.model):
@@ -228,7 +236,6 @@ class OpenAIServing:
                 return {
                     "id": response_id, "object": "text_completion", "created": created, "model": rt.model_name,
                     "choices": choices, "usage": fmt.usage(sum(len(p.token_ids) for p in prompts), completion),
-                    "system_fingerprint": None,
                 }  # fmt: skip
 
             return await self.respond(raw, job, build)
@@ -274,9 +281,13 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ chat
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> Prompt:
-        text = apply_chat_template(self.runtime.tokenizer, request)
+    def chat_prompt(self, request: ChatCompletionRequest, tools: ToolSetup | None = None) -> Prompt:
+        text = apply_chat_template(self.runtime.tokenizer, request, tools.template_tools if tools else None)
         return Prompt(list(self.runtime.tokenizer.encode(text, add_special_tokens=False)), text)
+
+    def output_parser(self, tools: ToolSetup, prompt: Prompt) -> OutputParser:
+        reasoning = self.runtime.reasoning_parser
+        return OutputParser(REASONING_PARSERS[reasoning].for_prompt(prompt.text or "") if reasoning else None, tools.parser)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         rt = self.runtime
@@ -285,7 +296,10 @@ class OpenAIServing:
         k = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.requested_max_tokens
         params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
-        prompt = await asyncio.to_thread(self.chat_prompt, request)  # off the loop, as completions
+        tools = tool_setup(request, rt.tool_parser)
+        params = force_tool_call(params, tools)
+        prompt = await asyncio.to_thread(self.chat_prompt, request, tools)  # off the loop, as completions
+        parser = self.output_parser(tools, prompt)
         self.check_length(len(prompt.token_ids), params.max_tokens, "messages")
         # vLLM's echo: repeat the final message when the reply continues it.
         last = request.messages[-1]
@@ -297,27 +311,28 @@ class OpenAIServing:
         def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
             if k is None:
                 return None
-            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k)}
+            # "refusal" is required by OpenAI's schema; this server never refuses.
+            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k), "refusal": None}
 
         if not request.stream:
 
+            def choice(out: Any) -> dict[str, Any]:
+                message = parser.parse(echo + out.text, finished=True)
+                return {
+                    "index": out.index,
+                    "message": message_body(message, parser),
+                    "logprobs": logprobs_of(out, 0),
+                    "finish_reason": finish_reason(out.finish_reason, bool(message.calls)),
+                    "stop_reason": out.stop_reason,
+                }
+
             def build(finals: list[Any]) -> dict[str, Any]:
                 final = finals[0]
-                choices = [
-                    {
-                        "index": out.index,
-                        "message": {"role": "assistant", "content": echo + out.text, "refusal": None},
-                        "logprobs": logprobs_of(out, 0),
-                        "finish_reason": out.finish_reason,
-                        "stop_reason": out.stop_reason,
-                    }
-                    for out in sorted(final.outputs, key=lambda o: o.index)
-                ]
+                choices = [choice(out) for out in sorted(final.outputs, key=lambda o: o.index)]
                 completion = sum(len(o.token_ids) for o in final.outputs)
                 return {
                     "id": response_id, "object": "chat.completion", "created": created, "model": rt.model_name,
                     "choices": choices, "usage": fmt.usage(len(prompt.token_ids), completion),
-                    "system_fingerprint": None,
                 }  # fmt: skip
 
             return await self.respond(raw, job, build)
@@ -329,7 +344,7 @@ class OpenAIServing:
             # The role comes first, before any token, as OpenAI sends it.
             for j in range(n):  # one choice per chunk, as OpenAI streams them
                 yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            sent_text = [0] * n
+            messages = [MessageStream(parser) for _ in range(n)]
             sent_tokens = [0] * n
             done = [False] * n
             completion_tokens = 0
@@ -340,18 +355,17 @@ class OpenAIServing:
                     j = out.index
                     if done[j]:
                         continue
-                    delta = out.text[sent_text[j]:]
-                    if sent_tokens[j] == 0 and echo and (delta or out.token_ids):
-                        delta = echo + delta
+                    delta = messages[j].delta(echo + out.text, finished=out.finish_reason is not None)
                     start = sent_tokens[j]
                     if delta or len(out.token_ids) > start:
                         completion_tokens += len(out.token_ids) - start
-                        sent_text[j], sent_tokens[j] = len(out.text), len(out.token_ids)
-                        yield chunk([{"index": j, "delta": {"content": delta}, "logprobs": logprobs_of(out, start), "finish_reason": None}])
+                        sent_tokens[j] = len(out.token_ids)
+                        yield chunk([{"index": j, "delta": delta or {"content": ""}, "logprobs": logprobs_of(out, start), "finish_reason": None}])
                     if out.finish_reason is not None:
                         done[j] = True
+                        reason = finish_reason(out.finish_reason, messages[j].called)
                         yield chunk([{"index": j, "delta": {}, "logprobs": None,
-                                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}])  # fmt: skip
+                                      "finish_reason": reason, "stop_reason": out.stop_reason}])  # fmt: skip
             if request.include_usage:
                 yield chunk([], fmt.usage(len(prompt.token_ids), completion_tokens))
             yield DONE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import fields as dataclass_fields
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -76,6 +76,13 @@ class Settings(BaseModel):
     # Big enough for a batch of full-context prompts; small enough that one request cannot
     # hold the tokenizer (and memory) for long.
     max_request_bytes: int = Field(default=4 * 2**20, ge=1024)
+    # How tool calls are read from the model's output (chat requests with `tools`): "auto" picks
+    # the format the chat template teaches (<tool_call> -> hermes, [TOOL_CALLS] -> mistral,
+    # <|python_tag|> -> llama3_json); "none" refuses tools.
+    tool_call_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = "auto"
+    # <think>...</think> -> message.reasoning_content. "auto": on where the chat template
+    # mentions <think> (Qwen3, QwQ, DeepSeek-R1 distills), off elsewhere.
+    reasoning_parser: Literal["auto", "none", "think"] = "auto"
     # Seconds before BentoML gives up on a request that has not started its response;
     # a non-streaming generation answers only at the end, so this must cover the longest one.
     timeout: float = Field(default=3600.0, gt=0)

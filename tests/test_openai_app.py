@@ -3,18 +3,12 @@ prompt forms, logprobs, every 400 class, and a failing request that stays alone.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.testclient import TestClient
 
-from bento_llm.app import create_app
-from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings
+from tests.app_fixtures import app_client, assert_no_request_left, loaded_runtime
 from tests.helpers import make_tiny_llama
 
 GREEDY = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
@@ -23,28 +17,20 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    model = make_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    rt = LLMRuntime(Settings(model=model, num_kv_blocks=64))
-    rt.load()
-    assert rt.ready, rt.error
-    yield rt
-    asyncio.run(rt.shutdown())
+    with loaded_runtime(make_tiny_llama(tmp_path_factory.mktemp("tiny"))) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
 def client(runtime):
-    with TestClient(Starlette(routes=[Mount("/v1", create_app(lambda: runtime))])) as c:
+    with app_client(runtime) as c:
         yield c
 
 
 @pytest.fixture(autouse=True)
 def no_request_left(runtime):
     yield
-    deadline = time.monotonic() + 5
-    while runtime.engine.stats().num_kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stats = runtime.engine.stats()
-    assert stats.num_kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0, stats
+    assert_no_request_left(runtime)
 
 
 def events(response) -> list:
@@ -190,12 +176,12 @@ ERRORS = [
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages.[0].content.[0].type"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.[0].tool_call_id"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),

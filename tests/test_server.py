@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from bento_llm.sampling import STRUCTURED_OUTPUTS
 from bento_llm.testing import ServerProcess, metric, scrape
 from tests.helpers import make_tiny_llama
 
@@ -82,7 +83,8 @@ def test_the_server_log_says_what_the_engine_decided(server):
 
 
 def test_api_key_is_required(server):
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate")):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate"),
+                         ("POST", "/tokenize"), ("POST", "/detokenize")):  # fmt: skip
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             response = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x"})
             assert response.status_code == 401, (path, headers)
@@ -90,6 +92,44 @@ def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="tiny", messages=CHAT)
+
+
+def test_tokenize_and_detokenize_at_the_root(server):
+    """vLLM's paths, next to BentoML's own routes (which the root mount must not shadow)."""
+    body = httpx.post(server.url + "/tokenize", headers=AUTH, json={"prompt": "Hello there"}).json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", headers=AUTH, json={"tokens": body["tokens"]}).json()["prompt"].endswith("Hello there")
+    chat = httpx.post(server.url + "/tokenize", headers=AUTH, json={"messages": CHAT}).json()
+    reply = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={"messages": CHAT, "max_tokens": 1}).json()
+    assert chat["count"] == reply["usage"]["prompt_tokens"]
+    assert httpx.post(server.url + "/tokenize", headers=AUTH, json={"prompt": 1}).json()["error"]["param"] == "prompt"
+    assert httpx.get(server.url + "/livez").status_code == 200 and httpx.get(server.url + "/docs.json").status_code == 200
+    assert httpx.get(server.url + "/tokenize", headers=AUTH).status_code in (404, 405)
+
+
+@pytest.mark.skipif(not STRUCTURED_OUTPUTS, reason="forcing a call needs structured outputs (SamplingParams.structured_outputs)")
+def test_openai_sdk_agent_loop_with_required_tool_choice(sdk):
+    """The issue's agent loop against a real server: the model must call a tool (forced to a valid
+    call by structured outputs, whatever the tiny model would write), the client runs it and
+    answers with a tool message, the model answers."""
+    from jsonschema import Draft202012Validator
+
+    from tests.test_tool_calling import FORCED_TOOLS, PARAMETERS
+
+    question = {"role": "user", "content": "Is the museum in Oslo open?"}
+    first = sdk.chat.completions.create(model="tiny", messages=[question], tools=FORCED_TOOLS, tool_choice="required",
+                                        temperature=1.0, seed=3, max_tokens=64, parallel_tool_calls=False)  # fmt: skip
+    assert first.choices[0].finish_reason == "tool_calls"
+    calls = first.choices[0].message.tool_calls
+    for call in calls:
+        Draft202012Validator(PARAMETERS[call.function.name]).validate(json.loads(call.function.arguments))
+    history = [question, first.choices[0].message.model_dump(exclude_none=True)]
+    history += [{"role": "tool", "tool_call_id": c.id, "content": json.dumps({"ok": True})} for c in calls]
+    # This model's template has no tool-call format, so "auto" is refused (as vLLM does without a
+    # parser); the client asks for the answer with tool_choice "none".
+    second = sdk.chat.completions.create(model="tiny", messages=history, tools=FORCED_TOOLS, tool_choice="none", max_tokens=8,
+                                         temperature=0, extra_body=NO_EOS)  # fmt: skip
+    assert second.choices[0].message.content and second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_chat_sync_and_stream(sdk):
@@ -169,7 +209,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"messages": [', 400, None),  # malformed JSON
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, 400, "max_tokens"),  # wrong type
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),  # out of range
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),  # unsupported
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # the default template has no tool-call format
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),  # over 20
     ("/v1/completions", {"prompt": "x", "colour": "red"}, 400, "colour"),  # unknown
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),  # unknown model
