@@ -102,8 +102,13 @@ class Settings(BaseModel):
     @property
     def model_name(self) -> str:
         """The public model id."""
+        from engine.loader import hub_model_named
+
         if self.served_model_name:
             return self.served_model_name
+        hub = hub_model_named(self.model)
+        if hub is not None:
+            return hub.repo_id  # as every OpenAI-compatible server names a Hub model
         return os.path.basename(os.path.normpath(self.model)) or self.model
 
     def engine_overrides(self) -> dict[str, Any]:

@@ -110,3 +110,15 @@ def download(hub: HubModel, cache_dir: str | os.PathLike | None = None) -> Path:
         if not path.is_file():
             raise ModelLoadError(f"model {name!r}: {hub.gguf_file} is not in the repository (snapshot {snapshot})")
     return path
+
+
+def cached_commit(hub: HubModel, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The commit the cache holds for the model's revision, without asking the Hub; None when
+    that revision is not cached."""
+    repo = Path(cache_dir or hub_cache_dir()) / f"models--{hub.repo_id.replace('/', '--')}"
+    revision = hub.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision if (repo / "snapshots" / revision).is_dir() else None
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else ""
+    return commit if commit and (repo / "snapshots" / commit).is_dir() else None

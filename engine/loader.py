@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import DEFAULT_MODEL
-from engine.hub import download, parse_hub_id
+from engine.hub import HubModel, download, parse_hub_id
 from engine.model_files import (
     FlatModel,
     ModelLoadError,
@@ -165,6 +165,13 @@ def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     return root / "gguf" / f"{gguf_path.stem}-{digest}"
 
 
+def hub_model_named(model: str) -> HubModel | None:
+    """The Hub model that `model` names: not the default model's name, nor a local path."""
+    if model in DEFAULT_MODEL_NAMES or Path(model).expanduser().exists():
+        return None
+    return parse_hub_id(model)
+
+
 def _resolve(model: str) -> Path:
     if model in DEFAULT_MODEL_NAMES:
         return default_gguf_path()
@@ -175,7 +182,7 @@ def _resolve(model: str) -> Path:
         if path.suffix.lower() == ".gguf":
             return path
         raise ModelLoadError(f"model {model!r} is a file but not a .gguf file: {_WHAT_TO_PASS}")
-    hub_model = parse_hub_id(model)
+    hub_model = hub_model_named(model)
     if hub_model is not None:
         return download(hub_model)
     raise ModelLoadError(f"model {model!r}: no such directory or file, nor a known model name: {_WHAT_TO_PASS}")

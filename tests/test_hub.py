@@ -1,11 +1,8 @@
 """Models by Hugging Face Hub id, with no network: a Hub cache laid out in a temporary directory
-(as huggingface_hub writes it: refs/<branch or tag> -> commit, snapshots/<commit>/<files> as
-links into blobs/) and HF_HUB_OFFLINE=1."""
+as huggingface_hub writes it (tests/helpers.py: add_hub_snapshot) and HF_HUB_OFFLINE=1."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,27 +10,9 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.hub import HubModel, parse_hub_id
 from engine.loader import default_gguf_path, load_model_source
-from tests.helpers import make_tiny_llama
+from tests.helpers import add_hub_snapshot, make_tiny_llama
 
 MAIN_COMMIT, V1_COMMIT, GGUF_COMMIT = "a" * 40, "b" * 40, "c" * 40
-
-
-def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, Path], refs: tuple[str, ...] = ()) -> Path:
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for name, source in files.items():
-        blob = repo / "blobs" / f"{commit[:8]}-{name}"
-        if source.stat().st_size > 10_000_000:
-            blob = source  # a big file stays where it is (the default GGUF); the snapshot links to it
-        else:
-            shutil.copyfile(source, blob)
-        (snapshot / name).symlink_to(blob)
-    for ref in refs:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +25,10 @@ def checkpoints(tmp_path_factory):
 def hub_cache(tmp_path, monkeypatch, checkpoints):
     cache = tmp_path / "hub"
     two_layers, one_layer = (Path(p) for p in checkpoints)
-    add_snapshot(cache, "org/tiny", MAIN_COMMIT, {f.name: f for f in two_layers.iterdir()}, refs=("main",))
+    add_hub_snapshot(cache, "org/tiny", MAIN_COMMIT, {f.name: f for f in two_layers.iterdir()}, refs=("main",))
     # An older revision, tagged v1, with another config: which one loads shows the revision was honored.
-    add_snapshot(cache, "org/tiny", V1_COMMIT, {f.name: f for f in one_layer.iterdir()}, refs=("v1",))
-    add_snapshot(cache, "org/smol-gguf", GGUF_COMMIT, {default_gguf_path().name: default_gguf_path()}, refs=("main",))
+    add_hub_snapshot(cache, "org/tiny", V1_COMMIT, {f.name: f for f in one_layer.iterdir()}, refs=("v1",))
+    add_hub_snapshot(cache, "org/smol-gguf", GGUF_COMMIT, {default_gguf_path().name: default_gguf_path()}, refs=("main",))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
