@@ -17,6 +17,7 @@ from bentoml.exceptions import BentoMLException
 
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
+from bento_llm.dashboard import create_dashboard_app
 from bento_llm.errors import OpenAIError
 from bento_llm.exposure import warn_if_exposed
 from bento_llm.http_metrics import bound_bentoml_path_labels
@@ -68,10 +69,12 @@ def _resources() -> dict[str, Any]:
 
 _runtime: LLMRuntime | None = None
 openai_app = create_app(lambda: _runtime)
+dashboard_app = create_dashboard_app(lambda: _runtime)
 
 # BentoML's HTTP metrics get one label per route; every other path shares one.
 bound_bentoml_path_labels(
     known=["/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/generate", "/chat",
+           "/dashboard", "/dashboard/", "/dashboard/state",
            *(f"/v1{route.path}" for route in openai_app.routes if "{" not in route.path)],
     prefixes=[("/v1/models/", "/v1/models/{model}"), ("/static_content/", "/static_content/{file}")],
 )  # fmt: skip
@@ -83,6 +86,7 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
 
 
 @bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(dashboard_app, path="/dashboard")
 @bentoml.service(
     name="bento-llm",
     image=RUNTIME_IMAGE,
@@ -189,16 +193,17 @@ class BentoLLM:
 
 # /v1/* and the native endpoints need the key when one is set, and count against
 # max_concurrency; health, metrics and docs (BentoML's at /, the API's at /v1/docs) stay
-# open. The key is checked first (outermost), so an unauthenticated flood cannot take the
+# open. The dashboard's data needs the key too; its page holds no data and asks for the key. The key is checked first (outermost), so an unauthenticated flood cannot take the
 # concurrency slots, nor make the server read its bodies.
 API_PREFIXES, API_PATHS = ("/v1",), ("/generate", "/chat")
 API_DOCS = ("/v1/docs", "/v1/docs/oauth2-redirect", "/v1/openapi.json", "/v1/redoc")
+DASHBOARD_PAGE = ("/dashboard", "/dashboard/")
 BentoLLM.add_asgi_middleware(
     APIKeyMiddleware,
     api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-    prefixes=API_PREFIXES,
+    prefixes=(*API_PREFIXES, "/dashboard"),
     paths=API_PATHS,
-    open_paths=API_DOCS,
+    open_paths=(*API_DOCS, *DASHBOARD_PAGE),
 )
 BentoLLM.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
 BentoLLM.add_asgi_middleware(

@@ -106,6 +106,14 @@ class ServerMetrics:
         with self.lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
+    def latency_totals(self) -> dict[str, float]:
+        """Sums and counts of the latency histograms, for the dashboard's timeline."""
+        totals = {}
+        for name, histogram in (("ttft", self.ttft), ("itl", self.itl)):
+            with histogram.lock:
+                totals[f"{name}_sum"], totals[f"{name}_count"] = histogram.sum, sum(histogram.counts)
+        return totals
+
     def render(self) -> str:
         return generate_latest(self.registry).decode()
 

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from bento_llm.dashboard import Timeline
 from bento_llm.errors import not_ready
 from bento_llm.metrics import ServerMetrics
 from bento_llm.settings import Settings
@@ -49,6 +50,7 @@ class LLMRuntime:
         self._thread: threading.Thread | None = None
         self._token_text: dict[int, str] = {}
         self.metrics = ServerMetrics(self.model_name, self._stats)
+        self.timeline = Timeline(self._stats, self.metrics.latency_totals)
 
     # ------------------------------------------------------------------ state
 
@@ -83,6 +85,7 @@ class LLMRuntime:
         """Load in a background thread; returns at once."""
         self._thread = threading.Thread(target=self.load, name="bento-llm-load", daemon=True)
         self._thread.start()
+        self.timeline.start()
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._thread is not None:
@@ -113,6 +116,7 @@ class LLMRuntime:
             logger.exception("loading %s failed", self.model_name)
 
     async def shutdown(self) -> None:
+        self.timeline.stop()
         engine, self.engine = self.engine, None
         if engine is not None:
             await engine.shutdown()
