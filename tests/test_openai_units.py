@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import from_validation_error, from_value_error
-from bento_llm.metrics import Histogram, ServerMetrics
+from bento_llm.metrics import ServerMetrics
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
 from bento_llm.runtime import LLMRuntime
 from bento_llm.settings import Settings, load_settings, parse_size
@@ -211,13 +211,16 @@ def test_no_api_key_means_open():
 # ---------------------------------------------------------------- metrics
 
 
-def test_histogram_is_cumulative():
-    h = Histogram([0.1, 1.0])
-    for value in (0.05, 0.5, 0.5, 5.0):
-        h.observe(value)
-    family = h.family("x_seconds", "doc", {"model_name": "m"})
-    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
-    assert buckets == {"0.1": 1, "1.0": 3, "+Inf": 4}
+def test_latency_histograms_are_prometheus_histograms_with_vllm_buckets():
+    metrics = ServerMetrics("m", lambda: None)
+    for value in (0.0005, 0.003, 0.003, 5000.0):
+        metrics.ttft.observe(value)
+    text = metrics.render()
+    assert 'vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="m"} 1.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{le="0.005",model_name="m"} 3.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 4.0' in text
+    totals = metrics.latency_totals()
+    assert totals["ttft_count"] == 4 and totals["ttft_sum"] == pytest.approx(5000.0065) and totals["itl_count"] == 0
 
 
 def test_metrics_render_vllm_names():
