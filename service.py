@@ -52,7 +52,7 @@ RUNTIME_IMAGE = (
     .system_packages("g++")
     .python_packages(
         "torch>=2.13,<2.14", "triton==3.7.1; platform_system == 'Linux'", "numpy", "transformers>=4.56",
-        "tokenizers", "safetensors", "gguf", "accelerate", "pydantic>=2", "tqdm",
+        "tokenizers", "safetensors", "gguf", "accelerate", "pydantic>=2", "pydantic-settings>=2.3", "tqdm",
         "fastapi", "prometheus-client", "ninja", "huggingface-hub",
     )
 )  # fmt: skip
@@ -64,7 +64,7 @@ def _resources() -> dict[str, Any]:
 
     on_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
     if on_cuda:  # one GPU per tensor-parallel rank
-        return {"gpu": settings.tensor_parallel_size or 1, "cpu": "4", "memory": "16Gi"}
+        return {"gpu": settings.tensor_parallel_size, "cpu": "4", "memory": "16Gi"}
     return {"cpu": "4", "memory": "8Gi"}
 
 _runtime: LLMRuntime | None = None
@@ -99,7 +99,7 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
     # max_concurrency is enforced by ConcurrencyLimitMiddleware below instead of BentoML's
     # traffic.max_concurrency, whose 429 body is not in OpenAI's error shape. `concurrency` is
     # the autoscaler's target per replica: one engine batches up to max_num_seqs at once.
-    traffic={"timeout": settings.timeout, "concurrency": settings.max_num_seqs or 128},
+    traffic={"timeout": settings.timeout, "concurrency": settings.max_num_seqs},
     # Only this machine unless asked (`--host 0.0.0.0`, BENTOML_HOST): BentoML's own default
     # is every interface, which with no API key opens the model to the network.
     http={"host": "127.0.0.1"},

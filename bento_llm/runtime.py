@@ -95,12 +95,8 @@ class LLMRuntime:
     def load(self) -> None:
         started = time.perf_counter()
         try:
-            for name in self.settings.unsupported_by_engine():
-                logger.warning("setting %s is not supported by this engine build; ignored", name)
             overrides = {"model": self.model_path} if self.model_path else {}
-            config = self.settings.engine_config()
-            if overrides:
-                config = type(config)(**{**config.to_dict(), **overrides})
+            config = self.settings.engine_config(**overrides)
             logger.info("loading %s (%s)", self.model_name, config.model)
             engine = self.engine_factory(config)
             tokenizer = engine.tokenizer
