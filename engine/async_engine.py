@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from engine.config import EngineConfig
 from engine.kv_snapshot import kv_snapshot
@@ -128,7 +128,8 @@ class AsyncEngine:
         answer: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("snapshot", answer))
         self._wakeup.set()
-        return await asyncio.wrap_future(answer)
+        # Bounded: a loop that died just after the queue was drained for the last time never answers.
+        return await asyncio.wait_for(asyncio.wrap_future(answer), timeout=60)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.engine.apply_chat_template(messages)
@@ -151,12 +152,15 @@ class AsyncEngine:
             built.set()
         self._loop()
 
-    def _drain_commands(self) -> None:
+    def _pending_commands(self) -> Iterator[tuple[str, Any]]:
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_commands(self) -> None:
+        for kind, arg in self._pending_commands():
             if kind == "snapshot":
                 try:
                     arg.set_result(kv_snapshot(self.engine))
@@ -207,11 +211,7 @@ class AsyncEngine:
             self._fail_pending_snapshots()
 
     def _fail_pending_snapshots(self) -> None:
-        while True:
-            try:
-                kind, arg = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for kind, arg in self._pending_commands():
             if kind == "snapshot":
                 arg.set_exception(EngineDeadError(f"the engine is not running: {self._dead!r}"))
 
