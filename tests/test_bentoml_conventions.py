@@ -50,6 +50,7 @@ def hub_model_service(tmp_path_factory):
     return describe_service(env)
 
 
+@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
 def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_service):
     config, image = hub_model_service["config"], hub_model_service["image"]
     assert hub_model_service["labels"]["openai_endpoint"] == "/v1"
@@ -64,6 +65,7 @@ def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_ser
     assert not {"python", "docker", "labels"} & set(bentofile)
 
 
+@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
 def test_a_hub_model_is_declared_pinned_to_its_cached_commit(hub_model_service):
     (model,) = hub_model_service["models"]
     assert model["registry"] == "huggingface" and model["model_id"] == "org/tiny"
