@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
-from bento_llm.testing import REPO_ROOT
+from bento_llm.testing import REPO_ROOT, ServerProcess
 from tests.helpers import add_hub_snapshot, make_tiny_llama
 
 COMMIT = "d" * 40
@@ -99,3 +101,25 @@ def _contains(full, part) -> bool:
     if isinstance(part, list):
         return isinstance(full, list) and len(full) == len(part) and all(map(_contains, full, part))
     return full == part
+
+
+@pytest.mark.slow  # a build and a server start: ~1-2 min
+def test_a_bento_of_a_hub_model_builds_and_serves_offline(tmp_path):
+    """`bentoml build --arg model=org/name` offline, then the Bento served with the Hub switched off
+    and only BentoML's copy of the files (BENTOML_HF_CACHE_DIR, as in a container) to read."""
+    checkpoint = Path(make_tiny_llama(tmp_path / "checkpoint"))
+    add_hub_snapshot(tmp_path / "hub", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
+    env = {"HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--arg", "model=org/tiny", "--output", "tag"], cwd=REPO_ROOT,
+        env={**os.environ, **env, "HF_HUB_CACHE": str(tmp_path / "hub")}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
+    (tmp_path / "empty-hf-cache").mkdir()
+    serve_env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(tmp_path / "hub")}
+    with ServerProcess(target=tag, cwd=tmp_path, env=serve_env, log_path=tmp_path / "serve.log") as server:
+        (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+        assert model["id"] == "org/tiny" and model["root"].endswith(f"snapshots/{COMMIT}")
+        reply = httpx.post(server.url + "/v1/completions", json={"model": "org/tiny", "prompt": "Hi", "max_tokens": 4}, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
