@@ -257,6 +257,10 @@ def main() -> None:
     if args.result_json:
         with open(args.result_json, "a") as f:
             f.write(json.dumps({"label": args.label, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}) + "\n")
+        from plots import serving_plot  # bench/plots.py, beside this script
+
+        with open(args.result_json) as f:
+            serving_plot([json.loads(line) for line in f if line.strip()], Path(args.result_json).with_suffix(".png"))
 
 
 if __name__ == "__main__":

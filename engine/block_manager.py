@@ -267,3 +267,16 @@ class BlockManager:
             num_filled_slots=sum(self.filled[b] for b in used),
             num_allocated_slots=len(used) * self.block_size,
         )
+
+    def block_states(self) -> str:
+        """One character per block, for the dashboard: 'f' free, 'c' free but still holding a
+        cached prefix, 'u' in use by one sequence, 's' shared. O(blocks); read it on the thread
+        that steps (engine/kv_snapshot.py)."""
+        states = bytearray(b"f" * self.num_blocks)
+        for block in self._freed:
+            if self.block_key[block] is not None:
+                states[block] = ord("c")
+        for block, refs in enumerate(self.ref_counts):
+            if refs:
+                states[block] = ord("u") if refs == 1 else ord("s")
+        return states.decode()

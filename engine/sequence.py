@@ -6,6 +6,7 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -54,6 +55,8 @@ class Sequence:
     output_text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    # tokenizers' DecodeStream and how many tokens it has been fed; never shared by a fork.
+    decode_stream: tuple[Any, int] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -103,6 +106,7 @@ class Sequence:
         child.token_ids = list(self.token_ids)
         child.block_table = []
         child.block_hashes = list(self.block_hashes)
+        child.decode_stream = None  # the child's own is rebuilt from its offsets
         child.logprobs = list(self.logprobs) if self.logprobs is not None else None
         child.generator = None
         if self.params.seed is not None:

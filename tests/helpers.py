@@ -197,3 +197,24 @@ def running_app(model: str, **settings):
             yield runtime, client
     finally:
         asyncio.run(runtime.shutdown())
+
+
+def add_hub_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, Path], refs: tuple[str, ...] = ()) -> Path:
+    """Lay out one commit of a repository in a Hugging Face cache as huggingface_hub writes it:
+    refs/<branch or tag> holds the commit, snapshots/<commit>/<file> links into blobs/. A big
+    file (the default GGUF) is linked where it is instead of copied."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, source in files.items():
+        blob = repo / "blobs" / f"{commit[:8]}-{name}"
+        if source.stat().st_size > 10_000_000:
+            blob = source
+        else:
+            shutil.copyfile(source, blob)
+        (snapshot / name).symlink_to(blob)
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

@@ -217,11 +217,6 @@ def test_unknown_model_name_says_what_to_pass_instead():
         load_model_source("no-such-model")
 
 
-def test_hub_id_says_models_are_not_downloaded():
-    with pytest.raises(ValueError, match="not downloaded from the Hugging Face Hub"):
-        load_model_source("meta-llama/Llama-3.2-1B")
-
-
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\0" * 16)

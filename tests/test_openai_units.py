@@ -4,7 +4,9 @@ auth, metrics rendering and the background-loading state machine."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import threading
 
 import pytest
@@ -16,60 +18,74 @@ from starlette.testclient import TestClient
 from bento_llm.app import create_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.errors import from_validation_error, from_value_error
-from bento_llm.metrics import Histogram, ServerMetrics
+from bento_llm.metrics import ServerMetrics
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
 from bento_llm.runtime import LLMRuntime
-from bento_llm.settings import Settings, load_settings, parse_size
+from bento_llm.settings import Settings, load_settings
 from engine import SamplingParams
-from engine.config import DEFAULT_MODEL
+from engine.config import DEFAULT_MODEL, EngineConfig
 
 
 # ---------------------------------------------------------------- settings
 
 
-def test_settings_defaults_serve_the_default_model():
-    s = load_settings({}, environ={})
+@pytest.fixture
+def environ(monkeypatch):
+    """A clean BENTO_LLM_* environment: whatever the developer's shell exports stays out."""
+    for name in [n for n in os.environ if n.startswith("BENTO_LLM_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_settings_defaults_serve_the_default_model(environ):
+    s = load_settings({})
     assert s.model == DEFAULT_MODEL and s.model_name == DEFAULT_MODEL
     assert s.api_key is None and s.max_concurrency >= 64 and s.timeout >= 600
-    assert s.engine_overrides()["model"] == DEFAULT_MODEL
+    assert s.engine_config() == EngineConfig()  # the engine's own defaults, not a copy of them
 
 
-def test_arguments_win_over_environment_and_are_coerced():
-    env = {"BENTO_LLM_NUM_KV_BLOCKS": "100", "BENTO_LLM_MAX_MODEL_LEN": "256", "BENTO_LLM_API_KEY": "from-env"}
-    s = load_settings({"num_kv_blocks": "512", "kv_cache_memory": "1GiB", "served-model-name": "m"}, environ=env)
+def test_arguments_win_over_environment_and_are_coerced(environ):
+    for name, value in {"NUM_KV_BLOCKS": "100", "MAX_MODEL_LEN": "256", "API_KEY": "from-env"}.items():
+        environ.setenv(f"BENTO_LLM_{name}", value)
+    s = load_settings({"num_kv_blocks": "512", "kv_cache_memory": "1GiB", "served-model-name": "m"})
     assert s.num_kv_blocks == 512 and s.max_model_len == 256
-    assert s.kv_cache_memory == 2**30 and s.model_name == "m"
+    assert s.kv_cache_memory_bytes == 2**30 and s.model_name == "m"
     assert s.api_key is not None and s.api_key.get_secret_value() == "from-env"
     assert "from-env" not in repr(s)  # the key never shows in logs
-    overrides = s.engine_overrides()
-    assert overrides["num_kv_blocks"] == 512 and overrides["kv_cache_memory_bytes"] == 2**30
+    config = s.engine_config()
+    assert config.num_kv_blocks == 512 and config.kv_cache_memory_bytes == 2**30 and type(config.kv_cache_memory_bytes) is int
 
 
-def test_engine_only_knobs_pass_through():
-    s = load_settings({"swap_space": "2", "enable_prefix_caching": "false", "preemption_mode": "swap"}, environ={})
-    assert s.swap_space == 2.0 and s.enable_prefix_caching is False
-    assert load_settings({"swap_space": "512MiB"}, environ={}).swap_space == 0.5
-    config = load_settings({"model": "/m", "swap_space": "1", "enable_prefix_caching": "0"}, environ={}).engine_config()
-    assert config.swap_space == 1.0 and config.enable_prefix_caching is False
-    assert s.unsupported_by_engine() == []
+def test_every_engine_setting_is_a_server_setting(environ):
+    """No list of engine fields to keep in step: each EngineConfig field is an argument and a variable."""
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert engine_fields <= set(Settings.model_fields)
+    environ.setenv("BENTO_LLM_ATTENTION_BACKEND", "torch")
+    environ.setenv("BENTO_LLM_KV_CACHE_MEMORY_BYTES", "512MiB")
+    s = load_settings({"swap_space": "2", "enable_prefix_caching": "false", "preemption_mode": "swap"})
+    assert s.swap_space == 2.0 and s.enable_prefix_caching is False and s.attention_backend == "torch"
+    assert load_settings({"swap_space": "512MiB"}).swap_space == 0.5
+    config = load_settings({"model": "/m", "swap_space": "1", "enable_prefix_caching": "0"}).engine_config()
+    assert config.swap_space == 1.0 and config.enable_prefix_caching is False and config.kv_cache_memory_bytes == 2**29
 
 
-def test_settings_refuse_unknown_names_and_bad_values():
+def test_settings_refuse_unknown_names_and_bad_values(environ):
     with pytest.raises(ValueError, match="num_kv_blokcs"):
-        load_settings({"num_kv_blokcs": "5"}, environ={})
-    with pytest.raises(ValueError, match="num_kv_blocks"):
-        load_settings({"num_kv_blocks": "many"}, environ={})
-    with pytest.raises(ValueError):
-        load_settings({"max_concurrency": "0"}, environ={})
+        load_settings({"num_kv_blokcs": "5"})
+    with pytest.raises(ValueError, match="num_kv_blocks.*'many'"):
+        load_settings({"num_kv_blocks": "many"})
+    with pytest.raises(ValueError, match="max_concurrency"):
+        load_settings({"max_concurrency": "0"})
+    with pytest.raises(ValueError, match="max_request_bytes.*'lots'"):
+        load_settings({"max_request_bytes": "lots"})
+    with pytest.raises(ValueError, match="block_size must be one of"):  # the engine's own range check
+        load_settings({"block_size": "7"}).engine_config()
 
 
-def test_parse_size():
-    assert parse_size("2GiB") == 2 * 2**30
-    assert parse_size("512MB") == 512 * 10**6
-    assert parse_size("1e3") == 1000
-    assert parse_size(77) == 77
-    with pytest.raises(ValueError):
-        parse_size("lots")
+def test_sizes_are_pydantic_byte_sizes(environ):
+    assert load_settings({"max_request_bytes": "2GiB"}).max_request_bytes == 2 * 2**30
+    assert load_settings({"max_request_bytes": "512MB"}).max_request_bytes == 512 * 10**6
+    assert load_settings({"max_request_bytes": 4096}).max_request_bytes == 4096
 
 
 def test_served_name_defaults_to_last_path_component():
@@ -211,13 +227,16 @@ def test_no_api_key_means_open():
 # ---------------------------------------------------------------- metrics
 
 
-def test_histogram_is_cumulative():
-    h = Histogram([0.1, 1.0])
-    for value in (0.05, 0.5, 0.5, 5.0):
-        h.observe(value)
-    family = h.family("x_seconds", "doc", {"model_name": "m"})
-    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
-    assert buckets == {"0.1": 1, "1.0": 3, "+Inf": 4}
+def test_latency_histograms_are_prometheus_histograms_with_vllm_buckets():
+    metrics = ServerMetrics("m", lambda: None)
+    for value in (0.0005, 0.003, 0.003, 5000.0):
+        metrics.ttft.observe(value)
+    text = metrics.render()
+    assert 'vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="m"} 1.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{le="0.005",model_name="m"} 3.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 4.0' in text
+    totals = metrics.latency_totals()
+    assert totals["ttft_count"] == 4 and totals["ttft_sum"] == pytest.approx(5000.0065) and totals["itl_count"] == 0
 
 
 def test_metrics_render_vllm_names():

@@ -75,7 +75,7 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
     model_name, model_version = models[0].split(":")
     assert (home / "models" / model_name / model_version / DEFAULT_GGUF_FILE).stat().st_size > 50_000_000
     for path in ("src/service.py", "src/bento_llm/app.py", "src/engine/async_engine.py", "src/kernels/__init__.py",
-                 "src/kernels/csrc/cpu_ops.cpp"):
+                 "src/kernels/csrc/cpu_ops.cpp", "src/bento_llm/static/dashboard.html"):
         assert (bento_dir / path).is_file(), path
     assert not (bento_dir / "src/tests").exists()
     requirements = (bento_dir / "env/python/requirements.txt").read_text()

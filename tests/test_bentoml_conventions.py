@@ -1,0 +1,125 @@
+"""The service follows BentoML's conventions: runtime, resources, traffic and labels declared in
+code; a Hub model declared as a HuggingFaceModel pinned to a commit (resolved from the cache, so
+`bentoml build` works offline); a deployment config that BentoML's own schema accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from bento_llm.testing import REPO_ROOT, ServerProcess
+from tests.helpers import add_hub_snapshot, make_tiny_llama
+
+COMMIT = "d" * 40
+
+# Printed by a fresh interpreter that imports service.py the way `bentoml serve` does.
+_DESCRIBE_SERVICE = """
+import json, service
+svc = service.BentoLLM
+print(json.dumps({
+    "config": svc.config, "labels": svc.labels,
+    "image": {"python_version": svc.image.python_version, "commands": svc.image.commands,
+              "requirements": svc.image.python_requirements, "locked": svc.image.lock_python_packages},
+    "models": [{"registry": m.to_info().registry, **(m.to_info().metadata or {})} for m in svc.models],
+}, default=str))
+"""
+
+
+def describe_service(env: dict[str, str]) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _DESCRIBE_SERVICE], cwd=REPO_ROOT, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def hub_model_service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    checkpoint = Path(make_tiny_llama(root))
+    add_hub_snapshot(root / "cache", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
+    env = {"BENTO_LLM_MODEL": "org/tiny", "HF_HUB_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+           "BENTOML_HOME": str(root / "bentoml")}  # fmt: skip
+    return describe_service(env)
+
+
+@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
+def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_service):
+    config, image = hub_model_service["config"], hub_model_service["image"]
+    assert hub_model_service["labels"]["openai_endpoint"] == "/v1"
+    assert config["resources"]["cpu"] and config["resources"]["memory"]
+    assert config["traffic"]["timeout"] > 0 and config["traffic"]["concurrency"] >= 1
+    assert image["python_version"] == "3.11" and not image["locked"]  # unlocked: `bentoml build` stays offline
+    assert any("g++" in command for command in image["commands"])
+    for package in ("torch", "transformers", "fastapi", "huggingface-hub"):
+        assert package in image["requirements"], package
+    # bentofile.yaml no longer says what the code says.
+    bentofile = yaml.safe_load((Path(REPO_ROOT) / "bentofile.yaml").read_text())
+    assert not {"python", "docker", "labels"} & set(bentofile)
+
+
+@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
+def test_a_hub_model_is_declared_pinned_to_its_cached_commit(hub_model_service):
+    (model,) = hub_model_service["models"]
+    assert model["registry"] == "huggingface" and model["model_id"] == "org/tiny"
+    assert model["revision"] == COMMIT  # from the cache, offline: no Hub call at build time
+    assert "config.json" in model["include"] and "model*.safetensors*" in model["include"]
+
+
+def test_the_deployment_example_is_valid_for_bentoml_deploy():
+    from bentoml._internal.cloud.deployment import DeploymentAPI
+    from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    from bento_llm.settings import Settings
+
+    raw = yaml.safe_load((Path(REPO_ROOT) / "deployment.yaml").read_text())
+    schema = bentoml_cattr.structure(raw, CreateDeploymentSchema)
+    DeploymentAPI._fix_and_validate_schema(schema)
+    # BentoML ignores unknown keys: everything written must survive the round trip.
+    assert _contains(bentoml_cattr.unstructure(schema), raw)
+    assert list(schema.services) == ["bento-llm"]  # the service's name in service.py
+    scaling = schema.services["bento-llm"].scaling
+    assert 1 <= scaling.min_replicas <= scaling.max_replicas
+    assert schema.secrets and not any("KEY" in env.name for env in schema.envs)  # the key is a secret
+    settings = {"BENTO_LLM_" + name.upper() for name in Settings.model_fields}
+    assert {env.name for env in schema.envs} <= settings
+
+
+def _contains(full, part) -> bool:
+    if isinstance(part, dict):
+        return isinstance(full, dict) and all(k in full and _contains(full[k], v) for k, v in part.items())
+    if isinstance(part, list):
+        return isinstance(full, list) and len(full) == len(part) and all(map(_contains, full, part))
+    return full == part
+
+
+@pytest.mark.slow  # a build and a server start: ~1-2 min
+def test_a_bento_of_a_hub_model_builds_and_serves_offline(tmp_path):
+    """`bentoml build --arg model=org/name` offline, then the Bento served with the Hub switched off
+    and only BentoML's copy of the files (BENTOML_HF_CACHE_DIR, as in a container) to read."""
+    checkpoint = Path(make_tiny_llama(tmp_path / "checkpoint"))
+    add_hub_snapshot(tmp_path / "hub", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
+    env = {"HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--arg", "model=org/tiny", "--output", "tag"], cwd=REPO_ROOT,
+        env={**os.environ, **env, "HF_HUB_CACHE": str(tmp_path / "hub")}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
+    (tmp_path / "empty-hf-cache").mkdir()
+    serve_env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(tmp_path / "hub")}
+    with ServerProcess(target=tag, cwd=tmp_path, env=serve_env, log_path=tmp_path / "serve.log") as server:
+        (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+        assert model["id"] == "org/tiny" and model["root"].endswith(f"snapshots/{COMMIT}")
+        reply = httpx.post(server.url + "/v1/completions", json={"model": "org/tiny", "prompt": "Hi", "max_tokens": 4}, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
