@@ -51,6 +51,8 @@ class Settings(BaseModel):
     # The name clients put in "model"; defaults to the model's last path component.
     served_model_name: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None  # "int8" | "int4" | "none"
+    quantization_group_size: int | None = None
     device: str = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     # KV cache size: a block count wins over a byte size; neither set leaves the engine's
@@ -114,6 +116,8 @@ class Settings(BaseModel):
         wanted = {
             "model": self.model,
             "dtype": self.dtype,
+            "quantization": self.quantization,
+            "quantization_group_size": self.quantization_group_size,
             "device": self.device,
             "max_model_len": self.max_model_len,
             "num_kv_blocks": self.num_kv_blocks,
@@ -134,7 +138,7 @@ class Settings(BaseModel):
         """Settings that were given but that this engine build cannot apply."""
         names = set(EngineConfig.field_names())
         missing = []
-        for name in ("swap_space", "enable_prefix_caching", "preemption_mode", "tensor_parallel_size"):
+        for name in ("swap_space", "enable_prefix_caching", "preemption_mode", "tensor_parallel_size", "quantization"):
             if getattr(self, name) is not None and name not in names:
                 missing.append(name)
         return missing
