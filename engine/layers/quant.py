@@ -141,8 +141,11 @@ class PackedQuantizedWeight(torch.nn.Module):
         self.register_buffer("scales", torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device, dtype))
         if device.type == "cuda":
             # The CUDA op takes two codes per byte (high nibble first) and tiles them itself.
+            # It wants the input width in tiles of inner_k_tiles * 16 (not run here: no GPU in CI).
+            inner_k_tiles = next(t for t in (8, 4, 2) if q.shape[1] % (t * 16) == 0)
             pairs = codes.to(device)
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack((pairs[:, ::2] << 4) | pairs[:, 1::2], 8))
+            packed = torch.ops.aten._convert_weight_to_int4pack((pairs[:, ::2] << 4) | pairs[:, 1::2], inner_k_tiles)
+            self.register_buffer("qweight", packed)
         else:
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
 
