@@ -147,10 +147,12 @@ def test_int4_keeps_the_files_own_q4_1_blocks():
 def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quantization):
     """int4 (the file's own Q4_1 codes, bfloat16 scales) and int8 (re-quantized per row) in
     bfloat16, the dtype the packed int4/int8 matmuls are fast in (their float32 path is a slow
-    reference): top-1 agreement >= 90% over 8 prompts x 32 tokens and median |delta logprob|
-    < 0.1 against transformers' float32 on the dequantized weights; the first 16 greedy tokens
-    equal the unquantized bfloat16 engine's on at least 5 of 8 prompts."""
+    reference), against transformers' float32 on the dequantized weights, 8 prompts x 32 tokens:
+    top-1 agreement >= 95%, median |delta logprob| < 0.05, worst < 1. Measured: int4 99.2%,
+    0.015, 0.15; int8 97.3%, 0.032, 0.35; unquantized bfloat16 100%, 0.018, 0.16. The first 16
+    greedy tokens equal the unquantized bfloat16 engine's on at least 4 of 8 prompts: bfloat16
+    itself equals float32's on 4 of 8 (a near-tie flips, then the sequences part)."""
     llm = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, num_kv_blocks=256)
     median, worst, agree = score(llm, reference)
-    assert median < 0.1 and agree >= 0.9, (median, worst, agree)
-    assert first_tokens_equal(llm, LLM(DEFAULT_MODEL, dtype="bfloat16", num_kv_blocks=256)) >= 5
+    assert median < 0.05 and worst < 1.0 and agree >= 0.95, (median, worst, agree)
+    assert first_tokens_equal(llm, LLM(DEFAULT_MODEL, dtype="bfloat16", num_kv_blocks=256)) >= 4
