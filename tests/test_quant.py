@@ -159,5 +159,6 @@ def test_no_float_copy_of_a_packed_or_quantized_weight_stays_resident(tiny_path,
         assert [n for n, p in model.named_parameters() if p.dim() == 2] == ["embed_tokens.weight"]
     memory = runner.memory
     assert memory["weights"] > 0 and memory["kv_cache"] == 16 * runner.bytes_per_block
+    assert llm.engine.stats().resident_bytes == memory
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
