@@ -76,7 +76,7 @@ def quantized_weight(type_name: str, raw: np.ndarray | torch.Tensor, rows: int, 
     if type_name not in _FORMATS:
         return None
     block_bytes, parse, bits = _FORMATS[type_name]
-    data = torch.as_tensor(np.asarray(raw)).reshape(rows, -1, block_bytes)
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, -1, block_bytes)  # a copy: the file is mapped read-only
     codes, scale, zero = parse(data)
     groups = cols // 32
     zero = None if zero is None else zero.reshape(rows, groups)
