@@ -138,6 +138,11 @@ def test_quantization_settings_are_validated():
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):
         EngineConfig(quantization="int4", quantization_group_size=48)
+    from bento_llm.settings import load_settings
+
+    settings = load_settings({"quantization": "int4"}, environ={"BENTO_LLM_QUANTIZATION_GROUP_SIZE": "128"})
+    config = settings.engine_config()
+    assert (config.quantization, config.quantization_group_size) == ("int4", 128)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
