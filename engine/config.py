@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from engine.layers.quant import GROUP_SIZES as QUANTIZATION_GROUP_SIZES, QUANTIZATIONS
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 _DTYPES = {
@@ -18,6 +20,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")
+
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 
@@ -27,6 +30,11 @@ class EngineConfig:
     # "auto": on CUDA the checkpoint's half dtype (or bf16); on CPU bfloat16 where the CPU has
     # AMX or AVX512-BF16 and the checkpoint is not float32, else float32 (see torch_dtype).
     dtype: str = "auto"
+    # None (or "none"): weights in dtype. "int8": one scale per output row. "int4": affine
+    # groups of quantization_group_size input columns; a GGUF's Q4_0/Q4_1/Q4_K tensors load
+    # as they are (group 32). The LM head, embedding and norms stay in dtype.
+    quantization: str | None = None
+    quantization_group_size: int = 32
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
@@ -70,6 +78,19 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"EngineConfig.quantization must be None, 'none' or one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise ValueError(
+                f"EngineConfig.quantization_group_size must be one of {QUANTIZATION_GROUP_SIZES}, "
+                f"got {self.quantization_group_size}"
+            )
+        if self.quantization == "int4" and self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16", "bf16"):
+            raise ValueError("EngineConfig.quantization 'int4' on CUDA runs in bfloat16 only: set dtype 'bfloat16' or 'auto'")
         # "auto" is resolved where the backend is built (engine/attention.py): on CPU it
         # depends on whether the C++ kernels build on this machine.
         if self.attention_backend != "auto" and self.attention_backend not in ATTENTION_BACKENDS:
@@ -139,9 +160,13 @@ class EngineConfig:
             # A float32 checkpoint stays float32 (exact against transformers' float32); a 16-bit
             # or quantized one (GGUF: checkpoint_dtype None) runs in bfloat16 where the CPU has
             # native bfloat16 matmuls, float32 elsewhere (emulated bfloat16 is far slower).
-            if checkpoint_dtype != torch.float32 and cpu_has_native_bfloat16():
+            # Quantized weights: the packed int4/int8 matmuls run float32 activations through a
+            # scalar path 10-200x slower than bfloat16 (measured), so bfloat16 wherever it is native.
+            if (checkpoint_dtype != torch.float32 or self.quantization) and cpu_has_native_bfloat16():
                 return torch.bfloat16
             return torch.float32
+        if self.quantization == "int4":
+            return torch.bfloat16  # PyTorch's CUDA int4 matmul takes bfloat16 activations only
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
             return checkpoint_dtype
         return torch.bfloat16

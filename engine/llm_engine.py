@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.beam_search import beam_search_step
 from engine.block_manager import BlockManager, KVCacheUsage
@@ -38,6 +38,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    # Rank 0's resident bytes at start: weights, kv_cache, step_buffers, rss (ModelRunner.memory).
+    resident_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class EngineStepError(RuntimeError):
@@ -307,6 +309,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            resident_bytes=dict(self.runner.model_runner.memory),
         )
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:

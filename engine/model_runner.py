@@ -12,8 +12,10 @@ import torch
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig
 from engine.forward_context import AttentionMetadata, forward_context
+from engine.gguf_weights import weights_keeping_gguf_blocks
 from engine.layers.linear import can_pack_for_cpu
 from engine.loader import ModelSource
+from engine.memory import resident_set_bytes, storage_bytes, weight_tensors
 from engine.models.config import ModelConfig
 from engine.models.registry import model_class
 from engine.parallel_state import ParallelState
@@ -71,22 +73,32 @@ class ModelRunner:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(config.seed)
 
-        with torch.device("meta"):
-            model = model_class(model_config.architecture)(model_config, max_model_len, parallel)
-        # Materialize on the target device without a throwaway random init.
+        # Built in the target dtype on "meta", then materialized without a random init: a float32
+        # build cast afterwards held 6 bytes per parameter at once (19 GB for a 3B model).
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device("meta"):
+                model = model_class(model_config.architecture)(model_config, max_model_len, parallel)
+        finally:
+            torch.set_default_dtype(default_dtype)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.lm_head.retie()
         model.keep_norms_in_float32()
         model.init_buffers(self.device)
-        # A rank reads only its slices of each tensor; one process reads whole tensors.
-        weights = source.iter_weights() if parallel is None else source.iter_weight_slices()
+        if config.quantization is not None and source.path.lower().endswith(".gguf"):
+            # Q4_0/Q4_1/Q4_K projections go from the file's blocks to int4 codes, never through float.
+            weights = weights_keeping_gguf_blocks(source, model_config)
+        elif parallel is None:
+            weights = source.iter_weights()
+        else:  # a rank reads only its slices of each tensor
+            weights = source.iter_weight_slices()
         model.load_weights(weights, source.path)
-        packed = can_pack_for_cpu(self.device, self.dtype)
-        if packed:
-            model.pack_linear_weights_for_cpu()
-        if self.device.type == "cpu":
-            logger.info("CPU: %d torch threads, %s, projections %s", torch.get_num_threads(), self.dtype,
-                        "oneDNN-packed" if packed else "through BLAS")
+        layouts = model.finalize_weights(
+            config.quantization, config.quantization_group_size, can_pack_for_cpu(self.device, self.dtype)
+        )
+        logger.info("%s: %d torch threads, %s activations, projections: %s", self.device, torch.get_num_threads(),
+                    self.dtype, ", ".join(f"{n} {layout}" for layout, n in sorted(layouts.items())))
         self.model = model.eval()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
         self.num_local_kv_heads = model.num_local_kv_heads
@@ -103,6 +115,14 @@ class ModelRunner:
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device
         )
+        self.memory = {
+            "weights": storage_bytes(weight_tensors(model)),
+            "kv_cache": storage_bytes([*self.k_caches, *self.v_caches]),
+            "step_buffers": self.buffers.nbytes(),
+            "rss": resident_set_bytes(),
+        }
+        logger.info("resident: weights %.1f MiB, KV cache %.1f MiB, step buffers %.2f MiB; process RSS %.1f MiB",
+                    *(self.memory[k] / 2**20 for k in ("weights", "kv_cache", "step_buffers", "rss")))
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f KiB per block, %d tokens capacity, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.bytes_per_block / 1024, self.num_blocks * self.block_size,

@@ -63,6 +63,10 @@ class StepBuffers:
         self.context_lens = _Buffer(max_seqs, i32, device)
         self.cu_query_lens = _Buffer(max_seqs + 1, i32, device)
 
+    def nbytes(self) -> int:
+        buffers = vars(self).values()
+        return sum(b.host.nbytes + (b.on_device.nbytes if b.on_device is not b.host else 0) for b in buffers)
+
     def fill(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(token ids, positions, logits indices, attention metadata) of this step, in the buffers."""
         num_seqs = len(step.context_lens)

@@ -265,3 +265,15 @@ def test_tp2_swapped_out_and_back_in_blocks_match_one_process(tmp_path):
         assert_same_greedy(outs, single, hf_reference(path))
     finally:
         engine.runner.shutdown()
+
+
+def test_tp2_int4_ranks_quantize_their_own_shards_and_match_one_process(tmp_path):
+    """Each rank quantizes its shard at load: column-parallel rows and row-parallel column halves
+    (split on group boundaries) hold the same groups as one process, so the tokens match."""
+    path = make_tiny_llama(tmp_path, num_attention_heads=4, num_key_value_heads=4)
+    llm = check_against_one_process(path, 2, num_kv_blocks=64, quantization="int4", dtype="float32")
+    try:
+        model = llm.engine.runner.model
+        assert model.layers[0].mlp.down_proj.quantized is not None
+    finally:
+        llm.shutdown()

@@ -41,6 +41,8 @@ class VocabParallelEmbedding(nn.Embedding):
 class ParallelLMHead(Linear):
     """This rank's vocabulary rows of the output projection; tied, it is the embedding's weight."""
 
+    quantizable = False  # its logits decide every token; the embedding stays in dtype too
+
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool):
         super().__init__(embedding.embedding_dim, embedding.num_embeddings, bias=False)
         object.__setattr__(self, "embedding", embedding)  # a reference, not a second submodule
@@ -49,6 +51,11 @@ class ParallelLMHead(Linear):
             self.weight = embedding.weight
         else:
             set_loader(self, "weight", embedding.load_rows)
+
+    def finalize(self, quantization: str | None, group_size: int, pack: bool) -> str:
+        if self.tied:  # a packed copy would be a second copy of the embedding table
+            return "tied"
+        return super().finalize(quantization, group_size, pack)
 
     def retie(self) -> None:
         """After the model moved (to_empty, a dtype cast), share the embedding's tensor again."""

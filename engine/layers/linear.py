@@ -10,6 +10,7 @@ the whole checkpoint tensor (for Phi-3's qkv_proj that is all three blocks, fuse
 from __future__ import annotations
 
 import functools
+import logging
 
 import dataclasses
 from dataclasses import dataclass
@@ -18,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, concat_rows, quantize
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
+
+logger = logging.getLogger(__name__)
 
 
 def check_shape(weight, expected: tuple[int, ...]) -> None:
@@ -29,7 +33,16 @@ def check_shape(weight, expected: tuple[int, ...]) -> None:
 def load_whole(param: nn.Parameter, weight, shard_id=None) -> None:
     """The default loader: the parameter is the checkpoint tensor, on every rank."""
     check_shape(weight, param.shape)
-    param.data.copy_(read_all(weight))
+    place_rows(param, 0, read_all(weight))
+
+
+def place_rows(param: nn.Parameter, row: int, part) -> None:
+    """Copy a float part into the parameter's rows from `row` on; an already quantized part
+    (a GGUF block) is kept aside, whole, for the module's finalize (it never becomes float)."""
+    if isinstance(part, QuantizedWeight):
+        param.__dict__.setdefault("quantized_parts", {})[row] = part
+    else:
+        param.data.narrow(0, row, part.shape[0]).copy_(part)
 
 
 def set_loader(module: nn.Module, name: str, loader, shard_ids=(None,)) -> None:
@@ -45,29 +58,66 @@ def loader_of(module: nn.Module, name: str):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that on CPU can also hold its weight packed, once at load, into oneDNN's
-    blocked layout (pack_for_cpu). Measured on a 2-core AVX-512 Xeon, float32: matmuls of 4-200
-    rows (decode batches) run 1.2-2x faster through the packed weight than through F.linear's
-    BLAS call, but 1-3 rows (a lone decode) run up to 2x slower; so both copies are kept and the
-    row count picks one. bfloat16 runs about 2x faster packed at any row count, 1 included."""
+    """nn.Linear whose weight, once loaded, is kept in exactly one layout: the one its matmul
+    reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized, else on
+    CPU oneDNN's blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call
+    at 4-200 rows in float32, about 2x at any row count in bfloat16), else the float weight.
+    The float weight is dropped after packing or quantizing."""
 
-    packed_weight: torch.Tensor | None = None
-    min_packed_rows = 1
+    # The LM head stays in float: its logits decide every token (vLLM also leaves it unquantized).
+    quantizable = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("packed_weight", None)
+        self.register_module("quantized", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is None or x.shape[0] < self.min_packed_rows:
-            return F.linear(x, self.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        if self.quantized is not None:
+            y = self.quantized(x)
+            return y if bias is None else y + bias
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
-    def pack_for_cpu(self) -> None:
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        self.min_packed_rows = 4 if self.weight.dtype == torch.float32 else 1
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """(first row, rows) of each checkpoint tensor this weight holds (fused: several)."""
+        return [(0, self.out_features)]
+
+    def finalize(self, quantization: str | None, group_size: int, pack: bool) -> str:
+        """After loading: the weight into its one layout; returns which ("int4", "int8",
+        "packed", "float")."""
+        parts = self.weight.__dict__.pop("quantized_parts", {})
+        if quantization is not None and self.quantizable:
+            q = self._quantize(parts, quantization, group_size)
+            if q is not None:
+                self.quantized = PackedQuantizedWeight(q, self.weight.dtype, self.weight.device)
+                self.weight = None
+                return quantization
+            logger.info("%s: input width %d fits no int4 group; kept in float", type(self).__name__, self.in_features)
+        for row, part in parts.items():  # a quantized checkpoint block in a float layer: dequantized
+            self.weight.data.narrow(0, row, part.shape[0]).copy_(part.dequantize())
+        if pack:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self.weight = None
+            return "packed"
+        return "float"
+
+    def _quantize(self, parts: dict, method: str, group_size: int) -> QuantizedWeight | None:
+        # Float blocks fused with already quantized ones take their group size, so one matmul
+        # reads the whole weight.
+        group = next((p.group_size for p in parts.values() if p.bits == 4), group_size)
+        pieces = []
+        for row, rows in self.row_blocks():
+            source = parts.get(row, self.weight.data.narrow(0, row, rows))
+            piece = quantize(source, method, group)
+            if piece is None:
+                return None
+            pieces.append(piece)
+        return concat_rows(pieces)
 
 
 def can_pack_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
@@ -152,7 +202,13 @@ class ColumnParallelLinear(Linear):
             if b is block:
                 break
             local_offset += b.rows
-        param.data.narrow(0, local_offset, block.rows).copy_(read_part(weight, 0, full_offset + block.start, block.rows))
+        place_rows(param, local_offset, read_part(weight, 0, full_offset + block.start, block.rows))
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        starts = [0]
+        for b in self.blocks:
+            starts.append(starts[-1] + b.rows)
+        return [(start, b.rows) for start, b in zip(starts, self.blocks)]
 
 
 class RowParallelLinear(Linear):
@@ -168,7 +224,7 @@ class RowParallelLinear(Linear):
 
     def load_columns(self, param: nn.Parameter, weight, shard_id=None) -> None:
         check_shape(weight, (param.shape[0], self.full_in))
-        param.data.copy_(read_part(weight, 1, self.in_start, param.shape[1]))
+        place_rows(param, 0, read_part(weight, 1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

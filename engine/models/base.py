@@ -1,6 +1,6 @@
 """What every decoder-only family shares: the embedding -> layers -> norm -> LM head loop over a
 flat, unpadded token batch, loading Hugging Face-named weights into layers that take their own
-shard, and the post-load steps (float32 norms, oneDNN-packed projections).
+shard, and the post-load steps (float32 norms, each projection's weight into its one layout).
 
 A family subclasses CausalLM with its decoder layer; a layer returns (its output, the residual
 stream before that output is added): the add happens in the next norm, fused with it (vLLM's
@@ -9,6 +9,7 @@ layout).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 import torch
@@ -90,11 +91,10 @@ class CausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.data = module.weight.data.float()
 
-    def pack_linear_weights_for_cpu(self) -> None:
-        """After loading: every projection and the LM head also get a oneDNN-packed copy."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_for_cpu()
+    def finalize_weights(self, quantization: str | None, group_size: int, pack: bool) -> Counter:
+        """After loading: every projection into the one layout its matmul reads (quantized,
+        oneDNN-packed, or float); how many took each layout."""
+        return Counter(m.finalize(quantization, group_size, pack) for m in self.modules() if isinstance(m, Linear))
 
     def hf_to_param_name(self, hf_name: str) -> str | None:
         """The parameter a checkpoint tensor loads into (before fusing), or None to skip it."""

@@ -1,0 +1,164 @@
+"""Weight formats side by side: resident memory and offline decode throughput.
+
+    python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4, then a
+                                                # random Llama-3.2-3B-shaped checkpoint in int4
+    python bench/bench_quant.py --skip-3b --threads 2
+
+Each format runs in its own process (resident memory is per process): it loads the model with
+the engine's default 1 GiB KV cache, then generates `--max-tokens` greedy tokens (EOS ignored)
+for batches of 1, 16 and 64 chat prompts, and reports weights / KV cache / RSS and output
+tokens/s. The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192,
+vocabulary 128256, tied embeddings; random bfloat16 weights) is written once to --scratch.
+Timings on a shared machine are noisy: compare formats within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+def write_3b_checkpoint(directory: Path) -> str:
+    """Random bfloat16 weights in Llama-3.2-3B's shapes, one safetensors file per layer (so the
+    writer never holds more than one layer), with the default model's tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from tests.helpers import default_tokenizer_dir
+
+    if (directory / "model.safetensors.index.json").is_file():
+        return str(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    c = LLAMA_3B
+    config = LlamaConfig(**c, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).bfloat16()
+
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    weight_map = {}
+    shards = [("embed", {"model.embed_tokens.weight": rand(c["vocab_size"], h), "model.norm.weight": torch.ones(h).bfloat16()})]
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shards.append((f"layer{n}", {
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": torch.ones(h).bfloat16(), p + "post_attention_layernorm.weight": torch.ones(h).bfloat16(),
+        }))
+    for name, tensors in shards:
+        save_file(tensors, directory / f"{name}.safetensors", metadata={"format": "pt"})
+        weight_map.update({k: f"{name}.safetensors" for k in tensors})
+        print(f"  wrote {name}", flush=True)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(directory)
+    for file in Path(default_tokenizer_dir()).iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    return str(directory)
+
+
+def run_one(spec: dict) -> dict:
+    """In this process: load, then time each batch size."""
+    import torch
+
+    from bench.bench_offline import chat_prompts
+    from engine import LLM, SamplingParams
+    from engine.worker import peak_rss
+
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    llm = LLM(spec["model"], dtype=spec["dtype"], quantization=spec["quantization"],
+              quantization_group_size=spec["group_size"], num_threads=spec["threads"], max_num_seqs=64)
+    result = {"load_s": time.perf_counter() - start, **llm.engine.runner.model_runner.memory}
+    engine = llm.engine
+    prompts = [engine.apply_chat_template(c) for c in chat_prompts(64)]
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    for batch in spec["batches"]:
+        start = time.perf_counter()
+        outs = llm.generate(prompts[:batch], params, use_tqdm=False)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        result[f"tok_s@{batch}"] = tokens / (time.perf_counter() - start)
+        print(f"    batch {batch}: {result[f'tok_s@{batch}']:.1f} tok/s", file=sys.stderr, flush=True)
+    result["peak_rss"] = peak_rss().get("VmHWM", 0)
+    return result
+
+
+def in_subprocess(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    base = rows[0][1]
+    head = "| format | weights MiB | KV MiB | RSS after load MiB | peak RSS MiB | " + " | ".join(f"tok/s @{b}" for b in batches) + " |"
+    lines = [head, "|" + " --- |" * (5 + len(batches))]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} |")
+            continue
+        speeds = []
+        for b in batches:
+            ratio = r[f"tok_s@{b}"] / base[f"tok_s@{b}"] if f"tok_s@{b}" in base else None
+            speeds.append(f"{r[f'tok_s@{b}']:.1f}" + (f" ({ratio:.2f}x)" if ratio and r is not base else ""))
+        weights = mib(r["weights"]) + (f" ({r['weights'] / base['weights']:.2f}x)" if r is not base else "")
+        lines.append(f"| {name} | {weights} | {mib(r['kv_cache'])} | {mib(r['rss'])} | {mib(r['peak_rss'])} | " + " | ".join(speeds) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--skip-3b", action="store_true")
+    parser.add_argument("--scratch", default="/tmp/bento-llm-bench-3b", help="where the 3B-shaped checkpoint is written")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+
+    common = dict(threads=args.threads, group_size=args.group_size)
+    rows = []
+    for name, dtype, quantization in (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4")):
+        print(f"default model, {name} ...", flush=True)
+        spec = dict(common, model="SmolLM2-135M-Instruct", dtype=dtype, quantization=quantization,
+                    max_tokens=args.max_tokens, batches=[1, 16, 64])
+        rows.append((name, in_subprocess(spec)))
+    print("\nSmolLM2-135M-Instruct (Q4_1 GGUF), 1 GiB KV cache, "
+          f"{args.max_tokens} tokens per sequence, {args.threads} threads\n")
+    print(table(rows, [1, 16, 64]), flush=True)
+    if args.skip_3b:
+        return
+    print("\nwriting the 3B-shaped checkpoint (once) ...", flush=True)
+    path = write_3b_checkpoint(Path(args.scratch))
+    print("3B-shaped, int4 ...", flush=True)
+    spec = dict(common, model=path, dtype="bfloat16", quantization="int4", max_tokens=max(4, args.max_tokens // 4), batches=[1, 16])
+    result = in_subprocess(spec)
+    print(f"\nLlama-3.2-3B-shaped random checkpoint, int4 group {args.group_size}, 1 GiB KV cache\n")
+    print(table([("int4", result)], [1, 16]))
+
+
+if __name__ == "__main__":
+    main()

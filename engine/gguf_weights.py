@@ -1,0 +1,122 @@
+"""A GGUF file's quantized projections, read straight from its blocks into int4/int8 codes.
+
+Q4_0 (d * (q - 8)), Q4_1 (d * q + m) and Q4_K (super-blocks of 256: per 32, d*sc * q - dmin*m)
+are all affine int4 in groups of 32, so their codes are kept bit for bit and only the float16
+scales become float32 scale/zero (value = (q - 8) * scale + zero): no float weight is made.
+Q8_0 (d * q, int8 groups of 32) is read as group-32 int8, which the int8 layout (one scale per
+row) and int4 re-quantize, logged. Other types (Q6_K, F16, ...) come from the converted float
+copy and are quantized at load like any float checkpoint.
+
+llama.cpp stores a llama model's q/k rows permuted for its rotary layout; as in transformers'
+conversion, the rows are put back (a row permutation: exact on codes).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from engine.layers.quant import QuantizedWeight
+from engine.models.config import ModelConfig
+from engine.parallel_state import read_all
+
+logger = logging.getLogger(__name__)
+
+_PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _halves(raw: torch.Tensor) -> torch.Tensor:
+    """float16 fields (2 bytes, little-endian) of each block as float32 [..., 1]."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 codes: the low nibbles are elements 0..15, the high ones 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def parse_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = _halves(blocks[..., 0:2])
+    return _nibbles(blocks[..., 2:18]), d, torch.zeros_like(d)
+
+
+def parse_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, m = _halves(blocks[..., 0:2]), _halves(blocks[..., 2:4])
+    return _nibbles(blocks[..., 4:20]), d, m + 8 * d
+
+
+def parse_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 144-byte super-block -> 8 groups of 32 (codes [..., 8, 32], scale and zero [..., 8, 1])."""
+    d, dmin = _halves(blocks[..., 0:2]), _halves(blocks[..., 2:4])
+    s = blocks[..., 4:16].long()
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(*blocks.shape[:-1], 8, 32)
+    scale = d * sc.float()
+    return codes, scale[..., None], (8 * scale - dmin * mn.float())[..., None]
+
+
+def parse_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    return blocks[..., 2:34].contiguous().view(torch.int8), _halves(blocks[..., 0:2]), None
+
+
+# GGML type name -> (bytes per block, parser, bits)
+_FORMATS = {"Q4_0": (18, parse_q4_0, 4), "Q4_1": (20, parse_q4_1, 4), "Q4_K": (144, parse_q4_k, 4), "Q8_0": (34, parse_q8_0, 8)}
+
+
+def quantized_weight(type_name: str, raw: np.ndarray | torch.Tensor, rows: int, cols: int) -> QuantizedWeight | None:
+    """A GGUF tensor's raw bytes [rows, bytes per row] as codes with float32 scales (None: a type kept as float)."""
+    if type_name not in _FORMATS:
+        return None
+    block_bytes, parse, bits = _FORMATS[type_name]
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, -1, block_bytes)  # a copy: the file is mapped read-only
+    codes, scale, zero = parse(data)
+    groups = cols // 32
+    zero = None if zero is None else zero.reshape(rows, groups)
+    return QuantizedWeight(bits, codes.reshape(rows, cols), scale.reshape(rows, groups), zero, 32)
+
+
+def unpermute_rows(q: QuantizedWeight, num_heads: int) -> QuantizedWeight:
+    """Undo llama.cpp's q/k permutation (transformers' _reverse_permute_weights, on row indices)."""
+    rows = q.shape[0]
+    index = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2).reshape(rows)
+    zero = None if q.zero is None else q.zero[index]
+    return QuantizedWeight(q.bits, q.codes[index], q.scale[index], zero, q.group_size)
+
+
+def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[tuple[str, object]]:
+    """The source's (name, weight) pairs, lazy slices of its float copy except for projections
+    the GGUF stores as Q4_0/Q4_1/Q4_K/Q8_0: those are QuantizedWeights read from the file."""
+    import gguf
+
+    reader = gguf.GGUFReader(source.path)
+    arch_name = reader.fields["general.architecture"].contents()
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name), None)
+    names = gguf.get_tensor_name_map(arch, model_config.num_layers) if arch is not None else None
+    tensors = {t.name: t for t in reader.tensors}
+    kept: Counter = Counter()
+    for hf_name, weight in source.iter_weight_slices():
+        tensor = None
+        if names is not None and _PROJECTION.search(hf_name):
+            tensors_name = names.get_name(hf_name.removesuffix(".weight"))
+            tensor = tensors.get(f"{tensors_name}.weight")
+        q = None
+        if tensor is not None:
+            cols, rows = (int(n) for n in tensor.shape[:2])
+            q = quantized_weight(tensor.tensor_type.name, tensor.data, rows, cols)
+        if q is None:
+            kept["float " + (tensor.tensor_type.name if tensor is not None else "other")] += 1
+            yield hf_name, read_all(weight) if isinstance(weight, torch.Tensor) else weight
+            continue
+        if arch_name == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            q = unpermute_rows(q, model_config.num_heads if ".q_proj." in hf_name else model_config.num_kv_heads)
+        kept[tensor.tensor_type.name] += 1
+        yield hf_name, q
+    logger.info("%s: tensors read from GGUF blocks / from the float copy: %s", source.path, dict(kept))

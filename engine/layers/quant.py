@@ -1,0 +1,162 @@
+"""Weight-only quantized projections: the integer codes of a weight, and the layouts PyTorch's
+own packed matmuls multiply with.
+
+- int8: one scale per output row (symmetric), `torch.ops.aten._weight_int8pack_mm` on CPU.
+- int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
+  code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
+  `_weight_int4pack_mm` on CUDA (bfloat16 only).
+
+A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
+a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
+Rows and columns of a QuantizedWeight are sliced like a checkpoint tensor, so the parallel
+linears' loaders take this rank's shard of it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+# _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16.
+_INT4_ROW_MULTIPLE = 16
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes [rows, cols] with a float32 scale (and, for int4, zero) per group of
+    group_size columns. bits 4: value = (code - 8) * scale + zero, code 0..15 (uint8);
+    bits 8: value = code * scale, code -128..127 (int8)."""
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor  # [rows, cols // group_size], float32
+    zero: torch.Tensor | None  # int4 only
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def get_shape(self) -> list[int]:  # what parallel_state.weight_shape asks a lazy slice
+        return list(self.codes.shape)
+
+    def __getitem__(self, index) -> "QuantizedWeight":
+        """[a:b] (rows) or [:, a:b] (columns, on group boundaries): what read_part takes."""
+        if not isinstance(index, tuple):
+            return self.rows(index.start or 0, (index.stop or self.shape[0]) - (index.start or 0))
+        start, stop = index[1].start or 0, index[1].stop or self.shape[1]
+        if start % self.group_size or stop % self.group_size:
+            raise ValueError(f"columns {start}:{stop} split a quantization group of {self.group_size}")
+        g = slice(start // self.group_size, stop // self.group_size)
+        return QuantizedWeight(self.bits, self.codes[:, start:stop], self.scale[:, g],
+                               None if self.zero is None else self.zero[:, g], self.group_size)
+
+    def rows(self, start: int, n: int) -> "QuantizedWeight":
+        zero = None if self.zero is None else self.zero[start : start + n]
+        return QuantizedWeight(self.bits, self.codes[start : start + n], self.scale[start : start + n], zero, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols]: the reference the packed matmuls are tested against."""
+        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        if self.bits == 8:
+            return self.codes.float() * expand(self.scale)
+        return (self.codes.float() - 8) * expand(self.scale) + expand(self.zero)
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    first = parts[0]
+    if any(p.bits != first.bits or p.group_size != first.group_size for p in parts):
+        raise ValueError("the blocks of a fused projection are quantized differently")
+    zero = None if first.zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           zero, first.group_size)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """Asymmetric min/max per group (the group's extremes are exact codes 0 and 15)."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // group_size, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = ((w - low[..., None]) / safe[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return QuantizedWeight(4, codes.reshape(rows, cols), scale, low + 8 * scale, group_size)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric, one scale per row (what _weight_int8pack_mm multiplies with)."""
+    w = weight.float()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (w / safe).round_().clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(8, codes, scale, None, w.shape[1])
+
+
+def int4_group_size(cols: int, wanted: int) -> int | None:
+    """The largest supported group size up to `wanted` that divides the input width (None: none does)."""
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
+
+
+def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: int) -> QuantizedWeight | None:
+    """A weight in `method`'s codes; None where it cannot be (the input width fits no group)."""
+    if isinstance(weight, QuantizedWeight):
+        if method == "int4" and weight.bits == 4:
+            return weight
+        if method == "int8" and weight.bits == 8 and weight.group_size == weight.shape[1]:
+            return weight
+        weight = weight.dequantize()  # a format change (Q8_0 -> int4, Q4 -> per-row int8): logged by the caller
+    if method == "int8":
+        return quantize_int8(weight)
+    group = int4_group_size(weight.shape[1], group_size)
+    return None if group is None else quantize_int4(weight, group)
+
+
+class PackedQuantizedWeight(torch.nn.Module):
+    """One projection's weight in the layout its matmul reads, as buffers (so the model's
+    memory report and .to() see them); no float copy is kept."""
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        self.out_features, self.in_features = q.shape
+        if q.bits == 8:
+            # Scales in the activation dtype: the op requires it.
+            self.register_buffer("qweight", q.codes.to(device))
+            self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
+            return
+        rows = -(-self.out_features // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
+        codes, scale, zero = q.codes, q.scale, q.zero
+        if rows != self.out_features:  # padding rows: code 8, scale 0, zero 0 -> exactly 0, sliced off
+            pad = rows - self.out_features
+            codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+            scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+        # [groups, rows, 2]: scale and zero side by side, as the int4 matmuls read them.
+        self.register_buffer("scales", torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device, dtype))
+        if device.type == "cuda":
+            # The CUDA op takes two codes per byte (high nibble first) and tiles them itself.
+            # It wants the input width in tiles of inner_k_tiles * 16 (not run here: no GPU in CI).
+            inner_k_tiles = next(t for t in (8, 4, 2) if q.shape[1] % (t * 16) == 0)
+            pairs = codes.to(device)
+            packed = torch.ops.aten._convert_weight_to_int4pack((pairs[:, ::2] << 4) | pairs[:, 1::2], inner_k_tiles)
+            self.register_buffer("qweight", packed)
+        else:
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.bits == 8:
+            if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
+                return F.linear(x, self.qweight.to(x.dtype)) * self.scales
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        if x.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x, self.qweight, self.group_size, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]

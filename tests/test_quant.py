@@ -1,0 +1,169 @@
+"""Weight-only quantization: int8 and int4 projections against a float reference on random
+inputs, GGUF blocks read into the same codes exactly as gguf's own dequantization reads them,
+and one resident copy of every weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.gguf_weights import quantized_weight, unpermute_rows
+from engine.layers.embedding import ParallelLMHead
+from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
+from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8
+
+gguf = pytest.importorskip("gguf")
+PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
+
+
+def quantized_layer(method, group, weight, bias=None, dtype=torch.float32) -> Linear:
+    layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    assert layer.finalize(method, group, PACK) == method
+    return layer
+
+
+@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_quantized_matmul_equals_its_dequantized_weight_in_float32(method, group, rows):
+    gen = torch.Generator().manual_seed(rows * 7 + group)
+    weight, bias = torch.randn(100, 256, generator=gen), torch.randn(100, generator=gen)  # 100 rows: not a multiple of 16
+    q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group)
+    layer = quantized_layer(method, group, weight, bias)
+    x = torch.randn(3 * rows, 256, generator=gen)[::3]  # strided rows, as the LM head's gathered input
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, q.dequantize(), bias), atol=1e-4, rtol=1e-4)
+    # And the quantization error itself: int8 within 1%, int4 within 12% of the output's norm.
+    error = (out - F.linear(x, weight, bias)).norm() / F.linear(x, weight, bias).norm()
+    assert error < (0.01 if method == "int8" else 0.12), error
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_matmul_in_bfloat16(method):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 128, generator=gen).bfloat16()
+    q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, 32)
+    layer = quantized_layer(method, 32, weight, dtype=torch.bfloat16)
+    x = torch.randn(16, 128, generator=gen).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # Scales and zeros are rounded to bfloat16 too: within 2% of the output's norm.
+    expected = F.linear(x.float(), q.dequantize())
+    assert (out.float() - expected).norm() / expected.norm() < 0.02
+
+
+def test_an_input_width_takes_the_largest_group_that_divides_it_or_stays_float():
+    gen = torch.Generator().manual_seed(2)
+    layer = quantized_layer("int4", 128, torch.randn(32, 96, generator=gen))  # 96: groups of 32
+    assert layer.quantized.group_size == 32
+    odd = Linear(72, 32)  # 72 columns: no group of 32 or more divides them
+    assert odd.finalize("int4", 32, PACK) == ("packed" if PACK else "float")
+    assert odd.quantized is None
+
+
+def test_fused_and_row_parallel_layers_quantize_each_block_into_one_matmul():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(64, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    v = QuantizedWeight(4, torch.randint(0, 16, (32, 64), dtype=torch.uint8), torch.rand(32, 2), torch.randn(32, 2), 32)
+    qkv = ColumnParallelLinear.qkv(64, 16, 4, 2, bias=False, parallel=None)
+    for shard, weight in (("q", q), ("k", k), ("v", v)):
+        qkv.load_block(qkv.weight, weight, shard)
+    assert qkv.finalize("int4", 64, PACK) == "int4"
+    assert qkv.quantized.group_size == 32  # the already quantized block's groups decide
+    expected = torch.cat([quantize_int4(q, 32).dequantize(), quantize_int4(k, 32).dequantize(), v.dequantize()])
+    x = torch.randn(5, 64, generator=gen)
+    torch.testing.assert_close(qkv(x), x @ expected.t(), atol=1e-4, rtol=1e-4)
+
+    down = RowParallelLinear(64, 48, bias=False, parallel=None)
+    blocks = quantize_int4(torch.randn(48, 64, generator=gen), 32)
+    down.load_columns(down.weight, blocks)
+    assert down.finalize("int4", 128, PACK) == "int4"
+    torch.testing.assert_close(down(x), x @ blocks.dequantize().t(), atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_weight_slices_like_a_checkpoint_tensor():
+    q = quantize_int4(torch.randn(8, 128), 32)
+    torch.testing.assert_close(q[2:5].dequantize(), q.dequantize()[2:5])
+    torch.testing.assert_close(q[:, 32:96].dequantize(), q.dequantize()[:, 32:96])
+    with pytest.raises(ValueError, match="split a quantization group"):
+        q[:, 16:48]
+
+
+def _gguf_blocks(qtype, rows: int, cols: int, gen: np.random.Generator) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.Q4_K:  # gguf cannot quantize to Q4_K: random blocks, sane scales
+        blocks = gen.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+        halves = gen.uniform(1e-3, 1e-1, size=(rows, cols // 256, 2)).astype(np.float16)
+        blocks[..., 0:4] = halves.view(np.uint8)
+        return blocks.reshape(rows, -1)
+    return gguf.quants.quantize(gen.standard_normal((rows, cols)).astype(np.float32), qtype)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_gguf_blocks_read_into_codes_that_dequantize_as_gguf_does(type_name):
+    qtype = gguf.GGMLQuantizationType[type_name]
+    blocks = _gguf_blocks(qtype, 48, 512, np.random.default_rng(0))
+    theirs = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    q = quantized_weight(type_name, blocks, 48, 512)
+    assert q.bits == (8 if type_name == "Q8_0" else 4) and q.group_size == 32
+    ours = q.dequantize()
+    if type_name in ("Q4_0", "Q8_0"):  # d * (q - 8), d * q: the same float32 products
+        assert torch.equal(ours, theirs)
+    else:  # the codes are the file's; (q - 8) * scale + zero rounds once more than d * q + m
+        scale = q.scale.repeat_interleave(32, dim=1)
+        assert ((ours - theirs).abs() <= 1e-6 * scale + 1e-7 * theirs.abs()).all()
+
+
+def test_llama_q_and_k_rows_are_put_back_as_transformers_does():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    blocks = gguf.quants.quantize(np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+    dense = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
+    theirs = LlamaTensorProcessor()._reverse_permute_weights(dense, 4, 4)
+    ours = unpermute_rows(quantized_weight("Q4_1", blocks, 64, 64), 4).dequantize()
+    torch.testing.assert_close(ours, torch.from_numpy(np.ascontiguousarray(theirs)), atol=1e-6, rtol=1e-6)
+
+
+def test_quantization_settings_are_validated():
+    assert EngineConfig(quantization="none").quantization is None
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="quantization_group_size"):
+        EngineConfig(quantization="int4", quantization_group_size=48)
+    from bento_llm.settings import load_settings
+
+    settings = load_settings({"quantization": "int4"}, environ={"BENTO_LLM_QUANTIZATION_GROUP_SIZE": "128"})
+    config = settings.engine_config()
+    assert (config.quantization, config.quantization_group_size) == ("int4", 128)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_no_float_copy_of_a_packed_or_quantized_weight_stays_resident(tiny_path, quantization):
+    llm = LLM(str(tiny_path), num_kv_blocks=16, quantization=quantization, dtype="float32")
+    runner = llm.engine.runner.model_runner
+    model = runner.model
+    for module in model.modules():
+        if not isinstance(module, Linear):
+            continue
+        if isinstance(module, ParallelLMHead) and module.tied:
+            assert module.weight is model.embed_tokens.weight and module.packed_weight is None
+            continue
+        layouts = [module.weight is not None, module.packed_weight is not None, module.quantized is not None]
+        assert sum(layouts) == 1, module  # exactly one layout holds the weight
+        if quantization is not None and not isinstance(module, ParallelLMHead):
+            assert module.quantized is not None
+    if PACK or quantization is not None:  # float matrices left: the embedding table only
+        assert [n for n, p in model.named_parameters() if p.dim() == 2] == ["embed_tokens.weight"]
+    memory = runner.memory
+    assert memory["weights"] > 0 and memory["kv_cache"] == 16 * runner.bytes_per_block
+    assert llm.engine.stats().resident_bytes == memory
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
