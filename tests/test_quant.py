@@ -132,7 +132,7 @@ def test_llama_q_and_k_rows_are_put_back_as_transformers_does():
     torch.testing.assert_close(ours, torch.from_numpy(np.ascontiguousarray(theirs)), atol=1e-6, rtol=1e-6)
 
 
-def test_quantization_settings_are_validated():
+def test_quantization_settings_are_validated(monkeypatch):
     assert EngineConfig(quantization="none").quantization is None
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
@@ -140,7 +140,8 @@ def test_quantization_settings_are_validated():
         EngineConfig(quantization="int4", quantization_group_size=48)
     from bento_llm.settings import load_settings
 
-    settings = load_settings({"quantization": "int4"}, environ={"BENTO_LLM_QUANTIZATION_GROUP_SIZE": "128"})
+    monkeypatch.setenv("BENTO_LLM_QUANTIZATION_GROUP_SIZE", "128")
+    settings = load_settings({"quantization": "int4"})
     config = settings.engine_config()
     assert (config.quantization, config.quantization_group_size) == ("int4", 128)
 
