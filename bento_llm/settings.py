@@ -51,6 +51,7 @@ class Settings(BaseModel):
     # The name clients put in "model"; defaults to the model's last path component.
     served_model_name: str | None = None
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto" | "bfloat16" | "float16" | "float32" | "fp8_e4m3" | "int8"
     device: str = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     # KV cache size: a block count wins over a byte size; neither set leaves the engine's
@@ -114,6 +115,7 @@ class Settings(BaseModel):
         wanted = {
             "model": self.model,
             "dtype": self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "device": self.device,
             "max_model_len": self.max_model_len,
             "num_kv_blocks": self.num_kv_blocks,

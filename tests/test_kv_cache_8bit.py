@@ -1,0 +1,187 @@
+"""The 8-bit KV cache (kv_cache_dtype int8 / fp8_e4m3): each (token, KV head) row is head_dim
+codes and a float16 scale (kernels/reference.py). The reference's quantization has a stated
+error bound; the C++ and Triton writes produce its bytes exactly; their attention reads the codes
+(dequantizing in registers / staged tiles) and matches the reference on random caches; the
+engine fits ~2x the blocks in the same memory, moves scales with blocks (swap, copy-on-write,
+prefix reuse), and keeps the default model's greedy choices (accuracy rule below).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from kernels import reference
+from tests.conftest import assert_all_blocks_free
+from tests.helpers import make_tiny_llama, paged_kv
+
+KV_DTYPES = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8_e4m3")]
+BACKENDS = ["cpu", "triton"]
+
+
+def backend_ops(name: str):
+    if name == "triton":
+        pytest.importorskip("triton")
+    return importlib.import_module({"cpu": "kernels.cpu_ops", "triton": "kernels.triton_ops"}[name])
+
+
+def quantized(cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An 8-bit copy of a paged_kv cache; rows no context owns (NaN there) get a NaN scale, so a
+    kernel that reads past a context still fails loudly."""
+    codes = reference.quantize_rows(cache.nan_to_num(0.0), dtype)
+    raw = codes.view(torch.uint8)
+    unowned = cache.isnan().any(-1)
+    raw[..., -2].masked_fill_(unowned, 0x00)  # float16 NaN is 0x7E00, little-endian
+    raw[..., -1].masked_fill_(unowned, 0x7E)
+    return codes
+
+
+# ---------------------------------------------------------------- the format
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_quantized_rows_are_within_half_a_step_of_the_input(gen, dtype):
+    """int8: |x - x'| <= scale / 2 (rounding to the nearest code). e4m3: half a unit in the last
+    place of 3 mantissa bits, |x - x'| <= 2^-4 |x|, or 2^-10 scale among the subnormals."""
+    x = torch.randn(64, 4, 80, generator=gen) * torch.logspace(-3, 2, 64)[:, None, None]
+    x[3, 1] = 0.0  # an all-zero row: scale 0, codes 0
+    rows = reference.quantize_rows(x, dtype)
+    assert rows.shape == (64, 4, 82) and rows.dtype == dtype
+    back = reference.dequantize_rows(rows)
+    scale = rows.view(torch.uint8)[..., 80:].contiguous().view(torch.float16).float()
+    err = (back - x).abs()
+    if dtype == torch.int8:
+        bound = scale / 2
+    else:
+        bound = torch.maximum(x.abs() * 2**-4, scale * 2**-10)
+    assert bool((err <= bound * (1 + 1e-5) + 1e-12).all()), float((err - bound).max())
+    assert torch.equal(back[3, 1], torch.zeros(80))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_write_kv_cache_quantizes_to_the_reference_bytes(gen, backend, source_dtype, dtype):
+    ops = backend_ops(backend)
+    num_tokens, num_heads, kv_heads, head_dim = 9, 6, 2, 80
+    qkv = (torch.randn(num_tokens, (num_heads + 2 * kv_heads) * head_dim, generator=gen) * 3).to(source_dtype)
+    key = qkv[:, num_heads * head_dim :][:, : kv_heads * head_dim].view(num_tokens, kv_heads, head_dim)
+    value = qkv[:, (num_heads + kv_heads) * head_dim :].view(num_tokens, kv_heads, head_dim)
+    key[2, 1] = 0.0
+    slots = torch.randperm(3 * 16, generator=gen)[:num_tokens]
+    slots[[1, 5]] = -1
+    k_cache = torch.randint(-128, 128, (3, 16, kv_heads, head_dim + 2), generator=gen, dtype=torch.int8).view(dtype)
+    v_cache = torch.randint(-128, 128, k_cache.shape, generator=gen, dtype=torch.int8).view(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+    reference.write_kv_cache(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+# ---------------------------------------------------------------- attention over 8-bit caches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("window", [None, 20])
+def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, window):
+    """A mixed batch (a prompt, a chunk after cached context, decodes) and the same sequences as
+    a decode batch, over contexts crossing blocks and key tiles; float32 queries."""
+    ops = backend_ops(backend)
+    rows = [(40, 40), (1, 77), (12, 50), (1, 1), (1, 33)] if backend == "triton" else \
+        [(300, 300), (1, 77), (70, 333), (1, 1), (1, 2100)]
+    k_float, v_float, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 2, 64, torch.float32)
+    k_cache, v_cache = quantized(k_float, dtype), quantized(v_float, dtype)
+    cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 6, 64, generator=gen)
+    args = (tables, lens, cu, 0.125, window, 30.0)
+    out = ops.paged_attention(query, k_cache, v_cache, *args)
+    want = reference.paged_attention(query, k_cache, v_cache, *args)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    last = (cu[1:] - 1).long()
+    out = ops.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
+    want = reference.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    # ... and close to attention over the float cache it was quantized from (a one-token context
+    # returns its V row: e4m3's 2^-4 relative step shows there undamped).
+    dense = reference.decode_attention(query[last], k_float, v_float, tables, lens, 0.125, window)
+    tol = dict(atol=0.05, rtol=2**-4) if dtype == torch.float8_e4m3fn else dict(atol=0.02, rtol=0)
+    torch.testing.assert_close(out, dense, **tol)
+
+
+def test_cpu_attention_reads_an_8bit_cache_with_bfloat16_queries(gen):
+    ops = backend_ops("cpu")
+    k_float, v_float, tables, lens = paged_kv(gen, [130, 7], 16, 3, 64, torch.float32)
+    k_cache, v_cache = quantized(k_float, torch.int8), quantized(v_float, torch.int8)
+    query = torch.randn(2, 9, 64, generator=gen).bfloat16()
+    out = ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    assert out.dtype == torch.bfloat16
+    want = reference.decode_attention(query.float(), k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out.float(), want, atol=1.6e-2, rtol=1.6e-2)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def test_kv_cache_dtype_is_validated_naming_the_field():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
+    assert EngineConfig(kv_cache_dtype="fp8_e4m3").kv_cache_torch_dtype(torch.bfloat16) == torch.float8_e4m3fn
+    assert EngineConfig().kv_cache_torch_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_the_same_cache_memory_holds_twice_the_tokens_in_8_bits(tmp_path):
+    """Per (token, KV head): 2 * head_dim bytes in bfloat16, head_dim + 2 in 8 bits: 1.97x the
+    blocks at head_dim 128, 1.94x at 64 (this model's)."""
+    path = make_tiny_llama(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    memory = 4 << 20
+    runners = {
+        kv: LLMEngine(model=path, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=memory)
+        .runner.model_runner
+        for kv in ("bfloat16", "int8", "fp8_e4m3")
+    }
+    head_dim = runners["int8"].model_config.head_dim
+    assert head_dim == 64
+    for kv in ("int8", "fp8_e4m3"):
+        assert runners[kv].k_caches[0].shape[-1] == head_dim + 2
+        assert runners[kv].k_caches[0].element_size() == 1
+        assert runners[kv].bytes_per_block * 2 * head_dim == runners["bfloat16"].bytes_per_block * (head_dim + 2)
+        assert runners[kv].num_blocks >= 1.93 * runners["bfloat16"].num_blocks
+
+
+SAMPLES = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)
+BEAMS = SamplingParams(use_beam_search=True, best_of=3, temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def run(engine: LLMEngine, requests) -> dict[str, list[list[int]]]:
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, [c.token_ids for c in o.outputs]) for o in engine.step() if o.finished)
+    return done
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8_e4m3"])
+def test_an_8bit_cache_moves_its_scales_with_swaps_copy_on_write_and_prefix_hits(tiny_path, kv):
+    """Samples share their prompt's blocks (copy-on-write), beams fork, a tight pool swaps them
+    out and back, and a second round hits the prefix cache: the tokens equal an unconstrained run
+    on the same 8-bit cache."""
+    requests = [("n3", list(range(100, 120)), SAMPLES), ("beam", list(range(300, 320)), BEAMS),
+                ("n3b", list(range(500, 520)), SAMPLES)]
+    free = run(LLMEngine(model=tiny_path, kv_cache_dtype=kv, num_kv_blocks=256), requests)
+    engine = LLMEngine(model=tiny_path, kv_cache_dtype=kv, num_kv_blocks=14)
+    assert run(engine, requests) == free
+    assert engine.scheduler.num_swap_outs > 0
+    again = run(engine, [(rid + "-again", prompt, params) for rid, prompt, params in requests])
+    assert engine.block_manager.prefix_hits > 0
+    assert {rid.removesuffix("-again"): out for rid, out in again.items()} == free
+    assert_all_blocks_free(engine)
