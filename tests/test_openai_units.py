@@ -51,6 +51,10 @@ def test_engine_only_knobs_pass_through():
     assert load_settings({"swap_space": "512MiB"}, environ={}).swap_space == 0.5
     config = load_settings({"model": "/m", "swap_space": "1", "enable_prefix_caching": "0"}, environ={}).engine_config()
     assert config.swap_space == 1.0 and config.enable_prefix_caching is False
+    config = load_settings({"model": "/m"}, environ={"BENTO_LLM_KV_CACHE_DTYPE": "int8"}).engine_config()
+    assert config.kv_cache_dtype == "int8"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        load_settings({"model": "/m", "kv_cache_dtype": "int3"}, environ={}).engine_config()
     assert s.unsupported_by_engine() == []
 
 
