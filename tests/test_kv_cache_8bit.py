@@ -27,9 +27,13 @@ BACKENDS = ["cpu", "triton"]
 
 
 def backend_ops(name: str):
+    """The backend's ops and the device its tests run on: Triton on CUDA where one is visible and
+    the interpreter is off (bench/gpu_check.sh runs `-k triton` of this file there), else CPU."""
     if name == "triton":
         pytest.importorskip("triton")
-    return importlib.import_module({"cpu": "kernels.cpu_ops", "triton": "kernels.triton_ops"}[name])
+    ops = importlib.import_module({"cpu": "kernels.cpu_ops", "triton": "kernels.triton_ops"}[name])
+    on_gpu = name == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return ops, torch.device("cuda" if on_gpu else "cpu")
 
 
 def quantized(cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,16 +73,17 @@ def test_quantized_rows_are_within_half_a_step_of_the_input(gen, dtype):
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_write_kv_cache_quantizes_to_the_reference_bytes(gen, backend, source_dtype, dtype):
-    ops = backend_ops(backend)
+    ops, device = backend_ops(backend)
     num_tokens, num_heads, kv_heads, head_dim = 9, 6, 2, 80
-    qkv = (torch.randn(num_tokens, (num_heads + 2 * kv_heads) * head_dim, generator=gen) * 3).to(source_dtype)
+    qkv = (torch.randn(num_tokens, (num_heads + 2 * kv_heads) * head_dim, generator=gen) * 3).to(device, source_dtype)
     key = qkv[:, num_heads * head_dim :][:, : kv_heads * head_dim].view(num_tokens, kv_heads, head_dim)
     value = qkv[:, (num_heads + kv_heads) * head_dim :].view(num_tokens, kv_heads, head_dim)
     key[2, 1] = 0.0
     slots = torch.randperm(3 * 16, generator=gen)[:num_tokens]
     slots[[1, 5]] = -1
-    k_cache = torch.randint(-128, 128, (3, 16, kv_heads, head_dim + 2), generator=gen, dtype=torch.int8).view(dtype)
-    v_cache = torch.randint(-128, 128, k_cache.shape, generator=gen, dtype=torch.int8).view(dtype)
+    slots = slots.to(device)
+    garbage = torch.randint(-128, 128, (2, 3, 16, kv_heads, head_dim + 2), generator=gen, dtype=torch.int8)
+    k_cache, v_cache = garbage.to(device).view(dtype).unbind(0)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     ops.write_kv_cache(key, value, k_cache, v_cache, slots)
     reference.write_kv_cache(key, value, k_ref, v_ref, slots)
@@ -94,7 +99,7 @@ def test_write_kv_cache_quantizes_to_the_reference_bytes(gen, backend, source_dt
 def test_every_code_decodes_to_its_value(backend, dtype):
     """A one-token context returns its V row: every int8 code, every finite e4m3 code (subnormals
     included), at scale 1, come back as torch reads them."""
-    ops = backend_ops(backend)
+    ops, device = backend_ops(backend)
     codes = torch.arange(256, dtype=torch.int16).to(torch.uint8)
     if dtype == torch.float8_e4m3fn:
         codes = codes[(codes & 0x7F) != 0x7F]  # the two NaN codes
@@ -102,10 +107,11 @@ def test_every_code_decodes_to_its_value(backend, dtype):
     row = torch.zeros(head_dim + 2, dtype=torch.uint8)
     row[: codes.numel()] = codes
     row[head_dim:] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
-    cache = row.expand(1, 16, 1, -1).contiguous().view(dtype)
-    out = ops.decode_attention(torch.randn(1, 1, head_dim), cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                               torch.ones(1, dtype=torch.int32), 0.125)
-    assert torch.equal(out[0, 0, : codes.numel()], codes.view(dtype).float())
+    cache = row.expand(1, 16, 1, -1).contiguous().view(dtype).to(device)
+    out = ops.decode_attention(torch.randn(1, 1, head_dim, device=device), cache, cache,
+                               torch.zeros(1, 1, dtype=torch.int32, device=device),
+                               torch.ones(1, dtype=torch.int32, device=device), 0.125)
+    assert torch.equal(out[0, 0, : codes.numel()].cpu(), codes.view(dtype).float())
 
 
 
@@ -116,13 +122,13 @@ def test_every_code_decodes_to_its_value(backend, dtype):
 def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, window):
     """A mixed batch (a prompt, a chunk after cached context, decodes) and the same sequences as
     a decode batch, over contexts crossing blocks and key tiles; float32 queries."""
-    ops = backend_ops(backend)
+    ops, device = backend_ops(backend)
     rows = [(40, 40), (1, 77), (12, 50), (1, 1), (1, 33)] if backend == "triton" else \
         [(300, 300), (1, 77), (70, 333), (1, 1), (1, 2100)]
-    k_float, v_float, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 2, 64, torch.float32)
+    k_float, v_float, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 2, 64, torch.float32, device=device)
     k_cache, v_cache = quantized(k_float, dtype), quantized(v_float, dtype)
-    cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int()
-    query = torch.randn(int(cu[-1]), 6, 64, generator=gen)
+    cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int().to(device)
+    query = torch.randn(int(cu[-1]), 6, 64, generator=gen).to(device)
     args = (tables, lens, cu, 0.125, window, 30.0)
     out = ops.paged_attention(query, k_cache, v_cache, *args)
     want = reference.paged_attention(query, k_cache, v_cache, *args)
@@ -140,7 +146,7 @@ def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, w
 
 
 def test_cpu_attention_reads_an_8bit_cache_with_bfloat16_queries(gen):
-    ops = backend_ops("cpu")
+    ops, _ = backend_ops("cpu")
     k_float, v_float, tables, lens = paged_kv(gen, [130, 7], 16, 3, 64, torch.float32)
     k_cache, v_cache = quantized(k_float, torch.int8), quantized(v_float, torch.int8)
     query = torch.randn(2, 9, 64, generator=gen).bfloat16()
