@@ -278,13 +278,16 @@ def attention(
         block_m = max(16 if rows_per_seq <= 16 else 64, triton.next_power_of_2(group))
         block_q = block_m // group
         tiles = num_tokens // block_q + num_seqs
-    if block_n is None:
-        block_n = 64 if k_cache.element_size() <= 2 else 32  # fp32 tiles: keep shared memory in bounds
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
     if soft_cap is not None and soft_cap <= 0:
         raise ValueError(f"soft_cap must be positive, got {soft_cap}")
     quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_cache.dtype, 0)
+    if block_n is None:
+        # fp32 tiles (an fp32 cache, or 8-bit codes dequantized for an fp32 query): keep shared
+        # memory in bounds.
+        fp32_tiles = k_cache.element_size() == 4 or (quant and query.dtype == torch.float32)
+        block_n = 32 if fp32_tiles else 64
     if quant == 2:  # read e4m3 as bytes and decode in the kernel (the interpreter has no fp8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
 

@@ -54,7 +54,10 @@ def _quantize_store(x, dst_ptr, row_off, h, d, row_ok, HEAD_DIM: tl.constexpr, Q
     """Rows x [BLOCK_H, BLOCK_D] (float32) -> codes and a float16 scale per row at dst_ptr +
     row_off (bytes), as kernels/reference.quantize_rows: int8 (QUANT 1) or e4m3 bytes (QUANT 2)."""
     mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-    code_max = 127.0 if QUANT == 1 else 448.0
+    if QUANT == 1:
+        code_max = 127.0
+    else:
+        code_max = 448.0
     scale = (tl.max(tl.abs(tl.where(mask, x, 0.0)), 1) / code_max).to(tl.float16)
     s32 = scale.to(tl.float32)
     inv = tl.where(s32 > 0.0, 1.0 / tl.where(s32 > 0.0, s32, 1.0), 0.0)
