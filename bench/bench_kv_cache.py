@@ -13,6 +13,7 @@ biases none of them; the ratio column is each dtype's median over the first dtyp
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import statistics
@@ -52,7 +53,7 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
     in shuffled physical blocks."""
     from kernels import reference
 
-    ops = __import__("kernels.cpu_ops" if args.backend == "cpu" else "kernels.triton_ops", fromlist=["x"])
+    ops = importlib.import_module("kernels.cpu_ops" if args.backend == "cpu" else "kernels.triton_ops")
     bs, kvh, d = args.block_size, args.num_kv_heads, args.head_dim
     per_seq = math.ceil(ctx / bs)
     num_blocks = batch * per_seq
