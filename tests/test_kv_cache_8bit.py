@@ -166,6 +166,7 @@ def test_kv_cache_dtype_is_validated_naming_the_field():
     assert EngineConfig().kv_cache_torch_dtype(torch.bfloat16) == torch.bfloat16
 
 
+@pytest.mark.slow  # engines / a subprocess: ~9 s
 def test_the_same_cache_memory_holds_twice_the_tokens_in_8_bits(tmp_path):
     """Per (token, KV head): 2 * head_dim bytes in bfloat16, head_dim + 2 in 8 bits: 1.97x the
     blocks at head_dim 128, 1.94x at 64 (this model's)."""
@@ -267,6 +268,7 @@ def test_default_model_keeps_its_greedy_choices_with_an_8bit_cache(float_cache_g
     assert deltas[len(deltas) // 2] <= median_bound, deltas[len(deltas) // 2]
 
 
+@pytest.mark.slow  # engines / a subprocess: ~9 s
 def test_the_kv_cache_bench_runs_a_small_case():
     import subprocess
     import sys
