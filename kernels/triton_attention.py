@@ -63,7 +63,8 @@ def load_kv_tile(ptr, off_rows, d, mask, HEAD_DIM: tl.constexpr, QUANT: tl.const
         code = x.to(tl.uint8, bitcast=True).to(tl.int32)
         e = (code >> 3) & 15
         m = (code & 7).to(tl.float32)
-        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * tl.exp2((e - 10).to(tl.float32)))
+        # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
+        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
         values = tl.where(code >= 128, -mag, mag)
     if ROWS_FIRST:
         return values * scale[:, None]

@@ -58,9 +58,13 @@ def _quantize_store(x, dst_ptr, row_off, h, d, row_ok, HEAD_DIM: tl.constexpr, Q
         code_max = 127.0
     else:
         code_max = 448.0
-    scale = (tl.max(tl.abs(tl.where(mask, x, 0.0)), 1) / code_max).to(tl.float16)
+    scale = tl.math.div_rn(tl.max(tl.abs(tl.where(mask, x, 0.0)), 1), tl.full(row_ok.shape, code_max, tl.float32))
+    scale = scale.to(tl.float16)
     s32 = scale.to(tl.float32)
-    inv = tl.where(s32 > 0.0, 1.0 / tl.where(s32 > 0.0, s32, 1.0), 0.0)
+    # div_rn: correctly rounded, as torch's and the C++ 1 / scale (CUDA's default fp32 division
+    # is approximate, which would move codes that sit on a half step).
+    ones = tl.full(s32.shape, 1.0, tl.float32)
+    inv = tl.where(s32 > 0.0, tl.math.div_rn(ones, tl.where(s32 > 0.0, s32, 1.0)), 0.0)
     v = tl.minimum(tl.maximum(x * inv[:, None], -code_max), code_max)
     if QUANT == 1:
         code = _round_half_even(v).to(tl.int32)
@@ -70,7 +74,8 @@ def _quantize_store(x, dst_ptr, row_off, h, d, row_ok, HEAD_DIM: tl.constexpr, Q
         a = tl.abs(v)
         e = tl.maximum(tl.floor(tl.log2(tl.where(a > 0.0, a, 1.0))), -6.0)
         e = tl.where(a > 0.0, e, -6.0)
-        mant = _round_half_even((a * tl.exp2(-e) - 1.0) * 8.0)
+        # 2^-e built from its bits: exact, where CUDA's exp2 is an approximation.
+        mant = _round_half_even((a * ((127 - e.to(tl.int32)) << 23).to(tl.float32, bitcast=True) - 1.0) * 8.0)
         code = ((e + 7.0) * 8.0 + mant).to(tl.int32)
         code = tl.where(v < 0.0, code + 128, code)
     code = tl.where(code < 0, code + 256, code).to(tl.uint8).to(tl.int8, bitcast=True)
