@@ -53,13 +53,17 @@ class AttentionBackend:
         v: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.all_decode:
-            return self.ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            return self.ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                             sliding_window, soft_cap)
         return self.ops.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_query_lens, scale
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_query_lens, scale,
+            sliding_window, soft_cap,
         )
 
     def copy_blocks(self, mapping: list[tuple[int, int]]) -> None:

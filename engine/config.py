@@ -20,6 +20,16 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")
+# KV cache element types: the model's dtype ("auto"), a float type, or 8 bits with a float16
+# scale per token and KV head (kernels/reference.py): int8 (absmax / 127, the more accurate) or
+# fp8_e4m3 (absmax / 448). 8 bits hold 2 * head_dim / (head_dim + 2) times the tokens of 16.
+KV_CACHE_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "int8": torch.int8,
+}
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 
@@ -30,6 +40,8 @@ class EngineConfig:
     # "auto": on CUDA the checkpoint's half dtype (or bf16); on CPU bfloat16 where the CPU has
     # AMX or AVX512-BF16 and the checkpoint is not float32, else float32 (see torch_dtype).
     dtype: str = "auto"
+    # "auto" (the model's dtype) or one of KV_CACHE_DTYPES.
+    kv_cache_dtype: str = "auto"
     # None (or "none"): weights in dtype. "int8": one scale per output row. "int4": affine
     # groups of quantization_group_size input columns; a GGUF's Q4_0/Q4_1/Q4_K tensors load
     # as they are (group 32). The LM head, embedding and norms stay in dtype.
@@ -78,6 +90,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"EngineConfig.kv_cache_dtype must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.quantization in ("none", ""):
             self.quantization = None
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -170,6 +187,9 @@ class EngineConfig:
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
             return checkpoint_dtype
         return torch.bfloat16
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,6 +23,7 @@ from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.step_inputs import StepBuffers, StepInputs
+from kernels.reference import KV_SCALE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ModelRunner:
         """parallel None: the whole model in this process; else this rank's shard of it."""
         self.config = config
         self.dtype = config.torch_dtype(source.checkpoint_dtype)
+        self.kv_dtype = config.kv_cache_torch_dtype(self.dtype)
         self.model_config = model_config
         self.block_size = config.block_size
         self.parallel = parallel
@@ -126,22 +128,27 @@ class ModelRunner:
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f KiB per block, %d tokens capacity, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.bytes_per_block / 1024, self.num_blocks * self.block_size,
-            self.num_blocks * self.bytes_per_block / 2**20, self.dtype, self.backend.name,
+            self.num_blocks * self.bytes_per_block / 2**20, self.kv_dtype, self.backend.name,
         )
 
+    @property
+    def cache_row(self) -> int:
+        """Elements of one (token, KV head) row of the cache: an 8-bit row carries its scale."""
+        return self.model_config.head_dim + (KV_SCALE_BYTES if self.kv_dtype.itemsize == 1 else 0)
+
     def _allocate_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        shape = (num_blocks, self.block_size, self.num_local_kv_heads, self.model_config.head_dim)
+        shape = (num_blocks, self.block_size, self.num_local_kv_heads, self.cache_row)
         layers = range(self.model_config.num_layers)
         return (
-            [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
-            [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
+            [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in layers],
+            [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in layers],
         )
 
     @property
     def bytes_per_block(self) -> int:
         """Of this rank's cache (its KV heads): memory settings are per device."""
-        mc = self.model_config
-        return self.block_size * mc.kv_bytes_per_token(self.dtype) // mc.num_kv_heads * self.num_local_kv_heads
+        per_layer = self.block_size * self.num_local_kv_heads * self.cache_row * self.kv_dtype.itemsize
+        return 2 * self.model_config.num_layers * per_layer
 
     def _decide_num_blocks(self) -> int:
         cfg = self.config

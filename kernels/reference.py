@@ -13,6 +13,20 @@ Shapes shared by every op (the Triton kernels in this package take the same argu
   context_lens       int32 [num_seqs]; tokens in the cache for the sequence, this step's included
   cu_query_lens      int32 [num_seqs + 1]; query tokens of sequence i are
                      query[cu_query_lens[i]:cu_query_lens[i + 1]], the last tokens of its context
+
+Attention variants (every backend takes them, same names):
+  scale              the softmax scale (Gemma: query_pre_attn_scalar ** -0.5)
+  sliding_window     a query at position i sees keys j with i - window < j <= i (transformers'
+                     rule); None: every earlier key
+  soft_cap           scores become soft_cap * tanh(scores / soft_cap) after scaling (Gemma 2)
+
+8-bit KV cache (kv_cache_dtype int8 or fp8_e4m3): a cache of dtype int8 or float8_e4m3fn whose
+rows are head_dim + 2 wide: head_dim codes, then the row's scale as the 2 bytes of a float16.
+One scale per (token, KV head), set when the token is written: scale = max|x| / 127 (int8,
+codes rounded to nearest) or max|x| / 448 (e4m3, the format's largest finite value). A
+per-row scale needs no calibration and cannot clip, costs 2 bytes per head_dim (3% at 64), and
+lives inside the block, so every block copy (copy-on-write, swap, prefix reuse) moves the scales
+with the codes. The kernels dequantize rows as they stage them; none makes a float copy.
 """
 
 from __future__ import annotations
@@ -21,6 +35,35 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+KV_SCALE_BYTES = 2  # float16 scale after each row's codes
+_CODE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def is_quantized(cache: torch.Tensor) -> bool:
+    return cache.dtype in _CODE_MAX
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., head_dim] float -> [..., head_dim + 2] codes of dtype with their float16 scale."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / _CODE_MAX[dtype]).to(torch.float16)
+    inv = torch.where(scale > 0, 1.0 / scale.float(), 0.0)  # an all-zero row: codes 0, scale 0
+    if dtype == torch.int8:
+        codes = (xf * inv).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+    else:
+        codes = (xf * inv).clamp_(-448.0, 448.0).to(dtype).view(torch.uint8)
+    out = torch.cat([codes, scale.view(torch.uint8)], dim=-1)
+    return out.view(dtype)
+
+
+def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim + 2] codes and scale -> [..., head_dim] float32."""
+    raw = rows.view(torch.uint8)
+    head_dim = raw.shape[-1] - KV_SCALE_BYTES
+    scale = raw[..., head_dim:].contiguous().view(torch.float16).float()
+    return raw[..., :head_dim].view(rows.dtype).float() * scale
 
 
 def write_kv_cache(
@@ -33,9 +76,16 @@ def write_kv_cache(
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if is_quantized(k_cache):
+        key, value = quantize_rows(key, k_cache.dtype), quantize_rows(value, v_cache.dtype)
     num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    # index_copy_ has no float8 kernel: copy raw bytes (same width) for every dtype.
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        rows = cache.view(num_blocks * block_size, *cache.shape[2:])
+        if cache.element_size() == 1:
+            rows.view(torch.uint8).index_copy_(0, slot_mapping, src.view(torch.uint8))
+        else:
+            rows.index_copy_(0, slot_mapping, src.to(cache.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -116,8 +166,14 @@ def decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (query is [num_seqs, num_heads, head_dim])."""
+    if sliding_window is not None or soft_cap is not None or is_quantized(k_cache):
+        cu = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
+        return _attention_in_float32(query, k_cache, v_cache, block_tables, context_lens, cu, scale,
+                                     sliding_window, soft_cap)
     num_seqs, num_heads, head_dim = query.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     plan = _decode_plan(block_tables, context_lens, block_size)
@@ -149,12 +205,17 @@ def paged_attention(
     context_lens: torch.Tensor,
     cu_query_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for a mixed batch: prefill chunks (many query tokens, possibly after
     cached context) and decodes (one query token). Query token j of a sequence with q query
     tokens and c context tokens sits at position c - q + j and sees positions up to it.
     Decode rows run together through decode_attention; prefill rows SDPA one sequence at a time
     on a gathered copy of its context."""
+    if sliding_window is not None or soft_cap is not None or is_quantized(k_cache):
+        return _attention_in_float32(query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale,
+                                     sliding_window, soft_cap)
     num_tokens, num_heads, head_dim = query.shape
     output = torch.empty_like(query)
     query_lens = (cu_query_lens[1:] - cu_query_lens[:-1]).tolist()
@@ -187,6 +248,37 @@ def paged_attention(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         output[start : start + q_len] = out.transpose(0, 1)
     return output
+
+
+def _attention_in_float32(query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale,
+                          sliding_window, soft_cap) -> torch.Tensor:
+    """The variants (window, soft-cap, 8-bit cache), written out: one sequence at a time, scores
+    in float32 over its gathered (and dequantized) context."""
+    out = torch.empty_like(query)
+    group = query.shape[1] // k_cache.shape[2]
+    cu, lens = cu_query_lens.tolist(), context_lens.tolist()
+    load = dequantize_rows if is_quantized(k_cache) else (lambda rows: rows.float())
+    for i, length in enumerate(lens):
+        q = query[cu[i] : cu[i + 1]].float()
+        n = q.shape[0]
+        if n == 0:
+            continue
+        if length == 0:  # a padding row attends to nothing: zeros
+            out[cu[i] : cu[i + 1]] = 0
+            continue
+        k = load(_gather_context(k_cache, block_tables[i], length)).repeat_interleave(group, dim=1)
+        v = load(_gather_context(v_cache, block_tables[i], length)).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
+        q_pos = torch.arange(length - n, length, device=query.device)[:, None]
+        k_pos = torch.arange(length, device=query.device)[None, :]
+        visible = k_pos <= q_pos
+        if sliding_window is not None:
+            visible &= k_pos > q_pos - sliding_window
+        scores.masked_fill_(~visible, float("-inf"))
+        out[cu[i] : cu[i + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v).to(query.dtype)
+    return out
 
 
 def copy_blocks(

@@ -15,6 +15,11 @@ Shapes are those of kernels/reference.py. Design points:
   range is cut into segments, each program writes a partial (max, sum, unnormalised acc) and a
   reduce kernel merges them. The segment count comes from block_tables.shape[1] (an upper bound on
   the context), again without reading context_lens on the host.
+- Variants (kernels/reference.py): a sliding window starts each tile's key loop at its first
+  row's window and masks per row; soft-capping applies cap * tanh(s / cap) to the scaled scores.
+- 8-bit caches (int8, or float8_e4m3fn read as raw bytes): K/V tiles are loaded as codes and
+  scaled by each row's float16 scale (the 2 bytes after its codes) in registers; nothing is
+  dequantized to memory.
 """
 
 from __future__ import annotations
@@ -32,6 +37,38 @@ _LOG2E = 1.4426950408889634
 
 MIN_SEGMENT_SIZE = 256  # below this a segment's fixed cost outweighs the parallelism it buys
 MAX_SEGMENTS = 128  # bounds the reduce tile and the partial buffers
+
+
+@triton.jit
+def load_kv_tile(ptr, off_rows, d, mask, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """A K or V tile in float32 (or the cache's dtype when QUANT == 0): [BLOCK_N, BLOCK_D] when
+    ROWS_FIRST, else [BLOCK_D, BLOCK_N]. QUANT 1: int8 codes, 2: e4m3 bytes; each row's codes
+    are followed by its float16 scale."""
+    if ROWS_FIRST:
+        offs = off_rows[:, None] + d[None, :]
+        row_mask = tl.max(mask.to(tl.int32), 1) > 0
+    else:
+        offs = off_rows[None, :] + d[:, None]
+        row_mask = tl.max(mask.to(tl.int32), 0) > 0
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    if QUANT == 0:
+        return x
+    lo = tl.load(ptr + off_rows + HEAD_DIM, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+    hi = tl.load(ptr + off_rows + HEAD_DIM + 1, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+    scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    if QUANT == 1:
+        values = x.to(tl.float32)
+    else:
+        # e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal.
+        code = x.to(tl.uint8, bitcast=True).to(tl.int32)
+        e = (code >> 3) & 15
+        m = (code & 7).to(tl.float32)
+        # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
+        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
+        values = tl.where(code >= 128, -mag, mag)
+    if ROWS_FIRST:
+        return values * scale[:, None]
+    return values * scale[None, :]
 
 
 @triton.jit
@@ -54,7 +91,7 @@ def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, context_lens_ptr, cu_query_lens_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
-    scale_log2, num_seqs, num_heads, num_segments, segment_size,
+    scale_log2, window, cap_scale, cap_log2, num_seqs, num_heads, num_segments, segment_size,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -63,6 +100,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, DECODE_ONLY: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLIDING: tl.constexpr, SOFT_CAP: tl.constexpr, QUANT: tl.constexpr,
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,6 +135,8 @@ def _paged_attention_kernel(
     else:
         kv_lo = 0
         kv_hi = tile_end
+    if SLIDING:  # keys before the first row's window are seen by no row of the tile
+        kv_lo = tl.maximum(kv_lo, ctx_len - q_len + q_tile * BLOCK_Q - window + 1)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -119,17 +159,23 @@ def _paged_attention_kernel(
         in_block = n % CACHE_BLOCK
         k_off = block * stride_kb + in_block * stride_kt + kv_head * stride_kh
         v_off = block * stride_vb + in_block * stride_vt + kv_head * stride_vh
-        k = tl.load(k_cache_ptr + k_off[None, :] + d[:, None] * stride_kd,
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = load_kv_tile(k_cache_ptr, k_off, d * stride_kd, n_ok[None, :] & d_ok[:, None],
+                         HEAD_DIM, QUANT, False)  # [BLOCK_D, BLOCK_N]
+        v = load_kv_tile(v_cache_ptr, v_off, d * stride_vd, n_ok[:, None] & d_ok[None, :],
+                         HEAD_DIM, QUANT, True)  # [BLOCK_N, BLOCK_D]
         if DOT_FP32:
             # ieee: tf32 would cost fp32 inputs their precision for no gain in a memory-bound op.
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
-        s = s * scale_log2
-        s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        if SOFT_CAP:  # cap * tanh(s * scale / cap), tanh(x) = 1 - 2 / (e^2x + 1), in log2 units
+            s = cap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * cap_scale * s) + 1.0))
+        else:
+            s = s * scale_log2
+        visible = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row may have seen nothing yet (causal or segment bounds): keep -inf - -inf from NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -204,6 +250,8 @@ def attention(
     context_lens: torch.Tensor,
     cu_query_lens: torch.Tensor | None,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
     *,
     out: torch.Tensor | None = None,
     num_segments: int | None = None,
@@ -231,8 +279,18 @@ def attention(
         block_m = max(16 if rows_per_seq <= 16 else 64, triton.next_power_of_2(group))
         block_q = block_m // group
         tiles = num_tokens // block_q + num_seqs
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+    quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_cache.dtype, 0)
     if block_n is None:
-        block_n = 64 if k_cache.element_size() <= 2 else 32  # fp32 tiles: keep shared memory in bounds
+        # fp32 tiles (an fp32 cache, or 8-bit codes dequantized for an fp32 query): keep shared
+        # memory in bounds.
+        fp32_tiles = k_cache.element_size() == 4 or (quant and query.dtype == torch.float32)
+        block_n = 32 if fp32_tiles else 64
+    if quant == 2:  # read e4m3 as bytes and decode in the kernel (the interpreter has no fp8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
 
     ctx_bound = block_tables.shape[1] * cache_block
     if num_segments is None:
@@ -252,13 +310,15 @@ def attention(
         out, query, k_cache, v_cache,
         block_tables, context_lens, query if decode_only else cu_query_lens,
         part_m, part_l, part_acc,
-        scale * _LOG2E, num_seqs, num_heads, num_segments, segment_size,
+        scale * _LOG2E, sliding_window or 0, scale / (soft_cap or 1.0), (soft_cap or 1.0) * _LOG2E,
+        num_seqs, num_heads, num_segments, segment_size,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=cache_block,
         SPLIT=split, DECODE_ONLY=decode_only,
         DOT_FP32=_INTERPRET or query.dtype == torch.float32,
+        SLIDING=sliding_window is not None, SOFT_CAP=soft_cap is not None, QUANT=quant,
         num_warps=4 if block_m <= 64 else 8,
     )
     if split:
@@ -276,9 +336,11 @@ def decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (query is [num_seqs, num_heads, head_dim])."""
-    return attention(query, k_cache, v_cache, block_tables, context_lens, None, scale)
+    return attention(query, k_cache, v_cache, block_tables, context_lens, None, scale, sliding_window, soft_cap)
 
 
 def paged_attention(
@@ -289,7 +351,10 @@ def paged_attention(
     context_lens: torch.Tensor,
     cu_query_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for a mixed batch of prefill chunks and decodes, in one launch."""
-    return attention(query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale)
+    return attention(query, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale, sliding_window,
+                     soft_cap)
 

@@ -42,6 +42,72 @@ def _write_kv_cache_kernel(
              v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _round_half_even(x):
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    return tl.where(tie & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+
+
+@triton.jit
+def _quantize_store(x, dst_ptr, row_off, h, d, row_ok, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
+    """Rows x [BLOCK_H, BLOCK_D] (float32) -> codes and a float16 scale per row at dst_ptr +
+    row_off (bytes), as kernels/reference.quantize_rows: int8 (QUANT 1) or e4m3 bytes (QUANT 2)."""
+    mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+    if QUANT == 1:
+        code_max = 127.0
+    else:
+        code_max = 448.0
+    scale = tl.math.div_rn(tl.max(tl.abs(tl.where(mask, x, 0.0)), 1), tl.full(row_ok.shape, code_max, tl.float32))
+    scale = scale.to(tl.float16)
+    s32 = scale.to(tl.float32)
+    # div_rn: correctly rounded, as torch's and the C++ 1 / scale (CUDA's default fp32 division
+    # is approximate, which would move codes that sit on a half step).
+    ones = tl.full(s32.shape, 1.0, tl.float32)
+    inv = tl.where(s32 > 0.0, tl.math.div_rn(ones, tl.where(s32 > 0.0, s32, 1.0)), 0.0)
+    v = tl.minimum(tl.maximum(x * inv[:, None], -code_max), code_max)
+    if QUANT == 1:
+        code = _round_half_even(v).to(tl.int32)
+    else:
+        # e4m3, round to nearest even: exponent e = floor(log2|v|) (at least -6, the subnormal
+        # range), 3 mantissa bits; a mantissa that rounds up to 8 carries into the exponent.
+        a = tl.abs(v)
+        e = tl.maximum(tl.floor(tl.log2(tl.where(a > 0.0, a, 1.0))), -6.0)
+        e = tl.where(a > 0.0, e, -6.0)
+        # 2^-e built from its bits: exact, where CUDA's exp2 is an approximation.
+        mant = _round_half_even((a * ((127 - e.to(tl.int32)) << 23).to(tl.float32, bitcast=True) - 1.0) * 8.0)
+        code = ((e + 7.0) * 8.0 + mant).to(tl.int32)
+        code = tl.where(v < 0.0, code + 128, code)
+    code = tl.where(code < 0, code + 256, code).to(tl.uint8).to(tl.int8, bitcast=True)
+    tl.store(dst_ptr + row_off[:, None] + d[None, :], code, mask=mask)
+    bits = scale.to(tl.uint16, bitcast=True)
+    tl.store(dst_ptr + row_off + HEAD_DIM, (bits & 255).to(tl.uint8).to(tl.int8, bitcast=True), mask=row_ok)
+    tl.store(dst_ptr + row_off + HEAD_DIM + 1, (bits >> 8).to(tl.uint8).to(tl.int8, bitcast=True), mask=row_ok)
+
+
+@triton.jit
+def _write_kv_cache_quant_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    num_kv_heads,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+):
+    """8-bit caches as int8 bytes [slots, kv_heads, HEAD_DIM + 2]: one program per token."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = (slot >= 0) & (h < num_kv_heads)
+    mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+    k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask, other=0.0)
+    v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask,
+                other=0.0)
+    row_off = (slot * num_kv_heads + h) * (HEAD_DIM + 2)
+    _quantize_store(k.to(tl.float32), k_cache_ptr, row_off, h, d, row_ok, HEAD_DIM, QUANT)
+    _quantize_store(v.to(tl.float32), v_cache_ptr, row_off, h, d, row_ok, HEAD_DIM, QUANT)
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -52,6 +118,17 @@ def write_kv_cache(
     """Strided key/value (e.g. views into a fused QKV projection) are read in place."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
+        return
+    quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_cache.dtype, 0)
+    if quant:
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[-1] == head_dim + 2):
+            raise ValueError("an 8-bit cache must be dense [blocks, block_size, kv_heads, head_dim + 2]")
+        _write_kv_cache_quant_kernel[(num_tokens,)](
+            key, value, k_cache.view(torch.int8), v_cache.view(torch.int8), slot_mapping.contiguous(),
+            num_kv_heads, *key.stride(), *value.stride(),
+            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+            BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quant,
+        )
         return
     _write_kv_cache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping.contiguous(),
@@ -158,6 +235,8 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping:
         _launch_copy([(src_cache, dst_cache)], block_mapping)
         return
     src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
-    moved = src_cache.index_select(0, src.to(src_cache.device)).to(dst_cache.device)
-    dst_cache.index_copy_(0, dst.to(dst_cache.device), moved.to(dst_cache.dtype))
+    moved = src_cache.index_select(0, src.to(src_cache.device)).to(dst_cache.device).to(dst_cache.dtype)
+    if dst_cache.element_size() == 1:  # index_copy_ has no float8 kernel: move the bytes
+        dst_cache, moved = dst_cache.view(torch.uint8), moved.view(torch.uint8)
+    dst_cache.index_copy_(0, dst.to(dst_cache.device), moved)
 

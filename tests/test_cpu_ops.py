@@ -225,6 +225,44 @@ def test_paged_attention_refuses_query_lens_that_do_not_fit_the_context(gen):
         cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, torch.tensor([0, 12, 10]).int(), 0.125)
 
 
+# ---------------------------------------------------------------- variants: sliding window, soft-capping
+# Windows of 1 token, inside a block, across blocks and key tiles (128), and past the partition
+# size (512), so a split unit's partitions start inside the window.
+
+VARIANT_ROWS = [(300, 300), (1, 77), (70, 333), (1, 1), (1, 3000), (5, 700), (1, 129)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 7, 100, 600, None])
+@pytest.mark.parametrize("soft_cap", [None, 5.0])
+def test_paged_and_decode_attention_take_a_sliding_window_and_soft_cap(gen, dtype, window, soft_cap):
+    if window is None and soft_cap is None:
+        pytest.skip("the plain kernel: tested above")
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in VARIANT_ROWS], 16, 3, 64, dtype)
+    cu = torch.tensor([0] + [q for q, _ in VARIANT_ROWS]).cumsum(0).int()
+    query = (torch.randn(int(cu[-1]), 9, 64, generator=gen) * 3).to(dtype)  # scores reach the cap
+    args = (tables, lens, cu, 0.125, window, soft_cap)
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, *args)
+    assert_close(out, reference.paged_attention(query.float(), k_cache.float(), v_cache.float(), *args), dtype)
+    decodes = cu[1:] - 1  # each sequence's last token, as a decode batch
+    out = cpu_ops.decode_attention(query[decodes.long()], k_cache, v_cache, tables, lens, 0.125, window, soft_cap)
+    want = reference.decode_attention(query[decodes.long()].float(), k_cache.float(), v_cache.float(), tables, lens,
+                                      0.125, window, soft_cap)
+    assert_close(out, want, dtype)
+
+
+def test_the_variants_change_the_result_and_bad_values_are_refused(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [200], 16, 1, 64, torch.float32)
+    query = torch.randn(1, 2, 64, generator=gen) * 3
+    plain = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    assert not torch.allclose(plain, cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, 50))
+    assert not torch.allclose(plain, cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, None, 1.0))
+    with pytest.raises(RuntimeError, match="sliding_window must be at least 1"):
+        cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, 0)
+    with pytest.raises(RuntimeError, match="soft_cap must be positive"):
+        cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, None, -1.0)
+
+
 # ---------------------------------------------------------------- the model's pointwise ops
 
 

@@ -315,6 +315,38 @@ def test_paged_attention_of_a_decode_only_batch_equals_decode_attention(gen):
     torch.testing.assert_close(mixed, decode, **TOL[torch.float32])
 
 
+# ---------------------------------------------------------------- variants: sliding window, soft-capping
+
+
+@pytest.mark.parametrize("window,soft_cap,num_segments", [(1, None, 1), (5, None, 3), (20, 5.0, 3), (45, None, 1),
+                                                         (None, 5.0, 1)])
+def test_paged_and_decode_attention_take_a_sliding_window_and_soft_cap(gen, window, soft_cap, num_segments):
+    """Windows of one token, inside a 16-token block and key tile, and across several; contexts
+    of a mixed batch up to ~70 tokens; scores large enough to reach the cap."""
+    ctx, cu = mixed_batch(gen, 16, 6, 64)
+    k_cache, v_cache, tables, context_lens = paged_kv(gen, ctx, 16, 2, 64, torch.float32)
+    query = randn(gen, int(cu[-1]), 6, 64) * 3
+    args = (tables, context_lens, cu, 0.125, window, soft_cap)
+    out = attention(query, k_cache, v_cache, *args, out=torch.full_like(query, NAN), num_segments=num_segments,
+                    block_n=16)
+    assert_matches(out, reference.paged_attention(query, k_cache, v_cache, *args), torch.float32)
+    rows = [i for i in range(len(ctx)) if cu[i + 1] > cu[i]]  # each sequence's last query token
+    last = (cu[1:] - 1)[rows].long()
+    sub = (tables[rows], context_lens[rows], 0.125, window, soft_cap)
+    out = attention(query[last], k_cache, v_cache, sub[0], sub[1], None, 0.125, window, soft_cap,
+                    out=torch.full_like(query[last], NAN), num_segments=num_segments, block_n=16)
+    assert_matches(out, reference.decode_attention(query[last], k_cache, v_cache, *sub), torch.float32)
+
+
+def test_bad_variant_values_are_refused(gen):
+    k_cache, v_cache, tables, context_lens = paged_kv(gen, [20], 16, 1, 64, torch.float32)
+    query = randn(gen, 1, 2, 64)
+    with pytest.raises(ValueError, match="sliding_window"):
+        triton_ops.decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125, 0)
+    with pytest.raises(ValueError, match="soft_cap"):
+        triton_ops.decode_attention(query, k_cache, v_cache, tables, context_lens, 0.125, None, 0.0)
+
+
 # ---------------------------------------------------------------- block copies
 
 

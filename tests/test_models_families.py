@@ -131,7 +131,7 @@ def test_fused_moe_equals_the_per_token_loop_with_uneven_routing(gen, renormaliz
         torch.testing.assert_close(moe(x, logits), reference_moe(moe, x, logits), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "phi3-longrope"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "phi3-longrope", "gemma2"])
 def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
     """The Triton kernels (under the interpreter on CPU) through prefill chunks and decodes."""
     pytest.importorskip("triton")

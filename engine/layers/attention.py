@@ -1,7 +1,6 @@
 """Paged attention for one layer: writes this step's k/v into the layer's cache and attends,
-through the backend the forward context carries. A layer with a sliding window or logit
-soft-capping attends through kernels/attention_variants.py (plain torch) on every backend,
-until the C++ and Triton kernels have those variants."""
+through the backend the forward context carries, with the layer's variants (sliding window,
+logit soft-capping, softmax scale), which every backend implements."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import torch
 from torch import nn
 
 from engine.forward_context import get_forward_context
-from kernels import attention_variants
 
 
 class Attention(nn.Module):
@@ -25,12 +23,5 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         ctx = get_forward_context()
-        if self.sliding_window is None and self.soft_cap is None:
-            out = ctx.backend.forward(self.layer_idx, q, k, v, ctx.meta, self.scale)
-        else:
-            backend, meta = ctx.backend, ctx.meta
-            k_cache, v_cache = backend.k_caches[self.layer_idx], backend.v_caches[self.layer_idx]
-            backend.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = attention_variants.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                     meta.cu_query_lens, self.scale, self.sliding_window, self.soft_cap)
+        out = ctx.backend.forward(self.layer_idx, q, k, v, ctx.meta, self.scale, self.sliding_window, self.soft_cap)
         return out.reshape(-1, self.num_heads * self.head_dim)

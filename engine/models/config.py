@@ -106,9 +106,6 @@ class ModelConfig:
             hf_config=hf_config,
         )
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
-
     def split_dims(self) -> dict[str, int]:
         """Config sizes every tensor-parallel rank takes an equal part of."""
         dims = {"num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size}

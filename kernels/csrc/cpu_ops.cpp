@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -224,35 +225,121 @@ void check_cache(const at::Tensor& cache, const char* name) {
               " must be a dense [num_blocks, block_size, num_kv_heads, head_dim] tensor");
 }
 
+// ---------------------------------------------------------------- 8-bit KV cache
+//
+// A cache of dtype int8 or float8_e4m3fn holds rows of head_dim codes followed by the row's
+// scale as the 2 bytes of a float16 (see kernels/reference.py): x ~= code * scale, scale =
+// max|x| / 127 (int8, codes rounded to nearest even) or max|x| / 448 (e4m3).
+
+constexpr int64_t kScaleBytes = 2;
+
+bool is_quantized(const at::Tensor& cache) {
+  return cache.scalar_type() == at::kChar || cache.scalar_type() == at::kFloat8_e4m3fn;
+}
+
+inline float load_scale(const void* row_end) {
+  uint16_t bits;
+  std::memcpy(&bits, row_end, sizeof(bits));
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// An e4m3 code's value, branch-free so the row loop vectorizes: exponent field e > 0 is the
+// float32 with the same mantissa bits and exponent e - 7 + 127; e == 0 (subnormal) is m * 2^-9.
+inline float e4m3_value(uint8_t code) {
+  const uint32_t mag = code & 0x7Fu;
+  const float normal = std::bit_cast<float>((mag << 20) + (120u << 23));
+  const float value = mag < 8u ? static_cast<float>(mag) * 0.001953125f : normal;
+  return code & 0x80u ? -value : value;
+}
+
+// One cache row -> dim float32 values.
+template <typename C>
+inline void load_row(float* dst, const C* src, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] = load(src, d);
+}
+
+template <>
+inline void load_row<int8_t>(float* dst, const int8_t* src, int64_t dim) {
+  const float scale = load_scale(src + dim);
+  for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+}
+
+template <>
+inline void load_row<c10::Float8_e4m3fn>(float* dst, const c10::Float8_e4m3fn* src, int64_t dim) {
+  const float scale = load_scale(src + dim);
+  const uint8_t* codes = reinterpret_cast<const uint8_t*>(src);
+  for (int64_t d = 0; d < dim; ++d) dst[d] = e4m3_value(codes[d]) * scale;
+}
+
+// One float row (dim values of x) -> dim codes and their float16 scale, as reference.quantize_rows.
+template <typename T>
+void quantize_row(char* dst, const T* x, int64_t dim, bool int8) {
+  float absmax = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) absmax = std::max(absmax, std::fabs(load(x, d)));
+  const c10::Half scale(absmax / (int8 ? 127.0f : 448.0f));
+  const float s = static_cast<float>(scale);
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float v = load(x, d) * inv;
+    if (int8) {
+      dst[d] = static_cast<char>(static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(v)))));
+    } else {
+      dst[d] = static_cast<char>(c10::Float8_e4m3fn(std::min(448.0f, std::max(-448.0f, v))).x);
+    }
+  }
+  std::memcpy(dst + dim, &scale.x, kScaleBytes);
+}
+
 // One row per token into the slot slot_mapping names; slot -1 skips the token (padding).
-// key and value are converted to the caches' dtype first where it differs.
+// key and value are converted to the caches' dtype first where it differs, or quantized row by
+// row into an 8-bit cache.
 void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor& k_cache, at::Tensor& v_cache,
                     const at::Tensor& slot_mapping) {
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
-  const at::Tensor key = key_in.to(k_cache.scalar_type());
-  const at::Tensor value = value_in.to(v_cache.scalar_type());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "k_cache and v_cache must have one shape and dtype");
+  const bool quantized = is_quantized(k_cache);
+  const at::Tensor key = quantized ? key_in : key_in.to(k_cache.scalar_type());
+  const at::Tensor value = quantized ? value_in.to(key_in.scalar_type()) : value_in.to(v_cache.scalar_type());
   check_rows(key, "key", 3);
   check_rows(value, "value", 3);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
                   slot_mapping.numel() == key.size(0),
               "slot_mapping must be dense int64 with one slot per token");
-  const int64_t row = key.size(1) * key.size(2);
-  TORCH_CHECK(k_cache.size(2) * k_cache.size(3) == row && value.size(1) * value.size(2) == row,
+  const int64_t heads = key.size(1), dim = key.size(2), row = heads * dim;
+  TORCH_CHECK(k_cache.size(2) == heads && k_cache.size(3) == dim + (quantized ? kScaleBytes : 0) &&
+                  value.size(1) * value.size(2) == row,
               "key/value rows do not match the cache's heads and head_dim");
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const int64_t bytes = row * key.element_size();
-  const char* k_src = static_cast<const char*>(key.data_ptr());
-  const char* v_src = static_cast<const char*>(value.data_ptr());
-  char* k_dst = static_cast<char*>(k_cache.data_ptr());
-  char* v_dst = static_cast<char*>(v_cache.data_ptr());
-  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
   // Every slot is checked before any is written: a refused call leaves the caches as they were.
   for (int64_t t = 0; t < key.size(0); ++t) {
     TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " is outside the cache (", num_slots, " slots)");
   }
+  char* k_dst = static_cast<char*>(k_cache.data_ptr());
+  char* v_dst = static_cast<char*>(v_cache.data_ptr());
+  if (quantized) {
+    const bool int8 = k_cache.scalar_type() == at::kChar;
+    const int64_t cache_row = dim + kScaleBytes;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv_cache", [&] {
+      const scalar_t* k_src = key.data_ptr<scalar_t>();
+      const scalar_t* v_src = value.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < key.size(0); ++t) {
+        if (slots[t] < 0) continue;
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t at_row = (slots[t] * heads + h) * cache_row;
+          quantize_row(k_dst + at_row, k_src + t * key.stride(0) + h * dim, dim, int8);
+          quantize_row(v_dst + at_row, v_src + t * value.stride(0) + h * dim, dim, int8);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t bytes = row * key.element_size();
+  const char* k_src = static_cast<const char*>(key.data_ptr());
+  const char* v_src = static_cast<const char*>(value.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
   for (int64_t t = 0; t < key.size(0); ++t) {
     const int64_t slot = slots[t];
     if (slot < 0) continue;
@@ -283,34 +370,45 @@ constexpr int64_t kPartitionKeys = 512; // the shortest partition worth a reduct
 constexpr int64_t kTargetItems = 16;    // split so that no item costs more than 1/16 of the batch
 
 struct Unit {
-  int64_t seq, head, first_token, tokens, q_pos, parts, part_keys, workspace;
+  int64_t seq, head, first_token, tokens, q_pos, kv_begin, parts, part_keys, workspace;
   int64_t kv_end() const { return q_pos + tokens; }  // keys the tile's last token sees
+  int64_t keys() const { return kv_end() - kv_begin; }
 };
 
 struct Item {
   int64_t unit, part, cost;
 };
 
-template <typename T>
+// T: the query's and output's dtype; C: the cache's (T, or int8 / e4m3 codes with scales).
+// window <= 0: no sliding window; soft_cap <= 0: no soft-capping.
+template <typename T, typename C>
 struct AttentionArgs {
-  const T *q, *k, *v;
+  const T* q;
+  const C *k, *v;
   T* out;
   const int32_t* tables;
-  int64_t q_stride, table_stride, group, dim, num_heads, block_size, slot_stride, block_stride;
-  float scale;
+  int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
+  float scale, soft_cap;
 };
 
 // Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
-template <typename T>
-void stage_keys(float* dst, const T* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
-                const AttentionArgs<T>& a) {
+template <typename T, typename C>
+void stage_keys(float* dst, const C* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
+                const AttentionArgs<T, C>& a) {
   // Block by block: one table lookup (and division) per run of rows, not per row.
   for (int64_t j = 0; j < n;) {
     const int64_t p = first + j, offset = p % a.block_size, run = std::min(a.block_size - offset, n - j);
-    const T* src = cache + table[p / a.block_size] * a.block_stride + offset * a.slot_stride + head * a.dim;
-    for (int64_t r = 0; r < run; ++r, ++j) {
-      for (int64_t d = 0; d < a.dim; ++d) dst[j * a.dim + d] = load(src + r * a.slot_stride, d);
-    }
+    const C* src = cache + table[p / a.block_size] * a.block_stride + offset * a.slot_stride + head * a.cache_row;
+    for (int64_t r = 0; r < run; ++r, ++j) load_row(dst + j * a.dim, src + r * a.slot_stride, a.dim);
+  }
+}
+
+// scores = soft_cap * tanh(scores / soft_cap), tanh(x) = 1 - 2 / (e^2x + 1) on fast_exp so the
+// loop vectorizes; its absolute error stays near float32's epsilon times soft_cap.
+void soft_cap_scores(float* scores, int64_t count, float soft_cap) {
+  const float inv = 2.0f / soft_cap;
+  for (int64_t i = 0; i < count; ++i) {
+    scores[i] = soft_cap - 2.0f * soft_cap / (fast_exp(scores[i] * inv) + 1.0f);
   }
 }
 
@@ -351,23 +449,25 @@ void tile_accumulate(float* acc, const float* weights, const float* v, int64_t r
 }
 
 // Scores -> softmax weights against each row's running max; rescales the row's running sum and
-// accumulator when the max moves. Row r's token sees the first visible0 + r / group keys of the
-// tile (the causal edge); the rest get weight 0.
+// accumulator when the max moves. Row r's token sees keys [first0 + r / group, visible0 + r / group)
+// of the tile (the window's edge and the causal edge); the rest get weight 0.
 void online_softmax(float* scores, float* acc, float* row_max, float* row_sum, int64_t rows, int64_t n,
-                    int64_t group, int64_t dim, int64_t visible0) {
+                    int64_t group, int64_t dim, int64_t first0, int64_t visible0) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * n;
     const int64_t visible = std::min(n, visible0 + r / group);
-    if (visible <= 0) {
+    const int64_t first = std::max<int64_t>(0, first0 + r / group);
+    if (visible <= first) {
       std::fill(s, s + n, 0.0f);
       continue;
     }
-    float tile_max = s[0];
-    for (int64_t j = 1; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
+    float tile_max = s[first];
+    for (int64_t j = first + 1; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
     const float new_max = std::max(row_max[r], tile_max);
     const float alpha = fast_exp(row_max[r] - new_max);  // 0 on the first tile (max was -inf)
     float total = 0.0f;
-    for (int64_t j = 0; j < visible; ++j) {
+    std::fill(s, s + first, 0.0f);
+    for (int64_t j = first; j < visible; ++j) {
       s[j] = fast_exp(s[j] - new_max);
       total += s[j];
     }
@@ -389,8 +489,8 @@ struct TileBuffers {
 
 // One unit's rows against keys [k_begin, k_end): leaves the unnormalized accumulator, each row's
 // max and sum in b.
-template <typename T>
-void attend(const AttentionArgs<T>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+template <typename T, typename C>
+void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim;
   for (int64_t i = 0; i < u.tokens; ++i) {
     const T* src = a.q + (u.first_token + i) * a.q_stride + u.head * width;
@@ -405,14 +505,17 @@ void attend(const AttentionArgs<T>& a, const Unit& u, int64_t k_begin, int64_t k
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
     tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
+    if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap);
+    // A token at position p sees keys (p - window, p]: the first row's window starts at q_pos - window + 1.
+    const int64_t first0 = a.window > 0 ? u.q_pos - a.window + 1 - k0 : -k0 - rows;  // none: from key 0
     online_softmax(b.scores.data(), b.acc.data(), b.row_max.data(), b.row_sum.data(), rows, n, a.group, a.dim,
-                   u.q_pos - k0 + 1);
+                   first0, u.q_pos - k0 + 1);
     tile_accumulate(b.acc.data(), b.scores.data(), b.v.data(), rows, n, a.dim);
   }
 }
 
-template <typename T>
-void write_rows(const AttentionArgs<T>& a, const Unit& u, const float* acc, const float* row_sum) {
+template <typename T, typename C>
+void write_rows(const AttentionArgs<T, C>& a, const Unit& u, const float* acc, const float* row_sum) {
   const int64_t width = a.group * a.dim;
   for (int64_t i = 0; i < u.tokens; ++i) {
     T* dst = a.out + (u.first_token + i) * a.num_heads * a.dim + u.head * width;
@@ -427,8 +530,8 @@ void write_rows(const AttentionArgs<T>& a, const Unit& u, const float* acc, cons
 // Partition p of a split unit left [rows] maxes, [rows] sums and [rows, dim] accumulators at
 // workspace + offset + p * rows * (dim + 2); combine them with each partition's weight
 // e^(max_p - max), as one softmax over all the keys would have.
-template <typename T>
-void reduce_partitions(const AttentionArgs<T>& a, const Unit& u, const float* workspace, TileBuffers& b) {
+template <typename T, typename C>
+void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float* workspace, TileBuffers& b) {
   const int64_t rows = u.tokens * a.group, stride = rows * (a.dim + 2);
   const float* base = workspace + u.workspace;
   std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
@@ -461,13 +564,13 @@ void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, const Fn& fn) {
   });
 }
 
-template <typename T>
-void paged_attention_kernel(const AttentionArgs<T>& a, std::vector<Unit>& units) {
+template <typename T, typename C>
+void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& units) {
   // Buffers sized for this batch's tallest tile (a decode batch's are a few rows, not kTileRows).
   int64_t max_rows = 1, total_cost = 0;
   for (const Unit& u : units) {
     max_rows = std::max(max_rows, u.tokens * a.group);
-    total_cost += u.tokens * a.group * u.kv_end();
+    total_cost += u.tokens * a.group * u.keys();
   }
   const int64_t target = total_cost / kTargetItems + 1;
   std::vector<Item> items;
@@ -477,13 +580,14 @@ void paged_attention_kernel(const AttentionArgs<T>& a, std::vector<Unit>& units)
     const int64_t rows = u.tokens * a.group;
     const int64_t keys = std::max(kPartitionKeys, (target + rows - 1) / rows);
     u.part_keys = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
-    u.parts = (u.kv_end() + u.part_keys - 1) / u.part_keys;
+    u.parts = (u.keys() + u.part_keys - 1) / u.part_keys;
     if (u.parts > 1) {
       u.workspace = workspace_size;
       workspace_size += u.parts * rows * (a.dim + 2);
     }
     for (int64_t p = 0; p < u.parts; ++p) {
-      items.push_back({i, p, rows * (std::min(u.kv_end(), (p + 1) * u.part_keys) - p * u.part_keys)});
+      const int64_t begin = u.kv_begin + p * u.part_keys;
+      items.push_back({i, p, rows * (std::min(u.kv_end(), begin + u.part_keys) - begin)});
     }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
@@ -491,7 +595,8 @@ void paged_attention_kernel(const AttentionArgs<T>& a, std::vector<Unit>& units)
   for_each_dynamic(static_cast<int64_t>(items.size()), max_rows, a.dim, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
-    const int64_t k_begin = item.part * u.part_keys, k_end = std::min(u.kv_end(), k_begin + u.part_keys);
+    const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
+    const int64_t k_end = std::min(u.kv_end(), k_begin + u.part_keys);
     attend(a, u, k_begin, k_end, b);
     if (u.parts == 1) {
       write_rows(a, u, b.acc.data(), b.row_sum.data());
@@ -518,9 +623,11 @@ void check_attention_args(const at::Tensor& query, const at::Tensor& k_cache, co
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have one shape");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
-              "query and the caches must share a dtype");
-  TORCH_CHECK(query.size(2) == k_cache.size(3), "query's head_dim does not match the cache's");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (query.scalar_type() == k_cache.scalar_type() || is_quantized(k_cache)),
+              "query and the caches must share a dtype (or the caches be 8-bit: int8, float8_e4m3fn)");
+  TORCH_CHECK(query.size(2) + (is_quantized(k_cache) ? kScaleBytes : 0) == k_cache.size(3),
+              "query's head_dim does not match the cache's");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of the KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
                   block_tables.size(0) == num_seqs,
@@ -544,10 +651,30 @@ void check_attention_args(const at::Tensor& query, const at::Tensor& k_cache, co
 }
 
 // cu (num_seqs + 1 offsets into query's tokens), or nullptr for one query token per sequence.
+void check_variants(const std::optional<int64_t>& sliding_window, const std::optional<double>& soft_cap) {
+  TORCH_CHECK(!sliding_window || *sliding_window >= 1, "sliding_window must be at least 1, got ", *sliding_window);
+  TORCH_CHECK(!soft_cap || *soft_cap > 0.0, "soft_cap must be positive, got ", *soft_cap);
+}
+
+template <typename T, typename C>
+void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, at::Tensor& out, std::vector<Unit>& units, double scale,
+                   int64_t window, double soft_cap) {
+  const int64_t dim = query.size(2), row = k_cache.size(3), heads = k_cache.size(2);
+  const AttentionArgs<T, C> args{
+      query.data_ptr<T>(), static_cast<const C*>(k_cache.data_ptr()), static_cast<const C*>(v_cache.data_ptr()),
+      out.data_ptr<T>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0),
+      query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
+      window, static_cast<float>(scale), static_cast<float>(soft_cap)};
+  paged_attention_kernel(args, units);
+}
+
 at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, const int32_t* cu,
-                     double scale) {
-  const int64_t num_seqs = context_lens.numel(), num_heads = query.size(1), dim = query.size(2);
+                     double scale, const std::optional<int64_t>& sliding_window,
+                     const std::optional<double>& soft_cap) {
+  const int64_t window = sliding_window.value_or(0);
+  const int64_t num_seqs = context_lens.numel(), num_heads = query.size(1);
   const int64_t group = num_heads / k_cache.size(2), tile_tokens = std::max<int64_t>(1, kTileRows / group);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   auto out = at::empty(query.sizes(), query.options());
@@ -561,34 +688,43 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const a
     TORCH_CHECK(q_len <= ctx, "sequence ", s, " has ", q_len, " query tokens but context_lens[", s, "] = ", ctx);
     for (int64_t t = 0; t < q_len; t += tile_tokens) {
       for (int64_t h = 0; h < k_cache.size(2); ++h) {
-        units.push_back({s, h, first + t, std::min(tile_tokens, q_len - t), ctx - q_len + t, 1, 0, 0});
+        const int64_t q_pos = ctx - q_len + t;
+        const int64_t kv_begin = window > 0 ? std::max<int64_t>(0, q_pos - window + 1) : 0;
+        units.push_back({s, h, first + t, std::min(tile_tokens, q_len - t), q_pos, kv_begin, 1, 0, 0});
       }
     }
   }
+  const double cap = soft_cap.value_or(0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
-    const AttentionArgs<scalar_t> args{
-        query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0), group,
-        dim, num_heads, k_cache.size(1), k_cache.size(2) * dim, k_cache.size(1) * k_cache.size(2) * dim,
-        static_cast<float>(scale)};
-    paged_attention_kernel(args, units);
+    if (k_cache.scalar_type() == at::kChar) {
+      run_attention<scalar_t, int8_t>(query, k_cache, v_cache, block_tables, out, units, scale, window, cap);
+    } else if (k_cache.scalar_type() == at::kFloat8_e4m3fn) {
+      run_attention<scalar_t, c10::Float8_e4m3fn>(query, k_cache, v_cache, block_tables, out, units, scale, window,
+                                                   cap);
+    } else {
+      run_attention<scalar_t, scalar_t>(query, k_cache, v_cache, block_tables, out, units, scale, window, cap);
+    }
   });
   return out;
 }
 
 // One query token per sequence (query is [num_seqs, num_heads, head_dim]).
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            std::optional<int64_t> sliding_window, std::optional<double> soft_cap) {
   check_attention_args(query, k_cache, v_cache, block_tables, context_lens, query.size(0));
-  return attention(query, k_cache, v_cache, block_tables, context_lens, nullptr, scale);
+  check_variants(sliding_window, soft_cap);
+  return attention(query, k_cache, v_cache, block_tables, context_lens, nullptr, scale, sliding_window, soft_cap);
 }
 
 // A mixed batch: sequence i's query tokens are query[cu_query_lens[i]:cu_query_lens[i + 1]], the
 // last tokens of its context (a prefill chunk, possibly after cached context, or a decode).
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& context_lens,
-                           const at::Tensor& cu_query_lens, double scale) {
+                           const at::Tensor& cu_query_lens, double scale, std::optional<int64_t> sliding_window,
+                           std::optional<double> soft_cap) {
   check_attention_args(query, k_cache, v_cache, block_tables, context_lens, context_lens.numel());
+  check_variants(sliding_window, soft_cap);
   TORCH_CHECK(cu_query_lens.scalar_type() == at::kInt && cu_query_lens.is_contiguous() &&
                   cu_query_lens.numel() == context_lens.numel() + 1,
               "cu_query_lens must be dense int32 [num_seqs + 1]");
@@ -598,7 +734,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   for (int64_t s = 0; s < context_lens.numel(); ++s) {
     TORCH_CHECK(cu[s + 1] >= cu[s], "cu_query_lens must not decrease (at ", s, ")");
   }
-  return attention(query, k_cache, v_cache, block_tables, context_lens, cu, scale);
+  return attention(query, k_cache, v_cache, block_tables, context_lens, cu, scale, sliding_window, soft_cap);
 }
 
 }  // namespace
@@ -611,9 +747,9 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &write_kv_cache);
   m.def("decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale) -> Tensor",
+        "float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
         &decode_attention);
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "Tensor cu_query_lens, float scale) -> Tensor",
+        "Tensor cu_query_lens, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
         &paged_attention);
 }
