@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.loader import load_model_source
 from engine.executor import Executor
+from engine.grammar import GrammarCompiler, GrammarState
 from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
 from engine.outputs import RequestMetrics, RequestOutput
@@ -23,6 +25,9 @@ from engine.sequence_group import GroupStatus, SequenceGroup
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# How long an otherwise idle step waits for a grammar to finish compiling before returning (the
+# online loop then drains its commands and steps again).
+GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass
@@ -90,7 +95,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
         self.runner.sampler.eos_token_ids = self.eos_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
+        self.compiling: dict[str, SequenceGroup] = {}  # added, waiting for their grammar
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -159,14 +166,20 @@ class LLMEngine:
         )
         seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.detokenizer.start(seq)
-        return SequenceGroup.single(seq)
+        group = SequenceGroup.single(seq)
+        if params.structured_outputs is not None:
+            group.grammar_future = self.grammars.submit(params.structured_outputs)
+        return group
 
     def add_sequence(self, group: SequenceGroup) -> None:
         """Queue a request made by make_sequence."""
         if group.request_id in self.requests:
             raise ValueError(f"request id {group.request_id!r} is already in use; use a unique id")
         self.requests[group.request_id] = group
-        self.scheduler.add(group)
+        if group.grammar_future is not None:
+            self.compiling[group.request_id] = group  # scheduled by step() once compiled
+        else:
+            self.scheduler.add(group)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> SequenceGroup:
@@ -184,6 +197,7 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
+        self.compiling.pop(request_id, None)
         self.scheduler.finish(group)
         for seq in group.seqs:
             seq.finish("abort")
@@ -192,15 +206,42 @@ class LLMEngine:
         return group
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.compiling)
+
+    def _start_compiled(self) -> dict[str, BaseException]:
+        """Requests whose grammar has compiled join the scheduler, each sequence at the start of
+        it; a request whose grammar failed ends with that error."""
+        if not self.compiling:
+            return {}
+        if not self.scheduler.has_unfinished():  # nothing else to run: wait a moment for one
+            futures = [g.grammar_future for g in self.compiling.values()]
+            concurrent.futures.wait(futures, timeout=GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
+        failures: dict[str, BaseException] = {}
+        for request_id, group in list(self.compiling.items()):
+            if not group.grammar_future.done():
+                continue
+            del self.compiling[request_id]
+            try:
+                grammar = group.grammar_future.result()
+            except Exception as e:  # noqa: BLE001 - this request's own grammar
+                self.discard_request(request_id)
+                failures[request_id] = e
+                continue
+            for seq in group.seqs:
+                seq.grammar = GrammarState.start(grammar)
+            self.scheduler.add(group)
+        return failures
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failures = self._start_compiled()
         schedule = self.scheduler.schedule()
         # Before the forward pass: swapped-out blocks may be handed to this step's writes.
         self.swap_space.swap_out(schedule.blocks_to_swap_out)
         self.swap_space.swap_in(schedule.blocks_to_swap_in)
         if schedule.is_empty:
+            if failures:
+                raise EngineStepError(list(failures), next(iter(failures.values())), [], failures)
             return []
         logger.debug(
             "step: %d seqs, %d tokens, %d preempted, %d blocks free",
@@ -214,7 +255,7 @@ class LLMEngine:
             for rid in ids:
                 self.discard_request(rid)
             logger.exception("step failed; aborted %s", ids)
-            raise EngineStepError(ids, e) from e
+            raise EngineStepError(ids + list(failures), e, [], {**{rid: e for rid in ids}, **failures}) from e
 
         # Engine-wide bookkeeping: a failure here cannot be pinned to a request and propagates
         # (the AsyncEngine then reports itself dead).
@@ -235,7 +276,6 @@ class LLMEngine:
         # Per-request work: whatever one request's rows raise (in the sampler, or here) fails
         # that request alone; its blocks are freed and every other request goes on.
         outputs: list[RequestOutput] = []
-        failures: dict[str, BaseException] = {}
         for request_id, rows in sampled.items():
             try:
                 group = self.requests[request_id]
@@ -265,7 +305,11 @@ class LLMEngine:
         else:
             for seq, r in rows:
                 seq.append_token(sampled.token_ids[r], sampled.logprobs[r], sampled.top_logprobs[r])
+                if seq.grammar is not None:
+                    seq.grammar.accept(sampled.token_ids[r])
                 check_stop(seq, len(self.detokenizer.step(seq)), self.eos_token_ids, self.max_model_len)
+                if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated:
+                    seq.finish("stop")  # ignore_eos: the grammar still allows nothing after its end
                 if seq.is_finished:
                     self.scheduler.free_seq(seq)
                     group.retire(seq)

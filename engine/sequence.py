@@ -9,6 +9,7 @@ from enum import Enum, auto
 
 import torch
 
+from engine.grammar import GrammarState
 from engine.outputs import PositionLogprobs, RequestMetrics
 from engine.sampling_params import SamplingParams
 
@@ -54,6 +55,9 @@ class Sequence:
     output_text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    # Constrained decoding: where the output is in the request's grammar (engine.grammar).
+    # Kept through preemption (the tokens it has accepted stay the sequence's).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -105,6 +109,7 @@ class Sequence:
         child.block_hashes = list(self.block_hashes)
         child.logprobs = list(self.logprobs) if self.logprobs is not None else None
         child.generator = None
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         if self.params.seed is not None:
             # Each sample draws from its own stream, so it reproduces whatever the batch.
             child.generator = torch.Generator().manual_seed(hash((self.params.seed, index)) & (2**63 - 1))
