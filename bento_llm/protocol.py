@@ -62,6 +62,12 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    # vLLM's output constraints (bento_llm/structured.py reads them).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -143,12 +149,12 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    response_format: dict[str, Any] | None = None  # bento_llm/structured.py reads it
     # OpenAI fields we cannot honour unless left at their neutral value.
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any | None = None
     prediction: Any | None = None
@@ -168,8 +174,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise unsupported("tools" if self.tools else "functions", "Tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
             raise unsupported("tool_choice" if self.tool_choice not in (None, "none") else "function_call")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
         if self.modalities is not None and self.modalities != ["text"]:
             raise unsupported("modalities", "Output modalities other than text")
         for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):

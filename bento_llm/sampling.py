@@ -7,6 +7,7 @@ from engine import SamplingParams
 
 from bento_llm.errors import bad_request, from_value_error
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
+from bento_llm.structured import structured_outputs_of, structured_outputs_param
 
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
@@ -35,6 +36,7 @@ def to_sampling_params(
     vocab_size: int,
 ) -> SamplingParams:
     request.check_unsupported()
+    structured_outputs = structured_outputs_of(request)
     if request.stop_token_ids:
         bad = [t for t in request.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
@@ -45,6 +47,8 @@ def to_sampling_params(
         names["best_of"] = "n"  # the engine's best_of defaults to n
     if isinstance(request, ChatCompletionRequest):
         names.update(logprobs="top_logprobs", max_tokens=request.max_tokens_param, prompt="messages")
+    if structured_outputs is not None:
+        names["structured_outputs"] = structured_outputs_param(request)
     try:
         return SamplingParams(
             n=request.n if request.n is not None else 1,
@@ -71,6 +75,7 @@ def to_sampling_params(
             logit_bias=_logit_bias(request.logit_bias, vocab_size),
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            structured_outputs=structured_outputs,
         )
     except ValueError as e:
         raise from_value_error(e, names) from None

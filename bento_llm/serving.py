@@ -22,6 +22,7 @@ from bento_llm.metrics import RequestTimer
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
 from bento_llm.runtime import LLMRuntime
 from bento_llm.sampling import to_sampling_params
+from bento_llm.structured import structured_outputs_param
 from bento_llm.streaming import (
     DONE,
     ClientDisconnected,
@@ -115,6 +116,16 @@ class OpenAIServing:
         if prompt_tokens >= limit or (max_tokens is not None and prompt_tokens + max_tokens > limit):
             raise context_length_exceeded(limit, prompt_tokens, max_tokens, param)
 
+    async def compile_grammar(self, request: CompletionRequest | ChatCompletionRequest, params: Any) -> None:
+        """The request's grammar, compiled (or cached) before it starts: a grammar the library
+        cannot compile is a 400 naming the field it came from."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await self.runtime.require_engine().compile_grammar(params)
+        except ValueError as e:
+            raise from_value_error(e, {"structured_outputs": structured_outputs_param(request)}) from None
+
     def start(self, request_ids: list[str], prompts: list[Prompt], params: Any, param: str) -> Job:
         engine = self.runtime.require_engine()
         job = Job(self.runtime, request_ids)
@@ -190,6 +201,7 @@ class OpenAIServing:
         self.check_model(request.model)
         k = request.logprobs
         params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=k, vocab_size=rt.vocab_size)
+        await self.compile_grammar(request, params)
         # Off the event loop: tokenizing megabytes takes seconds, and /livez must still answer.
         prompts = await asyncio.to_thread(self.completion_prompts, request)
         for prompt in prompts:
@@ -285,6 +297,7 @@ class OpenAIServing:
         k = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.requested_max_tokens
         params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
+        await self.compile_grammar(request, params)
         prompt = await asyncio.to_thread(self.chat_prompt, request)  # off the loop, as completions
         self.check_length(len(prompt.token_ids), params.max_tokens, "messages")
         # vLLM's echo: repeat the final message when the reply continues it.
