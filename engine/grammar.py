@@ -104,7 +104,7 @@ def _ebnf_literal(text: str) -> str:
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "__weakref__")
 
     def __init__(self, matcher: xgrammar.GrammarMatcher):
         self.matcher = matcher

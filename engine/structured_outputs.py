@@ -23,6 +23,12 @@ SUPPORTED_FORMATS = frozenset({
     "date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri",
     "uri-reference", "uri-template", "uuid",
 })  # fmt: skip
+# Pairs of keywords xgrammar enforces alone but not together (measured: with a pattern or format,
+# string lengths are not checked; with a format, the pattern is not).
+_UNENFORCED_COMBINATIONS = (
+    ("minLength/maxLength together with pattern or format", (("minLength", "maxLength"), ("pattern", "format"))),
+    ("pattern together with format", (("pattern",), ("format",))),
+)
 # Where a schema nests further schemas: a keyword is only a keyword at a schema position
 # (a property may well be named "not").
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
@@ -99,6 +105,13 @@ def check_schema(schema: Any, path: str = "$") -> None:
         raise ValueError(
             f"SamplingParams.structured_outputs json schema format {fmt!r} (at {path}) is not supported; "
             f"supported: {sorted(SUPPORTED_FORMATS)}"
+        )
+    for problem, present in _UNENFORCED_COMBINATIONS:
+        if all(any(k in schema for k in group) for group in present):
+            raise ValueError(f"SamplingParams.structured_outputs json schema {problem} (at {path}) is not supported: the grammar could not enforce it")
+    if "multipleOf" in schema and (schema.get("type") != "integer" or not isinstance(schema["multipleOf"], int)):
+        raise ValueError(
+            f"SamplingParams.structured_outputs json schema keyword 'multipleOf' (at {path}) is only supported on integers"
         )
     for name in _SCHEMA_MAPS:
         for key, sub in (schema.get(name) or {}).items():
