@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
+from engine.llm_engine import EngineStepError
 from engine.structured_outputs import StructuredOutputsParams
 from tests.structured_schemas import SCHEMAS
 
@@ -147,7 +148,7 @@ def test_grammars_compile_once_per_spec_and_are_freed_with_the_request(llm):
     assert a is b and a.result() is not None
     params = json_params(SCHEMAS["typed_map"], 0, n=2)
     group = engine.add_request("aborted", llm.get_tokenizer().encode("Reply with JSON:"), params)
-    a.result()
+    group.grammar_future.result()
     for _ in range(3):
         engine.step()
     states = [weakref.ref(seq.grammar) for seq in group.seqs]
@@ -181,3 +182,25 @@ def test_bad_specs_are_value_errors_naming_the_field(llm):
         with pytest.raises(ValueError, match="structured_outputs .* cannot be compiled"):
             llm.generate(["x", "y"], [SamplingParams(), SamplingParams(structured_outputs=spec)], use_tqdm=False)
         assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_request_waits_for_its_grammar_while_the_engine_runs_others(llm):
+    engine, tokenizer = llm.engine, llm.get_tokenizer()
+    ids = tokenizer.encode("Answer:")
+    engine.add_request("plain", ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    fresh = {"regex": r"[0-9]{2}x[0-9]{2}"}  # compiled by nothing before: its future may still run
+    engine.add_request("fresh", ids, SamplingParams(temperature=1.0, seed=0, max_tokens=12, structured_outputs=fresh))
+    broken = {"grammar": "root ::= nowhere"}
+    engine.add_request("broken", ids, SamplingParams(structured_outputs=broken))
+    assert {"fresh", "broken"} <= set(engine.compiling)  # parked until a step sees them compiled
+    finals, errors = {}, {}
+    while engine.has_unfinished_requests():
+        try:
+            outs = engine.step()
+        except EngineStepError as e:
+            errors.update(e.errors)
+            outs = e.outputs
+        finals.update({o.request_id: o for o in outs if o.finished})
+    assert set(errors) == {"broken"} and "cannot be compiled" in str(errors["broken"])
+    assert len(finals["plain"].outputs[0].token_ids) == 6
+    assert re.fullmatch(r"[0-9]{2}x[0-9]{2}", finals["fresh"].outputs[0].text)
