@@ -62,7 +62,9 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = None
-    # vLLM's output constraints (bento_llm/structured.py reads them).
+    # OpenAI's output constraint (vLLM takes it on completions too), then vLLM's
+    # (bento_llm/structured.py reads them).
+    response_format: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -149,7 +151,6 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    response_format: dict[str, Any] | None = None  # bento_llm/structured.py reads it
     # OpenAI fields we cannot honour unless left at their neutral value.
     tools: list[Any] | None = None
     tool_choice: Any | None = None

@@ -31,6 +31,9 @@ from engine.structured_outputs import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 JSON_SEPARATORS = (", ", ": ")
+# How long an otherwise idle engine step waits for a grammar to finish compiling before it
+# returns (the online loop then drains its commands and steps again).
+GRAMMAR_WAIT_S = 0.01
 # Compiled grammars kept (least recently used dropped first); a JSON schema's grammar is a few
 # hundred KiB at most.
 MAX_CACHED_GRAMMARS = 256
@@ -141,3 +144,29 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: list[GrammarState | None
         fill(i, grammars[i].fill, bitmask, i)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab_size, indices=rows)
     return rows
+
+
+class CompilingRequests(dict):
+    """Request id -> a request (SequenceGroup) added before its grammar compiled."""
+
+    def take_done(self, idle: bool) -> tuple[list, list[tuple[object, BaseException]]]:
+        """The requests whose grammar is ready, each sequence started at the grammar's start,
+        and (request, error) for those whose grammar failed; both leave. idle: nothing else
+        would run this step, so wait a moment for a compile to finish."""
+        if idle and self:
+            futures = [group.grammar_future for group in self.values()]
+            concurrent.futures.wait(futures, timeout=GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
+        ready, failed = [], []
+        for request_id, group in list(self.items()):
+            if not group.grammar_future.done():
+                continue
+            del self[request_id]
+            try:
+                grammar = group.grammar_future.result()
+            except Exception as e:  # noqa: BLE001 - this request's own grammar
+                failed.append((group, e))
+                continue
+            for seq in group.seqs:
+                seq.grammar = GrammarState.start(grammar)
+            ready.append(group)
+        return ready, failed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.loader import load_model_source
 from engine.executor import Executor
-from engine.grammar import GrammarCompiler, GrammarState
+from engine.grammar import CompilingRequests, GrammarCompiler
 from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
 from engine.outputs import RequestMetrics, RequestOutput
@@ -25,9 +24,6 @@ from engine.sequence_group import GroupStatus, SequenceGroup
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-# How long an otherwise idle step waits for a grammar to finish compiling before returning (the
-# online loop then drains its commands and steps again).
-GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass
@@ -97,7 +93,7 @@ class LLMEngine:
         self.runner.sampler.eos_token_ids = self.eos_token_ids
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
-        self.compiling: dict[str, SequenceGroup] = {}  # added, waiting for their grammar
+        self.compiling = CompilingRequests()  # added, waiting for their grammar
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -209,28 +205,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self.compiling)
 
     def _start_compiled(self) -> dict[str, BaseException]:
-        """Requests whose grammar has compiled join the scheduler, each sequence at the start of
-        it; a request whose grammar failed ends with that error."""
-        if not self.compiling:
-            return {}
-        if not self.scheduler.has_unfinished():  # nothing else to run: wait a moment for one
-            futures = [g.grammar_future for g in self.compiling.values()]
-            concurrent.futures.wait(futures, timeout=GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
-        failures: dict[str, BaseException] = {}
-        for request_id, group in list(self.compiling.items()):
-            if not group.grammar_future.done():
-                continue
-            del self.compiling[request_id]
-            try:
-                grammar = group.grammar_future.result()
-            except Exception as e:  # noqa: BLE001 - this request's own grammar
-                self.discard_request(request_id)
-                failures[request_id] = e
-                continue
-            for seq in group.seqs:
-                seq.grammar = GrammarState.start(grammar)
+        """Requests whose grammar has compiled join the scheduler; a request whose grammar
+        failed ends with that error."""
+        ready, failed = self.compiling.take_done(idle=not self.scheduler.has_unfinished())
+        for group in ready:
             self.scheduler.add(group)
-        return failures
+        for group, _ in failed:
+            self.discard_request(group.request_id)
+        return {group.request_id: e for group, e in failed}
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
-from engine.llm_engine import EngineStepError
 from engine.structured_outputs import StructuredOutputsParams
+from tests.test_engine_integrity import run as run_to_the_end
 from tests.structured_schemas import SCHEMAS
 
 pytestmark = pytest.mark.slow  # the default model: ~5 s to load, then a few seconds per test
@@ -193,14 +193,7 @@ def test_a_request_waits_for_its_grammar_while_the_engine_runs_others(llm):
     broken = {"grammar": "root ::= nowhere"}
     engine.add_request("broken", ids, SamplingParams(structured_outputs=broken))
     assert {"fresh", "broken"} <= set(engine.compiling)  # parked until a step sees them compiled
-    finals, errors = {}, {}
-    while engine.has_unfinished_requests():
-        try:
-            outs = engine.step()
-        except EngineStepError as e:
-            errors.update(e.errors)
-            outs = e.outputs
-        finals.update({o.request_id: o for o in outs if o.finished})
+    finals, errors = run_to_the_end(engine, {})
     assert set(errors) == {"broken"} and "cannot be compiled" in str(errors["broken"])
     assert len(finals["plain"].outputs[0].token_ids) == 6
     assert re.fullmatch(r"[0-9]{2}x[0-9]{2}", finals["fresh"].outputs[0].text)

@@ -89,6 +89,8 @@ def test_completions_take_every_guided_form(client, stream):
         ({"guided_grammar": 'root ::= "x" [0-9] [0-9]?'}, lambda t: re.fullmatch(r"x[0-9]{1,2}", t)),
         ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
         ({"guided_json": SCHEMAS["enum_field"]}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS["enum_field"]) is None),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMAS["top_level_array"]}}},
+         lambda t: jsonschema.validate(json.loads(t), SCHEMAS["top_level_array"]) is None),
     ]
     for constraint, check in cases:
         body = {"prompt": "Answer:", "temperature": 1.0, "max_tokens": 40, "n": 2, "seed": 2, "stream": stream, **constraint}
