@@ -62,6 +62,14 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    # OpenAI's output constraint (vLLM takes it on completions too), then vLLM's
+    # (bento_llm/structured.py reads them).
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -187,7 +195,6 @@ class ChatCompletionRequest(_SamplingRequest):
     # OpenAI fields we cannot honour unless left at their neutral value.
     functions: list[Any] | None = None
     function_call: Any | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any | None = None
     prediction: Any | None = None
@@ -216,8 +223,6 @@ class ChatCompletionRequest(_SamplingRequest):
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise bad_request("Two tools have the same function name", param="tools")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
         if self.modalities is not None and self.modalities != ["text"]:
             raise unsupported("modalities", "Output modalities other than text")
         for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):

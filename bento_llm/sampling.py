@@ -9,6 +9,7 @@ from engine import SamplingParams
 
 from bento_llm.errors import bad_request, from_value_error
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest
+from bento_llm.structured import structured_outputs_of, structured_outputs_param
 
 # Whether the engine can force output to a JSON schema (grammar-constrained decoding, issue 14's
 # structured outputs, SamplingParams.structured_outputs). tool_choice "required"/named and
@@ -42,6 +43,7 @@ def to_sampling_params(
     vocab_size: int,
 ) -> SamplingParams:
     request.check_unsupported()
+    structured_outputs = structured_outputs_of(request)
     if request.stop_token_ids:
         bad = [t for t in request.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
@@ -52,6 +54,8 @@ def to_sampling_params(
         names["best_of"] = "n"  # the engine's best_of defaults to n
     if isinstance(request, ChatCompletionRequest):
         names.update(logprobs="top_logprobs", max_tokens=request.max_tokens_param, prompt="messages")
+    if structured_outputs is not None:
+        names["structured_outputs"] = structured_outputs_param(request)
     try:
         return SamplingParams(
             n=request.n if request.n is not None else 1,
@@ -78,6 +82,7 @@ def to_sampling_params(
             logit_bias=_logit_bias(request.logit_bias, vocab_size),
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            structured_outputs=structured_outputs,
         )
     except ValueError as e:
         raise from_value_error(e, names) from None

@@ -24,6 +24,7 @@ from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCa
 from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
 from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
+from bento_llm.structured import structured_outputs_param
 from bento_llm.streaming import (
     DONE,
     ClientDisconnected,
@@ -123,6 +124,16 @@ class OpenAIServing:
         if prompt_tokens >= limit or (max_tokens is not None and prompt_tokens + max_tokens > limit):
             raise context_length_exceeded(limit, prompt_tokens, max_tokens, param)
 
+    async def compile_grammar(self, request: CompletionRequest | ChatCompletionRequest, params: Any) -> None:
+        """The request's grammar, compiled (or cached) before it starts: a grammar the library
+        cannot compile is a 400 naming the field it came from."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await self.runtime.require_engine().compile_grammar(params)
+        except ValueError as e:
+            raise from_value_error(e, {"structured_outputs": structured_outputs_param(request) or "tools"}) from None
+
     def start(self, request_ids: list[str], prompts: list[Prompt], params: Any, param: str) -> Job:
         engine = self.runtime.require_engine()
         job = Job(self.runtime, request_ids)
@@ -198,6 +209,7 @@ class OpenAIServing:
         self.check_model(request.model)
         k = request.logprobs
         params = to_sampling_params(request, max_tokens=request.max_tokens, logprobs=k, vocab_size=rt.vocab_size)
+        await self.compile_grammar(request, params)
         # Off the event loop: tokenizing megabytes takes seconds, and /livez must still answer.
         prompts = await asyncio.to_thread(self.completion_prompts, request)
         for prompt in prompts:
@@ -298,6 +310,7 @@ class OpenAIServing:
         params = to_sampling_params(request, max_tokens=max_tokens, logprobs=k, vocab_size=rt.vocab_size)
         tools = tool_setup(request, rt.tool_parser)
         params = force_tool_call(params, tools)
+        await self.compile_grammar(request, params)
         prompt = await asyncio.to_thread(self.chat_prompt, request, tools)  # off the loop, as completions
         parser = self.output_parser(tools, prompt)
         self.check_length(len(prompt.token_ids), params.max_tokens, "messages")

@@ -87,6 +87,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use; use a unique id")
         seq = self.engine.make_sequence(request_id, prompt, params)
+        if seq.grammar_future is not None:  # the loop starts the request once its grammar compiled
+            seq.grammar_future.add_done_callback(lambda _: self._wakeup.set())
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._commands.put(("add", seq))
@@ -117,6 +119,12 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None:
             self._commands.put(("abort", request_id))
             self._wakeup.set()
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (or find cached) the request's grammar without blocking the event loop or the
+        step loop; ValueError if it cannot compile. Requests added after this start at once."""
+        if params.structured_outputs is not None:
+            await asyncio.wrap_future(self.engine.grammars.submit(params.structured_outputs))
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

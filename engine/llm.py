@@ -66,6 +66,9 @@ class LLM:
             rid = f"offline-{next(self._request_ids)}"
             seqs.append(self.engine.make_sequence(rid, prompt, params))
             order[rid] = i
+        for group in seqs:  # a grammar that cannot compile is a ValueError here, like any bad value
+            if group.grammar_future is not None:
+                group.grammar_future.result()
         for seq in seqs:
             self.engine.add_sequence(seq)
 

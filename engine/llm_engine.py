@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.loader import load_model_source
 from engine.executor import Executor
+from engine.grammar import CompilingRequests, GrammarCompiler
 from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
 from engine.outputs import RequestMetrics, RequestOutput
@@ -92,7 +93,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
         self.runner.sampler.eos_token_ids = self.eos_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
+        self.compiling = CompilingRequests()  # added, waiting for their grammar
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -161,14 +164,20 @@ class LLMEngine:
         )
         seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.detokenizer.start(seq)
-        return SequenceGroup.single(seq)
+        group = SequenceGroup.single(seq)
+        if params.structured_outputs is not None:
+            group.grammar_future = self.grammars.submit(params.structured_outputs)
+        return group
 
     def add_sequence(self, group: SequenceGroup) -> None:
         """Queue a request made by make_sequence."""
         if group.request_id in self.requests:
             raise ValueError(f"request id {group.request_id!r} is already in use; use a unique id")
         self.requests[group.request_id] = group
-        self.scheduler.add(group)
+        if group.grammar_future is not None:
+            self.compiling[group.request_id] = group  # scheduled by step() once compiled
+        else:
+            self.scheduler.add(group)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> SequenceGroup:
@@ -186,6 +195,7 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
+        self.compiling.pop(request_id, None)
         self.scheduler.finish(group)
         for seq in group.seqs:
             seq.finish("abort")
@@ -194,15 +204,28 @@ class LLMEngine:
         return group
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.compiling)
+
+    def _start_compiled(self) -> dict[str, BaseException]:
+        """Requests whose grammar has compiled join the scheduler; a request whose grammar
+        failed ends with that error."""
+        ready, failed = self.compiling.take_done(idle=not self.scheduler.has_unfinished())
+        for group in ready:
+            self.scheduler.add(group)
+        for group, _ in failed:
+            self.discard_request(group.request_id)
+        return {group.request_id: e for group, e in failed}
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failures = self._start_compiled()
         schedule = self.scheduler.schedule()
         # Before the forward pass: swapped-out blocks may be handed to this step's writes.
         self.swap_space.swap_out(schedule.blocks_to_swap_out)
         self.swap_space.swap_in(schedule.blocks_to_swap_in)
         if schedule.is_empty:
+            if failures:
+                raise EngineStepError(list(failures), next(iter(failures.values())), [], failures)
             return []
         logger.debug(
             "step: %d seqs, %d tokens, %d preempted, %d blocks free",
@@ -216,7 +239,7 @@ class LLMEngine:
             for rid in ids:
                 self.discard_request(rid)
             logger.exception("step failed; aborted %s", ids)
-            raise EngineStepError(ids, e) from e
+            raise EngineStepError(ids + list(failures), e, [], {**{rid: e for rid in ids}, **failures}) from e
 
         # Engine-wide bookkeeping: a failure here cannot be pinned to a request and propagates
         # (the AsyncEngine then reports itself dead).
@@ -237,7 +260,6 @@ class LLMEngine:
         # Per-request work: whatever one request's rows raise (in the sampler, or here) fails
         # that request alone; its blocks are freed and every other request goes on.
         outputs: list[RequestOutput] = []
-        failures: dict[str, BaseException] = {}
         for request_id, rows in sampled.items():
             try:
                 group = self.requests[request_id]
@@ -267,7 +289,11 @@ class LLMEngine:
         else:
             for seq, r in rows:
                 seq.append_token(sampled.token_ids[r], sampled.logprobs[r], sampled.top_logprobs[r])
+                if seq.grammar is not None:
+                    seq.grammar.accept(sampled.token_ids[r])
                 check_stop(seq, len(self.detokenizer.step(seq)), self.eos_token_ids, self.max_model_len)
+                if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated:
+                    seq.finish("stop")  # ignore_eos: the grammar still allows nothing after its end
                 if seq.is_finished:
                     self.scheduler.free_seq(seq)
                     group.retire(seq)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.beam_search import num_candidates
+from engine.grammar import apply_grammar_masks
 from engine.outputs import PositionLogprobs
 from engine.sequence import Sequence
 
@@ -110,6 +111,9 @@ class Sampler:
     def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence], failed: _RowFailures | None = None) -> torch.Tensor:
         failed = _RowFailures() if failed is None else failed
         device = logits.device
+        # Grammar masks first: whatever follows only lowers logits or rescales them, and a
+        # forbidden token's -inf stays -inf through all of it.
+        apply_grammar_masks(logits, [s.grammar for s in seqs], self.vocab_size, failed.run)
 
         def ban_and_bias(i: int, seq: Sequence) -> None:
             p = seq.params

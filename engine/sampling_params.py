@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 # Ranges where the sampler's float32 arithmetic stays meaningful: below MIN_TEMPERATURE a
 # temperature is clamped to it (as vLLM does); above MAX_TEMPERATURE sampling is as good as
@@ -54,8 +56,18 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Constrained decoding: the output matches a JSON schema, regex, choice or grammar (a dict
+    # is read as StructuredOutputsParams' fields).
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"SamplingParams.structured_outputs has an unknown field: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"SamplingParams.structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -145,6 +157,11 @@ class SamplingParams:
         for bias in self.logit_bias.values():
             if not -100 <= bias <= 100:
                 raise bad("logit_bias", "values must be in [-100, 100]")
+        if self.structured_outputs is not None:
+            if self.use_beam_search:
+                raise ValueError("SamplingParams.structured_outputs is not supported with beam search (use_beam_search)")
+            if self.min_tokens:
+                raise bad("min_tokens", "must be 0 with structured_outputs (the grammar decides where the output ends)")
 
     def _validate_beam_search(self, bad) -> None:
         if self.best_of < 2:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine.grammar import GrammarState
 from engine.outputs import PositionLogprobs, RequestMetrics
 from engine.sampling_params import SamplingParams
 
@@ -57,6 +58,9 @@ class Sequence:
     read_offset: int = 0
     # tokenizers' DecodeStream and how many tokens it has been fed; never shared by a fork.
     decode_stream: tuple[Any, int] | None = None
+    # Constrained decoding: where the output is in the request's grammar (engine.grammar).
+    # Kept through preemption (the tokens it has accepted stay the sequence's).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -109,6 +113,7 @@ class Sequence:
         child.decode_stream = None  # the child's own is rebuilt from its offsets
         child.logprobs = list(self.logprobs) if self.logprobs is not None else None
         child.generator = None
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         if self.params.seed is not None:
             # Each sample draws from its own stream, so it reproduces whatever the batch.
             child.generator = torch.Generator().manual_seed(hash((self.params.seed, index)) & (2**63 - 1))

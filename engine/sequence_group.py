@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -32,6 +33,8 @@ class SequenceGroup:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     # Beam search: the step had no way to improve on its finished hypotheses.
     beam_search_done: bool = False
+    # Structured outputs: the request's grammar, compiling; it is scheduled once compiled.
+    grammar_future: concurrent.futures.Future | None = None
 
     @classmethod
     def single(cls, seq: Sequence) -> "SequenceGroup":
