@@ -19,18 +19,15 @@ Prompt = str | list[int]
 
 
 def model_max_len(model_config: ModelConfig, wanted: int | None, source: str) -> int:
-    """max_model_len: what the user asked for, within what the model supports."""
+    """max_model_len: what the user asked for, within what the model supports (sliding-window
+    layers apply their windows, so a window does not shorten it)."""
     model_max = model_config.max_position_embeddings
-    if model_config.sliding_window and model_config.sliding_window < model_max:
-        # Within the window, sliding-window attention is full attention: honour it exactly
-        # by never letting a sequence grow past it.
-        model_max = model_config.sliding_window
     if wanted is None:
         return model_max
     if wanted > model_max:
         raise ValueError(
-            f"max_model_len={wanted} exceeds what {source} supports ({model_max}, from its "
-            "max_position_embeddings / sliding_window); lower max_model_len"
+            f"max_model_len={wanted} exceeds what {source} supports ({model_max}, its "
+            "max_position_embeddings); lower max_model_len"
         )
     return wanted
 

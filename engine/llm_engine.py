@@ -161,9 +161,12 @@ class LLMEngine:
         # Engine-wide bookkeeping: a failure here cannot be pinned to a request and propagates
         # (the AsyncEngine then reports itself dead).
         now = time.time()
+        window = self.model_config.kv_window
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
+            if window is not None:
+                self.block_manager.free_out_of_window(item.seq, window)
             if item.seq.num_output_tokens == 0:
                 self.prompt_tokens += item.num_new_tokens
         # Each sampled row, grouped by request.

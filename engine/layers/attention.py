@@ -1,7 +1,8 @@
 """Paged attention for one layer: writes this step's k/v into the layer's cache and attends,
-through the backend the forward context carries. A layer with a sliding window or logit
-soft-capping attends through kernels/attention_variants.py (plain torch) on every backend,
-until the C++ and Triton kernels have those variants."""
+through the backend the forward context carries. A layer with logit soft-capping, or a sliding
+window that some sequence of the step has outgrown, attends through
+kernels/attention_variants.py (plain torch) on every backend, until the C++ and Triton kernels
+have those variants; within the window, windowed attention is full attention."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         ctx = get_forward_context()
-        if self.sliding_window is None and self.soft_cap is None:
+        if self.soft_cap is None and (self.sliding_window is None or self._window_covers_every_context(ctx.meta)):
             out = ctx.backend.forward(self.layer_idx, q, k, v, ctx.meta, self.scale)
         else:
             backend, meta = ctx.backend, ctx.meta
@@ -34,3 +35,8 @@ class Attention(nn.Module):
             out = attention_variants.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                      meta.cu_query_lens, self.scale, self.sliding_window, self.soft_cap)
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def _window_covers_every_context(self, meta) -> bool:
+        """No sequence is longer than the window: windowed attention is full attention, and the
+        backend's own kernels compute it."""
+        return meta.max_context_len is not None and meta.max_context_len <= self.sliding_window
