@@ -17,16 +17,14 @@ from typing import Any, AsyncIterator, Iterator
 
 from engine.config import EngineConfig
 from engine.kv_snapshot import kv_snapshot
-from engine.llm_engine import EngineStats, EngineStepError, LLMEngine, Prompt
+from engine.llm_engine import EngineDeadError, EngineStats, EngineStepError, LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-
-class EngineDeadError(RuntimeError):
-    """The engine's loop thread is gone; no request can run."""
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 
 @dataclass

@@ -10,6 +10,9 @@ findable in the free list, least recently freed first out, until it is handed ou
 
 Swapping moves a request's blocks to a second BlockManager (the CPU pool) and back; blocks
 shared inside the request stay shared on the other side.
+
+Sliding windows: when every layer of the model slides, a sequence's leading blocks that no
+future query can see go back to the pool; their table entries become NO_BLOCK.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
+
+# A block table entry whose block was freed: every layer's window has moved past it. The runner
+# hands the kernels block 0 there, whose positions the window masks.
+NO_BLOCK = -1
 
 
 class HasBlocks(Protocol):
@@ -169,16 +176,35 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
         for block in parent.block_table:
-            self.ref_counts[block] += 1
+            if block != NO_BLOCK:
+                self.ref_counts[block] += 1
 
     def free(self, seq: HasBlocks) -> None:
         # Tail blocks first, so they leave the cache before the prefix blocks others share.
         for block in reversed(seq.block_table):
-            self._release(block)
+            if block != NO_BLOCK:
+                self._release(block)
         seq.block_table = []
         seq.num_computed_tokens = 0
         if hasattr(seq, "num_offered_blocks"):
             seq.num_offered_blocks = 0
+
+    def free_out_of_window(self, seq: HasBlocks, window: int) -> int:
+        """Free seq's leading blocks that no future query reads, when every layer attends only to
+        the last `window` positions: a query at p >= seq.num_computed_tokens sees keys after
+        p - window. Their entries become NO_BLOCK; they stay in the prefix cache like any freed
+        block. Returns the number freed."""
+        table = seq.block_table
+        end = min(len(table), max(0, seq.num_computed_tokens - window + 1) // self.block_size)
+        freed = 0
+        # Freed entries are a prefix of the table: walk back from the last one out of the window.
+        for logical in range(end - 1, -1, -1):
+            if table[logical] == NO_BLOCK:
+                break
+            self._release(table[logical])
+            table[logical] = NO_BLOCK
+            freed += 1
+        return freed
 
     # ---- prefix caching ----------------------------------------------------------------------
     def _key(self, seq: HasBlocks, logical: int) -> int:
@@ -225,8 +251,9 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         for logical in range(seq.num_offered_blocks, num_full):
             key, block = self._key(seq, logical), seq.block_table[logical]
-            # A block already cached under its key, or a second copy of a cached prefix, stays as is.
-            if self.block_key[block] is None and key not in self.cached:
+            # A block already cached under its key, or a second copy of a cached prefix, stays as
+            # is; a freed entry has nothing to offer.
+            if block != NO_BLOCK and self.block_key[block] is None and key not in self.cached:
                 self.block_key[block] = key
                 self.cached[key] = block
         seq.num_offered_blocks = max(seq.num_offered_blocks, num_full)
@@ -234,7 +261,7 @@ class BlockManager:
     # ---- swapping ----------------------------------------------------------------------------
     @staticmethod
     def num_distinct_blocks(seqs: list[HasBlocks]) -> int:
-        return len({block for seq in seqs for block in seq.block_table})
+        return len({block for seq in seqs for block in seq.block_table if block != NO_BLOCK})
 
     def move_to(self, seqs: list[HasBlocks], dst: "BlockManager") -> list[tuple[int, int]]:
         """Move the sequences' blocks from this pool to dst, keeping blocks shared between them
@@ -245,6 +272,9 @@ class BlockManager:
         for seq in seqs:
             table = []
             for block in seq.block_table:
+                if block == NO_BLOCK:
+                    table.append(block)
+                    continue
                 if block in mapping:
                     dst.ref_counts[mapping[block]] += 1
                 else:

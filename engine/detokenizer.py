@@ -76,15 +76,16 @@ class Detokenizer:
 
 def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:
     """Find a stop string that ends within the newest characters; cut the output there.
-    Stop strings may span tokens, so search back over the longest stop string's length."""
+    Stop strings may span tokens, so each is searched from its own length back before the new
+    characters: older text was checked when it arrived (or came before min_tokens, when nothing
+    is checked), and a short stop string wholly inside it must not be found now."""
     stops = seq.params.stop
     if not stops or not num_new_chars:
         return None
     text = seq.output_text
-    search_from = max(0, len(text) - num_new_chars - max(len(s) for s in stops) + 1)
     best: tuple[int, str] | None = None
     for stop in stops:
-        at = text.find(stop, search_from)
+        at = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
         if at != -1 and (best is None or at < best[0]):
             best = (at, stop)
     if best is None:

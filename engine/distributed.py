@@ -38,13 +38,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
 from engine.parallel_state import init_groups, send_call
 from engine.worker import JOIN_TIMEOUT_S, KEY_SETTINGS, SHUTDOWN, peak_rss, run_worker, spawned_worker
 
 logger = logging.getLogger(__name__)
 
 
-class TensorParallelError(RuntimeError):
+class TensorParallelError(EngineDeadError):
     """A tensor-parallel rank died, hung or failed; the engine cannot go on and must be restarted."""
 
 

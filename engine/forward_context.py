@@ -23,6 +23,7 @@ class AttentionMetadata:
     cu_query_lens: torch.Tensor  # int32 [num_seqs + 1]
     max_query_len: int
     all_decode: bool  # every sequence has exactly one query token
+    max_context_len: int | None = None  # the longest sequence's context, on the host; None: unknown
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Sequence as Seq
 from tqdm.auto import tqdm
 
 from engine.config import DEFAULT_MODEL, EngineConfig
-from engine.llm_engine import LLMEngine, Prompt
+from engine.llm_engine import EngineStepError, LLMEngine, Prompt
+from engine.output_processor import error_output
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -34,7 +35,12 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in prompt order."""
+        """Generate for every prompt; outputs come back in prompt order.
+
+        A request that fails on its own (an error in its sampling or bookkeeping, or a forward
+        pass that failed under it) comes back finished with finish_reason "error" (the engine
+        logs the cause) while the others complete, as vLLM reports a failed request. Only an
+        engine that cannot run at all (EngineDeadError) makes the call raise."""
         return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm)
 
     def chat(
@@ -61,23 +67,27 @@ class LLM:
                 )
         # Validate everything before queueing anything, so a bad prompt leaves no request behind.
         order: dict[str, int] = {}
-        seqs = []
+        groups = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             rid = f"offline-{next(self._request_ids)}"
-            seqs.append(self.engine.make_sequence(rid, prompt, params))
+            groups.append(self.engine.make_sequence(rid, prompt, params))
             order[rid] = i
-        for group in seqs:  # a grammar that cannot compile is a ValueError here, like any bad value
+        for group in groups:  # a grammar that cannot compile is a ValueError here, like any bad value
             if group.grammar_future is not None:
                 group.grammar_future.result()
-        for seq in seqs:
-            self.engine.add_sequence(seq)
+        for group in groups:
+            self.engine.add_sequence(group)
 
         results: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm)
         generated = 0
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except EngineStepError as e:
+                    outputs = e.outputs + [error_output(group) for group in groups if group.request_id in e.errors]
+                for out in outputs:
                     generated += 1
                     if out.finished:
                         results[order[out.request_id]] = out

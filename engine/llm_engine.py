@@ -10,12 +10,14 @@ from engine.beam_search import beam_search_step
 from engine.block_manager import BlockManager, KVCacheUsage
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.loader import load_model_source
+from engine.errors import EngineDeadError, EngineStepError
 from engine.executor import Executor
 from engine.grammar import CompilingRequests, GrammarCompiler
+from engine.input_processor import InputProcessor, Prompt, model_max_len
+from engine.loader import load_model_source
 from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -23,7 +25,12 @@ from engine.sequence_group import GroupStatus, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+__all__ = ["EngineDeadError", "EngineStats", "EngineStepError", "LLMEngine", "Prompt"]
+
+# Forward passes failing one after another, each over different requests: the model cannot
+# run at all (a broken device, weights, or kernel), not one request's bad luck. Past this many
+# the engine reports itself dead rather than failing every request it is sent.
+MAX_CONSECUTIVE_FORWARD_FAILURES = 3
 
 
 @dataclass
@@ -43,26 +50,6 @@ class EngineStats:
     resident_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class EngineStepError(RuntimeError):
-    """A step failed for some requests: those were aborted and their blocks freed.
-
-    `outputs` are the step's outputs of every other request, which went on; `errors` maps each
-    failed request to its own exception (the forward pass failing fails all of its requests
-    with one cause)."""
-
-    def __init__(
-        self,
-        request_ids: list[str],
-        cause: BaseException,
-        outputs: list[RequestOutput] | None = None,
-        errors: dict[str, BaseException] | None = None,
-    ):
-        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
-        self.request_ids = request_ids
-        self.outputs = outputs or []
-        self.errors = errors or {rid: cause for rid in request_ids}
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config if config is not None else EngineConfig(**kwargs)
@@ -70,7 +57,7 @@ class LLMEngine:
         self.model_name = source.name
         self.tokenizer = source.tokenizer
         self.model_config = ModelConfig.from_hf(source.hf_config, source.path)
-        max_model_len = self._resolve_max_model_len(source.path)
+        max_model_len = model_max_len(self.model_config, self.config.max_model_len, source.path)
         self.runner = Executor(self.config, source, self.model_config, max_model_len)
         capacity = self.runner.num_blocks * self.config.block_size
         if capacity < max_model_len:
@@ -93,80 +80,26 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
         self.runner.sampler.eos_token_ids = self.eos_token_ids
-        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.inputs = InputProcessor(
+            self.config, self.model_config, self.model_name, self.tokenizer, self.detokenizer, max_model_len,
+            self.runner.num_blocks,
+        )
         self.requests: dict[str, SequenceGroup] = {}
+        self.consecutive_forward_failures = 0
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.compiling = CompilingRequests()  # added, waiting for their grammar
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
-    def _resolve_max_model_len(self, source: str) -> int:
-        model_max = self.model_config.max_position_embeddings
-        if self.model_config.sliding_window and self.model_config.sliding_window < model_max:
-            # Within the window, sliding-window attention is full attention: honour it exactly
-            # by never letting a sequence grow past it.
-            model_max = self.model_config.sliding_window
-        wanted = self.config.max_model_len
-        if wanted is None:
-            return model_max
-        if wanted > model_max:
-            raise ValueError(
-                f"max_model_len={wanted} exceeds what {source} supports ({model_max}, from its "
-                "max_position_embeddings / sliding_window); lower max_model_len"
-            )
-        return wanted
-
     # ---- requests -------------------------------------------------------------------------
     def make_sequence(
-        self,
-        request_id: str,
-        prompt: Prompt,
-        params: SamplingParams | None = None,
-        arrival_time: float | None = None,
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None,
     ) -> SequenceGroup:
         """Validate and tokenize a request without touching engine state (any thread may call)."""
-        params = params if params is not None else SamplingParams()
-        for limit in ("max_num_seqs", "max_num_batched_tokens"):
-            if params.best_of > getattr(self.config, limit):
-                field = "n" if params.n == params.best_of else "best_of"  # the one the user set
-                raise ValueError(
-                    f"SamplingParams.{field} asks for {params.best_of} sequences, but the engine runs at most "
-                    f"{limit}={getattr(self.config, limit)} sequences together; lower it"
-                )
-        vocab = self.model_config.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            outside = [t for t in ids if t >= vocab]
-            if outside:
-                raise ValueError(f"SamplingParams.{name} token ids must be below the vocabulary size {vocab}, got {outside[:5]}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; send at least one character or token")
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, list(prompt)
-            if not token_ids:
-                raise ValueError("prompt is empty; send at least one token id")
-            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
-                f"(KV cache: {self.runner.num_blocks} blocks x {self.config.block_size} tokens) and at least "
-                "one token must be generated; shorten the prompt"
-            )
-        room = self.max_model_len - len(token_ids)
-        seq = Sequence(
-            request_id=request_id,
-            prompt=text,
-            prompt_token_ids=token_ids,
-            params=params,
-            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
-        )
-        seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        self.detokenizer.start(seq)
-        group = SequenceGroup.single(seq)
-        if params.structured_outputs is not None:
-            group.grammar_future = self.grammars.submit(params.structured_outputs)
+        group = self.inputs.make_sequence(request_id, prompt, params, arrival_time)
+        spec = group.seqs[0].params.structured_outputs
+        if spec is not None:
+            group.grammar_future = self.grammars.submit(spec)
         return group
 
     def add_sequence(self, group: SequenceGroup) -> None:
@@ -189,16 +122,17 @@ class LLMEngine:
         group = self.discard_request(request_id)
         return build_output(group, self.tokenizer) if group is not None else None
 
-    def discard_request(self, request_id: str) -> SequenceGroup | None:
+    def discard_request(self, request_id: str, reason: str = "abort") -> SequenceGroup | None:
         """abort_request without its last output: frees the blocks and computes nothing of the
-        request's own that could fail."""
+        request's own that could fail. Its live sequences finish with `reason` ("error" for a
+        request that failed)."""
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
         self.compiling.pop(request_id, None)
         self.scheduler.finish(group)
         for seq in group.seqs:
-            seq.finish("abort")
+            seq.finish(reason)
         group.metrics.finished_time = time.time()
         logger.debug("aborted %s; %d blocks free", request_id, self.block_manager.num_free_blocks)
         return group
@@ -237,16 +171,28 @@ class LLMEngine:
         except Exception as e:
             ids = list(dict.fromkeys(item.seq.request_id for item in schedule.scheduled))
             for rid in ids:
-                self.discard_request(rid)
+                self.discard_request(rid, "error")
+            self.consecutive_forward_failures += 1
+            if isinstance(e, EngineDeadError):  # e.g. a tensor-parallel rank is gone
+                raise
+            if self.consecutive_forward_failures >= MAX_CONSECUTIVE_FORWARD_FAILURES:
+                raise EngineDeadError(
+                    f"the forward pass failed {self.consecutive_forward_failures} times in a row, over different "
+                    f"requests; the model cannot run: {e!r}"
+                ) from e
             logger.exception("step failed; aborted %s", ids)
             raise EngineStepError(ids + list(failures), e, [], {**{rid: e for rid in ids}, **failures}) from e
+        self.consecutive_forward_failures = 0
 
         # Engine-wide bookkeeping: a failure here cannot be pinned to a request and propagates
         # (the AsyncEngine then reports itself dead).
         now = time.time()
+        window = self.model_config.kv_window
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
+            if window is not None:
+                self.block_manager.free_out_of_window(item.seq, window)
             if item.seq.num_output_tokens == 0:
                 self.prompt_tokens += item.num_new_tokens
         # Each sampled row, grouped by request.
@@ -269,7 +215,7 @@ class LLMEngine:
                 output = self._advance(group, rows, result.sampled, now)
             except Exception as e:  # noqa: BLE001 - pinned to this request
                 logger.exception("request %s failed in the step; aborting it alone", request_id)
-                self.discard_request(request_id)
+                self.discard_request(request_id, "error")
                 failures[request_id] = e
                 continue
             if output is not None:
@@ -339,8 +285,4 @@ class LLMEngine:
         )
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.model_name} has no chat template; send a plain prompt instead")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template already wrote the special tokens; encoding must not add a second BOS.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.inputs.apply_chat_template(messages)

@@ -183,6 +183,7 @@ class ModelRunner:
             cu_query_lens=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
             max_query_len=num_tokens,
             all_decode=False,
+            max_context_len=num_tokens,
         )
         torch.cuda.reset_peak_memory_stats(dev)
         positions = torch.arange(num_tokens, device=dev)
@@ -230,7 +231,8 @@ class ModelRunner:
                     prompt_rows.append((seq, p))
                     prompt_indices.append(cu[-2] + p - start)
         max_blocks = max(len(item.seq.block_table) for item in schedule.scheduled)
-        tables = [b for item in schedule.scheduled for b in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
+        # Freed entries (NO_BLOCK, out of every window) read block 0, which the window masks.
+        tables = [max(b, 0) for item in schedule.scheduled for b in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
         inputs = StepInputs(
             token_ids=token_ids, positions=positions, slot_mapping=slots, block_tables=tables, max_blocks=max_blocks,
             context_lens=context_lens, cu_query_lens=cu, logits_indices=logits_indices + prompt_indices,

@@ -60,6 +60,22 @@ def build_output(group: SequenceGroup, tokenizer) -> RequestOutput:
     )
 
 
+def error_output(group: SequenceGroup) -> RequestOutput:
+    """The last output of a request that failed: what it had generated, each sequence that had
+    not finished before the failure with finish_reason "error". Built from plain fields only,
+    so it cannot fail the way the request did (in detokenization or beam ranking)."""
+    seqs = sorted(group.seqs + group.finished, key=lambda s: s.index)[: group.params.n]
+    completions = [
+        CompletionOutput(index=i, text=seq.output_text, token_ids=seq.output_token_ids,
+                         finish_reason=seq.finish_reason or "error", stop_reason=seq.stop_reason)
+        for i, seq in enumerate(seqs)
+    ]
+    return RequestOutput(
+        request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
+        outputs=completions, finished=True, metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
+    )
+
+
 def _beam_text(tokenizer, seq: Sequence) -> str:
     # Beams fork and die every step, so their text is decoded once, not incrementally.
     return tokenizer.decode(

@@ -15,7 +15,8 @@ class CompletionOutput:
     token_ids: list[int]  # cumulative
     cumulative_logprob: float | None = None
     logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "error" (the request failed; the engine logged why) | None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
     @property

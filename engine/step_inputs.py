@@ -77,6 +77,7 @@ class StepBuffers:
             cu_query_lens=self.cu_query_lens.fill(step.cu_query_lens),
             max_query_len=step.max_query_len,
             all_decode=step.all_decode,
+            max_context_len=max(step.context_lens),
         )
         ids = self.token_ids.fill(step.token_ids)
         return ids, self.positions.fill(step.positions), self.logits_indices.fill(step.logits_indices), meta

@@ -310,3 +310,76 @@ def test_a_dead_engine_loop_fails_waiting_requests_and_refuses_new_ones(tiny_pat
     asyncio.run(main())
     assert engine.is_dead
     assert_all_blocks_free(engine.engine)
+
+
+def test_generate_returns_a_failed_request_with_finish_reason_error_and_completes_the_others(llm, monkeypatch):
+    """One request failing in its own bookkeeping (here: its detokenization raises at its third
+    token) does not cost the call: it comes back finished with finish_reason "error" and what it
+    had generated, the others as they run alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["first prompt", "the doomed prompt", "third prompt"]
+    alone = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    detokenize = llm.engine.detokenizer.step
+
+    def failing_for_one(seq):
+        if seq.prompt == "the doomed prompt" and seq.num_output_tokens == 3:
+            raise RuntimeError("injected detokenizer failure")
+        return detokenize(seq)
+
+    monkeypatch.setattr(llm.engine.detokenizer, "step", failing_for_one)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [out.prompt for out in outs] == prompts and all(out.finished for out in outs)
+    assert [out.outputs[0].finish_reason for out in outs] == ["length", "error", "length"]
+    assert outs[1].outputs[0].token_ids == alone[1][:3]
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == [alone[0], alone[2]]
+    assert_all_blocks_free(llm.engine)
+
+
+def test_a_failed_forward_pass_fails_its_requests_with_finish_reason_error_and_generate_goes_on(llm, monkeypatch):
+    runner = llm.engine.runner
+    original = runner.execute
+    calls = {"n": 0}
+
+    def fails_once(schedule):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step: both requests are decoding
+            raise RuntimeError("injected forward failure")
+        return original(schedule)
+
+    monkeypatch.setattr(runner, "execute", fails_once)
+    outs = llm.generate(["one", "two"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [(out.outputs[0].finish_reason, len(out.outputs[0].token_ids)) for out in outs] == [("error", 1)] * 2
+    monkeypatch.setattr(runner, "execute", original)
+    again = llm.generate("one", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert again[0].outputs[0].finish_reason == "length"
+    assert_all_blocks_free(llm.engine)
+
+
+def test_a_forward_pass_that_always_fails_kills_the_engine_instead_of_failing_request_after_request(tiny_path):
+    """Forward passes failing one after another over different requests mean the model cannot
+    run: after MAX_CONSECUTIVE_FORWARD_FAILURES the engine reports itself dead, fails what is
+    queued, and refuses new requests (the server's /readyz and /livez turn 503 on is_dead)."""
+    from engine.async_engine import EngineDeadError
+    from engine.llm_engine import MAX_CONSECUTIVE_FORWARD_FAILURES
+
+    engine = AsyncEngine(EngineConfig(model=tiny_path, num_kv_blocks=16))
+
+    def broken_forward(schedule):
+        raise RuntimeError("the device is gone")
+
+    engine.engine.runner.execute = broken_forward
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+    async def main():
+        for i in range(MAX_CONSECUTIVE_FORWARD_FAILURES - 1):
+            with pytest.raises(RuntimeError, match="the device is gone"):
+                await collect(engine.add_request(f"r{i}", "hello", params))
+        assert not engine.is_dead
+        with pytest.raises(EngineDeadError, match=f"failed {MAX_CONSECUTIVE_FORWARD_FAILURES} times in a row"):
+            await collect(engine.add_request("last", "hello", params))
+        with pytest.raises(EngineDeadError):
+            engine.add_request("later", "hello", params)
+
+    asyncio.run(main())
+    assert engine.is_dead
+    assert_all_blocks_free(engine.engine)

@@ -106,3 +106,69 @@ def test_a_stop_string_at_the_very_start_cuts_the_output_to_nothing():
 def test_no_new_text_finds_no_stop_string():
     seq = text_seq(SamplingParams(stop=["lo"]), "Hello")
     assert find_stop_string(seq, num_new_chars=0) is None and seq.output_text == "Hello"
+
+
+def test_a_short_stop_string_wholly_in_older_text_is_not_found_beside_a_longer_one():
+    """Each stop string is searched back only its own length before the new text (a search
+    from the longest one's length found "lo", which ended before the new "!", and cut there)."""
+    seq = text_seq(SamplingParams(stop=["lo", "xyz"]), "Hello" + "!")
+    assert find_stop_string(seq, num_new_chars=1) is None and seq.output_text == "Hello!"
+
+
+def test_a_stop_string_with_only_its_last_character_in_the_new_text_is_found():
+    seq = text_seq(SamplingParams(stop=["STOP"]), "one STO" + "P two")
+    assert find_stop_string(seq, num_new_chars=len("P two")) == "STOP" and seq.output_text == "one "
+
+
+def test_a_stop_string_twice_in_the_new_text_cuts_at_its_first_occurrence():
+    seq = text_seq(SamplingParams(stop=["."]), "a" + ".b.c")
+    assert find_stop_string(seq, num_new_chars=4) == "." and seq.output_text == "a"
+
+
+def test_a_one_token_prompt_still_gives_the_first_word_its_space():
+    """The decoding window starts at the prompt's first token, never after it: a word piece's
+    leading space depends on the token before it."""
+    tokenizer = sentencepiece_style_tokenizer()
+    ids = tokenizer.encode("hello world how", add_special_tokens=False)
+    assert "".join(stream(tokenizer, ids[:1], ids[1:])) == " world how"
+
+
+def test_special_tokens_inside_the_prompt_or_the_output_are_skipped_and_the_text_after_them_kept():
+    tokenizer = default_tokenizer()
+    eos = tokenizer.eos_token_id
+    hi, there = tokenizer.encode("Hi", add_special_tokens=False), tokenizer.encode(" there", add_special_tokens=False)
+    output = tokenizer.encode("Hello", add_special_tokens=False) + [eos] + tokenizer.encode(" world", add_special_tokens=False)
+    assert "".join(stream(tokenizer, hi + [eos] + there, output)) == "Hello world"
+    kept = SamplingParams(skip_special_tokens=False)
+    seq = Sequence("r", None, hi, kept, RequestMetrics(arrival_time=0.0))
+    detok = Detokenizer(tokenizer)
+    detok.start(seq)
+    for token in output:
+        seq.token_ids.append(token)
+        detok.step(seq)
+    assert seq.output_text == tokenizer.decode(output, skip_special_tokens=False) == f"Hello{tokenizer.eos_token} world"
+
+
+def test_streamed_text_is_never_cleaned_up_even_where_the_tokenizer_would():
+    """clean_up_tokenization_spaces (applied to word-piece tokenizers) rewrites " ." to "." and
+    " 's" to "'s": the stream keeps the text the model wrote, whatever the tokenizer's default."""
+    words = ["<unk>", "▁it", "▁'s", "▁fine", "▁."]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>", continuing_subword_prefix=""))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=True)
+    ids = tokenizer.encode("it 's fine .", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "it's fine."  # the tokenizer's own default cleans it
+    assert "".join(stream(tokenizer, ids[:1], ids[1:])) == " 's fine ."
+
+
+def test_a_decoder_that_rewrites_earlier_text_streams_what_follows_the_unchanged_part():
+    """A decoder that rewrites across token boundaries (here: "ab" -> "X" on the fused text)
+    changes text already streamed ("zzza" became "zzzX"); it cannot be taken back, so the
+    stream waits while the window's text does not grow, then goes on from the longest
+    unchanged prefix of it ("zzz")."""
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "zzza": 1, "b": 2, "a": 3}, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    assert tokenizer.decode([1, 2, 3]) == "zzzXa"
+    assert stream(tokenizer, [3], [1, 2, 3]) == ["zzza", "", "Xa"]

@@ -101,6 +101,16 @@ def test_sampling_follows_the_temperature_scaled_distribution():
     assert torch.allclose(freq, expected, atol=0.02)
 
 
+def test_each_token_is_drawn_with_its_probability_in_a_flat_distribution():
+    """Found by mutation: drawing argmax(p * noise) instead of argmax(p / noise) passed the skewed
+    distribution above (two-token races come out right either way); at 0.5/0.3/0.2 it draws the
+    first token 53% of the time."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2] + [1e-30] * (VOCAB - 3)))
+    drawn = draw_many(SamplingParams(temperature=1.0), logits, n=20000)
+    freq = torch.bincount(drawn, minlength=VOCAB)[:3].float() / len(drawn)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), freq
+
+
 def test_penalties_and_logit_bias_change_logits_exactly_as_defined():
     torch.manual_seed(0)
     logits = torch.randn(VOCAB) * 3
@@ -133,13 +143,16 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
 def test_a_seeded_request_gives_the_same_tokens_whatever_the_batch(llm):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate("The weather today", seeded, use_tqdm=False)[0].outputs[0].token_ids
-    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
-    batch = llm.generate(
-        ["Some other prompt", "The weather today", "A third one"], [others, seeded, others], use_tqdm=False
-    )
-    assert batch[1].outputs[0].token_ids == alone
     different_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16, ignore_eos=True)
-    assert llm.generate("The weather today", different_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+    alone_other_seed = llm.generate("The weather today", different_seed, use_tqdm=False)[0].outputs[0].token_ids
+    assert alone_other_seed != alone
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    # Two seeded rows in one batch: each draws from its own generator only.
+    batch = llm.generate(
+        ["Some other prompt", "The weather today", "A third one", "The weather today"],
+        [others, seeded, others, different_seed], use_tqdm=False,
+    )
+    assert batch[1].outputs[0].token_ids == alone and batch[3].outputs[0].token_ids == alone_other_seed
 
 
 def test_stop_token_ids_end_the_output_with_that_token(llm):

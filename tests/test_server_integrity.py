@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from bento_llm.testing import ServerProcess, metric, scrape
-from tests.fault_service import FAIL_BOOKKEEPING, KILL_ENGINE
+from engine.llm_engine import MAX_CONSECUTIVE_FORWARD_FAILURES
+from tests.fault_service import BREAK_FORWARD, FAIL_BOOKKEEPING, KILL_ENGINE
 from tests.helpers import make_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -28,16 +29,19 @@ NORMAL = {"prompt": "A normal request", "max_tokens": 60, "temperature": 0, "ign
 BEAM = {"use_beam_search": True, "n": 2, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def fault_server(tmp_path_factory) -> ServerProcess:
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny-integrity"))
-    process = ServerProcess(
+    return ServerProcess(
         args={"model": model, "served_model_name": "tiny", "num_kv_blocks": 128},
         env={"BENTO_LLM_API_KEY": KEY, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))},
         target="tests.fault_service:BentoLLM",
         log_path=tmp_path_factory.mktemp("logs") / "serve.log",
     )
-    with process:
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with fault_server(tmp_path_factory) as process:
         yield process
 
 
@@ -192,3 +196,20 @@ def test_a_failure_pinned_to_no_request_turns_both_probes_503(server):
     assert server.status("/readyz") == 503 and server.status("/livez") == 503
     after = httpx.post(server.url + "/v1/completions", headers=AUTH, json=NORMAL, timeout=30)
     assert after.status_code == 503 and openai_error(after)["type"] == "server_error"
+
+
+def test_a_forward_pass_that_keeps_failing_turns_both_probes_503_instead_of_failing_request_after_request(tmp_path_factory):
+    """Its own server (it kills the engine): once every forward pass fails, a few requests get a
+    500 and then the engine reports itself dead, so an orchestrator restarts it."""
+    with fault_server(tmp_path_factory) as server:
+        breaker = {"prompt": "break", "max_tokens": 5, "stop": [BREAK_FORWARD]}
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+            assert client.post("/v1/completions", json=NORMAL).status_code == 200
+            failed = [client.post("/v1/completions", json=breaker)]
+            failed += [client.post("/v1/completions", json=NORMAL) for _ in range(MAX_CONSECUTIVE_FORWARD_FAILURES - 1)]
+            for response in failed:
+                assert response.status_code == 500 and openai_error(response)["type"] == "server_error"
+            assert server.status("/readyz") == 503 and server.status("/livez") == 503
+            after = client.post("/v1/completions", json=NORMAL)
+            assert after.status_code == 503 and openai_error(after)["type"] == "server_error"
+        assert f"failed {MAX_CONSECUTIVE_FORWARD_FAILURES} times in a row" in server.log_tail(chars=200_000)

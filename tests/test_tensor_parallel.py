@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import DEFAULT_MODEL, LLM, EngineConfig, SamplingParams
-from engine.llm_engine import EngineStepError, LLMEngine
+from engine.llm_engine import EngineDeadError, LLMEngine
 from engine.loader import load_model_source
 from tests.greedy_reference import NEAR_TIE_RTOL, hf_greedy
 from tests.helpers import load_hf_reference, make_tiny_llama
@@ -208,13 +208,14 @@ def test_a_killed_worker_fails_generate_within_30_s_and_leaves_no_process(tmp_pa
     killer = threading.Thread(target=kill_mid_run, daemon=True)
     killer.start()
     long_run = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
-    with pytest.raises(EngineStepError, match=rf"rank 1 \(pid {worker.pid}\) was killed by SIGKILL"):
+    # A dead rank is a dead engine (TensorParallelError is an EngineDeadError): the call raises.
+    with pytest.raises(EngineDeadError, match=rf"rank 1 \(pid {worker.pid}\) was killed by SIGKILL"):
         llm.generate(PROMPTS, long_run, use_tqdm=False)
     assert killed_at and time.monotonic() - killed_at[0] < 30
     killer.join()
     assert not worker.is_alive()
     # The engine stays down, saying so at once, rather than hanging on the next request.
-    with pytest.raises(EngineStepError, match="start a new one"):
+    with pytest.raises(EngineDeadError, match="start a new one"):
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     llm.shutdown()
 

@@ -14,10 +14,6 @@ from engine.models import registry
 from engine.parallel_state import check_tensor_parallel
 
 
-# Families whose attention layers apply their own (per-layer) sliding windows.
-WINDOWS_IN_LAYERS = ("gemma2", "gemma3_text")
-
-
 @dataclass
 class ModelConfig:
     model_type: str
@@ -37,12 +33,22 @@ class ModelConfig:
     inv_freq: torch.Tensor  # RoPE inverse frequencies, scaling applied (layers.rotary.RopeSpec's fields)
     rope_attention_scaling: float
     eos_token_ids: list[int]
-    sliding_window: int | None
+    sliding_window: int | None  # the checkpoint's window, where it uses one
     architecture: str = "LlamaForCausalLM"
     hidden_act: str = "silu"
     long_inv_freq: torch.Tensor | None = None
     original_max: int = 0
     hf_config: object = field(default=None, repr=False)
+    # Per layer: the sliding window its attention applies, None for attention over everything.
+    layer_windows: tuple[int | None, ...] = ()
+
+    @property
+    def kv_window(self) -> int | None:
+        """When every layer slides: the most tokens back from a query that any layer reads, so
+        blocks further back can be freed. None when some layer attends to the whole context."""
+        if not self.layer_windows or None in self.layer_windows:
+            return None
+        return max(self.layer_windows)
 
     @classmethod
     def from_hf(cls, hf_config, source: str) -> "ModelConfig":
@@ -75,8 +81,10 @@ class ModelConfig:
         model_type = hf_config.model_type
         if not getattr(hf_config, "use_sliding_window", True):  # Qwen2/3 name a window they do not use
             sliding_window = None
-        if model_type in WINDOWS_IN_LAYERS:  # their layers apply it: no cap on the model's length
-            sliding_window = None
+        layer_windows = [sliding_window] * hf_config.num_hidden_layers  # Mistral, Mixtral, Phi-3: every layer
+        if sliding_window is not None and getattr(hf_config, "layer_types", None):
+            # Gemma 2/3, Qwen2/3 (layers from max_window_layers on), SmolLM3: some layers only.
+            layer_windows = [sliding_window if t == "sliding_attention" else None for t in hf_config.layer_types]
         # Qwen2 has a bias on q/k/v but not on o_proj; Llama's attention_bias covers all four.
         qwen2 = model_type in ("qwen2", "qwen2_moe")
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
@@ -104,6 +112,7 @@ class ModelConfig:
             long_inv_freq=rope.long_inv_freq,
             original_max=rope.original_max,
             hf_config=hf_config,
+            layer_windows=tuple(layer_windows),
         )
 
     def split_dims(self) -> dict[str, int]:

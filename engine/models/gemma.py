@@ -4,8 +4,7 @@ query_pre_attn_scalar as the attention scale, and layer_types alternating slidin
 global attention. Gemma 2 soft-caps attention and final logits; Gemma 3 normalizes q and k per
 head and gives sliding layers their own rope base.
 
-The windows are applied inside the attention layers, so the engine does not shorten
-max_model_len for them (ModelConfig.sliding_window is None for these families)."""
+Each layer's window comes from ModelConfig.layer_windows (its layer_types), as for every family."""
 
 from __future__ import annotations
 
@@ -19,8 +18,6 @@ from engine.models.config import ModelConfig
 from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from engine.parallel_state import ParallelState
 
-SLIDING = "sliding_attention"
-
 
 def gemma_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
@@ -31,7 +28,6 @@ class GemmaAttention(LlamaAttention):
         super().__init__(config, layer_idx, parallel)
         hf = config.hf_config
         self.layer_type = hf.layer_types[layer_idx]
-        self.attn.sliding_window = hf.sliding_window if self.layer_type == SLIDING else None
         self.attn.soft_cap = getattr(hf, "attn_logit_softcapping", None)
         if getattr(hf, "model_type", "") != "gemma2":  # Gemma 3: per-head q/k norms
             self.q_norm = gemma_norm(config, config.head_dim)

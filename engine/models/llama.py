@@ -36,7 +36,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = c.head_dim
         self.q_size, self.kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
         self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_proj_bias, parallel)
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, c.head_dim, self.scale(config))
+        window = c.layer_windows[layer_idx] if c.layer_windows else None
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, c.head_dim, self.scale(config), window)
 
     def scale(self, config: ModelConfig) -> float:
         return config.head_dim**-0.5
