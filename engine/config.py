@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from engine.layers.quant import GROUP_SIZES as QUANTIZATION_GROUP_SIZES, QUANTIZATIONS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -20,6 +19,9 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")
+# Weight-only quantization at load (engine/layers/quant.py) and its group sizes (input columns).
+QUANTIZATIONS = ("int8", "int4")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
 # KV cache element types: the model's dtype ("auto"), a float type, or 8 bits with a float16
 # scale per token and KV head (kernels/reference.py): int8 (absmax / 127, the more accurate) or
 # fp8_e4m3 (absmax / 448). 8 bits hold 2 * head_dim / (head_dim + 2) times the tokens of 16.
@@ -197,18 +199,6 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_env(cls, **overrides) -> "EngineConfig":
-        """Settings from BENTO_LLM_<NAME> environment variables (engine/settings.py), with
-        explicit overrides winning."""
-        from engine.settings import EngineSettings, settings_error
-        from pydantic import ValidationError
-
-        try:
-            return EngineSettings(**{k: v for k, v in overrides.items() if v is not None}).engine_config()
-        except ValidationError as e:
-            raise settings_error(e) from None
 
 
 def cpu_has_native_bfloat16() -> bool:

@@ -17,6 +17,9 @@ from engine.sequence import Sequence
 
 # Tokens of context before the unread ones: enough for any tokenizer's merge or space rule.
 _WINDOW = 6
+# Sequence.decode_stream of a sequence whose decoder rewrote text DecodeStream had already
+# emitted (tokenizers then raises): it goes on with the window decoder, which handles that.
+_WINDOW_ONLY = ("window", 0)
 
 
 class Detokenizer:
@@ -36,14 +39,18 @@ class Detokenizer:
 
     def step(self, seq: Sequence) -> str:
         """Append the text of newly generated tokens to seq.output_text; return the new text."""
-        if self.backend is None:
+        if self.backend is None or seq.decode_stream == _WINDOW_ONLY:
             return self._step_window(seq)
         ids = seq.token_ids
         if seq.decode_stream is None:  # first step, or a fork's first: context up to the text emitted
             stream = DecodeStream(ids=ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=seq.params.skip_special_tokens)
             seq.decode_stream = (stream, seq.read_offset)
         stream, fed = seq.decode_stream
-        new_text = stream.step(self.backend, ids[fed:]) if len(ids) > fed else None
+        try:
+            new_text = stream.step(self.backend, ids[fed:]) if len(ids) > fed else None
+        except Exception:  # noqa: BLE001 - tokenizers' "Invalid prefix encountered while decoding stream"
+            seq.decode_stream = _WINDOW_ONLY
+            return self._step_window(seq)
         seq.decode_stream = (stream, len(ids))
         if not new_text:
             return ""  # a character still incomplete (tokens fed, text not yet emitted), or a skipped special token

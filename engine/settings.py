@@ -64,3 +64,12 @@ def settings_error(e: ValidationError) -> ValueError:
     """One line per bad setting, naming it the way the user gives it."""
     problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors())
     return ValueError(f"invalid bento-llm settings (--arg NAME=VALUE or {ENV_PREFIX}NAME): {problems}")
+
+
+def engine_config_from_env(**overrides: Any) -> EngineConfig:
+    """EngineConfig from BENTO_LLM_<NAME> environment variables, explicit overrides winning (the
+    offline API's way to read the server's variables)."""
+    try:
+        return EngineSettings(**{k: v for k, v in overrides.items() if v is not None}).engine_config()
+    except ValidationError as e:
+        raise settings_error(e) from None

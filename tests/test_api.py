@@ -10,6 +10,7 @@ import torch
 
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from engine import config as config_module
+from engine.settings import engine_config_from_env
 from tests.conftest import assert_all_blocks_free
 
 
@@ -119,11 +120,11 @@ def test_the_engine_runs_a_float32_checkpoint_in_float32(tiny_path):
 def test_engine_config_reads_environment_settings(monkeypatch):
     monkeypatch.setenv("BENTO_LLM_NUM_KV_BLOCKS", "77")
     monkeypatch.setenv("BENTO_LLM_DTYPE", "float32")
-    config = EngineConfig.from_env(model="m")
+    config = engine_config_from_env(model="m")
     assert (config.num_kv_blocks, config.dtype, config.model) == (77, "float32", "m")
     monkeypatch.setenv("BENTO_LLM_MAX_NUM_SEQS", "many")
     with pytest.raises(ValueError, match="max_num_seqs.*'many'"):
-        EngineConfig.from_env()
+        engine_config_from_env()
 
 
 # ---- AsyncEngine ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from engine import DEFAULT_MODEL, LLM, EngineConfig, SamplingParams
 from engine.llm_engine import EngineDeadError, LLMEngine
 from engine.loader import load_model_source
+from engine.settings import engine_config_from_env
 from tests.greedy_reference import NEAR_TIE_RTOL, hf_greedy
 from tests.helpers import load_hf_reference, make_tiny_llama
 from tests.model_factories import make_tiny_checkpoint
@@ -189,7 +190,7 @@ def test_bad_tensor_parallel_settings_are_refused(settings, message):
 def test_tensor_parallel_size_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("BENTO_LLM_TENSOR_PARALLEL_SIZE", "2")
     monkeypatch.setenv("BENTO_LLM_TP_MASTER_PORT", "29555")
-    config = EngineConfig.from_env()
+    config = engine_config_from_env()
     assert (config.tensor_parallel_size, config.tp_master_port) == (2, 29555)
 
 

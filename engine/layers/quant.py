@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.config import QUANTIZATION_GROUP_SIZES
+
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)
 # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16.
 _INT4_ROW_MULTIPLE = 16
 
@@ -101,7 +101,7 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
 
 def int4_group_size(cols: int, wanted: int) -> int | None:
     """The largest supported group size up to `wanted` that divides the input width (None: none does)."""
-    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
+    return next((g for g in sorted(QUANTIZATION_GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
 
 
 def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: int) -> QuantizedWeight | None:
