@@ -82,7 +82,7 @@ def test_the_deployment_example_is_valid_for_bentoml_deploy():
 
     from bento_llm.settings import Settings
 
-    raw = yaml.safe_load((Path(REPO_ROOT) / "deployment.yaml").read_text())
+    raw = yaml.safe_load((Path(REPO_ROOT) / "bento_llm" / "deployment.yaml").read_text())
     schema = bentoml_cattr.structure(raw, CreateDeploymentSchema)
     DeploymentAPI._fix_and_validate_schema(schema)
     # BentoML ignores unknown keys: everything written must survive the round trip.
