@@ -150,6 +150,18 @@ class LLMEngine:
             self.discard_request(group.request_id)
         return {group.request_id: e for group, e in failed}
 
+    def _fail_unresumable(self, group: SequenceGroup) -> dict[str, BaseException]:
+        """Nothing runs and the first swapped-out request still does not fit in the free blocks:
+        it never will, and it blocks every request behind it. It fails alone."""
+        blocks = self.block_manager.num_free_blocks
+        self.discard_request(group.request_id, "error")
+        error = ValueError(
+            f"request {group.request_id!r} grew beyond the KV cache ({blocks} blocks of {self.config.block_size} "
+            "tokens) while its sequences were swapped out; lower SamplingParams.n / best_of or max_tokens"
+        )
+        logger.error("%s", error)
+        return {group.request_id: error}
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         failures = self._start_compiled()
@@ -157,6 +169,8 @@ class LLMEngine:
         # Before the forward pass: swapped-out blocks may be handed to this step's writes.
         self.swap_space.swap_out(schedule.blocks_to_swap_out)
         self.swap_space.swap_in(schedule.blocks_to_swap_in)
+        if schedule.is_empty and not schedule.num_preempted and not self.scheduler.running and self.scheduler.swapped:
+            failures.update(self._fail_unresumable(self.scheduler.swapped[0]))
         if schedule.is_empty:
             if failures:
                 raise EngineStepError(list(failures), next(iter(failures.values())), [], failures)
