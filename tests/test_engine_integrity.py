@@ -24,12 +24,15 @@ def engine(tiny_path):
     return LLMEngine(EngineConfig(model=tiny_path, num_kv_blocks=48, max_model_len=40))
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]) -> tuple[dict, dict]:
-    """Run requests together to the end: (final outputs, errors) by request id."""
+def run(engine: LLMEngine, requests: dict, max_steps: int = 100_000) -> tuple[dict, dict]:
+    """Run requests together to the end, or for max_steps (an engine that stalls returns with
+    requests unfinished instead of hanging the test): (final outputs, errors) by request id."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
     finals, errors = {}, {}
-    while engine.has_unfinished_requests():
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
         try:
             outputs = engine.step()
         except EngineStepError as e:

@@ -108,21 +108,13 @@ def test_a_request_that_outgrew_the_whole_cache_fails_alone_instead_of_stalling_
     """n=4 sequences of up to 64 tokens need 16 blocks; the cache has 8. Once swapped out the
     request can never come back: it fails with an error naming the fix, its blocks are freed, and
     a request queued behind it runs (before, the engine stepped forever doing nothing)."""
-    from engine.llm_engine import EngineStepError
+    from tests.test_engine_integrity import run
 
     engine = LLMEngine(model=tiny_path, num_kv_blocks=8, max_model_len=64, preemption_mode="swap")
-    engine.add_request("wide", list(range(100, 110)), SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=54, ignore_eos=True))
-    engine.add_request("after", list(range(200, 210)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    errors, finished = {}, {}
-    for _ in range(10_000):
-        if not engine.has_unfinished_requests():
-            break
-        try:
-            outputs = engine.step()
-        except EngineStepError as e:
-            errors.update(e.errors)
-            outputs = e.outputs
-        finished.update({o.request_id: o for o in outputs if o.finished})
+    finished, errors = run(engine, {
+        "wide": (list(range(100, 110)), SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=54, ignore_eos=True)),
+        "after": (list(range(200, 210)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+    }, max_steps=10_000)
     assert not engine.has_unfinished_requests()
     assert list(errors) == ["wide"] and "best_of" in str(errors["wide"])
     assert len(finished["after"].outputs[0].token_ids) == 8
