@@ -97,17 +97,24 @@ def test_family_greedy_equals_transformers(family, name, backend):
     assert engine.block_manager.prefix_hits > 0
 
 
+REFERENCE_ACTIVATIONS = {"silu": torch.nn.functional.silu,
+                         "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
 def reference_moe(moe: FusedMoE, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-    """Token by token, expert by expert: the obvious loop the fused op must equal."""
-    probs = router_logits.float().softmax(-1)
+    """Token by token, expert by expert, in float32 on the CPU: the obvious loop every fused op
+    (the torch grouping here, the Triton kernel in tests/test_triton_moe.py) must equal."""
+    x, w13, w2 = x.float().cpu(), moe.w13.float().cpu(), moe.w2.float().cpu()
+    act = REFERENCE_ACTIVATIONS[moe.act_name]
+    probs = router_logits.float().cpu().softmax(-1)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         weights, experts = probs[t].topk(moe.top_k)
         if moe.renormalize:
             weights = weights / weights.sum()
         for w, e in zip(weights, experts):
-            gate, up = (x[t] @ moe.w13[e].T).chunk(2)
-            out[t] += w * ((torch.nn.functional.silu(gate) * up) @ moe.w2[e].T)
+            gate, up = (x[t] @ w13[e].T).chunk(2)
+            out[t] += w * ((act(gate) * up) @ w2[e].T)
     return out
 
 
