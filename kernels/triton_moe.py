@@ -152,13 +152,27 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if mean_rows <= 16 else 32 if mean_rows <= 32 else 64
 
 
+def _tile_n_k(n: int, k: int, dot_fp32: bool, block_n: int | None, block_k: int | None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a [rows, k] x [k, n] product. The interpreter runs every program op
+    by op in Python: there one tile covers as much of the product as it can (fewer programs and
+    loop trips, each a numpy op). On a GPU, tiles that keep shared memory in bounds (fp32 tiles
+    are twice the bytes)."""
+    if _INTERPRET:
+        fit_n, fit_k = (min(128, max(16, triton.next_power_of_2(size))) for size in (n, k))
+    else:
+        fit_n = fit_k = 32 if dot_fp32 else 64
+    return block_n or fit_n, block_k or fit_k
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weights: torch.Tensor,
-              experts: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+              experts: torch.Tensor, activation: str = "silu", *, block_n: int | None = None,
+              block_k: int | None = None) -> torch.Tensor:
     """sum over k of routing_weights[t, k] * down_e(act(gate_e(x[t])) * up_e(x[t])), e = experts[t, k].
 
     x [tokens, H]; w13 [E, 2 * I, H] (gate rows, then up rows); w2 [E, H, I];
     routing_weights [tokens, top_k] (float32), experts [tokens, top_k] (ids < E) -> [tokens, H]
-    in x's dtype. activation: a name from engine/layers/activation.py.
+    in x's dtype. activation: a name from engine/layers/activation.py. block_n/block_k exist for
+    tests (several tiles and loop trips on small shapes).
     """
     if activation not in _ACT_CODES:
         raise ValueError(f"fused_moe has no activation {activation!r}; it has {sorted(_ACT_CODES)}")
@@ -175,24 +189,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
     sorted_pairs, tile_expert, num_padded = align_to_experts(experts, num_experts, block_m)
     tiles = tile_expert.shape[0]
     dot_fp32 = _INTERPRET or x.dtype == torch.float32
-    # fp32 tiles are twice the bytes: keep shared memory in bounds.
-    block_n, block_k = (32, 32) if dot_fp32 else (64, 64)
-    warps = 4
 
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
+    tile_n, tile_k = _tile_n_k(inter, hidden, dot_fp32, block_n, block_k)
+    _gate_up_kernel[(tiles, triton.cdiv(inter, tile_n))](
         h, x, w13, sorted_pairs, tile_expert, num_padded,
         num_pairs, inter, hidden,
         *x.stride(), *w13.stride(), *h.stride(),
         TOP_K=top_k, ACT=_ACT_CODES[activation], DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_K=tile_k, num_warps=4,
     )
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _down_kernel[(tiles, triton.cdiv(hidden, block_n))](
+    tile_n, tile_k = _tile_n_k(hidden, inter, dot_fp32, block_n, block_k)
+    _down_kernel[(tiles, triton.cdiv(hidden, tile_n))](
         out, h, w2, routing_weights.contiguous(), sorted_pairs, tile_expert, num_padded,
         num_pairs, hidden, inter,
         *h.stride(), *w2.stride(), *out.stride(),
         DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_K=tile_k, num_warps=4,
     )
     return out.view(num_tokens, top_k, hidden).sum(dim=1)

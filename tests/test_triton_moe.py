@@ -49,26 +49,30 @@ def skewed_logits(gen, num_tokens: int, num_experts: int) -> torch.Tensor:
     return logits
 
 
-# (tokens, experts, top_k, hidden, intermediate, activation): a decode token; odd sizes that fill
-# no 32-wide tile; enough tokens per expert for 64-row tiles; top-1 over many experts; Gemma's GELU.
+# (tokens, experts, top_k, hidden, intermediate, activation, N and K tile): a decode token; odd
+# sizes that fill no tile, with the default tiles and with 16-wide ones (several column tiles and
+# trips through the K loop, masked tails in both); enough tokens per expert for 64-row tiles;
+# top-1 over many experts; Gemma's GELU.
 CASES = [
-    pytest.param(1, 8, 2, 64, 32, "silu", id="one-token"),
-    pytest.param(37, 6, 3, 40, 24, "silu", id="odd-sizes-top3"),
-    pytest.param(150, 4, 2, 48, 56, "silu", id="tall-tiles"),
-    pytest.param(23, 16, 1, 32, 16, "silu", id="top1-16-experts"),
-    pytest.param(19, 5, 2, 24, 40, "gelu_pytorch_tanh", id="gelu-tanh"),
+    pytest.param(1, 8, 2, 64, 32, "silu", None, id="one-token"),
+    pytest.param(37, 6, 3, 40, 24, "silu", None, id="odd-sizes-top3"),
+    pytest.param(37, 6, 3, 40, 24, "silu", 16, id="odd-sizes-top3-small-tiles"),
+    pytest.param(150, 4, 2, 48, 56, "silu", None, id="tall-tiles"),
+    pytest.param(23, 16, 1, 32, 16, "silu", None, id="top1-16-experts"),
+    pytest.param(19, 5, 2, 24, 40, "gelu_pytorch_tanh", 16, id="gelu-tanh"),
 ]
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter,act", CASES)
-def test_fused_moe_kernel_equals_the_per_token_loop(gen, num_tokens, num_experts, top_k, hidden, inter, act):
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter,act,tile", CASES)
+def test_fused_moe_kernel_equals_the_per_token_loop(gen, num_tokens, num_experts, top_k, hidden, inter, act, tile):
     moe = make_moe(gen, num_experts, top_k, hidden, inter, act)
     x = torch.randn(num_tokens, hidden, generator=gen)
     logits = skewed_logits(gen, num_tokens, num_experts)
     weights, experts = route(logits, top_k, renormalize=True)
     counts = torch.bincount(experts.flatten(), minlength=num_experts)
     assert counts[-1] == 0 and counts[0] == counts.max()  # the routing is as uneven as promised
-    out = triton_moe.fused_moe(x.to(DEVICE), moe.w13, moe.w2, weights.to(DEVICE), experts.to(DEVICE), act)
+    out = triton_moe.fused_moe(x.to(DEVICE), moe.w13, moe.w2, weights.to(DEVICE), experts.to(DEVICE), act,
+                               block_n=tile, block_k=tile)
     assert out.shape == x.shape and not out.isnan().any()
     torch.testing.assert_close(out.cpu(), reference_moe(moe, x, logits), **TOL[torch.float32])
 
