@@ -34,10 +34,11 @@ _ACT_CODES = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
     if ACT == 0:  # silu(x) = x * sigmoid(x); exp overflowing to inf gives -0, not NaN
-        return x / (1.0 + tl.exp(-x))
-    # gelu, tanh approximation; tanh(u) = 1 - 2 / (e^2u + 1), which saturates cleanly at +-1
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
-    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        y = x / (1.0 + tl.exp(-x))
+    else:  # gelu, tanh approximation; tanh(u) = 1 - 2 / (e^2u + 1) saturates cleanly at +-1
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
+        y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    return y
 
 
 @triton.jit

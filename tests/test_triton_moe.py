@@ -9,8 +9,6 @@ KERNEL_TEST_SEED=<n> replays it (the gen fixture, tests/conftest.py).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,10 +18,9 @@ from engine.attention import AttentionBackend  # noqa: E402
 from engine.forward_context import AttentionMetadata, forward_context  # noqa: E402
 from engine.layers.moe import FusedMoE, route  # noqa: E402
 from kernels import triton_moe, triton_ops  # noqa: E402
+from tests.test_kernels import DEVICE  # noqa: E402  (CUDA unless under the interpreter)
 from tests.test_models_families import reference_moe  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 # fp32: only summation order differs. Half precision: the oracle runs in fp32 on the same
 # (representable) inputs; the kernel rounds the activations and each expert's output once.
 TOL = {
