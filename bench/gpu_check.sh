@@ -4,7 +4,7 @@
 #   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--dry-run]
 #
 # Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
-#   kernels   the Triton kernel and backend tests on the GPU (TRITON_INTERPRET=0)
+#   kernels   the Triton kernel (attention, cache, fused MoE) and backend tests on the GPU (TRITON_INTERPRET=0)
 #   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
@@ -97,7 +97,7 @@ PY
 
 export TRITON_INTERPRET=0
 # The 8-bit KV cache file's Triton cases only (its other cases are CPU or engine tests).
-run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_backend.py \
+run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_moe.py tests/test_triton_backend.py \
   tests/test_kv_cache_8bit.py -k "not kv_cache_8bit or triton"
 run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
 run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from engine.beam_search import beam_search_step
 from engine.block_manager import BlockManager, KVCacheUsage
@@ -17,7 +16,7 @@ from engine.input_processor import InputProcessor, Prompt, model_max_len
 from engine.loader import load_model_source
 from engine.models.config import ModelConfig
 from engine.output_processor import build_output, check_stop
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -31,23 +30,6 @@ __all__ = ["EngineDeadError", "EngineStats", "EngineStepError", "LLMEngine", "Pr
 # run at all (a broken device, weights, or kernel), not one request's bad luck. Past this many
 # the engine reports itself dead rather than failing every request it is sent.
 MAX_CONSECUTIVE_FORWARD_FAILURES = 3
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_swapped: int
-    num_kv_blocks: int
-    num_kv_blocks_used: int
-    kv_cache_usage: float
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens served from cached blocks
-    num_preemptions: int
-    prompt_tokens: int
-    generation_tokens: int
-    # Rank 0's resident bytes at start: weights, kv_cache, step_buffers, rss (ModelRunner.memory).
-    resident_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class LLMEngine:

@@ -1,8 +1,9 @@
-"""What the engine hands back: vLLM's RequestOutput and CompletionOutput shapes."""
+"""What the engine hands back: vLLM's RequestOutput and CompletionOutput shapes, and the
+engine's counters (LLMEngine.stats)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # One position's logprobs: token id -> logprob, the sampled token first, then the top ones.
 PositionLogprobs = dict[int, float]
@@ -44,3 +45,20 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # With SamplingParams.prompt_logprobs: per prompt token, None for the first.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_kv_blocks: int
+    num_kv_blocks_used: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens served from cached blocks
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    # Rank 0's resident bytes at start: weights, kv_cache, step_buffers, rss (ModelRunner.memory).
+    resident_bytes: dict[str, int] = field(default_factory=dict)

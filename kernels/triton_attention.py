@@ -51,24 +51,29 @@ def load_kv_tile(ptr, off_rows, d, mask, HEAD_DIM: tl.constexpr, QUANT: tl.const
         offs = off_rows[None, :] + d[:, None]
         row_mask = tl.max(mask.to(tl.int32), 0) > 0
     x = tl.load(ptr + offs, mask=mask, other=0)
+    # One if/else, no early return: the compiler generates the code after a `return` inside a
+    # constexpr branch too, and the scale's byte bitcasts do not compile for a 16-bit cache.
     if QUANT == 0:
-        return x
-    lo = tl.load(ptr + off_rows + HEAD_DIM, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
-    hi = tl.load(ptr + off_rows + HEAD_DIM + 1, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
-    scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-    if QUANT == 1:
-        values = x.to(tl.float32)
+        tile = x
     else:
-        # e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal.
-        code = x.to(tl.uint8, bitcast=True).to(tl.int32)
-        e = (code >> 3) & 15
-        m = (code & 7).to(tl.float32)
-        # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
-        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
-        values = tl.where(code >= 128, -mag, mag)
-    if ROWS_FIRST:
-        return values * scale[:, None]
-    return values * scale[None, :]
+        lo = tl.load(ptr + off_rows + HEAD_DIM, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+        hi = tl.load(ptr + off_rows + HEAD_DIM + 1, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+        scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+        if QUANT == 1:
+            values = x.to(tl.float32)
+        else:
+            # e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal.
+            code = x.to(tl.uint8, bitcast=True).to(tl.int32)
+            e = (code >> 3) & 15
+            m = (code & 7).to(tl.float32)
+            # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
+            mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
+            values = tl.where(code >= 128, -mag, mag)
+        if ROWS_FIRST:
+            tile = values * scale[:, None]
+        else:
+            tile = values * scale[None, :]
+    return tile
 
 
 @triton.jit

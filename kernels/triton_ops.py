@@ -12,8 +12,9 @@ from __future__ import annotations
 from kernels.reference import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
 from kernels.triton_attention import decode_attention, paged_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv_cache
+from kernels.triton_moe import fused_moe
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
-    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "fused_moe",
 ]

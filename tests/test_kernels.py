@@ -13,6 +13,9 @@ import functools
 import inspect
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,6 +412,23 @@ def test_swap_blocks_crosses_devices(gen, direction):
 
 
 # ---------------------------------------------------------------- contracts
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above run the compiled kernels")
+def test_every_kernel_compiles_for_a_gpu_on_a_machine_without_one():
+    """The interpreter runs kernels as Python (a `return` in a constexpr branch skips the code
+    after it; the compiler generates it) and computes every dot in fp32 (the half-precision paths
+    never run). tests/triton_compile.py compiles each launch the wrappers make for sm_80, through
+    Triton's GPU IR: attention, decode and mixed, over bf16/fp16/fp32 caches and (bf16 queries)
+    int8 and e4m3 ones, with and without the window/soft-cap variants and split-K; the cache
+    writes; the fused MoE in bf16, fp16 and fp32."""
+    done = subprocess.run([sys.executable, "-m", "tests.triton_compile"], cwd=Path(__file__).parents[1],
+                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    for kernel in ("_paged_attention_kernel", "_reduce_segments_kernel", "_write_kv_cache_kernel",
+                   "_write_kv_cache_quant_kernel", "_gate_up_kernel", "_down_kernel"):
+        assert kernel in done.stdout, kernel
 
 
 def test_triton_ops_has_the_reference_signatures():

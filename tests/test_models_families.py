@@ -1,6 +1,7 @@
 """Every registered family against transformers, on a tiny random checkpoint in float32: greedy
 token ids equal generate's (the near-tie rule) alone, and batched with staggered arrivals,
-chunked prefill, preemption and prefix-cache hits, on the torch and C++ backends."""
+chunked prefill, preemption and prefix-cache hits, on the torch and C++ backends; and alone and
+batched on the Triton backend (its kernels under the interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from engine import SamplingParams
 from engine.layers.moe import FusedMoE
 from engine.llm_engine import LLMEngine
+from engine.models.registry import architecture_for_model_type, supported_architectures
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
 from tests.model_factories import make_tiny_checkpoint
@@ -20,7 +22,13 @@ PROMPTS = [SHARED + " the first", "Hello, my name is", SHARED + " merchants", "d
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 
+# One case (or more) per registered architecture (test_every_registered_architecture_has_a_case).
 FAMILIES = {
+    "llama3-rope": ("LlamaConfig", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    # Every layer slides (Mistral's one window for all layers); 20 tokens under prompts of up to 39.
+    "mistral-window": ("MistralConfig", dict(sliding_window=20)),
     "qwen3": ("Qwen3Config", {}),
     "qwen2-yarn": ("Qwen2Config", dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128))),
@@ -97,17 +105,24 @@ def test_family_greedy_equals_transformers(family, name, backend):
     assert engine.block_manager.prefix_hits > 0
 
 
+REFERENCE_ACTIVATIONS = {"silu": torch.nn.functional.silu,
+                         "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
 def reference_moe(moe: FusedMoE, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-    """Token by token, expert by expert: the obvious loop the fused op must equal."""
-    probs = router_logits.float().softmax(-1)
+    """Token by token, expert by expert, in float32 on the CPU: the obvious loop every fused op
+    (the torch grouping here, the Triton kernel in tests/test_triton_moe.py) must equal."""
+    x, w13, w2 = x.float().cpu(), moe.w13.float().cpu(), moe.w2.float().cpu()
+    act = REFERENCE_ACTIVATIONS[moe.act_name]
+    probs = router_logits.float().cpu().softmax(-1)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         weights, experts = probs[t].topk(moe.top_k)
         if moe.renormalize:
             weights = weights / weights.sum()
         for w, e in zip(weights, experts):
-            gate, up = (x[t] @ moe.w13[e].T).chunk(2)
-            out[t] += w * ((torch.nn.functional.silu(gate) * up) @ moe.w2[e].T)
+            gate, up = (x[t] @ w13[e].T).chunk(2)
+            out[t] += w * ((act(gate) * up) @ w2[e].T)
     return out
 
 
@@ -131,9 +146,19 @@ def test_fused_moe_equals_the_per_token_loop_with_uneven_routing(gen, renormaliz
         torch.testing.assert_close(moe(x, logits), reference_moe(moe, x, logits), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "phi3-longrope", "gemma2"])
+def test_every_registered_architecture_has_a_case():
+    import transformers
+
+    covered = {architecture_for_model_type(getattr(transformers, config_class).model_type)
+               for config_class, _ in FAMILIES.values()}
+    assert covered == set(supported_architectures())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
-    """The Triton kernels (under the interpreter on CPU) through prefill chunks and decodes."""
+    """The Triton kernels (under the interpreter on CPU: attention with its window and soft-cap
+    variants, the fused MoE) through prefill chunks and decodes."""
     pytest.importorskip("triton")
     entry = family(name)
     engine = LLMEngine(model=entry[0], num_kv_blocks=32, max_num_batched_tokens=16, attention_backend="triton")

@@ -126,6 +126,23 @@ def test_tp2_phi3_fused_qkv_and_gate_up_checkpoint_matches_one_process(tmp_path)
     check_against_one_process(path, 2, num_kv_blocks=64).shutdown()
 
 
+def test_tp2_gemma2_sliding_window_and_soft_caps_match_one_process(tmp_path):
+    # Gemma 2: an 8-token sliding layer beside a global one, under prompts and decodes longer than
+    # the window; each rank soft-caps its own heads' scores, and the final logit cap applies to
+    # the gathered vocabulary. GELU-tanh MLP, (1 + weight) norms and the embedding scale split too.
+    path = make_tiny_checkpoint(tmp_path, "Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                                layer_types=["sliding_attention", "full_attention"])
+    llm = check_against_one_process(path, 2, num_kv_blocks=64)
+    try:
+        runner = llm.engine.runner.model_runner
+        assert runner.num_local_kv_heads == 1
+        attns = [layer.self_attn.attn for layer in runner.model.layers]
+        assert [(a.num_heads, a.sliding_window, a.soft_cap) for a in attns] == [(2, 8, 5.0), (2, None, 5.0)]
+    finally:
+        llm.shutdown()
+
+
 def test_tp2_moe_with_a_shared_expert_matches_one_process(tmp_path):
     # Qwen2-MoE: every expert's intermediate columns split across ranks, the shared expert like a
     # dense MLP, one dense layer (mlp_only_layers) beside a sparse one.

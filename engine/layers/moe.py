@@ -3,7 +3,9 @@
 The experts' weights live stacked ([experts, 2 * I, H] for gate/up, [experts, H, I] for down),
 and a step runs them grouped by expert: tokens are sorted by the expert they go to, each
 expert multiplies its contiguous slice in one matmul, and the weighted outputs are summed back
-per token. The Python loop is over experts (a few dozen), never over tokens. Tensor parallel:
+per token. The Python loop is over experts (a few dozen), never over tokens. A backend whose ops
+module has `fused_moe` (Triton: kernels/triton_moe.py) runs the experts in its kernels instead,
+with no host loop and no host sync. Tensor parallel:
 every rank holds every expert's slice of the intermediate dimension (like a dense MLP), and one
 all-reduce sums the partial outputs.
 """
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.forward_context import get_forward_context
 from engine.layers.activation import gated_activation
 from engine.layers.linear import check_shape, set_loader
 from engine.parallel_state import ParallelState, rank_and_size, read_part
@@ -57,7 +60,7 @@ class FusedMoE(nn.Module):
         self.inter_start = rank * inter
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
-        self.act = gated_activation(act)
+        self.act_name, self.act = act, gated_activation(act)
         experts = range(num_experts)
         set_loader(self, "w13", self.load_w13, [(e, part) for e in experts for part in ("gate", "up")])
         set_loader(self, "w2", self.load_w2, [(e, "down") for e in experts])
@@ -78,6 +81,17 @@ class FusedMoE(nn.Module):
         """x [tokens, H] -> [tokens, H]. reduce False leaves the tensor-parallel sum to the caller
         (who adds a shared expert's partial output first and reduces once)."""
         weights, experts = route(router_logits, self.top_k, self.renormalize)
+        fused_moe = getattr(get_forward_context().backend.ops, "fused_moe", None)
+        if fused_moe is not None:
+            y = fused_moe(x, self.w13, self.w2, weights, experts, self.act_name)
+        else:
+            y = self.grouped_by_expert(x, weights, experts)
+        if reduce and self.parallel is not None:
+            self.parallel.all_reduce(y)
+        return y
+
+    def grouped_by_expert(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The torch path: one matmul pair per expert over its contiguous run of sorted rows."""
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -92,7 +106,4 @@ class FusedMoE(nn.Module):
                 out[start : start + n] = F.linear(h, self.w2[expert])
                 start += n
         out *= weights.flatten()[order].to(x.dtype)[:, None]
-        y = torch.zeros_like(x).index_add_(0, token_of, out)
-        if reduce and self.parallel is not None:
-            self.parallel.all_reduce(y)
-        return y
+        return torch.zeros_like(x).index_add_(0, token_of, out)
