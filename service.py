@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from http import HTTPStatus
 from typing import Any, AsyncGenerator
 
@@ -82,6 +83,17 @@ bound_bentoml_path_labels(
 )  # fmt: skip
 
 
+# The routes that stream tokens: BentoML's tracing would open a span per token sent (see
+# Settings.trace_generation). Its exclude list holds regular expressions searched in the full URL.
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate", "/chat")
+
+
+def tracing_config(trace_generation: bool) -> dict[str, Any]:
+    if trace_generation:
+        return {}
+    return {"excluded_urls": [rf"^[a-z]+://[^/]+{re.escape(path)}(\?.*)?$" for path in GENERATION_PATHS]}
+
+
 def _bentoml_error(e: OpenAIError) -> BentoMLException:
     # BentoML answers a BentoMLException with its error_code as the status.
     return BentoMLException(e.message, error_code=HTTPStatus(e.status))
@@ -107,6 +119,7 @@ def _bentoml_error(e: OpenAIError) -> BentoMLException:
     # is every interface, which with no API key opens the model to the network.
     http={"host": "127.0.0.1"},
     envs=[{"name": "BENTOML_DO_NOT_TRACK", "value": "true"}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
+    tracing=tracing_config(settings.trace_generation),
 )
 class BentoLLM:
     if DEFAULT_MODEL_TAG is not None:

@@ -27,6 +27,7 @@ from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
 from bento_llm.structured import structured_outputs_param
 from bento_llm.streaming import (
     DONE,
+    ChunkEvents,
     ClientDisconnected,
     EventStreamResponse,
     close_stream,
@@ -252,15 +253,19 @@ class OpenAIServing:
 
             return await self.respond(raw, job, build)
 
+        chunks = ChunkEvents("text_completion", response_id, created, rt.model_name, request.include_usage)
+
         async def events() -> AsyncIterator[str]:
             sent_text: dict[int, int] = {}
             sent_tokens: dict[int, int] = {}
             offsets: dict[int, int] = {}
             done: set[int] = set()
             completion_tokens = 0
+            last: list[str] = []
             async for i, output in job.outputs():
                 if buffered and not output.finished:
                     continue
+                parts: list[str] = []  # one write per output, as in chat
                 for out in output.outputs:
                     index = i * n + out.index
                     if index not in sent_text:
@@ -281,13 +286,15 @@ class OpenAIServing:
                     offsets[index] += len(delta)
                     completion_tokens += len(out.token_ids) - start
                     sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
-                    choice = {"index": index, "text": delta, "logprobs": lp,
-                              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}  # fmt: skip
-                    yield sse(fmt.chunk("text_completion", response_id, created, rt.model_name, [choice], request.include_usage))
+                    parts.append(chunks.event([{"index": index, "text": delta, "logprobs": lp,
+                                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))  # fmt: skip
+                if len(job.finished) == len(job.streams):  # the last output: sent with the usage and [DONE]
+                    last = parts
+                elif parts:
+                    yield "".join(parts)
             if request.include_usage:
-                usage = fmt.usage(sum(len(p.token_ids) for p in prompts), completion_tokens)
-                yield sse(fmt.chunk("text_completion", response_id, created, rt.model_name, [], True, usage))
-            yield DONE
+                last.append(chunks.usage(fmt.usage(sum(len(p.token_ids) for p in prompts), completion_tokens)))
+            yield "".join([*last, DONE])
 
         return self.stream(job, events())
 
@@ -350,20 +357,23 @@ class OpenAIServing:
 
             return await self.respond(raw, job, build)
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            return sse(fmt.chunk("chat.completion.chunk", response_id, created, rt.model_name, choices, request.include_usage, usage))
+        chunks = ChunkEvents("chat.completion.chunk", response_id, created, rt.model_name, request.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            # The role comes first, before any token, as OpenAI sends it.
-            for j in range(n):  # one choice per chunk, as OpenAI streams them
-                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            # The role comes first, before any token, as OpenAI sends it; one choice per chunk.
+            yield "".join([chunks.event([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                          "finish_reason": None}]) for j in range(n)])  # fmt: skip
             messages = [MessageStream(parser) for _ in range(n)]
             sent_tokens = [0] * n
             done = [False] * n
             completion_tokens = 0
+            last: list[str] = []
             async for _, output in job.outputs():
                 if buffered and not output.finished:
                     continue
+                # An output carries every token since the last one read (several when this
+                # stream lags the engine): its events go out in one write.
+                parts: list[str] = []
                 for out in output.outputs:
                     j = out.index
                     if done[j]:
@@ -373,14 +383,22 @@ class OpenAIServing:
                     if delta or len(out.token_ids) > start:
                         completion_tokens += len(out.token_ids) - start
                         sent_tokens[j] = len(out.token_ids)
-                        yield chunk([{"index": j, "delta": delta or {"content": ""}, "logprobs": logprobs_of(out, start), "finish_reason": None}])
+                        lp = logprobs_of(out, start)
+                        if lp is None and (not delta or list(delta) == ["content"]):  # the common chunk, from a template
+                            parts.append(chunks.content(j, delta.get("content", "")))
+                        else:
+                            parts.append(chunks.event([{"index": j, "delta": delta or {"content": ""}, "logprobs": lp, "finish_reason": None}]))
                     if out.finish_reason is not None:
                         done[j] = True
                         reason = finish_reason(out.finish_reason, messages[j].called)
-                        yield chunk([{"index": j, "delta": {}, "logprobs": None,
-                                      "finish_reason": reason, "stop_reason": out.stop_reason}])  # fmt: skip
+                        parts.append(chunks.event([{"index": j, "delta": {}, "logprobs": None,
+                                                    "finish_reason": reason, "stop_reason": out.stop_reason}]))  # fmt: skip
+                if output.finished:  # the last output: sent with the usage and [DONE]
+                    last = parts
+                elif parts:
+                    yield "".join(parts)
             if request.include_usage:
-                yield chunk([], fmt.usage(len(prompt.token_ids), completion_tokens))
-            yield DONE
+                last.append(chunks.usage(fmt.usage(len(prompt.token_ids), completion_tokens)))
+            yield "".join([*last, DONE])
 
         return self.stream(job, events())

@@ -42,6 +42,11 @@ class Settings(EngineSettings):
     # Seconds before BentoML gives up on a request that has not started its response;
     # a non-streaming generation answers only at the end, so this must cover the longest one.
     timeout: float = Field(default=3600.0, gt=0)
+    # BentoML's HTTP tracing (OpenTelemetry) opens a span for every message a response sends,
+    # sampled or not (BentoML samples none by default): on a token stream one per token per
+    # request, ~30-80 us of the event loop each. So the generation routes stay out of it unless
+    # this is true; set it where BentoML's tracing exports traces and those routes belong in them.
+    trace_generation: bool = False
 
     @field_validator("api_key", "served_model_name", mode="before")
     @classmethod

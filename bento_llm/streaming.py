@@ -12,16 +12,47 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from bento_llm.formatting import chunk
+
 logger = logging.getLogger("bento_llm")
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 
 
+# json.dumps(..., ensure_ascii=False) builds an encoder per call; this one is built once.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def sse(payload: str | dict[str, Any]) -> str:
     """One server-sent event, the way OpenAI frames them."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    data = payload if isinstance(payload, str) else _encode(payload)
     return f"data: {data}\n\n"
+
+
+class ChunkEvents:
+    """The server-sent events of one streamed response, byte for byte what
+    `sse(chunk(...))` gives, at a fraction of the cost per token: every chunk of a stream has
+    the same envelope (id, object, created, model, usage: null), so it is serialized once, and
+    the most common choice, a chat content delta, is a template with the text filled in."""
+
+    def __init__(self, object_name: str, response_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._envelope = (object_name, response_id, created, model)
+        text = _encode(chunk(*self._envelope, [], include_usage))
+        # The envelope's strings come before "choices" and are escaped, so the last match is it.
+        head, _, tail = text.rpartition('"choices": []')
+        self._head, self._tail = f'data: {head}"choices": [', f"]{tail}\n\n"
+
+    def event(self, choices: list[dict[str, Any]]) -> str:
+        return self._head + ", ".join([_encode(c) for c in choices]) + self._tail
+
+    def content(self, index: int, text: str) -> str:
+        """event([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])"""
+        return f'{self._head}{{"index": {index}, "delta": {{"content": {_encode(text)}}}, "logprobs": null, "finish_reason": null}}{self._tail}'
+
+    def usage(self, usage: dict[str, int]) -> str:
+        """The last chunk when the client asked for usage: no choices, the token counts."""
+        return sse(chunk(*self._envelope, [], True, usage))
 
 
 class EventStreamResponse(StreamingResponse):

@@ -12,7 +12,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from engine.config import EngineConfig
@@ -27,18 +26,36 @@ logger = logging.getLogger(__name__)
 __all__ = ["AsyncEngine", "EngineDeadError"]
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's newest output, or the error that ended it, for the coroutine reading it.
 
-    def put(self, item: RequestOutput | BaseException) -> bool:
-        """False when the stream's event loop is closed: nobody awaits it any more."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:
-            return False
-        return True
+    Outputs are cumulative (all text and tokens so far), so a reader that lags a few steps
+    loses nothing by reading only the newest: it sends the steps' tokens as one increment.
+    Written and read on the stream's event loop only."""
+
+    __slots__ = ("loop", "item", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.item: RequestOutput | BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self.item = item
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self) -> RequestOutput | BaseException:
+        while self.item is None:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        item, self.item = self.item, None
+        return item
+
+
+def _push_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in items:
+        stream.push(item)
 
 
 class AsyncEngine:
@@ -87,7 +104,7 @@ class AsyncEngine:
         seq = self.engine.make_sequence(request_id, prompt, params)
         if seq.grammar_future is not None:  # the loop starts the request once its grammar compiled
             seq.grammar_future.add_done_callback(lambda _: self._wakeup.set())
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._commands.put(("add", seq))
         self._wakeup.set()
@@ -100,7 +117,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.next()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -189,32 +206,44 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
+                    errors: dict[str, BaseException] = {}
                 except EngineStepError as e:
                     # Failed requests get their own error; the engine and the others go on.
-                    for rid, error in e.errors.items():
-                        stream = self._streams.pop(rid, None)
-                        if stream is not None:
-                            stream.put(error)
-                    outputs = e.outputs
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue
-                    if out.finished:
-                        del self._streams[out.request_id]
-                    if not stream.put(out):
-                        self._streams.pop(out.request_id, None)
-                        self.engine.discard_request(out.request_id)
+                    outputs, errors = e.outputs, e.errors
+                self._deliver(outputs, errors)
         except BaseException as e:  # not pinned to any request: the engine is dead
             logger.exception("engine loop died")
             self._dead = e
             self._discard_all()  # before the errors go out: a failed request holds no block
-            for rid, stream in list(self._streams.items()):
-                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+            dead = EngineDeadError(f"the engine loop died: {e!r}")
+            self._deliver([], dict.fromkeys(self._streams, dead))
             self._streams.clear()
         finally:
             self._discard_all()
             self._fail_pending_snapshots()
+
+    def _deliver(self, outputs: list[RequestOutput], errors: dict[str, BaseException]) -> None:
+        """Hands a step's errors and outputs to their streams with one wake-up per event loop
+        (not one per request): each wake-up is a context switch that, on a small CPU, takes a
+        core from the step's OpenMP threads and the GIL from its Python."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        rids: dict[asyncio.AbstractEventLoop, list[str]] = {}
+        # Errors first: a request that failed ends with its error, whatever output it also has.
+        for rid, item in (*errors.items(), *((out.request_id, out) for out in outputs)):
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                self._streams.pop(rid, None)  # pop: abort() may have taken it meanwhile
+            batches.setdefault(stream.loop, []).append((stream, item))
+            rids.setdefault(stream.loop, []).append(rid)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_push_all, items)
+            except RuntimeError:  # the loop is closed: nobody awaits these streams any more
+                for rid in rids[loop]:
+                    self._streams.pop(rid, None)
+                    self.engine.discard_request(rid)
 
     def _fail_pending_snapshots(self) -> None:
         for kind, arg in self._pending_commands():

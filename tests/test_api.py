@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -127,6 +128,18 @@ def test_engine_config_reads_environment_settings(monkeypatch):
         engine_config_from_env()
 
 
+def fail_detokenizing_the_doomed_prompt(engine, monkeypatch) -> None:
+    """The request whose prompt is "the doomed prompt" fails in its own bookkeeping at its third token."""
+    detokenize = engine.detokenizer.step
+
+    def failing_for_one(seq):
+        if seq.prompt == "the doomed prompt" and seq.num_output_tokens == 3:
+            raise RuntimeError("injected detokenizer failure")
+        return detokenize(seq)
+
+    monkeypatch.setattr(engine.detokenizer, "step", failing_for_one)
+
+
 # ---- AsyncEngine ---------------------------------------------------------------------------
 
 
@@ -183,12 +196,85 @@ def test_async_stream_yields_growing_outputs_until_finished(async_engine, llm):
         return await collect(async_engine.add_request("s1", "streaming test", params))
 
     items = asyncio.run(main())
-    assert [len(i.outputs[0].token_ids) for i in items] == list(range(1, 9))
-    assert [i.finished for i in items] == [False] * 7 + [True]
+    counts = [len(i.outputs[0].token_ids) for i in items]
+    # One output per step, unless the reader lagged: then it gets the newest (outputs are cumulative).
+    assert counts == sorted(set(counts)) and counts[-1] == 8
+    assert [i.finished for i in items] == [False] * (len(items) - 1) + [True]
     offline = llm.generate("streaming test", params, use_tqdm=False)[0].outputs[0]
     assert items[-1].outputs[0].token_ids == offline.token_ids
     assert items[-1].outputs[0].text == offline.text
     assert items[-1].metrics.first_token_time <= items[-1].metrics.finished_time
+
+
+def test_a_lagging_reader_gets_the_newest_output_with_every_token_since(async_engine, llm):
+    """Outputs are cumulative, so a stream whose reader falls behind the engine holds only the
+    newest: the reader catches up in one read (the server then sends those tokens in one chunk)."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        stream = async_engine.add_request("lagging", "a reader that falls behind", params)
+        first = await stream.__anext__()
+        while async_engine.engine.has_unfinished_requests():  # the event loop is busy elsewhere
+            time.sleep(0.005)
+        return [first] + await collect(stream)
+
+    items = asyncio.run(main())
+    assert len(items) == 2 and [len(i.outputs[0].token_ids) for i in items] == [1, 8] and items[1].finished
+    offline = llm.generate("a reader that falls behind", params, use_tqdm=False)[0].outputs[0]
+    assert (items[1].outputs[0].token_ids, items[1].outputs[0].text) == (offline.token_ids, offline.text)
+
+
+def test_a_step_wakes_the_event_loop_once_for_all_its_requests(async_engine):
+    """Each wake-up of the event loop from the engine thread is a context switch that takes a
+    core from the step; a step's outputs for every request go over in one."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    steps = {"n": 0}
+    step = async_engine.engine.step
+
+    def counted_step():
+        steps["n"] += 1
+        return step()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = {"n": 0}
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            wakeups["n"] += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        async_engine.engine.step = counted_step
+        try:
+            streams = [async_engine.add_request(f"w{i}", f"wake-up {i}", params) for i in range(8)]
+            results = await asyncio.gather(*(collect(s) for s in streams))
+        finally:
+            del async_engine.engine.step
+        return results, wakeups["n"]
+
+    results, wakeups = asyncio.run(main())
+    assert all(r[-1].finished and len(r[-1].outputs[0].token_ids) == 6 for r in results)
+    assert 6 <= wakeups <= steps["n"]  # per request it would be at least 8 x 6
+
+
+def test_one_failing_request_ends_its_stream_with_its_error_and_the_others_finish(async_engine, monkeypatch):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    fail_detokenizing_the_doomed_prompt(async_engine.engine, monkeypatch)
+
+    async def run(prompt):
+        try:
+            return await collect(async_engine.add_request(prompt, prompt, params))
+        except RuntimeError as e:
+            return e
+
+    async def main():
+        return await asyncio.gather(*(run(p) for p in ["first prompt", "the doomed prompt", "third prompt"]))
+
+    first, doomed, third = asyncio.run(main())
+    assert isinstance(doomed, RuntimeError) and "injected detokenizer failure" in str(doomed)
+    assert [len(r[-1].outputs[0].token_ids) for r in (first, third)] == [6, 6]
+    assert_all_blocks_free(async_engine.engine)
 
 
 def test_async_concurrent_requests_all_complete(async_engine):
@@ -320,14 +406,7 @@ def test_generate_returns_a_failed_request_with_finish_reason_error_and_complete
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = ["first prompt", "the doomed prompt", "third prompt"]
     alone = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
-    detokenize = llm.engine.detokenizer.step
-
-    def failing_for_one(seq):
-        if seq.prompt == "the doomed prompt" and seq.num_output_tokens == 3:
-            raise RuntimeError("injected detokenizer failure")
-        return detokenize(seq)
-
-    monkeypatch.setattr(llm.engine.detokenizer, "step", failing_for_one)
+    fail_detokenizing_the_doomed_prompt(llm.engine, monkeypatch)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [out.prompt for out in outs] == prompts and all(out.finished for out in outs)
     assert [out.outputs[0].finish_reason for out in outs] == ["length", "error", "length"]

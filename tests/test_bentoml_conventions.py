@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from opentelemetry.util.http import ExcludeList
 
 from bento_llm.testing import REPO_ROOT, ServerProcess
 from tests.helpers import add_hub_snapshot, make_tiny_llama
@@ -58,6 +59,12 @@ def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_ser
     assert hub_model_service["labels"]["openai_endpoint"] == "/v1"
     assert config["resources"]["cpu"] and config["resources"]["memory"]
     assert config["traffic"]["timeout"] > 0 and config["traffic"]["concurrency"] >= 1
+    # BentoML's tracing would open a span per token streamed: the generation routes stay out of it.
+    traced = ExcludeList(config["tracing"]["excluded_urls"])
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate", "/chat", "/v1/completions?x=1"):
+        assert traced.url_disabled(f"http://127.0.0.1:3000{path}"), path
+    for path in ("/v1/models", "/v1/chat/completions/x", "/tokenize", "/readyz", "/chat2"):
+        assert not traced.url_disabled(f"http://127.0.0.1:3000{path}"), path
     assert image["python_version"] == "3.11" and not image["locked"]  # unlocked: `bentoml build` stays offline
     assert any("g++" in command for command in image["commands"])
     for package in ("torch", "transformers", "fastapi", "huggingface-hub"):

@@ -75,6 +75,34 @@ def test_chat_shape_and_stream_agree(client):
     assert all("usage" not in c for c in plain)
 
 
+def test_a_lagging_stream_sends_the_tokens_it_missed_in_one_chunk(client, runtime, monkeypatch):
+    """While the event loop is busy the engine runs on; the stream then sends every token it
+    missed in one chunk, whose text, logprobs, finish_reason and usage are as if it had kept up."""
+    from bento_llm.chat_output import MessageStream
+
+    request = {"messages": CHAT, **GREEDY, "logprobs": True, "top_logprobs": 2}
+    body = client.post("/v1/chat/completions", json=request).json()
+    delta = MessageStream.delta
+    calls = []
+
+    def busy_after_the_first_token(self, text, finished):
+        calls.append(text)
+        if len(calls) == 1:  # blocks the event loop until the engine has generated everything
+            deadline = time.monotonic() + 60
+            while runtime.engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return delta(self, text, finished)
+
+    monkeypatch.setattr(MessageStream, "delta", busy_after_the_first_token)
+    chunks = events(client.post("/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}))
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert len(calls) == 2 and len(tokens) == 2  # the first token, then the seven it missed
+    assert sum(len(c["choices"][0]["logprobs"]["content"]) for c in tokens) == 8
+    assert "".join(c["choices"][0]["delta"]["content"] for c in tokens) == body["choices"][0]["message"]["content"]
+    assert [lp for c in tokens for lp in c["choices"][0]["logprobs"]["content"]] == body["choices"][0]["logprobs"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"] == body["usage"]
+
+
 def test_max_completion_tokens_and_stop(client):
     body = client.post("/v1/chat/completions", json={"messages": CHAT, "temperature": 0, "max_completion_tokens": 3, "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 3

@@ -41,6 +41,7 @@ def test_settings_defaults_serve_the_default_model(environ):
     s = load_settings({})
     assert s.model == DEFAULT_MODEL and s.model_name == DEFAULT_MODEL
     assert s.api_key is None and s.max_concurrency >= 64 and s.timeout >= 600
+    assert not s.trace_generation  # BentoML's tracing would open a span per token streamed
     assert s.engine_config() == EngineConfig()  # the engine's own defaults, not a copy of them
 
 
@@ -224,6 +225,27 @@ def test_a_server_listening_beyond_loopback_without_a_key_warns(caplog):
 def test_no_api_key_means_open():
     client = TestClient(APIKeyMiddleware(_ok_app, None))
     assert client.get("/v1/models").status_code == 200
+
+
+# ---------------------------------------------------------------- stream chunks
+
+
+@pytest.mark.parametrize("object_name", ["chat.completion.chunk", "text_completion"])
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("model", ["SmolLM2", 'a "choices": [] model', "modèle/ü"])
+def test_pre_rendered_chunks_are_byte_for_byte_the_generic_ones(object_name, include_usage, model):
+    from bento_llm.formatting import chunk
+    from bento_llm.streaming import ChunkEvents, sse
+
+    events = ChunkEvents(object_name, "chatcmpl-1", 1700000000, model, include_usage)
+    for choices in ([], [{"index": 0, "delta": {"content": 'h\u00e9 "quoted"\n'}, "logprobs": None, "finish_reason": None}],
+                    [{"index": 1, "text": "x", "logprobs": {"tokens": ["x"]}, "finish_reason": "stop", "stop_reason": None}] * 2):  # fmt: skip
+        assert events.event(choices) == sse(chunk(object_name, "chatcmpl-1", 1700000000, model, choices, include_usage))
+    for text in ["", " word", 'é "\\ \u2028 \x00']:
+        content = [{"index": 3, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
+        assert events.content(3, text) == sse(chunk(object_name, "chatcmpl-1", 1700000000, model, content, include_usage))
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert events.usage(usage) == sse(chunk(object_name, "chatcmpl-1", 1700000000, model, [], True, usage))
 
 
 # ---------------------------------------------------------------- metrics
