@@ -1,0 +1,169 @@
+"""The token embedding and LM head under quantization: int8 rows with one scale each, looked up
+exactly as the dequantized table's rows, one copy for a tied model's embedding and head, the
+head's accuracy rule on tiny tied and untied models, a GGUF's Q8_0 token_embd read into those
+rows, and a quantized load that finalizes each module as its weights land."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import DEFAULT_MODEL, LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import Linear
+from engine.layers.quant import quantize_int8
+from engine.models.base import CausalLM
+from tests.helpers import make_tiny_llama
+
+PROMPTS = ["The capital of France is", "def fib(n):", "Once upon a time", "Water boils at"]
+
+
+def int8_embedding(weight: torch.Tensor, tied: bool) -> tuple[VocabParallelEmbedding, ParallelLMHead]:
+    embedding = VocabParallelEmbedding(weight.shape[0], weight.shape[1], parallel=None).to(weight.dtype)
+    head = ParallelLMHead(embedding, tied=tied).to(weight.dtype)
+    head.retie()
+    with torch.no_grad():
+        embedding.load_rows(embedding.weight, weight)
+        if not tied:
+            embedding.load_rows(head.weight, weight)
+    assert embedding.finalize("int8") == "int8"
+    assert head.finalize("int8", 32, pack=False) == ("tied int8" if tied else "int8")
+    return embedding, head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_lookup_returns_the_dequantized_tables_rows_exactly(dtype):
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(1000, 96, generator=gen) * 0.05).to(dtype)
+    embedding, _ = int8_embedding(weight, tied=True)
+    assert embedding.weight is None and embedding.quantized.qweight.dtype == torch.int8
+    table = embedding.quantized.qweight.to(dtype) * embedding.quantized.scales[:, None]
+    ids = torch.randint(0, 1000, (300,), generator=gen)  # repeats too
+    rows = embedding(ids)
+    assert rows.dtype == dtype and torch.equal(rows, table[ids])
+    # int8 rows: within half a step (max |row| / 254) of the float rows, plus the scale's rounding.
+    step = weight.float().abs().amax(1, keepdim=True) / 127
+    slack = 0.5 if dtype == torch.float32 else 0.5 + 127 * 2**-8
+    assert ((rows.float() - weight[ids].float()).abs() <= step[ids] * slack * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_int8_lm_head_multiplies_with_the_dequantized_table_within_one_percent_of_float(tied):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(1000, 96, generator=gen)
+    embedding, head = int8_embedding(weight, tied)
+    if tied:
+        assert head.quantized is embedding.quantized and head.weight is None  # one copy serves both
+    table = quantize_int8(weight).dequantize()
+    x = torch.randn(5, 96, generator=gen)
+    with torch.inference_mode():
+        logits = head(x)
+    torch.testing.assert_close(logits, x @ table.t(), atol=1e-4, rtol=1e-4)
+    float_logits = x @ weight.t()
+    assert (logits - float_logits).norm() / float_logits.norm() < 0.01
+
+
+def test_a_tied_model_holds_one_int8_table_for_its_embedding_and_head(tmp_path):
+    reports = {}
+    for tied in (True, False):
+        path = make_tiny_llama(tmp_path, tie_word_embeddings=tied, name=f"tied-{tied}")
+        llm = LLM(path, num_kv_blocks=16, quantization="int4", dtype="float32")
+        runner = llm.engine.runner.model_runner
+        model = runner.model
+        assert model.embed_tokens.weight is None and model.lm_head.weight is None
+        assert (model.lm_head.quantized is model.embed_tokens.quantized) == tied
+        assert model.lm_head.quantized.bits == 8  # int8 even under int4
+        assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix left
+        reports[tied] = runner.memory["weights"]
+        vocab, hidden = model.embed_tokens.num_embeddings, model.embed_tokens.embedding_dim
+        out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 4
+    # The untied model's only extra weight is its head: one int8 table and a float32 scale per row.
+    assert reports[False] - reports[True] == vocab * hidden + vocab * 4
+
+
+def test_embedding_quantization_is_a_validated_setting():
+    assert EngineConfig(quantization="int4").embedding_quantization_method == "int8"
+    assert EngineConfig(quantization="int4", embedding_quantization="none").embedding_quantization_method is None
+    assert EngineConfig().embedding_quantization_method is None  # nothing quantized without `quantization`
+    with pytest.raises(ValueError, match="embedding_quantization"):
+        EngineConfig(quantization="int4", embedding_quantization="int4")
+
+
+def test_embedding_quantization_none_keeps_the_table_in_dtype(tiny_path):
+    llm = LLM(tiny_path, num_kv_blocks=16, quantization="int8", dtype="float32", embedding_quantization="none")
+    model = llm.engine.runner.model_runner.model
+    assert model.embed_tokens.quantized is None and model.embed_tokens.weight.dtype == torch.float32
+
+
+def teacher_forced(llm: LLM, reference: LLM) -> list[tuple[float, bool, float]]:
+    """Along the reference's greedy tokens: per position, (the reference's lead of its top-1
+    over its runner-up, whether both pick the same top-1, |delta logprob| of the token)."""
+    rows = []
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=2)
+    for out in reference.generate(PROMPTS, greedy, use_tqdm=False):
+        ids, tokens = out.prompt_token_ids, out.outputs[0].token_ids
+        ours, theirs = (e.generate([ids + tokens], scored, use_tqdm=False)[0] for e in (llm, reference))
+        for j, token in enumerate(tokens):
+            a, b = ours.prompt_logprobs[len(ids) + j], theirs.prompt_logprobs[len(ids) + j]
+            first, second = sorted(b.values(), reverse=True)[:2]
+            rows.append((first - second, max(a, key=a.get) == max(b, key=b.get), abs(a[token] - b[token])))
+    return rows
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_int8_head_keeps_every_greedy_token_that_leads_by_a_quarter_nat(tmp_path, tied):
+    """The accuracy rule of the int8 embedding and head, against the same int4 model with them in
+    float (float32 activations, so the head is the only difference), teacher-forced along the
+    float head's greedy tokens (4 prompts x 16): every position where its top-1 leads the
+    runner-up by more than 0.25 nats keeps its top-1, and the median |delta logprob| is under
+    0.05. Measured on these tiny random models (whose logits are flat: a third of positions lead
+    by 0.5): flips only at leads under 0.13, median 0.02-0.03, worst 0.34."""
+    path = make_tiny_llama(tmp_path, tie_word_embeddings=tied)
+    settings = dict(num_kv_blocks=64, quantization="int4", dtype="float32")
+    rows = teacher_forced(LLM(path, **settings), LLM(path, embedding_quantization="none", **settings))
+    assert all(same for lead, same, _ in rows if lead > 0.25), [r for r in rows if not r[1]]
+    deltas = sorted(delta for _, _, delta in rows)
+    assert deltas[len(deltas) // 2] < 0.05, deltas
+
+
+def test_a_quantized_load_finalizes_each_projection_while_later_weights_still_stream(tiny_path, monkeypatch):
+    """No float copy of the whole model: halfway through the checkpoint's tensors, earlier
+    projections are already quantized (their float weights dropped)."""
+    load_weights = CausalLM.load_weights
+    quantized_when_read: list[int] = []
+
+    def watched(self, weights, source, on_module_loaded=None):
+        def stream():
+            for name, weight in weights:
+                quantized_when_read.append(sum(isinstance(m, Linear) and m.quantized is not None for m in self.modules()))
+                yield name, weight
+        return load_weights(self, stream(), source, on_module_loaded)
+
+    monkeypatch.setattr(CausalLM, "load_weights", watched)
+    llm = LLM(tiny_path, num_kv_blocks=16, quantization="int4", dtype="float32")
+    assert llm.engine.runner.model_runner.model.layers[-1].mlp.down_proj.quantized is not None
+    assert quantized_when_read == sorted(quantized_when_read)
+    assert quantized_when_read[len(quantized_when_read) // 2] > 0
+
+
+@pytest.mark.slow  # loads the default model: ~30 s on a loaded machine
+def test_the_default_models_q8_0_token_embd_becomes_its_int8_rows():
+    """The default model's token_embd is Q8_0 (int8 in groups of 32): with quantization it is
+    re-quantized to one scale per row (what the tied head's matmul reads), from gguf's own
+    dequantization of the file's blocks, not kept as a float table."""
+    gguf = pytest.importorskip("gguf")
+    from engine.loader import default_gguf_path
+
+    reader = gguf.GGUFReader(str(default_gguf_path()))
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type.name == "Q8_0"
+    expected = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+    llm = LLM(DEFAULT_MODEL, num_kv_blocks=16, quantization="int4", dtype="float32")
+    embedding = llm.engine.runner.model_runner.model.embed_tokens
+    q = quantize_int8(expected)
+    assert torch.equal(embedding.quantized.qweight, q.codes)
+    torch.testing.assert_close(embedding.quantized.scales, q.scale.reshape(-1), rtol=0, atol=0)
