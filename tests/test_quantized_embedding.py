@@ -5,6 +5,8 @@ rows, and a quantized load that finalizes each module as its weights land."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,6 @@ import torch
 from engine import DEFAULT_MODEL, LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.linear import Linear
 from engine.layers.quant import quantize_int8
 from engine.models.base import CausalLM
 from tests.helpers import make_tiny_llama
@@ -130,24 +131,29 @@ def test_the_int8_head_keeps_every_greedy_token_that_leads_by_a_quarter_nat(tmp_
     assert deltas[len(deltas) // 2] < 0.05, deltas
 
 
-def test_a_quantized_load_finalizes_each_projection_while_later_weights_still_stream(tiny_path, monkeypatch):
-    """No float copy of the whole model: halfway through the checkpoint's tensors, earlier
-    projections are already quantized (their float weights dropped)."""
+def test_a_quantized_load_frees_each_float_weight_while_later_weights_still_stream(tiny_path, monkeypatch):
+    """No float copy of the whole model: halfway through the checkpoint's tensors, the float
+    weights of the projections loaded so far are gone (nothing holds them: quantized as their
+    module completed), and by the end every float matrix is."""
     load_weights = CausalLM.load_weights
-    quantized_when_read: list[int] = []
+    freed_when_read: list[int] = []
 
     def watched(self, weights, source, on_module_loaded=None):
+        floats = [weakref.ref(p) for p in self.parameters() if p.dim() == 2]
+
         def stream():
             for name, weight in weights:
-                quantized_when_read.append(sum(isinstance(m, Linear) and m.quantized is not None for m in self.modules()))
+                freed_when_read.append(sum(ref() is None for ref in floats))
                 yield name, weight
+            freed_when_read.append(sum(ref() is None for ref in floats))
         return load_weights(self, stream(), source, on_module_loaded)
 
     monkeypatch.setattr(CausalLM, "load_weights", watched)
     llm = LLM(tiny_path, num_kv_blocks=16, quantization="int4", dtype="float32")
-    assert llm.engine.runner.model_runner.model.layers[-1].mlp.down_proj.quantized is not None
-    assert quantized_when_read == sorted(quantized_when_read)
-    assert quantized_when_read[len(quantized_when_read) // 2] > 0
+    floats = sum(1 for _ in llm.engine.runner.model_runner.model.layers) * 4 + 1 + (not llm.engine.model_config.tie_word_embeddings)
+    assert freed_when_read == sorted(freed_when_read)
+    assert 0 < freed_when_read[len(freed_when_read) // 2] < floats
+    assert freed_when_read[-1] == floats
 
 
 @pytest.mark.slow  # loads the default model: ~30 s on a loaded machine

@@ -141,9 +141,10 @@ class CausalLM(nn.Module):
         reads only this rank's part of a lazy slice); every parameter must be covered exactly
         once. on_module_loaded(module) runs as soon as all of a module's own weights are in."""
         params = dict(self.named_parameters())
+        expected = {(name, s) for name in params for s in self._loader(name)[1]}
         expected_by_module: dict[str, set[tuple[str, object]]] = {}
-        for name in params:
-            expected_by_module.setdefault(name.rpartition(".")[0], set()).update((name, s) for s in self._loader(name)[1])
+        for name, s in expected:
+            expected_by_module.setdefault(name.rpartition(".")[0], set()).add((name, s))
         loaded: set[tuple[str, object]] = set()
         for hf_name, weight in weights:
             name = self.hf_to_param_name(hf_name)
@@ -161,8 +162,9 @@ class CausalLM(nn.Module):
             loaded.update((name, s) for s in (shard_ids if shard_id is None else (shard_id,)))
             module_name = name.rpartition(".")[0]
             if on_module_loaded is not None and expected_by_module[module_name] <= loaded:
+                for done, _ in expected_by_module[module_name]:
+                    params.pop(done, None)  # holding the Parameter would keep its float storage alive
                 on_module_loaded(self.get_submodule(module_name))
-        expected = {(name, s) for name in params for s in self._loader(name)[1]}
         missing = sorted(f"{name}#{s}" if s is not None else name for name, s in expected - loaded)
         if missing:
             raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
