@@ -14,7 +14,7 @@ import torch
 from engine import DEFAULT_MODEL, LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.quant import quantize_int8
+from engine.layers.quant import QuantizedWeight, quantize_int8
 from engine.models.base import CausalLM
 from tests.helpers import make_tiny_llama
 
@@ -66,23 +66,45 @@ def test_the_int8_lm_head_multiplies_with_the_dequantized_table_within_one_perce
     assert (logits - float_logits).norm() / float_logits.norm() < 0.01
 
 
-def test_a_tied_model_holds_one_int8_table_for_its_embedding_and_head(tmp_path):
-    reports = {}
-    for tied in (True, False):
-        path = make_tiny_llama(tmp_path, tie_word_embeddings=tied, name=f"tied-{tied}")
-        llm = LLM(path, num_kv_blocks=16, quantization="int4", dtype="float32")
-        runner = llm.engine.runner.model_runner
-        model = runner.model
-        assert model.embed_tokens.weight is None and model.lm_head.weight is None
-        assert (model.lm_head.quantized is model.embed_tokens.quantized) == tied
-        assert model.lm_head.quantized.bits == 8  # int8 even under int4
-        assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix left
-        reports[tied] = runner.memory["weights"]
-        vocab, hidden = model.embed_tokens.num_embeddings, model.embed_tokens.embedding_dim
-        out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
-        assert len(out.outputs[0].token_ids) == 4
-    # The untied model's only extra weight is its head: one int8 table and a float32 scale per row.
-    assert reports[False] - reports[True] == vocab * hidden + vocab * 4
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_model_holds_one_int8_table_for_its_embedding_and_head(tmp_path, tied):
+    path = make_tiny_llama(tmp_path, tie_word_embeddings=tied)
+    llm = LLM(path, num_kv_blocks=16, quantization="int4", dtype="float32")
+    runner = llm.engine.runner.model_runner
+    model = runner.model
+    embedding, head = model.embed_tokens, model.lm_head
+    assert embedding.weight is None and head.weight is None
+    assert head.quantized.bits == 8  # int8 even under int4
+    assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix left
+    if tied:  # one copy, counted once in the resident report
+        assert head.quantized is embedding.quantized and embedding.grouped is None
+        everything = sum(b.nbytes for _, b in model.named_buffers(remove_duplicate=False) if not _.startswith("rotary."))
+        table = embedding.quantized.qweight.nbytes + embedding.quantized.scales.nbytes
+        assert runner.memory["weights"] == everything + sum(p.nbytes for p in model.parameters()) - table
+    else:  # gathered only: in the projections' format, int4 groups
+        assert embedding.quantized is None and (embedding.grouped.bits, embedding.grouped.group_size) == (4, 32)
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 96)])
+def test_an_untied_tables_grouped_rows_are_its_codes_dequantized_exactly(bits, group):
+    """An untied table keeps the codes it is given (a GGUF's Q4_0/Q4_1/Q4_K as int4 groups of
+    32, Q8_0 as int8 groups of 32) and a lookup returns exactly their dequantized rows."""
+    gen = torch.Generator().manual_seed(bits + group)
+    rows, cols = 300, 192
+    if bits == 4:
+        codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8, generator=gen)
+        zero = torch.randn(rows, cols // group, generator=gen) * 0.01
+    else:
+        codes, zero = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen), None
+    q = QuantizedWeight(bits, codes, torch.rand(rows, cols // group, generator=gen) * 0.01, zero, group)
+    embedding = VocabParallelEmbedding(rows, cols, parallel=None)
+    embedding.load_rows(embedding.weight, q)
+    assert embedding.finalize("int8", "int4", 32) == ("int8" if group == cols else f"int{bits} groups of {group}")
+    assert embedding.weight is None and embedding.grouped.codes.nbytes == rows * cols * bits // 8
+    ids = torch.randint(0, rows, (500,), generator=gen)
+    assert torch.equal(embedding(ids), q.dequantize()[ids])
 
 
 def test_embedding_quantization_is_a_validated_setting():
@@ -115,16 +137,18 @@ def teacher_forced(llm: LLM, reference: LLM) -> list[tuple[float, bool, float]]:
     return rows
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_int8_head_keeps_every_greedy_token_that_leads_by_a_quarter_nat(tmp_path, tied):
-    """The accuracy rule of the int8 embedding and head, against the same int4 model with them in
-    float (float32 activations, so the head is the only difference), teacher-forced along the
-    float head's greedy tokens (4 prompts x 16): every position where its top-1 leads the
-    runner-up by more than 0.25 nats keeps its top-1, and the median |delta logprob| is under
-    0.05. Measured on these tiny random models (whose logits are flat: a third of positions lead
-    by 0.5): flips only at leads under 0.13, median 0.02-0.03, worst 0.34."""
+@pytest.mark.parametrize("tied,quantization", [(True, "int4"), (False, "int8")])
+def test_the_int8_head_keeps_every_greedy_token_that_leads_by_a_quarter_nat(tmp_path, tied, quantization):
+    """The accuracy rule of the int8 head (and int8 embedding rows), against the same quantized
+    model with them in float (float32 activations, so they are the only difference; untied
+    under int8, since under int4 its embedding is int4 groups, a rounding of the inputs like any
+    int4 projection's), teacher-forced along the float head's greedy tokens (4 prompts x 16):
+    every position where its top-1 leads the runner-up by more than 0.25 nats keeps its top-1,
+    and the median |delta logprob| is under 0.05. Measured on these tiny random models (whose
+    logits are flat: a third of positions lead by 0.5): flips only at leads under 0.13, median
+    0.02-0.03, worst 0.34."""
     path = make_tiny_llama(tmp_path, tie_word_embeddings=tied)
-    settings = dict(num_kv_blocks=64, quantization="int4", dtype="float32")
+    settings = dict(num_kv_blocks=64, quantization=quantization, dtype="float32")
     rows = teacher_forced(LLM(path, **settings), LLM(path, embedding_quantization="none", **settings))
     assert all(same for lead, same, _ in rows if lead > 0.25), [r for r in rows if not r[1]]
     deltas = sorted(delta for _, _, delta in rows)
@@ -158,9 +182,9 @@ def test_a_quantized_load_frees_each_float_weight_while_later_weights_still_stre
 
 @pytest.mark.slow  # loads the default model: ~30 s on a loaded machine
 def test_the_default_models_q8_0_token_embd_becomes_its_int8_rows():
-    """The default model's token_embd is Q8_0 (int8 in groups of 32): with quantization it is
-    re-quantized to one scale per row (what the tied head's matmul reads), from gguf's own
-    dequantization of the file's blocks, not kept as a float table."""
+    """The default model's token_embd is Q8_0 (int8 in groups of 32), read from the file's
+    blocks: tied, it is re-quantized to one scale per row (what the head's matmul reads) from
+    exactly gguf's own dequantization, not kept as a float table."""
     gguf = pytest.importorskip("gguf")
     from engine.loader import default_gguf_path
 
@@ -173,3 +197,11 @@ def test_the_default_models_q8_0_token_embd_becomes_its_int8_rows():
     q = quantize_int8(expected)
     assert torch.equal(embedding.quantized.qweight, q.codes)
     torch.testing.assert_close(embedding.quantized.scales, q.scale.reshape(-1), rtol=0, atol=0)
+    # What the loader reads: the file's own Q8_0 codes (an untied table would keep them as they are).
+    from engine.gguf_weights import weights_keeping_gguf_blocks
+    from engine.loader import load_model_source
+
+    weights = weights_keeping_gguf_blocks(load_model_source(DEFAULT_MODEL), llm.engine.model_config)
+    read = next(w for name, w in weights if name == "model.embed_tokens.weight")
+    assert isinstance(read, QuantizedWeight) and (read.bits, read.group_size) == (8, 32)
+    assert torch.equal(read.dequantize(), expected)

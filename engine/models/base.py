@@ -100,7 +100,7 @@ class CausalLM(nn.Module):
         if module in layouts:
             return
         if isinstance(module, VocabParallelEmbedding):
-            layouts[module] = module.finalize(embedding_quantization)
+            layouts[module] = module.finalize(embedding_quantization, quantization, group_size)
         elif isinstance(module, ParallelLMHead):
             layouts[module] = module.finalize(embedding_quantization, group_size, pack)
         elif isinstance(module, Linear):
