@@ -78,7 +78,8 @@ def test_a_tied_model_holds_one_int8_table_for_its_embedding_and_head(tmp_path, 
     assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix left
     if tied:  # one copy, counted once in the resident report
         assert head.quantized is embedding.quantized and embedding.grouped is None
-        everything = sum(b.nbytes for _, b in model.named_buffers(remove_duplicate=False) if not _.startswith("rotary."))
+        buffers = model.named_buffers(remove_duplicate=False)  # the shared table twice
+        everything = sum(b.nbytes for name, b in buffers if not name.startswith("rotary."))
         table = embedding.quantized.qweight.nbytes + embedding.quantized.scales.nbytes
         assert runner.memory["weights"] == everything + sum(p.nbytes for p in model.parameters()) - table
     else:  # gathered only: in the projections' format, int4 groups
@@ -174,7 +175,8 @@ def test_a_quantized_load_frees_each_float_weight_while_later_weights_still_stre
 
     monkeypatch.setattr(CausalLM, "load_weights", watched)
     llm = LLM(tiny_path, num_kv_blocks=16, quantization="int4", dtype="float32")
-    floats = sum(1 for _ in llm.engine.runner.model_runner.model.layers) * 4 + 1 + (not llm.engine.model_config.tie_word_embeddings)
+    # 4 projections per layer, the embedding, and an untied head.
+    floats = len(llm.engine.runner.model_runner.model.layers) * 4 + 1 + (not llm.engine.model_config.tie_word_embeddings)
     assert freed_when_read == sorted(freed_when_read)
     assert 0 < freed_when_read[len(freed_when_read) // 2] < floats
     assert freed_when_read[-1] == floats

@@ -48,7 +48,7 @@ class VocabParallelEmbedding(nn.Embedding):
         if isinstance(part, QuantizedWeight):
             if param is self.weight and self.tied_head is None:  # kept as it is if finalize quantizes
                 self.file_codes = part
-            part = part.dequantize()  # the float table, in case it is not
+            part = part.dequantize()  # the float table too, for a finalize that keeps it or re-quantizes
         param.data[self.real_rows :].zero_()
         param.data[: self.real_rows].copy_(part)
 
@@ -65,8 +65,9 @@ class VocabParallelEmbedding(nn.Embedding):
             self.quantized = PackedQuantizedWeight(int8_rows(weight), weight.dtype, weight.device)
             self.tied_head.share(self.quantized)
         else:
-            q = file_codes if file_codes is not None and self.real_rows == self.num_embeddings else None
-            self.grouped = GroupedRows(q if q is not None else quantize_table(weight, projections or "int8", group_size), weight.dtype)
+            if file_codes is None or self.real_rows != self.num_embeddings:  # (a padded rank re-quantizes)
+                file_codes = quantize_table(weight, projections or "int8", group_size)
+            self.grouped = GroupedRows(file_codes, weight.dtype)
         self.weight = None
         if self.grouped is None or self.grouped.group_size == self.embedding_dim:
             return "int8"
