@@ -114,6 +114,10 @@ def test_embedding_quantization_is_a_validated_setting():
     assert EngineConfig().embedding_quantization_method is None  # nothing quantized without `quantization`
     with pytest.raises(ValueError, match="embedding_quantization"):
         EngineConfig(quantization="int4", embedding_quantization="int4")
+    from bento_llm.settings import load_settings
+
+    config = load_settings({"quantization": "int4", "embedding_quantization": "none"}).engine_config()
+    assert config.embedding_quantization_method is None
 
 
 def test_embedding_quantization_none_keeps_the_table_in_dtype(tiny_path):
