@@ -2,6 +2,7 @@
 
     python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4, then a
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
+                                                # (groups of --group-size and of 128)
     python bench/bench_quant.py --skip-3b --threads 2
 
 Each format runs in its own process (resident memory is per process): it loads the model with
@@ -153,11 +154,14 @@ def main() -> None:
         return
     print("\nwriting the 3B-shaped checkpoint (once) ...", flush=True)
     path = write_3b_checkpoint(Path(args.scratch))
-    print("3B-shaped, int4 ...", flush=True)
-    spec = dict(common, model=path, dtype="bfloat16", quantization="int4", max_tokens=max(4, args.max_tokens // 4), batches=[1, 16])
-    result = in_subprocess(spec)
-    print(f"\nLlama-3.2-3B-shaped random checkpoint, int4 group {args.group_size}, 1 GiB KV cache\n")
-    print(table([("int4", result)], [1, 16]))
+    rows = []
+    for group in sorted({args.group_size, 128}):  # 128: GPTQ/AWQ's usual group, 0.03 byte of scales per weight
+        print(f"3B-shaped, int4 group {group} ...", flush=True)
+        spec = dict(common, model=path, dtype="bfloat16", quantization="int4", group_size=group,
+                    max_tokens=max(4, args.max_tokens // 4), batches=[1, 16])
+        rows.append((f"int4 group {group}", in_subprocess(spec)))
+    print("\nLlama-3.2-3B-shaped random checkpoint, int4 (embedding and tied head: int8 rows), 1 GiB KV cache\n")
+    print(table(rows, [1, 16]))
 
 
 if __name__ == "__main__":

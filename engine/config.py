@@ -22,6 +22,10 @@ ATTENTION_BACKENDS = ("cpu", "torch", "triton")
 # Weight-only quantization at load (engine/layers/quant.py) and its group sizes (input columns).
 QUANTIZATIONS = ("int8", "int4")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
+# The token embedding and LM head under quantization (engine/layers/embedding.py): "int8" rows
+# with one scale each (a tied head multiplies with the same codes), "none" keeps them in dtype;
+# "auto" is int8 on CPU and none on CUDA (which has no int8 matmul op to multiply them with).
+EMBEDDING_QUANTIZATIONS = ("auto", "int8", "none")
 # KV cache element types: the model's dtype ("auto"), a float type, or 8 bits with a float16
 # scale per token and KV head (kernels/reference.py): int8 (absmax / 127, the more accurate) or
 # fp8_e4m3 (absmax / 448). 8 bits hold 2 * head_dim / (head_dim + 2) times the tokens of 16.
@@ -46,9 +50,13 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # None (or "none"): weights in dtype. "int8": one scale per output row. "int4": affine
     # groups of quantization_group_size input columns; a GGUF's Q4_0/Q4_1/Q4_K tensors load
-    # as they are (group 32). The LM head, embedding and norms stay in dtype.
+    # as they are (group 32). Norms stay in dtype; the embedding and LM head follow
+    # embedding_quantization.
     quantization: str | None = None
     quantization_group_size: int = 32
+    # With quantization set: the embedding and LM head in int8 rows even under int4 (the head
+    # decides every token, as llama.cpp's Q4_K_M keeps them at higher precision), or "none".
+    embedding_quantization: str = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
@@ -107,6 +115,11 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.quantization_group_size must be one of {QUANTIZATION_GROUP_SIZES}, "
                 f"got {self.quantization_group_size}"
+            )
+        if self.embedding_quantization not in EMBEDDING_QUANTIZATIONS:
+            raise ValueError(
+                f"EngineConfig.embedding_quantization must be one of {EMBEDDING_QUANTIZATIONS}, "
+                f"got {self.embedding_quantization!r}"
             )
         if self.quantization == "int4" and self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError("EngineConfig.quantization 'int4' on CUDA runs in bfloat16 only: set dtype 'bfloat16' or 'auto'")
@@ -171,6 +184,15 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def embedding_quantization_method(self) -> str | None:
+        """How the embedding and LM head are stored: "int8", or None (in dtype)."""
+        if self.quantization is None or self.embedding_quantization == "none":
+            return None
+        if self.embedding_quantization == "auto" and self.device.startswith("cuda"):
+            return None
+        return "int8"
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         if self.dtype != "auto":

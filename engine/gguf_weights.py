@@ -5,7 +5,9 @@ are all affine int4 in groups of 32, so their codes are kept bit for bit and onl
 scales become float32 scale/zero (value = (q - 8) * scale + zero): no float weight is made.
 Q8_0 (d * q, int8 groups of 32) is read as group-32 int8, which the int8 layout (one scale per
 row) and int4 re-quantize, logged. Other types (Q6_K, F16, ...) come from the converted float
-copy and are quantized at load like any float checkpoint.
+copy and are quantized at load like any float checkpoint. token_embd is read the same way: an
+untied embedding keeps these codes as they are (gathered, never multiplied with); a tied one
+becomes the LM head's int8 rows.
 
 llama.cpp stores a llama model's q/k rows permuted for its rotary layout; as in transformers'
 conversion, the rows are put back (a row permutation: exact on codes).
@@ -27,7 +29,8 @@ from engine.parallel_state import read_all
 
 logger = logging.getLogger(__name__)
 
-_PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+# Projections, and the token embedding (engine/layers/embedding.py keeps an untied one's codes).
+_PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|embed_tokens)\.weight$")
 
 
 def _halves(raw: torch.Tensor) -> torch.Tensor:

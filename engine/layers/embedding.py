@@ -2,15 +2,30 @@
 
 Rank r holds rows [r * rows, (r + 1) * rows) with rows = ceil(vocab_size / world_size); the
 last rank's rows past vocab_size are padding, zero in both (so padded logits are 0, cut off
-after the gather)."""
+after the gather).
+
+Quantized (EngineConfig.embedding_quantization, with `quantization` set), the LM head and a
+table tied to it become int8 rows with one scale each: a lookup gathers the rows' codes and
+scales them (exactly the rows of the dequantized table), and the tied head multiplies with the
+same codes, so one copy serves both. int8 even under int4: the head's logits decide every token
+(llama.cpp's Q4_K_M keeps token_embd/output at 6-8 bits too); for a 3B model with a 128k
+vocabulary it halves the largest tensor (788 MB in bfloat16). An untied table is only gathered
+from, never multiplied with, so it takes the projections' format (GroupedRows: int4 groups under
+int4), and a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 token_embd keeps its own codes.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import Linear, check_shape, set_loader
+from engine.layers.linear import Linear, check_shape, place_rows, set_loader
+from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8
 from engine.parallel_state import ParallelState, rank_and_size, read_part
+
+# Rows quantized at a time: quantize_int8 works in float32, 1.5 GB for a whole 128k x 3072 table.
+_QUANTIZE_ROWS = 8192
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -21,27 +36,110 @@ class VocabParallelEmbedding(nn.Embedding):
         self.parallel = parallel
         self.vocab_size, self.vocab_start = vocab_size, rank * rows
         self.real_rows = max(0, min(rows, vocab_size - self.vocab_start))
+        self.register_module("quantized", None)  # tied: int8 codes [rows, hidden], a scale per row
+        self.register_module("grouped", None)  # untied: GroupedRows
+        self.tied_head: ParallelLMHead | None = None  # set by a head that shares the table
+        self.file_codes: QuantizedWeight | None = None  # a GGUF token_embd's own codes
         set_loader(self, "weight", self.load_rows)
 
     def load_rows(self, param: nn.Parameter, weight, shard_id=None) -> None:
         check_shape(weight, (self.vocab_size, param.shape[1]))
+        part = read_part(weight, 0, self.vocab_start, self.real_rows)
+        if isinstance(part, QuantizedWeight):
+            if param is self.weight and self.tied_head is None:  # kept as it is if finalize quantizes
+                self.file_codes = part
+            part = part.dequantize()  # the float table too, for a finalize that keeps it or re-quantizes
         param.data[self.real_rows :].zero_()
-        param.data[: self.real_rows].copy_(read_part(weight, 0, self.vocab_start, self.real_rows))
+        param.data[: self.real_rows].copy_(part)
+
+    def finalize(self, quantization: str | None, projections: str | None = None, group_size: int = 32) -> str:
+        """After loading: the table kept in dtype (quantization None), or tied, int8 rows
+        ("int8"); untied, in the projections' format (a GGUF's own codes where it has them)."""
+        file_codes, self.file_codes = self.file_codes, None
+        if quantization is None:
+            return "float"
+        if quantization != "int8":
+            raise ValueError(f"the embedding is stored as int8 rows or in dtype, not {quantization!r}")
+        weight = self.weight.detach()
+        if self.tied_head is not None:
+            self.quantized = PackedQuantizedWeight(int8_rows(weight), weight.dtype, weight.device)
+            self.tied_head.share(self.quantized)
+        else:
+            if file_codes is None or self.real_rows != self.num_embeddings:  # (a padded rank re-quantizes)
+                file_codes = quantize_table(weight, projections or "int8", group_size)
+            self.grouped = GroupedRows(file_codes, weight.dtype)
+        self.weight = None
+        if self.grouped is None or self.grouped.group_size == self.embedding_dim:
+            return "int8"
+        return f"int{self.grouped.bits} groups of {self.grouped.group_size}"
+
+    def lookup(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.grouped is not None:
+            return self.grouped(token_ids)
+        if self.quantized is None:
+            return F.embedding(token_ids, self.weight)
+        codes, scales = self.quantized.qweight, self.quantized.scales
+        return codes[token_ids].to(scales.dtype) * scales[token_ids, None]
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:
-            return super().forward(token_ids)
+            return self.lookup(token_ids)
         # Each rank embeds the ids in its rows (zeros for the rest); the all-reduce fills them in.
         local = token_ids - self.vocab_start
         mine = (local >= 0) & (local < self.num_embeddings)
-        x = super().forward(local.clamp(0, self.num_embeddings - 1)) * mine[:, None].to(self.weight.dtype)
-        return self.parallel.all_reduce(x)
+        x = self.lookup(local.clamp(0, self.num_embeddings - 1))
+        return self.parallel.all_reduce(x * mine[:, None].to(x.dtype))
+
+
+class GroupedRows(nn.Module):
+    """An embedding table no matmul reads, as buffers: codes (int8 [rows, cols], or int4 two per
+    byte [rows, cols / 2], element 2j in the low nibble) and a scale (int4: and a zero) per group
+    of group_size columns, in dtype. A lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        codes = q.codes if q.bits == 8 else q.codes[:, 0::2] | (q.codes[:, 1::2] << 4)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", q.scale.to(dtype))
+        self.register_buffer("zeros", None if q.zero is None else q.zero.to(dtype))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        codes = self.codes[token_ids]
+        if self.bits == 4:
+            codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)
+        scale = self.scales[token_ids].repeat_interleave(self.group_size, dim=-1)
+        if self.bits == 8:
+            return codes.to(scale.dtype) * scale
+        return (codes.to(scale.dtype) - 8) * scale + self.zeros[token_ids].repeat_interleave(self.group_size, dim=-1)
+
+
+def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> QuantizedWeight:
+    """A gather-only table in `method`'s format: int4 groups (where a group divides the width),
+    else int8 rows."""
+    group = int4_group_size(weight.shape[1], group_size) if method == "int4" else None
+    if group is None:
+        return int8_rows(weight)
+    parts = [quantize_int4(weight[i : i + _QUANTIZE_ROWS], group) for i in range(0, weight.shape[0], _QUANTIZE_ROWS)]
+    return QuantizedWeight(4, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           torch.cat([p.zero for p in parts]), group)
+
+
+def int8_rows(weight: torch.Tensor) -> QuantizedWeight:
+    """quantize_int8 (one scale per row), a few thousand rows at a time so its float32 working
+    copy stays small."""
+    rows, cols = weight.shape
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, _QUANTIZE_ROWS):
+        q = quantize_int8(weight[start : start + _QUANTIZE_ROWS])
+        codes[start : start + _QUANTIZE_ROWS], scale[start : start + _QUANTIZE_ROWS] = q.codes, q.scale
+    return QuantizedWeight(8, codes, scale, None, cols)
 
 
 class ParallelLMHead(Linear):
-    """This rank's vocabulary rows of the output projection; tied, it is the embedding's weight."""
-
-    quantizable = False  # its logits decide every token; the embedding stays in dtype too
+    """This rank's vocabulary rows of the output projection; tied, it is the embedding's weight
+    (or, quantized, the embedding's int8 codes: one copy)."""
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool):
         super().__init__(embedding.embedding_dim, embedding.num_embeddings, bias=False)
@@ -49,13 +147,24 @@ class ParallelLMHead(Linear):
         self.tied = tied
         if tied:
             self.weight = embedding.weight
+            object.__setattr__(embedding, "tied_head", self)  # not a submodule of the embedding
         else:
             set_loader(self, "weight", embedding.load_rows)
 
     def finalize(self, quantization: str | None, group_size: int, pack: bool) -> str:
+        """quantization: the embedding's ("int8" or None), never the projections' int4."""
         if self.tied:  # a packed copy would be a second copy of the embedding table
-            return "tied"
+            return "tied int8" if self.quantized is not None else "tied"
+        if quantization == "int8":  # quantized in row chunks, then kept as is by Linear.finalize
+            place_rows(self.weight, 0, int8_rows(self.weight.detach()))
+        elif quantization is not None:
+            raise ValueError(f"the LM head is stored as int8 rows or in dtype, not {quantization!r}")
         return super().finalize(quantization, group_size, pack)
+
+    def share(self, quantized: PackedQuantizedWeight) -> None:
+        """Tied: multiply with the embedding's int8 codes; the float table is gone."""
+        self.weight = None
+        self.quantized = quantized
 
     def retie(self) -> None:
         """After the model moved (to_empty, a dtype cast), share the embedding's tensor again."""

@@ -64,7 +64,8 @@ class Linear(nn.Linear):
     at 4-200 rows in float32, about 2x at any row count in bfloat16), else the float weight.
     The float weight is dropped after packing or quantizing."""
 
-    # The LM head stays in float: its logits decide every token (vLLM also leaves it unquantized).
+    # A subclass that must stay in float sets False (the LM head is given its own method instead:
+    # int8 or none, engine/layers/embedding.py).
     quantizable = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):

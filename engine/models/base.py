@@ -10,7 +10,7 @@ layout).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -91,10 +91,27 @@ class CausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.data = module.weight.data.float()
 
-    def finalize_weights(self, quantization: str | None, group_size: int, pack: bool) -> Counter:
-        """After loading: every projection into the one layout its matmul reads (quantized,
-        oneDNN-packed, or float); how many took each layout."""
-        return Counter(m.finalize(quantization, group_size, pack) for m in self.modules() if isinstance(m, Linear))
+    def finalize_module(self, module: nn.Module, quantization: str | None, group_size: int, pack: bool,
+                        embedding_quantization: str | None = None) -> None:
+        """A loaded projection (or the embedding) into the one layout its matmul reads
+        (quantized, oneDNN-packed, or float), once. Called as each module's last weight lands,
+        so a quantized load holds one module's float weight at a time, not the whole model's."""
+        layouts = self.__dict__.setdefault("layouts", {})
+        if module in layouts:
+            return
+        if isinstance(module, VocabParallelEmbedding):
+            layouts[module] = module.finalize(embedding_quantization, quantization, group_size)
+        elif isinstance(module, ParallelLMHead):
+            layouts[module] = module.finalize(embedding_quantization, group_size, pack)
+        elif isinstance(module, Linear):
+            layouts[module] = module.finalize(quantization, group_size, pack)
+
+    def finalize_weights(self, quantization: str | None, group_size: int, pack: bool,
+                         embedding_quantization: str | None = None) -> Counter:
+        """After loading: every module not finalized yet; how many took each layout."""
+        for m in self.modules():
+            self.finalize_module(m, quantization, group_size, pack, embedding_quantization)
+        return Counter(self.__dict__["layouts"].values())
 
     def hf_to_param_name(self, hf_name: str) -> str | None:
         """The parameter a checkpoint tensor loads into (before fusing), or None to skip it."""
@@ -118,11 +135,16 @@ class CausalLM(nn.Module):
         module_name, _, local = param_name.rpartition(".")
         return loader_of(self.get_submodule(module_name), local)
 
-    def load_weights(self, weights: Iterable[tuple[str, object]], source: str) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, object]], source: str,
+                     on_module_loaded: Callable[[nn.Module], None] | None = None) -> None:
         """Copy Hugging Face-named weights in, each through its parameter's weight_loader (which
         reads only this rank's part of a lazy slice); every parameter must be covered exactly
-        once."""
+        once. on_module_loaded(module) runs as soon as all of a module's own weights are in."""
         params = dict(self.named_parameters())
+        expected = {(name, s) for name in params for s in self._loader(name)[1]}
+        expected_by_module: dict[str, set[tuple[str, object]]] = {}
+        for name, s in expected:
+            expected_by_module.setdefault(name.rpartition(".")[0], set()).add((name, s))
         loaded: set[tuple[str, object]] = set()
         for hf_name, weight in weights:
             name = self.hf_to_param_name(hf_name)
@@ -138,7 +160,11 @@ class CausalLM(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{source}: weight {hf_name!r} {e}") from None
             loaded.update((name, s) for s in (shard_ids if shard_id is None else (shard_id,)))
-        expected = {(name, s) for name in params for s in self._loader(name)[1]}
+            module_name = name.rpartition(".")[0]
+            if on_module_loaded is not None and expected_by_module[module_name] <= loaded:
+                for done, _ in expected_by_module[module_name]:
+                    params.pop(done, None)  # holding the Parameter would keep its float storage alive
+                on_module_loaded(self.get_submodule(module_name))
         missing = sorted(f"{name}#{s}" if s is not None else name for name, s in expected - loaded)
         if missing:
             raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
