@@ -146,7 +146,7 @@ def test_decode_attention_refuses_block_tables_that_point_outside_the_cache(gen)
 
 
 # ---------------------------------------------------------------- paged (prefill) attention
-# The kernel's tiles: 192 query rows (tokens x query heads of a KV head), 128 keys; a unit of work
+# The kernel's tiles: 192 query rows (tokens x query heads of a KV head), 256 keys; a unit of work
 # costlier than 1/16 of the batch splits its keys into partitions of at least 512.
 
 
@@ -171,7 +171,7 @@ def test_paged_attention_runs_prefills_chunks_after_cached_context_and_decodes_i
     # A whole prompt crossing query and key tiles and blocks; a decode; a chunk after cached
     # context (as chunked prefill and prefix hits run) ending mid-block; a one-token prompt; a
     # chunk of exactly one key tile after a partial block; another decode.
-    rows = [(300, 300), (1, 77), (70, 333), (1, 1), (128, 128 + block_size // 2), (1, 129)]
+    rows = [(300, 300), (1, 77), (70, 333), (1, 1), (256, 256 + block_size // 2), (1, 257)]
     out, want = run_paged(gen, rows, num_heads, kv_heads, head_dim, block_size, dtype)
     assert_close(out, want, dtype)
 
@@ -228,7 +228,7 @@ def test_paged_attention_refuses_query_lens_that_do_not_fit_the_context(gen):
 
 
 # ---------------------------------------------------------------- variants: sliding window, soft-capping
-# Windows of 1 token, inside a block, across blocks and key tiles (128), and past the partition
+# Windows of 1 token, inside a block, across blocks and key tiles (256), and past the partition
 # size (512), so a split unit's partitions start inside the window.
 
 VARIANT_ROWS = [(300, 300), (1, 77), (70, 333), (1, 1), (1, 3000), (5, 700), (1, 129)]
