@@ -354,7 +354,8 @@ def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_pat
     )
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     with onednn_disabled():
         float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)

@@ -549,8 +549,8 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
   };
   for (int64_t r = 0; r < rows; ++r) {
     const auto [first, visible] = sees(r);
-    b.new_max[r] = visible <= first ? b.row_max[r]
-                                    : std::max(b.row_max[r], scaled_max(scores + r * ld + first, visible - first, scale));
+    const float* s = scores + r * ld;
+    b.new_max[r] = visible <= first ? b.row_max[r] : std::max(b.row_max[r], scaled_max(s + first, visible - first, scale));
   }
   // Every row's rescale factor in one vectorized loop: one e^x per row on its own is a chain of
   // dependent scalar operations (8% of a bfloat16 prefill's time when it was). 1 where the max
@@ -651,7 +651,9 @@ void pack_keys(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t n,
     pair_t* block = reinterpret_cast<pair_t*>(dst + c * dim);
     for (int64_t j = 0; j < kPackColumns; j += 16) {
       const pair_t* src[16];
-      for (int64_t l = 0; l < 16; ++l) src[l] = reinterpret_cast<const pair_t*>(c + j + l < n ? rows[c + j + l] : zeros);
+      for (int64_t l = 0; l < 16; ++l) {
+        src[l] = reinterpret_cast<const pair_t*>(c + j + l < n ? rows[c + j + l] : zeros);
+      }
       for (int64_t i = 0; i < whole; i += 16) transpose_16x16(src, i, block + i * kPackColumns + j, kPackColumns);
       for (int64_t i = whole; i < pairs; ++i) {
         for (int64_t l = 0; l < 16; ++l) block[i * kPackColumns + j + l] = src[l][i];
@@ -680,14 +682,14 @@ void pack_values(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t 
 // [first, visible), 0 for the rest of [0, keys); returns the sum of the rounded weights. e^x is
 // 2^(x log2 e) as 2^k (scalef) times a degree-5 polynomial for 2^f, |f| <= 1/2 (relative error
 // 3e-6, far below bfloat16's 2^-8); exponents are clamped at -100, so weights stay normal floats
-// (2^-100 at least) rather than denormals that cost a microcode assist.
-float bfloat16_weights(uint16_t* p, const float* s, int64_t first, int64_t visible, int64_t keys, float scale,
-                       float max) {
+// (2^-100 at least) rather than denormals that cost a microcode assist. The rounding (to nearest
+// even) is AVX512-BF16's conversion: every AMX CPU has it.
+__attribute__((target("avx512bf16"))) float bfloat16_weights(uint16_t* p, const float* s, int64_t first,
+                                                             int64_t visible, int64_t keys, float scale, float max) {
   std::fill(p, p + first, uint16_t{0});
   std::fill(p + std::max(first, visible), p + keys, uint16_t{0});
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 c = _mm512_set1_ps(scale * kLog2e), m = _mm512_set1_ps(max * kLog2e);
-  const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = first; j < visible; j += 16) {
     const __mmask16 lanes = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
@@ -700,12 +702,10 @@ float bfloat16_weights(uint16_t* p, const float* s, int64_t first, int64_t visib
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022651e-1f));
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314718e-1f));
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
-    // Round to nearest even bfloat16 on the bits, as store<c10::BFloat16> does (weights are finite).
-    const __m512i bits = _mm512_castps_si512(_mm512_scalef_ps(poly, k));
-    const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
-    _mm256_mask_storeu_epi16(p + j, lanes, _mm512_cvtepi32_epi16(rounded));
-    total = _mm512_mask_add_ps(total, lanes, total, _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16)));
+    const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_scalef_ps(poly, k)));
+    _mm256_mask_storeu_epi16(p + j, lanes, rounded);
+    const __m512 weights = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    total = _mm512_mask_add_ps(total, lanes, total, weights);
   }
   return _mm512_reduce_add_ps(total);
 }
@@ -856,7 +856,8 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   std::vector<float> workspace(workspace_size);
-  for_each_dynamic(static_cast<int64_t>(items.size()), max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  for_each_dynamic(num_items, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
