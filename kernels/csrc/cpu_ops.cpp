@@ -549,8 +549,10 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
   };
   for (int64_t r = 0; r < rows; ++r) {
     const auto [first, visible] = sees(r);
-    const float* s = scores + r * ld;
-    b.new_max[r] = visible <= first ? b.row_max[r] : std::max(b.row_max[r], scaled_max(s + first, visible - first, scale));
+    b.new_max[r] = b.row_max[r];
+    if (visible > first) {
+      b.new_max[r] = std::max(b.new_max[r], scaled_max(scores + r * ld + first, visible - first, scale));
+    }
   }
   // Every row's rescale factor in one vectorized loop: one e^x per row on its own is a chain of
   // dependent scalar operations (8% of a bfloat16 prefill's time when it was). 1 where the max
