@@ -485,8 +485,9 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // flash attention does. Scaling, soft-capping, the online softmax, the running sums and the
 // accumulator stay float32, and each row's sum adds exactly the rounded weights P.V uses.
 // Accuracy rule: each output row is a convex combination of V rows whose weights carry a relative
-// error of at most 2^-8 (bfloat16's unit roundoff), so it lies within 2^-8 * max|v - out| of the
-// exact answer before its one rounding to bfloat16 (tests/test_cpu_ops.py holds it to that).
+// error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
+// (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
+// keys the row sees (tests/test_cpu_ops.py holds it to that).
 // Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the products
 // stay float32.
 //
