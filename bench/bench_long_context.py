@@ -165,11 +165,11 @@ def float32_tile_products():
         cpu_ops.paged_attention, cpu_ops.decode_attention = saved
 
 
-def run_backend(args, backend: str, gen: torch.Generator, limits: dict) -> dict:
+def run_backend(args, backend: str, gen: torch.Generator, limits: dict, label: str | None = None) -> dict:
     """Measures one backend; fills limits (dtype -> GFLOP/s) for the engine's dtype on first use."""
     if backend == "cpu-float32-tiles":
         with float32_tile_products():
-            return dict(run_backend(args, "cpu", gen, limits), backend=backend)
+            return dict(run_backend(args, "cpu", gen, limits, label=backend), backend=backend)
     from engine import LLM
 
     longest = max(args.lengths + [args.doc_tokens + args.question_tokens])
@@ -193,7 +193,7 @@ def run_backend(args, backend: str, gen: torch.Generator, limits: dict) -> dict:
             prompts = [random_prompt(gen, n, vocab) for _ in range(batch)]
             row[f"step_{batch}"] = decode_step_ms(engine, prompts, args.decode_steps, f"decode-{n}-{batch}")
         rows.append(row)
-        print(f"  [{backend}] {row}", flush=True)
+        print(f"  [{label or backend}] {row}", flush=True)
     llm.shutdown()
     del llm, engine
     gc.collect()
