@@ -2,6 +2,7 @@
 
     python bench/bench_long_context.py --backend torch cpu     # before/after in one run (issue 18)
     python bench/bench_long_context.py --quick                 # a small size, to check it runs
+    python bench/bench_long_context.py --dtype bfloat16 --backend cpu-float32-tiles cpu   # AMX tiles A/B
 
 For each attention backend, in one process on the default model:
 - TTFT (the whole prefill, chunked by the scheduler's token budget) and prefill tokens/s of one
@@ -23,6 +24,7 @@ decode step at 4k <= 1.3x the step at 256; prefix-hit TTFT < 0.3 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -41,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
-    p.add_argument("--backend", nargs="+", choices=["torch", "cpu"], default=["cpu"],
-                   help="attention backends to run, one after the other in this process")
+    p.add_argument("--backend", nargs="+", choices=["torch", "cpu", "cpu-float32-tiles"], default=["cpu"],
+                   help="attention backends to run, one after the other in this process; cpu-float32-tiles is "
+                        "cpu with bfloat16 attention's tile products in float32, as before they ran on AMX")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4000, 8000])
@@ -136,8 +139,37 @@ def decode_step_ms(engine, prompts: list[list[int]], steps: int, rid: str) -> fl
     return statistics.median(times) * 1e3
 
 
-def run_backend(args, backend: str, gen: torch.Generator, limits: dict) -> dict:
+@contextlib.contextmanager
+def float32_tile_products():
+    """The cpu backend's attention with float32 tile products even for bfloat16 caches: oneDNN
+    (which the AMX tile products go through) is switched off around each attention call only, so
+    the model's matmuls run as usual."""
+    from kernels import cpu_ops
+
+    saved = cpu_ops.paged_attention, cpu_ops.decode_attention
+
+    def without_onednn(op):
+        def call(*args):
+            torch.backends.mkldnn.enabled = False
+            try:
+                return op(*args)
+            finally:
+                torch.backends.mkldnn.enabled = True
+
+        return call
+
+    cpu_ops.paged_attention, cpu_ops.decode_attention = map(without_onednn, saved)
+    try:
+        yield
+    finally:
+        cpu_ops.paged_attention, cpu_ops.decode_attention = saved
+
+
+def run_backend(args, backend: str, gen: torch.Generator, limits: dict, label: str | None = None) -> dict:
     """Measures one backend; fills limits (dtype -> GFLOP/s) for the engine's dtype on first use."""
+    if backend == "cpu-float32-tiles":
+        with float32_tile_products():
+            return dict(run_backend(args, "cpu", gen, limits, label=backend), backend=backend)
     from engine import LLM
 
     longest = max(args.lengths + [args.doc_tokens + args.question_tokens])
@@ -161,7 +193,7 @@ def run_backend(args, backend: str, gen: torch.Generator, limits: dict) -> dict:
             prompts = [random_prompt(gen, n, vocab) for _ in range(batch)]
             row[f"step_{batch}"] = decode_step_ms(engine, prompts, args.decode_steps, f"decode-{n}-{batch}")
         rows.append(row)
-        print(f"  [{backend}] {row}", flush=True)
+        print(f"  [{label or backend}] {row}", flush=True)
     llm.shutdown()
     del llm, engine
     gc.collect()

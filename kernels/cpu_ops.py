@@ -80,3 +80,6 @@ rotary_embedding_ = _ops.rotary_embedding_
 write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention
 paged_attention = _ops.paged_attention
+# Whether bfloat16 attention runs its tile products in bfloat16 on AMX here (see the source), now:
+# False without AMX, in AVX2 builds, and while torch.backends.mkldnn is disabled.
+bfloat16_tiles_available = _ops.bfloat16_tiles_available

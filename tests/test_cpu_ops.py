@@ -9,7 +9,9 @@ unit in the last place of the reference computed in float32 on the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -144,7 +146,7 @@ def test_decode_attention_refuses_block_tables_that_point_outside_the_cache(gen)
 
 
 # ---------------------------------------------------------------- paged (prefill) attention
-# The kernel's tiles: 192 query rows (tokens x query heads of a KV head), 128 keys; a unit of work
+# The kernel's tiles: 192 query rows (tokens x query heads of a KV head), 256 keys; a unit of work
 # costlier than 1/16 of the batch splits its keys into partitions of at least 512.
 
 
@@ -169,7 +171,7 @@ def test_paged_attention_runs_prefills_chunks_after_cached_context_and_decodes_i
     # A whole prompt crossing query and key tiles and blocks; a decode; a chunk after cached
     # context (as chunked prefill and prefix hits run) ending mid-block; a one-token prompt; a
     # chunk of exactly one key tile after a partial block; another decode.
-    rows = [(300, 300), (1, 77), (70, 333), (1, 1), (128, 128 + block_size // 2), (1, 129)]
+    rows = [(300, 300), (1, 77), (70, 333), (1, 1), (256, 256 + block_size // 2), (1, 257)]
     out, want = run_paged(gen, rows, num_heads, kv_heads, head_dim, block_size, dtype)
     assert_close(out, want, dtype)
 
@@ -226,7 +228,7 @@ def test_paged_attention_refuses_query_lens_that_do_not_fit_the_context(gen):
 
 
 # ---------------------------------------------------------------- variants: sliding window, soft-capping
-# Windows of 1 token, inside a block, across blocks and key tiles (128), and past the partition
+# Windows of 1 token, inside a block, across blocks and key tiles (256), and past the partition
 # size (512), so a split unit's partitions start inside the window.
 
 VARIANT_ROWS = [(300, 300), (1, 77), (70, 333), (1, 1), (1, 3000), (5, 700), (1, 129)]
@@ -261,6 +263,103 @@ def test_the_variants_change_the_result_and_bad_values_are_refused(gen):
         cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, 0)
     with pytest.raises(RuntimeError, match="soft_cap must be positive"):
         cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, 0.125, None, -1.0)
+
+
+# ---------------------------------------------------------------- bfloat16 tile products (AMX)
+# With AMX, bfloat16 attention computes Q.K^T and P.V as bfloat16 products with float32 sums, P
+# being the softmax weights rounded to bfloat16. The rule the kernel states: each output row is a
+# weighted mean of V rows whose weights are off by at most u = 2^-8 (bfloat16's unit roundoff)
+# relative, so |out - exact| <= u |exact| (the output's own rounding) + u / (1 - u) max_j |v_j - exact|
+# per element, over the keys the row sees. float32 products hold it too, so it is checked everywhere.
+
+BF16_U = 2.0**-8
+AMX_ONLY = pytest.mark.skipif(not cpu_ops.bfloat16_tiles_available(), reason="no AMX: float32 tile products")
+# A long decode (split into partitions), decodes, chunks after cached context crossing blocks and
+# query and key tiles, a one-token prompt.
+TILE_ROWS = [(1, 3000), (1, 77), (70, 333), (1, 1), (64, 136), (1, 129)]
+
+
+@contextlib.contextmanager
+def onednn_disabled():
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu, scale):
+    """Asserts the rule above against float64 attention on the same bfloat16 inputs."""
+    block_size, group = k_cache.shape[1], query.shape[1] // k_cache.shape[2]
+    for i, ctx in enumerate(lens.tolist()):
+        slots = (tables[i, : -(-ctx // block_size)].long()[:, None] * block_size + torch.arange(block_size)).flatten()
+        k, v = (c.flatten(0, 1)[slots[:ctx]].double().repeat_interleave(group, 1) for c in (k_cache, v_cache))
+        q = query[cu[i] : cu[i + 1]].double()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        positions = torch.arange(ctx - len(q), ctx)
+        sees = torch.arange(ctx)[None, :] <= positions[:, None]  # [q, k]
+        exact = torch.einsum("hqk,khd->hqd", scores.masked_fill(~sees, -math.inf).softmax(-1), v)  # [h, q, d]
+        # max over the keys a row sees (a prefix: no window here) of |v - exact|
+        highest, lowest = v.cummax(0).values[positions], v.cummin(0).values[positions]  # [q, h, d]
+        spread = torch.maximum(highest.transpose(0, 1) - exact, exact - lowest.transpose(0, 1))
+        bound = BF16_U * exact.abs() + BF16_U / (1 - BF16_U) * spread + 1e-6
+        error = (out[cu[i] : cu[i + 1]].double().transpose(0, 1) - exact).abs()
+        assert (error <= bound).all(), f"sequence {i}: worst error / bound {(error / bound).max():.3f}"
+
+
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (16, 2, 96), (4, 2, 80)], ids=str)
+def test_bfloat16_attention_is_within_the_rounding_of_its_softmax_weights(gen, num_heads, kv_heads, head_dim):
+    # head_dim 96: P.V in two column blocks (64 + 32); 80: K^T packing with a pair count that is
+    # not a multiple of 16.
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, kv_heads, head_dim, torch.bfloat16)
+    cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen).bfloat16()
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, head_dim**-0.5)
+    assert not out.isnan().any()
+    within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), head_dim**-0.5)
+
+
+@AMX_ONLY
+def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_them_off(gen):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)
+    cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 9, 64, generator=gen).bfloat16()
+    amx = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    with onednn_disabled():
+        assert not cpu_ops.bfloat16_tiles_available()
+        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert cpu_ops.bfloat16_tiles_available()
+    assert not torch.equal(amx, float32)  # the weights' rounding shows in some outputs' last bit
+    for out in (amx, float32):
+        within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), 0.125)
+
+
+@pytest.mark.slow  # a subprocess: torch import and the kernels from the build cache
+def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_path):
+    """oneDNN capped below AMX (as on an AVX-512 CPU without it): the same bits as with oneDNN off."""
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)
+    cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 9, 64, generator=gen).bfloat16()
+    inputs = tmp_path / "inputs.pt"
+    torch.save((query, k_cache, v_cache, tables, lens, cu), inputs)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from kernels import cpu_ops
+        args = torch.load({str(inputs)!r})
+        assert not cpu_ops.bfloat16_tiles_available()
+        torch.save(cpu_ops.paged_attention(*args, 0.125), {str(tmp_path / "capped.pt")!r})
+        """
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    with onednn_disabled():
+        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
 
 
 # ---------------------------------------------------------------- the model's pointwise ops

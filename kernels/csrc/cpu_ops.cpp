@@ -14,12 +14,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <optional>
 #include <bit>
+#include <optional>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -364,7 +367,8 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
 // the thread count: 1 or N threads give the same bits.
 
 constexpr int64_t kTileRows = 192;      // query rows per tile: a GEMM shape that runs near peak
-constexpr int64_t kKeyTile = 128;       // keys per tile: scores and staged K/V stay in L2
+constexpr int64_t kKeyTile = 256;       // keys per tile: scores and staged K/V stay in L2 (256 over 128:
+                                        // bfloat16 tiles 15-25% faster, float32 ones the same)
 constexpr int64_t kMatmulRows = 16;     // below this (decodes), hand loops beat a GEMM call's overhead
 constexpr int64_t kPartitionKeys = 512; // the shortest partition worth a reduction
 constexpr int64_t kTargetItems = 16;    // split so that no item costs more than 1/16 of the batch
@@ -389,6 +393,7 @@ struct AttentionArgs {
   const int32_t* tables;
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
+  bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
 };
 
 // Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
@@ -403,10 +408,10 @@ void stage_keys(float* dst, const C* cache, const int32_t* table, int64_t first,
   }
 }
 
-// scores = soft_cap * tanh(scores / soft_cap), tanh(x) = 1 - 2 / (e^2x + 1) on fast_exp so the
-// loop vectorizes; its absolute error stays near float32's epsilon times soft_cap.
-void soft_cap_scores(float* scores, int64_t count, float soft_cap) {
-  const float inv = 2.0f / soft_cap;
+// scores = soft_cap * tanh(scale * scores / soft_cap), tanh(x) = 1 - 2 / (e^2x + 1) on fast_exp
+// so the loop vectorizes; its absolute error stays near float32's epsilon times soft_cap.
+void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) {
+  const float inv = 2.0f * scale / soft_cap;
   for (int64_t i = 0; i < count; ++i) {
     scores[i] = soft_cap - 2.0f * soft_cap / (fast_exp(scores[i] * inv) + 1.0f);
   }
@@ -448,68 +453,330 @@ void tile_accumulate(float* acc, const float* weights, const float* v, int64_t r
   }
 }
 
-// Scores -> softmax weights against each row's running max; rescales the row's running sum and
-// accumulator when the max moves. Row r's token sees keys [first0 + r / group, visible0 + r / group)
-// of the tile (the window's edge and the causal edge); the rest get weight 0.
-void online_softmax(float* scores, float* acc, float* row_max, float* row_sum, int64_t rows, int64_t n,
-                    int64_t group, int64_t dim, int64_t first0, int64_t visible0) {
+// max(scale * s[0..n)) in vector registers: written as a loop, a running max is a chain of
+// dependent scalar compares (the compiler keeps NaN semantics and does not vectorize it), which
+// profiled as the costliest step of a bfloat16 prefill once the products ran on AMX.
+inline float scaled_max(const float* s, int64_t n, float scale) {
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_set1_ps(scale);
+  __m512 lanes = _mm512_set1_ps(max);
+  for (; j + 16 <= n; j += 16) lanes = _mm512_max_ps(lanes, _mm512_mul_ps(_mm512_loadu_ps(s + j), k));
+  max = _mm512_reduce_max_ps(lanes);
+#elif defined(__AVX2__)
+  const __m256 k = _mm256_set1_ps(scale);
+  __m256 lanes = _mm256_set1_ps(max);
+  for (; j + 8 <= n; j += 8) lanes = _mm256_max_ps(lanes, _mm256_mul_ps(_mm256_loadu_ps(s + j), k));
+  alignas(32) float out[8];
+  _mm256_store_ps(out, lanes);
+  max = *std::max_element(out, out + 8);
+#endif
+  for (; j < n; ++j) max = std::max(max, s[j] * scale);
+  return max;
+}
+
+// ---------------------------------------------------------------- bfloat16 tiles on AMX
+//
+// With a bfloat16 query and cache on a CPU with AMX, the two tile products run as bfloat16
+// products with float32 accumulation, through oneDNN's brgemm ukernel as ATen exports it
+// (at::native::cpublas::brgemm): Q.K^T on the query and key elements as stored (each product of
+// two bfloat16 values is exact in float32), P.V on the softmax weights rounded to bfloat16, as
+// flash attention does. Scaling, soft-capping, the online softmax, the running sums and the
+// accumulator stay float32, and each row's sum adds exactly the rounded weights P.V uses.
+// Accuracy rule: each output row is a convex combination of V rows whose weights carry a relative
+// error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
+// (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
+// keys the row sees (tests/test_cpu_ops.py holds it to that).
+// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the products
+// stay float32.
+//
+// brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
+// here in column blocks of kPackColumns (the widths oneDNN's own packing produces).
+
+constexpr int64_t kPackColumns = 64;
+constexpr int64_t kPackKeys = 32;  // P.V's reduction rounded up to this: few kernel shapes to generate
+
+using bf16 = c10::BFloat16;
+typedef uint32_t __attribute__((may_alias)) pair_t;  // two bfloat16 elements
+
+bool bf16_tiles_available() {
+#if defined(__AVX512F__)
+  return at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct TileBuffers {
+  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha;
+  std::vector<bf16> q16, k16, v16, p16, zeros;
+  std::vector<const bf16*> key_rows;
+  const bool bf16_tiles;
+  TileBuffers(int64_t rows, int64_t dim, bool bf16_tiles)
+      : scores(rows * kKeyTile), acc(rows * dim), row_max(rows), row_sum(rows), new_max(rows), alpha(rows),
+        bf16_tiles(bf16_tiles) {
+    if (bf16_tiles) {
+      q16.resize(rows * dim);
+      k16.resize(kKeyTile * dim);
+      v16.resize(kKeyTile * round_up(dim, kPackColumns));
+      p16.resize(rows * kKeyTile);
+      zeros.resize(dim);
+      key_rows.resize(kKeyTile);
+    } else {
+      q.resize(rows * dim);
+      k.resize(kKeyTile * dim);
+      v.resize(kKeyTile * dim);
+    }
+  }
+  // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
+  ~TileBuffers() {
+    if (bf16_tiles) at::native::cpublas::brgemm_release();
+  }
+};
+
+// Scores (row stride ld) times scale -> softmax weights against each row's running max; rescales
+// the row's running sum and accumulator when the max moves. Row r's token sees keys
+// [first0 + r / group, visible0 + r / group) of the tile (the window's edge and the causal edge).
+// weigh(r, s, first, visible, max) writes the row's weights, e^(scale * s - max) on [first,
+// visible) and 0 on the rest of the tile, where the tile's products read them, and returns their sum.
+template <typename Weigh>
+void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int64_t rows, int64_t n, int64_t group,
+                    int64_t dim, int64_t first0, int64_t visible0, const Weigh& weigh) {
+  const auto sees = [&](int64_t r) {
+    return std::pair{std::max<int64_t>(0, first0 + r / group), std::min(n, visible0 + r / group)};
+  };
   for (int64_t r = 0; r < rows; ++r) {
-    float* s = scores + r * n;
-    const int64_t visible = std::min(n, visible0 + r / group);
-    const int64_t first = std::max<int64_t>(0, first0 + r / group);
+    const auto [first, visible] = sees(r);
+    b.new_max[r] = b.row_max[r];
+    if (visible > first) {
+      b.new_max[r] = std::max(b.new_max[r], scaled_max(scores + r * ld + first, visible - first, scale));
+    }
+  }
+  // Every row's rescale factor in one vectorized loop: one e^x per row on its own is a chain of
+  // dependent scalar operations (8% of a bfloat16 prefill's time when it was). 1 where the max
+  // stayed (-inf included), 0 on a row's first visible tile.
+  for (int64_t r = 0; r < rows; ++r) {
+    b.alpha[r] = b.new_max[r] == b.row_max[r] ? 1.0f : fast_exp(b.row_max[r] - b.new_max[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * ld;
+    const auto [first, visible] = sees(r);
     if (visible <= first) {
-      std::fill(s, s + n, 0.0f);
+      weigh(r, s, 0, 0, 0.0f);
       continue;
     }
-    float tile_max = s[first];
-    for (int64_t j = first + 1; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
-    const float new_max = std::max(row_max[r], tile_max);
-    const float alpha = fast_exp(row_max[r] - new_max);  // 0 on the first tile (max was -inf)
-    float total = 0.0f;
-    std::fill(s, s + first, 0.0f);
-    for (int64_t j = first; j < visible; ++j) {
-      s[j] = fast_exp(s[j] - new_max);
-      total += s[j];
-    }
-    std::fill(s + visible, s + n, 0.0f);
-    row_sum[r] = row_sum[r] * alpha + total;
-    row_max[r] = new_max;
-    if (alpha != 1.0f) {
-      for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] *= alpha;
+    b.row_sum[r] = b.row_sum[r] * b.alpha[r] + weigh(r, s, first, visible, b.new_max[r]);
+    b.row_max[r] = b.new_max[r];
+    if (b.alpha[r] != 1.0f) {
+      for (int64_t d = 0; d < dim; ++d) b.acc[r * dim + d] *= b.alpha[r];
     }
   }
 }
 
-struct TileBuffers {
-  std::vector<float> q, k, v, scores, acc, row_max, row_sum;
-  TileBuffers(int64_t rows, int64_t dim)
-      : q(rows * dim), k(kKeyTile * dim), v(kKeyTile * dim), scores(rows * kKeyTile), acc(rows * dim),
-        row_max(rows), row_sum(rows) {}
+// float32 weights in place of the scores (s holds n of them).
+struct Float32Weights {
+  int64_t n;
+  float scale;
+  float operator()(int64_t, float* s, int64_t first, int64_t visible, float max) const {
+    float total = 0.0f;
+    std::fill(s, s + first, 0.0f);
+    for (int64_t j = first; j < visible; ++j) {
+      s[j] = fast_exp(s[j] * scale - max);
+      total += s[j];
+    }
+    std::fill(s + visible, s + n, 0.0f);
+    return total;
+  }
 };
+
+// Pointers to rows [first, first + n) of one KV head of a sequence's context.
+template <typename T, typename C>
+void find_rows(const C** dst, const C* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
+               const AttentionArgs<T, C>& a) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t p = first + j, offset = p % a.block_size, run = std::min(a.block_size - offset, n - j);
+    const C* src = cache + table[p / a.block_size] * a.block_stride + offset * a.slot_stride + head * a.cache_row;
+    for (int64_t r = 0; r < run; ++r, ++j) dst[j] = src + r * a.slot_stride;
+  }
+}
+
+// A token at position p sees keys (p - window, p]: the first row's window starts at q_pos - window + 1.
+template <typename T, typename C>
+int64_t first_visible(const AttentionArgs<T, C>& a, const Unit& u, int64_t k0, int64_t rows) {
+  return a.window > 0 ? u.q_pos - a.window + 1 - k0 : -k0 - rows;  // none: from key 0
+}
+
+template <typename T, typename C>
+void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
+  std::fill_n(b.row_max.begin(), rows, -std::numeric_limits<float>::infinity());
+  std::fill_n(b.row_sum.begin(), rows, 0.0f);
+  std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
+}
+
+#if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
+
+// dst[x * ld + l] = src[l][x] for l, x < 16: sixteen rows of 16 32-bit elements transposed in
+// registers (32-bit, then 64-bit interleaves within 128-bit lanes, then two lane shuffles).
+inline void transpose_16x16(const pair_t* const* src, int64_t offset, pair_t* dst, int64_t ld) {
+  __m512i r[16], t[16];
+  for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(src[l] + offset);
+  for (int l = 0; l < 16; l += 2) {
+    t[l] = _mm512_unpacklo_epi32(r[l], r[l + 1]);
+    t[l + 1] = _mm512_unpackhi_epi32(r[l], r[l + 1]);
+  }
+  // u[g][c]: lane L holds element 4L + c of rows 4g .. 4g + 3.
+  __m512i u[4][4];
+  for (int g = 0; g < 4; ++g) {
+    u[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0x44), v1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0x44), v3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0xEE);
+    _mm512_storeu_si512(dst + (0 + c) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
+    _mm512_storeu_si512(dst + (4 + c) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + c) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
+    _mm512_storeu_si512(dst + (12 + c) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+  }
+}
+
+// K^T for Q.K^T: column block c (keys c .. c + 63) is [dim/2][kPackColumns] pairs (elements 2i,
+// 2i + 1 of one key); keys past n are zero. 16 keys x 16 pairs at a time in registers (one store
+// per element, scattered 256 bytes apart, was 9% of a bfloat16 prefill).
+void pack_keys(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t n, int64_t dim) {
+  const int64_t pairs = dim / 2, whole = pairs / 16 * 16;
+  for (int64_t c = 0; c < n; c += kPackColumns) {
+    pair_t* block = reinterpret_cast<pair_t*>(dst + c * dim);
+    for (int64_t j = 0; j < kPackColumns; j += 16) {
+      const pair_t* src[16];
+      for (int64_t l = 0; l < 16; ++l) {
+        src[l] = reinterpret_cast<const pair_t*>(c + j + l < n ? rows[c + j + l] : zeros);
+      }
+      for (int64_t i = 0; i < whole; i += 16) transpose_16x16(src, i, block + i * kPackColumns + j, kPackColumns);
+      for (int64_t i = whole; i < pairs; ++i) {
+        for (int64_t l = 0; l < 16; ++l) block[i * kPackColumns + j + l] = src[l][i];
+      }
+    }
+  }
+}
+
+// V for P.V: column block c (elements c .. c + 63) is [keys/2][kPackColumns] pairs (one element
+// of keys 2i and 2i + 1); keys from n up to `keys` are zero.
+void pack_values(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t n, int64_t keys, int64_t dim) {
+  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zeros);
+  for (int64_t c = 0; c < dim; c += kPackColumns) {
+    pair_t* block = reinterpret_cast<pair_t*>(dst + c * keys);
+    const int64_t cols = std::min(kPackColumns, dim - c);
+    for (int64_t i = 0; i < keys / 2; ++i) {
+      const uint16_t* lo = 2 * i < n ? reinterpret_cast<const uint16_t*>(rows[2 * i]) + c : zero;
+      const uint16_t* hi = 2 * i + 1 < n ? reinterpret_cast<const uint16_t*>(rows[2 * i + 1]) + c : zero;
+      pair_t* out = block + i * kPackColumns;
+      for (int64_t d = 0; d < cols; ++d) out[d] = static_cast<uint32_t>(lo[d]) | static_cast<uint32_t>(hi[d]) << 16;
+    }
+  }
+}
+
+// One row of P for the bfloat16 P.V: p[j] = e^(scale * s[j] - max) rounded to bfloat16 for j in
+// [first, visible), 0 for the rest of [0, keys); returns the sum of the rounded weights. e^x is
+// 2^(x log2 e) as 2^k (scalef) times a degree-5 polynomial for 2^f, |f| <= 1/2 (relative error
+// 3e-6, far below bfloat16's 2^-8); exponents are clamped at -100, so weights stay normal floats
+// (2^-100 at least) rather than denormals that cost a microcode assist. The rounding (to nearest
+// even) is AVX512-BF16's conversion: every AMX CPU has it.
+__attribute__((target("avx512bf16"))) float bfloat16_weights(uint16_t* p, const float* s, int64_t first,
+                                                             int64_t visible, int64_t keys, float scale, float max) {
+  std::fill(p, p + first, uint16_t{0});
+  std::fill(p + std::max(first, visible), p + keys, uint16_t{0});
+  constexpr float kLog2e = 1.44269504088896341f;
+  const __m512 c = _mm512_set1_ps(scale * kLog2e), m = _mm512_set1_ps(max * kLog2e);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = first; j < visible; j += 16) {
+    const __mmask16 lanes = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
+    const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), c, m), _mm512_set1_ps(-100.0f));
+    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, k);
+    __m512 poly = _mm512_set1_ps(1.3333558e-3f);
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.6181291e-3f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.5504109e-2f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022651e-1f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314718e-1f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
+    const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_scalef_ps(poly, k)));
+    _mm256_mask_storeu_epi16(p + j, lanes, rounded);
+    const __m512 weights = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    total = _mm512_mask_add_ps(total, lanes, total, weights);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// attend() with bfloat16 tile products (see above); scores have row stride kKeyTile.
+void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+  using at::native::cpublas::brgemm;
+  const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
+  for (int64_t i = 0; i < u.tokens; ++i) {
+    std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
+                width * sizeof(bf16));
+  }
+  reset_rows(a, rows, b);
+  const int32_t* table = a.tables + u.seq * a.table_stride;
+  float* scores = b.scores.data();
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, k_end - k0), keys = round_up(n, kPackKeys);
+    find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+    pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
+    find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
+    pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
+    for (int64_t c = 0; c < n; c += kPackColumns) {
+      brgemm(rows, kPackColumns, dim, dim, kPackColumns, kKeyTile, false, b.q16.data(), b.k16.data() + c * dim,
+             scores + c);
+    }
+    float scale = a.scale;
+    if (a.soft_cap > 0.0f) {
+      soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
+      scale = 1.0f;
+    }
+    uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
+    online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
+                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max) {
+                     return bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max);
+                   });
+    for (int64_t c = 0; c < dim; c += kPackColumns) {
+      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
+             b.v16.data() + c * keys, b.acc.data() + c);
+    }
+  }
+}
+
+#endif  // __AVX512F__
 
 // One unit's rows against keys [k_begin, k_end): leaves the unnormalized accumulator, each row's
 // max and sum in b.
 template <typename T, typename C>
 void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
+    if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
+  }
+#endif
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim;
   for (int64_t i = 0; i < u.tokens; ++i) {
     const T* src = a.q + (u.first_token + i) * a.q_stride + u.head * width;
     for (int64_t e = 0; e < width; ++e) b.q[i * width + e] = load(src, e) * a.scale;
   }
-  std::fill_n(b.row_max.begin(), rows, -std::numeric_limits<float>::infinity());
-  std::fill_n(b.row_sum.begin(), rows, 0.0f);
-  std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
+  reset_rows(a, rows, b);
   const int32_t* table = a.tables + u.seq * a.table_stride;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, k_end - k0);
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
     tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
-    if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap);
-    // A token at position p sees keys (p - window, p]: the first row's window starts at q_pos - window + 1.
-    const int64_t first0 = a.window > 0 ? u.q_pos - a.window + 1 - k0 : -k0 - rows;  // none: from key 0
-    online_softmax(b.scores.data(), b.acc.data(), b.row_max.data(), b.row_sum.data(), rows, n, a.group, a.dim,
-                   first0, u.q_pos - k0 + 1);
+    if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
+    online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
+                   u.q_pos - k0 + 1, Float32Weights{n, 1.0f});
     tile_accumulate(b.acc.data(), b.scores.data(), b.v.data(), rows, n, a.dim);
   }
 }
@@ -555,11 +822,11 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 // Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
 // whichever thread is free (items come sorted costliest first, so the threads finish together).
 template <typename Fn>
-void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, const Fn& fn) {
+void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
-    TileBuffers buffers(rows, dim);
+    TileBuffers buffers(rows, dim, bf16_tiles);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
   });
 }
@@ -592,7 +859,8 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   std::vector<float> workspace(workspace_size);
-  for_each_dynamic(static_cast<int64_t>(items.size()), max_rows, a.dim, [&](TileBuffers& b, int64_t index) {
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  for_each_dynamic(num_items, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -612,7 +880,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     if (units[i].parts > 1) split.push_back(i);
   }
-  for_each_dynamic(static_cast<int64_t>(split.size()), max_rows, a.dim, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
     reduce_partitions(a, units[split[index]], workspace.data(), b);
   });
 }
@@ -665,7 +933,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       query.data_ptr<T>(), static_cast<const C*>(k_cache.data_ptr()), static_cast<const C*>(v_cache.data_ptr()),
       out.data_ptr<T>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0),
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
-      window, static_cast<float>(scale), static_cast<float>(soft_cap)};
+      window, static_cast<float>(scale), static_cast<float>(soft_cap),
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available()};
   paged_attention_kernel(args, units);
 }
 
@@ -752,4 +1021,5 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor cu_query_lens, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
         &paged_attention);
+  m.def("bfloat16_tiles_available() -> bool", &bf16_tiles_available);
 }
