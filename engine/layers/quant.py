@@ -5,6 +5,11 @@ own packed matmuls multiply with.
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
+- From a few rows up, on CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp
+  instead: the same codes, in the same layouts, dequantized tile by tile into AMX matmuls.
+  PyTorch's ops are vector loops, fastest at one row and 3-20x slower than packed bfloat16 from
+  16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows (bench/bench_quant.py
+  --matmuls), so each row count takes the faster of the two.
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -14,6 +19,7 @@ linears' loaders take this rank's shard of it unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -24,8 +30,28 @@ from engine.config import QUANTIZATION_GROUP_SIZES
 
 logger = logging.getLogger(__name__)
 
-# _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16.
+# _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
+# layout, which the AMX kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
+_AMX_INT4_ROW_MULTIPLE = 64
+# Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
+# one thread: int4 even at 4 rows, int8 at 6).
+AMX_MIN_ROWS = {4: 5, 8: 6}
+
+
+@functools.cache
+def amx_kernels():
+    """torch.ops.bento_llm with the AMX quantized matmuls, or None where they cannot run: no
+    AMX-BF16, or not PyTorch's AVX-512 int4 layout, or the C++ kernels do not build."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError as e:
+        logger.info("quantized matmuls: PyTorch's packed ops only (%s)", e)
+        return None
+    ops = torch.ops.bento_llm
+    return ops if ops.amx_bf16_supported() else None
 
 
 @dataclass
@@ -126,12 +152,16 @@ class PackedQuantizedWeight(torch.nn.Module):
         super().__init__()
         self.bits, self.group_size = q.bits, q.group_size
         self.out_features, self.in_features = q.shape
+        # The AMX kernels run bfloat16 inputs on CPU (their int8 tiles take 4 columns at a time).
+        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and (q.bits == 4 or self.in_features % 4 == 0)
+                    and amx_kernels() is not None)
         if q.bits == 8:
             # Scales in the activation dtype: the op requires it.
             self.register_buffer("qweight", q.codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
-        rows = -(-self.out_features // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
+        multiple = _AMX_INT4_ROW_MULTIPLE if self.amx else _INT4_ROW_MULTIPLE
+        rows = -(-self.out_features // multiple) * multiple
         codes, scale, zero = q.codes, q.scale, q.zero
         if rows != self.out_features:  # padding rows: code 8, scale 0, zero 0 -> exactly 0, sliced off
             pad = rows - self.out_features
@@ -151,6 +181,10 @@ class PackedQuantizedWeight(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS[self.bits]:
+            if self.bits == 8:
+                return amx_kernels().int8_mm_amx(x, self.qweight, self.scales)
+            return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
         if self.bits == 8:
             if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales
