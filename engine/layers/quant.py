@@ -8,8 +8,8 @@ own packed matmuls multiply with.
 - From a few rows up, on CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp
   instead: the same codes, in the same layouts, dequantized tile by tile into AMX matmuls.
   PyTorch's ops are vector loops, fastest at one row and 3-20x slower than packed bfloat16 from
-  16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows (bench/bench_quant.py
-  --matmuls), so each row count takes the faster of the two.
+  16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows for int4, 0.8-1.4x for
+  int8 (bench/bench_quant.py --matmuls), so each row count takes the faster of the two.
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 _INT4_ROW_MULTIPLE = 16
 _AMX_INT4_ROW_MULTIPLE = 64
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
-# one thread: int4 even at 4 rows, int8 at 6).
-AMX_MIN_ROWS = {4: 5, 8: 6}
+# one thread: both even at 4 rows, AMX ahead from 6).
+AMX_MIN_ROWS = 5
 
 
 @functools.cache
@@ -152,8 +152,8 @@ class PackedQuantizedWeight(torch.nn.Module):
         super().__init__()
         self.bits, self.group_size = q.bits, q.group_size
         self.out_features, self.in_features = q.shape
-        # The AMX kernels run bfloat16 inputs on CPU (their int8 tiles take 4 columns at a time).
-        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and (q.bits == 4 or self.in_features % 4 == 0)
+        # The AMX kernels run bfloat16 inputs on CPU (they take input columns in pairs).
+        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and self.in_features % 2 == 0
                     and amx_kernels() is not None)
         if q.bits == 8:
             # Scales in the activation dtype: the op requires it.
@@ -181,7 +181,7 @@ class PackedQuantizedWeight(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS[self.bits]:
+        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS:
             if self.bits == 8:
                 return amx_kernels().int8_mm_amx(x, self.qweight, self.scales)
             return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)

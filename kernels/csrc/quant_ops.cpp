@@ -1,21 +1,24 @@
-// Quantized matmuls on AMX: the weight stays in its int4/int8 codes; each call dequantizes one
-// block of 64 output columns at a time into a bfloat16 tile in the VNNI layout AMX reads (about
-// K x 128 bytes, in L1/L2), multiplies every input row with it through oneDNN's brgemm ukernel
-// (at::native::cpublas::brgemm, bfloat16 x bfloat16 -> float32), and writes those 64 columns.
-// Threads split the column blocks. Registered as torch.ops.bento_llm.int4_mm_amx / int8_mm_amx
-// by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
+// Quantized matmuls on AMX: the weight stays in its int4/int8 codes; each call converts one
+// block of 64 output columns at a time to bfloat16 (about K x 128 bytes, in L1/L2), multiplies
+// every input row with it through oneDNN's brgemm ukernel (at::native::cpublas::brgemm,
+// bfloat16 x bfloat16 -> float32, AMX) and writes those 64 columns. Threads split the column
+// blocks. Registered as torch.ops.bento_llm.int4_mm_amx / int8_mm_amx by the same extension as
+// cpu_ops.cpp (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 // are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
-// 3-6x slower than oneDNN's packed bfloat16 on AMX from 16 rows up. Dequantizing a weight once
-// per call costs about what reading it in bfloat16 costs, and AMX does the rest.
+// 3-20x slower than oneDNN's packed bfloat16 on AMX from 16 rows up. Converting a weight once
+// per call costs less than reading it in bfloat16 from memory, and AMX does the rest.
 //
-// Layouts are PyTorch's own, so one copy of the weight serves both its one-row kernels and these:
+// Layouts are PyTorch's own, so one copy of the weight serves both its few-row kernels and these:
 // - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
 //   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
-//   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero.
-// - int8: [N][K] codes, one bfloat16 scale per output row (applied to the float32 result).
-// The functions with AVX-512 bodies carry their own target attribute, so the file builds on any
+//   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
+//   dequantized straight into the VNNI layout of brgemm's B operand ([K/2][64][2]).
+// - int8: [N][K] codes, one bfloat16 scale per output row (applied to the float32 result). Its
+//   rows are brgemm's A operand (a contiguous conversion; a B tile would need a transpose) and
+//   the input, packed once per call, its B.
+// Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
 
 #include <ATen/ATen.h>
@@ -48,15 +51,6 @@ template <typename T>
 std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
   const size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
   return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(std::aligned_alloc(64, bytes)));
-}
-
-// Lane 2i takes element i of the low half, lane 2i + 1 element i of the high half: two rows of
-// 16 columns (k, k + 1) become 16 VNNI pairs.
-BENTO_AVX512_BF16 inline __m512i vnni_pairs(__m512 row_k, __m512 row_k1) {
-  alignas(64) static const int16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(row_k1, row_k));
-  return _mm512_permutexvar_epi16(_mm512_load_si512(order), halves);
 }
 
 // One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2]. Rows k and
@@ -102,42 +96,59 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const c10::BF
   }
 }
 
-// Columns [n0, n0 + 64) of a row-major int8 weight [N][K] into a bfloat16 VNNI tile of its codes
-// (exact: |code| <= 128); columns past N are zeros. K is a multiple of 4.
-BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, int64_t n0, int64_t n_total, int64_t k_total,
-                                             uint16_t* tile) {
-  for (int64_t quarter = 0; quarter < kBlockN / 16; ++quarter) {
-    const int64_t n = n0 + quarter * 16;
-    const __mmask16 valid = n >= n_total ? 0 : static_cast<__mmask16>((1u << std::min<int64_t>(16, n_total - n)) - 1);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int32_t>(k_total)));
-    const int8_t* base = codes + std::min(n, n_total - 1) * k_total;
-    for (int64_t k = 0; k < k_total; k += 4) {
-      // Four codes (k .. k + 3) of 16 rows; each byte sign-extended to a float.
-      const __m512i four = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, base + k, 1);
-      const __m512 c0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(four, 24), 24));
-      const __m512 c1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(four, 16), 24));
-      const __m512 c2 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(four, 8), 24));
-      const __m512 c3 = _mm512_cvtepi32_ps(_mm512_srai_epi32(four, 24));
-      uint16_t* out = tile + (k / 2) * kBlockN * 2 + quarter * 32;
-      _mm512_storeu_si512(out, vnni_pairs(c0, c1));
-      _mm512_storeu_si512(out + kBlockN * 2, vnni_pairs(c2, c3));
+// Rows [n0, n0 + 64) of a row-major int8 weight [N][K] as bfloat16 rows [64][K] (exact: |code|
+// <= 128); rows past N are zeros.
+BENTO_AVX512_BF16 void int8_rows_to_bfloat16(const int8_t* codes, int64_t n0, int64_t n_total, int64_t k_total,
+                                             uint16_t* rows) {
+  for (int64_t j = 0; j < kBlockN; ++j) {
+    uint16_t* out = rows + j * k_total;
+    if (n0 + j >= n_total) {
+      std::fill(out, out + k_total, uint16_t{0});
+      continue;
+    }
+    const int8_t* in = codes + (n0 + j) * k_total;
+    for (int64_t k = 0; k < k_total; k += 32) {
+      const __mmask32 valid = k_total - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << (k_total - k)) - 1);
+      const __m256i c = _mm256_maskz_loadu_epi8(valid, in + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
+      _mm512_mask_storeu_epi16(out + k, valid, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
     }
   }
 }
 
-// out[m, n0 + j] = result[m, j] * (row_scale ? row_scale[n0 + j] : 1) for j < columns, in bfloat16.
-BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, const c10::BFloat16* row_scale,
-                                   c10::BFloat16* out, int64_t out_stride) {
+// out[r, j] = result[j, r] * scale[j] for r < rows, j < columns, in bfloat16: a column of the
+// block's transposed result is gathered (from L1) per 16 outputs.
+BENTO_AVX512_BF16 void store_transposed(const float* result, int64_t rows, int64_t columns, const float* scale,
+                                        c10::BFloat16* out, int64_t out_stride) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = 0; j < columns; j += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
-    __m512 s = _mm512_set1_ps(1.0f);
-    if (row_scale) {
-      const __m256i bits = _mm256_maskz_loadu_epi16(mask, row_scale + j);
-      s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scale + j);
+    const __m512i index = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j))),
+                                             _mm512_set1_epi32(static_cast<int32_t>(rows)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, result + r, 4);
+      _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, s))));
     }
+  }
+}
+
+// Input rows [0, rows) as brgemm's B operand: [K/2][rows][2] bfloat16, column pairs side by side.
+void pack_rows_vnni(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, uint16_t* out) {
+  const auto* in = reinterpret_cast<const uint32_t*>(x);
+  auto* pairs = reinterpret_cast<uint32_t*>(out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < k_total / 2; ++p) pairs[p * rows + r] = in[r * (lda / 2) + p];
+}
+
+// out[m, n0 + j] = result[m, j] for j < columns, in bfloat16.
+BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, c10::BFloat16* out,
+                                   int64_t out_stride) {
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(result + m * kBlockN + j), s);
+      const __m512 v = _mm512_loadu_ps(result + m * kBlockN + j);
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
@@ -166,9 +177,9 @@ std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t rows) {
 }
 
 // The shared loop: each thread takes a run of 64-column blocks, fills the tile for one (fill),
-// multiplies all rows with it (brgemm) and stores; row_scale per output column (int8) or none.
+// multiplies all rows with it (brgemm) and stores.
 template <typename Fill>
-at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat16* row_scale, const Fill& fill) {
+at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) {
   const int64_t rows = x.size(0), k_total = x.size(1), lda = x.stride(0);
   at::Tensor out = at::empty({rows, n_total}, x.options());
   const auto* a = x.data_ptr<c10::BFloat16>();
@@ -184,8 +195,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
       for (const auto& [m, mb] : chunks) {
         at::native::cpublas::brgemm(mb, kBlockN, k_total, lda, kBlockN, kBlockN, false, a + m * lda,
                                     reinterpret_cast<const at::BFloat16*>(tile.get()), result.get());
-        store_block(result.get(), mb, columns, row_scale ? row_scale + b * kBlockN : nullptr, y + m * n_total + b * kBlockN,
-                    n_total);
+        store_block(result.get(), mb, columns, y + m * n_total + b * kBlockN, n_total);
       }
     }
     at::native::cpublas::brgemm_release();
@@ -211,22 +221,52 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
               "scales_and_zeros: [K / group, N, 2] bfloat16");
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, uint16_t* tile) {
+  return tiled_matmul(x, out_features, [&](int64_t b, uint16_t* tile) {
     dequantize_int4_block(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size, tile);
   });
 }
 
-// x [M, K] bfloat16 @ int8 weight [N, K] with a bfloat16 scale per row -> [M, N].
+// x [M, K] bfloat16 @ int8 weight [N, K] with a bfloat16 scale per row -> [M, N]. The weight's
+// rows are brgemm's A here (converting a row is one contiguous pass; its codes are not in the
+// column pairs a B tile needs) and the input, packed once per call, its B: each 64-row block
+// computes result^T [64][rows], stored transposed with the row scales.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
   const int64_t n_total = codes.size(0), k_total = codes.size(1);
   check_input(x, k_total);
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && k_total % 4 == 0, "codes: [N, K] int8, K % 4 == 0");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && k_total % 2 == 0 && x.stride(0) % 2 == 0,
+              "codes: [N, K] int8 with K even");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == n_total, "scales: [N] bfloat16");
-  const auto* w = codes.data_ptr<int8_t>();
-  const at::Tensor row_scale = scales.contiguous();
-  return tiled_matmul(x, n_total, row_scale.data_ptr<c10::BFloat16>(), [&](int64_t b, uint16_t* tile) {
-    dequantize_int8_block(w, b * kBlockN, n_total, k_total, tile);
+  const int64_t rows = x.size(0), lda = x.stride(0);
+  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  auto packed = aligned_buffer<uint16_t>(rows * k_total);  // chunk (m, mb) at m * K
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [m, mb] = chunks[c];
+      pack_rows_vnni(x.data_ptr<c10::BFloat16>() + m * lda, lda, mb, k_total, packed.get() + m * k_total);
+    }
   });
+  at::Tensor out = at::empty({rows, n_total}, x.options());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const at::Tensor row_scale = scales.contiguous().to(at::kFloat);
+  const float* s = row_scale.data_ptr<float>();
+  const auto* w = codes.data_ptr<int8_t>();
+  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto weight_rows = aligned_buffer<uint16_t>(kBlockN * k_total);
+    auto result = aligned_buffer<float>(kBlockN * std::min(rows, kMaxRows));
+    for (int64_t b = begin; b < end; ++b) {
+      int8_rows_to_bfloat16(w, b * kBlockN, n_total, k_total, weight_rows.get());
+      const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
+      for (const auto& [m, mb] : chunks) {
+        at::native::cpublas::brgemm(kBlockN, mb, k_total, k_total, mb, mb, false,
+                                    reinterpret_cast<const at::BFloat16*>(weight_rows.get()),
+                                    reinterpret_cast<const at::BFloat16*>(packed.get() + m * k_total), result.get());
+        store_transposed(result.get(), mb, columns, s + b * kBlockN, y + m * n_total + b * kBlockN, n_total);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
 }
 
 }  // namespace
