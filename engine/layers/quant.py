@@ -9,7 +9,7 @@ own packed matmuls multiply with.
   instead: the same codes, in the same layouts, dequantized tile by tile into AMX matmuls.
   PyTorch's ops are vector loops, fastest at one row and 3-20x slower than packed bfloat16 from
   16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows for int4, 0.8-1.4x for
-  int8 (bench/bench_quant.py --matmuls), so each row count takes the faster of the two.
+  int8 (bench/bench_quant_matmul.py), so each row count takes the faster of the two.
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
