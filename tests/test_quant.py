@@ -131,6 +131,40 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
         torch.set_num_threads(threads)
 
 
+needs_amx_int8 = pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(),
+                                    reason="w8a8 needs AMX-INT8")
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_w8a8_matmul_equals_its_per_row_quantized_input_times_its_codes(rows):
+    """100 outputs (a partial 64-column tile), 388 inputs (not a multiple of 16: the input's
+    quantization runs a masked tail). Reference: each input row rounded to int8 with scale
+    max |x| / 127, times the weight's codes, in float32; and within 3% of the float product."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 388, generator=gen).bfloat16()
+    layer = quantized_layer("w8a8", 32, weight, dtype=torch.bfloat16)
+    q = quantize_int8(weight)
+    x = torch.randn(rows, 388, generator=gen).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+    x_scale = x.float().abs().amax(1, keepdim=True) / 127
+    expected = (torch.round(x.float() / x_scale) @ q.codes.float().t()) * x_scale * q.scale.reshape(1, -1)
+    assert (out.float() - expected).norm() / expected.norm() < 3e-3  # the sum's order, bfloat16 output
+    full = x.float() @ weight.float().t()
+    assert (out.float() - full).norm() / full.norm() < 0.03
+
+
+@needs_amx_int8
+def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
+    llm = LLM(str(tiny_path), num_kv_blocks=16, quantization="w8a8", dtype="float32")
+    layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, Linear) and m.quantized is not None]
+    assert layers and all(m.weight is None and m.quantized.w8a8 and m.quantized.qweight.dtype == torch.int8 for m in layers)
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
 @pytest.mark.slow  # a fresh interpreter: about 10 s
 def test_without_avx512_the_quantized_layers_keep_pytorchs_ops():
     """ATEN_CPU_CAPABILITY=avx2 (as on an AVX2-only CPU): no AMX kernels, int4 packed in 16-row
@@ -232,6 +266,8 @@ def test_quantization_settings_are_validated(monkeypatch):
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):
         EngineConfig(quantization="int4", quantization_group_size=48)
+    with pytest.raises(ValueError, match="'w8a8' runs on CPUs"):
+        EngineConfig(quantization="w8a8", device="cuda")
     from bento_llm.settings import load_settings
 
     monkeypatch.setenv("BENTO_LLM_QUANTIZATION_GROUP_SIZE", "128")

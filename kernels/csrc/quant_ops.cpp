@@ -29,6 +29,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <bit>
 #include <cstdint>
 #include <cstdlib>
@@ -269,6 +270,89 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
+// Each row of x [M, K] as int8 codes with one float32 scale (max |x| / 127, symmetric; codes
+// rounded to nearest even). K is a multiple of 4.
+BENTO_AVX512_BF16 void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes,
+                                     float* scales) {
+  const auto widen = [](const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(x + r * lda);
+      __m512 max = _mm512_setzero_ps();
+      for (int64_t k = 0; k < k_total; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+        max = _mm512_max_ps(max, _mm512_abs_ps(widen(in + k, mask)));
+      }
+      const float top = _mm512_reduce_max_ps(max);
+      const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+      scales[r] = scale;
+      const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+      for (int64_t k = 0; k < k_total; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(widen(in + k, mask), inverse));  // round to nearest even
+        _mm_mask_storeu_epi8(codes + r * k_total + k, mask, _mm512_cvtsepi32_epi8(q));
+      }
+    }
+  });
+}
+
+// out[m, n0 + j] = result[m, j] * row_scale[m] * column_scale[j] for j < columns, in bfloat16.
+BENTO_AVX512_BF16 void store_scaled(const int32_t* result, int64_t rows, int64_t columns, const float* row_scale,
+                                    const float* column_scale, c10::BFloat16* out, int64_t out_stride) {
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + j);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(result + m * kBlockN + j)),
+                                     _mm512_mul_ps(s, _mm512_set1_ps(row_scale[m])));
+      _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+bool amx_int8_supported() {
+  return amx_bf16_supported() && at::native::cpublas::could_pack(at::kChar);
+}
+
+// w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
+// layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
+// converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
+at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  const int64_t rows = x.size(0), k_total = x.size(1), n_padded = packed.numel() / k_total;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && k_total % 4 == 0 && n_padded % kBlockN == 0 &&
+                  packed.numel() == n_padded * k_total && out_features <= n_padded,
+              "packed: [N/64, K/4, 64, 4] int8 codes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() >= out_features, "scales: [N] float32");
+  auto codes = aligned_buffer<int8_t>(rows * k_total);
+  auto row_scale = aligned_buffer<float>(rows);
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, codes.get(), row_scale.get());
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* w = packed.data_ptr<int8_t>();
+  const float* column_scale = scales.data_ptr<float>();
+  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto result = aligned_buffer<int32_t>(std::min(rows, kMaxRows) * kBlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);
+      for (const auto& [m, mb] : chunks) {
+        at::native::cpublas::brgemm(mb, kBlockN, k_total, k_total, kBlockN, kBlockN, false,
+                                    reinterpret_cast<const signed char*>(codes.get() + m * k_total),
+                                    reinterpret_cast<const signed char*>(w + b * kBlockN * k_total), result.get());
+        store_scaled(result.get(), mb, columns, row_scale.get() + m, column_scale + b * kBlockN, y + m * out_features + b * kBlockN,
+                     out_features);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
@@ -276,4 +360,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_amx);
   m.def("int8_mm_amx(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_mm_amx);
+  m.def("amx_int8_supported() -> bool", &amx_int8_supported);
+  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &w8a8_mm_amx);
 }
