@@ -2,8 +2,9 @@
 // block of 64 output columns at a time to bfloat16 (about K x 128 bytes, in L1/L2), multiplies
 // every input row with it through oneDNN's brgemm ukernel (at::native::cpublas::brgemm,
 // bfloat16 x bfloat16 -> float32, AMX) and writes those 64 columns. Threads split the column
-// blocks. Registered as torch.ops.bento_llm.int4_mm_amx / int8_mm_amx by the same extension as
-// cpu_ops.cpp (kernels/cpu_ops.py builds both).
+// blocks. w8a8_mm_amx needs no conversion at all: it rounds the input to int8 per row and
+// multiplies it with int8 codes on AMX-INT8. Registered as torch.ops.bento_llm.int4_mm_amx /
+// int8_mm_amx / w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 // are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
@@ -18,6 +19,8 @@
 // - int8: [N][K] codes, one bfloat16 scale per output row (applied to the float32 result). Its
 //   rows are brgemm's A operand (a contiguous conversion; a B tile would need a transpose) and
 //   the input, packed once per call, its B.
+// - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
+//   arranges them at load), float32 scale per output row.
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
 
