@@ -1,6 +1,6 @@
 """Weight formats side by side: resident memory and offline decode throughput.
 
-    python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4, then a
+    python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4 / w8a8, then a
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
                                                 # (groups of --group-size and of 128)
     python bench/bench_quant.py --skip-3b --threads 2
@@ -142,7 +142,8 @@ def main() -> None:
 
     common = dict(threads=args.threads, group_size=args.group_size)
     rows = []
-    for name, dtype, quantization in (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4")):
+    for name, dtype, quantization in (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4"),
+                                        ("w8a8", "bfloat16", "w8a8")):
         print(f"default model, {name} ...", flush=True)
         spec = dict(common, model="SmolLM2-135M-Instruct", dtype=dtype, quantization=quantization,
                     max_tokens=args.max_tokens, batches=[1, 16, 64])

@@ -19,8 +19,10 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")
-# Weight-only quantization at load (engine/layers/quant.py) and its group sizes (input columns).
-QUANTIZATIONS = ("int8", "int4")
+# Quantization at load (engine/layers/quant.py): weight-only int8 / int4 (int4's group sizes in
+# input columns below), or w8a8: int8 weights times int8 activations quantized per token (CPUs
+# with AMX-INT8).
+QUANTIZATIONS = ("int8", "int4", "w8a8")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
 # The token embedding and LM head under quantization (engine/layers/embedding.py): "int8" rows
 # with one scale each (a tied head multiplies with the same codes), "none" keeps them in dtype;
@@ -121,6 +123,8 @@ class EngineConfig:
                 f"EngineConfig.embedding_quantization must be one of {EMBEDDING_QUANTIZATIONS}, "
                 f"got {self.embedding_quantization!r}"
             )
+        if self.quantization == "w8a8" and self.device != "cpu":
+            raise ValueError("EngineConfig.quantization 'w8a8' runs on CPUs with AMX-INT8 only: use 'int8' or 'int4' on CUDA")
         if self.quantization == "int4" and self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError("EngineConfig.quantization 'int4' on CUDA runs in bfloat16 only: set dtype 'bfloat16' or 'auto'")
         # "auto" is resolved where the backend is built (engine/attention.py): on CPU it

@@ -25,7 +25,8 @@ from kernels.reference import copy_blocks, swap_blocks
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
@@ -52,7 +53,7 @@ def _build() -> None:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             # The float loops vectorize only with these math flags (reductions need reassociation).
             extra_cflags=[
                 "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
@@ -64,7 +65,7 @@ def _build() -> None:
             verbose=False,
         )
     except Exception as e:  # a missing compiler, ninja or header: the caller falls back
-        raise ImportError(f"the CPU kernels in {SOURCE} could not be built: {e}") from e
+        raise ImportError(f"the CPU kernels in {[s.name for s in SOURCES]} could not be built: {e}") from e
     # Compiled on first use (about 15 s), loaded from the cache after.
     logger.info("CPU kernels %s ready in %.1f s", name, time.perf_counter() - started)
 

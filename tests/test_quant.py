@@ -4,6 +4,11 @@ and one resident copy of every weight."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8
+from engine.layers.quant import AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -59,6 +64,129 @@ def test_quantized_matmul_in_bfloat16(method):
     # Scales and zeros are rounded to bfloat16 too: within 2% of the output's norm.
     expected = F.linear(x.float(), q.dequantize())
     assert (out.float() - expected).norm() / expected.norm() < 0.02
+
+
+needs_amx = pytest.mark.skipif(amx_kernels() is None, reason="the AMX quantized matmuls need AMX-BF16 and PyTorch's AVX-512 kernels")
+
+
+def _amx_reference(layer: Linear, q: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """float32 x @ the layer's weight as it holds it: scales (and zeros) rounded to bfloat16,
+    each int4 value rounded to bfloat16 as the kernel's tile holds it; int8 scales applied after."""
+    expand = lambda t: t.bfloat16().float().repeat_interleave(q.group_size, dim=1)  # noqa: E731
+    if q.bits == 8:
+        return (x.float() @ q.codes.float().t()) * q.scale.reshape(1, -1).bfloat16().float()
+    weight = ((q.codes.float() - 8) * expand(q.scale) + expand(q.zero)).bfloat16().float()
+    return x.float() @ weight.t()
+
+
+@needs_amx
+@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows):
+    """The kernel itself at every row count (the layer sends few rows to PyTorch's op), on
+    shapes that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106,
+    not a multiple of its 32-column conversion steps either)."""
+    gen = torch.Generator().manual_seed(rows + group)
+    cols = 106 if method == "int8" else 384
+    weight = torch.randn(100, cols, generator=gen).bfloat16()  # what the layer quantizes
+    q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group)
+    packed = quantized_layer(method, group, weight, dtype=torch.bfloat16).quantized
+    assert packed.amx
+    x = torch.randn(rows, cols, generator=gen).bfloat16()
+    ops = amx_kernels()
+    with torch.inference_mode():
+        if method == "int8":
+            out = ops.int8_mm_amx(x, packed.qweight, packed.scales)
+        else:
+            out = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)
+    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+    expected = _amx_reference(packed, q, x)
+    # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
+    assert (out.float() - expected).norm() / expected.norm() < 3e-3
+
+
+@needs_amx
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_threads(method):
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(200, 96, generator=gen)  # 4 column tiles, the last one partial: 2 threads split them
+    layer = quantized_layer(method, 32, weight, dtype=torch.bfloat16)
+    packed, ops = layer.quantized, amx_kernels()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for rows in (1, AMX_MIN_ROWS - 1, AMX_MIN_ROWS, 40):
+                x = torch.randn(rows, 96, generator=gen).bfloat16()
+                if method == "int8":
+                    amx, theirs = ops.int8_mm_amx(x, packed.qweight, packed.scales), torch.ops.aten._weight_int8pack_mm(
+                        x, packed.qweight, packed.scales)
+                else:
+                    amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
+                    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
+                assert torch.equal(layer(x), amx if rows >= AMX_MIN_ROWS else theirs), rows
+                # Both compute the same product: within bfloat16 rounding of each other.
+                assert (amx.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
+    finally:
+        torch.set_num_threads(threads)
+
+
+needs_amx_int8 = pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(),
+                                    reason="w8a8 needs AMX-INT8")
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_w8a8_matmul_equals_its_per_row_quantized_input_times_its_codes(rows):
+    """100 outputs (a partial 64-column tile), 388 inputs (not a multiple of 16: the input's
+    quantization runs a masked tail). Reference: each input row rounded to int8 with scale
+    max |x| / 127, times the weight's codes, in float32; and within 3% of the float product."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 388, generator=gen).bfloat16()
+    layer = quantized_layer("w8a8", 32, weight, dtype=torch.bfloat16)
+    q = quantize_int8(weight)
+    x = torch.randn(rows, 388, generator=gen).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+    x_scale = x.float().abs().amax(1, keepdim=True) / 127
+    expected = (torch.round(x.float() / x_scale) @ q.codes.float().t()) * x_scale * q.scale.reshape(1, -1)
+    assert (out.float() - expected).norm() / expected.norm() < 3e-3  # the sum's order, bfloat16 output
+    full = x.float() @ weight.float().t()
+    assert (out.float() - full).norm() / full.norm() < 0.03
+
+
+@needs_amx_int8
+def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
+    llm = LLM(str(tiny_path), num_kv_blocks=16, quantization="w8a8", dtype="float32")
+    layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, Linear) and m.quantized is not None]
+    assert layers and all(m.weight is None and m.quantized.w8a8 and m.quantized.qweight.dtype == torch.int8 for m in layers)
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.slow  # a fresh interpreter: about 10 s
+def test_without_avx512_the_quantized_layers_keep_pytorchs_ops():
+    """ATEN_CPU_CAPABILITY=avx2 (as on an AVX2-only CPU): no AMX kernels, int4 packed in 16-row
+    multiples, and the layer still equals its dequantized weight."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from engine.layers.quant import amx_kernels, quantize_int4
+        from tests.test_quant import quantized_layer
+        weight = torch.randn(100, 128).bfloat16()
+        layer = quantized_layer("int4", 32, weight, dtype=torch.bfloat16)
+        x = torch.randn(20, 128).bfloat16()
+        expected = x.float() @ quantize_int4(weight, 32).dequantize().t()
+        error = (layer(x).float() - expected).norm() / expected.norm()
+        print(amx_kernels() is None, layer.quantized.amx, tuple(layer.quantized.scales.shape), bool(error < 0.02))
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "(4,", "112,", "2)", "True"]
 
 
 def test_an_input_width_takes_the_largest_group_that_divides_it_or_stays_float():
@@ -138,6 +266,8 @@ def test_quantization_settings_are_validated(monkeypatch):
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):
         EngineConfig(quantization="int4", quantization_group_size=48)
+    with pytest.raises(ValueError, match="'w8a8' runs on CPUs"):
+        EngineConfig(quantization="w8a8", device="cuda")
     from bento_llm.settings import load_settings
 
     monkeypatch.setenv("BENTO_LLM_QUANTIZATION_GROUP_SIZE", "128")

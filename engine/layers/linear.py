@@ -99,10 +99,12 @@ class Linear(nn.Linear):
         if quantization is not None and self.quantizable:
             q = self._quantize(parts, quantization, group_size)
             if q is not None:
-                self.quantized = PackedQuantizedWeight(q, self.weight.dtype, self.weight.device)
+                self.quantized = PackedQuantizedWeight(q, self.weight.dtype, self.weight.device,
+                                                       int8_activations=quantization == "w8a8")
                 self.weight = None
                 return quantization
-            logger.info("%s: input width %d fits no int4 group; kept in float", type(self).__name__, self.in_features)
+            logger.info("%s: input width %d fits no %s layout; kept in float", type(self).__name__, self.in_features,
+                        quantization)
         for row, part in parts.items():  # a quantized checkpoint block in a float layer: dequantized
             self.weight.data.narrow(0, row, part.shape[0]).copy_(part.dequantize())
         if pack:

@@ -1,10 +1,19 @@
-"""Weight-only quantized projections: the integer codes of a weight, and the layouts PyTorch's
+"""Quantized projections: the integer codes of a weight, and the layouts PyTorch's
 own packed matmuls multiply with.
 
 - int8: one scale per output row (symmetric), `torch.ops.aten._weight_int8pack_mm` on CPU.
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
+- From a few rows up, on CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp
+  instead: the same codes, in the same layouts, dequantized tile by tile into AMX matmuls.
+  PyTorch's ops are vector loops, fastest at one row and 3-20x slower than packed bfloat16 from
+  16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows for int4, 0.8-1.4x for
+  int8 (bench/bench_quant_matmul.py), so each row count takes the faster of the two.
+- w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
+  quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
+  converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. The activations' rounding costs
+  accuracy beyond int8's (README, "Weight quantization").
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -14,6 +23,7 @@ linears' loaders take this rank's shard of it unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -24,8 +34,28 @@ from engine.config import QUANTIZATION_GROUP_SIZES
 
 logger = logging.getLogger(__name__)
 
-# _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16.
+# _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
+# layout, which the AMX kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
+_AMX_INT4_ROW_MULTIPLE = 64  # and w8a8's
+# Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
+# one thread: both even at 4 rows, AMX ahead from 6).
+AMX_MIN_ROWS = 5
+
+
+@functools.cache
+def amx_kernels():
+    """torch.ops.bento_llm with the AMX quantized matmuls, or None where they cannot run: no
+    AMX-BF16, or not PyTorch's AVX-512 int4 layout, or the C++ kernels do not build."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError as e:
+        logger.info("quantized matmuls: PyTorch's packed ops only (%s)", e)
+        return None
+    ops = torch.ops.bento_llm
+    return ops if ops.amx_bf16_supported() else None
 
 
 @dataclass
@@ -106,13 +136,15 @@ def int4_group_size(cols: int, wanted: int) -> int | None:
 
 def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: int) -> QuantizedWeight | None:
     """A weight in `method`'s codes; None where it cannot be (the input width fits no group)."""
+    if method == "w8a8" and weight.shape[1] % 4:
+        return None  # AMX-INT8 takes input columns in fours
     if isinstance(weight, QuantizedWeight):
         if method == "int4" and weight.bits == 4:
             return weight
-        if method == "int8" and weight.bits == 8 and weight.group_size == weight.shape[1]:
+        if method in ("int8", "w8a8") and weight.bits == 8 and weight.group_size == weight.shape[1]:
             return weight
         weight = weight.dequantize()  # a format change (Q8_0 -> int4, Q4 -> per-row int8): logged by the caller
-    if method == "int8":
+    if method in ("int8", "w8a8"):
         return quantize_int8(weight)
     group = int4_group_size(weight.shape[1], group_size)
     return None if group is None else quantize_int4(weight, group)
@@ -122,16 +154,24 @@ class PackedQuantizedWeight(torch.nn.Module):
     """One projection's weight in the layout its matmul reads, as buffers (so the model's
     memory report and .to() see them); no float copy is kept."""
 
-    def __init__(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device):
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device, int8_activations: bool = False):
         super().__init__()
         self.bits, self.group_size = q.bits, q.group_size
         self.out_features, self.in_features = q.shape
+        self.w8a8 = int8_activations
+        if int8_activations:
+            self._init_w8a8(q, device)
+            return
+        # The AMX kernels run bfloat16 inputs on CPU (they take input columns in pairs).
+        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and self.in_features % 2 == 0
+                    and amx_kernels() is not None)
         if q.bits == 8:
             # Scales in the activation dtype: the op requires it.
             self.register_buffer("qweight", q.codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
-        rows = -(-self.out_features // _INT4_ROW_MULTIPLE) * _INT4_ROW_MULTIPLE
+        multiple = _AMX_INT4_ROW_MULTIPLE if self.amx else _INT4_ROW_MULTIPLE
+        rows = -(-self.out_features // multiple) * multiple
         codes, scale, zero = q.codes, q.scale, q.zero
         if rows != self.out_features:  # padding rows: code 8, scale 0, zero 0 -> exactly 0, sliced off
             pad = rows - self.out_features
@@ -149,8 +189,29 @@ class PackedQuantizedWeight(torch.nn.Module):
         else:
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
 
+    def _init_w8a8(self, q: QuantizedWeight, device: torch.device) -> None:
+        """int8 codes in the layout AMX-INT8 reads them ([N/64][K/4][64][4]: four input columns
+        of 64 outputs side by side), zero rows padding N to 64; float32 scales."""
+        ops = amx_kernels()
+        if device.type != "cpu" or ops is None or not ops.amx_int8_supported():
+            raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 and the C++ kernels (kernels/cpu_ops.py); "
+                             "this machine has neither: use 'int8' or 'int4'")
+        self.amx = True
+        pad = -self.out_features % _AMX_INT4_ROW_MULTIPLE
+        codes = torch.cat([q.codes, q.codes.new_zeros(pad, self.in_features)])
+        tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+        self.register_buffer("qweight", tiles)
+        self.register_buffer("scales", F.pad(q.scale.reshape(-1).float(), (0, pad)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
+            y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features)
+            return y.to(x.dtype)
         x = x.contiguous()
+        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS:
+            if self.bits == 8:
+                return amx_kernels().int8_mm_amx(x, self.qweight, self.scales)
+            return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
         if self.bits == 8:
             if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales

@@ -1,0 +1,85 @@
+"""Quantized matmuls against oneDNN's packed bfloat16, at the default model's projection shapes.
+
+    python bench/bench_quant_matmul.py                  # rows 1, 4, 16, 64, 256; one thread
+    python bench/bench_quant_matmul.py --rows 1,8,64 --threads 2
+
+For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
+--layers random weights (as many as the model has layers, so the set does not sit in L2 the way
+one repeated weight would) in each format, then times one pass over all of them per format,
+interleaved in one process, keeping each format's best of --rounds. Time is the thread's CPU
+time at one thread (robust on a shared machine), wall time otherwise. Reported: bfloat16's
+microseconds per layer and each format's time relative to it (below 1 is faster):
+- int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
+- int4 / int8 AMX: kernels/csrc/quant_ops.cpp on the same codes (AMX-BF16 CPUs only)
+- layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
+- w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize_int4, quantize_int8  # noqa: E402
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,4,16,64,256")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    ops, cpu = amx_kernels(), torch.device("cpu")
+    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 layer", "w8a8"]
+    print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
+          f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}\n")
+    print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
+    print("|" + " --- |" * (3 + len(names)))
+    for shape, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k) * 0.02 for _ in range(args.layers)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
+        int4 = [PackedQuantizedWeight(quantize_int4(w, 32), torch.bfloat16, cpu) for w in weights]
+        int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
+        w8a8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
+                for w in weights] if ops is not None and ops.amx_int8_supported() else []
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, k).bfloat16()
+            runs = {
+                "bfloat16": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
+                "int4 torch": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.qweight, 32, q.scales) for q in int4],
+                "int4 layer": lambda: [q(x) for q in int4],
+                "int8 torch": lambda: [torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scales) for q in int8],
+                "int8 layer": lambda: [q(x) for q in int8],
+            }
+            if ops is not None:
+                runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, 32, n) for q in int4]
+                runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales) for q in int8]
+            if w8a8:
+                runs["w8a8"] = lambda: [q(x) for q in w8a8]
+            best = dict.fromkeys(runs, float("inf"))
+            with torch.inference_mode():
+                for fn in runs.values():
+                    fn()  # warm-up: oneDNN/brgemm kernels built, buffers touched
+                for _ in range(args.rounds):
+                    for name, fn in runs.items():
+                        start = clock()
+                        fn()
+                        best[name] = min(best[name], (clock() - start) / args.layers)
+            base = best["bfloat16"]
+            cells = [f"{best[name] / base:.2f}x" if name in best else "" for name in names]
+            print(f"| {shape} {n}x{k} | {rows} | {base * 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+// Quantized matmuls on AMX: the weight stays in its int4/int8 codes; each call converts one
+// block of 64 output columns at a time to bfloat16 (about K x 128 bytes, in L1/L2), multiplies
+// every input row with it through oneDNN's brgemm ukernel (at::native::cpublas::brgemm,
+// bfloat16 x bfloat16 -> float32, AMX) and writes those 64 columns. Threads split the column
+// blocks. w8a8_mm_amx needs no conversion at all: it rounds the input to int8 per row and
+// multiplies it with int8 codes on AMX-INT8. Registered as torch.ops.bento_llm.int4_mm_amx /
+// int8_mm_amx / w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
+//
+// Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
+// are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
+// 3-20x slower than oneDNN's packed bfloat16 on AMX from 16 rows up. Converting a weight once
+// per call costs less than reading it in bfloat16 from memory, and AMX does the rest.
+//
+// Layouts are PyTorch's own, so one copy of the weight serves both its few-row kernels and these:
+// - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
+//   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
+//   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
+//   dequantized straight into the VNNI layout of brgemm's B operand ([K/2][64][2]).
+// - int8: [N][K] codes, one bfloat16 scale per output row (applied to the float32 result). Its
+//   rows are brgemm's A operand (a contiguous conversion; a B tile would need a transpose) and
+//   the input, packed once per call, its B.
+// - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
+//   arranges them at load), float32 scale per output row.
+// Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
+// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <bit>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockN = 64;     // output columns per tile: torch's AVX-512 int4 block
+constexpr int64_t kMaxRows = 512;   // input rows per brgemm call (bounds the float32 result tile)
+
+#define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
+  const size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(std::aligned_alloc(64, bytes)));
+}
+
+// One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2]. Rows k and
+// k + 1 are byte-interleaved first (unpack), so each code pair (k, k + 1) of a column sits side by
+// side and the float results are already in VNNI order: 8 columns x 2 rows per 16 floats.
+BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const c10::BFloat16* scales_and_zeros,
+                                             int64_t n_padded, int64_t k_total, int64_t group, uint16_t* tile) {
+  // scale and offset per column, each twice (both rows of a pair): [64 columns][2].
+  alignas(64) float scale[kBlockN * 2], offset[kBlockN * 2];
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < k_total / group; ++g) {
+    const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros) + g * n_padded * 2;
+    for (int64_t j = 0; j < kBlockN; ++j) {
+      const float s = std::bit_cast<float>(static_cast<uint32_t>(sz[2 * j]) << 16);
+      const float z = std::bit_cast<float>(static_cast<uint32_t>(sz[2 * j + 1]) << 16);
+      scale[2 * j] = scale[2 * j + 1] = s;
+      offset[2 * j] = offset[2 * j + 1] = z - 8.0f * s;  // (code - 8) * s + z = code * s + (z - 8 s)
+    }
+    for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+      const __m256i row0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
+      const __m256i row1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (k + 1) * 32));
+      // Bytes j of both rows side by side, per 128-bit lane: lo has j = 0-7 | 16-23, hi j = 8-15 | 24-31.
+      const __m256i lo = _mm256_unpacklo_epi8(row0, row1), hi = _mm256_unpackhi_epi8(row0, row1);
+      // Low nibbles are columns j, high nibbles columns 32 + j.
+      const __m256i parts[2][2] = {
+          {_mm256_and_si256(lo, low_nibble), _mm256_and_si256(hi, low_nibble)},
+          {_mm256_and_si256(_mm256_srli_epi16(lo, 4), low_nibble), _mm256_and_si256(_mm256_srli_epi16(hi, 4), low_nibble)}};
+      uint16_t* out = tile + (k / 2) * kBlockN * 2;
+      for (int nibble = 0; nibble < 2; ++nibble) {
+        for (int lane = 0; lane < 2; ++lane) {
+          const int64_t n = nibble * 32 + lane * 16;  // first column of these 16
+          const __m256i a = parts[nibble][0], b = parts[nibble][1];
+          const __m128i first = lane ? _mm256_extracti128_si256(a, 1) : _mm256_castsi256_si128(a);
+          const __m128i second = lane ? _mm256_extracti128_si256(b, 1) : _mm256_castsi256_si128(b);
+          const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first)), _mm512_load_ps(scale + 2 * n),
+                                            _mm512_load_ps(offset + 2 * n));
+          const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(second)),
+                                            _mm512_load_ps(scale + 2 * n + 16), _mm512_load_ps(offset + 2 * n + 16));
+          _mm512_storeu_si512(out + n * 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+        }
+      }
+    }
+  }
+}
+
+// Rows [n0, n0 + 64) of a row-major int8 weight [N][K] as bfloat16 rows [64][K] (exact: |code|
+// <= 128); rows past N are zeros.
+BENTO_AVX512_BF16 void int8_rows_to_bfloat16(const int8_t* codes, int64_t n0, int64_t n_total, int64_t k_total,
+                                             uint16_t* rows) {
+  for (int64_t j = 0; j < kBlockN; ++j) {
+    uint16_t* out = rows + j * k_total;
+    if (n0 + j >= n_total) {
+      std::fill(out, out + k_total, uint16_t{0});
+      continue;
+    }
+    const int8_t* in = codes + (n0 + j) * k_total;
+    for (int64_t k = 0; k < k_total; k += 32) {
+      const __mmask32 valid = k_total - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << (k_total - k)) - 1);
+      const __m256i c = _mm256_maskz_loadu_epi8(valid, in + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
+      _mm512_mask_storeu_epi16(out + k, valid, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+}
+
+// out[r, j] = result[j, r] * scale[j] for r < rows, j < columns, in bfloat16: a column of the
+// block's transposed result is gathered (from L1) per 16 outputs.
+BENTO_AVX512_BF16 void store_transposed(const float* result, int64_t rows, int64_t columns, const float* scale,
+                                        c10::BFloat16* out, int64_t out_stride) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scale + j);
+    const __m512i index = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j))),
+                                             _mm512_set1_epi32(static_cast<int32_t>(rows)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, result + r, 4);
+      _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, s))));
+    }
+  }
+}
+
+// Input rows [0, rows) as brgemm's B operand: [K/2][rows][2] bfloat16, column pairs side by side.
+void pack_rows_vnni(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, uint16_t* out) {
+  const auto* in = reinterpret_cast<const uint32_t*>(x);
+  auto* pairs = reinterpret_cast<uint32_t*>(out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < k_total / 2; ++p) pairs[p * rows + r] = in[r * (lda / 2) + p];
+}
+
+// out[m, n0 + j] = result[m, j] for j < columns, in bfloat16.
+BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, c10::BFloat16* out,
+                                   int64_t out_stride) {
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 v = _mm512_loadu_ps(result + m * kBlockN + j);
+      _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+bool amx_bf16_supported() {
+  // cpublas packs bfloat16 for brgemm exactly where oneDNN's ukernel runs it on AMX.
+  return __builtin_cpu_supports("avx512bf16") && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+// (first row, rows) of each brgemm call: kMaxRows at a time, then the rest's multiple of 16 in
+// powers of two, then its last 1-15 rows. oneDNN JIT-compiles and keeps a kernel per shape, so
+// every row count a server meets maps onto at most 21 shapes per weight shape.
+std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t rows) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  int64_t m = 0;
+  for (; rows - m >= kMaxRows; m += kMaxRows) chunks.emplace_back(m, kMaxRows);
+  for (int64_t size = kMaxRows / 2; size >= 16; size /= 2) {
+    if (rows - m >= size) {
+      chunks.emplace_back(m, size);
+      m += size;
+    }
+  }
+  if (m < rows) chunks.emplace_back(m, rows - m);
+  return chunks;
+}
+
+// The shared loop: each thread takes a run of 64-column blocks, fills the tile for one (fill),
+// multiplies all rows with it (brgemm) and stores.
+template <typename Fill>
+at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) {
+  const int64_t rows = x.size(0), k_total = x.size(1), lda = x.stride(0);
+  at::Tensor out = at::empty({rows, n_total}, x.options());
+  const auto* a = x.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
+  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto tile = aligned_buffer<uint16_t>(k_total * kBlockN);
+    auto result = aligned_buffer<float>(std::min(rows, kMaxRows) * kBlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      fill(b, tile.get());
+      const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
+      for (const auto& [m, mb] : chunks) {
+        at::native::cpublas::brgemm(mb, kBlockN, k_total, lda, kBlockN, kBlockN, false, a + m * lda,
+                                    reinterpret_cast<const at::BFloat16*>(tile.get()), result.get());
+        store_block(result.get(), mb, columns, y + m * n_total + b * kBlockN, n_total);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
+void check_input(const at::Tensor& x, int64_t k_total) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  TORCH_CHECK(x.size(1) == k_total, "x has ", x.size(1), " columns, the weight ", k_total);
+}
+
+// x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
+at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                       int64_t group_size, int64_t out_features) {
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_input(x, k_total);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n_padded * k_total,
+              "packed: torch's CPU int4 pack of the [N, K] weight");
+  TORCH_CHECK(n_padded % kBlockN == 0 && out_features <= n_padded && group_size % 2 == 0, "int4 shapes");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
+              "scales_and_zeros: [K / group, N, 2] bfloat16");
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
+  return tiled_matmul(x, out_features, [&](int64_t b, uint16_t* tile) {
+    dequantize_int4_block(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size, tile);
+  });
+}
+
+// x [M, K] bfloat16 @ int8 weight [N, K] with a bfloat16 scale per row -> [M, N]. The weight's
+// rows are brgemm's A here (converting a row is one contiguous pass; its codes are not in the
+// column pairs a B tile needs) and the input, packed once per call, its B: each 64-row block
+// computes result^T [64][rows], stored transposed with the row scales.
+at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  const int64_t n_total = codes.size(0), k_total = codes.size(1);
+  check_input(x, k_total);
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && k_total % 2 == 0 && x.stride(0) % 2 == 0,
+              "codes: [N, K] int8 with K even");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == n_total, "scales: [N] bfloat16");
+  const int64_t rows = x.size(0), lda = x.stride(0);
+  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  auto packed = aligned_buffer<uint16_t>(rows * k_total);  // chunk (m, mb) at m * K
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [m, mb] = chunks[c];
+      pack_rows_vnni(x.data_ptr<c10::BFloat16>() + m * lda, lda, mb, k_total, packed.get() + m * k_total);
+    }
+  });
+  at::Tensor out = at::empty({rows, n_total}, x.options());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const at::Tensor row_scale = scales.contiguous().to(at::kFloat);
+  const float* s = row_scale.data_ptr<float>();
+  const auto* w = codes.data_ptr<int8_t>();
+  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto weight_rows = aligned_buffer<uint16_t>(kBlockN * k_total);
+    auto result = aligned_buffer<float>(kBlockN * std::min(rows, kMaxRows));
+    for (int64_t b = begin; b < end; ++b) {
+      int8_rows_to_bfloat16(w, b * kBlockN, n_total, k_total, weight_rows.get());
+      const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
+      for (const auto& [m, mb] : chunks) {
+        at::native::cpublas::brgemm(kBlockN, mb, k_total, k_total, mb, mb, false,
+                                    reinterpret_cast<const at::BFloat16*>(weight_rows.get()),
+                                    reinterpret_cast<const at::BFloat16*>(packed.get() + m * k_total), result.get());
+        store_transposed(result.get(), mb, columns, s + b * kBlockN, y + m * n_total + b * kBlockN, n_total);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
+// Each row of x [M, K] as int8 codes with one float32 scale (max |x| / 127, symmetric; codes
+// rounded to nearest even). K is a multiple of 4.
+BENTO_AVX512_BF16 void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes,
+                                     float* scales) {
+  const auto widen = [](const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(x + r * lda);
+      __m512 max = _mm512_setzero_ps();
+      for (int64_t k = 0; k < k_total; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+        max = _mm512_max_ps(max, _mm512_abs_ps(widen(in + k, mask)));
+      }
+      const float top = _mm512_reduce_max_ps(max);
+      const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+      scales[r] = scale;
+      const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+      for (int64_t k = 0; k < k_total; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(widen(in + k, mask), inverse));  // round to nearest even
+        _mm_mask_storeu_epi8(codes + r * k_total + k, mask, _mm512_cvtsepi32_epi8(q));
+      }
+    }
+  });
+}
+
+// out[m, n0 + j] = result[m, j] * row_scale[m] * column_scale[j] for j < columns, in bfloat16.
+BENTO_AVX512_BF16 void store_scaled(const int32_t* result, int64_t rows, int64_t columns, const float* row_scale,
+                                    const float* column_scale, c10::BFloat16* out, int64_t out_stride) {
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + j);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(result + m * kBlockN + j)),
+                                     _mm512_mul_ps(s, _mm512_set1_ps(row_scale[m])));
+      _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+bool amx_int8_supported() {
+  return amx_bf16_supported() && at::native::cpublas::could_pack(at::kChar);
+}
+
+// w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
+// layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
+// converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
+at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  const int64_t rows = x.size(0), k_total = x.size(1), n_padded = packed.numel() / k_total;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && k_total % 4 == 0 && n_padded % kBlockN == 0 &&
+                  packed.numel() == n_padded * k_total && out_features <= n_padded,
+              "packed: [N/64, K/4, 64, 4] int8 codes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() >= out_features, "scales: [N] float32");
+  auto codes = aligned_buffer<int8_t>(rows * k_total);
+  auto row_scale = aligned_buffer<float>(rows);
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, codes.get(), row_scale.get());
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* w = packed.data_ptr<int8_t>();
+  const float* column_scale = scales.data_ptr<float>();
+  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    auto result = aligned_buffer<int32_t>(std::min(rows, kMaxRows) * kBlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);
+      for (const auto& [m, mb] : chunks) {
+        at::native::cpublas::brgemm(mb, kBlockN, k_total, k_total, kBlockN, kBlockN, false,
+                                    reinterpret_cast<const signed char*>(codes.get() + m * k_total),
+                                    reinterpret_cast<const signed char*>(w + b * kBlockN * k_total), result.get());
+        store_scaled(result.get(), mb, columns, row_scale.get() + m, column_scale + b * kBlockN, y + m * out_features + b * kBlockN,
+                     out_features);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
+  m.def("amx_bf16_supported() -> bool", &amx_bf16_supported);
+  m.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
+        &int4_mm_amx);
+  m.def("int8_mm_amx(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_mm_amx);
+  m.def("amx_int8_supported() -> bool", &amx_int8_supported);
+  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &w8a8_mm_amx);
+}
