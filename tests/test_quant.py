@@ -159,8 +159,12 @@ def test_w8a8_matmul_equals_its_per_row_quantized_input_times_its_codes(rows):
 @needs_amx_int8
 def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
     llm = LLM(str(tiny_path), num_kv_blocks=16, quantization="w8a8", dtype="float32")
-    layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, Linear) and m.quantized is not None]
+    modules = list(llm.engine.runner.model_runner.model.modules())
+    layers = [m for m in modules if isinstance(m, Linear) and not isinstance(m, ParallelLMHead) and m.quantized is not None]
     assert layers and all(m.weight is None and m.quantized.w8a8 and m.quantized.qweight.dtype == torch.int8 for m in layers)
+    # The LM head decides every token: int8 weight-only rows (embedding_quantization), not w8a8.
+    (head,) = [m for m in modules if isinstance(m, ParallelLMHead)]
+    assert head.quantized is not None and not head.quantized.w8a8 and head.quantized.qweight.dtype == torch.int8
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
 
