@@ -188,7 +188,7 @@ def main() -> None:
     rows_out.append(("prefill tok/s", f"{args.prompt_len / ttft:.0f}", f"{args.prompt_len / limit:.0f}", limit / ttft))
 
     print(f"\n{args.model}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}; `python bench/bench_limits.py --dtype {args.dtype}`\n")
+          f"torch {torch.__version__}; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
     print("| measure | result | limit | ratio to limit |")
     print("| --- | --- | --- | --- |")
     for name, value, limit_text, ratio in rows_out:
