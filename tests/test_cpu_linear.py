@@ -59,3 +59,23 @@ def test_packed_matmuls_run_at_a_bounded_set_of_row_counts():
     assert len(counts) <= 64 + 8 * 5
     for m in range(1, 4097):
         assert m <= packed_rows(m) <= m + m // 8 and (m > 64 or packed_rows(m) == m)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_a_float_bfloat16_weight_gives_f_linear_results_at_any_row_count(rows):
+    """A weight kept in float (the tied LM head) runs one row through ATen's GEMV (torch.mv),
+    up to 16 with the weight as the left operand, more through F.linear: all agree with the
+    float32 product, in dense rows, also for strided input rows."""
+    gen = torch.Generator().manual_seed(7)
+    layer = Linear(96, 1000, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(1000, 96, generator=gen))
+    assert layer.finalize(None, 32, pack=False) == "float"
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    expected = F.linear(x.float(), layer.weight.float())
+    with torch.inference_mode():
+        out = layer(x)
+        strided = layer(torch.cat([x, x], dim=1)[:, 96:])
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1000) and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
+    torch.testing.assert_close(strided.float(), expected, **TOL[torch.bfloat16])

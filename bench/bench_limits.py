@@ -1,0 +1,199 @@
+"""The engine against this machine's limits, as ratios: every number next to the ceiling that
+bounds it, measured in the same run on the same machine.
+
+    python bench/bench_limits.py                       # the default model in bfloat16 (where the CPU packs it)
+    python bench/bench_limits.py --dtype float32       # the exact mode
+    python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
+
+Ceilings (measured first, with the engine's model loaded and idle):
+- memory read bandwidth: the best of several passes of a float32 sum over a buffer much larger
+  than the caches; weight-read time: the bytes a decode step reads (every projection, the norms
+  and the LM head; the embedding only where the LM head is it) at that bandwidth;
+- matmul time at 1, 16, 64 rows and at a prefill chunk's rows: the model's own projections,
+  called one after another in model order exactly as the engine calls them (oneDNN-packed where
+  the engine packs), LM head included, so the weights stream from memory as in a step; also
+  reported as GFLOP/s.
+Engine results (offline, this process, greedy, ignore_eos):
+- the decode step at batch 1, 16 and 64 (median engine.step() over steps where every sequence
+  decodes) against max(weight-read time, matmul time at that many rows);
+- TTFT of one prompt of --prompt-len tokens (alone, prefix cache cold) and its prefill tok/s,
+  against the matmul time at that many rows plus attention's FLOPs (causal q.k and p.v) at the
+  projections' measured FLOP/s.
+The batch-1 row also gives the forward pass alone (the rest of a step is scheduling, sampling
+and bookkeeping).
+Prints a markdown table (ratio = result / limit; 1.0 is the limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls build oneDNN kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_bandwidth(repeats: int, nbytes: int = 1 << 29) -> float:
+    """Bytes/s of a float32 sum over nbytes (far beyond the last-level cache)."""
+    buf = torch.rand(nbytes // 4)
+    return nbytes / best_seconds(lambda: buf.sum(), repeats)
+
+
+def step_read_bytes(model) -> int:
+    """What one decode step reads: every weight (engine.memory's count) less an untied
+    embedding, of which a step reads one row per token."""
+    from engine.memory import storage_bytes, weight_tensors
+
+    total = storage_bytes(weight_tensors(model))
+    if not getattr(model.lm_head, "tied", False):
+        total -= storage_bytes([model.embed_tokens.weight])
+    return total
+
+
+def model_linears(model) -> list[torch.nn.Module]:
+    from engine.layers.linear import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+@torch.inference_mode()
+def matmul_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(seconds, FLOPs) of every projection of the model at `rows` input rows, in model order."""
+    linears = model_linears(model)
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+    flops = sum(2 * rows * m.in_features * m.out_features for m in linears)
+
+    def run():
+        for m in linears:
+            m(inputs[m.in_features])
+
+    return best_seconds(run, repeats), flops
+
+
+def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
+    """engine.step() seconds of every step in which all sequences decode one token."""
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"limits-{time.monotonic_ns()}-{i}", p, params)
+    times = []
+    while engine.has_unfinished_requests():
+        running = engine.scheduler.running
+        all_decoding = len(running) == len(prompts) and all(s.num_computed_tokens == len(s.token_ids) - 1
+                                                            for g in running for s in g.seqs)
+        start = time.perf_counter()
+        engine.step()
+        if all_decoding:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per sequence in the decode runs")
+    parser.add_argument("--prompt-len", type=int, default=2000, help="tokens of the TTFT prompt")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 10
+    decode_tokens = 16 if args.quick else args.decode_tokens
+
+    from engine import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=64)
+    engine = llm.engine
+    runner = engine.runner.model_runner
+    model, dtype = runner.model, runner.dtype
+    vocab = engine.model_config.vocab_size
+    chunk = min(args.prompt_len, engine.config.max_num_batched_tokens)
+
+    bandwidth = read_bandwidth(repeats)
+    weight_bytes = step_read_bytes(model)
+    weight_read = weight_bytes / bandwidth
+    mm = {rows: matmul_seconds(model, rows, dtype, repeats if rows <= 64 else max(2, repeats // 3))
+          for rows in (1, 16, 64, chunk)}
+
+    rows_out: list[tuple[str, str, str, float]] = []
+    rows_out.append(("memory read bandwidth", f"{bandwidth / 1e9:.1f} GB/s", "", float("nan")))
+    rows_out.append(("weight-read time", f"{weight_read * 1e3:.2f} ms", f"{weight_bytes / 2**20:.0f} MiB", float("nan")))
+    for rows, (seconds, flops) in mm.items():
+        rows_out.append((f"matmuls at {rows} rows", f"{seconds * 1e3:.2f} ms",
+                         f"{flops / seconds / 1e9:.0f} GFLOP/s", float("nan")))
+
+    # Warm-up: the first steps build oneDNN kernels for each row count.
+    timed_steps(engine, [random_prompt(vocab, 32, 0)], 4)
+    forward_times: list[float] = []
+    execute_model = runner.execute_model
+
+    def timed_forward(inputs):
+        start = time.perf_counter()
+        logits = execute_model(inputs)
+        forward_times.append(time.perf_counter() - start)
+        return logits
+
+    for batch in (1, 16, 64):
+        prompts = [random_prompt(vocab, 32, 1000 * batch + i) for i in range(batch)]
+        forward_times.clear()
+        runner.execute_model = timed_forward
+        step = statistics.median(timed_steps(engine, prompts, decode_tokens))
+        runner.execute_model = execute_model
+        limit = max(weight_read, mm[batch][0])
+        rows_out.append((f"decode step, batch {batch}", f"{step * 1e3:.2f} ms", f"{limit * 1e3:.2f} ms", step / limit))
+        if batch == 1:
+            forward = statistics.median(forward_times[1:])  # the prefill's forward first
+            rows_out.append(("  its forward pass", f"{forward * 1e3:.2f} ms", f"{limit * 1e3:.2f} ms", forward / limit))
+        rows_out.append((f"decode tok/s, batch {batch}", f"{batch / step:.0f}", f"{batch / limit:.0f}", limit / step))
+
+    # Attention's FLOPs (q.k and p.v over the causal half of the prompt) count at the
+    # projections' measured throughput: the prefill limit is all of its matmul work.
+    cfg = engine.model_config
+    attention_flops = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * args.prompt_len**2 / 2
+    ttfts = []
+    for i in range(max(2, repeats // 3)):
+        prompt = random_prompt(vocab, args.prompt_len, 7 + i)  # a new prompt: no prefix-cache hits
+        start = time.perf_counter()
+        timed_steps(engine, [prompt], 1)
+        ttfts.append(time.perf_counter() - start)
+    ttft = min(ttfts)
+    chunks = -(-args.prompt_len // chunk)
+    seconds, flops = mm[chunk]
+    limit = seconds * (args.prompt_len / chunk + attention_flops / flops)
+    rows_out.append((f"TTFT, {args.prompt_len}-token prompt ({chunks} chunk(s))", f"{ttft * 1e3:.0f} ms",
+                     f"{limit * 1e3:.0f} ms", ttft / limit))
+    rows_out.append(("prefill tok/s", f"{args.prompt_len / ttft:.0f}", f"{args.prompt_len / limit:.0f}", limit / ttft))
+
+    print(f"\n{args.model}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+    print("| measure | result | limit | ratio to limit |")
+    print("| --- | --- | --- | --- |")
+    for name, value, limit_text, ratio in rows_out:
+        print(f"| {name} | {value} | {limit_text} | {'' if ratio != ratio else f'{ratio:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()
