@@ -54,7 +54,8 @@ RUNTIME_IMAGE = (
     .python_packages(
         "torch>=2.13,<2.14", "triton==3.7.1; platform_system == 'Linux'", "numpy", "transformers>=4.56",
         "tokenizers", "safetensors", "gguf", "accelerate", "pydantic>=2", "pydantic-settings>=2.3", "tqdm",
-        "fastapi", "prometheus-client", "ninja", "huggingface-hub",
+        "fastapi", "prometheus-client", "ninja", "huggingface-hub", "xgrammar==0.2.9",
+        "uvloop==0.23.0; platform_system != 'Windows'", "httptools==0.9.0",
     )
 )  # fmt: skip
 
