@@ -190,3 +190,17 @@ def test_a_request_whose_blocks_exactly_fill_the_cpu_pool_is_swapped(tiny_path):
     assert engine.swap_usage().num_blocks == 2
     assert run_to_the_end(engine, requests) == want
     assert engine.scheduler.num_swap_outs == 1 and engine.scheduler.num_preemptions == 1
+
+
+def test_a_swapped_request_comes_back_when_it_needs_exactly_every_free_block(tiny_path):
+    """Found by mutation (`>=` for `>` in _swap_in passed): a 2-block cache, two one-block prompts
+    growing to two blocks in swap mode. The younger is swapped out with its one block when the
+    older needs a second, and comes back once the older finishes, needing its block plus one to
+    write into: every block of the cache. Refused, it would be failed as a request that outgrew
+    the cache."""
+    requests = [(f"r{i}", list(range(50 + 20 * i, 60 + 20 * i)), SamplingParams(temperature=0.0, max_tokens=22, ignore_eos=True))
+                for i in range(2)]
+    want = run_to_the_end(LLMEngine(model=tiny_path, num_kv_blocks=64), requests)
+    engine = LLMEngine(model=tiny_path, num_kv_blocks=2, preemption_mode="swap")
+    assert run_to_the_end(engine, requests) == want
+    assert engine.scheduler.num_swap_outs == 1

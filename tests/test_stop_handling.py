@@ -5,6 +5,8 @@ and how finished and running sequences become the RequestOutput the caller sees.
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from engine import SamplingParams
 from engine.beam_search import beam_score
@@ -164,6 +166,19 @@ def test_beam_search_returns_the_n_best_finished_hypotheses_by_length_normalized
     assert [c.token_ids for c in out.outputs] == [s.output_token_ids for s in ranked[:2]]
     assert [c.text for c in out.outputs] == [" a b c d e f", " a b"]  # EOS skipped, nothing cleaned up
     assert [c.index for c in out.outputs] == [0, 1]
+
+
+def test_beam_text_keeps_the_spaces_the_model_wrote_where_the_tokenizer_would_clean_them_up():
+    """As streamed text (test_detokenizer): a word-piece tokenizer's clean-up would turn " ." into "."."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "▁so", "▁it", "▁'s", "▁done", "▁."])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", clean_up_tokenization_spaces=True)
+    ids = tokenizer.encode("so it 's done .", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "so it's done."
+    params = SamplingParams(use_beam_search=True, best_of=2, temperature=0.0)
+    group = SequenceGroup("beams", [], finished=[finish(make_seq(params, ids), "length")])
+    assert build_output(group, tokenizer).outputs[0].text == "so it 's done ."
 
 
 def test_a_beam_search_without_finished_hypotheses_reports_its_best_live_beams():
