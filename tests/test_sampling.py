@@ -202,6 +202,25 @@ def test_logprob_entries_hold_the_sampled_token_and_each_rows_own_top_k():
     assert got.top_logprobs[3] is None
 
 
+def test_beam_rows_get_enough_candidates_for_their_stop_tokens_scored_after_the_processors():
+    """Each beam row offers max(2, 1 + its stop tokens, EOS included unless ignored) x width
+    candidates, ranked by log-softmax of its processed logits (here a logit bias); other rows
+    none. Found by mutation: every fast beam test ignores EOS, so candidates counted without the
+    EOS ids passed."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, VOCAB)
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    beams = dict(use_beam_search=True, best_of=2, temperature=0.0, stop_token_ids=[3, 4], logit_bias={7: 5.0})
+    seqs = [make_seq(SamplingParams(**beams)), make_seq(SamplingParams(**beams, ignore_eos=True)), make_seq(SamplingParams(temperature=0.0))]
+    got = sampler(logits.clone(), seqs).beam_candidates
+    processed = logits.clone()
+    processed[:2, 7] += 5.0
+    for row, k in ((0, 4 * 2), (1, 3 * 2)):  # stops {0, 3, 4} and {3, 4}
+        values, ids = processed[row].log_softmax(-1).topk(k)
+        assert got[row][0] == ids.tolist() and got[row][1] == pytest.approx(values.tolist())
+    assert got[0][0][0] == 7 and got[2] is None
+
+
 def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
     logits = torch.zeros(VOCAB)
     logits[0] = 50.0  # EOS dominates
