@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sampler import Sampler
+from engine.sampler import SampleResult, Sampler
 from engine.sequence import Sequence
 from engine.outputs import RequestMetrics
 from tests.helpers import load_hf_reference
@@ -127,6 +127,98 @@ def test_penalties_and_logit_bias_change_logits_exactly_as_defined():
     for token, count in counts.items():  # output only: frequency and presence
         want[token] -= 0.25 * count + 0.5
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_repetition_penalty_divides_positive_logits_below_one_and_counts_tokens_generated_once():
+    """Found by mutation: every penalized logit of the test above was above 1 in size, and every
+    output token was also in the prompt or generated three times."""
+    logits = torch.full((VOCAB,), -3.0)
+    logits[[10, 11, 12, 13]] = torch.tensor([0.5, 0.8, -0.5, 0.9])
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    # 10 in the prompt, 11 and 12 generated once each (not in the prompt), 13 never seen.
+    got = Sampler(VOCAB, [0])._apply_processors(logits[None].clone(), [make_seq(params, prompt=[10], output=[11, 12])])[0]
+    want = logits.clone()
+    want[[10, 11, 12]] = torch.tensor([0.25, 0.4, -1.0])
+    assert torch.equal(got, want)
+
+
+def test_ignore_eos_leaves_eos_drawable_under_min_tokens_while_stop_tokens_stay_banned():
+    """ignore_eos makes EOS an ordinary token (as vLLM): min_tokens bans only the stop tokens then."""
+    logits = torch.zeros(VOCAB)
+    logits[3] = 60.0  # a stop token dominates
+    logits[0] = 50.0  # then EOS
+    seq = make_seq(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[3], ignore_eos=True), output=[11])
+    assert Sampler(VOCAB, eos_token_ids=[0])(logits[None].clone(), [seq]).token_ids == [0]
+
+
+@pytest.mark.parametrize("logprobs", [None, 1])
+def test_a_row_whose_own_processing_raises_is_reported_failed_and_the_others_sample_as_alone(logprobs):
+    """Per-row failures come back in SampleResult.failed on the all-greedy path without logprobs
+    too (found by mutation: that path could drop them, and the engine would then carry on with a
+    meaningless token), and the other rows' results are those of a batch without the failing row."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB)
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    good = SamplingParams(temperature=0.0, logprobs=logprobs)
+    bad = SamplingParams(temperature=0.0, logit_bias={VOCAB + 10: 1.0})  # an id this sampler cannot index
+    result = sampler(logits.clone(), [make_seq(good), make_seq(bad), make_seq(good)])
+    assert list(result.failed) == [1] and isinstance(result.failed[1], IndexError)
+    alone = sampler(logits[[0, 2]].clone(), [make_seq(good), make_seq(good)])
+    keep = [0, 2]
+    assert [result.token_ids[i] for i in keep] == alone.token_ids == logits[keep].argmax(-1).tolist()
+    assert [result.logprobs[i] for i in keep] == alone.logprobs
+    assert [result.top_logprobs[i] for i in keep] == alone.top_logprobs
+
+
+def test_a_greedy_batch_without_logprobs_reports_zero_logprobs_and_no_entries():
+    """The all-greedy fast path fills every SampleResult field as the general path would for
+    rows that asked for nothing: logprob 0.0, no top entries, no beam candidates, no failures."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, VOCAB)
+    seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(2)]
+    got = Sampler(VOCAB, eos_token_ids=[0])(logits.clone(), seqs)
+    assert got == SampleResult(logits.argmax(-1).tolist(), [0.0, 0.0], [None, None], [None, None], {})
+
+
+def test_logprob_entries_hold_the_sampled_token_and_each_rows_own_top_k():
+    """Rows ask for different numbers of top logprobs (0, 1, 3); a sampled token outside its row's
+    top k is added to the entry; every value is the raw log-softmax."""
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1] + [1e-30] * (VOCAB - 4)))
+    raw = logits.log_softmax(-1)
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    forced = {2: 100.0}  # logit_bias moves the draw to token 2; logprobs stay the model's
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0, logprobs=0)),
+        make_seq(SamplingParams(temperature=0.0, logprobs=1, logit_bias=forced)),
+        make_seq(SamplingParams(temperature=0.0, logprobs=3)),
+        make_seq(SamplingParams(temperature=0.0)),
+    ]
+    got = sampler(logits.expand(4, -1).clone(), seqs)
+    assert got.token_ids == [0, 2, 0, 0]
+    assert got.logprobs == pytest.approx([float(raw[0]), float(raw[2]), float(raw[0]), float(raw[0])])
+    assert got.top_logprobs[0] == pytest.approx({0: float(raw[0])})
+    assert got.top_logprobs[1] == pytest.approx({2: float(raw[2]), 0: float(raw[0])})
+    assert got.top_logprobs[2] == pytest.approx({i: float(raw[i]) for i in range(3)})
+    assert got.top_logprobs[3] is None
+
+
+def test_beam_rows_get_enough_candidates_for_their_stop_tokens_scored_after_the_processors():
+    """Each beam row offers max(2, 1 + its stop tokens, EOS included unless ignored) x width
+    candidates, ranked by log-softmax of its processed logits (here a logit bias); other rows
+    none. Found by mutation: every fast beam test ignores EOS, so candidates counted without the
+    EOS ids passed."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, VOCAB)
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    beams = dict(use_beam_search=True, best_of=2, temperature=0.0, stop_token_ids=[3, 4], logit_bias={7: 5.0})
+    seqs = [make_seq(SamplingParams(**beams)), make_seq(SamplingParams(**beams, ignore_eos=True)), make_seq(SamplingParams(temperature=0.0))]
+    got = sampler(logits.clone(), seqs).beam_candidates
+    processed = logits.clone()
+    processed[:2, 7] += 5.0
+    for row, k in ((0, 4 * 2), (1, 3 * 2)):  # stops {0, 3, 4} and {3, 4}
+        values, ids = processed[row].log_softmax(-1).topk(k)
+        assert got[row][0] == ids.tolist() and got[row][1] == pytest.approx(values.tolist())
+    assert got[0][0][0] == 7 and got[2] is None
 
 
 def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
