@@ -85,18 +85,6 @@ class InputProcessor:
             metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
         )
         seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        # The sequences of one request share the prompt's full blocks; from there each needs its
-        # own blocks up to its last token. A request whose worst case exceeds the whole cache
-        # could only fail after running (swapped out, it would never fit back in): refuse it now.
-        shared = len(token_ids) // self.config.block_size
-        own = -(-(len(token_ids) + seq.max_tokens) // self.config.block_size) - shared
-        if params.best_of > 1 and shared + params.best_of * own > self.num_blocks:
-            field = "n" if params.n == params.best_of else "best_of"
-            raise ValueError(
-                f"SamplingParams.{field}={params.best_of} sequences of up to {len(token_ids) + seq.max_tokens} tokens "
-                f"need up to {shared + params.best_of * own} KV blocks, but the cache holds {self.num_blocks}; "
-                f"lower {field} or max_tokens"
-            )
         self.detokenizer.start(seq)
         return SequenceGroup.single(seq)
 

@@ -100,8 +100,14 @@ def test_any_sampling_params_beside_a_normal_request(engine, alone, kwargs):
         return
     event("ran")
     finals, errors = run(engine, {"odd": ("A request with odd settings", params), "normal": ("The normal request", NORMAL)})
-    assert not errors, errors  # everything validation lets through, the engine computes
-    assert finals["odd"].finished
+    # Everything validation lets through, the engine computes, except a request of several
+    # sequences that outgrew the whole cache (each may stop early, so admission cannot know):
+    # it fails alone with an error naming the field to lower (tests/test_swapping.py).
+    if errors:
+        assert list(errors) == ["odd"] and params.best_of > 1 and "grew beyond the KV cache" in str(errors["odd"])
+        assert names_a_field(errors["odd"]), errors
+    else:
+        assert finals["odd"].finished
     assert finals["normal"].outputs[0].token_ids == alone
     assert_all_blocks_free(engine)
 

@@ -104,23 +104,19 @@ def test_aborting_a_swapped_request_frees_its_cpu_blocks(tiny_path):
         engine.abort_request(rid)
 
 
-def test_a_request_that_could_outgrow_the_whole_cache_is_refused_and_the_engine_runs_on(tiny_path):
-    """n=4 sequences of up to 64 tokens need 16 blocks; the cache has 8. Once swapped out such a
-    request could never come back (before, the engine stepped forever doing nothing; then it
-    failed the request after running it): it is refused at admission, naming the field, and a
-    request beside it runs."""
+def test_a_request_that_outgrew_the_whole_cache_fails_alone_instead_of_stalling_the_engine(tiny_path):
+    """n=4 sequences of up to 64 tokens need 16 blocks; the cache has 8. Once swapped out the
+    request can never come back: it fails with an error naming the fix, its blocks are freed, and
+    a request queued behind it runs (before, the engine stepped forever doing nothing)."""
     from tests.test_engine_integrity import run
 
     engine = LLMEngine(model=tiny_path, num_kv_blocks=8, max_model_len=64, preemption_mode="swap")
-    wide = SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=54, ignore_eos=True)
-    with pytest.raises(ValueError, match=r"SamplingParams\.n=4 .* need up to 16 KV blocks, but the cache holds 8"):
-        engine.add_request("wide", list(range(100, 110)), wide)
-    # Two such sequences need 2 x 4 = 8 blocks: admitted (and swapped out and back as they grow).
-    engine.add_request("two", list(range(100, 110)), SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=54, ignore_eos=True))
-    finished, errors = run(engine, {"after": (list(range(200, 210)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))},
-                           max_steps=10_000)
-    assert not errors and len(finished["after"].outputs[0].token_ids) == 8
-    assert [len(o.token_ids) for o in finished["two"].outputs] == [54, 54]
+    finished, errors = run(engine, {
+        "wide": (list(range(100, 110)), SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=54, ignore_eos=True)),
+        "after": (list(range(200, 210)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+    }, max_steps=10_000)
     assert not engine.has_unfinished_requests()
+    assert list(errors) == ["wide"] and "best_of" in str(errors["wide"])
+    assert len(finished["after"].outputs[0].token_ids) == 8
     assert engine.swap_usage().num_used_blocks == 0
     assert_all_blocks_free(engine)
