@@ -218,3 +218,15 @@ def add_hub_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, Pa
         (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     return snapshot
+
+
+def fail_detokenizing_the_doomed_prompt(engine, monkeypatch) -> None:
+    """The request whose prompt is "the doomed prompt" fails in its own bookkeeping at its third token."""
+    detokenize = engine.detokenizer.step
+
+    def failing_for_one(seq):
+        if seq.prompt == "the doomed prompt" and seq.num_output_tokens == 3:
+            raise RuntimeError("injected detokenizer failure")
+        return detokenize(seq)
+
+    monkeypatch.setattr(engine.detokenizer, "step", failing_for_one)

@@ -13,6 +13,7 @@ from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from engine import config as config_module
 from engine.settings import engine_config_from_env
 from tests.conftest import assert_all_blocks_free
+from tests.helpers import fail_detokenizing_the_doomed_prompt
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +127,6 @@ def test_engine_config_reads_environment_settings(monkeypatch):
     monkeypatch.setenv("BENTO_LLM_MAX_NUM_SEQS", "many")
     with pytest.raises(ValueError, match="max_num_seqs.*'many'"):
         engine_config_from_env()
-
-
-def fail_detokenizing_the_doomed_prompt(engine, monkeypatch) -> None:
-    """The request whose prompt is "the doomed prompt" fails in its own bookkeeping at its third token."""
-    detokenize = engine.detokenizer.step
-
-    def failing_for_one(seq):
-        if seq.prompt == "the doomed prompt" and seq.num_output_tokens == 3:
-            raise RuntimeError("injected detokenizer failure")
-        return detokenize(seq)
-
-    monkeypatch.setattr(engine.detokenizer, "step", failing_for_one)
 
 
 # ---- AsyncEngine ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.llm_engine import EngineStepError
 from tests.conftest import assert_all_blocks_free
+from tests.helpers import fail_detokenizing_the_doomed_prompt
 
 NORMAL = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 FIELDS = set(SamplingParams.__dataclass_fields__)
@@ -115,16 +116,9 @@ def test_any_sampling_params_beside_a_normal_request(engine, alone, kwargs):
 def test_a_failure_in_one_requests_bookkeeping_fails_it_alone(engine, alone, monkeypatch):
     """Detokenization, stop checks and output building run per request: one raising there
     aborts only its request, with its own error, and frees its blocks."""
-    detokenize = engine.detokenizer.step
-
-    def failing_for_one(seq):
-        if seq.request_id == "doomed" and seq.num_output_tokens == 3:
-            raise RuntimeError("injected detokenizer failure")
-        return detokenize(seq)
-
-    monkeypatch.setattr(engine.detokenizer, "step", failing_for_one)
+    fail_detokenizing_the_doomed_prompt(engine, monkeypatch)
     long = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    finals, errors = run(engine, {"doomed": ("Another prompt", long), "normal": ("The normal request", NORMAL)})
+    finals, errors = run(engine, {"doomed": ("the doomed prompt", long), "normal": ("The normal request", NORMAL)})
     assert list(errors) == ["doomed"] and "injected detokenizer failure" in str(errors["doomed"])
     assert "doomed" not in finals and finals["normal"].outputs[0].token_ids == alone
     assert_all_blocks_free(engine)
