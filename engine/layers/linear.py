@@ -64,10 +64,6 @@ class Linear(nn.Linear):
     at 4-200 rows in float32, about 2x at any row count in bfloat16), else the float weight.
     The float weight is dropped after packing or quantizing."""
 
-    # A subclass that must stay in float sets False (the LM head is given its own method instead:
-    # int8 or none, engine/layers/embedding.py).
-    quantizable = True
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("packed_weight", None)
@@ -106,7 +102,7 @@ class Linear(nn.Linear):
         """After loading: the weight into its one layout; returns which ("int4", "int8",
         "packed", "float")."""
         parts = self.weight.__dict__.pop("quantized_parts", {})
-        if quantization is not None and self.quantizable:
+        if quantization is not None:
             q = self._quantize(parts, quantization, group_size)
             if q is not None:
                 self.quantized = PackedQuantizedWeight(q, self.weight.dtype, self.weight.device,
