@@ -6,13 +6,13 @@ every backend implements."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from engine.forward_context import get_forward_context
 from engine.layers.rotary import RopeTable
+from engine.layers.step_module import StepModule
 
 
-class Attention(nn.Module):
+class Attention(StepModule):
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None, soft_cap: float | None = None):
         """num_heads and num_kv_heads are this rank's."""

@@ -16,6 +16,7 @@ from engine.layers.attention import Attention
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RopeTable, RotaryEmbedding
+from engine.layers.step_module import StepModule
 from engine.models.base import CausalLM
 from engine.models.config import ModelConfig
 from engine.parallel_state import ParallelState, rank_and_size
@@ -23,7 +24,7 @@ from engine.parallel_state import ParallelState, rank_and_size
 __all__ = ["LlamaForCausalLM", "ModelConfig", "RotaryEmbedding"]
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(StepModule):
     def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelState | None):
         super().__init__()
         rank, size = rank_and_size(parallel)
@@ -63,7 +64,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(qkv, rope if self.use_rope else None))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(StepModule):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool, parallel: ParallelState | None):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear.split(hidden_size, [intermediate_size] * 2, bias, parallel)
