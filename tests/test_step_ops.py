@@ -82,3 +82,22 @@ def test_qkv_attention_refuses_a_width_that_is_not_the_heads_times_head_dim(gen)
         cpu_ops.qkv_attention(qkv[:, :-1], cos, sin, k_cache, v_cache, slots, tables, lens, None, 4, 0.125)
     with pytest.raises(RuntimeError, match="cos and sin"):
         cpu_ops.qkv_attention(qkv, cos, None, k_cache, v_cache, slots, tables, lens, None, 4, 0.125)
+
+
+
+def test_step_modules_run_their_forward_and_refuse_hooks_rather_than_ignore_them(gen):
+    from engine.attention import AttentionBackend
+    from engine.forward_context import forward_context
+    from engine.layers.activation import SiluAndMul
+    from engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(8, 1e-6)
+    norm.weight.data = torch.rand(8, generator=gen)
+    x, residual = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    with forward_context(None, AttentionBackend("torch", [], []), torch.arange(3)):
+        out = norm(x, residual.clone())
+    assert torch.equal(out, reference.rms_norm(x + residual, norm.weight, 1e-6))
+    with pytest.raises(TypeError, match="hook its decoder layer"):
+        norm.register_forward_hook(lambda *a: None)
+    with pytest.raises(TypeError, match="hook its decoder layer"):
+        SiluAndMul().register_forward_pre_hook(lambda *a: None)
