@@ -1,4 +1,5 @@
-"""The attention backend interface: the model hands it q/k/v per layer, it owns the paged cache.
+"""The attention backend interface: the model hands it each layer's fused q/k/v projection (one
+call: rotary, cache write and attention), it owns the paged cache.
 
 A backend is a module of ops with one signature set (see kernels/reference.py): "torch" is the
 plain-torch reference (any device), "cpu" the fused C++ kernels (kernels/cpu_ops.py), "triton"
