@@ -1,4 +1,5 @@
-"""The attention backend interface: the model hands it q/k/v per layer, it owns the paged cache.
+"""The attention backend interface: the model hands it each layer's fused q/k/v projection (one
+call: rotary, cache write and attention), it owns the paged cache.
 
 A backend is a module of ops with one signature set (see kernels/reference.py): "torch" is the
 plain-torch reference (any device), "cpu" the fused C++ kernels (kernels/cpu_ops.py), "triton"
@@ -48,21 +49,22 @@ class AttentionBackend:
     def forward(
         self,
         layer_idx: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        qkv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        num_heads: int,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
     ) -> torch.Tensor:
-        k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.all_decode:
-            return self.ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                             sliding_window, soft_cap)
-        return self.ops.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_query_lens, scale,
+        """The layer's fused q/k/v projection [tokens, (num_heads + 2 kv_heads) * head_dim] ->
+        attention output [tokens, num_heads * head_dim]: q and k rotated by rope's (cos, sin)
+        (None: not rotated), k and v written to the layer's cache, q attending over it; one
+        backend call (see kernels/reference.py's qkv_attention)."""
+        cos, sin = rope if rope is not None else (None, None)
+        return self.ops.qkv_attention(
+            qkv, cos, sin, self.k_caches[layer_idx], self.v_caches[layer_idx], meta.slot_mapping, meta.block_tables,
+            meta.context_lens, None if meta.all_decode else meta.cu_query_lens, num_heads, scale,
             sliding_window, soft_cap,
         )
 

@@ -25,14 +25,15 @@ from kernels.reference import copy_blocks, swap_blocks
 
 logger = logging.getLogger(__name__)
 
-# cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp")]
+# cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls;
+# step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention).
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
-    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention",
 ]
 
 
@@ -81,6 +82,7 @@ rotary_embedding_ = _ops.rotary_embedding_
 write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention
 paged_attention = _ops.paged_attention
+qkv_attention = _ops.qkv_attention
 # Whether bfloat16 attention runs its tile products in bfloat16 on AMX here (see the source), now:
 # False without AMX, in AVX2 builds, and while torch.backends.mkldnn is disabled.
 bfloat16_tiles_available = _ops.bfloat16_tiles_available

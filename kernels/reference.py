@@ -31,6 +31,7 @@ with the codes. The kernels dequantize rows as they stage them; none makes a flo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -321,3 +322,50 @@ def rotary_embedding_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     x * cos + roll(x, head_dim / 2) * sin, with full-width tables whose sin is signed (-sin for
     the first half); see RotaryEmbedding.table."""
     qk.copy_(torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin))
+
+
+
+def composed_qkv_attention(ops):
+    """qkv_attention made of a backend module's rotary_embedding_, write_kv_cache and attention
+    functions (this module's, or the Triton backend's, which has no fused version)."""
+
+    def qkv_attention(
+        qkv: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_query_lens: torch.Tensor | None,
+        num_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        """One attention layer after its fused projection: qkv [tokens, (num_heads + 2 *
+        kv_heads) * head_dim] has its q and k heads rotated in place (cos and sin [tokens, 1,
+        head_dim]; None: no rotary), k and v written to the cache at slot_mapping, then q attends:
+        decode_attention when cu_query_lens is None (one query token per sequence), else
+        paged_attention. Returns [tokens, num_heads * head_dim]."""
+        kv_heads = k_cache.shape[2]
+        head_dim = qkv.shape[1] // (num_heads + 2 * kv_heads)
+        qk = qkv[:, : (num_heads + kv_heads) * head_dim].view(-1, num_heads + kv_heads, head_dim)
+        if cos is not None:
+            ops.rotary_embedding_(qk, cos, sin)
+        v = qkv[:, (num_heads + kv_heads) * head_dim :].view(-1, kv_heads, head_dim)
+        ops.write_kv_cache(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping)
+        q = qk[:, :num_heads]
+        if cu_query_lens is None:
+            out = ops.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                       soft_cap)
+        else:
+            out = ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_query_lens, scale,
+                                      sliding_window, soft_cap)
+        return out.reshape(-1, num_heads * head_dim)
+
+    return qkv_attention
+
+
+qkv_attention = composed_qkv_attention(sys.modules[__name__])

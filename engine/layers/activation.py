@@ -7,16 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_forward_context
+from engine.layers.step_module import StepModule
 
 
-class SiluAndMul(nn.Module):
+class SiluAndMul(StepModule):
     """SwiGLU: silu(gate) * up (the backend's fused op)."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         return get_forward_context().backend.ops.silu_mul(gate_up)
 
 
-class GeluTanhAndMul(nn.Module):
+class GeluTanhAndMul(StepModule):
     """GeGLU with the tanh approximation (Gemma's gelu_pytorch_tanh)."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ from torch import nn
 
 from engine.forward_context import get_forward_context
 from engine.layers.linear import check_shape, set_loader
+from engine.layers.step_module import StepModule
 from engine.parallel_state import read_all
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(StepModule):
     """The weight stays float32 whatever the model's dtype (the norm is computed in float32).
     weight_offset 1 is Gemma's (1 + weight) scaling, folded into the weight at load so every
     backend's plain RMSNorm kernel computes it."""

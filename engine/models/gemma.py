@@ -32,15 +32,10 @@ class GemmaAttention(LlamaAttention):
         if getattr(hf, "model_type", "") != "gemma2":  # Gemma 3: per-head q/k norms
             self.q_norm = gemma_norm(config, config.head_dim)
             self.k_norm = gemma_norm(config, config.head_dim)
+            self.norms_qk = True
 
     def scale(self, config: ModelConfig) -> float:
         return config.hf_config.query_pre_attn_scalar**-0.5
-
-    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "q_norm"):
-            return qk
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):

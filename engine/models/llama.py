@@ -16,6 +16,7 @@ from engine.layers.attention import Attention
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RopeTable, RotaryEmbedding
+from engine.layers.step_module import StepModule
 from engine.models.base import CausalLM
 from engine.models.config import ModelConfig
 from engine.parallel_state import ParallelState, rank_and_size
@@ -23,7 +24,7 @@ from engine.parallel_state import ParallelState, rank_and_size
 __all__ = ["LlamaForCausalLM", "ModelConfig", "RotaryEmbedding"]
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(StepModule):
     def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelState | None):
         super().__init__()
         rank, size = rank_and_size(parallel)
@@ -42,28 +43,28 @@ class LlamaAttention(nn.Module):
     def scale(self, config: ModelConfig) -> float:
         return config.head_dim**-0.5
 
-    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the fused projection: q and k side by side (rotated together, in place), and v."""
+    def qk_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the fused projection's q and k heads [tokens, heads, head_dim]."""
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        return qk, v
+        return qk[:, : self.num_heads], qk[:, self.num_heads :]
 
     use_rope = True
+    norms_qk = False  # True where the family has per-head q_norm and k_norm (Qwen3, Gemma 3)
 
-    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        """Where a family normalizes query and key heads before the rotation (Qwen3)."""
-        return qk
+    def norm_qk_(self, qkv: torch.Tensor) -> None:
+        """The query and key heads normalized before the rotation, in place in the fused projection."""
+        q, k = self.qk_heads(qkv)
+        q.copy_(self.q_norm(q))
+        k.copy_(self.k_norm(k))
 
     def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-        qk, v = self.split_qkv(self.qkv_proj(x))
-        qk = self.norm_qk(qk)
-        if self.use_rope:
-            rope.rotate_(qk)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v))
+        qkv = self.qkv_proj(x)
+        if self.norms_qk:
+            self.norm_qk_(qkv)
+        return self.o_proj(self.attn(qkv, rope if self.use_rope else None))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(StepModule):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool, parallel: ParallelState | None):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear.split(hidden_size, [intermediate_size] * 2, bias, parallel)

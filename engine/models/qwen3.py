@@ -3,8 +3,6 @@ embedding (q_norm, k_norm), and no q/k/v bias."""
 
 from __future__ import annotations
 
-import torch
-
 from engine.layers.norm import RMSNorm
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
@@ -16,10 +14,7 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, layer_idx, parallel)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-
-    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        self.norms_qk = True
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

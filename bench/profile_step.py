@@ -1,0 +1,243 @@
+"""Where a decode step's time goes outside the projections: the offline engine decoding one (or
+--batch) sequence, greedy, timed by phase and profiled by op.
+
+    python bench/profile_step.py                    # default model, bfloat16, batch 1, 2 threads
+    python bench/profile_step.py --dtype float32 --batch 16
+    python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
+
+Prints three tables:
+1. the step by phase (median ms over the timed steps): scheduling, step-input preparation, the
+   forward pass, sampling, and the engine's bookkeeping after (update, detokenize);
+2. the forward pass again with every projection's matmul skipped (zero outputs): what the step
+   spends in everything else inside the model;
+3. torch.profiler's ops over whole steps (self CPU time and calls per step) by op name, each
+   split into its share per decoder layer and what runs outside the layers (embedding, final
+   norm, LM head, sampling).
+Timings are medians over --steps steps of one process; on a loaded machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_limits import random_prompt  # noqa: E402
+
+
+class PhaseTimer:
+    """Wraps methods of live objects to add their wall time into named phases (per step)."""
+
+    def __init__(self):
+        self.current: dict[str, float] = defaultdict(float)
+        self.wrapped: list[tuple[object, str]] = []
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[phase] += time.perf_counter() - start
+
+        setattr(obj, name, timed)
+        self.wrapped.append((obj, name))
+
+    def restore(self) -> None:
+        """The methods back as they were (instance attributes shadowing the class's, removed)."""
+        for obj, name in reversed(self.wrapped):
+            if name in vars(obj):
+                delattr(obj, name)
+        self.wrapped.clear()
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None) -> list[float]:
+    """Adds `batch` requests and steps the engine; the wall time of each all-decode step."""
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"profile-{time.monotonic_ns()}-{i}", random_prompt(vocab, 32, 100 + i), params)
+    times = []
+    while engine.has_unfinished_requests():
+        decoding = all(s.num_computed_tokens == len(s.token_ids) - 1 for g in engine.scheduler.running for s in g.seqs)
+        start = time.perf_counter()
+        engine.step()
+        if decoding and engine.scheduler.running:
+            times.append(time.perf_counter() - start)
+            if on_step is not None:
+                on_step()
+    return times
+
+
+@contextlib.contextmanager
+def projections_skipped():
+    """Every projection returns a zero output of its shape without reading its weight: what is
+    left of the forward pass is everything but the matmuls."""
+    from engine.layers.linear import Linear
+
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    project = Linear.project
+
+    def zeros(self, x, bias=None):
+        key = (id(self), x.shape[0])
+        if key not in outputs:
+            outputs[key] = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype)
+        return outputs[key]
+
+    Linear.project = zeros
+    try:
+        yield
+    finally:
+        Linear.project = project
+
+
+def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median seconds of this thread's CPU time) of the forward pass: on a
+    loaded machine the thread's CPU time is the steadier one (it leaves out time the thread
+    waited for a core; with several threads it also leaves out the other threads' work)."""
+    runner.execute_model(inputs)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        runner.execute_model(inputs)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
+    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
+    parser.add_argument("--top", type=int, default=25, help="ops listed")
+    parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from engine import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
+    engine = llm.engine
+    runner = engine.runner.model_runner
+    vocab = engine.model_config.vocab_size
+    decode_steps(engine, args.batch, 4, vocab)  # warm-up: oneDNN builds its kernels per row count
+
+    # 1. phases
+    timer = PhaseTimer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(runner, "prepare", "prepare inputs")
+    last_inputs = []
+    execute_model = runner.execute_model
+
+    def keeping_inputs(inputs):
+        last_inputs[:] = [inputs]
+        return execute_model(inputs)
+
+    runner.execute_model = keeping_inputs
+    timer.wrap(runner, "execute_model", "forward")
+    timer.wrap(runner, "sample", "sample")
+    phases: list[dict[str, float]] = []
+    times = decode_steps(engine, args.batch, args.steps, vocab, on_step=lambda: phases.append(timer.take()))
+    timer.restore()
+    step = statistics.median(times)
+    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}; "
+          f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
+    print("| phase | ms per step (median) | share |")
+    print("| --- | --- | --- |")
+    named = 0.0
+    for name in ("schedule", "prepare inputs", "forward", "sample"):
+        ms = statistics.median(p.get(name, 0.0) for p in phases)
+        named += ms
+        print(f"| {name} | {ms * 1e3:.3f} | {ms / step:.0%} |")
+    print(f"| rest of engine.step (bookkeeping, detokenize) | {(step - named) * 1e3:.3f} | {(step - named) / step:.0%} |")
+    print(f"| **whole step** | **{step * 1e3:.3f}** | |")
+
+    # The last decode step's forward again, with and without the projections' matmuls.
+    repeats = max(20, args.steps)
+    full = forward_times(runner, last_inputs[0], repeats)
+    with projections_skipped():
+        rest = forward_times(runner, last_inputs[0], repeats)
+    print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
+    print("| --- | --- | --- |")
+    print(f"| whole | {full[0] * 1e3:.3f} | {full[1] * 1e3:.3f} |")
+    print(f"| without the projections' matmuls (zero outputs) | {rest[0] * 1e3:.3f} | {rest[1] * 1e3:.3f} |")
+    print(f"| ... per decoder layer | {rest[0] * 1e3 / len(runner.model.layers):.4f} | "
+          f"{rest[1] * 1e3 / len(runner.model.layers):.4f} |")
+
+    # 2. and 3. ops under the profiler, each decoder layer marked by a record_function
+    model = runner.model
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        marks = {}
+
+        def pre(module, inputs, i=i, marks=marks):
+            marks["r"] = torch.profiler.record_function(f"layer {i}")
+            marks["r"].__enter__()
+
+        def post(module, inputs, output, marks=marks):
+            marks["r"].__exit__(None, None, None)
+
+        hooks += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
+        profiled = decode_steps(engine, args.batch, args.profile_steps, vocab)
+    for h in hooks:
+        h.remove()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    n = len(profiled)
+    events = prof.events()
+    # Which layer (if any) each op ran in: ops whose time interval lies inside a "layer i" range.
+    layer_ranges = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("layer "))
+    starts = [r[0] for r in layer_ranges]
+
+    def in_layer(e) -> bool:
+        k = bisect.bisect_right(starts, e.time_range.start) - 1
+        return k >= 0 and e.time_range.end <= layer_ranges[k][1]
+
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0.0])  # self us, calls, in-layer us, outside us
+    for e in events:
+        if e.name.startswith("layer ") or e.name.startswith("ProfilerStep"):
+            continue
+        row = by_op[e.name]
+        row[0] += e.self_cpu_time_total
+        row[1] += 1
+        row[2 if in_layer(e) else 3] += e.self_cpu_time_total
+    total_self = sum(r[0] for r in by_op.values())
+    layer_total = sum(e.cpu_time_total for e in events if e.name.startswith("layer "))
+    num_layers = len(model.layers)
+    print(f"\ntorch.profiler, {n} decode steps (profiled steps median {statistics.median(profiled) * 1e3:.2f} ms; "
+          f"the profiler adds its own overhead per op): self CPU time per step\n")
+    print("| op | us per step | calls per step | us per layer (in layers) | us per step outside layers |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (us, calls, inside, outside) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"| {name} | {us / n:.0f} | {calls / n:.1f} | {inside / n / num_layers:.1f} | {outside / n:.0f} |")
+    print(f"| (all ops) | {total_self / n:.0f} | | | |")
+    print(f"\nlayers: {layer_total / n:.0f} us per step, {layer_total / n / num_layers:.0f} us per layer "
+          f"({num_layers} layers)")
+
+
+if __name__ == "__main__":
+    main()
