@@ -517,14 +517,16 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Per-thread scratch, kept across calls (a call's first use on a thread grows it to the batch's
 // tallest tile; allocating and zeroing it per call cost more than a whole decode).
 struct TileBuffers {
-  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha;
+  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes;
   std::vector<bf16> q16, k16, v16, p16, zeros;
   std::vector<const bf16*> key_rows;
   void reserve(int64_t rows, int64_t dim) {
     const auto grow = [](auto& buffer, int64_t n) {
       if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
     };
-    for (auto* buffer : {&acc, &row_max, &row_sum, &new_max, &alpha}) grow(*buffer, buffer == &acc ? rows * dim : rows);
+    for (auto* buffer : {&row_max, &row_sum, &new_max, &alpha}) grow(*buffer, rows);
+    grow(acc, rows * dim);
+    grow(sum_lanes, rows * 16);
     grow(scores, rows * kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
@@ -547,8 +549,9 @@ TileBuffers& thread_buffers(int64_t rows, int64_t dim) {
 // Scores (row stride ld) times scale -> softmax weights against each row's running max; rescales
 // the row's running sum and accumulator when the max moves. Row r's token sees keys
 // [first0 + r / group, visible0 + r / group) of the tile (the window's edge and the causal edge).
-// weigh(r, s, first, visible, max) writes the row's weights, e^(scale * s - max) on [first,
-// visible) and 0 on the rest of the tile, where the tile's products read them, and returns their sum.
+// weigh(r, s, first, visible, max, alpha) writes the row's weights, e^(scale * s - max) on [first,
+// visible) and 0 on the rest of the tile, where the tile's products read them, and adds their sum
+// to the row's running sum times alpha (the rescale; the weigher keeps the sums in its own form).
 template <typename Weigh>
 void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int64_t rows, int64_t n, int64_t group,
                     int64_t dim, int64_t first0, int64_t visible0, const Weigh& weigh) {
@@ -572,10 +575,10 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
     float* s = scores + r * ld;
     const auto [first, visible] = sees(r);
     if (visible <= first) {
-      weigh(r, s, 0, 0, 0.0f);
+      weigh(r, s, 0, 0, 0.0f, 1.0f);
       continue;
     }
-    b.row_sum[r] = b.row_sum[r] * b.alpha[r] + weigh(r, s, first, visible, b.new_max[r]);
+    weigh(r, s, first, visible, b.new_max[r], b.alpha[r]);
     b.row_max[r] = b.new_max[r];
     if (b.alpha[r] != 1.0f) {
       for (int64_t d = 0; d < dim; ++d) b.acc[r * dim + d] *= b.alpha[r];
@@ -583,11 +586,12 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
   }
 }
 
-// float32 weights in place of the scores (s holds n of them).
+// float32 weights in place of the scores (s holds n of them); row r's running sum in sums[r].
 struct Float32Weights {
   int64_t n;
   float scale;
-  float operator()(int64_t, float* s, int64_t first, int64_t visible, float max) const {
+  float* sums;
+  void operator()(int64_t r, float* s, int64_t first, int64_t visible, float max, float alpha) const {
     float total = 0.0f;
     std::fill(s, s + first, 0.0f);
     for (int64_t j = first; j < visible; ++j) {
@@ -595,7 +599,7 @@ struct Float32Weights {
       total += s[j];
     }
     std::fill(s + visible, s + n, 0.0f);
-    return total;
+    sums[r] = sums[r] * alpha + total;
   }
 };
 
@@ -686,7 +690,9 @@ void pack_values(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t 
 }
 
 // One row of P for the bfloat16 P.V: p[j] = e^(scale * s[j] - max) rounded to bfloat16 for j in
-// [first, visible), 0 for the rest of [0, keys); returns the sum of the rounded weights. e^x is
+// [first, visible), 0 for the rest of [0, keys); lanes (16 floats, the row's running sum spread
+// over a vector's lanes, reduced once per unit: a reduction per row and tile was a fifth of this
+// loop's time) become lanes * alpha + the rounded weights. e^x is
 // 2^(x log2 e) as 2^k (scalef) times a degree-4 polynomial for 2^f, |f| <= 1/2 (near-minimax in
 // relative error: at most 2.7e-6 evaluated in float32, far below bfloat16's 2^-8; the Taylor
 // degree 5 before it was 3e-6 for one more FMA); exponents are clamped at -100, so weights stay
@@ -705,8 +711,9 @@ inline __m512 exp2_weights(__m512 scores, __m512 scale_log2e, __m512 max_log2e) 
   return _mm512_scalef_ps(poly, k);
 }
 
-__attribute__((target("avx512bf16"))) float bfloat16_weights(uint16_t* p, const float* s, int64_t first,
-                                                             int64_t visible, int64_t keys, float scale, float max) {
+__attribute__((target("avx512bf16"))) void bfloat16_weights(uint16_t* p, const float* s, int64_t first, int64_t visible,
+                                                            int64_t keys, float scale, float max, float* lanes,
+                                                            float alpha) {
   std::fill(p, p + first, uint16_t{0});
   std::fill(p + std::max(first, visible), p + keys, uint16_t{0});
   constexpr float kLog2e = 1.44269504088896341f;
@@ -717,30 +724,33 @@ __attribute__((target("avx512bf16"))) float bfloat16_weights(uint16_t* p, const 
   // half and 2i + 1 in its high half, each a float32 once shifted or masked into the high half.
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (; j + 32 <= visible; j += 32) {
-    const __m512i rounded = reinterpret_cast<__m512i>(
-        _mm512_cvtne2ps_pbh(exp2_weights(_mm512_loadu_ps(s + j + 16), c, m), exp2_weights(_mm512_loadu_ps(s + j), c, m)));
+    const __m512 low = exp2_weights(_mm512_loadu_ps(s + j), c, m), up = exp2_weights(_mm512_loadu_ps(s + j + 16), c, m);
+    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(up, low));
     _mm512_storeu_si512(p + j, rounded);
     total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16)));
     total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_and_si512(rounded, high)));
   }
   for (; j < visible; j += 16) {
-    const __mmask16 lanes = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
+    const __mmask16 tail = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
     const __m256i rounded =
-        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(exp2_weights(_mm512_maskz_loadu_ps(lanes, s + j), c, m)));
-    _mm256_mask_storeu_epi16(p + j, lanes, rounded);
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(exp2_weights(_mm512_maskz_loadu_ps(tail, s + j), c, m)));
+    _mm256_mask_storeu_epi16(p + j, tail, rounded);
     const __m512 weights = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
-    total = _mm512_mask_add_ps(total, lanes, total, weights);
+    total = _mm512_mask_add_ps(total, tail, total, weights);
   }
-  return _mm512_reduce_add_ps(total);
+  _mm512_storeu_ps(lanes, _mm512_fmadd_ps(_mm512_loadu_ps(lanes), _mm512_set1_ps(alpha), total));
 }
 
 // A packed key tile: K^T (kKeyTile * dim elements), then V (kKeyTile * round_up(dim, kPackColumns)).
 inline int64_t packed_tile_size(int64_t dim) { return kKeyTile * (dim + round_up(dim, kPackColumns)); }
 
+constexpr int64_t kPrepackBytes = int64_t{64} << 20;  // a 2048-token chunk at 8k context: 6 MiB (SmolLM2)
+
 // The query tiles of a prefill chunk all walk the same key tiles of their (sequence, KV head):
 // those are packed once per call, in parallel, before any tile product, into storage (packing
 // them per query tile was ~6% of a long prefill). Where a (sequence, KV head) has one query tile
-// (decodes) or a sliding window moves each unit's first key, units pack as they go.
+// (decodes) or a sliding window moves each unit's first key, units pack as they go; so do those
+// past kPrepackBytes of packed tiles in one call (the storage is kept for the next call).
 void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& units, std::vector<bf16>& storage) {
   if (a.window > 0) return;
   const int64_t heads = a.num_heads / a.group, tile_size = packed_tile_size(a.dim);
@@ -754,10 +764,11 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
   std::vector<std::pair<int64_t, int64_t>> jobs;  // (sequence * heads + head, key tile)
   int64_t total = 0;
   for (int64_t c = 0; c < num_seqs * heads; ++c) {
-    if (query_tiles[c] < 2) continue;
+    const int64_t size = (keys[c] + kKeyTile - 1) / kKeyTile * tile_size;
+    if (query_tiles[c] < 2 || (total + size) * static_cast<int64_t>(sizeof(bf16)) > kPrepackBytes) continue;
     offset[c] = total;
     for (int64_t t = 0; t * kKeyTile < keys[c]; ++t) jobs.emplace_back(c, t);
-    total += (keys[c] + kKeyTile - 1) / kKeyTile * tile_size;
+    total += size;
   }
   if (jobs.empty()) return;
   if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
@@ -792,6 +803,8 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
                 width * sizeof(bf16));
   }
   reset_rows(a, rows, b);
+  float* lanes = b.sum_lanes.data();  // row r's running sum: 16 lanes from r * 16
+  std::fill_n(lanes, rows * 16, 0.0f);
   const int32_t* table = a.tables + u.seq * a.table_stride;
   float* scores = b.scores.data();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
@@ -816,14 +829,15 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
     }
     uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
     online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
-                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max) {
-                     return bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max);
+                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
+                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max, lanes + r * 16, alpha);
                    });
     for (int64_t c = 0; c < dim; c += kPackColumns) {
       brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
              v16 + c * keys, b.acc.data() + c);
     }
   }
+  for (int64_t r = 0; r < rows; ++r) b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
 }
 
 #endif  // __AVX512F__
@@ -851,7 +865,7 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
-                   u.q_pos - k0 + 1, Float32Weights{n, 1.0f});
+                   u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
     tile_accumulate(b.acc.data(), b.scores.data(), b.v.data(), rows, n, a.dim);
   }
 }
