@@ -178,6 +178,7 @@ def run_backend(args, backend: str, gen: torch.Generator, limits: dict, label: s
               enable_prefix_caching=False, max_model_len=longest + args.decode_steps + 8,
               kv_cache_memory_bytes=KV_BYTES, **extra)
     engine = llm.engine
+    chunk = engine.scheduler.max_num_batched_tokens  # a prompt longer than this prefills in chunks of it
     mc, vocab = engine.model_config, engine.model_config.vocab_size
     dtype = engine.runner.dtype
     if dtype not in limits:
@@ -206,7 +207,8 @@ def run_backend(args, backend: str, gen: torch.Generator, limits: dict, label: s
     cold = ttft(llm.engine, doc + random_prompt(gen, args.question_tokens, vocab), "doc-cold")
     hit = ttft(llm.engine, doc + random_prompt(gen, args.question_tokens, vocab), "doc-hit")
     llm.shutdown()
-    return dict(backend=backend, dtype=str(dtype).removeprefix("torch."), limit=limit, rows=rows, cold=cold, hit=hit)
+    return dict(backend=backend, dtype=str(dtype).removeprefix("torch."), limit=limit, rows=rows, cold=cold, hit=hit,
+                chunk=chunk)
 
 
 # Room for 16 sequences at the longest context in any dtype here (16 x 8k tokens x 30 layers of
@@ -221,7 +223,8 @@ def report(args, results: list[dict], limits: dict) -> str:
         f"`python bench/bench_long_context.py {' '.join(sys.argv[1:])}` on {machine}, "
         f"{args.threads} threads, torch {torch.__version__}",
         "",
-        f"matmul limit (2048^3, oneDNN-packed as the engine runs it): {measured}",
+        f"matmul limit (2048^3, oneDNN-packed as the engine runs it): {measured}; prefill chunk (the "
+        f"scheduler's token budget): {', '.join(sorted({str(r['chunk']) for r in results}))} tokens",
         "",
     ]
     batches = args.decode_batches

@@ -320,6 +320,24 @@ def test_bfloat16_attention_is_within_the_rounding_of_its_softmax_weights(gen, n
     within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), head_dim**-0.5)
 
 
+# Prefill chunks of several query tiles: on AMX their key tiles are packed once per call and KV
+# head, shared by the query tiles. A chunk after a long context whose units split into partitions
+# and whose query tiles end at different keys of one partial last key tile (3000 = 11 x 256 + 184);
+# a chunk of four query tiles; a first chunk crossing key tiles; a decode (packs as it goes).
+PREFILL_ROWS = [(70, 3000), (200, 700), (300, 300), (1, 500)]
+
+
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (16, 2, 96), (4, 2, 80)], ids=str)
+def test_bfloat16_prefill_chunks_sharing_packed_key_tiles_are_within_the_rounding(gen, num_heads, kv_heads, head_dim):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in PREFILL_ROWS], 16, kv_heads, head_dim,
+                                              torch.bfloat16)
+    cu = torch.tensor([0] + [q for q, _ in PREFILL_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen).bfloat16()
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, head_dim**-0.5)
+    assert not out.isnan().any()
+    within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), head_dim**-0.5)
+
+
 @AMX_ONLY
 def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_them_off(gen):
     k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)

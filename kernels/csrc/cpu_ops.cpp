@@ -375,6 +375,10 @@ constexpr int64_t kTargetItems = 16;    // split so that no item costs more than
 
 struct Unit {
   int64_t seq, head, first_token, tokens, q_pos, kv_begin, parts, part_keys, workspace;
+  // bfloat16 tiles only: this (sequence, KV head)'s key tiles packed before the tile products
+  // (see prepack_contexts), packed_keys of them; nullptr where the unit packs as it goes.
+  const c10::BFloat16* packed = nullptr;
+  int64_t packed_keys = 0;
   int64_t kv_end() const { return q_pos + tokens; }  // keys the tile's last token sees
   int64_t keys() const { return kv_end() - kv_begin; }
 };
@@ -510,38 +514,44 @@ bool bf16_tiles_available() {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Per-thread scratch, kept across calls (a call's first use on a thread grows it to the batch's
+// tallest tile; allocating and zeroing it per call cost more than a whole decode).
 struct TileBuffers {
-  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha;
+  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes;
   std::vector<bf16> q16, k16, v16, p16, zeros;
   std::vector<const bf16*> key_rows;
-  const bool bf16_tiles;
-  TileBuffers(int64_t rows, int64_t dim, bool bf16_tiles)
-      : scores(rows * kKeyTile), acc(rows * dim), row_max(rows), row_sum(rows), new_max(rows), alpha(rows),
-        bf16_tiles(bf16_tiles) {
-    if (bf16_tiles) {
-      q16.resize(rows * dim);
-      k16.resize(kKeyTile * dim);
-      v16.resize(kKeyTile * round_up(dim, kPackColumns));
-      p16.resize(rows * kKeyTile);
-      zeros.resize(dim);
-      key_rows.resize(kKeyTile);
-    } else {
-      q.resize(rows * dim);
-      k.resize(kKeyTile * dim);
-      v.resize(kKeyTile * dim);
-    }
-  }
-  // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
-  ~TileBuffers() {
-    if (bf16_tiles) at::native::cpublas::brgemm_release();
+  void reserve(int64_t rows, int64_t dim) {
+    const auto grow = [](auto& buffer, int64_t n) {
+      if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    };
+    for (auto* buffer : {&row_max, &row_sum, &new_max, &alpha}) grow(*buffer, rows);
+    grow(acc, rows * dim);
+    grow(sum_lanes, rows * 16);
+    grow(scores, rows * kKeyTile);
+    grow(q, rows * dim);
+    grow(k, kKeyTile * dim);
+    grow(v, kKeyTile * dim);
+    grow(q16, rows * dim);
+    grow(k16, kKeyTile * dim);
+    grow(v16, kKeyTile * round_up(dim, kPackColumns));
+    grow(p16, rows * kKeyTile);
+    grow(zeros, dim);  // zero-initialized: packing reads it for the keys past a tile's end
+    grow(key_rows, kKeyTile);
   }
 };
+
+TileBuffers& thread_buffers(int64_t rows, int64_t dim) {
+  static thread_local TileBuffers buffers;
+  buffers.reserve(rows, dim);
+  return buffers;
+}
 
 // Scores (row stride ld) times scale -> softmax weights against each row's running max; rescales
 // the row's running sum and accumulator when the max moves. Row r's token sees keys
 // [first0 + r / group, visible0 + r / group) of the tile (the window's edge and the causal edge).
-// weigh(r, s, first, visible, max) writes the row's weights, e^(scale * s - max) on [first,
-// visible) and 0 on the rest of the tile, where the tile's products read them, and returns their sum.
+// weigh(r, s, first, visible, max, alpha) writes the row's weights, e^(scale * s - max) on [first,
+// visible) and 0 on the rest of the tile, where the tile's products read them, and adds their sum
+// to the row's running sum times alpha (the rescale; the weigher keeps the sums in its own form).
 template <typename Weigh>
 void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int64_t rows, int64_t n, int64_t group,
                     int64_t dim, int64_t first0, int64_t visible0, const Weigh& weigh) {
@@ -565,10 +575,10 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
     float* s = scores + r * ld;
     const auto [first, visible] = sees(r);
     if (visible <= first) {
-      weigh(r, s, 0, 0, 0.0f);
+      weigh(r, s, 0, 0, 0.0f, 1.0f);
       continue;
     }
-    b.row_sum[r] = b.row_sum[r] * b.alpha[r] + weigh(r, s, first, visible, b.new_max[r]);
+    weigh(r, s, first, visible, b.new_max[r], b.alpha[r]);
     b.row_max[r] = b.new_max[r];
     if (b.alpha[r] != 1.0f) {
       for (int64_t d = 0; d < dim; ++d) b.acc[r * dim + d] *= b.alpha[r];
@@ -576,11 +586,12 @@ void online_softmax(float* scores, int64_t ld, float scale, TileBuffers& b, int6
   }
 }
 
-// float32 weights in place of the scores (s holds n of them).
+// float32 weights in place of the scores (s holds n of them); row r's running sum in sums[r].
 struct Float32Weights {
   int64_t n;
   float scale;
-  float operator()(int64_t, float* s, int64_t first, int64_t visible, float max) const {
+  float* sums;
+  void operator()(int64_t r, float* s, int64_t first, int64_t visible, float max, float alpha) const {
     float total = 0.0f;
     std::fill(s, s + first, 0.0f);
     for (int64_t j = first; j < visible; ++j) {
@@ -588,7 +599,7 @@ struct Float32Weights {
       total += s[j];
     }
     std::fill(s + visible, s + n, 0.0f);
-    return total;
+    sums[r] = sums[r] * alpha + total;
   }
 };
 
@@ -645,22 +656,19 @@ inline void transpose_16x16(const pair_t* const* src, int64_t offset, pair_t* ds
   }
 }
 
-// K^T for Q.K^T: column block c (keys c .. c + 63) is [dim/2][kPackColumns] pairs (elements 2i,
-// 2i + 1 of one key); keys past n are zero. 16 keys x 16 pairs at a time in registers (one store
-// per element, scattered 256 bytes apart, was 9% of a bfloat16 prefill).
+// K^T for Q.K^T: [dim/2][kKeyTile] pairs (elements 2i, 2i + 1 of one key), so that one brgemm
+// call multiplies the whole tile (a call per 64 keys was 4x the calls, each loading Q's tiles
+// again); keys from n up to round_up(n, kPackColumns) are zero. 16 keys x 16 pairs at a time in
+// registers (one store per element, scattered 256 bytes apart, was 9% of a bfloat16 prefill).
 void pack_keys(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t n, int64_t dim) {
   const int64_t pairs = dim / 2, whole = pairs / 16 * 16;
-  for (int64_t c = 0; c < n; c += kPackColumns) {
-    pair_t* block = reinterpret_cast<pair_t*>(dst + c * dim);
-    for (int64_t j = 0; j < kPackColumns; j += 16) {
-      const pair_t* src[16];
-      for (int64_t l = 0; l < 16; ++l) {
-        src[l] = reinterpret_cast<const pair_t*>(c + j + l < n ? rows[c + j + l] : zeros);
-      }
-      for (int64_t i = 0; i < whole; i += 16) transpose_16x16(src, i, block + i * kPackColumns + j, kPackColumns);
-      for (int64_t i = whole; i < pairs; ++i) {
-        for (int64_t l = 0; l < 16; ++l) block[i * kPackColumns + j + l] = src[l][i];
-      }
+  pair_t* out = reinterpret_cast<pair_t*>(dst);
+  for (int64_t j = 0; j < round_up(n, kPackColumns); j += 16) {
+    const pair_t* src[16];
+    for (int64_t l = 0; l < 16; ++l) src[l] = reinterpret_cast<const pair_t*>(j + l < n ? rows[j + l] : zeros);
+    for (int64_t i = 0; i < whole; i += 16) transpose_16x16(src, i, out + i * kKeyTile + j, kKeyTile);
+    for (int64_t i = whole; i < pairs; ++i) {
+      for (int64_t l = 0; l < 16; ++l) out[i * kKeyTile + j + l] = src[l][i];
     }
   }
 }
@@ -682,35 +690,108 @@ void pack_values(bf16* dst, const bf16* const* rows, const bf16* zeros, int64_t 
 }
 
 // One row of P for the bfloat16 P.V: p[j] = e^(scale * s[j] - max) rounded to bfloat16 for j in
-// [first, visible), 0 for the rest of [0, keys); returns the sum of the rounded weights. e^x is
-// 2^(x log2 e) as 2^k (scalef) times a degree-5 polynomial for 2^f, |f| <= 1/2 (relative error
-// 3e-6, far below bfloat16's 2^-8); exponents are clamped at -100, so weights stay normal floats
-// (2^-100 at least) rather than denormals that cost a microcode assist. The rounding (to nearest
-// even) is AVX512-BF16's conversion: every AMX CPU has it.
-__attribute__((target("avx512bf16"))) float bfloat16_weights(uint16_t* p, const float* s, int64_t first,
-                                                             int64_t visible, int64_t keys, float scale, float max) {
+// [first, visible), 0 for the rest of [0, keys); lanes (16 floats, the row's running sum spread
+// over a vector's lanes, reduced once per unit: a reduction per row and tile was a fifth of this
+// loop's time) become lanes * alpha + the rounded weights. e^x is
+// 2^(x log2 e) as 2^k (scalef) times a degree-4 polynomial for 2^f, |f| <= 1/2 (near-minimax in
+// relative error: at most 2.7e-6 evaluated in float32, far below bfloat16's 2^-8; the Taylor
+// degree 5 before it was 3e-6 for one more FMA); exponents are clamped at -100, so weights stay
+// normal floats (2^-100 at least) rather than denormals that cost a microcode assist. The rounding
+// (to nearest even) is AVX512-BF16's conversion, 32 weights an instruction: every AMX CPU has it.
+// This loop is about a third of a long bfloat16 prefill's attention, so it counts its operations.
+inline __m512 exp2_weights(__m512 scores, __m512 scale_log2e, __m512 max_log2e) {
+  const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(scores, scale_log2e, max_log2e), _mm512_set1_ps(-100.0f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 poly = _mm512_set1_ps(9.570101434e-3f);
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.591786028e-2f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.402474484e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.931218147e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.999992614e-1f));
+  return _mm512_scalef_ps(poly, k);
+}
+
+__attribute__((target("avx512bf16"))) void bfloat16_weights(uint16_t* p, const float* s, int64_t first, int64_t visible,
+                                                            int64_t keys, float scale, float max, float* lanes,
+                                                            float alpha) {
   std::fill(p, p + first, uint16_t{0});
   std::fill(p + std::max(first, visible), p + keys, uint16_t{0});
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 c = _mm512_set1_ps(scale * kLog2e), m = _mm512_set1_ps(max * kLog2e);
   __m512 total = _mm512_setzero_ps();
-  for (int64_t j = first; j < visible; j += 16) {
-    const __mmask16 lanes = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
-    const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), c, m), _mm512_set1_ps(-100.0f));
-    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, k);
-    __m512 poly = _mm512_set1_ps(1.3333558e-3f);
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.6181291e-3f));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.5504109e-2f));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022651e-1f));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314718e-1f));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
-    const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_scalef_ps(poly, k)));
-    _mm256_mask_storeu_epi16(p + j, lanes, rounded);
-    const __m512 weights = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
-    total = _mm512_mask_add_ps(total, lanes, total, weights);
+  int64_t j = first;
+  // 32 weights at a time: as 32-bit lanes, the packed pair (2i, 2i + 1) holds weight 2i in its low
+  // half and 2i + 1 in its high half, each a float32 once shifted or masked into the high half.
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (; j + 32 <= visible; j += 32) {
+    const __m512 low = exp2_weights(_mm512_loadu_ps(s + j), c, m), up = exp2_weights(_mm512_loadu_ps(s + j + 16), c, m);
+    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(up, low));
+    _mm512_storeu_si512(p + j, rounded);
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16)));
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_and_si512(rounded, high)));
   }
-  return _mm512_reduce_add_ps(total);
+  for (; j < visible; j += 16) {
+    const __mmask16 tail = visible - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (visible - j)) - 1);
+    const __m256i rounded =
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(exp2_weights(_mm512_maskz_loadu_ps(tail, s + j), c, m)));
+    _mm256_mask_storeu_epi16(p + j, tail, rounded);
+    const __m512 weights = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    total = _mm512_mask_add_ps(total, tail, total, weights);
+  }
+  _mm512_storeu_ps(lanes, _mm512_fmadd_ps(_mm512_loadu_ps(lanes), _mm512_set1_ps(alpha), total));
+}
+
+// A packed key tile: K^T (kKeyTile * dim elements), then V (kKeyTile * round_up(dim, kPackColumns)).
+inline int64_t packed_tile_size(int64_t dim) { return kKeyTile * (dim + round_up(dim, kPackColumns)); }
+
+constexpr int64_t kPrepackBytes = int64_t{64} << 20;  // a 2048-token chunk at 8k context: 6 MiB (SmolLM2)
+
+// The query tiles of a prefill chunk all walk the same key tiles of their (sequence, KV head):
+// those are packed once per call, in parallel, before any tile product, into storage (packing
+// them per query tile was ~6% of a long prefill). Where a (sequence, KV head) has one query tile
+// (decodes) or a sliding window moves each unit's first key, units pack as they go; so do those
+// past kPrepackBytes of packed tiles in one call (the storage is kept for the next call).
+void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& units, std::vector<bf16>& storage) {
+  if (a.window > 0) return;
+  const int64_t heads = a.num_heads / a.group, tile_size = packed_tile_size(a.dim);
+  int64_t num_seqs = 0;
+  for (const Unit& u : units) num_seqs = std::max(num_seqs, u.seq + 1);
+  std::vector<int64_t> query_tiles(num_seqs * heads, 0), keys(num_seqs * heads, 0), offset(num_seqs * heads, -1);
+  for (const Unit& u : units) {
+    query_tiles[u.seq * heads + u.head] += 1;
+    keys[u.seq * heads + u.head] = std::max(keys[u.seq * heads + u.head], u.kv_end());
+  }
+  std::vector<std::pair<int64_t, int64_t>> jobs;  // (sequence * heads + head, key tile)
+  int64_t total = 0;
+  for (int64_t c = 0; c < num_seqs * heads; ++c) {
+    const int64_t size = (keys[c] + kKeyTile - 1) / kKeyTile * tile_size;
+    if (query_tiles[c] < 2 || (total + size) * static_cast<int64_t>(sizeof(bf16)) > kPrepackBytes) continue;
+    offset[c] = total;
+    for (int64_t t = 0; t * kKeyTile < keys[c]; ++t) jobs.emplace_back(c, t);
+    total += size;
+  }
+  if (jobs.empty()) return;
+  if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<const bf16*> rows(kKeyTile);
+    const std::vector<bf16> zeros(a.dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [c, t] = jobs[i];
+      const int64_t k0 = t * kKeyTile, n = std::min(kKeyTile, keys[c] - k0), seq = c / heads, head = c % heads;
+      bf16* dst = storage.data() + offset[c] + t * tile_size;
+      const int32_t* table = a.tables + seq * a.table_stride;
+      find_rows(rows.data(), a.k, table, k0, n, head, a);
+      pack_keys(dst, rows.data(), zeros.data(), n, a.dim);
+      find_rows(rows.data(), a.v, table, k0, n, head, a);
+      pack_values(dst + kKeyTile * a.dim, rows.data(), zeros.data(), n, round_up(n, kPackKeys), a.dim);
+    }
+  });
+  for (Unit& u : units) {
+    const int64_t c = u.seq * heads + u.head;
+    if (offset[c] < 0) continue;
+    u.packed = storage.data() + offset[c];
+    u.packed_keys = keys[c];
+  }
 }
 
 // attend() with bfloat16 tile products (see above); scores have row stride kKeyTile.
@@ -722,18 +803,25 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
                 width * sizeof(bf16));
   }
   reset_rows(a, rows, b);
+  float* lanes = b.sum_lanes.data();  // row r's running sum: 16 lanes from r * 16
+  std::fill_n(lanes, rows * 16, 0.0f);
   const int32_t* table = a.tables + u.seq * a.table_stride;
   float* scores = b.scores.data();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, k_end - k0), keys = round_up(n, kPackKeys);
-    find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
-    pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
-    find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
-    pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
-    for (int64_t c = 0; c < n; c += kPackColumns) {
-      brgemm(rows, kPackColumns, dim, dim, kPackColumns, kKeyTile, false, b.q16.data(), b.k16.data() + c * dim,
-             scores + c);
+    const int64_t n = std::min(kKeyTile, k_end - k0);
+    const bf16 *k16 = b.k16.data(), *v16 = b.v16.data();
+    int64_t keys = round_up(n, kPackKeys);
+    if (u.packed) {  // k0 is a multiple of kKeyTile (no window: units and partitions start there)
+      k16 = u.packed + k0 / kKeyTile * packed_tile_size(dim);
+      v16 = k16 + kKeyTile * dim;
+      keys = round_up(std::min(kKeyTile, u.packed_keys - k0), kPackKeys);  // the tile as packed
+    } else {
+      find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+      pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
+      find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
+      pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
     }
+    brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
       soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
@@ -741,14 +829,15 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
     }
     uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
     online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
-                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max) {
-                     return bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max);
+                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
+                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max, lanes + r * 16, alpha);
                    });
     for (int64_t c = 0; c < dim; c += kPackColumns) {
       brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
-             b.v16.data() + c * keys, b.acc.data() + c);
+             v16 + c * keys, b.acc.data() + c);
     }
   }
+  for (int64_t r = 0; r < rows; ++r) b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
 }
 
 #endif  // __AVX512F__
@@ -776,7 +865,7 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
-                   u.q_pos - k0 + 1, Float32Weights{n, 1.0f});
+                   u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
     tile_accumulate(b.acc.data(), b.scores.data(), b.v.data(), rows, n, a.dim);
   }
 }
@@ -826,8 +915,10 @@ void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, con
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
-    TileBuffers buffers(rows, dim, bf16_tiles);
+    TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
+    // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
+    if (bf16_tiles) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -858,6 +949,12 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
     }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
+    static thread_local std::vector<bf16> packed;  // grown as needed, kept across calls
+    if (a.bf16_tiles) prepack_contexts(a, units, packed);
+  }
+#endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
   for_each_dynamic(num_items, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
