@@ -128,8 +128,8 @@ class Linear(nn.Linear):
 
 # Rows up to which a plain bfloat16 weight (the tied LM head) multiplies on AMX (kernels/csrc/
 # gemv_ops.cpp): SmolLM2's 49152 x 576 head, one thread, A/B on a loaded AMX Xeon, vs torch.mv/mm
-# or F.linear: 1 row 8.9 vs 9.2 ms, 4 rows 12.5 vs 14.1, 16 rows 13.2 vs 18.1, 64 rows 23.7 vs
-# 25.1; at 128 rows F.linear is faster (45.9 vs 50.9).
+# (up to 16 rows) or F.linear: 1 row 8.9 vs 9.2 ms, 4 rows 12.5 vs 14.1, 16 rows 13.2 vs 18.1,
+# 64 rows 23.7 vs 27.8; at 128 rows F.linear is faster (45.9 vs 50.9).
 AMX_FEW_ROWS = 64
 
 

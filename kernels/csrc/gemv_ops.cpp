@@ -6,8 +6,9 @@
 // bandwidth. Here the weight is brgemm's A operand as it lies (64 of its rows per call), the input
 // is packed once per call into the VNNI pairs [K/2][rows][2] as its B, and each block's result^T
 // [64][rows] is stored transposed; an AMX tile product reads a 1 KB weight tile per 16 cycles, so
-// the loop is bound by the weight's bytes (measured: 1-64 rows at 1.1-1.5x torch.mv/mm's speed;
-// from ~128 rows F.linear is faster, and the caller switches).
+// the loop is bound by the weight's bytes (measured on one thread: 1-64 rows at
+// 1.03-1.4x the speed of torch.mv/mm or F.linear; from ~128 rows F.linear is faster, and the
+// caller switches).
 // (A VNNI-blocked copy of the weight as brgemm's B beat oneDNN's packed matmul at 1-64 rows but
 // lost 1.3-1.7x at prefill sizes, so the projections keep oneDNN's layout: see this file's history.)
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
