@@ -12,7 +12,8 @@ Ceilings (measured first, with the engine's model loaded and idle):
 - matmul time at 1, 16, 64 rows and at a prefill chunk's rows: the model's own projections,
   called one after another in model order exactly as the engine calls them (oneDNN-packed where
   the engine packs), LM head included, so the weights stream from memory as in a step; also
-  reported as GFLOP/s.
+  reported as GFLOP/s; at 1 row also by kind of projection (qkv_proj, ..., lm_head) against the
+  time to read that kind's weights at the measured bandwidth.
 Engine results (offline, this process, greedy, ignore_eos):
 - the decode step at batch 1, 16 and 64 (median engine.step() over steps where every sequence
   decodes) against max(weight-read time, matmul time at that many rows);
@@ -66,16 +67,17 @@ def step_read_bytes(model) -> int:
     return total
 
 
-def model_linears(model) -> list[torch.nn.Module]:
+def model_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    """(kind, module) of every projection in model order; kind is its attribute name (qkv_proj, lm_head, ...)."""
     from engine.layers.linear import Linear
 
-    return [m for m in model.modules() if isinstance(m, Linear)]
+    return [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules() if isinstance(m, Linear)]
 
 
 @torch.inference_mode()
 def matmul_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
     """(seconds, FLOPs) of every projection of the model at `rows` input rows, in model order."""
-    linears = model_linears(model)
+    linears = [m for _, m in model_linears(model)]
     inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
     flops = sum(2 * rows * m.in_features * m.out_features for m in linears)
 
@@ -84,6 +86,29 @@ def matmul_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> tuple[
             m(inputs[m.in_features])
 
     return best_seconds(run, repeats), flops
+
+
+@torch.inference_mode()
+def projection_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> dict[str, tuple[float, int, int]]:
+    """kind -> (seconds, weight bytes, count) of all projections of that kind at `rows` rows, each
+    call timed inside passes over every projection in model order (so weights stream from memory
+    as in a step); a kind's best pass."""
+    from engine.memory import storage_bytes, weight_tensors
+
+    linears = model_linears(model)
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for _, m in linears}
+    best: dict[str, float] = {}
+    for repeat in range(repeats + 1):  # the first pass warms up
+        spent = dict.fromkeys((kind for kind, _ in linears), 0.0)
+        for kind, m in linears:
+            start = time.perf_counter()
+            m(inputs[m.in_features])
+            spent[kind] += time.perf_counter() - start
+        if repeat:
+            best = {kind: min(t, best.get(kind, t)) for kind, t in spent.items()}
+    return {kind: (seconds, storage_bytes(t for k, m in linears if k == kind for t in weight_tensors(m)),
+                   sum(k == kind for k, _ in linears))
+            for kind, seconds in best.items()}
 
 
 def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
@@ -144,6 +169,10 @@ def main() -> None:
     for rows, (seconds, flops) in mm.items():
         rows_out.append((f"matmuls at {rows} rows", f"{seconds * 1e3:.2f} ms",
                          f"{flops / seconds / 1e9:.0f} GFLOP/s", float("nan")))
+    # Batch 1 by kind of projection, each against reading its weights once at the bandwidth.
+    for kind, (seconds, nbytes, count) in projection_seconds(model, 1, dtype, repeats).items():
+        rows_out.append((f"  {kind} (x{count}) at 1 row", f"{seconds * 1e3:.2f} ms", f"{nbytes / bandwidth * 1e3:.2f} ms",
+                         seconds * bandwidth / nbytes))
 
     # Warm-up: the first steps build oneDNN kernels for each row count.
     timed_steps(engine, [random_prompt(vocab, 32, 0)], 4)

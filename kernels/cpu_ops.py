@@ -26,8 +26,10 @@ from kernels.reference import copy_blocks, swap_blocks
 logger = logging.getLogger(__name__)
 
 # cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls;
-# step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention).
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp")]
+# step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention);
+# gemv_ops.cpp: AMX bfloat16 matmuls at few rows.
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 

@@ -61,21 +61,61 @@ def test_packed_matmuls_run_at_a_bounded_set_of_row_counts():
         assert m <= packed_rows(m) <= m + m // 8 and (m > 64 or packed_rows(m) == m)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_a_float_bfloat16_weight_gives_f_linear_results_at_any_row_count(rows):
-    """A weight kept in float (the tied LM head) runs one row through ATen's GEMV (torch.mv),
-    up to 16 with the weight as the left operand, more through F.linear: all agree with the
-    float32 product, in dense rows, also for strided input rows."""
+@pytest.mark.parametrize("cols", [96, 95])  # odd: not in bfloat16 pairs, never on AMX
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 64, 65])
+def test_a_float_bfloat16_weight_gives_f_linear_results_at_any_row_count(rows, cols):
+    """A weight kept in float (the tied LM head) runs up to 64 rows on AMX where the CPU has it
+    (bf16_mm_amx), else one row through ATen's GEMV (torch.mv) and up to 16 with the weight as
+    the left operand; more through F.linear: all agree with the float32 product, in dense rows,
+    also for strided input rows (odd offsets too)."""
     gen = torch.Generator().manual_seed(7)
-    layer = Linear(96, 1000, bias=False).to(torch.bfloat16)
+    layer = Linear(cols, 1001, bias=False).to(torch.bfloat16)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(1000, 96, generator=gen))
+        layer.weight.copy_(torch.randn(1001, cols, generator=gen))
     assert layer.finalize(None, 32, pack=False) == "float"
-    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
     expected = F.linear(x.float(), layer.weight.float())
     with torch.inference_mode():
         out = layer(x)
-        strided = layer(torch.cat([x, x], dim=1)[:, 96:])
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1000) and out.is_contiguous()
-    torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
-    torch.testing.assert_close(strided.float(), expected, **TOL[torch.bfloat16])
+        strided = layer(torch.cat([x, x], dim=1)[:, cols:])
+        odd_offset = layer(torch.cat([x[:, :1], x], dim=1)[:, 1:])  # rows cols + 1 apart
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1001) and out.is_contiguous()
+    for result in (out, strided, odd_offset):
+        torch.testing.assert_close(result.float(), expected, **TOL[torch.bfloat16])
+
+
+def amx_ops():
+    from engine.layers.quant import amx_kernels
+
+    return amx_kernels()
+
+
+needs_amx = pytest.mark.skipif(amx_ops() is None, reason="no AMX-BF16 or no C++ kernels on this machine")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 64, 257])
+@pytest.mark.parametrize("out_features, in_features", [(1001, 96), (37, 34), (64, 576)])
+def test_the_amx_bfloat16_matmul_equals_the_float_product(rows, out_features, in_features):
+    """bf16_mm_amx (kernels/csrc/gemv_ops.cpp) against the float32 product on random inputs:
+    output widths not a multiple of its 64-column blocks, row counts across its 64-row chunks
+    (257 = 4 x 64 + 1), accumulation in float32 (the error is bfloat16's rounding of the result)."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    out = amx_ops().bf16_mm_amx(x, weight)
+    expected = x.float() @ weight.float().T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2 * in_features**0.5, rtol=1e-2)
+
+
+@needs_amx
+def test_the_amx_bfloat16_matmul_refuses_what_it_cannot_read():
+    ops = amx_ops()
+    weight = torch.randn(64, 96).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="K even"):
+        ops.bf16_mm_amx(torch.randn(2, 95).to(torch.bfloat16), torch.randn(64, 95).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.bf16_mm_amx(torch.randn(2, 94).to(torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix"):
+        ops.bf16_mm_amx(torch.randn(2, 96), weight)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, concat_rows, quantize
+from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, concat_rows, quantize
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
 
 logger = logging.getLogger(__name__)
@@ -83,15 +83,8 @@ class Linear(nn.Linear):
                 x = F.pad(x, (0, 0, 0, padded - rows))
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
             return y if padded == rows else y[:rows]
-        if x.shape[0] <= 16 and bias is None and x.dtype == torch.bfloat16:
-            # A few rows against a plain bfloat16 weight (the tied LM head at small batches):
-            # with the weight as the streaming left operand it is read once, where F.linear's
-            # oneDNN call took 1.3-1.5x as long (SmolLM2's 49152 x 576 head, one thread, AMX
-            # Xeon: 1 row 7.6 -> 5.0 ms through ATen's GEMV, 2-16 rows 9.3-10.8 -> 6.9-8.7 ms
-            # with the float cast; from ~64 rows F.linear is as fast).
-            if x.shape[0] == 1:
-                return torch.mv(self.weight, x[0]).unsqueeze(0)
-            return torch.mm(self.weight, x.T).T.contiguous()
+        if bias is None and x.dtype == torch.bfloat16 and x.shape[0] <= AMX_FEW_ROWS:
+            return few_rows_bfloat16(x, self.weight)
         return F.linear(x, self.weight, bias)
 
     def row_blocks(self) -> list[tuple[int, int]]:
@@ -131,6 +124,28 @@ class Linear(nn.Linear):
                 return None
             pieces.append(piece)
         return concat_rows(pieces)
+
+
+# Rows up to which a plain bfloat16 weight (the tied LM head) multiplies on AMX (kernels/csrc/
+# gemv_ops.cpp): SmolLM2's 49152 x 576 head, one thread, A/B on a loaded AMX Xeon, vs torch.mv/mm
+# (up to 16 rows) or F.linear: 1 row 8.9 vs 9.2 ms, 4 rows 12.5 vs 14.1, 16 rows 13.2 vs 18.1,
+# 64 rows 23.7 vs 27.8; at 128 rows F.linear is faster (45.9 vs 50.9).
+AMX_FEW_ROWS = 64
+
+
+def few_rows_bfloat16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a few rows against a plain bfloat16 weight, reading the weight once: on
+    AMX through brgemm with the weight as the streaming operand; elsewhere up to 16 rows with the
+    weight as the left operand of ATen's GEMV/GEMM, where F.linear's oneDNN call took 1.3-1.5x as
+    long (one thread: 1 row 7.6 -> 5.0 ms through torch.mv, 2-16 rows 9.3-10.8 -> 6.9-8.7 ms)."""
+    ops = amx_kernels() if x.device.type == "cpu" else None
+    if ops is not None and weight.is_contiguous() and weight.shape[1] % 2 == 0:
+        return ops.bf16_mm_amx(x if x.stride(-1) == 1 else x.contiguous(), weight)
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0]).unsqueeze(0)
+    if x.shape[0] <= 16:
+        return torch.mm(weight, x.T).T.contiguous()
+    return F.linear(x, weight)
 
 
 def packed_rows(rows: int) -> int:
