@@ -32,6 +32,22 @@ NAMES = {
 }
 
 
+def add_default_tokenizer(writer) -> None:
+    """The default model's tokenizer (the tiny checkpoints' vocabulary), copied from its GGUF."""
+    source = gguf.GGUFReader(str(default_gguf_path()))
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            value = field.contents()
+            if isinstance(value, list):
+                writer.add_array(key, value)
+            elif isinstance(value, str):
+                writer.add_string(key, value)
+            elif isinstance(value, bool):
+                writer.add_bool(key, value)
+            else:
+                writer.add_uint32(key, int(value))
+
+
 def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -48,18 +64,7 @@ def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    source = gguf.GGUFReader(str(default_gguf_path()))
-    for key, field in source.fields.items():
-        if key.startswith("tokenizer.ggml."):
-            value = field.contents()
-            if isinstance(value, list):
-                writer.add_array(key, value)
-            elif isinstance(value, str):
-                writer.add_string(key, value)
-            elif isinstance(value, bool):
-                writer.add_bool(key, value)
-            else:
-                writer.add_uint32(key, int(value))
+    add_default_tokenizer(writer)
     weights = load_file(str(Path(checkpoint) / "model.safetensors"))
     for hf_name, tensor in sorted(weights.items()):
         name = hf_name.removeprefix("model.")

@@ -10,6 +10,9 @@ token under the near-tie rule (tests/greedy_reference.py). The embedding and LM 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -17,12 +20,13 @@ from engine import LLM, SamplingParams
 from engine.attention import AttentionBackend
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.layers.moe import FusedMoE
-from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_blocks
+from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_blocks
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
 from tests.model_factories import make_tiny_checkpoint
 from tests.test_models_families import reference_moe
 
+gguf = pytest.importorskip("gguf")
 GROUP = 32
 MAX_TOKENS = 12
 PROMPTS = ["Hello, my name is", "The capital of France is", "def add(a, b):\n    return", "1, 2, 3, 4,"]
@@ -202,3 +206,153 @@ def test_tp2_quantized_experts_match_one_process(checkpoints):
         assert moe.quantized_w2[0].in_features == 32 and moe.w13 is None
     finally:
         llm.shutdown()
+
+
+# ---- GGUF: a file's stacked expert blocks keep their codes ------------------------------------
+GGUF_EXPERT_TYPES = {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q4_1", "ffn_down_exps": "Q8_0"}
+
+
+def quantized_expert_tensors(gen: np.random.Generator, experts: int, hidden: int, inter: int, types: dict) -> dict:
+    """GGUF name (layer 0) -> (raw blocks or float32 array [experts, rows, cols], type name)."""
+    tensors = {}
+    for name, type_name in types.items():
+        shape = (experts, hidden, inter) if name == "ffn_down_exps" else (experts, inter, hidden)
+        values = (gen.standard_normal(shape) * 0.2).astype(np.float32)
+        raw = values if type_name == "F32" else gguf.quants.quantize(values, gguf.GGMLQuantizationType[type_name])
+        tensors[f"blk.0.{name}.weight"] = (raw, type_name, shape)
+    return tensors
+
+
+def add_tensors(writer, tensors: dict) -> None:
+    for name, (raw, type_name, shape) in tensors.items():
+        if type_name == "F32":
+            writer.add_tensor(name, raw)
+        else:
+            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+
+
+def dequantized(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    if type_name == "F32":
+        return torch.from_numpy(raw)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])))
+
+
+@pytest.mark.parametrize("down_type", ["Q8_0", "F32"])
+def test_a_gguf_moe_files_stacked_expert_blocks_are_read_expert_by_expert(tmp_path, down_type):
+    """Qwen3-MoE's ffn_{gate,up,down}_exps [experts, rows, cols] in Q4_0/Q4_1/Q8_0: each expert's
+    rows come out under its per-expert name as the file's own codes (dequantizing exactly as gguf
+    does); a type that does not map (F32 here) comes from the float copy, still per expert."""
+    from engine.gguf_weights import weights_keeping_gguf_blocks
+    from engine.loader import ModelSource
+    from engine.models.config import ModelConfig
+    from transformers import Qwen3MoeConfig
+
+    experts, hidden, inter = 3, 64, 96
+    tensors = quantized_expert_tensors(np.random.default_rng(0), experts, hidden, inter,
+                                       {**GGUF_EXPERT_TYPES, "ffn_down_exps": down_type})
+    path = tmp_path / "experts.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    add_tensors(writer, tensors)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    full = {name: dequantized(raw, t) for name, (raw, t, _) in tensors.items()}
+    # What transformers' conversion holds: gate and up fused per expert, down as it is.
+    float_copy = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.cat([full["blk.0.ffn_gate_exps.weight"],
+                                                              full["blk.0.ffn_up_exps.weight"]], dim=1),
+        "model.layers.0.mlp.experts.down_proj": full["blk.0.ffn_down_exps.weight"],
+    }
+    config = Qwen3MoeConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            num_experts=experts, moe_intermediate_size=inter, vocab_size=128)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    source = ModelSource("tiny", str(path), config, None, None, _tensors=float_copy)
+    read = dict(weights_keeping_gguf_blocks(source, ModelConfig.from_hf(config, str(path))))
+    assert len(read) == 3 * experts
+    for gguf_name, part in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+        for e in range(experts):
+            block = read[f"model.layers.0.mlp.experts.{e}.{part}.weight"]
+            expected = full[f"blk.0.{gguf_name}.weight"][e]
+            if part == "down_proj" and down_type == "F32":
+                assert isinstance(block, torch.Tensor) and torch.equal(block, expected)
+                continue
+            assert isinstance(block, QuantizedWeight) and block.group_size == 32
+            scale = block.scale.abs().repeat_interleave(32, dim=1)  # Q4_1: (q - 8) * s + z rounds once more
+            assert ((block.dequantize() - expected).abs() <= 1e-6 * scale + 1e-7 * expected.abs()).all()
+
+
+def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
+    """A tiny Qwen3-MoE checkpoint as llama.cpp lays it out: experts stacked per layer in the given
+    GGUF types, everything else float32, the default model's tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from tests.test_models_gguf import NAMES, add_default_tokenizer
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    writer = gguf.GGUFWriter(str(out), "qwen3moe")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    add_default_tokenizer(writer)
+    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
+    names = {**NAMES, "layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}
+    for layer in range(config.num_hidden_layers):
+        for gguf_name, part in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+            stacked = torch.stack([weights.pop(f"model.layers.{layer}.mlp.experts.{e}.{part}.weight")
+                                   for e in range(config.num_experts)]).numpy()
+            qtype = gguf.GGMLQuantizationType[expert_types[gguf_name]]
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", gguf.quants.quantize(stacked, qtype), raw_dtype=qtype)
+    for hf_name, tensor in sorted(weights.items()):
+        parts = hf_name.removeprefix("model.").split(".")
+        key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else ".".join(parts)
+        writer.add_tensor(names[key].format(i=parts[1] if parts[0] == "layers" else ""), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.slow  # transformers parses the GGUF's 49152-token vocabulary: ~30-70 s
+def test_a_qwen3_moe_gguf_in_int4_keeps_its_expert_blocks_and_generates_as_its_dequantized_copy(tmp_path, monkeypatch):
+    """Experts in Q4_0 (gate, up) and Q4_1 (down) are int4 group 32 exactly: the engine in int4
+    generates what transformers does on the file's dequantized float copy, with the float32
+    projections (attention, router) replaced by their int4 codes dequantized."""
+    from engine.loader import gguf_cache_dir
+    from engine.models.base import CausalLM
+
+    monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))
+    # moe_intermediate_size 768: transformers' GGUF reader leaves Qwen3-MoE's default (the file's
+    # expert_feed_forward_length is not read).
+    checkpoint = make_tiny_checkpoint(tmp_path, "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=768, norm_topk_prob=True, tie_word_embeddings=True)
+    path = tmp_path / "tiny-qwen3-moe.gguf"
+    write_qwen3_moe_gguf(checkpoint, path, {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q4_0", "ffn_down_exps": "Q4_1"})
+    read = []
+    load_weights = CausalLM.load_weights
+    monkeypatch.setattr(CausalLM, "load_weights", lambda self, weights, *a, **k: load_weights(
+        self, ((name, read.append((name, w)) or w) for name, w in weights), *a, **k))
+    llm = LLM(str(path), num_kv_blocks=32, quantization="int4", dtype="float32", embedding_quantization="none")
+    experts = [w for name, w in read if ".experts." in name]
+    assert len(experts) == 2 * 3 * 4 and all(isinstance(w, QuantizedWeight) for w in experts)
+    assert all(m.quantized_w13 is not None for m in moe_modules(llm))
+    reference = load_hf_reference(gguf_cache_dir(path))
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if param.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+                param.copy_(quantize(param.data, "int4", GROUP).dequantize())
+    result = Comparison()
+    for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
+        compare_greedy(out.outputs[0].token_ids, *hf_greedy(reference, out.prompt_token_ids, MAX_TOKENS), result)
+    assert result.near_ties <= 1, result
