@@ -181,6 +181,19 @@ def test_bfloat16_quantized_experts_take_the_amx_kernels_and_stay_within_bfloat1
     assert (out.float() - expected).norm() / expected.norm() < 0.02
 
 
+@pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(), reason="w8a8 needs AMX-INT8")
+def test_w8a8_experts_hold_int8_codes_and_stay_within_w8a8s_rounding(gen):
+    """w8a8 experts: int8 codes times the per-token int8 input, as w8a8's dense projections
+    (tests/test_quant.py): within 3% of the float32 loop on the same dequantized experts."""
+    moe, reference = load_quantized(random_moe(gen), "w8a8", torch.bfloat16)
+    assert all(m.w8a8 and m.qweight.dtype == torch.int8 for m in [*moe.quantized_w13, *moe.quantized_w2])
+    x = torch.randn(48, 64, generator=gen)
+    logits = skewed_logits(gen, 48, 6)
+    out = run_layer(moe, x.bfloat16(), logits)
+    expected = reference_moe(reference, x.bfloat16().float(), logits)
+    assert (out.float() - expected).norm() / expected.norm() < 0.03
+
+
 def test_a_quantized_moe_model_on_the_triton_backend_is_refused_naming_quantization(checkpoints):
     with pytest.raises(ValueError, match="quantization='int4'.*Triton"):
         LLM(checkpoints("mixtral"), num_kv_blocks=16, quantization="int4", attention_backend="triton")
@@ -245,6 +258,7 @@ def test_a_gguf_moe_files_stacked_expert_blocks_are_read_expert_by_expert(tmp_pa
     from engine.gguf_weights import weights_keeping_gguf_blocks
     from engine.loader import ModelSource
     from engine.models.config import ModelConfig
+    from tests.test_models_gguf import finish_gguf
     from transformers import Qwen3MoeConfig
 
     experts, hidden, inter = 3, 64, 96
@@ -253,10 +267,7 @@ def test_a_gguf_moe_files_stacked_expert_blocks_are_read_expert_by_expert(tmp_pa
     path = tmp_path / "experts.gguf"
     writer = gguf.GGUFWriter(str(path), "qwen3moe")
     add_tensors(writer, tensors)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     full = {name: dequantized(raw, t) for name, (raw, t, _) in tensors.items()}
     # What transformers' conversion holds: gate and up fused per expert, down as it is.
     float_copy = {
@@ -288,40 +299,23 @@ def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from tests.test_models_gguf import NAMES, add_default_tokenizer
+    from tests.test_models_gguf import NAMES, finish_gguf, gguf_name, start_gguf
 
     config = AutoConfig.from_pretrained(checkpoint)
-    writer = gguf.GGUFWriter(str(out), "qwen3moe")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer = start_gguf(config, out, "qwen3moe")
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
-    add_default_tokenizer(writer)
     weights = load_file(str(Path(checkpoint) / "model.safetensors"))
-    names = {**NAMES, "layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}
     for layer in range(config.num_hidden_layers):
-        for gguf_name, part in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+        for name, part in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
             stacked = torch.stack([weights.pop(f"model.layers.{layer}.mlp.experts.{e}.{part}.weight")
                                    for e in range(config.num_experts)]).numpy()
-            qtype = gguf.GGMLQuantizationType[expert_types[gguf_name]]
-            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", gguf.quants.quantize(stacked, qtype), raw_dtype=qtype)
+            qtype = gguf.GGMLQuantizationType[expert_types[name]]
+            writer.add_tensor(f"blk.{layer}.{name}.weight", gguf.quants.quantize(stacked, qtype), raw_dtype=qtype)
+    names = {**NAMES, "layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}  # the router
     for hf_name, tensor in sorted(weights.items()):
-        parts = hf_name.removeprefix("model.").split(".")
-        key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else ".".join(parts)
-        writer.add_tensor(names[key].format(i=parts[1] if parts[0] == "layers" else ""), tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_name(hf_name, names), tensor.float().numpy())
+    finish_gguf(writer)
 
 
 @pytest.mark.slow  # transformers parses the GGUF's 49152-token vocabulary: ~30-70 s
