@@ -181,6 +181,28 @@ def test_bfloat16_quantized_experts_take_the_amx_kernels_and_stay_within_bfloat1
     assert (out.float() - expected).norm() / expected.norm() < 0.02
 
 
+@pytest.mark.parametrize("method", [None, "int4"])
+def test_stacked_expert_tensors_load_as_their_per_expert_slices(gen, method):
+    """transformers' stacked names (a GGUF's converted copy: experts.gate_up_proj [E, 2I, H], gate
+    rows then up rows; experts.down_proj [E, H, I]) load as the per-expert tensors would."""
+    from engine.layers.moe import expert_param
+
+    assert expert_param("model.layers.3.mlp.experts.gate_up_proj") == ("model.layers.3.mlp.experts.w13", None)
+    assert expert_param("model.layers.3.mlp.experts.down_proj") == ("model.layers.3.mlp.experts.w2", None)
+    source = random_moe(gen)
+    stacked = FusedMoE(6, 3, 64, 96, True, "silu", parallel=None)
+    stacked.quantize_at_load(method, GROUP, "cpu")
+    stacked.load_w13(stacked.w13, source.w13.data.clone(), None)
+    stacked.load_w2(stacked.w2, source.w2.data.clone(), None)
+    stacked.finalize()
+    if method is None:
+        assert torch.equal(stacked.w13, source.w13) and torch.equal(stacked.w2, source.w2)
+        return
+    per_expert, _ = load_quantized(source, method, torch.float32)
+    x, logits = torch.randn(16, 64, generator=gen), skewed_logits(gen, 16, 6)
+    assert torch.equal(run_layer(stacked, x, logits), run_layer(per_expert, x, logits))
+
+
 @pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(), reason="w8a8 needs AMX-INT8")
 def test_w8a8_experts_hold_int8_codes_and_stay_within_w8a8s_rounding(gen):
     """w8a8 experts: int8 codes times the per-token int8 input, as w8a8's dense projections
