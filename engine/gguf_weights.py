@@ -11,6 +11,11 @@ becomes the LM head's int8 rows.
 
 llama.cpp stores a llama model's q/k rows permuted for its rotary layout; as in transformers'
 conversion, the rows are put back (a row permutation: exact on codes).
+
+MoE experts are stacked 3-D in the file (ffn_gate_exps/ffn_up_exps [experts, I, H],
+ffn_down_exps [experts, H, I]; transformers' copy fuses gate and up into one gate_up_proj): each
+expert's rows of a quantized one are yielded under its per-expert name (experts.N.gate_proj...),
+so the MoE layer takes them expert by expert like a checkpoint's.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 # Projections, and the token embedding (engine/layers/embedding.py keeps an untied one's codes).
 _PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|embed_tokens)\.weight$")
+# transformers' names for a layer's stacked experts -> the parts (GGUF tensor, per-expert name).
+_STACKED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_PARTS = {"gate_up_proj": (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj")),
+                 "down_proj": (("ffn_down_exps", "down_proj"),)}
 
 
 def _halves(raw: torch.Tensor) -> torch.Tensor:
@@ -106,6 +115,10 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
     tensors = {t.name: t for t in reader.tensors}
     kept: Counter = Counter()
     for hf_name, weight in source.iter_weight_slices():
+        stacked = _STACKED_EXPERTS.search(hf_name)
+        if stacked is not None:
+            yield from _expert_blocks(hf_name, stacked, weight, tensors, kept)
+            continue
         tensor = None
         if names is not None and _PROJECTION.search(hf_name):
             tensors_name = names.get_name(hf_name.removesuffix(".weight"))
@@ -123,3 +136,27 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
         kept[tensor.tensor_type.name] += 1
         yield hf_name, q
     logger.info("%s: tensors read from GGUF blocks / from the float copy: %s", source.path, dict(kept))
+
+
+def _expert_blocks(hf_name: str, stacked: re.Match, weight, tensors: dict, kept: Counter) -> Iterator[tuple[str, object]]:
+    """Per-expert (name, weight) pairs of one stacked expert tensor: the file's blocks where its
+    type maps, else rows of the float copy (read once, for the whole stack)."""
+    layer, stack = stacked.groups()
+    prefix = hf_name[: stacked.end() - len(stack)]  # "...layers.N.mlp.experts."
+    parts = _EXPERT_PARTS[stack]
+    floats = None
+    for i, (gguf_name, part) in enumerate(parts):
+        tensor = tensors.get(f"blk.{layer}.{gguf_name}.weight")
+        blocks = None
+        if tensor is not None:
+            cols, rows, experts = (int(n) for n in tensor.shape[:3])
+            q = quantized_weight(tensor.tensor_type.name, tensor.data, experts * rows, cols)
+            blocks = None if q is None else [q.rows(e * rows, rows) for e in range(experts)]
+        if blocks is None:
+            kept["float " + (tensor.tensor_type.name if tensor is not None else "other")] += 1
+            floats = read_all(weight) if floats is None else floats
+            blocks = [stack_rows.chunk(len(parts))[i] for stack_rows in floats]  # gate_up_proj: gate, then up
+        else:
+            kept[tensor.tensor_type.name] += 1
+        for expert, block in enumerate(blocks):
+            yield f"{prefix}{expert}.{part}.weight", block

@@ -88,6 +88,7 @@ class ModelRunner:
         model.lm_head.retie()
         model.keep_norms_in_float32()
         model.init_buffers(self.device)
+        model.quantize_experts_at_load(config.quantization, config.quantization_group_size, config.attention_backend)
         if config.quantization is not None and source.path.lower().endswith(".gguf"):
             # Q4_0/Q4_1/Q4_K projections go from the file's blocks to int4 codes, never through float.
             weights = weights_keeping_gguf_blocks(source, model_config)

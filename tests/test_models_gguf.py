@@ -32,22 +32,8 @@ NAMES = {
 }
 
 
-def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(checkpoint)
-    writer = gguf.GGUFWriter(str(out), "qwen3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+def add_default_tokenizer(writer) -> None:
+    """The default model's tokenizer (the tiny checkpoints' vocabulary), copied from its GGUF."""
     source = gguf.GGUFReader(str(default_gguf_path()))
     for key, field in source.fields.items():
         if key.startswith("tokenizer.ggml."):
@@ -60,17 +46,48 @@ def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
                 writer.add_bool(key, value)
             else:
                 writer.add_uint32(key, int(value))
-    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
-    for hf_name, tensor in sorted(weights.items()):
-        name = hf_name.removeprefix("model.")
-        parts = name.split(".")
-        key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else name
-        gguf_name = NAMES[key].format(i=parts[1] if parts[0] == "layers" else "")
-        writer.add_tensor(gguf_name, tensor.float().numpy())
+
+
+def start_gguf(config, out: Path, arch: str):
+    """A GGUF writer holding a Qwen3-shaped config's metadata and the default tokenizer."""
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    add_default_tokenizer(writer)
+    return writer
+
+
+def gguf_name(hf_name: str, names: dict = NAMES) -> str:
+    parts = hf_name.removeprefix("model.").split(".")
+    key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else ".".join(parts)
+    return names[key].format(i=parts[1] if parts[0] == "layers" else "")
+
+
+def finish_gguf(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    writer = start_gguf(AutoConfig.from_pretrained(checkpoint), out, "qwen3")
+    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
+    for hf_name, tensor in sorted(weights.items()):
+        writer.add_tensor(gguf_name(hf_name), tensor.float().numpy())
+    finish_gguf(writer)
 
 
 @pytest.mark.slow  # transformers parses the GGUF's 49152-token vocabulary: ~30-70 s here

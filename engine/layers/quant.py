@@ -150,6 +150,15 @@ def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: in
     return None if group is None else quantize_int4(weight, group)
 
 
+def quantize_blocks(blocks: list, method: str, group_size: int) -> QuantizedWeight | None:
+    """Blocks stacked by rows (a fused projection: gate and up) as one weight in `method`'s codes.
+    Float blocks take an already quantized int4 block's group size (a GGUF's 32), so one matmul
+    reads them all; None where a block fits no layout."""
+    group = next((b.group_size for b in blocks if isinstance(b, QuantizedWeight) and b.bits == 4), group_size)
+    pieces = [quantize(b, method, group) for b in blocks]
+    return None if any(p is None for p in pieces) else concat_rows(pieces)
+
+
 class PackedQuantizedWeight(torch.nn.Module):
     """One projection's weight in the layout its matmul reads, as buffers (so the model's
     memory report and .to() see them); no float copy is kept."""

@@ -18,7 +18,7 @@ from torch import nn
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import Linear, loader_of
 from engine.layers.logits import LogitsProcessor
-from engine.layers.moe import expert_param
+from engine.layers.moe import FusedMoE, expert_param
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
@@ -105,6 +105,14 @@ class CausalLM(nn.Module):
             layouts[module] = module.finalize(embedding_quantization, group_size, pack)
         elif isinstance(module, Linear):
             layouts[module] = module.finalize(quantization, group_size, pack)
+        elif isinstance(module, FusedMoE):
+            layouts[module] = module.finalize()
+
+    def quantize_experts_at_load(self, quantization: str | None, group_size: int, attention_backend: str) -> None:
+        """Before loading: MoE experts are quantized as each one's tensors arrive (FusedMoE)."""
+        for module in self.modules():
+            if isinstance(module, FusedMoE):
+                module.quantize_at_load(quantization, group_size, attention_backend)
 
     def finalize_weights(self, quantization: str | None, group_size: int, pack: bool,
                          embedding_quantization: str | None = None) -> Counter:
