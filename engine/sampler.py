@@ -139,8 +139,8 @@ class Sampler:
             rows = tensors.penalized_rows
             logits[rows] = self._apply_penalties(logits[rows], seqs, tensors.penalized, tensors, failed)
 
-        # Greedy rows take the argmax, which temperature, top-k/p and min-p all keep: a greedy
-        # batch builds none of their tensors (and beams score processed logits).
+        # Greedy rows take the argmax, which temperature, top-k/p and min-p all keep: their rows
+        # hold neutral values, and a batch of greedy and beam rows fills none of these.
         if tensors.temperature is not None:
             logits = logits / tensors.temperature[:, None]
         if tensors.top_k is not None:
