@@ -39,6 +39,7 @@ from engine.model_files import (
     open_safetensors,
     read_json,
     read_safetensors_header,
+    unstack_gguf_experts,
     weight_files,
     write_cache,
 )
@@ -279,7 +280,7 @@ def _convert_gguf(gguf_path: Path) -> tuple[PretrainedConfig, dict[str, torch.Te
             parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
-    tensors = {k: v.to(torch.float32).contiguous() for k, v in parsed["tensors"].items()}
+    tensors = unstack_gguf_experts(hf_config, {k: v.to(torch.float32).contiguous() for k, v in parsed["tensors"].items()})
     tokenizer = load_tokenizer(directory, gguf_file=file)
     logger.info("%s: converted %d tensors in %.1f s", gguf_path, len(tensors), time.perf_counter() - start)
     return hf_config, tensors, tokenizer

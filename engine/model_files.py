@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -139,6 +140,39 @@ class FlatModel:
 
     def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
         return iter(())
+
+# transformers' GGUF reader returns a MoE layer's experts stacked, as its own models hold them.
+_STACKED_EXPERTS = re.compile(r"^(?P<experts>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def unstack_gguf_experts(hf_config: PretrainedConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint layout the models load (one tensor per expert and projection) from the
+    stacked one (experts.gate_up_proj [E, 2I, H], gate rows first; experts.down_proj [E, H, I]).
+
+    The reader also leaves moe_intermediate_size and shared_expert_intermediate_size at their
+    config defaults (it maps no GGUF key to them), so the sizes come from the tensors; a file
+    whose experts are not the default size (Qwen3-235B-A22B, Qwen2-57B-A14B) would not load
+    otherwise."""
+    out: dict[str, torch.Tensor] = {}
+    for name in list(tensors):
+        stacked = _STACKED_EXPERTS.match(name)
+        if stacked is None:
+            out[name] = tensors.pop(name)
+            if name.endswith(".shared_expert.down_proj.weight") and hasattr(hf_config, "shared_expert_intermediate_size"):
+                hf_config.shared_expert_intermediate_size = out[name].shape[-1]
+            continue
+        experts = tensors.pop(name)
+        for e, weight in enumerate(experts):
+            prefix = f"{stacked['experts']}.{e}"
+            if stacked["proj"] == "down_proj":
+                out[f"{prefix}.down_proj.weight"] = weight.clone()
+            else:
+                gate, up = weight.chunk(2)
+                out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate.clone(), up.clone()
+        if stacked["proj"] == "down_proj" and hasattr(hf_config, "moe_intermediate_size"):
+            hf_config.moe_intermediate_size = experts.shape[-1]
+    return out
+
 
 def write_cache(
     cache_dir: Path,
