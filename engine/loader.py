@@ -36,6 +36,7 @@ from engine.model_files import (
     ModelLoadError,
     checkpoint_dtype,
     load_tokenizer,
+    moe_sizes_from_gguf_tensors,
     open_safetensors,
     read_json,
     read_safetensors_header,
@@ -280,6 +281,7 @@ def _convert_gguf(gguf_path: Path) -> tuple[PretrainedConfig, dict[str, torch.Te
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
     tensors = {k: v.to(torch.float32).contiguous() for k, v in parsed["tensors"].items()}
+    moe_sizes_from_gguf_tensors(hf_config, tensors)
     tokenizer = load_tokenizer(directory, gguf_file=file)
     logger.info("%s: converted %d tensors in %.1f s", gguf_path, len(tensors), time.perf_counter() - start)
     return hf_config, tensors, tokenizer

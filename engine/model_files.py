@@ -140,6 +140,19 @@ class FlatModel:
     def named_children(self) -> Iterator[tuple[str, torch.nn.Module]]:
         return iter(())
 
+
+def moe_sizes_from_gguf_tensors(hf_config: PretrainedConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """transformers' GGUF reader maps no GGUF key to moe_intermediate_size or
+    shared_expert_intermediate_size and leaves their config defaults, so a file whose experts are
+    not the default size (Qwen3-235B-A22B, Qwen2-57B-A14B) would not load: the sizes come from the
+    tensors (its stacked experts.down_proj [E, H, I], shared_expert.down_proj [H, I])."""
+    for name, tensor in tensors.items():
+        if name.endswith(".experts.down_proj") and hasattr(hf_config, "moe_intermediate_size"):
+            hf_config.moe_intermediate_size = tensor.shape[-1]
+        elif name.endswith(".shared_expert.down_proj.weight") and hasattr(hf_config, "shared_expert_intermediate_size"):
+            hf_config.shared_expert_intermediate_size = tensor.shape[-1]
+
+
 def write_cache(
     cache_dir: Path,
     gguf_path: Path,

@@ -105,7 +105,7 @@ class ModelRunner:
         logger.info("%s: %d torch threads, %s activations, projections: %s", self.device, torch.get_num_threads(),
                     self.dtype, ", ".join(f"{n} {layout}" for layout, n in sorted(layouts.items())))
         self.model = model.eval()
-        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device)
         self.num_local_kv_heads = model.num_local_kv_heads
 
         if parallel is not None:
@@ -123,7 +123,7 @@ class ModelRunner:
         self.memory = {
             "weights": storage_bytes(weight_tensors(model)),
             "kv_cache": storage_bytes([*self.k_caches, *self.v_caches]),
-            "step_buffers": self.buffers.nbytes(),
+            "step_buffers": self.buffers.nbytes() + self.sampler.buffers.nbytes(),
             "rss": resident_set_bytes(),
         }
         logger.info("resident: weights %.1f MiB, KV cache %.1f MiB, step buffers %.2f MiB; process RSS %.1f MiB",

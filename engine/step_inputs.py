@@ -1,5 +1,6 @@
 """One step's model inputs: built on rank 0 from a schedule as plain lists (what tensor-parallel
-ranks receive), then copied into buffers that persist across steps on every rank.
+ranks receive), then copied into buffers that persist across steps on every rank; and the step's
+sampling parameters, copied on rank 0 into buffers of the same kind.
 
 Persistent buffers keep the step's tensors at fixed addresses (what a captured CUDA graph
 replays from) and cost one copy per input instead of a fresh allocation each step; numpy views
@@ -8,11 +9,15 @@ of the host buffers take a Python list without building an intermediate tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.forward_context import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -42,7 +47,7 @@ class _Buffer:
         self.array = self.host.numpy()
         self.on_device = self.host if self.device.type == "cpu" else torch.zeros(size, dtype=self.dtype, device=self.device)
 
-    def fill(self, values: list[int]) -> torch.Tensor:
+    def fill(self, values: list) -> torch.Tensor:
         n = len(values)
         if n > self.array.shape[0]:
             self._allocate(max(n, 2 * self.array.shape[0]))
@@ -64,8 +69,7 @@ class StepBuffers:
         self.cu_query_lens = _Buffer(max_seqs + 1, i32, device)
 
     def nbytes(self) -> int:
-        buffers = vars(self).values()
-        return sum(b.host.nbytes + (b.on_device.nbytes if b.on_device is not b.host else 0) for b in buffers)
+        return _nbytes(vars(self).values())
 
     def fill(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(token ids, positions, logits indices, attention metadata) of this step, in the buffers."""
@@ -81,3 +85,71 @@ class StepBuffers:
         )
         ids = self.token_ids.fill(step.token_ids)
         return ids, self.positions.fill(step.positions), self.logits_indices.fill(step.logits_indices), meta
+
+
+@dataclass
+class SamplingTensors:
+    """One step's per-row sampling parameters, views of persistent buffers. A processor no row
+    needs is None (decided on the host from the parameters, so the sampler never reads the
+    device to skip it); greedy rows hold neutral values (their argmax survives every filter)."""
+
+    greedy: torch.Tensor | None = None  # bool [rows]; None: every row is greedy (or beam search)
+    temperature: torch.Tensor | None = None  # float32 [rows]; None: 1 for every row
+    top_k: torch.Tensor | None = None  # int64 [rows], top_p float32 [rows]; None: no row filters
+    top_p: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None  # float32 [rows]; None: no row filters
+    # Penalties: one row per penalized row, in batch order; penalized lists those rows on the
+    # host (empty: none), penalized_rows on the device, to index the logits with.
+    penalized: list[int] = field(default_factory=list)
+    penalized_rows: torch.Tensor | None = None  # int64 [penalized]
+    repetition: torch.Tensor | None = None  # float32 [penalized, 1] each
+    frequency: torch.Tensor | None = None
+    presence: torch.Tensor | None = None
+
+
+class SamplingBuffers:
+    """Rank 0's sampling parameters at fixed addresses: a sampled batch costs one copy per
+    parameter a row uses, never a fresh tensor; an all-greedy batch without penalties fills none."""
+
+    def __init__(self, max_rows: int, device: torch.device):
+        f32, i64 = torch.float32, torch.int64
+        self.greedy = _Buffer(max_rows, torch.bool, device)
+        self.temperature = _Buffer(max_rows, f32, device)
+        self.top_k = _Buffer(max_rows, i64, device)
+        self.top_p = _Buffer(max_rows, f32, device)
+        self.min_p = _Buffer(max_rows, f32, device)
+        self.penalized_rows = _Buffer(max_rows, i64, device)
+        self.repetition = _Buffer(max_rows, f32, device)
+        self.frequency = _Buffer(max_rows, f32, device)
+        self.presence = _Buffer(max_rows, f32, device)
+
+    def nbytes(self) -> int:
+        return _nbytes(vars(self).values())
+
+    def fill(self, params: list[SamplingParams], vocab_size: int) -> SamplingTensors:
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        out = SamplingTensors(penalized=penalized)
+        if penalized:
+            out.penalized_rows = self.penalized_rows.fill(penalized)
+            out.repetition = self.repetition.fill([params[i].repetition_penalty for i in penalized])[:, None]
+            out.frequency = self.frequency.fill([params[i].frequency_penalty for i in penalized])[:, None]
+            out.presence = self.presence.fill([params[i].presence_penalty for i in penalized])[:, None]
+        sampled = [not p.greedy for p in params]
+        if not any(sampled):  # beam rows are greedy too: temperature 0, no filters
+            return out
+        out.greedy = self.greedy.fill([not s for s in sampled])
+        temperatures = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
+        if any(t != 1.0 for t in temperatures):  # a full pass over the vocabulary otherwise wasted
+            out.temperature = self.temperature.fill(temperatures)
+        top_k = [min(p.top_k, vocab_size) if s and p.top_k > 0 else vocab_size for p, s in zip(params, sampled)]
+        top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
+        if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
+            out.top_k, out.top_p = self.top_k.fill(top_k), self.top_p.fill(top_p)
+        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+        if any(m > 0.0 for m in min_p):
+            out.min_p = self.min_p.fill(min_p)
+        return out
+
+
+def _nbytes(buffers) -> int:
+    return sum(b.host.nbytes + (b.on_device.nbytes if b.on_device is not b.host else 0) for b in buffers)

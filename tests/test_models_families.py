@@ -1,7 +1,7 @@
 """Every registered family against transformers, on a tiny random checkpoint in float32: greedy
 token ids equal generate's (the near-tie rule) alone, and batched with staggered arrivals,
-chunked prefill, preemption and prefix-cache hits, on the torch and C++ backends; and alone and
-batched on the Triton backend (its kernels under the interpreter on CPU)."""
+chunked prefill, preemption and prefix-cache hits, on the torch, C++ and Triton backends (the
+Triton kernels under the interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -158,12 +158,16 @@ def test_every_registered_architecture_has_a_case():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
     """The Triton kernels (under the interpreter on CPU: attention with its window and soft-cap
-    variants, the fused MoE) through prefill chunks and decodes."""
+    variants, the fused MoE) through prefill chunks and decodes, a preemption and a prefix hit."""
     pytest.importorskip("triton")
     entry = family(name)
-    engine = LLMEngine(model=entry[0], num_kv_blocks=32, max_num_batched_tokens=16, attention_backend="triton")
+    # 3 blocks of 16 for prompts of 22 and 5 tokens + 12: the second is preempted and recomputed.
+    engine = LLMEngine(model=entry[0], num_kv_blocks=3, max_num_batched_tokens=16, attention_backend="triton")
     assert engine.runner.backend.name == "triton"
     check(entry, run(engine, PROMPTS[:2], every=1))
+    assert engine.scheduler.num_preemptions > 0
+    check(entry, run(engine, PROMPTS[:1], every=1))  # alone, its first block cached by the run above
+    assert engine.block_manager.prefix_hits > 0
 
 
 def test_a_rope_type_that_depends_on_the_batch_is_refused_naming_the_field(tmp_path):

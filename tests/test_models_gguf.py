@@ -1,9 +1,11 @@
-"""GGUF files of the new families load through transformers' GGUF reader: a tiny Qwen3 written
-with the gguf package's writer (tokenizer copied from the default model's GGUF) generates the
+"""GGUF files of the new families load through transformers' GGUF reader: a tiny checkpoint of
+each family whose architecture the reader supports, written with the gguf package's writer
+(gguf's own tensor-name map; the tokenizer copied from the default model's GGUF), generates the
 same greedy tokens as the same weights loaded from safetensors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,29 +13,40 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.loader import default_gguf_path
+from engine.model_files import moe_sizes_from_gguf_tensors
 from tests.model_factories import make_tiny_checkpoint
+from tests.test_models_families import FAMILIES, MOE
 
 gguf = pytest.importorskip("gguf")
 
-# Hugging Face name (after "model.") -> GGUF name, per layer where it has {i}.
-NAMES = {
-    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-    "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
-    "layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
-    "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-}
+# transformers model_type -> gguf architecture
+ARCHITECTURES = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "phi3": "PHI3", "gemma2": "GEMMA2",
+                 "gemma3_text": "GEMMA3"}
+_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
-def add_default_tokenizer(writer) -> None:
-    """The default model's tokenizer (the tiny checkpoints' vocabulary), copied from its GGUF."""
+def start_gguf(config, out: Path):
+    """A GGUF writer holding the config's metadata (as llama.cpp's converter writes it) and the
+    default model's tokenizer; returns it and gguf's tensor-name map for the architecture."""
+    arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.model_type])
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if getattr(config, "num_experts", None):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
     source = gguf.GGUFReader(str(default_gguf_path()))
     for key, field in source.fields.items():
         if key.startswith("tokenizer.ggml."):
@@ -46,30 +59,18 @@ def add_default_tokenizer(writer) -> None:
                 writer.add_bool(key, value)
             else:
                 writer.add_uint32(key, int(value))
+    return writer, gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
-def start_gguf(config, out: Path, arch: str):
-    """A GGUF writer holding a Qwen3-shaped config's metadata and the default tokenizer."""
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    add_default_tokenizer(writer)
-    return writer
-
-
-def gguf_name(hf_name: str, names: dict = NAMES) -> str:
-    parts = hf_name.removeprefix("model.").split(".")
-    key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else ".".join(parts)
-    return names[key].format(i=parts[1] if parts[0] == "layers" else "")
+def add_float_tensors(writer, names, config, weights: dict[str, torch.Tensor]) -> None:
+    """Hugging Face tensors under their GGUF names, in float32; Gemma's norms stored as 1 + weight."""
+    for hf_name, tensor in sorted(weights.items()):
+        base, _, suffix = hf_name.rpartition(".")
+        if config.model_type.startswith("gemma") and base.endswith("norm"):
+            tensor = tensor + 1
+        if base.endswith("shared_expert_gate"):  # a vector in the file, [1, hidden] in the model
+            tensor = tensor[0]
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", tensor.float().numpy())
 
 
 def finish_gguf(writer) -> None:
@@ -79,26 +80,67 @@ def finish_gguf(writer) -> None:
     writer.close()
 
 
-def write_qwen3_gguf(checkpoint: str, out: Path) -> None:
+def write_gguf(checkpoint: str, out: Path) -> None:
+    """The checkpoint as llama.cpp's converter lays it out: experts stacked per projection."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    writer = start_gguf(AutoConfig.from_pretrained(checkpoint), out, "qwen3")
+    config = AutoConfig.from_pretrained(checkpoint)
+    writer, names = start_gguf(config, out)
     weights = load_file(str(Path(checkpoint) / "model.safetensors"))
-    for hf_name, tensor in sorted(weights.items()):
-        writer.add_tensor(gguf_name(hf_name), tensor.float().numpy())
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name in [n for n in weights if _EXPERT.match(n)]:
+        prefix, expert, proj = _EXPERT.match(name).groups()
+        experts.setdefault(f"{prefix}.{proj}.weight", {})[int(expert)] = weights.pop(name)
+    weights.update({name: torch.stack([w[e] for e in sorted(w)]) for name, w in experts.items()})
+    add_float_tensors(writer, names, config, weights)
     finish_gguf(writer)
 
 
-@pytest.mark.slow  # transformers parses the GGUF's 49152-token vocabulary: ~30-70 s here
-def test_a_qwen3_gguf_generates_what_its_safetensors_do(tmp_path, monkeypatch):
+# What transformers' GGUF reader can say of each family: settings it maps no GGUF key to are left
+# at its config defaults (Gemma's query scale and attention soft-cap, Gemma 3's layer pattern and
+# per-layer rope, Phi-3's longrope and partial rotary), so the checkpoints use those values.
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=256, sliding_window=8)
+CASES = {
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(FAMILIES["qwen3-moe"][1])),  # experts of a size the reader does not map
+    # A shared expert beside them (no dense layers: the GGUF layout has none).
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=4, shared_expert_intermediate_size=64, **MOE)),
+    "phi3": ("Phi3Config", {}),  # fused qkv and gate_up
+    "gemma2": ("Gemma2Config", dict(GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                    layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", dict(GEMMA, layer_types=["sliding_attention", "sliding_attention"])),
+}
+
+
+@pytest.mark.slow  # transformers parses each GGUF's 49152-token vocabulary: ~30-70 s a family here
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_family_gguf_generates_what_its_safetensors_do(tmp_path, monkeypatch, name):
     monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))
-    checkpoint = make_tiny_checkpoint(tmp_path, "Qwen3Config", tie_word_embeddings=True)
-    path = tmp_path / "tiny-qwen3.gguf"
-    write_qwen3_gguf(checkpoint, path)
+    config_class, overrides = CASES[name]
+    checkpoint = make_tiny_checkpoint(tmp_path, config_class, **overrides)
+    path = tmp_path / f"tiny-{name}.gguf"
+    write_gguf(checkpoint, path)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = ["Hello, my name is", "The capital of France is"]
-    from_gguf = LLM(str(path), num_kv_blocks=32, dtype="float32").generate(prompts, params, use_tqdm=False)
     from_safetensors = LLM(checkpoint, num_kv_blocks=32, dtype="float32").generate(prompts, params, use_tqdm=False)
-    assert [o.prompt_token_ids for o in from_gguf] == [o.prompt_token_ids for o in from_safetensors]
+    # Token ids in: transformers reads a Gemma GGUF's tokenizer as Gemma's, which the borrowed
+    # GPT-2-style vocabulary is not (the default model's tests cover the GGUF tokenizer).
+    token_ids = [o.prompt_token_ids for o in from_safetensors]
+    from_gguf = LLM(str(path), num_kv_blocks=32, dtype="float32").generate(token_ids, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in from_gguf] == [o.outputs[0].token_ids for o in from_safetensors]
+
+
+def test_moe_sizes_the_gguf_reader_leaves_at_their_defaults_come_from_the_tensors():
+    """transformers' reader returns experts stacked (experts.down_proj [E, H, I]) and maps no key to
+    the expert or shared-expert width: both follow the tensors (the stacked layout itself loads as
+    it is, tests/test_quant_moe.py)."""
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig()
+    prefix = "model.layers.1.mlp"
+    moe_sizes_from_gguf_tensors(config, {f"{prefix}.experts.gate_up_proj": torch.randn(3, 2 * 5, 4),
+                                         f"{prefix}.experts.down_proj": torch.randn(3, 4, 5),
+                                         f"{prefix}.shared_expert.down_proj.weight": torch.randn(4, 7),
+                                         "model.norm.weight": torch.randn(4)})
+    assert (config.moe_intermediate_size, config.shared_expert_intermediate_size) == (5, 7)

@@ -321,12 +321,10 @@ def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from tests.test_models_gguf import NAMES, finish_gguf, gguf_name, start_gguf
+    from tests.test_models_gguf import add_float_tensors, finish_gguf, start_gguf
 
     config = AutoConfig.from_pretrained(checkpoint)
-    writer = start_gguf(config, out, "qwen3moe")
-    writer.add_expert_count(config.num_experts)
-    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer, names = start_gguf(config, out)
     weights = load_file(str(Path(checkpoint) / "model.safetensors"))
     for layer in range(config.num_hidden_layers):
         for name, part in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
@@ -334,9 +332,7 @@ def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
                                    for e in range(config.num_experts)]).numpy()
             qtype = gguf.GGMLQuantizationType[expert_types[name]]
             writer.add_tensor(f"blk.{layer}.{name}.weight", gguf.quants.quantize(stacked, qtype), raw_dtype=qtype)
-    names = {**NAMES, "layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}  # the router
-    for hf_name, tensor in sorted(weights.items()):
-        writer.add_tensor(gguf_name(hf_name, names), tensor.float().numpy())
+    add_float_tensors(writer, names, config, weights)
     finish_gguf(writer)
 
 
@@ -349,10 +345,8 @@ def test_a_qwen3_moe_gguf_in_int4_keeps_its_expert_blocks_and_generates_as_its_d
     from engine.models.base import CausalLM
 
     monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))
-    # moe_intermediate_size 768: transformers' GGUF reader leaves Qwen3-MoE's default (the file's
-    # expert_feed_forward_length is not read).
     checkpoint = make_tiny_checkpoint(tmp_path, "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
-                                      moe_intermediate_size=768, norm_topk_prob=True, tie_word_embeddings=True)
+                                      moe_intermediate_size=96, norm_topk_prob=True, tie_word_embeddings=True)
     path = tmp_path / "tiny-qwen3-moe.gguf"
     write_qwen3_moe_gguf(checkpoint, path, {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q4_0", "ffn_down_exps": "Q4_1"})
     read = []

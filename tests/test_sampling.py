@@ -8,6 +8,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.sampler import SampleResult, Sampler
 from engine.sequence import Sequence
+from engine.step_inputs import SamplingTensors
 from engine.outputs import RequestMetrics
 from tests.helpers import load_hf_reference
 
@@ -31,9 +32,15 @@ def draw_many(params: SamplingParams, logits: torch.Tensor, n: int = 4000) -> to
     return torch.tensor(sampler(logits.expand(n, -1).clone(), seqs).token_ids)
 
 
+def processed(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits after every processor, as the sampler draws from them."""
+    sampler = Sampler(VOCAB, eos_token_ids=[0])
+    return sampler._apply_processors(logits.clone(), seqs, sampler.buffers.fill([s.params for s in seqs], VOCAB))
+
+
 def kept_by_processors(params: SamplingParams, logits: torch.Tensor) -> set[int]:
     """The tokens the sampler's filters leave drawable (a finite logit) for one row."""
-    out = Sampler(VOCAB, eos_token_ids=[0])._apply_processors(logits[None].clone(), [make_seq(params)])[0]
+    out = processed(logits[None], [make_seq(params)])[0]
     return set(torch.nonzero(torch.isfinite(out)).flatten().tolist())
 
 
@@ -111,6 +118,67 @@ def test_each_token_is_drawn_with_its_probability_in_a_flat_distribution():
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), freq
 
 
+def test_sampled_rows_follow_their_distribution_and_greedy_rows_take_the_argmax_in_one_batch():
+    """Mixed batches: greedy rows (some with filters set, which greedy ignores) keep the argmax of
+    their own logits while the sampled rows beside them draw from their temperature-scaled and
+    filtered distributions, row by row."""
+    logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.5),
+             SamplingParams(temperature=0.0, top_k=2, min_p=0.3), SamplingParams(temperature=2.0, top_k=2)]
+    n = 4 * 6000
+    rows = logits.expand(n, -1).clone()
+    rows[2::4] = rows[2::4].flip(-1)  # the filtered greedy rows' argmax is the last token
+    drawn = torch.tensor(Sampler(VOCAB, eos_token_ids=[0])(rows, [make_seq(kinds[i % 4]) for i in range(n)]).token_ids)
+    assert set(drawn[0::4].tolist()) == {0} and set(drawn[2::4].tolist()) == {VOCAB - 1}
+    for kind, temperature, kept in ((1, 0.5, 3), (3, 2.0, 2)):
+        freq = torch.bincount(drawn[kind::4], minlength=VOCAB)[:3].float() / (n // 4)
+        expected = torch.zeros(3)
+        expected[:kept] = (logits[:kept] / temperature).softmax(-1)
+        assert torch.allclose(freq, expected, atol=0.025), (kind, freq, expected)
+
+
+def test_sampling_parameters_are_copied_into_the_same_buffers_every_step(llm):
+    """A sampled step allocates no tensor for its parameters: each one's step tensor is a view of
+    one persistent buffer, at the same address over steps whose batches differ in size and in
+    which parameters they use; and a step fills only what its rows need."""
+    sampler = llm.engine.runner.sampler
+    fill = sampler.buffers.fill
+    steps: list[tuple[int, dict[str, int]]] = []
+
+    def recording_fill(params, vocab_size):
+        tensors = fill(params, vocab_size)
+        used = {name: t.data_ptr() for name, t in vars(tensors).items() if isinstance(t, torch.Tensor)}
+        steps.append((len(params), used))
+        return tensors
+
+    sampler.buffers.fill = recording_fill
+    try:
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+            SamplingParams(temperature=0.8, top_k=5, max_tokens=9, ignore_eos=True),
+            SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.2, max_tokens=6, ignore_eos=True),
+            SamplingParams(temperature=0.0, presence_penalty=0.5, max_tokens=12, ignore_eos=True),
+        ]
+        llm.generate(["one", "two two", "three three three", "four"], params, use_tqdm=False)
+    finally:
+        del sampler.buffers.fill
+    assert len({rows for rows, _ in steps}) > 2  # the batch shrank as requests finished
+    addresses: dict[str, set[int]] = {}
+    for _, used in steps:
+        for name, ptr in used.items():
+            addresses.setdefault(name, set()).add(ptr)
+    assert set(addresses) == {"greedy", "temperature", "top_k", "top_p", "min_p", "penalized_rows",
+                              "repetition", "frequency", "presence"}
+    assert addresses == {name: {getattr(sampler.buffers, name).on_device.data_ptr()} for name in addresses}
+    # The last steps run the greedy, penalized request alone: penalties only, no sampling tensors.
+    assert steps[-1] == (1, {name: addresses[name].pop() for name in ("penalized_rows", "repetition", "frequency", "presence")})
+
+
+def test_a_greedy_batch_fills_no_sampling_buffer():
+    params = [SamplingParams(temperature=0.0, top_k=3), SamplingParams(use_beam_search=True, best_of=2, temperature=0.0)]
+    assert vars(Sampler(VOCAB, [0]).buffers.fill(params, VOCAB)) == vars(SamplingTensors())
+
+
 def test_penalties_and_logit_bias_change_logits_exactly_as_defined():
     torch.manual_seed(0)
     logits = torch.randn(VOCAB) * 3
@@ -118,7 +186,7 @@ def test_penalties_and_logit_bias_change_logits_exactly_as_defined():
     params = SamplingParams(
         temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={9: 5.0}
     )
-    got = Sampler(VOCAB, [0])._apply_processors(logits[None].clone(), [make_seq(params, prompt, output)])[0]
+    got = processed(logits[None], [make_seq(params, prompt, output)])[0]
     want = logits.clone()
     want[9] += 5.0
     for token in {4, 5, 6, 7}:  # prompt or output: repetition penalty
@@ -136,7 +204,7 @@ def test_repetition_penalty_divides_positive_logits_below_one_and_counts_tokens_
     logits[[10, 11, 12, 13]] = torch.tensor([0.5, 0.8, -0.5, 0.9])
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
     # 10 in the prompt, 11 and 12 generated once each (not in the prompt), 13 never seen.
-    got = Sampler(VOCAB, [0])._apply_processors(logits[None].clone(), [make_seq(params, prompt=[10], output=[11, 12])])[0]
+    got = processed(logits[None], [make_seq(params, prompt=[10], output=[11, 12])])[0]
     want = logits.clone()
     want[[10, 11, 12]] = torch.tensor([0.25, 0.4, -1.0])
     assert torch.equal(got, want)
