@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
+from engine.layers.quant import AMX_MIN_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -83,9 +83,9 @@ def _amx_reference(layer: Linear, q: QuantizedWeight, x: torch.Tensor) -> torch.
 @pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
 def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows):
-    """The kernel itself at every row count (the layer sends few rows to PyTorch's op), on
-    shapes that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106,
-    not a multiple of its 32-column conversion steps either)."""
+    """The kernel itself at every row count (the layer sends few rows to another), on shapes
+    that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106, not a
+    multiple of 16 either); int8's few-row loop likewise at every row count."""
     gen = torch.Generator().manual_seed(rows + group)
     cols = 106 if method == "int8" else 384
     weight = torch.randn(100, cols, generator=gen).bfloat16()  # what the layer quantizes
@@ -96,13 +96,14 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
     ops = amx_kernels()
     with torch.inference_mode():
         if method == "int8":
-            out = ops.int8_mm_amx(x, packed.qweight, packed.scales)
+            outs = [ops.int8_mm_amx(x, packed.qweight, packed.scales, 100), ops.int8_mm_rows(x, packed.qweight, packed.scales, 100)]
         else:
-            out = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)
-    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+            outs = [ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)]
     expected = _amx_reference(packed, q, x)
-    # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
-    assert (out.float() - expected).norm() / expected.norm() < 3e-3
+    for out in outs:
+        assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+        # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
+        assert (out.float() - expected).norm() / expected.norm() < 3e-3
 
 
 @needs_amx
@@ -116,17 +117,20 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            for rows in (1, AMX_MIN_ROWS - 1, AMX_MIN_ROWS, 40):
+            threshold = INT8_AMX_MIN_ROWS if method == "int8" else AMX_MIN_ROWS
+            for rows in (1, threshold - 1, threshold, 40):
                 x = torch.randn(rows, 96, generator=gen).bfloat16()
-                if method == "int8":
-                    amx, theirs = ops.int8_mm_amx(x, packed.qweight, packed.scales), torch.ops.aten._weight_int8pack_mm(
-                        x, packed.qweight, packed.scales)
+                if method == "int8":  # few rows: its own loop over the same codes; PyTorch's op as a second opinion
+                    amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
+                    few = ops.int8_mm_rows(x, packed.qweight, packed.scales, 200)
+                    theirs = torch.ops.aten._weight_int8pack_mm(x, packed.int8_rows().contiguous(), packed.scales)
                 else:
                     amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
-                    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
-                assert torch.equal(layer(x), amx if rows >= AMX_MIN_ROWS else theirs), rows
-                # Both compute the same product: within bfloat16 rounding of each other.
-                assert (amx.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
+                    few = theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
+                assert torch.equal(layer(x), amx if rows >= threshold else few), rows
+                # All compute the same product: within bfloat16 rounding of each other.
+                for ours in (amx, few):
+                    assert (ours.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
     finally:
         torch.set_num_threads(threads)
 
