@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from engine.layers.quant import QuantizedWeight
+from engine.layers.quant import QuantizedWeight, amx_kernels
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all
 
@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 # Projections, and the token embedding (engine/layers/embedding.py keeps an untied one's codes).
 _PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|embed_tokens)\.weight$")
+# A decoder block's dense projections, by their GGUF names.
+_BLOCK_PROJECTION = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+# Block types that are int4 group-32 codes as they are.
+INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def _halves(raw: torch.Tensor) -> torch.Tensor:
@@ -123,3 +127,29 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
         kept[tensor.tensor_type.name] += 1
         yield hf_name, q
     logger.info("%s: tensors read from GGUF blocks / from the float copy: %s", source.path, dict(kept))
+
+
+def block_projection_types(path: str) -> Counter:
+    """How many of the GGUF's decoder-block projections are stored in each type (Q4_1: 210)."""
+    import gguf
+
+    return Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if _BLOCK_PROJECTION.match(t.name))
+
+
+def auto_quantization(config, source) -> tuple[str | None, str]:
+    """What quantization="auto" is for this model on this machine, and why (for the log): int4
+    on the file's own codes for a GGUF whose projections are all Q4_0/Q4_1/Q4_K, run on CPU in
+    bfloat16 where the AMX int4 kernels are (there it measured 1.2-1.3x bfloat16's tokens/s at 16
+    concurrent sequences, 1.7-1.8x at one: bench/bench_quant.py); else None, weights in dtype."""
+    if not source.path.lower().endswith(".gguf"):
+        return None, "not a GGUF: a float checkpoint stays float unless quantization is set"
+    if config.device != "cpu":
+        return None, f"int4 is the default on CPU only, not {config.device}"
+    if config.torch_dtype(source.checkpoint_dtype) != torch.bfloat16:
+        return None, "activations are not bfloat16 (dtype float32, or no native bfloat16 on this CPU)"
+    if amx_kernels() is None:
+        return None, "this CPU has no AMX int4 kernels, where int4 is slower than bfloat16 from 16 rows up"
+    types = block_projection_types(source.path)
+    if not types or set(types) - set(INT4_BLOCK_TYPES):
+        return None, f"the file's projections are {dict(types)}, not all 4-bit blocks (Q4_0/Q4_1/Q4_K)"
+    return "int4", f"the file's projections are 4-bit blocks ({dict(types)}), kept as they are, on AMX"
