@@ -111,7 +111,7 @@ def test_an_untied_tables_grouped_rows_are_its_codes_dequantized_exactly(bits, g
 def test_embedding_quantization_is_a_validated_setting():
     assert EngineConfig(quantization="int4").embedding_quantization_method == "int8"
     assert EngineConfig(quantization="int4", embedding_quantization="none").embedding_quantization_method is None
-    assert EngineConfig().embedding_quantization_method is None  # nothing quantized without `quantization`
+    assert EngineConfig(quantization="none").embedding_quantization_method is None  # nothing quantized without `quantization`
     with pytest.raises(ValueError, match="embedding_quantization"):
         EngineConfig(quantization="int4", embedding_quantization="int4")
     from bento_llm.settings import load_settings
