@@ -11,6 +11,7 @@ time at one thread (robust on a shared machine), wall time otherwise. Reported: 
 microseconds per layer and each format's time relative to it (below 1 is faster):
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp on the same codes (AMX-BF16 CPUs only)
+- int8 rows: its AVX-512 few-row loop over the same codes as int8 AMX
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp)
 """
@@ -41,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 layer", "w8a8"]
+    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 rows", "int8 layer", "w8a8"]
     print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
           f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}\n")
     print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
@@ -51,6 +52,7 @@ def main() -> None:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
         int4 = [PackedQuantizedWeight(quantize_int4(w, 32), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
+        int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
         w8a8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
                 for w in weights] if ops is not None and ops.amx_int8_supported() else []
         for rows in [int(r) for r in args.rows.split(",")]:
@@ -59,12 +61,13 @@ def main() -> None:
                 "bfloat16": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
                 "int4 torch": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.qweight, 32, q.scales) for q in int4],
                 "int4 layer": lambda: [q(x) for q in int4],
-                "int8 torch": lambda: [torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scales) for q in int8],
+                "int8 torch": lambda: [torch.ops.aten._weight_int8pack_mm(x, c, q.scales) for c, q in zip(int8_rows, int8)],
                 "int8 layer": lambda: [q(x) for q in int8],
             }
             if ops is not None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, 32, n) for q in int4]
-                runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales) for q in int8]
+                runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
+                runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
             best = dict.fromkeys(runs, float("inf"))

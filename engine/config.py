@@ -53,8 +53,10 @@ class EngineConfig:
     # None (or "none"): weights in dtype. "int8": one scale per output row. "int4": affine
     # groups of quantization_group_size input columns; a GGUF's Q4_0/Q4_1/Q4_K tensors load
     # as they are (group 32). Norms stay in dtype; the embedding and LM head follow
-    # embedding_quantization.
-    quantization: str | None = None
+    # embedding_quantization. "auto" (resolved when the model loads, logged, see
+    # engine/gguf_weights.py auto_quantization): int4 for a GGUF whose projections are all 4-bit
+    # blocks, on CPU in bfloat16 with the AMX int4 kernels, where it measures faster; else None.
+    quantization: str | None = "auto"
     quantization_group_size: int = 32
     # With quantization set: the embedding and LM head in int8 rows even under int4 (the head
     # decides every token, as llama.cpp's Q4_K_M keeps them at higher precision), or "none".
@@ -109,9 +111,9 @@ class EngineConfig:
             )
         if self.quantization in ("none", ""):
             self.quantization = None
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+        if self.quantization is not None and self.quantization not in ("auto", *QUANTIZATIONS):
             raise ValueError(
-                f"EngineConfig.quantization must be None, 'none' or one of {QUANTIZATIONS}, got {self.quantization!r}"
+                f"EngineConfig.quantization must be 'auto', None, 'none' or one of {QUANTIZATIONS}, got {self.quantization!r}"
             )
         if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
             raise ValueError(
@@ -191,7 +193,10 @@ class EngineConfig:
 
     @property
     def embedding_quantization_method(self) -> str | None:
-        """How the embedding and LM head are stored: "int8", or None (in dtype)."""
+        """How the embedding and LM head are stored: "int8", or None (in dtype). After
+        quantization "auto" is resolved (engine/model_runner.py)."""
+        if self.quantization == "auto":
+            raise ValueError("EngineConfig.quantization 'auto' is resolved when the model loads")
         if self.quantization is None or self.embedding_quantization == "none":
             return None
         if self.embedding_quantization == "auto" and self.device.startswith("cuda"):

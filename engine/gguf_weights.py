@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from engine.layers.quant import QuantizedWeight
+from engine.layers.quant import QuantizedWeight, amx_kernels
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all
 
@@ -40,6 +40,10 @@ _PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down
 _STACKED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _EXPERT_PARTS = {"gate_up_proj": (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj")),
                  "down_proj": (("ffn_down_exps", "down_proj"),)}
+# A decoder block's projections (dense, or a MoE layer's stacked experts), by their GGUF names.
+_BLOCK_PROJECTION = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)(_exps)?\.weight$")
+# Block types that are int4 group-32 codes as they are.
+INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def _halves(raw: torch.Tensor) -> torch.Tensor:
@@ -160,3 +164,29 @@ def _expert_blocks(hf_name: str, stacked: re.Match, weight, tensors: dict, kept:
             kept[tensor.tensor_type.name] += 1
         for expert, block in enumerate(blocks):
             yield f"{prefix}{expert}.{part}.weight", block
+
+
+def block_projection_types(path: str) -> Counter:
+    """How many of the GGUF's decoder-block projections are stored in each type (Q4_1: 210)."""
+    import gguf
+
+    return Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if _BLOCK_PROJECTION.match(t.name))
+
+
+def auto_quantization(config, source) -> tuple[str | None, str]:
+    """What quantization="auto" is for this model on this machine, and why (for the log): int4
+    on the file's own codes for a GGUF whose projections are all Q4_0/Q4_1/Q4_K, run on CPU in
+    bfloat16 where the AMX int4 kernels are (there it measured 1.2-1.3x bfloat16's tokens/s at 16
+    concurrent sequences, 1.7-1.8x at one: bench/bench_quant.py); else None, weights in dtype."""
+    if not source.path.lower().endswith(".gguf"):
+        return None, "not a GGUF: a float checkpoint stays float unless quantization is set"
+    if config.device != "cpu":
+        return None, f"int4 is the default on CPU only, not {config.device}"
+    if config.torch_dtype(source.checkpoint_dtype) != torch.bfloat16:
+        return None, "activations are not bfloat16 (dtype float32, or no native bfloat16 on this CPU)"
+    if amx_kernels() is None:
+        return None, "this CPU has no AMX int4 kernels, where int4 is slower than bfloat16 from 16 rows up"
+    types = block_projection_types(source.path)
+    if not types or set(types) - set(INT4_BLOCK_TYPES):
+        return None, f"the file's projections are {dict(types)}, not all 4-bit blocks (Q4_0/Q4_1/Q4_K)"
+    return "int4", f"the file's projections are 4-bit blocks ({dict(types)}), kept as they are, on AMX"

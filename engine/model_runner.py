@@ -12,7 +12,7 @@ import torch
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig
 from engine.forward_context import AttentionMetadata, forward_context
-from engine.gguf_weights import weights_keeping_gguf_blocks
+from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.layers.linear import can_pack_for_cpu
 from engine.loader import ModelSource
 from engine.memory import resident_set_bytes, storage_bytes, weight_tensors
@@ -58,6 +58,9 @@ class ModelRunner:
     ):
         """parallel None: the whole model in this process; else this rank's shard of it."""
         self.config = config
+        if config.quantization == "auto":  # resolved here, where the file and the machine are known
+            config.quantization, why = auto_quantization(config, source)
+            logger.info("quantization=auto: %s, since %s", config.quantization or "none", why)
         self.dtype = config.torch_dtype(source.checkpoint_dtype)
         self.kv_dtype = config.kv_cache_torch_dtype(self.dtype)
         self.model_config = model_config

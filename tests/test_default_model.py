@@ -118,7 +118,7 @@ def first_tokens_equal(llm, baseline, n: int = 16) -> int:
 def test_bfloat16_stays_close_to_float32_transformers(reference):
     """bfloat16, the fast CPU dtype where AMX exists: each reference token's logprob stays
     within bfloat16's rounding and the argmax agrees almost everywhere."""
-    median, worst, agree = score(LLM(DEFAULT_MODEL, dtype="bfloat16", num_kv_blocks=256), reference)
+    median, worst, agree = score(LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", num_kv_blocks=256), reference)
     assert median < 0.05 and worst < 1.0, (median, worst)
     assert agree >= 0.9, agree
 
@@ -166,7 +166,7 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     # the same model: 2 of 8 for int8, measured 2 with the AMX int8 kernels and the int8 head
     # (3 with the head in bfloat16); int4 on the file's own codes: 5.
     bar = 4 if _onednn_packs_bfloat16() and quantization == "int4" else 2
-    assert first_tokens_equal(llm, LLM(DEFAULT_MODEL, dtype="bfloat16", num_kv_blocks=256)) >= bar
+    assert first_tokens_equal(llm, LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", num_kv_blocks=256)) >= bar
 
 
 def _has_amx_int8() -> bool:

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
+from engine.layers.quant import AMX_MIN_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -83,9 +83,9 @@ def _amx_reference(layer: Linear, q: QuantizedWeight, x: torch.Tensor) -> torch.
 @pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
 def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows):
-    """The kernel itself at every row count (the layer sends few rows to PyTorch's op), on
-    shapes that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106,
-    not a multiple of its 32-column conversion steps either)."""
+    """The kernel itself at every row count (the layer sends few rows to another), on shapes
+    that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106, not a
+    multiple of 16 either); int8's few-row loop likewise at every row count."""
     gen = torch.Generator().manual_seed(rows + group)
     cols = 106 if method == "int8" else 384
     weight = torch.randn(100, cols, generator=gen).bfloat16()  # what the layer quantizes
@@ -96,13 +96,14 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
     ops = amx_kernels()
     with torch.inference_mode():
         if method == "int8":
-            out = ops.int8_mm_amx(x, packed.qweight, packed.scales)
+            outs = [ops.int8_mm_amx(x, packed.qweight, packed.scales, 100), ops.int8_mm_rows(x, packed.qweight, packed.scales, 100)]
         else:
-            out = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)
-    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+            outs = [ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)]
     expected = _amx_reference(packed, q, x)
-    # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
-    assert (out.float() - expected).norm() / expected.norm() < 3e-3
+    for out in outs:
+        assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+        # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
+        assert (out.float() - expected).norm() / expected.norm() < 3e-3
 
 
 @needs_amx
@@ -116,17 +117,20 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            for rows in (1, AMX_MIN_ROWS - 1, AMX_MIN_ROWS, 40):
+            threshold = INT8_AMX_MIN_ROWS if method == "int8" else AMX_MIN_ROWS
+            for rows in (1, threshold - 1, threshold, 40):
                 x = torch.randn(rows, 96, generator=gen).bfloat16()
-                if method == "int8":
-                    amx, theirs = ops.int8_mm_amx(x, packed.qweight, packed.scales), torch.ops.aten._weight_int8pack_mm(
-                        x, packed.qweight, packed.scales)
+                if method == "int8":  # few rows: its own loop over the same codes; PyTorch's op as a second opinion
+                    amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
+                    few = ops.int8_mm_rows(x, packed.qweight, packed.scales, 200)
+                    theirs = torch.ops.aten._weight_int8pack_mm(x, packed.int8_rows().contiguous(), packed.scales)
                 else:
                     amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
-                    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
-                assert torch.equal(layer(x), amx if rows >= AMX_MIN_ROWS else theirs), rows
-                # Both compute the same product: within bfloat16 rounding of each other.
-                assert (amx.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
+                    few = theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
+                assert torch.equal(layer(x), amx if rows >= threshold else few), rows
+                # All compute the same product: within bfloat16 rounding of each other.
+                for ours in (amx, few):
+                    assert (ours.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
     finally:
         torch.set_num_threads(threads)
 
@@ -172,11 +176,11 @@ def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
 @pytest.mark.slow  # a fresh interpreter: about 10 s
 def test_without_avx512_the_quantized_layers_keep_pytorchs_ops():
     """ATEN_CPU_CAPABILITY=avx2 (as on an AVX2-only CPU): no AMX kernels, int4 packed in 16-row
-    multiples, and the layer still equals its dequantized weight."""
+    multiples, int8 in PyTorch's [N, K] rows, and the layers still equal their dequantized weights."""
     script = textwrap.dedent(
         """
         import torch
-        from engine.layers.quant import amx_kernels, quantize_int4
+        from engine.layers.quant import amx_kernels, quantize_int4, quantize_int8
         from tests.test_quant import quantized_layer
         weight = torch.randn(100, 128).bfloat16()
         layer = quantized_layer("int4", 32, weight, dtype=torch.bfloat16)
@@ -184,13 +188,17 @@ def test_without_avx512_the_quantized_layers_keep_pytorchs_ops():
         expected = x.float() @ quantize_int4(weight, 32).dequantize().t()
         error = (layer(x).float() - expected).norm() / expected.norm()
         print(amx_kernels() is None, layer.quantized.amx, tuple(layer.quantized.scales.shape), bool(error < 0.02))
+        int8 = quantized_layer("int8", 32, weight, dtype=torch.bfloat16)
+        expected = x.float() @ quantize_int8(weight).dequantize().t()
+        error = (int8(x).float() - expected).norm() / expected.norm()
+        print(int8.quantized.amx, tuple(int8.quantized.qweight.shape), bool(error < 0.02))
         """
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "False", "(4,", "112,", "2)", "True"]
+    assert done.stdout.split() == ["True", "False", "(4,", "112,", "2)", "True", "False", "(100,", "128)", "True"]
 
 
 def test_an_input_width_takes_the_largest_group_that_divides_it_or_stays_float():
@@ -266,7 +274,8 @@ def test_llama_q_and_k_rows_are_put_back_as_transformers_does():
 
 def test_quantization_settings_are_validated(monkeypatch):
     assert EngineConfig(quantization="none").quantization is None
-    with pytest.raises(ValueError, match="quantization"):
+    assert EngineConfig().quantization == "auto"  # resolved when the model loads (below)
+    with pytest.raises(ValueError, match="quantization must be 'auto', None, 'none' or one of"):
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):
         EngineConfig(quantization="int4", quantization_group_size=48)
@@ -278,6 +287,8 @@ def test_quantization_settings_are_validated(monkeypatch):
     settings = load_settings({"quantization": "int4"})
     config = settings.engine_config()
     assert (config.quantization, config.quantization_group_size) == ("int4", 128)
+    assert load_settings().engine_config().quantization == "auto"
+    assert load_settings({"quantization": "none"}).engine_config().quantization is None
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
@@ -302,5 +313,60 @@ def test_no_float_copy_of_a_packed_or_quantized_weight_stays_resident(tiny_path,
     memory = runner.memory
     assert memory["weights"] > 0 and memory["kv_cache"] == 16 * runner.bytes_per_block
     assert llm.engine.stats().resident_bytes == memory
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def write_gguf_projections(path, types: dict[str, str]) -> str:
+    """A GGUF holding only decoder-block projections (name -> block type): what
+    quantization="auto" reads to decide."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gen = np.random.default_rng(0)
+    for name, type_name in types.items():
+        qtype = gguf.GGMLQuantizationType[type_name]
+        data = gguf.quants.quantize(gen.standard_normal((4, 64), dtype=np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_with_the_amx_kernels(tmp_path, tiny_path):
+    """int4 on the file's own codes where every block projection is Q4_0/Q4_1/Q4_K, the device
+    is the CPU, activations are bfloat16 and the AMX int4 kernels run (there it measures
+    faster than bfloat16); in every other case the weights stay in dtype."""
+    from types import SimpleNamespace
+
+    from engine.config import cpu_has_native_bfloat16
+    from engine.gguf_weights import auto_quantization
+
+    four_bit = write_gguf_projections(tmp_path / "q4.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q4_1"})
+    mixed = write_gguf_projections(tmp_path / "mixed.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q8_0"})
+    gguf_source = lambda path: SimpleNamespace(path=path, checkpoint_dtype=None)  # noqa: E731  (what a GGUF ModelSource carries)
+    amx = amx_kernels() is not None and cpu_has_native_bfloat16()
+    choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(four_bit))
+    assert choice == ("int4" if amx else None), why
+    choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(mixed))
+    assert choice is None and ("Q8_0" in why if amx else True), why
+    for config in (EngineConfig(device="cpu", dtype="float32"), EngineConfig(device="cuda")):
+        assert auto_quantization(config, gguf_source(four_bit))[0] is None, config
+    safetensors = SimpleNamespace(path=str(tiny_path), checkpoint_dtype=torch.bfloat16)
+    assert auto_quantization(EngineConfig(device="cpu"), safetensors) == (
+        None, "not a GGUF: a float checkpoint stays float unless quantization is set")
+
+
+@needs_amx
+@pytest.mark.slow  # loads the default model: 15-35 s here
+def test_the_default_model_is_served_in_its_own_int4_by_default_on_amx_cpus():
+    from engine.config import DEFAULT_MODEL
+
+    llm = LLM(DEFAULT_MODEL, num_kv_blocks=16)
+    assert llm.engine.config.quantization == "int4"
+    model = llm.engine.runner.model_runner.model
+    packed = [m.quantized for m in model.modules() if isinstance(m, Linear) and not isinstance(m, ParallelLMHead)]
+    assert packed and all(q is not None and q.bits == 4 and q.group_size == 32 for q in packed)
+    assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix kept
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4

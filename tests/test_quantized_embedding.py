@@ -40,7 +40,7 @@ def test_a_quantized_lookup_returns_the_dequantized_tables_rows_exactly(dtype):
     weight = (torch.randn(1000, 96, generator=gen) * 0.05).to(dtype)
     embedding, _ = int8_embedding(weight, tied=True)
     assert embedding.weight is None and embedding.quantized.qweight.dtype == torch.int8
-    table = embedding.quantized.qweight.to(dtype) * embedding.quantized.scales[:, None]
+    table = embedding.quantized.int8_rows().to(dtype) * embedding.quantized.scales[:, None]
     ids = torch.randint(0, 1000, (300,), generator=gen)  # repeats too
     rows = embedding(ids)
     assert rows.dtype == dtype and torch.equal(rows, table[ids])
@@ -111,7 +111,7 @@ def test_an_untied_tables_grouped_rows_are_its_codes_dequantized_exactly(bits, g
 def test_embedding_quantization_is_a_validated_setting():
     assert EngineConfig(quantization="int4").embedding_quantization_method == "int8"
     assert EngineConfig(quantization="int4", embedding_quantization="none").embedding_quantization_method is None
-    assert EngineConfig().embedding_quantization_method is None  # nothing quantized without `quantization`
+    assert EngineConfig(quantization="none").embedding_quantization_method is None  # nothing quantized without `quantization`
     with pytest.raises(ValueError, match="embedding_quantization"):
         EngineConfig(quantization="int4", embedding_quantization="int4")
     from bento_llm.settings import load_settings
@@ -201,7 +201,7 @@ def test_the_default_models_q8_0_token_embd_becomes_its_int8_rows():
     llm = LLM(DEFAULT_MODEL, num_kv_blocks=16, quantization="int4", dtype="float32")
     embedding = llm.engine.runner.model_runner.model.embed_tokens
     q = quantize_int8(expected)
-    assert torch.equal(embedding.quantized.qweight, q.codes)
+    assert torch.equal(embedding.quantized.int8_rows(), q.codes)
     torch.testing.assert_close(embedding.quantized.scales, q.scale.reshape(-1), rtol=0, atol=0)
     # What the loader reads: the file's own Q8_0 codes (an untied table would keep them as they are).
     from engine.gguf_weights import weights_keeping_gguf_blocks

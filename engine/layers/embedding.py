@@ -78,8 +78,8 @@ class VocabParallelEmbedding(nn.Embedding):
             return self.grouped(token_ids)
         if self.quantized is None:
             return F.embedding(token_ids, self.weight)
-        codes, scales = self.quantized.qweight, self.quantized.scales
-        return codes[token_ids].to(scales.dtype) * scales[token_ids, None]
+        scales = self.quantized.scales
+        return self.quantized.int8_rows(token_ids).to(scales.dtype) * scales[token_ids, None]
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

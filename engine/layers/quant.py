@@ -6,10 +6,12 @@ own packed matmuls multiply with.
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
 - From a few rows up, on CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp
-  instead: the same codes, in the same layouts, dequantized tile by tile into AMX matmuls.
-  PyTorch's ops are vector loops, fastest at one row and 3-20x slower than packed bfloat16 from
-  16 rows up; the AMX ones cost 0.6-1.0x bfloat16's time at 1-64 rows for int4, 0.8-1.4x for
-  int8 (bench/bench_quant_matmul.py), so each row count takes the faster of the two.
+  instead: the same codes dequantized tile by tile into AMX matmuls. PyTorch's ops are vector
+  loops, 3-20x slower than packed bfloat16 from 16 rows up. int4 keeps PyTorch's layout (its op
+  reads it at memory speed for 1-4 rows, 0.3x bfloat16's time at one row); int8 has its own,
+  the tile's order, with our own few-row loop (0.4-0.5x bfloat16's time at 1-2 rows where
+  PyTorch's op took 0.6-0.9x). At 64 rows both cost about bfloat16's time
+  (bench/bench_quant_matmul.py).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. The activations' rounding costs
@@ -37,10 +39,13 @@ logger = logging.getLogger(__name__)
 # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
 # layout, which the AMX kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
-_AMX_INT4_ROW_MULTIPLE = 64  # and w8a8's
+_AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
 # one thread: both even at 4 rows, AMX ahead from 6).
 AMX_MIN_ROWS = 5
+# int8: from which its AMX kernel beats its few-row loop, int8_mm_rows (even at 3-4 rows, one
+# thread, at the default model's shapes).
+INT8_AMX_MIN_ROWS = 4
 
 
 @functools.cache
@@ -98,6 +103,12 @@ class QuantizedWeight:
         if self.bits == 8:
             return self.codes.float() * expand(self.scale)
         return (self.codes.float() - 8) * expand(self.scale) + expand(self.zero)
+
+
+def _pad_rows(codes: torch.Tensor, multiple: int) -> torch.Tensor:
+    """int8 codes with zero rows up to a multiple of `multiple` (exactly 0 outputs, sliced off)."""
+    pad = -codes.shape[0] % multiple
+    return torch.cat([codes, codes.new_zeros(pad, codes.shape[1])]) if pad else codes
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -175,11 +186,16 @@ class PackedQuantizedWeight(torch.nn.Module):
         self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and self.in_features % 2 == 0
                     and amx_kernels() is not None)
         if q.bits == 8:
-            # Scales in the activation dtype: the op requires it.
-            self.register_buffer("qweight", q.codes.to(device))
+            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/2][64][2] blocks,
+            # the order of the kernel's bfloat16 tile (input pairs side by side); else PyTorch's [N][K].
+            codes = q.codes
+            if self.amx:
+                codes = _pad_rows(codes, _AMX_ROW_MULTIPLE).reshape(-1, _AMX_ROW_MULTIPLE, self.in_features // 2, 2)
+                codes = codes.transpose(1, 2).contiguous()
+            self.register_buffer("qweight", codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
-        multiple = _AMX_INT4_ROW_MULTIPLE if self.amx else _INT4_ROW_MULTIPLE
+        multiple = _AMX_ROW_MULTIPLE if self.amx else _INT4_ROW_MULTIPLE
         rows = -(-self.out_features // multiple) * multiple
         codes, scale, zero = q.codes, q.scale, q.zero
         if rows != self.out_features:  # padding rows: code 8, scale 0, zero 0 -> exactly 0, sliced off
@@ -206,20 +222,34 @@ class PackedQuantizedWeight(torch.nn.Module):
             raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 and the C++ kernels (kernels/cpu_ops.py); "
                              "this machine has neither: use 'int8' or 'int4'")
         self.amx = True
-        pad = -self.out_features % _AMX_INT4_ROW_MULTIPLE
-        codes = torch.cat([q.codes, q.codes.new_zeros(pad, self.in_features)])
+        codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
         self.register_buffer("qweight", tiles)
-        self.register_buffer("scales", F.pad(q.scale.reshape(-1).float(), (0, pad)))
+        self.register_buffer("scales", F.pad(q.scale.reshape(-1).float(), (0, codes.shape[0] - self.out_features)))
+
+    def int8_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 codes of the output rows `index` (all when None), [rows, in_features], whatever
+        the layout: what a tied embedding gathers (int8 weight-only only)."""
+        if self.bits != 8 or self.w8a8:
+            raise ValueError("only int8 weight-only rows are gathered")
+        if not self.amx:
+            return self.qweight if index is None else self.qweight[index]
+        if index is None:
+            index = torch.arange(self.out_features, device=self.qweight.device)
+        return self.qweight[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
             y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features)
             return y.to(x.dtype)
+        if self.bits == 8 and self.amx:  # its own layout: every row count runs in quant_ops.cpp
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            ops = amx_kernels()
+            op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
+            y = op(rows, self.qweight, self.scales, self.out_features)
+            return y.to(x.dtype) if x.dim() == 2 else y.reshape(*x.shape[:-1], -1).to(x.dtype)
         x = x.contiguous()
         if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS:
-            if self.bits == 8:
-                return amx_kernels().int8_mm_amx(x, self.qweight, self.scales)
             return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
         if self.bits == 8:
             if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call

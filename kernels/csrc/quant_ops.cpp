@@ -4,21 +4,25 @@
 // bfloat16 x bfloat16 -> float32, AMX) and writes those 64 columns. Threads split the column
 // blocks. w8a8_mm_amx needs no conversion at all: it rounds the input to int8 per row and
 // multiplies it with int8 codes on AMX-INT8. Registered as torch.ops.bento_llm.int4_mm_amx /
-// int8_mm_amx / w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
+// int8_mm_amx / int8_mm_rows / w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py
+// builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 // are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
 // 3-20x slower than oneDNN's packed bfloat16 on AMX from 16 rows up. Converting a weight once
 // per call costs less than reading it in bfloat16 from memory, and AMX does the rest.
 //
-// Layouts are PyTorch's own, so one copy of the weight serves both its few-row kernels and these:
+// int4's layout is PyTorch's own, so one copy of the weight serves both its few-row kernel and
+// this one; int8 and w8a8 have their own (every row count runs here):
 // - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
 //   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
 //   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
 //   dequantized straight into the VNNI layout of brgemm's B operand ([K/2][64][2]).
-// - int8: [N][K] codes, one bfloat16 scale per output row (applied to the float32 result). Its
-//   rows are brgemm's A operand (a contiguous conversion; a B tile would need a transpose) and
-//   the input, packed once per call, its B.
+// - int8: [N/64][K/2][64][2] codes, brgemm's VNNI order (PyTorch's [N][K] would need a transpose
+//   per tile), zero rows padding N, one bfloat16 scale per output column applied to the float32
+//   result. A block widens exactly into its bfloat16 tile; for a few rows (int8_mm_rows) the codes are
+//   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
+//   bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
 //   arranges them at load), float32 scale per output row.
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
@@ -36,6 +40,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -59,8 +64,10 @@ std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
 
 // One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2]. Rows k and
 // k + 1 are byte-interleaved first (unpack), so each code pair (k, k + 1) of a column sits side by
-// side and the float results are already in VNNI order: 8 columns x 2 rows per 16 floats.
-BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const c10::BFloat16* scales_and_zeros,
+// side and the float results are already in VNNI order: 8 columns x 2 rows per 16 floats. The
+// next block's codes (next, or null) are prefetched to L2 on the way, so they arrive while AMX
+// multiplies this one.
+BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t* next, const c10::BFloat16* scales_and_zeros,
                                              int64_t n_padded, int64_t k_total, int64_t group, uint16_t* tile) {
   // scale and offset per column, each twice (both rows of a pair): [64 columns][2].
   alignas(64) float scale[kBlockN * 2], offset[kBlockN * 2];
@@ -74,6 +81,7 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const c10::BF
       offset[2 * j] = offset[2 * j + 1] = z - 8.0f * s;  // (code - 8) * s + z = code * s + (z - 8 s)
     }
     for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+      if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * 32), _MM_HINT_T1);
       const __m256i row0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
       const __m256i row1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (k + 1) * 32));
       // Bytes j of both rows side by side, per 128-bit lane: lo has j = 0-7 | 16-23, hi j = 8-15 | 24-31.
@@ -100,59 +108,33 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const c10::BF
   }
 }
 
-// Rows [n0, n0 + 64) of a row-major int8 weight [N][K] as bfloat16 rows [64][K] (exact: |code|
-// <= 128); rows past N are zeros.
-BENTO_AVX512_BF16 void int8_rows_to_bfloat16(const int8_t* codes, int64_t n0, int64_t n_total, int64_t k_total,
-                                             uint16_t* rows) {
-  for (int64_t j = 0; j < kBlockN; ++j) {
-    uint16_t* out = rows + j * k_total;
-    if (n0 + j >= n_total) {
-      std::fill(out, out + k_total, uint16_t{0});
-      continue;
-    }
-    const int8_t* in = codes + (n0 + j) * k_total;
-    for (int64_t k = 0; k < k_total; k += 32) {
-      const __mmask32 valid = k_total - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << (k_total - k)) - 1);
-      const __m256i c = _mm256_maskz_loadu_epi8(valid, in + k);
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
-      _mm512_mask_storeu_epi16(out + k, valid, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-    }
+// One block of 64 columns of an int8 weight into a bfloat16 VNNI tile [K/2][64][2], exactly
+// (|code| <= 128; the column scales are applied to the result). The codes are stored in the
+// tile's own order ([K/2][64][2]), so this is a straight widening: 16 codes -> 16 floats -> 16
+// bfloat16 values, no shuffles. The next block's codes are prefetched as int4's are.
+BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* next, int64_t k_total, uint16_t* tile) {
+  for (int64_t i = 0; i < k_total * kBlockN; i += 32) {
+    if (next && i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+    const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
+    const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16))));
+    _mm512_storeu_si512(tile + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
   }
 }
 
-// out[r, j] = result[j, r] * scale[j] for r < rows, j < columns, in bfloat16: a column of the
-// block's transposed result is gathered (from L1) per 16 outputs.
-BENTO_AVX512_BF16 void store_transposed(const float* result, int64_t rows, int64_t columns, const float* scale,
-                                        c10::BFloat16* out, int64_t out_stride) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t j = 0; j < columns; j += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
-    const __m512 s = _mm512_maskz_loadu_ps(mask, scale + j);
-    const __m512i index = _mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j))),
-                                             _mm512_set1_epi32(static_cast<int32_t>(rows)));
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, result + r, 4);
-      _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, s))));
-    }
-  }
+// 16 bfloat16 values (masked) as floats.
+BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// Input rows [0, rows) as brgemm's B operand: [K/2][rows][2] bfloat16, column pairs side by side.
-void pack_rows_vnni(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, uint16_t* out) {
-  const auto* in = reinterpret_cast<const uint32_t*>(x);
-  auto* pairs = reinterpret_cast<uint32_t*>(out);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t p = 0; p < k_total / 2; ++p) pairs[p * rows + r] = in[r * (lda / 2) + p];
-}
-
-// out[m, n0 + j] = result[m, j] for j < columns, in bfloat16.
-BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, c10::BFloat16* out,
-                                   int64_t out_stride) {
+// out[m, n0 + j] = result[m, j] (times scale[j] where there is one) for j < columns, in bfloat16.
+BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, const c10::BFloat16* scale,
+                                   c10::BFloat16* out, int64_t out_stride) {
   for (int64_t j = 0; j < columns; j += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 s = scale ? load_bfloat16(scale + j, mask) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_loadu_ps(result + m * kBlockN + j);
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(result + m * kBlockN + j), s);
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
@@ -183,7 +165,7 @@ std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t rows) {
 // The shared loop: each thread takes a run of 64-column blocks, fills the tile for one (fill),
 // multiplies all rows with it (brgemm) and stores.
 template <typename Fill>
-at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) {
+at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat16* column_scale, const Fill& fill) {
   const int64_t rows = x.size(0), k_total = x.size(1), lda = x.stride(0);
   at::Tensor out = at::empty({rows, n_total}, x.options());
   const auto* a = x.data_ptr<c10::BFloat16>();
@@ -199,7 +181,8 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) 
       for (const auto& [m, mb] : chunks) {
         at::native::cpublas::brgemm(mb, kBlockN, k_total, lda, kBlockN, kBlockN, false, a + m * lda,
                                     reinterpret_cast<const at::BFloat16*>(tile.get()), result.get());
-        store_block(result.get(), mb, columns, y + m * n_total + b * kBlockN, n_total);
+        store_block(result.get(), mb, columns, column_scale ? column_scale + b * kBlockN : nullptr,
+                    y + m * n_total + b * kBlockN, n_total);
       }
     }
     at::native::cpublas::brgemm_release();
@@ -225,50 +208,108 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
               "scales_and_zeros: [K / group, N, 2] bfloat16");
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return tiled_matmul(x, out_features, [&](int64_t b, uint16_t* tile) {
-    dequantize_int4_block(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size, tile);
+  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, uint16_t* tile) {
+    const int64_t block = k_total * 32;
+    dequantize_int4_block(codes + b * block, (b + 1) * kBlockN < n_padded ? codes + (b + 1) * block : nullptr,
+                          sz + b * kBlockN * 2, n_padded, k_total, group_size, tile);
   });
 }
 
-// x [M, K] bfloat16 @ int8 weight [N, K] with a bfloat16 scale per row -> [M, N]. The weight's
-// rows are brgemm's A here (converting a row is one contiguous pass; its codes are not in the
-// column pairs a B tile needs) and the input, packed once per call, its B: each 64-row block
-// computes result^T [64][rows], stored transposed with the row scales.
-at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  const int64_t n_total = codes.size(0), k_total = codes.size(1);
-  check_input(x, k_total);
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && k_total % 2 == 0 && x.stride(0) % 2 == 0,
-              "codes: [N, K] int8 with K even");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == n_total, "scales: [N] bfloat16");
-  const int64_t rows = x.size(0), lda = x.stride(0);
-  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
-  auto packed = aligned_buffer<uint16_t>(rows * k_total);  // chunk (m, mb) at m * K
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const auto [m, mb] = chunks[c];
-      pack_rows_vnni(x.data_ptr<c10::BFloat16>() + m * lda, lda, mb, k_total, packed.get() + m * k_total);
-    }
+void check_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.size(2) == kBlockN && packed.size(3) == 2 && out_features <= packed.size(0) * kBlockN,
+              "packed: [N/64, K/2, 64, 2] int8 codes");
+  check_input(x, packed.size(1) * 2);
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() >= out_features,
+              "scales: [N] bfloat16");
+}
+
+// x [M, K] bfloat16 @ int8 weight in 64-column blocks [N/64][K/2][64][2] (zero rows pad N) with a
+// bfloat16 scale per output column -> [M, out_features]: as int4, one block at a time converted
+// into brgemm's B tile, the scales applied to the float32 result.
+at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  check_int8(x, packed, scales, out_features);
+  const int64_t k_total = packed.size(1) * 2;
+  const auto* codes = packed.data_ptr<int8_t>();
+  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(), [&](int64_t b, uint16_t* tile) {
+    const int64_t block = k_total * kBlockN;
+    dequantize_int8_block(codes + b * block, b + 1 < packed.size(0) ? codes + (b + 1) * block : nullptr, k_total, tile);
   });
-  at::Tensor out = at::empty({rows, n_total}, x.options());
-  auto* y = out.data_ptr<c10::BFloat16>();
-  const at::Tensor row_scale = scales.contiguous().to(at::kFloat);
-  const float* s = row_scale.data_ptr<float>();
-  const auto* w = codes.data_ptr<int8_t>();
-  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    auto weight_rows = aligned_buffer<uint16_t>(kBlockN * k_total);
-    auto result = aligned_buffer<float>(kBlockN * std::min(rows, kMaxRows));
-    for (int64_t b = begin; b < end; ++b) {
-      int8_rows_to_bfloat16(w, b * kBlockN, n_total, k_total, weight_rows.get());
-      const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
-      for (const auto& [m, mb] : chunks) {
-        at::native::cpublas::brgemm(kBlockN, mb, k_total, k_total, mb, mb, false,
-                                    reinterpret_cast<const at::BFloat16*>(weight_rows.get()),
-                                    reinterpret_cast<const at::BFloat16*>(packed.get() + m * k_total), result.get());
-        store_transposed(result.get(), mb, columns, s + b * kBlockN, y + m * n_total + b * kBlockN, n_total);
+}
+
+// R rows of x (float32, [R][K]) times one 64-column block of int8 codes [K/2][64][2], V * 8
+// columns per pass (all 64 for 1-2 rows, 32 for 3-4: R * V + V registers): each 16-float vector
+// holds 8 columns x an input pair, multiplied by that pair of x (broadcast); the pairs are summed
+// once at the end. The next block's codes are prefetched meanwhile (next: null for none).
+template <int R, int V>
+BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const int8_t* codes, const int8_t* next,
+                                       const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out, int64_t out_stride) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t c0 = 0; c0 < columns; c0 += V * 8) {
+    __m512 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < k_total / 2; ++p) {
+      const int8_t* line = codes + p * kBlockN * 2 + c0 * 2;
+      if (next && c0 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + p * kBlockN * 2), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + p * kBlockN * 2 + 64), _MM_HINT_T0);
+      }
+      __m512 w[V];
+      for (int i = 0; i < V; ++i)
+        w[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i))));
+      for (int r = 0; r < R; ++r) {
+        double pair;
+        std::memcpy(&pair, x + r * k_total + 2 * p, sizeof(pair));
+        const __m512 v = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], v, acc[r][i]);
       }
     }
-    at::native::cpublas::brgemm_release();
+    for (int i = 0; i < V; i += 2) {  // columns c0 + 8 i + [0, 16)
+      const int64_t j = c0 + i * 8;
+      if (j >= columns) break;
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+      const __m512 s = load_bfloat16(scale + j, mask);
+      for (int r = 0; r < R; ++r) {
+        const __m512 sum = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][i], even, acc[r][i + 1]),
+                                         _mm512_permutex2var_ps(acc[r][i], odd, acc[r][i + 1]));
+        const __m256i bf16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(sum, s)));
+        _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, bf16);
+      }
+    }
+  }
+}
+
+// The same product for a few rows (a decode step), where reading the codes is the whole cost: no
+// conversion to a tile, one pass over each block of codes per 4 rows, threads split the blocks.
+at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  check_int8(x, packed, scales, out_features);
+  const int64_t rows = x.size(0), k_total = packed.size(1) * 2;
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  const float* a = x32.data_ptr<float>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
+      const int8_t* block = codes + b * k_total * kBlockN;
+      const int8_t* next = b + 1 < end ? block + k_total * kBlockN : nullptr;
+      for (int64_t m = 0; m < rows; m += 4) {
+        const float* xm = a + m * k_total;
+        c10::BFloat16* ym = y + m * out_features + n0;
+        const int8_t* ahead = m + 4 >= rows ? next : nullptr;  // once, on the last pass over this block
+        switch (std::min<int64_t>(4, rows - m)) {
+          case 1: int8_block_rows<1, 8>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
+          case 2: int8_block_rows<2, 8>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
+          case 3: int8_block_rows<3, 4>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
+          default: int8_block_rows<4, 4>(xm, k_total, block, ahead, s + n0, columns, ym, out_features);
+        }
+      }
+    }
   });
   return out;
 }
@@ -362,7 +403,8 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("amx_bf16_supported() -> bool", &amx_bf16_supported);
   m.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_amx);
-  m.def("int8_mm_amx(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_mm_amx);
+  m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
+  m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
   m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &w8a8_mm_amx);
 }
