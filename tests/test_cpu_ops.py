@@ -380,6 +380,35 @@ def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_pat
     assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
 
 
+@pytest.mark.slow  # a subprocess that compiles every C++ source for AVX2: about 1-2 minutes
+def test_the_kernels_build_and_run_for_an_avx2_only_cpu(gen, tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 builds the extension with -march=x86-64-v3, as on an AVX2-only CPU
+    (CI may get one): every source must compile there (AVX-512 code only inside functions that
+    carry their own target attribute), and attention equals the reference. A source that did not
+    build used to drop the whole C++ backend to torch, silently."""
+    k_cache, v_cache, tables, lens = paged_kv(gen, [40, 7], 16, 3, 64, torch.float32)
+    cu = torch.tensor([0, 5, 1]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), 9, 64, generator=gen)
+    inputs = tmp_path / "inputs.pt"
+    torch.save((query, k_cache, v_cache, tables, lens, cu), inputs)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+        from kernels import cpu_ops
+        args = torch.load({str(inputs)!r})
+        torch.save(cpu_ops.paged_attention(*args, 0.125), {str(tmp_path / "avx2.pt")!r})
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert_close(torch.load(tmp_path / "avx2.pt"), expected, torch.float32)
+
+
 # ---------------------------------------------------------------- the model's pointwise ops
 
 

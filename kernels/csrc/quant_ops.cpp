@@ -314,30 +314,37 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   return out;
 }
 
-// Each row of x [M, K] as int8 codes with one float32 scale (max |x| / 127, symmetric; codes
-// rounded to nearest even). K is a multiple of 4.
-BENTO_AVX512_BF16 void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes,
-                                     float* scales) {
-  const auto widen = [](const uint16_t* p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-  };
+// Sixteen bfloat16 values (masked) widened to float32.
+BENTO_AVX512_BF16 inline __m512 widen_bf16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
+// codes rounded to nearest even). A function of its own, not the parallel_for lambda's body: a
+// lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
+// fail to compile in an AVX2 build of this file.
+BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out) {
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+    max = _mm512_max_ps(max, _mm512_abs_ps(widen_bf16(in + k, mask)));
+  }
+  const float top = _mm512_reduce_max_ps(max);
+  const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+  *scale_out = scale;
+  const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(widen_bf16(in + k, mask), inverse));  // round to nearest even
+    _mm_mask_storeu_epi8(codes + k, mask, _mm512_cvtsepi32_epi8(q));
+  }
+}
+
+// Each row of x [M, K] as int8 codes with one float32 scale. K is a multiple of 4.
+void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes, float* scales) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const uint16_t* in = reinterpret_cast<const uint16_t*>(x + r * lda);
-      __m512 max = _mm512_setzero_ps();
-      for (int64_t k = 0; k < k_total; k += 16) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-        max = _mm512_max_ps(max, _mm512_abs_ps(widen(in + k, mask)));
-      }
-      const float top = _mm512_reduce_max_ps(max);
-      const float scale = top > 0.0f ? top / 127.0f : 1.0f;
-      scales[r] = scale;
-      const __m512 inverse = _mm512_set1_ps(1.0f / scale);
-      for (int64_t k = 0; k < k_total; k += 16) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(widen(in + k, mask), inverse));  // round to nearest even
-        _mm_mask_storeu_epi8(codes + r * k_total + k, mask, _mm512_cvtsepi32_epi8(q));
-      }
+      quantize_row(reinterpret_cast<const uint16_t*>(x + r * lda), k_total, codes + r * k_total, scales + r);
     }
   });
 }
