@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per sequence in the decode runs")
     parser.add_argument("--prompt-len", type=int, default=2000, help="tokens of the TTFT prompt")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    parser.add_argument("--quantization", default="none",
+                        help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
+                             "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 10
@@ -150,7 +153,7 @@ def main() -> None:
 
     from engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=64)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads, max_num_seqs=64)
     engine = llm.engine
     runner = engine.runner.model_runner
     model, dtype = runner.model, runner.dtype

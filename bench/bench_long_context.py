@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-tokens", type=int, default=50)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="the scheduler's token budget (default: the engine's)")
+    p.add_argument("--quantization", default="none",
+                   help="weights in --dtype by default here (attention is what this measures); 'auto' is the engine's default")
     p.add_argument("--quick", action="store_true", help="lengths 256 and 1024, batches 1 and 4, a 1024-token document")
     args = p.parse_args(argv)
     if args.quick:
@@ -174,6 +176,7 @@ def run_backend(args, backend: str, gen: torch.Generator, limits: dict, label: s
 
     longest = max(args.lengths + [args.doc_tokens + args.question_tokens])
     extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    extra["quantization"] = args.quantization
     llm = LLM(args.model, attention_backend=backend, dtype=args.dtype, num_threads=args.threads,
               enable_prefix_caching=False, max_model_len=longest + args.decode_steps + 8,
               kv_cache_memory_bytes=KV_BYTES, **extra)

@@ -212,7 +212,8 @@ class EngineConfig:
             # native bfloat16 matmuls, float32 elsewhere (emulated bfloat16 is far slower).
             # Quantized weights: the packed int4/int8 matmuls run float32 activations through a
             # scalar path 10-200x slower than bfloat16 (measured), so bfloat16 wherever it is native.
-            if (checkpoint_dtype != torch.float32 or self.quantization) and cpu_has_native_bfloat16():
+            quantized = self.quantization not in (None, "auto")  # auto: int4 only for a GGUF (None here)
+            if (checkpoint_dtype != torch.float32 or quantized) and cpu_has_native_bfloat16():
                 return torch.bfloat16
             return torch.float32
         if self.quantization == "int4":
