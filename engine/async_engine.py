@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import ctypes
 import logging
 import queue
 import threading
@@ -51,6 +53,14 @@ class _Stream:
             await self.waiter
         item, self.item = self.item, None
         return item
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread its name in the OS too (top -H, /proc/<pid>/task/*/comm, perf):
+    Python keeps thread names to itself. OpenMP workers started from this thread inherit it, so
+    a step's CPU time shows as one group of threads. Linux only; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):  # no prctl (not Linux)
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME: 15 bytes at most
 
 
 def _push_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
@@ -166,6 +176,7 @@ class AsyncEngine:
 
     # ---- the loop thread ---------------------------------------------------------------------
     def _build_and_loop(self, config, kwargs: dict, built: threading.Event, failure: list) -> None:
+        _name_os_thread(self._thread.name)
         try:
             self.engine = LLMEngine(config, **kwargs)
         except BaseException as e:  # raised again by __init__, in the caller's thread
