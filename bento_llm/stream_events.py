@@ -19,7 +19,23 @@ ChatLogprobs = Callable[[Any, int], dict[str, Any] | None]
 CompletionLogprobs = Callable[[Any, int, int], dict[str, Any] | None]
 
 
-async def completion_events(
+async def _joined(job: Job, buffered: bool, render: Callable[[int, Any], list[str]], usage: Callable[[], str | None]) -> AsyncIterator[str]:
+    """One write per output: `render(prompt index, output)`'s events joined; the last output's
+    go out with `usage()` (None: not asked for) and [DONE]."""
+    last: list[str] = []
+    async for i, output in job.outputs():
+        if buffered and not output.finished:
+            continue
+        parts = render(i, output)
+        if len(job.finished) == len(job.streams):
+            last = parts
+        elif parts:
+            yield "".join(parts)
+    final = usage()
+    yield "".join([*last, *([final] if final is not None else []), DONE])
+
+
+def completion_events(
     job: Job, chunks: ChunkEvents, n: int, echoes: list[str], buffered: bool, logprobs_of: CompletionLogprobs,
     prompt_tokens: int, include_usage: bool,
 ) -> AsyncIterator[str]:
@@ -29,10 +45,9 @@ async def completion_events(
     offsets: dict[int, int] = {}
     done: set[int] = set()
     completion_tokens = 0
-    last: list[str] = []
-    async for i, output in job.outputs():
-        if buffered and not output.finished:
-            continue
+
+    def render(i: int, output: Any) -> list[str]:
+        nonlocal completion_tokens
         parts: list[str] = []
         for out in output.outputs:
             index = i * n + out.index
@@ -55,13 +70,12 @@ async def completion_events(
             sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
             parts.append(chunks.event([{"index": index, "text": delta, "logprobs": lp,
                                         "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))  # fmt: skip
-        if len(job.finished) == len(job.streams):
-            last = parts
-        elif parts:
-            yield "".join(parts)
-    if include_usage:
-        last.append(chunks.usage(fmt.usage(prompt_tokens, completion_tokens)))
-    yield "".join([*last, DONE])
+        return parts
+
+    def usage() -> str | None:
+        return chunks.usage(fmt.usage(prompt_tokens, completion_tokens)) if include_usage else None
+
+    return _joined(job, buffered, render, usage)
 
 
 async def chat_events(
@@ -76,10 +90,9 @@ async def chat_events(
     sent_tokens = [0] * n
     done = [False] * n
     completion_tokens = 0
-    last: list[str] = []
-    async for _, output in job.outputs():
-        if buffered and not output.finished:
-            continue
+
+    def render(_: int, output: Any) -> list[str]:
+        nonlocal completion_tokens
         parts: list[str] = []
         for out in output.outputs:
             j = out.index
@@ -100,10 +113,10 @@ async def chat_events(
                 reason = finish_reason(out.finish_reason, messages[j].called)
                 parts.append(chunks.event([{"index": j, "delta": {}, "logprobs": None,
                                             "finish_reason": reason, "stop_reason": out.stop_reason}]))  # fmt: skip
-        if output.finished:
-            last = parts
-        elif parts:
-            yield "".join(parts)
-    if include_usage:
-        last.append(chunks.usage(fmt.usage(prompt_tokens, completion_tokens)))
-    yield "".join([*last, DONE])
+        return parts
+
+    def usage() -> str | None:
+        return chunks.usage(fmt.usage(prompt_tokens, completion_tokens)) if include_usage else None
+
+    async for event in _joined(job, buffered, render, usage):
+        yield event
