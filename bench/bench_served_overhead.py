@@ -12,8 +12,13 @@ engine. The served side is bench_serving.py's client (streaming chat, one connec
 against a server built from the same settings. The two never run at once: the idle server waits on
 an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
 the ratio of neighbouring runs is what to read (rounds interleave offline and served runs).
-CPU time per output token is steadier under load: the server's event loop (its main thread), the
-whole server process, and the offline process (OpenMP threads spinning at barriers count too).
+CPU time per output token, over the timed part only (not the warm-up request, which runs one
+request at a time and once inflated the server's figure by ~0.8 ms/token at c=64): the server's by
+thread group (its event loop; the engine's step thread with its OpenMP workers, spinning at
+barriers included; the rest), the client's (this process: it shares the machine, and every
+CPU-ms it takes is one the step threads lose), and the offline engine's. "Cores" is CPU seconds
+per second: both runs can use at most the machine's, so on 2 vCPUs a server at 2.0 cores that is
+slower than offline is losing its cores' time to waiting, not spending more work.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def offline_run(engine, prompts: list[list[int]], params, concurrency: int) -> d
                 in_flight -= 1
                 tokens += sum(len(o.token_ids) for o in out.outputs)
     seconds = time.perf_counter() - start
-    cpu_ms = (time.process_time() - cpu) / tokens * 1e3
-    return {"output_tokens": tokens, "duration_s": seconds, "output_throughput": tokens / seconds, "cpu_ms": cpu_ms}
+    cpu_s = time.process_time() - cpu
+    return {"output_tokens": tokens, "duration_s": seconds, "output_throughput": tokens / seconds,
+            "cpu_ms": cpu_s / tokens * 1e3, "cores": cpu_s / seconds}  # fmt: skip
 
 
 def worker_pid(server_pid: int) -> int:
@@ -66,25 +72,38 @@ def worker_pid(server_pid: int) -> int:
     raise RuntimeError("no BentoML worker process found")
 
 
-def thread_cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds of the process's main thread (the server's event loop) and of all its threads."""
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a server process by thread group: its main thread (the event loop), the
+    engine's step thread with the OpenMP workers it started (they inherit its name), the rest."""
     tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu(stat: Path) -> float:
-        fields = stat.read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-
-    main = cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
-    return main, cpu(Path(f"/proc/{pid}/stat"))
+    groups = dict.fromkeys(("loop", "engine", "other"), 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rpartition(")")[2].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        group = "loop" if int(task.name) == pid else "engine" if name.startswith("bento-llm-engin") else "other"
+        groups[group] += seconds
+    return groups
 
 
 def served_run(args: argparse.Namespace, prompts: list[str], concurrency: int, pid: int) -> dict:
-    """bench_serving.py's summary, plus the worker's CPU time: its event loop's, and all of it."""
+    """bench_serving.py's summary, plus CPU seconds over the timed part (not the warm-up request):
+    the server's by thread group, all of it ("cpu_s"), and this process's, the client's ("client_s";
+    the idle offline engine beside it takes none)."""
     args.max_concurrency = concurrency
-    loop_before, total_before = thread_cpu_seconds(pid)
-    results, duration = asyncio.run(run(args, prompts))
-    loop_after, total_after = thread_cpu_seconds(pid)
-    return {**summarize(results, duration, args), "loop_cpu_s": loop_after - loop_before, "cpu_s": total_after - total_before}
+    before: dict[str, float] = {}
+
+    def start() -> None:
+        before.update(thread_cpu_seconds(pid), client=time.process_time())
+
+    results, duration = asyncio.run(run(args, prompts, on_start=start))
+    after = {**thread_cpu_seconds(pid), "client": time.process_time()}
+    cpu = {f"{group}_s": after[group] - before[group] for group in after}
+    return {**summarize(results, duration, args), **cpu, "cpu_s": sum(cpu[f"{g}_s"] for g in ("loop", "engine", "other"))}
 
 
 def main() -> None:
@@ -98,6 +117,7 @@ def main() -> None:
     parser.add_argument("--server-root", action="append", default=None,
                         help="serve this checkout (repeatable: A/B of server versions in one run); default this one")
     parser.add_argument("--log", default="/tmp/bento-llm-bench-overhead", help="servers' logs: this prefix + -N.log")
+    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to load (longer on a busy machine)")
     args = parser.parse_args()
     concurrencies = args.concurrency or [16, 64]
 
@@ -114,8 +134,12 @@ def main() -> None:
                                 request_rate=float("inf"), seed=args.seed, max_concurrency=None)  # fmt: skip
     rows = []
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(ServerProcess(args=server_args, cwd=root, log_path=f"{args.log}-{i}.log"))
-                   for i, root in enumerate(roots)]  # fmt: skip
+        servers = []
+        for i, root in enumerate(roots):
+            server = ServerProcess(args=server_args, cwd=root, log_path=f"{args.log}-{i}.log").start()
+            stack.callback(server.stop)
+            server.wait_ready(args.ready_timeout)
+            servers.append(server)
         pids = [worker_pid(server.proc.pid) for server in servers]
         engine = LLMEngine(load_settings(server_args).engine_config())
         prompts = [engine.apply_chat_template([{"role": "user", "content": text}]) for text in texts]
@@ -132,22 +156,28 @@ def main() -> None:
                     prompt_tokens = sum(len(p) for p in prompts)
                     if served["total_input_tokens"] != prompt_tokens:  # the same requests, or the ratio means nothing
                         print(f"warning: server saw {served['total_input_tokens']} prompt tokens, offline {prompt_tokens}")
-                    ratio = served["output_throughput"] / offline["output_throughput"]
                     tokens = served["total_output_tokens"]
-                    loop_us, cpu_ms = served["loop_cpu_s"] / tokens * 1e6, served["cpu_s"] / tokens * 1e3
-                    rows.append((c, r, root, offline["output_throughput"], served["output_throughput"], ratio, loop_us, cpu_ms, offline["cpu_ms"]))
-                    print(f"c={c} round {r} {root}: offline {offline['output_throughput']:.0f} tok/s, served "
-                          f"{served['output_throughput']:.0f} tok/s, served/offline {ratio:.2f}; per output token the server's "
-                          f"event loop took {loop_us:.0f} us of CPU, the server {cpu_ms:.2f} ms, the offline engine "
-                          f"{offline['cpu_ms']:.2f} ms", flush=True)  # fmt: skip
+                    row = {"c": c, "round": r, "root": root, "offline": offline["output_throughput"], "served": served["output_throughput"],
+                           "ratio": served["output_throughput"] / offline["output_throughput"], "offline_ms": offline["cpu_ms"],
+                           **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "engine", "other", "client")},
+                           "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"]}  # fmt: skip
+                    rows.append(row)
+                    print(f"c={c} round {r} {root}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
+                          f"served/offline {row['ratio']:.2f}; CPU ms per output token: server {row['cpu_ms']:.2f} (event loop "
+                          f"{row['loop_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
+                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}", flush=True)  # fmt: skip
     print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, server args {server_args or 'defaults'}")
-    print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | event-loop CPU us/token | server CPU ms/token | offline CPU ms/token |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for c, r, root, off, srv, ratio, loop_us, cpu_ms, off_ms in rows:
-        print(f"| {c} | {r} | {root} | {off:.0f} | {srv:.0f} | {ratio:.2f} | {loop_us:.0f} | {cpu_ms:.2f} | {off_ms:.2f} |")
+    print("CPU ms per output token over the timed part; cores: CPU seconds per second of it")
+    print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | server CPU ms | event loop | "
+          "engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores |")  # fmt: skip
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for w in rows:
+        print(f"| {w['c']} | {w['round']} | {w['root']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
+              f"{w['loop_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
+              f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} |")  # fmt: skip
     for c in concurrencies:
         for root in roots:
-            ratios = [row[5] for row in rows if row[0] == c and row[2] == root]
+            ratios = [w["ratio"] for w in rows if w["c"] == c and w["root"] == root]
             print(f"c={c} {root}: served/offline median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 

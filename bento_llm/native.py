@@ -8,9 +8,10 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 
 from bento_llm.errors import OpenAIError, from_validation_error
+from bento_llm.jobs import Prompt
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, random_id
 from bento_llm.runtime import LLMRuntime
-from bento_llm.serving import OpenAIServing, Prompt
+from bento_llm.serving import OpenAIServing
 from bento_llm.sampling import to_sampling_params
 
 

@@ -1,15 +1,12 @@
-"""The two OpenAI endpoints over the engine: prompts in, engine requests started,
-outputs gathered (or streamed) back in OpenAI's shape.
-
-Every engine request started here is aborted on every way out that is not its natural
-end: client disconnect, error, BentoML's timeout, a failure in a sibling prompt."""
+"""The two OpenAI endpoints over the engine: requests checked, prompts built, engine requests
+started (bento_llm/jobs.py), outputs gathered into one response or streamed back as events
+(bento_llm/stream_events.py) in OpenAI's shape."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -17,86 +14,19 @@ from starlette.responses import JSONResponse, Response
 
 from bento_llm import formatting as fmt
 from bento_llm.chat import apply_chat_template
-from bento_llm.chat_output import MessageStream, OutputParser, finish_reason, message_body
+from bento_llm.chat_output import OutputParser, finish_reason, message_body
 from bento_llm.errors import OpenAIError, bad_request, context_length_exceeded, from_value_error, model_not_found
-from bento_llm.metrics import RequestTimer
+from bento_llm.jobs import Job, Prompt, buffered
 from bento_llm.protocol import ChatCompletionRequest, CompletionRequest, ModelCapabilities, ModelCard, ModelList, random_id
 from bento_llm.reasoning import PARSERS as REASONING_PARSERS
 from bento_llm.runtime import LLMRuntime
 from bento_llm.sampling import STRUCTURED_OUTPUTS, to_sampling_params
 from bento_llm.structured import structured_outputs_param
-from bento_llm.streaming import (
-    DONE,
-    ChunkEvents,
-    ClientDisconnected,
-    EventStreamResponse,
-    close_stream,
-    merge_streams,
-    sse,
-    unless_disconnected,
-)
+from bento_llm.stream_events import chat_events, completion_events
+from bento_llm.streaming import DONE, ChunkEvents, ClientDisconnected, EventStreamResponse, sse, unless_disconnected
 from bento_llm.tool_calling import ToolSetup, force_tool_call, tool_setup
 
 logger = logging.getLogger("bento_llm")
-
-
-def _buffered(params: Any) -> bool:
-    """Whether a stream can only be sent at the end. With best_of > n the engine reports the
-    n best samples so far, and which sample is "choice 0" changes from step to step; beam
-    search reports only its final beams. Neither can be sent as increments."""
-    return bool(params.use_beam_search or (params.best_of or params.n) > params.n)
-
-
-@dataclass
-class Prompt:
-    token_ids: list[int]
-    text: str | None = None  # for echo; decoded lazily when the prompt came as ids
-
-
-@dataclass
-class Job:
-    """The engine requests of one HTTP request, and their bookkeeping."""
-
-    runtime: LLMRuntime
-    request_ids: list[str]
-    streams: list[AsyncIterator[Any]] = field(default_factory=list)
-    finished: set[int] = field(default_factory=set)
-    timers: list[RequestTimer] = field(default_factory=list)
-
-    def abort_unfinished(self) -> None:
-        engine = self.runtime.engine
-        for i, request_id in enumerate(self.request_ids[: len(self.streams)]):
-            if i in self.finished:
-                continue
-            self.finished.add(i)
-            self.timers[i].finished("abort")
-            if engine is not None:
-                try:
-                    engine.abort(request_id)
-                except Exception:  # noqa: BLE001 - aborting a request that just ended is harmless
-                    logger.debug("abort %s failed", request_id, exc_info=True)
-
-    async def close(self) -> None:
-        self.abort_unfinished()
-        for stream in self.streams:
-            await close_stream(stream)
-
-    async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
-        """(prompt index, cumulative RequestOutput) as they come, with metrics."""
-        async for index, output in merge_streams(self.streams):
-            timer = self.timers[index]
-            timer.tokens_seen(sum(len(o.token_ids) for o in output.outputs))
-            if output.finished:
-                self.finished.add(index)
-                reasons = [o.finish_reason for o in output.outputs]
-                timer.finished("length" if "length" in reasons else (reasons[0] if reasons else None))
-            yield index, output
-
-    async def final_outputs(self) -> list[Any]:
-        finals: list[Any] = [None] * len(self.streams)
-        async for index, output in self.outputs():
-            finals[index] = output
-        return finals
 
 
 class OpenAIServing:
@@ -216,11 +146,8 @@ class OpenAIServing:
         for prompt in prompts:
             self.check_length(len(prompt.token_ids), params.max_tokens, "prompt")
         response_id, created, n = random_id("cmpl"), int(time.time()), params.n
-        buffered = _buffered(params)
-        if request.echo:
-            for prompt in prompts:
-                if prompt.text is None:
-                    prompt.text = rt.tokenizer.decode(prompt.token_ids)
+        # The text each prompt's choices start with: the prompt itself when echoed.
+        echoes = [(p.text if p.text is not None else rt.tokenizer.decode(p.token_ids)) if request.echo else "" for p in prompts]
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
         job = self.start(ids, prompts, params, "prompt")
 
@@ -234,7 +161,7 @@ class OpenAIServing:
             def build(finals: list[Any]) -> dict[str, Any]:
                 choices = []
                 for i, final in enumerate(finals):
-                    prefix = prompts[i].text if request.echo else ""
+                    prefix = echoes[i]
                     for out in final.outputs:
                         choices.append({
                             "index": i * n + out.index,
@@ -254,49 +181,8 @@ class OpenAIServing:
             return await self.respond(raw, job, build)
 
         chunks = ChunkEvents("text_completion", response_id, created, rt.model_name, request.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            sent_text: dict[int, int] = {}
-            sent_tokens: dict[int, int] = {}
-            offsets: dict[int, int] = {}
-            done: set[int] = set()
-            completion_tokens = 0
-            last: list[str] = []
-            async for i, output in job.outputs():
-                if buffered and not output.finished:
-                    continue
-                parts: list[str] = []  # one write per output, as in chat
-                for out in output.outputs:
-                    index = i * n + out.index
-                    if index not in sent_text:
-                        sent_text[index] = sent_tokens[index] = 0
-                        offsets[index] = 0
-                        prefix = prompts[i].text if request.echo else ""
-                    else:
-                        prefix = ""
-                    if index in done:
-                        continue
-                    delta = prefix + out.text[sent_text[index]:]
-                    start = sent_tokens[index]
-                    if not delta and len(out.token_ids) == start and out.finish_reason is None:
-                        continue
-                    if out.finish_reason is not None:
-                        done.add(index)
-                    lp = logprobs_of(out, start, offsets[index])
-                    offsets[index] += len(delta)
-                    completion_tokens += len(out.token_ids) - start
-                    sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
-                    parts.append(chunks.event([{"index": index, "text": delta, "logprobs": lp,
-                                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))  # fmt: skip
-                if len(job.finished) == len(job.streams):  # the last output: sent with the usage and [DONE]
-                    last = parts
-                elif parts:
-                    yield "".join(parts)
-            if request.include_usage:
-                last.append(chunks.usage(fmt.usage(sum(len(p.token_ids) for p in prompts), completion_tokens)))
-            yield "".join([*last, DONE])
-
-        return self.stream(job, events())
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        return self.stream(job, completion_events(job, chunks, n, echoes, buffered(params), logprobs_of, prompt_tokens, request.include_usage))
 
     # ------------------------------------------------------------------ chat
 
@@ -325,7 +211,6 @@ class OpenAIServing:
         last = request.messages[-1]
         echo = last.text(len(request.messages) - 1) if request.echo and last.role == "assistant" else ""
         response_id, created, n = random_id("chatcmpl"), int(time.time()), params.n
-        buffered = _buffered(params)
         job = self.start([response_id], [prompt], params, "messages")
 
         def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
@@ -358,47 +243,4 @@ class OpenAIServing:
             return await self.respond(raw, job, build)
 
         chunks = ChunkEvents("chat.completion.chunk", response_id, created, rt.model_name, request.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            # The role comes first, before any token, as OpenAI sends it; one choice per chunk.
-            yield "".join([chunks.event([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                          "finish_reason": None}]) for j in range(n)])  # fmt: skip
-            messages = [MessageStream(parser) for _ in range(n)]
-            sent_tokens = [0] * n
-            done = [False] * n
-            completion_tokens = 0
-            last: list[str] = []
-            async for _, output in job.outputs():
-                if buffered and not output.finished:
-                    continue
-                # An output carries every token since the last one read (several when this
-                # stream lags the engine): its events go out in one write.
-                parts: list[str] = []
-                for out in output.outputs:
-                    j = out.index
-                    if done[j]:
-                        continue
-                    delta = messages[j].delta(echo + out.text, finished=out.finish_reason is not None)
-                    start = sent_tokens[j]
-                    if delta or len(out.token_ids) > start:
-                        completion_tokens += len(out.token_ids) - start
-                        sent_tokens[j] = len(out.token_ids)
-                        lp = logprobs_of(out, start)
-                        if lp is None and (not delta or list(delta) == ["content"]):  # the common chunk, from a template
-                            parts.append(chunks.content(j, delta.get("content", "")))
-                        else:
-                            parts.append(chunks.event([{"index": j, "delta": delta or {"content": ""}, "logprobs": lp, "finish_reason": None}]))
-                    if out.finish_reason is not None:
-                        done[j] = True
-                        reason = finish_reason(out.finish_reason, messages[j].called)
-                        parts.append(chunks.event([{"index": j, "delta": {}, "logprobs": None,
-                                                    "finish_reason": reason, "stop_reason": out.stop_reason}]))  # fmt: skip
-                if output.finished:  # the last output: sent with the usage and [DONE]
-                    last = parts
-                elif parts:
-                    yield "".join(parts)
-            if request.include_usage:
-                last.append(chunks.usage(fmt.usage(len(prompt.token_ids), completion_tokens)))
-            yield "".join([*last, DONE])
-
-        return self.stream(job, events())
+        return self.stream(job, chat_events(job, chunks, n, parser, echo, buffered(params), logprobs_of, len(prompt.token_ids), request.include_usage))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
+from engine import async_engine as async_engine_module
 from engine import config as config_module
 from engine.settings import engine_config_from_env
 from tests.conftest import assert_all_blocks_free
@@ -145,7 +148,8 @@ async def collect(stream):
 
 def test_async_engine_loads_the_model_on_the_thread_that_runs_the_steps(tiny_path, monkeypatch):
     """One thread runs every torch op: a second OpenMP master (the loading thread) makes
-    libgomp's workers sleep between parallel regions (steps measured 20-30% slower)."""
+    libgomp's workers sleep between parallel regions (steps measured 20-30% slower). It has its
+    name in the OS too, so that its CPU time (and its OpenMP workers') can be told apart."""
     from engine.llm_engine import LLMEngine
 
     threads = {}
@@ -157,6 +161,8 @@ def test_async_engine_loads_the_model_on_the_thread_that_runs_the_steps(tiny_pat
 
     def step(self):
         threads.setdefault("stepped", threading.get_ident())
+        if sys.platform == "linux":  # named in the OS too, for per-thread CPU accounting (and its OpenMP workers)
+            threads.setdefault("os_name", Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
         return original_step(self)
 
     monkeypatch.setattr(LLMEngine, "__init__", init)
@@ -169,6 +175,7 @@ def test_async_engine_loads_the_model_on_the_thread_that_runs_the_steps(tiny_pat
 
     asyncio.run(main())
     assert threads["built"] == threads["stepped"] != threading.get_ident()
+    assert threads.get("os_name", "bento-llm-engin") == "bento-llm-engin"  # the OS keeps 15 characters
 
 
 def test_async_engine_raises_a_bad_setting_in_the_constructor(tiny_path):
@@ -245,6 +252,28 @@ def test_a_step_wakes_the_event_loop_once_for_all_its_requests(async_engine):
     results, wakeups = asyncio.run(main())
     assert all(r[-1].finished and len(r[-1].outputs[0].token_ids) == 6 for r in results)
     assert 6 <= wakeups <= steps["n"]  # per request it would be at least 8 x 6
+
+
+def test_the_next_step_waits_until_the_event_loop_has_handled_this_ones_outputs(async_engine, monkeypatch):
+    """The readers' Python runs between steps, not during one, where every op would have to take
+    the GIL back from it while the other OpenMP threads wait at the op's barrier. The wait is
+    bounded (a busy event loop must not stall the engine: see the lagging-reader tests); here
+    the bound is long, so a reader that blocks its loop shows the engine not stepping on."""
+    monkeypatch.setattr(async_engine_module, "_MAX_HANDOFF_WAIT_S", 5.0)
+    steps = []
+    step = async_engine.engine.step
+    monkeypatch.setattr(async_engine.engine, "step", lambda: steps.append(1) or step())
+
+    async def main():
+        stepped_while_reading = []
+        async for _ in async_engine.add_request("handoff", "wait for me", SamplingParams(max_tokens=4, ignore_eos=True)):
+            before, deadline = len(steps), time.monotonic() + 0.2
+            while len(steps) == before and time.monotonic() < deadline:
+                time.sleep(0.01)  # blocks the event loop: an engine that did not wait would step on
+            stepped_while_reading.append(len(steps) - before)
+        return stepped_while_reading
+
+    assert asyncio.run(main()) == [0, 0, 0, 0]
 
 
 def test_one_failing_request_ends_its_stream_with_its_error_and_the_others_finish(async_engine, monkeypatch):

@@ -77,7 +77,8 @@ def test_chat_shape_and_stream_agree(client):
 
 def test_a_lagging_stream_sends_the_tokens_it_missed_in_one_chunk(client, runtime, monkeypatch):
     """While the event loop is busy the engine runs on; the stream then sends every token it
-    missed in one chunk, whose text, logprobs, finish_reason and usage are as if it had kept up."""
+    missed in one chunk, whose text, logprobs, finish_reason, usage and latency metrics are as
+    if it had kept up."""
     from bento_llm.chat_output import MessageStream
 
     request = {"messages": CHAT, **GREEDY, "logprobs": True, "top_logprobs": 2}
@@ -94,7 +95,9 @@ def test_a_lagging_stream_sends_the_tokens_it_missed_in_one_chunk(client, runtim
         return delta(self, text, finished)
 
     monkeypatch.setattr(MessageStream, "delta", busy_after_the_first_token)
+    before = runtime.metrics.latency_totals()
     chunks = events(client.post("/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}))
+    after = runtime.metrics.latency_totals()
     tokens = [c for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     assert len(calls) == 2 and len(tokens) == 2  # the first token, then the seven it missed
     assert sum(len(c["choices"][0]["logprobs"]["content"]) for c in tokens) == 8
@@ -107,6 +110,8 @@ def test_a_lagging_stream_sends_the_tokens_it_missed_in_one_chunk(client, runtim
         [(lp["token"], [t["token"] for t in lp["top_logprobs"]]) for lp in whole]
     assert [lp["logprob"] for lp in streamed] == pytest.approx([lp["logprob"] for lp in whole], abs=1e-3)
     assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"] == body["usage"]
+    # The metrics still count every token: one first token, seven gaps after it.
+    assert after["ttft_count"] - before["ttft_count"] == 1 and after["itl_count"] - before["itl_count"] == 7
 
 
 def test_max_completion_tokens_and_stop(client):
