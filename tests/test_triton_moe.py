@@ -26,7 +26,9 @@ from tests.test_models_families import reference_moe  # noqa: E402
 TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=2e-2, rtol=2e-2),
-    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
+    # bfloat16 keeps 8 significant bits and the kernel rounds act(gate) * up (values up to ~10 here)
+    # to it before the down projection: seed 70444548 put one output in 1856 0.083 away (was atol 6e-2).
+    torch.bfloat16: dict(atol=1e-1, rtol=6e-2),
 }
 
 
