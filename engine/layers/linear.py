@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, concat_rows, quantize
+from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize_blocks
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
 
 logger = logging.getLogger(__name__)
@@ -113,17 +113,9 @@ class Linear(nn.Linear):
         return "float"
 
     def _quantize(self, parts: dict, method: str, group_size: int) -> QuantizedWeight | None:
-        # Float blocks fused with already quantized ones take their group size, so one matmul
-        # reads the whole weight.
-        group = next((p.group_size for p in parts.values() if p.bits == 4), group_size)
-        pieces = []
-        for row, rows in self.row_blocks():
-            source = parts.get(row, self.weight.data.narrow(0, row, rows))
-            piece = quantize(source, method, group)
-            if piece is None:
-                return None
-            pieces.append(piece)
-        return concat_rows(pieces)
+        # Each checkpoint block: the file's quantized one where there is one, else its float rows.
+        blocks = [parts.get(row, self.weight.data.narrow(0, row, rows)) for row, rows in self.row_blocks()]
+        return quantize_blocks(blocks, method, group_size)
 
 
 # Rows up to which a plain bfloat16 weight (the tied LM head) multiplies on AMX (kernels/csrc/

@@ -166,8 +166,13 @@ def quantize_blocks(blocks: list, method: str, group_size: int) -> QuantizedWeig
     Float blocks take an already quantized int4 block's group size (a GGUF's 32), so one matmul
     reads them all; None where a block fits no layout."""
     group = next((b.group_size for b in blocks if isinstance(b, QuantizedWeight) and b.bits == 4), group_size)
-    pieces = [quantize(b, method, group) for b in blocks]
-    return None if any(p is None for p in pieces) else concat_rows(pieces)
+    pieces = []
+    for block in blocks:
+        piece = quantize(block, method, group)
+        if piece is None:
+            return None
+        pieces.append(piece)
+    return concat_rows(pieces)
 
 
 class PackedQuantizedWeight(torch.nn.Module):
