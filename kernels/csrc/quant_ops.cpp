@@ -24,7 +24,9 @@
 //   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
 //   bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
-//   arranges them at load), float32 scale per output row.
+//   arranges them at load), float32 scale per output row; where the weight was rotated at load
+//   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
+//   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
 
@@ -340,11 +342,69 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
   }
 }
 
-// Each row of x [M, K] as int8 codes with one float32 scale. K is a multiple of 4.
-void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes, float* scales) {
+// One butterfly stage of the Walsh-Hadamard transform inside a vector: lanes i and i ^ h
+// (partner, h < 16) become x_i + x_(i^h) where bit h of i is clear (high_lanes' bit clear) and
+// x_(i^h) - x_i where it is set.
+BENTO_AVX512_BF16 inline __m512 butterfly(__m512 x, __m512 partner, __mmask16 high_lanes) {
+  return _mm512_mask_sub_ps(_mm512_add_ps(x, partner), high_lanes, partner, x);
+}
+
+// v [K] float32 (64-byte aligned) times the unnormalized Hadamard matrix of `block` columns,
+// block by block, in place: log2(block) butterfly passes, the first four between lanes of one
+// vector, the rest between vectors h columns apart. block: a power of two >= 16 dividing K.
+BENTO_AVX512_BF16 void hadamard_blocks(float* v, int64_t k_total, int64_t block) {
+  for (int64_t k = 0; k < k_total; k += 16) {
+    __m512 x = _mm512_load_ps(v + k);
+    x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);           // h = 1: swap neighbours
+    x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);           // h = 2: swap pairs
+    x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);     // h = 4: swap 128-bit quarters
+    x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0x4E), 0xFF00);     // h = 8: swap 256-bit halves
+    _mm512_store_ps(v + k, x);
+  }
+  for (int64_t h = 16; h < block; h *= 2) {
+    for (int64_t span = 0; span < k_total; span += 2 * h) {
+      for (int64_t k = span; k < span + h; k += 16) {
+        const __m512 a = _mm512_load_ps(v + k), b = _mm512_load_ps(v + k + h);
+        _mm512_store_ps(v + k, _mm512_add_ps(a, b));
+        _mm512_store_ps(v + k + h, _mm512_sub_ps(a, b));
+      }
+    }
+  }
+}
+
+// One row as quantize_row does, after rotating it by the block Hadamard matrix (w8a8's input
+// side of y = (x R)(W R)^T; engine/layers/rotation.py rotates the weight at load). The row is
+// widened into `work` (K float32), transformed there while it sits in L1, then rounded; the
+// transform is unnormalized (entries +-1), so its 1 / sqrt(block) goes into the row's scale.
+BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
+                                            float* scale_out) {
+  for (int64_t k = 0; k < k_total; k += 16) _mm512_store_ps(work + k, widen_bf16(in + k, 0xFFFF));
+  hadamard_blocks(work, k_total, block);
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16) max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_load_ps(work + k)));
+  const float top = _mm512_reduce_max_ps(max);
+  const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+  *scale_out = scale / std::sqrt(static_cast<float>(block));
+  const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(work + k), inverse));  // round to nearest even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
+  }
+}
+
+// Each row of x [M, K] as int8 codes with one float32 scale, rotated first where
+// rotation_block > 0 (then K is a multiple of it). K is a multiple of 4.
+void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
+                   float* scales) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    auto work = rotation_block > 0 ? aligned_buffer<float>(k_total) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      quantize_row(reinterpret_cast<const uint16_t*>(x + r * lda), k_total, codes + r * k_total, scales + r);
+      const auto* row = reinterpret_cast<const uint16_t*>(x + r * lda);
+      if (rotation_block > 0) {
+        quantize_rotated_row(row, k_total, rotation_block, work.get(), codes + r * k_total, scales + r);
+      } else {
+        quantize_row(row, k_total, codes + r * k_total, scales + r);
+      }
     }
   });
 }
@@ -370,7 +430,10 @@ bool amx_int8_supported() {
 // w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
 // layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
 // converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
-at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+// rotation_block > 0: the codes are of W R (R block Hadamard, engine/layers/rotation.py), and each
+// input row is rotated by the same R before its rounding.
+at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
+                       int64_t rotation_block) {
   TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
   const int64_t rows = x.size(0), k_total = x.size(1), n_padded = packed.numel() / k_total;
@@ -378,9 +441,12 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
                   packed.numel() == n_padded * k_total && out_features <= n_padded,
               "packed: [N/64, K/4, 64, 4] int8 codes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() >= out_features, "scales: [N] float32");
+  TORCH_CHECK(rotation_block == 0 || (rotation_block >= 16 && (rotation_block & (rotation_block - 1)) == 0 &&
+                                      k_total % rotation_block == 0),
+              "rotation_block: 0 or a power of two >= 16 dividing K");
   auto codes = aligned_buffer<int8_t>(rows * k_total);
   auto row_scale = aligned_buffer<float>(rows);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, codes.get(), row_scale.get());
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, codes.get(), row_scale.get());
   at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* w = packed.data_ptr<int8_t>();
@@ -413,5 +479,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
-  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &w8a8_mm_amx);
+  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
+        &w8a8_mm_amx);
 }
