@@ -343,46 +343,73 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
 }
 
 // One butterfly stage of the Walsh-Hadamard transform inside a vector: lanes i and i ^ h
-// (partner, h < 16) become x_i + x_(i^h) where bit h of i is clear (high_lanes' bit clear) and
-// x_(i^h) - x_i where it is set.
+// (partner, h < 16) become x_i + x_(i^h) where bit h of i is clear (sign +1) and x_(i^h) - x_i
+// where it is set (sign -1): one fused multiply-add.
 BENTO_AVX512_BF16 inline __m512 butterfly(__m512 x, __m512 partner, __mmask16 high_lanes) {
-  return _mm512_mask_sub_ps(_mm512_add_ps(x, partner), high_lanes, partner, x);
+  return _mm512_fmadd_ps(x, _mm512_mask_blend_ps(high_lanes, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)), partner);
 }
 
-// v [K] float32 (64-byte aligned) times the unnormalized Hadamard matrix of `block` columns,
-// block by block, in place: log2(block) butterfly passes, the first four between lanes of one
-// vector, the rest between vectors h columns apart. block: a power of two >= 16 dividing K.
-BENTO_AVX512_BF16 void hadamard_blocks(float* v, int64_t k_total, int64_t block) {
-  for (int64_t k = 0; k < k_total; k += 16) {
-    __m512 x = _mm512_load_ps(v + k);
-    x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);           // h = 1: swap neighbours
-    x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);           // h = 2: swap pairs
-    x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);     // h = 4: swap 128-bit quarters
-    x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0x4E), 0xFF00);     // h = 8: swap 256-bit halves
-    _mm512_store_ps(v + k, x);
+// Row `in` [K] widened to float32 into `work` (64-byte aligned) and multiplied there by the
+// unnormalized Hadamard matrix of `block` columns, block by block (block: a power of two >= 16
+// dividing K, Span the vectors of min(block, 256) columns); returns the result's max |value|.
+// The transform's log2(block) butterfly passes run on Span vectors at a time in registers (the
+// first four between lanes of one vector, the next between vectors), the rest between vectors
+// in `work`, which stays in L1: two or three passes over the row in all, not log2(block).
+template <int Span>
+BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_t block, float* work) {
+  const bool in_registers = block == 16 * Span;
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16 * Span) {
+    __m512 v[Span];
+    for (int c = 0; c < Span; ++c) {
+      __m512 x = widen_bf16(in + k + 16 * c, 0xFFFF);
+      x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);        // h = 1: swap neighbours
+      x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);        // h = 2: swap pairs
+      x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);  // h = 4: swap 128-bit quarters
+      v[c] = butterfly(x, _mm512_shuffle_f32x4(x, x, 0x4E), 0xFF00);  // h = 8: swap 256-bit halves
+    }
+    for (int h = 1; h < Span; h *= 2) {  // h vectors = 16 h columns apart
+      for (int c = 0; c < Span; ++c) {
+        if (c & h) continue;
+        const __m512 a = v[c], b = v[c + h];
+        v[c] = _mm512_add_ps(a, b);
+        v[c + h] = _mm512_sub_ps(a, b);
+      }
+    }
+    for (int c = 0; c < Span; ++c) {
+      _mm512_store_ps(work + k + 16 * c, v[c]);
+      if (in_registers) max = _mm512_max_ps(max, _mm512_abs_ps(v[c]));
+    }
   }
-  for (int64_t h = 16; h < block; h *= 2) {
+  for (int64_t h = 16 * Span; h < block; h *= 2) {
+    const bool last = 2 * h == block;
     for (int64_t span = 0; span < k_total; span += 2 * h) {
       for (int64_t k = span; k < span + h; k += 16) {
-        const __m512 a = _mm512_load_ps(v + k), b = _mm512_load_ps(v + k + h);
-        _mm512_store_ps(v + k, _mm512_add_ps(a, b));
-        _mm512_store_ps(v + k + h, _mm512_sub_ps(a, b));
+        const __m512 a = _mm512_load_ps(work + k), b = _mm512_load_ps(work + k + h);
+        const __m512 sum = _mm512_add_ps(a, b), difference = _mm512_sub_ps(a, b);
+        _mm512_store_ps(work + k, sum);
+        _mm512_store_ps(work + k + h, difference);
+        if (last) max = _mm512_max_ps(max, _mm512_max_ps(_mm512_abs_ps(sum), _mm512_abs_ps(difference)));
       }
     }
   }
+  return _mm512_reduce_max_ps(max);
 }
 
 // One row as quantize_row does, after rotating it by the block Hadamard matrix (w8a8's input
-// side of y = (x R)(W R)^T; engine/layers/rotation.py rotates the weight at load). The row is
-// widened into `work` (K float32), transformed there while it sits in L1, then rounded; the
-// transform is unnormalized (entries +-1), so its 1 / sqrt(block) goes into the row's scale.
+// side of y = (x R)(W R)^T; engine/layers/rotation.py rotates the weight at load), in `work`
+// (K float32). The transform is unnormalized (entries +-1): its 1 / sqrt(block) goes into the
+// row's scale.
 BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
                                             float* scale_out) {
-  for (int64_t k = 0; k < k_total; k += 16) _mm512_store_ps(work + k, widen_bf16(in + k, 0xFFFF));
-  hadamard_blocks(work, k_total, block);
-  __m512 max = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_total; k += 16) max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_load_ps(work + k)));
-  const float top = _mm512_reduce_max_ps(max);
+  float top;
+  switch (std::min<int64_t>(block / 16, 16)) {
+    case 1: top = hadamard_row<1>(in, k_total, block, work); break;
+    case 2: top = hadamard_row<2>(in, k_total, block, work); break;
+    case 4: top = hadamard_row<4>(in, k_total, block, work); break;
+    case 8: top = hadamard_row<8>(in, k_total, block, work); break;
+    default: top = hadamard_row<16>(in, k_total, block, work);
+  }
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
   *scale_out = scale / std::sqrt(static_cast<float>(block));
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
