@@ -11,8 +11,8 @@ error ||y_q - y|| / ||y|| against the float product, simulated in float32:
 - w8a8: the same weight times the input rounded to int8 per row (max |x| / 127)
 - had B: w8a8 after a block-diagonal Walsh-Hadamard rotation of B input columns per block
 - pow2: the largest power-of-two block that divides K (64 for K = 576, 512 for 1536)
-- full: all K columns mixed, the pow2 Hadamard Kronecker a random orthogonal matrix of the odd
-  factor (9 for K = 576, 3 for 1536)
+- full: all K columns mixed, the Kronecker product of a random orthogonal matrix of the odd factor
+  and the pow2 Hadamard matrix (9 for K = 576, 3 for 1536)
 - smooth: SmoothQuant (alpha 0.5) with per-channel scales calibrated on these same inputs (an
   optimistic bound: the engine has no calibration data at load)
 """
@@ -28,29 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from engine import DEFAULT_MODEL  # noqa: E402
+from engine.layers.rotation import rotate  # noqa: E402
 from engine.loader import load_model_source  # noqa: E402
-
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about the sea.",
-    "def quicksort(arr):",
-    "The three primary colors are",
-    "In 1969, Neil Armstrong",
-    "Water boils at",
-    "A good way to learn a new language is",
-    "Translate to French: I like apples.",
-]
-
-
-def hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / n**0.5
-
-
-def block_rotation(k: int, block: int) -> torch.Tensor:
-    return torch.block_diag(*[hadamard(block)] * (k // block))
+from tests.test_default_model import PROMPTS  # noqa: E402
 
 
 def int8_rows(t: torch.Tensor) -> torch.Tensor:
@@ -70,13 +50,12 @@ def errors(x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
     pow2 = k & -k
     for block in (32, 64, 128, pow2):
         if k % block == 0:
-            r = block_rotation(k, block)
             name = "pow2" if block == pow2 and block > 128 else f"had {block}"
-            out[name] = rel(int8_rows(x @ r) @ int8_rows(w @ r).t(), y)
-    odd = k // pow2
+            out[name] = rel(int8_rows(rotate(x, block)) @ int8_rows(rotate(w, block)).t(), y)
+    odd = k // pow2  # R = kron(Q, H_pow2): the pow2 blocks, then Q mixing the blocks
     q = torch.linalg.qr(torch.randn(odd, odd, generator=torch.Generator().manual_seed(0)))[0]
-    r = torch.kron(q.contiguous(), hadamard(pow2))
-    out["full"] = rel(int8_rows(x @ r) @ int8_rows(w @ r).t(), y)
+    full = lambda t: torch.einsum("ncb,cd->ndb", rotate(t, pow2).reshape(-1, odd, pow2), q).reshape(t.shape)  # noqa: E731
+    out["full"] = rel(int8_rows(full(x)) @ int8_rows(full(w)).t(), y)
     s = (x.abs().amax(0).clamp_min(1e-5) ** 0.5) / (w.abs().amax(0).clamp_min(1e-5) ** 0.5)
     out["smooth"] = rel(int8_rows(x / s) @ int8_rows(w * s).t(), y)
     return out
@@ -103,9 +82,8 @@ def main() -> None:
         kind = name.split(".")[-1]
         for method, e in errors(torch.cat(xs), modules[name].weight.float()).items():
             table[kind][method].append(e)
-    methods = list(next(iter(table.values())).keys() | set().union(*[t.keys() for t in table.values()]))
-    order = ["int8", "w8a8", "had 32", "had 64", "had 128", "pow2", "full", "smooth"]
-    methods = [m for m in order if m in methods]
+    methods = [m for m in ("int8", "w8a8", "had 32", "had 64", "had 128", "pow2", "full", "smooth")
+               if any(m in row for row in table.values())]
     print("| projection | K | " + " | ".join(methods) + " |\n|" + " --- |" * (2 + len(methods)))
     for kind, row in table.items():
         k = modules[next(n for n in inputs if n.endswith(kind))].weight.shape[1]
