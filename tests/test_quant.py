@@ -19,8 +19,8 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import (AMX_MIN_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize, quantize_int4,
-                                 quantize_int8)
+from engine.layers.quant import (AMX_MIN_ROWS, INT8_AMX_MIN_ROWS, PackedQuantizedWeight, QuantizedWeight, amx_kernels,
+                                 quantize, quantize_int4, quantize_int8)
 from engine.layers.rotation import hadamard_block, rotate
 
 gguf = pytest.importorskip("gguf")
@@ -174,6 +174,15 @@ def test_a_rotated_weight_dequantizes_to_the_weight_and_is_not_split_by_columns(
         q[:, :64]
 
 
+@needs_amx_int8
+def test_the_w8a8_kernel_refuses_a_rotation_block_that_does_not_tile_the_input():
+    q = quantize(torch.randn(64, 96), "w8a8", 32)
+    packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
+    assert packed.rotation == 32
+    with pytest.raises(RuntimeError, match="rotation_block"):
+        amx_kernels().w8a8_mm_amx(torch.randn(2, 96).bfloat16(), packed.qweight, packed.scales, 64, 64)
+
+
 def w8a8_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     """What w8a8 computes, in float32: the input rotated as the weight was, each row rounded to
     int8 with scale max |x| / 127, times the weight's codes and scales."""
@@ -219,6 +228,7 @@ def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
     modules = list(llm.engine.runner.model_runner.model.modules())
     layers = [m for m in modules if isinstance(m, Linear) and not isinstance(m, ParallelLMHead) and m.quantized is not None]
     assert layers and all(m.weight is None and m.quantized.w8a8 and m.quantized.qweight.dtype == torch.int8 for m in layers)
+    assert all(m.quantized.rotation == hadamard_block(m.quantized.in_features) > 0 for m in layers)  # rotated
     # The LM head decides every token: int8 weight-only rows (embedding_quantization), not w8a8.
     (head,) = [m for m in modules if isinstance(m, ParallelLMHead)]
     assert head.quantized is not None and not head.quantized.w8a8 and head.quantized.qweight.dtype == torch.int8
