@@ -13,7 +13,9 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp on the same codes (AMX-BF16 CPUs only)
 - int8 rows: its AVX-512 few-row loop over the same codes as int8 AMX
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
-- w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp)
+- w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
+  both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
+  w8a8 plain: the same without the rotation (its cost is the difference)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize_int4, quantize_int8  # noqa: E402
+from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 
@@ -42,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 rows", "int8 layer", "w8a8"]
+    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 rows", "int8 layer", "w8a8", "w8a8 plain"]
     print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
           f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}\n")
     print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
@@ -53,8 +55,11 @@ def main() -> None:
         int4 = [PackedQuantizedWeight(quantize_int4(w, 32), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
-        w8a8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
-                for w in weights] if ops is not None and ops.amx_int8_supported() else []
+        has_w8a8 = ops is not None and ops.amx_int8_supported()
+        w8a8 = [PackedQuantizedWeight(quantize(w, "w8a8", 32), torch.bfloat16, cpu, int8_activations=True)
+                for w in weights] if has_w8a8 else []
+        w8a8_plain = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
+                      for w in weights] if has_w8a8 else []
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k).bfloat16()
             runs = {
@@ -70,6 +75,7 @@ def main() -> None:
                 runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
+                runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():
                 for fn in runs.values():

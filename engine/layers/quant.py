@@ -14,8 +14,9 @@ own packed matmuls multiply with.
   (bench/bench_quant_matmul.py).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
-  converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. The activations' rounding costs
-  accuracy beyond int8's (README, "Weight quantization").
+  converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
+  block Hadamard matrix first (engine/layers/rotation.py: the weight at load, the input in the
+  kernel), which cuts the activations' rounding error about 3x (README, "Weight quantization").
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -25,6 +26,7 @@ linears' loaders take this rank's shard of it unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATION_GROUP_SIZES
+from engine.layers.rotation import hadamard_block, rotate
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +70,16 @@ def amx_kernels():
 class QuantizedWeight:
     """Integer codes [rows, cols] with a float32 scale (and, for int4, zero) per group of
     group_size columns. bits 4: value = (code - 8) * scale + zero, code 0..15 (uint8);
-    bits 8: value = code * scale, code -128..127 (int8)."""
+    bits 8: value = code * scale, code -128..127 (int8). rotation (w8a8 only): the codes are of
+    W R, R the block Hadamard rotation of that many columns per block (engine/layers/rotation.py);
+    0: of W itself."""
 
     bits: int
     codes: torch.Tensor
     scale: torch.Tensor  # [rows, cols // group_size], float32
     zero: torch.Tensor | None  # int4 only
     group_size: int
+    rotation: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,6 +93,8 @@ class QuantizedWeight:
         if not isinstance(index, tuple):
             return self.rows(index.start or 0, (index.stop or self.shape[0]) - (index.start or 0))
         start, stop = index[1].start or 0, index[1].stop or self.shape[1]
+        if self.rotation:
+            raise ValueError("the columns of a rotated weight mix: it cannot be split by columns")
         if start % self.group_size or stop % self.group_size:
             raise ValueError(f"columns {start}:{stop} split a quantization group of {self.group_size}")
         g = slice(start // self.group_size, stop // self.group_size)
@@ -95,13 +103,16 @@ class QuantizedWeight:
 
     def rows(self, start: int, n: int) -> "QuantizedWeight":
         zero = None if self.zero is None else self.zero[start : start + n]
-        return QuantizedWeight(self.bits, self.codes[start : start + n], self.scale[start : start + n], zero, self.group_size)
+        return QuantizedWeight(self.bits, self.codes[start : start + n], self.scale[start : start + n], zero, self.group_size,
+                               self.rotation)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [rows, cols]: the reference the packed matmuls are tested against."""
+        """float32 [rows, cols]: the reference the packed matmuls are tested against (a rotated
+        weight rotated back: R is its own inverse)."""
         expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
         if self.bits == 8:
-            return self.codes.float() * expand(self.scale)
+            w = self.codes.float() * expand(self.scale)
+            return rotate(w, self.rotation) if self.rotation else w
         return (self.codes.float() - 8) * expand(self.scale) + expand(self.zero)
 
 
@@ -113,11 +124,11 @@ def _pad_rows(codes: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     first = parts[0]
-    if any(p.bits != first.bits or p.group_size != first.group_size for p in parts):
+    if any(p.bits != first.bits or p.group_size != first.group_size or p.rotation != first.rotation for p in parts):
         raise ValueError("the blocks of a fused projection are quantized differently")
     zero = None if first.zero is None else torch.cat([p.zero for p in parts])
     return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                           zero, first.group_size)
+                           zero, first.group_size, first.rotation)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
@@ -140,6 +151,15 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(8, codes, scale, None, w.shape[1])
 
 
+def quantize_w8a8(weight: torch.Tensor) -> QuantizedWeight:
+    """int8 per row of the weight rotated as w8a8 rotates its input (unrotated where the width
+    fits no block)."""
+    block = hadamard_block(weight.shape[1])
+    if not block:
+        return quantize_int8(weight)
+    return dataclasses.replace(quantize_int8(rotate(weight, block)), rotation=block)
+
+
 def int4_group_size(cols: int, wanted: int) -> int | None:
     """The largest supported group size up to `wanted` that divides the input width (None: none does)."""
     return next((g for g in sorted(QUANTIZATION_GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
@@ -152,10 +172,14 @@ def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: in
     if isinstance(weight, QuantizedWeight):
         if method == "int4" and weight.bits == 4:
             return weight
-        if method in ("int8", "w8a8") and weight.bits == 8 and weight.group_size == weight.shape[1]:
-            return weight
+        if weight.bits == 8 and weight.group_size == weight.shape[1]:  # per-row int8, rotated as w8a8 wants it
+            wanted = hadamard_block(weight.shape[1]) if method == "w8a8" else 0
+            if method in ("int8", "w8a8") and weight.rotation == wanted:
+                return weight
         weight = weight.dequantize()  # a format change (Q8_0 -> int4, Q4 -> per-row int8): logged by the caller
-    if method in ("int8", "w8a8"):
+    if method == "w8a8":
+        return quantize_w8a8(weight)
+    if method == "int8":
         return quantize_int8(weight)
     group = int4_group_size(weight.shape[1], group_size)
     return None if group is None else quantize_int4(weight, group)
@@ -227,6 +251,7 @@ class PackedQuantizedWeight(torch.nn.Module):
             raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 and the C++ kernels (kernels/cpu_ops.py); "
                              "this machine has neither: use 'int8' or 'int4'")
         self.amx = True
+        self.rotation = q.rotation  # the kernel rotates each input row by the same blocks
         codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
         self.register_buffer("qweight", tiles)
@@ -245,7 +270,8 @@ class PackedQuantizedWeight(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
-            y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features)
+            y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features,
+                                          self.rotation)
             return y.to(x.dtype)
         if self.bits == 8 and self.amx:  # its own layout: every row count runs in quant_ops.cpp
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()

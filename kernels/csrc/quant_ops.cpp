@@ -24,7 +24,9 @@
 //   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
 //   bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
-//   arranges them at load), float32 scale per output row.
+//   arranges them at load), float32 scale per output row; where the weight was rotated at load
+//   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
+//   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
 
@@ -340,11 +342,96 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
   }
 }
 
-// Each row of x [M, K] as int8 codes with one float32 scale. K is a multiple of 4.
-void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int8_t* codes, float* scales) {
+// One butterfly stage of the Walsh-Hadamard transform inside a vector: lanes i and i ^ h
+// (partner, h < 16) become x_i + x_(i^h) where bit h of i is clear (sign +1) and x_(i^h) - x_i
+// where it is set (sign -1): one fused multiply-add.
+BENTO_AVX512_BF16 inline __m512 butterfly(__m512 x, __m512 partner, __mmask16 high_lanes) {
+  return _mm512_fmadd_ps(x, _mm512_mask_blend_ps(high_lanes, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)), partner);
+}
+
+// Row `in` [K] widened to float32 into `work` (64-byte aligned) and multiplied there by the
+// unnormalized Hadamard matrix of `block` columns, block by block (block: a power of two >= 16
+// dividing K, Span the vectors of min(block, 256) columns); returns the result's max |value|.
+// The transform's log2(block) butterfly passes run on Span vectors at a time in registers (the
+// first four between lanes of one vector, the next between vectors), the rest between vectors
+// in `work`, which stays in L1: two or three passes over the row in all, not log2(block).
+template <int Span>
+BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_t block, float* work) {
+  const bool in_registers = block == 16 * Span;
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16 * Span) {
+    __m512 v[Span];
+    for (int c = 0; c < Span; ++c) {
+      __m512 x = widen_bf16(in + k + 16 * c, 0xFFFF);
+      x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);        // h = 1: swap neighbours
+      x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);        // h = 2: swap pairs
+      x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);  // h = 4: swap 128-bit quarters
+      v[c] = butterfly(x, _mm512_shuffle_f32x4(x, x, 0x4E), 0xFF00);  // h = 8: swap 256-bit halves
+    }
+    for (int h = 1; h < Span; h *= 2) {  // h vectors = 16 h columns apart
+      for (int c = 0; c < Span; ++c) {
+        if (c & h) continue;
+        const __m512 a = v[c], b = v[c + h];
+        v[c] = _mm512_add_ps(a, b);
+        v[c + h] = _mm512_sub_ps(a, b);
+      }
+    }
+    for (int c = 0; c < Span; ++c) {
+      _mm512_store_ps(work + k + 16 * c, v[c]);
+      if (in_registers) max = _mm512_max_ps(max, _mm512_abs_ps(v[c]));
+    }
+  }
+  for (int64_t h = 16 * Span; h < block; h *= 2) {
+    const bool last = 2 * h == block;
+    for (int64_t span = 0; span < k_total; span += 2 * h) {
+      for (int64_t k = span; k < span + h; k += 16) {
+        const __m512 a = _mm512_load_ps(work + k), b = _mm512_load_ps(work + k + h);
+        const __m512 sum = _mm512_add_ps(a, b), difference = _mm512_sub_ps(a, b);
+        _mm512_store_ps(work + k, sum);
+        _mm512_store_ps(work + k + h, difference);
+        if (last) max = _mm512_max_ps(max, _mm512_max_ps(_mm512_abs_ps(sum), _mm512_abs_ps(difference)));
+      }
+    }
+  }
+  return _mm512_reduce_max_ps(max);
+}
+
+// One row as quantize_row does, after rotating it by the block Hadamard matrix (w8a8's input
+// side of y = (x R)(W R)^T; engine/layers/rotation.py rotates the weight at load), in `work`
+// (K float32). The transform is unnormalized (entries +-1): its 1 / sqrt(block) goes into the
+// row's scale.
+BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
+                                            float* scale_out) {
+  float top;
+  switch (std::min<int64_t>(block / 16, 16)) {
+    case 1: top = hadamard_row<1>(in, k_total, block, work); break;
+    case 2: top = hadamard_row<2>(in, k_total, block, work); break;
+    case 4: top = hadamard_row<4>(in, k_total, block, work); break;
+    case 8: top = hadamard_row<8>(in, k_total, block, work); break;
+    default: top = hadamard_row<16>(in, k_total, block, work);
+  }
+  const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+  *scale_out = scale / std::sqrt(static_cast<float>(block));
+  const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(work + k), inverse));  // round to nearest even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
+  }
+}
+
+// Each row of x [M, K] as int8 codes with one float32 scale, rotated first where
+// rotation_block > 0 (then K is a multiple of it). K is a multiple of 4.
+void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
+                   float* scales) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    auto work = rotation_block > 0 ? aligned_buffer<float>(k_total) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      quantize_row(reinterpret_cast<const uint16_t*>(x + r * lda), k_total, codes + r * k_total, scales + r);
+      const auto* row = reinterpret_cast<const uint16_t*>(x + r * lda);
+      if (rotation_block > 0) {
+        quantize_rotated_row(row, k_total, rotation_block, work.get(), codes + r * k_total, scales + r);
+      } else {
+        quantize_row(row, k_total, codes + r * k_total, scales + r);
+      }
     }
   });
 }
@@ -370,7 +457,10 @@ bool amx_int8_supported() {
 // w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
 // layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
 // converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
-at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+// rotation_block > 0: the codes are of W R (R block Hadamard, engine/layers/rotation.py), and each
+// input row is rotated by the same R before its rounding.
+at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
+                       int64_t rotation_block) {
   TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
   const int64_t rows = x.size(0), k_total = x.size(1), n_padded = packed.numel() / k_total;
@@ -378,9 +468,12 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
                   packed.numel() == n_padded * k_total && out_features <= n_padded,
               "packed: [N/64, K/4, 64, 4] int8 codes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() >= out_features, "scales: [N] float32");
+  TORCH_CHECK(rotation_block == 0 || (rotation_block >= 16 && (rotation_block & (rotation_block - 1)) == 0 &&
+                                      k_total % rotation_block == 0),
+              "rotation_block: 0 or a power of two >= 16 dividing K");
   auto codes = aligned_buffer<int8_t>(rows * k_total);
   auto row_scale = aligned_buffer<float>(rows);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, codes.get(), row_scale.get());
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, codes.get(), row_scale.get());
   at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* w = packed.data_ptr<int8_t>();
@@ -413,5 +506,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
-  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &w8a8_mm_amx);
+  m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
+        &w8a8_mm_amx);
 }
