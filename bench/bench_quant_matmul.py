@@ -12,6 +12,7 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loop on the same codes (AMX-BF16 CPUs only)
 - int4 / int8 rows: its AVX-512 few-row loops over the same codes (int4: torch's layout)
+- int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp)
 and the two limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
@@ -47,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 read", "AMX", "int4 torch", "int4 AMX", "int4 rows", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
+    names = ["int4 read", "AMX", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
              "int8 layer", "w8a8"]
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
@@ -81,6 +82,7 @@ def main() -> None:
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
                 runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
                 runs["int4 rows"] = lambda: [ops.int4_mm_rows(x, q.qweight, q.scales, 32, n) for q in int4]
+                runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, 32, n) for q in int4]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
             best = dict.fromkeys(runs, float("inf"))

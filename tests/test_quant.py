@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import AMX_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
+from engine.layers.quant import AMX_MIN_ROWS, INT4_DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -109,6 +109,20 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 
 @needs_amx
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_weight_converts_whole_to_exactly_its_bfloat16_values(group):
+    """What prefill-sized inputs multiply with: the weight transposed, [K, N] (100 outputs: a
+    partial 64-column block), each value the bfloat16 rounding of (code - 8) * scale + zero."""
+    gen = torch.Generator().manual_seed(group)
+    weight = torch.randn(100, 384, generator=gen).bfloat16()  # what the layer quantizes
+    q = quantize_int4(weight, group)
+    packed = quantized_layer("int4", group, weight, dtype=torch.bfloat16).quantized
+    expand = lambda t: t.bfloat16().float().repeat_interleave(group, dim=1)  # noqa: E731
+    expected = ((q.codes.float() - 8) * expand(q.scale) + expand(q.zero)).bfloat16()
+    assert torch.equal(amx_kernels().int4_dequantize(packed.qweight, packed.scales, group, 100), expected.t())
+
+
+@needs_amx
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_amx_quantized_matmul_at_prefill_sizes_keeps_every_block_and_row_chunk(method):
     """Beyond 256 rows a thread keeps a group of converted blocks while row chunks pass over them:
@@ -160,6 +174,12 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
                 # All compute the same product: within bfloat16 rounding of each other.
                 for ours in (amx, few):
                     assert (ours.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
+        if method == "int4":  # prefill-sized: the weight converted whole, multiplied by oneDNN
+            x = torch.randn(INT4_DENSE_MIN_ROWS, 96, generator=gen).bfloat16()
+            dense = x @ ops.int4_dequantize(packed.qweight, packed.scales, 32, 200)
+            assert torch.equal(layer(x), dense)
+            amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
+            assert (dense.float() - amx.float()).norm() / amx.float().norm() < 1e-2
     finally:
         torch.set_num_threads(threads)
 

@@ -351,9 +351,9 @@ void check_input(const at::Tensor& x, int64_t k_total) {
 }
 
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
-void check_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
-                int64_t out_features, int64_t k_total, int64_t n_padded) {
-  check_input(x, k_total);
+void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features,
+                int64_t k_total, int64_t n_padded) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n_padded * k_total,
               "packed: torch's CPU int4 pack of the [N, K] weight");
   TORCH_CHECK(n_padded % kBlockN == 0 && out_features <= n_padded && group_size % 2 == 0, "int4 shapes");
@@ -365,7 +365,8 @@ void check_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t out_features) {
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
-  check_int4(x, packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  check_input(x, k_total);
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
   return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile) {
@@ -435,7 +436,8 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
 at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                         int64_t out_features) {
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
-  check_int4(x, packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  check_input(x, k_total);
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const int64_t rows = x.size(0), lda = x.stride(0), groups = k_total / group_size;
   // Each row's sum over each group, from the bfloat16 values the products use.
   const at::Tensor x_sums = x.to(at::kFloat).view({rows, groups, group_size}).sum(-1).contiguous();
@@ -461,6 +463,58 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
           default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
         }
       }
+    }
+  });
+  return out;
+}
+
+// One block of 64 columns of an int4 weight (torch's layout) into rows of a bfloat16 [K][ldo]
+// matrix (the weight transposed), its first `columns` columns: row k of the block is 64 codes
+// in 32 bytes, low nibbles columns 0-31 and high nibbles 32-63, so each output row is written
+// in order.
+BENTO_AVX512_BF16 void dequantize_int4_transposed(const uint8_t* codes, const c10::BFloat16* scales_and_zeros, int64_t n_padded,
+                                                  int64_t k_total, int64_t group, int64_t columns, c10::BFloat16* out, int64_t ldo) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  const __mmask32 halves[2] = {static_cast<__mmask32>(columns >= 32 ? ~0u : (1u << columns) - 1),
+                               static_cast<__mmask32>(columns >= 64 ? ~0u : columns <= 32 ? 0u : (1u << (columns - 32)) - 1)};
+  for (int64_t g = 0; g < k_total / group; ++g) {
+    const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
+    __m512 scale[4], offset[4];  // columns 16 i + [0, 16)
+    for (int i = 0; i < 4; ++i) {
+      const __m512i pairs = _mm512_loadu_si512(sz + 16 * i);
+      scale[i] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      offset[i] = _mm512_fnmadd_ps(eight, scale[i], _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
+    }
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
+      const __m256i nibbles[2] = {_mm256_and_si256(raw, low_nibble), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibble)};
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nibbles[h]))),
+                                          scale[2 * h], offset[2 * h]);
+        const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nibbles[h], 1))),
+                                          scale[2 * h + 1], offset[2 * h + 1]);
+        _mm512_mask_storeu_epi16(out + k * ldo + 32 * h, halves[h], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+      }
+    }
+  }
+}
+
+// The int4 weight (torch's CPU pack) as bfloat16 [K, out_features], the weight transposed: for
+// prefill-sized inputs, where oneDNN's bfloat16 matmul on it (x @ w) costs less than our tile
+// loop by more than this conversion (about 0.1 ns per weight) costs.
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features) {
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  at::Tensor out = at::empty({k_total, out_features}, scales_and_zeros.options());
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      dequantize_int4_transposed(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size,
+                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
     }
   });
   return out;
@@ -663,6 +717,7 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
         &int4_mm_amx);
   m.def("int4_mm_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_rows);
+  m.def("int4_dequantize(Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor", &int4_dequantize);
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
