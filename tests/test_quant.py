@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import AMX_MIN_ROWS, INT4_DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
+from engine.layers.quant import AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, QuantizedWeight, amx_kernels, quantize_int4, quantize_int8
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -109,6 +109,17 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 
 @needs_amx
+def test_int8_weight_converts_whole_to_its_values_rounded_to_bfloat16():
+    """int8's prefill-sized form: [K, N] (100 outputs, 106 inputs), code * scale in bfloat16."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(100, 106, generator=gen).bfloat16()
+    q = quantize_int8(weight)
+    packed = quantized_layer("int8", 32, weight, dtype=torch.bfloat16).quantized
+    expected = (q.codes.float() * q.scale.reshape(-1, 1).bfloat16().float()).bfloat16()
+    assert torch.equal(amx_kernels().int8_dequantize(packed.qweight, packed.scales, 100), expected.t())
+
+
+@needs_amx
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_weight_converts_whole_to_exactly_its_bfloat16_values(group):
     """What prefill-sized inputs multiply with: the weight transposed, [K, N] (100 outputs: a
@@ -174,11 +185,15 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
                 # All compute the same product: within bfloat16 rounding of each other.
                 for ours in (amx, few):
                     assert (ours.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
-        if method == "int4":  # prefill-sized: the weight converted whole, multiplied by oneDNN
-            x = torch.randn(INT4_DENSE_MIN_ROWS, 96, generator=gen).bfloat16()
-            dense = x @ ops.int4_dequantize(packed.qweight, packed.scales, 32, 200)
+            # Prefill-sized: the weight converted whole, multiplied by oneDNN.
+            x = torch.randn(DENSE_MIN_ROWS, 96, generator=gen).bfloat16()
+            if method == "int8":
+                dense = x @ ops.int8_dequantize(packed.qweight, packed.scales, 200)
+                amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
+            else:
+                dense = x @ ops.int4_dequantize(packed.qweight, packed.scales, 32, 200)
+                amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
             assert torch.equal(layer(x), dense)
-            amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
             assert (dense.float() - amx.float()).norm() / amx.float().norm() < 1e-2
     finally:
         torch.set_num_threads(threads)

@@ -11,8 +11,9 @@ own packed matmuls multiply with.
   loop over the codes (int4: 10-25% faster than PyTorch's op at one row, one thread). int4 keeps
   PyTorch's layout (its op serves 3-4 rows); int8 has its own, the tile's order. At 16 rows both
   take about half of bfloat16's time, at 64 rows 0.7-1.0x, at 256 about bfloat16's; from 1024
-  rows (a prefill chunk) int4 is converted whole to a transient bfloat16 [K, N] per call and
-  multiplied by oneDNN, 1.15-1.3x bfloat16's time (bench/bench_quant_matmul.py).
+  rows (a prefill chunk) the weight is converted whole to a transient bfloat16 [K, N] per call
+  and multiplied by oneDNN, int4 1.15-1.3x bfloat16's time (bench/bench_quant_matmul.py; int8's
+  values are then code * scale rounded to bfloat16, as a bfloat16 weight is).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. The activations' rounding costs
@@ -47,10 +48,10 @@ AMX_MIN_ROWS = 5
 # int4: up to which its few-row loop, int4_mm_rows, beats PyTorch's op (one thread, the default
 # model's shapes: 0.75-0.9x its time at one row, even at two, behind from three).
 INT4_ROWS_MAX_ROWS = 2
-# int4: from which converting the whole weight to bfloat16 per call (int4_dequantize, ~0.1 ns per
-# weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (one thread, the default model's
-# shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
-INT4_DENSE_MIN_ROWS = 1024
+# From which converting the whole weight to bfloat16 per call (int4/int8_dequantize, ~0.1 ns per
+# weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
+# model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
+DENSE_MIN_ROWS = 1024
 # int8: from which its AMX kernel beats its few-row loop, int8_mm_rows (even at 3-4 rows, one
 # thread, at the default model's shapes).
 INT8_AMX_MIN_ROWS = 4
@@ -258,12 +259,15 @@ class PackedQuantizedWeight(torch.nn.Module):
         if self.bits == 8 and self.amx:  # its own layout: every row count runs in quant_ops.cpp
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             ops = amx_kernels()
-            op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
-            y = op(rows, self.qweight, self.scales, self.out_features)
+            if rows.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)
+            else:
+                op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
+                y = op(rows, self.qweight, self.scales, self.out_features)
             return y.to(x.dtype) if x.dim() == 2 else y.reshape(*x.shape[:-1], -1).to(x.dtype)
         x = x.contiguous()
         if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2:
-            if x.shape[0] >= INT4_DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+            if x.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
                 return x @ amx_kernels().int4_dequantize(self.qweight, self.scales, self.group_size, self.out_features)
             if x.shape[0] >= AMX_MIN_ROWS:
                 return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)

@@ -76,6 +76,10 @@ alignas(64) constexpr uint8_t kInterleaveRows[64] = {
 alignas(64) constexpr uint8_t kInterleaveRowsForUnpack[64] = {
     0,  32, 1,  33, 2,  34, 3,  35, 16, 48, 17, 49, 18, 50, 19, 51, 4,  36, 5,  37, 6,  38, 7,  39, 20, 52, 21, 53, 22, 54, 23, 55,
     8,  40, 9,  41, 10, 42, 11, 43, 24, 56, 25, 57, 26, 58, 27, 59, 12, 44, 13, 45, 14, 46, 15, 47, 28, 60, 29, 61, 30, 62, 31, 63};
+// A pair row's 64 bytes (32 columns x (k, k + 1)) split: row k's 32 bytes, then row k + 1's.
+alignas(64) constexpr uint8_t kSplitPairs[64] = {
+    0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62,
+    1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -520,11 +524,11 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_an
   return out;
 }
 
-void check_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+void check_int8(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
                   packed.size(2) == kBlockN && packed.size(3) == 2 && out_features <= packed.size(0) * kBlockN,
               "packed: [N/64, K/2, 64, 2] int8 codes");
-  check_input(x, packed.size(1) * 2);
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() >= out_features,
               "scales: [N] bfloat16");
 }
@@ -533,13 +537,61 @@ void check_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 // bfloat16 scale per output column -> [M, out_features]: as int4, one block at a time converted
 // into brgemm's B tile, the scales applied to the float32 result.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  check_int8(x, packed, scales, out_features);
+  check_int8(packed, scales, out_features);
+  check_input(x, packed.size(1) * 2);
   const int64_t k_total = packed.size(1) * 2;
   const auto* codes = packed.data_ptr<int8_t>();
   return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(), [&](int64_t b, int64_t next, uint16_t* tile) {
     const int64_t block = k_total * kBlockN;
     dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_total, tile);
   });
+}
+
+// One block of 64 columns of int8 codes ([K/2][64][2]) into rows of a bfloat16 [K][ldo] matrix
+// (the weight transposed), its first `columns` columns, each value code * scale rounded to
+// bfloat16: one byte permutation splits a pair row's 32 columns into row k's and row k + 1's.
+BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10::BFloat16* scale, int64_t k_total,
+                                                  int64_t columns, c10::BFloat16* out, int64_t ldo) {
+  const __m512i split = _mm512_load_si512(kSplitPairs);
+  __m512 s[4];
+  __mmask32 masks[2];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t left = std::clamp<int64_t>(columns - 16 * i, 0, 16);
+    s[i] = load_bfloat16(scale + 16 * i, static_cast<__mmask16>((1u << left) - 1));
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = std::clamp<int64_t>(columns - 32 * h, 0, 32);
+    masks[h] = left == 32 ? ~0u : static_cast<__mmask32>((1u << left) - 1);
+  }
+  for (int64_t p = 0; p < k_total / 2; ++p) {
+    for (int h = 0; h < 2; ++h) {  // columns 32 h + [0, 32) of rows 2p and 2p + 1
+      const __m512i rows = _mm512_permutexvar_epi8(split, _mm512_loadu_si512(codes + p * kBlockN * 2 + 64 * h));
+      for (int r = 0; r < 2; ++r) {
+        const __m256i row = r ? _mm512_extracti64x4_epi64(rows, 1) : _mm512_castsi512_si256(rows);
+        const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(row))), s[2 * h]);
+        const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(row, 1))), s[2 * h + 1]);
+        _mm512_mask_storeu_epi16(out + (2 * p + r) * ldo + 32 * h, masks[h], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+      }
+    }
+  }
+}
+
+// The int8 weight (codes [N/64, K/2, 64, 2], a scale per output) as bfloat16 [K, out_features],
+// the weight transposed: what prefill-sized inputs multiply with, as int4_dequantize.
+at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  const int64_t k_total = packed.size(1) * 2;
+  check_int8(packed, scales, out_features);
+  at::Tensor out = at::empty({k_total, out_features}, scales.options());
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      dequantize_int8_transposed(codes + b * k_total * kBlockN, s + b * kBlockN, k_total,
+                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
+    }
+  });
+  return out;
 }
 
 // R rows of x (float32, [R][K]) times one 64-column block of int8 codes [K/2][64][2], V * 8
@@ -589,7 +641,8 @@ BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const in
 // The same product for a few rows (a decode step), where reading the codes is the whole cost: no
 // conversion to a tile, one pass over each block of codes per 4 rows, threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  check_int8(x, packed, scales, out_features);
+  check_int8(packed, scales, out_features);
+  check_input(x, packed.size(1) * 2);
   const int64_t rows = x.size(0), k_total = packed.size(1) * 2;
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
@@ -718,6 +771,7 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int4_mm_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_rows);
   m.def("int4_dequantize(Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor", &int4_dequantize);
+  m.def("int8_dequantize(Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_dequantize);
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
