@@ -45,7 +45,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
