@@ -1,6 +1,6 @@
 """Quantized matmuls against oneDNN's packed bfloat16, at the default model's projection shapes.
 
-    python bench/bench_quant_matmul.py                  # rows 1, 4, 16, 64, 256; one thread
+    python bench/bench_quant_matmul.py                  # rows 1, 4, 16, 64, 256, 2000; one thread
     python bench/bench_quant_matmul.py --rows 1,8,64 --threads 2
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
@@ -10,12 +10,17 @@ interleaved in one process, keeping each format's best of --rounds. Time is the 
 time at one thread (robust on a shared machine), wall time otherwise. Reported: bfloat16's
 microseconds per layer and each format's time relative to it (below 1 is faster):
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
-- int4 / int8 AMX: kernels/csrc/quant_ops.cpp on the same codes (AMX-BF16 CPUs only)
-- int8 rows: its AVX-512 few-row loop over the same codes as int8 AMX
+- int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loop on the same codes (AMX-BF16 CPUs only)
+- int4 / int8 rows: its AVX-512 few-row loops over the same codes (int4: torch's layout)
+- int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
   both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
+and the two limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
+scales and zeros at the measured memory bandwidth (what bounds a few rows), and AMX, the
+product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
+(what bounds many rows).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -36,7 +42,7 @@ SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,4,16,64,256")
+    parser.add_argument("--rows", default="1,4,16,64,256,2000")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
@@ -44,9 +50,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 torch", "int4 AMX", "int4 layer", "int8 torch", "int8 AMX", "int8 rows", "int8 layer", "w8a8", "w8a8 plain"]
+    names = ["int4 read", "AMX", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
+             "int8 layer", "w8a8", "w8a8 plain"]
+    bandwidth = read_bandwidth(args.rounds)
+    square = torch.randn(2048, 2048).bfloat16()
+    square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
+    flops = 2 * 2048**3 / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(square, square_packed, None, "none", [], ""),
+                                       args.rounds)
     print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
-          f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}\n")
+          f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}; "
+          f"memory read {bandwidth / 1e9:.1f} GB/s, bfloat16 matmul {flops / 1e12:.2f} TFLOP/s\n")
     print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
     print("|" + " --- |" * (3 + len(names)))
     for shape, (n, k) in SHAPES.items():
@@ -73,6 +86,8 @@ def main() -> None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, 32, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
                 runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
+                runs["int4 rows"] = lambda: [ops.int4_mm_rows(x, q.qweight, q.scales, 32, n) for q in int4]
+                runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, 32, n) for q in int4]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
@@ -86,6 +101,8 @@ def main() -> None:
                         fn()
                         best[name] = min(best[name], (clock() - start) / args.layers)
             base = best["bfloat16"]
+            best["int4 read"] = (int4[0].qweight.numel() + int4[0].scales.numel() * 2) / bandwidth
+            best["AMX"] = 2 * rows * n * k / flops
             cells = [f"{best[name] / base:.2f}x" if name in best else "" for name in names]
             print(f"| {shape} {n}x{k} | {rows} | {base * 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
 

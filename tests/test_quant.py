@@ -19,8 +19,8 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
-from engine.layers.quant import (AMX_MIN_ROWS, INT8_AMX_MIN_ROWS, PackedQuantizedWeight, QuantizedWeight, amx_kernels,
-                                 quantize, quantize_int4, quantize_int8)
+from engine.layers.quant import (AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, PackedQuantizedWeight,
+                                 QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8)
 from engine.layers.rotation import hadamard_block, rotate
 
 gguf = pytest.importorskip("gguf")
@@ -83,29 +83,81 @@ def _amx_reference(layer: Linear, q: QuantizedWeight, x: torch.Tensor) -> torch.
 
 @needs_amx
 @pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
-@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 64, 257])
 def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows):
-    """The kernel itself at every row count (the layer sends few rows to another), on shapes
-    that are not multiples of its 64-column tiles: 100 outputs; 384 inputs (int8: 106, not a
-    multiple of 16 either); int8's few-row loop likewise at every row count."""
+    """The kernels themselves at every row count (the layer sends each row count to one of them),
+    on shapes that are not multiples of their tiles: 100 outputs (a partial 64-column block);
+    384 inputs (int8: 106, not a multiple of the tile's 32 either); the input's rows strided (a
+    gathered LM head input). The AMX tile loop and each few-row loop (int8_mm_rows, int4_mm_rows)."""
     gen = torch.Generator().manual_seed(rows + group)
     cols = 106 if method == "int8" else 384
     weight = torch.randn(100, cols, generator=gen).bfloat16()  # what the layer quantizes
     q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group)
     packed = quantized_layer(method, group, weight, dtype=torch.bfloat16).quantized
     assert packed.amx
-    x = torch.randn(rows, cols, generator=gen).bfloat16()
+    x = torch.randn(2 * rows, cols, generator=gen).bfloat16()[::2]
     ops = amx_kernels()
     with torch.inference_mode():
         if method == "int8":
             outs = [ops.int8_mm_amx(x, packed.qweight, packed.scales, 100), ops.int8_mm_rows(x, packed.qweight, packed.scales, 100)]
         else:
-            outs = [ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)]
+            outs = [ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100),
+                    ops.int4_mm_rows(x, packed.qweight, packed.scales, group, 100)]
     expected = _amx_reference(packed, q, x)
     for out in outs:
         assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
         # What is left is the float32 sum's order and the output's rounding to bfloat16 (2^-9).
         assert (out.float() - expected).norm() / expected.norm() < 3e-3
+
+
+@needs_amx
+def test_int8_weight_converts_whole_to_its_values_rounded_to_bfloat16():
+    """int8's prefill-sized form: [K, N] (100 outputs, 106 inputs), code * scale in bfloat16."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(100, 106, generator=gen).bfloat16()
+    q = quantize_int8(weight)
+    packed = quantized_layer("int8", 32, weight, dtype=torch.bfloat16).quantized
+    expected = (q.codes.float() * q.scale.reshape(-1, 1).bfloat16().float()).bfloat16()
+    assert torch.equal(amx_kernels().int8_dequantize(packed.qweight, packed.scales, 100), expected.t())
+
+
+@needs_amx
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_weight_converts_whole_to_exactly_its_bfloat16_values(group):
+    """What prefill-sized inputs multiply with: the weight transposed, [K, N] (100 outputs: a
+    partial 64-column block), each value the bfloat16 rounding of (code - 8) * scale + zero."""
+    gen = torch.Generator().manual_seed(group)
+    weight = torch.randn(100, 384, generator=gen).bfloat16()  # what the layer quantizes
+    q = quantize_int4(weight, group)
+    packed = quantized_layer("int4", group, weight, dtype=torch.bfloat16).quantized
+    expand = lambda t: t.bfloat16().float().repeat_interleave(group, dim=1)  # noqa: E731
+    expected = ((q.codes.float() - 8) * expand(q.scale) + expand(q.zero)).bfloat16()
+    assert torch.equal(amx_kernels().int4_dequantize(packed.qweight, packed.scales, group, 100), expected.t())
+
+
+@needs_amx
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_amx_quantized_matmul_at_prefill_sizes_keeps_every_block_and_row_chunk(method):
+    """Beyond 256 rows a thread keeps a group of converted blocks while row chunks pass over them:
+    on one thread, 45 blocks of 64 columns x 384 inputs do not fit one group (2 MB), and 300 rows
+    are two chunks, the second a partial row tile."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(45 * 64, 384, generator=gen).bfloat16()
+    q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, 32)
+    packed = quantized_layer(method, 32, weight, dtype=torch.bfloat16).quantized
+    x = torch.randn(300, 384, generator=gen).bfloat16()
+    ops, threads = amx_kernels(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            if method == "int8":
+                out = ops.int8_mm_amx(x, packed.qweight, packed.scales, weight.shape[0])
+            else:
+                out = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, weight.shape[0])
+    finally:
+        torch.set_num_threads(threads)
+    expected = _amx_reference(packed, q, x)
+    assert ((out.float() - expected).norm(dim=0) / expected.norm(dim=0)).max() < 3e-3  # every column
 
 
 @needs_amx
@@ -120,19 +172,31 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
     try:
         with torch.inference_mode():
             threshold = INT8_AMX_MIN_ROWS if method == "int8" else AMX_MIN_ROWS
-            for rows in (1, threshold - 1, threshold, 40):
+            for rows in (1, INT4_ROWS_MAX_ROWS, INT4_ROWS_MAX_ROWS + 1, threshold - 1, threshold, 40):
                 x = torch.randn(rows, 96, generator=gen).bfloat16()
                 if method == "int8":  # few rows: its own loop over the same codes; PyTorch's op as a second opinion
                     amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
                     few = ops.int8_mm_rows(x, packed.qweight, packed.scales, 200)
                     theirs = torch.ops.aten._weight_int8pack_mm(x, packed.int8_rows().contiguous(), packed.scales)
-                else:
+                else:  # 1-2 rows: its own loop; then PyTorch's op up to the AMX kernel
                     amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
-                    few = theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
+                    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, 32, packed.scales)[:, :200]
+                    loop = ops.int4_mm_rows(x, packed.qweight, packed.scales, 32, 200)
+                    few = loop if rows <= INT4_ROWS_MAX_ROWS else theirs
                 assert torch.equal(layer(x), amx if rows >= threshold else few), rows
                 # All compute the same product: within bfloat16 rounding of each other.
                 for ours in (amx, few):
                     assert (ours.float() - theirs.float()).norm() / theirs.float().norm() < 1e-2
+            # Prefill-sized: the weight converted whole, multiplied by oneDNN.
+            x = torch.randn(DENSE_MIN_ROWS, 96, generator=gen).bfloat16()
+            if method == "int8":
+                dense = x @ ops.int8_dequantize(packed.qweight, packed.scales, 200)
+                amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
+            else:
+                dense = x @ ops.int4_dequantize(packed.qweight, packed.scales, 32, 200)
+                amx = ops.int4_mm_amx(x, packed.qweight, packed.scales, 32, 200)
+            assert torch.equal(layer(x), dense)
+            assert (dense.float() - amx.float()).norm() / amx.float().norm() < 1e-2
     finally:
         torch.set_num_threads(threads)
 

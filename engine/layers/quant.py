@@ -5,13 +5,15 @@ own packed matmuls multiply with.
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
-- From a few rows up, on CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp
-  instead: the same codes dequantized tile by tile into AMX matmuls. PyTorch's ops are vector
-  loops, 3-20x slower than packed bfloat16 from 16 rows up. int4 keeps PyTorch's layout (its op
-  reads it at memory speed for 1-4 rows, 0.3x bfloat16's time at one row); int8 has its own,
-  the tile's order, with our own few-row loop (0.4-0.5x bfloat16's time at 1-2 rows where
-  PyTorch's op took 0.6-0.9x). At 64 rows both cost about bfloat16's time
-  (bench/bench_quant_matmul.py).
+- On CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead: from a few
+  rows up, the same codes converted block by block into our own AMX tile loop (PyTorch's ops are
+  vector loops, 3-20x slower than packed bfloat16 from 16 rows up); for 1-2 rows, an AVX512-BF16
+  loop over the codes (int4: 10-25% faster than PyTorch's op at one row, one thread). int4 keeps
+  PyTorch's layout (its op serves 3-4 rows); int8 has its own, the tile's order. At 16 rows both
+  take about half of bfloat16's time, at 64 rows 0.7-1.0x, at 256 about bfloat16's; from 1024
+  rows (a prefill chunk) the weight is converted whole to a transient bfloat16 [K, N] per call
+  and multiplied by oneDNN, int4 1.15-1.3x bfloat16's time (bench/bench_quant_matmul.py; int8's
+  values are then code * scale rounded to bfloat16, as a bfloat16 weight is).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
@@ -46,6 +48,13 @@ _AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
 # one thread: both even at 4 rows, AMX ahead from 6).
 AMX_MIN_ROWS = 5
+# int4: up to which its few-row loop, int4_mm_rows, beats PyTorch's op (one thread, the default
+# model's shapes: 0.75-0.9x its time at one row, even at two, behind from three).
+INT4_ROWS_MAX_ROWS = 2
+# From which converting the whole weight to bfloat16 per call (int4/int8_dequantize, ~0.1 ns per
+# weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
+# model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
+DENSE_MIN_ROWS = 1024
 # int8: from which its AMX kernel beats its few-row loop, int8_mm_rows (even at 3-4 rows, one
 # thread, at the default model's shapes).
 INT8_AMX_MIN_ROWS = 4
@@ -276,12 +285,20 @@ class PackedQuantizedWeight(torch.nn.Module):
         if self.bits == 8 and self.amx:  # its own layout: every row count runs in quant_ops.cpp
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             ops = amx_kernels()
-            op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
-            y = op(rows, self.qweight, self.scales, self.out_features)
+            if rows.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)
+            else:
+                op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
+                y = op(rows, self.qweight, self.scales, self.out_features)
             return y.to(x.dtype) if x.dim() == 2 else y.reshape(*x.shape[:-1], -1).to(x.dtype)
         x = x.contiguous()
-        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] >= AMX_MIN_ROWS:
-            return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
+        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2:
+            if x.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+                return x @ amx_kernels().int4_dequantize(self.qweight, self.scales, self.group_size, self.out_features)
+            if x.shape[0] >= AMX_MIN_ROWS:
+                return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
+            if x.shape[0] <= INT4_ROWS_MAX_ROWS:
+                return amx_kernels().int4_mm_rows(x, self.qweight, self.scales, self.group_size, self.out_features)
         if self.bits == 8:
             if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales

@@ -1,24 +1,29 @@
 // Quantized matmuls on AMX: the weight stays in its int4/int8 codes; each call converts one
-// block of 64 output columns at a time to bfloat16 (about K x 128 bytes, in L1/L2), multiplies
-// every input row with it through oneDNN's brgemm ukernel (at::native::cpublas::brgemm,
-// bfloat16 x bfloat16 -> float32, AMX) and writes those 64 columns. Threads split the column
-// blocks. w8a8_mm_amx needs no conversion at all: it rounds the input to int8 per row and
-// multiplies it with int8 codes on AMX-INT8. Registered as torch.ops.bento_llm.int4_mm_amx /
-// int8_mm_amx / int8_mm_rows / w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py
-// builds both).
+// block of 64 output columns at a time to a bfloat16 tile (K x 128 bytes, in L1/L2), once per call
+// whatever the row count, and multiplies every input row with it in our own AMX tile loop
+// (_tile_loadd / _tile_dpbf16ps: 2x2 tiles of 16 rows x 16 columns, A read straight from the
+// row-major input, B from the converted block), the float32 sums converted to bfloat16 on the
+// way out. Threads split the column blocks. For 1-2 rows (a decode step) int4_mm_rows reads the
+// codes with AVX512-BF16 instead, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
+// input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
+// Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
+// w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 // are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
 // 3-20x slower than oneDNN's packed bfloat16 on AMX from 16 rows up. Converting a weight once
-// per call costs less than reading it in bfloat16 from memory, and AMX does the rest.
+// per call costs less than reading it in bfloat16 from memory, and AMX does the rest. A
+// hand-written tile loop rather than a brgemm call per block: no per-call setup, one tile
+// configuration per thread, and rows beyond 256 pass in chunks over blocks kept converted
+// (brgemm re-read the whole input per block: 1.6-2x bfloat16's time at 2000 rows).
 //
 // int4's layout is PyTorch's own, so one copy of the weight serves both its few-row kernel and
 // this one; int8 and w8a8 have their own (every row count runs here):
 // - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
 //   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
 //   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
-//   dequantized straight into the VNNI layout of brgemm's B operand ([K/2][64][2]).
-// - int8: [N/64][K/2][64][2] codes, brgemm's VNNI order (PyTorch's [N][K] would need a transpose
+//   dequantized straight into the VNNI layout of AMX's B operand ([K/2][64][2]).
+// - int8: [N/64][K/2][64][2] codes, AMX's VNNI order (PyTorch's [N][K] would need a transpose
 //   per tile), zero rows padding N, one bfloat16 scale per output column applied to the float32
 //   result. A block widens exactly into its bfloat16 tile; for a few rows (int8_mm_rows) the codes are
 //   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
@@ -27,8 +32,9 @@
 //   arranges them at load), float32 scale per output row; where the weight was rotated at load
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
-// Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
-// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_bf16_supported()).
+// Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
+// any x86-64; the ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux grants
+// the tile registers (amx_bf16_supported()).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,10 +42,11 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
-#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -51,8 +58,29 @@ namespace {
 
 constexpr int64_t kBlockN = 64;     // output columns per tile: torch's AVX-512 int4 block
 constexpr int64_t kMaxRows = 512;   // input rows per brgemm call (bounds the float32 result tile)
+constexpr int64_t kTileRows = 16;   // rows of an AMX tile
+constexpr int64_t kTileK = 32;      // bfloat16 inputs per AMX tile row (64 bytes)
+constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of converted blocks (a multiple of 32)
+constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
+constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at once beyond kRowChunk rows
 
-#define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
+#define BENTO_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+
+// Byte j of two 32-byte rows side by side (out byte 2j: the first row's byte j, 2j + 1: the second's).
+alignas(64) constexpr uint8_t kInterleaveRows[64] = {
+    0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+// The same pairs in the order int4_block_rows unpacks them: 128-bit lane L holds the pairs of
+// columns 4L..4L+3 (its low 8 bytes) and 16+4L..16+4L+3, so unpacking the low and high halves of
+// the lanes gives columns 0-15 and 16-31 in order.
+alignas(64) constexpr uint8_t kInterleaveRowsForUnpack[64] = {
+    0,  32, 1,  33, 2,  34, 3,  35, 16, 48, 17, 49, 18, 50, 19, 51, 4,  36, 5,  37, 6,  38, 7,  39, 20, 52, 21, 53, 22, 54, 23, 55,
+    8,  40, 9,  41, 10, 42, 11, 43, 24, 56, 25, 57, 26, 58, 27, 59, 12, 44, 13, 45, 14, 46, 15, 47, 28, 60, 29, 61, 30, 62, 31, 63};
+// A pair row's 64 bytes (32 columns x (k, k + 1)) split: row k's 32 bytes, then row k + 1's.
+alignas(64) constexpr uint8_t kSplitPairs[64] = {
+    0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62,
+    1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -64,46 +92,42 @@ std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
   return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(std::aligned_alloc(64, bytes)));
 }
 
-// One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2]. Rows k and
-// k + 1 are byte-interleaved first (unpack), so each code pair (k, k + 1) of a column sits side by
-// side and the float results are already in VNNI order: 8 columns x 2 rows per 16 floats. The
-// next block's codes (next, or null) are prefetched to L2 on the way, so they arrive while AMX
-// multiplies this one.
+// One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2] (64-byte
+// aligned). Rows k and k + 1 are 64 contiguous bytes; one byte permutation puts byte j of both
+// side by side, so each code pair (k, k + 1) of a column is adjacent and the float results are
+// already in VNNI order: 8 columns x 2 rows per 16 floats. The next block's codes (next, or
+// null) are prefetched to L2 on the way, so they arrive while AMX multiplies this one.
 BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t* next, const c10::BFloat16* scales_and_zeros,
                                              int64_t n_padded, int64_t k_total, int64_t group, uint16_t* tile) {
-  // scale and offset per column, each twice (both rows of a pair): [64 columns][2].
-  alignas(64) float scale[kBlockN * 2], offset[kBlockN * 2];
-  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m512i interleave = _mm512_load_si512(kInterleaveRows);
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
   for (int64_t g = 0; g < k_total / group; ++g) {
-    const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros) + g * n_padded * 2;
-    for (int64_t j = 0; j < kBlockN; ++j) {
-      const float s = std::bit_cast<float>(static_cast<uint32_t>(sz[2 * j]) << 16);
-      const float z = std::bit_cast<float>(static_cast<uint32_t>(sz[2 * j + 1]) << 16);
-      scale[2 * j] = scale[2 * j + 1] = s;
-      offset[2 * j] = offset[2 * j + 1] = z - 8.0f * s;  // (code - 8) * s + z = code * s + (z - 8 s)
+    // (scale, offset) of columns 8q..8q+7, each twice (both rows of a pair), from their
+    // (scale, zero) bfloat16 pairs: (code - 8) s + z = code s + (z - 8 s).
+    const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
+    __m512 scale[8], offset[8];
+    for (int q = 0; q < 8; ++q) {
+      const __m512i pairs =
+          _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 8 * q))));
+      scale[q] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      offset[q] = _mm512_fnmadd_ps(eight, scale[q], _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
     }
     for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
       if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * 32), _MM_HINT_T1);
-      const __m256i row0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
-      const __m256i row1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (k + 1) * 32));
-      // Bytes j of both rows side by side, per 128-bit lane: lo has j = 0-7 | 16-23, hi j = 8-15 | 24-31.
-      const __m256i lo = _mm256_unpacklo_epi8(row0, row1), hi = _mm256_unpackhi_epi8(row0, row1);
-      // Low nibbles are columns j, high nibbles columns 32 + j.
-      const __m256i parts[2][2] = {
-          {_mm256_and_si256(lo, low_nibble), _mm256_and_si256(hi, low_nibble)},
-          {_mm256_and_si256(_mm256_srli_epi16(lo, 4), low_nibble), _mm256_and_si256(_mm256_srli_epi16(hi, 4), low_nibble)}};
+      const __m512i both = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(codes + k * 32));
+      // Low nibbles are columns 0-31, high nibbles columns 32-63.
+      const __m512i nibbles[2] = {_mm512_and_si512(both, low_nibble), _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble)};
       uint16_t* out = tile + (k / 2) * kBlockN * 2;
-      for (int nibble = 0; nibble < 2; ++nibble) {
-        for (int lane = 0; lane < 2; ++lane) {
-          const int64_t n = nibble * 32 + lane * 16;  // first column of these 16
-          const __m256i a = parts[nibble][0], b = parts[nibble][1];
-          const __m128i first = lane ? _mm256_extracti128_si256(a, 1) : _mm256_castsi256_si128(a);
-          const __m128i second = lane ? _mm256_extracti128_si256(b, 1) : _mm256_castsi256_si128(b);
-          const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first)), _mm512_load_ps(scale + 2 * n),
-                                            _mm512_load_ps(offset + 2 * n));
-          const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(second)),
-                                            _mm512_load_ps(scale + 2 * n + 16), _mm512_load_ps(offset + 2 * n + 16));
-          _mm512_storeu_si512(out + n * 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+      for (int h = 0; h < 2; ++h) {
+        for (int p = 0; p < 2; ++p) {  // columns 32 h + 16 p + [0, 16), both rows
+          const int q = 4 * h + 2 * p;
+          const __m128i c0 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p), c1 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p + 1);
+          const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), scale[q], offset[q]);
+          const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), scale[q + 1], offset[q + 1]);
+          _mm512_store_si512(out + (32 * h + 16 * p) * 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
         }
       }
     }
@@ -129,22 +153,26 @@ BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// out[m, n0 + j] = result[m, j] (times scale[j] where there is one) for j < columns, in bfloat16.
-BENTO_AVX512_BF16 void store_block(const float* result, int64_t rows, int64_t columns, const c10::BFloat16* scale,
+// out[m, n0 + j] = result[m, j] (times scale[j] where there is one) for j < columns, in bfloat16;
+// result rows are ldc floats apart.
+BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t rows, int64_t columns, const c10::BFloat16* scale,
                                    c10::BFloat16* out, int64_t out_stride) {
   for (int64_t j = 0; j < columns; j += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
     const __m512 s = scale ? load_bfloat16(scale + j, mask) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(result + m * kBlockN + j), s);
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(result + m * ldc + j), s);
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
 
+bool amx_tiles_permitted();
+
 bool amx_bf16_supported() {
   // cpublas packs bfloat16 for brgemm exactly where oneDNN's ukernel runs it on AMX.
-  return __builtin_cpu_supports("avx512bf16") && at::native::cpublas::could_pack(at::kBFloat16);
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+         at::native::cpublas::could_pack(at::kBFloat16) && amx_tiles_permitted();
 }
 
 // (first row, rows) of each brgemm call: kMaxRows at a time, then the rest's multiple of 16 in
@@ -164,30 +192,159 @@ std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t rows) {
   return chunks;
 }
 
-// The shared loop: each thread takes a run of 64-column blocks, fills the tile for one (fill),
-// multiplies all rows with it (brgemm) and stores.
+// Linux gives a process AMX's tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM
+// for XTILEDATA); the permission is process-wide, so once is enough.
+bool amx_tiles_permitted() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
+  }();
+  return permitted;
+}
+
+// Every tile 16 rows x 64 bytes: A 16 rows x 32 bfloat16 inputs; B 16 input pairs x 16 columns
+// x 2 (VNNI); C 16 x 16 float32 sums. C: tmm0-3, A: tmm4-5, B: tmm6-7.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows};
+};
+
+// A constant in memory: built on the stack, gcc drops the stores ldtilecfg reads (it does not
+// see the instruction read them).
+const TileConfig kTileConfig;
+
+BENTO_AMX void configure_tiles() { _tile_loadconfig(&kTileConfig); }
+
+BENTO_AMX void release_tiles() { _tile_release(); }
+
+// R x 16 rows of A (bfloat16, lda elements apart, K a multiple of 32) times 32 columns of a
+// dequantized block ([K/2][64][2], b at its first column) -> c [R x 16][32] float32: a 2x2 (or
+// 1x2) tile product, each A tile used twice and each B tile R times per 32 inputs.
+template <int R>
+BENTO_AMX void tile_product(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t k_steps, float* c) {
+  constexpr int64_t b_stride = kBlockN * 2 * sizeof(uint16_t), c_stride = 32 * sizeof(float);
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (R == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < k_steps; ++s) {
+    const uint16_t* bs = b + s * kTileK * kBlockN;  // 16 input pairs further
+    _tile_loadd(6, bs, b_stride);
+    _tile_loadd(7, bs + 32, b_stride);
+    _tile_loadd(4, a + s * kTileK, lda * sizeof(uint16_t));
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R == 2) {
+      _tile_loadd(5, a + kTileRows * lda + s * kTileK, lda * sizeof(uint16_t));
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, c_stride);
+  _tile_stored(1, c + 16, c_stride);
+  if constexpr (R == 2) {
+    _tile_stored(2, c + kTileRows * 32, c_stride);
+    _tile_stored(3, c + kTileRows * 32 + 16, c_stride);
+  }
+}
+
+// The input as AMX reads it: row pairs of 16-row tiles straight from x where its width is a
+// whole number of 32-input steps (else from a zero-padded copy), and its last rows % 32 rows
+// from a zero-padded copy of one or two tiles.
+struct InputTiles {
+  at::Tensor padded;
+  std::unique_ptr<uint16_t[], AlignedFree> tail_copy;
+  const uint16_t* main;
+  int64_t lda, main_rows;  // main_rows: a multiple of 32
+  const uint16_t* tail;    // tail_tiles x 16 rows, k_padded apart
+  int64_t tail_tiles;
+
+  InputTiles(const at::Tensor& x, int64_t k_padded) {
+    const at::Tensor& source = x.size(1) == k_padded ? x : (padded = at::constant_pad_nd(x, {0, k_padded - x.size(1)}));
+    main = reinterpret_cast<const uint16_t*>(source.data_ptr<c10::BFloat16>());
+    lda = source.stride(0);
+    const int64_t rows = x.size(0);
+    main_rows = rows / (2 * kTileRows) * (2 * kTileRows);
+    tail_tiles = (rows - main_rows + kTileRows - 1) / kTileRows;
+    tail = nullptr;
+    if (tail_tiles) {
+      tail_copy = aligned_buffer<uint16_t>(tail_tiles * kTileRows * k_padded);
+      std::memset(tail_copy.get(), 0, tail_tiles * kTileRows * k_padded * sizeof(uint16_t));
+      for (int64_t m = main_rows; m < rows; ++m) {
+        std::memcpy(tail_copy.get() + (m - main_rows) * k_padded, main + m * lda, k_padded * sizeof(uint16_t));
+      }
+      tail = tail_copy.get();
+    }
+  }
+};
+
+// A thread's reusable buffer for dequantized blocks (grows, never shrinks: no allocation per call).
+uint16_t* block_buffer(int64_t elements) {
+  thread_local std::unique_ptr<uint16_t[], AlignedFree> buffer;
+  thread_local int64_t capacity = 0;
+  if (elements > capacity) {
+    buffer = aligned_buffer<uint16_t>(elements);
+    capacity = elements;
+  }
+  return buffer.get();
+}
+
+// Rows [m0, m1) of the input times one dequantized block, stored into its (up to) 64 columns.
+BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int64_t rows, int64_t k_steps, const uint16_t* tile,
+                              int64_t columns, const c10::BFloat16* scale, c10::BFloat16* y, int64_t ldy) {
+  alignas(64) float c[2 * kTileRows * 32];
+  for (int64_t m = m0; m < m1; m += 2 * kTileRows) {
+    const bool main = m < in.main_rows;
+    const uint16_t* a = main ? in.main + m * in.lda : in.tail;
+    const int64_t lda = main ? in.lda : k_steps * kTileK;
+    const int64_t valid = std::min<int64_t>(2 * kTileRows, rows - m);
+    for (int64_t half = 0; half < kBlockN && half < columns; half += 32) {
+      if (main || in.tail_tiles == 2) {
+        tile_product<2>(a, lda, tile + half * 2, k_steps, c);
+      } else {
+        tile_product<1>(a, lda, tile + half * 2, k_steps, c);
+      }
+      store_block(c, 32, valid, std::min<int64_t>(32, columns - half), scale ? scale + half : nullptr, y + m * ldy + half, ldy);
+    }
+  }
+}
+
+// The shared loop: threads split the 64-column blocks; each block is converted to a bfloat16
+// VNNI tile once per call (fill) and multiplied with every input row by AMX tile products. Up to
+// kRowChunk rows, one block at a time (the tile stays in L2); beyond, a group of a thread's
+// blocks is kept converted while row chunks of kRowChunk pass over it (each chunk's rows stay in
+// cache), so no block is converted twice and no input row is read from memory once per block.
 template <typename Fill>
 at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat16* column_scale, const Fill& fill) {
-  const int64_t rows = x.size(0), k_total = x.size(1), lda = x.stride(0);
+  const int64_t rows = x.size(0), k_total = x.size(1);
+  const int64_t k_padded = (k_total + kTileK - 1) / kTileK * kTileK, tile_elements = k_padded * kBlockN;
   at::Tensor out = at::empty({rows, n_total}, x.options());
-  const auto* a = x.data_ptr<c10::BFloat16>();
   auto* y = out.data_ptr<c10::BFloat16>();
+  const InputTiles in(x, k_padded);
   const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
-  const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
+  const int64_t group = rows <= kRowChunk ? 1 : std::max<int64_t>(1, kGroupBytes / (tile_elements * 2));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    auto tile = aligned_buffer<uint16_t>(k_total * kBlockN);
-    auto result = aligned_buffer<float>(std::min(rows, kMaxRows) * kBlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      fill(b, tile.get());
-      const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
-      for (const auto& [m, mb] : chunks) {
-        at::native::cpublas::brgemm(mb, kBlockN, k_total, lda, kBlockN, kBlockN, false, a + m * lda,
-                                    reinterpret_cast<const at::BFloat16*>(tile.get()), result.get());
-        store_block(result.get(), mb, columns, column_scale ? column_scale + b * kBlockN : nullptr,
-                    y + m * n_total + b * kBlockN, n_total);
+    uint16_t* tiles = block_buffer(std::min(group, end - begin) * tile_elements);
+    configure_tiles();
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group);
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
+        for (int64_t b = g0; b < g1; ++b) {
+          uint16_t* tile = tiles + (b - g0) * tile_elements;
+          if (m0 == 0) {
+            fill(b, b + 1 < end ? b + 1 : -1, tile);
+            std::memset(tile + k_total * kBlockN, 0, (k_padded - k_total) * kBlockN * sizeof(uint16_t));
+          }
+          const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
+          multiply_block(in, m0, std::min(rows, m0 + kRowChunk), rows, k_padded / kTileK, tile, columns,
+                         column_scale ? column_scale + b * kBlockN : nullptr, y + b * kBlockN, n_total);
+        }
       }
     }
-    at::native::cpublas::brgemm_release();
+    release_tiles();
   });
   return out;
 }
@@ -199,29 +356,180 @@ void check_input(const at::Tensor& x, int64_t k_total) {
 }
 
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
-at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
-                       int64_t group_size, int64_t out_features) {
-  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
-  check_input(x, k_total);
+void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features,
+                int64_t k_total, int64_t n_padded) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n_padded * k_total,
               "packed: torch's CPU int4 pack of the [N, K] weight");
   TORCH_CHECK(n_padded % kBlockN == 0 && out_features <= n_padded && group_size % 2 == 0, "int4 shapes");
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
               "scales_and_zeros: [K / group, N, 2] bfloat16");
+}
+
+// x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
+at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                       int64_t group_size, int64_t out_features) {
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_input(x, k_total);
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, uint16_t* tile) {
+  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile) {
     const int64_t block = k_total * 32;
-    dequantize_int4_block(codes + b * block, (b + 1) * kBlockN < n_padded ? codes + (b + 1) * block : nullptr,
-                          sz + b * kBlockN * 2, n_padded, k_total, group_size, tile);
+    dequantize_int4_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, sz + b * kBlockN * 2, n_padded,
+                          k_total, group_size, tile);
   });
 }
 
-void check_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+// R rows of x (bfloat16, lda apart) times one 64-column block of int4 codes (torch's layout),
+// for a few rows (a decode step), where reading the codes is the whole cost: no tile. Each code
+// pair (k, k + 1) of a column becomes the exact bfloat16 pair (128 + code): the code as the low
+// byte under 0x43 (bfloat16 128 + c for c < 128), one unpack per 32 codes; AVX512-BF16's pair
+// dot product multiplies it with (x[k], x[k + 1]) into float32 sums per group. Each group then
+// takes its column's scale s and zero z, with the bias removed through the group's sum of x
+// (x_sums, [R][groups]): sum x ((c - 8) s + z) = s sum x (128 + c) + (z - 136 s) sum x.
+template <int R>
+BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const float* x_sums, int64_t k_total, int64_t group,
+                                       const uint8_t* codes, const uint16_t* scales_and_zeros, int64_t n_padded, int64_t columns,
+                                       c10::BFloat16* out, int64_t out_stride) {
+  const __m512i interleave = _mm512_load_si512(kInterleaveRowsForUnpack);
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8(0x43);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 offset = _mm512_set1_ps(136.0f);
+  const int64_t groups = k_total / group;
+  __m512 total[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) total[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes + k * 32 + kPrefetchAhead), _MM_HINT_T0);
+      const __m512i both = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(codes + k * 32));
+      const __m512i low = _mm512_and_si512(both, low_nibble), high = _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble);
+      // Columns 16 i + [0, 16), each a (k, k + 1) pair of bfloat16 values 128 + code.
+      const __m512i w[4] = {_mm512_unpacklo_epi8(low, bias), _mm512_unpackhi_epi8(low, bias), _mm512_unpacklo_epi8(high, bias),
+                            _mm512_unpackhi_epi8(high, bias)};
+      for (int r = 0; r < R; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * lda + k, sizeof(pair));
+        const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+        for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(w[i]), xp);
+      }
+    }
+    const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
+    for (int i = 0; i < 4; ++i) {
+      const __m512i pairs = _mm512_loadu_si512(sz + 16 * i);  // (scale, zero) of 16 columns
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      const __m512 zero = _mm512_fnmadd_ps(offset, scale, _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
+      for (int r = 0; r < R; ++r) {
+        total[r][i] = _mm512_fmadd_ps(scale, acc[r][i], _mm512_fmadd_ps(zero, _mm512_set1_ps(x_sums[r * groups + g]), total[r][i]));
+      }
+    }
+  }
+  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    for (int r = 0; r < R; ++r) {
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(total[r][i])));
+    }
+  }
+}
+
+// x [M, K] bfloat16 (a few rows) @ int4 weight (torch's CPU pack) -> [M, out_features], reading
+// the codes once per 4 rows; threads split the 64-column blocks.
+at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
+                        int64_t out_features) {
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_input(x, k_total);
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  const int64_t rows = x.size(0), lda = x.stride(0), groups = k_total / group_size;
+  // Each row's sum over each group, from the bfloat16 values the products use.
+  const at::Tensor x_sums = x.to(at::kFloat).view({rows, groups, group_size}).sum(-1).contiguous();
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const float* sums = x_sums.data_ptr<float>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
+  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
+      const uint8_t* block = codes + b * k_total * 32;
+      for (int64_t m = 0; m < rows; m += 4) {
+        const uint16_t* xm = a + m * lda;
+        const float* sm = sums + m * groups;
+        c10::BFloat16* ym = y + m * out_features + n0;
+        switch (std::min<int64_t>(4, rows - m)) {
+          case 1: int4_block_rows<1>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+          case 2: int4_block_rows<2>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+          case 3: int4_block_rows<3>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+          default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// One block of 64 columns of an int4 weight (torch's layout) into rows of a bfloat16 [K][ldo]
+// matrix (the weight transposed), its first `columns` columns: row k of the block is 64 codes
+// in 32 bytes, low nibbles columns 0-31 and high nibbles 32-63, so each output row is written
+// in order.
+BENTO_AVX512_BF16 void dequantize_int4_transposed(const uint8_t* codes, const c10::BFloat16* scales_and_zeros, int64_t n_padded,
+                                                  int64_t k_total, int64_t group, int64_t columns, c10::BFloat16* out, int64_t ldo) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  const __mmask32 halves[2] = {static_cast<__mmask32>(columns >= 32 ? ~0u : (1u << columns) - 1),
+                               static_cast<__mmask32>(columns >= 64 ? ~0u : columns <= 32 ? 0u : (1u << (columns - 32)) - 1)};
+  for (int64_t g = 0; g < k_total / group; ++g) {
+    const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
+    __m512 scale[4], offset[4];  // columns 16 i + [0, 16)
+    for (int i = 0; i < 4; ++i) {
+      const __m512i pairs = _mm512_loadu_si512(sz + 16 * i);
+      scale[i] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      offset[i] = _mm512_fnmadd_ps(eight, scale[i], _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
+    }
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
+      const __m256i nibbles[2] = {_mm256_and_si256(raw, low_nibble), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibble)};
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nibbles[h]))),
+                                          scale[2 * h], offset[2 * h]);
+        const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nibbles[h], 1))),
+                                          scale[2 * h + 1], offset[2 * h + 1]);
+        _mm512_mask_storeu_epi16(out + k * ldo + 32 * h, halves[h], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+      }
+    }
+  }
+}
+
+// The int4 weight (torch's CPU pack) as bfloat16 [K, out_features], the weight transposed: for
+// prefill-sized inputs, where oneDNN's bfloat16 matmul on it (x @ w) costs less than our tile
+// loop by more than this conversion (about 0.1 ns per weight) costs.
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features) {
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  at::Tensor out = at::empty({k_total, out_features}, scales_and_zeros.options());
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      dequantize_int4_transposed(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size,
+                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
+    }
+  });
+  return out;
+}
+
+void check_int8(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
                   packed.size(2) == kBlockN && packed.size(3) == 2 && out_features <= packed.size(0) * kBlockN,
               "packed: [N/64, K/2, 64, 2] int8 codes");
-  check_input(x, packed.size(1) * 2);
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() >= out_features,
               "scales: [N] bfloat16");
 }
@@ -230,13 +538,61 @@ void check_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 // bfloat16 scale per output column -> [M, out_features]: as int4, one block at a time converted
 // into brgemm's B tile, the scales applied to the float32 result.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  check_int8(x, packed, scales, out_features);
+  check_int8(packed, scales, out_features);
+  check_input(x, packed.size(1) * 2);
   const int64_t k_total = packed.size(1) * 2;
   const auto* codes = packed.data_ptr<int8_t>();
-  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(), [&](int64_t b, uint16_t* tile) {
+  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(), [&](int64_t b, int64_t next, uint16_t* tile) {
     const int64_t block = k_total * kBlockN;
-    dequantize_int8_block(codes + b * block, b + 1 < packed.size(0) ? codes + (b + 1) * block : nullptr, k_total, tile);
+    dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_total, tile);
   });
+}
+
+// One block of 64 columns of int8 codes ([K/2][64][2]) into rows of a bfloat16 [K][ldo] matrix
+// (the weight transposed), its first `columns` columns, each value code * scale rounded to
+// bfloat16: one byte permutation splits a pair row's 32 columns into row k's and row k + 1's.
+BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10::BFloat16* scale, int64_t k_total,
+                                                  int64_t columns, c10::BFloat16* out, int64_t ldo) {
+  const __m512i split = _mm512_load_si512(kSplitPairs);
+  __m512 s[4];
+  __mmask32 masks[2];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t left = std::clamp<int64_t>(columns - 16 * i, 0, 16);
+    s[i] = load_bfloat16(scale + 16 * i, static_cast<__mmask16>((1u << left) - 1));
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = std::clamp<int64_t>(columns - 32 * h, 0, 32);
+    masks[h] = left == 32 ? ~0u : static_cast<__mmask32>((1u << left) - 1);
+  }
+  for (int64_t p = 0; p < k_total / 2; ++p) {
+    for (int h = 0; h < 2; ++h) {  // columns 32 h + [0, 32) of rows 2p and 2p + 1
+      const __m512i rows = _mm512_permutexvar_epi8(split, _mm512_loadu_si512(codes + p * kBlockN * 2 + 64 * h));
+      for (int r = 0; r < 2; ++r) {
+        const __m256i row = r ? _mm512_extracti64x4_epi64(rows, 1) : _mm512_castsi512_si256(rows);
+        const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(row))), s[2 * h]);
+        const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(row, 1))), s[2 * h + 1]);
+        _mm512_mask_storeu_epi16(out + (2 * p + r) * ldo + 32 * h, masks[h], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+      }
+    }
+  }
+}
+
+// The int8 weight (codes [N/64, K/2, 64, 2], a scale per output) as bfloat16 [K, out_features],
+// the weight transposed: what prefill-sized inputs multiply with, as int4_dequantize.
+at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  const int64_t k_total = packed.size(1) * 2;
+  check_int8(packed, scales, out_features);
+  at::Tensor out = at::empty({k_total, out_features}, scales.options());
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      dequantize_int8_transposed(codes + b * k_total * kBlockN, s + b * kBlockN, k_total,
+                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
+    }
+  });
+  return out;
 }
 
 // R rows of x (float32, [R][K]) times one 64-column block of int8 codes [K/2][64][2], V * 8
@@ -286,7 +642,8 @@ BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const in
 // The same product for a few rows (a decode step), where reading the codes is the whole cost: no
 // conversion to a tile, one pass over each block of codes per 4 rows, threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  check_int8(x, packed, scales, out_features);
+  check_int8(packed, scales, out_features);
+  check_input(x, packed.size(1) * 2);
   const int64_t rows = x.size(0), k_total = packed.size(1) * 2;
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
@@ -503,6 +860,10 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("amx_bf16_supported() -> bool", &amx_bf16_supported);
   m.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_amx);
+  m.def("int4_mm_rows(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
+        &int4_mm_rows);
+  m.def("int4_dequantize(Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor", &int4_dequantize);
+  m.def("int8_dequantize(Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_dequantize);
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
