@@ -4,11 +4,14 @@
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
                                                 # (groups of --group-size and of 128)
     python bench/bench_quant.py --skip-3b --threads 2
+    python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (~10 min on 2 cores)
 
 Each format runs in its own process (resident memory is per process): it loads the model with
 the engine's default 1 GiB KV cache, then generates `--max-tokens` greedy tokens (EOS ignored)
-for batches of 1, 16 and 64 chat prompts, and reports weights / KV cache / RSS and output
-tokens/s. The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192,
+for batches of 1, 16 and 64 chat prompts, and reports output tokens/s and resident memory:
+weights, KV cache, other (libraries, Python and torch's runtime, tokenizer: the engine's
+report), the process RSS after load and its peak during load, the RSS after the last (largest)
+batch's decode, and the peak over the whole run (a prefill's activations included). The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192,
 vocabulary 128256, tied embeddings; random bfloat16 weights) is written once to --scratch.
 Timings on a shared machine are noisy: compare formats within one run.
 """
@@ -80,13 +83,14 @@ def run_one(spec: dict) -> dict:
 
     from bench.bench_offline import chat_prompts
     from engine import LLM, SamplingParams
-    from engine.worker import peak_rss
+    from engine.memory import process_memory
 
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
     llm = LLM(spec["model"], dtype=spec["dtype"], quantization=spec["quantization"],
               quantization_group_size=spec["group_size"], num_threads=spec["threads"], max_num_seqs=64)
-    result = {"load_s": time.perf_counter() - start, **llm.engine.runner.model_runner.memory}
+    memory = llm.engine.runner.model_runner.memory
+    result = {"load_s": time.perf_counter() - start, **memory, "load_peak_rss": memory["peak_rss"]}
     engine = llm.engine
     prompts = [engine.apply_chat_template(c) for c in chat_prompts(64)]
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
@@ -97,7 +101,8 @@ def run_one(spec: dict) -> dict:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         result[f"tok_s@{batch}"] = tokens / (time.perf_counter() - start)
         print(f"    batch {batch}: {result[f'tok_s@{batch}']:.1f} tok/s", file=sys.stderr, flush=True)
-    result["peak_rss"] = peak_rss().get("VmHWM", 0)
+    now = process_memory()  # after the last batch: decoding at concurrency max(batches)
+    result["decode_rss"], result["peak_rss"] = now.get("VmRSS", 0), now.get("VmHWM", 0)
     return result
 
 
@@ -112,8 +117,9 @@ def in_subprocess(spec: dict) -> dict:
 def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     base = rows[0][1]
-    head = "| format | weights MiB | KV MiB | RSS after load MiB | peak RSS MiB | " + " | ".join(f"tok/s @{b}" for b in batches) + " |"
-    lines = [head, "|" + " --- |" * (5 + len(batches))]
+    head = ("| format | weights MiB | KV MiB | other MiB | RSS after load MiB | load peak MiB | RSS after decode MiB | "
+            "peak RSS MiB | " + " | ".join(f"tok/s @{b}" for b in batches) + " |")
+    lines = [head, "|" + " --- |" * (8 + len(batches))]
     for name, r in rows:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} |")
@@ -123,7 +129,8 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
             ratio = r[f"tok_s@{b}"] / base[f"tok_s@{b}"] if f"tok_s@{b}" in base else None
             speeds.append(f"{r[f'tok_s@{b}']:.1f}" + (f" ({ratio:.2f}x)" if ratio and r is not base else ""))
         weights = mib(r["weights"]) + (f" ({r['weights'] / base['weights']:.2f}x)" if r is not base else "")
-        lines.append(f"| {name} | {weights} | {mib(r['kv_cache'])} | {mib(r['rss'])} | {mib(r['peak_rss'])} | " + " | ".join(speeds) + " |")
+        memory = [r["kv_cache"], r["other"] + r["libraries"], r["rss"], r["load_peak_rss"], r["decode_rss"], r["peak_rss"]]
+        lines.append(f"| {name} | {weights} | " + " | ".join(map(mib, memory)) + " | " + " | ".join(speeds) + " |")
     return "\n".join(lines)
 
 
@@ -134,6 +141,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--skip-3b", action="store_true")
+    parser.add_argument("--only-3b", action="store_true", help="skip the default model's formats")
     parser.add_argument("--scratch", default="/tmp/bento-llm-bench-3b", help="where the 3B-shaped checkpoint is written")
     args = parser.parse_args()
     if args.one:
@@ -142,15 +150,16 @@ def main() -> None:
 
     common = dict(threads=args.threads, group_size=args.group_size)
     rows = []
-    for name, dtype, quantization in (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4"),
+    for name, dtype, quantization in () if args.only_3b else (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4"),
                                         ("w8a8", "bfloat16", "w8a8")):
         print(f"default model, {name} ...", flush=True)
         spec = dict(common, model="SmolLM2-135M-Instruct", dtype=dtype, quantization=quantization,
                     max_tokens=args.max_tokens, batches=[1, 16, 64])
         rows.append((name, in_subprocess(spec)))
-    print("\nSmolLM2-135M-Instruct (Q4_1 GGUF), 1 GiB KV cache, "
-          f"{args.max_tokens} tokens per sequence, {args.threads} threads\n")
-    print(table(rows, [1, 16, 64]), flush=True)
+    if rows:
+        print("\nSmolLM2-135M-Instruct (Q4_1 GGUF), 1 GiB KV cache, "
+              f"{args.max_tokens} tokens per sequence, {args.threads} threads\n")
+        print(table(rows, [1, 16, 64]), flush=True)
     if args.skip_3b:
         return
     print("\nwriting the 3B-shaped checkpoint (once) ...", flush=True)

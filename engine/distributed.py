@@ -39,8 +39,9 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError
+from engine.memory import process_memory
 from engine.parallel_state import init_groups, send_call
-from engine.worker import JOIN_TIMEOUT_S, KEY_SETTINGS, SHUTDOWN, peak_rss, run_worker, spawned_worker
+from engine.worker import JOIN_TIMEOUT_S, KEY_SETTINGS, SHUTDOWN, run_worker, spawned_worker
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class TensorParallelDriver:
 
     def memory_report(self) -> dict[int, dict[str, int]]:
         """Rank -> resident memory after loading (peak VmHWM, VmRSS...), as each rank measured it."""
-        report = {0: peak_rss()}
+        report = {0: process_memory()}
         for r in range(1, self.world_size):
             key = f"bento_llm/memory/{r}"
             if self.store.check([key]):

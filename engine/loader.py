@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -39,6 +38,7 @@ from engine.model_files import (
     moe_sizes_from_gguf_tensors,
     open_safetensors,
     read_json,
+    read_safetensors,
     read_safetensors_header,
     weight_files,
     write_cache,
@@ -89,21 +89,15 @@ class ModelSource:
         return {name for header in self.weight_headers.values() for name in header}
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face parameter name, tensor) pairs, one shard open at a time."""
+        """(Hugging Face parameter name, tensor) pairs, one shard open at a time, each tensor read
+        when it is taken (model_files.read_safetensors: no file mapped into memory)."""
         if self._tensors is not None:
             yield from tqdm(self._tensors.items(), desc="Loading weights", unit="tensor")
             return
         total = sum(len(header) for header in self.weight_headers.values())
         with tqdm(total=total, desc="Loading weights", unit="tensor") as bar:
             for file in self.weight_files:
-                with open_safetensors(file) as handle:
-                    for name in handle.keys():
-                        try:
-                            tensor = handle.get_tensor(name)
-                        except (SafetensorError, OSError) as e:
-                            raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from e
-                        yield name, tensor
-                        bar.update()
+                yield from read_safetensors(file, on_read=bar.update)
 
     def iter_weight_slices(self) -> Iterator[tuple[str, "WeightSlice"]]:
         """(Hugging Face parameter name, lazy handle) pairs: indexing a handle (h[a:b], h[:, a:b])

@@ -15,7 +15,7 @@ from engine.forward_context import AttentionMetadata, forward_context
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.layers.linear import can_pack_for_cpu
 from engine.loader import ModelSource
-from engine.memory import resident_set_bytes, storage_bytes, weight_tensors
+from engine.memory import HeapTrimmer, resident_report
 from engine.models.config import ModelConfig
 from engine.models.registry import model_class
 from engine.parallel_state import ParallelState
@@ -108,6 +108,9 @@ class ModelRunner:
         logger.info("%s: %d torch threads, %s activations, projections: %s", self.device, torch.get_num_threads(),
                     self.dtype, ", ".join(f"{n} {layout}" for layout, n in sorted(layouts.items())))
         self.model = model.eval()
+        # The load's float temporaries are freed but still resident in the allocator's heap: given
+        # back before the KV cache is allocated, so the load peaks at its resident size.
+        self.heap = HeapTrimmer()
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device)
         self.num_local_kv_heads = model.num_local_kv_heads
 
@@ -123,14 +126,11 @@ class ModelRunner:
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device
         )
-        self.memory = {
-            "weights": storage_bytes(weight_tensors(model)),
-            "kv_cache": storage_bytes([*self.k_caches, *self.v_caches]),
-            "step_buffers": self.buffers.nbytes() + self.sampler.buffers.nbytes(),
-            "rss": resident_set_bytes(),
-        }
-        logger.info("resident: weights %.1f MiB, KV cache %.1f MiB, step buffers %.2f MiB; process RSS %.1f MiB",
-                    *(self.memory[k] / 2**20 for k in ("weights", "kv_cache", "step_buffers", "rss")))
+        self.decoding = True  # whether the last step was decode only (execute_model)
+        self.heap.trim()
+        self.memory = resident_report(model, [*self.k_caches, *self.v_caches],
+                                      self.buffers.nbytes() + self.sampler.buffers.nbytes())
+        logger.info("gave %.1f MiB of freed load temporaries back to the system", self.heap.released / 2**20)
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f KiB per block, %d tokens capacity, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.bytes_per_block / 1024, self.num_blocks * self.block_size,
@@ -251,6 +251,10 @@ class ModelRunner:
     def execute_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: the step's forward pass; rank 0 gets the logits, other ranks None."""
         ids, positions, logits_indices, meta = self.buffers.fill(inputs)
+        if self.device.type == "cpu" and meta.all_decode != self.decoding:
+            self.decoding = meta.all_decode
+            if self.decoding:  # what a prefill left in the heap, given back as decoding resumes
+                self.heap.maybe_trim()
         with forward_context(meta, self.backend, positions):
             return self.model(ids, positions, logits_indices)
 

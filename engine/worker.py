@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.loader import load_model_source
+from engine.memory import process_memory
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
 from engine.parallel_state import ParallelState, init_groups, receive_call
@@ -59,20 +60,6 @@ class Worker:
         return self.swap_space
 
 
-def peak_rss() -> dict[str, int]:
-    """This process's resident memory from /proc: peak (VmHWM) and now (VmRSS, RssAnon), bytes."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def spawned_worker(rank: int, local_rank: int, addr: str, port: int, world_size: int, parent_pid: int) -> None:
     # A worker started here must not outlive the engine even if the engine is SIGKILLed (gloo
     # notices closed sockets too, but only while a collective is pending).
@@ -100,10 +87,10 @@ def run_worker(rank: int, local_rank: int, addr: str, port: int, world_size: int
         state = init_groups(config, store, rank, local_rank)
         source = load_model_source(config.model)
         model_config = ModelConfig.from_hf(source.hf_config, source.path)
-        before = peak_rss()
+        before = process_memory()
         worker = Worker(config, source, model_config, settings["max_model_len"], parallel=state)
         del source
-        after = peak_rss()
+        after = process_memory()
         after["VmRSS_before_weights"] = before.get("VmRSS", 0)
         after["RssAnon_before_weights"] = before.get("RssAnon", 0)
         store.set(f"bento_llm/memory/{rank}", json.dumps(after))

@@ -32,7 +32,9 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelState | None):
         rank, size = rank_and_size(parallel)
         rows = -(-vocab_size // size)
-        super().__init__(rows, hidden_size)
+        # An uninitialised table: nn.Embedding's own random init on the meta device runs through
+        # torch._refs, which imports torch._dynamo and triton (~150 MB resident, never used).
+        super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
         self.parallel = parallel
         self.vocab_size, self.vocab_start = vocab_size, rank * rows
         self.real_rows = max(0, min(rows, vocab_size - self.vocab_start))

@@ -167,6 +167,7 @@ class CausalLM(nn.Module):
                 loader(param, weight, shard_id)
             except ValueError as e:
                 raise ValueError(f"{source}: weight {hf_name!r} {e}") from None
+            del weight  # the checkpoint's copy is not held while the module is finalized below
             loaded.update((name, s) for s in (shard_ids if shard_id is None else (shard_id,)))
             module_name = name.rpartition(".")[0]
             if on_module_loaded is not None and expected_by_module[module_name] <= loaded:
