@@ -840,6 +840,152 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
   for (int64_t r = 0; r < rows; ++r) b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
 }
 
+
+// ---------------------------------------------------------------- few query rows (decodes)
+//
+// A decode's unit has `group` query rows (3 for SmolLM2), far below an AMX tile's 16: its tile
+// products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
+// key tile, and the packing alone was ~60% of a batch-64 decode's attention, per unit, not per
+// byte. Units under kMatmulRows rows with head_dim a multiple of 32 instead read each key and
+// value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
+// pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
+// path, so the same accuracy rule (and one rounding order for any thread count).
+
+constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row, 32 registers)
+
+// Lane l of the result = the sum of v[l]'s 16 lanes (45 shuffles and adds for 16 horizontal sums).
+inline __m512 sum_each(__m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lane L: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // lane L: v[4i .. 4i + 3]'s sums over lane L
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  __m512 s[2];
+  for (int i = 0; i < 2; ++i) {  // [u0 lanes 0+2, 1+3, u1 lanes 0+2, 1+3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
+// on read `zeros`.
+__attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
+                                                      const bf16* const* keys, const bf16* zeros, int64_t n,
+                                                      int64_t dim) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const bf16* k[16];
+    for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 part[16];
+      for (int l = 0; l < 16; ++l) part[l] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < dim; c += 32) {
+        const __m512bh qc = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + r * dim + c));
+        for (int l = 0; l < 16; ++l) {
+          part[l] = _mm512_dpbf16_ps(part[l], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[l] + c)), qc);
+        }
+      }
+      _mm512_storeu_ps(scores + r * ld + j, sum_each(part));
+    }
+  }
+}
+
+// acc [R][dim] += p [R][n] (bfloat16, ld apart; zero at n when n is odd) . the value rows, in
+// pair order: within each 32 columns, lanes 4L + i of the first 16 accumulators hold column
+// 8L + i and of the second 8L + 4 + i (the order unpacking two rows' bfloat16 into pairs gives);
+// pair_order_to_columns puts them back.
+template <int R>
+__attribute__((target("avx512bf16"))) void accumulate_rows(float* acc, int64_t dim, const uint16_t* p, int64_t ld,
+                                                           const bf16* const* values, const bf16* zeros, int64_t n) {
+  for (int64_t c = 0; c < dim; c += 32) {
+    __m512 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      lo[r] = _mm512_loadu_ps(acc + r * dim + c);
+      hi[r] = _mm512_loadu_ps(acc + r * dim + c + 16);
+    }
+    for (int64_t j = 0; j < n; j += 2) {
+      const __m512i x = _mm512_loadu_si512(values[j] + c), y = _mm512_loadu_si512((j + 1 < n ? values[j + 1] : zeros) + c);
+      const __m512bh low = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(x, y));
+      const __m512bh high = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(x, y));
+      for (int r = 0; r < R; ++r) {
+        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const pair_t*>(p + r * ld + j)));
+        lo[r] = _mm512_dpbf16_ps(lo[r], low, w);
+        hi[r] = _mm512_dpbf16_ps(hi[r], high, w);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(acc + r * dim + c, lo[r]);
+      _mm512_storeu_ps(acc + r * dim + c + 16, hi[r]);
+    }
+  }
+}
+
+template <int R = kRowBlock>
+void accumulate_any_rows(float* acc, int64_t rows, int64_t dim, const uint16_t* p, int64_t ld,
+                         const bf16* const* values, const bf16* zeros, int64_t n) {
+  if constexpr (R > 0) {
+    if (rows >= R) {
+      for (; rows >= R; rows -= R, acc += R * dim, p += R * ld) accumulate_rows<R>(acc, dim, p, ld, values, zeros, n);
+    }
+    if (rows > 0) accumulate_any_rows<R - 1>(acc, rows, dim, p, ld, values, zeros, n);
+  }
+}
+
+void pair_order_to_columns(float* row, int64_t dim) {
+  for (int64_t c = 0; c < dim; c += 32) {
+    const __m512 lo = _mm512_loadu_ps(row + c), hi = _mm512_loadu_ps(row + c + 16);
+    const __m512 first = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));   // lo L0, L1, hi L0, L1
+    const __m512 second = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));  // lo L2, L3, hi L2, L3
+    _mm512_storeu_ps(row + c, _mm512_shuffle_f32x4(first, first, _MM_SHUFFLE(3, 1, 2, 0)));
+    _mm512_storeu_ps(row + c + 16, _mm512_shuffle_f32x4(second, second, _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+}
+
+bool row_products_available() {
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+}
+
+// attend() for a unit of few rows (see above); scores have row stride kKeyTile.
+void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+  const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
+  for (int64_t i = 0; i < u.tokens; ++i) {
+    std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
+                width * sizeof(bf16));
+  }
+  reset_rows(a, rows, b);
+  float* lanes = b.sum_lanes.data();  // row r's running sum: 16 lanes from r * 16
+  std::fill_n(lanes, rows * 16, 0.0f);
+  const int32_t* table = a.tables + u.seq * a.table_stride;
+  float* scores = b.scores.data();
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, k_end - k0);
+    find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+    row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.zeros.data(), n, dim);
+    float scale = a.scale;
+    if (a.soft_cap > 0.0f) {
+      soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
+      scale = 1.0f;
+    }
+    online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
+                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
+                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, round_up(n, 2), scale, max,
+                                      lanes + r * 16, alpha);
+                   });
+    find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
+    accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.key_rows.data(), b.zeros.data(), n);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
+    pair_order_to_columns(b.acc.data() + r * dim, dim);
+  }
+}
+
 #endif  // __AVX512F__
 
 // One unit's rows against keys [k_begin, k_end): leaves the unnormalized accumulator, each row's
@@ -848,6 +994,9 @@ template <typename T, typename C>
 void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
+    if (a.bf16_tiles && u.tokens * a.group < kMatmulRows && a.dim % 32 == 0 && row_products_available()) {
+      return attend_rows(a, u, k_begin, k_end, b);
+    }
     if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
   }
 #endif
