@@ -372,6 +372,9 @@ constexpr int64_t kKeyTile = 256;       // keys per tile: scores and staged K/V 
 constexpr int64_t kMatmulRows = 16;     // below this (decodes), hand loops beat a GEMM call's overhead
 constexpr int64_t kPartitionKeys = 512; // the shortest partition worth a reduction
 constexpr int64_t kTargetItems = 16;    // split so that no item costs more than 1/16 of the batch
+// A call whose query rows x keys and K/V bytes are both below these runs on one thread.
+constexpr int64_t kParallelCost = 16384;
+constexpr int64_t kParallelBytes = 128 << 10;
 
 struct Unit {
   int64_t seq, head, first_token, tokens, q_pos, kv_begin, parts, part_keys, workspace;
@@ -519,7 +522,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct TileBuffers {
   std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes;
   std::vector<bf16> q16, k16, v16, p16, zeros;
-  std::vector<const bf16*> key_rows;
+  std::vector<const bf16*> key_rows, value_rows;
   void reserve(int64_t rows, int64_t dim) {
     const auto grow = [](auto& buffer, int64_t n) {
       if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
@@ -537,6 +540,7 @@ struct TileBuffers {
     grow(p16, rows * kKeyTile);
     grow(zeros, dim);  // zero-initialized: packing reads it for the keys past a tile's end
     grow(key_rows, kKeyTile);
+    grow(value_rows, kKeyTile);
   }
 };
 
@@ -872,12 +876,28 @@ inline __m512 sum_each(__m512* v) {
                        _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// The cache lines of rows [begin, end) (dim bfloat16 each) on their way into the caches: a
+// decode's keys and values are short runs in blocks scattered through memory, which the
+// hardware prefetchers, trained on long streams, do not see coming.
+template <int Hint>
+inline void prefetch_rows(const bf16* const* rows, int64_t begin, int64_t end, int64_t dim) {
+  for (int64_t j = begin; j < end; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(bf16)); byte += 64) {
+      _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
+    }
+  }
+}
+
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`.
+// on read `zeros`. Prefetches the next 16 keys, and the values of these 16 for the product after.
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
-                                                      const bf16* const* keys, const bf16* zeros, int64_t n,
-                                                      int64_t dim) {
+                                                      const bf16* const* keys, const bf16* const* values,
+                                                      const bf16* zeros, int64_t n, int64_t dim) {
+  prefetch_rows<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), dim);
   for (int64_t j = 0; j < n; j += 16) {
+    prefetch_rows<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), dim);
+    prefetch_rows<_MM_HINT_T0>(values, j, std::min(j + 16, n), dim);
     const bf16* k[16];
     for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
     for (int64_t r = 0; r < rows; ++r) {
@@ -966,7 +986,8 @@ void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, k_end - k0);
     find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
-    row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.zeros.data(), n, dim);
+    find_rows(b.value_rows.data(), a.v, table, k0, n, u.head, a);
+    row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.value_rows.data(), b.zeros.data(), n, dim);
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
       soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
@@ -977,8 +998,7 @@ void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
                      bfloat16_weights(p16 + r * kKeyTile, s, first, visible, round_up(n, 2), scale, max,
                                       lanes + r * 16, alpha);
                    });
-    find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
-    accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.key_rows.data(), b.zeros.data(), n);
+    accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.value_rows.data(), b.zeros.data(), n);
   }
   for (int64_t r = 0; r < rows; ++r) {
     b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
@@ -1058,11 +1078,13 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 }
 
 // Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
-// whichever thread is free (items come sorted costliest first, so the threads finish together).
+// whichever thread is free (items come sorted costliest first, so the threads finish together),
+// on at most max_threads threads.
 template <typename Fn>
-void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
+void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
+  if (n == 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
@@ -1074,11 +1096,16 @@ void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, con
 template <typename T, typename C>
 void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& units) {
   // Buffers sized for this batch's tallest tile (a decode batch's are a few rows, not kTileRows).
-  int64_t max_rows = 1, total_cost = 0;
+  int64_t max_rows = 1, total_cost = 0, total_keys = 0;
   for (const Unit& u : units) {
     max_rows = std::max(max_rows, u.tokens * a.group);
     total_cost += u.tokens * a.group * u.keys();
+    total_keys += u.keys();
   }
+  // Waking the other threads costs more than a small call's whole work (a decode at batch 1 and
+  // short context: 3 units of a few microseconds each): such calls run on this thread.
+  const int64_t kv_bytes = total_keys * 2 * a.dim * static_cast<int64_t>(sizeof(C));
+  const int64_t max_threads = total_cost >= kParallelCost || kv_bytes >= kParallelBytes ? at::get_num_threads() : 1;
   const int64_t target = total_cost / kTargetItems + 1;
   std::vector<Item> items;
   int64_t workspace_size = 0;
@@ -1106,7 +1133,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -1126,7 +1153,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     if (units[i].parts > 1) split.push_back(i);
   }
-  for_each_dynamic(static_cast<int64_t>(split.size()), max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
     reduce_partitions(a, units[split[index]], workspace.data(), b);
   });
 }
