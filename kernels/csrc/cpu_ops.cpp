@@ -798,64 +798,18 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
   }
 }
 
-// attend() with bfloat16 tile products (see above); scores have row stride kKeyTile.
-void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
-  using at::native::cpublas::brgemm;
-  const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
-  for (int64_t i = 0; i < u.tokens; ++i) {
-    std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
-                width * sizeof(bf16));
-  }
-  reset_rows(a, rows, b);
-  float* lanes = b.sum_lanes.data();  // row r's running sum: 16 lanes from r * 16
-  std::fill_n(lanes, rows * 16, 0.0f);
-  const int32_t* table = a.tables + u.seq * a.table_stride;
-  float* scores = b.scores.data();
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, k_end - k0);
-    const bf16 *k16 = b.k16.data(), *v16 = b.v16.data();
-    int64_t keys = round_up(n, kPackKeys);
-    if (u.packed) {  // k0 is a multiple of kKeyTile (no window: units and partitions start there)
-      k16 = u.packed + k0 / kKeyTile * packed_tile_size(dim);
-      v16 = k16 + kKeyTile * dim;
-      keys = round_up(std::min(kKeyTile, u.packed_keys - k0), kPackKeys);  // the tile as packed
-    } else {
-      find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
-      pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
-      find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
-      pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
-    }
-    brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
-    float scale = a.scale;
-    if (a.soft_cap > 0.0f) {
-      soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
-      scale = 1.0f;
-    }
-    uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
-    online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
-                   [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
-                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max, lanes + r * 16, alpha);
-                   });
-    for (int64_t c = 0; c < dim; c += kPackColumns) {
-      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
-             v16 + c * keys, b.acc.data() + c);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
-}
-
-
 // ---------------------------------------------------------------- few query rows (decodes)
 //
 // A decode's unit has `group` query rows (3 for SmolLM2), far below an AMX tile's 16: its tile
 // products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
-// key tile, and the packing alone was ~60% of a batch-64 decode's attention, per unit, not per
-// byte. Units under kMatmulRows rows with head_dim a multiple of 32 instead read each key and
+// key tile: the packing was the largest part of a batch-64 decode's attention profile (23% of all
+// samples, brgemm 8%), a cost per unit, not per byte read. Units under kMatmulRows rows with
+// head_dim a multiple of 32 (on AMX CPUs, which all have AVX512-BF16) instead read each key and
 // value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
 // pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
 // path, so the same accuracy rule (and one rounding order for any thread count).
 
-constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row, 32 registers)
+constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row: 16 registers)
 
 // Lane l of the result = the sum of v[l]'s 16 lanes (45 shuffles and adds for 16 horizontal sums).
 inline __m512 sum_each(__m512* v) {
@@ -970,9 +924,12 @@ bool row_products_available() {
   return available;
 }
 
-// attend() for a unit of few rows (see above); scores have row stride kKeyTile.
-void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+// attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
+// rows in place; scores have row stride kKeyTile.
+void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+  using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
+  const bool in_place = rows < kMatmulRows && dim % 32 == 0 && row_products_available();
   for (int64_t i = 0; i < u.tokens; ++i) {
     std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
                 width * sizeof(bf16));
@@ -985,9 +942,26 @@ void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
   uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, k_end - k0);
-    find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
-    find_rows(b.value_rows.data(), a.v, table, k0, n, u.head, a);
-    row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.value_rows.data(), b.zeros.data(), n, dim);
+    const bf16 *k16 = b.k16.data(), *v16 = b.v16.data();
+    int64_t keys = in_place ? round_up(n, 2) : round_up(n, kPackKeys);  // P's columns, zero from n on
+    if (in_place) {
+      find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+      find_rows(b.value_rows.data(), a.v, table, k0, n, u.head, a);
+      row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.value_rows.data(), b.zeros.data(), n,
+                 dim);
+    } else {
+      if (u.packed) {  // k0 is a multiple of kKeyTile (no window: units and partitions start there)
+        k16 = u.packed + k0 / kKeyTile * packed_tile_size(dim);
+        v16 = k16 + kKeyTile * dim;
+        keys = round_up(std::min(kKeyTile, u.packed_keys - k0), kPackKeys);  // the tile as packed
+      } else {
+        find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+        pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
+        find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
+        pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
+      }
+      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+    }
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
       soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
@@ -995,14 +969,20 @@ void attend_rows(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
     }
     online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
                    [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
-                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, round_up(n, 2), scale, max,
-                                      lanes + r * 16, alpha);
+                     bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max, lanes + r * 16, alpha);
                    });
-    accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.value_rows.data(), b.zeros.data(), n);
+    if (in_place) {
+      accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.value_rows.data(), b.zeros.data(), n);
+      continue;
+    }
+    for (int64_t c = 0; c < dim; c += kPackColumns) {
+      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
+             v16 + c * keys, b.acc.data() + c);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
-    pair_order_to_columns(b.acc.data() + r * dim, dim);
+    if (in_place) pair_order_to_columns(b.acc.data() + r * dim, dim);
   }
 }
 
@@ -1014,9 +994,6 @@ template <typename T, typename C>
 void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
-    if (a.bf16_tiles && u.tokens * a.group < kMatmulRows && a.dim % 32 == 0 && row_products_available()) {
-      return attend_rows(a, u, k_begin, k_end, b);
-    }
     if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
   }
 #endif
