@@ -9,6 +9,16 @@ over the kernel time, next to a device-to-device copy's (read + write) bandwidth
 group trick (the G query heads of a KV head become G query rows), so it reads K and V once, like
 the paged kernel, but from contiguous memory and without the block-table indirection.
 Needs a CUDA device; it refuses to run without one.
+
+    python bench/bench_kernels.py --cpu                 # the C++ kernel: batch 1/16/64 x context 64/256/1024
+    python bench/bench_kernels.py --cpu --baseline HEAD~3   # A/B against cpu_ops.cpp at a git revision
+
+With --cpu: the C++ decode attention (kernels/cpu_ops.py) on SmolLM2-135M's shape (9/3 heads,
+head_dim 64, bfloat16), one call per layer over --layers layers' caches in turn as a decode step
+makes them (so the K/V come from wherever a step finds them, not from a cache warmed by the call
+before), against reading those K/V bytes at the memory read bandwidth measured in the same run
+(bench/bench_limits.py's). --baseline builds kernels/csrc/cpu_ops.cpp as it was at a revision
+under another op namespace and times both in the same process, alternating calls.
 """
 
 from __future__ import annotations
@@ -17,9 +27,13 @@ import argparse
 import json
 import math
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 
-os.environ["TRITON_INTERPRET"] = "0"  # real kernels only: must be set before kernels/ is imported
+os.environ["TRITON_INTERPRET"] = "0"  # real Triton kernels only: must be set before kernels/ is imported
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -31,19 +45,31 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    p.add_argument("--context-lens", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    p.add_argument("--num-heads", type=int, default=32)
-    p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--cpu", action="store_true", help="the C++ CPU kernel instead (defaults: SmolLM2's shape)")
+    p.add_argument("--baseline", metavar="REV", help="--cpu: A/B against kernels/csrc/cpu_ops.cpp at this git revision")
+    p.add_argument("--layers", type=int, default=30, help="--cpu: caches called in turn, one per layer")
+    p.add_argument("--batch-sizes", type=int, nargs="+")
+    p.add_argument("--context-lens", type=int, nargs="+")
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--num-kv-heads", type=int)
+    p.add_argument("--head-dim", type=int)
     p.add_argument("--block-size", type=int, default=16, choices=[16, 32])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--max-kv-gib", type=float, default=16.0,
                    help="skip shapes whose K+V cache exceeds this (SDPA needs a second, gathered copy)")
     p.add_argument("--no-sdpa", action="store_true", help="time the Triton kernel only")
     p.add_argument("--rep-ms", type=int, default=200, help="time budget per measurement")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
+    defaults = (dict(batch_sizes=[1, 16, 64], context_lens=[64, 256, 1024], num_heads=9, num_kv_heads=3, head_dim=64,
+                     dtype="bf16") if args.cpu else
+                dict(batch_sizes=[1, 4, 16, 64, 256], context_lens=[512, 2048, 8192, 32768], num_heads=32,
+                     num_kv_heads=8, head_dim=128, dtype="fp16"))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.baseline and not args.cpu:
+        p.error("--baseline needs --cpu")
     if args.num_heads % args.num_kv_heads:
         p.error("--num-heads must be a multiple of --num-kv-heads")
     return args
@@ -111,8 +137,85 @@ def run_case(args: argparse.Namespace, batch: int, ctx: int, copy_bw: float) -> 
     return row
 
 
+def baseline_decode_attention(rev: str):
+    """decode_attention of kernels/csrc/cpu_ops.cpp at git revision rev, built as its own extension
+    with its ops under torch.ops.bento_llm_baseline."""
+    from torch.utils import cpp_extension
+
+    from kernels import cpu_ops
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:kernels/csrc/cpu_ops.cpp"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    source = source.replace("TORCH_LIBRARY(bento_llm,", "TORCH_LIBRARY(bento_llm_baseline,")
+    path = os.path.join(tempfile.mkdtemp(), "cpu_ops_baseline.cpp")
+    with open(path, "w") as f:
+        f.write(source)
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+             *cpu_ops._ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    cpp_extension.load(name="bento_llm_cpu_ops_baseline", sources=[path], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return torch.ops.bento_llm_baseline.decode_attention
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    from bench.bench_limits import read_bandwidth
+    from kernels import cpu_ops
+
+    kernels = {"new": cpu_ops.decode_attention}
+    if args.baseline:
+        kernels = {"baseline": baseline_decode_attention(args.baseline), **kernels}
+    dtype, bs, h, kvh, d = DTYPES[args.dtype], args.block_size, args.num_heads, args.num_kv_heads, args.head_dim
+    gen = torch.Generator().manual_seed(0)
+    print(f"CPU decode attention, {torch.get_num_threads()} threads, heads {h}/{kvh}, head_dim {d}, block {bs}, "
+          f"{args.dtype}, {args.layers} layers' caches in turn; ratio = time / (K+V bytes / read bandwidth)")
+    rows = []
+    for ctx in args.context_lens:
+        for batch in args.batch_sizes:
+            per_seq = math.ceil(ctx / bs)
+            num_blocks = batch * per_seq + 8
+            caches = [(torch.randn(num_blocks, bs, kvh, d, generator=gen).to(dtype),
+                       torch.randn(num_blocks, bs, kvh, d, generator=gen).to(dtype)) for _ in range(args.layers)]
+            # Shuffled physical blocks, as a long-running server's free list hands them out.
+            tables = torch.randperm(num_blocks, generator=gen)[: batch * per_seq].view(batch, per_seq).int()
+            lens = torch.full((batch,), ctx, dtype=torch.int32)
+            queries = [torch.randn(batch, h, d, generator=gen).to(dtype) for _ in range(args.layers)]
+            kv_bytes = 2 * batch * ctx * kvh * d * caches[0][0].element_size()
+
+            def step(op):  # one call per layer: the mean seconds per call and the last output
+                start = time.perf_counter()
+                for (k, v), q in zip(caches, queries):
+                    out = op(q, k, v, tables, lens, d**-0.5)
+                return (time.perf_counter() - start) / args.layers, out
+
+            times = {name: [] for name in kernels}
+            outs = {name: step(op)[1] for name, op in kernels.items()}  # warm-up
+            repeats = max(3, min(50, int(0.3 / max(1e-6, kv_bytes * args.layers / 20e9))))
+            for _ in range(repeats):
+                for name, op in kernels.items():
+                    times[name].append(step(op)[0])
+            bandwidth = read_bandwidth(5)
+            row = dict(batch=batch, context=ctx, kv_mib=kv_bytes / 2**20, read_gbs=bandwidth / 1e9,
+                       limit_us=kv_bytes / bandwidth * 1e6)
+            for name in kernels:
+                seconds = statistics.median(times[name])
+                row[f"{name}_us"] = seconds * 1e6
+                row[f"{name}_ratio"] = seconds * bandwidth / kv_bytes
+            if args.baseline:
+                row["new/baseline"] = row["new_us"] / row["baseline_us"]
+                row["max_abs_diff"] = (outs["new"].float() - outs["baseline"].float()).abs().max().item()
+            rows.append(row)
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device="cpu", threads=torch.get_num_threads(), args=vars(args), results=rows), f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu:
+        return run_cpu(args)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU: torch.cuda.is_available() is False. "
                  "(The kernels' correctness tests run on CPU: pytest tests/test_kernels.py.)")

@@ -338,6 +338,39 @@ def test_bfloat16_prefill_chunks_sharing_packed_key_tiles_are_within_the_roundin
     within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), head_dim**-0.5)
 
 
+# Decodes (and chunks of under 16 query rows) read K and V rows in place, 16 keys at a time,
+# value rows in pairs, query rows in passes of up to 8 and head_dim in 32-column steps: contexts
+# of 1 token, at and around the 16-key groups, block sizes and key tiles (256), a batch of many
+# short sequences whose block tables have unused tails, group sizes that need 1, 2 and 3 passes.
+SHORT_CONTEXTS = [1, 2, 15, 16, 17, 31, 32, 33, 255, 256, 257, 513]
+
+
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (12, 1, 32), (15, 1, 64), (10, 2, 128)],
+                         ids=str)
+def test_bfloat16_decodes_of_many_short_sequences_are_within_the_rounding(gen, num_heads, kv_heads, head_dim):
+    ctx = SHORT_CONTEXTS + torch.randint(1, 48, (40,), generator=gen).tolist()
+    k_cache, v_cache, tables, lens = paged_kv(gen, ctx, 16, kv_heads, head_dim, torch.bfloat16, extra_width=3)
+    query = torch.randn(len(ctx), num_heads, head_dim, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, head_dim**-0.5)
+        torch.set_num_threads(max(2, threads))
+        out = cpu_ops.decode_attention(query, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, out)
+    assert not out.isnan().any()
+    within_weight_rounding(out, query, k_cache, v_cache, tables, lens, list(range(len(ctx) + 1)), head_dim**-0.5)
+    # A chunk of a few tokens (rows = tokens x group under 16) is causal within the chunk.
+    chunk = 15 // (num_heads // kv_heads) or 1
+    cu = torch.tensor([0, chunk, 1, chunk]).cumsum(0).int()
+    k_cache, v_cache, tables, lens = paged_kv(gen, [40, 1, 300], 16, kv_heads, head_dim, torch.bfloat16)
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen).bfloat16()
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, head_dim**-0.5)
+    within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), head_dim**-0.5)
+
+
 @AMX_ONLY
 def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_them_off(gen):
     k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)

@@ -372,6 +372,9 @@ constexpr int64_t kKeyTile = 256;       // keys per tile: scores and staged K/V 
 constexpr int64_t kMatmulRows = 16;     // below this (decodes), hand loops beat a GEMM call's overhead
 constexpr int64_t kPartitionKeys = 512; // the shortest partition worth a reduction
 constexpr int64_t kTargetItems = 16;    // split so that no item costs more than 1/16 of the batch
+// A call whose query rows x keys and K/V bytes are both below these runs on one thread.
+constexpr int64_t kParallelCost = 16384;
+constexpr int64_t kParallelBytes = 128 << 10;
 
 struct Unit {
   int64_t seq, head, first_token, tokens, q_pos, kv_begin, parts, part_keys, workspace;
@@ -519,7 +522,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct TileBuffers {
   std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes;
   std::vector<bf16> q16, k16, v16, p16, zeros;
-  std::vector<const bf16*> key_rows;
+  std::vector<const bf16*> key_rows, value_rows;
   void reserve(int64_t rows, int64_t dim) {
     const auto grow = [](auto& buffer, int64_t n) {
       if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
@@ -537,6 +540,7 @@ struct TileBuffers {
     grow(p16, rows * kKeyTile);
     grow(zeros, dim);  // zero-initialized: packing reads it for the keys past a tile's end
     grow(key_rows, kKeyTile);
+    grow(value_rows, kKeyTile);
   }
 };
 
@@ -794,10 +798,138 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
   }
 }
 
-// attend() with bfloat16 tile products (see above); scores have row stride kKeyTile.
+// ---------------------------------------------------------------- few query rows (decodes)
+//
+// A decode's unit has `group` query rows (3 for SmolLM2), far below an AMX tile's 16: its tile
+// products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
+// key tile: the packing was the largest part of a batch-64 decode's attention profile (23% of all
+// samples, brgemm 8%), a cost per unit, not per byte read. Units under kMatmulRows rows with
+// head_dim a multiple of 32 (on AMX CPUs, which all have AVX512-BF16) instead read each key and
+// value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
+// pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
+// path, so the same accuracy rule (and one rounding order for any thread count).
+
+constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row: 16 registers)
+
+// Lane l of the result = the sum of v[l]'s 16 lanes (45 shuffles and adds for 16 horizontal sums).
+inline __m512 sum_each(__m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lane L: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // lane L: v[4i .. 4i + 3]'s sums over lane L
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  __m512 s[2];
+  for (int i = 0; i < 2; ++i) {  // [u0 lanes 0+2, 1+3, u1 lanes 0+2, 1+3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The cache lines of rows [begin, end) (dim bfloat16 each) on their way into the caches: a
+// decode's keys and values are short runs in blocks scattered through memory, which the
+// hardware prefetchers, trained on long streams, do not see coming.
+template <int Hint>
+inline void prefetch_rows(const bf16* const* rows, int64_t begin, int64_t end, int64_t dim) {
+  for (int64_t j = begin; j < end; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(bf16)); byte += 64) {
+      _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
+    }
+  }
+}
+
+// scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
+// on read `zeros`. Prefetches the next 16 keys, and the values of these 16 for the product after.
+__attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
+                                                      const bf16* const* keys, const bf16* const* values,
+                                                      const bf16* zeros, int64_t n, int64_t dim) {
+  prefetch_rows<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), dim);
+  for (int64_t j = 0; j < n; j += 16) {
+    prefetch_rows<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), dim);
+    prefetch_rows<_MM_HINT_T0>(values, j, std::min(j + 16, n), dim);
+    const bf16* k[16];
+    for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 part[16];
+      for (int l = 0; l < 16; ++l) part[l] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < dim; c += 32) {
+        const __m512bh qc = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + r * dim + c));
+        for (int l = 0; l < 16; ++l) {
+          part[l] = _mm512_dpbf16_ps(part[l], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[l] + c)), qc);
+        }
+      }
+      _mm512_storeu_ps(scores + r * ld + j, sum_each(part));
+    }
+  }
+}
+
+// acc [R][dim] += p [R][n] (bfloat16, ld apart; zero at n when n is odd) . the value rows, in
+// pair order: within each 32 columns, lanes 4L + i of the first 16 accumulators hold column
+// 8L + i and of the second 8L + 4 + i (the order unpacking two rows' bfloat16 into pairs gives);
+// pair_order_to_columns puts them back.
+template <int R>
+__attribute__((target("avx512bf16"))) void accumulate_rows(float* acc, int64_t dim, const uint16_t* p, int64_t ld,
+                                                           const bf16* const* values, const bf16* zeros, int64_t n) {
+  for (int64_t c = 0; c < dim; c += 32) {
+    __m512 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      lo[r] = _mm512_loadu_ps(acc + r * dim + c);
+      hi[r] = _mm512_loadu_ps(acc + r * dim + c + 16);
+    }
+    for (int64_t j = 0; j < n; j += 2) {
+      const __m512i x = _mm512_loadu_si512(values[j] + c), y = _mm512_loadu_si512((j + 1 < n ? values[j + 1] : zeros) + c);
+      const __m512bh low = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(x, y));
+      const __m512bh high = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(x, y));
+      for (int r = 0; r < R; ++r) {
+        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const pair_t*>(p + r * ld + j)));
+        lo[r] = _mm512_dpbf16_ps(lo[r], low, w);
+        hi[r] = _mm512_dpbf16_ps(hi[r], high, w);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(acc + r * dim + c, lo[r]);
+      _mm512_storeu_ps(acc + r * dim + c + 16, hi[r]);
+    }
+  }
+}
+
+template <int R = kRowBlock>
+void accumulate_any_rows(float* acc, int64_t rows, int64_t dim, const uint16_t* p, int64_t ld,
+                         const bf16* const* values, const bf16* zeros, int64_t n) {
+  if constexpr (R > 0) {
+    if (rows >= R) {
+      for (; rows >= R; rows -= R, acc += R * dim, p += R * ld) accumulate_rows<R>(acc, dim, p, ld, values, zeros, n);
+    }
+    if (rows > 0) accumulate_any_rows<R - 1>(acc, rows, dim, p, ld, values, zeros, n);
+  }
+}
+
+void pair_order_to_columns(float* row, int64_t dim) {
+  for (int64_t c = 0; c < dim; c += 32) {
+    const __m512 lo = _mm512_loadu_ps(row + c), hi = _mm512_loadu_ps(row + c + 16);
+    const __m512 first = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));   // lo L0, L1, hi L0, L1
+    const __m512 second = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));  // lo L2, L3, hi L2, L3
+    _mm512_storeu_ps(row + c, _mm512_shuffle_f32x4(first, first, _MM_SHUFFLE(3, 1, 2, 0)));
+    _mm512_storeu_ps(row + c + 16, _mm512_shuffle_f32x4(second, second, _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+}
+
+bool row_products_available() {
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+}
+
+// attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
+// rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
+  const bool in_place = rows < kMatmulRows && dim % 32 == 0 && row_products_available();
   for (int64_t i = 0; i < u.tokens; ++i) {
     std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
                 width * sizeof(bf16));
@@ -807,37 +939,51 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
   std::fill_n(lanes, rows * 16, 0.0f);
   const int32_t* table = a.tables + u.seq * a.table_stride;
   float* scores = b.scores.data();
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, k_end - k0);
     const bf16 *k16 = b.k16.data(), *v16 = b.v16.data();
-    int64_t keys = round_up(n, kPackKeys);
-    if (u.packed) {  // k0 is a multiple of kKeyTile (no window: units and partitions start there)
-      k16 = u.packed + k0 / kKeyTile * packed_tile_size(dim);
-      v16 = k16 + kKeyTile * dim;
-      keys = round_up(std::min(kKeyTile, u.packed_keys - k0), kPackKeys);  // the tile as packed
-    } else {
+    int64_t keys = in_place ? round_up(n, 2) : round_up(n, kPackKeys);  // P's columns, zero from n on
+    if (in_place) {
       find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
-      pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
-      find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
-      pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
+      find_rows(b.value_rows.data(), a.v, table, k0, n, u.head, a);
+      row_scores(scores, kKeyTile, b.q16.data(), rows, b.key_rows.data(), b.value_rows.data(), b.zeros.data(), n,
+                 dim);
+    } else {
+      if (u.packed) {  // k0 is a multiple of kKeyTile (no window: units and partitions start there)
+        k16 = u.packed + k0 / kKeyTile * packed_tile_size(dim);
+        v16 = k16 + kKeyTile * dim;
+        keys = round_up(std::min(kKeyTile, u.packed_keys - k0), kPackKeys);  // the tile as packed
+      } else {
+        find_rows(b.key_rows.data(), a.k, table, k0, n, u.head, a);
+        pack_keys(b.k16.data(), b.key_rows.data(), b.zeros.data(), n, dim);
+        find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
+        pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
+      }
+      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
     }
-    brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
       soft_cap_scores(scores, rows * kKeyTile, a.soft_cap, scale);
       scale = 1.0f;
     }
-    uint16_t* p16 = reinterpret_cast<uint16_t*>(b.p16.data());
     online_softmax(scores, kKeyTile, scale, b, rows, n, a.group, dim, first_visible(a, u, k0, rows), u.q_pos - k0 + 1,
                    [&](int64_t r, const float* s, int64_t first, int64_t visible, float max, float alpha) {
                      bfloat16_weights(p16 + r * kKeyTile, s, first, visible, keys, scale, max, lanes + r * 16, alpha);
                    });
+    if (in_place) {
+      accumulate_any_rows(b.acc.data(), rows, dim, p16, kKeyTile, b.value_rows.data(), b.zeros.data(), n);
+      continue;
+    }
     for (int64_t c = 0; c < dim; c += kPackColumns) {
       brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
              v16 + c * keys, b.acc.data() + c);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
+  for (int64_t r = 0; r < rows; ++r) {
+    b.row_sum[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + r * 16));
+    if (in_place) pair_order_to_columns(b.acc.data() + r * dim, dim);
+  }
 }
 
 #endif  // __AVX512F__
@@ -909,11 +1055,13 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 }
 
 // Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
-// whichever thread is free (items come sorted costliest first, so the threads finish together).
+// whichever thread is free (items come sorted costliest first, so the threads finish together),
+// on at most max_threads threads.
 template <typename Fn>
-void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
+void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
+  if (n == 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
   at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
@@ -925,11 +1073,16 @@ void for_each_dynamic(int64_t n, int64_t rows, int64_t dim, bool bf16_tiles, con
 template <typename T, typename C>
 void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& units) {
   // Buffers sized for this batch's tallest tile (a decode batch's are a few rows, not kTileRows).
-  int64_t max_rows = 1, total_cost = 0;
+  int64_t max_rows = 1, total_cost = 0, total_keys = 0;
   for (const Unit& u : units) {
     max_rows = std::max(max_rows, u.tokens * a.group);
     total_cost += u.tokens * a.group * u.keys();
+    total_keys += u.keys();
   }
+  // Waking the other threads costs more than a small call's whole work (a decode at batch 1 and
+  // short context: 3 units of a few microseconds each): such calls run on this thread.
+  const int64_t kv_bytes = total_keys * 2 * a.dim * static_cast<int64_t>(sizeof(C));
+  const int64_t max_threads = total_cost >= kParallelCost || kv_bytes >= kParallelBytes ? at::get_num_threads() : 1;
   const int64_t target = total_cost / kTargetItems + 1;
   std::vector<Item> items;
   int64_t workspace_size = 0;
@@ -957,7 +1110,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -977,7 +1130,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     if (units[i].parts > 1) split.push_back(i);
   }
-  for_each_dynamic(static_cast<int64_t>(split.size()), max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
     reduce_partitions(a, units[split[index]], workspace.data(), b);
   });
 }
