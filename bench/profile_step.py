@@ -12,7 +12,8 @@ Prints three tables:
    spends in everything else inside the model;
 3. torch.profiler's ops over whole steps (self CPU time and calls per step) by op name, each
    split into its share per decoder layer and what runs outside the layers (embedding, final
-   norm, LM head, sampling).
+   norm, LM head, sampling); then each op's fastest call per input shape (over 5 us), the
+   number to read on a loaded machine.
 Timings are medians over --steps steps of one process; on a loaded machine they are noisy.
 """
 
@@ -218,6 +219,10 @@ def main() -> None:
         return k >= 0 and e.time_range.end <= layer_ranges[k][1]
 
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0.0])  # self us, calls, in-layer us, outside us
+    # Each op's fastest call per input shape: on a loaded machine the sums above take in every
+    # preemption (and, with 2 threads, every wait for a descheduled worker); the fastest call of
+    # a shape called hundreds of times is close to what a quiet machine gives.
+    fastest: dict[tuple[str, str], float] = {}
     for e in events:
         if e.name.startswith("layer ") or e.name.startswith("ProfilerStep"):
             continue
@@ -225,6 +230,8 @@ def main() -> None:
         row[0] += e.self_cpu_time_total
         row[1] += 1
         row[2 if in_layer(e) else 3] += e.self_cpu_time_total
+        key = (e.name, str(e.input_shapes))
+        fastest[key] = min(fastest.get(key, float("inf")), e.self_cpu_time_total)
     total_self = sum(r[0] for r in by_op.values())
     layer_total = sum(e.cpu_time_total for e in events if e.name.startswith("layer "))
     num_layers = len(model.layers)
@@ -237,6 +244,12 @@ def main() -> None:
     print(f"| (all ops) | {total_self / n:.0f} | | | |")
     print(f"\nlayers: {layer_total / n:.0f} us per step, {layer_total / n / num_layers:.0f} us per layer "
           f"({num_layers} layers)")
+    print("\n| op | input shapes | fastest call (us) |")
+    print("| --- | --- | --- |")
+    top = {name for name, _ in sorted(by_op.items(), key=lambda kv: -kv[1][0])[: args.top]}
+    for (name, shapes), us in sorted(fastest.items(), key=lambda kv: -kv[1]):
+        if name in top and us >= 5:
+            print(f"| {name} | {shapes} | {us:.1f} |")
 
 
 if __name__ == "__main__":

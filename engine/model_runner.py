@@ -111,7 +111,6 @@ class ModelRunner:
         # The load's float temporaries are freed but still resident in the allocator's heap: given
         # back before the KV cache is allocated, so the load peaks at its resident size.
         self.heap = HeapTrimmer()
-        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device)
         self.num_local_kv_heads = model.num_local_kv_heads
 
         if parallel is not None:
@@ -122,6 +121,8 @@ class ModelRunner:
             self.num_blocks = parallel.min_over_ranks(self.num_blocks)
         self.k_caches, self.v_caches = self._allocate_caches(self.num_blocks)
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device,
+                               self.backend.ops.argmax_rows)
         max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device

@@ -19,6 +19,7 @@ from engine.grammar import apply_grammar_masks
 from engine.outputs import PositionLogprobs
 from engine.sequence import Sequence
 from engine.step_inputs import SamplingBuffers, SamplingTensors
+from kernels.reference import argmax_rows
 
 
 @dataclass
@@ -47,15 +48,22 @@ class _RowFailures(dict):
 
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], max_rows: int = 256,
-                 device: torch.device = torch.device("cpu")):
-        """max_rows: the rows a step usually samples (the buffers grow past it); device: the logits'."""
+                 device: torch.device = torch.device("cpu"), argmax=argmax_rows):
+        """max_rows: the rows a step usually samples (the buffers grow past it); device: the logits';
+        argmax: the attention backend's argmax_rows (kernels/), the greedy pick."""
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.buffers = SamplingBuffers(max_rows, device)
+        self.argmax = argmax
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: float32 [len(seqs), vocab]; row i belongs to seqs[i]."""
+        """logits: [len(seqs), vocab] in float32 or the model's dtype; row i belongs to seqs[i]."""
         logits = logits[:, : self.vocab_size]
+        if all(_takes_raw_argmax(s) for s in seqs):
+            # The logits as the LM head made them, read once: no float32 copy, no processors.
+            n = len(seqs)
+            return SampleResult(self.argmax(logits).tolist(), [0.0] * n, [None] * n, [None] * n)
+        logits = logits.float()  # processors and probabilities in float32 whatever the model's dtype
         # Logprobs report the model's own distribution, before any processing (as vLLM does);
         # best_of ranks samples by their cumulative logprob, so it needs them too.
         want_logprobs = any(s.params.logprobs is not None or s.params.best_of > 1 for s in seqs)
@@ -177,7 +185,7 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], tensors: SamplingTensors,
               failed: _RowFailures | None = None) -> torch.Tensor:
         failed = _RowFailures() if failed is None else failed
-        greedy_ids = logits.max(dim=-1).indices  # the first maximum, as argmax, ~1.7x faster on CPU
+        greedy_ids = self.argmax(logits)
         if tensors.greedy is None:
             return greedy_ids
         # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and lets each
@@ -191,8 +199,17 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
                 failed.run(i, seeded_noise, i, seq.generator)
-        sampled_ids = (probs / noise).max(dim=-1).indices
+        sampled_ids = self.argmax(probs / noise)
         return torch.where(tensors.greedy, greedy_ids, sampled_ids)
+
+
+def _takes_raw_argmax(seq: Sequence) -> bool:
+    """A greedy row whose logits no processor changes (no grammar, bias, penalty or pending
+    min_tokens ban) and whose distribution nothing reads (no logprobs, beams or best_of): its
+    token is the argmax of its raw logits."""
+    p = seq.params
+    return (p.greedy and not p.use_beam_search and p.logprobs is None and p.best_of == 1 and seq.grammar is None
+            and not p.logit_bias and not p.has_penalties and seq.num_output_tokens >= p.min_tokens)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
-    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention", "argmax_rows",
 ]
 
 
@@ -80,6 +80,7 @@ _ops = torch.ops.bento_llm
 rms_norm = _ops.rms_norm
 add_rms_norm = _ops.add_rms_norm
 silu_mul = _ops.silu_mul
+argmax_rows = _ops.argmax_rows
 rotary_embedding_ = _ops.rotary_embedding_
 write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention

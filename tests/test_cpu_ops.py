@@ -518,3 +518,41 @@ def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_refused(tmp_path
     assert "auto -> torch" in done.stdout
     assert "using the plain-torch backend" in done.stderr and "could not be built" in done.stderr
     assert "cpu -> attention_backend='cpu' is unavailable here" in done.stdout
+
+
+# ---------------------------------------------------------------- greedy sampling
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_argmax_rows_is_torch_argmax_with_ties_nan_infinities_and_strided_rows(gen, dtype, rows):
+    """The first of equal maxima, the first NaN of a row that has one, index 0 for a row of -inf,
+    +inf wins; a vocabulary that is not a multiple of the kernel's 32 lanes; strided rows (a
+    view that drops the first column)."""
+    vocab = 1000 + 7
+    logits = torch.randn(rows, vocab + 1, generator=gen).to(dtype)
+    cols = torch.randint(0, vocab + 1, (rows, 3), generator=gen)
+    for r in range(rows):  # a tie for the maximum at three random places (often in different lanes)
+        logits[r, cols[r]] = logits[r].max() + 1
+    if rows > 1:
+        logits[1, 900] = float("nan")
+        logits[1, 40] = float("nan")
+    if rows > 2:
+        logits[2] = float("-inf")
+        logits[-1, 500] = float("inf")
+    for view in (logits, logits[:, 1:]):
+        assert torch.equal(cpu_ops.argmax_rows(view), torch.argmax(view, dim=-1))
+        assert torch.equal(reference.argmax_rows(view), torch.argmax(view, dim=-1))
+
+
+def test_argmax_rows_gives_the_same_indices_on_one_and_two_threads(gen):
+    logits = torch.randn(64, 49152, generator=gen).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.argmax_rows(logits)
+        torch.set_num_threads(2)
+        assert torch.equal(cpu_ops.argmax_rows(logits), one)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, logits.float().argmax(dim=-1))

@@ -409,3 +409,54 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(llm, tiny_path):
 def test_impossible_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**kwargs)
+
+
+def recording_argmax(dtypes: list[torch.dtype]):
+    """The CPU backend's argmax, noting the dtype of each tensor it reads."""
+    from kernels import cpu_ops
+
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        dtypes.append(x.dtype)
+        return cpu_ops.argmax_rows(x)
+
+    return argmax
+
+
+def test_a_plain_greedy_batch_takes_the_argmax_of_the_bfloat16_logits_without_a_float32_copy():
+    """Greedy rows that no processor changes and whose distribution nothing reads: the tokens are
+    the argmax of the logits as the LM head made them (bfloat16 read once), first of equal maxima."""
+    torch.manual_seed(3)
+    logits = torch.randn(64, VOCAB).to(torch.bfloat16)
+    logits[5, [7, 30]] = logits[5].max() + 1  # a tie: the first wins
+    dtypes: list[torch.dtype] = []
+    seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(64)]
+    got = Sampler(VOCAB, eos_token_ids=[0], argmax=recording_argmax(dtypes))(logits, seqs)
+    assert got == SampleResult(logits.float().argmax(-1).tolist(), [0.0] * 64, [None] * 64, [None] * 64, {})
+    assert got.token_ids[5] == 7
+    assert dtypes == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("params", [
+    pytest.param(dict(temperature=0.0, logit_bias={4: 100.0}), id="logit_bias"),
+    pytest.param(dict(temperature=0.0, repetition_penalty=3.0), id="penalty"),
+    pytest.param(dict(temperature=0.0, min_tokens=5, stop_token_ids=[4]), id="min_tokens"),
+    pytest.param(dict(temperature=0.0, logprobs=2), id="logprobs"),
+    pytest.param(dict(temperature=0.7, seed=5), id="sampled"),
+])
+def test_a_bfloat16_batch_with_a_processed_row_samples_as_its_float32_logits_would(params):
+    """One row that needs its logits processed or its distribution read sends the whole batch
+    through the float32 path: every result equals that of the same logits given in float32."""
+    torch.manual_seed(4)
+    logits = torch.randn(8, VOCAB).to(torch.bfloat16)
+    logits[:, 4] = logits.max() + 1  # token 4: everyone's greedy pick, so a ban or penalty shows
+
+    def results(x: torch.Tensor, dtypes: list[torch.dtype]) -> SampleResult:
+        special = make_seq(SamplingParams(**params), prompt=[4])
+        seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(7)] + [special]
+        return Sampler(VOCAB, eos_token_ids=[0], argmax=recording_argmax(dtypes))(x, seqs)
+
+    ours, theirs = [], []
+    got, want = results(logits, ours), results(logits.float(), theirs)
+    assert got == want
+    assert set(ours) == {torch.float32}
+    assert got.token_ids[:7] == [4] * 7

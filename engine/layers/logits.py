@@ -1,4 +1,6 @@
-"""From final hidden states to float32 logits over the whole vocabulary."""
+"""From final hidden states to logits over the whole vocabulary: in the LM head's dtype (a
+greedy batch's argmax reads bfloat16 logits once, the sampler converts what it processes), in
+float32 where they are scaled, capped or gathered across ranks."""
 
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ class LogitsProcessor(nn.Module):
         self.scale, self.soft_cap = scale, soft_cap
 
     def forward(self, lm_head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = lm_head(hidden).float()
+        logits = lm_head(hidden)
+        if self.parallel is not None or self.scale != 1.0 or self.soft_cap is not None:
+            logits = logits.float()
         if self.parallel is not None:
             logits = self.parallel.gather_to_first(logits)
             if logits is None:

@@ -275,7 +275,10 @@ class PackedQuantizedWeight(torch.nn.Module):
             return self.qweight if index is None else self.qweight[index]
         if index is None:
             index = torch.arange(self.out_features, device=self.qweight.device)
-        return self.qweight[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].flatten(-2)
+        # Each input pair [..][2] as one int16: the gather moves half the elements (measured 6x
+        # faster for a 64-token decode step's embedding lookup).
+        pairs = self.qweight.view(torch.int16)  # [N/64][K/2][64][1]
+        return pairs[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out

@@ -71,10 +71,10 @@ class CausalLM(nn.Module):
 
     # ---- the forward --------------------------------------------------------------------------
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor | None:
-        """Logits (float32) for the tokens at logits_indices only: the LM head is the largest
-        matmul of a small model, so prefill positions that sample nothing skip it. Runs inside
-        the runner's forward_context. Tensor parallel: rank 0 gets the full vocabulary's
-        logits, the other ranks None."""
+        """Logits (in the dtype LogitsProcessor gives) for the tokens at logits_indices only: the
+        LM head is the largest matmul of a small model, so prefill positions that sample nothing
+        skip it. Runs inside the runner's forward_context. Tensor parallel: rank 0 gets the full
+        vocabulary's logits, the other ranks None."""
         x = self.embed(token_ids)
         rope = self.rotary.table(positions, x.dtype)
         residual = None

@@ -223,6 +223,67 @@ void rotary_embedding_(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& 
   });
 }
 
+// ---------------------------------------------------------------- greedy sampling
+
+// The index of a row's largest value, as torch.argmax: the first of equal maxima, the first NaN
+// if any. Each of kLanes lanes keeps the first maximum of its own columns (strict >), so the
+// lowest index among the lanes holding the row's maximum is the row's first; the loop vectorizes
+// (AVX-512 or AVX2) and reads a bfloat16 row once, without a float32 copy of the logits.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  constexpr int64_t kLanes = 32;
+  float best[kLanes];
+  int32_t at[kLanes];
+  int32_t nan = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    best[l] = -std::numeric_limits<float>::infinity();
+    at[l] = static_cast<int32_t>(l);  // a row of -inf: index 0, as torch
+  }
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = load(x, j + l);
+      const bool larger = v > best[l];
+      best[l] = larger ? v : best[l];
+      at[l] = larger ? static_cast<int32_t>(j + l) : at[l];
+      nan |= v != v;
+    }
+  }
+  for (int64_t l = 0; l < n - full; ++l) {
+    const float v = load(x, full + l);
+    if (v > best[l]) best[l] = v, at[l] = static_cast<int32_t>(full + l);
+    nan |= v != v;
+  }
+  if (nan) {
+    for (int64_t i = 0;; ++i) {
+      if (load(x, i) != load(x, i)) return i;
+    }
+  }
+  int64_t l_best = 0;
+  for (int64_t l = 1; l < kLanes; ++l) {
+    if (best[l] > best[l_best] || (best[l] == best[l_best] && at[l] < at[l_best])) l_best = l;
+  }
+  return at[l_best];
+}
+
+// logits [rows, vocab] (rows may be strided) -> int64 [rows]: each row's argmax.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  check_rows(logits, "logits", 2);
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) <= std::numeric_limits<int32_t>::max(),
+              "logits must have between 1 and 2^31 - 1 columns, got ", logits.size(1));
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  auto out = at::empty({rows}, logits.options().dtype(at::kLong));
+  int64_t* dst = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* src = logits.data_ptr<scalar_t>();
+    const int64_t stride = logits.stride(0);
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dst[r] = argmax_row(src + r * stride, n);
+    });
+  });
+  return out;
+}
+
 void check_cache(const at::Tensor& cache, const char* name) {
   TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), name,
               " must be a dense [num_blocks, block_size, num_kv_heads, head_dim] tensor");
@@ -1262,6 +1323,7 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("argmax_rows(Tensor logits) -> Tensor", &argmax_rows);
   m.def("rotary_embedding_(Tensor(a!) qk, Tensor cos, Tensor sin) -> ()", &rotary_embedding_);
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &write_kv_cache);
