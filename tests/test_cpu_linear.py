@@ -119,3 +119,69 @@ def test_the_amx_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_amx(torch.randn(2, 94).to(torch.bfloat16), weight)
     with pytest.raises(RuntimeError, match="bfloat16 matrix"):
         ops.bf16_mm_amx(torch.randn(2, 96), weight)
+
+
+def amx_linear_ops():
+    """torch.ops.bento_llm with the hand-written AMX linear (kernels/csrc/amx_linear.cpp), or None."""
+    ops = amx_ops()
+    return ops if ops is not None and ops.amx_linear_supported() else None
+
+
+needs_amx_linear = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX tiles on this machine")
+
+
+@needs_amx_linear
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64, 257])
+@pytest.mark.parametrize("out_features, in_features", [(50, 64), (1000, 576), (100, 1536)])
+def test_the_amx_linear_equals_the_float_product(threads, rows, out_features, in_features):
+    """amx_linear against the float32 product plus bias on random inputs: output widths not a
+    multiple of its 16-column tiles (one thread's share odd with two threads), row counts below,
+    at and past one A tile (the last 1-15 rows padded), across several input panels (257 rows at
+    K 576) and weight chunks (1000 columns), an input whose rows are not contiguous. Accumulation
+    is float32; the error is bfloat16's rounding of the result."""
+    ops = amx_linear_ops()
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]  # row stride 2 K
+    packed = ops.amx_linear_pack(weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.amx_linear(x, packed, bias, out_features)
+        no_bias = ops.amx_linear(x.contiguous(), packed, None, out_features)
+    finally:
+        torch.set_num_threads(previous)
+    expected = x.float() @ weight.float().T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    tolerance = dict(atol=1e-2 * in_features**0.5, rtol=1e-2)
+    torch.testing.assert_close(out.float(), expected + bias.float(), **tolerance)
+    torch.testing.assert_close(no_bias.float(), expected, **tolerance)
+
+
+@needs_amx_linear
+def test_the_amx_linear_layout_holds_the_weight_exactly_once():
+    """The packed weight is the only copy: the plain one comes back from it bit for bit, and it is
+    no larger than the weight with its columns padded to 16."""
+    ops = amx_linear_ops()
+    weight = torch.randn(1000, 576).to(torch.bfloat16)
+    packed = ops.amx_linear_pack(weight)
+    assert packed.numel() == 1008 * 576
+    assert torch.equal(ops.amx_linear_unpack(packed, 1000), weight)
+
+
+@needs_amx_linear
+def test_the_amx_linear_refuses_what_it_cannot_read():
+    ops = amx_linear_ops()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.amx_linear_pack(torch.randn(64, 48).to(torch.bfloat16))
+    packed = ops.amx_linear_pack(torch.randn(64, 96).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.amx_linear(torch.randn(2, 64).to(torch.bfloat16), packed, None, 64)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix"):
+        ops.amx_linear(torch.randn(2, 96), packed, None, 64)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.amx_linear(torch.randn(2, 96).to(torch.bfloat16), packed, None, 80)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.amx_linear(torch.randn(2, 96).to(torch.bfloat16), packed, torch.randn(63).to(torch.bfloat16), 64)
