@@ -62,7 +62,8 @@ class Linear(nn.Linear):
     reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized, else on
     CPU oneDNN's blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call
     at 4-200 rows in float32, about 2x at any row count in bfloat16), else the float weight.
-    The float weight is dropped after packing or quantizing."""
+    The float weight is dropped after packing or quantizing. (kernels/csrc/amx_linear.cpp multiplies
+    bfloat16 1.6-2.3x faster at 1-16 rows but slower at prefill sizes: see there why it is not used.)"""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)

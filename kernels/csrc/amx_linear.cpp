@@ -5,9 +5,12 @@
 // streaming its half of the weight once with software prefetch (the weight's bytes bound it); more
 // rows, 2 x 2 tiles (32 rows x 32 columns) per K step, cache-blocked (kPanelBytes, kChunkBytes),
 // with the next strips and input rows prefetched into L2 while the current ones multiply.
-// Measured against oneDNN's packed bfloat16 matmul (bench/bench_limits.py --amx-linear): faster
-// at 1-64 rows, even at ~256, slower at prefill sizes for wide weights (see the commit message),
-// so the engine does not call it yet.
+// Measured against oneDNN's packed bfloat16 matmul on the default model's projections
+// (bench/bench_limits.py --amx-linear, one thread, a loaded 2-vCPU AMX VM): 0.43-0.63x its time at
+// 1-16 rows, 0.44-1.1x at 64, 0.94-1.6x at 256, 1.2-1.8x at 2000 (the 2 x 2 loop reaches ~200-500
+// GFLOP/s where oneDNN reaches 250-1100), so the engine does not call it yet: Linear keeps one
+// weight copy, and a prefill-only oneDNN fallback would need oneDNN's layout as a second copy or
+// a per-call unpack + F.linear (1.1-1.2x oneDNN's packed time at 2000 rows).
 // Both threads split the column tiles (at::parallel_for). Bias and the rounding to bfloat16 are in
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
 // last 1-15 rows are copied into a zero-padded 16-row block).
@@ -19,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -180,7 +184,7 @@ AMX_TILES_TARGET void run_columns(const std::vector<RowBlock>& blocks, const uin
 }
 
 // x [M, K] bfloat16 @ packed weight (amx_linear_pack of an [N, K] weight) + bias -> [M, N] bfloat16.
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t n_total) {
   TORCH_CHECK(amx_linear_supported(), "amx_linear needs a CPU with AMX-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
