@@ -4,8 +4,8 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py                       # the default model in bfloat16 (where the CPU packs it)
     python bench/bench_limits.py --dtype float32       # the exact mode
     python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
-    python bench/bench_limits.py --amx-linear          # only: each kind of projection on oneDNN vs
-                                                       # kernels/csrc/amx_linear.cpp, 1-2000 rows
+    python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
+                                                       # strips vs unpack + F.linear vs oneDNN, 1-2000 rows
 
 Ceilings (measured first, with the engine's model loaded and idle):
 - memory read bandwidth: the best of several passes of a float32 sum over a buffer much larger
@@ -115,16 +115,27 @@ def projection_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> di
 
 @torch.inference_mode()
 def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int) -> list[str]:
-    """Markdown rows: per kind of projection and row count, the engine's packed (oneDNN) matmul
-    against the hand-written AMX kernel (kernels/csrc/amx_linear.cpp) on the same weights, each
-    pass over every projection in model order (weights stream from memory as in a step), the two
-    alternating pass by pass; a kind's best pass. Limit: its weights' read time at the bandwidth."""
-    import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    """Markdown rows: per kind of projection and row count, the engine's AMX strips
+    (kernels/csrc/amx_linear.cpp) against their per-call unpack + F.linear (the engine's path past
+    AMX_STRIPS_MAX_ROWS) and against oneDNN's packed matmul on the same weights (packed here, for
+    comparison only), each pass over every projection in model order (weights stream from memory
+    as in a step), the paths alternating pass by pass; a kind's best pass. Limit: its weights'
+    read time at the bandwidth."""
+    import torch.nn.functional as F
 
-    ops = torch.ops.bento_llm
-    linears = [(kind, m) for kind, m in model_linears(model) if m.packed_weight is not None]
-    packed = {id(m): ops.amx_linear_pack(m.packed_weight.to_dense()) for _, m in linears}
-    paths = {"oneDNN": lambda m, x: m(x), "amx": lambda m, x: ops.amx_linear(x, packed[id(m)], m.bias, m.out_features)}
+    from engine.layers.linear import amx_linear_ops
+
+    ops = amx_linear_ops()
+    linears = [(kind, m) for kind, m in model_linears(model) if m.amx_strips]
+    if ops is None or not linears:
+        return ["(no projection is kept in AMX strips here: no AMX-BF16, or not bfloat16)"]
+    onednn = {id(m): torch.ops.mkldnn._reorder_linear_weight(ops.amx_linear_unpack(m.packed_weight, m.out_features),
+                                                             None) for _, m in linears}
+    paths = {
+        "oneDNN": lambda m, x: torch.ops.mkldnn._linear_pointwise(x, onednn[id(m)], m.bias, "none", [], ""),
+        "amx": lambda m, x: ops.amx_linear(x, m.packed_weight, m.bias, m.out_features),
+        "unpack": lambda m, x: F.linear(x, ops.amx_linear_unpack(m.packed_weight, m.out_features), m.bias),
+    }
     lines = []
     for rows in rows_list:
         inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for _, m in linears}
@@ -143,9 +154,9 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
             mods = [m for k, m in linears if k == kind]
             read = sum(m.in_features * m.out_features * 2 for m in mods) / bandwidth
             flops = sum(2 * rows * m.in_features * m.out_features for m in mods)
-            onednn, amx = best["oneDNN", kind], best["amx", kind]
-            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {onednn * 1e3:.2f} | {amx * 1e3:.2f} | {amx / onednn:.2f} "
-                         f"| {read * 1e3:.2f} | {flops / onednn / 1e9:.0f} | {flops / amx / 1e9:.0f} |")
+            dnn, amx, unpack = best["oneDNN", kind], best["amx", kind], best["unpack", kind]
+            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {amx * 1e3:.2f} | {unpack * 1e3:.2f} "
+                         f"| {amx / dnn:.2f} | {amx / unpack:.2f} | {read * 1e3:.2f} | {flops / amx / 1e9:.0f} |")
     return lines
 
 
@@ -182,7 +193,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=2000, help="tokens of the TTFT prompt")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     parser.add_argument("--amx-linear", action="store_true",
-                        help="only compare the projections on oneDNN and on kernels/csrc/amx_linear.cpp (bfloat16)")
+                        help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
     parser.add_argument("--quantization", default="none",
                         help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
                              "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
@@ -206,9 +217,11 @@ def main() -> None:
     if args.amx_linear:
         print(f"\n{args.model}, {args.threads} threads, memory read {bandwidth / 1e9:.1f} GB/s; "
               f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
-        print("| projection | rows | oneDNN ms | amx ms | amx / oneDNN | weight read ms | oneDNN GFLOP/s | amx GFLOP/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        print("\n".join(amx_linear_table(model, bandwidth, [1, 4, 16, 64, 256, args.prompt_len], repeats)))
+        print("| projection | rows | oneDNN ms | amx ms | unpack + F.linear ms | amx / oneDNN | amx / unpack "
+              "| weight read ms | amx GFLOP/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows_list = [1, 16, 64, 128, 256, 512, 768, 1024, args.prompt_len]
+        print("\n".join(amx_linear_table(model, bandwidth, rows_list, repeats)))
         return
     weight_bytes = step_read_bytes(model)
     weight_read = weight_bytes / bandwidth
