@@ -153,12 +153,13 @@ def few_rows_bfloat16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # Input rows up to which the AMX strips multiply in place; more rows (prefill chunks) unpack them
-# into a temporary plain weight for F.linear (oneDNN), whose blocking is faster there. One
-# thread, loaded 2-vCPU AMX Xeon, the default model's 30 layers per kind (qkv, o, gate_up, down),
-# AMX kernel / (unpack + F.linear) time: 64 rows 0.38 0.32 0.36 0.47; 128 rows 0.54 0.43 0.57
-# 0.46; 256 rows 0.52 0.63 0.71 0.48; 512 rows 0.64 0.85 0.80 0.67; 768 rows 0.79 1.03 1.35
-# 0.91 (all kinds together 1.11); 1024 rows 0.93 0.99 1.50 1.07; 2048 rows 1.28 1.17 1.56 1.26
-# (there unpack + F.linear is 1.0-1.1x oneDNN's packed time). bench/bench_limits.py --amx-linear.
+# into a temporary plain weight for F.linear, whose oneDNN blocking is faster there. One thread,
+# loaded 2-vCPU AMX Xeon, the default model's 120 projections in model order, CPU time of AMX /
+# (unpack + F.linear) / oneDNN's packed layout (main's path): 512 rows 181 / 287 / 138 ms, 768
+# 248 / 236 / 199, 1024 263 / 266 / 208, 2000 684 / 482 / 417 (the unpack is ~50 of those ms;
+# unpack + oneDNN reorder + packed call measured slower, 669). Wall time per kind (qkv, o,
+# gate_up, down), AMX / (unpack + F.linear): 512 rows 0.64 0.85 0.80 0.67, 768 rows 0.79 1.03
+# 1.35 0.91. Above 512 the prefill pays ~1.15x oneDNN's packed matmul time for keeping one copy.
 AMX_STRIPS_MAX_ROWS = 512
 
 

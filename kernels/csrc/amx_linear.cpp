@@ -8,9 +8,9 @@
 // Measured against oneDNN's packed bfloat16 matmul on the default model's projections
 // (bench/bench_limits.py --amx-linear, one thread, a loaded 2-vCPU AMX VM): 0.43-0.63x its time at
 // 1-16 rows, 0.44-1.1x at 64, 0.94-1.6x at 256, 1.2-1.8x at 2000 (the 2 x 2 loop reaches ~200-500
-// GFLOP/s where oneDNN reaches 250-1100), so the engine does not call it yet: Linear keeps one
-// weight copy, and a prefill-only oneDNN fallback would need oneDNN's layout as a second copy or
-// a per-call unpack + F.linear (1.1-1.2x oneDNN's packed time at 2000 rows).
+// GFLOP/s where oneDNN reaches 250-1100). The engine (engine/layers/linear.py) keeps bfloat16
+// projections only in these strips and calls this up to AMX_STRIPS_MAX_ROWS rows; past that it
+// multiplies a per-call amx_linear_unpack with F.linear (1.1-1.2x oneDNN's packed time at 2000 rows).
 // Both threads split the column tiles (at::parallel_for). Bias and the rounding to bfloat16 are in
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
 // last 1-15 rows are copied into a zero-padded 16-row block).
