@@ -4,6 +4,8 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py                       # the default model in bfloat16 (where the CPU packs it)
     python bench/bench_limits.py --dtype float32       # the exact mode
     python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
+    python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
+                                                       # strips vs unpack + F.linear vs oneDNN, 1-2000 rows
 
 Ceilings (measured first, with the engine's model loaded and idle):
 - memory read bandwidth: the best of several passes of a float32 sum over a buffer much larger
@@ -111,6 +113,53 @@ def projection_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> di
             for kind, seconds in best.items()}
 
 
+@torch.inference_mode()
+def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int) -> list[str]:
+    """Markdown rows: per kind of projection and row count, the engine's AMX strips
+    (kernels/csrc/amx_linear.cpp) against their per-call unpack + F.linear (the engine's path past
+    AMX_STRIPS_MAX_ROWS) and against oneDNN's packed matmul on the same weights (packed here, for
+    comparison only), each pass over every projection in model order (weights stream from memory
+    as in a step), the paths alternating pass by pass; a kind's best pass. Limit: its weights'
+    read time at the bandwidth."""
+    import torch.nn.functional as F
+
+    from engine.layers.linear import amx_linear_ops
+
+    ops = amx_linear_ops()
+    linears = [(kind, m) for kind, m in model_linears(model) if m.amx_strips]
+    if ops is None or not linears:
+        return ["(no projection is kept in AMX strips here: no AMX-BF16, or not bfloat16)"]
+    onednn = {id(m): torch.ops.mkldnn._reorder_linear_weight(ops.amx_linear_unpack(m.packed_weight, m.out_features),
+                                                             None) for _, m in linears}
+    paths = {
+        "oneDNN": lambda m, x: torch.ops.mkldnn._linear_pointwise(x, onednn[id(m)], m.bias, "none", [], ""),
+        "amx": lambda m, x: ops.amx_linear(x, m.packed_weight, m.bias, m.out_features),
+        "unpack": lambda m, x: F.linear(x, ops.amx_linear_unpack(m.packed_weight, m.out_features), m.bias),
+    }
+    lines = []
+    for rows in rows_list:
+        inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for _, m in linears}
+        best: dict[tuple[str, str], float] = {}
+        for repeat in range((repeats if rows <= 256 else max(2, repeats // 3)) + 1):  # the first pass warms up
+            for path, call in paths.items():
+                spent = dict.fromkeys((kind for kind, _ in linears), 0.0)
+                for kind, m in linears:
+                    start = time.perf_counter()
+                    call(m, inputs[m.in_features])
+                    spent[kind] += time.perf_counter() - start
+                if repeat:
+                    for kind, t in spent.items():
+                        best[path, kind] = min(t, best.get((path, kind), t))
+        for kind in dict.fromkeys(kind for kind, _ in linears):
+            mods = [m for k, m in linears if k == kind]
+            read = sum(m.in_features * m.out_features * 2 for m in mods) / bandwidth
+            flops = sum(2 * rows * m.in_features * m.out_features for m in mods)
+            dnn, amx, unpack = best["oneDNN", kind], best["amx", kind], best["unpack", kind]
+            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {amx * 1e3:.2f} | {unpack * 1e3:.2f} "
+                         f"| {amx / dnn:.2f} | {amx / unpack:.2f} | {read * 1e3:.2f} | {flops / amx / 1e9:.0f} |")
+    return lines
+
+
 def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
     """engine.step() seconds of every step in which all sequences decode one token."""
     from engine import SamplingParams
@@ -143,10 +192,14 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per sequence in the decode runs")
     parser.add_argument("--prompt-len", type=int, default=2000, help="tokens of the TTFT prompt")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    parser.add_argument("--amx-linear", action="store_true",
+                        help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
     parser.add_argument("--quantization", default="none",
                         help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
                              "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
     args = parser.parse_args()
+    if args.amx_linear and args.dtype != "bfloat16":
+        parser.error("--amx-linear compares bfloat16 projections: use --dtype bfloat16")
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 10
     decode_tokens = 16 if args.quick else args.decode_tokens
@@ -161,6 +214,15 @@ def main() -> None:
     chunk = min(args.prompt_len, engine.config.max_num_batched_tokens)
 
     bandwidth = read_bandwidth(repeats)
+    if args.amx_linear:
+        print(f"\n{args.model}, {args.threads} threads, memory read {bandwidth / 1e9:.1f} GB/s; "
+              f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+        print("| projection | rows | oneDNN ms | amx ms | unpack + F.linear ms | amx / oneDNN | amx / unpack "
+              "| weight read ms | amx GFLOP/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows_list = [1, 16, 64, 128, 256, 512, 768, 1024, args.prompt_len]
+        print("\n".join(amx_linear_table(model, bandwidth, rows_list, repeats)))
+        return
     weight_bytes = step_read_bytes(model)
     weight_read = weight_bytes / bandwidth
     mm = {rows: matmul_seconds(model, rows, dtype, repeats if rows <= 64 else max(2, repeats // 3))

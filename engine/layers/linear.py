@@ -59,15 +59,18 @@ def loader_of(module: nn.Module, name: str):
 
 class Linear(nn.Linear):
     """nn.Linear whose weight, once loaded, is kept in exactly one layout: the one its matmul
-    reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized, else on
-    CPU oneDNN's blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call
-    at 4-200 rows in float32, about 2x at any row count in bfloat16), else the float weight.
-    The float weight is dropped after packing or quantizing."""
+    reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized; else on
+    CPU, in bfloat16 where the CPU has AMX-BF16 (and K is a multiple of 32), the column-tile
+    strips of kernels/csrc/amx_linear.cpp (0.4-0.6x oneDNN's time at 1-64 rows); else oneDNN's
+    blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call at 4-200 rows
+    in float32, about 2x at any row count in bfloat16); else the float weight. The float weight
+    is dropped after packing or quantizing."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
-        self.register_buffer("packed_weight", None)
+        self.register_buffer("packed_weight", None)  # oneDNN's layout, or AMX strips (amx_strips)
         self.register_module("quantized", None)
+        self.amx_strips = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -76,6 +79,8 @@ class Linear(nn.Linear):
         if self.quantized is not None:
             y = self.quantized.forward(x)  # not __call__: its hook checks cost ~1 us x 200 calls a step
             return y if bias is None else y + bias
+        if self.amx_strips:
+            return amx_strips_linear(x, self.packed_weight, bias, self.out_features)
         if self.packed_weight is not None:
             rows = x.shape[0]
             padded = packed_rows(rows)
@@ -106,6 +111,13 @@ class Linear(nn.Linear):
                         quantization)
         for row, part in parts.items():  # a quantized checkpoint block in a float layer: dequantized
             self.weight.data.narrow(0, row, part.shape[0]).copy_(part.dequantize())
+        strips = pack and self.weight.dtype == torch.bfloat16 and self.in_features % 32 == 0
+        ops = amx_linear_ops() if strips and self.weight.device.type == "cpu" else None
+        if ops is not None:
+            self.packed_weight = ops.amx_linear_pack(self.weight.detach())
+            self.amx_strips = True
+            self.weight = None
+            return "amx"
         if pack:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self.weight = None
@@ -138,6 +150,32 @@ def few_rows_bfloat16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= 16:
         return torch.mm(weight, x.T).T.contiguous()
     return F.linear(x, weight)
+
+
+# Input rows up to which the AMX strips multiply in place; more rows (prefill chunks) unpack them
+# into a temporary plain weight for F.linear, whose oneDNN blocking is faster there. One thread,
+# loaded 2-vCPU AMX Xeon, the default model's 120 projections in model order, CPU time of AMX /
+# (unpack + F.linear) / oneDNN's packed layout (main's path): 512 rows 181 / 287 / 138 ms, 768
+# 248 / 236 / 199, 1024 263 / 266 / 208, 2000 684 / 482 / 417 (the unpack is ~50 of those ms;
+# unpack + oneDNN reorder + packed call measured slower, 669). Wall time per kind (qkv, o,
+# gate_up, down), AMX / (unpack + F.linear): 512 rows 0.64 0.85 0.80 0.67, 768 rows 0.79 1.03
+# 1.35 0.91. Above 512 the prefill pays ~1.15x oneDNN's packed matmul time for keeping one copy.
+AMX_STRIPS_MAX_ROWS = 512
+
+
+@functools.cache
+def amx_linear_ops():
+    """torch.ops.bento_llm with kernels/csrc/amx_linear.cpp where the CPU has AMX-BF16 tiles, else None."""
+    ops = amx_kernels()
+    return ops if ops is not None and ops.amx_linear_supported() else None
+
+
+def amx_strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """x @ W.T + bias for W kept as AMX column strips: in place up to AMX_STRIPS_MAX_ROWS rows,
+    else through a plain copy of W made for this call (freed after it)."""
+    if x.shape[0] <= AMX_STRIPS_MAX_ROWS and x.dtype == torch.bfloat16:
+        return amx_linear_ops().amx_linear(x if x.stride(-1) == 1 else x.contiguous(), strips, bias, out_features)
+    return F.linear(x, amx_linear_ops().amx_linear_unpack(strips, out_features), bias)
 
 
 def packed_rows(rows: int) -> int:

@@ -1,0 +1,233 @@
+// A bfloat16 linear layer on AMX tiles (amx_tiles.h), the weight kept once in column-tile strips
+// made at load (amx_linear_pack), the input read as it lies.
+//
+// Blocking by row count: up to 16 rows, one A tile against 3 column strips at a time, each thread
+// streaming its half of the weight once with software prefetch (the weight's bytes bound it); more
+// rows, 2 x 2 tiles (32 rows x 32 columns) per K step, cache-blocked (kPanelBytes, kChunkBytes),
+// with the next strips and input rows prefetched into L2 while the current ones multiply.
+// Measured against oneDNN's packed bfloat16 matmul on the default model's projections
+// (bench/bench_limits.py --amx-linear, one thread, a loaded 2-vCPU AMX VM): 0.43-0.63x its time at
+// 1-16 rows, 0.44-1.1x at 64, 0.94-1.6x at 256, 1.2-1.8x at 2000 (the 2 x 2 loop reaches ~200-500
+// GFLOP/s where oneDNN reaches 250-1100). The engine (engine/layers/linear.py) keeps bfloat16
+// projections only in these strips and calls this up to AMX_STRIPS_MAX_ROWS rows; past that it
+// multiplies a per-call amx_linear_unpack with F.linear (1.1-1.2x oneDNN's packed time at 2000 rows).
+// Both threads split the column tiles (at::parallel_for). Bias and the rounding to bfloat16 are in
+// the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
+// last 1-15 rows are copied into a zero-padded 16-row block).
+// Functions with AMX/AVX-512 bodies carry their own target attribute, so the file builds on any
+// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "amx_tiles.h"
+
+namespace {
+
+using amx_tiles::kColumns;
+using amx_tiles::kK;
+using amx_tiles::kRows;
+
+// The many-row loop's cache blocking: a chunk of column strips (kChunkBytes of weight) stays in L2
+// across every panel of input rows (kPanelBytes of input); each column pair's strips are reused
+// from L1 across the panel's rows. Chosen by a sweep on the default model's shapes at 2000 rows
+// (one thread; 64-512 KB panels x 256 KB-all chunks): 128/512 was best or near it on each shape.
+constexpr int64_t kPanelBytes = 128 << 10;
+constexpr int64_t kChunkBytes = 512 << 10;
+constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row loop
+
+bool amx_linear_supported() { return amx_tiles::supported(); }
+
+// [N, K] -> [ceil(N / 16), K / 32, 16, 32]: strip n, step s, pair p, 2 j + e = W[16 n + j, 32 s + 2 p + e]
+// (rows past N are zeros).
+at::Tensor amx_linear_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "weight: a [N, K] bfloat16 matrix");
+  const int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kColumns - 1) / kColumns;
+  TORCH_CHECK(k % kK == 0, "amx_linear needs K a multiple of ", kK, ", got ", k);
+  at::Tensor padded = at::constant_pad_nd(weight, {0, 0, 0, tiles * kColumns - n});
+  return padded.view({tiles, kColumns, k / kK, kRows, 2}).permute({0, 2, 3, 1, 4}).contiguous().view(
+      {tiles, k / kK, kRows, 2 * kColumns});
+}
+
+// The inverse of amx_linear_pack: the plain [N, K] weight (for a caller that hands the product to
+// another library). Per 16 x 16 tile of K pairs: a transpose of 32-bit pairs.
+at::Tensor amx_linear_unpack(const at::Tensor& packed, int64_t n_total) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  packed.size(2) == kRows && packed.size(3) == 2 * kColumns,
+              "packed: amx_linear_pack's [N/16, K/32, 16, 32] layout");
+  const int64_t tiles = packed.size(0), steps = packed.size(1), k = steps * kK;
+  TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
+              " does not match the packed weight");
+  at::Tensor out = at::empty({n_total, k}, packed.options());
+  const auto* in = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  auto* w = reinterpret_cast<uint32_t*>(out.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t columns = std::min(kColumns, n_total - t * kColumns);
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint32_t* tile = in + (t * steps + s) * kRows * kColumns;
+        for (int64_t j = 0; j < columns; ++j)
+          for (int64_t p = 0; p < kRows; ++p) w[(t * kColumns + j) * (k / 2) + s * kRows + p] = tile[p * kColumns + j];
+      }
+    }
+  });
+  return out;
+}
+
+AMX_TILES_TARGET inline __m512 load_bias(const c10::BFloat16* bias, __mmask16 mask) {
+  if (!bias) return _mm512_setzero_ps();
+  const __m256i raw = _mm256_maskz_loadu_epi16(mask, bias);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// out[r, j] = bf16(c[r, j] + bias[j]) for r < rows, j < columns (c: row stride ldc floats).
+AMX_TILES_TARGET void store_block(const float* c, int64_t ldc, int64_t rows, int64_t columns,
+                                  const c10::BFloat16* bias, c10::BFloat16* out, int64_t ldo) {
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 b = load_bias(bias ? bias + j : nullptr, mask);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + j), b);
+      _mm256_mask_storeu_epi16(out + r * ldo + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+struct RowBlock {
+  const uint16_t* a;
+  int64_t lda;
+  int64_t first_row, rows;
+};
+
+AMX_TILES_TARGET void run_columns(const std::vector<RowBlock>& blocks, const uint16_t* packed, int64_t steps,
+                                  int64_t n_total, const c10::BFloat16* bias, c10::BFloat16* y, int64_t t0, int64_t t1) {
+  const int64_t strip = steps * amx_tiles::kTileElems;
+  alignas(64) float c[2 * kRows * 3 * kColumns];
+  constexpr int64_t ldc = 3 * kColumns;
+  auto store = [&](const RowBlock& rb, int64_t row_offset, int64_t t, int64_t nr) {
+    const int64_t col = t * kColumns, columns = std::min(nr * kColumns, n_total - col);
+    store_block(c + row_offset * ldc, ldc, rb.rows, columns, bias ? bias + col : nullptr, y + rb.first_row * n_total + col,
+                n_total);
+  };
+  amx_tiles::configure_tiles();
+  if (blocks.size() == 1) {
+    const RowBlock& rb = blocks[0];
+    for (int64_t t = t0; t < t1; t += 3) {
+      const int64_t nr = std::min<int64_t>(3, t1 - t);
+      const uint16_t* b[3] = {packed + t * strip, packed + (t + 1) * strip, packed + (t + 2) * strip};
+      if (nr == 3) amx_tiles::block_1xn<3>(rb.a, rb.lda, b, steps, c, ldc, kPrefetchSteps);
+      else if (nr == 2) amx_tiles::block_1xn<2>(rb.a, rb.lda, b, steps, c, ldc, kPrefetchSteps);
+      else amx_tiles::block_1xn<1>(rb.a, rb.lda, b, steps, c, ldc, kPrefetchSteps);
+      store(rb, 0, t, nr);
+    }
+  } else {
+    // Column chunks whose strips stay in L2 across every row panel; panels of the input that stay
+    // in L2 across the chunk's column pairs.
+    const int64_t strip_bytes = strip * 2;
+    const int64_t chunk_tiles = std::max<int64_t>(2, kChunkBytes / strip_bytes / 2 * 2);
+    const int64_t panel_blocks = std::max<int64_t>(2, kPanelBytes / (steps * kK * 2) / (2 * kRows) * 2);
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    // Spreads `bytes` from `from` evenly over `blocks` 2 x 2 blocks of `steps` steps: block i's share.
+    auto share = [&](const char* from, int64_t bytes, int64_t blocks_total, int64_t i) {
+      const int64_t per_step = (bytes / 64 + blocks_total * steps - 1) / (blocks_total * steps);
+      return amx_tiles::Prefetch{from + i * steps * per_step * 64, per_step};
+    };
+    for (int64_t c0 = t0; c0 < t1; c0 += chunk_tiles) {
+      const int64_t c1 = std::min(t1, c0 + chunk_tiles);
+      for (int64_t p0 = 0; p0 < count; p0 += panel_blocks) {
+        const int64_t p1 = std::min(count, p0 + panel_blocks);
+        const int64_t pairs = (p1 - p0 + 1) / 2, column_pairs = (c1 - c0 + 1) / 2;
+        // The next panel's input rows (the next chunk's first panel after the last), read while
+        // this panel's column pairs run.
+        const int64_t next_p0 = p1 < count ? p1 : (c1 < t1 ? 0 : count);
+        const int64_t next_p1 = std::min(count, next_p0 + panel_blocks);
+        const char* next_rows = next_p0 < count ? reinterpret_cast<const char*>(blocks[next_p0].a) : nullptr;
+        const int64_t next_rows_bytes =
+            next_p0 < count ? (blocks[next_p1 - 1].first_row + kRows - blocks[next_p0].first_row) * blocks[next_p0].lda * 2 : 0;
+        for (int64_t t = c0; t < c1; t += 2) {
+          const int64_t nr = std::min<int64_t>(2, c1 - t);
+          const uint16_t* b[2] = {packed + t * strip, packed + (t + 1) * strip};
+          // The next column pair's strips (contiguous; after the chunk's last pair, its first for
+          // the next panel, or the next chunk's), read while this pair runs over the panel's rows.
+          const int64_t next = t + 2 < c1 ? t + 2 : (p1 < count ? c0 : c1);
+          const char* upcoming = reinterpret_cast<const char*>(packed + next * strip);
+          const int64_t upcoming_bytes = std::max<int64_t>(0, std::min(next + 2, t1) - next) * strip_bytes;
+          for (int64_t i = p0; i < p1; i += 2) {
+            const int64_t pair = (i - p0) / 2;
+            const amx_tiles::Prefetch strips = share(upcoming, upcoming_bytes, pairs, pair);
+            const amx_tiles::Prefetch rows = next_rows ? share(next_rows, next_rows_bytes, pairs * column_pairs,
+                                                               (t - c0) / 2 * pairs + pair)
+                                                       : amx_tiles::Prefetch{};
+            const RowBlock& r0 = blocks[i];
+            if (i + 1 < p1) {
+              const RowBlock& r1 = blocks[i + 1];
+              if (nr == 2) amx_tiles::block_2xn<2>(r0.a, r0.lda, r1.a, r1.lda, b, steps, c, ldc, strips, rows);
+              else amx_tiles::block_2xn<1>(r0.a, r0.lda, r1.a, r1.lda, b, steps, c, ldc, strips, rows);
+              store(r1, kRows, t, nr);
+            } else if (nr == 2) {
+              amx_tiles::block_1xn<2>(r0.a, r0.lda, b, steps, c, ldc, 0);
+            } else {
+              amx_tiles::block_1xn<1>(r0.a, r0.lda, b, steps, c, ldc, 0);
+            }
+            store(r0, 0, t, nr);
+          }
+        }
+      }
+    }
+  }
+  amx_tiles::release_tiles();
+}
+
+// x [M, K] bfloat16 @ packed weight (amx_linear_pack of an [N, K] weight) + bias -> [M, N] bfloat16.
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                      int64_t n_total) {
+  TORCH_CHECK(amx_linear_supported(), "amx_linear needs a CPU with AMX-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  packed.size(2) == kRows && packed.size(3) == 2 * kColumns,
+              "packed: amx_linear_pack's [N/16, K/32, 16, 32] layout");
+  const int64_t rows = x.size(0), k = x.size(1), steps = packed.size(1), tiles = packed.size(0);
+  TORCH_CHECK(k == steps * kK, "x has ", k, " columns, the weight ", steps * kK);
+  TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
+              " does not match the packed weight");
+  const c10::BFloat16* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_total,
+                "bias: [out_features] bfloat16");
+    bias_ptr = bias->data_ptr<c10::BFloat16>();
+  }
+  at::Tensor out = at::empty({rows, n_total}, x.options());
+  if (rows == 0) return out;
+  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const int64_t lda = x.stride(0), full = rows / kRows, tail = rows % kRows;
+  std::vector<RowBlock> blocks;
+  for (int64_t i = 0; i < full; ++i) blocks.push_back({a + i * kRows * lda, lda, i * kRows, kRows});
+  at::Tensor padded;  // the last 1-15 rows, zero-padded to a whole A tile
+  if (tail) {
+    padded = at::zeros({kRows, k}, x.options());
+    padded.narrow(0, 0, tail).copy_(x.narrow(0, full * kRows, tail));
+    blocks.push_back({reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>()), k, full * kRows, tail});
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  // Even chunks of column tiles: the many-row loop takes them in pairs.
+  const int64_t grain = blocks.size() == 1 ? 1 : 2;
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    run_columns(blocks, w, steps, n_total, bias_ptr, y, t0, t1);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
+  m.def("amx_linear_supported() -> bool", &amx_linear_supported);
+  m.def("amx_linear_pack(Tensor weight) -> Tensor", &amx_linear_pack);
+  m.def("amx_linear_unpack(Tensor packed, int out_features) -> Tensor", &amx_linear_unpack);
+  m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor", &amx_linear);
+}
