@@ -46,23 +46,19 @@ inline bool supported() {
   return __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bf16") && request_permission();
 }
 
+// Every tile 16 rows x 64 bytes: an A tile 16 rows x 32 bfloat16, a B tile 16 K pairs x 16
+// columns x 2, a C tile 16 x 16 float32.
 struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {kRows, kRows, kRows, kRows, kRows, kRows, kRows, kRows};
 };
 
-AMX_TILES_TARGET inline void configure_tiles() {
-  TileConfig config{};
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = kRows;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
+// A constant in memory: built on the stack, gcc may drop the stores ldtilecfg reads (it does not
+// see the instruction read them; quant_ops.cpp's tile loop met that).
+inline const TileConfig kTileConfig;
+
+AMX_TILES_TARGET inline void configure_tiles() { _tile_loadconfig(&kTileConfig); }
 
 AMX_TILES_TARGET inline void release_tiles() { _tile_release(); }
 

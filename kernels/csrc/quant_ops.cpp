@@ -42,8 +42,6 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,6 +51,8 @@
 #include <memory>
 #include <utility>
 #include <vector>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -167,12 +167,10 @@ BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t row
   }
 }
 
-bool amx_tiles_permitted();
-
 bool amx_bf16_supported() {
   // cpublas packs bfloat16 for brgemm exactly where oneDNN's ukernel runs it on AMX.
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
-         at::native::cpublas::could_pack(at::kBFloat16) && amx_tiles_permitted();
+         at::native::cpublas::could_pack(at::kBFloat16) && amx_tiles::request_permission();
 }
 
 // (first row, rows) of each brgemm call: kMaxRows at a time, then the rest's multiple of 16 in
@@ -192,31 +190,9 @@ std::vector<std::pair<int64_t, int64_t>> row_chunks(int64_t rows) {
   return chunks;
 }
 
-// Linux gives a process AMX's tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM
-// for XTILEDATA); the permission is process-wide, so once is enough.
-bool amx_tiles_permitted() {
-  static const bool permitted = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
-  }();
-  return permitted;
-}
-
-// Every tile 16 rows x 64 bytes: A 16 rows x 32 bfloat16 inputs; B 16 input pairs x 16 columns
-// x 2 (VNNI); C 16 x 16 float32 sums. C: tmm0-3, A: tmm4-5, B: tmm6-7.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows};
-};
-
-// A constant in memory: built on the stack, gcc drops the stores ldtilecfg reads (it does not
-// see the instruction read them).
-const TileConfig kTileConfig;
-
-BENTO_AMX void configure_tiles() { _tile_loadconfig(&kTileConfig); }
-
-BENTO_AMX void release_tiles() { _tile_release(); }
+// Tile registers (amx_tiles.h's configuration): C: tmm0-3, A: tmm4-5, B: tmm6-7.
+using amx_tiles::configure_tiles;
+using amx_tiles::release_tiles;
 
 // R x 16 rows of A (bfloat16, lda elements apart, K a multiple of 32) times 32 columns of a
 // dequantized block ([K/2][64][2], b at its first column) -> c [R x 16][32] float32: a 2x2 (or
