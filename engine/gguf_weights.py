@@ -20,7 +20,9 @@ so the MoE layer takes them expert by expert like a checkpoint's.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -112,7 +114,7 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
     the GGUF stores as Q4_0/Q4_1/Q4_K/Q8_0: those are QuantizedWeights read from the file."""
     import gguf
 
-    reader = gguf.GGUFReader(source.path)
+    reader = _reader(source.path)
     arch_name = reader.fields["general.architecture"].contents()
     arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name), None)
     names = gguf.get_tensor_name_map(arch, model_config.num_layers) if arch is not None else None
@@ -140,6 +142,7 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
         kept[tensor.tensor_type.name] += 1
         yield hf_name, q
     logger.info("%s: tensors read from GGUF blocks / from the float copy: %s", source.path, dict(kept))
+    _cached_reader.cache_clear()  # the load is done: drop the file's mapping
 
 
 def _expert_blocks(hf_name: str, stacked: re.Match, weight, tensors: dict, kept: Counter) -> Iterator[tuple[str, object]]:
@@ -166,11 +169,25 @@ def _expert_blocks(hf_name: str, stacked: re.Match, weight, tensors: dict, kept:
             yield f"{prefix}{expert}.{part}.weight", block
 
 
-def block_projection_types(path: str) -> Counter:
-    """How many of the GGUF's decoder-block projections are stored in each type (Q4_1: 210)."""
+def _reader(path: str):
+    """The file's GGUFReader, parsed once for quantization="auto"'s look at its types and the load
+    that follows (a parse takes ~4-5 s of CPU for the default model, most of it the 49152-token
+    vocabulary); a changed file is parsed again."""
+    stat = os.stat(path)
+    return _cached_reader(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int):
     import gguf
 
-    return Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if _BLOCK_PROJECTION.match(t.name))
+    return gguf.GGUFReader(path)
+
+
+
+def block_projection_types(path: str) -> Counter:
+    """How many of the GGUF's decoder-block projections are stored in each type (Q4_1: 210)."""
+    return Counter(t.tensor_type.name for t in _reader(path).tensors if _BLOCK_PROJECTION.match(t.name))
 
 
 def auto_quantization(config, source) -> tuple[str | None, str]:
@@ -188,5 +205,6 @@ def auto_quantization(config, source) -> tuple[str | None, str]:
         return None, "this CPU has no AMX int4 kernels, where int4 is slower than bfloat16 from 16 rows up"
     types = block_projection_types(source.path)
     if not types or set(types) - set(INT4_BLOCK_TYPES):
+        _cached_reader.cache_clear()  # no block load follows
         return None, f"the file's projections are {dict(types)}, not all 4-bit blocks (Q4_0/Q4_1/Q4_K)"
     return "int4", f"the file's projections are 4-bit blocks ({dict(types)}), kept as they are, on AMX"
