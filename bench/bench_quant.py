@@ -4,7 +4,7 @@
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
                                                 # (groups of --group-size, 64 and 128)
     python bench/bench_quant.py --skip-3b --threads 2
-    python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (~10 min on 2 cores)
+    python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (three group sizes, ~15 min on 2 cores)
 
 Each format runs in its own process (resident memory is per process): it loads the model with
 the engine's default 1 GiB KV cache, then generates `--max-tokens` greedy tokens (EOS ignored)
