@@ -2,9 +2,9 @@
 
     python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4 / w8a8, then a
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
-                                                # (groups of --group-size and of 128)
+                                                # (groups of --group-size, 64 and 128)
     python bench/bench_quant.py --skip-3b --threads 2
-    python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (~10 min on 2 cores)
+    python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (three group sizes, ~15 min on 2 cores)
 
 Each format runs in its own process (resident memory is per process): it loads the model with
 the engine's default 1 GiB KV cache, then generates `--max-tokens` greedy tokens (EOS ignored)
@@ -165,13 +165,18 @@ def main() -> None:
     print("\nwriting the 3B-shaped checkpoint (once) ...", flush=True)
     path = write_3b_checkpoint(Path(args.scratch))
     rows = []
-    for group in sorted({args.group_size, 128}):  # 128: GPTQ/AWQ's usual group, 0.03 byte of scales per weight
+    # Scales and zeros in bfloat16: 5 bits per weight at group 32, 4.5 at 64 (Q4_K's rate), 4.25 at
+    # 128 (GPTQ/AWQ's usual group).
+    for group in sorted({args.group_size, 64, 128}):
         print(f"3B-shaped, int4 group {group} ...", flush=True)
         spec = dict(common, model=path, dtype="bfloat16", quantization="int4", group_size=group,
                     max_tokens=max(4, args.max_tokens // 4), batches=[1, 16])
         rows.append((f"int4 group {group}", in_subprocess(spec)))
     print("\nLlama-3.2-3B-shaped random checkpoint, int4 (embedding and tied head: int8 rows), 1 GiB KV cache\n")
     print(table(rows, [1, 16]))
+    print("\nload (s): " + ", ".join(f"{name} {r['load_s']:.0f}" for name, r in rows if "load_s" in r))
+    print("RSS after load (GB, 1e9 bytes; the target is 3.5): "
+          + ", ".join(f"{name} {r['rss'] / 1e9:.2f}" for name, r in rows if "rss" in r))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,15 @@ from engine.layers.linear import Linear, check_shape, place_rows, set_loader
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8
 from engine.parallel_state import ParallelState, rank_and_size, read_part
 
-# Rows quantized at a time: quantize_int8 works in float32, 1.5 GB for a whole 128k x 3072 table.
-_QUANTIZE_ROWS = 8192
+# float32 bytes quantized at a time: quantize_int8/int4 make several float32 passes over their
+# input (1.5 GB each for a whole 128k x 3072 table); a chunk that stays in the core's cache takes
+# 3x less CPU than the 100 MB chunks of 8192 such rows (int8, one thread: 1.5 s for a 3B model's
+# table instead of 4.8), with the same codes.
+_QUANTIZE_CHUNK_BYTES = 4 << 20
+
+
+def _chunk_rows(cols: int) -> int:
+    return max(1, _QUANTIZE_CHUNK_BYTES // (4 * cols))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -122,20 +129,22 @@ def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> Quanti
     group = int4_group_size(weight.shape[1], group_size) if method == "int4" else None
     if group is None:
         return int8_rows(weight)
-    parts = [quantize_int4(weight[i : i + _QUANTIZE_ROWS], group) for i in range(0, weight.shape[0], _QUANTIZE_ROWS)]
+    step = _chunk_rows(weight.shape[1])
+    parts = [quantize_int4(weight[i : i + step], group) for i in range(0, weight.shape[0], step)]
     return QuantizedWeight(4, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                            torch.cat([p.zero for p in parts]), group)
 
 
 def int8_rows(weight: torch.Tensor) -> QuantizedWeight:
-    """quantize_int8 (one scale per row), a few thousand rows at a time so its float32 working
-    copy stays small."""
+    """quantize_int8 (one scale per row), a few hundred rows at a time so its float32 working
+    copies stay in cache."""
     rows, cols = weight.shape
     codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=weight.device)
-    for start in range(0, rows, _QUANTIZE_ROWS):
-        q = quantize_int8(weight[start : start + _QUANTIZE_ROWS])
-        codes[start : start + _QUANTIZE_ROWS], scale[start : start + _QUANTIZE_ROWS] = q.codes, q.scale
+    step = _chunk_rows(cols)
+    for start in range(0, rows, step):
+        q = quantize_int8(weight[start : start + step])
+        codes[start : start + step], scale[start : start + step] = q.codes, q.scale
     return QuantizedWeight(8, codes, scale, None, cols)
 
 
