@@ -129,6 +129,18 @@ def tiny(tiny_path):
     return tiny_path, load_hf_reference(tiny_path)
 
 
+@pytest.fixture(scope="session")
+def shared_server(tiny_path, tmp_path_factory):
+    """The `bentoml serve` of tiny_path the server test modules share (tests/shared_server.py)."""
+    from tests.shared_server import SharedServer
+
+    servers = SharedServer(tiny_path, tmp_path_factory.mktemp("shared-server"))
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
 def assert_all_blocks_free(engine) -> None:
     usage = engine.kv_cache_usage()
     assert usage.num_used_blocks == 0 and usage.num_free_blocks == usage.num_blocks, usage

@@ -80,11 +80,20 @@ def make_tiny_llama(
     "10MB") writes a sharded checkpoint with model.safetensors.index.json. The same arguments give
     the same weights whatever the global RNG state.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
     if model_type not in config_classes:
         raise ValueError(f"model_type must be one of {sorted(config_classes)}, got {model_type!r}")
+    directory = Path(tmp_path) / (name or f"tiny-{model_type}")
+    key = repr(("make_tiny_llama", model_type, seed, init_std, max_shard_size, sorted(config_overrides.items())))
+    return written_once(key, directory, lambda out: _write_tiny_llama(
+        out, config_classes[model_type], seed, init_std, max_shard_size, config_overrides))
+
+
+def _write_tiny_llama(directory: Path, config_class, seed: int, init_std: float, max_shard_size, config_overrides) -> None:
+    from transformers import AutoModelForCausalLM
+
     tokenizer = default_tokenizer()
     settings = dict(DEFAULT_TINY_CONFIG)
     settings.update(
@@ -95,17 +104,38 @@ def make_tiny_llama(
         initializer_range=init_std,
     )
     settings.update(config_overrides)
-    config = config_classes[model_type](**settings)
+    config = config_class(**settings)
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinitialize(model, seed, init_std)
 
-    directory = Path(tmp_path) / (name or f"tiny-{model_type}")
     directory.mkdir(parents=True, exist_ok=True)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     model.save_pretrained(directory, **save_kwargs)
     for file in Path(default_tokenizer_dir()).iterdir():
         shutil.copy(file, directory / file.name)
+
+
+@functools.cache
+def _checkpoint_store() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="bento-llm-test-checkpoints-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
+_written: dict[str, Path] = {}
+
+
+def written_once(key: str, directory: Path, write) -> str:
+    """A checkpoint written into `directory` by write(path): the first call with a key writes it
+    (building and saving a model: ~0.5-1 s), later calls in the process copy those files (~0.04
+    s). The makers give the same weights for the same arguments, so the copy is what a fresh
+    write would be; each caller gets its own files to change."""
+    if key not in _written:
+        first = _checkpoint_store() / str(len(_written))
+        write(first)
+        _written[key] = first
+    shutil.copytree(_written[key], directory, dirs_exist_ok=True)
     return str(directory)
 
 
@@ -197,6 +227,14 @@ def running_app(model: str, **settings):
             yield runtime, client
     finally:
         asyncio.run(runtime.shutdown())
+
+
+def own_kernel_cache(directory: str | os.PathLike) -> dict[str, str]:
+    """Environment for a process that builds the C++ kernels from a Bento's copy of the sources:
+    a kernel cache of its own. torch keys a cached build by the extension's name and rebuilds when
+    the sources' paths change, so a Bento built in the shared cache would make the next process
+    that loads the repository's kernels compile all of them again (~35 s a switch)."""
+    return {"TORCH_EXTENSIONS_DIR": str(directory)}
 
 
 def add_hub_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, Path], refs: tuple[str, ...] = ()) -> Path:

@@ -18,7 +18,7 @@ import yaml
 from opentelemetry.util.http import ExcludeList
 
 from bento_llm.testing import REPO_ROOT, ServerProcess
-from tests.helpers import add_hub_snapshot, make_tiny_llama
+from tests.helpers import add_hub_snapshot, make_tiny_llama, own_kernel_cache
 
 COMMIT = "d" * 40
 
@@ -130,7 +130,8 @@ def test_a_bento_of_a_hub_model_builds_and_serves_offline(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
     (tmp_path / "empty-hf-cache").mkdir()
-    serve_env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(tmp_path / "hub")}
+    serve_env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(tmp_path / "hub"),
+                 **own_kernel_cache(tmp_path / "kernels")}
     with ServerProcess(target=tag, cwd=tmp_path, env=serve_env, log_path=tmp_path / "serve.log") as server:
         (model,) = httpx.get(server.url + "/v1/models").json()["data"]
         assert model["id"] == "org/tiny" and model["root"].endswith(f"snapshots/{COMMIT}")

@@ -13,30 +13,21 @@ import httpx
 import openai
 import pytest
 
-from bento_llm.testing import ServerProcess, metric, scrape
-from tests.helpers import make_tiny_llama
+from bento_llm.testing import metric, scrape
+from tests.shared_server import AUTH, KEY, NUM_KV_BLOCKS
 
 pytestmark = pytest.mark.slow
 
-KEY = "dashboard-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-NUM_BLOCKS = 96
+NUM_BLOCKS = NUM_KV_BLOCKS
 PREAMBLE = "You are a helpful assistant who answers every question with care and in full detail. " * 3
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-dashboard"))
-    home = tmp_path_factory.mktemp("bentoml-home")
-    process = ServerProcess(
-        args={"model": model_dir, "served_model_name": "tiny", "num_kv_blocks": NUM_BLOCKS},
-        env={"BENTO_LLM_API_KEY": KEY, "BENTOML_HOME": str(home)},
-        log_path=tmp_path_factory.mktemp("logs") / "serve.log",
-    )
-    with process:
-        yield process
+def server(shared_server):
+    """The server the server test modules share (tests/shared_server.py)."""
+    return shared_server.get()
 
 
 def test_the_page_is_open_and_its_data_needs_the_key(server):

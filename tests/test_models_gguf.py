@@ -1,10 +1,11 @@
 """GGUF files of the new families load through transformers' GGUF reader: a tiny checkpoint of
 each family whose architecture the reader supports, written with the gguf package's writer
-(gguf's own tensor-name map; the tokenizer copied from the default model's GGUF), generates the
-same greedy tokens as the same weights loaded from safetensors."""
+(gguf's own tensor-name map; the default model's GGUF tokenizer, cut to VOCAB_IN_FILE tokens),
+generates the same greedy tokens as the same weights loaded from safetensors."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -25,11 +26,38 @@ ARCHITECTURES = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2M
 _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
+# Tokens of the default model's vocabulary a test file carries. Reading a GGUF's vocabulary costs
+# transformers ~7 s per 49152 tokens each time it is read (config, tensors and tokenizer: three
+# reads per load), and these tests feed token ids in, so the vocabulary's size tests nothing here.
+# The model keeps all 49152 rows ({arch}.vocab_size); the tokenizer knows the first tokens only.
+VOCAB_IN_FILE = 1024
+
+
+@functools.cache
+def default_tokenizer_fields() -> dict:
+    """The default model's GGUF tokenizer fields, cut to VOCAB_IN_FILE tokens and the merges
+    between them (read once per process: parsing the whole file takes seconds)."""
+    source = gguf.GGUFReader(str(default_gguf_path()))
+    kept = set(source.fields["tokenizer.ggml.tokens"].contents()[:VOCAB_IN_FILE])
+    fields = {}
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            value = field.contents()
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+                value = value[:VOCAB_IN_FILE]
+            elif key == "tokenizer.ggml.merges":
+                value = [m for m in value if set(m.split(" ")) | {m.replace(" ", "")} <= kept]
+            fields[key] = value
+    return fields
+
+
 def start_gguf(config, out: Path):
     """A GGUF writer holding the config's metadata (as llama.cpp's converter writes it) and the
-    default model's tokenizer; returns it and gguf's tensor-name map for the architecture."""
+    default model's tokenizer, cut to its first VOCAB_IN_FILE tokens and the merges between them;
+    returns it and gguf's tensor-name map for the architecture."""
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.model_type])
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -47,18 +75,15 @@ def start_gguf(config, out: Path):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
-    source = gguf.GGUFReader(str(default_gguf_path()))
-    for key, field in source.fields.items():
-        if key.startswith("tokenizer.ggml."):
-            value = field.contents()
-            if isinstance(value, list):
-                writer.add_array(key, value)
-            elif isinstance(value, str):
-                writer.add_string(key, value)
-            elif isinstance(value, bool):
-                writer.add_bool(key, value)
-            else:
-                writer.add_uint32(key, int(value))
+    for key, value in default_tokenizer_fields().items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        else:
+            writer.add_uint32(key, int(value))
     return writer, gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
@@ -113,7 +138,7 @@ CASES = {
 }
 
 
-@pytest.mark.slow  # transformers parses each GGUF's 49152-token vocabulary: ~30-70 s a family here
+@pytest.mark.slow  # two engines and a GGUF written and converted: ~4 s a family on a loaded machine
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_family_gguf_generates_what_its_safetensors_do(tmp_path, monkeypatch, name):
     monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))

@@ -317,7 +317,7 @@ def test_a_gguf_moe_files_stacked_expert_blocks_are_read_expert_by_expert(tmp_pa
 
 def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
     """A tiny Qwen3-MoE checkpoint as llama.cpp lays it out: experts stacked per layer in the given
-    GGUF types, everything else float32, the default model's tokenizer."""
+    GGUF types, everything else float32, the default model's tokenizer (cut: test_models_gguf.VOCAB_IN_FILE)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -336,7 +336,7 @@ def write_qwen3_moe_gguf(checkpoint: str, out, expert_types: dict) -> None:
     finish_gguf(writer)
 
 
-@pytest.mark.slow  # transformers parses the GGUF's 49152-token vocabulary: ~30-70 s
+@pytest.mark.slow  # a GGUF written and converted, an int4 engine and transformers: a few seconds
 def test_a_qwen3_moe_gguf_in_int4_keeps_its_expert_blocks_and_generates_as_its_dequantized_copy(tmp_path, monkeypatch):
     """Experts in Q4_0 (gate, up) and Q4_1 (down) are int4 group 32 exactly: the engine in int4
     generates what transformers does on the file's dequantized float copy, with the float32

@@ -14,37 +14,29 @@ import pytest
 
 from bento_llm.sampling import STRUCTURED_OUTPUTS
 from bento_llm.testing import ServerProcess, metric, scrape
-from tests.helpers import make_tiny_llama
+from tests.shared_server import AUTH, KEY
 
-# A server process and a tiny model take ~15 s to start; the tests then take ~30 s together.
+# A server process and a tiny model take ~15 s to start (once, shared); the tests then take ~30 s together.
 pytestmark = pytest.mark.slow
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = dict(temperature=0, max_tokens=12)
 NO_EOS = {"ignore_eos": True}
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-server"))
+def model_dir(shared_server):
+    return shared_server.model
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "serve.log"
-    home = tmp_path_factory.mktemp("bentoml-home")
-    process = ServerProcess(
-        args={"model": model_dir, "served_model_name": "tiny", "num_kv_blocks": 128},
-        env={"BENTO_LLM_API_KEY": KEY, "BENTOML_HOME": str(home)},
-        log_path=log,
-    )
-    with process:
-        yield process
-        # After the whole module: no request was left running, waiting, swapped or holding blocks.
-        values = wait_idle(process)
-        assert metric(values, "vllm:num_requests_waiting") == 0 and metric(values, "vllm:num_requests_swapped") == 0
+def server(shared_server):
+    """The server the server test modules share (tests/shared_server.py)."""
+    process = shared_server.get()
+    yield process
+    # After the whole module: no request was left running, waiting, swapped or holding blocks.
+    values = wait_idle(process)
+    assert metric(values, "vllm:num_requests_waiting") == 0 and metric(values, "vllm:num_requests_swapped") == 0
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +69,7 @@ def test_health_metrics_and_models_stay_open(server, sdk):
 
 
 def test_the_server_log_says_what_the_engine_decided(server):
-    log = server.log_tail(chars=100_000)
+    log = server.log_tail(chars=10**9)  # from the start: other modules' traffic follows
     assert "KV cache: 128 blocks of 16 tokens" in log
     assert "torch threads" in log
 

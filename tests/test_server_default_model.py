@@ -21,6 +21,7 @@ import yaml
 from bento_llm.model_store import DEFAULT_GGUF_FILE, DEFAULT_MODEL_STORE_NAME
 from bento_llm.testing import REPO_ROOT, ServerProcess
 from engine.config import DEFAULT_MODEL
+from tests.helpers import own_kernel_cache
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,8 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
 
     # Served from another directory, with the Hugging Face Hub switched off.
     server = ServerProcess(
-        target=tag, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        target=tag, cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **own_kernel_cache(tmp_path / "kernels")},
         log_path=tmp_path / "serve.log",
     )  # fmt: skip
     with server:

@@ -2,7 +2,8 @@
 trigger, tests/fault_service.py): every bad value is a 400 naming its field while a normal
 request runs on untouched, a failure in one request's bookkeeping fails it alone, a huge body
 is a 413 and never stalls /livez, unknown paths do not grow /metrics, and a failure pinned to
-no request turns both probes to 503. Its last test kills the engine."""
+no request turns both probes to 503. The server is the one the server tests share
+(tests/shared_server.py); the two tests that kill its engine take it for themselves."""
 
 from __future__ import annotations
 
@@ -19,30 +20,18 @@ import pytest
 from bento_llm.testing import ServerProcess, metric, scrape
 from engine.llm_engine import MAX_CONSECUTIVE_FORWARD_FAILURES
 from tests.fault_service import BREAK_FORWARD, FAIL_BOOKKEEPING, KILL_ENGINE
-from tests.helpers import make_tiny_llama
+from tests.shared_server import AUTH
 
 pytestmark = pytest.mark.slow
 
-KEY = "integrity-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 NORMAL = {"prompt": "A normal request", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
 BEAM = {"use_beam_search": True, "n": 2, "temperature": 0}
 
 
-def fault_server(tmp_path_factory) -> ServerProcess:
-    model = make_tiny_llama(tmp_path_factory.mktemp("tiny-integrity"))
-    return ServerProcess(
-        args={"model": model, "served_model_name": "tiny", "num_kv_blocks": 128},
-        env={"BENTO_LLM_API_KEY": KEY, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))},
-        target="tests.fault_service:BentoLLM",
-        log_path=tmp_path_factory.mktemp("logs") / "serve.log",
-    )
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with fault_server(tmp_path_factory) as process:
-        yield process
+def server(shared_server) -> ServerProcess:
+    """The server the server test modules share (tests/shared_server.py serves tests/fault_service.py)."""
+    return shared_server.get()
 
 
 @pytest.fixture(scope="module")
@@ -188,20 +177,22 @@ def test_the_api_docs_are_open_and_list_the_real_status_codes(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401  # the API itself still needs the key
 
 
-def test_a_failure_pinned_to_no_request_turns_both_probes_503(server):
-    """Last in this module: it kills the engine."""
-    killer = {"prompt": "kill", "max_tokens": 5, "stop": [KILL_ENGINE]}
-    response = httpx.post(server.url + "/v1/completions", headers=AUTH, json=killer, timeout=30)
-    assert response.status_code >= 500 and openai_error(response)["type"] == "server_error"
-    assert server.status("/readyz") == 503 and server.status("/livez") == 503
-    after = httpx.post(server.url + "/v1/completions", headers=AUTH, json=NORMAL, timeout=30)
-    assert after.status_code == 503 and openai_error(after)["type"] == "server_error"
+def test_a_failure_pinned_to_no_request_turns_both_probes_503(shared_server):
+    """It kills the engine: it takes the shared server for itself (a later user gets a new one)."""
+    with shared_server.take() as server:
+        killer = {"prompt": "kill", "max_tokens": 5, "stop": [KILL_ENGINE]}
+        response = httpx.post(server.url + "/v1/completions", headers=AUTH, json=killer, timeout=30)
+        assert response.status_code >= 500 and openai_error(response)["type"] == "server_error"
+        assert server.status("/readyz") == 503 and server.status("/livez") == 503
+        after = httpx.post(server.url + "/v1/completions", headers=AUTH, json=NORMAL, timeout=30)
+        assert after.status_code == 503 and openai_error(after)["type"] == "server_error"
 
 
-def test_a_forward_pass_that_keeps_failing_turns_both_probes_503_instead_of_failing_request_after_request(tmp_path_factory):
-    """Its own server (it kills the engine): once every forward pass fails, a few requests get a
-    500 and then the engine reports itself dead, so an orchestrator restarts it."""
-    with fault_server(tmp_path_factory) as server:
+def test_a_forward_pass_that_keeps_failing_turns_both_probes_503_instead_of_failing_request_after_request(shared_server):
+    """It kills the engine, so it takes the shared server for itself (a later user gets a new
+    one): once every forward pass fails, a few requests get a 500 and then the engine reports
+    itself dead, so an orchestrator restarts it."""
+    with shared_server.take() as server:
         breaker = {"prompt": "break", "max_tokens": 5, "stop": [BREAK_FORWARD]}
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
             assert client.post("/v1/completions", json=NORMAL).status_code == 200
