@@ -5,7 +5,8 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py --dtype float32       # the exact mode
     python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
     python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
-                                                       # strips vs unpack + F.linear vs oneDNN, 1-2000 rows
+                                                       # strips vs unpack + F.linear vs F.linear on a
+                                                       # plain weight vs oneDNN packed, 1-2000 rows
 
 Ceilings (measured first, with the engine's model loaded and idle):
 - memory read bandwidth: the best of several passes of a float32 sum over a buffer much larger
@@ -117,10 +118,12 @@ def projection_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> di
 def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int) -> list[str]:
     """Markdown rows: per kind of projection and row count, the engine's AMX strips
     (kernels/csrc/amx_linear.cpp) against their per-call unpack + F.linear (the engine's path past
-    AMX_STRIPS_MAX_ROWS) and against oneDNN's packed matmul on the same weights (packed here, for
+    AMX_STRIPS_MAX_ROWS), against F.linear on a plain weight (what the unpack costs on top) and
+    against oneDNN's packed matmul on the same weights (plain and packed copies made here, for
     comparison only), each pass over every projection in model order (weights stream from memory
-    as in a step), the paths alternating pass by pass; a kind's best pass. Limit: its weights'
-    read time at the bandwidth."""
+    as in a step), the paths alternating pass by pass; a kind's best pass. On one thread the
+    clock is the thread's CPU time (a shared machine's other processes then cost less of the
+    reading). Limit: its weights' read time at the bandwidth."""
     import torch.nn.functional as F
 
     from engine.layers.linear import amx_linear_ops
@@ -129,13 +132,15 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
     linears = [(kind, m) for kind, m in model_linears(model) if m.amx_strips]
     if ops is None or not linears:
         return ["(no projection is kept in AMX strips here: no AMX-BF16, or not bfloat16)"]
-    onednn = {id(m): torch.ops.mkldnn._reorder_linear_weight(ops.amx_linear_unpack(m.packed_weight, m.out_features),
-                                                             None) for _, m in linears}
+    plain = {id(m): ops.amx_linear_unpack(m.packed_weight, m.out_features) for _, m in linears}
+    onednn = {id(m): torch.ops.mkldnn._reorder_linear_weight(plain[id(m)], None) for _, m in linears}
     paths = {
         "oneDNN": lambda m, x: torch.ops.mkldnn._linear_pointwise(x, onednn[id(m)], m.bias, "none", [], ""),
         "amx": lambda m, x: ops.amx_linear(x, m.packed_weight, m.bias, m.out_features),
         "unpack": lambda m, x: F.linear(x, ops.amx_linear_unpack(m.packed_weight, m.out_features), m.bias),
+        "plain": lambda m, x: F.linear(x, plain[id(m)], m.bias),
     }
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     lines = []
     for rows in rows_list:
         inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for _, m in linears}
@@ -144,9 +149,9 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
             for path, call in paths.items():
                 spent = dict.fromkeys((kind for kind, _ in linears), 0.0)
                 for kind, m in linears:
-                    start = time.perf_counter()
+                    start = clock()
                     call(m, inputs[m.in_features])
-                    spent[kind] += time.perf_counter() - start
+                    spent[kind] += clock() - start
                 if repeat:
                     for kind, t in spent.items():
                         best[path, kind] = min(t, best.get((path, kind), t))
@@ -154,9 +159,10 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
             mods = [m for k, m in linears if k == kind]
             read = sum(m.in_features * m.out_features * 2 for m in mods) / bandwidth
             flops = sum(2 * rows * m.in_features * m.out_features for m in mods)
-            dnn, amx, unpack = best["oneDNN", kind], best["amx", kind], best["unpack", kind]
-            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {amx * 1e3:.2f} | {unpack * 1e3:.2f} "
-                         f"| {amx / dnn:.2f} | {amx / unpack:.2f} | {read * 1e3:.2f} | {flops / amx / 1e9:.0f} |")
+            dnn, amx, unpack, flat = (best[path, kind] for path in ("oneDNN", "amx", "unpack", "plain"))
+            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {flat * 1e3:.2f} | {amx * 1e3:.2f} "
+                         f"| {unpack * 1e3:.2f} | {amx / dnn:.2f} | {amx / unpack:.2f} | {read * 1e3:.2f} "
+                         f"| {flops / amx / 1e9:.0f} |")
     return lines
 
 
@@ -179,6 +185,33 @@ def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float
     return times
 
 
+# Where a prefill's time goes: torch.profiler's self time of each op, by the op names in each part.
+PREFILL_PARTS = {
+    "projections": ("aten::mm", "aten::addmm", "amx_linear", "mkldnn", "bf16_mm_amx", "int4", "int8"),
+    "attention (rotary, cache write, paged attention)": ("paged_attention", "qkv_attention", "write_kv_cache",
+                                                         "rotary", "attention"),
+    "norms and activation": ("rms_norm", "silu_mul", "gelu"),
+}
+
+
+def prefill_parts(engine, prompt: list[int]) -> tuple[float, dict[str, float]]:
+    """(seconds, seconds by part) of one prefill under torch.profiler; "other" is what no op of a
+    part took (the embedding, the LM head's sampling, scheduling, Python between the ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        timed_steps(engine, [prompt], 1)
+        total = time.perf_counter() - start
+    parts = dict.fromkeys(PREFILL_PARTS, 0.0)
+    for event in prof.key_averages():
+        part = next((name for name, keys in PREFILL_PARTS.items() if any(k in event.key for k in keys)), None)
+        if part is not None:
+            parts[part] += event.self_cpu_time_total / 1e6
+    parts["other"] = max(0.0, total - sum(parts.values()))
+    return total, parts
+
+
 def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
@@ -194,6 +227,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     parser.add_argument("--amx-linear", action="store_true",
                         help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
+    parser.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")],
+                        help="with --amx-linear: the row counts, comma-separated (default 1 to --prompt-len)")
     parser.add_argument("--quantization", default="none",
                         help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
                              "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
@@ -217,10 +252,10 @@ def main() -> None:
     if args.amx_linear:
         print(f"\n{args.model}, {args.threads} threads, memory read {bandwidth / 1e9:.1f} GB/s; "
               f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
-        print("| projection | rows | oneDNN ms | amx ms | unpack + F.linear ms | amx / oneDNN | amx / unpack "
-              "| weight read ms | amx GFLOP/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        rows_list = [1, 16, 64, 128, 256, 512, 768, 1024, args.prompt_len]
+        print("| projection | rows | oneDNN ms | F.linear (plain) ms | amx ms | unpack + F.linear ms | amx / oneDNN "
+              "| amx / unpack | weight read ms | amx GFLOP/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows_list = args.rows or [1, 16, 64, 128, 256, 512, 768, 1024, args.prompt_len]
         print("\n".join(amx_linear_table(model, bandwidth, rows_list, repeats)))
         return
     weight_bytes = step_read_bytes(model)
@@ -280,6 +315,11 @@ def main() -> None:
     rows_out.append((f"TTFT, {args.prompt_len}-token prompt ({chunks} chunk(s))", f"{ttft * 1e3:.0f} ms",
                      f"{limit * 1e3:.0f} ms", ttft / limit))
     rows_out.append(("prefill tok/s", f"{args.prompt_len / ttft:.0f}", f"{args.prompt_len / limit:.0f}", limit / ttft))
+    # One more prompt, profiled: the TTFT's parts (the profiler adds a little to each op).
+    profiled, parts = prefill_parts(engine, random_prompt(vocab, args.prompt_len, 99))
+    for part, seconds in parts.items():
+        rows_out.append((f"  TTFT's {part}", f"{seconds * 1e3:.0f} ms", f"{seconds / profiled:.0%} of a profiled "
+                         f"{profiled * 1e3:.0f} ms", float("nan")))
 
     print(f"\n{args.model}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")

@@ -159,14 +159,16 @@ def test_the_amx_linear_equals_the_float_product(threads, rows, out_features, in
 
 
 @needs_amx_linear
-def test_the_amx_linear_layout_holds_the_weight_exactly_once():
-    """The packed weight is the only copy: the plain one comes back from it bit for bit, and it is
-    no larger than the weight with its columns padded to 16."""
+@pytest.mark.parametrize("out_features, in_features", [(1000, 576), (1, 32), (15, 64), (17, 96), (200, 1536)])
+def test_the_amx_linear_layout_holds_the_weight_exactly_once(out_features, in_features):
+    """The packed weight is the only copy: the plain one comes back from it bit for bit (the
+    unpack transposes whole 16 x 16 tiles in registers: also a last strip of 1-15 columns, K of
+    one and of many tiles), and it is no larger than the weight with its columns padded to 16."""
     ops = amx_linear_ops()
-    weight = torch.randn(1000, 576).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features).to(torch.bfloat16)
     packed = ops.amx_linear_pack(weight)
-    assert packed.numel() == 1008 * 576
-    assert torch.equal(ops.amx_linear_unpack(packed, 1000), weight)
+    assert packed.numel() == -(-out_features // 16) * 16 * in_features
+    assert torch.equal(ops.amx_linear_unpack(packed, out_features), weight)
 
 
 @needs_amx_linear
@@ -198,7 +200,8 @@ def strips_layer(out_features: int, in_features: int, bias: bool, gen: torch.Gen
 
 @needs_amx_linear
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 5, 64, linear.AMX_STRIPS_MAX_ROWS, linear.AMX_STRIPS_MAX_ROWS + 1, 700])
+@pytest.mark.parametrize("rows", [1, 5, 64, linear.AMX_STRIPS_MAX_ROWS, linear.AMX_STRIPS_MAX_ROWS + 1,
+                                  linear.AMX_STRIPS_MAX_ROWS + 233])
 def test_a_bfloat16_projection_on_amx_equals_f_linear_on_both_sides_of_the_crossover(rows, bias):
     """A bfloat16 Linear on an AMX CPU keeps only the strips; up to AMX_STRIPS_MAX_ROWS rows they
     multiply in place, past it (prefill chunks) through a plain weight unpacked for the call: both

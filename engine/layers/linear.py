@@ -153,14 +153,15 @@ def few_rows_bfloat16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # Input rows up to which the AMX strips multiply in place; more rows (prefill chunks) unpack them
-# into a temporary plain weight for F.linear, whose oneDNN blocking is faster there. One thread,
-# loaded 2-vCPU AMX Xeon, the default model's 120 projections in model order, CPU time of AMX /
-# (unpack + F.linear) / oneDNN's packed layout (main's path): 512 rows 181 / 287 / 138 ms, 768
-# 248 / 236 / 199, 1024 263 / 266 / 208, 2000 684 / 482 / 417 (the unpack is ~50 of those ms;
-# unpack + oneDNN reorder + packed call measured slower, 669). Wall time per kind (qkv, o,
-# gate_up, down), AMX / (unpack + F.linear): 512 rows 0.64 0.85 0.80 0.67, 768 rows 0.79 1.03
-# 1.35 0.91. Above 512 the prefill pays ~1.15x oneDNN's packed matmul time for keeping one copy.
-AMX_STRIPS_MAX_ROWS = 512
+# into a temporary plain weight for F.linear, whose oneDNN blocking is faster there (the hand loop
+# reaches ~0.7x oneDNN's FLOP/s at 2000 rows; blocking it further along K, the input copied into
+# tiles first, or L1 prefetch of the next rows did not close that). Measured with the unpack
+# vectorized (one thread, thread CPU time on a loaded 2-vCPU AMX Xeon, A/B in one process, min of
+# 11 passes), the default model's four projections of a layer, AMX / (unpack + F.linear) /
+# F.linear on a plain weight: 512 rows 11.6 / 15.3 / 12.9 ms, 768 rows 7.75 / 7.93 / 5.95 (and
+# 15.1 / 16.3 / 14.1 in a noisier pass), 896 rows 18.4 / 18.7 / 16.5, 1024 rows 20.4 / 19.8 / 17.5,
+# 2000 rows 21.8 / 17.8 / 15.2 (the unpack itself ~0.5 ms a layer, scalar it was ~2).
+AMX_STRIPS_MAX_ROWS = 768
 
 
 @functools.cache

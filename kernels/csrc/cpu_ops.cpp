@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "transpose16.h"
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -694,31 +696,12 @@ void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
-// dst[x * ld + l] = src[l][x] for l, x < 16: sixteen rows of 16 32-bit elements transposed in
-// registers (32-bit, then 64-bit interleaves within 128-bit lanes, then two lane shuffles).
+// dst[x * ld + l] = src[l][x] for l, x < 16: sixteen rows of 16 32-bit elements transposed in registers.
 inline void transpose_16x16(const pair_t* const* src, int64_t offset, pair_t* dst, int64_t ld) {
-  __m512i r[16], t[16];
-  for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(src[l] + offset);
-  for (int l = 0; l < 16; l += 2) {
-    t[l] = _mm512_unpacklo_epi32(r[l], r[l + 1]);
-    t[l + 1] = _mm512_unpackhi_epi32(r[l], r[l + 1]);
-  }
-  // u[g][c]: lane L holds element 4L + c of rows 4g .. 4g + 3.
-  __m512i u[4][4];
-  for (int g = 0; g < 4; ++g) {
-    u[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    u[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    u[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0x44), v1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0x44), v3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0xEE);
-    _mm512_storeu_si512(dst + (0 + c) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
-    _mm512_storeu_si512(dst + (4 + c) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
-    _mm512_storeu_si512(dst + (8 + c) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
-    _mm512_storeu_si512(dst + (12 + c) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
-  }
+  __m512i rows[16], columns[16];
+  for (int l = 0; l < 16; ++l) rows[l] = _mm512_loadu_si512(src[l] + offset);
+  transpose16::transpose_16x16(rows, columns);
+  for (int x = 0; x < 16; ++x) _mm512_storeu_si512(dst + x * ld, columns[x]);
 }
 
 // K^T for Q.K^T: [dim/2][kKeyTile] pairs (elements 2i, 2i + 1 of one key), so that one brgemm
