@@ -19,6 +19,7 @@ from bentoml.exceptions import BentoMLException
 from bento_llm.app import create_app, create_root_app
 from bento_llm.auth import APIKeyMiddleware
 from bento_llm.dashboard import create_dashboard_app
+from bento_llm.direct_send import install_direct_send
 from bento_llm.errors import OpenAIError
 from bento_llm.exposure import warn_if_exposed
 from bento_llm.http_metrics import bound_bentoml_path_labels
@@ -83,6 +84,9 @@ bound_bentoml_path_labels(
     prefixes=[("/v1/models/", "/v1/models/{model}"), ("/static_content/", "/static_content/{file}")],
 )  # fmt: skip
 
+
+# Token events go straight to the server, past BentoML's and Starlette's middlewares.
+install_direct_send()
 
 # The routes that stream tokens: BentoML's tracing would open a span per token sent (see
 # Settings.trace_generation). Its exclude list holds regular expressions searched in the full URL.

@@ -43,6 +43,7 @@ def offline_run(engine, prompts: list[list[int]], params, concurrency: int) -> d
     """Output tokens/s of the bare engine with at most `concurrency` requests in flight."""
     pending = list(enumerate(prompts))
     in_flight = tokens = 0
+    wakeups = process_wakeups(os.getpid())
     cpu = time.process_time()
     start = time.perf_counter()
     while pending or engine.has_unfinished_requests():
@@ -56,8 +57,9 @@ def offline_run(engine, prompts: list[list[int]], params, concurrency: int) -> d
                 tokens += sum(len(o.token_ids) for o in out.outputs)
     seconds = time.perf_counter() - start
     cpu_s = time.process_time() - cpu
+    wakeups = process_wakeups(os.getpid()) - wakeups
     return {"output_tokens": tokens, "duration_s": seconds, "output_throughput": tokens / seconds,
-            "cpu_ms": cpu_s / tokens * 1e3, "cores": cpu_s / seconds}  # fmt: skip
+            "cpu_ms": cpu_s / tokens * 1e3, "cores": cpu_s / seconds, "wakeups": wakeups / tokens}  # fmt: skip
 
 
 def worker_pid(server_pid: int) -> int:
@@ -72,22 +74,32 @@ def worker_pid(server_pid: int) -> int:
     raise RuntimeError("no BentoML worker process found")
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of a server process by thread group: its main thread (the event loop), the
-    engine's step thread with the OpenMP workers it started (they inherit its name), the rest."""
+GROUPS = ("loop", "engine", "other")
+
+
+def thread_counters(pid: int) -> dict[str, float]:
+    """CPU seconds ("<group>") and wake-ups ("<group>_wakeups") of a process by thread group: its
+    main thread (the event loop), the engine's step thread with the OpenMP workers it started
+    (they inherit its name), the rest. A wake-up is a voluntary context switch: the thread slept
+    (on a futex, in epoll, ...) and something woke it, taking a core from whoever ran there."""
     tick = os.sysconf("SC_CLK_TCK")
-    groups = dict.fromkeys(("loop", "engine", "other"), 0.0)
+    counters = dict.fromkeys((*GROUPS, *(f"{g}_wakeups" for g in GROUPS)), 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "stat").read_text()
+            status = (task / "status").read_text()
         except FileNotFoundError:  # a thread that just ended
             continue
         name = text[text.index("(") + 1 : text.rindex(")")]
         fields = text.rpartition(")")[2].split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         group = "loop" if int(task.name) == pid else "engine" if name.startswith("bento-llm-engin") else "other"
-        groups[group] += seconds
-    return groups
+        counters[group] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        counters[f"{group}_wakeups"] += int(status.partition("voluntary_ctxt_switches:")[2].split()[0])
+    return counters
+
+
+def process_wakeups(pid: int) -> int:
+    return int(sum(v for k, v in thread_counters(pid).items() if k.endswith("_wakeups")))
 
 
 def served_run(args: argparse.Namespace, prompts: list[str], concurrency: int, pid: int) -> dict:
@@ -98,12 +110,18 @@ def served_run(args: argparse.Namespace, prompts: list[str], concurrency: int, p
     before: dict[str, float] = {}
 
     def start() -> None:
-        before.update(thread_cpu_seconds(pid), client=time.process_time())
+        before.update(thread_counters(pid), client=time.process_time())
 
     results, duration = asyncio.run(run(args, prompts, on_start=start))
-    after = {**thread_cpu_seconds(pid), "client": time.process_time()}
-    cpu = {f"{group}_s": after[group] - before[group] for group in after}
-    return {**summarize(results, duration, args), **cpu, "cpu_s": sum(cpu[f"{g}_s"] for g in ("loop", "engine", "other"))}
+    after = {**thread_counters(pid), "client": time.process_time()}
+    cpu = {f"{key}_s" if not key.endswith("_wakeups") else key: after[key] - before[key] for key in after}
+    return {**summarize(results, duration, args), **cpu, "cpu_s": sum(cpu[f"{g}_s"] for g in GROUPS),
+            "wakeups": sum(cpu[f"{g}_wakeups"] for g in GROUPS)}
+
+
+def extensions_dir() -> str:
+    """Where torch builds this process's C++ extensions (its default when the variable is unset)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
 
 
 def main() -> None:
@@ -136,7 +154,10 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         servers = []
         for i, root in enumerate(roots):
-            server = ServerProcess(args=server_args, cwd=root, log_path=f"{args.log}-{i}.log").start()
+            # Another checkout builds the C++ kernels from its own paths: in the same extensions
+            # directory each load would rebuild over the other's (minutes each on a busy machine).
+            env = {} if Path(root).resolve() == Path(REPO_ROOT).resolve() else {"TORCH_EXTENSIONS_DIR": f"{extensions_dir()}-server-{i}"}
+            server = ServerProcess(args=server_args, cwd=root, env=env, log_path=f"{args.log}-{i}.log").start()
             stack.callback(server.stop)
             server.wait_ready(args.ready_timeout)
             servers.append(server)
@@ -160,21 +181,28 @@ def main() -> None:
                     row = {"c": c, "round": r, "root": root, "offline": offline["output_throughput"], "served": served["output_throughput"],
                            "ratio": served["output_throughput"] / offline["output_throughput"], "offline_ms": offline["cpu_ms"],
                            **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "engine", "other", "client")},
-                           "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"]}  # fmt: skip
+                           "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"],
+                           **{f"{g}_wakeups": served[f"{g}_wakeups"] / tokens for g in GROUPS},
+                           "wakeups": served["wakeups"] / tokens, "offline_wakeups": offline["wakeups"]}  # fmt: skip
                     rows.append(row)
                     print(f"c={c} round {r} {root}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
                           f"served/offline {row['ratio']:.2f}; CPU ms per output token: server {row['cpu_ms']:.2f} (event loop "
                           f"{row['loop_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
-                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}", flush=True)  # fmt: skip
+                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; wake-ups per output token: server "
+                          f"{row['wakeups']:.2f} (event loop {row['loop_wakeups']:.2f}, engine {row['engine_wakeups']:.2f}, "
+                          f"other threads {row['other_wakeups']:.2f}), offline engine {row['offline_wakeups']:.2f}", flush=True)  # fmt: skip
     print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, server args {server_args or 'defaults'}")
-    print("CPU ms per output token over the timed part; cores: CPU seconds per second of it")
+    print("CPU ms per output token over the timed part; cores: CPU seconds per second of it; wake-ups: voluntary context")
+    print("switches per output token (server: event loop / engine + OpenMP / other threads)")
     print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | server CPU ms | event loop | "
-          "engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores |")  # fmt: skip
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores | "
+          "server wake-ups | offline wake-ups |")  # fmt: skip
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for w in rows:
         print(f"| {w['c']} | {w['round']} | {w['root']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
               f"{w['loop_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
-              f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} |")  # fmt: skip
+              f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} | {w['wakeups']:.2f} ({w['loop_wakeups']:.2f} / "
+              f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} |")  # fmt: skip
     for c in concurrencies:
         for root in roots:
             ratios = [w["ratio"] for w in rows if w["c"] == c and w["root"] == root]

@@ -44,7 +44,8 @@ class Settings(EngineSettings):
     timeout: float = Field(default=3600.0, gt=0)
     # BentoML's HTTP tracing (OpenTelemetry) opens a span for every message a response sends,
     # sampled or not (BentoML samples none by default): on a token stream one per token per
-    # request, ~30-80 us of the event loop each. So the generation routes stay out of it unless
+    # request, ~30-80 us of the event loop each (a stream's token events now go past it, see
+    # bento_llm/direct_send.py; its start and end still do). So the generation routes stay out of it unless
     # this is true; set it where BentoML's tracing exports traces and those routes belong in them.
     trace_generation: bool = False
 

@@ -19,9 +19,13 @@ ChatLogprobs = Callable[[Any, int], dict[str, Any] | None]
 CompletionLogprobs = Callable[[Any, int, int], dict[str, Any] | None]
 
 
-async def _joined(job: Job, buffered: bool, render: Callable[[int, Any], list[str]], usage: Callable[[], str | None]) -> AsyncIterator[str]:
+async def _joined(
+    job: Job, buffered: bool, render: Callable[[int, Any], list[str]], usage: Callable[[], str | None], first: str | None = None
+) -> AsyncIterator[str]:
     """One write per output: `render(prompt index, output)`'s events joined; the last output's
-    go out with `usage()` (None: not asked for) and [DONE]."""
+    go out with `usage()` (None: not asked for) and [DONE]. `first` goes out before any output."""
+    if first is not None:
+        yield first
     last: list[str] = []
     async for i, output in job.outputs():
         if buffered and not output.finished:
@@ -78,14 +82,14 @@ def completion_events(
     return _joined(job, buffered, render, usage)
 
 
-async def chat_events(
+def chat_events(
     job: Job, chunks: ChunkEvents, n: int, parser: OutputParser, echo: str, buffered: bool, logprobs_of: ChatLogprobs,
     prompt_tokens: int, include_usage: bool,
 ) -> AsyncIterator[str]:
     """One choice per chunk; `echo` (the assistant message the reply continues) prefixes the text."""
     # The role comes first, before any token, as OpenAI sends it.
-    yield "".join([chunks.event([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}]) for j in range(n)])  # fmt: skip
+    role = "".join([chunks.event([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}]) for j in range(n)])  # fmt: skip
     messages = [MessageStream(parser) for _ in range(n)]
     sent_tokens = [0] * n
     done = [False] * n
@@ -118,5 +122,4 @@ async def chat_events(
     def usage() -> str | None:
         return chunks.usage(fmt.usage(prompt_tokens, completion_tokens)) if include_usage else None
 
-    async for event in _joined(job, buffered, render, usage):
-        yield event
+    return _joined(job, buffered, render, usage, first=role)

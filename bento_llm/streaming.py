@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from bento_llm.direct_send import DIRECT_SEND
 from bento_llm.formatting import chunk
 
 logger = logging.getLogger("bento_llm")
@@ -56,7 +57,8 @@ class ChunkEvents:
 
 
 class EventStreamResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, at once.
+    """A StreamingResponse that always closes its generator, at once, and sends the events
+    between its start and its end past the middlewares (bento_llm/direct_send.py).
 
     Starlette stops iterating when the client disconnects (or a send fails) but leaves the
     generator to the garbage collector; closing it here runs its `finally`, which aborts
@@ -68,14 +70,24 @@ class EventStreamResponse(StreamingResponse):
     def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
         super().__init__(content, headers=headers, **kwargs)
+        self._direct_send: Any = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._direct_send = scope.get(DIRECT_SEND)
         try:
             await super().__call__(scope, receive, send)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        send_event = self._direct_send or send
+        async for event in self.body_iterator:
+            body = event.encode() if isinstance(event, str) else event
+            await send_event({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

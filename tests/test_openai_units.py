@@ -205,6 +205,53 @@ def test_unknown_paths_share_one_metrics_label():
     assert {path_label(p, known, prefixes) for p in ("/x", "/v1/x\x00", "/livez/", "")} == {OTHER}
 
 
+def test_stream_events_go_past_the_middlewares_while_start_and_end_go_through_them():
+    """BentoML's metrics and access log act on a response's start and its last message; the token
+    events between go to the outermost middleware's `send`, past every wrapper (direct_send.py)."""
+    from starlette.middleware import Middleware
+
+    from bento_llm.direct_send import DirectSendMiddleware, install_direct_send
+    from bento_llm.streaming import EventStreamResponse
+
+    seen_by_middleware: list[dict] = []
+
+    class Recording:  # a middleware wrapping `send`, as BentoML's and Starlette's do
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            async def recorded(message):
+                if message["type"].startswith("http."):
+                    seen_by_middleware.append(message)
+                await send(message)
+
+            await self.app(scope, receive, recorded)
+
+    async def events():
+        for text in ("data: a\n\n", "data: b\n\n", "data: [DONE]\n\n"):
+            yield text
+
+    async def endpoint(scope, receive, send):
+        await EventStreamResponse(events())(scope, receive, send)
+
+    app = Starlette(routes=[Mount("/v1", app=endpoint)], middleware=[Middleware(DirectSendMiddleware), Middleware(Recording)])
+    with TestClient(app) as client:
+        response = client.get("/v1/stream")
+    assert response.text == "data: a\n\ndata: b\n\ndata: [DONE]\n\n"
+    assert [m["type"] for m in seen_by_middleware] == ["http.response.start", "http.response.body"]
+    assert seen_by_middleware[-1]["more_body"] is False
+    # Without the outermost middleware (the in-process app), every message takes the stack.
+    seen_by_middleware.clear()
+    with TestClient(Starlette(routes=[Mount("/v1", app=endpoint)], middleware=[Middleware(Recording)])) as client:
+        assert client.get("/v1/stream").text == response.text
+    assert len(seen_by_middleware) == 5
+    # The installed BentoML puts it outermost in the service apps it builds.
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    assert install_direct_send() and install_direct_send()
+    assert ServiceAppFactory.middlewares.fget.direct_send
+
+
 def test_a_server_listening_beyond_loopback_without_a_key_warns(caplog):
     import socket
 
