@@ -28,10 +28,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  (before torch: its OpenMP wait setting, engine/config.py)
+import torch  # noqa: E402
 
 from bench.bench_limits import random_prompt  # noqa: E402
 
