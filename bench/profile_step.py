@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -163,7 +164,9 @@ def main() -> None:
     times = decode_steps(engine, args.batch, args.steps, vocab, on_step=lambda: phases.append(timer.take()))
     timer.restore()
     step = statistics.median(times)
-    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}; "
+    wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads "
+          f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
     print("| --- | --- | --- |")
