@@ -22,16 +22,18 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  (before torch: its OpenMP wait setting, engine/config.py)
+import torch  # noqa: E402
 
 from bench.bench_limits import random_prompt  # noqa: E402
 
@@ -162,7 +164,9 @@ def main() -> None:
     times = decode_steps(engine, args.batch, args.steps, vocab, on_step=lambda: phases.append(timer.take()))
     timer.restore()
     step = statistics.median(times)
-    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}; "
+    wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads "
+          f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
     print("| --- | --- | --- |")

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import asdict, dataclass, fields
 
-import torch
+# How torch's OpenMP threads wait between parallel regions, chosen here because libgomp reads it
+# once, when torch is imported (engine/__init__.py imports this module first). libgomp's default
+# spins ~5 ms (300,000 pauses of 16 ns on this Xeon) before sleeping: while the other thread of a
+# region is descheduled, the spinning one burns its time slice waiting at the barrier. A batch-1
+# decode step does ~120 regions (one per int4/AMX projection); on the 2-vCPU Xeon shared with
+# other work (load 12-16), in one process each: spinning 540-2900 ms a step, passive 80-100 ms,
+# one thread 48 ms. Passive waiting costs a futex wake per region on an idle machine (a small
+# parallel op after a 30 us gap: 15 us passive vs 9 us spinning, fastest of 3,000). The user's
+# own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; a process that imported torch before the engine
+# keeps libgomp's default (the model runner warns).
+OPENMP_WAIT_POLICY = "PASSIVE"
+OPENMP_WAIT_SET_BY_USER = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+OPENMP_WAIT_APPLIED = not OPENMP_WAIT_SET_BY_USER and "torch" not in sys.modules
+if OPENMP_WAIT_APPLIED:
+    os.environ["OMP_WAIT_POLICY"] = OPENMP_WAIT_POLICY
+
+import torch  # noqa: E402  (after the OpenMP setting above)
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"

@@ -3,6 +3,7 @@ rank's shard, turns a schedule into step inputs (rank 0), runs a step from them 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBackend
+from engine import config as config_module
 from engine.config import EngineConfig
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
@@ -29,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 # KV memory on CPU when neither a block count nor a byte size is given.
 DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@functools.cache  # once per process
+def warn_if_openmp_spins() -> None:
+    """engine/config.py sets OpenMP's passive wait before torch loads; where torch was imported
+    first (and the user set neither variable), libgomp spins, which a shared machine pays for."""
+    if torch.get_num_threads() > 1 and not (config_module.OPENMP_WAIT_APPLIED or config_module.OPENMP_WAIT_SET_BY_USER):
+        logger.warning("torch was imported before engine, so its OpenMP threads spin ~5 ms at every barrier "
+                       "(libgomp's default): where other processes share the cores, steps can take 10x longer. "
+                       "Import engine first, or set OMP_WAIT_POLICY=PASSIVE before starting Python.")
 
 
 @dataclass
@@ -76,6 +88,7 @@ class ModelRunner:
                 # Ranks on one machine share its cores; oversubscribed ranks wait on each other.
                 local = config.tp_local_ranks or config.tensor_parallel_size
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            warn_if_openmp_spins()
         torch.manual_seed(config.seed)
 
         # Built in the target dtype on "meta", then materialized without a random init: a float32

@@ -71,8 +71,10 @@ class StepBuffers:
     def nbytes(self) -> int:
         return _nbytes(vars(self).values())
 
-    def fill(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """(token ids, positions, logits indices, attention metadata) of this step, in the buffers."""
+    def fill(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionMetadata]:
+        """(token ids, positions, logits indices, attention metadata) of this step, in the buffers.
+        Logits indices None: every token's row, in order (a decode step where each sequence
+        samples), which the model takes without gathering its final hidden states."""
         num_seqs = len(step.context_lens)
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping.fill(step.slot_mapping),
@@ -84,7 +86,10 @@ class StepBuffers:
             max_context_len=max(step.context_lens),
         )
         ids = self.token_ids.fill(step.token_ids)
-        return ids, self.positions.fill(step.positions), self.logits_indices.fill(step.logits_indices), meta
+        n = len(step.token_ids)
+        every_row = len(step.logits_indices) == n and step.logits_indices == list(range(n))
+        logits_indices = None if every_row else self.logits_indices.fill(step.logits_indices)
+        return ids, self.positions.fill(step.positions), logits_indices, meta
 
 
 @dataclass

@@ -76,6 +76,27 @@ def test_qkv_attention_is_the_backend_ops_in_one_call_with_variants_and_an_8bit_
         assert torch.equal(got.view(torch.uint8).nan_to_num(), expected.view(torch.uint8).nan_to_num())
 
 
+def test_qkv_attention_reads_a_strided_view_at_an_offset_as_its_contiguous_copy(gen):
+    # The heads are views of qkv's storage (as_strided from its offset and row stride): a qkv that
+    # is a column range of a wider buffer must give what its contiguous copy gives, bit for bit,
+    # and leave the buffer's other columns alone.
+    num_heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    qkv, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(
+        gen, [(1, 40), (12, 30), (1, 17)], num_heads, kv_heads, head_dim, block_size, torch.bfloat16)
+    wide = torch.randn(qkv.shape[0], qkv.shape[1] + 40, generator=gen).to(qkv.dtype)
+    wide[:, 24 : 24 + qkv.shape[1]] = qkv
+    before = wide.clone()
+    view = wide[:, 24 : 24 + qkv.shape[1]]
+    assert view.storage_offset() == 24 and view.stride(0) == qkv.shape[1] + 40
+    ours = [k_cache.clone(), v_cache.clone()]
+    out = cpu_ops.qkv_attention(view, cos, sin, *ours, slots, tables, lens, cu, num_heads, 0.125)
+    dense = [qkv.clone(), k_cache.clone(), v_cache.clone()]
+    want = cpu_ops.qkv_attention(*dense[:1], cos, sin, *dense[1:], slots, tables, lens, cu, num_heads, 0.125)
+    for got, expected in zip([out, view, *ours], [want, *dense]):
+        assert torch.equal(got.view(torch.uint8).nan_to_num(), expected.view(torch.uint8).nan_to_num())
+    assert torch.equal(wide[:, :24], before[:, :24]) and torch.equal(wide[:, 24 + qkv.shape[1] :], before[:, 24 + qkv.shape[1] :])
+
+
 def test_qkv_attention_refuses_a_width_that_is_not_the_heads_times_head_dim(gen):
     qkv, cos, sin, k_cache, v_cache, slots, tables, lens, _ = step_of(gen, [(1, 5)], 4, 2, 64, 16, torch.float32)
     with pytest.raises(RuntimeError, match="qkv's width"):

@@ -70,7 +70,7 @@ class CausalLM(nn.Module):
         return self.embed_tokens(token_ids)
 
     # ---- the forward --------------------------------------------------------------------------
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None) -> torch.Tensor | None:
         """Logits (in the dtype LogitsProcessor gives) for the tokens at logits_indices only: the
         LM head is the largest matmul of a small model, so prefill positions that sample nothing
         skip it. Runs inside the runner's forward_context. Tensor parallel: rank 0 gets the full
@@ -80,7 +80,9 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
-        x = self.norm(x[logits_indices], residual[logits_indices])
+        if logits_indices is not None:  # None: every token's row, in order (no gather)
+            x, residual = x[logits_indices], residual[logits_indices]
+        x = self.norm(x, residual)
         return self.logits_processor(self.lm_head, x)
 
     # ---- after construction -----------------------------------------------------------------

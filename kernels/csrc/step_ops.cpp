@@ -50,11 +50,17 @@ at::Tensor qkv_attention(at::Tensor& qkv, const std::optional<at::Tensor>& cos, 
   TORCH_CHECK(num_heads > 0 && qkv.size(1) % heads == 0, "qkv's width ", qkv.size(1), " is not (num_heads ",
               num_heads, " + 2 * num_kv_heads ", kv_heads, ") * head_dim");
   const int64_t dim = qkv.size(1) / heads;
-  at::Tensor qk = qkv.narrow(1, 0, (num_heads + kv_heads) * dim).view({tokens, num_heads + kv_heads, dim});
+  // Each view in one as_strided call: narrow + view cost three or four dispatcher calls apiece
+  // (narrow -> slice -> as_strided, then view), ten more per layer than these four.
+  const int64_t row = qkv.stride(0), offset = qkv.storage_offset();
+  const auto heads_view = [&](int64_t first_head, int64_t count) {
+    return qkv.as_strided({tokens, count, dim}, {row, dim, 1}, offset + first_head * dim);
+  };
+  at::Tensor qk = heads_view(0, num_heads + kv_heads);
   if (cos.has_value()) rotary.call(qk, *cos, *sin);
-  const at::Tensor v = qkv.narrow(1, (num_heads + kv_heads) * dim, kv_heads * dim).view({tokens, kv_heads, dim});
-  write.call(qk.narrow(1, num_heads, kv_heads), v, k_cache, v_cache, slot_mapping);
-  const at::Tensor q = qk.narrow(1, 0, num_heads);
+  write.call(heads_view(num_heads, kv_heads), heads_view(num_heads + kv_heads, kv_heads), k_cache, v_cache,
+             slot_mapping);
+  const at::Tensor q = heads_view(0, num_heads);
   const at::Tensor out =
       cu_query_lens.has_value()
           ? paged.call(q, k_cache, v_cache, block_tables, context_lens, *cu_query_lens, scale, sliding_window,
