@@ -33,11 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("TQDM_DISABLE", "1")  # no weight-loading progress bars between the rows
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
+import torch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

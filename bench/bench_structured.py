@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
+import torch  # noqa: E402
 
 from bench.bench_offline import chat_prompts  # noqa: E402
 
