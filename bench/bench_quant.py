@@ -3,17 +3,25 @@
     python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4 / w8a8, then a
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
                                                 # (groups of --group-size, 64 and 128)
-    python bench/bench_quant.py --skip-3b --threads 2
+    python bench/bench_quant.py --skip-3b --threads 2 --rounds 5
     python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (three group sizes, ~15 min on 2 cores)
 
-Each format runs in its own process (resident memory is per process): it loads the model with
-the engine's default 1 GiB KV cache, then generates `--max-tokens` greedy tokens (EOS ignored)
-for batches of 1, 16 and 64 chat prompts, and reports output tokens/s and resident memory:
-weights, KV cache, other (libraries, Python and torch's runtime, tokenizer: the engine's
-report), the process RSS after load and its peak during load, the RSS after the last (largest)
-batch's decode, and the peak over the whole run (a prefill's activations included). The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192,
-vocabulary 128256, tied embeddings; random bfloat16 weights) is written once to --scratch.
-Timings on a shared machine are noisy: compare formats within one run.
+Default model, speed: all four formats are loaded into ONE process (each engine with its own
+--kv-mib KV cache, enough for 64 sequences), then timed in interleaved rounds: per round and
+batch size (1, 16, 64 chat prompts, `--max-tokens` greedy tokens each, EOS ignored) every format
+generates once, the order rotated each round (ABCD, BCDA, ...), so a machine whose speed drifts
+between minutes slows every format of a round alike. Each round's output tokens/s is printed with
+its ratio to bfloat16 in that round; the table gives each format's median tok/s and the median of
+its per-round ratios. (Separate processes run one after another measured 30-50% drift on a
+shared VM, more than the differences between formats.)
+Default model, memory: resident memory is per process, so each format also loads alone in a
+short process of its own with the engine's default 1 GiB KV cache, decodes a batch of 64 for 8
+tokens, and reports weights, KV cache, other (libraries, Python and torch's runtime, tokenizer:
+the engine's report), the process RSS after load and its peak during load, the RSS after that
+decode, and the peak over the process (a prefill's activations included).
+The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, vocabulary
+128256, tied embeddings; random bfloat16 weights) is written once to --scratch; its int4 group
+sizes run in a process each (memory and speed together).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
 
 LLAMA_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                 num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
@@ -134,12 +145,76 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+FORMATS = (("bfloat16", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int4"), ("w8a8", "w8a8"))
+BATCHES = (1, 16, 64)
+
+
+def compare_in_process(args) -> dict[str, dict[int, list[float]]]:
+    """tok/s of every format at every batch size, per round: all engines in this process,
+    formats interleaved (rotated) within each round and batch."""
+    import torch
+
+    from bench.bench_offline import chat_prompts
+    from engine import LLM, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    engines = {}
+    for name, quantization in FORMATS:
+        engines[name] = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, num_threads=args.threads,
+                            max_num_seqs=max(BATCHES), kv_cache_memory_bytes=args.kv_mib << 20)
+    prompts = [engines["bfloat16"].engine.apply_chat_template(c) for c in chat_prompts(max(BATCHES))]
+    warm = SamplingParams(temperature=0.0, max_tokens=2)
+    for llm in engines.values():  # kernels built and buffers sized for every row count timed
+        for batch in BATCHES:
+            llm.generate(prompts[:batch], warm, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    names = [name for name, _ in FORMATS]
+    speeds = {name: {b: [] for b in BATCHES} for name in names}
+    for r in range(args.rounds):
+        for batch in BATCHES:
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                outs = engines[name].generate(prompts[:batch], params, use_tqdm=False)
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                speeds[name][batch].append(tokens / (time.perf_counter() - start))
+            base = speeds["bfloat16"][batch][-1]
+            print(f"  round {r + 1}, batch {batch}: " + ", ".join(
+                f"{name} {speeds[name][batch][-1]:.1f} tok/s ({speeds[name][batch][-1] / base:.2f}x)" for name in names),
+                flush=True)
+    return speeds
+
+
+def format_table(memory: dict[str, dict], speeds: dict[str, dict[int, list[float]]], batches) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    base_name = next(iter(speeds))
+    base = memory[base_name]
+    head = ("| format | weights MiB | KV MiB | other MiB | RSS after load MiB | load peak MiB | RSS after decode MiB | "
+            "peak RSS MiB | " + " | ".join(f"tok/s @{b}" for b in batches) + " |")
+    lines = [head, "|" + " --- |" * (8 + len(batches))]
+    for name, runs in speeds.items():
+        cells = []
+        for b in batches:
+            ratios = [t / t0 for t, t0 in zip(runs[b], speeds[base_name][b])]
+            cells.append(f"{statistics.median(runs[b]):.1f}" + (f" ({statistics.median(ratios):.2f}x)" if name != base_name else ""))
+        r = memory[name]
+        if "error" in r or "error" in base:
+            lines.append(f"| {name} | {r.get('error', '')} |" + " |" * 6 + " " + " | ".join(cells) + " |")
+            continue
+        weights = mib(r["weights"]) + (f" ({r['weights'] / base['weights']:.2f}x)" if name != base_name else "")
+        columns = [r["kv_cache"], r["other"] + r["libraries"], r["rss"], r["load_peak_rss"], r["decode_rss"], r["peak_rss"]]
+        lines.append(f"| {name} | {weights} | " + " | ".join(map(mib, columns)) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the default model's formats")
+    parser.add_argument("--kv-mib", type=int, default=256, help="KV cache of each in-process engine (MiB)")
     parser.add_argument("--skip-3b", action="store_true")
     parser.add_argument("--only-3b", action="store_true", help="skip the default model's formats")
     parser.add_argument("--scratch", default="/tmp/bento-llm-bench-3b", help="where the 3B-shaped checkpoint is written")
@@ -149,17 +224,18 @@ def main() -> None:
         return
 
     common = dict(threads=args.threads, group_size=args.group_size)
-    rows = []
-    for name, dtype, quantization in () if args.only_3b else (("bfloat16", "bfloat16", None), ("int8", "bfloat16", "int8"), ("int4 (its Q4_1 blocks)", "bfloat16", "int4"),
-                                        ("w8a8", "bfloat16", "w8a8")):
-        print(f"default model, {name} ...", flush=True)
-        spec = dict(common, model="SmolLM2-135M-Instruct", dtype=dtype, quantization=quantization,
-                    max_tokens=args.max_tokens, batches=[1, 16, 64])
-        rows.append((name, in_subprocess(spec)))
-    if rows:
-        print("\nSmolLM2-135M-Instruct (Q4_1 GGUF), 1 GiB KV cache, "
-              f"{args.max_tokens} tokens per sequence, {args.threads} threads\n")
-        print(table(rows, [1, 16, 64]), flush=True)
+    if not args.only_3b:
+        print("default model, memory: each format alone in a process ...", flush=True)
+        memory = {}
+        for name, quantization in FORMATS:
+            spec = dict(common, model=DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, max_tokens=8, batches=[64])
+            memory[name] = in_subprocess(spec)
+        print("default model, speed: the formats in one process, interleaved rounds ...", flush=True)
+        speeds = compare_in_process(args)
+        print(f"\n{DEFAULT_MODEL} (Q4_1 GGUF), {args.max_tokens} tokens per sequence, {args.threads} threads; "
+              f"memory: each format alone with a 1 GiB KV cache; tok/s: one process, median of {args.rounds} "
+              "interleaved rounds (ratio: median of the per-round ratios to bfloat16)\n")
+        print(format_table(memory, speeds, BATCHES), flush=True)
     if args.skip_3b:
         return
     print("\nwriting the 3B-shaped checkpoint (once) ...", flush=True)

@@ -9,6 +9,7 @@ one repeated weight would) in each format, then times one pass over all of them 
 interleaved in one process, keeping each format's best of --rounds. Time is the thread's CPU
 time at one thread (robust on a shared machine), wall time otherwise. Reported: bfloat16's
 microseconds per layer and each format's time relative to it (below 1 is faster):
+- bf16 strips: the engine's bfloat16 projection, kernels/csrc/amx_linear.cpp's AMX column strips
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loop on the same codes (AMX-BF16 CPUs only)
 - int4 / int8 rows: its AVX-512 few-row loops over the same codes (int4: torch's layout)
@@ -17,8 +18,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
   both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
-and the two limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
-scales and zeros at the measured memory bandwidth (what bounds a few rows), and AMX, the
+and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
+scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
 (what bounds many rows).
 """
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
+from engine.layers.linear import amx_linear_ops  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -46,11 +48,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--us", action="store_true", help="microseconds per layer in every column, not ratios")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 read", "AMX", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
+    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
@@ -65,6 +68,8 @@ def main() -> None:
     for shape, (n, k) in SHAPES.items():
         weights = [torch.randn(n, k) * 0.02 for _ in range(args.layers)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
+        strip_ops = amx_linear_ops()
+        strips = [strip_ops.amx_linear_pack(w.bfloat16()) for w in weights] if strip_ops else []
         int4 = [PackedQuantizedWeight(quantize_int4(w, 32), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
@@ -82,6 +87,8 @@ def main() -> None:
                 "int8 torch": lambda: [torch.ops.aten._weight_int8pack_mm(x, c, q.scales) for c, q in zip(int8_rows, int8)],
                 "int8 layer": lambda: [q(x) for q in int8],
             }
+            if strips:
+                runs["bf16 strips"] = lambda: [strip_ops.amx_linear(x, s, None, n) for s in strips]
             if ops is not None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, 32, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
@@ -102,8 +109,10 @@ def main() -> None:
                         best[name] = min(best[name], (clock() - start) / args.layers)
             base = best["bfloat16"]
             best["int4 read"] = (int4[0].qweight.numel() + int4[0].scales.numel() * 2) / bandwidth
+            best["int8 read"] = (int8[0].qweight.numel() + int8[0].scales.numel() * 2) / bandwidth
             best["AMX"] = 2 * rows * n * k / flops
-            cells = [f"{best[name] / base:.2f}x" if name in best else "" for name in names]
+            cells = [("" if name not in best else f"{best[name] * 1e6:.1f}" if args.us else f"{best[name] / base:.2f}x")
+                     for name in names]
             print(f"| {shape} {n}x{k} | {rows} | {base * 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -111,6 +111,34 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 
 @needs_amx
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_few_row_loops_carry_each_groups_input_sum_for_inputs_far_from_zero_mean(group, rows):
+    """int4_mm_rows multiplies codes as 128 + code and takes the bias back out through each row's
+    sum over each group (computed inside the kernel); inputs centred on 3, not 0, make those sums
+    large, so a wrong sum shows. 640 outputs: ten 64-column blocks streamed back to back (the
+    few-row loops prefetch a fixed distance ahead, across block ends). int8_mm_rows alike."""
+    gen = torch.Generator().manual_seed(rows * 10 + group)
+    weight = torch.randn(640, 512, generator=gen).bfloat16()
+    x = (torch.randn(2 * rows, 512, generator=gen) + 3).bfloat16()[::2]
+    ops = amx_kernels()
+    for method in ("int4", "int8"):
+        q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group)
+        packed = quantized_layer(method, group, weight, dtype=torch.bfloat16).quantized
+        with torch.inference_mode():
+            if method == "int8":
+                out = ops.int8_mm_rows(x, packed.qweight, packed.scales, 640)
+            else:
+                out = ops.int4_mm_rows(x, packed.qweight, packed.scales, group, 640)
+        if method == "int8":
+            expected = _amx_reference(packed, q, x)
+        else:  # the loop's weight values are exact in float32 (not rounded to bfloat16 as the tile's)
+            expand = lambda t: t.bfloat16().float().repeat_interleave(group, dim=1)  # noqa: E731
+            expected = x.float() @ ((q.codes.float() - 8) * expand(q.scale) + expand(q.zero)).t()
+        assert (out.float() - expected).norm() / expected.norm() < 3e-3, method
+
+
+@needs_amx
 def test_int8_weight_converts_whole_to_its_values_rounded_to_bfloat16():
     """int8's prefill-sized form: [K, N] (100 outputs, 106 inputs), code * scale in bfloat16."""
     gen = torch.Generator().manual_seed(3)

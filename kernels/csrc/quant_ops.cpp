@@ -62,6 +62,7 @@ constexpr int64_t kTileRows = 16;   // rows of an AMX tile
 constexpr int64_t kTileK = 32;      // bfloat16 inputs per AMX tile row (64 bytes)
 constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of converted blocks (a multiple of 32)
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
+constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
 constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at once beyond kRowChunk rows
 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
@@ -168,9 +169,11 @@ BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t row
 }
 
 bool amx_bf16_supported() {
-  // cpublas packs bfloat16 for brgemm exactly where oneDNN's ukernel runs it on AMX.
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
-         at::native::cpublas::could_pack(at::kBFloat16) && amx_tiles::request_permission();
+  // cpublas packs bfloat16 for brgemm exactly where oneDNN's ukernel runs it on AMX. Asked once:
+  // every op checks it, and a decode step makes ~120 calls.
+  static const bool supported = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+                                at::native::cpublas::could_pack(at::kBFloat16) && amx_tiles::request_permission();
+  return supported;
 }
 
 // (first row, rows) of each brgemm call: kMaxRows at a time, then the rest's multiple of 16 in
@@ -377,6 +380,10 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) total[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
+    if (g + kScalePrefetchGroups < groups) {  // a group's 256 bytes of scales lie a row of N away: no stream prefetcher sees them
+      const auto* ahead = reinterpret_cast<const char*>(scales_and_zeros + (g + kScalePrefetchGroups) * n_padded * 2);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    }
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -412,6 +419,22 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
   }
 }
 
+// sums[r][g] = the sum of row r's bfloat16 values over group g (group: even), in float32: plain
+// C++ here, not ATen ops (a conversion, a sum and their allocations: ~4 calls, more than the
+// product itself costs at one row on the smaller projections).
+BENTO_AVX512_BF16 void group_sums(const uint16_t* x, int64_t lda, int64_t rows, int64_t k_total, int64_t group, float* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < k_total / group; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, (g + 1) * group - k)) - 1);
+        sum = _mm512_add_ps(sum, load_bfloat16(reinterpret_cast<const c10::BFloat16*>(x + r * lda + k), mask));
+      }
+      sums[r * (k_total / group) + g] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
 // x [M, K] bfloat16 (a few rows) @ int4 weight (torch's CPU pack) -> [M, out_features], reading
 // the codes once per 4 rows; threads split the 64-column blocks.
 at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
@@ -420,11 +443,11 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   check_input(x, k_total);
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const int64_t rows = x.size(0), lda = x.stride(0), groups = k_total / group_size;
-  // Each row's sum over each group, from the bfloat16 values the products use.
-  const at::Tensor x_sums = x.to(at::kFloat).view({rows, groups, group_size}).sum(-1).contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  const float* sums = x_sums.data_ptr<float>();
+  std::vector<float> x_sums(rows * groups);
+  group_sums(a, lda, rows, k_total, group_size, x_sums.data());
+  const float* sums = x_sums.data();
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
@@ -574,10 +597,12 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
 // R rows of x (float32, [R][K]) times one 64-column block of int8 codes [K/2][64][2], V * 8
 // columns per pass (all 64 for 1-2 rows, 32 for 3-4: R * V + V registers): each 16-float vector
 // holds 8 columns x an input pair, multiplied by that pair of x (broadcast); the pairs are summed
-// once at the end. The next block's codes are prefetched meanwhile (next: null for none).
+// once at the end. The codes stream is prefetched kPrefetchAhead bytes ahead into L1 (the blocks
+// lie back to back, so this runs on into the next block): a fixed distance, not the whole next
+// block, which at K = 576 (36 KB) would evict the current block's lines from a 48 KB L1.
 template <int R, int V>
-BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const int8_t* codes, const int8_t* next,
-                                       const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out, int64_t out_stride) {
+BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const int8_t* codes, const c10::BFloat16* scale,
+                                       int64_t columns, c10::BFloat16* out, int64_t out_stride) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t c0 = 0; c0 < columns; c0 += V * 8) {
@@ -586,9 +611,9 @@ BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const in
       for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t p = 0; p < k_total / 2; ++p) {
       const int8_t* line = codes + p * kBlockN * 2 + c0 * 2;
-      if (next && c0 == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + p * kBlockN * 2), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(next + p * kBlockN * 2 + 64), _MM_HINT_T0);
+      if (c0 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + p * kBlockN * 2 + kPrefetchAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(codes + p * kBlockN * 2 + kPrefetchAhead + 64), _MM_HINT_T0);
       }
       __m512 w[V];
       for (int i = 0; i < V; ++i)
@@ -615,15 +640,26 @@ BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const in
   }
 }
 
+// out [rows][K] = x's bfloat16 rows (lda apart) widened to float32.
+BENTO_AVX512_BF16 void widen_rows(const uint16_t* x, int64_t lda, int64_t rows, int64_t k_total, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < k_total; k += 16) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+      _mm512_mask_storeu_ps(out + r * k_total + k, mask, load_bfloat16(reinterpret_cast<const c10::BFloat16*>(x + r * lda + k), mask));
+    }
+  }
+}
+
 // The same product for a few rows (a decode step), where reading the codes is the whole cost: no
 // conversion to a tile, one pass over each block of codes per 4 rows, threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   check_int8(packed, scales, out_features);
   check_input(x, packed.size(1) * 2);
   const int64_t rows = x.size(0), k_total = packed.size(1) * 2;
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  const float* a = x32.data_ptr<float>();
+  auto x32 = aligned_buffer<float>(rows * k_total);  // the rows widened here, not by ATen calls
+  widen_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows, k_total, x32.get());
+  const float* a = x32.get();
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
@@ -632,16 +668,14 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
       const int8_t* block = codes + b * k_total * kBlockN;
-      const int8_t* next = b + 1 < end ? block + k_total * kBlockN : nullptr;
       for (int64_t m = 0; m < rows; m += 4) {
         const float* xm = a + m * k_total;
         c10::BFloat16* ym = y + m * out_features + n0;
-        const int8_t* ahead = m + 4 >= rows ? next : nullptr;  // once, on the last pass over this block
         switch (std::min<int64_t>(4, rows - m)) {
-          case 1: int8_block_rows<1, 8>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
-          case 2: int8_block_rows<2, 8>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
-          case 3: int8_block_rows<3, 4>(xm, k_total, block, ahead, s + n0, columns, ym, out_features); break;
-          default: int8_block_rows<4, 4>(xm, k_total, block, ahead, s + n0, columns, ym, out_features);
+          case 1: int8_block_rows<1, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+          case 2: int8_block_rows<2, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+          case 3: int8_block_rows<3, 4>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+          default: int8_block_rows<4, 4>(xm, k_total, block, s + n0, columns, ym, out_features);
         }
       }
     }
