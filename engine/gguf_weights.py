@@ -184,7 +184,6 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     return gguf.GGUFReader(path)
 
 
-
 def block_projection_types(path: str) -> Counter:
     """How many of the GGUF's decoder-block projections are stored in each type (Q4_1: 210)."""
     return Counter(t.tensor_type.name for t in _reader(path).tensors if _BLOCK_PROJECTION.match(t.name))

@@ -149,9 +149,20 @@ BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* 
 }
 
 // 16 bfloat16 values (masked) as floats.
+BENTO_AVX512_BF16 inline __m512 load_bfloat16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
 BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  return load_bfloat16(reinterpret_cast<const uint16_t*>(p), mask);
+}
+
+// fn(b, columns) for each 64-column block b of out_features (the last may be narrower), the
+// blocks split over the threads.
+template <typename F>
+void for_each_block(int64_t out_features, const F& fn) {
+  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b, std::min(kBlockN, out_features - b * kBlockN));
+  });
 }
 
 // out[m, n0 + j] = result[m, j] (times scale[j] where there is one) for j < columns, in bfloat16;
@@ -428,7 +439,7 @@ BENTO_AVX512_BF16 void group_sums(const uint16_t* x, int64_t lda, int64_t rows, 
       __m512 sum = _mm512_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
         const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, (g + 1) * group - k)) - 1);
-        sum = _mm512_add_ps(sum, load_bfloat16(reinterpret_cast<const c10::BFloat16*>(x + r * lda + k), mask));
+        sum = _mm512_add_ps(sum, load_bfloat16(x + r * lda + k, mask));
       }
       sums[r * (k_total / group) + g] = _mm512_reduce_add_ps(sum);
     }
@@ -451,21 +462,18 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
-  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
-      const uint8_t* block = codes + b * k_total * 32;
-      for (int64_t m = 0; m < rows; m += 4) {
-        const uint16_t* xm = a + m * lda;
-        const float* sm = sums + m * groups;
-        c10::BFloat16* ym = y + m * out_features + n0;
-        switch (std::min<int64_t>(4, rows - m)) {
-          case 1: int4_block_rows<1>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-          case 2: int4_block_rows<2>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-          case 3: int4_block_rows<3>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-          default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
-        }
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    const int64_t n0 = b * kBlockN;
+    const uint8_t* block = codes + b * k_total * 32;
+    for (int64_t m = 0; m < rows; m += 4) {
+      const uint16_t* xm = a + m * lda;
+      const float* sm = sums + m * groups;
+      c10::BFloat16* ym = y + m * out_features + n0;
+      switch (std::min<int64_t>(4, rows - m)) {
+        case 1: int4_block_rows<1>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+        case 2: int4_block_rows<2>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+        case 3: int4_block_rows<3>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
+        default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
       }
     }
   });
@@ -515,11 +523,9 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_an
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
   auto* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      dequantize_int4_transposed(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size,
-                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
-    }
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    dequantize_int4_transposed(codes + b * k_total * 32, sz + b * kBlockN * 2, n_padded, k_total, group_size, columns,
+                               y + b * kBlockN, out_features);
   });
   return out;
 }
@@ -585,11 +591,8 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
   const auto* codes = packed.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
   auto* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      dequantize_int8_transposed(codes + b * k_total * kBlockN, s + b * kBlockN, k_total,
-                                 std::min(kBlockN, out_features - b * kBlockN), y + b * kBlockN, out_features);
-    }
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    dequantize_int8_transposed(codes + b * k_total * kBlockN, s + b * kBlockN, k_total, columns, y + b * kBlockN, out_features);
   });
   return out;
 }
@@ -645,7 +648,7 @@ BENTO_AVX512_BF16 void widen_rows(const uint16_t* x, int64_t lda, int64_t rows, 
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < k_total; k += 16) {
       const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-      _mm512_mask_storeu_ps(out + r * k_total + k, mask, load_bfloat16(reinterpret_cast<const c10::BFloat16*>(x + r * lda + k), mask));
+      _mm512_mask_storeu_ps(out + r * k_total + k, mask, load_bfloat16(x + r * lda + k, mask));
     }
   }
 }
@@ -663,29 +666,21 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
-      const int8_t* block = codes + b * k_total * kBlockN;
-      for (int64_t m = 0; m < rows; m += 4) {
-        const float* xm = a + m * k_total;
-        c10::BFloat16* ym = y + m * out_features + n0;
-        switch (std::min<int64_t>(4, rows - m)) {
-          case 1: int8_block_rows<1, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-          case 2: int8_block_rows<2, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-          case 3: int8_block_rows<3, 4>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-          default: int8_block_rows<4, 4>(xm, k_total, block, s + n0, columns, ym, out_features);
-        }
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    const int64_t n0 = b * kBlockN;
+    const int8_t* block = codes + b * k_total * kBlockN;
+    for (int64_t m = 0; m < rows; m += 4) {
+      const float* xm = a + m * k_total;
+      c10::BFloat16* ym = y + m * out_features + n0;
+      switch (std::min<int64_t>(4, rows - m)) {
+        case 1: int8_block_rows<1, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+        case 2: int8_block_rows<2, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+        case 3: int8_block_rows<3, 4>(xm, k_total, block, s + n0, columns, ym, out_features); break;
+        default: int8_block_rows<4, 4>(xm, k_total, block, s + n0, columns, ym, out_features);
       }
     }
   });
   return out;
-}
-
-// Sixteen bfloat16 values (masked) widened to float32.
-BENTO_AVX512_BF16 inline __m512 widen_bf16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
 // One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
@@ -696,7 +691,7 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
   __m512 max = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    max = _mm512_max_ps(max, _mm512_abs_ps(widen_bf16(in + k, mask)));
+    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
   }
   const float top = _mm512_reduce_max_ps(max);
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
@@ -704,7 +699,7 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(widen_bf16(in + k, mask), inverse));  // round to nearest even
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bfloat16(in + k, mask), inverse));  // round to nearest even
     _mm_mask_storeu_epi8(codes + k, mask, _mm512_cvtsepi32_epi8(q));
   }
 }
@@ -729,7 +724,7 @@ BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_
   for (int64_t k = 0; k < k_total; k += 16 * Span) {
     __m512 v[Span];
     for (int c = 0; c < Span; ++c) {
-      __m512 x = widen_bf16(in + k + 16 * c, 0xFFFF);
+      __m512 x = load_bfloat16(in + k + 16 * c, 0xFFFF);
       x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);        // h = 1: swap neighbours
       x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);        // h = 2: swap pairs
       x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);  // h = 4: swap 128-bit quarters
