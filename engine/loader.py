@@ -88,16 +88,17 @@ class ModelSource:
             return set(self._tensors)
         return {name for header in self.weight_headers.values() for name in header}
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, lazy_above: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face parameter name, tensor) pairs, one shard open at a time, each tensor read
-        when it is taken (model_files.read_safetensors: no file mapped into memory)."""
+        when it is taken (model_files.read_safetensors: no file mapped into memory); one of more
+        than `lazy_above` bytes comes unread, a model_files.TensorInFile its consumer reads in parts."""
         if self._tensors is not None:
             yield from tqdm(self._tensors.items(), desc="Loading weights", unit="tensor")
             return
         total = sum(len(header) for header in self.weight_headers.values())
         with tqdm(total=total, desc="Loading weights", unit="tensor") as bar:
             for file in self.weight_files:
-                yield from read_safetensors(file, on_read=bar.update)
+                yield from read_safetensors(file, on_read=bar.update, lazy_above=lazy_above)
 
     def iter_weight_slices(self) -> Iterator[tuple[str, "WeightSlice"]]:
         """(Hugging Face parameter name, lazy handle) pairs: indexing a handle (h[a:b], h[:, a:b])

@@ -109,9 +109,10 @@ def safetensors_entries(path: str | os.PathLike) -> dict[str, tuple[str, tuple[i
     return entries
 
 
-def read_safetensors(path: str | os.PathLike, on_read=None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_safetensors(path: str | os.PathLike, on_read=None, lazy_above: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for each tensor of a safetensors file, by name, each read with plain file
-    reads into a buffer of its own when it is taken; on_read() after each.
+    reads into a buffer of its own when it is taken; on_read() after each. A tensor of more than
+    `lazy_above` bytes comes unread (a TensorInFile), for a consumer that reads it in parts.
 
     Not safetensors' reader: it maps the whole file, and every page a load touches stays in this
     process's resident set until the file is closed (a 5 GB shard: 5 GB of RSS on top of the
@@ -123,12 +124,42 @@ def read_safetensors(path: str | os.PathLike, on_read=None) -> Iterator[tuple[st
     try:
         with open(path, "rb", buffering=0) as f:
             for name in sorted(entries):
-                pending = [(name, _read_tensor(f, path, name, *entries[name]))]
+                dtype, shape, (begin, end) = entries[name]
+                unread = lazy_above is not None and end - begin > lazy_above and len(shape) >= 2
+                pending = [(name, TensorInFile(path, name, dtype, shape, begin) if unread
+                            else _read_tensor(f, path, name, *entries[name]))]
                 if on_read is not None:
                     on_read()
                 yield pending.pop()  # popped, so this frame holds no reference while suspended
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read its tensors ({e})") from e
+
+
+class TensorInFile:
+    """A tensor of a safetensors file, read when indexed: [a:b] reads rows a..b, [:, a:b] all
+    rows then those columns, [:] the whole tensor (what parallel_state.read_part/read_all take,
+    like safetensors' own lazy slice, without mapping the file)."""
+
+    def __init__(self, path, name: str, dtype_name: str, shape: tuple[int, ...], begin: int):
+        self.path, self.name, self.dtype_name, self.shape, self.begin = path, name, dtype_name, shape, begin
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        start, stop, stride = rows.indices(self.shape[0])
+        if stride != 1:
+            raise ValueError(f"{self.name}: rows are read in one contiguous range, not with a step")
+        row_bytes = torch.Size(self.shape[1:]).numel() * _SAFETENSORS_ALL_DTYPES[self.dtype_name].itemsize
+        stop = max(start, stop)
+        span = (self.begin + start * row_bytes, self.begin + stop * row_bytes)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                part = _read_tensor(f, self.path, self.name, self.dtype_name, (stop - start, *self.shape[1:]), span)
+        except OSError as e:
+            raise ModelLoadError(f"{self.path}: cannot read {self.name!r} ({e})") from e
+        return part[(slice(None), *rest)] if rest else part
 
 
 def _read_tensor(f, path, name: str, dtype_name: str, shape: tuple[int, ...], span: tuple[int, int]) -> torch.Tensor:

@@ -77,12 +77,14 @@ def test_an_int4_load_keeps_no_float_copy_resident(int4_load):
 
 @pytest.mark.slow
 def test_an_int4_load_never_holds_the_whole_float_model(int4_load):
-    # One tensor at a time: its checkpoint copy, its parameter, its quantization temporaries
-    # (measured peak 158 MB over the baseline: the float32 table, read and copied). The whole
-    # float model would be 264 MB, plus the int4 weights.
+    # One tensor at a time: its parameter, a 4 MiB part of its checkpoint copy, its quantization
+    # temporaries. Measured over the baseline: 111-122 MiB here (the float32 table, 72 MiB, and its
+    # int8 codes, 18), 125-139 with glibc's malloc on transparent huge pages
+    # (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); before the table was read in parts, 157 here and 218
+    # on CI. Holding the whole float model would be its 252 MiB plus the int4 weights.
     m = int4_load["memory"]
     peak = m["peak_rss"] - int4_load["baseline"]
-    assert peak < 0.8 * int4_load["float_bytes"], (peak / MiB, int4_load["float_bytes"] / MiB)
+    assert peak < int4_load["float_bytes"], (peak / MiB, int4_load["float_bytes"] / MiB)
 
 
 @pytest.mark.slow

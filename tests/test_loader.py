@@ -104,6 +104,20 @@ def test_weights_are_read_lazily_one_file_at_a_time(tmp_path):
     weights.close()
 
 
+def test_a_large_tensor_comes_unread_and_reads_its_rows_and_columns_from_the_file(tmp_path):
+    # What the embedding table's loader gets: it reads the table in parts, never a whole copy.
+    torch.manual_seed(0)
+    table = torch.randn(37, 10, dtype=torch.bfloat16)
+    save_file({"table": table, "bias": torch.randn(10)}, tmp_path / "w.safetensors")
+    weights = dict(model_files.read_safetensors(tmp_path / "w.safetensors", lazy_above=table.numel() * 2 - 1))
+    assert isinstance(weights["bias"], torch.Tensor)  # one dimension: read whole
+    lazy = weights["table"]
+    assert isinstance(lazy, model_files.TensorInFile) and lazy.get_shape() == [37, 10]
+    assert torch.equal(lazy[:], table) and torch.equal(lazy[5:19], table[5:19])
+    assert torch.equal(lazy[30:99], table[30:]) and lazy[20:20].shape == (0, 10)
+    assert torch.equal(lazy[:, 3:7], table[:, 3:7]) and torch.equal(lazy[2:4, 1:2], table[2:4, 1:2])
+
+
 # --- the default model and GGUF files ------------------------------------------------------------
 
 
@@ -339,3 +353,19 @@ def test_a_corrupt_gguf_names_the_file(tmp_path, fresh_cache):
     path.write_bytes(b"this is not a gguf file")
     with pytest.raises(ValueError, match=r"broken\.gguf: cannot read the GGUF metadata"):
         load_model_source(str(path))
+
+
+def test_the_embedding_table_is_read_into_its_parameter_in_parts(tmp_path, monkeypatch):
+    from engine.layers import embedding
+
+    monkeypatch.setattr(embedding, "_LOAD_CHUNK_BYTES", 7 * 16 * 4)  # 7 float32 rows of 16 a part
+    torch.manual_seed(0)
+    table = torch.randn(50, 16, dtype=torch.bfloat16)
+    save_file({"table": table}, tmp_path / "w.safetensors")
+    (_, lazy), = model_files.read_safetensors(tmp_path / "w.safetensors", lazy_above=0)
+    layer = embedding.VocabParallelEmbedding(50, 16, None)
+    reads = []
+    monkeypatch.setattr(model_files, "_read_tensor", lambda *a, _read=model_files._read_tensor: reads.append(a[4]) or _read(*a))
+    layer.load_rows(layer.weight, lazy)
+    assert torch.equal(layer.weight.data, table.float())
+    assert reads == [(7, 16)] * 7 + [(1, 16)]

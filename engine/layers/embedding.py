@@ -31,6 +31,10 @@ from engine.parallel_state import ParallelState, rank_and_size, read_part
 _QUANTIZE_CHUNK_BYTES = 4 << 20
 
 
+# Bytes of the table read from the checkpoint at a time (few enough reads, a small temporary).
+_LOAD_CHUNK_BYTES = 4 << 20
+
+
 def _chunk_rows(cols: int) -> int:
     return max(1, _QUANTIZE_CHUNK_BYTES // (4 * cols))
 
@@ -53,13 +57,19 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def load_rows(self, param: nn.Parameter, weight, shard_id=None) -> None:
         check_shape(weight, (self.vocab_size, param.shape[1]))
-        part = read_part(weight, 0, self.vocab_start, self.real_rows)
-        if isinstance(part, QuantizedWeight):
+        param.data[self.real_rows :].zero_()
+        if isinstance(weight, QuantizedWeight):
+            part = read_part(weight, 0, self.vocab_start, self.real_rows)
             if param is self.weight and self.tied_head is None:  # kept as it is if finalize quantizes
                 self.file_codes = part
-            part = part.dequantize()  # the float table too, for a finalize that keeps it or re-quantizes
-        param.data[self.real_rows :].zero_()
-        param.data[: self.real_rows].copy_(part)
+            param.data[: self.real_rows].copy_(part.dequantize())  # for a finalize that keeps or re-quantizes it
+            return
+        # In parts: a lazy table (model_files.TensorInFile, safetensors' slice) is read a part at
+        # a time, so the load holds the parameter and one part, never a second whole table.
+        step = max(1, _LOAD_CHUNK_BYTES // (param.element_size() * param.shape[1]))
+        for start in range(0, self.real_rows, step):
+            rows = min(step, self.real_rows - start)
+            param.data[start : start + rows].copy_(read_part(weight, 0, self.vocab_start + start, rows))
 
     def finalize(self, quantization: str | None, projections: str | None = None, group_size: int = 32) -> str:
         """After loading: the table kept in dtype (quantization None), or tied, int8 rows
