@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from engine.gguf_index import GGUFIndex
 from engine.layers.quant import QuantizedWeight, amx_kernels
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all
@@ -115,7 +116,7 @@ def weights_keeping_gguf_blocks(source, model_config: ModelConfig) -> Iterator[t
     import gguf
 
     reader = _reader(source.path)
-    arch_name = reader.fields["general.architecture"].contents()
+    arch_name = reader.fields["general.architecture"]
     arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name), None)
     names = gguf.get_tensor_name_map(arch, model_config.num_layers) if arch is not None else None
     tensors = {t.name: t for t in reader.tensors}
@@ -169,19 +170,16 @@ def _expert_blocks(hf_name: str, stacked: re.Match, weight, tensors: dict, kept:
             yield f"{prefix}{expert}.{part}.weight", block
 
 
-def _reader(path: str):
-    """The file's GGUFReader, parsed once for quantization="auto"'s look at its types and the load
-    that follows (a parse takes ~4-5 s of CPU for the default model, most of it the 49152-token
-    vocabulary); a changed file is parsed again."""
+def _reader(path: str) -> GGUFIndex:
+    """The file's tensor index, read once for quantization="auto"'s look at its types and the load
+    that follows; a changed file is read again."""
     stat = os.stat(path)
     return _cached_reader(path, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, mtime_ns: int, size: int):
-    import gguf
-
-    return gguf.GGUFReader(path)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> GGUFIndex:
+    return GGUFIndex(path)
 
 
 def block_projection_types(path: str) -> Counter:

@@ -369,3 +369,43 @@ def test_the_embedding_table_is_read_into_its_parameter_in_parts(tmp_path, monke
     layer.load_rows(layer.weight, lazy)
     assert torch.equal(layer.weight.data, table.float())
     assert reads == [(7, 16)] * 7 + [(1, 16)]
+
+
+def test_the_gguf_index_matches_ggufs_own_reader_on_tensors_and_scalar_fields(tmp_path):
+    import gguf
+    from gguf.quants import quantize
+
+    from engine.gguf_index import GGUFIndex
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("a.u32", 7)
+    writer.add_int64("a.i64", -3)
+    writer.add_float32("a.f32", 0.5)
+    writer.add_bool("a.bool", True)
+    writer.add_string("a.name", "tiny ünïcode")
+    writer.add_array("a.tokens", ["<s>", "", "héllo", "x" * 300])  # skipped by their lengths
+    writer.add_array("a.scores", [0.25, -1.0, 3.0])  # skipped in one jump
+    writer.add_array("a.nested", [[1, 2], [3]])
+    rng = np.random.default_rng(0)
+    floats = rng.standard_normal((3, 64), dtype=np.float32)
+    writer.add_tensor("t.f32", floats)
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
+        blocks = quantize(rng.standard_normal((5, 96), dtype=np.float32), qtype)
+        writer.add_tensor(f"t.{qtype.name}", blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, theirs = GGUFIndex(str(path)), gguf.GGUFReader(path)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors] == ["t.f32", "t.Q8_0", "t.Q4_1"]
+    for mine, ref in zip(ours.tensors, theirs.tensors):
+        assert mine.shape == tuple(int(n) for n in ref.shape) and mine.tensor_type == ref.tensor_type
+        assert np.array_equal(mine.data.reshape(-1), np.asarray(ref.data).view(np.uint8).reshape(-1))
+    assert ours.tensors[2].data.shape == (5, 96 // 32 * 20)  # rows x bytes per row
+    assert ours.fields == {"general.architecture": "llama", "a.u32": 7, "a.i64": -3, "a.f32": 0.5, "a.bool": True,
+                           "a.name": "tiny ünïcode"}
+    path.write_bytes(b"GGUX" + path.read_bytes()[4:])
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFIndex(str(path))
