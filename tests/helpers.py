@@ -56,6 +56,18 @@ def default_tokenizer_dir() -> str:
 
 
 @functools.cache
+def default_gguf_reader():
+    """The default model's GGUF as gguf's GGUFReader parses it, once per process for every test
+    module that reads the file itself (a parse is ~5 s of CPU, most of it the 49152-token
+    vocabulary; the tensors stay memory-mapped)."""
+    import gguf
+
+    from engine.loader import default_gguf_path
+
+    return gguf.GGUFReader(str(default_gguf_path()))
+
+
+@functools.cache
 def default_tokenizer():
     from transformers import AutoTokenizer
 

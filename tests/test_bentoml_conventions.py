@@ -4,7 +4,6 @@ code; a Hub model declared as a HuggingFaceModel pinned to a commit (resolved fr
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -22,42 +21,34 @@ from tests.helpers import add_hub_snapshot, make_tiny_llama, own_kernel_cache
 
 COMMIT = "d" * 40
 
-# Printed by a fresh interpreter that imports service.py the way `bentoml serve` does.
-_DESCRIBE_SERVICE = """
-import json, service
-svc = service.BentoLLM
-print(json.dumps({
-    "config": svc.config, "labels": svc.labels,
-    "image": {"python_version": svc.image.python_version, "commands": svc.image.commands,
-              "requirements": svc.image.python_requirements, "locked": svc.image.lock_python_packages},
-    "models": [{"registry": m.to_info().registry, **(m.to_info().metadata or {})} for m in svc.models],
-}, default=str))
-"""
-
-
-def describe_service(env: dict[str, str]) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", _DESCRIBE_SERVICE], cwd=REPO_ROOT, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
-def hub_model_service(tmp_path_factory):
+def hub_bento(tmp_path_factory) -> dict:
+    """`bentoml build --arg model=org/name` offline (the Hub switched off, the model's commit in
+    the cache): the Bento's tag, its directory, its bento.yaml and the environment it was built
+    in. The tests below read what the build wrote down from service.py (one interpreter importing
+    it for them all) and serve it."""
     root = tmp_path_factory.mktemp("hub")
-    checkpoint = Path(make_tiny_llama(root))
-    add_hub_snapshot(root / "cache", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
-    env = {"BENTO_LLM_MODEL": "org/tiny", "HF_HUB_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
-           "BENTOML_HOME": str(root / "bentoml")}  # fmt: skip
-    return describe_service(env)
+    checkpoint = Path(make_tiny_llama(root / "checkpoint"))
+    add_hub_snapshot(root / "hub", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
+    env = {"HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--arg", "model=org/tiny", "--output", "tag"], cwd=REPO_ROOT,
+        env={**os.environ, **env, "HF_HUB_CACHE": str(root / "hub")}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
+    directory = root / "bentoml" / "bentos" / Path(*tag.split(":"))
+    info = yaml.safe_load((directory / "bento.yaml").read_text())
+    return {"tag": tag, "dir": directory, "info": info, "root": root, "env": env}
 
 
-@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
-def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_service):
-    config, image = hub_model_service["config"], hub_model_service["image"]
-    assert hub_model_service["labels"]["openai_endpoint"] == "/v1"
+@pytest.mark.slow  # shares hub_bento's build: ~10-20 s alone
+def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_bento):
+    info = hub_bento["info"]
+    (service,) = info["services"]
+    config, image = service["config"], info["image"]
+    assert info["labels"]["openai_endpoint"] == "/v1"
     assert config["resources"]["cpu"] and config["resources"]["memory"]
     assert config["traffic"]["timeout"] > 0 and config["traffic"]["concurrency"] >= 1
     # BentoML's tracing would open a span per token streamed: the generation routes stay out of it.
@@ -66,7 +57,11 @@ def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_ser
         assert traced.url_disabled(f"http://127.0.0.1:3000{path}"), path
     for path in ("/v1/models", "/v1/chat/completions/x", "/tokenize", "/readyz", "/chat2"):
         assert not traced.url_disabled(f"http://127.0.0.1:3000{path}"), path
-    assert image["python_version"] == "3.11" and not image["locked"]  # unlocked: `bentoml build` stays offline
+    assert image["python_version"] == "3.11"
+    # Unlocked (so `bentoml build` stays offline): the Bento's requirements are the ones declared,
+    # as written, where a lock would have replaced them with pinned versions of every package.
+    python_env = hub_bento["dir"] / "env" / "python"
+    assert (python_env / "requirements.txt").read_text() == (python_env / "requirements.in").read_text()
     assert any("g++" in command for command in image["commands"])
     # The container installs every runtime dependency pyproject.toml declares (a missing one,
     # like xgrammar once, breaks its feature only inside a built Bento).
@@ -74,18 +69,19 @@ def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_model_ser
     for requirement in declared:
         name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
         if name != "bentoml":  # `bentoml build` installs its own version into every image
-            assert name in image["requirements"], f"{name} is in pyproject.toml but not in service.py's image"
+            assert name in image["python_requirements"], f"{name} is in pyproject.toml but not in service.py's image"
     # bentofile.yaml no longer says what the code says.
     bentofile = yaml.safe_load((Path(REPO_ROOT) / "bentofile.yaml").read_text())
     assert not {"python", "docker", "labels"} & set(bentofile)
 
 
-@pytest.mark.slow  # a fresh interpreter imports service.py: ~10-20 s
-def test_a_hub_model_is_declared_pinned_to_its_cached_commit(hub_model_service):
-    (model,) = hub_model_service["models"]
-    assert model["registry"] == "huggingface" and model["model_id"] == "org/tiny"
-    assert model["revision"] == COMMIT  # from the cache, offline: no Hub call at build time
-    assert "config.json" in model["include"] and "model*.safetensors*" in model["include"]
+@pytest.mark.slow  # shares hub_bento's build
+def test_a_hub_model_is_declared_pinned_to_its_cached_commit(hub_bento):
+    (service,) = hub_bento["info"]["services"]
+    (model,) = service["models"]
+    assert model["registry"] == "huggingface" and model["metadata"]["model_id"] == "org/tiny"
+    assert model["metadata"]["revision"] == COMMIT  # from the cache, offline: no Hub call at build time
+    assert "config.json" in model["metadata"]["include"] and "model*.safetensors*" in model["metadata"]["include"]
 
 
 def test_the_deployment_example_is_valid_for_bentoml_deploy():
@@ -116,24 +112,20 @@ def _contains(full, part) -> bool:
     return full == part
 
 
-@pytest.mark.slow  # a build and a server start: ~1-2 min
-def test_a_bento_of_a_hub_model_builds_and_serves_offline(tmp_path):
-    """`bentoml build --arg model=org/name` offline, then the Bento served with the Hub switched off
-    and only BentoML's copy of the files (BENTOML_HF_CACHE_DIR, as in a container) to read."""
-    checkpoint = Path(make_tiny_llama(tmp_path / "checkpoint"))
-    add_hub_snapshot(tmp_path / "hub", "org/tiny", COMMIT, {f.name: f for f in checkpoint.iterdir()}, refs=("main",))
-    env = {"HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--arg", "model=org/tiny", "--output", "tag"], cwd=REPO_ROOT,
-        env={**os.environ, **env, "HF_HUB_CACHE": str(tmp_path / "hub")}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout + build.stderr
-    tag = re.search(r"bento-llm:[0-9a-z]+", build.stdout).group(0)
-    (tmp_path / "empty-hf-cache").mkdir()
-    serve_env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(tmp_path / "hub"),
-                 **own_kernel_cache(tmp_path / "kernels")}
-    with ServerProcess(target=tag, cwd=tmp_path, env=serve_env, log_path=tmp_path / "serve.log") as server:
+@pytest.mark.slow  # hub_bento's build (~30 s) and a server start
+def test_a_bento_of_a_hub_model_builds_and_serves_offline(hub_bento):
+    """The Hub-model Bento served with the Hub switched off and only BentoML's copy of the files
+    (BENTOML_HF_CACHE_DIR, as in a container) to read. On the plain-torch attention backend: that
+    a Bento's own copy of the C++ kernels builds and runs is
+    tests/test_server_default_model.py::test_bentoml_build_packs_the_default_model_and_the_bento_serves's
+    check, and a second build of them here (~35 s) would test nothing more."""
+    root = hub_bento["root"]
+    (root / "empty-hf-cache").mkdir()
+    serve_env = {**hub_bento["env"], "HF_HUB_CACHE": str(root / "empty-hf-cache"), "BENTOML_HF_CACHE_DIR": str(root / "hub"),
+                 "BENTO_LLM_ATTENTION_BACKEND": "torch", **own_kernel_cache(root / "kernels")}
+    with ServerProcess(target=hub_bento["tag"], cwd=root, env=serve_env, log_path=root / "serve.log") as server:
         (model,) = httpx.get(server.url + "/v1/models").json()["data"]
         assert model["id"] == "org/tiny" and model["root"].endswith(f"snapshots/{COMMIT}")
         reply = httpx.post(server.url + "/v1/completions", json={"model": "org/tiny", "prompt": "Hi", "max_tokens": 4}, timeout=120)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    assert not (root / "kernels").exists()  # nothing was compiled

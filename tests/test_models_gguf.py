@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import default_gguf_path
 from engine.model_files import moe_sizes_from_gguf_tensors
+from tests.helpers import default_gguf_reader
 from tests.model_factories import make_tiny_checkpoint
 from tests.test_models_families import FAMILIES, MOE
 
@@ -37,7 +37,7 @@ VOCAB_IN_FILE = 1024
 def default_tokenizer_fields() -> dict:
     """The default model's GGUF tokenizer fields, cut to VOCAB_IN_FILE tokens and the merges
     between them (read once per process: parsing the whole file takes seconds)."""
-    source = gguf.GGUFReader(str(default_gguf_path()))
+    source = default_gguf_reader()
     kept = set(source.fields["tokenizer.ggml.tokens"].contents()[:VOCAB_IN_FILE])
     fields = {}
     for key, field in source.fields.items():
@@ -141,9 +141,12 @@ CASES = {
 @pytest.mark.slow  # two engines and a GGUF written and converted: ~4 s a family on a loaded machine
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_family_gguf_generates_what_its_safetensors_do(tmp_path, monkeypatch, name):
-    monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))
     config_class, overrides = CASES[name]
     checkpoint = make_tiny_checkpoint(tmp_path, config_class, **overrides)
+    # The tiny GGUF's conversion goes to a throw-away cache; set only now, so that the default
+    # tokenizer the checkpoint borrows (tests/helpers.py) comes from the usual cache, not from
+    # a conversion of the whole default model when this module runs first in a process.
+    monkeypatch.setenv("BENTO_LLM_CACHE", str(tmp_path / "cache"))
     path = tmp_path / f"tiny-{name}.gguf"
     write_gguf(checkpoint, path)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

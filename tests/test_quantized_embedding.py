@@ -16,7 +16,7 @@ from engine.config import EngineConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8
 from engine.models.base import CausalLM
-from tests.helpers import make_tiny_llama
+from tests.helpers import default_gguf_reader, make_tiny_llama
 
 PROMPTS = ["The capital of France is", "def fib(n):", "Once upon a time", "Water boils at"]
 
@@ -206,9 +206,7 @@ def test_the_default_models_q8_0_token_embd_becomes_its_int8_rows():
     blocks: tied, it is re-quantized to one scale per row (what the head's matmul reads) from
     exactly gguf's own dequantization, not kept as a float table."""
     gguf = pytest.importorskip("gguf")
-    from engine.loader import default_gguf_path
-
-    reader = gguf.GGUFReader(str(default_gguf_path()))
+    reader = default_gguf_reader()
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert tensor.tensor_type.name == "Q8_0"
     expected = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))

@@ -3,6 +3,7 @@ split KV heads and replicated ones, a clear and quick failure when a rank dies, 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -74,8 +75,11 @@ def assert_same_greedy(tp_outs, single_outs, reference) -> None:
 
 
 def hf_reference(path: str):
-    model = load_hf_reference(path)
-    return lambda ids: hf_greedy(model, ids, MAX_TOKENS)
+    """Prompt ids -> transformers' greedy tokens and logits. The model is loaded on the first
+    call only: assert_same_greedy asks only where a sequence parted from one process's tokens
+    (the default model's float32 load is seconds, for nothing when all agree)."""
+    model = functools.cache(lambda: load_hf_reference(path))
+    return lambda ids: hf_greedy(model(), ids, MAX_TOKENS)
 
 
 def check_against_one_process(path: str, tp: int, **engine_args) -> LLM:
