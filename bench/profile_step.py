@@ -3,6 +3,7 @@
 
     python bench/profile_step.py                    # default model, bfloat16, batch 1, 2 threads
     python bench/profile_step.py --dtype float32 --batch 16
+    python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
 
 Prints three tables:
@@ -90,13 +91,16 @@ def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None) -> li
 
 
 @contextlib.contextmanager
-def projections_skipped():
+def projections_skipped(model):
     """Every projection returns a zero output of its shape without reading its weight: what is
-    left of the forward pass is everything but the matmuls."""
+    left of the forward pass is everything but the matmuls (fused MLPs run unfused for it)."""
     from engine.layers.linear import Linear
 
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     project = Linear.project
+    fused = {m: m.fused_rows for m in model.modules() if getattr(m, "fused_rows", None)}
+    for m in fused:
+        m.fused_rows = 0
 
     def zeros(self, x, bias=None):
         key = (id(self), x.shape[0])
@@ -109,6 +113,8 @@ def projections_skipped():
         yield
     finally:
         Linear.project = project
+        for m, rows in fused.items():
+            m.fused_rows = rows
 
 
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
@@ -129,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--quantization", default="auto",
+                        help="the engine's quantization ('auto': int4 for the default Q4 GGUF on AMX; 'none': --dtype weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
@@ -140,7 +148,7 @@ def main() -> None:
 
     from engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
@@ -165,7 +173,7 @@ def main() -> None:
     timer.restore()
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
-    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads "
+    print(f"\n{args.model}, {args.dtype}, quantization {runner.config.quantization or 'none'}, batch {args.batch}, {args.threads} threads "
           f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
@@ -181,7 +189,7 @@ def main() -> None:
     # The last decode step's forward again, with and without the projections' matmuls.
     repeats = max(20, args.steps)
     full = forward_times(runner, last_inputs[0], repeats)
-    with projections_skipped():
+    with projections_skipped(runner.model):
         rest = forward_times(runner, last_inputs[0], repeats)
     print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
     print("| --- | --- | --- |")
