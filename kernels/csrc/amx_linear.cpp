@@ -43,6 +43,13 @@ using amx_tiles::kRows;
 constexpr int64_t kPanelBytes = 128 << 10;
 constexpr int64_t kChunkBytes = 512 << 10;
 constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row loop
+// A few-row product whose weight is smaller than this runs on the calling thread: two threads
+// read a small weight no faster than one (the default model's 0.66 MB o_proj took 69 us at 1 row
+// on two threads of a quiet 2-vCPU AMX VM, ~9.6 GB/s, what one thread reads alone), and waking
+// the other thread (a futex under the passive wait the engine sets) costs, worst where other
+// processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
+// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating).
+constexpr int64_t kSerialBytes = 1 << 20;
 
 bool amx_linear_supported() { return amx_tiles::supported(); }
 
@@ -238,8 +245,10 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   if (tail) blocks.push_back(tail_block(a + full * kRows * lda, lda, k, full * kRows, tail));
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
   auto* y = out.data_ptr<c10::BFloat16>();
-  // Even chunks of column tiles: the many-row loop takes them in pairs.
-  const int64_t grain = blocks.size() == 1 ? 1 : 2;
+  // Even chunks of column tiles: the many-row loop takes them in pairs; a small weight at few rows,
+  // all of them on this thread (no parallel region).
+  const bool serial = blocks.size() == 1 && tiles * steps * amx_tiles::kTileElems * 2 < kSerialBytes;
+  const int64_t grain = serial ? tiles : blocks.size() == 1 ? 1 : 2;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     run_columns(blocks, w, steps, n_total, bias_ptr, y, t0, t1);
   });
