@@ -25,11 +25,13 @@ def reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("hidden, inter, out", [(576, 1536, 576), (64, 96, 40), (96, 32, 17), (128, 320, 1000)])
+@pytest.mark.parametrize("hidden, inter, out", [(576, 1536, 576), (64, 96, 40), (96, 32, 17), (128, 320, 1000),
+                                                (512, 736, 520)])
 def test_the_fused_mlp_equals_the_float_product(threads, rows, hidden, inter, out):
-    """Odd shapes: an intermediate width of one K step (32: one slice, whatever the threads), widths
-    whose slices are odd numbers of K steps (96, 320), output widths not a
-    multiple of 16 columns; input rows not contiguous; the error is bfloat16's rounding."""
+    """Odd shapes: MLPs over 1 MiB of weights split over two threads (1536, and 736: 23 K steps,
+    slices of 11 and 12), smaller ones on one; an intermediate width of one K step (32); output
+    widths not a multiple of 16 columns; input rows not contiguous. The error is bfloat16's
+    rounding."""
     ops = amx_linear_ops()
     gen = torch.Generator().manual_seed(rows * 7 + inter)
     gate_up = (torch.randn(2 * inter, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16)

@@ -380,7 +380,9 @@ at::Tensor amx_silu_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at
   if (rows == 0) return out;
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const RowBlock block = rows == kRows ? RowBlock{in, x.stride(0), 0, rows} : tail_block(in, x.stride(0), k, 0, rows);
-  const int64_t slices = std::min<int64_t>(at::get_num_threads(), down_steps);
+  // One slice per thread; a small MLP (both weights under kSerialBytes) on this thread alone.
+  const bool serial = (gate_up.numel() + down.numel()) * 2 < kSerialBytes;
+  const int64_t slices = serial ? 1 : std::min<int64_t>(at::get_num_threads(), down_steps);
   thread_local std::vector<float> partial_sums;  // this (the calling) thread's: named outside the region
   if (static_cast<int64_t>(partial_sums.size()) < slices * rows * n_total) partial_sums.resize(slices * rows * n_total);
   float* partial = partial_sums.data();
