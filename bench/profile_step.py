@@ -4,6 +4,7 @@
     python bench/profile_step.py                    # default model, bfloat16, batch 1, 2 threads
     python bench/profile_step.py --dtype float32 --batch 16
     python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
+    python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
 
 Prints three tables:
@@ -117,6 +118,24 @@ def projections_skipped(model):
             m.fused_rows = rows
 
 
+def fused_mlp_ab(model, steps, rounds: int) -> None:
+    """Decode steps with each MLP fused (amx_silu_mlp) and unfused (three calls), alternating in
+    this process, every pass printed (other processes load a shared machine)."""
+    mlps = {m: m.fused_rows for m in model.modules() if getattr(m, "fused_rows", None)}
+    if not mlps:
+        print("no MLP runs fused here (no AMX strips: not bfloat16 on an AMX CPU, or quantized)")
+        return
+    passes: dict[str, list[float]] = {"fused": [], "unfused": []}
+    for i in range(rounds):
+        for name in ("fused", "unfused") if i % 2 == 0 else ("unfused", "fused"):
+            for m, rows in mlps.items():
+                m.fused_rows = rows if name == "fused" else 0
+            passes[name].append(statistics.median(steps()) * 1e3)
+    for name, ms in passes.items():
+        print(f"{name} MLPs: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
+              f"median of passes {statistics.median(ms):.2f}")
+
+
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
     """(median wall seconds, median seconds of this thread's CPU time) of the forward pass: on a
     loaded machine the thread's CPU time is the steadier one (it leaves out time the thread
@@ -143,6 +162,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
+    parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -153,6 +174,9 @@ def main() -> None:
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
     decode_steps(engine, args.batch, 4, vocab)  # warm-up: oneDNN builds its kernels per row count
+    if args.ab_fused_mlp:
+        fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab), args.ab_fused_mlp)
+        return
 
     # 1. phases
     timer = PhaseTimer()
