@@ -3,6 +3,8 @@
 
     python bench/profile_step.py                    # default model, bfloat16, batch 1, 2 threads
     python bench/profile_step.py --dtype float32 --batch 16
+    python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
+    python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
 
 Prints three tables:
@@ -90,13 +92,16 @@ def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None) -> li
 
 
 @contextlib.contextmanager
-def projections_skipped():
+def projections_skipped(model):
     """Every projection returns a zero output of its shape without reading its weight: what is
-    left of the forward pass is everything but the matmuls."""
+    left of the forward pass is everything but the matmuls (fused MLPs run unfused for it)."""
     from engine.layers.linear import Linear
 
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     project = Linear.project
+    fused = {m: m.fused_rows for m in model.modules() if getattr(m, "fused_rows", None)}
+    for m in fused:
+        m.fused_rows = 0
 
     def zeros(self, x, bias=None):
         key = (id(self), x.shape[0])
@@ -109,6 +114,26 @@ def projections_skipped():
         yield
     finally:
         Linear.project = project
+        for m, rows in fused.items():
+            m.fused_rows = rows
+
+
+def fused_mlp_ab(model, steps, rounds: int) -> None:
+    """Decode steps with each MLP fused (amx_silu_mlp) and unfused (three calls), alternating in
+    this process, every pass printed (other processes load a shared machine)."""
+    mlps = {m: m.fused_rows for m in model.modules() if getattr(m, "fused_rows", None)}
+    if not mlps:
+        print("no MLP runs fused here (no AMX strips: not bfloat16 on an AMX CPU, or quantized)")
+        return
+    passes: dict[str, list[float]] = {"fused": [], "unfused": []}
+    for i in range(rounds):
+        for name in ("fused", "unfused") if i % 2 == 0 else ("unfused", "fused"):
+            for m, rows in mlps.items():
+                m.fused_rows = rows if name == "fused" else 0
+            passes[name].append(statistics.median(steps()) * 1e3)
+    for name, ms in passes.items():
+        print(f"{name} MLPs: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
+              f"median of passes {statistics.median(ms):.2f}")
 
 
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
@@ -129,22 +154,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--quantization", default="auto",
+                        help="the engine's quantization ('auto': int4 for the default Q4 GGUF on AMX; 'none': --dtype weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
     parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
+    parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
     decode_steps(engine, args.batch, 4, vocab)  # warm-up: oneDNN builds its kernels per row count
+    if args.ab_fused_mlp:
+        fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab), args.ab_fused_mlp)
+        return
 
     # 1. phases
     timer = PhaseTimer()
@@ -165,7 +197,7 @@ def main() -> None:
     timer.restore()
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
-    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, {args.threads} threads "
+    print(f"\n{args.model}, {args.dtype}, quantization {runner.config.quantization or 'none'}, batch {args.batch}, {args.threads} threads "
           f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
@@ -181,7 +213,7 @@ def main() -> None:
     # The last decode step's forward again, with and without the projections' matmuls.
     repeats = max(20, args.steps)
     full = forward_times(runner, last_inputs[0], repeats)
-    with projections_skipped():
+    with projections_skipped(runner.model):
         rest = forward_times(runner, last_inputs[0], repeats)
     print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
     print("| --- | --- | --- |")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import gated_activation
+from engine.layers.activation import SiluAndMul, gated_activation
 from engine.layers.attention import Attention
-from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, amx_linear_ops
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RopeTable, RotaryEmbedding
 from engine.layers.step_module import StepModule
@@ -64,7 +64,22 @@ class LlamaAttention(StepModule):
         return self.o_proj(self.attn(qkv, rope if self.use_rope else None))
 
 
+def silu_mlp_fused_rows(gate_up: Linear, down: Linear) -> int:
+    """Rows up to which a SwiGLU MLP of these projections runs as one AMX op (amx_silu_mlp in
+    kernels/csrc/amx_linear.cpp: one parallel region for gate/up, the activation and down, where
+    the three calls took two): both weights in AMX strips, no biases, down not split over ranks.
+    0 where it cannot."""
+    ops = amx_linear_ops()
+    fusable = (ops is not None and gate_up.amx_strips and down.amx_strips and gate_up.bias is None
+               and down.bias is None and getattr(down, "parallel", None) is None)
+    return ops.amx_silu_mlp_max_rows() if fusable else 0
+
+
 class GatedMLP(StepModule):
+    # Rows up to which the MLP is one fused op (silu_mlp_fused_rows); None until the first forward,
+    # which runs after the weights took their layout.
+    fused_rows: int | None = None
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool, parallel: ParallelState | None):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear.split(hidden_size, [intermediate_size] * 2, bias, parallel)
@@ -72,6 +87,12 @@ class GatedMLP(StepModule):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_rows is None:
+            self.fused_rows = silu_mlp_fused_rows(self.gate_up_proj, self.down_proj) if isinstance(self.act, SiluAndMul) else 0
+        if x.shape[0] <= self.fused_rows:
+            return amx_linear_ops().amx_silu_mlp(x if x.stride(-1) == 1 else x.contiguous(),
+                                                 self.gate_up_proj.packed_weight, self.down_proj.packed_weight,
+                                                 self.down_proj.out_features)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 

@@ -14,7 +14,7 @@
 // weight at 1000-2000 rows, the hand loop ~1.2-1.45x).
 // Both threads split the column tiles (at::parallel_for). Bias and the rounding to bfloat16 are in
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
-// last 1-15 rows are copied into a zero-padded 16-row block).
+// last 1-15 rows are one padded 16-row block: tail_block).
 // Functions with AMX/AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported).
 
@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -42,6 +43,13 @@ using amx_tiles::kRows;
 constexpr int64_t kPanelBytes = 128 << 10;
 constexpr int64_t kChunkBytes = 512 << 10;
 constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row loop
+// A few-row product whose weight is smaller than this runs on the calling thread: two threads
+// read a small weight no faster than one (the default model's 0.66 MB o_proj took 69 us at 1 row
+// on two threads of a quiet 2-vCPU AMX VM, ~9.6 GB/s, what one thread reads alone), and waking
+// the other thread (a futex under the passive wait the engine sets) costs, worst where other
+// processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
+// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating).
+constexpr int64_t kSerialBytes = 1 << 20;
 
 bool amx_linear_supported() { return amx_tiles::supported(); }
 
@@ -196,6 +204,20 @@ AMX_TILES_TARGET void run_columns(const std::vector<RowBlock>& blocks, const uin
   amx_tiles::release_tiles();
 }
 
+// The last 1-15 input rows (at `rows`, row stride lda, K columns) as an A tile's 16 rows: a lone
+// row is read 16 times over (row stride 0: each tile row a copy of it, no copy made); more rows
+// are copied into this thread's buffer, the rest of whose rows hold whatever finite values an
+// earlier call left (a C row depends only on its own A row, and rows past `tail` are never
+// stored). Plain C++: the at::zeros + narrow + copy_ this replaced were ~10 dispatcher calls,
+// 1.5-3 us each, per projection (4 of them per decoder layer at every decode step).
+RowBlock tail_block(const uint16_t* rows, int64_t lda, int64_t k, int64_t first_row, int64_t tail) {
+  if (tail == 1) return {rows, 0, first_row, 1};
+  thread_local std::vector<uint16_t> padded;
+  if (static_cast<int64_t>(padded.size()) < kRows * k) padded.resize(kRows * k);
+  for (int64_t r = 0; r < tail; ++r) std::memcpy(padded.data() + r * k, rows + r * lda, k * sizeof(uint16_t));
+  return {padded.data(), k, first_row, tail};
+}
+
 // x [M, K] bfloat16 @ packed weight (amx_linear_pack of an [N, K] weight) + bias -> [M, N] bfloat16.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t n_total) {
@@ -220,19 +242,158 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   const int64_t lda = x.stride(0), full = rows / kRows, tail = rows % kRows;
   std::vector<RowBlock> blocks;
   for (int64_t i = 0; i < full; ++i) blocks.push_back({a + i * kRows * lda, lda, i * kRows, kRows});
-  at::Tensor padded;  // the last 1-15 rows, zero-padded to a whole A tile
-  if (tail) {
-    padded = at::zeros({kRows, k}, x.options());
-    padded.narrow(0, 0, tail).copy_(x.narrow(0, full * kRows, tail));
-    blocks.push_back({reinterpret_cast<const uint16_t*>(padded.data_ptr<c10::BFloat16>()), k, full * kRows, tail});
-  }
+  if (tail) blocks.push_back(tail_block(a + full * kRows * lda, lda, k, full * kRows, tail));
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());
   auto* y = out.data_ptr<c10::BFloat16>();
-  // Even chunks of column tiles: the many-row loop takes them in pairs.
-  const int64_t grain = blocks.size() == 1 ? 1 : 2;
+  // Even chunks of column tiles: the many-row loop takes them in pairs; a small weight at few rows,
+  // all of them on this thread (no parallel region).
+  const bool serial = blocks.size() == 1 && tiles * steps * amx_tiles::kTileElems * 2 < kSerialBytes;
+  const int64_t grain = serial ? tiles : blocks.size() == 1 ? 1 : 2;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     run_columns(blocks, w, steps, n_total, bias_ptr, y, t0, t1);
   });
+  return out;
+}
+
+// ---- a gated MLP (SwiGLU) at few rows in one parallel region ----------------------------------
+//
+// Why: at a decode step's few rows the MLP was three calls, gate_up's and down's products each a
+// parallel region (the OpenMP threads woken, then joined: with the passive wait the engine sets,
+// each region costs futex round trips, and a batch-1 step had ~120 regions). Here each thread takes
+// a slice of the intermediate width I: its columns of gate and up (their strips), the activation
+// on them, then down's product over that slice of down's K, a partial sum of every output column;
+// the caller adds the threads' partial sums (in float32) and rounds once. No barrier inside, one
+// region per MLP, and each thread still streams its share of both weights.
+
+// e^x for the SiLU, 16 lanes: the Cephes single-precision polynomial after a base-2 range
+// reduction (as cpu_ops.cpp's fast_exp, whose silu_mul the unfused path runs), clamped to [-80, 80]
+// and 0 below -80 (a denormal would cost a microcode assist).
+AMX_TILES_TARGET inline __m512 exp16(__m512 x_in) {
+  const __m512 x = _mm512_min_ps(_mm512_max_ps(x_in, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512 value = _mm512_scalef_ps(e, k);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x_in, _mm512_set1_ps(-80.0f), _CMP_LT_OQ), value, _mm512_setzero_ps());
+}
+
+// Rounds 16 floats to bfloat16 and back (the unfused path stores gate_up's product in bfloat16).
+AMX_TILES_TARGET inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v))), 16));
+}
+
+// One thread's slice [s0, s1) of down's K steps (intermediate columns [32 s0, 32 s1)): gate and up
+// for those columns (strips 2 s0.. of each half of gate_up), h = silu(gate) * up in bfloat16 into
+// an A block, then partial[r][n] = h[r] . down[n][32 s0, 32 s1) for r < rows.
+AMX_TILES_TARGET void silu_mlp_slice(const uint16_t* a, int64_t lda, const uint16_t* gate_up, int64_t k_steps,
+                                     int64_t inter, const uint16_t* down, int64_t n_total, int64_t s0, int64_t s1,
+                                     int64_t rows, float* partial) {
+  const int64_t width = (s1 - s0) * kK, strip = k_steps * amx_tiles::kTileElems;
+  const int64_t down_steps = inter / kK, down_strip = down_steps * amx_tiles::kTileElems;
+  thread_local std::vector<uint16_t> h;  // [16][width]: rows past `rows` hold finite leftovers
+  if (static_cast<int64_t>(h.size()) < kRows * width) h.resize(kRows * width);
+  constexpr int64_t ldc = 3 * kColumns;
+  alignas(64) float gate[kRows * ldc], up[kRows * ldc];
+  amx_tiles::configure_tiles();
+  const int64_t t_end = 2 * s1, up_first = inter / kColumns;
+  for (int64_t t = 2 * s0; t < t_end; t += 3) {
+    const int64_t nr = std::min<int64_t>(3, t_end - t);
+    const uint16_t* g[3] = {gate_up + t * strip, gate_up + (t + 1) * strip, gate_up + (t + 2) * strip};
+    const uint16_t* u[3] = {g[0] + up_first * strip, g[1] + up_first * strip, g[2] + up_first * strip};
+    if (nr == 3) {
+      amx_tiles::block_1xn<3>(a, lda, g, k_steps, gate, ldc, kPrefetchSteps);
+      amx_tiles::block_1xn<3>(a, lda, u, k_steps, up, ldc, kPrefetchSteps);
+    } else if (nr == 2) {
+      amx_tiles::block_1xn<2>(a, lda, g, k_steps, gate, ldc, kPrefetchSteps);
+      amx_tiles::block_1xn<2>(a, lda, u, k_steps, up, ldc, kPrefetchSteps);
+    } else {
+      amx_tiles::block_1xn<1>(a, lda, g, k_steps, gate, ldc, kPrefetchSteps);
+      amx_tiles::block_1xn<1>(a, lda, u, k_steps, up, ldc, kPrefetchSteps);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < nr * kColumns; j += 16) {
+        const __m512 gv = round_bf16(_mm512_load_ps(gate + r * ldc + j));
+        const __m512 uv = round_bf16(_mm512_load_ps(up + r * ldc + j));
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(h.data() + r * width + (t - 2 * s0) * kColumns + j),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv))));
+      }
+    }
+  }
+  alignas(64) float c[kRows * ldc];
+  const int64_t tiles = (n_total + kColumns - 1) / kColumns;
+  for (int64_t t = 0; t < tiles; t += 3) {
+    const int64_t nr = std::min<int64_t>(3, tiles - t);
+    const uint16_t* b[3] = {down + t * down_strip + s0 * amx_tiles::kTileElems,
+                            down + (t + 1) * down_strip + s0 * amx_tiles::kTileElems,
+                            down + (t + 2) * down_strip + s0 * amx_tiles::kTileElems};
+    if (nr == 3) amx_tiles::block_1xn<3>(h.data(), width, b, s1 - s0, c, ldc, kPrefetchSteps);
+    else if (nr == 2) amx_tiles::block_1xn<2>(h.data(), width, b, s1 - s0, c, ldc, kPrefetchSteps);
+    else amx_tiles::block_1xn<1>(h.data(), width, b, s1 - s0, c, ldc, kPrefetchSteps);
+    const int64_t columns = std::min(nr * kColumns, n_total - t * kColumns);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(partial + r * n_total + t * kColumns, c + r * ldc, columns * sizeof(float));
+  }
+  amx_tiles::release_tiles();
+}
+
+// out[r, j] = bf16(sum over slices of partial[slice][r][j]).
+AMX_TILES_TARGET void sum_slices(const float* partial, int64_t slices, int64_t count, c10::BFloat16* out) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, count - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(mask, partial + i);
+    for (int64_t p = 1; p < slices; ++p) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, partial + p * count + i));
+    _mm256_mask_storeu_epi16(out + i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+}
+
+// Rows up to which amx_silu_mlp runs (one A tile); the engine calls it at decode batch sizes.
+constexpr int64_t kSiluMlpMaxRows = kRows;
+
+// down(silu(gate) * up) for x [M <= 16, K] bfloat16 with gate_up = amx_linear_pack of the fused
+// [2 I, K] weight (gate's I rows, then up's) and down = amx_linear_pack of the [N, I] weight
+// (I a multiple of 32; no biases) -> [M, N] bfloat16.
+at::Tensor amx_silu_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t n_total) {
+  TORCH_CHECK(amx_linear_supported(), "amx_silu_mlp needs a CPU with AMX-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  const auto check_packed = [](const at::Tensor& w, const char* name) {
+    TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == kRows &&
+                    w.size(3) == 2 * kColumns,
+                name, ": amx_linear_pack's [N/16, K/32, 16, 32] layout");
+  };
+  check_packed(gate_up, "gate_up");
+  check_packed(down, "down");
+  const int64_t rows = x.size(0), k = x.size(1), k_steps = gate_up.size(1), down_steps = down.size(1);
+  const int64_t inter = down_steps * kK;
+  TORCH_CHECK(rows <= kSiluMlpMaxRows, "amx_silu_mlp takes at most ", kSiluMlpMaxRows, " rows, got ", rows);
+  TORCH_CHECK(k == k_steps * kK, "x has ", k, " columns, gate_up's weight ", k_steps * kK);
+  TORCH_CHECK(gate_up.size(0) * kColumns == 2 * inter, "gate_up has ", gate_up.size(0) * kColumns,
+              " rows, down's input width ", inter, " implies ", 2 * inter);
+  const int64_t tiles = down.size(0);
+  TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
+              " does not match the packed down weight");
+  at::Tensor out = at::empty({rows, n_total}, x.options());
+  if (rows == 0) return out;
+  const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const RowBlock block = rows == kRows ? RowBlock{in, x.stride(0), 0, rows} : tail_block(in, x.stride(0), k, 0, rows);
+  // One slice per thread; a small MLP (both weights under kSerialBytes) on this thread alone.
+  const bool serial = (gate_up.numel() + down.numel()) * 2 < kSerialBytes;
+  const int64_t slices = serial ? 1 : std::min<int64_t>(at::get_num_threads(), down_steps);
+  thread_local std::vector<float> partial_sums;  // this (the calling) thread's: named outside the region
+  if (static_cast<int64_t>(partial_sums.size()) < slices * rows * n_total) partial_sums.resize(slices * rows * n_total);
+  float* partial = partial_sums.data();
+  const auto* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<c10::BFloat16>());
+  const auto* dw = reinterpret_cast<const uint16_t*>(down.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      silu_mlp_slice(block.a, block.lda, gu, k_steps, inter, dw, n_total, down_steps * p / slices,
+                     down_steps * (p + 1) / slices, rows, partial + p * rows * n_total);
+  });
+  sum_slices(partial, slices, rows * n_total, out.data_ptr<c10::BFloat16>());
   return out;
 }
 
@@ -243,4 +404,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("amx_linear_pack(Tensor weight) -> Tensor", &amx_linear_pack);
   m.def("amx_linear_unpack(Tensor packed, int out_features) -> Tensor", &amx_linear_unpack);
   m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor", &amx_linear);
+  m.def("amx_silu_mlp(Tensor x, Tensor gate_up, Tensor down, int out_features) -> Tensor", &amx_silu_mlp);
+  m.def("amx_silu_mlp_max_rows() -> int", [] { return kSiluMlpMaxRows; });
 }
