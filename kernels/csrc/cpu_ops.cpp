@@ -176,7 +176,8 @@ inline __m512 fast_exp_lanes(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
+  const __m512 r =
+      _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
@@ -221,29 +222,20 @@ inline __m512 silu_mul_lanes(__m512 g, __m512 u) {
   return _mm512_mul_ps(_mm512_mul_ps(g, inv), u);
 }
 
-inline __m512 load_lanes(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_lanes(const c10::BFloat16* p) {
+inline __m512 load_bf16_lanes(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
-inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// store<c10::BFloat16>'s rounding (to nearest even, NaN to a quiet NaN), 16 lanes at a time.
-inline void store_lanes(c10::BFloat16* p, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
-}
 
-// With AVX512-BF16, the rounding is one instruction (the same rounding, except that it flushes
-// results below float's normal range, 1e-38, to zero): 8 of the loop's ~25 operations otherwise.
+// bfloat16 rows where the CPU has AVX512-BF16 (every AMX CPU): its rounding is one instruction (the
+// same rounding as store's, except that results below float's normal range, 1e-38, become zero).
+// Other AVX-512 CPUs keep silu_mul_tail's loop for bfloat16.
 __attribute__((target("avx512bf16"))) void silu_mul_row_avx512bf16(c10::BFloat16* out, const c10::BFloat16* gate,
                                                                    int64_t n) {
   const c10::BFloat16* up = gate + n;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = silu_mul_lanes<true>(load_lanes(gate + i), load_lanes(up + i));
+    const __m512 v = silu_mul_lanes<true>(load_bf16_lanes(gate + i), load_bf16_lanes(up + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
   }
   silu_mul_tail(out, gate, up, i, n);
@@ -263,13 +255,14 @@ void silu_mul_row(T* out, const T* gate, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (cpu_has_avx512bf16()) return silu_mul_row_avx512bf16(out, gate, n);
   }
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, float>) {
     for (; i + 16 <= n; i += 16) {
-      store_lanes(out + i, silu_mul_lanes<std::is_same_v<T, c10::BFloat16>>(load_lanes(gate + i), load_lanes(up + i)));
+      _mm512_storeu_ps(out + i, silu_mul_lanes<false>(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
     }
   }
 #endif
-  silu_mul_tail(out, gate, up, i, n);  // the rest (all of it in AVX2 builds and for float16)
+  // The rest; all of it in AVX2 builds, for float16, and for bfloat16 without AVX512-BF16.
+  silu_mul_tail(out, gate, up, i, n);
 }
 
 // SwiGLU's activation: gate_up is [tokens, 2 * I] (gate then up); out = silu(gate) * up.
