@@ -26,7 +26,7 @@ With --cpu-prefill: the kernels of one layer of a prefill of --prompt-len tokens
 (hidden 576, intermediate 1536, 9/3 heads, head_dim 64) in bfloat16 and float32: silu_mul,
 rms_norm, add_rms_norm, rotary and the paged prefill attention (causal, one sequence), each next to
 its limit: the elementwise ops against moving their bytes at the memory copy speed measured in the
-same run (a clone of the input), attention against its causal FLOPs at --attention-gflops. With
+same run (a copy of the input into a mapped buffer), attention against its causal FLOPs at --attention-gflops. With
 --baseline, both builds' calls alternate and the table shows each and new/baseline.
 """
 
@@ -201,9 +201,10 @@ def prefill_cases(tokens: int, dtype: torch.dtype, gen: torch.Generator) -> dict
     table = torch.randperm(blocks, generator=gen).int()[None]
     lens, cu = torch.tensor([tokens], dtype=torch.int32), torch.tensor([0, tokens], dtype=torch.int32)
     query = qkv[:, :h]
-    # Elementwise ops move bytes: their limit is that many bytes at a clone's speed (read + write).
-    size = x.element_size()
-    copy_speed = 2 * gate_up.numel() * size / statistics.median(timeit(gate_up.clone, 5))
+    # Elementwise ops move bytes: their limit is that many bytes at a copy's speed (read + write,
+    # into memory already mapped: a fresh tensor's page faults cost more than the copy).
+    size, copy = x.element_size(), torch.empty_like(gate_up)
+    copy_speed = 2 * gate_up.numel() * size / statistics.median(timeit(lambda: copy.copy_(gate_up), 5))
     attention_flops = 4 * h * d * tokens * tokens / 2
     return {
         "silu_mul": (lambda ops: ops.silu_mul(gate_up), (gate_up.numel() * 3 // 2) * size / copy_speed),
@@ -242,8 +243,8 @@ def run_cpu_prefill(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(0)
     gflops = args.attention_gflops
     print(f"CPU prefill kernels, {args.prompt_len} tokens, {torch.get_num_threads()} threads, SmolLM2's shape; "
-          f"median of {args.repeats} calls (alternating builds); elementwise limit: its bytes at a clone's speed, "
-          f"attention's: its causal FLOPs at {gflops} GFLOP/s")
+          f"median of {args.repeats} calls (builds alternating, in turn first; on 1 thread CPU time); "
+          f"elementwise limit: its bytes at a copy's speed, attention's: its causal FLOPs at {gflops} GFLOP/s")
     print("| dtype | kernel | " + " | ".join(f"{n} ms" for n in kernels) + " | limit ms | ratio to limit (new) |"
           + (" new/baseline |" if args.baseline else ""))
     print("| --- " * (4 + len(kernels) + bool(args.baseline)) + "|")
@@ -254,8 +255,10 @@ def run_cpu_prefill(args: argparse.Namespace) -> int:
             times, clock = {n: [] for n in kernels}, thread_clock()
             for ops in kernels.values():
                 call(ops)  # warm-up
-            for _ in range(args.repeats):
-                for n, ops in kernels.items():
+            for repeat in range(args.repeats):
+                # Each build goes first every other round: the second call of a round measured up to
+                # 15% slower than the first on the same code.
+                for n, ops in sorted(kernels.items(), reverse=repeat % 2 == 1):
                     start = clock()
                     call(ops)
                     times[n].append(clock() - start)
