@@ -19,6 +19,15 @@ makes them (so the K/V come from wherever a step finds them, not from a cache wa
 before), against reading those K/V bytes at the memory read bandwidth measured in the same run
 (bench/bench_limits.py's). --baseline builds kernels/csrc/cpu_ops.cpp as it was at a revision
 under another op namespace and times both in the same process, alternating calls.
+
+    python bench/bench_kernels.py --cpu-prefill --baseline HEAD~1   # a 2,000-token prompt's kernels
+
+With --cpu-prefill: the kernels of one layer of a prefill of --prompt-len tokens at SmolLM2's shape
+(hidden 576, intermediate 1536, 9/3 heads, head_dim 64) in bfloat16 and float32: silu_mul,
+rms_norm, add_rms_norm, rotary and the paged prefill attention (causal, one sequence), each next to
+its limit: the elementwise ops against moving their bytes at the memory copy speed measured in the
+same run (a copy of the input into a mapped buffer), attention against its causal FLOPs at --attention-gflops. With
+--baseline, both builds' calls alternate and the table shows each and new/baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="the C++ CPU kernel instead (defaults: SmolLM2's shape)")
     p.add_argument("--baseline", metavar="REV", help="--cpu: A/B against kernels/csrc/cpu_ops.cpp at this git revision")
     p.add_argument("--layers", type=int, default=30, help="--cpu: caches called in turn, one per layer")
+    p.add_argument("--cpu-prefill", action="store_true", help="one prefill layer's C++ kernels (see above)")
+    p.add_argument("--prompt-len", type=int, default=2000, help="--cpu-prefill: the prompt's tokens")
+    p.add_argument("--repeats", type=int, default=10, help="--cpu-prefill: timed calls of each kernel")
+    p.add_argument("--attention-gflops", type=float, default=400.0,
+                   help="--cpu-prefill: the matmul throughput attention's limit assumes (bench_limits.py measures "
+                        "the projections' at the prompt's rows)")
     p.add_argument("--batch-sizes", type=int, nargs="+")
     p.add_argument("--context-lens", type=int, nargs="+")
     p.add_argument("--num-heads", type=int)
@@ -68,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.baseline and not args.cpu:
-        p.error("--baseline needs --cpu")
+    if args.baseline and not (args.cpu or args.cpu_prefill):
+        p.error("--baseline needs --cpu or --cpu-prefill")
     if args.num_heads % args.num_kv_heads:
         p.error("--num-heads must be a multiple of --num-kv-heads")
     return args
@@ -138,8 +154,13 @@ def run_case(args: argparse.Namespace, batch: int, ctx: int, copy_bw: float) -> 
 
 
 def baseline_decode_attention(rev: str):
-    """decode_attention of kernels/csrc/cpu_ops.cpp at git revision rev, built as its own extension
-    with its ops under torch.ops.bento_llm_baseline."""
+    """decode_attention of kernels/csrc/cpu_ops.cpp at git revision rev (see baseline_ops)."""
+    return baseline_ops(rev).decode_attention
+
+
+def baseline_ops(rev: str):
+    """kernels/csrc/cpu_ops.cpp at git revision rev, built as its own extension with its ops under
+    torch.ops.bento_llm_baseline."""
     from torch.utils import cpp_extension
 
     from kernels import cpu_ops
@@ -148,14 +169,106 @@ def baseline_decode_attention(rev: str):
     source = subprocess.run(["git", "show", f"{rev}:kernels/csrc/cpu_ops.cpp"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
     source = source.replace("TORCH_LIBRARY(bento_llm,", "TORCH_LIBRARY(bento_llm_baseline,")
-    path = os.path.join(tempfile.mkdtemp(), "cpu_ops_baseline.cpp")
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "cpu_ops_baseline.cpp")
     with open(path, "w") as f:
         f.write(source)
+    # The headers it includes from its own folder, as they were at rev.
+    for header in re.findall(r'#include "([^"]+)"', source):
+        with open(os.path.join(folder, header), "w") as f:
+            f.write(subprocess.run(["git", "show", f"{rev}:kernels/csrc/{header}"], cwd=root, check=True,
+                                   capture_output=True, text=True).stdout)
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
              *cpu_ops._ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
     cpp_extension.load(name="bento_llm_cpu_ops_baseline", sources=[path], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return torch.ops.bento_llm_baseline.decode_attention
+    return torch.ops.bento_llm_baseline
+
+
+def prefill_cases(tokens: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """name -> (call(ops) running one kernel of a prefill layer, seconds of its limit)."""
+    hidden, inter, h, kvh, d, bs = 576, 1536, 9, 3, 64, 16
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    weight = torch.rand(hidden, generator=gen) + 0.5
+    gate_up = (torch.randn(tokens, 2 * inter, generator=gen) * 3).to(dtype)
+    qkv = torch.randn(tokens, h + 2 * kvh, d, generator=gen).to(dtype)
+    angles = torch.rand(tokens, 1, d, generator=gen)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    blocks = -(-tokens // bs) + 1
+    k_cache = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
+    v_cache = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
+    table = torch.randperm(blocks, generator=gen).int()[None]
+    lens, cu = torch.tensor([tokens], dtype=torch.int32), torch.tensor([0, tokens], dtype=torch.int32)
+    query = qkv[:, :h]
+    # Elementwise ops move bytes: their limit is that many bytes at a copy's speed (read + write,
+    # into memory already mapped: a fresh tensor's page faults cost more than the copy).
+    size, copy = x.element_size(), torch.empty_like(gate_up)
+    copy_speed = 2 * gate_up.numel() * size / statistics.median(timeit(lambda: copy.copy_(gate_up), 5))
+    attention_flops = 4 * h * d * tokens * tokens / 2
+    return {
+        "silu_mul": (lambda ops: ops.silu_mul(gate_up), (gate_up.numel() * 3 // 2) * size / copy_speed),
+        "rms_norm": (lambda ops: ops.rms_norm(x, weight, 1e-5), 2 * x.numel() * size / copy_speed),
+        "add_rms_norm": (lambda ops: ops.add_rms_norm(residual, x, weight, 1e-5), 4 * x.numel() * size / copy_speed),
+        "rotary (q, k)": (lambda ops: ops.rotary_embedding_(qkv[:, : h + kvh], cos, sin),
+                          2 * tokens * (h + kvh) * d * size / copy_speed),
+        "prefill attention": (lambda ops: ops.paged_attention(query, k_cache, v_cache, table, lens, cu, d**-0.5),
+                              attention_flops),
+    }
+
+
+def thread_clock():
+    """On one thread its CPU time (a shared machine's other processes then cost less of the
+    reading, as in bench_limits.py's --amx-linear), else the wall clock."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def timeit(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    clock, times = thread_clock(), []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return times
+
+
+def run_cpu_prefill(args: argparse.Namespace) -> int:
+    """One prefill layer's kernels (see the module's docstring), new and --baseline alternating."""
+    import kernels.cpu_ops  # noqa: F401  builds and registers torch.ops.bento_llm
+
+    kernels = {"new": torch.ops.bento_llm}
+    if args.baseline:
+        kernels = {"baseline": baseline_ops(args.baseline), **kernels}
+    gen = torch.Generator().manual_seed(0)
+    gflops = args.attention_gflops
+    print(f"CPU prefill kernels, {args.prompt_len} tokens, {torch.get_num_threads()} threads, SmolLM2's shape; "
+          f"median of {args.repeats} calls (builds alternating, in turn first; on 1 thread CPU time); "
+          f"elementwise limit: its bytes at a copy's speed, attention's: its causal FLOPs at {gflops} GFLOP/s")
+    print("| dtype | kernel | " + " | ".join(f"{n} ms" for n in kernels) + " | limit ms | ratio to limit (new) |"
+          + (" new/baseline |" if args.baseline else ""))
+    print("| --- " * (4 + len(kernels) + bool(args.baseline)) + "|")
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, (call, limit) in prefill_cases(args.prompt_len, dtype, gen).items():
+            if name == "prefill attention":
+                limit = limit / (gflops * 1e9)
+            times, clock = {n: [] for n in kernels}, thread_clock()
+            for ops in kernels.values():
+                call(ops)  # warm-up
+            for repeat in range(args.repeats):
+                # Each build goes first every other round: the second call of a round measured up to
+                # 15% slower than the first on the same code.
+                for n, ops in sorted(kernels.items(), reverse=repeat % 2 == 1):
+                    start = clock()
+                    call(ops)
+                    times[n].append(clock() - start)
+            ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+            cells = " | ".join(f"{ms[n]:.2f}" for n in kernels)
+            ratio = ms["new"] / (limit * 1e3)
+            ab = f" {ms['new'] / ms['baseline']:.2f} |" if args.baseline else ""
+            print(f"| {str(dtype).removeprefix('torch.')} | {name} | {cells} | {limit * 1e3:.2f} | {ratio:.2f} |{ab}",
+                  flush=True)
+    return 0
 
 
 def run_cpu(args: argparse.Namespace) -> int:
@@ -214,6 +327,8 @@ def run_cpu(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu_prefill:
+        return run_cpu_prefill(args)
     if args.cpu:
         return run_cpu(args)
     if not torch.cuda.is_available():

@@ -4,6 +4,7 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py                       # the default model in bfloat16 (where the CPU packs it)
     python bench/bench_limits.py --dtype float32       # the exact mode
     python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
+    python bench/bench_limits.py --ttft-only           # only the TTFT rows and its split (and their matmul limit)
     python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
                                                        # strips vs unpack + F.linear vs F.linear on a
                                                        # plain weight vs oneDNN packed, 1-2000 rows
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per sequence in the decode runs")
     parser.add_argument("--prompt-len", type=int, default=2000, help="tokens of the TTFT prompt")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    parser.add_argument("--ttft-only", action="store_true", help="only the TTFT rows: no decode or 1-row rows")
     parser.add_argument("--amx-linear", action="store_true",
                         help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
     parser.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")],
@@ -262,7 +264,7 @@ def main() -> None:
     weight_bytes = step_read_bytes(model)
     weight_read = weight_bytes / bandwidth
     mm = {rows: matmul_seconds(model, rows, dtype, repeats if rows <= 64 else max(2, repeats // 3))
-          for rows in (1, 16, 64, chunk)}
+          for rows in ((chunk,) if args.ttft_only else (1, 16, 64, chunk))}
 
     rows_out: list[tuple[str, str, str, float]] = []
     rows_out.append(("memory read bandwidth", f"{bandwidth / 1e9:.1f} GB/s", "", float("nan")))
@@ -271,7 +273,8 @@ def main() -> None:
         rows_out.append((f"matmuls at {rows} rows", f"{seconds * 1e3:.2f} ms",
                          f"{flops / seconds / 1e9:.0f} GFLOP/s", float("nan")))
     # Batch 1 by kind of projection, each against reading its weights once at the bandwidth.
-    for kind, (seconds, nbytes, count) in projection_seconds(model, 1, dtype, repeats).items():
+    per_kind = {} if args.ttft_only else projection_seconds(model, 1, dtype, repeats)
+    for kind, (seconds, nbytes, count) in per_kind.items():
         rows_out.append((f"  {kind} (x{count}) at 1 row", f"{seconds * 1e3:.2f} ms", f"{nbytes / bandwidth * 1e3:.2f} ms",
                          seconds * bandwidth / nbytes))
 
@@ -286,7 +289,7 @@ def main() -> None:
         forward_times.append(time.perf_counter() - start)
         return logits
 
-    for batch in (1, 16, 64):
+    for batch in () if args.ttft_only else (1, 16, 64):
         prompts = [random_prompt(vocab, 32, 1000 * batch + i) for i in range(batch)]
         forward_times.clear()
         runner.execute_model = timed_forward

@@ -470,6 +470,28 @@ def test_silu_mul(gen, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 1536 + 9])  # the vector loop's 16 lanes, and their tails
+def test_silu_mul_of_any_width_on_strided_rows_rounds_once(gen, dtype, width):
+    """float32 within a few units in the last place of torch's SiLU (the exp and the reciprocal are
+    polynomial and Newton-refined, not correctly rounded); half dtypes: the float32 value rounded
+    once, so at most one unit in the last place from the reference rounded to the dtype."""
+    wide = torch.randn(37, 2 * width + 5, generator=gen) * 6
+    specials = torch.tensor([-200.0, -90.0, -1e-6, 0.0, 90.0, 200.0])[:width]  # saturated and tiny gates
+    wide[0, 5 : 5 + len(specials)] = specials
+    gate_up = wide.to(dtype)[:, 5:]  # rows 2 * width + 5 apart
+    out = cpu_ops.silu_mul(gate_up)
+    expected = reference.silu_mul(gate_up.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=4e-6)
+    else:
+        # Absolute slack: the dtype's subnormal spacing, and 1e-30 for a gate below about -80, whose
+        # exp saturates (e^80 or 2^120): g * u / e^80 for about 0.
+        info = torch.finfo(dtype)
+        slack = info.eps * expected.abs() + info.smallest_normal * info.eps + 1e-30
+        assert ((out.float() - expected).abs() <= slack).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_embedding_rotates_q_and_k_in_place_in_the_fused_projection(gen, dtype):
     from engine.models.llama import ModelConfig, RotaryEmbedding
 
