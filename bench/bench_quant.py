@@ -22,9 +22,10 @@ decode, and the peak over the process (a prefill's activations included).
 The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, vocabulary
 128256, tied embeddings; random bfloat16 weights) is written once to --scratch; its int4 group
 sizes run in a process each (memory and speed together); each batch size is warmed up with its own
-prefill, then timed three ways: tok/s of the whole run, its prefill alone (max_tokens=1), and
-decode tok/s (the tokens after each sequence's first over the run's time past that prefill; at
-batch 16 the prefill is 615 prompt tokens for 16 x 8 output tokens, much of the run).
+prefill (the first 615-row prefill of a process took 10-23 s where the next took 2.4-2.7 s: one-time
+costs the old single timing counted), then timed three ways: tok/s of the whole run, its prefill
+alone (max_tokens=1), and decode tok/s (the tokens after each sequence's first over the run's time
+past that prefill; batch 16 is 615 prompt tokens for 16 x 8 output tokens).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def run_one(spec: dict) -> dict:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         result[f"tok_s@{batch}"] = tokens / elapsed
         # Decode alone: the tokens after each sequence's first over the time after the prefill. With
-        # few tokens per sequence the prefill is much of a run (the 3B's batch 16: 615 prompt tokens
-        # for 16 x 8 output tokens), and it runs at the matmuls' many-row speed, not a decode step's.
+        # few tokens per sequence the prefill is a part of the run (the 3B's batch 16: 615 prompt
+        # tokens for 16 x 8 output tokens) that runs at the matmuls' many-row speed, not a decode step's.
         result[f"prefill_s@{batch}"] = prefill
         result[f"decode_tok_s@{batch}"] = (tokens - batch) / (elapsed - prefill) if elapsed > prefill else float("nan")
         print(f"    batch {batch}: {result[f'tok_s@{batch}']:.1f} tok/s, prefill {prefill:.2f} s, "
