@@ -21,7 +21,11 @@ the engine's report), the process RSS after load and its peak during load, the R
 decode, and the peak over the process (a prefill's activations included).
 The 3B-shaped checkpoint (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, vocabulary
 128256, tied embeddings; random bfloat16 weights) is written once to --scratch; its int4 group
-sizes run in a process each (memory and speed together).
+sizes run in a process each (memory and speed together); each batch size is warmed up with its own
+prefill (the first 615-row prefill of a process took 10-23 s where the next took 2.4-2.7 s: one-time
+costs the old single timing counted), then timed three ways: tok/s of the whole run, its prefill
+alone (max_tokens=1), and decode tok/s (the tokens after each sequence's first over the run's time
+past that prefill; batch 16 is 615 prompt tokens for 16 x 8 output tokens).
 """
 
 from __future__ import annotations
@@ -106,12 +110,24 @@ def run_one(spec: dict) -> dict:
     prompts = [engine.apply_chat_template(c) for c in chat_prompts(64)]
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    first = SamplingParams(temperature=0.0, max_tokens=1)
     for batch in spec["batches"]:
+        llm.generate(prompts[:batch], first, use_tqdm=False)  # warm-up at this batch's prefill size (buffers, kernels)
+        start = time.perf_counter()
+        llm.generate(prompts[:batch], first, use_tqdm=False)  # the prefill alone (and its first token)
+        prefill = time.perf_counter() - start
         start = time.perf_counter()
         outs = llm.generate(prompts[:batch], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        result[f"tok_s@{batch}"] = tokens / (time.perf_counter() - start)
-        print(f"    batch {batch}: {result[f'tok_s@{batch}']:.1f} tok/s", file=sys.stderr, flush=True)
+        result[f"tok_s@{batch}"] = tokens / elapsed
+        # Decode alone: the tokens after each sequence's first over the time after the prefill. With
+        # few tokens per sequence the prefill is a part of the run (the 3B's batch 16: 615 prompt
+        # tokens for 16 x 8 output tokens) that runs at the matmuls' many-row speed, not a decode step's.
+        result[f"prefill_s@{batch}"] = prefill
+        result[f"decode_tok_s@{batch}"] = (tokens - batch) / (elapsed - prefill) if elapsed > prefill else float("nan")
+        print(f"    batch {batch}: {result[f'tok_s@{batch}']:.1f} tok/s, prefill {prefill:.2f} s, "
+              f"decode {result[f'decode_tok_s@{batch}']:.1f} tok/s", file=sys.stderr, flush=True)
     now = process_memory()  # after the last batch: decoding at concurrency max(batches)
     result["decode_rss"], result["peak_rss"] = now.get("VmRSS", 0), now.get("VmHWM", 0)
     return result
@@ -129,8 +145,8 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     base = rows[0][1]
     head = ("| format | weights MiB | KV MiB | other MiB | RSS after load MiB | load peak MiB | RSS after decode MiB | "
-            "peak RSS MiB | " + " | ".join(f"tok/s @{b}" for b in batches) + " |")
-    lines = [head, "|" + " --- |" * (8 + len(batches))]
+            "peak RSS MiB | " + " | ".join(f"tok/s @{b} | prefill s @{b} | decode tok/s @{b}" for b in batches) + " |")
+    lines = [head, "|" + " --- |" * (8 + 3 * len(batches))]
     for name, r in rows:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} |")
@@ -139,6 +155,8 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
         for b in batches:
             ratio = r[f"tok_s@{b}"] / base[f"tok_s@{b}"] if f"tok_s@{b}" in base else None
             speeds.append(f"{r[f'tok_s@{b}']:.1f}" + (f" ({ratio:.2f}x)" if ratio and r is not base else ""))
+            speeds.append(f"{r[f'prefill_s@{b}']:.2f}")
+            speeds.append(f"{r[f'decode_tok_s@{b}']:.1f}")
         weights = mib(r["weights"]) + (f" ({r['weights'] / base['weights']:.2f}x)" if r is not base else "")
         memory = [r["kv_cache"], r["other"] + r["libraries"], r["rss"], r["load_peak_rss"], r["decode_rss"], r["peak_rss"]]
         lines.append(f"| {name} | {weights} | " + " | ".join(map(mib, memory)) + " | " + " | ".join(speeds) + " |")

@@ -2,6 +2,8 @@
 
     python bench/bench_quant_matmul.py                  # rows 1, 4, 16, 64, 256, 2000; one thread
     python bench/bench_quant_matmul.py --rows 1,8,64 --threads 2
+    python bench/bench_quant_matmul.py --shapes 3b --layers 2 --rows 1,16,64 --only "bf16 strips,int4 layer,int8 layer"
+    python bench/bench_quant_matmul.py --baseline d98b55c --only "bf16 strips,int4 AMX,int8 AMX"   # A/B against a commit
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
 --layers random weights (as many as the model has layers, so the set does not sit in L2 the way
@@ -18,6 +20,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
   both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
+- int4 / int8 AMX @REV (--baseline REV): the AMX tile loop of kernels/csrc/quant_ops.cpp as it was
+  at git revision REV, built beside this one, so a kernel change is timed A/B in one process
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -27,7 +31,9 @@ product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large squa
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +45,30 @@ from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
 from engine.layers.linear import amx_linear_ops  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8  # noqa: E402
 
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+SHAPES = {
+    "default": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)},
+    # Llama-3.2-3B (bench_quant.py's 3B-shaped checkpoint): hidden 3072, 24/8 heads of 128, intermediate 8192
+    "3b": {"qkv": (5120, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)},
+}
+
+
+def baseline_ops(revision: str):
+    """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) as at `revision`,
+    built as an extension of its own under another op namespace."""
+    from torch.utils import cpp_extension
+
+    import kernels.cpu_ops  # noqa: F401  (the flags it builds with)
+
+    root = Path(__file__).resolve().parent.parent
+    directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
+    for name in ("quant_ops.cpp", "amx_tiles.h"):
+        text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
+                              text=True).stdout
+        (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
+    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}", sources=[str(directory / "quant_ops.cpp")],
+                       extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v4"], extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
+    return torch.ops.bento_llm_baseline
 
 
 def main() -> None:
@@ -49,12 +78,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--us", action="store_true", help="microseconds per layer in every column, not ratios")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="default", help="the default model's projections or the 3B's")
+    parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
+    parser.add_argument("--baseline", help="a git revision whose int4/int8 AMX tile loop is timed beside this one")
+    parser.add_argument("--only", help="comma-separated columns to time (bfloat16 always runs; e.g. the 3B shapes "
+                        "without PyTorch's slow many-row ops)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, cpu = amx_kernels(), torch.device("cpu")
     names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
+    old = baseline_ops(args.baseline) if args.baseline and ops is not None else None
+    if old is not None:
+        names[names.index("int4 AMX") + 1:names.index("int4 AMX") + 1] = ["int4 AMX @" + args.baseline]
+        names[names.index("int8 AMX") + 1:names.index("int8 AMX") + 1] = ["int8 AMX @" + args.baseline]
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
@@ -65,15 +103,16 @@ def main() -> None:
           f"memory read {bandwidth / 1e9:.1f} GB/s, bfloat16 matmul {flops / 1e12:.2f} TFLOP/s\n")
     print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
     print("|" + " --- |" * (3 + len(names)))
-    for shape, (n, k) in SHAPES.items():
+    group = args.group_size
+    for shape, (n, k) in SHAPES[args.shapes].items():
         weights = [torch.randn(n, k) * 0.02 for _ in range(args.layers)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
         strip_ops = amx_linear_ops()
         strips = [strip_ops.amx_linear_pack(w.bfloat16()) for w in weights] if strip_ops else []
-        int4 = [PackedQuantizedWeight(quantize_int4(w, 32), torch.bfloat16, cpu) for w in weights]
+        int4 = [PackedQuantizedWeight(quantize_int4(w, group), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
-        has_w8a8 = ops is not None and ops.amx_int8_supported()
+        has_w8a8 = ops is not None and ops.amx_int8_supported() and (not args.only or "w8a8" in args.only)
         w8a8 = [PackedQuantizedWeight(quantize(w, "w8a8", 32), torch.bfloat16, cpu, int8_activations=True)
                 for w in weights] if has_w8a8 else []
         w8a8_plain = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
@@ -82,7 +121,7 @@ def main() -> None:
             x = torch.randn(rows, k).bfloat16()
             runs = {
                 "bfloat16": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
-                "int4 torch": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.qweight, 32, q.scales) for q in int4],
+                "int4 torch": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.qweight, group, q.scales) for q in int4],
                 "int4 layer": lambda: [q(x) for q in int4],
                 "int8 torch": lambda: [torch.ops.aten._weight_int8pack_mm(x, c, q.scales) for c, q in zip(int8_rows, int8)],
                 "int8 layer": lambda: [q(x) for q in int8],
@@ -90,14 +129,20 @@ def main() -> None:
             if strips:
                 runs["bf16 strips"] = lambda: [strip_ops.amx_linear(x, s, None, n) for s in strips]
             if ops is not None:
-                runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, 32, n) for q in int4]
+                runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
                 runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
-                runs["int4 rows"] = lambda: [ops.int4_mm_rows(x, q.qweight, q.scales, 32, n) for q in int4]
-                runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, 32, n) for q in int4]
+                runs["int4 rows"] = lambda: [ops.int4_mm_rows(x, q.qweight, q.scales, group, n) for q in int4]
+                runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, group, n) for q in int4]
+            if old is not None:
+                runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
+                runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
+            if args.only:
+                wanted = {"bfloat16", *args.only.split(","), *(f"{f} AMX @{args.baseline}" for f in ("int4", "int8"))}
+                runs = {name: fn for name, fn in runs.items() if name in wanted}
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():
                 for fn in runs.values():

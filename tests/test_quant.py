@@ -111,6 +111,43 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 
 @needs_amx
+@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("outputs", [150, 520])
+def test_two_threads_split_a_block_of_the_amx_loop_by_its_halves(method, group, outputs):
+    """Two threads share the tile loop's 32-column halves: with an odd number of 64-column blocks
+    (150 outputs: 3, the last partial; 520: 9, as the default model's o and down projections) one
+    thread converts and multiplies only the first half of the middle block, the other its second
+    half. Every row count the loop takes (from AMX_MIN_ROWS to its 256-row chunk, and the whole
+    blocks beyond), odd input widths (int8: 106), against the float reference and one thread."""
+    gen = torch.Generator().manual_seed(outputs + group)
+    cols = 106 if method == "int8" else 384
+    weight = torch.randn(outputs, cols, generator=gen).bfloat16()
+    q = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group)
+    packed = quantized_layer(method, group, weight, dtype=torch.bfloat16).quantized
+    ops = amx_kernels()
+
+    def run(x):
+        if method == "int8":
+            return ops.int8_mm_amx(x, packed.qweight, packed.scales, outputs)
+        return ops.int4_mm_amx(x, packed.qweight, packed.scales, group, outputs)
+
+    threads = torch.get_num_threads()
+    try:
+        for rows in (AMX_MIN_ROWS, 16, 17, 64, 257):
+            x = torch.randn(rows, cols, generator=gen).bfloat16()
+            with torch.inference_mode():
+                torch.set_num_threads(1)
+                alone = run(x)
+                torch.set_num_threads(2)
+                shared = run(x)
+            expected = _amx_reference(packed, q, x)
+            assert (shared.float() - expected).norm() / expected.norm() < 3e-3, rows
+            assert torch.equal(shared, alone), rows  # each column's sums in the same order either way
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_amx
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_few_row_loops_carry_each_groups_input_sum_for_inputs_far_from_zero_mean(group, rows):

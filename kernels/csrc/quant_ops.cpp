@@ -97,7 +97,10 @@ std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
 // aligned). Rows k and k + 1 are 64 contiguous bytes; one byte permutation puts byte j of both
 // side by side, so each code pair (k, k + 1) of a column is adjacent and the float results are
 // already in VNNI order: 8 columns x 2 rows per 16 floats. The next block's codes (next, or
-// null) are prefetched to L2 on the way, so they arrive while AMX multiplies this one.
+// null) are prefetched to L2 on the way, so they arrive while AMX multiplies this one. Only the
+// 32-column halves [H0, H1) (of 0, 1) are converted: low nibbles are half 0, high nibbles half 1
+// (template arguments: with run-time bounds the scales left registers for the stack, ~8% slower).
+template <int H0, int H1>
 BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t* next, const c10::BFloat16* scales_and_zeros,
                                              int64_t n_padded, int64_t k_total, int64_t group, uint16_t* tile) {
   const __m512i interleave = _mm512_load_si512(kInterleaveRows);
@@ -122,7 +125,7 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t
       // Low nibbles are columns 0-31, high nibbles columns 32-63.
       const __m512i nibbles[2] = {_mm512_and_si512(both, low_nibble), _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble)};
       uint16_t* out = tile + (k / 2) * kBlockN * 2;
-      for (int h = 0; h < 2; ++h) {
+      for (int h = H0; h < H1; ++h) {
         for (int p = 0; p < 2; ++p) {  // columns 32 h + 16 p + [0, 16), both rows
           const int q = 4 * h + 2 * p;
           const __m128i c0 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p), c1 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p + 1);
@@ -138,13 +141,17 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t
 // One block of 64 columns of an int8 weight into a bfloat16 VNNI tile [K/2][64][2], exactly
 // (|code| <= 128; the column scales are applied to the result). The codes are stored in the
 // tile's own order ([K/2][64][2]), so this is a straight widening: 16 codes -> 16 floats -> 16
-// bfloat16 values, no shuffles. The next block's codes are prefetched as int4's are.
-BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* next, int64_t k_total, uint16_t* tile) {
-  for (int64_t i = 0; i < k_total * kBlockN; i += 32) {
-    if (next && i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
-    const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
-    const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16))));
-    _mm512_storeu_si512(tile + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+// bfloat16 values, no shuffles. The next block's codes are prefetched as int4's are. Only the
+// 32-column halves [h0, h1) are converted (bytes 64 h to 64 h + 63 of each input pair's 128).
+BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* next, int64_t k_total, int h0, int h1,
+                                             uint16_t* tile) {
+  for (int64_t pair = 0; pair < k_total * kBlockN; pair += 2 * kBlockN) {
+    for (int64_t i = pair + 64 * h0; i < pair + 64 * h1; i += 32) {
+      if (next && i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+      const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
+      const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16))));
+      _mm512_storeu_si512(tile + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+    }
   }
 }
 
@@ -282,16 +289,17 @@ uint16_t* block_buffer(int64_t elements) {
   return buffer.get();
 }
 
-// Rows [m0, m1) of the input times one dequantized block, stored into its (up to) 64 columns.
+// Rows [m0, m1) of the input times the 32-column halves [h0, h1) of one dequantized block, stored
+// into its (up to) 64 columns.
 BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int64_t rows, int64_t k_steps, const uint16_t* tile,
-                              int64_t columns, const c10::BFloat16* scale, c10::BFloat16* y, int64_t ldy) {
+                              int h0, int h1, int64_t columns, const c10::BFloat16* scale, c10::BFloat16* y, int64_t ldy) {
   alignas(64) float c[2 * kTileRows * 32];
   for (int64_t m = m0; m < m1; m += 2 * kTileRows) {
     const bool main = m < in.main_rows;
     const uint16_t* a = main ? in.main + m * in.lda : in.tail;
     const int64_t lda = main ? in.lda : k_steps * kTileK;
     const int64_t valid = std::min<int64_t>(2 * kTileRows, rows - m);
-    for (int64_t half = 0; half < kBlockN && half < columns; half += 32) {
+    for (int64_t half = 32 * h0; half < 32 * h1 && half < columns; half += 32) {
       if (main || in.tail_tiles == 2) {
         tile_product<2>(a, lda, tile + half * 2, k_steps, c);
       } else {
@@ -302,11 +310,15 @@ BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int6
   }
 }
 
-// The shared loop: threads split the 64-column blocks; each block is converted to a bfloat16
-// VNNI tile once per call (fill) and multiplied with every input row by AMX tile products. Up to
-// kRowChunk rows, one block at a time (the tile stays in L2); beyond, a group of a thread's
-// blocks is kept converted while row chunks of kRowChunk pass over it (each chunk's rows stay in
-// cache), so no block is converted twice and no input row is read from memory once per block.
+// The shared loop: each block is converted to a bfloat16 VNNI tile once per call (fill(b, next,
+// tile, h0, h1): its 32-column halves [h0, h1), prefetching block next's codes) and multiplied
+// with every input row by AMX tile products. Up to kRowChunk rows, one block at a time (the tile
+// stays in L2), threads splitting the blocks' 32-column halves: a thread whose share ends inside
+// a block converts and multiplies only its half (the default model's 9- and 15-block projections
+// split 5/4 and 8/7 by whole blocks, ~10% idle for one of two threads). Beyond kRowChunk rows,
+// threads split whole blocks and a group of a thread's blocks is kept converted while row chunks
+// of kRowChunk pass over it (each chunk's rows stay in cache), so no block is converted twice and
+// no input row is read from memory once per block.
 template <typename Fill>
 at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat16* column_scale, const Fill& fill) {
   const int64_t rows = x.size(0), k_total = x.size(1);
@@ -314,8 +326,31 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
   at::Tensor out = at::empty({rows, n_total}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const InputTiles in(x, k_padded);
-  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
-  const int64_t group = rows <= kRowChunk ? 1 : std::max<int64_t>(1, kGroupBytes / (tile_elements * 2));
+  const int64_t blocks = (n_total + kBlockN - 1) / kBlockN, k_steps = k_padded / kTileK;
+  auto convert = [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
+    fill(b, next, tile, h0, h1);
+    std::memset(tile + k_total * kBlockN, 0, (k_padded - k_total) * kBlockN * sizeof(uint16_t));
+  };
+  auto multiply = [&](int64_t m0, int64_t b, const uint16_t* tile, int h0, int h1) {
+    multiply_block(in, m0, std::min(rows, m0 + kRowChunk), rows, k_steps, tile, h0, h1, std::min(kBlockN, n_total - b * kBlockN),
+                   column_scale ? column_scale + b * kBlockN : nullptr, y + b * kBlockN, n_total);
+  };
+  if (rows <= kRowChunk) {
+    at::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
+      uint16_t* tile = block_buffer(tile_elements);
+      configure_tiles();
+      for (int64_t u = begin; u < end;) {
+        const int64_t b = u / 2;
+        const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
+        convert(b, 2 * (b + 1) < end ? b + 1 : -1, tile, h0, h1);
+        multiply(0, b, tile, h0, h1);
+        u = 2 * b + h1;
+      }
+      release_tiles();
+    });
+    return out;
+  }
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / (tile_elements * 2));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     uint16_t* tiles = block_buffer(std::min(group, end - begin) * tile_elements);
     configure_tiles();
@@ -324,13 +359,8 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
       for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
         for (int64_t b = g0; b < g1; ++b) {
           uint16_t* tile = tiles + (b - g0) * tile_elements;
-          if (m0 == 0) {
-            fill(b, b + 1 < end ? b + 1 : -1, tile);
-            std::memset(tile + k_total * kBlockN, 0, (k_padded - k_total) * kBlockN * sizeof(uint16_t));
-          }
-          const int64_t columns = std::min(kBlockN, n_total - b * kBlockN);
-          multiply_block(in, m0, std::min(rows, m0 + kRowChunk), rows, k_padded / kTileK, tile, columns,
-                         column_scale ? column_scale + b * kBlockN : nullptr, y + b * kBlockN, n_total);
+          if (m0 == 0) convert(b, b + 1 < end ? b + 1 : -1, tile, 0, 2);
+          multiply(m0, b, tile, 0, 2);
         }
       }
     }
@@ -364,10 +394,17 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile) {
+  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
     const int64_t block = k_total * 32;
-    dequantize_int4_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, sz + b * kBlockN * 2, n_padded,
-                          k_total, group_size, tile);
+    const uint8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
+    const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
+    if (h0 == 0 && h1 == 2) {
+      dequantize_int4_block<0, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+    } else if (h0 == 0) {
+      dequantize_int4_block<0, 1>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+    } else {
+      dequantize_int4_block<1, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+    }
   });
 }
 
@@ -547,9 +584,10 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   check_input(x, packed.size(1) * 2);
   const int64_t k_total = packed.size(1) * 2;
   const auto* codes = packed.data_ptr<int8_t>();
-  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(), [&](int64_t b, int64_t next, uint16_t* tile) {
+  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(),
+                      [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
     const int64_t block = k_total * kBlockN;
-    dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_total, tile);
+    dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_total, h0, h1, tile);
   });
 }
 
