@@ -69,10 +69,10 @@ def silu_mlp_fused_rows(gate_up: Linear, down: Linear) -> int:
     kernels/csrc/amx_linear.cpp: one parallel region for gate/up, the activation and down, where
     the three calls took two): both weights in AMX strips, no biases, down not split over ranks.
     0 where it cannot."""
-    ops = amx_linear_ops()
-    fusable = (ops is not None and gate_up.amx_strips and down.amx_strips and gate_up.bias is None
-               and down.bias is None and getattr(down, "parallel", None) is None)
-    return ops.amx_silu_mlp_max_rows() if fusable else 0
+    fusable = (gate_up.amx_strips and down.amx_strips and gate_up.bias is None and down.bias is None
+               and getattr(down, "parallel", None) is None)
+    # Asked only then: strips mean the kernels are built; a float32 model must not build them here.
+    return amx_linear_ops().amx_silu_mlp_max_rows() if fusable else 0
 
 
 class GatedMLP(StepModule):
