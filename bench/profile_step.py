@@ -73,7 +73,7 @@ class PhaseTimer:
 
 def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, prompt_len: int = 32) -> list[float]:
     """Adds `batch` requests of `prompt_len` tokens and steps the engine; the wall time of each
-    all-decode step."""
+    all-decode step. on_step(kept) after every step: kept, whether its time is in the list."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
@@ -81,18 +81,20 @@ def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, promp
         engine.add_request(f"profile-{time.monotonic_ns()}-{i}", random_prompt(vocab, prompt_len, 100 + i), params)
     times = []
     while engine.has_unfinished_requests():
-        decoding = all(s.num_computed_tokens == len(s.token_ids) - 1 for g in engine.scheduler.running for s in g.seqs)
+        running = engine.scheduler.running  # none before the first step: that one prefills
+        decoding = bool(running) and all(s.num_computed_tokens == len(s.token_ids) - 1 for g in running for s in g.seqs)
         start = time.perf_counter()
-        with torch.profiler.record_function(DECODE_STEP if decoding else "other step"):  # for decode_op_shares
+        with torch.profiler.record_function(DECODE_STEP if decoding else OTHER_STEP):  # for decode_op_shares
             engine.step()
-        if decoding and engine.scheduler.running:
+        kept = decoding and bool(engine.scheduler.running)  # a step that finished nothing
+        if kept:
             times.append(time.perf_counter() - start)
-            if on_step is not None:
-                on_step()
+        if on_step is not None:
+            on_step(kept)
     return times
 
 
-DECODE_STEP = "decode step"
+DECODE_STEP, OTHER_STEP = "decode step", "other step"  # profiler marks around engine.step()
 # decode_op_shares' groups: the first whose test takes an op (name, whether it ran in a decoder layer).
 OP_GROUPS = [
     ("projections (matmuls in the layers)", lambda name, inside: inside and _is_matmul(name)),
@@ -107,7 +109,8 @@ OP_GROUPS = [
 
 
 def _is_matmul(name: str) -> bool:
-    return name.endswith(("::mm", "::addmm", "::matmul", "::linear", "_mm_amx", "_mm_rows", "_dequantize", "amx_linear"))
+    return name.endswith(("::mm", "::addmm", "::matmul", "::linear", "_mm_amx", "_mm_rows", "_dequantize",
+                          "amx_linear"))
 
 
 def decode_op_shares(events, in_layer) -> None:
@@ -115,7 +118,8 @@ def decode_op_shares(events, in_layer) -> None:
     its calls (load-proof: what a quiet machine gives), and the profiled self time (loaded)."""
     ranges = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == DECODE_STEP)
     starts, steps = [r[0] for r in ranges], max(len(ranges), 1)
-    fastest: dict[tuple[str, str, bool], list[float]] = {}  # (name, shapes, in a layer) -> [fastest us, calls, total us]
+    # (name, input shapes, in a layer) -> [fastest call us, calls, total us]
+    fastest: dict[tuple[str, str, bool], list[float]] = {}
     for e in events:
         k = bisect.bisect_right(starts, e.time_range.start) - 1
         if e.name == DECODE_STEP or e.name.startswith("layer ") or k < 0 or e.time_range.end > ranges[k][1]:
@@ -130,8 +134,8 @@ def decode_op_shares(events, in_layer) -> None:
         groups[group][0] += best * calls / steps
         groups[group][1] += total / steps
     whole = sum(g[0] for g in groups.values())
-    print(f"\nThe decode steps' ops by group ({steps} profiled decode steps): each op's fastest call per shape x its calls")
-    print("(close to a quiet machine's time), and the profiled self time (the machine as it was)\n")
+    print(f"\nThe decode steps' ops by group ({steps} profiled decode steps): each op's fastest call per shape x "
+          "its calls\n(close to a quiet machine's time), and the profiled self time (the machine as it was)\n")
     print("| group | ms per step at the fastest calls | share | profiled ms per step |")
     print("| --- | --- | --- | --- |")
     for name, (best, total) in groups.items():
@@ -196,7 +200,8 @@ def main() -> None:
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
-    decode_steps(engine, args.batch, 4, vocab, prompt_len=args.prompt_len)  # warm-up: oneDNN builds its kernels per row count
+    # Warm-up: oneDNN builds its kernels per row count.
+    decode_steps(engine, args.batch, 4, vocab, prompt_len=args.prompt_len)
 
     # 1. phases
     timer = PhaseTimer()
@@ -214,8 +219,8 @@ def main() -> None:
     timer.wrap(runner, "sample", "sample")
     timer.wrap(engine.detokenizer, "step", "detokenize")
     phases: list[dict[str, float]] = []
-    times = decode_steps(engine, args.batch, args.steps, vocab, on_step=lambda: phases.append(timer.take()),
-                         prompt_len=args.prompt_len)
+    times = decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len,
+                         on_step=lambda kept: phases.append(timer.take()) if kept else timer.take())
     timer.restore()
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
@@ -282,7 +287,7 @@ def main() -> None:
     # a shape called hundreds of times is close to what a quiet machine gives.
     fastest: dict[tuple[str, str], float] = {}
     for e in events:
-        if e.name.startswith("layer ") or e.name.startswith("ProfilerStep"):
+        if e.name.startswith(("layer ", "ProfilerStep")) or e.name in (DECODE_STEP, OTHER_STEP):
             continue
         row = by_op[e.name]
         row[0] += e.self_cpu_time_total
