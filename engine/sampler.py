@@ -188,18 +188,29 @@ class Sampler:
         greedy_ids = self.argmax(logits)
         if tensors.greedy is None:
             return greedy_ids
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and lets each
-        # seeded row use its own generator without a per-row multinomial call.
+        # Inverse transform: a row's token is the first whose cumulative probability passes a
+        # uniform draw times the row's total, one random number per row. (The exponential race it
+        # replaces, argmax p / E with E ~ Exp(1), drew one exponential per vocabulary entry: 157 ms
+        # for 64 rows of SmolLM2's 49152 on 2 vCPUs, more than the step's forward pass.) ATen's
+        # CPU cumsum accumulates float32 in double and rounds each entry once, so each token is
+        # drawn with its probability to within 2^-24 of the row's mass (the uniform's resolution
+        # too). A seeded row draws its uniform from its own generator: the same tokens whatever
+        # else is in the batch.
         probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.rand(len(seqs), device=probs.device)
 
-        def seeded_noise(i: int, generator: torch.Generator) -> None:
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
+        def seeded_uniform(i: int, generator: torch.Generator) -> None:
+            uniform[i] = torch.rand(1, generator=generator).to(uniform.device)[0]
 
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
-                failed.run(i, seeded_noise, i, seq.generator)
-        sampled_ids = self.argmax(probs / noise)
+                failed.run(i, seeded_uniform, i, seq.generator)
+        targets = (uniform * cdf[:, -1])[:, None]
+        sampled_ids = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+        # A target rounded up to the row's total lands past its last drawable token: the greedy one.
+        drawable = probs.gather(1, sampled_ids[:, None])[:, 0] > 0
+        sampled_ids = torch.where(drawable, sampled_ids, greedy_ids)
         return torch.where(tensors.greedy, greedy_ids, sampled_ids)
 
 
