@@ -223,7 +223,37 @@ def _takes_raw_argmax(seq: Sequence) -> bool:
             and not p.logit_bias and not p.has_penalties and seq.num_output_tokens >= p.min_tokens)
 
 
+# Candidates per row that decide most rows' top-k/top-p filter without sorting the whole row.
+_TOP_CANDIDATES = 256
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The filter of _sorted_top_k_top_p from each row's _TOP_CANDIDATES largest logits where they
+    decide it (top_k among them, or their mass past top_p), the whole row sorted only where they do
+    not (a flat distribution, a top_k past them): sorting 64 rows of 49152 logits took 588 ms and
+    scattering them back 687 ms on 2 vCPUs, the candidates ~30 ms."""
+    vocab = logits.shape[-1]
+    k = min(_TOP_CANDIDATES, vocab)
+    values, ids = logits.topk(k, dim=-1)  # sorted, largest first
+    drop = torch.arange(k, device=logits.device)[None, :] >= top_k[:, None]
+    # Each row's normalizer over its top-k set: inside the candidates, or (no top-k) the whole row.
+    log_total = torch.where(top_k <= k, values.masked_fill(drop, float("-inf")).logsumexp(dim=-1),
+                            logits.logsumexp(dim=-1))
+    probs = (values - log_total[:, None]).exp().masked_fill(drop, 0.0)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    out = torch.full_like(logits, float("-inf")).scatter_(1, ids, values.masked_fill(drop, float("-inf")))
+    # Undecided: a top_k past the candidates but short of the vocabulary, or a last candidate
+    # still inside the top-p mass (tokens past it may be kept too).
+    undecided = (top_k > k) & ((top_k < vocab) | ~drop[:, -1])
+    if undecided.any():
+        rows = undecided.nonzero()[:, 0]
+        out[rows] = _sorted_top_k_top_p(logits[rows], top_k[rows], top_p[rows])
+    return out
+
+
+def _sorted_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     drop = ranks >= top_k[:, None]
