@@ -1,9 +1,9 @@
 """Batched sampling: logits processors and draws vectorized over the batch.
 
-The only per-request Python work is drawing noise from a seeded request's own generator, so a
-seeded request samples the same tokens whatever else is in the batch.
+The only per-request Python work is drawing a seeded request's uniform from its own generator, so
+a seeded request samples the same tokens whatever else is in the batch.
 
-Per-row work (logit bias, banned stop tokens, penalty counts, seeded noise, logprob entries)
+Per-row work (logit bias, banned stop tokens, penalty counts, seeded draws, logprob entries)
 runs under `_RowFailures`: an exception there fails only its own row, which the engine then
 aborts, and every other row samples as if it were not in the batch.
 """
