@@ -10,8 +10,8 @@ The offline side is the bare engine: LLMEngine.step() in a loop on this process'
 with at most c requests in flight (a finished one is replaced before the next step), greedy (or at
 --temperature), exactly --max-tokens tokens each (ignore_eos), on the prompts bench_serving.py
 sends, chat-templated by the engine. The served side is bench_serving.py's client (streaming chat,
-one connection per request) against a server built from the same settings. The two never run at once: the idle server waits on
-an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
+one connection per request) against a server built from the same settings. The two never run at
+once: the idle server waits on an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
 the ratio of neighbouring runs is what to read (rounds interleave offline and served runs).
 CPU time per output token, over the timed part only (not the warm-up request, which runs one
 request at a time and once inflated the server's figure by ~0.8 ms/token at c=64): the server's by
