@@ -3,14 +3,15 @@ launched `bentoml serve`, interleaved in one run, reported as served/offline thr
 
     python bench/bench_served_overhead.py                      # 64 requests x 128 tokens, c=16 and c=64, 2 rounds
     python bench/bench_served_overhead.py --concurrency 64 --rounds 3 --server-arg dtype=float32
+    python bench/bench_served_overhead.py --temperature 1.0               # sampled, as OpenAI clients send by default
     python bench/bench_served_overhead.py --server-root /tmp/old-checkout --server-root .   # A/B two versions
 
 The offline side is the bare engine: LLMEngine.step() in a loop on this process's main thread,
-with at most c requests in flight (a finished one is replaced before the next step), greedy, exactly
---max-tokens tokens each (ignore_eos), on the prompts bench_serving.py sends, chat-templated by the
-engine. The served side is bench_serving.py's client (streaming chat, one connection per request)
-against a server built from the same settings. The two never run at once: the idle server waits on
-an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
+with at most c requests in flight (a finished one is replaced before the next step), greedy (or at
+--temperature), exactly --max-tokens tokens each (ignore_eos), on the prompts bench_serving.py
+sends, chat-templated by the engine. The served side is bench_serving.py's client (streaming chat,
+one connection per request) against a server built from the same settings. The two never run at
+once: the idle server waits on an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
 the ratio of neighbouring runs is what to read (rounds interleave offline and served runs).
 CPU time per output token, over the timed part only (not the warm-up request, which runs one
 request at a time and once inflated the server's figure by ~0.8 ms/token at c=64): the server's by
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, action="append", default=None, help="repeatable; default 16 and 64")
     parser.add_argument("--rounds", type=int, default=2, help="offline/served pairs per concurrency")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="both sides' sampling (0: greedy; 1.0: the OpenAI API's default when a client sends none)")
     parser.add_argument("--server-arg", action="append", default=[], help="KEY=VALUE, for the server and the offline engine alike")
     parser.add_argument("--server-root", action="append", default=None,
                         help="serve this checkout (repeatable: A/B of server versions in one run); default this one")
@@ -148,7 +151,7 @@ def main() -> None:
     roots = args.server_root or [str(REPO_ROOT)]
     texts = make_prompts(args.num_prompts, args.seed)
     # The client's settings, as bench_serving.py's command line would give them.
-    client = argparse.Namespace(model=None, max_tokens=args.max_tokens, temperature=0.0, endpoint="chat", api_key=None,
+    client = argparse.Namespace(model=None, max_tokens=args.max_tokens, temperature=args.temperature, endpoint="chat", api_key=None,
                                 request_rate=float("inf"), seed=args.seed, max_concurrency=None)  # fmt: skip
     rows = []
     with contextlib.ExitStack() as stack:
@@ -164,7 +167,7 @@ def main() -> None:
         pids = [worker_pid(server.proc.pid) for server in servers]
         engine = LLMEngine(load_settings(server_args).engine_config())
         prompts = [engine.apply_chat_template([{"role": "user", "content": text}]) for text in texts]
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
         offline_run(engine, prompts[:2], SamplingParams(temperature=0.0, max_tokens=8), 2)  # warm-up
         for c in concurrencies:
             for r in range(args.rounds):
@@ -191,7 +194,8 @@ def main() -> None:
                           f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; wake-ups per output token: server "
                           f"{row['wakeups']:.2f} (event loop {row['loop_wakeups']:.2f}, engine {row['engine_wakeups']:.2f}, "
                           f"other threads {row['other_wakeups']:.2f}), offline engine {row['offline_wakeups']:.2f}", flush=True)  # fmt: skip
-    print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, server args {server_args or 'defaults'}")
+    print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, temperature {args.temperature}, "
+          f"server args {server_args or 'defaults'}")
     print("CPU ms per output token over the timed part; cores: CPU seconds per second of it; wake-ups: voluntary context")
     print("switches per output token (server: event loop / engine + OpenMP / other threads)")
     print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | server CPU ms | event loop | "

@@ -5,6 +5,7 @@
     python bench/profile_step.py --dtype float32 --batch 16
     python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
+    python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
 
 Prints three tables:
@@ -72,23 +73,76 @@ class PhaseTimer:
         return out
 
 
-def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None) -> list[float]:
-    """Adds `batch` requests and steps the engine; the wall time of each all-decode step."""
+def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, prompt_len: int = 32) -> list[float]:
+    """Adds `batch` requests of `prompt_len` tokens and steps the engine; the wall time of each
+    all-decode step. on_step(kept) after every step: kept, whether its time is in the list."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"profile-{time.monotonic_ns()}-{i}", random_prompt(vocab, 32, 100 + i), params)
+        engine.add_request(f"profile-{time.monotonic_ns()}-{i}", random_prompt(vocab, prompt_len, 100 + i), params)
     times = []
     while engine.has_unfinished_requests():
-        decoding = all(s.num_computed_tokens == len(s.token_ids) - 1 for g in engine.scheduler.running for s in g.seqs)
+        running = engine.scheduler.running  # none before the first step: that one prefills
+        decoding = bool(running) and all(s.num_computed_tokens == len(s.token_ids) - 1 for g in running for s in g.seqs)
         start = time.perf_counter()
-        engine.step()
-        if decoding and engine.scheduler.running:
+        with torch.profiler.record_function(DECODE_STEP if decoding else OTHER_STEP):  # for decode_op_shares
+            engine.step()
+        kept = decoding and bool(engine.scheduler.running)  # a step that finished nothing
+        if kept:
             times.append(time.perf_counter() - start)
-            if on_step is not None:
-                on_step()
+        if on_step is not None:
+            on_step(kept)
     return times
+
+
+DECODE_STEP, OTHER_STEP = "decode step", "other step"  # profiler marks around engine.step()
+# decode_op_shares' groups: the first whose test takes an op (name, whether it ran in a decoder layer).
+OP_GROUPS = [
+    ("projections (matmuls in the layers)", lambda name, inside: inside and _is_matmul(name)),
+    ("LM head (matmul outside the layers)", lambda name, inside: _is_matmul(name)),
+    ("decode attention kernel", lambda name, inside: name.endswith(("decode_attention", "paged_attention"))),
+    ("rotary, KV-cache write, qkv_attention's own", lambda name, inside: name.endswith(
+        ("rotary_embedding_", "write_kv_cache", "qkv_attention"))),
+    ("norms and SiLU", lambda name, inside: name.endswith(("rms_norm", "silu_mul"))),
+    ("other ops in the layers (views, copies, empty)", lambda name, inside: inside),
+    ("sampler and other ops outside the layers", lambda name, inside: True),
+]
+
+
+def _is_matmul(name: str) -> bool:
+    return name.endswith(("::mm", "::addmm", "::matmul", "::linear", "_mm_amx", "_mm_rows", "_dequantize",
+                          "amx_linear"))
+
+
+def decode_op_shares(events, in_layer) -> None:
+    """Ops of the profiled all-decode steps by group: each op's fastest call per input shape times
+    its calls (load-proof: what a quiet machine gives), and the profiled self time (loaded)."""
+    ranges = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == DECODE_STEP)
+    starts, steps = [r[0] for r in ranges], max(len(ranges), 1)
+    # (name, input shapes, in a layer) -> [fastest call us, calls, total us]
+    fastest: dict[tuple[str, str, bool], list[float]] = {}
+    for e in events:
+        k = bisect.bisect_right(starts, e.time_range.start) - 1
+        if e.name == DECODE_STEP or e.name.startswith("layer ") or k < 0 or e.time_range.end > ranges[k][1]:
+            continue
+        row = fastest.setdefault((e.name, str(e.input_shapes), in_layer(e)), [float("inf"), 0, 0.0])
+        row[0] = min(row[0], e.self_cpu_time_total)
+        row[1] += 1
+        row[2] += e.self_cpu_time_total
+    groups = {name: [0.0, 0.0] for name, _ in OP_GROUPS}
+    for (name, _, inside), (best, calls, total) in fastest.items():
+        group = next(g for g, takes in OP_GROUPS if takes(name, inside))
+        groups[group][0] += best * calls / steps
+        groups[group][1] += total / steps
+    whole = sum(g[0] for g in groups.values())
+    print(f"\nThe decode steps' ops by group ({steps} profiled decode steps): each op's fastest call per shape x "
+          "its calls\n(close to a quiet machine's time), and the profiled self time (the machine as it was)\n")
+    print("| group | ms per step at the fastest calls | share | profiled ms per step |")
+    print("| --- | --- | --- | --- |")
+    for name, (best, total) in groups.items():
+        print(f"| {name} | {best / 1e3:.2f} | {best / whole:.0%} | {total / 1e3:.2f} |")
+    print(f"| **all ops** | **{whole / 1e3:.2f}** | | **{sum(g[1] for g in groups.values()) / 1e3:.2f}** |")
 
 
 @contextlib.contextmanager
@@ -159,6 +213,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
+    parser.add_argument("--prompt-len", type=int, default=32,
+                        help="tokens per prompt: the decode attention's context (chat64's is ~50-180)")
     parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
@@ -173,9 +229,11 @@ def main() -> None:
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
-    decode_steps(engine, args.batch, 4, vocab)  # warm-up: oneDNN builds its kernels per row count
+    # Warm-up: oneDNN builds its kernels per row count.
+    decode_steps(engine, args.batch, 4, vocab, prompt_len=args.prompt_len)
     if args.ab_fused_mlp:
-        fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab), args.ab_fused_mlp)
+        fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
+                     args.ab_fused_mlp)
         return
 
     # 1. phases
@@ -192,8 +250,10 @@ def main() -> None:
     runner.execute_model = keeping_inputs
     timer.wrap(runner, "execute_model", "forward")
     timer.wrap(runner, "sample", "sample")
+    timer.wrap(engine.detokenizer, "step", "detokenize")
     phases: list[dict[str, float]] = []
-    times = decode_steps(engine, args.batch, args.steps, vocab, on_step=lambda: phases.append(timer.take()))
+    times = decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len,
+                         on_step=lambda kept: phases.append(timer.take()) if kept else timer.take())
     timer.restore()
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
@@ -203,11 +263,11 @@ def main() -> None:
     print("| phase | ms per step (median) | share |")
     print("| --- | --- | --- |")
     named = 0.0
-    for name in ("schedule", "prepare inputs", "forward", "sample"):
+    for name in ("schedule", "prepare inputs", "forward", "sample", "detokenize"):
         ms = statistics.median(p.get(name, 0.0) for p in phases)
         named += ms
         print(f"| {name} | {ms * 1e3:.3f} | {ms / step:.0%} |")
-    print(f"| rest of engine.step (bookkeeping, detokenize) | {(step - named) * 1e3:.3f} | {(step - named) / step:.0%} |")
+    print(f"| rest of engine.step (bookkeeping, stops, outputs) | {(step - named) * 1e3:.3f} | {(step - named) / step:.0%} |")
     print(f"| **whole step** | **{step * 1e3:.3f}** | |")
 
     # The last decode step's forward again, with and without the projections' matmuls.
@@ -239,7 +299,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
-        profiled = decode_steps(engine, args.batch, args.profile_steps, vocab)
+        profiled = decode_steps(engine, args.batch, args.profile_steps, vocab, prompt_len=args.prompt_len)
     for h in hooks:
         h.remove()
     if args.trace:
@@ -260,7 +320,7 @@ def main() -> None:
     # a shape called hundreds of times is close to what a quiet machine gives.
     fastest: dict[tuple[str, str], float] = {}
     for e in events:
-        if e.name.startswith("layer ") or e.name.startswith("ProfilerStep"):
+        if e.name.startswith(("layer ", "ProfilerStep")) or e.name in (DECODE_STEP, OTHER_STEP):
             continue
         row = by_op[e.name]
         row[0] += e.self_cpu_time_total
@@ -278,6 +338,7 @@ def main() -> None:
     for name, (us, calls, inside, outside) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"| {name} | {us / n:.0f} | {calls / n:.1f} | {inside / n / num_layers:.1f} | {outside / n:.0f} |")
     print(f"| (all ops) | {total_self / n:.0f} | | | |")
+    decode_op_shares(events, in_layer)
     print(f"\nlayers: {layer_total / n:.0f} us per step, {layer_total / n / num_layers:.0f} us per layer "
           f"({num_layers} layers)")
     print("\n| op | input shapes | fastest call (us) |")

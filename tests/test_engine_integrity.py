@@ -125,14 +125,14 @@ def test_a_failure_in_one_requests_bookkeeping_fails_it_alone(engine, alone, mon
 
 
 def test_a_failure_in_the_sampler_for_one_row_fails_that_request_alone(engine, alone, monkeypatch):
-    """The sampler's per-row work (here: a seeded request's own noise) is pinned to its row."""
+    """The sampler's per-row work (here: a seeded request's own uniform draw) is pinned to its row."""
     from engine import sampler as sampler_module
 
     real_failures = sampler_module._RowFailures
 
     class FailSeeded(real_failures):
         def run(self, row, work, *args):
-            if work.__name__ == "seeded_noise":
+            if work.__name__ == "seeded_uniform":
                 return super().run(row, _raise)
             return super().run(row, work, *args)
 

@@ -89,6 +89,23 @@ def test_top_p_applies_to_the_top_k_renormalized_distribution():
     assert kept_by_processors(SamplingParams(temperature=1.0, top_k=4, top_p=0.5), SHAPED) == allowed
 
 
+def test_top_k_top_p_over_a_large_vocabulary_keeps_what_sorting_every_row_keeps():
+    # Rows the largest logits decide (peaked, or a top_k among them) and rows sorted whole (flat, a
+    # top_k past the candidates, a top_p the candidates' mass does not reach).
+    from engine.sampler import _TOP_CANDIDATES, _sorted_top_k_top_p, _top_k_top_p
+
+    vocab = 8 * _TOP_CANDIDATES
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(0))
+    logits[:4] *= 6
+    top_k = torch.tensor([vocab, 50, 3 * _TOP_CANDIDATES, vocab, vocab, vocab, _TOP_CANDIDATES + 1, 7])
+    top_p = torch.tensor([0.9, 0.95, 0.8, 1.0, 0.9, 0.3, 1.0, 0.99])
+    got, want = _top_k_top_p(logits, top_k, top_p), _sorted_top_k_top_p(logits, top_k, top_p)
+    kept = want.isfinite()
+    assert torch.equal(got.isfinite(), kept) and torch.equal(got[kept], logits[kept])
+    assert kept[4].sum() > _TOP_CANDIDATES  # a flat row's nucleus: past the candidates
+    assert kept[0].sum() < _TOP_CANDIDATES and kept[7].sum() == 7
+
+
 @pytest.mark.parametrize("min_p, temperature", [(0.2, 1.0), (0.5, 1.0), (0.2, 0.5), (0.05, 2.0)])
 def test_min_p_keeps_exactly_the_tokens_above_a_fraction_of_the_top_probability(min_p, temperature):
     probs = (SHAPED / temperature).softmax(-1)  # min-p reads the temperature-scaled distribution
