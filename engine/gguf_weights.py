@@ -199,7 +199,8 @@ def auto_quantization(config, source) -> tuple[str | None, str]:
     if config.torch_dtype(source.checkpoint_dtype) != torch.bfloat16:
         return None, "activations are not bfloat16 (dtype float32, or no native bfloat16 on this CPU)"
     if amx_kernels() is None:
-        return None, "this CPU has no AMX int4 kernels, where int4 is slower than bfloat16 from 16 rows up"
+        return None, ("no AMX int4 kernels here (no AMX-BF16, or the C++ kernels did not build: see the log above), "
+                      "and without them int4 is slower than bfloat16 from 16 rows up")
     types = block_projection_types(source.path)
     if not types or set(types) - set(INT4_BLOCK_TYPES):
         _cached_reader.cache_clear()  # no block load follows
