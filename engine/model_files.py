@@ -274,3 +274,21 @@ def write_cache(
             logger.info("%s: another process cached it first", cache_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remove_conversions_of_an_older_file(cache_dir, gguf_path)
+
+
+def _remove_conversions_of_an_older_file(cache_dir: Path, gguf_path: Path) -> None:
+    """Cache entries of the same GGUF path whose size or mtime it no longer has can never be read
+    again (the key carries both): each is a whole float32 copy (517 MB for the default model).
+    Entries of the same file under another transformers version or cache format stay: another
+    installation may be reading them."""
+    stat, source = gguf_path.stat(), str(gguf_path.resolve())
+    for entry in cache_dir.parent.glob(f"{gguf_path.stem}-*"):
+        try:
+            recorded = json.loads((entry / "bento_llm_source.json").read_text())
+        except (OSError, ValueError):
+            continue  # not an entry (a temporary directory being written), or not ours to judge
+        if entry != cache_dir and recorded.get("gguf") == source and (
+                recorded.get("size"), recorded.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+            logger.info("%s: removing the conversion of an older version of %s", entry, gguf_path)
+            shutil.rmtree(entry, ignore_errors=True)

@@ -201,6 +201,18 @@ def test_a_touched_gguf_is_converted_again(tmp_path, tiny_dir, fresh_cache, monk
     assert gguf_cache_dir(gguf) != before
     load_model_source(str(gguf))
     assert len(calls) == 2
+    # The older file's conversion can never be read again: it is removed, the new one kept.
+    assert [p.name for p in before.parent.iterdir()] == [gguf_cache_dir(gguf).name]
+
+
+def test_a_conversion_of_the_same_file_under_another_key_is_kept(tmp_path, tiny_dir, fresh_cache, monkeypatch):
+    # Another transformers version (another installation sharing the cache) may still read it.
+    gguf, calls = _fake_gguf(tmp_path, tiny_dir, monkeypatch)
+    load_model_source(str(gguf))
+    other = gguf_cache_dir(gguf)
+    monkeypatch.setattr(loader, "_CACHE_FORMAT", loader._CACHE_FORMAT + 1)
+    load_model_source(str(gguf))
+    assert len(calls) == 2 and sorted(p.name for p in other.parent.iterdir()) == sorted([other.name, gguf_cache_dir(gguf).name])
 
 
 def test_a_corrupt_cache_entry_is_replaced(tmp_path, tiny_dir, fresh_cache, monkeypatch):
