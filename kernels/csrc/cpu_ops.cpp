@@ -1047,17 +1047,12 @@ void pair_order_to_columns(float* row, int64_t dim) {
   }
 }
 
-bool row_products_available() {
-  static const bool available = __builtin_cpu_supports("avx512bf16");
-  return available;
-}
-
 // attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
 // rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
-  const bool in_place = rows < kMatmulRows && dim % 32 == 0 && row_products_available();
+  const bool in_place = rows < kMatmulRows && dim % 32 == 0 && cpu_has_avx512bf16();
   for (int64_t i = 0; i < u.tokens; ++i) {
     std::memcpy(b.q16.data() + i * width, a.q + (u.first_token + i) * a.q_stride + u.head * width,
                 width * sizeof(bf16));
