@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "silu_lanes.h"
 #include "transpose16.h"
 
 namespace {
@@ -265,22 +266,6 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
 // the caller adds the threads' partial sums (in float32) and rounds once. No barrier inside, one
 // region per MLP, and each thread still streams its share of both weights.
 
-// e^x for the SiLU, 16 lanes: the Cephes single-precision polynomial after a base-2 range
-// reduction (as cpu_ops.cpp's fast_exp, whose silu_mul the unfused path runs), clamped to [-80, 80]
-// and 0 below -80 (a denormal would cost a microcode assist).
-AMX_TILES_TARGET inline __m512 exp16(__m512 x_in) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps(x_in, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512 value = _mm512_scalef_ps(e, k);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x_in, _mm512_set1_ps(-80.0f), _CMP_LT_OQ), value, _mm512_setzero_ps());
-}
-
 // Rounds 16 floats to bfloat16 and back (the unfused path stores gate_up's product in bfloat16).
 AMX_TILES_TARGET inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(
@@ -288,8 +273,8 @@ AMX_TILES_TARGET inline __m512 round_bf16(__m512 v) {
 }
 
 // One thread's slice [s0, s1) of down's K steps (intermediate columns [32 s0, 32 s1)): gate and up
-// for those columns (strips 2 s0.. of each half of gate_up), h = silu(gate) * up in bfloat16 into
-// an A block, then partial[r][n] = h[r] . down[n][32 s0, 32 s1) for r < rows.
+// for those columns (strips 2 s0.. of each half of gate_up), h = silu(gate) * up in bfloat16 into an
+// A block (silu_mul_lanes: silu_mul's own arithmetic), then partial[r][n] = h[r] . down[n][32 s0, 32 s1) for r < rows.
 AMX_TILES_TARGET void silu_mlp_slice(const uint16_t* a, int64_t lda, const uint16_t* gate_up, int64_t k_steps,
                                      int64_t inter, const uint16_t* down, int64_t n_total, int64_t s0, int64_t s1,
                                      int64_t rows, float* partial) {
@@ -319,9 +304,8 @@ AMX_TILES_TARGET void silu_mlp_slice(const uint16_t* a, int64_t lda, const uint1
       for (int64_t j = 0; j < nr * kColumns; j += 16) {
         const __m512 gv = round_bf16(_mm512_load_ps(gate + r * ldc + j));
         const __m512 uv = round_bf16(_mm512_load_ps(up + r * ldc + j));
-        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(h.data() + r * width + (t - 2 * s0) * kColumns + j),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv))));
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(silu_mul_lanes<true>(gv, uv))));
       }
     }
   }
