@@ -126,7 +126,7 @@ def read_safetensors(path: str | os.PathLike, on_read=None, lazy_above: int | No
             for name in sorted(entries):
                 dtype, shape, (begin, end) = entries[name]
                 unread = lazy_above is not None and end - begin > lazy_above and len(shape) >= 2
-                pending = [(name, TensorInFile(path, name, dtype, shape, begin) if unread
+                pending = [(name, TensorInFile(path, name, dtype, shape, (begin, end)) if unread
                             else _read_tensor(f, path, name, *entries[name]))]
                 if on_read is not None:
                     on_read()
@@ -140,8 +140,9 @@ class TensorInFile:
     rows then those columns, [:] the whole tensor (what parallel_state.read_part/read_all take,
     like safetensors' own lazy slice, without mapping the file)."""
 
-    def __init__(self, path, name: str, dtype_name: str, shape: tuple[int, ...], begin: int):
-        self.path, self.name, self.dtype_name, self.shape, self.begin = path, name, dtype_name, shape, begin
+    def __init__(self, path, name: str, dtype_name: str, shape: tuple[int, ...], span: tuple[int, int]):
+        self.path, self.name, self.dtype_name, self.shape = path, name, dtype_name, shape
+        self.begin, self.row_bytes = span[0], (span[1] - span[0]) // shape[0]  # span: its bytes in the file
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
@@ -151,9 +152,8 @@ class TensorInFile:
         start, stop, stride = rows.indices(self.shape[0])
         if stride != 1:
             raise ValueError(f"{self.name}: rows are read in one contiguous range, not with a step")
-        row_bytes = torch.Size(self.shape[1:]).numel() * _SAFETENSORS_ALL_DTYPES[self.dtype_name].itemsize
         stop = max(start, stop)
-        span = (self.begin + start * row_bytes, self.begin + stop * row_bytes)
+        span = (self.begin + start * self.row_bytes, self.begin + stop * self.row_bytes)
         try:
             with open(self.path, "rb", buffering=0) as f:
                 part = _read_tensor(f, self.path, self.name, self.dtype_name, (stop - start, *self.shape[1:]), span)

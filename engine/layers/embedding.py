@@ -29,8 +29,6 @@ from engine.parallel_state import ParallelState, rank_and_size, read_part
 # 3x less CPU than the 100 MB chunks of 8192 such rows (int8, one thread: 1.5 s for a 3B model's
 # table instead of 4.8), with the same codes.
 _QUANTIZE_CHUNK_BYTES = 4 << 20
-
-
 # Bytes of the table read from the checkpoint at a time (few enough reads, a small temporary).
 _LOAD_CHUNK_BYTES = 4 << 20
 

@@ -70,13 +70,17 @@ class CausalLM(nn.Module):
         return self.embed_tokens(token_ids)
 
     # ---- the forward --------------------------------------------------------------------------
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """What each decoder layer takes as `rope`: this step's rotary table."""
+        return self.rotary.table(positions, dtype)
+
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None) -> torch.Tensor | None:
         """Logits (in the dtype LogitsProcessor gives) for the tokens at logits_indices only: the
         LM head is the largest matmul of a small model, so prefill positions that sample nothing
         skip it. Runs inside the runner's forward_context. Tensor parallel: rank 0 gets the full
         vocabulary's logits, the other ranks None."""
         x = self.embed(token_ids)
-        rope = self.rotary.table(positions, x.dtype)
+        rope = self.rope_tables(positions, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope)

@@ -84,16 +84,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         x = self.embed_tokens(token_ids)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor | None):
-        x = self.embed(token_ids)
-        ropes = {t: rotary.table(positions, x.dtype) for t, rotary in self.rotaries.items()}
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, ropes)
-        if logits_indices is not None:  # None: every token's row, in order (no gather)
-            x, residual = x[logits_indices], residual[logits_indices]
-        x = self.norm(x, residual)
-        return self.logits_processor(self.lm_head, x)
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """One table per rotary kind (global and sliding layers may differ); each layer picks its own."""
+        return {t: rotary.table(positions, dtype) for t, rotary in self.rotaries.items()}
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
