@@ -143,6 +143,16 @@ def tiny(tiny_path):
 
 
 @pytest.fixture(scope="session")
+def default_float32_llm():
+    """The default model in float32 (its exact mode against transformers), one engine for every
+    module that needs just that: a default-model load is ~3-5 s a module. Tests must leave it as
+    they found it (the leak check after each test says so)."""
+    from engine import DEFAULT_MODEL, LLM
+
+    return LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=256)
+
+
+@pytest.fixture(scope="session")
 def shared_server(tiny_path, tmp_path_factory):
     """The `bentoml serve` of tiny_path the server test modules share (tests/shared_server.py)."""
     from tests.shared_server import SharedServer

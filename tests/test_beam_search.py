@@ -100,10 +100,10 @@ def test_n_best_beams_are_returned_best_first(tiny):
 
 
 @pytest.mark.slow
-def test_beam_search_equals_transformers_on_the_default_model():
+def test_beam_search_equals_transformers_on_the_default_model(default_float32_llm):
     from engine.loader import load_model_source
 
-    llm = LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=256)  # exact against transformers' float32
+    llm = default_float32_llm  # exact against transformers' float32
     ref = load_hf_reference(Path(load_model_source(DEFAULT_MODEL).weight_files[0]).parent)
     tokenizer = llm.get_tokenizer()
     eos = tokenizer.eos_token_id

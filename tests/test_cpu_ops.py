@@ -413,12 +413,16 @@ def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_pat
     assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
 
 
-@pytest.mark.slow  # a subprocess that compiles every C++ source for AVX2: about 1-2 minutes
-def test_the_kernels_build_and_run_for_an_avx2_only_cpu(gen, tmp_path):
+def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:
     """ATEN_CPU_CAPABILITY=avx2 builds the extension with -march=x86-64-v3, as on an AVX2-only CPU
     (CI may get one): every source must compile there (AVX-512 code only inside functions that
     carry their own target attribute), and attention equals the reference. A source that did not
-    build used to drop the whole C++ backend to torch, silently."""
+    build used to drop the whole C++ backend to torch, silently.
+
+    Run in `root` (whose kernels/ it imports) with `env` (its TORCH_EXTENSIONS_DIR). Called by
+    tests/test_server_default_model.py::test_bentoml_build_packs_the_default_model_and_the_bento_serves
+    on the Bento it serves for an AVX2-only CPU: one AVX2 compile (~40 s on CI) then checks both
+    that the Bento's copy of the kernels builds and this."""
     k_cache, v_cache, tables, lens = paged_kv(gen, [40, 7], 16, 3, 64, torch.float32)
     cu = torch.tensor([0, 5, 1]).cumsum(0).int()
     query = torch.randn(int(cu[-1]), 9, 64, generator=gen)
@@ -429,14 +433,13 @@ def test_the_kernels_build_and_run_for_an_avx2_only_cpu(gen, tmp_path):
         import torch
         assert torch.backends.cpu.get_cpu_capability() == "AVX2"
         from kernels import cpu_ops
+        assert cpu_ops.__file__.startswith({str(root)!r}), cpu_ops.__file__
         args = torch.load({str(inputs)!r})
         torch.save(cpu_ops.paged_attention(*args, 0.125), {str(tmp_path / "avx2.pt")!r})
         """
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=dict(env, ATEN_CPU_CAPABILITY="avx2"), cwd=root,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
     assert_close(torch.load(tmp_path / "avx2.pt"), expected, torch.float32)

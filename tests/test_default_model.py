@@ -29,9 +29,29 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def default_llm():
+def default_llm(default_float32_llm):
     # float32, not auto (bfloat16 on CPUs with AMX): the token-for-token check is in float32.
-    return LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=512)
+    return default_float32_llm
+
+
+@pytest.fixture(scope="module")
+def bfloat16_llm():
+    """The unquantized bfloat16 engine: scored against transformers and the int4 engine's comparator."""
+    return LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def first_tokens():
+    """Engine -> its first 16 greedy tokens on PROMPTS, generated once per engine for the module
+    (the comparators are shared by several tests)."""
+    cache: dict[int, list] = {}
+
+    def tokens(llm) -> list:
+        if id(llm) not in cache:
+            cache[id(llm)] = (llm, greedy_tokens(llm))  # the engine held: its id stays its own
+        return cache[id(llm)][1]
+
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +127,21 @@ def score(llm, reference) -> tuple[float, float, float]:
     return diffs[len(diffs) // 2], diffs[-1], agree / total
 
 
-def first_tokens_equal(llm, baseline, n: int = 16) -> int:
-    """On how many prompts the first n greedy tokens equal the baseline engine's."""
+def greedy_tokens(llm, n: int = 16) -> list:
+    """The first n greedy tokens of each of PROMPTS, generated together."""
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    ours = llm.generate(PROMPTS, params, use_tqdm=False)
-    theirs = baseline.generate(PROMPTS, params, use_tqdm=False)
-    return sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ours, theirs))
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
-def test_bfloat16_stays_close_to_float32_transformers(reference):
+def first_tokens_equal(ours: list, theirs: list) -> int:
+    """On how many prompts the first greedy tokens equal the baseline engine's."""
+    return sum(a == b for a, b in zip(ours, theirs))
+
+
+def test_bfloat16_stays_close_to_float32_transformers(bfloat16_llm, reference):
     """bfloat16, the fast CPU dtype where AMX exists: each reference token's logprob stays
     within bfloat16's rounding and the argmax agrees almost everywhere."""
-    median, worst, agree = score(LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", num_kv_blocks=256), reference)
+    median, worst, agree = score(bfloat16_llm, reference)
     assert median < 0.05 and worst < 1.0, (median, worst)
     assert agree >= 0.9, agree
 
@@ -152,7 +175,8 @@ def _has_amx_int8() -> bool:
 
 @pytest.mark.parametrize("quantization", ["int4", "int8", pytest.param(
     "w8a8", marks=pytest.mark.skipif(not _has_amx_int8(), reason="w8a8 needs AMX-INT8"))])
-def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quantization):
+def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quantization, default_llm, bfloat16_llm,
+                                                                first_tokens):
     """int4 (the file's own Q4_1 codes, bfloat16 scales), int8 (re-quantized per row) and w8a8
     (int8 per row of the Hadamard-rotated weight, times the rotated input rounded to int8 per
     token) in bfloat16, the dtype the packed int4/int8 matmuls are fast in (their float32 path is a slow
@@ -176,9 +200,9 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     # mode, float32 on the file's weights: a bfloat16 comparator adds its own near-tie flips, which
     # move with its kernels (int8 and w8a8 measured 2 of 8 against oneDNN's bfloat16, 1 against the
     # AMX strips', 2 against float32; bfloat16 strips vs oneDNN themselves: 7 of 8).
+    # (The comparators are the module's bfloat16 and float32 engines, each generated once.)
     if quantization == "int4":
-        bar, baseline = (4 if _onednn_packs_bfloat16() else 2), LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none",
-                                                                    num_kv_blocks=256)
+        bar, baseline = (4 if _onednn_packs_bfloat16() else 2), bfloat16_llm
     else:
-        bar, baseline = 2, LLM(DEFAULT_MODEL, dtype="float32", quantization="none", num_kv_blocks=256)
-    assert first_tokens_equal(llm, baseline) >= bar
+        bar, baseline = 2, default_llm
+    assert first_tokens_equal(greedy_tokens(llm), first_tokens(baseline)) >= bar

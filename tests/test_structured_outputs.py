@@ -86,10 +86,10 @@ def test_under_preemption(mode):
 
 
 @pytest.fixture(scope="module")
-def llm_float32():
+def llm_float32(default_float32_llm):
     # Outputs that must not change with the batch around them: float32, the engine's exact mode
     # (bfloat16 through unpacked kernels, on CPUs without AVX512-BW, rounds by batch shape).
-    return LLM(DEFAULT_MODEL, dtype="float32", num_kv_blocks=256)
+    return default_float32_llm
 
 
 def test_unconstrained_neighbours_are_unchanged(llm_float32):

@@ -156,12 +156,12 @@ def test_tp2_moe_with_a_shared_expert_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third():
+def test_tp3_default_model_matches_one_process_and_each_rank_holds_a_third(default_float32_llm):
     # SmolLM2-135M: 9 query heads, 3 KV heads -> 3 and 1 per rank. In float32, the mode where the
     # near-tie rule (1e-4 of the reference logits) holds: in bfloat16 (dtype auto on AMX CPUs) the
     # ranks' partial sums round differently from one process's whole sums by more than that.
     prompts = PROMPTS[:2]
-    single = LLM(DEFAULT_MODEL, num_kv_blocks=32, dtype="float32").generate(prompts, GREEDY, use_tqdm=False)
+    single = default_float32_llm.generate(prompts, GREEDY, use_tqdm=False)
     llm = LLM(DEFAULT_MODEL, num_kv_blocks=32, dtype="float32", tensor_parallel_size=3)
     try:
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
