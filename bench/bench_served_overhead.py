@@ -103,18 +103,26 @@ def process_wakeups(pid: int) -> int:
     return int(sum(v for k, v in thread_counters(pid).items() if k.endswith("_wakeups")))
 
 
+def handoff_seconds(url: str) -> float:
+    """The server's step loop's wait for its event loop so far (AsyncEngine's step_handoff_seconds)."""
+    from bento_llm.testing import metric, scrape
+
+    return metric(scrape(url), "bento_llm:step_handoff_seconds_total") or 0.0
+
+
 def served_run(args: argparse.Namespace, prompts: list[str], concurrency: int, pid: int) -> dict:
-    """bench_serving.py's summary, plus CPU seconds over the timed part (not the warm-up request):
+    """bench_serving.py's summary, plus over the timed part (not the warm-up request): CPU seconds,
     the server's by thread group, all of it ("cpu_s"), and this process's, the client's ("client_s";
-    the idle offline engine beside it takes none)."""
+    the idle offline engine beside it takes none); and the seconds the server's step loop waited
+    for its event loop to hand out the steps' outputs ("handoff_s": no step runs meanwhile)."""
     args.max_concurrency = concurrency
     before: dict[str, float] = {}
 
     def start() -> None:
-        before.update(thread_counters(pid), client=time.process_time())
+        before.update(thread_counters(pid), client=time.process_time(), handoff=handoff_seconds(args.base_url))
 
     results, duration = asyncio.run(run(args, prompts, on_start=start))
-    after = {**thread_counters(pid), "client": time.process_time()}
+    after = {**thread_counters(pid), "client": time.process_time(), "handoff": handoff_seconds(args.base_url)}
     cpu = {f"{key}_s" if not key.endswith("_wakeups") else key: after[key] - before[key] for key in after}
     return {**summarize(results, duration, args), **cpu, "cpu_s": sum(cpu[f"{g}_s"] for g in GROUPS),
             "wakeups": sum(cpu[f"{g}_wakeups"] for g in GROUPS)}
@@ -185,28 +193,31 @@ def main() -> None:
                            "ratio": served["output_throughput"] / offline["output_throughput"], "offline_ms": offline["cpu_ms"],
                            **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "engine", "other", "client")},
                            "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"],
+                           "handoff": served["handoff_s"] / served["duration_s"],
                            **{f"{g}_wakeups": served[f"{g}_wakeups"] / tokens for g in GROUPS},
                            "wakeups": served["wakeups"] / tokens, "offline_wakeups": offline["wakeups"]}  # fmt: skip
                     rows.append(row)
                     print(f"c={c} round {r} {root}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
                           f"served/offline {row['ratio']:.2f}; CPU ms per output token: server {row['cpu_ms']:.2f} (event loop "
                           f"{row['loop_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
-                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; wake-ups per output token: server "
+                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; step loop waiting on the event loop "
+                          f"{row['handoff']:.1%} of the time; wake-ups per output token: server "
                           f"{row['wakeups']:.2f} (event loop {row['loop_wakeups']:.2f}, engine {row['engine_wakeups']:.2f}, "
                           f"other threads {row['other_wakeups']:.2f}), offline engine {row['offline_wakeups']:.2f}", flush=True)  # fmt: skip
     print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, temperature {args.temperature}, "
           f"server args {server_args or 'defaults'}")
     print("CPU ms per output token over the timed part; cores: CPU seconds per second of it; wake-ups: voluntary context")
-    print("switches per output token (server: event loop / engine + OpenMP / other threads)")
+    print("switches per output token (server: event loop / engine + OpenMP / other threads); handoff: share of the")
+    print("served run's time the step loop waited for the event loop to hand out a step's outputs")
     print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | server CPU ms | event loop | "
           "engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores | "
-          "server wake-ups | offline wake-ups |")  # fmt: skip
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+          "server wake-ups | offline wake-ups | handoff |")  # fmt: skip
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for w in rows:
         print(f"| {w['c']} | {w['round']} | {w['root']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
               f"{w['loop_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
               f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} | {w['wakeups']:.2f} ({w['loop_wakeups']:.2f} / "
-              f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} |")  # fmt: skip
+              f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} | {w['handoff']:.1%} |")  # fmt: skip
     for c in concurrencies:
         for root in roots:
             ratios = [w["ratio"] for w in rows if w["c"] == c and w["root"] == root]
