@@ -19,7 +19,10 @@ thread group (its event loop; the engine's step thread with its OpenMP workers, 
 barriers included; the rest), the client's (this process: it shares the machine, and every
 CPU-ms it takes is one the step threads lose), and the offline engine's. "Cores" is CPU seconds
 per second: both runs can use at most the machine's, so on 2 vCPUs a server at 2.0 cores that is
-slower than offline is losing its cores' time to waiting, not spending more work.
+slower than offline is losing its cores' time to waiting, not spending more work. The event loop's
+time in the kernel is mostly its socket writes (one per stream per step). "Handoff" is the share of
+a served run the step loop waited for the event loop to hand a step's outputs to the streams
+(bento_llm:step_handoff_seconds_total): no step runs meanwhile, so it is lost from the step rate.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def thread_counters(pid: int) -> dict[str, float]:
     (they inherit its name), the rest. A wake-up is a voluntary context switch: the thread slept
     (on a futex, in epoll, ...) and something woke it, taking a core from whoever ran there."""
     tick = os.sysconf("SC_CLK_TCK")
-    counters = dict.fromkeys((*GROUPS, *(f"{g}_wakeups" for g in GROUPS)), 0.0)
+    counters = dict.fromkeys((*GROUPS, *(f"{g}_wakeups" for g in GROUPS), "loop_kernel", "loop_preempted"), 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "stat").read_text()
@@ -95,6 +98,10 @@ def thread_counters(pid: int) -> dict[str, float]:
         fields = text.rpartition(")")[2].split()
         group = "loop" if int(task.name) == pid else "engine" if name.startswith("bento-llm-engin") else "other"
         counters[group] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if group == "loop":  # its system time: mostly the socket writes, one per stream per step
+            counters["loop_kernel"] += int(fields[12]) / tick
+            # Involuntary switches: the scheduler took its core (e.g. for a client its write woke).
+            counters["loop_preempted"] += int(status.partition("nonvoluntary_ctxt_switches:")[2].split()[0])
         counters[f"{group}_wakeups"] += int(status.partition("voluntary_ctxt_switches:")[2].split()[0])
     return counters
 
@@ -103,19 +110,27 @@ def process_wakeups(pid: int) -> int:
     return int(sum(v for k, v in thread_counters(pid).items() if k.endswith("_wakeups")))
 
 
+def handoff_seconds(url: str) -> float:
+    """The server's step loop's wait for its event loop so far (AsyncEngine's step_handoff_seconds)."""
+    from bento_llm.testing import metric, scrape
+
+    return metric(scrape(url), "bento_llm:step_handoff_seconds_total") or 0.0
+
+
 def served_run(args: argparse.Namespace, prompts: list[str], concurrency: int, pid: int) -> dict:
-    """bench_serving.py's summary, plus CPU seconds over the timed part (not the warm-up request):
+    """bench_serving.py's summary, plus over the timed part (not the warm-up request): CPU seconds,
     the server's by thread group, all of it ("cpu_s"), and this process's, the client's ("client_s";
-    the idle offline engine beside it takes none)."""
+    the idle offline engine beside it takes none); and the seconds the server's step loop waited
+    for its event loop to hand out the steps' outputs ("handoff_s": no step runs meanwhile)."""
     args.max_concurrency = concurrency
     before: dict[str, float] = {}
 
     def start() -> None:
-        before.update(thread_counters(pid), client=time.process_time())
+        before.update(thread_counters(pid), client=time.process_time(), handoff=handoff_seconds(args.base_url))
 
     results, duration = asyncio.run(run(args, prompts, on_start=start))
-    after = {**thread_counters(pid), "client": time.process_time()}
-    cpu = {f"{key}_s" if not key.endswith("_wakeups") else key: after[key] - before[key] for key in after}
+    after = {**thread_counters(pid), "client": time.process_time(), "handoff": handoff_seconds(args.base_url)}
+    cpu = {f"{key}_s" if not key.endswith(("_wakeups", "_preempted")) else key: after[key] - before[key] for key in after}
     return {**summarize(results, duration, args), **cpu, "cpu_s": sum(cpu[f"{g}_s"] for g in GROUPS),
             "wakeups": sum(cpu[f"{g}_wakeups"] for g in GROUPS)}
 
@@ -183,30 +198,34 @@ def main() -> None:
                     tokens = served["total_output_tokens"]
                     row = {"c": c, "round": r, "root": root, "offline": offline["output_throughput"], "served": served["output_throughput"],
                            "ratio": served["output_throughput"] / offline["output_throughput"], "offline_ms": offline["cpu_ms"],
-                           **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "engine", "other", "client")},
+                           **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "loop_kernel", "engine", "other", "client")},
                            "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"],
+                           "handoff": served["handoff_s"] / served["duration_s"],
                            **{f"{g}_wakeups": served[f"{g}_wakeups"] / tokens for g in GROUPS},
+                           "loop_preempted": served["loop_preempted"] / tokens,
                            "wakeups": served["wakeups"] / tokens, "offline_wakeups": offline["wakeups"]}  # fmt: skip
                     rows.append(row)
                     print(f"c={c} round {r} {root}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
                           f"served/offline {row['ratio']:.2f}; CPU ms per output token: server {row['cpu_ms']:.2f} (event loop "
-                          f"{row['loop_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
-                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; wake-ups per output token: server "
+                          f"{row['loop_ms']:.3f}, of it in the kernel {row['loop_kernel_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
+                          f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; step loop waiting on the event loop "
+                          f"{row['handoff']:.1%} of the time, event loop preempted {row['loop_preempted']:.2f} times per output token; wake-ups per output token: server "
                           f"{row['wakeups']:.2f} (event loop {row['loop_wakeups']:.2f}, engine {row['engine_wakeups']:.2f}, "
                           f"other threads {row['other_wakeups']:.2f}), offline engine {row['offline_wakeups']:.2f}", flush=True)  # fmt: skip
     print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, temperature {args.temperature}, "
           f"server args {server_args or 'defaults'}")
     print("CPU ms per output token over the timed part; cores: CPU seconds per second of it; wake-ups: voluntary context")
-    print("switches per output token (server: event loop / engine + OpenMP / other threads)")
+    print("switches per output token (server: event loop / engine + OpenMP / other threads); handoff: share of the")
+    print("served run's time the step loop waited for the event loop to hand out a step's outputs")
     print("| concurrency | round | server | offline tok/s | served tok/s | served/offline | server CPU ms | event loop | "
-          "engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores | "
-          "server wake-ups | offline wake-ups |")  # fmt: skip
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+          "event loop in the kernel | engine + OpenMP | other threads | server cores | client CPU ms | offline CPU ms | offline cores | "
+          "server wake-ups | offline wake-ups | handoff |")  # fmt: skip
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for w in rows:
         print(f"| {w['c']} | {w['round']} | {w['root']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
-              f"{w['loop_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
+              f"{w['loop_ms']:.3f} | {w['loop_kernel_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
               f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} | {w['wakeups']:.2f} ({w['loop_wakeups']:.2f} / "
-              f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} |")  # fmt: skip
+              f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} | {w['handoff']:.1%} |")  # fmt: skip
     for c in concurrencies:
         for root in roots:
             ratios = [w["ratio"] for w in rows if w["c"] == c and w["root"] == root]

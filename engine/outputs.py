@@ -62,3 +62,6 @@ class EngineStats:
     generation_tokens: int
     # Rank 0's resident bytes at start: weights, kv_cache, step_buffers, rss (ModelRunner.memory).
     resident_bytes: dict[str, int] = field(default_factory=dict)
+    # AsyncEngine only (0 offline): seconds its step loop waited for the event loops to hand a
+    # step's outputs to their streams, the part of the served path no step overlaps.
+    step_handoff_seconds: float = 0.0

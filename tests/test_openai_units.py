@@ -310,12 +310,57 @@ def test_latency_histograms_are_prometheus_histograms_with_vllm_buckets():
     assert totals["ttft_count"] == 4 and totals["ttft_sum"] == pytest.approx(5000.0065) and totals["itl_count"] == 0
 
 
+def test_inter_token_latencies_added_in_bulk_give_the_histogram_one_observe_per_token_gives():
+    """ITL is counted on the event loop and added to prometheus_client's histogram in bulk: the
+    same buckets, count and sum as observing each token (and never one left uncounted)."""
+    import random
+
+    from bento_llm.metrics import ITL_BUCKETS, BufferedHistogram
+
+    buffered, direct = ServerMetrics("m", lambda: None), ServerMetrics("m", lambda: None)
+    rng = random.Random(0)
+    gaps = [rng.choice(ITL_BUCKETS) for _ in range(20)] + [rng.uniform(0, 100) for _ in range(200)] + [0.0, 1e6]
+    for i, gap in enumerate(gaps):
+        times = 1 + i % 3
+        buffered.itl.observe(gap, times)
+        for _ in range(times):
+            direct.itl.child.observe(gap)
+        if i % 50 == 0:
+            buffered.itl.flush()
+    assert buffered.itl.pending
+    buffered.itl.flush()
+    assert not buffered.itl.pending
+
+    def itl_samples(metrics: ServerMetrics) -> dict[str, float]:
+        (family,) = metrics.histograms["inter_token_latency"].collect()
+        return {f"{s.name}{s.labels.get('le', '')}": s.value for s in family.samples if not s.name.endswith("_created")}
+
+    got, want = itl_samples(buffered), itl_samples(direct)
+    assert got.keys() == want.keys() and len(got) == len(ITL_BUCKETS) + 3  # buckets, +Inf, count, sum
+    assert {k: v for k, v in got.items() if not k.endswith("_sum")} == {k: v for k, v in want.items() if not k.endswith("_sum")}
+    assert got["vllm:inter_token_latency_seconds_sum"] == pytest.approx(want["vllm:inter_token_latency_seconds_sum"])
+    assert isinstance(buffered.itl, BufferedHistogram)
+
+
+def test_a_request_that_ends_flushes_its_inter_token_latencies():
+    metrics = ServerMetrics("m", lambda: None)
+    metrics.itl.FLUSH_INTERVAL_S = 3600.0  # after the first flush, only the request's end flushes
+    timer = metrics.timer()
+    timer.tokens_seen(1)
+    timer.tokens_seen(2)  # the first gap is flushed at once; the next wait for the interval
+    timer.tokens_seen(5)
+    assert metrics.latency_totals()["itl_count"] == 1
+    timer.finished("stop")
+    assert metrics.latency_totals()["itl_count"] == 4
+
+
 def test_metrics_render_vllm_names():
     class Stats:
         num_running, num_waiting, num_swapped = 2, 1, 0
         num_kv_blocks, num_kv_blocks_used, kv_cache_usage = 10, 4, 0.4
         prefix_cache_queries = prefix_cache_hits = num_preemptions = 0
         prompt_tokens, generation_tokens = 30, 12
+        step_handoff_seconds = 1.5
 
     metrics = ServerMetrics("m", lambda: Stats())
     timer = metrics.timer()
@@ -328,10 +373,11 @@ def test_metrics_render_vllm_names():
         "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
         "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
         "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-        "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
+        "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total", "bento_llm:step_handoff_seconds_total",
     ):  # fmt: skip
         assert f'{name}{{' in text, name
     assert 'vllm:num_requests_running{model_name="m"} 2.0' in text
+    assert 'bento_llm:step_handoff_seconds_total{model_name="m"} 1.5' in text
     assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 2.0' in text
     assert 'vllm:request_success_total{finished_reason="stop",model_name="m"} 1.0' in text
     # Before the engine is loaded there are no engine numbers, but the page still renders.
