@@ -396,8 +396,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     unfiltered = (top_k >= vocab) & (top_p >= 1)
     keep |= unfiltered[:, None]
     out = logits.masked_fill(~keep, float("-inf"))
-    # Undecided: every candidate kept, and a top_k past them or a top_p they may not reach.
-    undecided = (kept == k) & (top_k > k) & ~unfiltered
+    # Undecided: a top_k past the candidates but short of the vocabulary (its normalizer is not
+    # theirs), or every candidate inside the top-p mass (tokens past them may be kept too).
+    undecided = (top_k > k) & ~unfiltered & ((top_k < vocab) | (kept == k))
     if undecided.any():
         rows = undecided.nonzero()[:, 0]
         out[rows] = _sorted_top_k_top_p(logits[rows], top_k[rows], top_p[rows])
