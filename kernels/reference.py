@@ -386,16 +386,19 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     # The row keeps every value above its last kept candidate's and, of the values equal to it, the
     # lowest indices: as many as the candidates kept.
     cut = values.gather(1, (kept - 1)[:, None])
-    keep = logits >= cut
-    surplus = keep.sum(dim=-1) - kept
-    tied = (surplus > 0).nonzero()[:, 0]
-    if len(tied):
-        ties = logits[tied] == cut[tied]
-        ties_from_here = ties.flip(-1).cumsum(dim=-1).flip(-1)
-        keep[tied] &= ~(ties & (ties_from_here <= surplus[tied, None]))
     unfiltered = (top_k >= vocab) & (top_p >= 1)
-    keep |= unfiltered[:, None]
-    out = logits.masked_fill(~keep, float("-inf"))
+    cut.masked_fill_(unfiltered[:, None], float("-inf"))
+    out = logits.masked_fill(logits < cut, float("-inf"))
+    surplus = out.isfinite().sum(dim=-1) - kept
+    tied = ((surplus > 0) & ~unfiltered & cut[:, 0].isfinite()).nonzero()[:, 0]
+    if len(tied):
+        # (row, column) of each value equal to its row's cut, row by row in column order: drop
+        # each row's last `surplus` of them.
+        row, col = (logits[tied] == cut[tied]).nonzero(as_tuple=True)
+        per_row = torch.bincount(row, minlength=len(tied))
+        rank_from_end = per_row[row] - (torch.arange(len(row), device=row.device) - (per_row.cumsum(0) - per_row)[row])
+        last = rank_from_end <= surplus[tied][row]
+        out[tied[row[last]], col[last]] = float("-inf")
     # Undecided: a top_k past the candidates but short of the vocabulary (its normalizer is not
     # theirs), or every candidate inside the top-p mass (tokens past them may be kept too).
     undecided = (top_k > k) & ~unfiltered & ((top_k < vocab) | (kept == k))

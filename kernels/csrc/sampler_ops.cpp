@@ -48,13 +48,15 @@ struct Kept {
   float cut_value = -kInf;
   int64_t cut_index = std::numeric_limits<int64_t>::max();
   float min_e = 0.0f;
+  int64_t count = -1;  // with a cut: how many tokens it keeps (before min-p); -1: no cut
 };
 
 // A thread's working rows, reused across rows and calls.
 struct Scratch {
   std::vector<float> x, e;
   std::vector<int32_t> candidates;
-  std::vector<double> block_mass;
+  std::vector<float> block_mass;
+  double row_mass = 0.0;
 };
 
 Scratch& scratch(int64_t n) {
@@ -66,9 +68,12 @@ Scratch& scratch(int64_t n) {
   return s;
 }
 
-// x (logits / temperature, in s.x unless the temperature is 1) and e = exp(x - max) in s.e;
-// returns x, and max(x) in max_x: not finite where the row has no finite value or a NaN (then e
-// is not computed).
+// Elements per block of a row's mass (s.block_mass): the draw finds the target's block first.
+constexpr int64_t kBlock = 256;
+
+// x (logits / temperature, in s.x unless the temperature is 1) and e = exp(x - max) in s.e, its
+// block masses and s.row_mass their sum; returns x, and max(x) in max_x: not finite where the
+// row has no finite value or a NaN (then nothing else is computed).
 const float* scale_and_exp(const float* logits, int64_t n, float temperature, Scratch& s, float& max_x) {
   const float* x = logits;
   if (temperature != 1.0f) {
@@ -85,7 +90,18 @@ const float* scale_and_exp(const float* logits, int64_t n, float temperature, Sc
   max_x = nan ? std::numeric_limits<float>::quiet_NaN() : best;
   if (!(best > -kInf && best < kInf) || nan) return x;
   float* e = s.e.data();
-  for (int64_t i = 0; i < n; ++i) e[i] = fast_exp(x[i] - best);  // -inf -> 0; the maximum -> exactly 1
+  s.block_mass.resize((n + kBlock - 1) / kBlock);
+  double total = 0.0;
+  for (int64_t b = 0, i = 0; i < n; ++b) {
+    float m = 0.0f;
+    for (const int64_t end = std::min(n, i + kBlock); i < end; ++i) {
+      e[i] = fast_exp(x[i] - best);  // -inf -> 0; the maximum -> exactly 1
+      m += e[i];
+    }
+    s.block_mass[b] = m;
+    total += m;
+  }
+  s.row_mass = total;
   return x;
 }
 
@@ -160,19 +176,18 @@ bool cut_from_candidates(const float* x, const float* e, int64_t n, const Filter
   }
   kept.cut_value = x[c[keep - 1]];
   kept.cut_index = c[keep - 1];
+  kept.count = keep;
   return true;
 }
 
-// The kept set of one row, given x and e.
+// The kept set of one row, given x and e; with a top-k/top-p cut, kept.count is the number of
+// its tokens, the first of s.candidates (before min-p).
 Kept filter_row(const float* x, const float* e, int64_t n, const Filter& f, Scratch& s) {
   Kept kept;
   kept.min_e = f.min_p;
   const bool top_k = f.top_k < n, top_p = f.top_p < 1.0f;
   if (!top_k && !top_p) return kept;
-  double row_mass = 0.0;
-  if (top_p && !top_k) {
-    for (int64_t i = 0; i < n; ++i) row_mass += e[i];
-  }
+  const double row_mass = s.row_mass;
   const bool by_count = top_k;
   const double need = by_count ? static_cast<double>(f.top_k) : static_cast<double>(f.top_p) * row_mass;
   float theta = candidate_threshold(e, n, by_count, need);
@@ -186,21 +201,22 @@ inline bool is_kept(const float* x, const float* e, int64_t i, const Kept& k) {
   return (x[i] > k.cut_value || (x[i] == k.cut_value && i <= k.cut_index)) && e[i] >= k.min_e;
 }
 
-// The first kept token in vocabulary order whose cumulative mass passes uniform * the kept total:
-// block masses first (vectorized), then the elements of the block the target falls in.
+// The first kept token in vocabulary order whose cumulative mass passes uniform * the kept total
+// (the target): the target's block first, then its elements.
 int64_t draw_row(const float* x, const float* e, int64_t n, float max_x, const Kept& kept, float uniform,
                  Scratch& s) {
-  constexpr int64_t kBlock = 256;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  s.block_mass.resize(blocks);
-  double total = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    double m = 0.0;
-    for (int64_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i) {
-      m += is_kept(x, e, i, kept) ? static_cast<double>(e[i]) : 0.0;
+  const int64_t blocks = static_cast<int64_t>(s.block_mass.size());
+  double total = s.row_mass;  // every token's, as scale_and_exp summed them
+  if (kept.count >= 0 || kept.min_e > 0.0f) {
+    total = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      float m = 0.0f;
+      for (int64_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i) {
+        m += is_kept(x, e, i, kept) ? e[i] : 0.0f;
+      }
+      s.block_mass[b] = m;
+      total += m;
     }
-    s.block_mass[b] = m;
-    total += m;
   }
   const double target = static_cast<double>(uniform) * total;
   double mass = 0.0;
@@ -216,6 +232,27 @@ int64_t draw_row(const float* x, const float* e, int64_t n, float max_x, const K
   for (int64_t i = 0;; ++i) {
     if (x[i] == max_x) return i;
   }
+}
+
+// draw_row for a cut that keeps few tokens: over the first kept.count of s.candidates, without
+// another pass over the row.
+int64_t draw_candidates(const float* x, const float* e, float max_x, const Kept& kept, float uniform, Scratch& s) {
+  std::vector<int32_t>& c = s.candidates;
+  c.resize(kept.count);
+  c.erase(std::remove_if(c.begin(), c.end(), [&](int32_t i) { return e[i] < kept.min_e; }), c.end());
+  std::sort(c.begin(), c.end());
+  double total = 0.0;
+  for (const int32_t i : c) total += e[i];
+  const double target = static_cast<double>(uniform) * total;
+  double mass = 0.0;
+  for (const int32_t i : c) {
+    mass += e[i];
+    if (mass > target) return i;
+  }
+  for (const int32_t i : c) {
+    if (x[i] == max_x) return i;
+  }
+  return c.front();
 }
 
 void check_row_params(const at::Tensor& logits, const std::optional<at::Tensor>& t, const char* name,
@@ -317,7 +354,9 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform, cons
         dst[r] = argmax_row(row, n);
         continue;
       }
-      dst[r] = draw_row(x, s.e.data(), n, max_x, filter_row(x, s.e.data(), n, f, s), u[r], s);
+      const Kept kept = filter_row(x, s.e.data(), n, f, s);
+      dst[r] = kept.count >= 0 && kept.count * 16 <= n ? draw_candidates(x, s.e.data(), max_x, kept, u[r], s)
+                                                       : draw_row(x, s.e.data(), n, max_x, kept, u[r], s);
     }
   });
   return out;
