@@ -375,33 +375,30 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     left as they are."""
     vocab = logits.shape[-1]
     k = min(_TOP_CANDIDATES, vocab)
-    values, _ = logits.topk(k, dim=-1)  # sorted, largest first; equal values in no defined order
+    values, ids = logits.topk(k, dim=-1)  # sorted, largest first; equal values in no defined order
     drop = torch.arange(k, device=logits.device)[None, :] >= top_k[:, None]
     # Each row's normalizer over its top-k set: inside the candidates, or (no top-k) the whole row.
     log_total = torch.where(top_k <= k, values.masked_fill(drop, float("-inf")).logsumexp(dim=-1),
                             logits.logsumexp(dim=-1))
     probs = (values - log_total[:, None]).exp().masked_fill(drop, 0.0)
     drop |= _outside_nucleus(probs, top_p)
-    kept = (~drop).sum(dim=-1)
-    # The row keeps every value above its last kept candidate's and, of the values equal to it, the
-    # lowest indices: as many as the candidates kept.
-    cut = values.gather(1, (kept - 1)[:, None])
+    kept = (~drop).sum(dim=-1, keepdim=True)
+    # The row keeps the candidates above its last kept one's value (the cut) and, of those equal to
+    # it, the lowest indices (as many as were kept): every value equal to the cut is a candidate
+    # unless the last candidate equals it too (then the row is sorted whole).
+    cut = values.gather(1, kept - 1)
+    above, tie = values > cut, values == cut
+    tie_ids = ids.masked_fill(~tie, logits.shape[-1]).sort(dim=-1).values
+    last_tie_id = tie_ids.gather(1, kept - 1 - above.sum(dim=-1, keepdim=True))
+    keep = above | (tie & (ids <= last_tie_id))
+    out = torch.full_like(logits, float("-inf")).scatter_(1, ids, values.masked_fill(~keep, float("-inf")))
     unfiltered = (top_k >= vocab) & (top_p >= 1)
-    cut.masked_fill_(unfiltered[:, None], float("-inf"))
-    out = logits.masked_fill(logits < cut, float("-inf"))
-    surplus = out.isfinite().sum(dim=-1) - kept
-    tied = ((surplus > 0) & ~unfiltered & cut[:, 0].isfinite()).nonzero()[:, 0]
-    if len(tied):
-        # (row, column) of each value equal to its row's cut, row by row in column order: drop
-        # each row's last `surplus` of them.
-        row, col = (logits[tied] == cut[tied]).nonzero(as_tuple=True)
-        per_row = torch.bincount(row, minlength=len(tied))
-        rank_from_end = per_row[row] - (torch.arange(len(row), device=row.device) - (per_row.cumsum(0) - per_row)[row])
-        last = rank_from_end <= surplus[tied][row]
-        out[tied[row[last]], col[last]] = float("-inf")
     # Undecided: a top_k past the candidates but short of the vocabulary (its normalizer is not
-    # theirs), or every candidate inside the top-p mass (tokens past them may be kept too).
-    undecided = (top_k > k) & ~unfiltered & ((top_k < vocab) | (kept == k))
+    # theirs), every candidate inside the top-p mass (tokens past them may be kept too), or values
+    # equal to the cut past the candidates.
+    undecided = ~unfiltered & (((top_k > k) & ((top_k < vocab) | (kept[:, 0] == k))) | (values[:, -1] == cut[:, 0]))
+    if unfiltered.any():
+        out[unfiltered] = logits[unfiltered]
     if undecided.any():
         rows = undecided.nonzero()[:, 0]
         out[rows] = _sorted_top_k_top_p(logits[rows], top_k[rows], top_p[rows])
