@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "float_rows.h"
+#include "silu_lanes.h"
 
 #include <algorithm>
 #include <cmath>
@@ -68,6 +69,20 @@ Scratch& scratch(int64_t n) {
   return s;
 }
 
+// e[i] = exp(x[i] - max): fast_exp (0 below e^-80, so -inf is 0; exactly 1 at the maximum), on
+// 16 lanes where the build has AVX-512 (the compiler leaves fast_exp's loop scalar here).
+void exp_row(float* e, const float* x, float max, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 shift = _mm512_set1_ps(max), low = _mm512_set1_ps(-80.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), shift);
+    _mm512_storeu_ps(e + i, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, low, _CMP_GE_OQ), fast_exp_lanes(d)));
+  }
+#endif
+  for (; i < n; ++i) e[i] = fast_exp(x[i] - max);
+}
+
 // Elements per block of a row's mass (s.block_mass): the draw finds the target's block first.
 constexpr int64_t kBlock = 256;
 
@@ -81,23 +96,40 @@ const float* scale_and_exp(const float* logits, int64_t n, float temperature, Sc
     for (int64_t i = 0; i < n; ++i) scaled[i] = logits[i] / temperature;  // as torch's division rounds
     x = scaled;
   }
+  // Per-lane maxima (and NaN flags) so the loop vectorizes: one running maximum is a chain of
+  // dependent scalar max instructions, 4 cycles an element.
+  constexpr int64_t kLanes = 32;
+  float lane_max[kLanes];
+  int32_t lane_nan[kLanes] = {};
+  std::fill(lane_max, lane_max + kLanes, -kInf);
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = x[j + l];
+      lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+      lane_nan[l] |= v != v;
+    }
+  }
+  for (int64_t l = 0; l < n - full; ++l) {
+    const float v = x[full + l];
+    lane_max[l] = v > lane_max[l] ? v : lane_max[l];
+    lane_nan[l] |= v != v;
+  }
   float best = -kInf;
   int32_t nan = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    best = x[i] > best ? x[i] : best;
-    nan |= x[i] != x[i];
-  }
+  for (int64_t l = 0; l < kLanes; ++l) best = std::max(best, lane_max[l]), nan |= lane_nan[l];
   max_x = nan ? std::numeric_limits<float>::quiet_NaN() : best;
   if (!(best > -kInf && best < kInf) || nan) return x;
   float* e = s.e.data();
-  s.block_mass.resize((n + kBlock - 1) / kBlock);
+  exp_row(e, x, best, n);
+  // Two loops, not one: the exponentials vectorize only in a loop of their own.
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  s.block_mass.resize(blocks);
   double total = 0.0;
-  for (int64_t b = 0, i = 0; i < n; ++b) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* block = e + b * kBlock;
     float m = 0.0f;
-    for (const int64_t end = std::min(n, i + kBlock); i < end; ++i) {
-      e[i] = fast_exp(x[i] - best);  // -inf -> 0; the maximum -> exactly 1
-      m += e[i];
-    }
+    for (int64_t i = 0, end = std::min(kBlock, n - b * kBlock); i < end; ++i) m += block[i];
     s.block_mass[b] = m;
     total += m;
   }
@@ -154,7 +186,15 @@ bool cut_from_candidates(const float* x, const float* e, int64_t n, const Filter
                          double row_mass, float theta, Scratch& s, Kept& kept) {
   std::vector<int32_t>& c = s.candidates;
   c.clear();
-  for (int64_t i = 0; i < n; ++i) {
+  // 16 comparisons to a mask (one vector compare), then the few set bits: a branch per element
+  // cost more than the rest of the filter.
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    uint32_t mask = 0;
+    for (int l = 0; l < 16; ++l) mask |= static_cast<uint32_t>(e[i + l] >= theta) << l;
+    for (; mask != 0; mask &= mask - 1) c.push_back(static_cast<int32_t>(i + __builtin_ctz(mask)));
+  }
+  for (; i < n; ++i) {
     if (e[i] >= theta) c.push_back(static_cast<int32_t>(i));
   }
   const auto before = [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
