@@ -155,22 +155,29 @@ void tally(const float* e, int64_t n, const float* theta, int64_t* count, float*
 }
 
 // The largest threshold (in nats below the maximum: e >= exp(-nats)) whose candidates hold the
-// top_k set (count >= top_k) or, without top_k, about top_p of the mass: a first pass over a
-// ladder of distances, then up to two passes subdividing the step that crossed while it holds
-// many tokens. Returns 0 (every token) when no rung does.
+// top_k set (count >= top_k) or, without top_k, about top_p of the mass: a pass over a ladder of
+// distances, further passes subdividing the step that crossed while it holds many tokens, or
+// extending the ladder to e^-88 when no step did. Returns 0 (every token) when none does.
 float candidate_threshold(const float* e, int64_t n, bool by_count, double need) {
-  static constexpr float kLadder[kTallies] = {0.5f, 1.0f, 2.0f, 3.0f, 4.5f, 6.5f, 9.0f, 13.0f};
+  static constexpr float kLadder[kTallies] = {1.0f, 2.0f, 3.0f, 4.5f, 6.5f, 9.0f, 13.0f, 19.0f};
+  constexpr float kFarthest = 88.0f;  // fast_exp is 0 past 80 nats
   constexpr int64_t kFewCandidates = 512;
   float nats[kTallies], theta[kTallies], mass[kTallies];
   int64_t count[kTallies];
   std::copy(kLadder, kLadder + kTallies, nats);
   float chosen = 0.0f, above = 0.0f;  // above: the rung before the crossing one (0 nats: the maximum)
-  for (int round = 0; round < 3; ++round) {
+  for (int round = 0; round < 4; ++round) {
     for (int j = 0; j < kTallies; ++j) theta[j] = std::exp(-nats[j]);
     tally(e, n, theta, count, mass);
     int j = 0;
     while (j < kTallies && (by_count ? static_cast<double>(count[j]) : static_cast<double>(mass[j])) < need) ++j;
-    if (j == kTallies) return round == 0 ? 0.0f : chosen;  // a later round's last rung is the previous choice
+    if (j == kTallies) {
+      // A subdivision's last rung is the previous choice (its float mass may differ by rounding).
+      if (chosen > 0.0f || nats[kTallies - 1] >= kFarthest) return chosen;
+      const float lo = nats[kTallies - 1];
+      for (int r = 0; r < kTallies; ++r) nats[r] = lo + (kFarthest - lo) * static_cast<float>(r + 1) / kTallies;
+      continue;
+    }
     chosen = theta[j];
     if (count[j] <= kFewCandidates) break;
     const float lo = j == 0 ? above : nats[j - 1], hi = nats[j];
@@ -186,14 +193,16 @@ bool cut_from_candidates(const float* x, const float* e, int64_t n, const Filter
                          double row_mass, float theta, Scratch& s, Kept& kept) {
   std::vector<int32_t>& c = s.candidates;
   c.clear();
-  // 16 comparisons to a mask (one vector compare), then the few set bits: a branch per element
-  // cost more than the rest of the filter.
+  // 16 comparisons to one mask, then its few set bits: a branch per element cost more than the
+  // rest of the filter.
   int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 bound = _mm512_set1_ps(theta);
   for (; i + 16 <= n; i += 16) {
-    uint32_t mask = 0;
-    for (int l = 0; l < 16; ++l) mask |= static_cast<uint32_t>(e[i + l] >= theta) << l;
+    uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(e + i), bound, _CMP_GE_OQ);
     for (; mask != 0; mask &= mask - 1) c.push_back(static_cast<int32_t>(i + __builtin_ctz(mask)));
   }
+#endif
   for (; i < n; ++i) {
     if (e[i] >= theta) c.push_back(static_cast<int32_t>(i));
   }
