@@ -149,7 +149,7 @@ class ModelRunner:
         self.k_caches, self.v_caches = self._allocate_caches(self.num_blocks)
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device,
-                               self.backend.ops.argmax_rows)
+                               self.backend.ops.argmax_rows, self.backend.ops.sample_rows)
         max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device

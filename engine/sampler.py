@@ -19,7 +19,7 @@ from engine.grammar import apply_grammar_masks
 from engine.outputs import PositionLogprobs
 from engine.sequence import Sequence
 from engine.step_inputs import SamplingBuffers, SamplingTensors
-from kernels.reference import argmax_rows
+from kernels.reference import argmax_rows, sample_rows
 
 
 @dataclass
@@ -48,13 +48,15 @@ class _RowFailures(dict):
 
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], max_rows: int = 256,
-                 device: torch.device = torch.device("cpu"), argmax=argmax_rows):
+                 device: torch.device = torch.device("cpu"), argmax=argmax_rows, sample=sample_rows):
         """max_rows: the rows a step usually samples (the buffers grow past it); device: the logits';
-        argmax: the attention backend's argmax_rows (kernels/), the greedy pick."""
+        argmax and sample: the attention backend's argmax_rows and sample_rows (kernels/), the
+        greedy pick and the temperature, top-k/p, min-p filters and draw."""
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.buffers = SamplingBuffers(max_rows, device)
         self.argmax = argmax
+        self.sample = sample
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: [len(seqs), vocab] in float32 or the model's dtype; row i belongs to seqs[i]."""
@@ -147,16 +149,7 @@ class Sampler:
             rows = tensors.penalized_rows
             logits[rows] = self._apply_penalties(logits[rows], seqs, tensors.penalized, tensors, failed)
 
-        # Greedy rows take the argmax, which temperature, top-k/p and min-p all keep: their rows
-        # hold neutral values, and a batch of greedy and beam rows fills none of these.
-        if tensors.temperature is not None:
-            logits = logits / tensors.temperature[:, None]
-        if tensors.top_k is not None:
-            logits = _top_k_top_p(logits, tensors.top_k, tensors.top_p)
-        if tensors.min_p is not None:
-            probs = logits.softmax(dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * tensors.min_p[:, None]
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        # Temperature, top-k/p and min-p belong to the draw (sample_rows), which skips greedy rows.
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], rows_in_batch: list[int],
@@ -185,20 +178,11 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], tensors: SamplingTensors,
               failed: _RowFailures | None = None) -> torch.Tensor:
         failed = _RowFailures() if failed is None else failed
-        greedy_ids = self.argmax(logits)
         if tensors.greedy is None:
-            return greedy_ids
-        # Inverse transform: a row's token is the first whose cumulative probability passes a
-        # uniform draw times the row's total, one random number per row. (The exponential race it
-        # replaces, argmax p / E with E ~ Exp(1), drew one exponential per vocabulary entry: 157 ms
-        # for 64 rows of SmolLM2's 49152 on 2 vCPUs, more than the step's forward pass.) ATen's
-        # CPU cumsum accumulates float32 in double and rounds each entry once, so each token is
-        # drawn with its probability to within 2^-24 of the row's mass (the uniform's resolution
-        # too). A seeded row draws its uniform from its own generator: the same tokens whatever
-        # else is in the batch.
-        probs = logits.softmax(dim=-1)
-        cdf = probs.cumsum(dim=-1)
-        uniform = torch.rand(len(seqs), device=probs.device)
+            return self.argmax(logits)
+        # One uniform per row (see kernels/reference.py's sample_rows). A seeded row draws its
+        # uniform from its own generator: the same tokens whatever else is in the batch.
+        uniform = torch.rand(len(seqs), device=logits.device)
 
         def seeded_uniform(i: int, generator: torch.Generator) -> None:
             uniform[i] = torch.rand(1, generator=generator).to(uniform.device)[0]
@@ -206,12 +190,8 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.generator is not None and not seq.params.greedy:
                 failed.run(i, seeded_uniform, i, seq.generator)
-        targets = (uniform * cdf[:, -1])[:, None]
-        sampled_ids = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
-        # A target rounded up to the row's total lands past its last drawable token: the greedy one.
-        drawable = probs.gather(1, sampled_ids[:, None])[:, 0] > 0
-        sampled_ids = torch.where(drawable, sampled_ids, greedy_ids)
-        return torch.where(tensors.greedy, greedy_ids, sampled_ids)
+        return self.sample(logits, uniform, tensors.greedy, tensors.temperature, tensors.top_k, tensors.top_p,
+                           tensors.min_p)
 
 
 def _takes_raw_argmax(seq: Sequence) -> bool:
@@ -222,46 +202,3 @@ def _takes_raw_argmax(seq: Sequence) -> bool:
     return (p.greedy and not p.use_beam_search and p.logprobs is None and p.best_of == 1 and seq.grammar is None
             and not p.logit_bias and not p.has_penalties and seq.num_output_tokens >= p.min_tokens)
 
-
-# Candidates per row that decide most rows' top-k/top-p filter without sorting the whole row.
-_TOP_CANDIDATES = 256
-
-
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """The filter of _sorted_top_k_top_p from each row's _TOP_CANDIDATES largest logits where they
-    decide it (top_k among them, or their mass past top_p), the whole row sorted only where they do
-    not (a flat distribution, a top_k past them): sorting 64 rows of 49152 logits took 588 ms and
-    scattering them back 687 ms on 2 vCPUs, the candidates ~30 ms."""
-    vocab = logits.shape[-1]
-    k = min(_TOP_CANDIDATES, vocab)
-    values, ids = logits.topk(k, dim=-1)  # sorted, largest first
-    drop = torch.arange(k, device=logits.device)[None, :] >= top_k[:, None]
-    # Each row's normalizer over its top-k set: inside the candidates, or (no top-k) the whole row.
-    log_total = torch.where(top_k <= k, values.masked_fill(drop, float("-inf")).logsumexp(dim=-1),
-                            logits.logsumexp(dim=-1))
-    probs = (values - log_total[:, None]).exp().masked_fill(drop, 0.0)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
-    drop[:, 0] = False
-    out = torch.full_like(logits, float("-inf")).scatter_(1, ids, values.masked_fill(drop, float("-inf")))
-    # Undecided: a top_k past the candidates but short of the vocabulary, or a last candidate
-    # still inside the top-p mass (tokens past it may be kept too).
-    undecided = (top_k > k) & ((top_k < vocab) | ~drop[:, -1])
-    if undecided.any():
-        rows = undecided.nonzero()[:, 0]
-        out[rows] = _sorted_top_k_top_p(logits[rows], top_k[rows], top_p[rows])
-    return out
-
-
-def _sorted_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    drop = ranks >= top_k[:, None]
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
-    # already reaches top_p. The first token is always kept.
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -28,15 +28,17 @@ logger = logging.getLogger(__name__)
 # cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls;
 # step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention);
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
-# hand-written AMX tile loops (amx_tiles.h).
+# hand-written AMX tile loops (amx_tiles.h); sampler_ops.cpp: the sampler's filters and draw.
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp")]
+           for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp",
+                        "sampler_ops.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
     "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention", "argmax_rows",
+    "filter_rows", "sample_rows",
 ]
 
 
@@ -82,6 +84,8 @@ rms_norm = _ops.rms_norm
 add_rms_norm = _ops.add_rms_norm
 silu_mul = _ops.silu_mul
 argmax_rows = _ops.argmax_rows
+filter_rows = _ops.filter_rows
+sample_rows = _ops.sample_rows
 rotary_embedding_ = _ops.rotary_embedding_
 write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 
 from kernels import reference
-from kernels.reference import add_rms_norm, argmax_rows, rms_norm, rotary_embedding_, silu_mul
+from kernels.reference import (add_rms_norm, argmax_rows, filter_rows, rms_norm, rotary_embedding_, sample_rows,
+                               silu_mul)
 from kernels.triton_attention import decode_attention, paged_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv_cache
 from kernels.triton_moe import fused_moe
@@ -20,7 +21,7 @@ from kernels.triton_moe import fused_moe
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
     "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "fused_moe", "qkv_attention",
-    "argmax_rows",
+    "argmax_rows", "filter_rows", "sample_rows",
 ]
 
 # Rotation, cache write and attention in one call, composed of this module's kernels.

@@ -10,6 +10,7 @@ from engine.sampler import SampleResult, Sampler
 from engine.sequence import Sequence
 from engine.step_inputs import SamplingTensors
 from engine.outputs import RequestMetrics
+from kernels import cpu_ops, reference
 from tests.helpers import load_hf_reference
 
 VOCAB = 50
@@ -26,22 +27,31 @@ def make_seq(params: SamplingParams, prompt=(1, 2, 3), output=()) -> Sequence:
     return seq
 
 
-def draw_many(params: SamplingParams, logits: torch.Tensor, n: int = 4000) -> torch.Tensor:
-    sampler = Sampler(VOCAB, eos_token_ids=[0])
+# The sampler's filters and draw: the plain-torch oracle and the C++ kernels (the CPU default).
+BACKENDS = [pytest.param(reference, id="torch"), pytest.param(cpu_ops, id="cpu")]
+
+
+def draw_many(params: SamplingParams, logits: torch.Tensor, n: int = 4000, ops=reference) -> torch.Tensor:
+    sampler = Sampler(VOCAB, eos_token_ids=[0], sample=ops.sample_rows)
     seqs = [make_seq(params) for _ in range(n)]
     return torch.tensor(sampler(logits.expand(n, -1).clone(), seqs).token_ids)
 
 
-def processed(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """The logits after every processor, as the sampler draws from them."""
+def processed(logits: torch.Tensor, seqs: list[Sequence], ops=reference) -> torch.Tensor:
+    """The logits after every processor and filter (-inf: dropped), as the sampler draws from them."""
     sampler = Sampler(VOCAB, eos_token_ids=[0])
-    return sampler._apply_processors(logits.clone(), seqs, sampler.buffers.fill([s.params for s in seqs], VOCAB))
+    tensors = sampler.buffers.fill([s.params for s in seqs], VOCAB)
+    logits = sampler._apply_processors(logits.clone(), seqs, tensors)
+    return ops.filter_rows(logits, tensors.temperature, tensors.top_k, tensors.top_p, tensors.min_p)
 
 
 def kept_by_processors(params: SamplingParams, logits: torch.Tensor) -> set[int]:
-    """The tokens the sampler's filters leave drawable (a finite logit) for one row."""
-    out = processed(logits[None], [make_seq(params)])[0]
-    return set(torch.nonzero(torch.isfinite(out)).flatten().tolist())
+    """The tokens the sampler's filters leave drawable (a finite logit) for one row, the same in
+    the torch and C++ filters."""
+    kept = [set(torch.nonzero(torch.isfinite(processed(logits[None], [make_seq(params)], ops)[0])).flatten().tolist())
+            for ops in (reference, cpu_ops)]
+    assert kept[0] == kept[1]
+    return kept[0]
 
 
 def top_p_set(probs: list[float], p: float, candidates: list[int]) -> set[int]:
@@ -62,22 +72,24 @@ SHAPED = torch.log(torch.tensor([0.22, 0.18, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04, 
 SHAPED = SHAPED[torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))]
 
 
+@pytest.mark.parametrize("ops", BACKENDS)
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_top_k_keeps_exactly_the_k_most_likely_tokens(k):
+def test_top_k_keeps_exactly_the_k_most_likely_tokens(k, ops):
     allowed = set(SHAPED.topk(k).indices.tolist())
     params = SamplingParams(temperature=1.0, top_k=k)
     assert kept_by_processors(params, SHAPED) == allowed
-    assert set(draw_many(params, SHAPED).tolist()) == allowed  # nothing outside, every one inside
+    assert set(draw_many(params, SHAPED, ops=ops).tolist()) == allowed  # nothing outside, every one inside
 
 
+@pytest.mark.parametrize("ops", BACKENDS)
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.62, 0.9])
-def test_top_p_keeps_exactly_the_smallest_set_reaching_p(p):
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p(p, ops):
     probs = SHAPED.softmax(-1).tolist()
     allowed = top_p_set(probs, p, list(range(VOCAB)))
     params = SamplingParams(temperature=1.0, top_p=p)
     assert kept_by_processors(params, SHAPED) == allowed
     if len(allowed) <= 9:  # the tail tokens are too rare to all appear in the draws
-        assert set(draw_many(params, SHAPED).tolist()) == allowed
+        assert set(draw_many(params, SHAPED, ops=ops).tolist()) == allowed
 
 
 def test_top_p_applies_to_the_top_k_renormalized_distribution():
@@ -92,7 +104,7 @@ def test_top_p_applies_to_the_top_k_renormalized_distribution():
 def test_top_k_top_p_over_a_large_vocabulary_keeps_what_sorting_every_row_keeps():
     # Rows the largest logits decide (peaked, or a top_k among them) and rows sorted whole (flat, a
     # top_k past the candidates, a top_p the candidates' mass does not reach).
-    from engine.sampler import _TOP_CANDIDATES, _sorted_top_k_top_p, _top_k_top_p
+    from kernels.reference import _TOP_CANDIDATES, _sorted_top_k_top_p, _top_k_top_p
 
     vocab = 8 * _TOP_CANDIDATES
     logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(0))
@@ -104,38 +116,43 @@ def test_top_k_top_p_over_a_large_vocabulary_keeps_what_sorting_every_row_keeps(
     assert torch.equal(got.isfinite(), kept) and torch.equal(got[kept], logits[kept])
     assert kept[4].sum() > _TOP_CANDIDATES  # a flat row's nucleus: past the candidates
     assert kept[0].sum() < _TOP_CANDIDATES and kept[7].sum() == 7
+    assert kept[3].all()  # top_p 1 without top_k: nothing dropped, not even a tail rounded past the total
 
 
+@pytest.mark.parametrize("ops", BACKENDS)
 @pytest.mark.parametrize("min_p, temperature", [(0.2, 1.0), (0.5, 1.0), (0.2, 0.5), (0.05, 2.0)])
-def test_min_p_keeps_exactly_the_tokens_above_a_fraction_of_the_top_probability(min_p, temperature):
+def test_min_p_keeps_exactly_the_tokens_above_a_fraction_of_the_top_probability(min_p, temperature, ops):
     probs = (SHAPED / temperature).softmax(-1)  # min-p reads the temperature-scaled distribution
     allowed = set(torch.nonzero(probs >= min_p * probs.max()).flatten().tolist())
     assert 1 < len(allowed) < VOCAB
     params = SamplingParams(temperature=temperature, min_p=min_p)
     assert kept_by_processors(params, SHAPED) == allowed
     if len(allowed) <= 9:
-        assert set(draw_many(params, SHAPED).tolist()) == allowed
+        assert set(draw_many(params, SHAPED, ops=ops).tolist()) == allowed
 
 
-def test_sampling_follows_the_temperature_scaled_distribution():
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_sampling_follows_the_temperature_scaled_distribution(ops):
     logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
-    drawn = draw_many(SamplingParams(temperature=0.5), logits, n=20000)
+    drawn = draw_many(SamplingParams(temperature=0.5), logits, n=20000, ops=ops)
     freq = torch.bincount(drawn, minlength=VOCAB)[:3].float() / len(drawn)
     expected = (logits[:3] / 0.5).softmax(-1)
     assert torch.allclose(freq, expected, atol=0.02)
 
 
-def test_each_token_is_drawn_with_its_probability_in_a_flat_distribution():
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_each_token_is_drawn_with_its_probability_in_a_flat_distribution(ops):
     """Found by mutation: drawing argmax(p * noise) instead of argmax(p / noise) passed the skewed
     distribution above (two-token races come out right either way); at 0.5/0.3/0.2 it draws the
     first token 53% of the time."""
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2] + [1e-30] * (VOCAB - 3)))
-    drawn = draw_many(SamplingParams(temperature=1.0), logits, n=20000)
+    drawn = draw_many(SamplingParams(temperature=1.0), logits, n=20000, ops=ops)
     freq = torch.bincount(drawn, minlength=VOCAB)[:3].float() / len(drawn)
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), freq
 
 
-def test_sampled_rows_follow_their_distribution_and_greedy_rows_take_the_argmax_in_one_batch():
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_sampled_rows_follow_their_distribution_and_greedy_rows_take_the_argmax_in_one_batch(ops):
     """Mixed batches: greedy rows (some with filters set, which greedy ignores) keep the argmax of
     their own logits while the sampled rows beside them draw from their temperature-scaled and
     filtered distributions, row by row."""
@@ -145,7 +162,8 @@ def test_sampled_rows_follow_their_distribution_and_greedy_rows_take_the_argmax_
     n = 4 * 6000
     rows = logits.expand(n, -1).clone()
     rows[2::4] = rows[2::4].flip(-1)  # the filtered greedy rows' argmax is the last token
-    drawn = torch.tensor(Sampler(VOCAB, eos_token_ids=[0])(rows, [make_seq(kinds[i % 4]) for i in range(n)]).token_ids)
+    sampler = Sampler(VOCAB, eos_token_ids=[0], sample=ops.sample_rows)
+    drawn = torch.tensor(sampler(rows, [make_seq(kinds[i % 4]) for i in range(n)]).token_ids)
     assert set(drawn[0::4].tolist()) == {0} and set(drawn[2::4].tolist()) == {VOCAB - 1}
     for kind, temperature, kept in ((1, 0.5, 3), (3, 2.0, 2)):
         freq = torch.bincount(drawn[kind::4], minlength=VOCAB)[:3].float() / (n // 4)
@@ -428,15 +446,14 @@ def test_impossible_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-def recording_argmax(dtypes: list[torch.dtype]):
-    """The CPU backend's argmax, noting the dtype of each tensor it reads."""
-    from kernels import cpu_ops
+def recording(op, dtypes: list[torch.dtype]):
+    """A CPU backend op on logits (argmax_rows, sample_rows), noting the dtype of each tensor it reads."""
 
-    def argmax(x: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, *args) -> torch.Tensor:
         dtypes.append(x.dtype)
-        return cpu_ops.argmax_rows(x)
+        return op(x, *args)
 
-    return argmax
+    return call
 
 
 def test_a_plain_greedy_batch_takes_the_argmax_of_the_bfloat16_logits_without_a_float32_copy():
@@ -447,7 +464,7 @@ def test_a_plain_greedy_batch_takes_the_argmax_of_the_bfloat16_logits_without_a_
     logits[5, [7, 30]] = logits[5].max() + 1  # a tie: the first wins
     dtypes: list[torch.dtype] = []
     seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(64)]
-    got = Sampler(VOCAB, eos_token_ids=[0], argmax=recording_argmax(dtypes))(logits, seqs)
+    got = Sampler(VOCAB, eos_token_ids=[0], argmax=recording(cpu_ops.argmax_rows, dtypes))(logits, seqs)
     assert got == SampleResult(logits.float().argmax(-1).tolist(), [0.0] * 64, [None] * 64, [None] * 64, {})
     assert got.token_ids[5] == 7
     assert dtypes == [torch.bfloat16]
@@ -470,7 +487,8 @@ def test_a_bfloat16_batch_with_a_processed_row_samples_as_its_float32_logits_wou
     def results(x: torch.Tensor, dtypes: list[torch.dtype]) -> SampleResult:
         special = make_seq(SamplingParams(**params), prompt=[4])
         seqs = [make_seq(SamplingParams(temperature=0.0)) for _ in range(7)] + [special]
-        return Sampler(VOCAB, eos_token_ids=[0], argmax=recording_argmax(dtypes))(x, seqs)
+        return Sampler(VOCAB, eos_token_ids=[0], argmax=recording(cpu_ops.argmax_rows, dtypes),
+                       sample=recording(cpu_ops.sample_rows, dtypes))(x, seqs)
 
     ours, theirs = [], []
     got, want = results(logits, ours), results(logits.float(), theirs)
