@@ -3,11 +3,17 @@
     python bench/bench_kv_cache.py                          # C++ kernels, 4k context, batch 1 and 16
     python bench/bench_kv_cache.py --backend triton         # on a CUDA device
     python bench/bench_kv_cache.py --context-lens 256 --reps 3   # a quick check that it runs
+    python bench/bench_kv_cache.py --layers 16              # K/V read from memory, as in a model's step
 
 Decode attention reads every cached K and V row once per step, so its time follows the cache's
 bytes: an 8-bit row is head_dim + 2 bytes where a 16-bit one is 2 x head_dim. The dtypes are timed
 interleaved (A, B, A, B ...) in one process, and each row gives the median, so a noisy machine
 biases none of them; the ratio column is each dtype's median over the first dtype's.
+
+--layers N times N caches of the same shape called in turn (the ms column is per call), as a
+model's decode step calls one per layer: once N caches outgrow the CPU's caches every call reads
+its K/V from memory. With one (the default) a small batch's cache stays in L2/L3 between calls,
+so the time is the kernel's arithmetic, not its bytes.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per dtype, interleaved")
+    p.add_argument("--layers", type=int, default=1, help="caches called in turn per timed step (see above)")
     args = p.parse_args(argv)
+    if args.layers < 1:
+        p.error("--layers must be at least 1")
     if args.num_heads % args.num_kv_heads:
         p.error("--num-heads must be a multiple of --num-kv-heads")
     if args.backend == "triton" and not torch.cuda.is_available():
@@ -69,9 +78,11 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     query = torch.randn(batch, args.num_heads, d, device=device, dtype=torch.bfloat16)
     kv_bytes = 2 * k_cache[0].numel() * k_cache.element_size() * ctx / bs * batch
+    layers = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone()) for _ in range(args.layers - 1)]
 
     def call():
-        return ops.decode_attention(query, k_cache, v_cache, tables, lens, d**-0.5)
+        for k, v in layers:
+            ops.decode_attention(query, k, v, tables, lens, d**-0.5)
 
     return call, kv_bytes
 
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     print(f"{args.backend} backend, {torch.get_num_threads()} threads, heads {args.num_heads}/{args.num_kv_heads}, "
-          f"head_dim {args.head_dim}, block {args.block_size}; median of {args.reps} interleaved calls")
+          f"head_dim {args.head_dim}, block {args.block_size}, {args.layers} layer(s); "
+          f"median of {args.reps} interleaved calls")
     print(f"{'batch':>6} {'context':>8} {'kv':>9} {'KV MiB':>8} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
     for ctx in args.context_lens:
         for batch in args.batch_sizes:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     call()
                     sync()
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append((time.perf_counter() - start) / args.layers)
             first = statistics.median(times[args.kv_dtypes[0]])
             for name, (_, kv_bytes) in cases.items():
                 ms = statistics.median(times[name]) * 1e3

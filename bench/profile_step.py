@@ -7,6 +7,7 @@
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
+    python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
 
 Prints three tables:
 1. the step by phase (median ms over the timed steps): scheduling, step-input preparation, the
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--quantization", default="auto",
                         help="the engine's quantization ('auto': int4 for the default Q4 GGUF on AMX; 'none': --dtype weights)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="the engine's kv_cache_dtype (auto, bfloat16, int8, fp8_e4m3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
@@ -225,7 +227,8 @@ def main() -> None:
 
     from engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              num_threads=args.threads, max_num_seqs=max(args.batch, 8))
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size
@@ -257,7 +260,7 @@ def main() -> None:
     timer.restore()
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
-    print(f"\n{args.model}, {args.dtype}, quantization {runner.config.quantization or 'none'}, batch {args.batch}, {args.threads} threads "
+    print(f"\n{args.model}, {args.dtype}, quantization {runner.config.quantization or 'none'}, kv cache {args.kv_cache_dtype}, batch {args.batch}, {args.threads} threads "
           f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")

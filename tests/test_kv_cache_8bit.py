@@ -93,6 +93,30 @@ def test_write_kv_cache_quantizes_to_the_reference_bytes(gen, backend, source_dt
     assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_cpu_cache_write_rounds_every_code_boundary_as_torch(gen, source_dtype, dtype):
+    """The C++ write's vectorized conversion on the hard cases, at scale 1 (each row's first value
+    is the largest code): every code, every midpoint between neighbours (ties to even), e4m3's
+    subnormals and the edge to its normals, negative zero, and random values in between."""
+    ops, _ = backend_ops("cpu")
+    top = 127.0 if dtype == torch.int8 else 448.0
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(dtype).float()
+    steps = codes[codes.isfinite() & (codes.abs() <= top)].unique()
+    midpoints = (steps[1:] + steps[:-1]) / 2
+    values = torch.cat([steps, midpoints, torch.tensor([-0.0, 2**-6 * 0.999, 2**-10, -(2**-10) * 3]),
+                        (torch.rand(300, generator=gen) * 2 - 1) * top, torch.randn(100, generator=gen) * 0.02])
+    values = torch.cat([values, torch.zeros(-len(values) % 63)]).view(-1, 63)
+    rows = torch.cat([torch.full((len(values), 1), top), values], dim=1).to(source_dtype)[:, None, :]
+    k_cache = torch.zeros(len(rows), 1, 1, 66, dtype=dtype)
+    v_cache, k_ref, v_ref = k_cache.clone(), k_cache.clone(), k_cache.clone()
+    slots = torch.arange(len(rows))
+    ops.write_kv_cache(rows, -rows, k_cache, v_cache, slots)
+    reference.write_kv_cache(rows, -rows, k_ref, v_ref, slots)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
 # ---------------------------------------------------------------- attention over 8-bit caches
 
 
@@ -146,6 +170,37 @@ def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, w
     err = (out - reference.decode_attention(query[last], k_float, v_float, tables, lens, 0.125, window)).abs()
     max_bound, mean_bound = (0.3, 0.025) if dtype == torch.float8_e4m3fn else (0.04, 0.006)
     assert err.max() <= max_bound and err.mean() <= mean_bound, (err.max(), err.mean())
+
+
+# (query heads, KV heads): groups 1, 3, 6 and 16 (a decode's unit takes several KV heads while
+# under 16 rows, one at group 16: kv_heads_per_unit in cpu_ops.cpp).
+CPU_HEAD_SHAPES = [(8, 8), (9, 3), (12, 2), (16, 1)]
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 72])  # 72: not a multiple of 16 (the staged-tile path)
+@pytest.mark.parametrize("heads", CPU_HEAD_SHAPES, ids=lambda h: f"{h[0]}over{h[1]}")
+def test_cpu_8bit_attention_matches_the_reference_in_float32(gen, dtype, head_dim, heads):
+    """The C++ 8-bit kernels (codes converted in registers, scales applied per row) against the
+    reference's dequantize-then-attend, float32 queries: equal within float32 rounding, atol 2e-5 and
+    rtol 1e-5 (outputs are O(1); the two sum in different orders). Odd contexts in 16-token blocks,
+    partially filled, crossing 256-key tiles and 512-key partitions; decodes alone and in a mixed
+    batch beside a prefill chunk."""
+    ops, _ = backend_ops("cpu")
+    num_heads, kv_heads = heads
+    contexts = [1, 17, 255, 257, 1001]
+    k_float, v_float, tables, lens = paged_kv(gen, contexts, 16, kv_heads, head_dim, torch.float32)
+    k_cache, v_cache = quantized(k_float, dtype), quantized(v_float, dtype)
+    query = torch.randn(len(contexts), num_heads, head_dim, generator=gen)
+    out = ops.decode_attention(query, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    want = reference.decode_attention(query, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    q_lens = [1, 1, 20, 1, 1]
+    cu = torch.tensor([0] + q_lens).cumsum(0).int()
+    mixed = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen)
+    args = (tables, lens, cu, head_dim**-0.5)
+    torch.testing.assert_close(ops.paged_attention(mixed, k_cache, v_cache, *args),
+                               reference.paged_attention(mixed, k_cache, v_cache, *args), atol=2e-5, rtol=1e-5)
 
 
 def test_cpu_attention_reads_an_8bit_cache_with_bfloat16_queries(gen):
