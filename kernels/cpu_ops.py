@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
 # hand-written AMX tile loops (amx_tiles.h).
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp")]
+           for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp", "thread_pool.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 

@@ -1,0 +1,287 @@
+// kernel_pool (thread_pool.h): persistent workers, parts claimed by an atomic, spin-then-futex
+// waiting. Registered ops: set_kernel_pool_spin_us / kernel_pool_spin_us (benchmarks),
+// kernel_pool_stats and kernel_pool_hold_workers (tests).
+
+#include "thread_pool.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <c10/util/ParallelGuard.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kernel_pool {
+namespace {
+
+// How long a worker spins for the next op before it sleeps. A decode step's ops come ~5-30 us
+// apart (Python between them); the gap between two steps (sampling, scheduling) is ~1-3 ms. The
+// budget covers the gaps inside a step and sleeps between steps: a longer spin only buys the
+// ~10-40 us wake of the step's first op at the price of a core spinning for everyone else.
+constexpr int64_t kDefaultSpinUs = 200;
+// How long the caller spins for a part a worker has claimed and is running (it started about
+// when the caller's own did, and takes about as long) before it sleeps: sleeping sooner leaves its
+// core idle, so that a worker preempted mid-part can be moved onto it.
+constexpr int64_t kCallerSpinNs = 100'000;
+// A spinning thread yields this often: a thread that shares its core (torch's OpenMP worker woken
+// for a torch op, or the caller itself under load) runs instead of waiting for a time slice.
+constexpr int64_t kYieldEveryNs = 20'000;
+
+std::atomic<int64_t> spin_us{kDefaultSpinUs};
+std::atomic<bool> hold_workers{false};  // tests: a worker that sees an op waits while this is set
+
+struct Stats {
+  alignas(64) std::atomic<int64_t> pooled{0};         // ops split into parts in the pool
+  alignas(64) std::atomic<int64_t> serial_busy{0};    // ops run serially: the pool held by another thread
+  alignas(64) std::atomic<int64_t> caller_parts{0};   // parts run by the calling thread
+  alignas(64) std::atomic<int64_t> worker_parts{0};   // parts run by workers
+  alignas(64) std::atomic<int64_t> worker_sleeps{0};  // times a worker went to sleep on the futex
+  alignas(64) std::atomic<int64_t> wakes{0};          // wake syscalls made by callers
+};
+Stats stats;
+
+thread_local bool in_part = false;  // this thread runs a part (or a serial op): nested calls are serial
+
+long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op | FUTEX_PRIVATE_FLAG, value, nullptr, nullptr, 0);
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Spins (pause) until done() or budget_ns has passed, yielding every kYieldEveryNs; done()'s last value.
+template <class Done>
+bool spin_until(const Done& done, int64_t budget_ns) {
+  if (budget_ns <= 0) return done();
+  const int64_t start = now_ns();
+  int64_t yielded = start;
+  for (uint32_t i = 1;; ++i) {
+    if (done()) return true;
+    _mm_pause();
+    if (i % 64 == 0) {
+      const int64_t t = now_ns();
+      if (t - start >= budget_ns) return done();
+      if (t - yielded >= kYieldEveryNs) {
+        sched_yield();
+        yielded = t;
+      }
+    }
+  }
+}
+
+void run_serially(int64_t begin, int64_t end, PartFn call, const void* fn) {
+  c10::ParallelGuard guard(true);
+  const bool outer = in_part;
+  in_part = true;
+  try {
+    call(fn, begin, end);
+  } catch (...) {
+    in_part = outer;
+    throw;
+  }
+  in_part = outer;
+}
+
+class Pool {
+ public:
+  explicit Pool(int64_t workers) : threads_(workers + 1) {
+    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this] { work(); });
+  }
+
+  const int64_t threads_;
+  std::atomic<bool> busy{false};  // an op (or a restart) holds the pool
+
+  // One op on the pool: the caller holds `busy`.
+  void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn) {
+    // at::parallel_for's parts (ATen/ParallelOpenMP.h): min(threads, ceil(n / grain)) chunks of
+    // ceil(n / that) iterations; n > max(grain, 1) here, so there are at least two.
+    const int64_t n = end - begin;
+    int64_t num = threads_;
+    if (grain > 0) num = std::min(num, (n + grain - 1) / grain);
+    const int64_t chunk = (n + num - 1) / num, parts = (n + chunk - 1) / chunk;
+    call_ = call;
+    fn_ = fn;
+    begin_ = begin;
+    end_ = end;
+    chunk_ = chunk;
+    error_ = nullptr;
+    error_set_.clear();
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t epoch = epoch_.load(std::memory_order_relaxed) + 1;
+    // The op's fields above are read only by a thread whose claim() succeeded on this word.
+    claim_.store(static_cast<uint64_t>(epoch) << 32 | static_cast<uint64_t>(parts) << 16, std::memory_order_release);
+    epoch_.store(epoch, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      futex(&epoch_, FUTEX_WAKE, static_cast<uint32_t>(std::min<int64_t>(parts - 1, INT_MAX)));
+      stats.wakes.fetch_add(1, std::memory_order_relaxed);
+    }
+    stats.pooled.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t p; (p = claim(epoch)) >= 0;) run_part(p, stats.caller_parts);
+    const uint32_t total = static_cast<uint32_t>(parts);
+    auto finished = [&] { return done_.load(std::memory_order_acquire) == total; };
+    if (!spin_until(finished, kCallerSpinNs)) {
+      caller_sleeping_.store(1, std::memory_order_seq_cst);
+      for (uint32_t d; (d = done_.load(std::memory_order_seq_cst)) != total;) futex(&done_, FUTEX_WAIT, d);
+      caller_sleeping_.store(0, std::memory_order_relaxed);
+    }
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  // Stops and joins the workers (the caller holds `busy`, and keeps it: the pool is retired).
+  void stop() {
+    stop_.store(true, std::memory_order_seq_cst);
+    epoch_.fetch_add(1, std::memory_order_seq_cst);
+    futex(&epoch_, FUTEX_WAKE, INT_MAX);
+    for (std::thread& t : workers_) t.join();
+  }
+
+ private:
+  // The next unclaimed part of op `epoch`, or -1 when none is left or that op is over. The word:
+  // epoch << 32 | parts << 16 | next part.
+  int64_t claim(uint32_t epoch) {
+    uint64_t word = claim_.load(std::memory_order_acquire);
+    while (true) {
+      const uint64_t next = word & 0xffff, parts = (word >> 16) & 0xffff;
+      if ((word >> 32) != epoch || next >= parts) return -1;
+      if (claim_.compare_exchange_weak(word, word + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        return static_cast<int64_t>(next);
+    }
+  }
+
+  // Part p of the current op; counted in `parts` before the caller can see it done.
+  void run_part(int64_t p, std::atomic<int64_t>& parts) {
+    const int64_t b = begin_ + p * chunk_, e = std::min(end_, b + chunk_);
+    try {
+      c10::ParallelGuard guard(true);  // an at::parallel_for inside a part runs serially
+      in_part = true;
+      call_(fn_, b, e);
+    } catch (...) {
+      if (!error_set_.test_and_set()) error_ = std::current_exception();
+    }
+    in_part = false;
+    parts.fetch_add(1, std::memory_order_relaxed);
+    done_.fetch_add(1, std::memory_order_seq_cst);
+    if (caller_sleeping_.load(std::memory_order_seq_cst)) futex(&done_, FUTEX_WAKE, 1);
+  }
+
+  void work() {
+    uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
+    while (true) {
+      const int64_t budget = spin_us.load(std::memory_order_relaxed) * 1000;
+      spin_until([&] { return epoch_.load(std::memory_order_acquire) != seen; }, budget);
+      while (epoch_.load(std::memory_order_acquire) == seen) {
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        if (epoch_.load(std::memory_order_seq_cst) == seen) {
+          stats.worker_sleeps.fetch_add(1, std::memory_order_relaxed);
+          futex(&epoch_, FUTEX_WAIT, seen);
+        }
+        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+      }
+      if (stop_.load(std::memory_order_acquire)) return;
+      seen = epoch_.load(std::memory_order_acquire);
+      while (hold_workers.load(std::memory_order_seq_cst)) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      for (int64_t p; (p = claim(seen)) >= 0;) run_part(p, stats.worker_parts);
+    }
+  }
+
+  // The current op, written by its caller before it publishes the op in claim_.
+  PartFn call_ = nullptr;
+  const void* fn_ = nullptr;
+  int64_t begin_ = 0, end_ = 0, chunk_ = 1;
+  std::exception_ptr error_;
+  std::atomic_flag error_set_ = ATOMIC_FLAG_INIT;
+
+  alignas(64) std::atomic<uint64_t> claim_{0};
+  alignas(64) std::atomic<uint32_t> epoch_{0};  // bumped per op: the word workers sleep on
+  std::atomic<uint32_t> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  alignas(64) std::atomic<uint32_t> done_{0};  // parts finished: the word a waiting caller sleeps on
+  std::atomic<uint32_t> caller_sleeping_{0};
+  std::vector<std::thread> workers_;
+};
+
+std::atomic<Pool*> current{nullptr};
+std::mutex restart_mutex;
+
+// A forked child has none of the parent's workers: it starts its own pool (the parent's object is
+// left as it was, never used).
+void forget_pool_in_child() { current.store(nullptr, std::memory_order_relaxed); }
+
+// The pool for `threads` threads (workers started on first use); nullptr when a pool of another
+// size is busy (that op runs serially; the restart happens on a later call). A replaced pool is
+// stopped and left allocated, busy: a thread that loaded its address just before finds it busy.
+Pool* pool_for(int64_t threads) {
+  Pool* pool = current.load(std::memory_order_acquire);
+  if (pool && pool->threads_ == threads) return pool;
+  std::lock_guard<std::mutex> lock(restart_mutex);
+  static const bool registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child) == 0;
+  (void)registered;
+  pool = current.load(std::memory_order_acquire);
+  if (pool && pool->threads_ == threads) return pool;
+  if (pool) {
+    if (pool->busy.exchange(true, std::memory_order_acquire)) return nullptr;
+    pool->stop();
+  }
+  pool = new Pool(threads - 1);
+  current.store(pool, std::memory_order_release);
+  return pool;
+}
+
+}  // namespace
+
+void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn) {
+  if (begin >= end) return;
+  at::internal::lazy_init_num_threads();
+  const int64_t n = end - begin, threads = at::get_num_threads();
+  if (n <= grain || n <= 1 || threads <= 1 || in_part || at::in_parallel_region()) {
+    run_serially(begin, end, call, fn);
+    return;
+  }
+  Pool* pool = pool_for(threads);
+  if (!pool || pool->busy.exchange(true, std::memory_order_acquire)) {
+    stats.serial_busy.fetch_add(1, std::memory_order_relaxed);
+    run_serially(begin, end, call, fn);
+    return;
+  }
+  try {
+    pool->run(begin, end, grain, call, fn);
+  } catch (...) {
+    pool->busy.store(false, std::memory_order_release);
+    throw;
+  }
+  pool->busy.store(false, std::memory_order_release);
+}
+
+}  // namespace kernel_pool
+
+TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
+  using namespace kernel_pool;
+  m.def("set_kernel_pool_spin_us(int us) -> ()", [](int64_t us) {
+    TORCH_CHECK(us >= 0, "set_kernel_pool_spin_us: us must be >= 0 (0: workers sleep after every part), got ", us);
+    spin_us.store(us, std::memory_order_relaxed);
+  });
+  m.def("kernel_pool_spin_us() -> int", [] { return spin_us.load(std::memory_order_relaxed); });
+  // Tests: workers that see a new op wait (sleeping) while held, as a descheduled worker would.
+  m.def("kernel_pool_hold_workers(bool held) -> ()", [](bool held) { hold_workers.store(held, std::memory_order_seq_cst); });
+  // [pooled ops, ops run serially because the pool was busy, caller parts, worker parts, worker
+  // sleeps, wake syscalls], counted since the process started.
+  m.def("kernel_pool_stats() -> int[]", [] {
+    return std::vector<int64_t>{stats.pooled.load(), stats.serial_busy.load(), stats.caller_parts.load(),
+                                stats.worker_parts.load(), stats.worker_sleeps.load(), stats.wakes.load()};
+  });
+}
