@@ -1,5 +1,5 @@
 // kernel_pool (thread_pool.h): persistent workers, parts claimed by an atomic, spin-then-futex
-// waiting. Registered ops: set_kernel_pool_spin_us / kernel_pool_spin_us (benchmarks),
+// waiting. Registered ops: set_kernel_pool_spin_us / kernel_pool_spin_us / set_kernel_pool_enabled (benchmarks),
 // kernel_pool_stats and kernel_pool_hold_workers (tests).
 
 #include "thread_pool.h"
@@ -35,13 +35,22 @@ namespace {
 constexpr int64_t kDefaultSpinUs = 200;
 // How long the caller spins for a part a worker has claimed and is running (it started about
 // when the caller's own did, and takes about as long) before it sleeps: sleeping sooner leaves its
-// core idle, so that a worker preempted mid-part can be moved onto it.
+// core idle, so that a worker preempted mid-part can be moved onto it. While it spins it yields
+// every kYieldEveryNs: a worker preempted on its core runs instead.
 constexpr int64_t kCallerSpinNs = 100'000;
-// A spinning thread yields this often: a thread that shares its core (torch's OpenMP worker woken
-// for a torch op, or the caller itself under load) runs instead of waiting for a time slice.
 constexpr int64_t kYieldEveryNs = 20'000;
+// A worker that finds it was off its core while it spun (two looks at the clock, ~3 us of pauses
+// apart, more than kPreemptedNs apart) shares its core with other work: it sleeps right after its
+// parts for the next kCooldownOps ops (about two batch-1 steps), then tries spinning again.
+// Measured on the shared 2-vCPU VM (load 8-12, bench/profile_step.py --ab-pool-spin): workers
+// that spun regardless ran 4-33% of the parts, workers that slept after each op 54-63% (a woken
+// sleeper is scheduled ahead of a thread that used its share spinning), and the spinning stole
+// the core from the caller and from torch's own OpenMP worker.
+constexpr int64_t kPreemptedNs = 30'000;
+constexpr int64_t kCooldownOps = 256;
 
 std::atomic<int64_t> spin_us{kDefaultSpinUs};
+std::atomic<bool> enabled{true};        // false: at::parallel_for (OpenMP), for A/B benchmarks
 std::atomic<bool> hold_workers{false};  // tests: a worker that sees an op waits while this is set
 
 struct Stats {
@@ -51,6 +60,7 @@ struct Stats {
   alignas(64) std::atomic<int64_t> worker_parts{0};   // parts run by workers
   alignas(64) std::atomic<int64_t> worker_sleeps{0};  // times a worker went to sleep on the futex
   alignas(64) std::atomic<int64_t> wakes{0};          // wake syscalls made by callers
+  alignas(64) std::atomic<int64_t> worker_preempted{0};  // spins a worker cut short: it had been off its core
 };
 Stats stats;
 
@@ -64,21 +74,28 @@ int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Spins (pause) until done() or budget_ns has passed, yielding every kYieldEveryNs; done()'s last value.
+// Spins (pause) until done() or budget_ns has passed, yielding every kYieldEveryNs if `yield`;
+// *preempted: whether it stopped early because the thread had been off its core (when given).
+// done()'s last value.
 template <class Done>
-bool spin_until(const Done& done, int64_t budget_ns) {
+bool spin_until(const Done& done, int64_t budget_ns, bool yield, bool* preempted) {
   if (budget_ns <= 0) return done();
   const int64_t start = now_ns();
-  int64_t yielded = start;
+  int64_t yielded = start, last = start;
   for (uint32_t i = 1;; ++i) {
     if (done()) return true;
     _mm_pause();
     if (i % 64 == 0) {
       const int64_t t = now_ns();
       if (t - start >= budget_ns) return done();
-      if (t - yielded >= kYieldEveryNs) {
+      if (preempted && t - last >= kPreemptedNs) {
+        *preempted = true;
+        return done();
+      }
+      last = t;
+      if (yield && t - yielded >= kYieldEveryNs) {
         sched_yield();
-        yielded = t;
+        yielded = last = now_ns();
       }
     }
   }
@@ -134,7 +151,7 @@ class Pool {
     for (int64_t p; (p = claim(epoch)) >= 0;) run_part(p, stats.caller_parts);
     const uint32_t total = static_cast<uint32_t>(parts);
     auto finished = [&] { return done_.load(std::memory_order_acquire) == total; };
-    if (!spin_until(finished, kCallerSpinNs)) {
+    if (!spin_until(finished, kCallerSpinNs, true, nullptr)) {
       caller_sleeping_.store(1, std::memory_order_seq_cst);
       for (uint32_t d; (d = done_.load(std::memory_order_seq_cst)) != total;) futex(&done_, FUTEX_WAIT, d);
       caller_sleeping_.store(0, std::memory_order_relaxed);
@@ -181,9 +198,16 @@ class Pool {
 
   void work() {
     uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
+    int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted spinning)
     while (true) {
-      const int64_t budget = spin_us.load(std::memory_order_relaxed) * 1000;
-      spin_until([&] { return epoch_.load(std::memory_order_acquire) != seen; }, budget);
+      const int64_t budget = cooldown > 0 ? 0 : spin_us.load(std::memory_order_relaxed) * 1000;
+      cooldown = std::max<int64_t>(0, cooldown - 1);
+      bool preempted = false;
+      spin_until([&] { return epoch_.load(std::memory_order_acquire) != seen; }, budget, false, &preempted);
+      if (preempted) {
+        cooldown = kCooldownOps;
+        stats.worker_preempted.fetch_add(1, std::memory_order_relaxed);
+      }
       while (epoch_.load(std::memory_order_acquire) == seen) {
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         if (epoch_.load(std::memory_order_seq_cst) == seen) {
@@ -246,6 +270,10 @@ Pool* pool_for(int64_t threads) {
 
 void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn) {
   if (begin >= end) return;
+  if (!enabled.load(std::memory_order_relaxed)) {
+    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { call(fn, b, e); });
+    return;
+  }
   at::internal::lazy_init_num_threads();
   const int64_t n = end - begin, threads = at::get_num_threads();
   if (n <= grain || n <= 1 || threads <= 1 || in_part || at::in_parallel_region()) {
@@ -275,13 +303,16 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
     TORCH_CHECK(us >= 0, "set_kernel_pool_spin_us: us must be >= 0 (0: workers sleep after every part), got ", us);
     spin_us.store(us, std::memory_order_relaxed);
   });
+  // Benchmarks: false runs our kernels' regions on torch's OpenMP threads, as before the pool.
+  m.def("set_kernel_pool_enabled(bool enabled) -> ()", [](bool on) { enabled.store(on, std::memory_order_relaxed); });
   m.def("kernel_pool_spin_us() -> int", [] { return spin_us.load(std::memory_order_relaxed); });
   // Tests: workers that see a new op wait (sleeping) while held, as a descheduled worker would.
   m.def("kernel_pool_hold_workers(bool held) -> ()", [](bool held) { hold_workers.store(held, std::memory_order_seq_cst); });
   // [pooled ops, ops run serially because the pool was busy, caller parts, worker parts, worker
-  // sleeps, wake syscalls], counted since the process started.
+  // sleeps, wake syscalls, worker spins cut short by a preemption], counted since the process started.
   m.def("kernel_pool_stats() -> int[]", [] {
-    return std::vector<int64_t>{stats.pooled.load(), stats.serial_busy.load(), stats.caller_parts.load(),
-                                stats.worker_parts.load(), stats.worker_sleeps.load(), stats.wakes.load()};
+    return std::vector<int64_t>{stats.pooled.load(),       stats.serial_busy.load(), stats.caller_parts.load(),
+                                stats.worker_parts.load(), stats.worker_sleeps.load(), stats.wakes.load(),
+                                stats.worker_preempted.load()};
   });
 }
