@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls;
 # step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention);
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
-# hand-written AMX tile loops (amx_tiles.h).
+# hand-written AMX tile loops (amx_tiles.h); thread_pool.cpp: the thread pool all of them split
+# their work on (thread_pool.h), not torch's OpenMP threads.
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp", "thread_pool.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.

@@ -419,7 +419,7 @@ def test_the_kernels_build_and_run_for_an_avx2_only_cpu(gen, tmp_path):
     (CI may get one): every source must compile there (AVX-512 code only inside functions that
     carry their own target attribute), and attention equals the reference. A source that did not
     build used to drop the whole C++ backend to torch, silently."""
-    k_cache, v_cache, tables, lens = paged_kv(gen, [40, 7], 16, 3, 64, torch.float32)
+    k_cache, v_cache, tables, lens = paged_kv(gen, [400, 7], 16, 3, 64, torch.float32)  # 400: over one thread's share
     cu = torch.tensor([0, 5, 1]).cumsum(0).int()
     query = torch.randn(int(cu[-1]), 9, 64, generator=gen)
     inputs = tmp_path / "inputs.pt"
@@ -430,7 +430,9 @@ def test_the_kernels_build_and_run_for_an_avx2_only_cpu(gen, tmp_path):
         assert torch.backends.cpu.get_cpu_capability() == "AVX2"
         from kernels import cpu_ops
         args = torch.load({str(inputs)!r})
+        torch.set_num_threads(2)  # on our kernels' thread pool (no AMX in it)
         torch.save(cpu_ops.paged_attention(*args, 0.125), {str(tmp_path / "avx2.pt")!r})
+        assert torch.ops.bento_llm.kernel_pool_stats()[0] > 0
         """
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")

@@ -50,7 +50,8 @@ constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row
 // on two threads of a quiet 2-vCPU AMX VM, ~9.6 GB/s, what one thread reads alone), and waking
 // the other thread (a futex under the passive wait the engine sets) costs, worst where other
 // processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
-// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating).
+// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating; measured on OpenMP,
+// before kernel_pool, whose sleeping worker is woken the same way).
 constexpr int64_t kSerialBytes = 1 << 20;
 
 bool amx_linear_supported() { return amx_tiles::supported(); }
