@@ -28,11 +28,15 @@
 namespace kernel_pool {
 namespace {
 
-// How long a worker spins for the next op before it sleeps. A decode step's ops come ~5-30 us
-// apart (Python between them); the gap between two steps (sampling, scheduling) is ~1-3 ms. The
-// budget covers the gaps inside a step and sleeps between steps: a longer spin only buys the
-// ~10-40 us wake of the step's first op at the price of a core spinning for everyone else.
-constexpr int64_t kDefaultSpinUs = 200;
+// How long a worker spins for the next op before it sleeps. The gaps between our ops in a decode
+// step (int4, batch 1, torch.profiler on the shared 2-vCPU VM, so on the long side): median 18 us,
+// 95% under 50 us, 98% under 100 us; between two steps (sampling, scheduling) ~0.5-1 ms. 50 us
+// covers a step's gaps and sleeps between steps. Longer spins cost more than they save where other
+// processes share the cores (int4 batch-1 steps, bench/profile_step.py --ab-pool-spin 200,50 5 at
+// load 8-9, medians of 5 interleaved passes: spin 200 us 40 ms, 50 us 20, 0 us 19, OpenMP 35, one
+// thread 33): a worker that has spun uses up its share of the core, is preempted more often,
+// and a part it has claimed then holds up the caller.
+constexpr int64_t kDefaultSpinUs = 50;
 // How long the caller spins for a part a worker has claimed and is running (it started about
 // when the caller's own did, and takes about as long) before it sleeps: sleeping sooner leaves its
 // core idle, so that a worker preempted mid-part can be moved onto it. While it spins it yields
