@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #include <torch/library.h>
 
@@ -44,7 +45,8 @@ constexpr int64_t kDefaultSpinUs = 50;
 constexpr int64_t kCallerSpinNs = 100'000;
 constexpr int64_t kYieldEveryNs = 20'000;
 // A worker that finds it was off its core while it spun (two looks at the clock, ~3 us of pauses
-// apart, more than kPreemptedNs apart) shares its core with other work: it sleeps right after its
+// apart, more than kPreemptedNs apart) or during a part (wall time past its CPU time by that much,
+// checked on one op in kCheckEvery) shares its core with other work: it sleeps right after its
 // parts for the next kCooldownOps ops (about two batch-1 steps), then tries spinning again.
 // Measured on the shared 2-vCPU VM (load 8-12, bench/profile_step.py --ab-pool-spin): workers
 // that spun regardless ran 4-33% of the parts, workers that slept after each op 54-63% (a woken
@@ -52,6 +54,7 @@ constexpr int64_t kYieldEveryNs = 20'000;
 // the core from the caller and from torch's own OpenMP worker.
 constexpr int64_t kPreemptedNs = 30'000;
 constexpr int64_t kCooldownOps = 256;
+constexpr int64_t kCheckEvery = 8;
 
 std::atomic<int64_t> spin_us{kDefaultSpinUs};
 std::atomic<bool> enabled{true};        // false: at::parallel_for (OpenMP), for A/B benchmarks
@@ -64,7 +67,7 @@ struct Stats {
   alignas(64) std::atomic<int64_t> worker_parts{0};   // parts run by workers
   alignas(64) std::atomic<int64_t> worker_sleeps{0};  // times a worker went to sleep on the futex
   alignas(64) std::atomic<int64_t> wakes{0};          // wake syscalls made by callers
-  alignas(64) std::atomic<int64_t> worker_preempted{0};  // spins a worker cut short: it had been off its core
+  alignas(64) std::atomic<int64_t> worker_preempted{0};  // times a worker found itself preempted (cooldown)
 };
 Stats stats;
 
@@ -72,6 +75,12 @@ thread_local bool in_part = false;  // this thread runs a part (or a serial op):
 
 long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op | FUTEX_PRIVATE_FLAG, value, nullptr, nullptr, 0);
+}
+
+int64_t thread_cpu_ns() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec * 1'000'000'000LL + t.tv_nsec;
 }
 
 int64_t now_ns() {
@@ -202,7 +211,8 @@ class Pool {
 
   void work() {
     uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
-    int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted spinning)
+    int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted)
+    int64_t ops = 0;
     while (true) {
       const int64_t budget = cooldown > 0 ? 0 : spin_us.load(std::memory_order_relaxed) * 1000;
       cooldown = std::max<int64_t>(0, cooldown - 1);
@@ -223,7 +233,16 @@ class Pool {
       if (stop_.load(std::memory_order_acquire)) return;
       seen = epoch_.load(std::memory_order_acquire);
       while (hold_workers.load(std::memory_order_seq_cst)) std::this_thread::sleep_for(std::chrono::microseconds(100));
-      for (int64_t p; (p = claim(seen)) >= 0;) run_part(p, stats.worker_parts);
+      // One op in kCheckEvery while spinning: was this worker off its core during its part? (A
+      // part it has claimed and not finished holds up the caller.) Thread CPU time is a syscall.
+      const bool check = spin_us.load(std::memory_order_relaxed) > 0 && cooldown == 0 && ++ops % kCheckEvery == 0;
+      const int64_t wall = check ? now_ns() : 0, cpu = check ? thread_cpu_ns() : 0;
+      int64_t claimed = 0;
+      for (int64_t p; (p = claim(seen)) >= 0; ++claimed) run_part(p, stats.worker_parts);
+      if (check && claimed > 0 && (now_ns() - wall) - (thread_cpu_ns() - cpu) >= kPreemptedNs) {
+        cooldown = kCooldownOps;
+        stats.worker_preempted.fetch_add(1, std::memory_order_relaxed);
+      }
     }
   }
 
@@ -313,7 +332,8 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   // Tests: workers that see a new op wait (sleeping) while held, as a descheduled worker would.
   m.def("kernel_pool_hold_workers(bool held) -> ()", [](bool held) { hold_workers.store(held, std::memory_order_seq_cst); });
   // [pooled ops, ops run serially because the pool was busy, caller parts, worker parts, worker
-  // sleeps, wake syscalls, worker spins cut short by a preemption], counted since the process started.
+  // sleeps, wake syscalls, times a worker found itself preempted (and stopped spinning for a
+  // while)], counted since the process started.
   m.def("kernel_pool_stats() -> int[]", [] {
     return std::vector<int64_t>{stats.pooled.load(),       stats.serial_busy.load(), stats.caller_parts.load(),
                                 stats.worker_parts.load(), stats.worker_sleeps.load(), stats.wakes.load(),
