@@ -19,7 +19,8 @@ ops = torch.ops.bento_llm
 needs_amx_linear = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX tiles on this machine")
 TIMEOUT_S = 60  # a deadlock fails the test instead of hanging the suite
 # kernel_pool_stats' fields, in order.
-STATS = ("pooled", "serial_busy", "caller_parts", "worker_parts", "worker_sleeps", "wakes", "worker_preempted")
+STATS = ("pooled", "serial_busy", "caller_parts", "worker_parts", "worker_sleeps", "wakes", "worker_preempted",
+         "worker_moves")
 
 
 def stats() -> dict[str, int]:
