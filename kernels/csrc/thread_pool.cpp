@@ -32,11 +32,11 @@ namespace {
 // How long a worker spins for the next op before it sleeps. The gaps between our ops in a decode
 // step (int4, batch 1, torch.profiler on the shared 2-vCPU VM, so on the long side): median 18 us,
 // 95% under 50 us, 98% under 100 us; between two steps (sampling, scheduling) ~0.5-1 ms. 50 us
-// covers a step's gaps and sleeps between steps. Longer spins cost more than they save where other
-// processes share the cores (int4 batch-1 steps, bench/profile_step.py --ab-pool-spin 200,50 5 at
-// load 8-9, medians of 5 interleaved passes: spin 200 us 40 ms, 50 us 20, 0 us 19, OpenMP 35, one
-// thread 33): a worker that has spun uses up its share of the core, is preempted more often,
-// and a part it has claimed then holds up the caller.
+// covers a step's gaps and sleeps between steps. Int4 batch-1 steps, bench/profile_step.py
+// --ab-pool-spin 200,50 3 (interleaved in one process, load ~1.7): spin 200 us 13.1 ms, 50 us 11.6,
+// 0 us 14.7, OpenMP (passive) 16.9, one thread 19.5. At load 8-15 spin 0 was as fast as 50 or
+// faster, and 200 the slowest of the three: a worker that has spun has used up its share of the
+// core, is preempted more often, and a part it has claimed then holds up the caller.
 constexpr int64_t kDefaultSpinUs = 50;
 // How long the caller spins for a part a worker has claimed and is running (it started about
 // when the caller's own did, and takes about as long) before it sleeps: sleeping sooner leaves its
