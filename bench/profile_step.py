@@ -5,6 +5,7 @@
     python bench/profile_step.py --dtype float32 --batch 16
     python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
+    python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
@@ -191,6 +192,42 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
               f"median of passes {statistics.median(ms):.2f}")
 
 
+def pool_ab(steps, spins: str, rounds: int) -> None:
+    """Decode steps with our kernels' regions on their pool (kernels/csrc/thread_pool.h), its
+    workers spinning each of `spins` (comma-separated us) for the next op, or sleeping after each
+    (spin 0), or on torch's OpenMP threads as before the pool, or on one thread (torch's ops too);
+    rotating in this process, every pass printed."""
+    ops = torch.ops.bento_llm
+    modes = {f"pool, spin {us} us": (True, us) for us in sorted({int(us) for us in spins.split(",")} | {0}, reverse=True)}
+    modes["OpenMP (no pool)"] = (False, 0)
+    modes["one thread"] = (True, 0)
+    passes: dict[str, list[float]] = {name: [] for name in modes}
+    worker_share: dict[str, list[int]] = {name: [0, 0] for name in modes}  # parts run by workers, all parts
+    spin_before, threads = ops.kernel_pool_spin_us(), torch.get_num_threads()
+    names = list(modes)
+    try:
+        for i in range(rounds):
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                enabled, spin = modes[name]
+                ops.set_kernel_pool_enabled(enabled)
+                ops.set_kernel_pool_spin_us(spin)
+                torch.set_num_threads(1 if name == "one thread" else threads)
+                before = ops.kernel_pool_stats()
+                passes[name].append(statistics.median(steps()) * 1e3)
+                after = ops.kernel_pool_stats()  # [pooled, serial_busy, caller parts, worker parts, ...]
+                worker_share[name][0] += after[3] - before[3]
+                worker_share[name][1] += after[2] + after[3] - before[2] - before[3]
+    finally:
+        torch.set_num_threads(threads)
+        ops.set_kernel_pool_enabled(True)
+        ops.set_kernel_pool_spin_us(spin_before)
+    for name, ms in passes.items():
+        workers, parts = worker_share[name]
+        share = f"; workers ran {workers / parts:.0%} of {parts} parts" if parts else ""
+        print(f"{name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; median of passes "
+              f"{statistics.median(ms):.2f}{share}")
+
+
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
     """(median wall seconds, median seconds of this thread's CPU time) of the forward pass: on a
     loaded machine the thread's CPU time is the steadier one (it leaves out time the thread
@@ -222,6 +259,9 @@ def main() -> None:
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
     parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
+    parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
+                        help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
+                             "and on OpenMP, rotating, ROUNDS rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -237,6 +277,12 @@ def main() -> None:
     if args.ab_fused_mlp:
         fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
                      args.ab_fused_mlp)
+        return
+    if args.ab_pool_spin:
+        import kernels.cpu_ops  # noqa: F401  (the pool's ops)
+
+        pool_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_pool_spin[0],
+                int(args.ab_pool_spin[1]))
         return
 
     # 1. phases

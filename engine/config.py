@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, fields
 # one thread 48 ms. Passive waiting costs a futex wake per region on an idle machine (a small
 # parallel op after a 30 us gap: 15 us passive vs 9 us spinning, fastest of 3,000). The user's
 # own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; a process that imported torch before the engine
-# keeps libgomp's default (the model runner warns).
+# keeps libgomp's default (the model runner warns). Our own C++ kernels (every projection,
+# attention, norm) no longer run on OpenMP: their pool (kernels/csrc/thread_pool.h) spins briefly
+# and never makes the caller wait for a descheduled worker; this setting now covers torch's ops.
 OPENMP_WAIT_POLICY = "PASSIVE"
 OPENMP_WAIT_SET_BY_USER = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 OPENMP_WAIT_APPLIED = not OPENMP_WAIT_SET_BY_USER and "torch" not in sys.modules

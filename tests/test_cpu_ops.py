@@ -423,7 +423,7 @@ def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:
     tests/test_server_default_model.py::test_bentoml_build_packs_the_default_model_and_the_bento_serves
     on the Bento it serves for an AVX2-only CPU: one AVX2 compile (~40 s on CI) then checks both
     that the Bento's copy of the kernels builds and this."""
-    k_cache, v_cache, tables, lens = paged_kv(gen, [40, 7], 16, 3, 64, torch.float32)
+    k_cache, v_cache, tables, lens = paged_kv(gen, [400, 7], 16, 3, 64, torch.float32)  # 400: over one thread's share
     cu = torch.tensor([0, 5, 1]).cumsum(0).int()
     query = torch.randn(int(cu[-1]), 9, 64, generator=gen)
     inputs = tmp_path / "inputs.pt"
@@ -435,7 +435,9 @@ def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:
         from kernels import cpu_ops
         assert cpu_ops.__file__.startswith({str(root)!r}), cpu_ops.__file__
         args = torch.load({str(inputs)!r})
+        torch.set_num_threads(2)  # on our kernels' thread pool (no AMX in it)
         torch.save(cpu_ops.paged_attention(*args, 0.125), {str(tmp_path / "avx2.pt")!r})
+        assert torch.ops.bento_llm.kernel_pool_stats()[0] > 0
         """
     )
     done = subprocess.run([sys.executable, "-c", script], env=dict(env, ATEN_CPU_CAPABILITY="avx2"), cwd=root,

@@ -12,7 +12,7 @@
 // projections only in these strips and calls this up to AMX_STRIPS_MAX_ROWS rows; past that it
 // multiplies a per-call amx_linear_unpack with F.linear (vectorized: ~1.03-1.15x F.linear's time on a plain
 // weight at 1000-2000 rows, the hand loop ~1.2-1.45x).
-// Both threads split the column tiles (at::parallel_for). Bias and the rounding to bfloat16 are in
+// Both threads split the column tiles (kernel_pool::parallel_for). Bias and the rounding to bfloat16 are in
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
 // last 1-15 rows are one padded 16-row block: tail_block).
 // Functions with AMX/AVX-512 bodies carry their own target attribute, so the file builds on any
@@ -29,6 +29,7 @@
 
 #include "amx_tiles.h"
 #include "silu_lanes.h"
+#include "thread_pool.h"
 #include "transpose16.h"
 
 namespace {
@@ -49,7 +50,8 @@ constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row
 // on two threads of a quiet 2-vCPU AMX VM, ~9.6 GB/s, what one thread reads alone), and waking
 // the other thread (a futex under the passive wait the engine sets) costs, worst where other
 // processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
-// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating).
+// ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating; measured on OpenMP,
+// before kernel_pool, whose sleeping worker is woken the same way).
 constexpr int64_t kSerialBytes = 1 << 20;
 
 bool amx_linear_supported() { return amx_tiles::supported(); }
@@ -97,7 +99,7 @@ at::Tensor amx_linear_unpack(const at::Tensor& packed, int64_t n_total) {
   at::Tensor out = at::empty({n_total, packed.size(1) * kK}, packed.options());
   const auto* in = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
   auto* w = reinterpret_cast<uint32_t*>(out.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { unpack_strips(in, packed.size(1), n_total, w, t0, t1); });
+  kernel_pool::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { unpack_strips(in, packed.size(1), n_total, w, t0, t1); });
   return out;
 }
 
@@ -250,7 +252,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   // all of them on this thread (no parallel region).
   const bool serial = blocks.size() == 1 && tiles * steps * amx_tiles::kTileElems * 2 < kSerialBytes;
   const int64_t grain = serial ? tiles : blocks.size() == 1 ? 1 : 2;
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  kernel_pool::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     run_columns(blocks, w, steps, n_total, bias_ptr, y, t0, t1);
   });
   return out;
@@ -372,7 +374,7 @@ at::Tensor amx_silu_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at
   float* partial = partial_sums.data();
   const auto* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<c10::BFloat16>());
   const auto* dw = reinterpret_cast<const uint16_t*>(down.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       silu_mlp_slice(block.a, block.lda, gu, k_steps, inter, dw, n_total, down_steps * p / slices,
                      down_steps * (p + 1) / slices, rows, partial + p * rows * n_total);

@@ -21,6 +21,7 @@
 #include "float_rows.h"
 #include "kv_codes.h"
 #include "silu_lanes.h"
+#include "thread_pool.h"
 #include "transpose16.h"
 
 #include <algorithm>
@@ -85,7 +86,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     scalar_t* dst = out.data_ptr<scalar_t>();
     const float* w = weight.data_ptr<float>();
     const int64_t stride = x.stride(0);
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    kernel_pool::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) rms_norm_row(dst + r * n, src + r * stride, w, n, static_cast<float>(eps));
     });
   });
@@ -106,7 +107,7 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x, const at::Ten
     scalar_t* dst = out.data_ptr<scalar_t>();
     const float* w = weight.data_ptr<float>();
     const int64_t stride = x.stride(0);
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    kernel_pool::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         add_row(res + r * n, src + r * stride, n);
         rms_norm_row(dst + r * n, res + r * n, w, n, static_cast<float>(eps));
@@ -178,7 +179,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     const scalar_t* src = gate_up.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t stride = gate_up.stride(0);
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    kernel_pool::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) silu_mul_row(dst + r * n, src + r * stride, n);
     });
   });
@@ -212,7 +213,7 @@ void rotary_embedding_(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& 
     const scalar_t* cos_base = cos.data_ptr<scalar_t>();
     const scalar_t* sin_base = sin.data_ptr<scalar_t>();
     const int64_t stride = qk.stride(0), table_stride = cos.stride(0);
-    at::parallel_for(0, tokens, row_grain(heads * dim), [&](int64_t begin, int64_t end) {
+    kernel_pool::parallel_for(0, tokens, row_grain(heads * dim), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* c = cos_base + t * table_stride;
         const scalar_t* s = sin_base + t * table_stride;
@@ -235,7 +236,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "argmax_rows", [&] {
     const scalar_t* src = logits.data_ptr<scalar_t>();
     const int64_t stride = logits.stride(0);
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    kernel_pool::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) dst[r] = argmax_row(src + r * stride, n);
     });
   });
@@ -835,7 +836,7 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
   }
   if (jobs.empty()) return;
   if (static_cast<int64_t>(storage.size()) < total) storage.resize(total);
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<const bf16*> rows(kKeyTile);
     const std::vector<bf16> zeros(a.dim);
     for (int64_t i = begin; i < end; ++i) {
@@ -1300,7 +1301,7 @@ void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim,
   if (n == 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
-  at::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
+  kernel_pool::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
     // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.

@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "thread_pool.h"
+
 namespace {
 
 #define BENTO_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -80,7 +82,7 @@ at::Tensor bf16_mm_amx(const at::Tensor& x, const at::Tensor& weight) {
   const auto* xp = packed.data_ptr<c10::BFloat16>();
   auto* y = out.data_ptr<c10::BFloat16>();
   const int64_t blocks = (n_total + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float res[kBlockN * kRowChunk];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * kBlockN, columns = std::min(kBlockN, n_total - n0);

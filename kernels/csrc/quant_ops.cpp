@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -167,7 +168,7 @@ BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 
 // blocks split over the threads.
 template <typename F>
 void for_each_block(int64_t out_features, const F& fn) {
-  at::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) fn(b, std::min(kBlockN, out_features - b * kBlockN));
   });
 }
@@ -336,7 +337,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
                    column_scale ? column_scale + b * kBlockN : nullptr, y + b * kBlockN, n_total);
   };
   if (rows <= kRowChunk) {
-    at::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
+    kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
       uint16_t* tile = block_buffer(tile_elements);
       configure_tiles();
       for (int64_t u = begin; u < end;) {
@@ -351,7 +352,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
     return out;
   }
   const int64_t group = std::max<int64_t>(1, kGroupBytes / (tile_elements * 2));
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     uint16_t* tiles = block_buffer(std::min(group, end - begin) * tile_elements);
     configure_tiles();
     for (int64_t g0 = begin; g0 < end; g0 += group) {
@@ -823,7 +824,7 @@ BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total,
 // rotation_block > 0 (then K is a multiple of it). K is a multiple of 4.
 void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
                    float* scales) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     auto work = rotation_block > 0 ? aligned_buffer<float>(k_total) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const auto* row = reinterpret_cast<const uint16_t*>(x + r * lda);
@@ -880,7 +881,7 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* column_scale = scales.data_ptr<float>();
   const std::vector<std::pair<int64_t, int64_t>> chunks = row_chunks(rows);
   const int64_t blocks = (out_features + kBlockN - 1) / kBlockN;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     auto result = aligned_buffer<int32_t>(std::min(rows, kMaxRows) * kBlockN);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);

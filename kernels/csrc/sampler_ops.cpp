@@ -23,6 +23,7 @@
 
 #include "float_rows.h"
 #include "silu_lanes.h"
+#include "thread_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -355,7 +356,7 @@ at::Tensor filter_rows(const at::Tensor& logits, const std::optional<at::Tensor>
   auto out = at::empty({rows, n}, logits.options());
   const float* src = logits.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     Scratch& s = scratch(n);
     for (int64_t r = begin; r < end; ++r) {
       const Filter f = params.row(r);
@@ -388,7 +389,7 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform, cons
   const float* u = uniform.data_ptr<float>();
   const bool* is_greedy = greedy.data_ptr<bool>();
   int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  kernel_pool::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     Scratch& s = scratch(n);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = src + r * stride;
