@@ -26,7 +26,8 @@ One scale per (token, KV head), set when the token is written: scale = max|x| / 
 codes rounded to nearest) or max|x| / 448 (e4m3, the format's largest finite value). A
 per-row scale needs no calibration and cannot clip, costs 2 bytes per head_dim (3% at 64), and
 lives inside the block, so every block copy (copy-on-write, swap, prefix reuse) moves the scales
-with the codes. The kernels dequantize rows as they stage them; none makes a float copy.
+with the codes. These functions dequantize rows as they stage them; the C++ decode kernel
+converts codes in registers (kernels/csrc/kv_codes.h); none makes a float copy of the cache.
 """
 
 from __future__ import annotations
