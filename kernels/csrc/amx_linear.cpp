@@ -51,8 +51,14 @@ constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row
 // the other thread (a futex under the passive wait the engine sets) costs, worst where other
 // processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
 // ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating; measured on OpenMP,
-// before kernel_pool, whose sleeping worker is woken the same way).
+// before kernel_pool, whose sleeping worker is woken the same way). Used for the fused MLP below.
 constexpr int64_t kSerialBytes = 1 << 20;
+// A projection at few rows runs on the calling thread only under this: on kernel_pool (a worker
+// that is spinning takes its part at once, and the caller takes the part of one that is not
+// running) the default model's 0.66 MB o_proj x 30 at 1 row took 1.79 / 2.06 ms on two threads
+// against 2.70 / 3.04 ms on one (bench/bench_limits.py, two A/B pairs of builds, quiet but with
+// the VM's bandwidth at 12-23 GB/s).
+constexpr int64_t kSerialLinearBytes = 256 << 10;
 
 bool amx_linear_supported() { return amx_tiles::supported(); }
 
@@ -250,7 +256,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   auto* y = out.data_ptr<c10::BFloat16>();
   // Even chunks of column tiles: the many-row loop takes them in pairs; a small weight at few rows,
   // all of them on this thread (no parallel region).
-  const bool serial = blocks.size() == 1 && tiles * steps * amx_tiles::kTileElems * 2 < kSerialBytes;
+  const bool serial = blocks.size() == 1 && tiles * steps * amx_tiles::kTileElems * 2 < kSerialLinearBytes;
   const int64_t grain = serial ? tiles : blocks.size() == 1 ? 1 : 2;
   kernel_pool::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     run_columns(blocks, w, steps, n_total, bias_ptr, y, t0, t1);
