@@ -45,14 +45,14 @@ using amx_tiles::kRows;
 constexpr int64_t kPanelBytes = 128 << 10;
 constexpr int64_t kChunkBytes = 512 << 10;
 constexpr int64_t kPrefetchSteps = 4;  // B tiles ahead per strip in the few-row loop
-// A few-row product whose weight is smaller than this runs on the calling thread: two threads
-// read a small weight no faster than one (the default model's 0.66 MB o_proj took 69 us at 1 row
+// A fused MLP at few rows whose weights are smaller than this runs on the calling thread. The rule
+// came from projections measured on OpenMP: two threads read a small weight no faster than one (the default model's 0.66 MB o_proj took 69 us at 1 row
 // on two threads of a quiet 2-vCPU AMX VM, ~9.6 GB/s, what one thread reads alone), and waking
 // the other thread (a futex under the passive wait the engine sets) costs, worst where other
 // processes share the cores: at 1 row on a loaded machine, qkv_proj + o_proj x 30 took min 4.4-5.0
 // ms on one thread against 5.3-5.4 on two (min of 200-300 passes, alternating; measured on OpenMP,
-// before kernel_pool, whose sleeping worker is woken the same way). Used for the fused MLP below.
-constexpr int64_t kSerialBytes = 1 << 20;
+// before kernel_pool, whose sleeping worker is woken the same way; not re-measured on it).
+constexpr int64_t kSerialMlpBytes = 1 << 20;
 // A projection at few rows runs on the calling thread only under this: on kernel_pool (a worker
 // that is spinning takes its part at once, and the caller takes the part of one that is not
 // running) the default model's 0.66 MB o_proj x 30 at 1 row took 1.79 / 2.06 ms on two threads
@@ -372,8 +372,8 @@ at::Tensor amx_silu_mlp(const at::Tensor& x, const at::Tensor& gate_up, const at
   if (rows == 0) return out;
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const RowBlock block = rows == kRows ? RowBlock{in, x.stride(0), 0, rows} : tail_block(in, x.stride(0), k, 0, rows);
-  // One slice per thread; a small MLP (both weights under kSerialBytes) on this thread alone.
-  const bool serial = (gate_up.numel() + down.numel()) * 2 < kSerialBytes;
+  // One slice per thread; a small MLP (both weights under kSerialMlpBytes) on this thread alone.
+  const bool serial = (gate_up.numel() + down.numel()) * 2 < kSerialMlpBytes;
   const int64_t slices = serial ? 1 : std::min<int64_t>(at::get_num_threads(), down_steps);
   thread_local std::vector<float> partial_sums;  // this (the calling) thread's: named outside the region
   if (static_cast<int64_t>(partial_sums.size()) < slices * rows * n_total) partial_sums.resize(slices * rows * n_total);

@@ -8,7 +8,7 @@
 
 #include <immintrin.h>
 
-// e^x on 16 lanes: cpu_ops.cpp's scalar fast_exp (clamp to [-80, 80], a base-2 range reduction, the
+// e^x on 16 lanes: float_rows.h's scalar fast_exp (clamp to [-80, 80], a base-2 range reduction, the
 // Cephes polynomial), 2^k applied by scalef.
 __attribute__((target("avx512f"))) inline __m512 fast_exp_lanes(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
