@@ -223,7 +223,11 @@ def test_the_spin_budget_is_validated_and_kept():
         assert ops.kernel_pool_spin_us() == 37
         with pytest.raises(RuntimeError, match="us must be >= 0"):
             ops.set_kernel_pool_spin_us(-1)
+        with pytest.raises(RuntimeError, match="us must be <= 1000000"):
+            ops.set_kernel_pool_spin_us(1_000_001)
         assert ops.kernel_pool_spin_us() == 37
+        ops.set_kernel_pool_spin_us(1_000_000)
+        assert ops.kernel_pool_spin_us() == 1_000_000
     finally:
         ops.set_kernel_pool_spin_us(spin)
 

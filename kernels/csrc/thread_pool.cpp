@@ -38,6 +38,7 @@ namespace {
 // faster, and 200 the slowest of the three: a worker that has spun has used up its share of the
 // core, is preempted more often, and a part it has claimed then holds up the caller.
 constexpr int64_t kDefaultSpinUs = 50;
+constexpr int64_t kMaxSpinUs = 1'000'000;
 // How long the caller spins for a part a worker has claimed and is running (it started about
 // when the caller's own did, and takes about as long) before it sleeps: sleeping sooner leaves its
 // core idle, so that a worker preempted mid-part can be moved onto it. While it spins it yields
@@ -346,6 +347,8 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   using namespace kernel_pool;
   m.def("set_kernel_pool_spin_us(int us) -> ()", [](int64_t us) {
     TORCH_CHECK(us >= 0, "set_kernel_pool_spin_us: us must be >= 0 (0: workers sleep after every part), got ", us);
+    // Bounded: a worker spinning for seconds between ops would hold a core the rest of the machine needs.
+    TORCH_CHECK(us <= kMaxSpinUs, "set_kernel_pool_spin_us: us must be <= ", kMaxSpinUs, " (1 s), got ", us);
     spin_us.store(us, std::memory_order_relaxed);
   });
   // Benchmarks: false runs our kernels' regions on torch's OpenMP threads, as before the pool.
