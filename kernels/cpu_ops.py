@@ -44,7 +44,10 @@ __all__ = [
 ]
 
 
-def _build() -> None:
+def load_sources(name: str, sources: list[Path]) -> None:
+    """Builds (or finds in the extension cache) C++ sources with this backend's flags and loads
+    them into the process (their ops register themselves). bench/bench_kv_cache.py builds another
+    tree's attention with it for an A/B."""
     from torch.utils import cpp_extension
 
     try:
@@ -55,23 +58,27 @@ def _build() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        # The float loops vectorize only with these math flags (reductions need reassociation).
+        extra_cflags=[
+            "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+            *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), []),
+        ],
+        # libgomp.so.1 is the OpenMP runtime torch already loaded (same soname): one thread pool.
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _build() -> None:
     capability = torch.backends.cpu.get_cpu_capability()
     name = f"bento_llm_cpu_ops_{capability.lower()}"
     started = time.perf_counter()
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in SOURCES],
-            # The float loops vectorize only with these math flags (reductions need reassociation).
-            extra_cflags=[
-                "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-                *_ARCH_FLAGS.get(capability, []),
-            ],
-            # libgomp.so.1 is the OpenMP runtime torch already loaded (same soname): one thread pool.
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        load_sources(name, SOURCES)
     except Exception as e:  # a missing compiler, ninja or header: the caller falls back
         raise ImportError(f"the CPU kernels in {[s.name for s in SOURCES]} could not be built: {e}") from e
     # Compiled on first use (about 15 s), loaded from the cache after.

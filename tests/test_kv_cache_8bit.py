@@ -334,3 +334,7 @@ def test_the_kv_cache_bench_runs_a_small_case():
                            "--kv-dtypes", "bf16", "int8", "fp8_e4m3"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [line.split()[2] for line in done.stdout.splitlines()[2:]] == ["bf16", "int8", "fp8_e4m3"]
+    # Against the memory bandwidth measured in the run: GB/s and times the K/V bytes' read time.
+    assert done.stdout.splitlines()[1].split()[-4:] == ["GB/s", "x", "read", "ratio"]
+    gb_per_s, x_read, ratio = map(float, done.stdout.splitlines()[2].split()[-3:])
+    assert gb_per_s > 0 and x_read > 0 and ratio == 1.0
