@@ -161,7 +161,7 @@ def test_every_registered_architecture_has_a_case():
 # run of them (~5 s each under the interpreter) repeats llama3-rope's, and what is theirs is
 # test_family_greedy_equals_transformers[<name>-torch]'s. The Triton runs cover every distinct
 # kernel input: head_dim 16 and 128 (qwen3), a window on every layer and beside a global one, soft
-# caps, a scale other than 1/sqrt(head_dim) (granite, gemma), each MoE routing.
+# caps, a scale other than 1/sqrt(head_dim) (granite), each MoE routing.
 TRITON_FAMILIES = ["llama3-rope", "mistral-window", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe", "granite", "gemma2",
                    "gemma3"]
 TRITON_KERNELS = {"write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks", "fused_moe",

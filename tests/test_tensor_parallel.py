@@ -60,7 +60,7 @@ class OneTensorParallelEngine:
         self._close = None
 
     def get(self, key: str, start, close=lambda llm: llm.shutdown()):
-        if key != self.key:
+        if key != self.key or self._dead():  # a test that failed half way may leave it dead
             self.close()
             self.held, self._close, self.key = start(), close, key
         return self.held
@@ -70,13 +70,19 @@ class OneTensorParallelEngine:
         self.key, self.held, self._close = None, None, None
         return held
 
+    def _dead(self) -> bool:
+        driver = self._llm().engine.runner.driver
+        return driver.closed or driver.failure is not None
+
+    def _llm(self) -> LLM:
+        return self.held[0] if isinstance(self.held, tuple) else self.held
+
     def pids(self) -> set[int]:
         """The processes the held engine owns: its spawned ranks, a rank started by hand."""
         if self.held is None:
             return set()
-        llm, *by_hand = self.held if isinstance(self.held, tuple) else (self.held,)
-        procs = [*llm.engine.runner.driver.procs.values(), *by_hand]
-        return {proc.pid for proc in procs}
+        by_hand = self.held[1:] if isinstance(self.held, tuple) else ()
+        return {proc.pid for proc in [*self._llm().engine.runner.driver.procs.values(), *by_hand]}
 
     def close(self) -> None:
         if self.held is not None:
