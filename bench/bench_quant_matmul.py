@@ -61,13 +61,17 @@ def baseline_ops(revision: str):
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
-    for name in ("quant_ops.cpp", "amx_tiles.h"):
+    # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
+    for name in ("quant_ops.cpp", "amx_tiles.h", "thread_pool.h", "thread_pool.cpp"):
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
-    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}", sources=[str(directory / "quant_ops.cpp")],
-                       extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v4"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
+    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}",
+                       sources=[str(directory / "quant_ops.cpp"), str(directory / "thread_pool.cpp")],
+                       # kernels/cpu_ops.py's flags
+                       extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+                                     "-fno-signed-zeros", "-march=x86-64-v4"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     return torch.ops.bento_llm_baseline
 
 
@@ -93,6 +97,7 @@ def main() -> None:
     if old is not None:
         names[names.index("int4 AMX") + 1:names.index("int4 AMX") + 1] = ["int4 AMX @" + args.baseline]
         names[names.index("int8 AMX") + 1:names.index("int8 AMX") + 1] = ["int8 AMX @" + args.baseline]
+        names[names.index("int8 rows") + 1:names.index("int8 rows") + 1] = ["int8 rows @" + args.baseline]
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
@@ -112,6 +117,8 @@ def main() -> None:
         int4 = [PackedQuantizedWeight(quantize_int4(w, group), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
+        # The baseline's int8 layout, [N/64][K/2][64][2] (bfloat16 tile order, before AMX-INT8).
+        int8_pairs = [r.reshape(-1, 64, k // 2, 2).transpose(1, 2).contiguous() for r in int8_rows] if old is not None else []
         has_w8a8 = ops is not None and ops.amx_int8_supported() and (not args.only or "w8a8" in args.only)
         w8a8 = [PackedQuantizedWeight(quantize(w, "w8a8", 32), torch.bfloat16, cpu, int8_activations=True)
                 for w in weights] if has_w8a8 else []
@@ -136,12 +143,14 @@ def main() -> None:
                 runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, group, n) for q in int4]
             if old is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
-                runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
+                runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_pairs, int8)]
+                runs["int8 rows @" + args.baseline] = lambda: [old.int8_mm_rows(x, p, q.scales, n) for p, q in zip(int8_pairs, int8)]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
             if args.only:
-                wanted = {"bfloat16", *args.only.split(","), *(f"{f} AMX @{args.baseline}" for f in ("int4", "int8"))}
+                wanted = {"bfloat16", *args.only.split(","),
+                          *(f"{f} @{args.baseline}" for f in ("int4 AMX", "int8 AMX", "int8 rows"))}
                 runs = {name: fn for name, fn in runs.items() if name in wanted}
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # layout, which the AMX kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
 _AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
+_INT8_STEP_K = 64  # int8's AMX-INT8 step: inputs per tile row (quant_ops.cpp's kInt8StepK)
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
 # one thread: both even at 4 rows, AMX ahead from 6).
 AMX_MIN_ROWS = 5
@@ -220,16 +221,17 @@ class PackedQuantizedWeight(torch.nn.Module):
         if int8_activations:
             self._init_w8a8(q, device)
             return
-        # The AMX kernels run bfloat16 inputs on CPU (they take input columns in pairs).
-        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and self.in_features % 2 == 0
-                    and amx_kernels() is not None)
+        # The AMX kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8).
+        ops = amx_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
+        self.amx = ops is not None and (ops.amx_int8_supported() if q.bits == 8 else self.in_features % 2 == 0)
         if q.bits == 8:
-            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/2][64][2] blocks,
-            # the order of the kernel's bfloat16 tile (input pairs side by side); else PyTorch's [N][K].
+            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/4][64][4] blocks,
+            # AMX-INT8's order (four inputs of a column side by side), K padded with zero codes to
+            # the kernel's 64-input step; else PyTorch's [N][K].
             codes = q.codes
             if self.amx:
-                codes = _pad_rows(codes, _AMX_ROW_MULTIPLE).reshape(-1, _AMX_ROW_MULTIPLE, self.in_features // 2, 2)
-                codes = codes.transpose(1, 2).contiguous()
+                codes = F.pad(_pad_rows(codes, _AMX_ROW_MULTIPLE), (0, -self.in_features % _INT8_STEP_K))
+                codes = codes.reshape(-1, _AMX_ROW_MULTIPLE, codes.shape[1] // 4, 4).transpose(1, 2).contiguous()
             self.register_buffer("qweight", codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
@@ -275,10 +277,11 @@ class PackedQuantizedWeight(torch.nn.Module):
             return self.qweight if index is None else self.qweight[index]
         if index is None:
             index = torch.arange(self.out_features, device=self.qweight.device)
-        # Each input pair [..][2] as one int16: the gather moves half the elements (measured 6x
-        # faster for a 64-token decode step's embedding lookup).
-        pairs = self.qweight.view(torch.int16)  # [N/64][K/2][64][1]
-        return pairs[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
+        # Each input quad [..][4] as one int32: the gather moves a quarter of the elements (pairs
+        # as int16 measured 6x faster than bytes for a 64-token decode step's embedding lookup).
+        quads = self.qweight.view(torch.int32)  # [N/64][K/4][64][1]
+        codes = quads[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
+        return codes[..., : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
@@ -289,7 +292,7 @@ class PackedQuantizedWeight(torch.nn.Module):
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             ops = amx_kernels()
             if rows.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
-                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)
+                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)[: self.in_features]
             else:
                 op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
                 y = op(rows, self.qweight, self.scales, self.out_features)
