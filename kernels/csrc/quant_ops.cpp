@@ -4,7 +4,9 @@
 // (_tile_loadd / _tile_dpbf16ps: 2x2 tiles of 16 rows x 16 columns, A read straight from the
 // row-major input, B from the converted block), the float32 sums converted to bfloat16 on the
 // way out. Threads split the column blocks. For 1-2 rows (a decode step) int4_mm_rows reads the
-// codes with AVX512-BF16 instead, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
+// codes with AVX512-BF16 instead, no tile at all. int8 weight-only converts nothing either: it
+// splits each input row into 16-bit fixed point (two byte planes, one scale) and multiplies both
+// planes with the codes on AMX-INT8 in its own tile loop (int8_mm_amx). w8a8_mm_amx rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
 // w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
@@ -18,23 +20,28 @@
 // (brgemm re-read the whole input per block: 1.6-2x bfloat16's time at 2000 rows).
 //
 // int4's layout is PyTorch's own, so one copy of the weight serves both its few-row kernel and
-// this one; int8 and w8a8 have their own (every row count runs here):
+// this one; int8 and w8a8 have AMX-INT8's (every row count runs here):
 // - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
 //   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
 //   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
 //   dequantized straight into the VNNI layout of AMX's B operand ([K/2][64][2]).
-// - int8: [N/64][K/2][64][2] codes, AMX's VNNI order (PyTorch's [N][K] would need a transpose
-//   per tile), zero rows padding N, one bfloat16 scale per output column applied to the float32
-//   result. A block widens exactly into its bfloat16 tile; for a few rows (int8_mm_rows) the codes are
-//   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
-//   bfloat16's time at one row, reading half its bytes).
+// - int8: [N/64][K/4][64][4] codes, AMX-INT8's B order (PyTorch's [N][K] would need a transpose
+//   per tile), zero rows padding N to 64 and zero codes padding K to 64, one bfloat16 scale per
+//   output column applied to the result. The tile loop loads B tiles straight from the codes; each
+//   input row becomes q = round(x / s), s = max |x| / 32767, split as 256 high (s8) + low (u8), and
+//   y = s s_w (256 (high . w) + low . w): two int32 products per step, each covering 64 inputs
+//   (bfloat16's: 32), so as many tile products as the bfloat16 loop and half its weight bytes,
+//   none converted (the conversion to bfloat16 tiles it replaced cost about what the bfloat16
+//   projection spends reading its weight: 0.8-0.95x its speed at 64 rows). For a few rows
+//   (int8_mm_rows) the codes are read once per call by an AVX-512 float loop instead (torch's
+//   _weight_int8pack_mm ran at 0.8-0.9x bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
 //   arranges them at load), float32 scale per output row; where the weight was rotated at load
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
 // any x86-64; the ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux grants
-// the tile registers (amx_bf16_supported()).
+// the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too, amx_int8_supported()).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
