@@ -112,11 +112,12 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 @needs_amx
 @pytest.mark.parametrize("rows", [3, 16, 64])
-def test_int8_amx_input_rounding_stays_within_its_bound_even_beside_an_outlier(rows):
-    """int8_mm_amx multiplies each input row as 16-bit fixed point (one scale, max |x| / 32767):
-    every element within max |x| / 65534, so each output within that times the column's sum of
-    |weight|, plus the output's rounding to bfloat16 (2^-9 of it). Half the rows carry one
-    element 10^4 times the rest (its small elements then keep few bits: the bound still holds)."""
+def test_int8_input_rounding_stays_within_its_bound_even_beside_an_outlier(rows):
+    """Both int8 kernels (AMX-INT8's tile loop, the few-row VNNI loop) multiply each input row as
+    16-bit fixed point (one scale, max |x| / 32767): every element within max |x| / 65534, so
+    each output within that times the column's sum of |weight|, plus the output's rounding to
+    bfloat16 (2^-9 of it). Half the rows carry one element 10^4 times the rest (its small
+    elements then keep few bits: the bound still holds)."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(100, 576, generator=gen).bfloat16()
     q = quantize_int8(weight)
@@ -124,15 +125,27 @@ def test_int8_amx_input_rounding_stays_within_its_bound_even_beside_an_outlier(r
     x = torch.randn(rows, 576, generator=gen)
     x[::2, 7] = 1e4 * x[::2, 7].sign()
     x = x.bfloat16()
-    with torch.inference_mode():
-        out = amx_kernels().int8_mm_amx(x, packed.qweight, packed.scales, 100).double()
-    w = q.codes.double() * q.scale.reshape(-1, 1).bfloat16().double()  # the weight the kernel multiplies
+    w = q.codes.double() * q.scale.reshape(-1, 1).bfloat16().double()  # the weight the kernels multiply
     exact = x.double() @ w.t()
     bound = (x.double().abs().amax(1, keepdim=True) / 65534) @ w.abs().sum(1, keepdim=True).t()
-    error = (out - exact).abs()
-    assert (error <= 1.01 * bound + exact.abs() * 2**-8).all(), (error - bound).max()
-    # The outlier rows do lose bits: their error is of the bound's order, not bfloat16's.
-    assert (error[::2] > 0.1 * bound[::2]).any()
+    for op in (amx_kernels().int8_mm_amx, amx_kernels().int8_mm_rows):
+        with torch.inference_mode():
+            out = op(x, packed.qweight, packed.scales, 100).double()
+        error = (out - exact).abs()
+        assert (error <= 1.01 * bound + exact.abs() * 2**-8).all(), (op, (error - bound).max())
+        # The outlier rows do lose bits: their error is of the bound's order, not bfloat16's.
+        assert (error[::2] > 0.1 * bound[::2]).any(), op
+
+
+@needs_amx
+def test_int8_kernels_refuse_inputs_wider_than_their_int32_sums_hold():
+    """255 * 128 * K < 2^31 holds to K = 65536: a wider weight is refused by name, not wrapped."""
+    x = torch.ones(16, 65600, dtype=torch.bfloat16)
+    codes = torch.ones(1, 65600 // 4, 64, 4, dtype=torch.int8)
+    scales = torch.ones(64, dtype=torch.bfloat16)
+    for op in (amx_kernels().int8_mm_amx, amx_kernels().int8_mm_rows):
+        with pytest.raises(RuntimeError, match="at most 65536 inputs"):
+            op(x, codes, scales, 64)
 
 
 @needs_amx

@@ -59,9 +59,9 @@ INT4_ROWS_MAX_ROWS = 2
 # weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
 # model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
 DENSE_MIN_ROWS = 1024
-# int8: from which its AMX kernel beats its few-row loop, int8_mm_rows (even at 3-4 rows, one
-# thread, at the default model's shapes).
-INT8_AMX_MIN_ROWS = 4
+# int8: from which its AMX-INT8 kernel beats its few-row VNNI loop, int8_mm_rows (one thread, the
+# default model's shapes: 0.8-1.0x its time at 3 rows, 0.9-1.15x at 2).
+INT8_AMX_MIN_ROWS = 3
 
 
 @functools.cache

@@ -611,6 +611,29 @@ BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_
   }
 }
 
+// x's rows split (split_row) into planes [rows rounded up to `multiple`][k_padded], the extra rows 0.
+struct SplitInput {
+  std::unique_ptr<int8_t[], AlignedFree> high;
+  std::unique_ptr<uint8_t[], AlignedFree> low;
+  std::unique_ptr<float[], AlignedFree> scale;
+
+  SplitInput(const at::Tensor& x, int64_t k_padded, int64_t multiple) {
+    const int64_t rows = x.size(0), k_total = x.size(1), padded = (rows + multiple - 1) / multiple * multiple;
+    high = aligned_buffer<int8_t>(padded * k_padded);
+    low = aligned_buffer<uint8_t>(padded * k_padded);
+    scale = aligned_buffer<float>(padded);
+    std::memset(high.get() + rows * k_padded, 0, (padded - rows) * k_padded);
+    std::memset(low.get() + rows * k_padded, 0, (padded - rows) * k_padded);
+    const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    const int64_t lda = x.stride(0);
+    kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        split_row(a + r * lda, k_total, k_padded, high.get() + r * k_padded, low.get() + r * k_padded, scale.get() + r);
+      }
+    });
+  }
+};
+
 #define BENTO_AMX_INT8 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16,amx-int8")))
 
@@ -700,24 +723,13 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   check_int8_input(x, k_padded);
-  const int64_t rows = x.size(0), k_total = x.size(1), rows_padded = (rows + kTileRows - 1) / kTileRows * kTileRows;
-  auto high = aligned_buffer<int8_t>(rows_padded * k_padded);
-  auto low = aligned_buffer<uint8_t>(rows_padded * k_padded);
-  auto row_scale = aligned_buffer<float>(rows_padded);
-  std::memset(high.get() + rows * k_padded, 0, (rows_padded - rows) * k_padded);
-  std::memset(low.get() + rows * k_padded, 0, (rows_padded - rows) * k_padded);
-  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  const int64_t lda = x.stride(0);
-  kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      split_row(a + r * lda, k_total, k_padded, high.get() + r * k_padded, low.get() + r * k_padded, row_scale.get() + r);
-    }
-  });
+  const int64_t rows = x.size(0);
+  const SplitInput in(x, k_padded, kTileRows);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const int64_t units = (out_features + 31) / 32;
   kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    int8_units(high.get(), low.get(), row_scale.get(), rows, k_padded, packed.data_ptr<int8_t>(),
+    int8_units(in.high.get(), in.low.get(), in.scale.get(), rows, k_padded, packed.data_ptr<int8_t>(),
                scales.data_ptr<c10::BFloat16>(), out_features, begin, end, y);
   });
   return out;
@@ -768,91 +780,85 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
   return out;
 }
 
-// R rows of x (float32, [R][K padded]) times one 64-column block of int8 codes [K/4][64][4], 4 V
-// columns per pass (R * V + V registers): each 16-float vector holds 4 columns x an input quad,
-// multiplied by that quad of x (broadcast); the quads are summed once at the end. The codes
-// stream is prefetched kPrefetchAhead bytes ahead into L1 (the blocks lie back to back, so this
-// runs on into the next block): a fixed distance, not the whole next block, which at K = 576
-// (36 KB) would evict the current block's lines from a 48 KB L1.
-template <int R, int V>
-BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_padded, const int8_t* codes, const c10::BFloat16* scale,
-                                       int64_t columns, c10::BFloat16* out, int64_t out_stride) {
-  static_assert(V % 4 == 0, "16 columns per reduction");
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t c0 = 0; c0 < columns; c0 += V * 4) {
-    __m512 acc[R][V];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < k_padded / 4; ++p) {
-      const int8_t* line = codes + p * kInt8QuadBytes + c0 * 4;
-      if (c0 == 0) {
-        for (int l = 0; l < 4; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(codes + p * kInt8QuadBytes + kPrefetchAhead + 64 * l), _MM_HINT_T0);
-      }
-      __m512 w[V];
-      for (int i = 0; i < V; ++i)
-        w[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i))));
+#define BENTO_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+
+// R rows of the split input (high, low: [R][k_padded] planes, split_row's) times one 64-column
+// block of int8 codes [K/4][64][4] with AVX512-VNNI's byte dot products, for a few rows where
+// reading the codes is the whole cost: each 64-byte vector of codes (16 columns x an input quad)
+// meets the row's quad broadcast, four products and their sum per column in one instruction
+// (vpdpbusd: unsigned x signed bytes into int32), so the loop keeps up with memory where a float
+// loop (convert, multiply-add: 12 instructions per 64 codes at one row) did not. The high plane
+// is signed: it enters as high + 128 (unsigned), and 128 times the column's code sum (a third
+// product, with ones) comes off at the end. Same sums as int8_tile_product, so the same result
+// rule: y = s_x s_w (256 high . w + low . w). The codes stream is prefetched kPrefetchAhead bytes
+// ahead into L1 (the blocks lie back to back, so this runs on into the next block).
+template <int R>
+BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t k_padded,
+                                       const int8_t* codes, const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out,
+                                       int64_t out_stride) {
+  const __m512i ones = _mm512_set1_epi8(1), sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i sums[4], acc_high[R][4], acc_low[R][4];
+  for (int i = 0; i < 4; ++i) {
+    sums[i] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc_high[r][i] = acc_low[r][i] = _mm512_setzero_si512();
+  }
+  for (int64_t p = 0; p < k_padded / 4; ++p) {
+    const int8_t* line = codes + p * kInt8QuadBytes;
+    for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
+    __m512i h[R], lo[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t quad_high, quad_low;
+      std::memcpy(&quad_high, high + r * k_padded + 4 * p, 4);
+      std::memcpy(&quad_low, low + r * k_padded + 4 * p, 4);
+      h[r] = _mm512_xor_si512(_mm512_set1_epi32(quad_high), sign);  // high + 128
+      lo[r] = _mm512_set1_epi32(quad_low);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512i w = _mm512_loadu_si512(line + 64 * i);
+      sums[i] = _mm512_dpbusd_epi32(sums[i], ones, w);
       for (int r = 0; r < R; ++r) {
-        const __m512 v = _mm512_broadcast_f32x4(_mm_loadu_ps(x + r * k_padded + 4 * p));
-        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], v, acc[r][i]);
+        acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], h[r], w);
+        acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], lo[r], w);
       }
     }
-    for (int i = 0; i < V; i += 4) {  // columns c0 + 4 i + [0, 16)
-      const int64_t j = c0 + i * 4;
-      if (j >= columns) break;
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
-      const __m512 s = load_bfloat16(scale + j, mask);
-      for (int r = 0; r < R; ++r) {
-        // Quads to pairs (8 columns each), then pairs to sums.
-        const __m512 a = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][i], even, acc[r][i + 1]),
-                                       _mm512_permutex2var_ps(acc[r][i], odd, acc[r][i + 1]));
-        const __m512 b = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][i + 2], even, acc[r][i + 3]),
-                                       _mm512_permutex2var_ps(acc[r][i + 2], odd, acc[r][i + 3]));
-        const __m512 sum = _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
-        const __m256i bf16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(sum, s)));
-        _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, bf16);
-      }
+  }
+  const __m512 radix = _mm512_set1_ps(256.0f);
+  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    const __m512 s = load_bfloat16(scale + 16 * i, mask);
+    const __m512i bias = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias)), radix,
+                                         _mm512_cvtepi32_ps(acc_low[r][i]));
+      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
 
-// out [rows][k_padded] = x's bfloat16 rows (lda apart) widened to float32, zeros beyond k_total.
-BENTO_AVX512_BF16 void widen_rows(const uint16_t* x, int64_t lda, int64_t rows, int64_t k_total, int64_t k_padded, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < k_padded; k += 16) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(k_total - k, 0, 16)) - 1);
-      _mm512_store_ps(out + r * k_padded + k, load_bfloat16(x + r * lda + k, mask));
-    }
-  }
-}
-
-// The same product for a few rows (a decode step), where reading the codes is the whole cost: no
-// tile, one pass over each block of codes per 1-4 rows (V = 16: all 64 columns at once for one
-// row), threads split the blocks.
+// The same product for a few rows (a decode step): no tile, the split rows times each block of
+// codes two rows at a time (int8_block_rows), threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   check_int8_input(x, k_padded);
-  const int64_t rows = x.size(0), k_total = x.size(1);
+  const int64_t rows = x.size(0);
+  const SplitInput in(x, k_padded, 1);
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  auto x32 = aligned_buffer<float>(rows * k_padded);  // the rows widened here, not by ATen calls
-  widen_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows, k_total, k_padded, x32.get());
-  const float* a = x32.get();
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
   for_each_block(out_features, [&](int64_t b, int64_t columns) {
     const int64_t n0 = b * kBlockN;
     const int8_t* block = codes + b * k_padded * kBlockN;
-    for (int64_t m = 0; m < rows; m += 4) {
-      const float* xm = a + m * k_padded;
+    for (int64_t m = 0; m < rows; m += 2) {
+      const int8_t* high = in.high.get() + m * k_padded;
+      const uint8_t* low = in.low.get() + m * k_padded;
       c10::BFloat16* ym = y + m * out_features + n0;
-      switch (std::min<int64_t>(4, rows - m)) {
-        case 1: int8_block_rows<1, 16>(xm, k_padded, block, s + n0, columns, ym, out_features); break;
-        case 2: int8_block_rows<2, 8>(xm, k_padded, block, s + n0, columns, ym, out_features); break;
-        case 3: int8_block_rows<3, 4>(xm, k_padded, block, s + n0, columns, ym, out_features); break;
-        default: int8_block_rows<4, 4>(xm, k_padded, block, s + n0, columns, ym, out_features);
+      if (rows - m == 1) {
+        int8_block_rows<1>(high, low, in.scale.get() + m, k_padded, block, s + n0, columns, ym, out_features);
+      } else {
+        int8_block_rows<2>(high, low, in.scale.get() + m, k_padded, block, s + n0, columns, ym, out_features);
       }
     }
   });
