@@ -586,18 +586,23 @@ void check_int8_input(const at::Tensor& x, int64_t k_padded) {
               k_padded, " (padded to 64)");
 }
 
+// max |x| over a row of K bfloat16 values: the per-row scale of int8's and w8a8's input rounding.
+BENTO_AVX512_BF16 float max_abs(const uint16_t* in, int64_t k_total) {
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
+  }
+  return _mm512_reduce_max_ps(max);
+}
+
 // One input row (K bfloat16 values) as 16-bit fixed point with one float32 scale s = max |x| /
 // 32767: q = round(x / s) in [-32767, 32767], split into a signed high byte and an unsigned low
 // one, q = 256 * high + low (AMX-INT8 multiplies bytes). |x - s q| <= s / 2 = max |x| / 65534,
 // far below the int8 weight's own rounding (max |w| / 254 per weight). Columns K..k_padded are 0.
 BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_padded, int8_t* high, uint8_t* low,
                                  float* scale_out) {
-  __m512 max = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_total; k += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
-  }
-  const float top = _mm512_reduce_max_ps(max);
+  const float top = max_abs(in, k_total);
   const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
@@ -870,12 +875,7 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
 // lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
 // fail to compile in an AVX2 build of this file.
 BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out) {
-  __m512 max = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_total; k += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
-  }
-  const float top = _mm512_reduce_max_ps(max);
+  const float top = max_abs(in, k_total);
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
