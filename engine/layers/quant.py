@@ -5,18 +5,15 @@ own packed matmuls multiply with.
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
-- On CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead: from a few
-  rows up, the same codes converted block by block into our own AMX tile loop (PyTorch's ops are
-  vector loops, 3-20x slower than packed bfloat16 from 16 rows up); for 1-2 rows, an AVX512-BF16
-  loop over the codes (int4: 10-25% faster than PyTorch's op at one row, one thread). int4 keeps
-  PyTorch's layout (its op serves 3-4 rows); int8 has AMX-INT8's ([N/64][K/4][64][4], CPUs with
-  AMX-INT8; elsewhere PyTorch's op on [N][K]) and converts nothing: each input row is split into
-  16-bit fixed point (max |x| / 32767 per row, error <= max |x| / 65534 per element), two int8
-  tile products per step. At 16 rows int4 takes about half of bfloat16's time, at 64 rows
-  0.7-1.0x, at 256 about bfloat16's; from 1024 rows (a prefill chunk) the weight is converted
-  whole to a transient bfloat16 [K, N] per call and multiplied by oneDNN, int4 1.15-1.3x
-  bfloat16's time (bench/bench_quant_matmul.py; int8's values are then code * scale rounded to
-  bfloat16, as a bfloat16 weight is).
+- On AMX CPUs, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead (PyTorch's ops are vector
+  loops, 3-20x slower than packed bfloat16 from 16 rows up). int4 keeps PyTorch's layout: 1-2
+  rows run an AVX512-BF16 loop over the codes, 3-4 PyTorch's op, more our AMX tile loop on the
+  codes converted block by block (about half of bfloat16's time at 16 rows, 0.7-1.0x at 64).
+  int8 has AMX-INT8's layout ([N/64][K/4][64][4]; no AMX-INT8: PyTorch's op on [N][K]) and
+  converts nothing: each input row is split into 16-bit fixed point (max |x| / 32767, error <=
+  max |x| / 65534 per element) whose two byte planes multiply the codes (VNNI for 1-2 rows, AMX
+  tiles from 3). From 1024 rows (a prefill chunk) either weight is converted whole to a transient
+  bfloat16 [K, N] per call and multiplied by oneDNN (int8: code * scale rounded to bfloat16).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
