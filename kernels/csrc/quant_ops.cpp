@@ -616,24 +616,34 @@ BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_
   }
 }
 
-// x's rows split (split_row) into planes [rows rounded up to `multiple`][k_padded], the extra rows 0.
+// x's rows split (split_row) into planes [rows rounded up to `multiple`][k_padded], the extra rows
+// 0, in the calling thread's buffer (grows, never shrinks: a call allocates nothing and takes no
+// page faults, which at 64 rows and more cost more than splitting the rows does). One at a time
+// per thread: the ops make one each and make no nested op call while it lives.
 struct SplitInput {
-  std::unique_ptr<int8_t[], AlignedFree> high;
-  std::unique_ptr<uint8_t[], AlignedFree> low;
-  std::unique_ptr<float[], AlignedFree> scale;
+  int8_t* high;
+  uint8_t* low;
+  float* scale;
 
   SplitInput(const at::Tensor& x, int64_t k_padded, int64_t multiple) {
     const int64_t rows = x.size(0), k_total = x.size(1), padded = (rows + multiple - 1) / multiple * multiple;
-    high = aligned_buffer<int8_t>(padded * k_padded);
-    low = aligned_buffer<uint8_t>(padded * k_padded);
-    scale = aligned_buffer<float>(padded);
-    std::memset(high.get() + rows * k_padded, 0, (padded - rows) * k_padded);
-    std::memset(low.get() + rows * k_padded, 0, (padded - rows) * k_padded);
+    const int64_t plane = padded * k_padded, bytes = 2 * plane + padded * static_cast<int64_t>(sizeof(float));
+    thread_local std::unique_ptr<uint8_t[], AlignedFree> buffer;
+    thread_local int64_t capacity = 0;
+    if (bytes > capacity) {
+      buffer = aligned_buffer<uint8_t>(bytes);
+      capacity = bytes;
+    }
+    high = reinterpret_cast<int8_t*>(buffer.get());
+    low = buffer.get() + plane;
+    scale = reinterpret_cast<float*>(buffer.get() + 2 * plane);  // plane: a multiple of 64 bytes
+    std::memset(high + rows * k_padded, 0, (padded - rows) * k_padded);
+    std::memset(low + rows * k_padded, 0, (padded - rows) * k_padded);
     const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
     const int64_t lda = x.stride(0);
     kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        split_row(a + r * lda, k_total, k_padded, high.get() + r * k_padded, low.get() + r * k_padded, scale.get() + r);
+        split_row(a + r * lda, k_total, k_padded, high + r * k_padded, low + r * k_padded, scale + r);
       }
     });
   }
@@ -734,7 +744,7 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   auto* y = out.data_ptr<c10::BFloat16>();
   const int64_t units = (out_features + 31) / 32;
   kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    int8_units(in.high.get(), in.low.get(), in.scale.get(), rows, k_padded, packed.data_ptr<int8_t>(),
+    int8_units(in.high, in.low, in.scale, rows, k_padded, packed.data_ptr<int8_t>(),
                scales.data_ptr<c10::BFloat16>(), out_features, begin, end, y);
   });
   return out;
@@ -857,13 +867,13 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
     const int64_t n0 = b * kBlockN;
     const int8_t* block = codes + b * k_padded * kBlockN;
     for (int64_t m = 0; m < rows; m += 2) {
-      const int8_t* high = in.high.get() + m * k_padded;
-      const uint8_t* low = in.low.get() + m * k_padded;
+      const int8_t* high = in.high + m * k_padded;
+      const uint8_t* low = in.low + m * k_padded;
       c10::BFloat16* ym = y + m * out_features + n0;
       if (rows - m == 1) {
-        int8_block_rows<1>(high, low, in.scale.get() + m, k_padded, block, s + n0, columns, ym, out_features);
+        int8_block_rows<1>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
       } else {
-        int8_block_rows<2>(high, low, in.scale.get() + m, k_padded, block, s + n0, columns, ym, out_features);
+        int8_block_rows<2>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
       }
     }
   });
