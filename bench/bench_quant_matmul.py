@@ -13,15 +13,20 @@ time at one thread (robust on a shared machine), wall time otherwise. Reported: 
 microseconds per layer and each format's time relative to it (below 1 is faster):
 - bf16 strips: the engine's bfloat16 projection, kernels/csrc/amx_linear.cpp's AMX column strips
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
-- int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loop on the same codes (AMX-BF16 CPUs only)
-- int4 / int8 rows: its AVX-512 few-row loops over the same codes (int4: torch's layout)
+- int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loops on the same codes (int4: AMX-BF16 on
+  codes converted per call; int8: AMX-INT8 on the codes as they are, the input split per row into
+  16-bit fixed point)
+- int4 / int8 rows: its few-row loops over the same codes (int4: AVX512-BF16 on torch's layout;
+  int8: AVX512-VNNI byte dot products on the split input)
 - int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
   both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
-- int4 / int8 AMX @REV (--baseline REV): the AMX tile loop of kernels/csrc/quant_ops.cpp as it was
-  at git revision REV, built beside this one, so a kernel change is timed A/B in one process
+- int4 / int8 AMX @REV, int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
+  as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
+  process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
+  AMX-INT8)
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -54,21 +59,28 @@ SHAPES = {
 
 def baseline_ops(revision: str):
     """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) as at `revision`,
-    built as an extension of its own under another op namespace."""
+    built as an extension of its own under another op namespace; and whether its int8 ops read
+    today's AMX-INT8 layout (else the [N/64][K/2][64][2] one before it)."""
     from torch.utils import cpp_extension
 
     import kernels.cpu_ops  # noqa: F401  (the flags it builds with)
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
-    for name in ("quant_ops.cpp", "amx_tiles.h"):
+    # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
+    for name in ("quant_ops.cpp", "amx_tiles.h", "thread_pool.h", "thread_pool.cpp"):
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
-    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}", sources=[str(directory / "quant_ops.cpp")],
-                       extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v4"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
-    return torch.ops.bento_llm_baseline
+        if name == "quant_ops.cpp":
+            int8_quads = "[N/64, K/4, 64, 4] int8 codes, K padded" in text
+    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}",
+                       sources=[str(directory / "quant_ops.cpp"), str(directory / "thread_pool.cpp")],
+                       # kernels/cpu_ops.py's flags
+                       extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+                                     "-fno-signed-zeros", "-march=x86-64-v4"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return torch.ops.bento_llm_baseline, int8_quads
 
 
 def main() -> None:
@@ -89,10 +101,11 @@ def main() -> None:
     ops, cpu = amx_kernels(), torch.device("cpu")
     names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
-    old = baseline_ops(args.baseline) if args.baseline and ops is not None else None
+    old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and ops is not None else (None, True)
     if old is not None:
         names[names.index("int4 AMX") + 1:names.index("int4 AMX") + 1] = ["int4 AMX @" + args.baseline]
         names[names.index("int8 AMX") + 1:names.index("int8 AMX") + 1] = ["int8 AMX @" + args.baseline]
+        names[names.index("int8 rows") + 1:names.index("int8 rows") + 1] = ["int8 rows @" + args.baseline]
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
@@ -112,6 +125,9 @@ def main() -> None:
         int4 = [PackedQuantizedWeight(quantize_int4(w, group), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
+        # The baseline's int8 codes: today's, or [N/64][K/2][64][2] (bfloat16 tile order, before AMX-INT8).
+        int8_old = [q.qweight if old_int8_quads else r.reshape(-1, 64, k // 2, 2).transpose(1, 2).contiguous()
+                    for q, r in zip(int8, int8_rows)] if old is not None else []
         has_w8a8 = ops is not None and ops.amx_int8_supported() and (not args.only or "w8a8" in args.only)
         w8a8 = [PackedQuantizedWeight(quantize(w, "w8a8", 32), torch.bfloat16, cpu, int8_activations=True)
                 for w in weights] if has_w8a8 else []
@@ -136,12 +152,14 @@ def main() -> None:
                 runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, group, n) for q in int4]
             if old is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
-                runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
+                runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
+                runs["int8 rows @" + args.baseline] = lambda: [old.int8_mm_rows(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
             if args.only:
-                wanted = {"bfloat16", *args.only.split(","), *(f"{f} AMX @{args.baseline}" for f in ("int4", "int8"))}
+                wanted = {"bfloat16", *args.only.split(","),
+                          *(f"{f} @{args.baseline}" for f in ("int4 AMX", "int8 AMX", "int8 rows"))}
                 runs = {name: fn for name, fn in runs.items() if name in wanted}
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():

@@ -111,6 +111,44 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [3, 16, 64])
+def test_int8_input_rounding_stays_within_its_bound_even_beside_an_outlier(rows):
+    """Both int8 kernels (AMX-INT8's tile loop, the few-row VNNI loop) multiply each input row as
+    16-bit fixed point (one scale, max |x| / 32767): every element within max |x| / 65534, so
+    each output within that times the column's sum of |weight|, plus the output's rounding to
+    bfloat16 (2^-9 of it). Half the rows carry one element 10^4 times the rest (its small
+    elements then keep few bits: the bound still holds)."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 576, generator=gen).bfloat16()
+    q = quantize_int8(weight)
+    packed = quantized_layer("int8", 32, weight, dtype=torch.bfloat16).quantized
+    x = torch.randn(rows, 576, generator=gen)
+    x[::2, 7] = 1e4 * x[::2, 7].sign()
+    x = x.bfloat16()
+    w = q.codes.double() * q.scale.reshape(-1, 1).bfloat16().double()  # the weight the kernels multiply
+    exact = x.double() @ w.t()
+    bound = (x.double().abs().amax(1, keepdim=True) / 65534) @ w.abs().sum(1, keepdim=True).t()
+    for op in (amx_kernels().int8_mm_amx, amx_kernels().int8_mm_rows):
+        with torch.inference_mode():
+            out = op(x, packed.qweight, packed.scales, 100).double()
+        error = (out - exact).abs()
+        assert (error <= 1.01 * bound + exact.abs() * 2**-8).all(), (op, (error - bound).max())
+        # The outlier rows do lose bits: their error is of the bound's order, not bfloat16's.
+        assert (error[::2] > 0.1 * bound[::2]).any(), op
+
+
+@needs_amx
+def test_int8_kernels_refuse_inputs_wider_than_their_int32_sums_hold():
+    """255 * 128 * K < 2^31 holds to K = 65536: a wider weight is refused by name, not wrapped."""
+    x = torch.ones(16, 65600, dtype=torch.bfloat16)
+    codes = torch.ones(1, 65600 // 4, 64, 4, dtype=torch.int8)
+    scales = torch.ones(64, dtype=torch.bfloat16)
+    for op in (amx_kernels().int8_mm_amx, amx_kernels().int8_mm_rows):
+        with pytest.raises(RuntimeError, match="at most 65536 inputs"):
+            op(x, codes, scales, 64)
+
+
+@needs_amx
 @pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("outputs", [150, 520])
 def test_two_threads_split_a_block_of_the_amx_loop_by_its_halves(method, group, outputs):
@@ -177,13 +215,15 @@ def test_few_row_loops_carry_each_groups_input_sum_for_inputs_far_from_zero_mean
 
 @needs_amx
 def test_int8_weight_converts_whole_to_its_values_rounded_to_bfloat16():
-    """int8's prefill-sized form: [K, N] (100 outputs, 106 inputs), code * scale in bfloat16."""
+    """int8's prefill-sized form: [K, N] (100 outputs, 106 inputs), code * scale in bfloat16, and
+    the rows padding K to the kernel's 64-input step all zero."""
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(100, 106, generator=gen).bfloat16()
     q = quantize_int8(weight)
     packed = quantized_layer("int8", 32, weight, dtype=torch.bfloat16).quantized
     expected = (q.codes.float() * q.scale.reshape(-1, 1).bfloat16().float()).bfloat16()
-    assert torch.equal(amx_kernels().int8_dequantize(packed.qweight, packed.scales, 100), expected.t())
+    dense = amx_kernels().int8_dequantize(packed.qweight, packed.scales, 100)
+    assert dense.shape == (128, 100) and torch.equal(dense[:106], expected.t()) and not dense[106:].any()
 
 
 @needs_amx
@@ -255,7 +295,7 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
             # Prefill-sized: the weight converted whole, multiplied by oneDNN.
             x = torch.randn(DENSE_MIN_ROWS, 96, generator=gen).bfloat16()
             if method == "int8":
-                dense = x @ ops.int8_dequantize(packed.qweight, packed.scales, 200)
+                dense = x @ ops.int8_dequantize(packed.qweight, packed.scales, 200)[:96]  # K padded to 128
                 amx = ops.int8_mm_amx(x, packed.qweight, packed.scales, 200)
             else:
                 dense = x @ ops.int4_dequantize(packed.qweight, packed.scales, 32, 200)

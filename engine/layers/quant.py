@@ -5,15 +5,15 @@ own packed matmuls multiply with.
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
-- On CPUs with AMX-BF16, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead: from a few
-  rows up, the same codes converted block by block into our own AMX tile loop (PyTorch's ops are
-  vector loops, 3-20x slower than packed bfloat16 from 16 rows up); for 1-2 rows, an AVX512-BF16
-  loop over the codes (int4: 10-25% faster than PyTorch's op at one row, one thread). int4 keeps
-  PyTorch's layout (its op serves 3-4 rows); int8 has its own, the tile's order. At 16 rows both
-  take about half of bfloat16's time, at 64 rows 0.7-1.0x, at 256 about bfloat16's; from 1024
-  rows (a prefill chunk) the weight is converted whole to a transient bfloat16 [K, N] per call
-  and multiplied by oneDNN, int4 1.15-1.3x bfloat16's time (bench/bench_quant_matmul.py; int8's
-  values are then code * scale rounded to bfloat16, as a bfloat16 weight is).
+- On AMX CPUs, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead (PyTorch's ops are vector
+  loops, 3-20x slower than packed bfloat16 from 16 rows up). int4 keeps PyTorch's layout: 1-2
+  rows run an AVX512-BF16 loop over the codes, 3-4 PyTorch's op, more our AMX tile loop on the
+  codes converted block by block (about half of bfloat16's time at 16 rows, 0.7-1.0x at 64).
+  int8 has AMX-INT8's layout ([N/64][K/4][64][4]; no AMX-INT8: PyTorch's op on [N][K]) and
+  converts nothing: each input row is split into 16-bit fixed point (max |x| / 32767, error <=
+  max |x| / 65534 per element) whose two byte planes multiply the codes (VNNI for 1-2 rows, AMX
+  tiles from 3). From 1024 rows (a prefill chunk) either weight is converted whole to a transient
+  bfloat16 [K, N] per call and multiplied by oneDNN (int8: code * scale rounded to bfloat16).
 - w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
   quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # layout, which the AMX kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
 _AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
+_INT8_STEP_K = 64  # int8's AMX-INT8 step: inputs per tile row (quant_ops.cpp's kInt8StepK)
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
 # one thread: both even at 4 rows, AMX ahead from 6).
 AMX_MIN_ROWS = 5
@@ -55,9 +56,9 @@ INT4_ROWS_MAX_ROWS = 2
 # weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
 # model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
 DENSE_MIN_ROWS = 1024
-# int8: from which its AMX kernel beats its few-row loop, int8_mm_rows (even at 3-4 rows, one
-# thread, at the default model's shapes).
-INT8_AMX_MIN_ROWS = 4
+# int8: from which its AMX-INT8 kernel beats its few-row VNNI loop, int8_mm_rows (one thread, the
+# default model's shapes: 0.8-1.0x its time at 3 rows, 0.9-1.15x at 2).
+INT8_AMX_MIN_ROWS = 3
 
 
 @functools.cache
@@ -220,16 +221,17 @@ class PackedQuantizedWeight(torch.nn.Module):
         if int8_activations:
             self._init_w8a8(q, device)
             return
-        # The AMX kernels run bfloat16 inputs on CPU (they take input columns in pairs).
-        self.amx = (device.type == "cpu" and dtype == torch.bfloat16 and self.in_features % 2 == 0
-                    and amx_kernels() is not None)
+        # The AMX kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8).
+        ops = amx_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
+        self.amx = ops is not None and (ops.amx_int8_supported() if q.bits == 8 else self.in_features % 2 == 0)
         if q.bits == 8:
-            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/2][64][2] blocks,
-            # the order of the kernel's bfloat16 tile (input pairs side by side); else PyTorch's [N][K].
+            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/4][64][4] blocks,
+            # AMX-INT8's order (four inputs of a column side by side), K padded with zero codes to
+            # the kernel's 64-input step; else PyTorch's [N][K].
             codes = q.codes
             if self.amx:
-                codes = _pad_rows(codes, _AMX_ROW_MULTIPLE).reshape(-1, _AMX_ROW_MULTIPLE, self.in_features // 2, 2)
-                codes = codes.transpose(1, 2).contiguous()
+                codes = F.pad(_pad_rows(codes, _AMX_ROW_MULTIPLE), (0, -self.in_features % _INT8_STEP_K))
+                codes = codes.reshape(-1, _AMX_ROW_MULTIPLE, codes.shape[1] // 4, 4).transpose(1, 2).contiguous()
             self.register_buffer("qweight", codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
@@ -275,10 +277,11 @@ class PackedQuantizedWeight(torch.nn.Module):
             return self.qweight if index is None else self.qweight[index]
         if index is None:
             index = torch.arange(self.out_features, device=self.qweight.device)
-        # Each input pair [..][2] as one int16: the gather moves half the elements (measured 6x
-        # faster for a 64-token decode step's embedding lookup).
-        pairs = self.qweight.view(torch.int16)  # [N/64][K/2][64][1]
-        return pairs[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
+        # Each input quad [..][4] as one int32: the gather moves a quarter of the elements (pairs
+        # as int16 measured 6x faster than bytes for a 64-token decode step's embedding lookup).
+        quads = self.qweight.view(torch.int32)  # [N/64][K/4][64][1]
+        codes = quads[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
+        return codes[..., : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
@@ -289,7 +292,7 @@ class PackedQuantizedWeight(torch.nn.Module):
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             ops = amx_kernels()
             if rows.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
-                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)
+                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)[: self.in_features]
             else:
                 op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
                 y = op(rows, self.qweight, self.scales, self.out_features)

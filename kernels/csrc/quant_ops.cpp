@@ -4,7 +4,9 @@
 // (_tile_loadd / _tile_dpbf16ps: 2x2 tiles of 16 rows x 16 columns, A read straight from the
 // row-major input, B from the converted block), the float32 sums converted to bfloat16 on the
 // way out. Threads split the column blocks. For 1-2 rows (a decode step) int4_mm_rows reads the
-// codes with AVX512-BF16 instead, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
+// codes with AVX512-BF16 instead, no tile at all. int8 weight-only converts nothing either: it
+// splits each input row into 16-bit fixed point (two byte planes, one scale) and multiplies both
+// planes with the codes on AMX-INT8 in its own tile loop (int8_mm_amx). w8a8_mm_amx rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
 // w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
@@ -18,23 +20,28 @@
 // (brgemm re-read the whole input per block: 1.6-2x bfloat16's time at 2000 rows).
 //
 // int4's layout is PyTorch's own, so one copy of the weight serves both its few-row kernel and
-// this one; int8 and w8a8 have their own (every row count runs here):
+// this one; int8 and w8a8 have AMX-INT8's (every row count runs here):
 // - int4: _convert_weight_to_int4pack_for_cpu on AVX-512, [N/64][K][32] bytes: byte j of row k
 //   holds column j in its low nibble and column 32 + j in its high one; scales_and_zeros
 //   [K/group][N][2] (scale, zero) in bfloat16, value = (code - 8) * scale + zero. A block is
 //   dequantized straight into the VNNI layout of AMX's B operand ([K/2][64][2]).
-// - int8: [N/64][K/2][64][2] codes, AMX's VNNI order (PyTorch's [N][K] would need a transpose
-//   per tile), zero rows padding N, one bfloat16 scale per output column applied to the float32
-//   result. A block widens exactly into its bfloat16 tile; for a few rows (int8_mm_rows) the codes are
-//   read once per call by an AVX-512 loop instead (torch's _weight_int8pack_mm ran at 0.8-0.9x
-//   bfloat16's time at one row, reading half its bytes).
+// - int8: [N/64][K/4][64][4] codes, AMX-INT8's B order (PyTorch's [N][K] would need a transpose
+//   per tile), zero rows padding N to 64 and zero codes padding K to 64, one bfloat16 scale per
+//   output column applied to the result. The tile loop loads B tiles straight from the codes; each
+//   input row becomes q = round(x / s), s = max |x| / 32767, split as 256 high (s8) + low (u8), and
+//   y = s s_w (256 (high . w) + low . w): two int32 products per step, each covering 64 inputs
+//   (bfloat16's: 32), so as many tile products as the bfloat16 loop and half its weight bytes,
+//   none converted (the conversion to bfloat16 tiles it replaced cost about what the bfloat16
+//   projection spends reading its weight: 0.8-0.95x its speed at 64 rows). For a few rows
+//   (int8_mm_rows) the codes are read once per call by an AVX-512 float loop instead (torch's
+//   _weight_int8pack_mm ran at 0.8-0.9x bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
 //   arranges them at load), float32 scale per output row; where the weight was rotated at load
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
 // any x86-64; the ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux grants
-// the tile registers (amx_bf16_supported()).
+// the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too, amx_int8_supported()).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -135,23 +142,6 @@ BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t
           _mm512_store_si512(out + (32 * h + 16 * p) * 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
         }
       }
-    }
-  }
-}
-
-// One block of 64 columns of an int8 weight into a bfloat16 VNNI tile [K/2][64][2], exactly
-// (|code| <= 128; the column scales are applied to the result). The codes are stored in the
-// tile's own order ([K/2][64][2]), so this is a straight widening: 16 codes -> 16 floats -> 16
-// bfloat16 values, no shuffles. The next block's codes are prefetched as int4's are. Only the
-// 32-column halves [h0, h1) are converted (bytes 64 h to 64 h + 63 of each input pair's 128).
-BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* next, int64_t k_total, int h0, int h1,
-                                             uint16_t* tile) {
-  for (int64_t pair = 0; pair < k_total * kBlockN; pair += 2 * kBlockN) {
-    for (int64_t i = pair + 64 * h0; i < pair + 64 * h1; i += 32) {
-      if (next && i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
-      const __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
-      const __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16))));
-      _mm512_storeu_si512(tile + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
     }
   }
 }
@@ -568,154 +558,322 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_an
   return out;
 }
 
+bool amx_int8_supported();
+
+// int8 weight-only codes: [N/64][K/4][64][4] (AMX-INT8's B order: four inputs of one column side
+// by side, 64 columns per block), K padded with zero codes to a multiple of kInt8StepK and N with
+// zero rows to a multiple of 64; a bfloat16 scale per output column.
+constexpr int64_t kInt8StepK = 64;  // int8 inputs per AMX tile row (64 bytes): one k-step
+constexpr int64_t kInt8QuadBytes = kBlockN * 4;  // one input quad of a block: 64 columns x 4 codes
+// The int32 sums cannot wrap: |low . w| <= 255 * 128 * K < 2^31 for K <= 65536 (and |high . w|
+// <= 128 * 128 * K, less).
+constexpr int64_t kInt8MaxK = 65536;
+
 void check_int8(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
-                  packed.size(2) == kBlockN && packed.size(3) == 2 && out_features <= packed.size(0) * kBlockN,
-              "packed: [N/64, K/2, 64, 2] int8 codes");
+  TORCH_CHECK(amx_int8_supported(), "the AMX int8 matmuls need a CPU with AMX-INT8");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 && packed.size(2) == kBlockN &&
+                  packed.size(3) == 4 && (packed.size(1) * 4) % kInt8StepK == 0 && out_features <= packed.size(0) * kBlockN,
+              "packed: [N/64, K/4, 64, 4] int8 codes, K padded to a multiple of 64");
+  TORCH_CHECK(packed.size(1) * 4 <= kInt8MaxK, "int8: at most ", kInt8MaxK, " inputs (its int32 sums would wrap)");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() >= out_features,
               "scales: [N] bfloat16");
 }
 
-// x [M, K] bfloat16 @ int8 weight in 64-column blocks [N/64][K/2][64][2] (zero rows pad N) with a
-// bfloat16 scale per output column -> [M, out_features]: as int4, one block at a time converted
-// into brgemm's B tile, the scales applied to the float32 result.
-at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  check_int8(packed, scales, out_features);
-  check_input(x, packed.size(1) * 2);
-  const int64_t k_total = packed.size(1) * 2;
-  const auto* codes = packed.data_ptr<int8_t>();
-  return tiled_matmul(x, out_features, scales.data_ptr<c10::BFloat16>(),
-                      [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
-    const int64_t block = k_total * kBlockN;
-    dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_total, h0, h1, tile);
-  });
+// x's width against the codes' padded one (K rounded up to 64).
+void check_int8_input(const at::Tensor& x, int64_t k_padded) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  TORCH_CHECK(x.size(1) <= k_padded && x.size(1) > k_padded - kInt8StepK, "x has ", x.size(1), " columns, the weight ",
+              k_padded, " (padded to 64)");
 }
 
-// One block of 64 columns of int8 codes ([K/2][64][2]) into rows of a bfloat16 [K][ldo] matrix
-// (the weight transposed), its first `columns` columns, each value code * scale rounded to
-// bfloat16: one byte permutation splits a pair row's 32 columns into row k's and row k + 1's.
-BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10::BFloat16* scale, int64_t k_total,
-                                                  int64_t columns, c10::BFloat16* out, int64_t ldo) {
-  const __m512i split = _mm512_load_si512(kSplitPairs);
-  __m512 s[4];
-  __mmask32 masks[2];
-  for (int i = 0; i < 4; ++i) {
-    const int64_t left = std::clamp<int64_t>(columns - 16 * i, 0, 16);
-    s[i] = load_bfloat16(scale + 16 * i, static_cast<__mmask16>((1u << left) - 1));
+// max |x| over a row of K bfloat16 values: the per-row scale of int8's and w8a8's input rounding.
+BENTO_AVX512_BF16 float max_abs(const uint16_t* in, int64_t k_total) {
+  __m512 max = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
+    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
   }
-  for (int h = 0; h < 2; ++h) {
-    const int64_t left = std::clamp<int64_t>(columns - 32 * h, 0, 32);
-    masks[h] = left == 32 ? ~0u : static_cast<__mmask32>((1u << left) - 1);
+  return _mm512_reduce_max_ps(max);
+}
+
+// One input row (K bfloat16 values) as 16-bit fixed point with one float32 scale s = max |x| /
+// 32767: q = round(x / s) in [-32767, 32767], split into a signed high byte and an unsigned low
+// one, q = 256 * high + low (AMX-INT8 multiplies bytes). |x - s q| <= s / 2 = max |x| / 65534,
+// far below the int8 weight's own rounding (max |w| / 254 per weight). Columns K..k_padded are 0.
+BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_padded, int8_t* high, uint8_t* low,
+                                 float* scale_out) {
+  const float top = max_abs(in, k_total);
+  const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+  *scale_out = scale;
+  const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  const __m512i limit = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
+  for (int64_t k = 0; k < k_padded; k += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(k_total - k, 0, 16)) - 1);
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bfloat16(in + k, mask), inverse));  // round to nearest even
+    q = _mm512_max_epi32(_mm512_min_epi32(q, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(low + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, byte)));
   }
-  for (int64_t p = 0; p < k_total / 2; ++p) {
-    for (int h = 0; h < 2; ++h) {  // columns 32 h + [0, 32) of rows 2p and 2p + 1
-      const __m512i rows = _mm512_permutexvar_epi8(split, _mm512_loadu_si512(codes + p * kBlockN * 2 + 64 * h));
-      for (int r = 0; r < 2; ++r) {
-        const __m256i row = r ? _mm512_extracti64x4_epi64(rows, 1) : _mm512_castsi512_si256(rows);
-        const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(row))), s[2 * h]);
-        const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(row, 1))), s[2 * h + 1]);
-        _mm512_mask_storeu_epi16(out + (2 * p + r) * ldo + 32 * h, masks[h], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+}
+
+// x's rows split (split_row) into planes [rows rounded up to `multiple`][k_padded], the extra rows
+// 0, in the calling thread's buffer (grows, never shrinks: a call allocates nothing and takes no
+// page faults, which at 64 rows and more cost more than splitting the rows does). One at a time
+// per thread: the ops make one each and make no nested op call while it lives.
+struct SplitInput {
+  int8_t* high;
+  uint8_t* low;
+  float* scale;
+
+  SplitInput(const at::Tensor& x, int64_t k_padded, int64_t multiple) {
+    const int64_t rows = x.size(0), k_total = x.size(1), padded = (rows + multiple - 1) / multiple * multiple;
+    const int64_t plane = padded * k_padded, bytes = 2 * plane + padded * static_cast<int64_t>(sizeof(float));
+    thread_local std::unique_ptr<uint8_t[], AlignedFree> buffer;
+    thread_local int64_t capacity = 0;
+    if (bytes > capacity) {
+      buffer = aligned_buffer<uint8_t>(bytes);
+      capacity = bytes;
+    }
+    high = reinterpret_cast<int8_t*>(buffer.get());
+    low = buffer.get() + plane;
+    scale = reinterpret_cast<float*>(buffer.get() + 2 * plane);  // plane: a multiple of 64 bytes
+    std::memset(high + rows * k_padded, 0, (padded - rows) * k_padded);
+    std::memset(low + rows * k_padded, 0, (padded - rows) * k_padded);
+    const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    const int64_t lda = x.stride(0);
+    kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        split_row(a + r * lda, k_total, k_padded, high + r * k_padded, low + r * k_padded, scale + r);
       }
+    });
+  }
+};
+
+#define BENTO_AMX_INT8 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16,amx-int8")))
+
+// 16 rows of the split input (high, low: lda bytes apart) times 32 columns of int8 codes (b at
+// the block's column 32 h: every quad row of the block is 256 bytes, of which these columns are
+// 128) -> c [2][16][32] int32: the high plane's sums, then the low plane's. Per 64-input step two
+// B tiles straight from the codes, two A tiles, four products (s8 x s8 for high, u8 x s8 for
+// low): the MACs per product and loads per product of the bfloat16 loop's 2 x 2 tiles, with no
+// conversion of the weight. Step s also prefetches lines [s * n, (s + 1) * n) of `next` into L2
+// (the next unit's codes, so its first tile loads do not wait on memory).
+BENTO_AMX_INT8 void int8_tile_product(const int8_t* high, const uint8_t* low, int64_t lda, const int8_t* b, int64_t steps,
+                                      int32_t* c, const char* next, int64_t next_lines) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t line = s * next_lines; line < (s + 1) * next_lines; ++line) {
+      // the unit's 2 lines of each 4-line quad row
+      _mm_prefetch(next + (line / 2) * kInt8QuadBytes + 64 * (line % 2), _MM_HINT_T1);
+    }
+    const int8_t* bs = b + s * (kInt8StepK / 4) * kInt8QuadBytes;
+    _tile_loadd(6, bs, kInt8QuadBytes);
+    _tile_loadd(7, bs + 64, kInt8QuadBytes);
+    _tile_loadd(4, high + s * kInt8StepK, lda);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_loadd(5, low + s * kInt8StepK, lda);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, c, 32 * sizeof(int32_t));
+  _tile_stored(1, c + 16, 32 * sizeof(int32_t));
+  _tile_stored(2, c + 512, 32 * sizeof(int32_t));
+  _tile_stored(3, c + 528, 32 * sizeof(int32_t));
+}
+
+// out[m, j] = (256 high[m][j] + low[m][j]) * row_scale[m] * column_scale[j] for m < rows, j <
+// columns (<= 32), in bfloat16 (c: int8_tile_product's [2][16][32]; the sums combine in float32,
+// where 256 high cannot wrap).
+BENTO_AVX512_BF16 void store_int8_tile(const int32_t* c, int64_t rows, int64_t columns, const float* row_scale,
+                                       const c10::BFloat16* column_scale, c10::BFloat16* out, int64_t out_stride) {
+  const __m512 radix = _mm512_set1_ps(256.0f);
+  for (int64_t j = 0; j < columns; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
+    const __m512 s = load_bfloat16(column_scale + j, mask);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * 32 + j)), radix,
+                                         _mm512_cvtepi32_ps(_mm512_loadu_si512(c + 512 + m * 32 + j)));
+      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[m])));
+      _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
 
-// The int8 weight (codes [N/64, K/2, 64, 2], a scale per output) as bfloat16 [K, out_features],
-// the weight transposed: what prefill-sized inputs multiply with, as int4_dequantize.
-at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  const int64_t k_total = packed.size(1) * 2;
+// A thread's 32-column units [begin, end) (unit u: block u / 2, columns 32 (u % 2) + [0, 32)) times
+// every row of the split input: one tile product per 16 rows, the unit's codes read from memory by
+// the first and from cache by the rest while the next unit's are prefetched.
+BENTO_AMX_INT8 void int8_units(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t rows, int64_t k_padded,
+                               const int8_t* codes, const c10::BFloat16* scale, int64_t out_features, int64_t begin, int64_t end,
+                               c10::BFloat16* y) {
+  alignas(64) int32_t c[2 * kTileRows * 32];
+  const int64_t steps = k_padded / kInt8StepK, block_bytes = k_padded * kBlockN;
+  configure_tiles();
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t n0 = u * 32, columns = std::min<int64_t>(32, out_features - n0);
+    if (columns <= 0) break;
+    const int8_t* b = codes + (u / 2) * block_bytes + (u % 2) * 128;
+    const char* next = u + 1 < end ? reinterpret_cast<const char*>(codes + ((u + 1) / 2) * block_bytes + ((u + 1) % 2) * 128)
+                                   : nullptr;
+    for (int64_t m = 0; m < rows; m += kTileRows) {
+      // The next unit's 2 lines per quad row, spread over the first row tile's steps.
+      const int64_t lines = next && m == 0 ? 2 * (kInt8StepK / 4) : 0;
+      int8_tile_product(high + m * k_padded, low + m * k_padded, k_padded, b, steps, c, next, lines);
+      store_int8_tile(c, std::min<int64_t>(kTileRows, rows - m), columns, row_scale + m, scale + n0, y + m * out_features + n0,
+                      out_features);
+    }
+  }
+  release_tiles();
+}
+
+// x [M, K] bfloat16 @ int8 weight ([N/64][K/4][64][4] codes, a bfloat16 scale per output column)
+// -> [M, out_features] on AMX-INT8, no conversion of the weight: each input row is split into
+// 16-bit fixed point (split_row) and y = s_x s_w (256 (high . w) + (low . w)), two int32 tile
+// products per step. Threads split the 32-column units.
+at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   check_int8(packed, scales, out_features);
-  at::Tensor out = at::empty({k_total, out_features}, scales.options());
-  const auto* codes = packed.data_ptr<int8_t>();
-  const auto* s = scales.data_ptr<c10::BFloat16>();
+  const int64_t k_padded = packed.size(1) * 4;
+  check_int8_input(x, k_padded);
+  const int64_t rows = x.size(0);
+  const SplitInput in(x, k_padded, kTileRows);
+  at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
-  for_each_block(out_features, [&](int64_t b, int64_t columns) {
-    dequantize_int8_transposed(codes + b * k_total * kBlockN, s + b * kBlockN, k_total, columns, y + b * kBlockN, out_features);
+  const int64_t units = (out_features + 31) / 32;
+  kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    int8_units(in.high, in.low, in.scale, rows, k_padded, packed.data_ptr<int8_t>(),
+               scales.data_ptr<c10::BFloat16>(), out_features, begin, end, y);
   });
   return out;
 }
 
-// R rows of x (float32, [R][K]) times one 64-column block of int8 codes [K/2][64][2], V * 8
-// columns per pass (all 64 for 1-2 rows, 32 for 3-4: R * V + V registers): each 16-float vector
-// holds 8 columns x an input pair, multiplied by that pair of x (broadcast); the pairs are summed
-// once at the end. The codes stream is prefetched kPrefetchAhead bytes ahead into L1 (the blocks
-// lie back to back, so this runs on into the next block): a fixed distance, not the whole next
-// block, which at K = 576 (36 KB) would evict the current block's lines from a 48 KB L1.
-template <int R, int V>
-BENTO_AVX512_BF16 void int8_block_rows(const float* x, int64_t k_total, const int8_t* codes, const c10::BFloat16* scale,
-                                       int64_t columns, c10::BFloat16* out, int64_t out_stride) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t c0 = 0; c0 < columns; c0 += V * 8) {
-    __m512 acc[R][V];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < k_total / 2; ++p) {
-      const int8_t* line = codes + p * kBlockN * 2 + c0 * 2;
-      if (c0 == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(codes + p * kBlockN * 2 + kPrefetchAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(codes + p * kBlockN * 2 + kPrefetchAhead + 64), _MM_HINT_T0);
-      }
-      __m512 w[V];
-      for (int i = 0; i < V; ++i)
-        w[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i))));
-      for (int r = 0; r < R; ++r) {
-        double pair;
-        std::memcpy(&pair, x + r * k_total + 2 * p, sizeof(pair));
-        const __m512 v = _mm512_castpd_ps(_mm512_set1_pd(pair));
-        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], v, acc[r][i]);
-      }
-    }
-    for (int i = 0; i < V; i += 2) {  // columns c0 + 8 i + [0, 16)
-      const int64_t j = c0 + i * 8;
-      if (j >= columns) break;
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
-      const __m512 s = load_bfloat16(scale + j, mask);
-      for (int r = 0; r < R; ++r) {
-        const __m512 sum = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][i], even, acc[r][i + 1]),
-                                         _mm512_permutex2var_ps(acc[r][i], odd, acc[r][i + 1]));
-        const __m256i bf16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(sum, s)));
-        _mm256_mask_storeu_epi16(out + r * out_stride + j, mask, bf16);
+// A quad row's 64 bytes (16 columns x 4 inputs) split by input: bytes 16 i + j are column j's input i.
+alignas(64) constexpr uint8_t kSplitQuads[64] = {
+    0, 4, 8,  12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 1, 5, 9,  13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,
+    2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62, 3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63};
+
+// One block of 64 columns of int8 codes ([K/4][64][4]) into rows of a bfloat16 [K][ldo] matrix
+// (the weight transposed), its first `columns` columns, each value code * scale rounded to
+// bfloat16: one byte permutation splits 16 columns' quad into their four input rows.
+BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10::BFloat16* scale, int64_t k_padded,
+                                                  int64_t columns, c10::BFloat16* out, int64_t ldo) {
+  const __m512i split = _mm512_load_si512(kSplitQuads);
+  __m512 s[4];
+  __mmask16 masks[4];
+  for (int i = 0; i < 4; ++i) {
+    masks[i] = static_cast<__mmask16>((1u << std::clamp<int64_t>(columns - 16 * i, 0, 16)) - 1);
+    s[i] = load_bfloat16(scale + 16 * i, masks[i]);
+  }
+  for (int64_t p = 0; p < k_padded / 4; ++p) {
+    for (int i = 0; i < 4; ++i) {  // columns 16 i + [0, 16) of rows 4 p + [0, 4)
+      if (!masks[i]) break;
+      const __m512i inputs = _mm512_permutexvar_epi8(split, _mm512_loadu_si512(codes + p * kInt8QuadBytes + 64 * i));
+      for (int r = 0; r < 4; ++r) {
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(inputs, r))), s[i]);
+        _mm256_mask_storeu_epi16(out + (4 * p + r) * ldo + 16 * i, masks[i], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
       }
     }
   }
 }
 
-// out [rows][K] = x's bfloat16 rows (lda apart) widened to float32.
-BENTO_AVX512_BF16 void widen_rows(const uint16_t* x, int64_t lda, int64_t rows, int64_t k_total, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < k_total; k += 16) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-      _mm512_mask_storeu_ps(out + r * k_total + k, mask, load_bfloat16(x + r * lda + k, mask));
+// The int8 weight (codes [N/64, K/4, 64, 4], a scale per output) as bfloat16 [K padded to 64,
+// out_features] (the padding rows 0), the weight transposed: what prefill-sized inputs multiply
+// with, as int4_dequantize.
+at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  check_int8(packed, scales, out_features);
+  const int64_t k_padded = packed.size(1) * 4;
+  at::Tensor out = at::empty({k_padded, out_features}, scales.options());
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  auto* y = out.data_ptr<c10::BFloat16>();
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    dequantize_int8_transposed(codes + b * k_padded * kBlockN, s + b * kBlockN, k_padded, columns, y + b * kBlockN, out_features);
+  });
+  return out;
+}
+
+#define BENTO_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+
+// R rows of the split input (high, low: [R][k_padded] planes, split_row's) times one 64-column
+// block of int8 codes [K/4][64][4] with AVX512-VNNI's byte dot products, for a few rows where
+// reading the codes is the whole cost: each 64-byte vector of codes (16 columns x an input quad)
+// meets the row's quad broadcast, four products and their sum per column in one instruction
+// (vpdpbusd: unsigned x signed bytes into int32), so the loop keeps up with memory where a float
+// loop (convert, multiply-add: 12 instructions per 64 codes at one row) did not. The high plane
+// is signed: it enters as high + 128 (unsigned), and 128 times the column's code sum (a third
+// product, with ones) comes off at the end. Same sums as int8_tile_product, so the same result
+// rule: y = s_x s_w (256 high . w + low . w). The codes stream is prefetched kPrefetchAhead bytes
+// ahead into L1 (the blocks lie back to back, so this runs on into the next block).
+template <int R>
+BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t k_padded,
+                                       const int8_t* codes, const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out,
+                                       int64_t out_stride) {
+  const __m512i ones = _mm512_set1_epi8(1), sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i sums[4], acc_high[R][4], acc_low[R][4];
+  for (int i = 0; i < 4; ++i) {
+    sums[i] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc_high[r][i] = acc_low[r][i] = _mm512_setzero_si512();
+  }
+  for (int64_t p = 0; p < k_padded / 4; ++p) {
+    const int8_t* line = codes + p * kInt8QuadBytes;
+    for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
+    __m512i h[R], lo[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t quad_high, quad_low;
+      std::memcpy(&quad_high, high + r * k_padded + 4 * p, 4);
+      std::memcpy(&quad_low, low + r * k_padded + 4 * p, 4);
+      h[r] = _mm512_xor_si512(_mm512_set1_epi32(quad_high), sign);  // high + 128
+      lo[r] = _mm512_set1_epi32(quad_low);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512i w = _mm512_loadu_si512(line + 64 * i);
+      sums[i] = _mm512_dpbusd_epi32(sums[i], ones, w);
+      for (int r = 0; r < R; ++r) {
+        acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], h[r], w);
+        acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], lo[r], w);
+      }
+    }
+  }
+  const __m512 radix = _mm512_set1_ps(256.0f);
+  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    const __m512 s = load_bfloat16(scale + 16 * i, mask);
+    const __m512i bias = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias)), radix,
+                                         _mm512_cvtepi32_ps(acc_low[r][i]));
+      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
 }
 
-// The same product for a few rows (a decode step), where reading the codes is the whole cost: no
-// conversion to a tile, one pass over each block of codes per 4 rows, threads split the blocks.
+// The same product for a few rows (a decode step): no tile, the split rows times each block of
+// codes two rows at a time (int8_block_rows), threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   check_int8(packed, scales, out_features);
-  check_input(x, packed.size(1) * 2);
-  const int64_t rows = x.size(0), k_total = packed.size(1) * 2;
+  const int64_t k_padded = packed.size(1) * 4;
+  check_int8_input(x, k_padded);
+  const int64_t rows = x.size(0);
+  const SplitInput in(x, k_padded, 1);
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  auto x32 = aligned_buffer<float>(rows * k_total);  // the rows widened here, not by ATen calls
-  widen_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows, k_total, x32.get());
-  const float* a = x32.get();
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<int8_t>();
   const auto* s = scales.data_ptr<c10::BFloat16>();
   for_each_block(out_features, [&](int64_t b, int64_t columns) {
     const int64_t n0 = b * kBlockN;
-    const int8_t* block = codes + b * k_total * kBlockN;
-    for (int64_t m = 0; m < rows; m += 4) {
-      const float* xm = a + m * k_total;
+    const int8_t* block = codes + b * k_padded * kBlockN;
+    for (int64_t m = 0; m < rows; m += 2) {
+      const int8_t* high = in.high + m * k_padded;
+      const uint8_t* low = in.low + m * k_padded;
       c10::BFloat16* ym = y + m * out_features + n0;
-      switch (std::min<int64_t>(4, rows - m)) {
-        case 1: int8_block_rows<1, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-        case 2: int8_block_rows<2, 8>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-        case 3: int8_block_rows<3, 4>(xm, k_total, block, s + n0, columns, ym, out_features); break;
-        default: int8_block_rows<4, 4>(xm, k_total, block, s + n0, columns, ym, out_features);
+      if (rows - m == 1) {
+        int8_block_rows<1>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
+      } else {
+        int8_block_rows<2>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
       }
     }
   });
@@ -727,12 +885,7 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
 // lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
 // fail to compile in an AVX2 build of this file.
 BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out) {
-  __m512 max = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_total; k += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
-  }
-  const float top = _mm512_reduce_max_ps(max);
+  const float top = max_abs(in, k_total);
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
