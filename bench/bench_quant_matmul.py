@@ -53,19 +53,28 @@ SHAPES = {
 
 
 def baseline_ops(revision: str):
-    """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) as at `revision`,
-    built as an extension of its own under another op namespace."""
+    """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and the headers and thread pool
+    it builds with) as at `revision`, built as an extension of its own under another op namespace
+    (with a thread pool of its own: time it at --threads 1, where neither pool has workers)."""
     from torch.utils import cpp_extension
 
     import kernels.cpu_ops  # noqa: F401  (the flags it builds with)
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
-    for name in ("quant_ops.cpp", "amx_tiles.h"):
-        text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
-                              text=True).stdout
-        (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
-    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}", sources=[str(directory / "quant_ops.cpp")],
+    files = subprocess.run(["git", "ls-tree", "--name-only", revision, "kernels/csrc/"], cwd=root, check=True,
+                           capture_output=True, text=True).stdout.split()
+    sources = []
+    for path in files:
+        name = Path(path).name
+        if name.endswith(".h") or name in ("quant_ops.cpp", "thread_pool.cpp"):
+            text = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True,
+                                  text=True).stdout
+            (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,",
+                                                       "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
+            if name.endswith(".cpp"):
+                sources.append(str(directory / name))
+    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}", sources=sources,
                        extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v4"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
     return torch.ops.bento_llm_baseline
