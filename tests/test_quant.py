@@ -571,7 +571,8 @@ def test_int4_amx_few_rows_convert_and_multiply_a_chunk_of_k_at_a_time(group):
     a time and keeps the sums in the tile registers across chunks: widths whose last chunk is
     short (576 = 4 x 128 + 64, at groups that divide it) and a 3B down projection's 8192 (64
     chunks); one row tile (its even and odd steps summed apart), two, a partial second one, and
-    32 strided rows; against the float reference, one thread and two alike."""
+    32 strided rows; 150 outputs (3 blocks, the last 22 columns wide, two threads splitting the
+    middle one). Against the float reference, one thread and two alike."""
     ops = amx_kernels()
     threads = torch.get_num_threads()
     try:
@@ -579,18 +580,18 @@ def test_int4_amx_few_rows_convert_and_multiply_a_chunk_of_k_at_a_time(group):
             if cols % group:
                 continue
             gen = torch.Generator().manual_seed(cols + group)
-            weight = torch.randn(100, cols, generator=gen).bfloat16()
+            weight = torch.randn(150, cols, generator=gen).bfloat16()
             q = quantize_int4(weight, group)
             packed = quantized_layer("int4", group, weight, dtype=torch.bfloat16).quantized
             for rows in (1, 3, AMX_MIN_ROWS, 16, 17, 32):
                 x = torch.randn(2 * rows, cols, generator=gen).bfloat16()[::2]
                 with torch.inference_mode():
                     torch.set_num_threads(1)
-                    alone = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)
+                    alone = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 150)
                     torch.set_num_threads(2)
-                    shared = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 100)
+                    shared = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 150)
                 expected = _amx_reference(packed, q, x)
-                assert alone.shape == (rows, 100)
+                assert alone.shape == (rows, 150)
                 assert (alone.float() - expected).norm() / expected.norm() < 3e-3, (cols, rows)
                 assert torch.equal(shared, alone), (cols, rows)
     finally:

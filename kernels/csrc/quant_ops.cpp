@@ -435,6 +435,7 @@ BENTO_AMX void int4_half_in_chunks(const uint16_t* a, int64_t lda, const uint8_t
     } else {
       dequantize_int4_block<1, 2>(codes + k0 * 32, ahead, sz, n_padded, kc, group, chunk_tile);
     }
+    asm volatile("" ::: "memory");  // the converted values stored before the tile loads read them (see below)
     const uint16_t* b = chunk_tile + 32 * h * 2;
     for (int64_t s = 0; s < kc / kTileK; ++s) {
       const uint16_t* bs = b + s * kTileK * kBlockN;  // 16 input pairs further
@@ -464,7 +465,7 @@ BENTO_AMX void int4_half_in_chunks(const uint16_t* a, int64_t lda, const uint8_t
   _tile_stored(2, c + kTileRows * 32, c_stride);
   _tile_stored(3, c + kTileRows * 32 + 16, c_stride);
   if constexpr (R == 1) {  // the odd steps' sums onto the even steps'
-    asm volatile("" ::: "memory");  // GCC's tilestored is an asm without a memory clobber: read c after it
+    asm volatile("" ::: "memory");  // GCC's tile loads and stores are asm without a memory clobber: c read after
     for (int64_t i = 0; i < kTileRows * 32; i += 16) {
       _mm512_store_ps(c + i, _mm512_add_ps(_mm512_load_ps(c + i), _mm512_load_ps(c + kTileRows * 32 + i)));
     }
