@@ -3,8 +3,9 @@
 // whatever the row count, and multiplies every input row with it in our own AMX tile loop
 // (_tile_loadd / _tile_dpbf16ps: 2x2 tiles of 16 rows x 16 columns, A read straight from the
 // row-major input, B from the converted block), the float32 sums converted to bfloat16 on the
-// way out. Threads split the column blocks. For 1-2 rows (a decode step) int4_mm_rows reads the
-// codes with AVX512-BF16 instead, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
+// way out. Threads split the column blocks. int4 up to 32 rows converts and multiplies a block
+// 128 inputs at a time instead, so the converted chunk stays in L1 (int4_mm_few_rows_amx). For
+// 1-2 rows (a decode step) int4_mm_rows reads the codes with AVX512-BF16, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
 // w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
