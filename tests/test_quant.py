@@ -566,17 +566,16 @@ def test_the_default_model_is_served_in_its_own_int4_by_default_on_amx_cpus():
 
 @needs_amx
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
-def test_int4_amx_few_rows_convert_and_multiply_a_chunk_of_k_at_a_time(group):
-    """Up to 32 rows (a decode batch), int4_mm_amx converts each block 128 inputs (or a group) at
-    a time and keeps the sums in the tile registers across chunks: widths whose last chunk is
-    short (576 = 4 x 128 + 64, at groups that divide it) and a 3B down projection's 8192 (64
-    chunks); one row tile (its even and odd steps summed apart), two, a partial second one, and
-    32 strided rows; 150 outputs (3 blocks, the last 22 columns wide, two threads splitting the
-    middle one). Against the float reference, one thread and two alike."""
+def test_int4_amx_at_decode_batch_rows_on_wide_inputs(group):
+    """int4_mm_amx at a decode batch's rows (1-32: one row tile, two, a partial second one, 32
+    strided rows) on a 3B down projection's 8192 inputs and 8256 (not a multiple of 128) beside
+    576, every group size that divides them: each code through the byte permutation that makes it
+    the float 128 + code. 150 outputs: 3 blocks, the last 22 columns wide, two threads splitting
+    the middle one. Against the float reference, one thread and two alike."""
     ops = amx_kernels()
     threads = torch.get_num_threads()
     try:
-        for cols in (576, 8192):
+        for cols in (576, 8192, 8256):
             if cols % group:
                 continue
             gen = torch.Generator().manual_seed(cols + group)

@@ -3,9 +3,8 @@
 // whatever the row count, and multiplies every input row with it in our own AMX tile loop
 // (_tile_loadd / _tile_dpbf16ps: 2x2 tiles of 16 rows x 16 columns, A read straight from the
 // row-major input, B from the converted block), the float32 sums converted to bfloat16 on the
-// way out. Threads split the column blocks. int4 up to 32 rows converts and multiplies a block
-// 128 inputs at a time instead, so the converted chunk stays in L1 (int4_mm_few_rows_amx). For
-// 1-2 rows (a decode step) int4_mm_rows reads the codes with AVX512-BF16, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
+// way out. Threads split the column blocks. For 1-2 rows (a decode step) int4_mm_rows reads the
+// codes with AVX512-BF16 instead, no tile at all. w8a8_mm_amx needs no conversion: it rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
 // w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
@@ -66,7 +65,6 @@ constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of conve
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
 constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
 constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at once beyond kRowChunk rows
-constexpr int64_t kFewRowsChunkK = 128;  // inputs per chunk int4's few-row AMX loop converts at a time (16 KB of tile)
 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
 #define BENTO_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
@@ -409,106 +407,6 @@ void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, in
               "scales_and_zeros: [K / group, N, 2] bfloat16");
 }
 
-// Up to 32 rows of A (R 16-row tiles, lda elements apart) times the 32-column half h of one int4
-// block (its codes, the next block's to prefetch or null, its scales) -> c [R x 16][32] float32,
-// converting the block a chunk of K at a time into `chunk_tile` ([chunk / 2][64][2], of which
-// half h is written) and multiplying each chunk while it is in L1, the sums kept in the tile
-// registers across chunks. chunk: a whole number of groups and of 32-input steps (the last chunk
-// may be shorter: K is a whole number of groups). One row tile (R = 1) sums its even and odd
-// steps in separate tiles, added at the end: each tile product waits for the last one into the
-// same tile (~50 cycles' latency, 16 cycles' throughput), and two chains left AMX half idle.
-template <int R>
-BENTO_AMX void int4_half_in_chunks(const uint16_t* a, int64_t lda, const uint8_t* codes, const uint8_t* next,
-                                   const c10::BFloat16* scales_and_zeros, int64_t n_padded, int64_t k_total, int64_t group,
-                                   int64_t chunk, int h, uint16_t* chunk_tile, float* c) {
-  constexpr int64_t b_stride = kBlockN * 2 * sizeof(uint16_t), c_stride = 32 * sizeof(float);
-  const int64_t a_stride = lda * sizeof(uint16_t);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t k0 = 0; k0 < k_total; k0 += chunk) {
-    const int64_t kc = std::min(chunk, k_total - k0);
-    const uint8_t* ahead = next ? next + k0 * 32 : nullptr;
-    const c10::BFloat16* sz = scales_and_zeros + k0 / group * n_padded * 2;
-    if (h == 0) {
-      dequantize_int4_block<0, 1>(codes + k0 * 32, ahead, sz, n_padded, kc, group, chunk_tile);
-    } else {
-      dequantize_int4_block<1, 2>(codes + k0 * 32, ahead, sz, n_padded, kc, group, chunk_tile);
-    }
-    asm volatile("" ::: "memory");  // the converted values stored before the tile loads read them (see below)
-    const uint16_t* b = chunk_tile + 32 * h * 2;
-    for (int64_t s = 0; s < kc / kTileK; ++s) {
-      const uint16_t* bs = b + s * kTileK * kBlockN;  // 16 input pairs further
-      const uint16_t* as = a + k0 + s * kTileK;
-      _tile_loadd(6, bs, b_stride);
-      _tile_loadd(7, bs + 32, b_stride);
-      if constexpr (R == 2) {
-        _tile_loadd(4, as, a_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, as + kTileRows * lda, a_stride);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      } else if (s % 2 == 0) {
-        _tile_loadd(4, as, a_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-      } else {
-        _tile_loadd(5, as, a_stride);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-  }
-  _tile_stored(0, c, c_stride);
-  _tile_stored(1, c + 16, c_stride);
-  _tile_stored(2, c + kTileRows * 32, c_stride);
-  _tile_stored(3, c + kTileRows * 32 + 16, c_stride);
-  if constexpr (R == 1) {  // the odd steps' sums onto the even steps'
-    asm volatile("" ::: "memory");  // GCC's tile loads and stores are asm without a memory clobber: c read after
-    for (int64_t i = 0; i < kTileRows * 32; i += 16) {
-      _mm512_store_ps(c + i, _mm512_add_ps(_mm512_load_ps(c + i), _mm512_load_ps(c + kTileRows * 32 + i)));
-    }
-  }
-}
-
-// int4_mm_amx for up to 32 rows (a decode batch): as tiled_matmul, threads split the blocks'
-// 32-column halves, but each half is converted and multiplied a chunk of K at a time
-// (int4_half_in_chunks), so the converted values never leave L1: tiled_matmul's whole converted
-// block (K x 128 bytes, 384 KB at K = 3072) is written to L2 and read back by every tile load,
-// which at 16 rows, where each B tile is used once, cost ~40% of the product. Needs the group
-// size a multiple of 32 (K then needs no padding).
-at::Tensor int4_mm_few_rows_amx(const at::Tensor& x, const uint8_t* codes, const c10::BFloat16* sz, int64_t n_padded,
-                                int64_t k_total, int64_t group, int64_t out_features) {
-  const int64_t rows = x.size(0), blocks = (out_features + kBlockN - 1) / kBlockN;
-  const int64_t chunk = group * std::max<int64_t>(1, kFewRowsChunkK / group);
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  auto* y = out.data_ptr<c10::BFloat16>();
-  const InputTiles in(x, k_total);
-  const uint16_t* a = in.main_rows ? in.main : in.tail;
-  const int64_t lda = in.main_rows ? in.lda : k_total;
-  kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
-    uint16_t* chunk_tile = block_buffer(chunk * kBlockN);
-    alignas(64) float c[2 * kTileRows * 32];
-    configure_tiles();
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / 2, half = 32 * (u % 2), columns = std::min(kBlockN, out_features - b * kBlockN);
-      if (half >= columns) continue;
-      const uint8_t* next = 2 * (b + 1) < end ? codes + (b + 1) * k_total * 32 : nullptr;
-      const uint8_t* from = codes + b * k_total * 32;
-      if (rows > kTileRows) {
-        int4_half_in_chunks<2>(a, lda, from, next, sz + b * kBlockN * 2, n_padded, k_total, group, chunk, u % 2, chunk_tile, c);
-      } else {
-        int4_half_in_chunks<1>(a, lda, from, next, sz + b * kBlockN * 2, n_padded, k_total, group, chunk, u % 2, chunk_tile, c);
-      }
-      store_block(c, 32, rows, std::min<int64_t>(32, columns - half), nullptr, y + b * kBlockN + half, out_features);
-    }
-    release_tiles();
-  });
-  return out;
-}
-
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t out_features) {
@@ -517,9 +415,6 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  if (x.size(0) <= 2 * kTileRows && group_size % kTileK == 0) {
-    return int4_mm_few_rows_amx(x, codes, sz, n_padded, k_total, group_size, out_features);
-  }
   return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
     const int64_t block = k_total * 32;
     const uint8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
