@@ -4,6 +4,7 @@
     python bench/bench_quant_matmul.py --rows 1,8,64 --threads 2
     python bench/bench_quant_matmul.py --shapes 3b --layers 2 --rows 1,16,64 --only "bf16 strips,int4 layer,int8 layer"
     python bench/bench_quant_matmul.py --baseline d98b55c --only "bf16 strips,int4 AMX,int8 AMX"   # A/B against a commit
+    python bench/bench_quant_matmul.py --shapes 3b-head --layers 1 --rows 1,16 --threads 2 --only "int8 layer"
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
 --layers random weights (as many as the model has layers, so the set does not sit in L2 the way
@@ -54,6 +55,8 @@ SHAPES = {
     "default": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)},
     # Llama-3.2-3B (bench_quant.py's 3B-shaped checkpoint): hidden 3072, 24/8 heads of 128, intermediate 8192
     "3b": {"qkv": (5120, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)},
+    # Its tied LM head, int8 rows in the engine (394 MB: one weight is beyond the caches; --layers 1)
+    "3b-head": {"lm_head": (128256, 3072)},
 }
 
 
@@ -61,9 +64,7 @@ def baseline_ops(revision: str):
     """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) as at `revision`,
     built as an extension of its own under another op namespace; and whether its int8 ops read
     today's AMX-INT8 layout (else the [N/64][K/2][64][2] one before it)."""
-    from torch.utils import cpp_extension
-
-    import kernels.cpu_ops  # noqa: F401  (the flags it builds with)
+    import kernels.cpu_ops  # the flags it builds with
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
@@ -74,12 +75,8 @@ def baseline_ops(revision: str):
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
         if name == "quant_ops.cpp":
             int8_quads = "[N/64, K/4, 64, 4] int8 codes, K padded" in text
-    cpp_extension.load(name=f"bento_llm_quant_baseline_{revision}",
-                       sources=[str(directory / "quant_ops.cpp"), str(directory / "thread_pool.cpp")],
-                       # kernels/cpu_ops.py's flags
-                       extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-                                     "-fno-signed-zeros", "-march=x86-64-v4"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    kernels.cpu_ops.load_sources(f"bento_llm_quant_baseline_{revision}",
+                                 [directory / "quant_ops.cpp", directory / "thread_pool.cpp"])
     return torch.ops.bento_llm_baseline, int8_quads
 
 
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--us", action="store_true", help="microseconds per layer in every column, not ratios")
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="default", help="the default model's projections or the 3B's")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="default", help="the default model's projections, the 3B's, or its LM head")
     parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
     parser.add_argument("--baseline", help="a git revision whose int4/int8 AMX tile loop is timed beside this one")
     parser.add_argument("--only", help="comma-separated columns to time (bfloat16 always runs; e.g. the 3B shapes "

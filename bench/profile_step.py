@@ -9,6 +9,8 @@
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
+    python bench/profile_step.py --model /tmp/bento-llm-bench-3b --quantization int4 --group-size 64 --steps 8 --profile-steps 4
+        # bench_quant.py's 3B-shaped checkpoint (a path)
 
 Prints three tables:
 1. the step by phase (median ms over the timed steps): scheduling, step-input preparation, the
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--quantization", default="auto",
                         help="the engine's quantization ('auto': int4 for the default Q4 GGUF on AMX; 'none': --dtype weights)")
+    parser.add_argument("--group-size", type=int, default=32,
+                        help="int4's group size where the weights are quantized at load (a GGUF's Q4 keeps its 32)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="the engine's kv_cache_dtype (auto, bfloat16, int8, fp8_e4m3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
@@ -268,7 +272,7 @@ def main() -> None:
     from engine import LLM
 
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              num_threads=args.threads, max_num_seqs=max(args.batch, 8))
+              quantization_group_size=args.group_size, num_threads=args.threads, max_num_seqs=max(args.batch, 8))
     engine = llm.engine
     runner = engine.runner.model_runner
     vocab = engine.model_config.vocab_size

@@ -602,3 +602,36 @@ def test_the_default_model_is_served_in_its_own_int4_by_default_on_amx_cpus():
     assert [n for n, p in model.named_parameters() if p.dim() == 2] == []  # no float matrix kept
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+@needs_amx
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_amx_at_decode_batch_rows_on_wide_inputs(group):
+    """int4_mm_amx at a decode batch's rows (1-32: one row tile, two, a partial second one, 32
+    strided rows) on a 3B down projection's 8192 inputs and 8256 (not a multiple of 128) beside
+    576, every group size that divides them: each code through the byte permutation that makes it
+    the float 128 + code. 150 outputs: 3 blocks, the last 22 columns wide, two threads splitting
+    the middle one. Against the float reference, one thread and two alike."""
+    ops = amx_kernels()
+    threads = torch.get_num_threads()
+    try:
+        for cols in (576, 8192, 8256):
+            if cols % group:
+                continue
+            gen = torch.Generator().manual_seed(cols + group)
+            weight = torch.randn(150, cols, generator=gen).bfloat16()
+            q = quantize_int4(weight, group)
+            packed = quantized_layer("int4", group, weight, dtype=torch.bfloat16).quantized
+            for rows in (1, 3, AMX_MIN_ROWS, 16, 17, 32):
+                x = torch.randn(2 * rows, cols, generator=gen).bfloat16()[::2]
+                with torch.inference_mode():
+                    torch.set_num_threads(1)
+                    alone = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 150)
+                    torch.set_num_threads(2)
+                    shared = ops.int4_mm_amx(x, packed.qweight, packed.scales, group, 150)
+                expected = _amx_reference(packed, q, x)
+                assert alone.shape == (rows, 150)
+                assert (alone.float() - expected).norm() / expected.norm() < 3e-3, (cols, rows)
+                assert torch.equal(shared, alone), (cols, rows)
+    finally:
+        torch.set_num_threads(threads)

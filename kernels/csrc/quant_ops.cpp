@@ -76,11 +76,8 @@ constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
 #define BENTO_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
 
-// Byte j of two 32-byte rows side by side (out byte 2j: the first row's byte j, 2j + 1: the second's).
-alignas(64) constexpr uint8_t kInterleaveRows[64] = {
-    0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
-    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-// The same pairs in the order int4_block_rows unpacks them: 128-bit lane L holds the pairs of
+// Byte j of two 32-byte rows side by side (out bytes 2j, 2j + 1: the first row's byte j, the
+// second's), in the order int4_block_rows unpacks them: 128-bit lane L holds the pairs of
 // columns 4L..4L+3 (its low 8 bytes) and 16+4L..16+4L+3, so unpacking the low and high halves of
 // the lanes gives columns 0-15 and 16-31 in order.
 alignas(64) constexpr uint8_t kInterleaveRowsForUnpack[64] = {
@@ -101,44 +98,67 @@ std::unique_ptr<T[], AlignedFree> aligned_buffer(int64_t n) {
   return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(std::aligned_alloc(64, bytes)));
 }
 
+// Where each float of a VNNI tile row's 16-float vectors takes its code from: vector t of a
+// 32-column half holds columns 8t..8t+7 of both rows of a pair (k, k + 1), float d = column
+// 8t + d/2 of row k + d%2, whose code is nibble byte (d%2) * 32 + 8t + d/2 of the pair's 64
+// bytes (low nibbles: the half's first 32 columns, high nibbles its last). The index sits in
+// byte 2 of each float, where the code goes (see dequantize_int4_block); other bytes unused.
+struct PairRowIndex {
+  alignas(64) uint8_t bytes[4][64];
+  constexpr PairRowIndex() : bytes{} {
+    for (int t = 0; t < 4; ++t)
+      for (int d = 0; d < 16; ++d) bytes[t][4 * d + 2] = static_cast<uint8_t>((d % 2) * 32 + 8 * t + d / 2);
+  }
+};
+constexpr PairRowIndex kPairRowIndex;
+
 // One block of 64 columns of an int4 weight into a bfloat16 VNNI tile [K/2][64][2] (64-byte
-// aligned). Rows k and k + 1 are 64 contiguous bytes; one byte permutation puts byte j of both
-// side by side, so each code pair (k, k + 1) of a column is adjacent and the float results are
-// already in VNNI order: 8 columns x 2 rows per 16 floats. The next block's codes (next, or
-// null) are prefetched to L2 on the way, so they arrive while AMX multiplies this one. Only the
-// 32-column halves [H0, H1) (of 0, 1) are converted: low nibbles are half 0, high nibbles half 1
-// (template arguments: with run-time bounds the scales left registers for the stack, ~8% slower).
+// aligned). Rows k and k + 1 are 64 contiguous bytes; one masked byte permutation per 8 columns
+// x 2 rows puts each code in byte 2 of a float whose top byte is 0x43, which is exactly the
+// float 128 + code (the code is the mantissa's top bits; as int4_block_rows's bfloat16 trick),
+// already in VNNI order, and one multiply-add per 16 values makes it (code - 8) * scale + zero =
+// (128 + code) * scale + (zero - 136 * scale) (the product exact inside the FMA, the offset
+// rounded once to float32: ~1e-5 of a scale, far under the tile's bfloat16 rounding). Two
+// instructions per 16 values where widening each byte to a float took four (extract, widen,
+// convert, multiply-add): the conversion is what a 16-row step spends its time on. The next
+// block's codes (next, or null) are prefetched to L2 on the way, so they arrive while AMX
+// multiplies this one. Only the 32-column halves [H0, H1) (of 0, 1) are converted (template
+// arguments: with run-time bounds the scales left registers for the stack, ~8% slower).
 template <int H0, int H1>
 BENTO_AVX512_BF16 void dequantize_int4_block(const uint8_t* codes, const uint8_t* next, const c10::BFloat16* scales_and_zeros,
                                              int64_t n_padded, int64_t k_total, int64_t group, uint16_t* tile) {
-  const __m512i interleave = _mm512_load_si512(kInterleaveRows);
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512 eight = _mm512_set1_ps(8.0f);
+  const __m512i float_128 = _mm512_set1_epi32(0x43000000);  // byte 2 (the code's) zero
+  const __m512 offset_codes = _mm512_set1_ps(136.0f);
+  constexpr __mmask64 kCodeBytes = 0x4444444444444444ULL;  // byte 2 of each float
+  __m512i index[4];
+  for (int t = 0; t < 4; ++t) index[t] = _mm512_load_si512(kPairRowIndex.bytes[t]);
   for (int64_t g = 0; g < k_total / group; ++g) {
     // (scale, offset) of columns 8q..8q+7, each twice (both rows of a pair), from their
-    // (scale, zero) bfloat16 pairs: (code - 8) s + z = code s + (z - 8 s).
+    // (scale, zero) bfloat16 pairs.
     const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
     __m512 scale[8], offset[8];
     for (int q = 0; q < 8; ++q) {
       const __m512i pairs =
           _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 8 * q))));
       scale[q] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-      offset[q] = _mm512_fnmadd_ps(eight, scale[q], _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
+      offset[q] = _mm512_fnmadd_ps(offset_codes, scale[q], _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
     }
     for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
       if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * 32), _MM_HINT_T1);
-      const __m512i both = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(codes + k * 32));
+      const __m512i raw = _mm512_loadu_si512(codes + k * 32);
       // Low nibbles are columns 0-31, high nibbles columns 32-63.
-      const __m512i nibbles[2] = {_mm512_and_si512(both, low_nibble), _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble)};
+      const __m512i nibbles[2] = {_mm512_and_si512(raw, low_nibble), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low_nibble)};
       uint16_t* out = tile + (k / 2) * kBlockN * 2;
       for (int h = H0; h < H1; ++h) {
         for (int p = 0; p < 2; ++p) {  // columns 32 h + 16 p + [0, 16), both rows
-          const int q = 4 * h + 2 * p;
-          const __m128i c0 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p), c1 = _mm512_extracti32x4_epi32(nibbles[h], 2 * p + 1);
-          const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), scale[q], offset[q]);
-          const __m512 v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), scale[q + 1], offset[q + 1]);
+          const int t = 2 * p, q = 4 * h + t;
+          const __m512 c0 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(float_128, kCodeBytes, index[t], nibbles[h]));
+          const __m512 c1 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(float_128, kCodeBytes, index[t + 1], nibbles[h]));
+          const __m512 v0 = _mm512_fmadd_ps(c0, scale[q], offset[q]);
+          const __m512 v1 = _mm512_fmadd_ps(c1, scale[q + 1], offset[q + 1]);
           _mm512_store_si512(out + (32 * h + 16 * p) * 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
         }
       }
