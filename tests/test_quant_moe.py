@@ -234,7 +234,7 @@ def test_tp2_quantized_experts_match_one_process(checkpoints):
     of down_proj is one int4 group, as in one process), so the tokens match."""
     from tests.test_tensor_parallel import check_against_one_process
 
-    llm = check_against_one_process(checkpoints("qwen3-moe"), 2, num_kv_blocks=64, quantization="int4",
+    llm = check_against_one_process(None, None, checkpoints("qwen3-moe"), 2, num_kv_blocks=64, quantization="int4",
                                     dtype="float32")
     try:
         (moe, *_) = moe_modules(llm)

@@ -149,11 +149,13 @@ def hf_reference(path: str):
     return lambda ids: hf_greedy(model(), ids, MAX_TOKENS)
 
 
-def check_against_one_process(tp_engines, key: str, path: str, tp: int, **engine_args) -> LLM:
+def check_against_one_process(tp_engines, key: str | None, path: str, tp: int, **engine_args) -> LLM:
     """The TP engine for key (started with engine_args, or the one held for key), checked on
-    PROMPTS against one process with the same settings."""
+    PROMPTS against one process with the same settings. Without a holder (tp_engines None: a
+    test outside this module) a fresh engine is started, and its caller shuts it down."""
     single = LLM(path, **engine_args).generate(PROMPTS, GREEDY, use_tqdm=False)
-    llm = tp_engines.get(key, lambda: LLM(path, tensor_parallel_size=tp, **engine_args))
+    start = lambda: LLM(path, tensor_parallel_size=tp, **engine_args)  # noqa: E731
+    llm = tp_engines.get(key, start) if tp_engines is not None else start()
     assert_same_greedy(llm.generate(PROMPTS, GREEDY, use_tqdm=False), single, hf_reference(path))
     return llm
 
