@@ -14,6 +14,8 @@ prints request throughput, output tokens/s and TTFT, TPOT and ITL (mean, median,
     # bfloat16 (fast on CPUs with AMX / AVX512-BF16): server and baseline in the same dtype
     python bench/bench_serving.py --launch --server-arg dtype=bfloat16 --max-concurrency 16
     python bench/bench_serving.py --hf-baseline --dtype bfloat16 --num-prompts 4
+    # the weight formats side by side: one server per format, concurrency 1 (8 requests), 16 (32), 64 (64)
+    python bench/bench_serving.py --formats none,int8,int4
 
 Every request asks for exactly --max-tokens tokens (ignore_eos), as vLLM's random dataset
 does, so runs compare like with like. Output tokens are counted from the server's usage.
@@ -189,6 +191,36 @@ def print_summary(s: dict) -> None:
         print("error:", error)
 
 
+FORMAT_SWEEP = [(1, 8), (16, 32), (64, 64)]  # (concurrency, requests)
+
+
+def format_sweep(args: argparse.Namespace) -> None:
+    """Issue 13's served table: each weight format in a server of its own (the other --server-arg
+    settings shared), the same requests at each concurrency, output tok/s and median TTFT."""
+    from bento_llm.testing import ServerProcess
+
+    rows = []
+    for quantization in args.formats.split(","):
+        server_args = {**dict(item.split("=", 1) for item in args.server_arg), "quantization": quantization}
+        with ServerProcess(args=server_args, log_path=f"/tmp/bento-llm-bench-serve-{quantization}.log") as server:
+            args.base_url = server.url
+            for concurrency, requests in FORMAT_SWEEP:
+                args.max_concurrency, args.num_prompts = concurrency, requests
+                results, duration = asyncio.run(run(args, make_prompts(requests, args.seed)))
+                summary = summarize(results, duration, args)
+                print(f"{quantization} c={concurrency}: {summary['output_throughput']:.1f} tok/s, "
+                      f"median TTFT {summary['median_ttft_ms']:.0f} ms, failed {summary['failed']}", flush=True)
+                rows.append((quantization, summary))
+    base = {c: s["output_throughput"] for q, s in rows if q == rows[0][0] for c in [s["max_concurrency"]]}
+    print(f"\n{args.endpoint}, {args.max_tokens} tokens; output tok/s (ratio to {rows[0][0]}) and median TTFT\n")
+    print("| format | " + " | ".join(f"c={c}" for c, _ in FORMAT_SWEEP) + " |")
+    print("| --- |" + " --- |" * len(FORMAT_SWEEP))
+    for quantization in dict.fromkeys(q for q, _ in rows):
+        cells = [f"{s['output_throughput']:.1f} ({s['output_throughput'] / base[s['max_concurrency']]:.2f}x), "
+                 f"{s['median_ttft_ms']:.0f} ms" for q, s in rows if q == quantization]
+        print(f"| {quantization} | " + " | ".join(cells) + " |")
+
+
 def hf_baseline(args: argparse.Namespace, prompts: list[str]) -> dict:
     """transformers' generate, one request at a time, greedy, exactly max_tokens each."""
     import torch
@@ -243,10 +275,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for --hf-baseline")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="transformers' dtype for --hf-baseline (match the server's --server-arg dtype)")
+    parser.add_argument("--formats", default=None,
+                        help="comma-separated quantizations (none, int8, int4, ...): launch one server per format and "
+                             "run concurrency 1, 16 and 64 (8, 32 and 64 requests) against each; prints one table")
     args = parser.parse_args()
     prompts = make_prompts(args.num_prompts, args.seed)
 
-    if args.hf_baseline:
+    if args.formats:
+        format_sweep(args)
+    elif args.hf_baseline:
         summary = hf_baseline(args, prompts)
     elif args.launch:
         from bento_llm.testing import ServerProcess
