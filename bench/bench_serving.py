@@ -211,7 +211,7 @@ def format_sweep(args: argparse.Namespace) -> None:
                 print(f"{quantization} c={concurrency}: {summary['output_throughput']:.1f} tok/s, "
                       f"median TTFT {summary['median_ttft_ms']:.0f} ms, failed {summary['failed']}", flush=True)
                 rows.append((quantization, summary))
-    base = {c: s["output_throughput"] for q, s in rows if q == rows[0][0] for c in [s["max_concurrency"]]}
+    base = {s["max_concurrency"]: s["output_throughput"] or float("nan") for q, s in rows if q == rows[0][0]}
     print(f"\n{args.endpoint}, {args.max_tokens} tokens; output tok/s (ratio to {rows[0][0]}) and median TTFT\n")
     print("| format | " + " | ".join(f"c={c}" for c, _ in FORMAT_SWEEP) + " |")
     print("| --- |" + " --- |" * len(FORMAT_SWEEP))
@@ -282,8 +282,11 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.seed)
 
     if args.formats:
+        if args.result_json or args.launch or args.hf_baseline:
+            parser.error("--formats launches its own servers and prints one table: without --launch, --hf-baseline, --result-json")
         format_sweep(args)
-    elif args.hf_baseline:
+        return
+    if args.hf_baseline:
         summary = hf_baseline(args, prompts)
     elif args.launch:
         from bento_llm.testing import ServerProcess

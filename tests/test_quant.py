@@ -69,6 +69,8 @@ def test_quantized_matmul_in_bfloat16(method):
 
 
 needs_amx = pytest.mark.skipif(amx_kernels() is None, reason="the AMX quantized matmuls need AMX-BF16 and PyTorch's AVX-512 kernels")
+needs_amx_int8 = pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(),
+                                    reason="int8's kernels need AMX-INT8 and AVX512-VNNI")
 
 
 def _amx_reference(layer: Linear, q: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def test_amx_quantized_matmul_equals_its_dequantized_weight(method, group, rows)
         assert (out.float() - expected).norm() / expected.norm() < 3e-3
 
 
-@needs_amx
+@needs_amx_int8
 @pytest.mark.parametrize("rows", [3, 16, 64])
 def test_int8_input_rounding_stays_within_its_bound_even_beside_an_outlier(rows):
     """Both int8 kernels (AMX-INT8's tile loop, the few-row VNNI loop) multiply each input row as
@@ -137,7 +139,33 @@ def test_int8_input_rounding_stays_within_its_bound_even_beside_an_outlier(rows)
         assert (error[::2] > 0.1 * bound[::2]).any(), op
 
 
-@needs_amx
+@needs_amx_int8
+@pytest.mark.parametrize("rows", [2, 16])
+def test_int8_kernels_pass_a_nan_input_on_and_round_a_vanishing_row_to_zero(rows):
+    """A row holding a NaN gives NaN outputs (as a bfloat16 weight's product does; its 16-bit
+    split must not clamp the NaN into finite codes), and a row whose values are so small that
+    1 / its scale would overflow (max |x| 1e-36) gives outputs of about zero, not garbage; the
+    other rows are untouched."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 576, generator=gen).bfloat16()
+    packed = quantized_layer("int8", 32, weight, dtype=torch.bfloat16).quantized
+    x = torch.randn(rows, 576, generator=gen)
+    x[0, 5] = float("nan")
+    x[1] = x[1] * 1e-36
+    x = x.bfloat16()
+    reference = amx_kernels().int8_mm_rows(x[1:].clone() * 0, packed.qweight, packed.scales, 100)
+    for op in (amx_kernels().int8_mm_amx, amx_kernels().int8_mm_rows):
+        with torch.inference_mode():
+            out = op(x, packed.qweight, packed.scales, 100).float()
+        assert out[0].isnan().all(), op
+        assert out[1].abs().max() < 1e-30, (op, out[1].abs().max())
+        if rows > 2:
+            alone = op(x[2:].contiguous(), packed.qweight, packed.scales, 100).float()
+            assert torch.equal(out[2:], alone), op
+    assert reference.abs().max() == 0
+
+
+@needs_amx_int8
 def test_int8_kernels_refuse_inputs_wider_than_their_int32_sums_hold():
     """255 * 128 * K < 2^31 holds to K = 65536: a wider weight is refused by name, not wrapped."""
     x = torch.ones(16, 65600, dtype=torch.bfloat16)

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 _INT4_ROW_MULTIPLE = 16
 _AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
 _INT8_STEP_K = 64  # int8's AMX-INT8 step: inputs per tile row (quant_ops.cpp's kInt8StepK)
+INT8_MAX_INPUTS = 65536  # int8's int32 sums hold K up to this (quant_ops.cpp's kInt8MaxK)
 # Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
 # one thread: both even at 4 rows, AMX ahead from 6).
 AMX_MIN_ROWS = 5
@@ -223,7 +224,8 @@ class PackedQuantizedWeight(torch.nn.Module):
             return
         # The AMX kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8).
         ops = amx_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
-        self.amx = ops is not None and (ops.amx_int8_supported() if q.bits == 8 else self.in_features % 2 == 0)
+        self.amx = ops is not None and (ops.amx_int8_supported() and self.in_features <= INT8_MAX_INPUTS if q.bits == 8
+                                        else self.in_features % 2 == 0)
         if q.bits == 8:
             # Scales in the activation dtype: the ops require it. AMX: [N/64][K/4][64][4] blocks,
             # AMX-INT8's order (four inputs of a column side by side), K padded with zero codes to

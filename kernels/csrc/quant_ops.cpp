@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -607,13 +608,27 @@ void check_int8_input(const at::Tensor& x, int64_t k_padded) {
 }
 
 // max |x| over a row of K bfloat16 values: the per-row scale of int8's and w8a8's input rounding.
+// NaN when the row holds a NaN (vmaxps drops NaN operands: without the flag a NaN input would
+// come out as finite outputs, where a bfloat16 weight's product passes it on).
 BENTO_AVX512_BF16 float max_abs(const uint16_t* in, int64_t k_total) {
   __m512 max = _mm512_setzero_ps();
+  __mmask16 nan = 0;
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    max = _mm512_max_ps(max, _mm512_abs_ps(load_bfloat16(in + k, mask)));
+    const __m512 v = load_bfloat16(in + k, mask);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    max = _mm512_max_ps(max, _mm512_abs_ps(v));
   }
-  return _mm512_reduce_max_ps(max);
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(max);
+}
+
+// The scale of a row whose largest |x| is top, rounded to `levels` steps each side of zero: top /
+// levels; NaN for a NaN row (its outputs are NaN); 1 for a row of zeros or of values so small
+// (top / levels below the smallest normal float) that 1 / scale would overflow: those round to 0,
+// an error below 1e-33.
+inline float input_scale(float top, float levels) {
+  if (top != top) return top;
+  return top >= levels * std::numeric_limits<float>::min() ? top / levels : 1.0f;
 }
 
 // One input row (K bfloat16 values) as 16-bit fixed point with one float32 scale s = max |x| /
@@ -622,8 +637,7 @@ BENTO_AVX512_BF16 float max_abs(const uint16_t* in, int64_t k_total) {
 // far below the int8 weight's own rounding (max |w| / 254 per weight). Columns K..k_padded are 0.
 BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_padded, int8_t* high, uint8_t* low,
                                  float* scale_out) {
-  const float top = max_abs(in, k_total);
-  const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+  const float scale = input_scale(max_abs(in, k_total), 32767.0f);
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
   const __m512i limit = _mm512_set1_epi32(32767), byte = _mm512_set1_epi32(0xFF);
@@ -791,8 +805,12 @@ BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10
     for (int i = 0; i < 4; ++i) {  // columns 16 i + [0, 16) of rows 4 p + [0, 4)
       if (!masks[i]) break;
       const __m512i inputs = _mm512_permutexvar_epi8(split, _mm512_loadu_si512(codes + p * kInt8QuadBytes + 64 * i));
+      // The 128-bit lanes by constant index (vextracti32x4 takes an immediate: a loop variable
+      // compiles only where the optimizer unrolls the loop).
+      const __m128i lanes[4] = {_mm512_extracti32x4_epi32(inputs, 0), _mm512_extracti32x4_epi32(inputs, 1),
+                                _mm512_extracti32x4_epi32(inputs, 2), _mm512_extracti32x4_epi32(inputs, 3)};
       for (int r = 0; r < 4; ++r) {
-        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(inputs, r))), s[i]);
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lanes[r])), s[i]);
         _mm256_mask_storeu_epi16(out + (4 * p + r) * ldo + 16 * i, masks[i], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
       }
     }
@@ -905,8 +923,7 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
 // lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
 // fail to compile in an AVX2 build of this file.
 BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out) {
-  const float top = max_abs(in, k_total);
-  const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+  const float scale = input_scale(max_abs(in, k_total), 127.0f);
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
   for (int64_t k = 0; k < k_total; k += 16) {
@@ -1025,7 +1042,8 @@ BENTO_AVX512_BF16 void store_scaled(const int32_t* result, int64_t rows, int64_t
 }
 
 bool amx_int8_supported() {
-  return amx_bf16_supported() && at::native::cpublas::could_pack(at::kChar);
+  // int8_block_rows (1-2 rows) takes AVX512-VNNI's byte dot products: asked too, not implied.
+  return amx_bf16_supported() && __builtin_cpu_supports("avx512vnni") && at::native::cpublas::could_pack(at::kChar);
 }
 
 // w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
