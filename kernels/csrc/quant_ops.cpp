@@ -184,15 +184,14 @@ void for_each_block(int64_t out_features, const F& fn) {
   });
 }
 
-// out[m, n0 + j] = result[m, j] (times scale[j] where there is one) for j < columns, in bfloat16;
-// result rows are ldc floats apart.
-BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t rows, int64_t columns, const c10::BFloat16* scale,
-                                   c10::BFloat16* out, int64_t out_stride) {
+// out[m, n0 + j] = result[m, j] for j < columns, in bfloat16; result rows are ldc floats apart
+// (int4's scales and zeros are in the converted tile already).
+BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t rows, int64_t columns, c10::BFloat16* out,
+                                   int64_t out_stride) {
   for (int64_t j = 0; j < columns; j += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
-    const __m512 s = scale ? load_bfloat16(scale + j, mask) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(result + m * ldc + j), s);
+      const __m512 v = _mm512_loadu_ps(result + m * ldc + j);
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
@@ -304,7 +303,7 @@ uint16_t* block_buffer(int64_t elements) {
 // Rows [m0, m1) of the input times the 32-column halves [h0, h1) of one dequantized block, stored
 // into its (up to) 64 columns.
 BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int64_t rows, int64_t k_steps, const uint16_t* tile,
-                              int h0, int h1, int64_t columns, const c10::BFloat16* scale, c10::BFloat16* y, int64_t ldy) {
+                              int h0, int h1, int64_t columns, c10::BFloat16* y, int64_t ldy) {
   alignas(64) float c[2 * kTileRows * 32];
   for (int64_t m = m0; m < m1; m += 2 * kTileRows) {
     const bool main = m < in.main_rows;
@@ -317,7 +316,7 @@ BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int6
       } else {
         tile_product<1>(a, lda, tile + half * 2, k_steps, c);
       }
-      store_block(c, 32, valid, std::min<int64_t>(32, columns - half), scale ? scale + half : nullptr, y + m * ldy + half, ldy);
+      store_block(c, 32, valid, std::min<int64_t>(32, columns - half), y + m * ldy + half, ldy);
     }
   }
 }
@@ -332,7 +331,7 @@ BENTO_AMX void multiply_block(const InputTiles& in, int64_t m0, int64_t m1, int6
 // of kRowChunk pass over it (each chunk's rows stay in cache), so no block is converted twice and
 // no input row is read from memory once per block.
 template <typename Fill>
-at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat16* column_scale, const Fill& fill) {
+at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) {
   const int64_t rows = x.size(0), k_total = x.size(1);
   const int64_t k_padded = (k_total + kTileK - 1) / kTileK * kTileK, tile_elements = k_padded * kBlockN;
   at::Tensor out = at::empty({rows, n_total}, x.options());
@@ -345,7 +344,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const c10::BFloat1
   };
   auto multiply = [&](int64_t m0, int64_t b, const uint16_t* tile, int h0, int h1) {
     multiply_block(in, m0, std::min(rows, m0 + kRowChunk), rows, k_steps, tile, h0, h1, std::min(kBlockN, n_total - b * kBlockN),
-                   column_scale ? column_scale + b * kBlockN : nullptr, y + b * kBlockN, n_total);
+                   y + b * kBlockN, n_total);
   };
   if (rows <= kRowChunk) {
     kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
@@ -406,7 +405,7 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return tiled_matmul(x, out_features, nullptr, [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
+  return tiled_matmul(x, out_features, [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
     const int64_t block = k_total * 32;
     const uint8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
     const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
