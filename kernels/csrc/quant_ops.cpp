@@ -32,9 +32,9 @@
 //   y = s s_w (256 (high . w) + low . w): two int32 products per step, each covering 64 inputs
 //   (bfloat16's: 32), so as many tile products as the bfloat16 loop and half its weight bytes,
 //   none converted (the conversion to bfloat16 tiles it replaced cost about what the bfloat16
-//   projection spends reading its weight: 0.8-0.95x its speed at 64 rows). For a few rows
-//   (int8_mm_rows) the codes are read once per call by an AVX-512 float loop instead (torch's
-//   _weight_int8pack_mm ran at 0.8-0.9x bfloat16's time at one row, reading half its bytes).
+//   projection spends reading its weight: 0.8-0.95x its speed at 64 rows). For 1-2 rows
+//   (int8_mm_rows) the same split rows meet the codes in AVX512-VNNI byte dot products, no tile
+//   (torch's _weight_int8pack_mm ran at 0.8-0.9x bfloat16's time at one row, reading half its bytes).
 // - w8a8: int8 codes in brgemm's int8 VNNI layout [N/64][K/4][64][4] (engine/layers/quant.py
 //   arranges them at load), float32 scale per output row; where the weight was rotated at load
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
@@ -289,7 +289,8 @@ struct InputTiles {
   }
 };
 
-// A thread's reusable buffer for dequantized blocks (grows, never shrinks: no allocation per call).
+// A thread's reusable buffer (grows, never shrinks: no allocation or page faults per call): int4's
+// converted blocks, int8's split input. One op uses it at a time: no op calls another while it holds it.
 uint16_t* block_buffer(int64_t elements) {
   thread_local std::unique_ptr<uint16_t[], AlignedFree> buffer;
   thread_local int64_t capacity = 0;
@@ -650,9 +651,8 @@ BENTO_AVX512_BF16 void split_row(const uint16_t* in, int64_t k_total, int64_t k_
 }
 
 // x's rows split (split_row) into planes [rows rounded up to `multiple`][k_padded], the extra rows
-// 0, in the calling thread's buffer (grows, never shrinks: a call allocates nothing and takes no
-// page faults, which at 64 rows and more cost more than splitting the rows does). One at a time
-// per thread: the ops make one each and make no nested op call while it lives.
+// 0, in the calling thread's block_buffer (a call allocates nothing and takes no page faults,
+// which at 64 rows and more cost more than splitting the rows does).
 struct SplitInput {
   int8_t* high;
   uint8_t* low;
@@ -661,15 +661,10 @@ struct SplitInput {
   SplitInput(const at::Tensor& x, int64_t k_padded, int64_t multiple) {
     const int64_t rows = x.size(0), k_total = x.size(1), padded = (rows + multiple - 1) / multiple * multiple;
     const int64_t plane = padded * k_padded, bytes = 2 * plane + padded * static_cast<int64_t>(sizeof(float));
-    thread_local std::unique_ptr<uint8_t[], AlignedFree> buffer;
-    thread_local int64_t capacity = 0;
-    if (bytes > capacity) {
-      buffer = aligned_buffer<uint8_t>(bytes);
-      capacity = bytes;
-    }
-    high = reinterpret_cast<int8_t*>(buffer.get());
-    low = buffer.get() + plane;
-    scale = reinterpret_cast<float*>(buffer.get() + 2 * plane);  // plane: a multiple of 64 bytes
+    auto* buffer = reinterpret_cast<uint8_t*>(block_buffer((bytes + 1) / 2));
+    high = reinterpret_cast<int8_t*>(buffer);
+    low = buffer + plane;
+    scale = reinterpret_cast<float*>(buffer + 2 * plane);  // plane: a multiple of 64 bytes
     std::memset(high + rows * k_padded, 0, (padded - rows) * k_padded);
     std::memset(low + rows * k_padded, 0, (padded - rows) * k_padded);
     const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
@@ -1042,7 +1037,10 @@ BENTO_AVX512_BF16 void store_scaled(const int32_t* result, int64_t rows, int64_t
 
 bool amx_int8_supported() {
   // int8_block_rows (1-2 rows) takes AVX512-VNNI's byte dot products: asked too, not implied.
-  return amx_bf16_supported() && __builtin_cpu_supports("avx512vnni") && at::native::cpublas::could_pack(at::kChar);
+  // Asked once, as amx_bf16_supported(): every int8 op call checks it.
+  static const bool supported =
+      amx_bf16_supported() && __builtin_cpu_supports("avx512vnni") && at::native::cpublas::could_pack(at::kChar);
+  return supported;
 }
 
 // w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
