@@ -168,7 +168,18 @@ FORMATS = (("bfloat16", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int
 BATCHES = (1, 16, 64)
 
 
-def compare_in_process(args) -> dict[str, dict[int, list[float]]]:
+def formats_here() -> tuple:
+    """FORMATS less w8a8 where this CPU cannot run it (it needs AMX-INT8: the engine refuses it)."""
+    from engine.layers.quant import amx_kernels
+
+    ops = amx_kernels()
+    if ops is not None and ops.amx_int8_supported():
+        return FORMATS
+    print("w8a8 left out: this CPU has no AMX-INT8", flush=True)
+    return tuple(f for f in FORMATS if f[1] != "w8a8")
+
+
+def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:
     """tok/s of every format at every batch size, per round: all engines in this process,
     formats interleaved (rotated) within each round and batch."""
     import torch
@@ -178,7 +189,7 @@ def compare_in_process(args) -> dict[str, dict[int, list[float]]]:
 
     torch.set_num_threads(args.threads)
     engines = {}
-    for name, quantization in FORMATS:
+    for name, quantization in formats:
         engines[name] = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, num_threads=args.threads,
                             max_num_seqs=max(BATCHES), kv_cache_memory_bytes=args.kv_mib << 20)
     prompts = [engines["bfloat16"].engine.apply_chat_template(c) for c in chat_prompts(max(BATCHES))]
@@ -187,7 +198,7 @@ def compare_in_process(args) -> dict[str, dict[int, list[float]]]:
         for batch in BATCHES:
             llm.generate(prompts[:batch], warm, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    names = [name for name, _ in FORMATS]
+    names = [name for name, _ in formats]
     speeds = {name: {b: [] for b in BATCHES} for name in names}
     for r in range(args.rounds):
         for batch in BATCHES:
@@ -245,11 +256,12 @@ def main() -> None:
     if not args.only_3b:
         print("default model, memory: each format alone in a process ...", flush=True)
         memory = {}
-        for name, quantization in FORMATS:
+        formats = formats_here()
+        for name, quantization in formats:
             spec = dict(common, model=DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, max_tokens=8, batches=[64])
             memory[name] = in_subprocess(spec)
         print("default model, speed: the formats in one process, interleaved rounds ...", flush=True)
-        speeds = compare_in_process(args)
+        speeds = compare_in_process(args, formats)
         print(f"\n{DEFAULT_MODEL} (Q4_1 GGUF), {args.max_tokens} tokens per sequence, {args.threads} threads; "
               f"memory: each format alone with a 1 GiB KV cache; tok/s: one process, median of {args.rounds} "
               "interleaved rounds (ratio: median of the per-round ratios to bfloat16)\n")
