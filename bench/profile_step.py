@@ -117,8 +117,9 @@ OP_GROUPS = [
 
 
 def _is_matmul(name: str) -> bool:
-    return name.endswith(("::mm", "::addmm", "::matmul", "::linear", "_mm_amx", "_mm_rows", "_dequantize",
-                          "amx_linear"))
+    # _linear_pointwise: oneDNN's packed matmul (the projections without AMX); mv/addmv: ATen's GEMV.
+    return name.endswith(("::mm", "::addmm", "::mv", "::addmv", "::matmul", "::linear", "_linear_pointwise", "_mm_amx",
+                          "_mm_rows", "_dequantize", "amx_linear"))
 
 
 def decode_op_shares(events, in_layer) -> None:
