@@ -177,6 +177,26 @@ def test_the_avx512_bfloat16_matmul_reads_the_default_models_head_and_any_input_
 
 
 @needs_bf16_rows
+def test_a_plain_bfloat16_weight_runs_on_the_avx512_bfloat16_matmul_where_there_is_no_amx(monkeypatch):
+    """few_rows_bfloat16 (the tied LM head's path) picks bf16_mm_rows after AMX, up to AMX_FEW_ROWS rows."""
+    real, calls = linear.bf16_rows_ops(), []
+
+    class Spy:
+        def bf16_mm_rows(self, x, weight):
+            calls.append(x.shape[0])
+            return real.bf16_mm_rows(x, weight)
+
+    monkeypatch.setattr(linear, "bf16_rows_ops", Spy)
+    layer = Linear(96, 100, bias=False).to(torch.bfloat16)
+    assert layer.finalize(None, 32, pack=False) == "float"
+    with torch.inference_mode():
+        for rows in (1, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
+            x = torch.randn(rows, 96).to(torch.bfloat16)
+            torch.testing.assert_close(layer(x).float(), x.float() @ layer.weight.float().T, atol=2e-2, rtol=2e-2)
+    assert calls == ([] if amx_ops() is not None else [1, linear.AMX_FEW_ROWS])
+
+
+@needs_bf16_rows
 def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
     ops = linear.bf16_rows_ops()
     weight = torch.randn(64, 96).to(torch.bfloat16)
