@@ -112,11 +112,13 @@ at::Tensor bf16_mm_amx(const at::Tensor& x, const at::Tensor& weight) {
 // Weight rows come in blocks of 16 (the threads split the blocks); within a block every group of
 // input rows runs against the block while it is in L1/L2, and a group's input rows (4 x K) stay in
 // L1 across the block's sub-tiles. While the first input rows run against a block, the next
-// block's rows are prefetched into L1, column chunk by column chunk as the tiles read theirs (one
-// thread, the default model's 49152 x 576 head, A/B in one process on a loaded 2-vCPU Sapphire
-// Rapids without AMX: 1 row 6.1 -> 4.4 ms, 4 rows 11.7 -> 7.0, 16 rows 21.4 -> 15.0, 64 rows
-// 58.7 -> 49.6; prefetching two blocks ahead was no better). At 64 rows the loop runs at the
-// in-cache rate of _mm512_dpbf16_ps here (~1.1 G/s a core, as oneDNN's bfloat16 matmul).
+// block's rows are prefetched into L2, column chunk by column chunk as the tiles read theirs (one
+// thread's CPU time, the default model's 49152 x 576 head, A/B in one process on a loaded 2-vCPU
+// Sapphire Rapids without AMX: 1 row 6.1 -> 4.4 ms, 4 rows 11.7 -> 7.0, 16 rows 21.4 -> 15.0,
+// 64 rows 58.7 -> 49.6 prefetching into L1; into L2 rather than L1 0-20% faster again in three
+// A/B runs (e.g. 4 rows 6.6 -> 6.0, 16 rows 15.2 -> 14.4; two threads, 1 row 3.9 -> 2.6); two
+// blocks ahead no better; non-temporal 2x slower). At 64 rows the loop runs near the in-cache rate
+// of _mm512_dpbf16_ps here (~1.1-1.3 G/s a core, as oneDNN's bfloat16 matmul).
 // K needs no particular size: the last 1-31 columns are masked loads (zeros multiply zeros); the
 // last 1-15 weight rows repeat the last row and are not stored.
 
@@ -153,14 +155,14 @@ BENTO_BF16_TARGET inline __m512bh load_pairs(const c10::BFloat16* p, __mmask32 m
 }
 
 // acc[m * NB + i] += the products of weight row w[i] and input row m over columns [k, k + 32);
-// with Prefetch, the same columns of weight rows ahead[i] are asked into the caches.
+// with Prefetch, the same columns of weight rows ahead[i] are asked into L2.
 template <int NB, int MB, bool Masked, bool Prefetch>
 BENTO_BF16_TARGET inline void accumulate(__m512* acc, const c10::BFloat16* const* w, const c10::BFloat16* const* ahead,
                                          const c10::BFloat16* x, int64_t ldx, int64_t k, __mmask32 mask) {
   __m512bh in[MB];
   for (int m = 0; m < MB; ++m) in[m] = load_pairs<Masked>(x + m * ldx + k, mask);
   for (int i = 0; i < NB; ++i) {
-    if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(ahead[i] + k), _MM_HINT_T0);
+    if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(ahead[i] + k), _MM_HINT_T1);
     const __m512bh row = load_pairs<Masked>(w[i] + k, mask);
     for (int m = 0; m < MB; ++m) acc[m * NB + i] = _mm512_dpbf16_ps(acc[m * NB + i], row, in[m]);
   }
@@ -188,7 +190,7 @@ BENTO_BF16_TARGET void dot_tile(const c10::BFloat16* const* w, const c10::BFloat
 }
 
 // Weight rows [n0, n0 + 16) against every input row: 4 rows at a time (4 x 4 tiles), then 2, then 1.
-// The first tiles also prefetch the next block's rows (the last block: its own last row again).
+// The first tiles also prefetch the next block's rows into L2 (the last block: its own last row again).
 BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, int64_t k_total, int64_t n0,
                                  const c10::BFloat16* x, int64_t rows, int64_t ldx, c10::BFloat16* out) {
   const c10::BFloat16 *w[kRowsBlockN], *ahead[kRowsBlockN];
