@@ -134,7 +134,9 @@ class Linear(nn.Linear):
 # gemv_ops.cpp): SmolLM2's 49152 x 576 head, one thread, A/B on a loaded AMX Xeon, vs torch.mv/mm
 # (up to 16 rows) or F.linear: 1 row 8.9 vs 9.2 ms, 4 rows 12.5 vs 14.1, 16 rows 13.2 vs 18.1,
 # 64 rows 23.7 vs 27.8; at 128 rows F.linear is faster (45.9 vs 50.9). Without AMX, bf16_mm_rows
-# (AVX512-BF16) vs them: 1 row 4.4 vs 8.9 ms, 16 rows 15.0 vs 18.6, 64 rows 49.6 vs 53.1.
+# (AVX512-BF16) vs torch.mv/mm vs F.linear, two threads, loaded 2-vCPU Xeon (bench_limits.py
+# --lm-head): 1 row 2.6 / 18.8 / 12.1 ms, 4 rows 4.9 / 15.4 / 13.3, 16 rows 15.5 / 19.5 / 25.5,
+# 64 rows 61 / 74 / 76; at 128 rows even with F.linear (169 / 178 / 168 in an earlier run).
 AMX_FEW_ROWS = 64
 
 
