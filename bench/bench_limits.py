@@ -8,6 +8,9 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
                                                        # strips vs unpack + F.linear vs F.linear on a
                                                        # plain weight vs oneDNN packed, 1-2000 rows
+    python bench/bench_limits.py --lm-head             # only: the tied LM head alone at 1-64 rows, each
+                                                       # kernel (bf16_mm_amx / bf16_mm_rows where the CPU
+                                                       # runs them, torch.mv/mm, F.linear) vs its read time
 
 Ceilings (measured first, with the engine's model loaded and idle):
 - memory read bandwidth: the best of several passes of a float32 sum over a buffer much larger
@@ -26,7 +29,8 @@ Engine results (offline, this process, greedy, ignore_eos):
   projections' measured FLOP/s.
 The batch-1 row also gives the forward pass alone (the rest of a step is scheduling, sampling
 and bookkeeping).
-Prints a markdown table (ratio = result / limit; 1.0 is the limit).
+Prints a markdown table (ratio = result / limit; 1.0 is the limit), under a header line that says
+which of AMX-BF16 / AMX-INT8 / AVX512-BF16 the CPU has (so which kernels ran).
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ def read_bandwidth(repeats: int, nbytes: int = 1 << 29) -> float:
     """Bytes/s of a float32 sum over nbytes (far beyond the last-level cache)."""
     buf = torch.rand(nbytes // 4)
     return nbytes / best_seconds(lambda: buf.sum(), repeats)
+
+
+def cpu_features() -> str:
+    """Which of the instruction sets our kernels choose by this CPU has, from /proc/cpuinfo's
+    flags (the kernels ask the CPU the same): AMX-BF16 and AMX-INT8 tiles, AVX512-BF16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    names = {"amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "avx512_bf16": "AVX512-BF16"}
+    return ", ".join(name if flag in flags else f"no {name}" for flag, name in names.items())
 
 
 def step_read_bytes(model) -> int:
@@ -168,6 +184,48 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
     return lines
 
 
+@torch.inference_mode()
+def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -> list[str]:
+    """Markdown rows: the tied LM head's matmul alone (its weight is the embedding table, kept
+    plain) at each row count through every kernel this CPU runs: the engine's AMX brgemm
+    (bf16_mm_amx) and AVX512-BF16 dot products (bf16_mm_rows), and PyTorch's torch.mv (1 row) /
+    torch.mm (up to 16) and F.linear; the kernels alternating call by call, each its best of
+    `repeats` rounds. Limit: the weight's read time at the bandwidth measured in this run."""
+    import torch.nn.functional as F
+
+    from engine.layers.linear import bf16_rows_ops
+    from engine.layers.quant import amx_kernels
+
+    weight = model.lm_head.weight
+    if weight is None or weight.dtype != torch.bfloat16 or not getattr(model.lm_head, "tied", False):
+        return ["(the LM head here is not a tied plain bfloat16 weight)"]
+    paths = {}
+    if amx_kernels() is not None:
+        paths["bf16_mm_amx"] = lambda x: amx_kernels().bf16_mm_amx(x, weight)
+    if bf16_rows_ops() is not None:
+        paths["bf16_mm_rows"] = lambda x: bf16_rows_ops().bf16_mm_rows(x, weight)
+    paths["torch.mv/mm"] = lambda x: (torch.mv(weight, x[0]).unsqueeze(0) if x.shape[0] == 1
+                                      else torch.mm(weight, x.T).T.contiguous())
+    paths["F.linear"] = lambda x: F.linear(x, weight)
+    nbytes = weight.numel() * weight.element_size()
+    read = nbytes / bandwidth
+    lines = []
+    for rows in rows_list:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        best: dict[str, float] = {}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for path, call in paths.items():
+                start = time.perf_counter()
+                call(x)
+                seconds = time.perf_counter() - start
+                if repeat:
+                    best[path] = min(seconds, best.get(path, seconds))
+        for path, seconds in best.items():
+            lines.append(f"| {path} | {rows} | {seconds * 1e3:.2f} | {nbytes / seconds / 1e9:.1f} | {read * 1e3:.2f} "
+                         f"| {seconds / read:.2f} |")
+    return lines
+
+
 def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
     """engine.step() seconds of every step in which all sequences decode one token."""
     from engine import SamplingParams
@@ -231,10 +289,12 @@ def main() -> None:
     parser.add_argument("--amx-linear", action="store_true",
                         help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
     parser.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")],
-                        help="with --amx-linear: the row counts, comma-separated (default 1 to --prompt-len)")
+                        help="with --amx-linear or --lm-head: the row counts, comma-separated")
     parser.add_argument("--quantization", default="none",
                         help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
                              "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="only time the tied LM head alone through each kernel at --rows (default 1,4,16,64)")
     args = parser.parse_args()
     if args.amx_linear and args.dtype != "bfloat16":
         parser.error("--amx-linear compares bfloat16 projections: use --dtype bfloat16")
@@ -252,8 +312,15 @@ def main() -> None:
     chunk = min(args.prompt_len, engine.config.max_num_batched_tokens)
 
     bandwidth = read_bandwidth(repeats)
+    if args.lm_head:
+        print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s; "
+              f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+        print("| kernel | rows | ms | GB/s of weight | weight read ms | ratio to read |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n".join(lm_head_table(model, bandwidth, args.rows or [1, 4, 16, 64], repeats)))
+        return
     if args.amx_linear:
-        print(f"\n{args.model}, {args.threads} threads, memory read {bandwidth / 1e9:.1f} GB/s; "
+        print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s; "
               f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
         print("| projection | rows | oneDNN ms | F.linear (plain) ms | amx ms | unpack + F.linear ms | amx / oneDNN "
               "| amx / unpack | weight read ms | amx GFLOP/s |")
@@ -325,8 +392,8 @@ def main() -> None:
         rows_out.append((f"  TTFT's {part}", f"{seconds * 1e3:.0f} ms", f"{seconds / profiled:.0%} of a profiled "
                          f"{profiled * 1e3:.0f} ms", float("nan")))
 
-    print(f"\n{args.model}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+    print(f"\n{args.model}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()} "
+          f"({cpu_features()}), torch {torch.__version__}; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
     print("| measure | result | limit | ratio to limit |")
     print("| --- | --- | --- | --- |")
     for name, value, limit_text, ratio in rows_out:

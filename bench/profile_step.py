@@ -5,6 +5,7 @@
     python bench/profile_step.py --dtype float32 --batch 16
     python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
+    python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
@@ -21,6 +22,7 @@ Prints three tables:
    split into its share per decoder layer and what runs outside the layers (embedding, final
    norm, LM head, sampling); then each op's fastest call per input shape (over 5 us), the
    number to read on a loaded machine.
+The header line says which of AMX-BF16 / AMX-INT8 / AVX512-BF16 the CPU has (so which kernels ran).
 Timings are medians over --steps steps of one process; on a loaded machine they are noisy.
 """
 
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402,F401  (before torch: its OpenMP wait setting, engine/config.py)
 import torch  # noqa: E402
 
-from bench.bench_limits import random_prompt  # noqa: E402
+from bench.bench_limits import cpu_features, random_prompt  # noqa: E402
 
 
 class PhaseTimer:
@@ -115,8 +117,9 @@ OP_GROUPS = [
 
 
 def _is_matmul(name: str) -> bool:
-    return name.endswith(("::mm", "::addmm", "::matmul", "::linear", "_mm_amx", "_mm_rows", "_dequantize",
-                          "amx_linear"))
+    # _linear_pointwise: oneDNN's packed matmul (the projections without AMX); mv/addmv: ATen's GEMV.
+    return name.endswith(("::mm", "::addmm", "::mv", "::addmv", "::matmul", "::linear", "_linear_pointwise", "_mm_amx",
+                          "_mm_rows", "_dequantize", "amx_linear"))
 
 
 def decode_op_shares(events, in_layer) -> None:
@@ -194,6 +197,29 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
               f"median of passes {statistics.median(ms):.2f}")
 
 
+def lm_head_ab(steps, rounds: int) -> None:
+    """Decode steps with the tied LM head (a plain bfloat16 weight) on bf16_mm_rows (AVX512-BF16,
+    kernels/csrc/gemv_ops.cpp) and on PyTorch's torch.mv/mm as before it, alternating in this
+    process, every pass printed (other processes load a shared machine)."""
+    from engine.layers import linear
+
+    rows_ops = linear.bf16_rows_ops
+    if rows_ops() is None or linear.amx_kernels() is not None:
+        print("the LM head does not run on bf16_mm_rows here (AMX runs it, or no AVX512-BF16)")
+        return
+    passes: dict[str, list[float]] = {"bf16_mm_rows": [], "torch.mv/mm": []}
+    try:
+        for i in range(rounds):
+            for name in passes if i % 2 == 0 else reversed(passes):
+                linear.bf16_rows_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
+                passes[name].append(statistics.median(steps()) * 1e3)
+    finally:
+        linear.bf16_rows_ops = rows_ops
+    for name, ms in passes.items():
+        print(f"LM head on {name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
+              f"median of passes {statistics.median(ms):.2f}")
+
+
 def pool_ab(steps, spins: str, rounds: int) -> None:
     """Decode steps with our kernels' regions on their pool (kernels/csrc/thread_pool.h), its
     workers spinning each of `spins` (comma-separated us) for the next op, or sleeping after each
@@ -263,6 +289,8 @@ def main() -> None:
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
     parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
+    parser.add_argument("--ab-lm-head", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the LM head on bf16_mm_rows vs torch.mv/mm, alternating, ROUNDS rounds")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -281,6 +309,9 @@ def main() -> None:
     if args.ab_fused_mlp:
         fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
                      args.ab_fused_mlp)
+        return
+    if args.ab_lm_head:
+        lm_head_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_lm_head)
         return
     if args.ab_pool_spin:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)
@@ -311,7 +342,8 @@ def main() -> None:
     step = statistics.median(times)
     wait = os.environ.get("GOMP_SPINCOUNT") and f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
     print(f"\n{args.model}, {args.dtype}, quantization {runner.config.quantization or 'none'}, kv cache {args.kv_cache_dtype}, batch {args.batch}, {args.threads} threads "
-          f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), torch {torch.__version__}; "
+          f"(OpenMP wait: {wait or os.environ.get('OMP_WAIT_POLICY', 'spin, libgomp default')}), {cpu_features()}, "
+          f"torch {torch.__version__}; "
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
     print("| --- | --- | --- |")

@@ -69,7 +69,7 @@ def test_packed_matmuls_run_at_a_bounded_set_of_row_counts():
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 64, 65])
 def test_a_float_bfloat16_weight_gives_f_linear_results_at_any_row_count(rows, cols):
     """A weight kept in float (the tied LM head) runs up to 64 rows on AMX where the CPU has it
-    (bf16_mm_amx), else one row through ATen's GEMV (torch.mv) and up to 16 with the weight as
+    (bf16_mm_amx), else on AVX512-BF16 where it has that (bf16_mm_rows), else one row through ATen's GEMV (torch.mv) and up to 16 with the weight as
     the left operand; more through F.linear: all agree with the float32 product, in dense rows,
     also for strided input rows (odd offsets too)."""
     gen = torch.Generator().manual_seed(7)
@@ -123,6 +123,91 @@ def test_the_amx_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_amx(torch.randn(2, 94).to(torch.bfloat16), weight)
     with pytest.raises(RuntimeError, match="bfloat16 matrix"):
         ops.bf16_mm_amx(torch.randn(2, 96), weight)
+
+
+needs_bf16_rows = pytest.mark.skipif(linear.bf16_rows_ops() is None, reason="no AVX512-BF16 or no C++ kernels here")
+
+
+def bf16_mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return linear.bf16_rows_ops().bf16_mm_rows(x, weight)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_bfloat16_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Against the float32 product: the result is float32 sums rounded once to bfloat16 (at most
+    half of bfloat16's 2^-7 relative spacing: rtol 2^-8), plus float32's summation-order error
+    near results that cancel to about zero (atol 1e-4 sqrt(K))."""
+    expected = x.float() @ weight.float().T
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, atol=1e-4 * max(1, x.shape[1]) ** 0.5, rtol=2**-8)
+
+
+@needs_bf16_rows
+@pytest.mark.parametrize("in_features", [2, 34, 576, 2048])  # 34, 2: a masked last chunk of 1 and 17 pairs
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 1000])  # 1000: 62 blocks of 16 and 8 more
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 63, 64])  # tiles of 4 x 4, then 8 x 2, then 16 x 1
+def test_the_avx512_bfloat16_matmul_equals_the_float_product(rows, out_features, in_features):
+    """bf16_mm_rows (kernels/csrc/gemv_ops.cpp) against the float32 product on random inputs, on
+    one and two threads (each thread's share of the blocks ends wherever the split falls), for
+    dense input rows and rows of a wider tensor (not contiguous), on any CPU with AVX512-BF16."""
+    gen = torch.Generator().manual_seed(rows * 100_000 + out_features * 10 + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    wide = torch.randn(rows, in_features + 3, generator=gen).to(torch.bfloat16)
+    for x in (wide[:, 3:].contiguous(), wide[:, 3:]):
+        for threads in (1, 2):
+            assert_bfloat16_product(bf16_mm_rows_at(threads, x, weight), x, weight)
+
+
+@needs_bf16_rows
+def test_the_avx512_bfloat16_matmul_reads_the_default_models_head_and_any_input_layout():
+    """The default model's head shape (49152 x 576) at 1 and 3 rows, and inputs whose columns are
+    not contiguous (copied first) or that have no rows."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(49152, 576, generator=gen).to(torch.bfloat16)
+    for rows in (1, 3):
+        x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+        assert_bfloat16_product(bf16_mm_rows_at(2, x, weight), x, weight)
+    x = torch.randn(576, 2, generator=gen).to(torch.bfloat16).T  # column stride 2
+    assert_bfloat16_product(bf16_mm_rows_at(1, x, weight[:100].contiguous()), x, weight[:100])
+    assert bf16_mm_rows_at(1, x[:0], weight).shape == (0, 49152)
+
+
+@needs_bf16_rows
+def test_a_plain_bfloat16_weight_runs_on_the_avx512_bfloat16_matmul_where_there_is_no_amx(monkeypatch):
+    """few_rows_bfloat16 (the tied LM head's path) picks bf16_mm_rows after AMX, up to AMX_FEW_ROWS rows."""
+    real, calls = linear.bf16_rows_ops(), []
+
+    class Spy:
+        def bf16_mm_rows(self, x, weight):
+            calls.append(x.shape[0])
+            return real.bf16_mm_rows(x, weight)
+
+    monkeypatch.setattr(linear, "bf16_rows_ops", Spy)
+    layer = Linear(96, 100, bias=False).to(torch.bfloat16)
+    assert layer.finalize(None, 32, pack=False) == "float"
+    with torch.inference_mode():
+        for rows in (1, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
+            x = torch.randn(rows, 96).to(torch.bfloat16)
+            torch.testing.assert_close(layer(x).float(), x.float() @ layer.weight.float().T, atol=2e-2, rtol=2e-2)
+    assert calls == ([] if amx_ops() is not None else [1, linear.AMX_FEW_ROWS])
+
+
+@needs_bf16_rows
+def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
+    ops = linear.bf16_rows_ops()
+    weight = torch.randn(64, 96).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.bf16_mm_rows(torch.randn(2, 94).to(torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix"):
+        ops.bf16_mm_rows(torch.randn(2, 96), weight)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.bf16_mm_rows(torch.randn(2, 64).to(torch.bfloat16), weight.T)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix"):
+        ops.bf16_mm_rows(torch.randn(2, 96).to(torch.bfloat16), weight.float())
 
 
 needs_amx_linear = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX tiles on this machine")

@@ -133,23 +133,40 @@ class Linear(nn.Linear):
 # Rows up to which a plain bfloat16 weight (the tied LM head) multiplies on AMX (kernels/csrc/
 # gemv_ops.cpp): SmolLM2's 49152 x 576 head, one thread, A/B on a loaded AMX Xeon, vs torch.mv/mm
 # (up to 16 rows) or F.linear: 1 row 8.9 vs 9.2 ms, 4 rows 12.5 vs 14.1, 16 rows 13.2 vs 18.1,
-# 64 rows 23.7 vs 27.8; at 128 rows F.linear is faster (45.9 vs 50.9).
+# 64 rows 23.7 vs 27.8; at 128 rows F.linear is faster (45.9 vs 50.9). Without AMX, bf16_mm_rows
+# (AVX512-BF16) vs torch.mv/mm vs F.linear, two threads, loaded 2-vCPU Xeon (bench_limits.py
+# --lm-head): 1 row 2.6 / 18.8 / 12.1 ms, 4 rows 4.9 / 15.4 / 13.3, 16 rows 15.5 / 19.5 / 25.5,
+# 64 rows 61 / 74 / 76; at 128 rows even with F.linear (169 / 178 / 168 in an earlier run).
 AMX_FEW_ROWS = 64
 
 
 def few_rows_bfloat16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a few rows against a plain bfloat16 weight, reading the weight once: on
-    AMX through brgemm with the weight as the streaming operand; elsewhere up to 16 rows with the
-    weight as the left operand of ATen's GEMV/GEMM, where F.linear's oneDNN call took 1.3-1.5x as
-    long (one thread: 1 row 7.6 -> 5.0 ms through torch.mv, 2-16 rows 9.3-10.8 -> 6.9-8.7 ms)."""
+    AMX through brgemm with the weight as the streaming operand; else where the CPU has
+    AVX512-BF16 through bf16_mm_rows' dot products (both kernels/csrc/gemv_ops.cpp); elsewhere up
+    to 16 rows with the weight as the left operand of ATen's GEMV/GEMM, where F.linear took
+    1.3-1.5x as long (one thread: 1 row 7.6 -> 5.0 ms, 2-16 rows 9.3-10.8 -> 6.9-8.7 ms)."""
     ops = amx_kernels() if x.device.type == "cpu" else None
     if ops is not None and weight.is_contiguous() and weight.shape[1] % 2 == 0:
         return ops.bf16_mm_amx(x if x.stride(-1) == 1 else x.contiguous(), weight)
+    ops = bf16_rows_ops() if x.device.type == "cpu" else None
+    if ops is not None and weight.is_contiguous():
+        return ops.bf16_mm_rows(x, weight)
     if x.shape[0] == 1:
         return torch.mv(weight, x[0]).unsqueeze(0)
     if x.shape[0] <= 16:
         return torch.mm(weight, x.T).T.contiguous()
     return F.linear(x, weight)
+
+
+@functools.cache
+def bf16_rows_ops():
+    """torch.ops.bento_llm with bf16_mm_rows where the CPU has AVX512-BF16, else None."""
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError:
+        return None
+    return torch.ops.bento_llm if torch.ops.bento_llm.bf16_mm_rows_supported() else None
 
 
 # Input rows up to which the AMX strips multiply in place; more rows (prefill chunks) unpack them
