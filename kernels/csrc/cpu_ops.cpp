@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "attention_products.h"
 #include "float_rows.h"
 #include "kv_codes.h"
 #include "silu_lanes.h"
@@ -487,7 +488,8 @@ struct AttentionArgs {
   const int32_t* tables;
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
-  bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
+  bool bf16_tiles;  // tile products in bfloat16 (see below); else float32
+  bool amx;         // bf16_tiles on AMX through brgemm; else AVX512-BF16 loops (attention_products.h)
 };
 
 // Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
@@ -515,8 +517,16 @@ at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
 }
 
-// scores [rows, n] = q [rows, dim] . k [n, dim]^T
-void tile_scores(float* scores, const float* q, const float* k, int64_t rows, int64_t n, int64_t dim) {
+// scores [rows, n] = q [rows, dim] . k [n, dim]^T; AVX-512 builds take K^T [dim][kKeyTile] in kt
+// (transpose_rows) and run attention_products' register-blocked loops (no ATen call in a pool part).
+void tile_scores(float* scores, const float* q, const float* k, const float* kt, int64_t rows, int64_t n,
+                 int64_t dim) {
+#if defined(__AVX512F__)
+  (void)k;
+  attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
+  return;
+#endif
+  (void)kt;
   if (rows >= kMatmulRows) {
     auto out = float_view(scores, rows, n);
     at::mm_out(out, float_view(q, rows, dim), float_view(k, n, dim).t());
@@ -533,6 +543,10 @@ void tile_scores(float* scores, const float* q, const float* k, int64_t rows, in
 
 // acc [rows, dim] += weights [rows, n] . v [n, dim]
 void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
+#if defined(__AVX512F__)
+  attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
+  return;
+#endif
   if (rows >= kMatmulRows) {
     float_view(acc, rows, dim).addmm_(float_view(weights, rows, n), float_view(v, n, dim));
     return;
@@ -602,12 +616,22 @@ bool bf16_tiles_available() {
 #endif
 }
 
+// Whether bfloat16 attention's products run in bfloat16: on AMX (above) or, without it (or with
+// oneDNN disabled), with AVX512-BF16 dot products (attention_products.h).
+bool bf16_products_available() {
+#if defined(__AVX512F__)
+  return bf16_tiles_available() || cpu_has_avx512bf16();
+#else
+  return false;
+#endif
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Per-thread scratch, kept across calls (a call's first use on a thread grows it to the batch's
 // tallest tile; allocating and zeroing it per call cost more than a whole decode).
 struct TileBuffers {
-  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes, key_scales, value_scales;
+  std::vector<float> q, k, kt, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes, key_scales, value_scales;
   std::vector<bf16> q16, k16, v16, p16, zeros;
   std::vector<const bf16*> key_rows, value_rows;
   void reserve(int64_t rows, int64_t dim) {
@@ -622,6 +646,7 @@ struct TileBuffers {
     grow(value_scales, kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
+    grow(kt, kKeyTile * dim);
     grow(v, kKeyTile * dim);
     grow(q16, rows * dim);
     grow(k16, kKeyTile * dim);
@@ -979,10 +1004,19 @@ void pair_order_to_columns(float* row, int64_t dim) {
   }
 }
 
+// C [m][n] (+)= A [m][k] . B (VNNI pairs [k/2][ldb]): brgemm on AMX, else AVX512-BF16 loops that
+// read the same packed tiles (on this no-AMX Sapphire Rapids VM, a 192 x 256 x 64 score tile in
+// about ... us).
+inline void tile_product(bool amx, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                         const bf16* a, const bf16* b, float* c) {
+  if (amx) return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c);
+  attention_products::bf16_product(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const uint16_t*>(a),
+                                   reinterpret_cast<const uint32_t*>(b), c);
+}
+
 // attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
 // rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
-  using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
   const bool in_place = rows < kMatmulRows && dim % 32 == 0 && cpu_has_avx512bf16();
   for (int64_t i = 0; i < u.tokens; ++i) {
@@ -1015,7 +1049,8 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
         find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
         pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
       }
-      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+      tile_product(a.amx, rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16,
+                   scores);
     }
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
@@ -1031,8 +1066,8 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
       continue;
     }
     for (int64_t c = 0; c < dim; c += kPackColumns) {
-      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
-             v16 + c * keys, b.acc.data() + c);
+      tile_product(a.amx, rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true,
+                   b.p16.data(), v16 + c * keys, b.acc.data() + c);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1236,7 +1271,10 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     const int64_t n = std::min(kKeyTile, k_end - k0);
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
-    tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
+#if defined(__AVX512F__)
+    attention_products::transpose_rows(b.kt.data(), kKeyTile, b.k.data(), n, a.dim);
+#endif
+    tile_scores(b.scores.data(), b.q.data(), b.k.data(), b.kt.data(), rows, n, a.dim);
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
@@ -1297,7 +1335,7 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 // whichever thread is free (items come sorted costliest first, so the threads finish together),
 // on at most max_threads threads.
 template <typename Fn>
-void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
+void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool amx, const Fn& fn) {
   if (n == 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
@@ -1305,7 +1343,7 @@ void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim,
     TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
     // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
-    if (bf16_tiles) at::native::cpublas::brgemm_release();
+    if (amx) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -1349,7 +1387,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.amx, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -1423,7 +1461,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       out.data_ptr<T>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0),
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
       window, static_cast<float>(scale), static_cast<float>(soft_cap),
-      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available()};
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_products_available(),
+      bf16_tiles_available()};
   paged_attention_kernel(args, units);
 }
 
