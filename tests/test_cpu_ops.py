@@ -379,15 +379,15 @@ def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_th
     amx = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
     with onednn_disabled():
         assert not cpu_ops.bfloat16_tiles_available()
-        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+        # AVX512-BF16 loops on the same packed tiles (attention_products.h); every AMX CPU has it.
+        loops = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
     assert cpu_ops.bfloat16_tiles_available()
-    assert not torch.equal(amx, float32)  # the weights' rounding shows in some outputs' last bit
-    for out in (amx, float32):
+    for out in (amx, loops):
         within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), 0.125)
 
 
 @pytest.mark.slow  # a subprocess: torch import and the kernels from the build cache
-def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_path):
+def test_without_amx_bfloat16_attention_runs_the_products_it_runs_with_onednn_off(gen, tmp_path):
     """oneDNN capped below AMX (as on an AVX-512 CPU without it): the same bits as with oneDNN off."""
     k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)
     cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()
@@ -409,8 +409,31 @@ def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_pat
                           timeout=300)
     assert done.returncode == 0, done.stderr
     with onednn_disabled():
-        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
-    assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
+        loops = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert torch.equal(torch.load(tmp_path / "capped.pt"), loops)
+
+
+# Without AMX (or with oneDNN off, so that AMX CPUs test them too) the tile products are
+# attention_products.h's register blocks: 6 query rows x 64 columns, the rest in 1..5-row blocks
+# and masked 16-column strips. Rows per sequence from 16 (the first tile-sized unit) to 400 (three
+# query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip, head_dim with
+# a 64-column strip and a masked tail (80, 72), and two query tiles ending on different keys.
+EDGE_ROWS = [(16, 16), (17, 301), (64, 64), (191, 449), (193, 707), (400, 513), (6, 35)]
+
+
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 80), (2, 2, 72), (8, 1, 128)], ids=str)
+def test_attention_products_without_amx_match_the_reference_at_block_edges(gen, num_heads, kv_heads, head_dim):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in EDGE_ROWS], 16, kv_heads, head_dim, torch.float32)
+    cu = torch.tensor([0] + [q for q, _ in EDGE_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen) * 2  # scores of a few units: peaked rows
+    scale = head_dim**-0.5
+    with onednn_disabled():
+        out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale)
+        assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale), torch.float32)
+        q16, k16, v16 = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+        out = cpu_ops.paged_attention(q16, k16, v16, tables, lens, cu, scale)
+    assert not out.isnan().any()
+    within_weight_rounding(out, q16, k16, v16, tables, lens, cu.tolist(), scale)
 
 
 def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:

@@ -588,7 +588,9 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 //
 // With a bfloat16 query and cache on a CPU with AMX, the two tile products run as bfloat16
 // products with float32 accumulation, through oneDNN's brgemm ukernel as ATen exports it
-// (at::native::cpublas::brgemm): Q.K^T on the query and key elements as stored (each product of
+// (at::native::cpublas::brgemm); without AMX (or with oneDNN disabled through
+// torch.backends.mkldnn) on a CPU with AVX512-BF16, the same products on the same packed tiles
+// run as attention_products.h's register-blocked _mm512_dpbf16_ps loops (tile_product): Q.K^T on the query and key elements as stored (each product of
 // two bfloat16 values is exact in float32), P.V on the softmax weights rounded to bfloat16, as
 // flash attention does. Scaling, soft-capping, the online softmax, the running sums and the
 // accumulator stay float32, and each row's sum adds exactly the rounded weights P.V uses.
@@ -596,8 +598,9 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
 // (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
 // keys the row sees (tests/test_cpu_ops.py holds it to that).
-// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the products
-// stay float32.
+// Elsewhere (no AVX512-BF16, other dtypes) the products stay float32: attention_products.h's
+// FMA blocks in AVX-512 builds, at::mm only in AVX2 builds (an ATen call inside a pool part: its
+// OpenMP team nests in ours, and a forked child cannot restart it).
 //
 // brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
 // here in column blocks of kPackColumns (the widths oneDNN's own packing produces).
@@ -889,8 +892,8 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
 // products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
 // key tile: the packing was the largest part of a batch-64 decode's attention profile (23% of all
 // samples, brgemm 8%), a cost per unit, not per byte read. Units under kMatmulRows rows with
-// head_dim a multiple of 32 (on AMX CPUs, which all have AVX512-BF16) instead read each key and
-// value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
+// head_dim a multiple of 32 (wherever the bfloat16 products run: AMX CPUs, all of which have
+// AVX512-BF16, and CPUs with AVX512-BF16 alone) instead read each key and value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
 // pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
 // path, so the same accuracy rule (and one rounding order for any thread count).
 
@@ -1005,8 +1008,7 @@ void pair_order_to_columns(float* row, int64_t dim) {
 }
 
 // C [m][n] (+)= A [m][k] . B (VNNI pairs [k/2][ldb]): brgemm on AMX, else AVX512-BF16 loops that
-// read the same packed tiles (on this no-AMX Sapphire Rapids VM, a 192 x 256 x 64 score tile in
-// about ... us).
+// read the same packed tiles.
 inline void tile_product(bool amx, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                          const bf16* a, const bf16* b, float* c) {
   if (amx) return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c);
