@@ -379,15 +379,15 @@ def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_th
     amx = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
     with onednn_disabled():
         assert not cpu_ops.bfloat16_tiles_available()
-        # AVX512-BF16 loops on the same packed tiles (attention_products.h); every AMX CPU has it.
-        loops = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
     assert cpu_ops.bfloat16_tiles_available()
-    for out in (amx, loops):
+    assert not torch.equal(amx, float32)  # the weights' rounding shows in some outputs' last bit
+    for out in (amx, float32):
         within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), 0.125)
 
 
 @pytest.mark.slow  # a subprocess: torch import and the kernels from the build cache
-def test_without_amx_bfloat16_attention_runs_the_products_it_runs_with_onednn_off(gen, tmp_path):
+def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_path):
     """oneDNN capped below AMX (as on an AVX-512 CPU without it): the same bits as with oneDNN off."""
     k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)
     cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()
@@ -409,16 +409,17 @@ def test_without_amx_bfloat16_attention_runs_the_products_it_runs_with_onednn_of
                           timeout=300)
     assert done.returncode == 0, done.stderr
     with onednn_disabled():
-        loops = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
-    assert torch.equal(torch.load(tmp_path / "capped.pt"), loops)
+        float32 = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
 
 
-# Without AMX (or with oneDNN off, so that AMX CPUs test them too) the tile products are
-# attention_products.h's register blocks: 6 query rows x 64 columns, the rest in 1..5-row blocks
-# and masked 16-column strips. Rows per sequence from 16 (the first tile-sized unit) to 400 (three
-# query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip, head_dim with
-# a 64-column strip and a masked tail (80, 72), and two query tiles ending on different keys.
-EDGE_ROWS = [(16, 16), (17, 301), (64, 64), (191, 449), (193, 707), (400, 513), (6, 35)]
+# Without AMX (or with oneDNN off, so that AMX CPUs test them too) the float32 tile products are
+# attention_products.h's register blocks (bfloat16 inputs staged to float32; units of under 16
+# rows of a bfloat16 decode take the AVX512-BF16 row products instead): 6 query rows x 64
+# columns, the rest in 1..5-row blocks and masked 16-column strips. Rows per sequence from 1 to
+# 400 (three query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip,
+# head_dim with a 64-column strip and a masked tail (80, 72), query tiles ending on different keys.
+EDGE_ROWS = [(16, 16), (17, 301), (64, 64), (191, 449), (193, 707), (400, 513), (6, 35), (1, 100), (3, 50)]
 
 
 @pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 80), (2, 2, 72), (8, 1, 128)], ids=str)

@@ -488,8 +488,8 @@ struct AttentionArgs {
   const int32_t* tables;
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
-  bool bf16_tiles;  // tile products in bfloat16 (see below); else float32
-  bool amx;         // bf16_tiles on AMX through brgemm; else AVX512-BF16 loops (attention_products.h)
+  bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
+  bool bf16_rows;   // no AMX tiles, but units of few rows take attend_bf16's AVX512-BF16 row products
 };
 
 // Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
@@ -588,9 +588,7 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 //
 // With a bfloat16 query and cache on a CPU with AMX, the two tile products run as bfloat16
 // products with float32 accumulation, through oneDNN's brgemm ukernel as ATen exports it
-// (at::native::cpublas::brgemm); without AMX (or with oneDNN disabled through
-// torch.backends.mkldnn) on a CPU with AVX512-BF16, the same products on the same packed tiles
-// run as attention_products.h's register-blocked _mm512_dpbf16_ps loops (tile_product): Q.K^T on the query and key elements as stored (each product of
+// (at::native::cpublas::brgemm): Q.K^T on the query and key elements as stored (each product of
 // two bfloat16 values is exact in float32), P.V on the softmax weights rounded to bfloat16, as
 // flash attention does. Scaling, soft-capping, the online softmax, the running sums and the
 // accumulator stay float32, and each row's sum adds exactly the rounded weights P.V uses.
@@ -598,9 +596,11 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
 // (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
 // keys the row sees (tests/test_cpu_ops.py holds it to that).
-// Elsewhere (no AVX512-BF16, other dtypes) the products stay float32: attention_products.h's
-// FMA blocks in AVX-512 builds, at::mm only in AVX2 builds (an ATen call inside a pool part: its
-// OpenMP team nests in ours, and a forked child cannot restart it).
+// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the tile products
+// stay float32: attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products
+// measured 4x slower per instruction than FMAs there: see that file), at::mm only in AVX2 builds
+// (an ATen call inside a pool part nests OpenMP's team in ours; a forked child cannot restart it).
+// Decodes' units of few rows take the AVX512-BF16 row products below wherever the CPU has it.
 //
 // brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
 // here in column blocks of kPackColumns (the widths oneDNN's own packing produces).
@@ -619,11 +619,12 @@ bool bf16_tiles_available() {
 #endif
 }
 
-// Whether bfloat16 attention's products run in bfloat16: on AMX (above) or, without it (or with
-// oneDNN disabled), with AVX512-BF16 dot products (attention_products.h).
-bool bf16_products_available() {
+// Whether a bfloat16 decode's units (under kMatmulRows rows) take attend_bf16's AVX512-BF16 row
+// products without AMX tiles (or with oneDNN disabled) too: a bfloat16 decode then reads its K/V
+// rows in place, where the float path stages them to float32 first.
+bool bf16_rows_available() {
 #if defined(__AVX512F__)
-  return bf16_tiles_available() || cpu_has_avx512bf16();
+  return cpu_has_avx512bf16();
 #else
   return false;
 #endif
@@ -892,9 +893,9 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
 // products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
 // key tile: the packing was the largest part of a batch-64 decode's attention profile (23% of all
 // samples, brgemm 8%), a cost per unit, not per byte read. Units under kMatmulRows rows with
-// head_dim a multiple of 32 (wherever the bfloat16 products run: AMX CPUs, all of which have
-// AVX512-BF16, and CPUs with AVX512-BF16 alone) instead read each key and value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
-// pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
+// head_dim a multiple of 32 (on every CPU with AVX512-BF16, AMX or not: bf16_rows_available)
+// instead read each key and value row once where the block table says it is, with AVX512-BF16 dot
+// products on bfloat16 pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
 // path, so the same accuracy rule (and one rounding order for any thread count).
 
 constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row: 16 registers)
@@ -1007,18 +1008,10 @@ void pair_order_to_columns(float* row, int64_t dim) {
   }
 }
 
-// C [m][n] (+)= A [m][k] . B (VNNI pairs [k/2][ldb]): brgemm on AMX, else AVX512-BF16 loops that
-// read the same packed tiles.
-inline void tile_product(bool amx, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                         const bf16* a, const bf16* b, float* c) {
-  if (amx) return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c);
-  attention_products::bf16_product(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const uint16_t*>(a),
-                                   reinterpret_cast<const uint32_t*>(b), c);
-}
-
 // attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
 // rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
+  using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
   const bool in_place = rows < kMatmulRows && dim % 32 == 0 && cpu_has_avx512bf16();
   for (int64_t i = 0; i < u.tokens; ++i) {
@@ -1051,8 +1044,7 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
         find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
         pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
       }
-      tile_product(a.amx, rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16,
-                   scores);
+      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
     }
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
@@ -1068,8 +1060,8 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
       continue;
     }
     for (int64_t c = 0; c < dim; c += kPackColumns) {
-      tile_product(a.amx, rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true,
-                   b.p16.data(), v16 + c * keys, b.acc.data() + c);
+      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
+             v16 + c * keys, b.acc.data() + c);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1256,6 +1248,8 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
     if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
+    // Without AMX: its in-place products on rows (in_place there), not on tiles (see attention_products.h).
+    if (a.bf16_rows && u.rows(a.group) < kMatmulRows && a.dim % 32 == 0) return attend_bf16(a, u, k_begin, k_end, b);
   }
   if constexpr (std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn>) {
     if (u.rows(a.group) < kMatmulRows && a.dim % 16 == 0) return attend_codes(a, u, k_begin, k_end, b);
@@ -1337,7 +1331,7 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 // whichever thread is free (items come sorted costliest first, so the threads finish together),
 // on at most max_threads threads.
 template <typename Fn>
-void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool amx, const Fn& fn) {
+void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
   if (n == 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
@@ -1345,7 +1339,7 @@ void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim,
     TileBuffers& buffers = thread_buffers(rows, dim);
     for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
     // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
-    if (amx) at::native::cpublas::brgemm_release();
+    if (bf16_tiles) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -1389,7 +1383,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.amx, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -1463,8 +1457,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       out.data_ptr<T>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0),
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
       window, static_cast<float>(scale), static_cast<float>(soft_cap),
-      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_products_available(),
-      bf16_tiles_available()};
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available(),
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && bf16_rows_available()};
   paged_attention_kernel(args, units);
 }
 
