@@ -513,20 +513,25 @@ void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) 
   }
 }
 
+#if defined(__AVX512F__)
+// scores [rows, n] = q [rows, dim] . K^T, K^T [dim][kKeyTile] as transpose_rows stages it:
+// attention_products.h's register-blocked FMA loops (no ATen call inside a pool part).
+void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, int64_t n, int64_t dim) {
+  attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
+}
+
+// acc [rows, dim] += weights [rows, n] . v [n, dim]
+void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
+  attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
+}
+#else  // AVX2 builds: at::mm (MKL, its OpenMP team nested in the pool's part) from kMatmulRows rows
+
 at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
 }
 
-// scores [rows, n] = q [rows, dim] . k [n, dim]^T; AVX-512 builds take K^T [dim][kKeyTile] in kt
-// (transpose_rows) and run attention_products' register-blocked loops (no ATen call in a pool part).
-void tile_scores(float* scores, const float* q, const float* k, const float* kt, int64_t rows, int64_t n,
-                 int64_t dim) {
-#if defined(__AVX512F__)
-  (void)k;
-  attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
-  return;
-#endif
-  (void)kt;
+// scores [rows, n] = q [rows, dim] . k [n, dim]^T
+void tile_scores(float* scores, const float* q, const float* k, int64_t rows, int64_t n, int64_t dim) {
   if (rows >= kMatmulRows) {
     auto out = float_view(scores, rows, n);
     at::mm_out(out, float_view(q, rows, dim), float_view(k, n, dim).t());
@@ -543,10 +548,6 @@ void tile_scores(float* scores, const float* q, const float* k, const float* kt,
 
 // acc [rows, dim] += weights [rows, n] . v [n, dim]
 void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
-#if defined(__AVX512F__)
-  attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
-  return;
-#endif
   if (rows >= kMatmulRows) {
     float_view(acc, rows, dim).addmm_(float_view(weights, rows, n), float_view(v, n, dim));
     return;
@@ -560,6 +561,7 @@ void tile_accumulate(float* acc, const float* weights, const float* v, int64_t r
     }
   }
 }
+#endif
 
 // max(scale * s[0..n)) in vector registers: written as a loop, a running max is a chain of
 // dependent scalar compares (the compiler keeps NaN semantics and does not vectorize it), which
@@ -1269,8 +1271,10 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
 #if defined(__AVX512F__)
     attention_products::transpose_rows(b.kt.data(), kKeyTile, b.k.data(), n, a.dim);
+    tile_scores(b.scores.data(), b.q.data(), b.kt.data(), rows, n, a.dim);
+#else
+    tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
 #endif
-    tile_scores(b.scores.data(), b.q.data(), b.k.data(), b.kt.data(), rows, n, a.dim);
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
