@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -159,30 +158,17 @@ def baseline_decode_attention(rev: str):
 
 
 def baseline_ops(rev: str):
-    """kernels/csrc/cpu_ops.cpp at git revision rev, built as its own extension with its ops under
-    torch.ops.bento_llm_baseline."""
-    from torch.utils import cpp_extension
-
-    from kernels import cpu_ops
+    """kernels/csrc at git revision rev, built beside this tree's with its ops and thread pool renamed
+    (bench_kv_cache.load_before: cpu_ops.cpp alone no longer links without thread_pool.cpp), its
+    ops under torch.ops.bento_llm_before."""
+    from bench.bench_kv_cache import BEFORE_NAMESPACE, load_before
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "show", f"{rev}:kernels/csrc/cpu_ops.cpp"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    source = source.replace("TORCH_LIBRARY(bento_llm,", "TORCH_LIBRARY(bento_llm_baseline,")
-    folder = tempfile.mkdtemp()
-    path = os.path.join(folder, "cpu_ops_baseline.cpp")
-    with open(path, "w") as f:
-        f.write(source)
-    # The headers it includes from its own folder, as they were at rev.
-    for header in re.findall(r'#include "([^"]+)"', source):
-        with open(os.path.join(folder, header), "w") as f:
-            f.write(subprocess.run(["git", "show", f"{rev}:kernels/csrc/{header}"], cwd=root, check=True,
-                                   capture_output=True, text=True).stdout)
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-             *cpu_ops._ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-    cpp_extension.load(name="bento_llm_cpu_ops_baseline", sources=[path], extra_cflags=flags,
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return torch.ops.bento_llm_baseline
+    tree = tempfile.mkdtemp()
+    archive = subprocess.run(["git", "archive", rev, "kernels/csrc"], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    load_before(tree)
+    return getattr(torch.ops, BEFORE_NAMESPACE)
 
 
 def prefill_cases(tokens: int, dtype: torch.dtype, gen: torch.Generator) -> dict:

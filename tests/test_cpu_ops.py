@@ -413,6 +413,30 @@ def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_pat
     assert torch.equal(torch.load(tmp_path / "capped.pt"), float32)
 
 
+# Without AMX (or with oneDNN off, so that AMX CPUs test them too) the float32 tile products are
+# attention_products.h's register blocks (bfloat16 inputs staged to float32; units of under 16
+# rows of a bfloat16 decode take the AVX512-BF16 row products instead): 6 query rows x 64
+# columns, the rest in 1..5-row blocks and masked 16-column strips. Rows per sequence from 1 to
+# 400 (three query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip,
+# head_dim with a 64-column strip and a masked tail (80, 72), query tiles ending on different keys.
+EDGE_ROWS = [(16, 16), (17, 301), (64, 64), (191, 449), (193, 707), (400, 513), (6, 35), (1, 100), (3, 50)]
+
+
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 80), (2, 2, 72), (8, 1, 128)], ids=str)
+def test_attention_products_without_amx_match_the_reference_at_block_edges(gen, num_heads, kv_heads, head_dim):
+    k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in EDGE_ROWS], 16, kv_heads, head_dim, torch.float32)
+    cu = torch.tensor([0] + [q for q, _ in EDGE_ROWS]).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen) * 2  # scores of a few units: peaked rows
+    scale = head_dim**-0.5
+    with onednn_disabled():
+        out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale)
+        assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale), torch.float32)
+        q16, k16, v16 = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+        out = cpu_ops.paged_attention(q16, k16, v16, tables, lens, cu, scale)
+    assert not out.isnan().any()
+    within_weight_rounding(out, q16, k16, v16, tables, lens, cu.tolist(), scale)
+
+
 def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:
     """ATEN_CPU_CAPABILITY=avx2 builds the extension with -march=x86-64-v3, as on an AVX2-only CPU
     (CI may get one): every source must compile there (AVX-512 code only inside functions that

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "attention_products.h"
 #include "float_rows.h"
 #include "kv_codes.h"
 #include "silu_lanes.h"
@@ -488,6 +489,7 @@ struct AttentionArgs {
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
   bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
+  bool bf16_rows;   // no AMX tiles, but units of few rows take attend_bf16's AVX512-BF16 row products
 };
 
 // Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
@@ -510,6 +512,19 @@ void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) 
     scores[i] = soft_cap - 2.0f * soft_cap / (fast_exp(scores[i] * inv) + 1.0f);
   }
 }
+
+#if defined(__AVX512F__)
+// scores [rows, n] = q [rows, dim] . K^T, K^T [dim][kKeyTile] as transpose_rows stages it:
+// attention_products.h's register-blocked FMA loops (no ATen call inside a pool part).
+void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, int64_t n, int64_t dim) {
+  attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
+}
+
+// acc [rows, dim] += weights [rows, n] . v [n, dim]
+void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
+  attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
+}
+#else  // AVX2 builds: at::mm (MKL, its OpenMP team nested in the pool's part) from kMatmulRows rows
 
 at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
@@ -546,6 +561,7 @@ void tile_accumulate(float* acc, const float* weights, const float* v, int64_t r
     }
   }
 }
+#endif
 
 // max(scale * s[0..n)) in vector registers: written as a loop, a running max is a chain of
 // dependent scalar compares (the compiler keeps NaN semantics and does not vectorize it), which
@@ -582,8 +598,11 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
 // (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
 // keys the row sees (tests/test_cpu_ops.py holds it to that).
-// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the products
-// stay float32.
+// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the tile products
+// stay float32: attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products
+// measured 4x slower per instruction than FMAs there: see that file), at::mm only in AVX2 builds
+// (an ATen call inside a pool part nests OpenMP's team in ours; a forked child cannot restart it).
+// Decodes' units of few rows take the AVX512-BF16 row products below wherever the CPU has it.
 //
 // brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
 // here in column blocks of kPackColumns (the widths oneDNN's own packing produces).
@@ -602,12 +621,23 @@ bool bf16_tiles_available() {
 #endif
 }
 
+// Whether a bfloat16 decode's units (under kMatmulRows rows) take attend_bf16's AVX512-BF16 row
+// products without AMX tiles (or with oneDNN disabled) too: a bfloat16 decode then reads its K/V
+// rows in place, where the float path stages them to float32 first.
+bool bf16_rows_available() {
+#if defined(__AVX512F__)
+  return cpu_has_avx512bf16();
+#else
+  return false;
+#endif
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Per-thread scratch, kept across calls (a call's first use on a thread grows it to the batch's
 // tallest tile; allocating and zeroing it per call cost more than a whole decode).
 struct TileBuffers {
-  std::vector<float> q, k, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes, key_scales, value_scales;
+  std::vector<float> q, k, kt, v, scores, acc, row_max, row_sum, new_max, alpha, sum_lanes, key_scales, value_scales;
   std::vector<bf16> q16, k16, v16, p16, zeros;
   std::vector<const bf16*> key_rows, value_rows;
   void reserve(int64_t rows, int64_t dim) {
@@ -622,6 +652,7 @@ struct TileBuffers {
     grow(value_scales, kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
+    grow(kt, kKeyTile * dim);
     grow(v, kKeyTile * dim);
     grow(q16, rows * dim);
     grow(k16, kKeyTile * dim);
@@ -864,9 +895,9 @@ void prepack_contexts(const AttentionArgs<bf16, bf16>& a, std::vector<Unit>& uni
 // products used to pack K^T and V (a register transpose per 16 keys) and call brgemm twice per
 // key tile: the packing was the largest part of a batch-64 decode's attention profile (23% of all
 // samples, brgemm 8%), a cost per unit, not per byte read. Units under kMatmulRows rows with
-// head_dim a multiple of 32 (on AMX CPUs, which all have AVX512-BF16) instead read each key and
-// value row once where the block table says it is, with AVX512-BF16 dot products on bfloat16
-// pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
+// head_dim a multiple of 32 (on every CPU with AVX512-BF16, AMX or not: bf16_rows_available)
+// instead read each key and value row once where the block table says it is, with AVX512-BF16 dot
+// products on bfloat16 pairs summed in float32: the same products and the same bfloat16 softmax weights as the tile
 // path, so the same accuracy rule (and one rounding order for any thread count).
 
 constexpr int64_t kRowBlock = 8;  // query rows per pass over the values (2 accumulators a row: 16 registers)
@@ -1219,6 +1250,8 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
     if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
+    // Without AMX: its in-place products on rows (in_place there), not on tiles (see attention_products.h).
+    if (a.bf16_rows && u.rows(a.group) < kMatmulRows && a.dim % 32 == 0) return attend_bf16(a, u, k_begin, k_end, b);
   }
   if constexpr (std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn>) {
     if (u.rows(a.group) < kMatmulRows && a.dim % 16 == 0) return attend_codes(a, u, k_begin, k_end, b);
@@ -1236,7 +1269,12 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     const int64_t n = std::min(kKeyTile, k_end - k0);
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
+#if defined(__AVX512F__)
+    attention_products::transpose_rows(b.kt.data(), kKeyTile, b.k.data(), n, a.dim);
+    tile_scores(b.scores.data(), b.q.data(), b.kt.data(), rows, n, a.dim);
+#else
     tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
+#endif
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
@@ -1423,7 +1461,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       out.data_ptr<T>(), block_tables.data_ptr<int32_t>(), query.stride(0), block_tables.stride(0),
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
       window, static_cast<float>(scale), static_cast<float>(soft_cap),
-      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available()};
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available(),
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && bf16_rows_available()};
   paged_attention_kernel(args, units);
 }
 

@@ -1,0 +1,120 @@
+// Paged attention's two float32 tile products (Q.K^T and P.V) on CPUs without AMX, as
+// register-blocked AVX-512 FMA loops: no ATen, BLAS or OpenMP call inside a kernel_pool part
+// (at::mm there hung a forked child, which cannot restart the OpenMP team its parent used, and
+// nested MKL's threads inside our two-thread pool).
+//
+// Both products have one shape: C [m][n] (+)= A [m][k] . B [k][ldb], A's rows lda apart, C's ldc
+// apart (Q.K^T: B = K^T as transpose_rows stages it; P.V: B = V as staged). A block of R rows x
+// 16 W columns of C stays in R x W registers through the whole reduction; each step loads W
+// vectors of B once for the R rows and broadcasts one element of each A row. R = 6, W = 4: 24
+// accumulators, 4 B vectors, 1 broadcast (29 of the 32 registers), 10 loads per 24 FMAs. Every
+// column tail is masked: nothing reads B or C past column n. The loops over R and W carry
+// `#pragma GCC unroll`: without it GCC 12 kept the accumulators in a stack array and stored all 24
+// every step (a 2048-token prefill's attention then took 2.4x MKL's, now 1.1x).
+//
+// bfloat16 inputs are staged to float32 for these too, not multiplied as bfloat16 pairs: on this
+// session's Sapphire Rapids without AMX, _mm512_dpbf16_ps issued 0.75 G/s on one core against
+// _mm512_fmadd_ps's 3 G/s (24 independent accumulators each), half the FLOPs per cycle, and a
+// 2048-token bfloat16 prefill's attention ran 1.4x slower on dpbf16 tiles than on these.
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "transpose16.h"
+
+namespace attention_products {
+
+constexpr int kBlockRows = 6;     // R (above)
+constexpr int kBlockVectors = 4;  // W: 64 columns
+
+inline __mmask16 column_mask(int64_t columns) {
+  return columns >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(columns, 0)) - 1);
+}
+
+template <int R, int W>
+__attribute__((target("avx512f"))) inline void float_block(float* c, int64_t ldc, const float* a, int64_t lda,
+                                                           const float* b, int64_t ldb, int64_t depth,
+                                                           int64_t columns, bool add) {
+  __mmask16 mask[W];
+  __m512 acc[R][W];
+  __mmask16 load_mask[W];
+  #pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) {
+    mask[w] = column_mask(columns - 16 * w);
+    load_mask[w] = add ? mask[w] : __mmask16(0);  // C's values, or zeros
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) {
+      acc[r][w] = _mm512_maskz_loadu_ps(load_mask[w], c + r * ldc + 16 * w);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512 x[W];
+    #pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) x[w] = _mm512_maskz_loadu_ps(mask[w], b + k * ldb + 16 * w);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 q = _mm512_set1_ps(a[r * lda + k]);
+      #pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(q, x[w], acc[r][w]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) _mm512_mask_storeu_ps(c + r * ldc + 16 * w, mask[w], acc[r][w]);
+  }
+}
+
+// Rows [0, m) of one column strip of `columns` (at most 16 W): blocks of R rows, the last ones
+// in one block of the rows left (blocks[R]: float_block<R, W>).
+using Block = void (*)(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t, bool);
+
+inline void strip_rows(const Block* blocks, int64_t m, float* c, int64_t ldc, const float* a, int64_t lda,
+                       const float* b, int64_t ldb, int64_t depth, int64_t columns, bool add) {
+  int64_t r = 0;
+  for (; r + kBlockRows <= m; r += kBlockRows) {
+    blocks[kBlockRows](c + r * ldc, ldc, a + r * lda, lda, b, ldb, depth, columns, add);
+  }
+  if (r < m) blocks[m - r](c + r * ldc, ldc, a + r * lda, lda, b, ldb, depth, columns, add);
+}
+
+// C [m][n] (+ C if add) = A [m][k] . B [k][ldb], float32.
+inline void float_product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                          const float* a, const float* b, float* c) {
+  static constexpr Block wide[] = {nullptr, float_block<1, 4>, float_block<2, 4>, float_block<3, 4>,
+                                           float_block<4, 4>, float_block<5, 4>, float_block<6, 4>};
+  static constexpr Block narrow[] = {nullptr, float_block<1, 1>, float_block<2, 1>, float_block<3, 1>,
+                                             float_block<4, 1>, float_block<5, 1>, float_block<6, 1>};
+  int64_t j = 0;
+  for (; j + 16 * kBlockVectors <= n; j += 16 * kBlockVectors) {
+    strip_rows(wide, m, c + j, ldc, a, lda, b + j, ldb, k, 16 * kBlockVectors, add);
+  }
+  for (; j < n; j += 16) strip_rows(narrow, m, c + j, ldc, a, lda, b + j, ldb, k, std::min<int64_t>(16, n - j), add);
+}
+
+// dst [cols][ld] = src [rows][cols]^T (float32), 16 x 16 blocks in registers; masked at both edges.
+__attribute__((target("avx512f"))) inline void transpose_rows(float* dst, int64_t ld, const float* src, int64_t rows,
+                                                              int64_t cols) {
+  for (int64_t j = 0; j < rows; j += 16) {
+    const __mmask16 row_mask = column_mask(rows - j);
+    for (int64_t d = 0; d < cols; d += 16) {
+      const __mmask16 col_mask = column_mask(cols - d);
+      __m512i in[16], out[16];
+      #pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) {
+        in[l] = j + l < rows ? _mm512_maskz_loadu_epi32(col_mask, src + (j + l) * cols + d) : _mm512_setzero_si512();
+      }
+      transpose16::transpose_16x16(in, out);
+      for (int x = 0; x < 16 && d + x < cols; ++x) _mm512_mask_storeu_epi32(dst + (d + x) * ld + j, row_mask, out[x]);
+    }
+  }
+}
+
+}  // namespace attention_products
