@@ -204,9 +204,11 @@ def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | No
     """x @ W.T + bias for W kept as column strips: in place up to AMX_STRIPS_MAX_ROWS rows on AMX
     (BF16_STRIPS_MAX_ROWS without), else through a plain copy of W made for this call (freed after it)."""
     amx = amx_linear_ops()
-    if x.dtype == torch.bfloat16 and x.shape[0] <= (AMX_STRIPS_MAX_ROWS if amx else BF16_STRIPS_MAX_ROWS):
+    if x.dtype == torch.bfloat16 and x.shape[0] <= (BF16_STRIPS_MAX_ROWS if amx is None else AMX_STRIPS_MAX_ROWS):
         x = x if x.stride(-1) == 1 else x.contiguous()
-        return amx.amx_linear(x, strips, bias, out_features) if amx else strips_ops().bf16_linear(x, strips, bias, out_features)
+        if amx is not None:
+            return amx.amx_linear(x, strips, bias, out_features)
+        return strips_ops().bf16_linear(x, strips, bias, out_features)
     return F.linear(x, strips_ops().amx_linear_unpack(strips, out_features), bias)
 
 

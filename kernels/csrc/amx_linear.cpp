@@ -16,7 +16,8 @@
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
 // last 1-15 rows are one padded 16-row block: tail_block).
 // Functions with AMX/AVX-512 bodies carry their own target attribute, so the file builds on any
-// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported).
+// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported), but for
+// amx_linear_unpack, which needs only AVX-512F (bf16_linear.cpp multiplies the same strips without AMX).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
