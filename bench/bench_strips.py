@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
 import torch  # noqa: E402
 
 from bench.bench_limits import random_prompt, read_bandwidth, step_read_bytes, timed_steps  # noqa: E402
