@@ -5,9 +5,10 @@ bounds it, measured in the same run on the same machine.
     python bench/bench_limits.py --dtype float32       # the exact mode
     python bench/bench_limits.py --quick               # fewer repetitions (a smoke run)
     python bench/bench_limits.py --ttft-only           # only the TTFT rows and its split (and their matmul limit)
-    python bench/bench_limits.py --amx-linear          # only: each kind of projection on the AMX
-                                                       # strips vs unpack + F.linear vs F.linear on a
-                                                       # plain weight vs oneDNN packed, 1-2000 rows
+    python bench/bench_limits.py --amx-linear          # only: each kind of projection on the column
+                                                       # strips (amx_linear on AMX, else bf16_linear on
+                                                       # AVX512-BF16) vs unpack + F.linear vs F.linear
+                                                       # on a plain weight vs oneDNN packed, 1-2000 rows
     python bench/bench_limits.py --lm-head             # only: the tied LM head alone at 1-64 rows, each
                                                        # kernel (bf16_mm_amx / bf16_mm_rows where the CPU
                                                        # runs them, torch.mv/mm, F.linear) vs its read time
@@ -134,9 +135,9 @@ def projection_seconds(model, rows: int, dtype: torch.dtype, repeats: int) -> di
 
 @torch.inference_mode()
 def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int) -> list[str]:
-    """Markdown rows: per kind of projection and row count, the engine's AMX strips
-    (kernels/csrc/amx_linear.cpp) against their per-call unpack + F.linear (the engine's path past
-    AMX_STRIPS_MAX_ROWS), against F.linear on a plain weight (what the unpack costs on top) and
+    """Markdown rows: per kind of projection and row count, the engine's column strips
+    (kernels/csrc/amx_linear.cpp on AMX, else bf16_linear.cpp on AVX512-BF16) against their per-call unpack + F.linear (the engine's path past
+    AMX_STRIPS_MAX_ROWS / BF16_STRIPS_MAX_ROWS), against F.linear on a plain weight (what the unpack costs on top) and
     against oneDNN's packed matmul on the same weights (plain and packed copies made here, for
     comparison only), each pass over every projection in model order (weights stream from memory
     as in a step), the paths alternating pass by pass; a kind's best pass. On one thread the
@@ -144,17 +145,18 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
     reading). Limit: its weights' read time at the bandwidth."""
     import torch.nn.functional as F
 
-    from engine.layers.linear import amx_linear_ops
+    from engine.layers.linear import amx_linear_ops, strips_ops
 
-    ops = amx_linear_ops()
-    linears = [(kind, m) for kind, m in model_linears(model) if m.amx_strips]
+    ops = strips_ops()
+    linears = [(kind, m) for kind, m in model_linears(model) if m.strips]
     if ops is None or not linears:
-        return ["(no projection is kept in AMX strips here: no AMX-BF16, or not bfloat16)"]
+        return ["(no projection is kept in column strips here: no AMX-BF16 or AVX512-BF16, or not bfloat16)"]
+    strips = ops.amx_linear if amx_linear_ops() is not None else ops.bf16_linear
     plain = {id(m): ops.amx_linear_unpack(m.packed_weight, m.out_features) for _, m in linears}
     onednn = {id(m): torch.ops.mkldnn._reorder_linear_weight(plain[id(m)], None) for _, m in linears}
     paths = {
         "oneDNN": lambda m, x: torch.ops.mkldnn._linear_pointwise(x, onednn[id(m)], m.bias, "none", [], ""),
-        "amx": lambda m, x: ops.amx_linear(x, m.packed_weight, m.bias, m.out_features),
+        "strips": lambda m, x: strips(x, m.packed_weight, m.bias, m.out_features),
         "unpack": lambda m, x: F.linear(x, ops.amx_linear_unpack(m.packed_weight, m.out_features), m.bias),
         "plain": lambda m, x: F.linear(x, plain[id(m)], m.bias),
     }
@@ -177,10 +179,10 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
             mods = [m for k, m in linears if k == kind]
             read = sum(m.in_features * m.out_features * 2 for m in mods) / bandwidth
             flops = sum(2 * rows * m.in_features * m.out_features for m in mods)
-            dnn, amx, unpack, flat = (best[path, kind] for path in ("oneDNN", "amx", "unpack", "plain"))
-            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {flat * 1e3:.2f} | {amx * 1e3:.2f} "
-                         f"| {unpack * 1e3:.2f} | {amx / dnn:.2f} | {amx / unpack:.2f} | {read * 1e3:.2f} "
-                         f"| {flops / amx / 1e9:.0f} |")
+            dnn, mine, unpack, flat = (best[path, kind] for path in ("oneDNN", "strips", "unpack", "plain"))
+            lines.append(f"| {kind} (x{len(mods)}) | {rows} | {dnn * 1e3:.2f} | {flat * 1e3:.2f} | {mine * 1e3:.2f} "
+                         f"| {unpack * 1e3:.2f} | {mine / dnn:.2f} | {mine / unpack:.2f} | {read * 1e3:.2f} "
+                         f"| {mine / read:.2f} | {flops / mine / 1e9:.0f} |")
     return lines
 
 
@@ -226,8 +228,8 @@ def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -
     return lines
 
 
-def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
-    """engine.step() seconds of every step in which all sequences decode one token."""
+def timed_steps(engine, prompts: list[list[int]], max_tokens: int, clock=time.perf_counter) -> list[float]:
+    """engine.step() seconds (by `clock`) of every step in which all sequences decode one token."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -238,16 +240,16 @@ def timed_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float
         running = engine.scheduler.running
         all_decoding = len(running) == len(prompts) and all(s.num_computed_tokens == len(s.token_ids) - 1
                                                             for g in running for s in g.seqs)
-        start = time.perf_counter()
+        start = clock()
         engine.step()
         if all_decoding:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return times
 
 
 # Where a prefill's time goes: torch.profiler's self time of each op, by the op names in each part.
 PREFILL_PARTS = {
-    "projections": ("aten::mm", "aten::addmm", "amx_linear", "mkldnn", "bf16_mm_amx", "int4", "int8"),
+    "projections": ("aten::mm", "aten::addmm", "amx_linear", "bf16_linear", "mkldnn", "bf16_mm_amx", "int4", "int8"),
     "attention (rotary, cache write, paged attention)": ("paged_attention", "qkv_attention", "write_kv_cache",
                                                          "rotary", "attention"),
     "norms and activation": ("rms_norm", "silu_mul", "gelu"),
@@ -287,7 +289,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     parser.add_argument("--ttft-only", action="store_true", help="only the TTFT rows: no decode or 1-row rows")
     parser.add_argument("--amx-linear", action="store_true",
-                        help="only compare the projections on kernels/csrc/amx_linear.cpp, unpacked + F.linear and oneDNN (bfloat16)")
+                        help="only compare the projections on the column strips (amx_linear.cpp or bf16_linear.cpp), "
+                             "unpacked + F.linear and oneDNN (bfloat16)")
     parser.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")],
                         help="with --amx-linear or --lm-head: the row counts, comma-separated")
     parser.add_argument("--quantization", default="none",
@@ -322,9 +325,12 @@ def main() -> None:
     if args.amx_linear:
         print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s; "
               f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
-        print("| projection | rows | oneDNN ms | F.linear (plain) ms | amx ms | unpack + F.linear ms | amx / oneDNN "
-              "| amx / unpack | weight read ms | amx GFLOP/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        from engine.layers.linear import amx_linear_ops
+
+        kernel = "amx_linear" if amx_linear_ops() is not None else "bf16_linear"
+        print(f"| projection | rows | oneDNN ms | F.linear (plain) ms | {kernel} ms | unpack + F.linear ms "
+              f"| {kernel} / oneDNN | {kernel} / unpack | weight read ms | {kernel} / read | {kernel} GFLOP/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         rows_list = args.rows or [1, 16, 64, 128, 256, 512, 768, 1024, args.prompt_len]
         print("\n".join(amx_linear_table(model, bandwidth, rows_list, repeats)))
         return

@@ -55,7 +55,7 @@ def finalized_mlp(hidden: int, inter: int, act: str, bias: bool = False) -> Gate
             proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) / proj.in_features**0.5)
             if bias:
                 proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen))
-            assert proj.finalize(None, 32, pack=True) == "amx"
+            assert proj.finalize(None, 32, pack=True) == "strips"
     return mlp
 
 

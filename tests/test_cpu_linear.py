@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine import LLM
 from engine.layers import linear
-from engine.layers.linear import Linear, amx_linear_ops, can_pack_for_cpu, packed_rows
+from engine.layers.linear import Linear, amx_linear_ops, bf16_linear_ops, can_pack_for_cpu, packed_rows, strips_ops
 
 pytestmark = pytest.mark.skipif(
     not can_pack_for_cpu(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
@@ -32,11 +32,11 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
-    # bfloat16 on AMX: the kernels/csrc/amx_linear.cpp strips (prefill sizes through their unpacked copy).
-    strips = dtype == torch.bfloat16 and amx_linear_ops() is not None
-    assert layer.finalize(None, 32, pack=True) == ("amx" if strips else "packed")
+    # bfloat16 on AMX or AVX512-BF16: column strips (kernels/csrc/amx_linear.cpp, bf16_linear.cpp).
+    strips = dtype == torch.bfloat16 and strips_ops() is not None
+    assert layer.finalize(None, 32, pack=True) == ("strips" if strips else "packed")
     assert layer.packed_weight is not None and layer.weight is None  # one copy: the packed one
-    assert layer.amx_strips == strips
+    assert layer.strips == strips
     with torch.inference_mode():
         out = layer(x)
         # Rows gathered from a larger batch (the LM head's input) are not contiguous in memory.
@@ -243,13 +243,66 @@ def test_the_amx_linear_equals_the_float_product(threads, rows, out_features, in
     torch.testing.assert_close(no_bias.float(), expected, **tolerance)
 
 
-@needs_amx_linear
+needs_bf16_linear = pytest.mark.skipif(bf16_linear_ops() is None, reason="no AVX512-BF16 on this machine")
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 16, 17, 64, 100, 257, 1000])
+@pytest.mark.parametrize("out_features, in_features", [(16, 32), (150, 576), (960, 1536)])
+def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_features, in_features):
+    """bf16_linear (kernels/csrc/bf16_linear.cpp), called directly so it also runs on AMX CPUs,
+    against the float32 product of the same bfloat16 weights plus bias on random inputs: one
+    strip, widths not a multiple of 16 (150: the last strip 6 columns, one thread's share odd with
+    two threads), row counts below, at and past its 8-row register block, an input whose rows
+    are not contiguous. Accumulation is float32; tolerance: bfloat16's rounding of the result
+    (2^-8 relative) plus float32 reassociation, atol 1e-2 * sqrt(K), rtol 1e-2."""
+    ops = bf16_linear_ops()
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]  # row stride 2 K
+    packed = ops.amx_linear_pack(weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.bf16_linear(x, packed, bias, out_features)
+        no_bias = ops.bf16_linear(x.contiguous(), packed, None, out_features)
+    finally:
+        torch.set_num_threads(previous)
+    expected = x.float() @ weight.float().T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    tolerance = dict(atol=1e-2 * in_features**0.5, rtol=1e-2)
+    torch.testing.assert_close(out.float(), expected + bias.float(), **tolerance)
+    torch.testing.assert_close(no_bias.float(), expected, **tolerance)
+
+
+@needs_bf16_linear
+def test_the_avx512_bf16_linear_refuses_what_it_cannot_read():
+    ops = bf16_linear_ops()
+    packed = ops.amx_linear_pack(torch.randn(64, 96).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.bf16_linear(torch.randn(2, 64).to(torch.bfloat16), packed, None, 64)
+    with pytest.raises(RuntimeError, match="bfloat16 matrix"):
+        ops.bf16_linear(torch.randn(2, 96), packed, None, 64)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.bf16_linear(torch.randn(2, 96).to(torch.bfloat16), packed, None, 80)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bf16_linear(torch.randn(2, 96).to(torch.bfloat16), packed, torch.randn(63).to(torch.bfloat16), 64)
+    with pytest.raises(RuntimeError, match="layout"):
+        ops.bf16_linear(torch.randn(2, 96).to(torch.bfloat16), packed.view(4, 3, 32, 16), None, 64)
+
+
+needs_strips = pytest.mark.skipif(strips_ops() is None, reason="no AMX-BF16 or AVX512-BF16 on this machine")
+
+
+@needs_strips
 @pytest.mark.parametrize("out_features, in_features", [(1000, 576), (1, 32), (15, 64), (17, 96), (200, 1536)])
 def test_the_amx_linear_layout_holds_the_weight_exactly_once(out_features, in_features):
     """The packed weight is the only copy: the plain one comes back from it bit for bit (the
     unpack transposes whole 16 x 16 tiles in registers: also a last strip of 1-15 columns, K of
     one and of many tiles), and it is no larger than the weight with its columns padded to 16."""
-    ops = amx_linear_ops()
+    ops = strips_ops()
     weight = torch.randn(out_features, in_features).to(torch.bfloat16)
     packed = ops.amx_linear_pack(weight)
     assert packed.numel() == -(-out_features // 16) * 16 * in_features
@@ -279,23 +332,25 @@ def strips_layer(out_features: int, in_features: int, bias: bool, gen: torch.Gen
         if bias:
             layer.bias.copy_(torch.randn(out_features, generator=gen))
     weight = layer.weight.detach().clone()
-    assert layer.finalize(None, 32, pack=True) == "amx"
+    assert layer.finalize(None, 32, pack=True) == "strips"
     return layer, weight
 
 
-@needs_amx_linear
+@needs_strips
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 64, linear.AMX_STRIPS_MAX_ROWS, linear.AMX_STRIPS_MAX_ROWS + 1,
                                   linear.AMX_STRIPS_MAX_ROWS + 233])
-def test_a_bfloat16_projection_on_amx_equals_f_linear_on_both_sides_of_the_crossover(rows, bias):
-    """A bfloat16 Linear on an AMX CPU keeps only the strips; up to AMX_STRIPS_MAX_ROWS rows they
-    multiply in place, past it (prefill chunks) through a plain weight unpacked for the call: both
-    equal F.linear on the original weight (float32 accumulation, bfloat16 rounding of the result),
-    also for input rows that are not contiguous."""
+def test_a_bfloat16_projection_on_strips_equals_f_linear_on_both_sides_of_the_crossover(rows, bias, monkeypatch):
+    """A bfloat16 Linear on an AMX or AVX512-BF16 CPU keeps only the strips; up to the row limit
+    they multiply in place, past it (prefill chunks) through a plain weight unpacked for the call:
+    both equal F.linear on the original weight (float32 accumulation, bfloat16 rounding of the
+    result), also for input rows that are not contiguous. Without AMX the limit is set to AMX's
+    here, so both sides of it run on either kind of CPU."""
+    monkeypatch.setattr(linear, "BF16_STRIPS_MAX_ROWS", linear.AMX_STRIPS_MAX_ROWS)
     gen = torch.Generator().manual_seed(rows)
     layer, weight = strips_layer(200, 96, bias, gen)
-    assert layer.weight is None and layer.amx_strips and layer.packed_weight.dim() == 4
-    assert torch.equal(amx_linear_ops().amx_linear_unpack(layer.packed_weight, 200), weight)
+    assert layer.weight is None and layer.strips and layer.packed_weight.dim() == 4
+    assert torch.equal(strips_ops().amx_linear_unpack(layer.packed_weight, 200), weight)
     x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
     expected = F.linear(x.float(), weight.float(), None if layer.bias is None else layer.bias.float())
     with torch.inference_mode():
@@ -306,35 +361,39 @@ def test_a_bfloat16_projection_on_amx_equals_f_linear_on_both_sides_of_the_cross
         torch.testing.assert_close(result.float(), expected, atol=1e-2 * 96**0.5, rtol=1e-2)
 
 
-@needs_amx_linear
-def test_only_widths_the_amx_strips_can_read_take_them():
+@needs_strips
+def test_only_widths_the_strips_can_read_take_them():
     """K not a multiple of 32 stays on oneDNN's packed layout; float32 too (the strips are bfloat16)."""
     odd = Linear(80, 64).to(torch.bfloat16)
-    assert odd.finalize(None, 32, pack=True) == "packed" and not odd.amx_strips
+    assert odd.finalize(None, 32, pack=True) == "packed" and not odd.strips
     exact = Linear(96, 64)
-    assert exact.finalize(None, 32, pack=True) == "packed" and not exact.amx_strips
+    assert exact.finalize(None, 32, pack=True) == "packed" and not exact.strips
 
 
-@needs_amx_linear
-def test_the_bfloat16_engine_keeps_its_projections_only_as_amx_strips(tiny_path, monkeypatch):
-    """Every projection but the tied LM head (the embedding's own tensor) is AMX strips, nothing
-    float of them stays resident, and greedy tokens equal the same engine's on oneDNN's layout
-    (a CPU without AMX tiles) with the prompt's prefill past the crossover (through the unpacked
-    weight: the crossover lowered to 16 rows so a tiny model's prompt crosses it) and the decodes
-    below it (the strips in place)."""
+@needs_strips
+@pytest.mark.parametrize("max_rows", [16, 1 << 30])
+def test_the_bfloat16_engine_keeps_its_projections_only_as_strips(tiny_path, monkeypatch, max_rows):
+    """Every projection but the tied LM head (the embedding's own tensor) is column strips (AMX's
+    or AVX512-BF16's kernel), nothing float of them stays resident, and greedy tokens equal the
+    same engine's on oneDNN's layout (a CPU with neither) with the prompt's prefill past the
+    crossover (through the unpacked weight: the crossover lowered to 16 rows so a tiny model's
+    prompt crosses it) or, with no crossover, in place, and the decodes in place."""
     from engine import SamplingParams
 
+    if max_rows > 16 and amx_linear_ops() is not None:
+        pytest.skip("on AMX this check keeps its crossover at 16 rows, as before (the case without one is bf16_linear's)")
     monkeypatch.setattr(linear, "AMX_STRIPS_MAX_ROWS", 16)
+    monkeypatch.setattr(linear, "BF16_STRIPS_MAX_ROWS", max_rows)
     prompt = list(range(3, 3 + 40))
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm = LLM(str(tiny_path), num_kv_blocks=32, dtype="bfloat16", quantization="none")
     model = llm.engine.runner.model_runner.model
     projections = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
-    assert projections and all(m.amx_strips and m.weight is None for m in projections)
+    assert projections and all(m.strips and m.weight is None for m in projections)
     tokens = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     del llm, model, projections
 
-    monkeypatch.setattr(linear, "amx_linear_ops", lambda: None)  # the layout a CPU without AMX tiles gets
+    monkeypatch.setattr(linear, "strips_ops", lambda: None)  # the layout a CPU with neither gets
     reference = LLM(str(tiny_path), num_kv_blocks=32, dtype="bfloat16", quantization="none")
-    assert not any(m.amx_strips for m in reference.engine.runner.model_runner.model.modules() if isinstance(m, Linear))
+    assert not any(m.strips for m in reference.engine.runner.model_runner.model.modules() if isinstance(m, Linear))
     assert reference.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == tokens

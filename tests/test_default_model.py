@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
-from engine.layers.linear import _onednn_packs_bfloat16
+from engine.layers.linear import _onednn_packs_bfloat16, amx_linear_ops, bf16_linear_ops
 from engine.loader import load_model_source
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
@@ -201,8 +201,13 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     # move with its kernels (int8 and w8a8 measured 2 of 8 against oneDNN's bfloat16, 1 against the
     # AMX strips', 2 against float32; bfloat16 strips vs oneDNN themselves: 7 of 8).
     # (The comparators are the module's bfloat16 and float32 engines, each generated once.)
+    # Without AMX the bfloat16 comparator multiplies on AVX512-BF16 strips (bf16_linear): int4
+    # measured 3 of 8 against it, 4 against oneDNN's (2-vCPU Sapphire Rapids without AMX), while
+    # it equals float32's greedy tokens on 5 of 8 (oneDNN's: 4; its outputs equal the correctly
+    # rounded product as often as oneDNN's, 99.97%): the near-ties flip elsewhere, so the bar is 3.
     if quantization == "int4":
-        bar, baseline = (4 if _onednn_packs_bfloat16() else 2), bfloat16_llm
+        on_avx512_strips = amx_linear_ops() is None and bf16_linear_ops() is not None
+        bar, baseline = (2 if not _onednn_packs_bfloat16() else 3 if on_avx512_strips else 4), bfloat16_llm
     else:
         bar, baseline = 2, default_llm
     assert first_tokens_equal(greedy_tokens(llm), first_tokens(baseline)) >= bar

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from engine.layers.linear import Linear, amx_linear_ops, can_pack_for_cpu
+from engine.layers.linear import Linear, amx_linear_ops, bf16_linear_ops, can_pack_for_cpu
 from kernels import cpu_ops
 from tests.helpers import paged_kv
 
@@ -77,6 +77,15 @@ def amx_linear_case(gen, rows):
     return lambda: ops.amx_linear(x, packed, None, 1000)
 
 
+def bf16_linear_case(gen, rows):
+    """The AVX512-BF16 kernel on the same strips (also on AMX CPUs: it is called directly)."""
+    weight = torch.randn(1000, 576, generator=gen).bfloat16()
+    bias = torch.randn(1000, generator=gen).bfloat16()
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
+    packed = ops.amx_linear_pack(weight)
+    return lambda: ops.bf16_linear(x, packed, bias, 1000)
+
+
 def int4_rows_case(gen):
     layer = Linear(576, 1536, bias=False).bfloat16()
     with torch.no_grad():
@@ -94,6 +103,8 @@ def cases(gen):
     if amx_linear_ops() is not None:
         found += [("amx_linear 1 row", amx_linear_case(gen, 1)), ("amx_linear 40 rows", amx_linear_case(gen, 40)),
                   ("int4_mm_rows", int4_rows_case(gen))]
+    if bf16_linear_ops() is not None:
+        found += [("bf16_linear 1 row", bf16_linear_case(gen, 1)), ("bf16_linear 40 rows", bf16_linear_case(gen, 40))]
     return found
 
 

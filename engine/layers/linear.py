@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import dataclasses
 from dataclasses import dataclass
@@ -60,17 +61,18 @@ def loader_of(module: nn.Module, name: str):
 class Linear(nn.Linear):
     """nn.Linear whose weight, once loaded, is kept in exactly one layout: the one its matmul
     reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized; else on
-    CPU, in bfloat16 where the CPU has AMX-BF16 (and K is a multiple of 32), the column-tile
-    strips of kernels/csrc/amx_linear.cpp (0.4-0.6x oneDNN's time at 1-64 rows); else oneDNN's
+    CPU, in bfloat16 where the CPU has AMX-BF16 or AVX512-BF16 (and K is a multiple of 32), the
+    column-tile strips of kernels/csrc/amx_linear.cpp (AMX: 0.4-0.6x oneDNN's time at 1-64 rows)
+    and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); else oneDNN's
     blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call at 4-200 rows
     in float32, about 2x at any row count in bfloat16); else the float weight. The float weight
     is dropped after packing or quantizing."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
-        self.register_buffer("packed_weight", None)  # oneDNN's layout, or AMX strips (amx_strips)
+        self.register_buffer("packed_weight", None)  # oneDNN's layout, or column strips (strips)
         self.register_module("quantized", None)
-        self.amx_strips = False
+        self.strips = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -79,8 +81,8 @@ class Linear(nn.Linear):
         if self.quantized is not None:
             y = self.quantized.forward(x)  # not __call__: its hook checks cost ~1 us x 200 calls a step
             return y if bias is None else y + bias
-        if self.amx_strips:
-            return amx_strips_linear(x, self.packed_weight, bias, self.out_features)
+        if self.strips:
+            return strips_linear(x, self.packed_weight, bias, self.out_features)
         if self.packed_weight is not None:
             rows = x.shape[0]
             padded = packed_rows(rows)
@@ -112,12 +114,12 @@ class Linear(nn.Linear):
         for row, part in parts.items():  # a quantized checkpoint block in a float layer: dequantized
             self.weight.data.narrow(0, row, part.shape[0]).copy_(part.dequantize())
         strips = pack and self.weight.dtype == torch.bfloat16 and self.in_features % 32 == 0
-        ops = amx_linear_ops() if strips and self.weight.device.type == "cpu" else None
+        ops = strips_ops() if strips and self.weight.device.type == "cpu" else None
         if ops is not None:
             self.packed_weight = ops.amx_linear_pack(self.weight.detach())
-            self.amx_strips = True
+            self.strips = True
             self.weight = None
-            return "amx"
+            return "strips"
         if pack:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self.weight = None
@@ -181,6 +183,14 @@ def bf16_rows_ops():
 AMX_STRIPS_MAX_ROWS = 768
 
 
+# The same strips without AMX (kernels/csrc/bf16_linear.cpp, AVX512-BF16) multiply in place at
+# every row count: against oneDNN's packed bfloat16 matmul (which unpack + F.linear reaches at
+# best) on the default model's projections, one thread, A/B in one process on this 2-vCPU
+# Sapphire Rapids without AMX: 0.53-0.67x its time at 1 row, 0.48-0.64 at 8, 0.68-0.75 at 16,
+# 0.78-0.88 at 64, 0.95-0.98 at 256, 0.90-0.99 at 2000 (both ~80 GFLOP/s there).
+BF16_STRIPS_MAX_ROWS = sys.maxsize
+
+
 @functools.cache
 def amx_linear_ops():
     """torch.ops.bento_llm with kernels/csrc/amx_linear.cpp where the CPU has AMX-BF16 tiles, else None."""
@@ -188,12 +198,35 @@ def amx_linear_ops():
     return ops if ops is not None and ops.amx_linear_supported() else None
 
 
-def amx_strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
-    """x @ W.T + bias for W kept as AMX column strips: in place up to AMX_STRIPS_MAX_ROWS rows,
-    else through a plain copy of W made for this call (freed after it)."""
-    if x.shape[0] <= AMX_STRIPS_MAX_ROWS and x.dtype == torch.bfloat16:
-        return amx_linear_ops().amx_linear(x if x.stride(-1) == 1 else x.contiguous(), strips, bias, out_features)
-    return F.linear(x, amx_linear_ops().amx_linear_unpack(strips, out_features), bias)
+@functools.cache
+def bf16_linear_ops():
+    """torch.ops.bento_llm with kernels/csrc/bf16_linear.cpp where the CPU has AVX512-BF16, else None."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError:
+        return None
+    return torch.ops.bento_llm if torch.ops.bento_llm.bf16_linear_supported() else None
+
+
+@functools.cache
+def strips_ops():
+    """The ops that multiply column strips here: AMX's (amx_linear), else AVX512-BF16's, else None."""
+    amx = amx_linear_ops()
+    return amx if amx is not None else bf16_linear_ops()
+
+
+def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """x @ W.T + bias for W kept as column strips: in place up to AMX_STRIPS_MAX_ROWS rows on AMX
+    (BF16_STRIPS_MAX_ROWS without), else through a plain copy of W made for this call (freed after it)."""
+    amx = amx_linear_ops()
+    if x.dtype == torch.bfloat16 and x.shape[0] <= (BF16_STRIPS_MAX_ROWS if amx is None else AMX_STRIPS_MAX_ROWS):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        if amx is not None:
+            return amx.amx_linear(x, strips, bias, out_features)
+        return strips_ops().bf16_linear(x, strips, bias, out_features)
+    return F.linear(x, strips_ops().amx_linear_unpack(strips, out_features), bias)
 
 
 def packed_rows(rows: int) -> int:

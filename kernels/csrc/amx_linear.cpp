@@ -16,7 +16,8 @@
 // the store. Requires K a multiple of 32 (callers fall back otherwise); any N and row count (the
 // last 1-15 rows are one padded 16-row block: tail_block).
 // Functions with AMX/AVX-512 bodies carry their own target attribute, so the file builds on any
-// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported).
+// x86-64; the ops refuse to run unless the CPU has AMX-BF16 (amx_linear_supported), but for
+// amx_linear_unpack, which needs only AVX-512F (bf16_linear.cpp multiplies the same strips without AMX).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -76,8 +77,8 @@ at::Tensor amx_linear_pack(const at::Tensor& weight) {
 // Strips [t0, t1) of amx_linear_pack's layout (`steps` B tiles each) into rows of the plain [N, K]
 // weight w (N = n_total, in 32-bit pairs: K / 2 a row): each B tile (16 K pairs x 16 columns) a
 // 16 x 16 transpose in registers (the scalar loop before took ~4x as long: ~2 ms a layer of the
-// default model, one thread).
-AMX_TILES_TARGET void unpack_strips(const uint32_t* in, int64_t steps, int64_t n_total, uint32_t* w, int64_t t0,
+// default model, one thread). AVX-512F only: bf16_linear.cpp's CPUs without AMX unpack too.
+__attribute__((target("avx512f"))) void unpack_strips(const uint32_t* in, int64_t steps, int64_t n_total, uint32_t* w, int64_t t0,
                                     int64_t t1) {
   const int64_t half_k = steps * kK / 2;
   __m512i rows[16], columns[16];
@@ -93,9 +94,10 @@ AMX_TILES_TARGET void unpack_strips(const uint32_t* in, int64_t steps, int64_t n
 }
 
 // The inverse of amx_linear_pack: the plain [N, K] weight (for a caller that hands the product to
-// another library).
+// another library), on any CPU with AVX-512F (the strips are also bf16_linear.cpp's layout).
 at::Tensor amx_linear_unpack(const at::Tensor& packed, int64_t n_total) {
-  TORCH_CHECK(amx_linear_supported(), "amx_linear_unpack needs a CPU with AMX-BF16");
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  TORCH_CHECK(avx512, "amx_linear_unpack needs a CPU with AVX-512F");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
                   packed.size(2) == kRows && packed.size(3) == 2 * kColumns,
               "packed: amx_linear_pack's [N/16, K/32, 16, 32] layout");
