@@ -210,6 +210,30 @@ def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_rows(torch.randn(2, 96).to(torch.bfloat16), weight.float())
 
 
+def check_strips_product(matmul, threads: int, rows: int, out_features: int, in_features: int) -> None:
+    """matmul(x, amx_linear_pack(W), bias, N) against the float32 product x W^T (+ bias) on random
+    inputs, with bias and without, an input whose rows are not contiguous (row stride 2 K), on
+    `threads` threads. Accumulation is float32; tolerance: bfloat16's rounding of the result (2^-8
+    relative) plus float32 reassociation, atol 1e-2 * sqrt(K), rtol 1e-2."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]
+    packed = strips_ops().amx_linear_pack(weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = matmul(x, packed, bias, out_features)
+        no_bias = matmul(x.contiguous(), packed, None, out_features)
+    finally:
+        torch.set_num_threads(previous)
+    expected = x.float() @ weight.float().T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    tolerance = dict(atol=1e-2 * in_features**0.5, rtol=1e-2)
+    torch.testing.assert_close(out.float(), expected + bias.float(), **tolerance)
+    torch.testing.assert_close(no_bias.float(), expected, **tolerance)
+
+
 needs_amx_linear = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX tiles on this machine")
 
 
@@ -223,24 +247,7 @@ def test_the_amx_linear_equals_the_float_product(threads, rows, out_features, in
     at and past one A tile (the last 1-15 rows padded), across several input panels (257 rows at
     K 576) and weight chunks (1000 columns), an input whose rows are not contiguous. Accumulation
     is float32; the error is bfloat16's rounding of the result."""
-    ops = amx_linear_ops()
-    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
-    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
-    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
-    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]  # row stride 2 K
-    packed = ops.amx_linear_pack(weight)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = ops.amx_linear(x, packed, bias, out_features)
-        no_bias = ops.amx_linear(x.contiguous(), packed, None, out_features)
-    finally:
-        torch.set_num_threads(previous)
-    expected = x.float() @ weight.float().T
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
-    tolerance = dict(atol=1e-2 * in_features**0.5, rtol=1e-2)
-    torch.testing.assert_close(out.float(), expected + bias.float(), **tolerance)
-    torch.testing.assert_close(no_bias.float(), expected, **tolerance)
+    check_strips_product(amx_linear_ops().amx_linear, threads, rows, out_features, in_features)
 
 
 needs_bf16_linear = pytest.mark.skipif(bf16_linear_ops() is None, reason="no AVX512-BF16 on this machine")
@@ -257,24 +264,7 @@ def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_feat
     two threads), row counts below, at and past its 8-row register block, an input whose rows
     are not contiguous. Accumulation is float32; tolerance: bfloat16's rounding of the result
     (2^-8 relative) plus float32 reassociation, atol 1e-2 * sqrt(K), rtol 1e-2."""
-    ops = bf16_linear_ops()
-    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
-    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
-    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
-    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]  # row stride 2 K
-    packed = ops.amx_linear_pack(weight)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = ops.bf16_linear(x, packed, bias, out_features)
-        no_bias = ops.bf16_linear(x.contiguous(), packed, None, out_features)
-    finally:
-        torch.set_num_threads(previous)
-    expected = x.float() @ weight.float().T
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
-    tolerance = dict(atol=1e-2 * in_features**0.5, rtol=1e-2)
-    torch.testing.assert_close(out.float(), expected + bias.float(), **tolerance)
-    torch.testing.assert_close(no_bias.float(), expected, **tolerance)
+    check_strips_product(bf16_linear_ops().bf16_linear, threads, rows, out_features, in_features)
 
 
 @needs_bf16_linear

@@ -30,6 +30,7 @@
 
 #include "amx_tiles.h"
 #include "silu_lanes.h"
+#include "strips_call.h"
 #include "thread_pool.h"
 #include "transpose16.h"
 
@@ -233,21 +234,10 @@ RowBlock tail_block(const uint16_t* rows, int64_t lda, int64_t k, int64_t first_
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t n_total) {
   TORCH_CHECK(amx_linear_supported(), "amx_linear needs a CPU with AMX-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
-                  packed.size(2) == kRows && packed.size(3) == 2 * kColumns,
-              "packed: amx_linear_pack's [N/16, K/32, 16, 32] layout");
-  const int64_t rows = x.size(0), k = x.size(1), steps = packed.size(1), tiles = packed.size(0);
-  TORCH_CHECK(k == steps * kK, "x has ", k, " columns, the weight ", steps * kK);
-  TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
-              " does not match the packed weight");
-  const c10::BFloat16* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_total,
-                "bias: [out_features] bfloat16");
-    bias_ptr = bias->data_ptr<c10::BFloat16>();
-  }
-  at::Tensor out = at::empty({rows, n_total}, x.options());
+  auto call = strips_call::check(x, packed, bias, n_total);
+  const int64_t rows = call.rows, k = call.k, steps = call.steps, tiles = call.tiles;
+  const c10::BFloat16* bias_ptr = call.bias;
+  at::Tensor out = call.out;
   if (rows == 0) return out;
   const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const int64_t lda = x.stride(0), full = rows / kRows, tail = rows % kRows;

@@ -26,14 +26,15 @@
 #include <cstring>
 #include <optional>
 
+#include "strips_call.h"
 #include "thread_pool.h"
 
 namespace {
 
 #define BF16_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-constexpr int64_t kColumns = 16;  // output columns of a strip
-constexpr int64_t kK = 32;        // K of one step of a strip (16 pairs, 1 KB)
+using strips_call::kColumns;  // output columns of a strip
+using strips_call::kK;        // K of one step of a strip (16 pairs, 1 KB)
 constexpr int64_t kStepElems = kColumns * kK;
 
 // Rows of one register block: 8 rows x 3 strips = 24 accumulators (+ 3 weight, 1 input register).
@@ -151,21 +152,10 @@ BF16_LINEAR_TARGET void run_strips(const Problem& p, int64_t t0, int64_t t1) {
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                        int64_t n_total) {
   TORCH_CHECK(bf16_linear_supported(), "bf16_linear needs a CPU with AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
-                  packed.size(2) == kK / 2 && packed.size(3) == 2 * kColumns,
-              "packed: amx_linear_pack's [N/16, K/32, 16, 32] layout");
-  const int64_t rows = x.size(0), k = x.size(1), steps = packed.size(1), tiles = packed.size(0);
-  TORCH_CHECK(k == steps * kK, "x has ", k, " columns, the weight ", steps * kK);
-  TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
-              " does not match the packed weight");
-  const c10::BFloat16* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_total,
-                "bias: [out_features] bfloat16");
-    bias_ptr = bias->data_ptr<c10::BFloat16>();
-  }
-  at::Tensor out = at::empty({rows, n_total}, x.options());
+  auto call = strips_call::check(x, packed, bias, n_total);
+  const int64_t rows = call.rows, steps = call.steps, tiles = call.tiles;
+  const c10::BFloat16* bias_ptr = call.bias;
+  at::Tensor out = call.out;
   if (rows == 0) return out;
   const Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows,
                   reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>()), steps, n_total, bias_ptr,
