@@ -9,7 +9,8 @@ packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are the faster.
 - CPUs with AVX512-BF16 (and VBMI) but no AMX (vector_kernels(): Zen 4/5, many cloud Xeons):
   the same loops where they do not need AMX, and vector loops in place of the tile loops:
   int4_mm_dpbf16 (the AMX loop's converted blocks times the rows by vdpbf16ps) and, with
-  AVX512-VNNI, int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked over rows).
+  AVX512-VNNI, int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked over rows), at
+  every row count from their thresholds up (no whole-weight conversion: it measured slower).
   Thresholds below, measured (bench/bench_quant_matmul.py).
 """
 
@@ -49,10 +50,10 @@ VECTOR_INT4_ROWS_MAX_ROWS = 12
 # of each other to 24 rows (0.3-0.6x), int8_mm_dpbusd ahead beyond (1024 rows: 0.63-0.68x vs
 # 0.70-0.81x; PyTorch's op: 0.7-0.8x at 1 row, 1.1-1.4x at 64).
 VECTOR_INT8_ROWS_MAX_ROWS = 2
-# From which the weight is converted whole per call for oneDNN (as DENSE_MIN_ROWS on AMX): at 1024
-# rows that took 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed
-# one), int4_mm_dpbf16 0.98-1.03x, int8_mm_dpbusd 0.63-0.68x.
-VECTOR_DENSE_MIN_ROWS = 2048
+# No whole-weight conversion for oneDNN (DENSE_MIN_ROWS on AMX) here: at 1024 rows that took
+# 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed one),
+# int4_mm_dpbf16 0.98-1.03x, int8_mm_dpbusd 0.63-0.68x; at 2048 (two threads, noisy) 0.89-1.17x
+# against int4_mm_dpbf16's 0.72-1.01x.
 
 
 @functools.cache
@@ -83,13 +84,14 @@ def int4_matmul(x: torch.Tensor, qweight, scales, group_size: int, out_features:
     """x [rows, K] bfloat16 @ an int4 weight in PyTorch's CPU pack (N padded to 64) on our
     kernels (amx: AMX's, else the vector loops); None where PyTorch's op is the faster."""
     rows = x.shape[0]
-    ops = amx_kernels() if amx else vector_kernels()
-    if rows >= (DENSE_MIN_ROWS if amx else VECTOR_DENSE_MIN_ROWS):  # a transient bfloat16 copy, freed on return
-        return x @ ops.int4_dequantize(qweight, scales, group_size, out_features)
     if amx:
+        ops = amx_kernels()
+        if rows >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+            return x @ ops.int4_dequantize(qweight, scales, group_size, out_features)
         if rows >= AMX_MIN_ROWS:
             return ops.int4_mm_amx(x, qweight, scales, group_size, out_features)
         return ops.int4_mm_rows(x, qweight, scales, group_size, out_features) if rows <= INT4_ROWS_MAX_ROWS else None
+    ops = vector_kernels()
     if rows <= VECTOR_INT4_ROWS_MAX_ROWS:
         return ops.int4_mm_rows(x, qweight, scales, group_size, out_features)
     return ops.int4_mm_dpbf16(x, qweight, scales, group_size, out_features)
@@ -99,11 +101,12 @@ def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features
     """x [rows, K] bfloat16 @ int8 codes in AMX-INT8's [N/64][K/4][64][4] layout (amx: on AMX-INT8,
     else the AVX512-VNNI loops): every row count runs in quant_ops.cpp."""
     rows = x.shape[0]
-    ops = amx_kernels() if amx else vector_kernels()
-    if rows >= (DENSE_MIN_ROWS if amx else VECTOR_DENSE_MIN_ROWS):  # a transient bfloat16 copy, freed on return
-        return x @ ops.int8_dequantize(qweight, scales, out_features)[:in_features]
     if amx:
+        ops = amx_kernels()
+        if rows >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+            return x @ ops.int8_dequantize(qweight, scales, out_features)[:in_features]
         op = ops.int8_mm_amx if rows >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
     else:
+        ops = vector_kernels()
         op = ops.int8_mm_rows if rows <= VECTOR_INT8_ROWS_MAX_ROWS else ops.int8_mm_dpbusd
     return op(x, qweight, scales, out_features)
