@@ -12,13 +12,18 @@ one repeated weight would) in each format, then times one pass over all of them 
 interleaved in one process, keeping each format's best of --rounds. Time is the thread's CPU
 time at one thread (robust on a shared machine), wall time otherwise. Reported: bfloat16's
 microseconds per layer and each format's time relative to it (below 1 is faster):
-- bf16 strips: the engine's bfloat16 projection, kernels/csrc/amx_linear.cpp's AMX column strips
+- bfloat16: oneDNN's packed bfloat16 (_linear_pointwise), the engine's bfloat16 projection on a CPU
+  without AMX
+- bf16 strips: the engine's bfloat16 projection on AMX, kernels/csrc/amx_linear.cpp's column strips
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loops on the same codes (int4: AMX-BF16 on
   codes converted per call; int8: AMX-INT8 on the codes as they are, the input split per row into
   16-bit fixed point)
 - int4 / int8 rows: its few-row loops over the same codes (int4: AVX512-BF16 on torch's layout;
   int8: AVX512-VNNI byte dot products on the split input)
+- int4 dpbf16 / int8 dpbusd: its vector loops for CPUs without AMX (int4: blocks converted per
+  call as for AMX, times the rows by vdpbf16ps; int8: int8 rows's byte products, register-blocked
+  over 3 rows); these, rows and dense need no AMX (AVX512-BF16 and VBMI; int8: AVX512-VNNI too)
 - int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
@@ -49,7 +54,8 @@ import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
 from engine.layers.linear import amx_linear_ops  # noqa: E402
-from engine.layers.quant import PackedQuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8  # noqa: E402
+from engine.layers.quant import PackedQuantizedWeight, quantize, quantize_int4, quantize_int8  # noqa: E402
+from engine.layers.quant_kernels import amx_kernels, vector_kernels  # noqa: E402
 
 SHAPES = {
     "default": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)},
@@ -95,8 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    ops, cpu = amx_kernels(), torch.device("cpu")
-    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 rows",
+    ops, vec, cpu = amx_kernels(), vector_kernels(), torch.device("cpu")
+    vnni = vec is not None and vec.avx512_vnni_supported()
+    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and ops is not None else (None, True)
     if old is not None:
@@ -110,6 +117,7 @@ def main() -> None:
                                        args.rounds)
     print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
           f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}; "
+          f"vector kernels {'available' if vec else 'NOT available'}{'' if vnni or not vec else ' (int4 only: no AVX512-VNNI)'}; "
           f"memory read {bandwidth / 1e9:.1f} GB/s, bfloat16 matmul {flops / 1e12:.2f} TFLOP/s\n")
     print("| shape | rows | bfloat16 us/layer | " + " | ".join(names) + " |")
     print("|" + " --- |" * (3 + len(names)))
@@ -144,9 +152,15 @@ def main() -> None:
             if ops is not None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
-                runs["int8 rows"] = lambda: [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
-                runs["int4 rows"] = lambda: [ops.int4_mm_rows(x, q.qweight, q.scales, group, n) for q in int4]
-                runs["int4 dense"] = lambda: [x @ ops.int4_dequantize(q.qweight, q.scales, group, n) for q in int4]
+            if vec is not None:
+                runs["int4 rows"] = lambda: [vec.int4_mm_rows(x, q.qweight, q.scales, group, n) for q in int4]
+                runs["int4 dense"] = lambda: [x @ vec.int4_dequantize(q.qweight, q.scales, group, n) for q in int4]
+                if ops is None:
+                    runs["int4 dpbf16"] = lambda: [vec.int4_mm_dpbf16(x, q.qweight, q.scales, group, n) for q in int4]
+            if (ops is not None and ops.amx_int8_supported()) or (ops is None and vnni):
+                runs["int8 rows"] = lambda: [vec.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
+                if ops is None:
+                    runs["int8 dpbusd"] = lambda: [vec.int8_mm_dpbusd(x, q.qweight, q.scales, n) for q in int8]
             if old is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_old, int8)]

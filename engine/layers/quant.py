@@ -19,6 +19,9 @@ own packed matmuls multiply with.
   converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
   block Hadamard matrix first (engine/layers/rotation.py: the weight at load, the input in the
   kernel), which cuts the activations' rounding error about 3x (README, "Weight quantization").
+- CPUs with AVX512-BF16 but no AMX (Zen 4/5, cloud VMs that hide it) take quant_ops.cpp's vector
+  loops instead of the tile loops, on the same layouts (int8: AMX-INT8's where there is
+  AVX512-VNNI). Which kernel runs at which row count: engine/layers/quant_kernels.py.
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -29,52 +32,20 @@ linears' loaders take this rank's shard of it unchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATION_GROUP_SIZES
+from engine.layers.quant_kernels import INT8_MAX_INPUTS, amx_kernels, int4_matmul, int8_matmul, vector_kernels
 from engine.layers.rotation import hadamard_block, rotate
 
-logger = logging.getLogger(__name__)
-
 # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
-# layout, which the AMX kernels read, tiles them by 64.
+# layout, which our kernels read, tiles them by 64.
 _INT4_ROW_MULTIPLE = 16
-_AMX_ROW_MULTIPLE = 64  # the AMX kernels' column tile, for every format
+_AMX_ROW_MULTIPLE = 64  # our kernels' column block, for every format
 _INT8_STEP_K = 64  # int8's AMX-INT8 step: inputs per tile row (quant_ops.cpp's kInt8StepK)
-INT8_MAX_INPUTS = 65536  # int8's int32 sums hold K up to this (quant_ops.cpp's kInt8MaxK)
-# Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
-# one thread: both even at 4 rows, AMX ahead from 6).
-AMX_MIN_ROWS = 5
-# int4: up to which its few-row loop, int4_mm_rows, beats PyTorch's op (one thread, the default
-# model's shapes: 0.75-0.9x its time at one row, even at two, behind from three).
-INT4_ROWS_MAX_ROWS = 2
-# From which converting the whole weight to bfloat16 per call (int4/int8_dequantize, ~0.1 ns per
-# weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
-# model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
-DENSE_MIN_ROWS = 1024
-# int8: from which its AMX-INT8 kernel beats its few-row VNNI loop, int8_mm_rows (one thread, the
-# default model's shapes: 0.8-1.0x its time at 3 rows, 0.9-1.15x at 2).
-INT8_AMX_MIN_ROWS = 3
-
-
-@functools.cache
-def amx_kernels():
-    """torch.ops.bento_llm with the AMX quantized matmuls, or None where they cannot run: no
-    AMX-BF16, or not PyTorch's AVX-512 int4 layout, or the C++ kernels do not build."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    try:
-        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
-    except ImportError as e:
-        logger.info("quantized matmuls: PyTorch's packed ops only (%s)", e)
-        return None
-    ops = torch.ops.bento_llm
-    return ops if ops.amx_bf16_supported() else None
 
 
 @dataclass
@@ -222,22 +193,24 @@ class PackedQuantizedWeight(torch.nn.Module):
         if int8_activations:
             self._init_w8a8(q, device)
             return
-        # The AMX kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8).
-        ops = amx_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
-        self.amx = ops is not None and (ops.amx_int8_supported() and self.in_features <= INT8_MAX_INPUTS if q.bits == 8
-                                        else self.in_features % 2 == 0)
+        # Our kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8,
+        # or without AMX on AVX512-VNNI): amx, or vector (quant_kernels.py's vector loops).
+        ops = vector_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
+        fits = ops is not None and (self.in_features <= INT8_MAX_INPUTS if q.bits == 8 else self.in_features % 2 == 0)
+        self.amx = fits and ops.amx_bf16_supported() and (q.bits == 4 or ops.amx_int8_supported())
+        self.vector = fits and not ops.amx_bf16_supported() and (q.bits == 4 or ops.avx512_vnni_supported())
         if q.bits == 8:
-            # Scales in the activation dtype: the ops require it. AMX: [N/64][K/4][64][4] blocks,
-            # AMX-INT8's order (four inputs of a column side by side), K padded with zero codes to
-            # the kernel's 64-input step; else PyTorch's [N][K].
+            # Scales in the activation dtype: the ops require it. Our kernels: [N/64][K/4][64][4]
+            # blocks, AMX-INT8's order (four inputs of a column side by side), K padded with zero
+            # codes to the AMX kernel's 64-input step; else PyTorch's [N][K].
             codes = q.codes
-            if self.amx:
+            if self.amx or self.vector:
                 codes = F.pad(_pad_rows(codes, _AMX_ROW_MULTIPLE), (0, -self.in_features % _INT8_STEP_K))
                 codes = codes.reshape(-1, _AMX_ROW_MULTIPLE, codes.shape[1] // 4, 4).transpose(1, 2).contiguous()
             self.register_buffer("qweight", codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
-        multiple = _AMX_ROW_MULTIPLE if self.amx else _INT4_ROW_MULTIPLE
+        multiple = _AMX_ROW_MULTIPLE if self.amx or self.vector else _INT4_ROW_MULTIPLE
         rows = -(-self.out_features // multiple) * multiple
         codes, scale, zero = q.codes, q.scale, q.zero
         if rows != self.out_features:  # padding rows: code 8, scale 0, zero 0 -> exactly 0, sliced off
@@ -263,7 +236,7 @@ class PackedQuantizedWeight(torch.nn.Module):
         if device.type != "cpu" or ops is None or not ops.amx_int8_supported():
             raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 and the C++ kernels (kernels/cpu_ops.py); "
                              "this machine has neither: use 'int8' or 'int4'")
-        self.amx = True
+        self.amx, self.vector = True, False
         self.rotation = q.rotation  # the kernel rotates each input row by the same blocks
         codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -275,7 +248,7 @@ class PackedQuantizedWeight(torch.nn.Module):
         the layout: what a tied embedding gathers (int8 weight-only only)."""
         if self.bits != 8 or self.w8a8:
             raise ValueError("only int8 weight-only rows are gathered")
-        if not self.amx:
+        if not (self.amx or self.vector):
             return self.qweight if index is None else self.qweight[index]
         if index is None:
             index = torch.arange(self.out_features, device=self.qweight.device)
@@ -290,23 +263,15 @@ class PackedQuantizedWeight(torch.nn.Module):
             y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features,
                                           self.rotation)
             return y.to(x.dtype)
-        if self.bits == 8 and self.amx:  # its own layout: every row count runs in quant_ops.cpp
+        if self.bits == 8 and (self.amx or self.vector):  # its own layout: every row count runs in quant_ops.cpp
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            ops = amx_kernels()
-            if rows.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
-                y = rows @ ops.int8_dequantize(self.qweight, self.scales, self.out_features)[: self.in_features]
-            else:
-                op = ops.int8_mm_amx if rows.shape[0] >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
-                y = op(rows, self.qweight, self.scales, self.out_features)
+            y = int8_matmul(rows, self.qweight, self.scales, self.in_features, self.out_features, self.amx)
             return y.to(x.dtype) if x.dim() == 2 else y.reshape(*x.shape[:-1], -1).to(x.dtype)
         x = x.contiguous()
-        if self.amx and x.dtype == torch.bfloat16 and x.dim() == 2:
-            if x.shape[0] >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
-                return x @ amx_kernels().int4_dequantize(self.qweight, self.scales, self.group_size, self.out_features)
-            if x.shape[0] >= AMX_MIN_ROWS:
-                return amx_kernels().int4_mm_amx(x, self.qweight, self.scales, self.group_size, self.out_features)
-            if x.shape[0] <= INT4_ROWS_MAX_ROWS:
-                return amx_kernels().int4_mm_rows(x, self.qweight, self.scales, self.group_size, self.out_features)
+        if (self.amx or self.vector) and x.dtype == torch.bfloat16 and x.dim() == 2:
+            y = int4_matmul(x, self.qweight, self.scales, self.group_size, self.out_features, self.amx)
+            if y is not None:
+                return y
         if self.bits == 8:
             if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales

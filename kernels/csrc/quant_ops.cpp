@@ -8,8 +8,9 @@
 // splits each input row into 16-bit fixed point (two byte planes, one scale) and multiplies both
 // planes with the codes on AMX-INT8 in its own tile loop (int8_mm_amx). w8a8_mm_amx rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
-// Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int8_mm_amx / int8_mm_rows /
-// w8a8_mm_amx by the same extension as cpu_ops.cpp (kernels/cpu_ops.py builds both).
+// Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int4_mm_dpbf16 / int8_mm_amx /
+// int8_mm_rows / int8_mm_dpbusd / w8a8_mm_amx by the same extension as cpu_ops.cpp
+// (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 // are vector-unit loops, fast at one row (they read half or a quarter of bfloat16's bytes) but
@@ -39,9 +40,17 @@
 //   arranges them at load), float32 scale per output row; where the weight was rotated at load
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
+// CPUs without AMX (Zen 4/5, cloud VMs that hide it) run the loops that need no tiles: int4_mm_rows
+// and int8_mm_rows (AVX512-BF16 / AVX512-VNNI, as above), the whole-weight conversions, and two
+// vector loops in place of the tile loops: int4_mm_dpbf16 (int4_mm_amx's blocks converted per call,
+// times the rows by AVX512-BF16 pair dot products, 6 rows x 64 columns of accumulators) and
+// int8_mm_dpbusd (int8_mm_rows's byte dot products over 3 rows at a time, each block's column sums
+// taken once). engine/layers/quant_kernels.py picks one per row count.
 // Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
-// any x86-64; the ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux grants
-// the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too, amx_int8_supported()).
+// any x86-64; the AMX ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux
+// grants the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too,
+// amx_int8_supported()), the vector ones unless it has AVX512-BF16 and VBMI
+// (avx512_bf16_supported(); int8's: AVX512-VNNI too, avx512_vnni_supported()).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -195,6 +204,20 @@ BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t row
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
+}
+
+// The vector loops' instruction sets (no AMX needed): int4_mm_rows / int4_mm_dpbf16 and the
+// dequantizations take AVX512-BF16 and VBMI (byte permutations), int8_mm_rows / int8_mm_dpbusd
+// AVX512-VNNI too. Asked once, as amx_bf16_supported(): every op call checks it.
+bool avx512_bf16_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  return supported;
+}
+bool avx512_vnni_supported() {
+  static const bool supported = avx512_bf16_supported() && __builtin_cpu_supports("avx512vnni");
+  return supported;
 }
 
 bool amx_bf16_supported() {
@@ -382,7 +405,6 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t n_total, const Fill& fill) 
 }
 
 void check_input(const at::Tensor& x, int64_t k_total) {
-  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
   TORCH_CHECK(x.size(1) == k_total, "x has ", x.size(1), " columns, the weight ", k_total);
 }
@@ -390,7 +412,6 @@ void check_input(const at::Tensor& x, int64_t k_total) {
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
 void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features,
                 int64_t k_total, int64_t n_padded) {
-  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n_padded * k_total,
               "packed: torch's CPU int4 pack of the [N, K] weight");
   TORCH_CHECK(n_padded % kBlockN == 0 && out_features <= n_padded && group_size % 2 == 0, "int4 shapes");
@@ -401,6 +422,7 @@ void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, in
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack, N padded to 64) -> [M, out_features].
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t out_features) {
+  TORCH_CHECK(amx_bf16_supported(), "the AMX quantized matmuls need a CPU with AMX-BF16");
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
   check_input(x, k_total);
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
@@ -499,6 +521,7 @@ BENTO_AVX512_BF16 void group_sums(const uint16_t* x, int64_t lda, int64_t rows, 
 // the codes once per 4 rows; threads split the 64-column blocks.
 at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                         int64_t out_features) {
+  TORCH_CHECK(avx512_bf16_supported(), "int4_mm_rows needs a CPU with AVX512-BF16 and AVX512-VBMI");
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
   check_input(x, k_total);
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
@@ -524,6 +547,102 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
         case 3: int4_block_rows<3>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
         default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
       }
+    }
+  });
+  return out;
+}
+
+// Rows per register block of the vector loops on converted int4 blocks (int4_tile_rows): 6 rows x
+// 4 groups of 16 columns = 24 float32 accumulators, 4 tile vectors, 1 broadcast input pair: 29 of
+// the 32 vector registers.
+constexpr int64_t kInt4VectorRows = 6;
+
+// R rows of x (bfloat16, lda apart) times the 16-column groups [G0, G1) of one converted block
+// (dequantize_int4_block's [K/2][64][2] bfloat16 VNNI tile) -> out (the block's first `columns`
+// columns; groups past them are not stored): AMX's tile loop with AVX512-BF16 pair dot products
+// (vdpbf16ps) in place of tiles, for CPUs without AMX. Each tile vector is loaded once per R rows,
+// each input pair broadcast once per 4 groups; the tile (K x 128 bytes) stays in L1/L2 while
+// every row block passes over it. Template group bounds: run-time ones put the accumulators on
+// the stack.
+template <int R, int G0, int G1>
+BENTO_AVX512_BF16 void int4_tile_rows(const uint16_t* x, int64_t lda, const uint16_t* tile, int64_t k_total, int64_t columns,
+                                      c10::BFloat16* out, int64_t out_stride) {
+  constexpr int G = G1 - G0;
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < G; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_total; k += 2) {
+    const uint16_t* pair_row = tile + k * kBlockN;  // pair row k / 2: 64 columns x (k, k + 1)
+    __m512bh w[G];
+    for (int i = 0; i < G; ++i) w[i] = reinterpret_cast<__m512bh>(_mm512_load_si512(pair_row + 32 * (G0 + i)));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * lda + k, sizeof(pair));
+      const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], w[i], xp);
+    }
+  }
+  for (int i = 0; i < G && 16 * (G0 + i) < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * (G0 + i))) - 1);
+    for (int r = 0; r < R; ++r) {
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * (G0 + i), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r][i])));
+    }
+  }
+}
+
+// Every row of x times the groups [G0, G1) of one converted block, kInt4VectorRows at a time.
+template <int G0, int G1>
+void int4_tile_all_rows(const uint16_t* x, int64_t lda, int64_t rows, const uint16_t* tile, int64_t k_total, int64_t columns,
+                        c10::BFloat16* out, int64_t out_stride) {
+  for (int64_t m = 0; m < rows; m += kInt4VectorRows) {
+    const uint16_t* xm = x + m * lda;
+    c10::BFloat16* ym = out + m * out_stride;
+    switch (std::min<int64_t>(kInt4VectorRows, rows - m)) {
+      case 1: int4_tile_rows<1, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
+      case 2: int4_tile_rows<2, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
+      case 3: int4_tile_rows<3, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
+      case 4: int4_tile_rows<4, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
+      case 5: int4_tile_rows<5, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
+      default: int4_tile_rows<6, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride);
+    }
+  }
+}
+
+// x [M, K] bfloat16 @ int4 weight (torch's CPU pack) -> [M, out_features] on CPUs with
+// AVX512-BF16 and no AMX: int4_mm_amx's structure (each 64-column block converted once per call
+// into the thread's bfloat16 VNNI tile, its next block's codes prefetched meanwhile; threads split
+// the blocks' 32-column halves) with int4_tile_rows's vector products for the tile loop.
+at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
+                          int64_t out_features) {
+  TORCH_CHECK(avx512_bf16_supported(), "int4_mm_dpbf16 needs a CPU with AVX512-BF16 and AVX512-VBMI");
+  const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
+  check_input(x, k_total);
+  check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
+  const int64_t rows = x.size(0), lda = x.stride(0), blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
+  kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
+    uint16_t* tile = block_buffer(k_total * kBlockN);
+    for (int64_t u = begin; u < end;) {
+      const int64_t b = u / 2, block = k_total * 32, columns = std::min(kBlockN, out_features - b * kBlockN);
+      const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
+      const uint8_t *from = codes + b * block, *ahead = 2 * (b + 1) < end ? codes + (b + 1) * block : nullptr;
+      const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
+      c10::BFloat16* yb = y + b * kBlockN;
+      if (h0 == 0 && h1 == 2) {
+        dequantize_int4_block<0, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+        int4_tile_all_rows<0, 4>(a, lda, rows, tile, k_total, columns, yb, out_features);
+      } else if (h0 == 0) {
+        dequantize_int4_block<0, 1>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+        int4_tile_all_rows<0, 2>(a, lda, rows, tile, k_total, columns, yb, out_features);
+      } else {
+        dequantize_int4_block<1, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+        int4_tile_all_rows<2, 4>(a, lda, rows, tile, k_total, columns, yb, out_features);
+      }
+      u = 2 * b + h1;
     }
   });
   return out;
@@ -566,6 +685,7 @@ BENTO_AVX512_BF16 void dequantize_int4_transposed(const uint8_t* codes, const c1
 // prefill-sized inputs, where oneDNN's bfloat16 matmul on it (x @ w) costs less than our tile
 // loop by more than this conversion (about 0.1 ns per weight) costs.
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t out_features) {
+  TORCH_CHECK(avx512_bf16_supported(), "int4_dequantize needs a CPU with AVX512-BF16 and AVX512-VBMI");
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   at::Tensor out = at::empty({k_total, out_features}, scales_and_zeros.options());
@@ -591,7 +711,6 @@ constexpr int64_t kInt8QuadBytes = kBlockN * 4;  // one input quad of a block: 6
 constexpr int64_t kInt8MaxK = 65536;
 
 void check_int8(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  TORCH_CHECK(amx_int8_supported(), "the AMX int8 matmuls need a CPU with AMX-INT8");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 && packed.size(2) == kBlockN &&
                   packed.size(3) == 4 && (packed.size(1) * 4) % kInt8StepK == 0 && out_features <= packed.size(0) * kBlockN,
               "packed: [N/64, K/4, 64, 4] int8 codes, K padded to a multiple of 64");
@@ -763,6 +882,7 @@ BENTO_AMX_INT8 void int8_units(const int8_t* high, const uint8_t* low, const flo
 // 16-bit fixed point (split_row) and y = s_x s_w (256 (high . w) + (low . w)), two int32 tile
 // products per step. Threads split the 32-column units.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(amx_int8_supported(), "the AMX int8 matmuls need a CPU with AMX-INT8");
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   check_int8_input(x, k_padded);
@@ -815,6 +935,7 @@ BENTO_AVX512_BF16 void dequantize_int8_transposed(const int8_t* codes, const c10
 // out_features] (the padding rows 0), the weight transposed: what prefill-sized inputs multiply
 // with, as int4_dequantize.
 at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(avx512_bf16_supported(), "int8_dequantize needs a CPU with AVX512-BF16 and AVX512-VBMI");
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   at::Tensor out = at::empty({k_padded, out_features}, scales.options());
@@ -886,6 +1007,7 @@ BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, c
 // The same product for a few rows (a decode step): no tile, the split rows times each block of
 // codes two rows at a time (int8_block_rows), threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(avx512_vnni_supported(), "int8_mm_rows needs a CPU with AVX512-VNNI, AVX512-BF16 and AVX512-VBMI");
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   check_int8_input(x, k_padded);
@@ -906,6 +1028,103 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
         int8_block_rows<1>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
       } else {
         int8_block_rows<2>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
+      }
+    }
+  });
+  return out;
+}
+
+// Rows per register block of int8_rows_dpbusd: 3 rows x 4 groups of 16 columns x 2 planes = 24
+// int32 accumulators, 6 broadcast input quads, 1 code vector: 31 of the 32 vector registers.
+constexpr int64_t kInt8VectorRows = 3;
+
+// 128 times each column's code sum over one block of int8 codes [K/4][64][4] (column_bias[64]):
+// what int8_rows_dpbusd's biased high plane adds. Its one pass over the block also brings the
+// codes into cache for the row passes that follow.
+BENTO_AVX512_VNNI void int8_column_bias(const int8_t* codes, int64_t k_padded, int32_t* column_bias) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sums[4];
+  for (int i = 0; i < 4; ++i) sums[i] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < k_padded / 4; ++p) {
+    const int8_t* line = codes + p * kInt8QuadBytes;
+    for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
+    for (int i = 0; i < 4; ++i) sums[i] = _mm512_dpbusd_epi32(sums[i], ones, _mm512_loadu_si512(line + 64 * i));
+  }
+  for (int i = 0; i < 4; ++i) _mm512_storeu_si512(column_bias + 16 * i, _mm512_slli_epi32(sums[i], 7));
+}
+
+// int8_block_rows for more rows (CPUs with AVX512-VNNI and no AMX-INT8): R rows of the split input
+// times one block of codes, the block's column sums (column_bias) taken once per call rather than
+// once per row pair, so every code vector loaded feeds 2 R byte dot products (3 rows: 6) and
+// nothing else. Same integer sums, same result rule: y = s_x s_w (256 high . w + low . w).
+template <int R>
+BENTO_AVX512_VNNI void int8_rows_dpbusd(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t k_padded,
+                                        const int8_t* codes, const int32_t* column_bias, const c10::BFloat16* scale,
+                                        int64_t columns, c10::BFloat16* out, int64_t out_stride) {
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc_high[R][4], acc_low[R][4];
+  for (int i = 0; i < 4; ++i)
+    for (int r = 0; r < R; ++r) acc_high[r][i] = acc_low[r][i] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < k_padded / 4; ++p) {
+    const int8_t* line = codes + p * kInt8QuadBytes;
+    __m512i h[R], lo[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t quad_high, quad_low;
+      std::memcpy(&quad_high, high + r * k_padded + 4 * p, 4);
+      std::memcpy(&quad_low, low + r * k_padded + 4 * p, 4);
+      h[r] = _mm512_xor_si512(_mm512_set1_epi32(quad_high), sign);  // high + 128
+      lo[r] = _mm512_set1_epi32(quad_low);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512i w = _mm512_loadu_si512(line + 64 * i);
+      for (int r = 0; r < R; ++r) {
+        acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], h[r], w);
+        acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], lo[r], w);
+      }
+    }
+  }
+  const __m512 radix = _mm512_set1_ps(256.0f);
+  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    const __m512 s = load_bfloat16(scale + 16 * i, mask);
+    const __m512i bias = _mm512_loadu_si512(column_bias + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias)), radix,
+                                         _mm512_cvtepi32_ps(acc_low[r][i]));
+      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+// x [M, K] bfloat16 @ int8 weight (int8_mm_amx's codes and scales) -> [M, out_features] on CPUs
+// with AVX512-VNNI and no AMX-INT8, for more rows than int8_mm_rows: the input split as there
+// (split_row), each block's column sums once, then kInt8VectorRows rows at a time over the block
+// (in L1/L2 after the first pass); threads split the blocks.
+at::Tensor int8_mm_dpbusd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(avx512_vnni_supported(), "int8_mm_dpbusd needs a CPU with AVX512-VNNI, AVX512-BF16 and AVX512-VBMI");
+  check_int8(packed, scales, out_features);
+  const int64_t k_padded = packed.size(1) * 4;
+  check_int8_input(x, k_padded);
+  const int64_t rows = x.size(0);
+  const SplitInput in(x, k_padded, 1);
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* s = scales.data_ptr<c10::BFloat16>();
+  for_each_block(out_features, [&](int64_t b, int64_t columns) {
+    const int64_t n0 = b * kBlockN;
+    const int8_t* block = codes + b * k_padded * kBlockN;
+    alignas(64) int32_t column_bias[kBlockN];
+    int8_column_bias(block, k_padded, column_bias);
+    for (int64_t m = 0; m < rows; m += kInt8VectorRows) {
+      const int8_t* high = in.high + m * k_padded;
+      const uint8_t* low = in.low + m * k_padded;
+      c10::BFloat16* ym = y + m * out_features + n0;
+      switch (std::min<int64_t>(kInt8VectorRows, rows - m)) {
+        case 1: int8_rows_dpbusd<1>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features); break;
+        case 2: int8_rows_dpbusd<2>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features); break;
+        default: int8_rows_dpbusd<3>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features);
       }
     }
   });
@@ -1099,6 +1318,11 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
+  m.def("avx512_bf16_supported() -> bool", &avx512_bf16_supported);
+  m.def("avx512_vnni_supported() -> bool", &avx512_vnni_supported);
+  m.def("int4_mm_dpbf16(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
+        &int4_mm_dpbf16);
+  m.def("int8_mm_dpbusd(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_dpbusd);
   m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
         &w8a8_mm_amx);
 }

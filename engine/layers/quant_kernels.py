@@ -1,0 +1,112 @@
+"""Which of kernels/csrc/quant_ops.cpp's matmuls multiplies a quantized weight at which input row
+count (engine/layers/quant.py's PackedQuantizedWeight), on this CPU, and where PyTorch's own
+packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are the faster.
+
+- AMX CPUs (amx_kernels()): int4 1-2 rows int4_mm_rows (AVX512-BF16 on the codes), 3-4 PyTorch's
+  op, 5-1023 int4_mm_amx (tiles on blocks converted per call); int8 1-2 rows int8_mm_rows
+  (AVX512-VNNI), 3-1023 int8_mm_amx (AMX-INT8); from 1024 rows the weight converted whole to
+  bfloat16 per call for oneDNN (int4/int8_dequantize).
+- CPUs with AVX512-BF16 (and VBMI) but no AMX (vector_kernels(): Zen 4/5, many cloud Xeons):
+  the same loops where they do not need AMX, and vector loops in place of the tile loops:
+  int4_mm_dpbf16 (the AMX loop's converted blocks times the rows by vdpbf16ps) and, with
+  AVX512-VNNI, int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked over rows), at
+  every row count from their thresholds up (no whole-weight conversion: it measured slower).
+  Thresholds below, measured (bench/bench_quant_matmul.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INT8_MAX_INPUTS = 65536  # int8's int32 sums hold K up to this (quant_ops.cpp's kInt8MaxK)
+# Input rows from which the AMX kernels beat PyTorch's (measured at the default model's shapes,
+# one thread: both even at 4 rows, AMX ahead from 6).
+AMX_MIN_ROWS = 5
+# int4: up to which its few-row loop, int4_mm_rows, beats PyTorch's op (one thread, the default
+# model's shapes: 0.75-0.9x its time at one row, even at two, behind from three).
+INT4_ROWS_MAX_ROWS = 2
+# From which converting the whole weight to bfloat16 per call (int4/int8_dequantize, ~0.1 ns per
+# weight) and oneDNN's bfloat16 matmul beat the AMX tile loop (int4, one thread, the default
+# model's shapes: 0.6-0.8x its time at 2000 rows, even to 0.7x at 1024, behind at 512).
+DENSE_MIN_ROWS = 1024
+# int8: from which its AMX-INT8 kernel beats its few-row VNNI loop, int8_mm_rows (one thread, the
+# default model's shapes: 0.8-1.0x its time at 3 rows, 0.9-1.15x at 2).
+INT8_AMX_MIN_ROWS = 3
+
+# Without AMX: measured on a 2-vCPU Sapphire Rapids VM with AMX hidden (one thread, thread CPU
+# time, the default model's four projections, bench/bench_quant_matmul.py; times relative to
+# oneDNN's packed bfloat16, the engine's bfloat16 path there).
+# int4: int4_mm_rows (codes read per 4 rows, no conversion) up to here: 0.23-0.26x at 1 row
+# (PyTorch's op 0.29-0.38x), 0.46-0.62x at 8 (int4_mm_dpbf16 0.61-0.73x), even with it at 12-16;
+# from here on int4_mm_dpbf16: 0.82-0.88x at 24 (int4_mm_rows 0.89-1.03x), 0.88-1.01x at 64
+# (PyTorch's op 1.06-1.13x), 0.98-1.03x at 1024.
+VECTOR_INT4_ROWS_MAX_ROWS = 12
+# int8: int8_mm_rows (2 rows per pass) and int8_mm_dpbusd (3, block column sums once) within noise
+# of each other to 24 rows (0.3-0.6x), int8_mm_dpbusd ahead beyond (1024 rows: 0.63-0.68x vs
+# 0.70-0.81x; PyTorch's op: 0.7-0.8x at 1 row, 1.1-1.4x at 64).
+VECTOR_INT8_ROWS_MAX_ROWS = 2
+# No whole-weight conversion for oneDNN (DENSE_MIN_ROWS on AMX) here: at 1024 rows that took
+# 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed one),
+# int4_mm_dpbf16 0.98-1.03x, int8_mm_dpbusd 0.63-0.68x; at 2048 (two threads, noisy) 0.89-1.17x
+# against int4_mm_dpbf16's 0.72-1.01x.
+
+
+@functools.cache
+def vector_kernels():
+    """torch.ops.bento_llm where quant_ops.cpp's vector loops can run (AVX512-BF16 and VBMI; int8's
+    also AVX512-VNNI: ops.avx512_vnni_supported()) on PyTorch's AVX-512 int4 layout; else None
+    (no such CPU, or the C++ kernels do not build)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError as e:
+        logger.info("quantized matmuls: PyTorch's packed ops only (%s)", e)
+        return None
+    ops = torch.ops.bento_llm
+    return ops if ops.avx512_bf16_supported() else None
+
+
+@functools.cache
+def amx_kernels():
+    """torch.ops.bento_llm with the AMX quantized matmuls, or None where they cannot run: no
+    AMX-BF16, or not PyTorch's AVX-512 int4 layout, or the C++ kernels do not build."""
+    ops = vector_kernels()
+    return ops if ops is not None and ops.amx_bf16_supported() else None
+
+
+def int4_matmul(x: torch.Tensor, qweight, scales, group_size: int, out_features: int, amx: bool) -> torch.Tensor | None:
+    """x [rows, K] bfloat16 @ an int4 weight in PyTorch's CPU pack (N padded to 64) on our
+    kernels (amx: AMX's, else the vector loops); None where PyTorch's op is the faster."""
+    rows = x.shape[0]
+    if amx:
+        ops = amx_kernels()
+        if rows >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+            return x @ ops.int4_dequantize(qweight, scales, group_size, out_features)
+        if rows >= AMX_MIN_ROWS:
+            return ops.int4_mm_amx(x, qweight, scales, group_size, out_features)
+        return ops.int4_mm_rows(x, qweight, scales, group_size, out_features) if rows <= INT4_ROWS_MAX_ROWS else None
+    ops = vector_kernels()
+    if rows <= VECTOR_INT4_ROWS_MAX_ROWS:
+        return ops.int4_mm_rows(x, qweight, scales, group_size, out_features)
+    return ops.int4_mm_dpbf16(x, qweight, scales, group_size, out_features)
+
+
+def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features: int, amx: bool) -> torch.Tensor:
+    """x [rows, K] bfloat16 @ int8 codes in AMX-INT8's [N/64][K/4][64][4] layout (amx: on AMX-INT8,
+    else the AVX512-VNNI loops): every row count runs in quant_ops.cpp."""
+    rows = x.shape[0]
+    if amx:
+        ops = amx_kernels()
+        if rows >= DENSE_MIN_ROWS:  # a transient bfloat16 copy, freed on return
+            return x @ ops.int8_dequantize(qweight, scales, out_features)[:in_features]
+        op = ops.int8_mm_amx if rows >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
+    else:
+        ops = vector_kernels()
+        op = ops.int8_mm_rows if rows <= VECTOR_INT8_ROWS_MAX_ROWS else ops.int8_mm_dpbusd
+    return op(x, qweight, scales, out_features)
