@@ -145,7 +145,7 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
     reading). Limit: its weights' read time at the bandwidth."""
     import torch.nn.functional as F
 
-    from engine.layers.linear import amx_linear_ops, strips_ops
+    from engine.layers.linear_kernels import amx_linear_ops, strips_ops
 
     ops = strips_ops()
     linears = [(kind, m) for kind, m in model_linears(model) if m.strips]
@@ -195,7 +195,7 @@ def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -
     `repeats` rounds. Limit: the weight's read time at the bandwidth measured in this run."""
     import torch.nn.functional as F
 
-    from engine.layers.linear import bf16_rows_ops
+    from engine.layers.linear_kernels import avx512_bf16_ops
     from engine.layers.quant import amx_kernels
 
     weight = model.lm_head.weight
@@ -204,8 +204,8 @@ def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -
     paths = {}
     if amx_kernels() is not None:
         paths["bf16_mm_amx"] = lambda x: amx_kernels().bf16_mm_amx(x, weight)
-    if bf16_rows_ops() is not None:
-        paths["bf16_mm_rows"] = lambda x: bf16_rows_ops().bf16_mm_rows(x, weight)
+    if avx512_bf16_ops() is not None:
+        paths["bf16_mm_rows"] = lambda x: avx512_bf16_ops().bf16_mm_rows(x, weight)
     paths["torch.mv/mm"] = lambda x: (torch.mv(weight, x[0]).unsqueeze(0) if x.shape[0] == 1
                                       else torch.mm(weight, x.T).T.contiguous())
     paths["F.linear"] = lambda x: F.linear(x, weight)
@@ -325,7 +325,7 @@ def main() -> None:
     if args.amx_linear:
         print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s; "
               f"`python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
-        from engine.layers.linear import amx_linear_ops
+        from engine.layers.linear_kernels import amx_linear_ops
 
         kernel = "amx_linear" if amx_linear_ops() is not None else "bf16_linear"
         print(f"| projection | rows | oneDNN ms | F.linear (plain) ms | {kernel} ms | unpack + F.linear ms "

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def matmul_limit(dtype: torch.dtype, threads: int, n: int = 2048) -> float:
     """GFLOP/s of an n x n x n matmul in dtype on `threads` threads (best of 3 s), the way the
     engine's projections run on CPU: a weight packed for oneDNN where it can be."""
-    from engine.layers.linear import can_pack_for_cpu
+    from engine.layers.linear_kernels import can_pack_for_cpu
 
     torch.set_num_threads(threads)
     x, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

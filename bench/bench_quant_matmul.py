@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
-from engine.layers.linear import amx_linear_ops  # noqa: E402
+from engine.layers.linear_kernels import amx_linear_ops  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, quantize, quantize_int4, quantize_int8  # noqa: E402
 from engine.layers.quant_kernels import amx_kernels, vector_kernels  # noqa: E402
 

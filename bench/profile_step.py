@@ -201,9 +201,9 @@ def lm_head_ab(steps, rounds: int) -> None:
     """Decode steps with the tied LM head (a plain bfloat16 weight) on bf16_mm_rows (AVX512-BF16,
     kernels/csrc/gemv_ops.cpp) and on PyTorch's torch.mv/mm as before it, alternating in this
     process, every pass printed (other processes load a shared machine)."""
-    from engine.layers import linear
+    from engine.layers import linear_kernels as linear
 
-    rows_ops = linear.bf16_rows_ops
+    rows_ops = linear.avx512_bf16_ops
     if rows_ops() is None or linear.amx_kernels() is not None:
         print("the LM head does not run on bf16_mm_rows here (AMX runs it, or no AVX512-BF16)")
         return
@@ -211,10 +211,10 @@ def lm_head_ab(steps, rounds: int) -> None:
     try:
         for i in range(rounds):
             for name in passes if i % 2 == 0 else reversed(passes):
-                linear.bf16_rows_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
+                linear.avx512_bf16_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
                 passes[name].append(statistics.median(steps()) * 1e3)
     finally:
-        linear.bf16_rows_ops = rows_ops
+        linear.avx512_bf16_ops = rows_ops
     for name, ms in passes.items():
         print(f"LM head on {name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
               f"median of passes {statistics.median(ms):.2f}")

@@ -15,7 +15,7 @@ from engine import config as config_module
 from engine.config import EngineConfig
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
-from engine.layers.linear import can_pack_for_cpu
+from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.loader import ModelSource
 from engine.memory import HeapTrimmer, resident_report
 from engine.models.config import ModelConfig

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend
 from engine.forward_context import forward_context
-from engine.layers.linear import amx_linear_ops
+from engine.layers.linear_kernels import amx_linear_ops
 from engine.models.llama import GatedMLP
 
 pytestmark = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX tiles on this machine")

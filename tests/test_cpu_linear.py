@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM
-from engine.layers import linear
-from engine.layers.linear import Linear, amx_linear_ops, bf16_linear_ops, can_pack_for_cpu, packed_rows, strips_ops
+from engine.layers import linear as linear_module
+from engine.layers import linear_kernels as linear
+from engine.layers.linear import Linear
+from engine.layers.linear_kernels import amx_linear_ops, avx512_bf16_ops, can_pack_for_cpu, packed_rows, strips_ops
 
 pytestmark = pytest.mark.skipif(
     not can_pack_for_cpu(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
@@ -125,14 +127,14 @@ def test_the_amx_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_amx(torch.randn(2, 96), weight)
 
 
-needs_bf16_rows = pytest.mark.skipif(linear.bf16_rows_ops() is None, reason="no AVX512-BF16 or no C++ kernels here")
+needs_bf16_rows = pytest.mark.skipif(linear.avx512_bf16_ops() is None, reason="no AVX512-BF16 or no C++ kernels here")
 
 
 def bf16_mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return linear.bf16_rows_ops().bf16_mm_rows(x, weight)
+        return linear.avx512_bf16_ops().bf16_mm_rows(x, weight)
     finally:
         torch.set_num_threads(previous)
 
@@ -179,14 +181,14 @@ def test_the_avx512_bfloat16_matmul_reads_the_default_models_head_and_any_input_
 @needs_bf16_rows
 def test_a_plain_bfloat16_weight_runs_on_the_avx512_bfloat16_matmul_where_there_is_no_amx(monkeypatch):
     """few_rows_bfloat16 (the tied LM head's path) picks bf16_mm_rows after AMX, up to AMX_FEW_ROWS rows."""
-    real, calls = linear.bf16_rows_ops(), []
+    real, calls = linear.avx512_bf16_ops(), []
 
     class Spy:
         def bf16_mm_rows(self, x, weight):
             calls.append(x.shape[0])
             return real.bf16_mm_rows(x, weight)
 
-    monkeypatch.setattr(linear, "bf16_rows_ops", Spy)
+    monkeypatch.setattr(linear, "avx512_bf16_ops", Spy)
     layer = Linear(96, 100, bias=False).to(torch.bfloat16)
     assert layer.finalize(None, 32, pack=False) == "float"
     with torch.inference_mode():
@@ -198,7 +200,7 @@ def test_a_plain_bfloat16_weight_runs_on_the_avx512_bfloat16_matmul_where_there_
 
 @needs_bf16_rows
 def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
-    ops = linear.bf16_rows_ops()
+    ops = linear.avx512_bf16_ops()
     weight = torch.randn(64, 96).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="columns"):
         ops.bf16_mm_rows(torch.randn(2, 94).to(torch.bfloat16), weight)
@@ -250,7 +252,7 @@ def test_the_amx_linear_equals_the_float_product(threads, rows, out_features, in
     check_strips_product(amx_linear_ops().amx_linear, threads, rows, out_features, in_features)
 
 
-needs_bf16_linear = pytest.mark.skipif(bf16_linear_ops() is None, reason="no AVX512-BF16 on this machine")
+needs_bf16_linear = pytest.mark.skipif(avx512_bf16_ops() is None, reason="no AVX512-BF16 on this machine")
 
 
 @needs_bf16_linear
@@ -264,12 +266,12 @@ def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_feat
     two threads), row counts below, at and past its 8-row register block, an input whose rows
     are not contiguous. Accumulation is float32; tolerance: bfloat16's rounding of the result
     (2^-8 relative) plus float32 reassociation, atol 1e-2 * sqrt(K), rtol 1e-2."""
-    check_strips_product(bf16_linear_ops().bf16_linear, threads, rows, out_features, in_features)
+    check_strips_product(avx512_bf16_ops().bf16_linear, threads, rows, out_features, in_features)
 
 
 @needs_bf16_linear
 def test_the_avx512_bf16_linear_refuses_what_it_cannot_read():
-    ops = bf16_linear_ops()
+    ops = avx512_bf16_ops()
     packed = ops.amx_linear_pack(torch.randn(64, 96).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="columns"):
         ops.bf16_linear(torch.randn(2, 64).to(torch.bfloat16), packed, None, 64)
@@ -383,7 +385,7 @@ def test_the_bfloat16_engine_keeps_its_projections_only_as_strips(tiny_path, mon
     tokens = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     del llm, model, projections
 
-    monkeypatch.setattr(linear, "strips_ops", lambda: None)  # the layout a CPU with neither gets
+    monkeypatch.setattr(linear_module, "strips_ops", lambda: None)  # the layout a CPU with neither gets (finalize asks it)
     reference = LLM(str(tiny_path), num_kv_blocks=32, dtype="bfloat16", quantization="none")
     assert not any(m.strips for m in reference.engine.runner.model_runner.model.modules() if isinstance(m, Linear))
     assert reference.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == tokens

@@ -387,7 +387,7 @@ def test_bfloat16_tile_products_run_on_amx_and_torch_backends_mkldnn_switches_th
 
 
 @pytest.mark.slow  # a subprocess: torch import and the kernels from the build cache
-def test_without_amx_bfloat16_attention_keeps_float32_tile_products(gen, tmp_path):
+def test_without_amx_bfloat16_attention_gives_the_bits_it_gives_with_onednn_off(gen, tmp_path):
     """oneDNN capped below AMX (as on an AVX-512 CPU without it): the same bits as with oneDNN off."""
     k_cache, v_cache, tables, lens = paged_kv(gen, [c for _, c in TILE_ROWS], 16, 3, 64, torch.bfloat16)
     cu = torch.tensor([0] + [q for q, _ in TILE_ROWS]).cumsum(0).int()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
-from engine.layers.linear import _onednn_packs_bfloat16, amx_linear_ops, bf16_linear_ops
+from engine.layers.linear_kernels import _onednn_packs_bfloat16, amx_linear_ops, avx512_bf16_ops
 from engine.loader import load_model_source
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
@@ -206,7 +206,7 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     # it equals float32's greedy tokens on 5 of 8 (oneDNN's: 4; its outputs equal the correctly
     # rounded product as often as oneDNN's, 99.97%): the near-ties flip elsewhere, so the bar is 3.
     if quantization == "int4":
-        on_avx512_strips = amx_linear_ops() is None and bf16_linear_ops() is not None
+        on_avx512_strips = amx_linear_ops() is None and avx512_bf16_ops() is not None
         bar, baseline = (2 if not _onednn_packs_bfloat16() else 3 if on_avx512_strips else 4), bfloat16_llm
     else:
         bar, baseline = 2, default_llm

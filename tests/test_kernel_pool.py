@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from engine.layers.linear import Linear, amx_linear_ops, bf16_linear_ops, can_pack_for_cpu
+from engine.layers.linear import Linear
+from engine.layers.linear_kernels import amx_linear_ops, avx512_bf16_ops, can_pack_for_cpu
 from kernels import cpu_ops
 from tests.helpers import paged_kv
 
@@ -103,7 +104,7 @@ def cases(gen):
     if amx_linear_ops() is not None:
         found += [("amx_linear 1 row", amx_linear_case(gen, 1)), ("amx_linear 40 rows", amx_linear_case(gen, 40)),
                   ("int4_mm_rows", int4_rows_case(gen))]
-    if bf16_linear_ops() is not None:
+    if avx512_bf16_ops() is not None:
         found += [("bf16_linear 1 row", bf16_linear_case(gen, 1)), ("bf16_linear 40 rows", bf16_linear_case(gen, 40))]
     return found
 

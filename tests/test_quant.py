@@ -18,7 +18,8 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
-from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, can_pack_for_cpu
+from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8
 from engine.layers.quant_kernels import AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS
 from engine.layers.rotation import hadamard_block, rotate

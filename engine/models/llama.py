@@ -13,7 +13,8 @@ from torch import nn
 
 from engine.layers.activation import SiluAndMul, gated_activation
 from engine.layers.attention import Attention
-from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, amx_linear_ops
+from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from engine.layers.linear_kernels import amx_linear_ops
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RopeTable, RotaryEmbedding
 from engine.layers.step_module import StepModule

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <optional>
 
+#include "cpu_features.h"
 #include "strips_call.h"
 #include "thread_pool.h"
 
@@ -52,12 +53,7 @@ constexpr int64_t kChunkBytes = 512 << 10;
 // At most one row block with a weight under this: the calling thread alone (amx_linear's rule).
 constexpr int64_t kSerialLinearBytes = 256 << 10;
 
-bool bf16_linear_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("avx512bf16");
-  return supported;
-}
+bool bf16_linear_supported() { return cpu_features::avx512_bf16(); }
 
 // y[r][16 n + j] = bf16(sum_k a[r][k] w[16 n + j][k] + bias) for r < R, strips n < NS of b (each
 // `strip` elements apart, K / 2 pairs long), j < 16 while 16 n + j < columns.
@@ -168,6 +164,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const std:
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
-  m.def("bf16_linear_supported() -> bool", &bf16_linear_supported);
+  // Whether bf16_linear and bf16_mm_rows (gemv_ops.cpp) run here: the engine asks this once.
+  m.def("avx512_bf16_kernels_supported() -> bool", &bf16_linear_supported);
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor", &bf16_linear);
 }

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "attention_products.h"
+#include "cpu_features.h"
 #include "float_rows.h"
 #include "kv_codes.h"
 #include "silu_lanes.h"
@@ -146,10 +147,7 @@ __attribute__((target("avx512bf16"))) void silu_mul_row_avx512bf16(c10::BFloat16
   silu_mul_tail(out, gate, up, i, n);
 }
 
-bool cpu_has_avx512bf16() {
-  static const bool available = __builtin_cpu_supports("avx512bf16");
-  return available;
-}
+bool cpu_has_avx512bf16() { return cpu_features::avx512_bf16(); }
 #endif
 
 template <typename T>

@@ -16,8 +16,9 @@
 // 1-64 rows, faster than torch.mv/mm and F.linear there; engine/layers/linear.py picks it).
 // Functions with AVX-512 bodies carry their own target attribute, so the file builds on any
 // x86-64; bf16_mm_amx refuses to run unless the CPU has AMX-BF16 (the same test as quant_ops.cpp's
-// amx_bf16_supported, which callers use), bf16_mm_rows unless it has AVX512-BF16/F/BW/VL
-// (bf16_mm_rows_supported). Registered by the extension kernels/cpu_ops.py builds.
+// amx_bf16_supported, which callers use), bf16_mm_rows unless it has AVX512-BF16/F/BW/VL/DQ
+// (cpu_features.h; the engine asks avx512_bf16_kernels_supported). Registered by the extension
+// kernels/cpu_ops.py builds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_features.h"
 #include "thread_pool.h"
 
 namespace {
@@ -126,12 +128,7 @@ at::Tensor bf16_mm_amx(const at::Tensor& x, const at::Tensor& weight) {
 
 constexpr int64_t kRowsBlockN = 16;  // weight rows per block: one tile's 16 outputs at 1 input row
 
-// Asked once: a decode step calls the LM head every step.
-bool bf16_rows_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return supported;
-}
+bool bf16_rows_supported() { return cpu_features::avx512_bf16(); }
 
 // Lane i of the result = the sum of acc[i]'s 16 lanes: pairs of registers are interleaved and added
 // (halving the registers, doubling the registers' sums each holds) four times.
@@ -254,6 +251,5 @@ at::Tensor bf16_mm_rows(const at::Tensor& x_in, const at::Tensor& weight) {
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("bf16_mm_amx(Tensor x, Tensor weight) -> Tensor", &bf16_mm_amx);
-  m.def("bf16_mm_rows_supported() -> bool", &bf16_rows_supported);
   m.def("bf16_mm_rows(Tensor x, Tensor weight) -> Tensor", &bf16_mm_rows);
 }

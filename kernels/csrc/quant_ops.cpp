@@ -70,6 +70,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "cpu_features.h"
 #include "thread_pool.h"
 
 namespace {
@@ -210,9 +211,7 @@ BENTO_AVX512_BF16 void store_block(const float* result, int64_t ldc, int64_t row
 // dequantizations take AVX512-BF16 and VBMI (byte permutations), int8_mm_rows / int8_mm_dpbusd
 // AVX512-VNNI too. Asked once, as amx_bf16_supported(): every op call checks it.
 bool avx512_bf16_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  static const bool supported = cpu_features::avx512_bf16() && __builtin_cpu_supports("avx512vbmi");
   return supported;
 }
 bool avx512_vnni_supported() {
