@@ -949,6 +949,25 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
 
 #define BENTO_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
 
+// The VNNI loops' store: out[r][16 i + j] = bf16(s_w s_x[r] (256 (high . w - bias) + low . w)) for a
+// block's `columns` (bias[i]: 128 times each column's code sum, the high plane's +128 taken off).
+template <int R>
+BENTO_AVX512_VNNI inline void store_split_sums(const __m512i (&acc_high)[R][4], const __m512i (&acc_low)[R][4],
+                                               const __m512i* bias, const float* row_scale, const c10::BFloat16* scale,
+                                               int64_t columns, c10::BFloat16* out, int64_t out_stride) {
+  const __m512 radix = _mm512_set1_ps(256.0f);
+  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    const __m512 s = load_bfloat16(scale + 16 * i, mask);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias[i])), radix,
+                                         _mm512_cvtepi32_ps(acc_low[r][i]));
+      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
 // R rows of the split input (high, low: [R][k_padded] planes, split_row's) times one 64-column
 // block of int8 codes [K/4][64][4] with AVX512-VNNI's byte dot products, for a few rows where
 // reading the codes is the whole cost: each 64-byte vector of codes (16 columns x an input quad)
@@ -989,18 +1008,9 @@ BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, c
       }
     }
   }
-  const __m512 radix = _mm512_set1_ps(256.0f);
-  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
-    const __m512 s = load_bfloat16(scale + 16 * i, mask);
-    const __m512i bias = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
-    for (int r = 0; r < R; ++r) {
-      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias)), radix,
-                                         _mm512_cvtepi32_ps(acc_low[r][i]));
-      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
-      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-    }
-  }
+  __m512i bias[4];
+  for (int i = 0; i < 4; ++i) bias[i] = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
+  store_split_sums<R>(acc_high, acc_low, bias, row_scale, scale, columns, out, out_stride);
 }
 
 // The same product for a few rows (a decode step): no tile, the split rows times each block of
@@ -1082,18 +1092,9 @@ BENTO_AVX512_VNNI void int8_rows_dpbusd(const int8_t* high, const uint8_t* low, 
       }
     }
   }
-  const __m512 radix = _mm512_set1_ps(256.0f);
-  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
-    const __m512 s = load_bfloat16(scale + 16 * i, mask);
-    const __m512i bias = _mm512_loadu_si512(column_bias + 16 * i);
-    for (int r = 0; r < R; ++r) {
-      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias)), radix,
-                                         _mm512_cvtepi32_ps(acc_low[r][i]));
-      const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
-      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-    }
-  }
+  __m512i bias[4];
+  for (int i = 0; i < 4; ++i) bias[i] = _mm512_loadu_si512(column_bias + 16 * i);
+  store_split_sums<R>(acc_high, acc_low, bias, row_scale, scale, columns, out, out_stride);
 }
 
 // x [M, K] bfloat16 @ int8 weight (int8_mm_amx's codes and scales) -> [M, out_features] on CPUs
