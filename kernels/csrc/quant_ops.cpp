@@ -1013,10 +1013,24 @@ BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, c
   store_split_sums<R>(acc_high, acc_low, bias, row_scale, scale, columns, out, out_stride);
 }
 
-// The same product for a few rows (a decode step): no tile, the split rows times each block of
-// codes two rows at a time (int8_block_rows), threads split the blocks.
-at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  TORCH_CHECK(avx512_vnni_supported(), "int8_mm_rows needs a CPU with AVX512-VNNI, AVX512-BF16 and AVX512-VBMI");
+// One block of 64 output columns for the VNNI int8 ops: its codes and scales, the split input
+// rows, where its outputs go.
+struct Int8Block {
+  const SplitInput& in;
+  int64_t rows, k_padded;
+  const int8_t* codes;         // the block's [K/4][64][4] codes
+  const c10::BFloat16* scale;  // its columns' scales
+  int64_t columns;             // 1-64
+  c10::BFloat16* out;          // row 0, the block's first column
+  int64_t out_stride;
+};
+
+// The VNNI int8 ops' call: the checks, the input split once, the output, then per_block on each
+// block of 64 columns (threads split the blocks).
+template <typename PerBlock>
+at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                          int64_t out_features, const PerBlock& per_block) {
+  TORCH_CHECK(avx512_vnni_supported(), op, " needs a CPU with AVX512-VNNI, AVX512-BF16 and AVX512-VBMI");
   check_int8(packed, scales, out_features);
   const int64_t k_padded = packed.size(1) * 4;
   check_int8_input(x, k_padded);
@@ -1028,19 +1042,26 @@ at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   const auto* s = scales.data_ptr<c10::BFloat16>();
   for_each_block(out_features, [&](int64_t b, int64_t columns) {
     const int64_t n0 = b * kBlockN;
-    const int8_t* block = codes + b * k_padded * kBlockN;
-    for (int64_t m = 0; m < rows; m += 2) {
-      const int8_t* high = in.high + m * k_padded;
-      const uint8_t* low = in.low + m * k_padded;
-      c10::BFloat16* ym = y + m * out_features + n0;
-      if (rows - m == 1) {
-        int8_block_rows<1>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
+    per_block(Int8Block{in, rows, k_padded, codes + b * k_padded * kBlockN, s + n0, columns, y + n0, out_features});
+  });
+  return out;
+}
+
+// The same product for a few rows (a decode step): no tile, the split rows times each block of
+// codes two rows at a time (int8_block_rows), threads split the blocks.
+at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  return int8_vnni_call("int8_mm_rows", x, packed, scales, out_features, [&](const Int8Block& b) {
+    for (int64_t m = 0; m < b.rows; m += 2) {
+      const int8_t* high = b.in.high + m * b.k_padded;
+      const uint8_t* low = b.in.low + m * b.k_padded;
+      c10::BFloat16* ym = b.out + m * b.out_stride;
+      if (b.rows - m == 1) {
+        int8_block_rows<1>(high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
       } else {
-        int8_block_rows<2>(high, low, in.scale + m, k_padded, block, s + n0, columns, ym, out_features);
+        int8_block_rows<2>(high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
       }
     }
   });
-  return out;
 }
 
 // Rows per register block of int8_rows_dpbusd: 3 rows x 4 groups of 16 columns x 2 planes = 24
@@ -1102,33 +1123,21 @@ BENTO_AVX512_VNNI void int8_rows_dpbusd(const int8_t* high, const uint8_t* low, 
 // (split_row), each block's column sums once, then kInt8VectorRows rows at a time over the block
 // (in L1/L2 after the first pass); threads split the blocks.
 at::Tensor int8_mm_dpbusd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  TORCH_CHECK(avx512_vnni_supported(), "int8_mm_dpbusd needs a CPU with AVX512-VNNI, AVX512-BF16 and AVX512-VBMI");
-  check_int8(packed, scales, out_features);
-  const int64_t k_padded = packed.size(1) * 4;
-  check_int8_input(x, k_padded);
-  const int64_t rows = x.size(0);
-  const SplitInput in(x, k_padded, 1);
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  auto* y = out.data_ptr<c10::BFloat16>();
-  const auto* codes = packed.data_ptr<int8_t>();
-  const auto* s = scales.data_ptr<c10::BFloat16>();
-  for_each_block(out_features, [&](int64_t b, int64_t columns) {
-    const int64_t n0 = b * kBlockN;
-    const int8_t* block = codes + b * k_padded * kBlockN;
+  return int8_vnni_call("int8_mm_dpbusd", x, packed, scales, out_features, [&](const Int8Block& b) {
     alignas(64) int32_t column_bias[kBlockN];
-    int8_column_bias(block, k_padded, column_bias);
-    for (int64_t m = 0; m < rows; m += kInt8VectorRows) {
-      const int8_t* high = in.high + m * k_padded;
-      const uint8_t* low = in.low + m * k_padded;
-      c10::BFloat16* ym = y + m * out_features + n0;
-      switch (std::min<int64_t>(kInt8VectorRows, rows - m)) {
-        case 1: int8_rows_dpbusd<1>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features); break;
-        case 2: int8_rows_dpbusd<2>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features); break;
-        default: int8_rows_dpbusd<3>(high, low, in.scale + m, k_padded, block, column_bias, s + n0, columns, ym, out_features);
+    int8_column_bias(b.codes, b.k_padded, column_bias);
+    for (int64_t m = 0; m < b.rows; m += kInt8VectorRows) {
+      const int8_t* high = b.in.high + m * b.k_padded;
+      const uint8_t* low = b.in.low + m * b.k_padded;
+      c10::BFloat16* ym = b.out + m * b.out_stride;
+      const int64_t k = b.k_padded, n = b.columns, ld = b.out_stride;
+      switch (std::min<int64_t>(kInt8VectorRows, b.rows - m)) {
+        case 1: int8_rows_dpbusd<1>(high, low, b.in.scale + m, k, b.codes, column_bias, b.scale, n, ym, ld); break;
+        case 2: int8_rows_dpbusd<2>(high, low, b.in.scale + m, k, b.codes, column_bias, b.scale, n, ym, ld); break;
+        default: int8_rows_dpbusd<3>(high, low, b.in.scale + m, k, b.codes, column_bias, b.scale, n, ym, ld);
       }
     }
   });
-  return out;
 }
 
 // One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
