@@ -650,7 +650,9 @@ struct TileBuffers {
     grow(value_scales, kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
+#if defined(__AVX512F__)  // K^T for the FMA products (AVX2 builds hand K to at::mm as it lies)
     grow(kt, kKeyTile * dim);
+#endif
     grow(v, kKeyTile * dim);
     grow(q16, rows * dim);
     grow(k16, kKeyTile * dim);
