@@ -41,7 +41,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError
 from engine.memory import process_memory
 from engine.parallel_state import init_groups, send_call
-from engine.worker import JOIN_TIMEOUT_S, KEY_SETTINGS, SHUTDOWN, run_worker, spawned_worker
+from engine.worker import JOIN_TIMEOUT_S, KEY_SETTINGS, SHUTDOWN, exit_rank, run_worker, spawned_worker
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"RANK must be in 1..WORLD_SIZE-1 (rank 0 is the engine), got {rank}")
     run_worker(rank, int(os.environ.get("LOCAL_RANK", 0)), env["MASTER_ADDR"], int(env["MASTER_PORT"]),
                int(env["WORLD_SIZE"]), model=args.model)
+    exit_rank()
 
 
 if __name__ == "__main__":
