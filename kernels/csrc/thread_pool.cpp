@@ -143,7 +143,7 @@ void run_serially(int64_t begin, int64_t end, PartFn call, const void* fn) {
 class Pool {
  public:
   explicit Pool(int64_t workers) : threads_(workers + 1) {
-    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this] { work(); });
+    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this, i] { work(i); });
   }
 
   const int64_t threads_;
@@ -226,10 +226,12 @@ class Pool {
     return nullptr;
   }
 
-  // A worker between ops: the read-ahead weight into its cache, in threads_ parts (a chunk of each
-  // in turn, from where it left off for the same weight), until op `seen` is no longer the latest.
-  // Prefetches: never a fault, even for a weight freed since.
-  void read_weight_ahead(uint32_t seen, uint64_t& gen, int64_t& offset) {
+  // Worker `worker` between ops: its share of the read-ahead weight into its cache, until op `seen`
+  // is no longer the latest. The weight is cut into threads_ parts as the next op will be, and
+  // worker w reads parts w, w + workers, ... (one worker: all of them), a chunk of each in turn,
+  // from where it left off for the same weight. Prefetches: never a fault, even for a weight
+  // freed since.
+  void read_weight_ahead(uint32_t seen, int64_t worker, uint64_t& gen, int64_t& offset) {
     const uint64_t g = ahead_gen_.load(std::memory_order_relaxed);
     const char* data = static_cast<const char*>(ahead_data_.load(std::memory_order_relaxed));
     const int64_t bytes = ahead_bytes_.load(std::memory_order_relaxed);
@@ -239,7 +241,7 @@ class Pool {
     const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
     int64_t read = 0;
     for (; offset < limit && epoch_.load(std::memory_order_relaxed) == seen; offset += kAheadChunk)
-      for (int64_t q = 0; q < threads_; ++q) {
+      for (int64_t q = worker; q < threads_; q += threads_ - 1) {
         const int64_t end = std::min({offset + kAheadChunk, limit, bytes - q * part});
         for (int64_t b = offset; b < end; b += 64) _mm_prefetch(data + q * part + b, _MM_HINT_T1);
         read += std::max<int64_t>(0, end - offset);
@@ -290,7 +292,7 @@ class Pool {
     stats.worker_moves.fetch_add(1, std::memory_order_relaxed);
   }
 
-  void work() {
+  void work(int64_t worker) {
     uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
     int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted)
     int64_t ops = 0;
@@ -331,7 +333,7 @@ class Pool {
       }
       // In the time it would spin (a worker that shares its core sleeps instead, reading nothing).
       if (cooldown == 0 && spin_us.load(std::memory_order_relaxed) > 0 && read_ahead.load(std::memory_order_relaxed))
-        read_weight_ahead(seen, ahead_gen, ahead_offset);
+        read_weight_ahead(seen, worker, ahead_gen, ahead_offset);
     }
   }
 
