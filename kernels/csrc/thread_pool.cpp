@@ -22,6 +22,7 @@
 #include <chrono>
 #include <climits>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -59,11 +60,14 @@ constexpr int64_t kCheckEvery = 8;
 // Read-ahead (thread_pool.h): a worker reads the next weight in chunks of this many bytes per
 // part (one look at the epoch per chunk of every part: ~0.5 us of reading), at most
 // kAheadMaxBytes of it in all (the worker's 1-2 MiB L2; what it evicts lands in L3 on Zen, and
-// the gaps between a step's ops are too short for more), in as many parts as the pool has
+// the gaps between a layer's ops are too short for more), in as many parts as the pool has
 // threads: a part's first lines first, each thread's share of the next op is early in cache.
+// A gap long enough (between two decode steps: sampling, scheduling, ~0.5 ms at batch 1) goes on
+// to the weights after it along the chain learned, kAheadChainBytes in all (into L3).
 // The weights followed are remembered in kNextSlots slots (a 30-layer model has 121 matmuls).
 constexpr int64_t kAheadChunk = 4096;
 constexpr int64_t kAheadMaxBytes = 2 << 20;
+constexpr int64_t kAheadChainBytes = 8 << 20;
 constexpr int64_t kNextSlots = 2048;
 
 std::atomic<int64_t> spin_us{kDefaultSpinUs};
@@ -197,9 +201,20 @@ class Pool {
   }
 
  private:
+  // Slot of weight `key`: the weight whose op came after key's last time. Written by callers
+  // (under `busy`), read by workers following the chain: a torn read only misdirects prefetches.
   struct Next {
-    const void* key = nullptr;
-    Weight next;  // the weight whose op came after key's last time
+    std::atomic<const void*> key{nullptr};
+    std::atomic<const void*> data{nullptr};
+    std::atomic<int64_t> bytes{0};
+  };
+
+  // A worker's read-ahead: of the weights after op generation `gen`, the one it is on, how far it
+  // got (per part), and the bytes of the ones before it in the chain.
+  struct Ahead {
+    uint64_t gen = 0;
+    const char* data = nullptr;
+    int64_t bytes = 0, offset = 0, chain = 0;
   };
 
   // The weight read ahead after this op: the one that followed `weight` last time (learned here:
@@ -207,10 +222,13 @@ class Pool {
   // the read-ahead of the matmul before it.
   void follow(Weight weight) {
     if (last_weight_ && last_weight_ != weight.data)
-      if (Next* s = slot(last_weight_)) *s = {last_weight_, weight};
+      if (Next* s = slot(last_weight_)) {
+        s->data.store(weight.data, std::memory_order_relaxed);
+        s->bytes.store(weight.bytes, std::memory_order_relaxed);
+        s->key.store(last_weight_, std::memory_order_release);
+      }
     last_weight_ = weight.data;
-    const Next* s = slot(weight.data);
-    const Weight ahead = s && s->key == weight.data ? s->next : Weight{};
+    const Weight ahead = next_after(weight.data);
     ahead_data_.store(ahead.data, std::memory_order_relaxed);
     ahead_bytes_.store(ahead.bytes, std::memory_order_relaxed);
     ahead_gen_.fetch_add(1, std::memory_order_relaxed);
@@ -221,31 +239,46 @@ class Pool {
     const uint64_t hash = ((reinterpret_cast<uintptr_t>(key) >> 6) * 0x9E3779B97F4A7C15ull) >> 32;
     for (int64_t i = 0; i < kNextSlots; ++i) {
       Next& s = next_of_[(hash + i) % kNextSlots];
-      if (s.key == key || s.key == nullptr) return &s;
+      const void* k = s.key.load(std::memory_order_acquire);
+      if (k == key || k == nullptr) return &s;
     }
     return nullptr;
   }
 
-  // Worker `worker` between ops: its share of the read-ahead weight into its cache, until op `seen`
-  // is no longer the latest. The weight is cut into threads_ parts as the next op will be, and
+  // The weight that came after `key`'s op last time (none: data null).
+  Weight next_after(const void* key) {
+    const Next* s = slot(key);
+    if (!s || s->key.load(std::memory_order_acquire) != key) return {};
+    return {s->data.load(std::memory_order_relaxed), s->bytes.load(std::memory_order_relaxed)};
+  }
+
+  // Worker `worker` between ops: its share of the read-ahead weights into its cache, until op
+  // `seen` is no longer the latest. A weight is cut into threads_ parts as its op will be, and
   // worker w reads parts w, w + workers, ... (one worker: all of them), a chunk of each in turn,
-  // from where it left off for the same weight. Prefetches: never a fault, even for a weight
-  // freed since.
-  void read_weight_ahead(uint32_t seen, int64_t worker, uint64_t& gen, int64_t& offset) {
+  // from where it left off (`a`); then the weight after it, while the chain is under
+  // kAheadChainBytes. Prefetches: never a fault, even for a weight freed since.
+  void read_weight_ahead(uint32_t seen, int64_t worker, Ahead& a) {
     const uint64_t g = ahead_gen_.load(std::memory_order_relaxed);
-    const char* data = static_cast<const char*>(ahead_data_.load(std::memory_order_relaxed));
-    const int64_t bytes = ahead_bytes_.load(std::memory_order_relaxed);
-    if (g != gen) gen = g, offset = 0;
-    if (!data) return;
-    const int64_t part = (bytes / threads_ + 63) & ~int64_t{63};
-    const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
+    if (g != a.gen)
+      a = {g, static_cast<const char*>(ahead_data_.load(std::memory_order_relaxed)),
+           ahead_bytes_.load(std::memory_order_relaxed), 0, 0};
     int64_t read = 0;
-    for (; offset < limit && epoch_.load(std::memory_order_relaxed) == seen; offset += kAheadChunk)
-      for (int64_t q = worker; q < threads_; q += threads_ - 1) {
-        const int64_t end = std::min({offset + kAheadChunk, limit, bytes - q * part});
-        for (int64_t b = offset; b < end; b += 64) _mm_prefetch(data + q * part + b, _MM_HINT_T1);
-        read += std::max<int64_t>(0, end - offset);
+    while (a.data && epoch_.load(std::memory_order_relaxed) == seen) {
+      const int64_t part = (a.bytes / threads_ + 63) & ~int64_t{63};
+      const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
+      if (a.offset >= limit) {  // this weight is read: the one after it, if the chain has room
+        a.chain += limit * threads_;
+        const Weight next = next_after(a.data);
+        a = {a.gen, a.chain < kAheadChainBytes ? static_cast<const char*>(next.data) : nullptr, next.bytes, 0, a.chain};
+        continue;
       }
+      for (int64_t q = worker; q < threads_; q += threads_ - 1) {
+        const int64_t end = std::min({a.offset + kAheadChunk, limit, a.bytes - q * part});
+        for (int64_t b = a.offset; b < end; b += 64) _mm_prefetch(a.data + q * part + b, _MM_HINT_T1);
+        read += std::max<int64_t>(0, end - a.offset);
+      }
+      a.offset += kAheadChunk;
+    }
     if (read) stats.ahead_bytes.fetch_add(read, std::memory_order_relaxed);
   }
 
@@ -296,8 +329,7 @@ class Pool {
     uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
     int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted)
     int64_t ops = 0;
-    uint64_t ahead_gen = 0;  // the read-ahead this worker is on, and how far it got (per part)
-    int64_t ahead_offset = 0;
+    Ahead ahead;  // the read-ahead this worker is on
     while (true) {
       const int64_t budget = cooldown > 0 ? 0 : spin_us.load(std::memory_order_relaxed) * 1000;
       cooldown = std::max<int64_t>(0, cooldown - 1);
@@ -333,7 +365,7 @@ class Pool {
       }
       // In the time it would spin (a worker that shares its core sleeps instead, reading nothing).
       if (cooldown == 0 && spin_us.load(std::memory_order_relaxed) > 0 && read_ahead.load(std::memory_order_relaxed))
-        read_weight_ahead(seen, worker, ahead_gen, ahead_offset);
+        read_weight_ahead(seen, worker, ahead);
     }
   }
 
@@ -346,7 +378,7 @@ class Pool {
 
   // Read-ahead: the caller's record of which weight followed which (touched only under `busy`),
   // and the weight workers read ahead now (its generation: bumped per weighted op).
-  std::vector<Next> next_of_ = std::vector<Next>(kNextSlots);
+  std::unique_ptr<Next[]> next_of_{new Next[kNextSlots]};
   const void* last_weight_ = nullptr;
   alignas(64) std::atomic<const void*> ahead_data_{nullptr};
   std::atomic<int64_t> ahead_bytes_{0};
