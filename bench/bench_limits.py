@@ -9,6 +9,10 @@ bounds it, measured in the same run on the same machine.
                                                        # strips (amx_linear on AMX, else bf16_linear on
                                                        # AVX512-BF16) vs unpack + F.linear vs F.linear
                                                        # on a plain weight vs oneDNN packed, 1-2000 rows
+    python bench/bench_limits.py --read-ahead 40       # only: each kind of projection at 1 row, a busy gap
+                                                       # after each call (--gap-us, as a step's other ops
+                                                       # leave), with our pool's workers reading the next
+                                                       # weight ahead and without, alternating, 40 rounds
     python bench/bench_limits.py --lm-head             # only: the tied LM head alone at 1-64 rows, each
                                                        # kernel (bf16_mm_amx / bf16_mm_rows where the CPU
                                                        # runs them, torch.mv/mm, F.linear) vs its read time
@@ -228,6 +232,54 @@ def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -
     return lines
 
 
+@torch.inference_mode()
+def read_ahead_table(model, bandwidth: float, rounds: int, gap_us: float) -> list[str]:
+    """Markdown rows: per kind of projection at 1 row, its time with our kernel pool's workers
+    reading the next weight ahead between calls (kernels/csrc/thread_pool.h) and without, passes
+    over every projection in model order, a gap_us busy wait after each call (the norms,
+    attention and Python a decode step runs between them), on and off alternating pass by pass in
+    this process; each kind's median pass and fastest pass (on a loaded machine the fastest is the
+    closer to a quiet one, and the workers, sharing their cores, read ahead in fewer passes)."""
+    import kernels.cpu_ops  # noqa: F401  (the pool's ops)
+
+    ops = torch.ops.bento_llm
+    linears = model_linears(model)
+    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=torch.bfloat16) for _, m in linears}
+    passes: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+
+    def one_pass() -> dict[str, float]:
+        spent = dict.fromkeys((kind for kind, _ in linears), 0.0)
+        for kind, m in linears:
+            start = time.perf_counter()
+            m(inputs[m.in_features])
+            end = time.perf_counter()
+            spent[kind] += end - start
+            while time.perf_counter() - end < gap_us * 1e-6:
+                pass
+        return spent
+
+    try:
+        for i in range(rounds + 1):  # the first round warms up
+            for on in (True, False) if i % 2 else (False, True):
+                ops.set_kernel_pool_read_ahead(on)
+                spent = one_pass()
+                if i:
+                    passes[on].append(spent)
+    finally:
+        ops.set_kernel_pool_read_ahead(True)
+    from engine.memory import storage_bytes, weight_tensors
+
+    rows = []
+    for kind in passes[True][0]:
+        nbytes = storage_bytes(t for k, m in linears if k == kind for t in weight_tensors(m))
+        on, off = ([p[kind] * 1e3 for p in passes[flag]] for flag in (True, False))
+        read = nbytes / bandwidth * 1e3
+        rows.append(f"| {kind} | {statistics.median(off):.2f} / {min(off):.2f} | {statistics.median(on):.2f} / "
+                    f"{min(on):.2f} | {statistics.median(on) / statistics.median(off):.2f} / {min(on) / min(off):.2f} | "
+                    f"{read:.2f} | {min(off) / read:.2f} / {min(on) / read:.2f} |")
+    return rows
+
+
 def timed_steps(engine, prompts: list[list[int]], max_tokens: int, clock=time.perf_counter) -> list[float]:
     """engine.step() seconds (by `clock`) of every step in which all sequences decode one token."""
     from engine import SamplingParams
@@ -296,6 +348,10 @@ def main() -> None:
     parser.add_argument("--quantization", default="none",
                         help="the engine's quantization; 'none' (the default here) keeps the weights in --dtype, "
                              "which this table is about ('auto' is the engine's default: int4 for a Q4 GGUF on AMX)")
+    parser.add_argument("--read-ahead", type=int, default=0, metavar="ROUNDS",
+                        help="only: the projections at 1 row with the pool's workers reading the next weight ahead vs "
+                             "not, alternating, ROUNDS rounds")
+    parser.add_argument("--gap-us", type=float, default=10.0, help="--read-ahead's busy wait after each call")
     parser.add_argument("--lm-head", action="store_true",
                         help="only time the tied LM head alone through each kernel at --rows (default 1,4,16,64)")
     args = parser.parse_args()
@@ -321,6 +377,14 @@ def main() -> None:
         print("| kernel | rows | ms | GB/s of weight | weight read ms | ratio to read |")
         print("| --- | --- | --- | --- | --- | --- |")
         print("\n".join(lm_head_table(model, bandwidth, args.rows or [1, 4, 16, 64], repeats)))
+        return
+    if args.read_ahead:
+        print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s, "
+              f"a {args.gap_us:g} us gap after each call; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+        print("| projection (all of a kind, 1 row) | no read-ahead ms (median / fastest pass) | read-ahead ms "
+              "| read-ahead / none | weight read ms | fastest / read (none / read-ahead) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n".join(read_ahead_table(model, bandwidth, args.read_ahead, args.gap_us)))
         return
     if args.amx_linear:
         print(f"\n{args.model}, {args.threads} threads, {cpu_features()}, memory read {bandwidth / 1e9:.1f} GB/s; "

@@ -7,6 +7,7 @@
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
+    python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
@@ -119,7 +120,7 @@ OP_GROUPS = [
 def _is_matmul(name: str) -> bool:
     # _linear_pointwise: oneDNN's packed matmul (the projections without AMX); mv/addmv: ATen's GEMV.
     return name.endswith(("::mm", "::addmm", "::mv", "::addmv", "::matmul", "::linear", "_linear_pointwise", "_mm_amx",
-                          "_mm_rows", "_dequantize", "amx_linear"))
+                          "_mm_rows", "_dequantize", "amx_linear", "bf16_linear"))
 
 
 def decode_op_shares(events, in_layer) -> None:
@@ -256,6 +257,34 @@ def pool_ab(steps, spins: str, rounds: int) -> None:
               f"{statistics.median(ms):.2f}{share}")
 
 
+def read_ahead_ab(steps, rounds: int) -> None:
+    """Decode steps with our kernels' pool workers reading the next matmul's weight into their
+    cache between ops (kernels/csrc/thread_pool.h) and without, alternating in this process, every
+    pass printed (median step, and fastest step: on a loaded machine the closer to a quiet one),
+    with the bytes read ahead per step."""
+    ops = torch.ops.bento_llm
+    passes: dict[str, list[float]] = {"read-ahead": [], "no read-ahead": []}
+    fastest: dict[str, list[float]] = {name: [] for name in passes}
+    ahead: list[int] = []
+    try:
+        for i in range(rounds):
+            for name in passes if i % 2 == 0 else reversed(passes):
+                ops.set_kernel_pool_read_ahead(name == "read-ahead")
+                before = ops.kernel_pool_stats()[8]
+                times = steps()
+                passes[name].append(statistics.median(times) * 1e3)
+                fastest[name].append(min(times) * 1e3)
+                if name == "read-ahead":
+                    ahead.append((ops.kernel_pool_stats()[8] - before) // max(len(times), 1))
+    finally:
+        ops.set_kernel_pool_read_ahead(True)
+    for name, ms in passes.items():
+        print(f"{name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; median of passes "
+              f"{statistics.median(ms):.2f}; fastest step per pass {' '.join(f'{t:.2f}' for t in fastest[name])}, "
+              f"median {statistics.median(fastest[name]):.2f}")
+    print(f"read ahead per step (MiB, each read-ahead pass): {' '.join(f'{b / 2**20:.1f}' for b in ahead)}")
+
+
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
     """(median wall seconds, median seconds of this thread's CPU time) of the forward pass: on a
     loaded machine the thread's CPU time is the steadier one (it leaves out time the thread
@@ -291,6 +320,9 @@ def main() -> None:
                         help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
     parser.add_argument("--ab-lm-head", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the LM head on bf16_mm_rows vs torch.mv/mm, alternating, ROUNDS rounds")
+    parser.add_argument("--ab-read-ahead", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
+                             "alternating, ROUNDS rounds")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -312,6 +344,12 @@ def main() -> None:
         return
     if args.ab_lm_head:
         lm_head_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_lm_head)
+        return
+    if args.ab_read_ahead:
+        import kernels.cpu_ops  # noqa: F401  (the pool's ops)
+
+        read_ahead_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
+                      args.ab_read_ahead)
         return
     if args.ab_pool_spin:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ needs_amx_linear = pytest.mark.skipif(amx_linear_ops() is None, reason="no AMX t
 TIMEOUT_S = 60  # a deadlock fails the test instead of hanging the suite
 # kernel_pool_stats' fields, in order.
 STATS = ("pooled", "serial_busy", "caller_parts", "worker_parts", "worker_sleeps", "wakes", "worker_preempted",
-         "worker_moves")
+         "worker_moves", "ahead_bytes")
 
 
 def stats() -> dict[str, int]:
@@ -226,6 +227,41 @@ def test_a_forked_child_starts_its_own_workers(gen):
     done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, seed], cwd=root, capture_output=True, text=True,
                           timeout=TIMEOUT_S + 120)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+
+
+@contextlib.contextmanager
+def read_ahead(on: bool):
+    ops.set_kernel_pool_read_ahead(on)
+    try:
+        yield
+    finally:
+        ops.set_kernel_pool_read_ahead(True)
+
+
+@pytest.mark.skipif(avx512_bf16_ops() is None, reason="no AVX512-BF16 on this machine")
+def test_workers_read_the_next_weight_ahead_only_when_on(gen):
+    """Two projections called in turn: the pool learns that each is followed by the other, and a
+    worker done with its part reads the next one's weight (prefetches: the results are the same
+    bits); switched off, it reads nothing."""
+    first, second = bf16_linear_case(gen, 1), bf16_linear_case(gen, 1)
+    with threads(1):
+        want = [first(), second()]
+    with threads(2, 200):
+        with read_ahead(False):
+            before = stats()
+            for _ in range(20):
+                assert [torch.equal(op(), w) for op, w in zip((first, second), want)] == [True, True]
+            assert stats()["ahead_bytes"] == before["ahead_bytes"]
+        with read_ahead(True):
+            before = stats()
+            # A worker reads ahead while it would spin; on a loaded machine it may sleep for a
+            # while instead (its cooldown), so the calls go on until it has read something.
+            deadline = time.monotonic() + 30
+            while stats()["ahead_bytes"] == before["ahead_bytes"] and time.monotonic() < deadline:
+                assert [torch.equal(op(), w) for op, w in zip((first, second), want)] == [True, True]
+                time.sleep(0.0002)  # the gap a step's other ops leave between two projections
+            read = stats()["ahead_bytes"] - before["ahead_bytes"]
+    assert 0 < read
 
 
 def test_the_spin_budget_is_validated_and_kept():

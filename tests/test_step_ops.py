@@ -122,3 +122,16 @@ def test_step_modules_run_their_forward_and_refuse_hooks_rather_than_ignore_them
         norm.register_forward_hook(lambda *a: None)
     with pytest.raises(TypeError, match="hook its decoder layer"):
         SiluAndMul().register_forward_pre_hook(lambda *a: None)
+
+
+def test_a_projection_is_a_step_module_with_its_forward_and_no_hooks(gen):
+    from engine.layers.linear import Linear
+
+    layer = Linear(8, 5, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 8, generator=gen))
+        layer.bias.copy_(torch.randn(5, generator=gen))
+    x = torch.randn(3, 8, generator=gen)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    with pytest.raises(TypeError, match="hook its decoder layer"):
+        layer.register_forward_hook(lambda *a: None)

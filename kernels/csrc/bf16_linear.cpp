@@ -157,7 +157,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const std:
                   reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>()), steps, n_total, bias_ptr,
                   out.data_ptr<c10::BFloat16>()};
   const bool serial = rows <= kBlockRows && packed.numel() * 2 < kSerialLinearBytes;
-  kernel_pool::parallel_for(0, tiles, serial ? tiles : 1, [&](int64_t t0, int64_t t1) { run_strips(p, t0, t1); });
+  kernel_pool::parallel_for(0, tiles, serial ? tiles : 1, [&](int64_t t0, int64_t t1) { run_strips(p, t0, t1); },
+                            {packed.data_ptr(), packed.numel() * 2});
   return out;
 }
 

@@ -243,7 +243,7 @@ at::Tensor bf16_mm_rows(const at::Tensor& x_in, const at::Tensor& weight) {
   auto* y = out.data_ptr<c10::BFloat16>();
   kernel_pool::parallel_for(0, (n_total + kRowsBlockN - 1) / kRowsBlockN, 1, [&](int64_t begin, int64_t end) {
     dot_blocks(w, n_total, k_total, in, rows, ldx, y, begin, end);
-  });
+  }, {w, n_total * k_total * 2});
   return out;
 }
 

@@ -22,6 +22,7 @@
 #include <chrono>
 #include <climits>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -56,10 +57,23 @@ constexpr int64_t kYieldEveryNs = 20'000;
 constexpr int64_t kPreemptedNs = 30'000;
 constexpr int64_t kCooldownOps = 256;
 constexpr int64_t kCheckEvery = 8;
+// Read-ahead (thread_pool.h): a worker reads the next weight in chunks of this many bytes per
+// part (one look at the epoch per chunk of every part: ~0.5 us of reading), at most
+// kAheadMaxBytes of it in all (the worker's 1-2 MiB L2; what it evicts lands in L3 on Zen, and
+// the gaps between a layer's ops are too short for more), in as many parts as the pool has
+// threads: a part's first lines first, each thread's share of the next op is early in cache.
+// A gap long enough (between two decode steps: sampling, scheduling, ~0.5 ms at batch 1) goes on
+// to the weights after it along the chain learned, kAheadChainBytes in all (into L3).
+// The weights followed are remembered in kNextSlots slots (a 30-layer model has 121 matmuls).
+constexpr int64_t kAheadChunk = 4096;
+constexpr int64_t kAheadMaxBytes = 2 << 20;
+constexpr int64_t kAheadChainBytes = 8 << 20;
+constexpr int64_t kNextSlots = 2048;
 
 std::atomic<int64_t> spin_us{kDefaultSpinUs};
 std::atomic<bool> enabled{true};        // false: at::parallel_for (OpenMP), for A/B benchmarks
 std::atomic<bool> hold_workers{false};  // tests: a worker that sees an op waits while this is set
+std::atomic<bool> read_ahead{true};     // false: workers read no weight ahead (A/B benchmarks)
 
 struct Stats {
   alignas(64) std::atomic<int64_t> pooled{0};         // ops split into parts in the pool
@@ -70,6 +84,7 @@ struct Stats {
   alignas(64) std::atomic<int64_t> wakes{0};          // wake syscalls made by callers
   alignas(64) std::atomic<int64_t> worker_moves{0};      // times a worker moved off the caller's core
   alignas(64) std::atomic<int64_t> worker_preempted{0};  // times a worker found itself preempted (cooldown)
+  alignas(64) std::atomic<int64_t> ahead_bytes{0};       // weight bytes workers read ahead
 };
 Stats stats;
 
@@ -132,14 +147,15 @@ void run_serially(int64_t begin, int64_t end, PartFn call, const void* fn) {
 class Pool {
  public:
   explicit Pool(int64_t workers) : threads_(workers + 1) {
-    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this] { work(); });
+    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this, i] { work(i); });
   }
 
   const int64_t threads_;
   std::atomic<bool> busy{false};  // an op (or a restart) holds the pool
 
   // One op on the pool: the caller holds `busy`.
-  void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn) {
+  void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn, Weight weight) {
+    if (weight.data) follow(weight);
     // at::parallel_for's parts (ATen/ParallelOpenMP.h): min(threads, ceil(n / grain)) chunks of
     // ceil(n / that) iterations; n > max(grain, 1) here, so there are at least two.
     const int64_t n = end - begin;
@@ -185,6 +201,87 @@ class Pool {
   }
 
  private:
+  // Slot of weight `key`: the weight whose op came after key's last time. Written by callers
+  // (under `busy`), read by workers following the chain: a torn read only misdirects prefetches.
+  struct Next {
+    std::atomic<const void*> key{nullptr};
+    std::atomic<const void*> data{nullptr};
+    std::atomic<int64_t> bytes{0};
+  };
+
+  // A worker's read-ahead: of the weights after op generation `gen`, the one it is on, how far it
+  // got (per part), and the bytes of the ones before it in the chain.
+  struct Ahead {
+    uint64_t gen = 0;
+    const char* data = nullptr;
+    int64_t bytes = 0, offset = 0, chain = 0;
+  };
+
+  // The weight read ahead after this op: the one that followed `weight` last time (learned here:
+  // `weight` follows the last weighted op's). An op without a weight (attention, a norm) keeps
+  // the read-ahead of the matmul before it.
+  void follow(Weight weight) {
+    if (last_weight_ && last_weight_ != weight.data)
+      if (Next* s = slot(last_weight_)) {
+        s->data.store(weight.data, std::memory_order_relaxed);
+        s->bytes.store(weight.bytes, std::memory_order_relaxed);
+        s->key.store(last_weight_, std::memory_order_release);
+      }
+    last_weight_ = weight.data;
+    const Weight ahead = next_after(weight.data);
+    ahead_data_.store(ahead.data, std::memory_order_relaxed);
+    ahead_bytes_.store(ahead.bytes, std::memory_order_relaxed);
+    ahead_gen_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // The slot of weight `key` (open addressing on its address), or a free one; null: all taken.
+  Next* slot(const void* key) {
+    const uint64_t hash = ((reinterpret_cast<uintptr_t>(key) >> 6) * 0x9E3779B97F4A7C15ull) >> 32;
+    for (int64_t i = 0; i < kNextSlots; ++i) {
+      Next& s = next_of_[(hash + i) % kNextSlots];
+      const void* k = s.key.load(std::memory_order_acquire);
+      if (k == key || k == nullptr) return &s;
+    }
+    return nullptr;
+  }
+
+  // The weight that came after `key`'s op last time (none: data null).
+  Weight next_after(const void* key) {
+    const Next* s = slot(key);
+    if (!s || s->key.load(std::memory_order_acquire) != key) return {};
+    return {s->data.load(std::memory_order_relaxed), s->bytes.load(std::memory_order_relaxed)};
+  }
+
+  // Worker `worker` between ops: its share of the read-ahead weights into its cache, until op
+  // `seen` is no longer the latest. A weight is cut into threads_ parts as its op will be, and
+  // worker w reads parts w, w + workers, ... (one worker: all of them), a chunk of each in turn,
+  // from where it left off (`a`); then the weight after it, while the chain is under
+  // kAheadChainBytes. Prefetches: never a fault, even for a weight freed since.
+  void read_weight_ahead(uint32_t seen, int64_t worker, Ahead& a) {
+    const uint64_t g = ahead_gen_.load(std::memory_order_relaxed);
+    if (g != a.gen)
+      a = {g, static_cast<const char*>(ahead_data_.load(std::memory_order_relaxed)),
+           ahead_bytes_.load(std::memory_order_relaxed), 0, 0};
+    int64_t read = 0;
+    while (a.data && epoch_.load(std::memory_order_relaxed) == seen) {
+      const int64_t part = (a.bytes / threads_ + 63) & ~int64_t{63};
+      const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
+      if (a.offset >= limit) {  // this weight is read: the one after it, if the chain has room
+        a.chain += limit * threads_;
+        const Weight next = next_after(a.data);
+        a = {a.gen, a.chain < kAheadChainBytes ? static_cast<const char*>(next.data) : nullptr, next.bytes, 0, a.chain};
+        continue;
+      }
+      for (int64_t q = worker; q < threads_; q += threads_ - 1) {
+        const int64_t end = std::min({a.offset + kAheadChunk, limit, a.bytes - q * part});
+        for (int64_t b = a.offset; b < end; b += 64) _mm_prefetch(a.data + q * part + b, _MM_HINT_T1);
+        read += std::max<int64_t>(0, end - a.offset);
+      }
+      a.offset += kAheadChunk;
+    }
+    if (read) stats.ahead_bytes.fetch_add(read, std::memory_order_relaxed);
+  }
+
   // The next unclaimed part of op `epoch`, or -1 when none is left or that op is over. The word:
   // epoch << 32 | parts << 16 | next part.
   int64_t claim(uint32_t epoch) {
@@ -228,10 +325,11 @@ class Pool {
     stats.worker_moves.fetch_add(1, std::memory_order_relaxed);
   }
 
-  void work() {
+  void work(int64_t worker) {
     uint32_t seen = 0;  // the epoch before the first op (workers start in the constructor)
     int64_t cooldown = 0;  // ops left before this worker spins again (it was preempted)
     int64_t ops = 0;
+    Ahead ahead;  // the read-ahead this worker is on
     while (true) {
       const int64_t budget = cooldown > 0 ? 0 : spin_us.load(std::memory_order_relaxed) * 1000;
       cooldown = std::max<int64_t>(0, cooldown - 1);
@@ -265,6 +363,9 @@ class Pool {
         cooldown = kCooldownOps;
         stats.worker_preempted.fetch_add(1, std::memory_order_relaxed);
       }
+      // In the time it would spin (a worker that shares its core sleeps instead, reading nothing).
+      if (cooldown == 0 && spin_us.load(std::memory_order_relaxed) > 0 && read_ahead.load(std::memory_order_relaxed))
+        read_weight_ahead(seen, worker, ahead);
     }
   }
 
@@ -274,6 +375,14 @@ class Pool {
   int64_t begin_ = 0, end_ = 0, chunk_ = 1;
   std::exception_ptr error_;
   std::atomic_flag error_set_ = ATOMIC_FLAG_INIT;
+
+  // Read-ahead: the caller's record of which weight followed which (touched only under `busy`),
+  // and the weight workers read ahead now (its generation: bumped per weighted op).
+  std::unique_ptr<Next[]> next_of_{new Next[kNextSlots]};
+  const void* last_weight_ = nullptr;
+  alignas(64) std::atomic<const void*> ahead_data_{nullptr};
+  std::atomic<int64_t> ahead_bytes_{0};
+  std::atomic<uint64_t> ahead_gen_{0};
 
   alignas(64) std::atomic<uint64_t> claim_{0};
   alignas(64) std::atomic<uint32_t> epoch_{0};  // bumped per op: the word workers sleep on
@@ -314,7 +423,7 @@ Pool* pool_for(int64_t threads) {
 
 }  // namespace
 
-void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn) {
+void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn, Weight weight) {
   if (begin >= end) return;
   if (!enabled.load(std::memory_order_relaxed)) {
     at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { call(fn, b, e); });
@@ -333,7 +442,7 @@ void run(int64_t begin, int64_t end, int64_t grain, PartFn call, const void* fn)
     return;
   }
   try {
-    pool->run(begin, end, grain, call, fn);
+    pool->run(begin, end, grain, call, fn, weight);
   } catch (...) {
     pool->busy.store(false, std::memory_order_release);
     throw;
@@ -353,15 +462,18 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   });
   // Benchmarks: false runs our kernels' regions on torch's OpenMP threads, as before the pool.
   m.def("set_kernel_pool_enabled(bool enabled) -> ()", [](bool on) { enabled.store(on, std::memory_order_relaxed); });
+  // Benchmarks: false, workers read no weight ahead between ops.
+  m.def("set_kernel_pool_read_ahead(bool on) -> ()", [](bool on) { read_ahead.store(on, std::memory_order_relaxed); });
   m.def("kernel_pool_spin_us() -> int", [] { return spin_us.load(std::memory_order_relaxed); });
   // Tests: workers that see a new op wait (sleeping) while held, as a descheduled worker would.
   m.def("kernel_pool_hold_workers(bool held) -> ()", [](bool held) { hold_workers.store(held, std::memory_order_seq_cst); });
   // [pooled ops, ops run serially because the pool was busy, caller parts, worker parts, worker
   // sleeps, wake syscalls, times a worker found itself preempted (and stopped spinning for a
-  // while), times a worker moved off the caller's core], counted since the process started.
+  // while), times a worker moved off the caller's core, weight bytes workers read ahead],
+  // counted since the process started.
   m.def("kernel_pool_stats() -> int[]", [] {
     return std::vector<int64_t>{stats.pooled.load(),       stats.serial_busy.load(), stats.caller_parts.load(),
                                 stats.worker_parts.load(), stats.worker_sleeps.load(), stats.wakes.load(),
-                                stats.worker_preempted.load(), stats.worker_moves.load()};
+                                stats.worker_preempted.load(), stats.worker_moves.load(), stats.ahead_bytes.load()};
   });
 }
