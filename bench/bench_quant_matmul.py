@@ -77,7 +77,7 @@ def baseline_ops(revision: str):
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
     # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
-    for name in ("quant_ops.cpp", "amx_tiles.h", "thread_pool.h", "thread_pool.cpp"):
+    for name in ("quant_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"):
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))

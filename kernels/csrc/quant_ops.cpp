@@ -9,7 +9,7 @@
 // planes with the codes on AMX-INT8 in its own tile loop (int8_mm_amx). w8a8_mm_amx rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int4_mm_dpbf16 / int8_mm_amx /
-// int8_mm_rows / int8_mm_dpbusd / w8a8_mm_amx by the same extension as cpu_ops.cpp
+// int8_mm_rows / int8_mm_dpbusd / int8_mm_dpbf16 / w8a8_mm_amx by the same extension as cpu_ops.cpp
 // (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
@@ -41,11 +41,13 @@
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // CPUs without AMX (Zen 4/5, cloud VMs that hide it) run the loops that need no tiles: int4_mm_rows
-// and int8_mm_rows (AVX512-BF16 / AVX512-VNNI, as above), the whole-weight conversions, and two
-// vector loops in place of the tile loops: int4_mm_dpbf16 (int4_mm_amx's blocks converted per call,
-// times the rows by AVX512-BF16 pair dot products, 6 rows x 64 columns of accumulators) and
-// int8_mm_dpbusd (int8_mm_rows's byte dot products over 3 rows at a time, each block's column sums
-// taken once). engine/layers/quant_kernels.py picks one per row count.
+// and int8_mm_rows (AVX512-BF16 / AVX512-VNNI, as above), the whole-weight conversions, and vector
+// loops in place of the tile loops: int4_mm_dpbf16 (int4_mm_amx's blocks converted per call, times
+// the rows by AVX512-BF16 pair dot products, 6 rows x 64 columns of accumulators), int8_mm_dpbusd
+// (int8_mm_rows's byte dot products over 3 rows at a time, each block's column sums taken once:
+// Intel's) and int8_mm_dpbf16 (each block's codes converted exactly to bfloat16 while its first
+// rows multiply them, then int4_mm_dpbf16's loop, the scales on the sums: AMD's, where the byte
+// products run at half the rate). engine/layers/quant_kernels.py picks one per row count.
 // Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
 // any x86-64; the AMX ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux
 // grants the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too,
@@ -557,13 +559,28 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
 constexpr int64_t kTileVectorRows = 6;
 
 // R rows of x (bfloat16, lda apart) times the 16-column groups [G0, G1) of one converted block
-// (a [K/2][64][2] bfloat16 VNNI tile: dequantize_int4_block's, dequantize_int8_block's) -> out
+// (a [K/2][64][2] bfloat16 VNNI tile: dequantize_int4_block's, int8_convert_rows's) -> out
 // (the block's first `columns` columns; groups past them are not stored), each sum times its
 // column's scale where column_scale is given (int8's; int4's scales are in the tile): AMX's tile
 // loop with AVX512-BF16 pair dot products (vdpbf16ps) in place of tiles, for CPUs without AMX.
 // Each tile vector is loaded once per R rows, each input pair broadcast once per 4 groups; the
 // tile (K x 128 bytes) stays in L1/L2 while every row block passes over it. Template group
 // bounds: run-time ones put the accumulators on the stack.
+// out[r][16 (G0 + i) + j] = bf16(acc[r][i][j] (times column_scale[16 (G0 + i) + j] where given)) for
+// the block's first `columns` columns.
+template <int R, int G0, int G1>
+BENTO_AVX512_BF16 inline void store_tile_sums(const __m512 (&acc)[R][G1 - G0], int64_t columns, const c10::BFloat16* column_scale,
+                                              c10::BFloat16* out, int64_t out_stride) {
+  for (int i = 0; i < G1 - G0 && 16 * (G0 + i) < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * (G0 + i))) - 1);
+    const __m512 scale = column_scale ? load_bfloat16(column_scale + 16 * (G0 + i), mask) : _mm512_set1_ps(1.0f);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_mul_ps(acc[r][i], scale);
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * (G0 + i), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
 template <int R, int G0, int G1>
 BENTO_AVX512_BF16 void tile_rows(const uint16_t* x, int64_t lda, const uint16_t* tile, int64_t k_total, int64_t columns,
                                  const c10::BFloat16* column_scale, c10::BFloat16* out, int64_t out_stride) {
@@ -582,14 +599,7 @@ BENTO_AVX512_BF16 void tile_rows(const uint16_t* x, int64_t lda, const uint16_t*
       for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], w[i], xp);
     }
   }
-  for (int i = 0; i < G && 16 * (G0 + i) < columns; ++i) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * (G0 + i))) - 1);
-    const __m512 scale = column_scale ? load_bfloat16(column_scale + 16 * (G0 + i), mask) : _mm512_set1_ps(1.0f);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_mul_ps(acc[r][i], scale);
-      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * (G0 + i), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-    }
-  }
+  store_tile_sums<R, G0, G1>(acc, columns, column_scale, out, out_stride);
 }
 
 // Every row of x times the groups [G0, G1) of one converted block, kTileVectorRows at a time.
@@ -612,14 +622,17 @@ void tile_all_rows(const uint16_t* x, int64_t lda, int64_t rows, const uint16_t*
 
 // The vector loops on converted blocks, for CPUs without AMX: int4_mm_amx's structure (each
 // 64-column block converted once per call into the thread's bfloat16 VNNI tile, k_tile pair rows
-// long, by fill(b, next, tile, h0, h1): its 32-column halves [h0, h1), prefetching block next's
-// codes (-1: none); threads split the blocks' 32-column halves) with tile_rows's vector products
-// over x's K (even) inputs for the tile loop; column_scale: int8's scales per output column, or null.
+// long, by fill(b, next, tile, h0, h1, out): its 32-column halves [h0, h1), prefetching block
+// next's codes (-1: none), returning how many of the first rows it multiplied on the way into
+// out (the block's first output); threads split the blocks' 32-column halves) with tile_rows's
+// vector products over x's K (even) inputs for the other rows; column_scale: int8's scales per
+// output column, or null.
 template <typename Fill>
 at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_t k_tile, const c10::BFloat16* column_scale,
                                const Fill& fill) {
   const int64_t rows = x.size(0), lda = x.stride(0), k_total = x.size(1), blocks = (out_features + kBlockN - 1) / kBlockN;
   at::Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return out;  // fill multiplies at least one row
   const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   auto* y = out.data_ptr<c10::BFloat16>();
   kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
@@ -627,15 +640,16 @@ at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_
     for (int64_t u = begin; u < end;) {
       const int64_t b = u / 2, columns = std::min(kBlockN, out_features - b * kBlockN);
       const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
-      fill(b, 2 * (b + 1) < end ? b + 1 : -1, tile, h0, h1);
+      const int64_t done = fill(b, 2 * (b + 1) < end ? b + 1 : -1, tile, h0, h1, y + b * kBlockN);
       const c10::BFloat16* scale = column_scale ? column_scale + b * kBlockN : nullptr;
-      c10::BFloat16* yb = y + b * kBlockN;
+      const uint16_t* xr = a + done * lda;
+      c10::BFloat16* yb = y + done * out_features + b * kBlockN;
       if (h0 == 0 && h1 == 2) {
-        tile_all_rows<0, 4>(a, lda, rows, tile, k_total, columns, scale, yb, out_features);
+        tile_all_rows<0, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
       } else if (h0 == 0) {
-        tile_all_rows<0, 2>(a, lda, rows, tile, k_total, columns, scale, yb, out_features);
+        tile_all_rows<0, 2>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
       } else {
-        tile_all_rows<2, 4>(a, lda, rows, tile, k_total, columns, scale, yb, out_features);
+        tile_all_rows<2, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
       }
       u = 2 * b + h1;
     }
@@ -644,7 +658,10 @@ at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_
 }
 
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack) -> [M, out_features] on CPUs with
-// AVX512-BF16 and no AMX: vector_tiled_matmul on dequantize_int4_block's tiles.
+// AVX512-BF16 and no AMX: vector_tiled_matmul on dequantize_int4_block's tiles (converting while
+// the first rows multiply, as int8_convert_rows does, measured slower here: 1.1-1.2x bfloat16's
+// time at 16 rows against 1.0-1.09x: the scales and offsets of 64 columns take 16 registers, so
+// that pass ran on 32-column halves, each input pair broadcast twice).
 at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                           int64_t out_features) {
   TORCH_CHECK(avx512_bf16_supported(), "int4_mm_dpbf16 needs a CPU with AVX512-BF16 and AVX512-VBMI");
@@ -653,7 +670,8 @@ at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const a
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  return vector_tiled_matmul(x, out_features, k_total, nullptr, [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
+  return vector_tiled_matmul(x, out_features, k_total, nullptr,
+                             [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1, c10::BFloat16*) -> int64_t {
     const int64_t block = k_total * 32;
     const uint8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
     const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
@@ -664,6 +682,7 @@ at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const a
     } else {
       dequantize_int4_block<1, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
     }
+    return 0;  // every row multiplies the converted tile
   });
 }
 
@@ -1194,34 +1213,80 @@ struct QuadsToPairs {
 };
 constexpr QuadsToPairs kQuadsToPairs;
 
+// Rows of the first pass of int8_mm_dpbf16 over a block, the pass that converts it
+// (int8_convert_rows): 4 rows x 4 groups = 16 accumulators, beside the conversion's 7 constants
+// and 8 converted vectors.
+constexpr int64_t kInt8ConvertRows = 4;
+
 // One block of 64 columns of int8 codes ([K/4][64][4]) into a bfloat16 VNNI tile [K/2][64][2]
-// (64-byte aligned) of the codes themselves, exactly (the scales go on the sums: tile_rows), its
-// 16-column groups [i0, i1): per 64 codes one byte permutation into pair order, |code| looked up
-// in two 128-entry byte tables (the bfloat16's high and low bytes: vpermi2b), the sign put back
-// (and -128, whose |code| the 7-bit index cannot tell from 0), two unpacks into 16-bit words:
-// 9 instructions where widening to floats took ~14. The next block's codes (next, or null) are
-// prefetched to L2 meanwhile.
-BENTO_AVX512_BF16 void dequantize_int8_block(const int8_t* codes, const int8_t* next, int64_t k_padded, int i0, int i1,
-                                             uint16_t* tile) {
+// (64-byte aligned) of the codes themselves, exactly (the scales go on the sums), its 16-column
+// groups [G0, G1), while its first R rows of x (lda apart, K = k_total even) multiply the
+// converted vectors as they come (tile_rows's pair products, then store_tile_sums with the
+// scales): the conversion's shuffles and the products' multiply-adds share the loop, so they
+// overlap (converting first and multiplying after added their times: the conversion took 0.4x
+// bfloat16's time at 16 rows). Per 64 codes one byte permutation into pair order, |code| looked
+// up in two 128-entry byte tables (the bfloat16's high and low bytes: vpermi2b), the sign put
+// back (and -128, whose |code| the 7-bit index cannot tell from 0), two unpacks into 16-bit
+// words. The next block's codes (next, or null) are prefetched to L2 meanwhile.
+template <int R, int G0, int G1>
+BENTO_AVX512_BF16 void int8_convert_rows(const uint16_t* x, int64_t lda, const int8_t* codes, const int8_t* next, int64_t k_total,
+                                         uint16_t* tile, int64_t columns, const c10::BFloat16* column_scale, c10::BFloat16* out,
+                                         int64_t out_stride) {
+  constexpr int G = G1 - G0;
   const __m512i order = _mm512_load_si512(kQuadsToPairs.bytes);
   const __m512i high0 = _mm512_load_si512(kSmallIntegerBfloat16.high), high1 = _mm512_load_si512(kSmallIntegerBfloat16.high + 64);
   const __m512i low0 = _mm512_load_si512(kSmallIntegerBfloat16.low), low1 = _mm512_load_si512(kSmallIntegerBfloat16.low + 64);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80)), minus_128 = _mm512_set1_epi8(static_cast<char>(0xC3));
-  for (int64_t q = 0; q < k_padded / 4; ++q) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < G; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t q = 0; 4 * q < k_total; ++q) {
     if (next) {
-      for (int i = i0; i < i1; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + q * kInt8QuadBytes + 64 * i), _MM_HINT_T1);
+      for (int i = G0; i < G1; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + q * kInt8QuadBytes + 64 * i), _MM_HINT_T1);
     }
-    uint16_t* out = tile + 2 * q * kBlockN * 2;  // pair rows 2q, 2q + 1
-    for (int i = i0; i < i1; ++i) {
-      const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + q * kInt8QuadBytes + 64 * i));
+    uint16_t* pair_rows = tile + 2 * q * kBlockN * 2;  // pair rows 2q, 2q + 1
+    __m512bh first[G], second[G];
+    for (int i = 0; i < G; ++i) {
+      const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + q * kInt8QuadBytes + 64 * (G0 + i)));
       const __m512i magnitude = _mm512_abs_epi8(c);  // -128 stays 0x80: bit 7 marks it
       __m512i high = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(high0, magnitude, high1), c, sign, 0xF8);  // | sign
       high = _mm512_mask_mov_epi8(high, _mm512_movepi8_mask(magnitude), minus_128);
       const __m512i low = _mm512_permutex2var_epi8(low0, magnitude, low1);
-      _mm512_store_si512(out + 32 * i, _mm512_unpacklo_epi8(low, high));
-      _mm512_store_si512(out + kBlockN * 2 + 32 * i, _mm512_unpackhi_epi8(low, high));
+      const __m512i even = _mm512_unpacklo_epi8(low, high), odd = _mm512_unpackhi_epi8(low, high);
+      _mm512_store_si512(pair_rows + 32 * (G0 + i), even);
+      _mm512_store_si512(pair_rows + kBlockN * 2 + 32 * (G0 + i), odd);
+      first[i] = reinterpret_cast<__m512bh>(even);
+      second[i] = reinterpret_cast<__m512bh>(odd);
+    }
+    const bool both = 4 * q + 2 < k_total;  // K = 2 mod 4: the last quad's second pair lies past x
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * lda + 4 * q, sizeof(pair));
+      const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], first[i], xp);
+      if (both) {
+        std::memcpy(&pair, x + r * lda + 4 * q + 2, sizeof(pair));
+        const __m512bh xq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+        for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], second[i], xq);
+      }
     }
   }
+  store_tile_sums<R, G0, G1>(acc, columns, column_scale, out, out_stride);
+}
+
+// int8_convert_rows for the first min(rows, kInt8ConvertRows) rows; returns that count.
+template <int G0, int G1>
+int64_t int8_convert_first_rows(const uint16_t* x, int64_t lda, int64_t rows, const int8_t* codes, const int8_t* next,
+                                int64_t k_total, uint16_t* tile, int64_t columns, const c10::BFloat16* column_scale,
+                                c10::BFloat16* out, int64_t out_stride) {
+  const int64_t first = std::min(rows, kInt8ConvertRows);
+  switch (first) {
+    case 1: int8_convert_rows<1, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    case 2: int8_convert_rows<2, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    case 3: int8_convert_rows<3, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    default: int8_convert_rows<4, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride);
+  }
+  return first;
 }
 
 // Whether int8's many-row loop without AMX-INT8 is int8_mm_dpbusd (two VNNI byte products per
@@ -1236,8 +1301,9 @@ bool int8_split_bytes_preferred() {
 }
 
 // x [M, K] bfloat16 @ int8 weight (int8_mm_amx's codes and scales) -> [M, out_features] on CPUs
-// with AVX512-BF16 and no AMX, for more rows than int8_mm_rows: vector_tiled_matmul on
-// dequantize_int8_block's tiles, one product per input pair and column (int8_mm_dpbusd takes two,
+// with AVX512-BF16 and no AMX, for more rows than int8_mm_rows: vector_tiled_matmul on the tiles
+// int8_convert_rows makes (multiplying the first rows on the way), one product per input pair and
+// column (int8_mm_dpbusd takes two,
 // one per byte of the split input: on Zen 4 that loop ran at ~0.5x bfloat16's speed).
 // Accuracy: the input as it is (no 16-bit split), the codes exact, the products exact in float32,
 // summed in float32 (vdpbf16ps: subnormal inputs count as 0), then times the column's bfloat16
@@ -1250,12 +1316,18 @@ at::Tensor int8_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const a
   // Pairs of inputs: an odd K takes one zero column (its codes are the zero padding).
   const at::Tensor even = x.size(1) % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
   const auto* codes = packed.data_ptr<int8_t>();
-  const int64_t block = k_padded * kBlockN;
-  return vector_tiled_matmul(even, out_features, k_padded, scales.data_ptr<c10::BFloat16>(),
-                             [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1) {
-                               dequantize_int8_block(codes + b * block, next >= 0 ? codes + next * block : nullptr, k_padded,
-                                                     2 * h0, 2 * h1, tile);
-                             });
+  const auto* scale = scales.data_ptr<c10::BFloat16>();
+  const auto* a = reinterpret_cast<const uint16_t*>(even.data_ptr<c10::BFloat16>());
+  const int64_t rows = x.size(0), lda = even.stride(0), k_total = even.size(1), block = k_padded * kBlockN;
+  return vector_tiled_matmul(even, out_features, k_padded, scale,
+                             [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1, c10::BFloat16* out) -> int64_t {
+    const int8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
+    const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);
+    const c10::BFloat16* s = scale + b * kBlockN;
+    if (h0 == 0 && h1 == 2) return int8_convert_first_rows<0, 4>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+    if (h0 == 0) return int8_convert_first_rows<0, 2>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+    return int8_convert_first_rows<2, 4>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+  });
 }
 
 // One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
