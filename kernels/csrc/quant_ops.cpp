@@ -658,10 +658,11 @@ at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_
 }
 
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack) -> [M, out_features] on CPUs with
-// AVX512-BF16 and no AMX: vector_tiled_matmul on dequantize_int4_block's tiles (converting while
-// the first rows multiply, as int8_convert_rows does, measured slower here: 1.1-1.2x bfloat16's
-// time at 16 rows against 1.0-1.09x: the scales and offsets of 64 columns take 16 registers, so
-// that pass ran on 32-column halves, each input pair broadcast twice).
+// AVX512-BF16 and no AMX: vector_tiled_matmul on dequantize_int4_block's tiles. Converting while
+// the first rows multiply, as int8_convert_rows does, measured slower here (one thread, Zen 4,
+// against bf16_linear at 16 rows: 1.05-1.18x its time with 3 rows on whole blocks, 1.11-1.22x with
+// 4 rows on 32-column halves, against 0.99-1.10x): int4's conversion is multiply-adds and float
+// conversions, which compete with vdpbf16ps for the same units, where int8's is byte shuffles.
 at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                           int64_t out_features) {
   TORCH_CHECK(avx512_bf16_supported(), "int4_mm_dpbf16 needs a CPU with AVX512-BF16 and AVX512-VBMI");
