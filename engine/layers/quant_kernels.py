@@ -55,8 +55,8 @@ VECTOR_INT8_ROWS_MAX_ROWS = 2
 # Where int8_mm_dpbf16 is the many-row loop (AMD Zen 4, 2 vCPUs, one thread, thread CPU time, the
 # default model's four projections): int8_mm_rows up to here, 0.46-0.57x oneDNN's bfloat16 time at 3
 # rows (int8_mm_dpbf16 0.39-0.70x), even at 4 (0.59-0.69x / 0.45-0.76x); int8_mm_dpbf16 from here
-# on: 0.63-0.87x at 8 (int8_mm_rows 0.85-1.03x), 1.02-1.17x bf16_linear's time at 16, 1.02-1.05x at
-# 64 (int8_mm_dpbusd 1.8-2.1x).
+# on: 0.63-0.87x at 8 (int8_mm_rows 0.85-1.03x), 0.93-1.06x bf16_linear's time at 16, 1.01-1.03x
+# at 64 (int8_mm_dpbusd 1.6-1.9x and 2.0-2.1x).
 VECTOR_INT8_DPBF16_ROWS_MAX_ROWS = 3
 # No whole-weight conversion for oneDNN (DENSE_MIN_ROWS on AMX) here: at 1024 rows that took
 # 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed one),

@@ -1293,7 +1293,7 @@ int64_t int8_convert_first_rows(const uint16_t* x, int64_t lda, int64_t rows, co
 // Whether int8's many-row loop without AMX-INT8 is int8_mm_dpbusd (two VNNI byte products per
 // weight: where those run at twice the rate of vdpbf16ps's pair products, on Intel's cores: on a
 // Sapphire Rapids without AMX it ran at 1.07x/1.29x bfloat16's speed at 16/64 rows) rather than
-// int8_mm_dpbf16 (AMD's: on Zen 4, AVX-512 on 256-bit units, int8_mm_dpbusd took 1.9-2.1x
+// int8_mm_dpbf16 (AMD's: on Zen 4, AVX-512 on 256-bit units, int8_mm_dpbusd took 1.7-2.1x
 // int8_mm_dpbf16's time at 16-64 rows, one thread, bench/bench_quant_matmul.py). A rule by
 // vendor, not a timing probe: Zen 5 is unmeasured and goes with Zen 4.
 bool int8_split_bytes_preferred() {
