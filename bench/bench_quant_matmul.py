@@ -14,16 +14,18 @@ time at one thread (robust on a shared machine), wall time otherwise. Reported: 
 microseconds per layer and each format's time relative to it (below 1 is faster):
 - bfloat16: oneDNN's packed bfloat16 (_linear_pointwise), the engine's bfloat16 projection on a CPU
   without AMX
-- bf16 strips: the engine's bfloat16 projection on AMX, kernels/csrc/amx_linear.cpp's column strips
+- bf16 strips: the engine's bfloat16 projection, column strips: kernels/csrc/amx_linear.cpp on AMX,
+  else bf16_linear.cpp (AVX512-BF16)
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loops on the same codes (int4: AMX-BF16 on
   codes converted per call; int8: AMX-INT8 on the codes as they are, the input split per row into
   16-bit fixed point)
 - int4 / int8 rows: its few-row loops over the same codes (int4: AVX512-BF16 on torch's layout;
   int8: AVX512-VNNI byte dot products on the split input)
-- int4 dpbf16 / int8 dpbusd: its vector loops for CPUs without AMX (int4: blocks converted per
-  call as for AMX, times the rows by vdpbf16ps; int8: int8 rows's byte products, register-blocked
-  over 3 rows); these, rows and dense need no AMX (AVX512-BF16 and VBMI; int8: AVX512-VNNI too)
+- int4 dpbf16 / int8 dpbusd / int8 dpbf16: its vector loops for CPUs without AMX (int4: blocks
+  converted per call as for AMX, times the rows by vdpbf16ps; int8 dpbusd: int8 rows's byte
+  products, register-blocked over 3 rows; int8 dpbf16: the codes converted per block to bfloat16
+  as int4's, then the same vdpbf16ps loop); these, rows and dense need no AMX (AVX512-BF16 and VBMI; int8: AVX512-VNNI too)
 - int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
@@ -53,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
-from engine.layers.linear_kernels import amx_linear_ops  # noqa: E402
+from engine.layers.linear_kernels import strips_linear, strips_ops  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, quantize, quantize_int4, quantize_int8  # noqa: E402
 from engine.layers.quant_kernels import amx_kernels, vector_kernels  # noqa: E402
 
@@ -75,7 +77,7 @@ def baseline_ops(revision: str):
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
     # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
-    for name in ("quant_ops.cpp", "amx_tiles.h", "thread_pool.h", "thread_pool.cpp"):
+    for name in ("quant_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"):
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
@@ -103,7 +105,7 @@ def main() -> None:
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, vec, cpu = amx_kernels(), vector_kernels(), torch.device("cpu")
     vnni = vec is not None and vec.avx512_vnni_supported()
-    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 rows",
+    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 dpbf16", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and ops is not None else (None, True)
     if old is not None:
@@ -125,7 +127,7 @@ def main() -> None:
     for shape, (n, k) in SHAPES[args.shapes].items():
         weights = [torch.randn(n, k) * 0.02 for _ in range(args.layers)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
-        strip_ops = amx_linear_ops()
+        strip_ops = strips_ops()
         strips = [strip_ops.amx_linear_pack(w.bfloat16()) for w in weights] if strip_ops else []
         int4 = [PackedQuantizedWeight(quantize_int4(w, group), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
@@ -148,7 +150,7 @@ def main() -> None:
                 "int8 layer": lambda: [q(x) for q in int8],
             }
             if strips:
-                runs["bf16 strips"] = lambda: [strip_ops.amx_linear(x, s, None, n) for s in strips]
+                runs["bf16 strips"] = lambda: [strips_linear(x, s, None, n) for s in strips]
             if ops is not None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
@@ -161,6 +163,7 @@ def main() -> None:
                 runs["int8 rows"] = lambda: [vec.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
                 if ops is None:
                     runs["int8 dpbusd"] = lambda: [vec.int8_mm_dpbusd(x, q.qweight, q.scales, n) for q in int8]
+                    runs["int8 dpbf16"] = lambda: [vec.int8_mm_dpbf16(x, q.qweight, q.scales, n) for q in int8]
             if old is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_old, int8)]

@@ -1,5 +1,6 @@
 """kernels/csrc/quant_ops.cpp's vector loops, the quantized matmuls of CPUs without AMX
-(int4_mm_rows, int4_mm_dpbf16: AVX512-BF16; int8_mm_rows, int8_mm_dpbusd: AVX512-VNNI), each
+(int4_mm_rows, int4_mm_dpbf16, int8_mm_dpbf16: AVX512-BF16; int8_mm_rows, int8_mm_dpbusd:
+AVX512-VNNI), each
 called directly, so they run on AMX CPUs too (where the layer prefers the tile loops), against
 float references of the same codes; and a bfloat16 layer's dispatch where there is no AMX."""
 
@@ -119,6 +120,39 @@ def test_int8_vector_loops_stay_within_the_split_inputs_bound(op, inputs, output
         assert torch.equal(alone, shared), rows
 
 
+def int8_exact(x: torch.Tensor, q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product of int8_mm_dpbf16's weight (codes times bfloat16 scales, the input as it
+    is) and its bound: the output's bfloat16 rounding (2^-8 of it, with room) plus float32 sums'
+    order (2e-5 of sum |x w|)."""
+    w = q.codes.double() * q.scale.reshape(-1, 1).bfloat16().double()
+    exact = x.double() @ w.t()
+    return exact, exact.abs() * 2**-8 + 2e-5 * (x.double().abs() @ w.abs().t())
+
+
+@needs_bf16
+@pytest.mark.parametrize("inputs,outputs", [(106, 150), (105, 100), (576, 640), (64, 64), (1536, 200)])
+def test_int8_dpbf16_equals_the_float_product_of_its_codes(inputs, outputs):
+    """Every row count its register blocks split differently (6 rows, the tails), 106 and 105
+    inputs (K padded to 128 with zero codes; an odd K: one zero input column more), partial and
+    whole blocks, codes -128 and 127 (every code is a bfloat16 value exactly), an outlier 10^4
+    times the rest in one row in two, rows strided. Two threads give bit-identical outputs to one."""
+    gen = torch.Generator().manual_seed(inputs + outputs)
+    q = quantize_int8(torch.randn(outputs, inputs, generator=gen))
+    q.codes[0, :3], q.codes[-1, -3:], q.codes[outputs // 2, ::7] = -128, 127, -128
+    packed = pack(q)
+    for rows in ROWS:
+        x = torch.randn(2 * rows, inputs, generator=gen)
+        x[::4, 7] = 1e4 * x[::4, 7].sign()
+        x = x.bfloat16()[::2]
+        alone = on_threads(1, lambda: OPS.int8_mm_dpbf16(x, packed.qweight, packed.scales, outputs))
+        shared = on_threads(2, lambda: OPS.int8_mm_dpbf16(x, packed.qweight, packed.scales, outputs))
+        exact, bound = int8_exact(x, q)
+        assert alone.shape == (rows, outputs) and alone.dtype == torch.bfloat16
+        error = (alone.double() - exact).abs()
+        assert (error <= bound).all(), (rows, (error - bound).max())
+        assert torch.equal(alone, shared), rows
+
+
 @needs_vnni
 def test_int8_dpbusd_equals_the_few_row_loop_it_extends():
     """Same split input, same integer sums, same float combination: the same bits as
@@ -132,8 +166,14 @@ def test_int8_dpbusd_equals_the_few_row_loop_it_extends():
                            OPS.int8_mm_rows(x, packed.qweight, packed.scales, 200))
 
 
-@needs_vnni
-def test_int8_dpbusd_passes_a_nan_on_rounds_a_vanishing_row_to_zero_and_refuses_wide_inputs():
+@needs_bf16
+@pytest.mark.parametrize("op", ["int8_mm_dpbusd", "int8_mm_dpbf16"])
+def test_int8_many_row_loops_pass_a_nan_on_round_a_vanishing_row_to_zero_and_refuse_wide_inputs(op):
+    """int8_mm_dpbusd: a row whose scale underflows rounds to 0; int8_mm_dpbf16: subnormal
+    products count as 0 (vdpbf16ps); either way under 1e-30."""
+    if op == "int8_mm_dpbusd" and not OPS.avx512_vnni_supported():
+        pytest.skip("needs AVX512-VNNI too")
+    kernel = getattr(OPS, op)
     gen = torch.Generator().manual_seed(6)
     packed = pack(quantize_int8(torch.randn(100, 576, generator=gen)))
     x = torch.randn(5, 576, generator=gen)
@@ -141,11 +181,11 @@ def test_int8_dpbusd_passes_a_nan_on_rounds_a_vanishing_row_to_zero_and_refuses_
     x[1] = x[1] * 1e-36
     x = x.bfloat16()
     with torch.inference_mode():
-        out = OPS.int8_mm_dpbusd(x, packed.qweight, packed.scales, 100).float()
-        alone = OPS.int8_mm_dpbusd(x[2:].contiguous(), packed.qweight, packed.scales, 100).float()
+        out = kernel(x, packed.qweight, packed.scales, 100).float()
+        alone = kernel(x[2:].contiguous(), packed.qweight, packed.scales, 100).float()
     assert out[0].isnan().all() and out[1].abs().max() < 1e-30 and torch.equal(out[2:], alone)
     with pytest.raises(RuntimeError, match="at most 65536 inputs"):
-        OPS.int8_mm_dpbusd(torch.ones(3, 65600, dtype=torch.bfloat16), torch.ones(1, 65600 // 4, 64, 4, dtype=torch.int8),
+        kernel(torch.ones(3, 65600, dtype=torch.bfloat16), torch.ones(1, 65600 // 4, 64, 4, dtype=torch.int8),
                            torch.ones(64, dtype=torch.bfloat16), 64)
 
 
@@ -177,7 +217,11 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
         assert not packed.vector and packed.qweight.shape == (200, 96)  # PyTorch's [N][K] for its op
         return
     assert packed.vector and not packed.amx
-    few = quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS
+    # int8 beyond its few-row loop: the byte products on Intel, the bfloat16 loop elsewhere (AMD)
+    intel = OPS.int8_split_bytes_preferred()
+    int8_many = OPS.int8_mm_dpbusd if intel else OPS.int8_mm_dpbf16
+    few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if intel
+           else quant_kernels.VECTOR_INT8_DPBF16_ROWS_MAX_ROWS)
     for rows in (1, few, few + 1, 40, 2048):  # no whole-weight conversion at prefill sizes either
         x = torch.randn(rows, 96, generator=gen).bfloat16()
         with torch.inference_mode():
@@ -185,7 +229,7 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
                 op = OPS.int4_mm_rows if rows <= few else OPS.int4_mm_dpbf16
                 expected = op(x, packed.qweight, packed.scales, 32, 200)
             else:
-                op = OPS.int8_mm_rows if rows <= few else OPS.int8_mm_dpbusd
+                op = OPS.int8_mm_rows if rows <= few else int8_many
                 expected = op(x, packed.qweight, packed.scales, 200)
             assert torch.equal(packed(x), expected), rows
 

@@ -9,9 +9,11 @@ packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are the faster.
 - CPUs with AVX512-BF16 (and VBMI) but no AMX (vector_kernels(): Zen 4/5, many cloud Xeons):
   the same loops where they do not need AMX, and vector loops in place of the tile loops:
   int4_mm_dpbf16 (the AMX loop's converted blocks times the rows by vdpbf16ps) and, with
-  AVX512-VNNI, int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked over rows), at
-  every row count from their thresholds up (no whole-weight conversion: it measured slower).
-  Thresholds below, measured (bench/bench_quant_matmul.py).
+  AVX512-VNNI, int8's: on Intel int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked
+  over rows), elsewhere (AMD) int8_mm_dpbf16 (its codes converted per block to bfloat16, then
+  int4_mm_dpbf16's loop; ops.int8_split_bytes_preferred() says which), at every row count from
+  their thresholds up (no whole-weight conversion: it measured slower). Thresholds below,
+  measured (bench/bench_quant_matmul.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ VECTOR_INT4_ROWS_MAX_ROWS = 12
 # of each other to 24 rows (0.3-0.6x), int8_mm_dpbusd ahead beyond (1024 rows: 0.63-0.68x vs
 # 0.70-0.81x; PyTorch's op: 0.7-0.8x at 1 row, 1.1-1.4x at 64).
 VECTOR_INT8_ROWS_MAX_ROWS = 2
+# Where int8_mm_dpbf16 is the many-row loop (AMD Zen 4, 2 vCPUs, one thread, thread CPU time, the
+# default model's four projections): int8_mm_rows up to here, 0.46-0.57x oneDNN's bfloat16 time at 3
+# rows (int8_mm_dpbf16 0.39-0.70x), even at 4 (0.59-0.69x / 0.45-0.76x); int8_mm_dpbf16 from here
+# on: 0.63-0.87x at 8 (int8_mm_rows 0.85-1.03x), 0.93-1.06x bf16_linear's time at 16, 1.01-1.03x
+# at 64 (int8_mm_dpbusd 1.6-1.9x and 2.0-2.1x).
+VECTOR_INT8_DPBF16_ROWS_MAX_ROWS = 3
 # No whole-weight conversion for oneDNN (DENSE_MIN_ROWS on AMX) here: at 1024 rows that took
 # 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed one),
 # int4_mm_dpbf16 0.98-1.03x, int8_mm_dpbusd 0.63-0.68x; at 2048 (two threads, noisy) 0.89-1.17x
@@ -70,6 +78,16 @@ def vector_kernels():
         return None
     ops = torch.ops.bento_llm
     return ops if ops.avx512_bf16_supported() else None
+
+
+@functools.cache
+def vector_int8_loops():
+    """(the last row count int8_mm_rows takes, the op for more rows) without AMX-INT8: the byte
+    product loop where it is the faster (Intel), else the bfloat16 one."""
+    ops = vector_kernels()
+    if ops.int8_split_bytes_preferred():
+        return VECTOR_INT8_ROWS_MAX_ROWS, ops.int8_mm_dpbusd
+    return VECTOR_INT8_DPBF16_ROWS_MAX_ROWS, ops.int8_mm_dpbf16
 
 
 @functools.cache
@@ -99,7 +117,7 @@ def int4_matmul(x: torch.Tensor, qweight, scales, group_size: int, out_features:
 
 def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features: int, amx: bool) -> torch.Tensor:
     """x [rows, K] bfloat16 @ int8 codes in AMX-INT8's [N/64][K/4][64][4] layout (amx: on AMX-INT8,
-    else the AVX512-VNNI loops): every row count runs in quant_ops.cpp."""
+    else the vector loops): every row count runs in quant_ops.cpp."""
     rows = x.shape[0]
     if amx:
         ops = amx_kernels()
@@ -107,6 +125,6 @@ def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features
             return x @ ops.int8_dequantize(qweight, scales, out_features)[:in_features]
         op = ops.int8_mm_amx if rows >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
     else:
-        ops = vector_kernels()
-        op = ops.int8_mm_rows if rows <= VECTOR_INT8_ROWS_MAX_ROWS else ops.int8_mm_dpbusd
+        few_rows, many_rows_op = vector_int8_loops()
+        op = vector_kernels().int8_mm_rows if rows <= few_rows else many_rows_op
     return op(x, qweight, scales, out_features)

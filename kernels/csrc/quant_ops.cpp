@@ -9,7 +9,7 @@
 // planes with the codes on AMX-INT8 in its own tile loop (int8_mm_amx). w8a8_mm_amx rounds the
 // input to int8 per row and multiplies it with int8 codes on AMX-INT8 (oneDNN's brgemm ukernel).
 // Registered as torch.ops.bento_llm.int4_mm_amx / int4_mm_rows / int4_mm_dpbf16 / int8_mm_amx /
-// int8_mm_rows / int8_mm_dpbusd / w8a8_mm_amx by the same extension as cpu_ops.cpp
+// int8_mm_rows / int8_mm_dpbusd / int8_mm_dpbf16 / w8a8_mm_amx by the same extension as cpu_ops.cpp
 // (kernels/cpu_ops.py builds both).
 //
 // Why: PyTorch's packed int4/int8 matmuls (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
@@ -41,11 +41,13 @@
 //   (a block Hadamard matrix R, engine/layers/rotation.py), each input row is rotated by the same
 //   R as it is quantized, a fast Walsh-Hadamard transform in registers and L1.
 // CPUs without AMX (Zen 4/5, cloud VMs that hide it) run the loops that need no tiles: int4_mm_rows
-// and int8_mm_rows (AVX512-BF16 / AVX512-VNNI, as above), the whole-weight conversions, and two
-// vector loops in place of the tile loops: int4_mm_dpbf16 (int4_mm_amx's blocks converted per call,
-// times the rows by AVX512-BF16 pair dot products, 6 rows x 64 columns of accumulators) and
-// int8_mm_dpbusd (int8_mm_rows's byte dot products over 3 rows at a time, each block's column sums
-// taken once). engine/layers/quant_kernels.py picks one per row count.
+// and int8_mm_rows (AVX512-BF16 / AVX512-VNNI, as above), the whole-weight conversions, and vector
+// loops in place of the tile loops: int4_mm_dpbf16 (int4_mm_amx's blocks converted per call, times
+// the rows by AVX512-BF16 pair dot products, 6 rows x 64 columns of accumulators), int8_mm_dpbusd
+// (int8_mm_rows's byte dot products over 3 rows at a time, each block's column sums taken once:
+// Intel's) and int8_mm_dpbf16 (each block's codes converted exactly to bfloat16 while its first
+// rows multiply them, then int4_mm_dpbf16's loop, the scales on the sums: AMD's, where the byte
+// products run at half the rate). engine/layers/quant_kernels.py picks one per row count.
 // Functions with AVX-512 or AMX bodies carry their own target attribute, so the file builds on
 // any x86-64; the AMX ops refuse to run unless the CPU has AMX-BF16 and AVX512-VBMI and Linux
 // grants the tile registers (amx_bf16_supported(); int8 and w8a8: AMX-INT8 too,
@@ -551,21 +553,37 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   return out;
 }
 
-// Rows per register block of the vector loops on converted int4 blocks (int4_tile_rows): 6 rows x
-// 4 groups of 16 columns = 24 float32 accumulators, 4 tile vectors, 1 broadcast input pair: 29 of
-// the 32 vector registers.
-constexpr int64_t kInt4VectorRows = 6;
+// Rows per register block of the vector loops on converted blocks (tile_rows): 6 rows x 4 groups
+// of 16 columns = 24 float32 accumulators, 4 tile vectors, 1 broadcast input pair: 29 of the 32
+// vector registers.
+constexpr int64_t kTileVectorRows = 6;
 
 // R rows of x (bfloat16, lda apart) times the 16-column groups [G0, G1) of one converted block
-// (dequantize_int4_block's [K/2][64][2] bfloat16 VNNI tile) -> out (the block's first `columns`
-// columns; groups past them are not stored): AMX's tile loop with AVX512-BF16 pair dot products
-// (vdpbf16ps) in place of tiles, for CPUs without AMX. Each tile vector is loaded once per R rows,
-// each input pair broadcast once per 4 groups; the tile (K x 128 bytes) stays in L1/L2 while
-// every row block passes over it. Template group bounds: run-time ones put the accumulators on
-// the stack.
+// (a [K/2][64][2] bfloat16 VNNI tile: dequantize_int4_block's, int8_convert_rows's) -> out
+// (the block's first `columns` columns; groups past them are not stored), each sum times its
+// column's scale where column_scale is given (int8's; int4's scales are in the tile): AMX's tile
+// loop with AVX512-BF16 pair dot products (vdpbf16ps) in place of tiles, for CPUs without AMX.
+// Each tile vector is loaded once per R rows, each input pair broadcast once per 4 groups; the
+// tile (K x 128 bytes) stays in L1/L2 while every row block passes over it. Template group
+// bounds: run-time ones put the accumulators on the stack.
+// out[r][16 (G0 + i) + j] = bf16(acc[r][i][j] (times column_scale[16 (G0 + i) + j] where given)) for
+// the block's first `columns` columns.
 template <int R, int G0, int G1>
-BENTO_AVX512_BF16 void int4_tile_rows(const uint16_t* x, int64_t lda, const uint16_t* tile, int64_t k_total, int64_t columns,
-                                      c10::BFloat16* out, int64_t out_stride) {
+BENTO_AVX512_BF16 inline void store_tile_sums(const __m512 (&acc)[R][G1 - G0], int64_t columns, const c10::BFloat16* column_scale,
+                                              c10::BFloat16* out, int64_t out_stride) {
+  for (int i = 0; i < G1 - G0 && 16 * (G0 + i) < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * (G0 + i))) - 1);
+    const __m512 scale = column_scale ? load_bfloat16(column_scale + 16 * (G0 + i), mask) : _mm512_set1_ps(1.0f);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_mul_ps(acc[r][i], scale);
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * (G0 + i), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+template <int R, int G0, int G1>
+BENTO_AVX512_BF16 void tile_rows(const uint16_t* x, int64_t lda, const uint16_t* tile, int64_t k_total, int64_t columns,
+                                 const c10::BFloat16* column_scale, c10::BFloat16* out, int64_t out_stride) {
   constexpr int G = G1 - G0;
   __m512 acc[R][G];
   for (int r = 0; r < R; ++r)
@@ -581,70 +599,92 @@ BENTO_AVX512_BF16 void int4_tile_rows(const uint16_t* x, int64_t lda, const uint
       for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], w[i], xp);
     }
   }
-  for (int i = 0; i < G && 16 * (G0 + i) < columns; ++i) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * (G0 + i))) - 1);
-    for (int r = 0; r < R; ++r) {
-      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * (G0 + i), mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r][i])));
+  store_tile_sums<R, G0, G1>(acc, columns, column_scale, out, out_stride);
+}
+
+// Every row of x times the groups [G0, G1) of one converted block, kTileVectorRows at a time.
+template <int G0, int G1>
+void tile_all_rows(const uint16_t* x, int64_t lda, int64_t rows, const uint16_t* tile, int64_t k_total, int64_t columns,
+                   const c10::BFloat16* column_scale, c10::BFloat16* out, int64_t out_stride) {
+  for (int64_t m = 0; m < rows; m += kTileVectorRows) {
+    const uint16_t* xm = x + m * lda;
+    c10::BFloat16* ym = out + m * out_stride;
+    switch (std::min<int64_t>(kTileVectorRows, rows - m)) {
+      case 1: tile_rows<1, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride); break;
+      case 2: tile_rows<2, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride); break;
+      case 3: tile_rows<3, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride); break;
+      case 4: tile_rows<4, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride); break;
+      case 5: tile_rows<5, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride); break;
+      default: tile_rows<6, G0, G1>(xm, lda, tile, k_total, columns, column_scale, ym, out_stride);
     }
   }
 }
 
-// Every row of x times the groups [G0, G1) of one converted block, kInt4VectorRows at a time.
-template <int G0, int G1>
-void int4_tile_all_rows(const uint16_t* x, int64_t lda, int64_t rows, const uint16_t* tile, int64_t k_total, int64_t columns,
-                        c10::BFloat16* out, int64_t out_stride) {
-  for (int64_t m = 0; m < rows; m += kInt4VectorRows) {
-    const uint16_t* xm = x + m * lda;
-    c10::BFloat16* ym = out + m * out_stride;
-    switch (std::min<int64_t>(kInt4VectorRows, rows - m)) {
-      case 1: int4_tile_rows<1, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
-      case 2: int4_tile_rows<2, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
-      case 3: int4_tile_rows<3, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
-      case 4: int4_tile_rows<4, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
-      case 5: int4_tile_rows<5, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride); break;
-      default: int4_tile_rows<6, G0, G1>(xm, lda, tile, k_total, columns, ym, out_stride);
+// The vector loops on converted blocks, for CPUs without AMX: int4_mm_amx's structure (each
+// 64-column block converted once per call into the thread's bfloat16 VNNI tile, k_tile pair rows
+// long, by fill(b, next, tile, h0, h1, out): its 32-column halves [h0, h1), prefetching block
+// next's codes (-1: none), returning how many of the first rows it multiplied on the way into
+// out (the block's first output); threads split the blocks' 32-column halves) with tile_rows's
+// vector products over x's K (even) inputs for the other rows; column_scale: int8's scales per
+// output column, or null.
+template <typename Fill>
+at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_t k_tile, const c10::BFloat16* column_scale,
+                               const Fill& fill) {
+  const int64_t rows = x.size(0), lda = x.stride(0), k_total = x.size(1), blocks = (out_features + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return out;  // fill multiplies at least one row
+  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  auto* y = out.data_ptr<c10::BFloat16>();
+  kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
+    uint16_t* tile = block_buffer(k_tile * kBlockN);
+    for (int64_t u = begin; u < end;) {
+      const int64_t b = u / 2, columns = std::min(kBlockN, out_features - b * kBlockN);
+      const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
+      const int64_t done = fill(b, 2 * (b + 1) < end ? b + 1 : -1, tile, h0, h1, y + b * kBlockN);
+      const c10::BFloat16* scale = column_scale ? column_scale + b * kBlockN : nullptr;
+      const uint16_t* xr = a + done * lda;
+      c10::BFloat16* yb = y + done * out_features + b * kBlockN;
+      if (h0 == 0 && h1 == 2) {
+        tile_all_rows<0, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
+      } else if (h0 == 0) {
+        tile_all_rows<0, 2>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
+      } else {
+        tile_all_rows<2, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
+      }
+      u = 2 * b + h1;
     }
-  }
+  });
+  return out;
 }
 
 // x [M, K] bfloat16 @ int4 weight (torch's CPU pack) -> [M, out_features] on CPUs with
-// AVX512-BF16 and no AMX: int4_mm_amx's structure (each 64-column block converted once per call
-// into the thread's bfloat16 VNNI tile, its next block's codes prefetched meanwhile; threads split
-// the blocks' 32-column halves) with int4_tile_rows's vector products for the tile loop.
+// AVX512-BF16 and no AMX: vector_tiled_matmul on dequantize_int4_block's tiles. Converting while
+// the first rows multiply, as int8_convert_rows does, measured slower here (one thread, Zen 4,
+// against bf16_linear at 16 rows: 1.05-1.18x its time with 3 rows on whole blocks, 1.11-1.22x with
+// 4 rows on 32-column halves, against 0.99-1.10x): int4's conversion is multiply-adds and float
+// conversions, which compete with vdpbf16ps for the same units, where int8's is byte shuffles.
 at::Tensor int4_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                           int64_t out_features) {
   TORCH_CHECK(avx512_bf16_supported(), "int4_mm_dpbf16 needs a CPU with AVX512-BF16 and AVX512-VBMI");
   const int64_t n_padded = scales_and_zeros.size(1), k_total = scales_and_zeros.size(0) * group_size;
   check_input(x, k_total);
   check_int4(packed, scales_and_zeros, group_size, out_features, k_total, n_padded);
-  const int64_t rows = x.size(0), lda = x.stride(0), blocks = (out_features + kBlockN - 1) / kBlockN;
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = scales_and_zeros.data_ptr<c10::BFloat16>();
-  kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
-    uint16_t* tile = block_buffer(k_total * kBlockN);
-    for (int64_t u = begin; u < end;) {
-      const int64_t b = u / 2, block = k_total * 32, columns = std::min(kBlockN, out_features - b * kBlockN);
-      const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
-      const uint8_t *from = codes + b * block, *ahead = 2 * (b + 1) < end ? codes + (b + 1) * block : nullptr;
-      const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
-      c10::BFloat16* yb = y + b * kBlockN;
-      if (h0 == 0 && h1 == 2) {
-        dequantize_int4_block<0, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
-        int4_tile_all_rows<0, 4>(a, lda, rows, tile, k_total, columns, yb, out_features);
-      } else if (h0 == 0) {
-        dequantize_int4_block<0, 1>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
-        int4_tile_all_rows<0, 2>(a, lda, rows, tile, k_total, columns, yb, out_features);
-      } else {
-        dequantize_int4_block<1, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
-        int4_tile_all_rows<2, 4>(a, lda, rows, tile, k_total, columns, yb, out_features);
-      }
-      u = 2 * b + h1;
+  return vector_tiled_matmul(x, out_features, k_total, nullptr,
+                             [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1, c10::BFloat16*) -> int64_t {
+    const int64_t block = k_total * 32;
+    const uint8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
+    const c10::BFloat16* block_scales = sz + b * kBlockN * 2;
+    if (h0 == 0 && h1 == 2) {
+      dequantize_int4_block<0, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+    } else if (h0 == 0) {
+      dequantize_int4_block<0, 1>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
+    } else {
+      dequantize_int4_block<1, 2>(from, ahead, block_scales, n_padded, k_total, group_size, tile);
     }
+    return 0;  // every row multiplies the converted tile
   });
-  return out;
 }
 
 // One block of 64 columns of an int4 weight (torch's layout) into rows of a bfloat16 [K][ldo]
@@ -1140,6 +1180,157 @@ at::Tensor int8_mm_dpbusd(const at::Tensor& x, const at::Tensor& packed, const a
   });
 }
 
+// The bfloat16 bits of the integers 0-127, as high and low bytes: every int8 code is exactly a
+// bfloat16 value (|code| <= 128 needs 8 significant bits; bfloat16 has 8).
+struct SmallIntegerBfloat16 {
+  alignas(64) uint8_t high[128];
+  alignas(64) uint8_t low[128];
+  constexpr SmallIntegerBfloat16() : high{}, low{} {
+    for (int a = 1; a < 128; ++a) {
+      int e = 0;
+      while (a >> (e + 1)) ++e;  // a = 2^e (1 + m / 128)
+      const int bits = ((127 + e) << 7) | ((a << (7 - e)) & 0x7F);
+      high[a] = static_cast<uint8_t>(bits >> 8);
+      low[a] = static_cast<uint8_t>(bits & 0xFF);
+    }
+  }
+};
+constexpr SmallIntegerBfloat16 kSmallIntegerBfloat16;
+
+// A quad row's 64 bytes (16 columns x inputs 4q..4q+3, column j's at 4j) reordered so that
+// widening each 128-bit lane's low and high 8 bytes to 16-bit words (unpacklo/hi) gives pair rows
+// 2q and 2q + 1 of 16 columns: lane l's low 8 bytes are columns 4l..4l+3's inputs (4q, 4q + 1),
+// its high 8 their inputs (4q + 2, 4q + 3).
+struct QuadsToPairs {
+  alignas(64) uint8_t bytes[64];
+  constexpr QuadsToPairs() : bytes{} {
+    for (int l = 0; l < 4; ++l)
+      for (int m = 0; m < 4; ++m)
+        for (int t = 0; t < 2; ++t) {
+          bytes[16 * l + 2 * m + t] = static_cast<uint8_t>(4 * (4 * l + m) + t);
+          bytes[16 * l + 8 + 2 * m + t] = static_cast<uint8_t>(4 * (4 * l + m) + 2 + t);
+        }
+  }
+};
+constexpr QuadsToPairs kQuadsToPairs;
+
+// Rows of the first pass of int8_mm_dpbf16 over a block, the pass that converts it
+// (int8_convert_rows): 4 rows x 4 groups = 16 accumulators, beside the conversion's 7 constants
+// and 8 converted vectors.
+constexpr int64_t kInt8ConvertRows = 4;
+
+// One block of 64 columns of int8 codes ([K/4][64][4]) into a bfloat16 VNNI tile [K/2][64][2]
+// (64-byte aligned) of the codes themselves, exactly (the scales go on the sums), its 16-column
+// groups [G0, G1), while its first R rows of x (lda apart, K = k_total even) multiply the
+// converted vectors as they come (tile_rows's pair products, then store_tile_sums with the
+// scales): the conversion's shuffles and the products' multiply-adds share the loop, so they
+// overlap (converting first and multiplying after added their times: the conversion took 0.4x
+// bfloat16's time at 16 rows). Per 64 codes one byte permutation into pair order, |code| looked
+// up in two 128-entry byte tables (the bfloat16's high and low bytes: vpermi2b), the sign put
+// back (and -128, whose |code| the 7-bit index cannot tell from 0), two unpacks into 16-bit
+// words. The next block's codes (next, or null) are prefetched to L2 meanwhile.
+template <int R, int G0, int G1>
+BENTO_AVX512_BF16 void int8_convert_rows(const uint16_t* x, int64_t lda, const int8_t* codes, const int8_t* next, int64_t k_total,
+                                         uint16_t* tile, int64_t columns, const c10::BFloat16* column_scale, c10::BFloat16* out,
+                                         int64_t out_stride) {
+  constexpr int G = G1 - G0;
+  const __m512i order = _mm512_load_si512(kQuadsToPairs.bytes);
+  const __m512i high0 = _mm512_load_si512(kSmallIntegerBfloat16.high), high1 = _mm512_load_si512(kSmallIntegerBfloat16.high + 64);
+  const __m512i low0 = _mm512_load_si512(kSmallIntegerBfloat16.low), low1 = _mm512_load_si512(kSmallIntegerBfloat16.low + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80)), minus_128 = _mm512_set1_epi8(static_cast<char>(0xC3));
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < G; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t q = 0; 4 * q < k_total; ++q) {
+    if (next) {
+      for (int i = G0; i < G1; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + q * kInt8QuadBytes + 64 * i), _MM_HINT_T1);
+    }
+    uint16_t* pair_rows = tile + 2 * q * kBlockN * 2;  // pair rows 2q, 2q + 1
+    __m512bh first[G], second[G];
+    for (int i = 0; i < G; ++i) {
+      const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + q * kInt8QuadBytes + 64 * (G0 + i)));
+      const __m512i magnitude = _mm512_abs_epi8(c);  // -128 stays 0x80: bit 7 marks it
+      __m512i high = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(high0, magnitude, high1), c, sign, 0xF8);  // | sign
+      high = _mm512_mask_mov_epi8(high, _mm512_movepi8_mask(magnitude), minus_128);
+      const __m512i low = _mm512_permutex2var_epi8(low0, magnitude, low1);
+      const __m512i even = _mm512_unpacklo_epi8(low, high), odd = _mm512_unpackhi_epi8(low, high);
+      _mm512_store_si512(pair_rows + 32 * (G0 + i), even);
+      _mm512_store_si512(pair_rows + kBlockN * 2 + 32 * (G0 + i), odd);
+      first[i] = reinterpret_cast<__m512bh>(even);
+      second[i] = reinterpret_cast<__m512bh>(odd);
+    }
+    const bool both = 4 * q + 2 < k_total;  // K = 2 mod 4: the last quad's second pair lies past x
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * lda + 4 * q, sizeof(pair));
+      const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], first[i], xp);
+      if (both) {
+        std::memcpy(&pair, x + r * lda + 4 * q + 2, sizeof(pair));
+        const __m512bh xq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+        for (int i = 0; i < G; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], second[i], xq);
+      }
+    }
+  }
+  store_tile_sums<R, G0, G1>(acc, columns, column_scale, out, out_stride);
+}
+
+// int8_convert_rows for the first min(rows, kInt8ConvertRows) rows; returns that count.
+template <int G0, int G1>
+int64_t int8_convert_first_rows(const uint16_t* x, int64_t lda, int64_t rows, const int8_t* codes, const int8_t* next,
+                                int64_t k_total, uint16_t* tile, int64_t columns, const c10::BFloat16* column_scale,
+                                c10::BFloat16* out, int64_t out_stride) {
+  const int64_t first = std::min(rows, kInt8ConvertRows);
+  switch (first) {
+    case 1: int8_convert_rows<1, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    case 2: int8_convert_rows<2, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    case 3: int8_convert_rows<3, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride); break;
+    default: int8_convert_rows<4, G0, G1>(x, lda, codes, next, k_total, tile, columns, column_scale, out, out_stride);
+  }
+  return first;
+}
+
+// Whether int8's many-row loop without AMX-INT8 is int8_mm_dpbusd (two VNNI byte products per
+// weight: where those run at twice the rate of vdpbf16ps's pair products, on Intel's cores: on a
+// Sapphire Rapids without AMX it ran at 1.07x/1.29x bfloat16's speed at 16/64 rows) rather than
+// int8_mm_dpbf16 (AMD's: on Zen 4, AVX-512 on 256-bit units, int8_mm_dpbusd took 1.7-2.1x
+// int8_mm_dpbf16's time at 16-64 rows, one thread, bench/bench_quant_matmul.py). A rule by
+// vendor, not a timing probe: Zen 5 is unmeasured and goes with Zen 4.
+bool int8_split_bytes_preferred() {
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+}
+
+// x [M, K] bfloat16 @ int8 weight (int8_mm_amx's codes and scales) -> [M, out_features] on CPUs
+// with AVX512-BF16 and no AMX, for more rows than int8_mm_rows: vector_tiled_matmul on the tiles
+// int8_convert_rows makes (multiplying the first rows on the way), one product per input pair and
+// column (int8_mm_dpbusd takes two,
+// one per byte of the split input: on Zen 4 that loop ran at ~0.5x bfloat16's speed).
+// Accuracy: the input as it is (no 16-bit split), the codes exact, the products exact in float32,
+// summed in float32 (vdpbf16ps: subnormal inputs count as 0), then times the column's bfloat16
+// scale and rounded once to bfloat16: a bfloat16 matmul's rule on the weight code * scale.
+at::Tensor int8_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  TORCH_CHECK(avx512_bf16_supported(), "int8_mm_dpbf16 needs a CPU with AVX512-BF16 and AVX512-VBMI");
+  check_int8(packed, scales, out_features);
+  const int64_t k_padded = packed.size(1) * 4;
+  check_int8_input(x, k_padded);
+  // Pairs of inputs: an odd K takes one zero column (its codes are the zero padding).
+  const at::Tensor even = x.size(1) % 2 ? at::constant_pad_nd(x, {0, 1}) : x;
+  const auto* codes = packed.data_ptr<int8_t>();
+  const auto* scale = scales.data_ptr<c10::BFloat16>();
+  const auto* a = reinterpret_cast<const uint16_t*>(even.data_ptr<c10::BFloat16>());
+  const int64_t rows = x.size(0), lda = even.stride(0), k_total = even.size(1), block = k_padded * kBlockN;
+  return vector_tiled_matmul(even, out_features, k_padded, scale,
+                             [&](int64_t b, int64_t next, uint16_t* tile, int h0, int h1, c10::BFloat16* out) -> int64_t {
+    const int8_t *from = codes + b * block, *ahead = next >= 0 ? codes + next * block : nullptr;
+    const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);
+    const c10::BFloat16* s = scale + b * kBlockN;
+    if (h0 == 0 && h1 == 2) return int8_convert_first_rows<0, 4>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+    if (h0 == 0) return int8_convert_first_rows<0, 2>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+    return int8_convert_first_rows<2, 4>(a, lda, rows, from, ahead, k_total, tile, columns, s, out, out_features);
+  });
+}
+
 // One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
 // codes rounded to nearest even). A function of its own, not the parallel_for lambda's body: a
 // lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
@@ -1332,6 +1523,8 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int4_mm_dpbf16(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_dpbf16);
   m.def("int8_mm_dpbusd(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_dpbusd);
+  m.def("int8_mm_dpbf16(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_dpbf16);
+  m.def("int8_split_bytes_preferred() -> bool", &int8_split_bytes_preferred);
   m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
         &w8a8_mm_amx);
 }
