@@ -934,15 +934,26 @@ inline void prefetch_rows(const bf16* const* rows, int64_t begin, int64_t end, i
   }
 }
 
+// Keys (and their values) row_scores prefetches this far ahead into L2, besides the next 16 keys
+// into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch 16 and 64 at 128 to 2048 tokens
+// of context, K/V from memory): prefetching only the next 16 keys (and these 16's values) left a
+// decode at ~3.7x its K/V's read time, the memory's latency and the products taking turns; 64
+// ahead made it 1.35-1.6x faster (128: the same within the noise).
+constexpr int64_t kRowKeysAhead = 64;
+
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`. Prefetches the next 16 keys, and the values of these 16 for the product after.
+// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kRowKeysAhead on
+// into L2 (accumulate_rows reads the values after the whole tile's scores).
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
   prefetch_rows<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), dim);
+  prefetch_rows<_MM_HINT_T2>(keys, 16, std::min<int64_t>(kRowKeysAhead, n), dim);
+  prefetch_rows<_MM_HINT_T2>(values, 0, std::min<int64_t>(kRowKeysAhead, n), dim);
   for (int64_t j = 0; j < n; j += 16) {
     prefetch_rows<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), dim);
-    prefetch_rows<_MM_HINT_T0>(values, j, std::min(j + 16, n), dim);
+    prefetch_rows<_MM_HINT_T2>(keys, std::min(j + kRowKeysAhead, n), std::min(j + kRowKeysAhead + 16, n), dim);
+    prefetch_rows<_MM_HINT_T2>(values, std::min(j + kRowKeysAhead, n), std::min(j + kRowKeysAhead + 16, n), dim);
     const bf16* k[16];
     for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
     for (int64_t r = 0; r < rows; ++r) {
