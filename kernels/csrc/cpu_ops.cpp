@@ -487,6 +487,7 @@ struct AttentionArgs {
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
   bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
+  bool bf16_pairs;  // no AMX: tile products on AVX512-BF16 pairs where those are fast (see below)
   bool bf16_rows;   // no AMX tiles, but units of few rows take attend_bf16's AVX512-BF16 row products
 };
 
@@ -596,9 +597,12 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
 // (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
 // keys the row sees (tests/test_cpu_ops.py holds it to that).
-// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the tile products
-// stay float32: attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products
-// measured 4x slower per instruction than FMAs there: see that file), at::mm only in AVX2 builds
+// Without AMX tiles on a CPU whose AVX512-BF16 dot products issue as fast as FMAs (AMD's:
+// bf16_pairs_available), the same packed tiles and products run on attention_products.h's pair
+// blocks (same accuracy rule). Elsewhere (other CPUs without AMX, oneDNN disabled through
+// torch.backends.mkldnn on an AMX one, other dtypes) the tile products stay float32:
+// attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products measured 4x
+// slower per instruction than FMAs on a Sapphire Rapids: see that file), at::mm only in AVX2 builds
 // (an ATen call inside a pool part nests OpenMP's team in ours; a forked child cannot restart it).
 // Decodes' units of few rows take the AVX512-BF16 row products below wherever the CPU has it.
 //
@@ -625,6 +629,18 @@ bool bf16_tiles_available() {
 bool bf16_rows_available() {
 #if defined(__AVX512F__)
   return cpu_has_avx512bf16();
+#else
+  return false;
+#endif
+}
+
+// Whether, without AMX tiles, a bfloat16 attention's tile products take attention_products.h's
+// AVX512-BF16 pair blocks on the packed tiles (the same packing, products and rounded weights as
+// the AMX path, so its accuracy rule) instead of float32 FMA blocks: the CPUs where those issue as
+// fast as FMAs (cpu_features::bf16_pair_products_fast says which, and why).
+bool bf16_pairs_available() {
+#if defined(__AVX512F__)
+  return cpu_features::bf16_pair_products_fast();
 #else
   return false;
 #endif
@@ -1021,8 +1037,10 @@ void pair_order_to_columns(float* row, int64_t dim) {
   }
 }
 
-// attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
-// rows in place; scores have row stride kKeyTile.
+inline const uint32_t* pairs(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
+
+// attend() with bfloat16 tile products (see above: on AMX, or pair blocks where bf16_pairs), or
+// under kMatmulRows rows with products on the rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
@@ -1057,7 +1075,12 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
         find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
         pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
       }
-      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+      if (a.bf16_tiles) {
+        brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+      } else {
+        attention_products::pair_product(rows, n, dim / 2, dim / 2, kKeyTile, kKeyTile, false, pairs(b.q16.data()),
+                                         pairs(k16), scores);
+      }
     }
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
@@ -1073,8 +1096,13 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
       continue;
     }
     for (int64_t c = 0; c < dim; c += kPackColumns) {
-      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
-             v16 + c * keys, b.acc.data() + c);
+      if (a.bf16_tiles) {
+        brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
+               v16 + c * keys, b.acc.data() + c);
+      } else {
+        attention_products::pair_product(rows, std::min(kPackColumns, dim - c), keys / 2, kKeyTile / 2, kPackColumns,
+                                         dim, true, pairs(b.p16.data()), pairs(v16 + c * keys), b.acc.data() + c);
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1260,7 +1288,7 @@ template <typename T, typename C>
 void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
-    if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
+    if (a.bf16_tiles || a.bf16_pairs) return attend_bf16(a, u, k_begin, k_end, b);
     // Without AMX: its in-place products on rows (in_place there), not on tiles (see attention_products.h).
     if (a.bf16_rows && u.rows(a.group) < kMatmulRows && a.dim % 32 == 0) return attend_bf16(a, u, k_begin, k_end, b);
   }
@@ -1393,7 +1421,7 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
     static thread_local std::vector<bf16> packed;  // grown as needed, kept across calls
-    if (a.bf16_tiles) prepack_contexts(a, units, packed);
+    if (a.bf16_tiles || a.bf16_pairs) prepack_contexts(a, units, packed);
   }
 #endif
   std::vector<float> workspace(workspace_size);
@@ -1473,6 +1501,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
       window, static_cast<float>(scale), static_cast<float>(soft_cap),
       std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available(),
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && !bf16_tiles_available() &&
+          bf16_pairs_available(),
       std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && bf16_rows_available()};
   paged_attention_kernel(args, units);
 }
@@ -1515,6 +1545,26 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const a
       run_attention<scalar_t, scalar_t>(query, k_cache, v_cache, block_tables, out, units, scale, window, cap);
     }
   });
+  return out;
+}
+
+// a [m, k] . b [k, n] (bfloat16, k even) as float32 on attention_products.h's pair blocks, b's
+// rows packed to pairs first as pack_values does: the blocks' direct test (tests/test_cpu_ops.py),
+// on any CPU with AVX512-BF16, where attention itself would take AMX or FMA tiles.
+at::Tensor bfloat16_pair_product(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(cpu_has_avx512bf16(), "bfloat16_pair_product needs AVX512-BF16");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(1) == b.size(0) && a.size(1) % 2 == 0,
+              "bfloat16_pair_product takes bfloat16 a [m, k] and b [k, n], k even");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  const at::Tensor rows = a.contiguous();
+  // [k / 2][n][2]: pair (2i, 2i + 1) of column j at (i, j)
+  const at::Tensor packed = b.view({k / 2, 2, n}).transpose(1, 2).contiguous();
+  auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
+  attention_products::pair_product(m, n, k / 2, k / 2, n, n, false,
+                                   reinterpret_cast<const uint32_t*>(rows.data_ptr<at::BFloat16>()),
+                                   reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>()),
+                                   out.data_ptr<float>());
   return out;
 }
 
@@ -1564,4 +1614,6 @@ TORCH_LIBRARY(bento_llm, m) {
         "Tensor cu_query_lens, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
         &paged_attention);
   m.def("bfloat16_tiles_available() -> bool", &bf16_tiles_available);
+  m.def("bfloat16_pairs_available() -> bool", &bf16_pairs_available);
+  m.def("bfloat16_pair_product(Tensor a, Tensor b) -> Tensor", &bfloat16_pair_product);
 }
