@@ -1370,6 +1370,29 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
   write_rows(a, u, b.acc.data(), b.row_sum.data());
 }
 
+// Keys of a decode's item prefetched into L2 before the item before it runs (see prefetch_start).
+constexpr int64_t kStartKeys = 32;
+
+// The cache lines of the first kStartKeys keys' K and V rows (its unit's KV heads) of an item of
+// few query rows (a decode's), on their way into L2 while the item before it runs: the kernels
+// prefetch ahead within an item, not across items, so each item's first keys came from memory
+// while it waited (at 128 tokens of context a quarter of an item's keys). Prefill items are
+// compute-bound: none.
+template <typename T, typename C>
+void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin) {
+  if (u.rows(a.group) >= kMatmulRows) return;
+  const int32_t* table = a.tables + u.seq * a.table_stride;
+  const int64_t bytes = u.kv_heads * a.cache_row * static_cast<int64_t>(sizeof(C));
+  for (int64_t p = k_begin; p < std::min(u.kv_end(), k_begin + kStartKeys); ++p) {
+    const int64_t at = table[p / a.block_size] * a.block_stride + p % a.block_size * a.slot_stride + u.head * a.cache_row;
+    for (const C* cache : {a.k, a.v}) {
+      const char* row = reinterpret_cast<const char*>(cache + at);
+      for (int64_t byte = 0; byte < bytes; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T2);
+      _mm_prefetch(row + bytes - 1, _MM_HINT_T2);
+    }
+  }
+}
+
 // Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
 // whichever thread is free (items come sorted costliest first, so the threads finish together),
 // on at most max_threads threads.
@@ -1427,6 +1450,11 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
   for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+    if (index + 1 < num_items) {
+      const Item& after = items[index + 1];
+      const Unit& next = units[after.unit];
+      prefetch_start(a, next, next.kv_begin + after.part * next.part_keys);
+    }
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -1552,7 +1580,7 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const a
 // rows packed to pairs first as pack_values does: the blocks' direct test (tests/test_cpu_ops.py),
 // on any CPU with AVX512-BF16, where attention itself would take AMX or FMA tiles.
 at::Tensor bfloat16_pair_product(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(cpu_has_avx512bf16(), "bfloat16_pair_product needs AVX512-BF16");
+  TORCH_CHECK(cpu_features::avx512_bf16(), "bfloat16_pair_product needs AVX512-BF16");
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 2 && b.dim() == 2 &&
                   a.size(1) == b.size(0) && a.size(1) % 2 == 0,
               "bfloat16_pair_product takes bfloat16 a [m, k] and b [k, n], k even");
