@@ -937,39 +937,40 @@ inline __m512 sum_each(__m512* v) {
                        _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// The cache lines of rows [begin, end) (dim bfloat16 each) on their way into the caches: a
-// decode's keys and values are short runs in blocks scattered through memory, which the
-// hardware prefetchers, trained on long streams, do not see coming.
-template <int Hint>
-inline void prefetch_rows(const bf16* const* rows, int64_t begin, int64_t end, int64_t dim) {
+// The cache lines of rows [begin, end), span bytes from each (a bfloat16 row; or a token's rows of
+// a unit's KV heads, adjacent in its slot), on their way into the caches (Hint: _MM_HINT_T0 into
+// L1, T2 into L2): a decode's keys and values are short runs in blocks scattered through memory,
+// which the hardware prefetchers, trained on long streams, do not see coming.
+template <int Hint, typename C>
+inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
   for (int64_t j = begin; j < end; ++j) {
     const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(bf16)); byte += 64) {
-      _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
-    }
+    for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
+    _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
   }
 }
 
-// Keys (and their values) row_scores prefetches this far ahead into L2, besides the next 16 keys
-// into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch 16 and 64 at 128 to 2048 tokens
-// of context, K/V from memory): prefetching only the next 16 keys (and these 16's values) left a
-// decode at ~3.7x its K/V's read time, the memory's latency and the products taking turns; 64
-// ahead made it 1.35-1.6x faster (128: the same within the noise).
-constexpr int64_t kRowKeysAhead = 64;
+// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
+// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
+// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
+// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
+// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
+constexpr int64_t kL2KeysAhead = 64;
 
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kRowKeysAhead on
+// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kL2KeysAhead on
 // into L2 (accumulate_rows reads the values after the whole tile's scores).
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
-  prefetch_rows<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), dim);
-  prefetch_rows<_MM_HINT_T2>(keys, 16, std::min<int64_t>(kRowKeysAhead, n), dim);
-  prefetch_rows<_MM_HINT_T2>(values, 0, std::min<int64_t>(kRowKeysAhead, n), dim);
+  const int64_t span = dim * static_cast<int64_t>(sizeof(bf16));
+  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 16, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_rows<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), dim);
-    prefetch_rows<_MM_HINT_T2>(keys, std::min(j + kRowKeysAhead, n), std::min(j + kRowKeysAhead + 16, n), dim);
-    prefetch_rows<_MM_HINT_T2>(values, std::min(j + kRowKeysAhead, n), std::min(j + kRowKeysAhead + 16, n), dim);
+    prefetch_spans<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), span);
+    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     const bf16* k[16];
     for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
     for (int64_t r = 0; r < rows; ++r) {
@@ -1122,17 +1123,6 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
 
 constexpr int64_t kCodeRowBlock = 4;  // query rows per pass over the values (4 x 4 accumulators)
 
-// The cache lines of rows [begin, end), span bytes from each (a token's rows of a unit's KV heads
-// are adjacent in its slot), as prefetch_rows.
-template <typename C>
-inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
-  for (int64_t j = begin; j < end; ++j) {
-    const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
-    _mm_prefetch(row + span - 1, _MM_HINT_T0);
-  }
-}
-
 // Scores of R query rows (float32, dim apart) against 16 key rows k: each key's codes converted
 // once for the R rows, 8 keys at a time (R x 8 accumulators), the 16 partial sums of a row reduced
 // together (sum_each).
@@ -1160,13 +1150,13 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(sum_each(parts[r]), scale));
 }
 
-constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead (16 measured slower, within the noise)
+constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead into L1 (16 measured slower, within the noise)
 
 // For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys
 // [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
 // rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
-// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on, these 16's values)
-// has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
+// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on into L1, the keys and
+// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
 // keys' lane_scale, written in a pass of their own: a vector load right after its lanes' scalar
 // stores waits for them, 15% of this function when it did).
 template <typename C>
@@ -1178,10 +1168,13 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
     }
   }
   const int64_t span = heads * (dim + kScaleBytes);
-  prefetch_spans(keys, 0, std::min(kKeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min(kKeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, kKeysAhead, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
-    prefetch_spans(values, j, std::min(j + 16, n), span);
+    prefetch_spans<_MM_HINT_T0>(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
