@@ -119,8 +119,49 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void run(float* c,
 }
 };
 
-// Rows [0, m) of one column strip of `columns` (at most 16 W): blocks of R rows, the last ones
-// in one block of the rows left (blocks[R]: FloatBlock<R, W> or PairBlock<R, W>).
+// AVX2 builds' float32 blocks (CPUs without AVX-512): 8 lanes, R = 6 rows x W = 2 vectors (12
+// accumulators, 2 B vectors, 1 broadcast: 15 of the 16 registers); no mask registers, so column
+// tails load and store through lane masks (vmaskmovps: nothing read or written past column n).
+// They replace at::mm there, which nested MKL's OpenMP team in our pool's parts (a forked child
+// hung in it).
+inline __m256i lane_mask8(int64_t columns) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(columns, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <int R, int W>
+struct Avx2FloatBlock {
+__attribute__((target("avx2,fma"))) static void run(float* c, int64_t ldc, const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, int64_t depth, int64_t columns, bool add) {
+  __m256i mask[W];
+  __m256 acc[R][W];
+  #pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) {
+    mask[w] = lane_mask8(columns - 8 * w);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r][w] = add ? _mm256_maskload_ps(c + r * ldc + 8 * w, mask[w]) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    __m256 x[W];
+    #pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) x[w] = _mm256_maskload_ps(b + k * ldb + 8 * w, mask[w]);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 q = _mm256_set1_ps(a[r * lda + k]);
+      #pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm256_fmadd_ps(q, x[w], acc[r][w]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) _mm256_maskstore_ps(c + r * ldc + 8 * w, mask[w], acc[r][w]);
+  }
+}
+};
+
+// Rows [0, m) of one column strip of `columns` (at most Lanes W): blocks of R rows, the last ones
+// in one block of the rows left (blocks[R]: FloatBlock<R, W>, PairBlock<R, W> or Avx2FloatBlock).
 template <typename E>
 using Block = void (*)(float*, int64_t, const E*, int64_t, const E*, int64_t, int64_t, int64_t, bool);
 
@@ -134,33 +175,40 @@ inline void strip_rows(const Block<E>* blocks, int64_t m, float* c, int64_t ldc,
   if (r < m) blocks[m - r](c + r * ldc, ldc, a + r * lda, lda, b, ldb, depth, columns, add);
 }
 
-// C [m][n] (+ C if add) = A [m][k] . B [k][ldb] on Kernel<R, W> blocks (FloatBlock: float32;
-// PairBlock: k pairs of bfloat16, lda and ldb counting pairs, only on a CPU with AVX512-BF16):
-// strips of 16 W columns (W = 4), then of 16 (W = 1).
-template <typename E, template <int, int> class Kernel>
+// C [m][n] (+ C if add) = A [m][k] . B [k][ldb] on Kernel<R, W> blocks of Lanes-wide vectors
+// (FloatBlock: float32; PairBlock: k pairs of bfloat16, lda and ldb counting pairs, only on a CPU
+// with AVX512-BF16; Avx2FloatBlock: float32 in AVX2 builds): strips of Lanes x Wide columns, then
+// of Lanes.
+template <typename E, template <int, int> class Kernel, int Lanes, int Wide>
 inline void product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const E* a,
                     const E* b, float* c) {
-  static constexpr Block<E> wide[] = {nullptr, Kernel<1, 4>::run, Kernel<2, 4>::run, Kernel<3, 4>::run,
-                                      Kernel<4, 4>::run, Kernel<5, 4>::run, Kernel<6, 4>::run};
+  static constexpr Block<E> wide[] = {nullptr, Kernel<1, Wide>::run, Kernel<2, Wide>::run, Kernel<3, Wide>::run,
+                                      Kernel<4, Wide>::run, Kernel<5, Wide>::run, Kernel<6, Wide>::run};
   static constexpr Block<E> narrow[] = {nullptr, Kernel<1, 1>::run, Kernel<2, 1>::run, Kernel<3, 1>::run,
                                         Kernel<4, 1>::run, Kernel<5, 1>::run, Kernel<6, 1>::run};
   int64_t j = 0;
-  for (; j + 16 * kBlockVectors <= n; j += 16 * kBlockVectors) {
-    strip_rows(wide, m, c + j, ldc, a, lda, b + j, ldb, k, 16 * kBlockVectors, add);
+  for (; j + Lanes * Wide <= n; j += Lanes * Wide) {
+    strip_rows(wide, m, c + j, ldc, a, lda, b + j, ldb, k, Lanes * Wide, add);
   }
-  for (; j < n; j += 16) strip_rows(narrow, m, c + j, ldc, a, lda, b + j, ldb, k, std::min<int64_t>(16, n - j), add);
+  for (; j < n; j += Lanes) strip_rows(narrow, m, c + j, ldc, a, lda, b + j, ldb, k, std::min<int64_t>(Lanes, n - j), add);
 }
 
+// float32 on the build's blocks: AVX-512's, or AVX2's in AVX2 builds.
 inline void float_product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                           const float* a, const float* b, float* c) {
-  product<float, FloatBlock>(m, n, k, lda, ldb, ldc, add, a, b, c);
+#if defined(__AVX512F__)
+  product<float, FloatBlock, 16, kBlockVectors>(m, n, k, lda, ldb, ldc, add, a, b, c);
+#else
+  product<float, Avx2FloatBlock, 8, 2>(m, n, k, lda, ldb, ldc, add, a, b, c);
+#endif
 }
 
 inline void pair_product(int64_t m, int64_t n, int64_t pairs, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                          const uint32_t* a, const uint32_t* b, float* c) {
-  product<uint32_t, PairBlock>(m, n, pairs, lda, ldb, ldc, add, a, b, c);
+  product<uint32_t, PairBlock, 16, kBlockVectors>(m, n, pairs, lda, ldb, ldc, add, a, b, c);
 }
 
+#if defined(__AVX512F__)
 // dst [cols][ld] = src [rows][cols]^T (float32), 16 x 16 blocks in registers; masked at both edges.
 __attribute__((target("avx512f"))) inline void transpose_rows(float* dst, int64_t ld, const float* src, int64_t rows,
                                                               int64_t cols) {
@@ -178,5 +226,14 @@ __attribute__((target("avx512f"))) inline void transpose_rows(float* dst, int64_
     }
   }
 }
+#else
+// dst [cols][ld] = src [rows][cols]^T (float32), AVX2 builds: element by element (a tile's K^T for
+// the products; its cost is small beside theirs).
+inline void transpose_rows(float* dst, int64_t ld, const float* src, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t d = 0; d < cols; ++d) dst[d * ld + j] = src[j * cols + d];
+  }
+}
+#endif
 
 }  // namespace attention_products

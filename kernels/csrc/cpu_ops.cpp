@@ -512,9 +512,9 @@ void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) 
   }
 }
 
-#if defined(__AVX512F__)
 // scores [rows, n] = q [rows, dim] . K^T, K^T [dim][kKeyTile] as transpose_rows stages it:
-// attention_products.h's register-blocked FMA loops (no ATen call inside a pool part).
+// attention_products.h's register-blocked FMA loops (AVX-512's, or AVX2's in AVX2 builds; no ATen
+// call inside a pool part).
 void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, int64_t n, int64_t dim) {
   attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
 }
@@ -523,44 +523,6 @@ void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, i
 void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
   attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
 }
-#else  // AVX2 builds: at::mm (MKL, its OpenMP team nested in the pool's part) from kMatmulRows rows
-
-at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// scores [rows, n] = q [rows, dim] . k [n, dim]^T
-void tile_scores(float* scores, const float* q, const float* k, int64_t rows, int64_t n, int64_t dim) {
-  if (rows >= kMatmulRows) {
-    auto out = float_view(scores, rows, n);
-    at::mm_out(out, float_view(q, rows, dim), float_view(k, n, dim).t());
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) dot += q[r * dim + d] * k[j * dim + d];
-      scores[r * n + j] = dot;
-    }
-  }
-}
-
-// acc [rows, dim] += weights [rows, n] . v [n, dim]
-void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
-  if (rows >= kMatmulRows) {
-    float_view(acc, rows, dim).addmm_(float_view(weights, rows, n), float_view(v, n, dim));
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = acc + r * dim;
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = weights[r * n + j];
-      if (w == 0.0f) continue;
-      for (int64_t d = 0; d < dim; ++d) out[d] += w * v[j * dim + d];
-    }
-  }
-}
-#endif
 
 // max(scale * s[0..n)) in vector registers: written as a loop, a running max is a chain of
 // dependent scalar compares (the compiler keeps NaN semantics and does not vectorize it), which
@@ -601,9 +563,9 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // bf16_pairs_available), the same packed tiles and products run on attention_products.h's pair
 // blocks (same accuracy rule). Elsewhere (other CPUs without AMX, oneDNN disabled through
 // torch.backends.mkldnn on an AMX one, other dtypes) the tile products stay float32:
-// attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products measured 4x
-// slower per instruction than FMAs on a Sapphire Rapids: see that file), at::mm only in AVX2 builds
-// (an ATen call inside a pool part nests OpenMP's team in ours; a forked child cannot restart it).
+// attention_products.h's FMA blocks (AVX512-BF16 dot products measured 4x slower per instruction
+// than FMAs on a Sapphire Rapids: see that file), its AVX2 blocks in AVX2 builds (no ATen call
+// inside a pool part: at::mm nested OpenMP's team in ours, and a forked child cannot restart it).
 // Decodes' units of few rows take the AVX512-BF16 row products below wherever the CPU has it.
 //
 // brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
@@ -666,9 +628,7 @@ struct TileBuffers {
     grow(value_scales, kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
-#if defined(__AVX512F__)  // K^T for the FMA products (AVX2 builds hand K to at::mm as it lies)
-    grow(kt, kKeyTile * dim);
-#endif
+    grow(kt, kKeyTile * dim);  // K^T for the FMA products
     grow(v, kKeyTile * dim);
     grow(q16, rows * dim);
     grow(k16, kKeyTile * dim);
@@ -1301,12 +1261,8 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     const int64_t n = std::min(kKeyTile, k_end - k0);
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
-#if defined(__AVX512F__)
     attention_products::transpose_rows(b.kt.data(), kKeyTile, b.k.data(), n, a.dim);
     tile_scores(b.scores.data(), b.q.data(), b.kt.data(), rows, n, a.dim);
-#else
-    tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
-#endif
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
