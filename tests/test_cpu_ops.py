@@ -415,8 +415,9 @@ def test_without_amx_bfloat16_attention_gives_the_bits_it_gives_with_onednn_off(
 
 
 # Without AMX (or with oneDNN off, so that AMX CPUs test them too) the float32 tile products are
-# attention_products.h's register blocks (bfloat16 inputs staged to float32; units of under 16
-# rows of a bfloat16 decode take the AVX512-BF16 row products instead): 6 query rows x 64
+# attention_products.h's register blocks (bfloat16 inputs staged to float32, or multiplied as
+# pairs on AMD's AVX512-BF16 CPUs; units of under 16 rows of a bfloat16 decode take the
+# AVX512-BF16 row products instead): 6 query rows x 64
 # columns, the rest in 1..5-row blocks and masked 16-column strips. Rows per sequence from 1 to
 # 400 (three query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip,
 # head_dim with a 64-column strip and a masked tail (80, 72), query tiles ending on different keys.
