@@ -25,6 +25,10 @@ column is each time over its K/V bytes' read time at that bandwidth (1.0: the me
 built beside this one's, renamed so both load in one process, and every dtype is timed through it
 too ("int8@before"), interleaved with this tree's calls on the same caches: an A/B in one process.
 
+--query-len N: each sequence's last N context tokens are a prefill chunk (paged_attention), not one
+decode token: a 2000-token prompt's attention at --batch-sizes 1 --context-lens 2000 --query-len 2000
+(its products are compute-bound: read the ms and ratio columns, not "x read").
+
 --clock cpu: each call's time is the process's CPU time (time.process_time), not the wall clock:
 on a shared machine a call descheduled for a while does not count that while (with one thread,
 --threads 1, that is one core's time; with N it sums the N threads').
@@ -66,9 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", default="1", help="caches called in turn per timed step, or auto (see above)")
     p.add_argument("--before-tree", default=None, help="a checkout whose attention to time beside this one's")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="see above")
+    p.add_argument("--query-len", type=int, default=1, help="query tokens per sequence (see above)")
     args = p.parse_args(argv)
     if args.layers != "auto" and (not args.layers.isdigit() or int(args.layers) < 1):
         p.error("--layers must be a positive integer or auto")
+    if args.query_len < 1 or args.query_len > min(args.context_lens):
+        p.error("--query-len must be between 1 and the shortest context")
     if args.num_heads % args.num_kv_heads:
         p.error("--num-heads must be a multiple of --num-kv-heads")
     if args.backend == "triton" and not torch.cuda.is_available():
@@ -124,22 +131,26 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
         kv = torch.randn(2, ctx, kvh, d, device=device, dtype=torch.bfloat16)
         ops.write_kv_cache(kv[0], kv[1], k_cache, v_cache, slots)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    query = torch.randn(batch, args.num_heads, d, device=device, dtype=torch.bfloat16)
+    query = torch.randn(batch * args.query_len, args.num_heads, d, device=device, dtype=torch.bfloat16)
+    cu = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * args.query_len
     kv_bytes = 2 * k_cache[0].numel() * k_cache.element_size() * ctx / bs * batch
     count = min(1024, math.ceil(AUTO_LAYER_BYTES / kv_bytes)) if args.layers == "auto" else int(args.layers)
     layers = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone()) for _ in range(count - 1)]
 
-    def timed(attention):
+    def timed(namespace):
         def call():
             for k, v in layers:
-                attention(query, k, v, tables, lens, d**-0.5)
+                if args.query_len == 1:
+                    namespace.decode_attention(query, k, v, tables, lens, d**-0.5)
+                else:
+                    namespace.paged_attention(query, k, v, tables, lens, cu, d**-0.5)
             return len(layers)
 
         return call
 
-    calls = {"": timed(ops.decode_attention)}
+    calls = {"": timed(ops)}
     if args.before_tree:
-        calls["@before"] = timed(getattr(torch.ops, BEFORE_NAMESPACE).decode_attention)
+        calls["@before"] = timed(getattr(torch.ops, BEFORE_NAMESPACE))
     return calls, kv_bytes
 
 
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         bandwidth = read_bandwidth(5)
     print(f"{args.backend} backend, {torch.get_num_threads()} threads, heads {args.num_heads}/{args.num_kv_heads}, "
-          f"head_dim {args.head_dim}, block {args.block_size}, {args.layers} layer(s); "
+          f"head_dim {args.head_dim}, block {args.block_size}, {args.query_len} query token(s), {args.layers} layer(s); "
           f"median of {args.reps} interleaved calls, {args.clock} clock; memory read {bandwidth / 1e9:.1f} GB/s")
     print(f"{'batch':>6} {'context':>8} {'kv':>16} {'KV MiB':>8} {'ms':>9} {'GB/s':>7} {'x read':>6} {'ratio':>6}")
     for ctx in args.context_lens:

@@ -104,3 +104,5 @@ qkv_attention = _ops.qkv_attention
 # Whether bfloat16 attention runs its tile products in bfloat16 on AMX here (see the source), now:
 # False without AMX, in AVX2 builds, and while torch.backends.mkldnn is disabled.
 bfloat16_tiles_available = _ops.bfloat16_tiles_available
+bfloat16_pairs_available = _ops.bfloat16_pairs_available
+bfloat16_pair_product = _ops.bfloat16_pair_product

@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 
+from engine.layers.linear_kernels import avx512_bf16_ops
 from kernels import cpu_ops, reference
 from tests.helpers import NAN, paged_kv
 
@@ -414,8 +415,9 @@ def test_without_amx_bfloat16_attention_gives_the_bits_it_gives_with_onednn_off(
 
 
 # Without AMX (or with oneDNN off, so that AMX CPUs test them too) the float32 tile products are
-# attention_products.h's register blocks (bfloat16 inputs staged to float32; units of under 16
-# rows of a bfloat16 decode take the AVX512-BF16 row products instead): 6 query rows x 64
+# attention_products.h's register blocks (bfloat16 inputs staged to float32, or multiplied as
+# pairs on AMD's AVX512-BF16 CPUs; units of under 16 rows of a bfloat16 decode take the
+# AVX512-BF16 row products instead): 6 query rows x 64
 # columns, the rest in 1..5-row blocks and masked 16-column strips. Rows per sequence from 1 to
 # 400 (three query tiles of 192 rows at group 1), keys ending inside a 16- and a 64-key strip,
 # head_dim with a 64-column strip and a masked tail (80, 72), query tiles ending on different keys.
@@ -435,6 +437,51 @@ def test_attention_products_without_amx_match_the_reference_at_block_edges(gen, 
         out = cpu_ops.paged_attention(q16, k16, v16, tables, lens, cu, scale)
     assert not out.isnan().any()
     within_weight_rounding(out, q16, k16, v16, tables, lens, cu.tolist(), scale)
+
+
+# On AMD's CPUs with AVX512-BF16 and no AMX (cpu_features.h's rule: bfloat16_pairs_available),
+# bfloat16 attention's tile products run on attention_products.h's pair blocks: the tests above
+# check attention through them there. Here the blocks alone, on any CPU with AVX512-BF16 (AMX
+# ones, where attention never takes them, included): 6-row blocks and the 1..5 rows left, 64-column
+# strips and masked 16-column tails, one pair of depth and more. Each product of two bfloat16
+# values is exact in float32, so only the float32 sums round: k of them, each within float32's
+# unit roundoff of its partial sum.
+needs_avx512_bf16 = pytest.mark.skipif(avx512_bf16_ops() is None, reason="no AVX512-BF16")
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_bfloat16_pair_products_are_exact_products_summed_in_float32(gen, rows):
+    for depth, columns in [(2, 1), (64, 256), (80, 17), (128, 100), (36, 64), (6, 65)]:
+        a = torch.randn(rows, depth, generator=gen).bfloat16()
+        b = torch.randn(depth, columns, generator=gen).bfloat16()
+        out = cpu_ops.bfloat16_pair_product(a, b)
+        exact = a.double() @ b.double()
+        bound = depth * 2.0**-24 * (a.double().abs() @ b.double().abs())
+        assert out.dtype == torch.float32 and out.shape == (rows, columns)
+        assert ((out.double() - exact).abs() <= bound).all(), (depth, columns)
+
+
+PAIRS_HERE = pytest.mark.skipif(not cpu_ops.bfloat16_pairs_available() or cpu_ops.bfloat16_tiles_available(),
+                                reason="bfloat16 attention's tiles are AMX or float32 products here")
+
+
+@PAIRS_HERE
+@pytest.mark.parametrize("num_seqs", [1, 3, 16, 64])
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 96), (4, 2, 80)], ids=str)
+def test_bfloat16_attention_on_pair_products_matches_the_reference(gen, num_seqs, num_heads, kv_heads, head_dim):
+    """Prefill chunks (and a few decodes) over contexts of odd lengths, block tables with unused
+    tails over NaN slots, through the pair blocks: within the weights' rounding, and the reference."""
+    q_lens = torch.randint(1, 90, (num_seqs,), generator=gen).tolist()
+    ctx = [q + int(torch.randint(0, 300, (1,), generator=gen)) for q in q_lens]
+    k_cache, v_cache, tables, lens = paged_kv(gen, ctx, 16, kv_heads, head_dim, torch.bfloat16, extra_width=2)
+    cu = torch.tensor([0] + q_lens).cumsum(0).int()
+    query = torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen).bfloat16()
+    scale = head_dim**-0.5
+    out = cpu_ops.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale)
+    assert not out.isnan().any()
+    within_weight_rounding(out, query, k_cache, v_cache, tables, lens, cu.tolist(), scale)
+    assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, lens, cu, scale), torch.bfloat16)
 
 
 def check_an_avx2_build(gen, tmp_path, root, env: dict[str, str]) -> None:

@@ -487,6 +487,7 @@ struct AttentionArgs {
   int64_t q_stride, table_stride, group, dim, cache_row, num_heads, block_size, slot_stride, block_stride, window;
   float scale, soft_cap;
   bool bf16_tiles;  // tile products in bfloat16 on AMX (see below); else float32
+  bool bf16_pairs;  // no AMX: tile products on AVX512-BF16 pairs where those are fast (see below)
   bool bf16_rows;   // no AMX tiles, but units of few rows take attend_bf16's AVX512-BF16 row products
 };
 
@@ -511,9 +512,9 @@ void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) 
   }
 }
 
-#if defined(__AVX512F__)
 // scores [rows, n] = q [rows, dim] . K^T, K^T [dim][kKeyTile] as transpose_rows stages it:
-// attention_products.h's register-blocked FMA loops (no ATen call inside a pool part).
+// attention_products.h's register-blocked FMA loops (AVX-512's, or AVX2's in AVX2 builds; no ATen
+// call inside a pool part).
 void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, int64_t n, int64_t dim) {
   attention_products::float_product(rows, n, dim, dim, kKeyTile, n, false, q, kt, scores);
 }
@@ -522,44 +523,6 @@ void tile_scores(float* scores, const float* q, const float* kt, int64_t rows, i
 void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
   attention_products::float_product(rows, dim, n, n, dim, dim, true, weights, v, acc);
 }
-#else  // AVX2 builds: at::mm (MKL, its OpenMP team nested in the pool's part) from kMatmulRows rows
-
-at::Tensor float_view(const float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// scores [rows, n] = q [rows, dim] . k [n, dim]^T
-void tile_scores(float* scores, const float* q, const float* k, int64_t rows, int64_t n, int64_t dim) {
-  if (rows >= kMatmulRows) {
-    auto out = float_view(scores, rows, n);
-    at::mm_out(out, float_view(q, rows, dim), float_view(k, n, dim).t());
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) dot += q[r * dim + d] * k[j * dim + d];
-      scores[r * n + j] = dot;
-    }
-  }
-}
-
-// acc [rows, dim] += weights [rows, n] . v [n, dim]
-void tile_accumulate(float* acc, const float* weights, const float* v, int64_t rows, int64_t n, int64_t dim) {
-  if (rows >= kMatmulRows) {
-    float_view(acc, rows, dim).addmm_(float_view(weights, rows, n), float_view(v, n, dim));
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = acc + r * dim;
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = weights[r * n + j];
-      if (w == 0.0f) continue;
-      for (int64_t d = 0; d < dim; ++d) out[d] += w * v[j * dim + d];
-    }
-  }
-}
-#endif
 
 // max(scale * s[0..n)) in vector registers: written as a loop, a running max is a chain of
 // dependent scalar compares (the compiler keeps NaN semantics and does not vectorize it), which
@@ -596,10 +559,13 @@ inline float scaled_max(const float* s, int64_t n, float scale) {
 // error of at most u = 2^-8 (bfloat16's unit roundoff), so before its one rounding to bfloat16
 // (at most u |out|) it lies within u / (1 - u) max|v - exact| of the exact answer, the max over the
 // keys the row sees (tests/test_cpu_ops.py holds it to that).
-// Elsewhere (no AMX, oneDNN disabled through torch.backends.mkldnn, other dtypes) the tile products
-// stay float32: attention_products.h's FMA blocks in AVX-512 builds (AVX512-BF16 dot products
-// measured 4x slower per instruction than FMAs there: see that file), at::mm only in AVX2 builds
-// (an ATen call inside a pool part nests OpenMP's team in ours; a forked child cannot restart it).
+// Without AMX tiles on a CPU whose AVX512-BF16 dot products issue as fast as FMAs (AMD's:
+// bf16_pairs_available), the same packed tiles and products run on attention_products.h's pair
+// blocks (same accuracy rule). Elsewhere (other CPUs without AMX, oneDNN disabled through
+// torch.backends.mkldnn on an AMX one, other dtypes) the tile products stay float32:
+// attention_products.h's FMA blocks (AVX512-BF16 dot products measured 4x slower per instruction
+// than FMAs on a Sapphire Rapids: see that file), its AVX2 blocks in AVX2 builds (no ATen call
+// inside a pool part: at::mm nested OpenMP's team in ours, and a forked child cannot restart it).
 // Decodes' units of few rows take the AVX512-BF16 row products below wherever the CPU has it.
 //
 // brgemm takes B in the VNNI layout: pairs along the reduction dimension interleaved, [K/2][ldb][2],
@@ -630,6 +596,18 @@ bool bf16_rows_available() {
 #endif
 }
 
+// Whether, without AMX tiles, a bfloat16 attention's tile products take attention_products.h's
+// AVX512-BF16 pair blocks on the packed tiles (the same packing, products and rounded weights as
+// the AMX path, so its accuracy rule) instead of float32 FMA blocks: the CPUs where those issue as
+// fast as FMAs (cpu_features::bf16_pair_products_fast says which, and why).
+bool bf16_pairs_available() {
+#if defined(__AVX512F__)
+  return cpu_features::bf16_pair_products_fast();
+#else
+  return false;
+#endif
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Per-thread scratch, kept across calls (a call's first use on a thread grows it to the batch's
@@ -650,9 +628,7 @@ struct TileBuffers {
     grow(value_scales, kKeyTile);
     grow(q, rows * dim);
     grow(k, kKeyTile * dim);
-#if defined(__AVX512F__)  // K^T for the FMA products (AVX2 builds hand K to at::mm as it lies)
-    grow(kt, kKeyTile * dim);
-#endif
+    grow(kt, kKeyTile * dim);  // K^T for the FMA products
     grow(v, kKeyTile * dim);
     grow(q16, rows * dim);
     grow(k16, kKeyTile * dim);
@@ -921,28 +897,40 @@ inline __m512 sum_each(__m512* v) {
                        _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// The cache lines of rows [begin, end) (dim bfloat16 each) on their way into the caches: a
-// decode's keys and values are short runs in blocks scattered through memory, which the
-// hardware prefetchers, trained on long streams, do not see coming.
-template <int Hint>
-inline void prefetch_rows(const bf16* const* rows, int64_t begin, int64_t end, int64_t dim) {
+// The cache lines of rows [begin, end), span bytes from each (a bfloat16 row; or a token's rows of
+// a unit's KV heads, adjacent in its slot), on their way into the caches (Hint: _MM_HINT_T0 into
+// L1, T2 into L2): a decode's keys and values are short runs in blocks scattered through memory,
+// which the hardware prefetchers, trained on long streams, do not see coming.
+template <int Hint, typename C>
+inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
   for (int64_t j = begin; j < end; ++j) {
     const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(bf16)); byte += 64) {
-      _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
-    }
+    for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
+    _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
   }
 }
 
+// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
+// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
+// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
+// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
+// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
+constexpr int64_t kL2KeysAhead = 64;
+
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`. Prefetches the next 16 keys, and the values of these 16 for the product after.
+// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kL2KeysAhead on
+// into L2 (accumulate_rows reads the values after the whole tile's scores).
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
-  prefetch_rows<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), dim);
+  const int64_t span = dim * static_cast<int64_t>(sizeof(bf16));
+  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 16, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_rows<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), dim);
-    prefetch_rows<_MM_HINT_T0>(values, j, std::min(j + 16, n), dim);
+    prefetch_spans<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), span);
+    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     const bf16* k[16];
     for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
     for (int64_t r = 0; r < rows; ++r) {
@@ -1010,8 +998,10 @@ void pair_order_to_columns(float* row, int64_t dim) {
   }
 }
 
-// attend() with bfloat16 tile products (see above), or under kMatmulRows rows with products on the
-// rows in place; scores have row stride kKeyTile.
+inline const uint32_t* pairs(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
+
+// attend() with bfloat16 tile products (see above: on AMX, or pair blocks where bf16_pairs), or
+// under kMatmulRows rows with products on the rows in place; scores have row stride kKeyTile.
 void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   using at::native::cpublas::brgemm;
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim, dim = a.dim;
@@ -1046,7 +1036,12 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
         find_rows(b.key_rows.data(), a.v, table, k0, n, u.head, a);
         pack_values(b.v16.data(), b.key_rows.data(), b.zeros.data(), n, keys, dim);
       }
-      brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+      if (a.bf16_tiles) {
+        brgemm(rows, round_up(n, kPackColumns), dim, dim, kKeyTile, kKeyTile, false, b.q16.data(), k16, scores);
+      } else {
+        attention_products::pair_product(rows, n, dim / 2, dim / 2, kKeyTile, kKeyTile, false, pairs(b.q16.data()),
+                                         pairs(k16), scores);
+      }
     }
     float scale = a.scale;
     if (a.soft_cap > 0.0f) {
@@ -1062,8 +1057,13 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
       continue;
     }
     for (int64_t c = 0; c < dim; c += kPackColumns) {
-      brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
-             v16 + c * keys, b.acc.data() + c);
+      if (a.bf16_tiles) {
+        brgemm(rows, std::min(kPackColumns, dim - c), keys, kKeyTile, kPackColumns, dim, true, b.p16.data(),
+               v16 + c * keys, b.acc.data() + c);
+      } else {
+        attention_products::pair_product(rows, std::min(kPackColumns, dim - c), keys / 2, kKeyTile / 2, kPackColumns,
+                                         dim, true, pairs(b.p16.data()), pairs(v16 + c * keys), b.acc.data() + c);
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1082,17 +1082,6 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
 // does, made an 8-bit decode 2x slower than a bfloat16 one over half the bytes.
 
 constexpr int64_t kCodeRowBlock = 4;  // query rows per pass over the values (4 x 4 accumulators)
-
-// The cache lines of rows [begin, end), span bytes from each (a token's rows of a unit's KV heads
-// are adjacent in its slot), as prefetch_rows.
-template <typename C>
-inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
-  for (int64_t j = begin; j < end; ++j) {
-    const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
-    _mm_prefetch(row + span - 1, _MM_HINT_T0);
-  }
-}
 
 // Scores of R query rows (float32, dim apart) against 16 key rows k: each key's codes converted
 // once for the R rows, 8 keys at a time (R x 8 accumulators), the 16 partial sums of a row reduced
@@ -1121,13 +1110,13 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(sum_each(parts[r]), scale));
 }
 
-constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead (16 measured slower, within the noise)
+constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead into L1 (16 measured slower, within the noise)
 
 // For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys
 // [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
 // rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
-// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on, these 16's values)
-// has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
+// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on into L1, the keys and
+// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
 // keys' lane_scale, written in a pass of their own: a vector load right after its lanes' scalar
 // stores waits for them, 15% of this function when it did).
 template <typename C>
@@ -1139,10 +1128,13 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
     }
   }
   const int64_t span = heads * (dim + kScaleBytes);
-  prefetch_spans(keys, 0, std::min(kKeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min(kKeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, kKeysAhead, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
-    prefetch_spans(values, j, std::min(j + 16, n), span);
+    prefetch_spans<_MM_HINT_T0>(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
@@ -1249,7 +1241,7 @@ template <typename T, typename C>
 void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
-    if (a.bf16_tiles) return attend_bf16(a, u, k_begin, k_end, b);
+    if (a.bf16_tiles || a.bf16_pairs) return attend_bf16(a, u, k_begin, k_end, b);
     // Without AMX: its in-place products on rows (in_place there), not on tiles (see attention_products.h).
     if (a.bf16_rows && u.rows(a.group) < kMatmulRows && a.dim % 32 == 0) return attend_bf16(a, u, k_begin, k_end, b);
   }
@@ -1269,12 +1261,8 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     const int64_t n = std::min(kKeyTile, k_end - k0);
     stage_keys(b.k.data(), a.k, table, k0, n, u.head, a);
     stage_keys(b.v.data(), a.v, table, k0, n, u.head, a);
-#if defined(__AVX512F__)
     attention_products::transpose_rows(b.kt.data(), kKeyTile, b.k.data(), n, a.dim);
     tile_scores(b.scores.data(), b.q.data(), b.kt.data(), rows, n, a.dim);
-#else
-    tile_scores(b.scores.data(), b.q.data(), b.k.data(), rows, n, a.dim);
-#endif
     if (a.soft_cap > 0.0f) soft_cap_scores(b.scores.data(), rows * n, a.soft_cap, 1.0f);
     online_softmax(b.scores.data(), n, 1.0f, b, rows, n, a.group, a.dim, first_visible(a, u, k0, rows),
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
@@ -1331,6 +1319,29 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
   write_rows(a, u, b.acc.data(), b.row_sum.data());
 }
 
+// Keys of a decode's item prefetched into L2 before the item before it runs (see prefetch_start).
+constexpr int64_t kStartKeys = 32;
+
+// The cache lines of the first kStartKeys keys' K and V rows (its unit's KV heads) of an item of
+// few query rows (a decode's), on their way into L2 while the item before it runs: the kernels
+// prefetch ahead within an item, not across items, so each item's first keys came from memory
+// while it waited (at 128 tokens of context a quarter of an item's keys). Prefill items are
+// compute-bound: none.
+template <typename T, typename C>
+void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin) {
+  if (u.rows(a.group) >= kMatmulRows) return;
+  const int32_t* table = a.tables + u.seq * a.table_stride;
+  const int64_t bytes = u.kv_heads * a.cache_row * static_cast<int64_t>(sizeof(C));
+  for (int64_t p = k_begin; p < std::min(u.kv_end(), k_begin + kStartKeys); ++p) {
+    const int64_t at = table[p / a.block_size] * a.block_stride + p % a.block_size * a.slot_stride + u.head * a.cache_row;
+    for (const C* cache : {a.k, a.v}) {
+      const char* row = reinterpret_cast<const char*>(cache + at);
+      for (int64_t byte = 0; byte < bytes; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T2);
+      _mm_prefetch(row + bytes - 1, _MM_HINT_T2);
+    }
+  }
+}
+
 // Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
 // whichever thread is free (items come sorted costliest first, so the threads finish together),
 // on at most max_threads threads.
@@ -1382,12 +1393,17 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
     static thread_local std::vector<bf16> packed;  // grown as needed, kept across calls
-    if (a.bf16_tiles) prepack_contexts(a, units, packed);
+    if (a.bf16_tiles || a.bf16_pairs) prepack_contexts(a, units, packed);
   }
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
   for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
+    if (index + 1 < num_items) {
+      const Item& after = items[index + 1];
+      const Unit& next = units[after.unit];
+      prefetch_start(a, next, next.kv_begin + after.part * next.part_keys);
+    }
     const Item& item = items[index];
     const Unit& u = units[item.unit];
     const int64_t k_begin = u.kv_begin + item.part * u.part_keys;
@@ -1462,6 +1478,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& k_cache, const at:
       query.size(1) / heads, dim, row, query.size(1), k_cache.size(1), heads * row, k_cache.size(1) * heads * row,
       window, static_cast<float>(scale), static_cast<float>(soft_cap),
       std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && bf16_tiles_available(),
+      std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && dim % 2 == 0 && !bf16_tiles_available() &&
+          bf16_pairs_available(),
       std::is_same_v<T, bf16> && std::is_same_v<C, bf16> && bf16_rows_available()};
   paged_attention_kernel(args, units);
 }
@@ -1504,6 +1522,26 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const a
       run_attention<scalar_t, scalar_t>(query, k_cache, v_cache, block_tables, out, units, scale, window, cap);
     }
   });
+  return out;
+}
+
+// a [m, k] . b [k, n] (bfloat16, k even) as float32 on attention_products.h's pair blocks, b's
+// rows packed to pairs first as pack_values does: the blocks' direct test (tests/test_cpu_ops.py),
+// on any CPU with AVX512-BF16, where attention itself would take AMX or FMA tiles.
+at::Tensor bfloat16_pair_product(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(cpu_features::avx512_bf16(), "bfloat16_pair_product needs AVX512-BF16");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(1) == b.size(0) && a.size(1) % 2 == 0,
+              "bfloat16_pair_product takes bfloat16 a [m, k] and b [k, n], k even");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  const at::Tensor rows = a.contiguous();
+  // [k / 2][n][2]: pair (2i, 2i + 1) of column j at (i, j)
+  const at::Tensor packed = b.view({k / 2, 2, n}).transpose(1, 2).contiguous();
+  auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
+  attention_products::pair_product(m, n, k / 2, k / 2, n, n, false,
+                                   reinterpret_cast<const uint32_t*>(rows.data_ptr<at::BFloat16>()),
+                                   reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>()),
+                                   out.data_ptr<float>());
   return out;
 }
 
@@ -1553,4 +1591,6 @@ TORCH_LIBRARY(bento_llm, m) {
         "Tensor cu_query_lens, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
         &paged_attention);
   m.def("bfloat16_tiles_available() -> bool", &bf16_tiles_available);
+  m.def("bfloat16_pairs_available() -> bool", &bf16_pairs_available);
+  m.def("bfloat16_pair_product(Tensor a, Tensor b) -> Tensor", &bfloat16_pair_product);
 }
