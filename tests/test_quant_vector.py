@@ -217,10 +217,11 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
         assert not packed.vector and packed.qweight.shape == (200, 96)  # PyTorch's [N][K] for its op
         return
     assert packed.vector and not packed.amx
-    # int8 beyond its few-row loop: the byte products on Intel, the bfloat16 loop elsewhere (AMD)
-    intel = OPS.int8_split_bytes_preferred()
-    int8_many = OPS.int8_mm_dpbusd if intel else OPS.int8_mm_dpbf16
-    few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if intel
+    # int8 beyond its few-row loop: the byte products, or (AMD: cpu_features.h) the bfloat16 loop
+    split_bytes = OPS.int8_split_bytes_preferred()
+    assert split_bytes == (not OPS.bfloat16_pairs_available())  # one vendor rule for attention and int8
+    int8_many = OPS.int8_mm_dpbusd if split_bytes else OPS.int8_mm_dpbf16
+    few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
            else quant_kernels.VECTOR_INT8_DPBF16_ROWS_MAX_ROWS)
     for rows in (1, few, few + 1, 40, 2048):  # no whole-weight conversion at prefill sizes either
         x = torch.randn(rows, 96, generator=gen).bfloat16()

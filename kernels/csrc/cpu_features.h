@@ -14,14 +14,19 @@ inline bool avx512_bf16() {
   return supported;
 }
 
-// Whether attention's tile products (a prefill's Q.K^T and P.V) on a CPU without AMX take
-// AVX512-BF16 dot products on bfloat16 pairs (attention_products.h's PairBlock) rather than
-// float32 FMAs on inputs staged to float32: on AMD's CPUs with AVX512-BF16 (Zen 4 on), not on
-// Intel's. Measured: on an EPYC Zen 4 (family 25 model 17) a 2000-token prefill's attention (one
-// SmolLM2 layer, one thread) took 29 ms on pairs against 56 ms on float32 FMAs; on a Sapphire
-// Rapids whose hypervisor hid AMX vdpbf16ps issued at a quarter of FMA's rate and made that
-// prefill 1.4x slower. A rule on the vendor, not a timing probe: a CPU always takes one path (and
-// gives the same bits).
+// Whether, on a CPU without AMX, AVX512-BF16's pair products (vdpbf16ps) are the fast way to
+// multiply: on AMD's CPUs with AVX512-BF16 (Zen 4 on), not on Intel's. Two choices follow it:
+// - attention's tile products (a prefill's Q.K^T and P.V) on bfloat16 pairs (attention_products.h's
+//   PairBlock) rather than float32 FMAs on inputs staged to float32. On an EPYC Zen 4 (family 25
+//   model 17) a 2000-token prefill's attention (one SmolLM2 layer, one thread) took 29 ms on pairs
+//   against 56 ms on FMAs; on a Sapphire Rapids whose hypervisor hid AMX, vdpbf16ps issued at a
+//   quarter of FMA's rate and made that prefill 1.4x slower;
+// - int8 weights at 4+ rows without AMX-INT8 on codes converted to bfloat16 (quant_ops.cpp's
+//   int8_mm_dpbf16) rather than two VNNI byte products per weight (int8_mm_dpbusd): on Zen 4 the
+//   byte products took 1.7-2.1x the pairs' time at 16-64 rows; on that Sapphire Rapids they ran at
+//   1.07x/1.29x bfloat16's speed at 16/64 rows.
+// A rule on the vendor, not a timing probe: a CPU always takes one path (and gives the same bits).
+// Zen 5 is unmeasured and goes with Zen 4.
 inline bool bf16_pair_products_fast() {
   static const bool fast = avx512_bf16() && __builtin_cpu_is("amd");
   return fast;

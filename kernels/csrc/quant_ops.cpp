@@ -1291,15 +1291,9 @@ int64_t int8_convert_first_rows(const uint16_t* x, int64_t lda, int64_t rows, co
 }
 
 // Whether int8's many-row loop without AMX-INT8 is int8_mm_dpbusd (two VNNI byte products per
-// weight: where those run at twice the rate of vdpbf16ps's pair products, on Intel's cores: on a
-// Sapphire Rapids without AMX it ran at 1.07x/1.29x bfloat16's speed at 16/64 rows) rather than
-// int8_mm_dpbf16 (AMD's: on Zen 4, AVX-512 on 256-bit units, int8_mm_dpbusd took 1.7-2.1x
-// int8_mm_dpbf16's time at 16-64 rows, one thread, bench/bench_quant_matmul.py). A rule by
-// vendor, not a timing probe: Zen 5 is unmeasured and goes with Zen 4.
-bool int8_split_bytes_preferred() {
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-}
+// weight) rather than int8_mm_dpbf16: wherever AVX512-BF16's pair products are not the fast way to
+// multiply (cpu_features::bf16_pair_products_fast says where, and what was measured).
+bool int8_split_bytes_preferred() { return !cpu_features::bf16_pair_products_fast(); }
 
 // x [M, K] bfloat16 @ int8 weight (int8_mm_amx's codes and scales) -> [M, out_features] on CPUs
 // with AVX512-BF16 and no AMX, for more rows than int8_mm_rows: vector_tiled_matmul on the tiles
