@@ -238,6 +238,18 @@ def read_ahead(on: bool):
         ops.set_kernel_pool_read_ahead(True)
 
 
+def bytes_read_ahead(first, second, want) -> int:
+    """Calls first and second in turn (checking their bits) until a worker has read ahead, or 30 s:
+    a worker reads ahead while it would spin, and on a loaded machine it may sleep for a while
+    instead (its cooldown). -> the bytes it read."""
+    before = stats()["ahead_bytes"]
+    deadline = time.monotonic() + 30
+    while stats()["ahead_bytes"] == before and time.monotonic() < deadline:
+        assert [torch.equal(op(), w) for op, w in zip((first, second), want)] == [True, True]
+        time.sleep(0.0002)  # the gap a step's other ops leave between two projections
+    return stats()["ahead_bytes"] - before
+
+
 @pytest.mark.skipif(avx512_bf16_ops() is None, reason="no AVX512-BF16 on this machine")
 def test_workers_read_the_next_weight_ahead_only_when_on(gen):
     """Two projections called in turn: the pool learns that each is followed by the other, and a
@@ -253,15 +265,23 @@ def test_workers_read_the_next_weight_ahead_only_when_on(gen):
                 assert [torch.equal(op(), w) for op, w in zip((first, second), want)] == [True, True]
             assert stats()["ahead_bytes"] == before["ahead_bytes"]
         with read_ahead(True):
-            before = stats()
-            # A worker reads ahead while it would spin; on a loaded machine it may sleep for a
-            # while instead (its cooldown), so the calls go on until it has read something.
-            deadline = time.monotonic() + 30
-            while stats()["ahead_bytes"] == before["ahead_bytes"] and time.monotonic() < deadline:
-                assert [torch.equal(op(), w) for op, w in zip((first, second), want)] == [True, True]
-                time.sleep(0.0002)  # the gap a step's other ops leave between two projections
-            read = stats()["ahead_bytes"] - before["ahead_bytes"]
-    assert 0 < read
+            assert bytes_read_ahead(first, second, want) > 0
+
+
+@pytest.mark.skipif(avx512_bf16_ops() is None, reason="no AVX512-BF16 on this machine")
+def test_the_pool_still_learns_new_weights_after_thousands_of_others(gen):
+    """The pool's record of which weight follows which is bounded (2048 slots): after 3000 other
+    weights have passed through it (a process that reloads models, or a test session), a new pair
+    is still learned and read ahead, and no op scans the whole table."""
+    width, tiles = 576, 32  # each view: 512 outputs x 576 bfloat16, over the serial threshold (256 KiB)
+    big = ops.amx_linear_pack(torch.randn(16 * (3000 + tiles), width, generator=gen).bfloat16())
+    x = torch.randn(1, width, generator=gen).bfloat16()
+    with threads(2, 200):
+        for i in range(3000):  # 3000 weights at distinct addresses, each followed by the next
+            ops.bf16_linear(x, big[i : i + tiles], None, 16 * tiles)
+        first, second = bf16_linear_case(gen, 1), bf16_linear_case(gen, 1)
+        want = [first(), second()]
+        assert bytes_read_ahead(first, second, want) > 0
 
 
 def test_the_spin_budget_is_validated_and_kept():

@@ -1,5 +1,6 @@
 // kernel_pool (thread_pool.h): persistent workers, parts claimed by an atomic, spin-then-futex
-// waiting. Registered ops: set_kernel_pool_spin_us / kernel_pool_spin_us / set_kernel_pool_enabled (benchmarks),
+// waiting, and workers reading the next weight ahead between ops. Registered ops: set_kernel_pool_spin_us /
+// kernel_pool_spin_us / set_kernel_pool_enabled / set_kernel_pool_read_ahead (benchmarks),
 // kernel_pool_stats and kernel_pool_hold_workers (tests).
 
 #include "thread_pool.h"
@@ -69,6 +70,7 @@ constexpr int64_t kAheadChunk = 4096;
 constexpr int64_t kAheadMaxBytes = 2 << 20;
 constexpr int64_t kAheadChainBytes = 8 << 20;
 constexpr int64_t kNextSlots = 2048;
+constexpr int64_t kProbeSlots = 8;
 
 std::atomic<int64_t> spin_us{kDefaultSpinUs};
 std::atomic<bool> enabled{true};        // false: at::parallel_for (OpenMP), for A/B benchmarks
@@ -221,12 +223,12 @@ class Pool {
   // `weight` follows the last weighted op's). An op without a weight (attention, a norm) keeps
   // the read-ahead of the matmul before it.
   void follow(Weight weight) {
-    if (last_weight_ && last_weight_ != weight.data)
-      if (Next* s = slot(last_weight_)) {
-        s->data.store(weight.data, std::memory_order_relaxed);
-        s->bytes.store(weight.bytes, std::memory_order_relaxed);
-        s->key.store(last_weight_, std::memory_order_release);
-      }
+    if (last_weight_ && last_weight_ != weight.data) {
+      Next* s = slot(last_weight_);
+      s->data.store(weight.data, std::memory_order_relaxed);
+      s->bytes.store(weight.bytes, std::memory_order_relaxed);
+      s->key.store(last_weight_, std::memory_order_release);
+    }
     last_weight_ = weight.data;
     const Weight ahead = next_after(weight.data);
     ahead_data_.store(ahead.data, std::memory_order_relaxed);
@@ -234,21 +236,24 @@ class Pool {
     ahead_gen_.fetch_add(1, std::memory_order_relaxed);
   }
 
-  // The slot of weight `key` (open addressing on its address), or a free one; null: all taken.
+  // The slot of weight `key`: its own or a free one among kProbeSlots from its hash (open
+  // addressing on its address), else the first of them, taken over. Bounded, so a process that
+  // keeps making new weights (reloads, tests, benchmarks) neither fills the table for good nor
+  // scans all of it on every op; a slot taken over while a worker reads it only misdirects prefetches.
   Next* slot(const void* key) {
     const uint64_t hash = ((reinterpret_cast<uintptr_t>(key) >> 6) * 0x9E3779B97F4A7C15ull) >> 32;
-    for (int64_t i = 0; i < kNextSlots; ++i) {
+    for (int64_t i = 0; i < kProbeSlots; ++i) {
       Next& s = next_of_[(hash + i) % kNextSlots];
       const void* k = s.key.load(std::memory_order_acquire);
       if (k == key || k == nullptr) return &s;
     }
-    return nullptr;
+    return &next_of_[hash % kNextSlots];
   }
 
   // The weight that came after `key`'s op last time (none: data null).
   Weight next_after(const void* key) {
     const Next* s = slot(key);
-    if (!s || s->key.load(std::memory_order_acquire) != key) return {};
+    if (s->key.load(std::memory_order_acquire) != key) return {};
     return {s->data.load(std::memory_order_relaxed), s->bytes.load(std::memory_order_relaxed)};
   }
 
@@ -266,6 +271,7 @@ class Pool {
     while (a.data && epoch_.load(std::memory_order_relaxed) == seen) {
       const int64_t part = (a.bytes / threads_ + 63) & ~int64_t{63};
       const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
+      if (limit <= 0) break;  // a weight of under threads_ bytes: no part to read (ends the chain)
       if (a.offset >= limit) {  // this weight is read: the one after it, if the chain has room
         a.chain += limit * threads_;
         const Weight next = next_after(a.data);
