@@ -232,6 +232,8 @@ class TensorParallelDriver:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m engine.distributed`: one rank, until rank 0 stops it; the process then ends
+    (exit_rank: os._exit(0)), so this is not a function to call inside another program."""
     parser = argparse.ArgumentParser(
         description="Run tensor-parallel ranks of a bento-llm engine on this machine. Rendezvous from "
         "the usual variables: MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK (default 0)."

@@ -219,7 +219,6 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
     assert packed.vector and not packed.amx
     # int8 beyond its few-row loop: the byte products, or (AMD: cpu_features.h) the bfloat16 loop
     split_bytes = OPS.int8_split_bytes_preferred()
-    assert split_bytes == (not OPS.bfloat16_pairs_available())  # one vendor rule for attention and int8
     int8_many = OPS.int8_mm_dpbusd if split_bytes else OPS.int8_mm_dpbf16
     few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
            else quant_kernels.VECTOR_INT8_DPBF16_ROWS_MAX_ROWS)

@@ -17,7 +17,8 @@ inline bool avx512_bf16() {
 // Whether, on a CPU without AMX, AVX512-BF16's pair products (vdpbf16ps) are the fast way to
 // multiply: on AMD's CPUs with AVX512-BF16 (Zen 4 on), not on Intel's. Two choices follow it:
 // - attention's tile products (a prefill's Q.K^T and P.V) on bfloat16 pairs (attention_products.h's
-//   PairBlock) rather than float32 FMAs on inputs staged to float32. On an EPYC Zen 4 (family 25
+//   PairBlock) rather than float32 FMAs on inputs staged to float32 (in AVX-512 builds: an AVX2
+//   build's attention has its own FMA blocks). On an EPYC Zen 4 (family 25
 //   model 17) a 2000-token prefill's attention (one SmolLM2 layer, one thread) took 29 ms on pairs
 //   against 56 ms on FMAs; on a Sapphire Rapids whose hypervisor hid AMX, vdpbf16ps issued at a
 //   quarter of FMA's rate and made that prefill 1.4x slower;

@@ -1536,7 +1536,7 @@ at::Tensor bfloat16_pair_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const at::Tensor rows = a.contiguous();
   // [k / 2][n][2]: pair (2i, 2i + 1) of column j at (i, j)
-  const at::Tensor packed = b.view({k / 2, 2, n}).transpose(1, 2).contiguous();
+  const at::Tensor packed = b.contiguous().view({k / 2, 2, n}).transpose(1, 2).contiguous();
   auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
   attention_products::pair_product(m, n, k / 2, k / 2, n, n, false,
                                    reinterpret_cast<const uint32_t*>(rows.data_ptr<at::BFloat16>()),
