@@ -206,12 +206,13 @@ BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 
 }
 
 // fn(b, columns) for each 64-column block b of out_features (the last may be narrower), the
-// blocks split over the threads.
+// blocks split over the threads; `weight`: the codes the blocks read, for the pool's read-ahead
+// (thread_pool.h: a worker reads the next op's weight between ops).
 template <typename F>
-void for_each_block(int64_t out_features, const F& fn) {
+void for_each_block(int64_t out_features, const F& fn, kernel_pool::Weight weight = {}) {
   kernel_pool::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) fn(b, std::min(kBlockN, out_features - b * kBlockN));
-  });
+  }, weight);
 }
 
 // out[m, n0 + j] = result[m, j] for j < columns, in bfloat16; result rows are ldc floats apart
@@ -558,7 +559,7 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
         default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
       }
     }
-  });
+  }, {codes, packed.numel()});
   return out;
 }
 
@@ -1083,7 +1084,7 @@ at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor&
   for_each_block(out_features, [&](int64_t b, int64_t columns) {
     const int64_t n0 = b * kBlockN;
     per_block(Int8Block{in, rows, k_padded, codes + b * k_padded * kBlockN, s + n0, columns, y + n0, out_features});
-  });
+  }, {codes, packed.numel()});
   return out;
 }
 
