@@ -727,6 +727,16 @@ void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
   std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
 }
 
+// The cache lines of span bytes from p on their way into the caches (Hint: _MM_HINT_T0 into L1,
+// T2 into L2): a decode's keys and values are short runs in blocks scattered through memory, which
+// the hardware prefetchers, trained on long streams, do not see coming.
+template <int Hint>
+inline void prefetch_span(const void* p, int64_t span) {
+  const char* row = static_cast<const char*>(p);
+  for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
+  _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
+}
+
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
 // dst[x * ld + l] = src[l][x] for l, x < 16: sixteen rows of 16 32-bit elements transposed in registers.
@@ -898,16 +908,10 @@ inline __m512 sum_each(__m512* v) {
 }
 
 // The cache lines of rows [begin, end), span bytes from each (a bfloat16 row; or a token's rows of
-// a unit's KV heads, adjacent in its slot), on their way into the caches (Hint: _MM_HINT_T0 into
-// L1, T2 into L2): a decode's keys and values are short runs in blocks scattered through memory,
-// which the hardware prefetchers, trained on long streams, do not see coming.
+// a unit's KV heads, adjacent in its slot), as prefetch_span.
 template <int Hint, typename C>
 inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
-  for (int64_t j = begin; j < end; ++j) {
-    const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
-    _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
-  }
+  for (int64_t j = begin; j < end; ++j) prefetch_span<Hint>(rows[j], span);
 }
 
 // Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
@@ -1334,11 +1338,7 @@ void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin
   const int64_t bytes = u.kv_heads * a.cache_row * static_cast<int64_t>(sizeof(C));
   for (int64_t p = k_begin; p < std::min(u.kv_end(), k_begin + kStartKeys); ++p) {
     const int64_t at = table[p / a.block_size] * a.block_stride + p % a.block_size * a.slot_stride + u.head * a.cache_row;
-    for (const C* cache : {a.k, a.v}) {
-      const char* row = reinterpret_cast<const char*>(cache + at);
-      for (int64_t byte = 0; byte < bytes; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T2);
-      _mm_prefetch(row + bytes - 1, _MM_HINT_T2);
-    }
+    for (const C* cache : {a.k, a.v}) prefetch_span<_MM_HINT_T2>(cache + at, bytes);
   }
 }
 
