@@ -78,7 +78,7 @@ def exit_rank() -> None:
     """End a rank's process once run_worker has returned (its process group destroyed): flush, then
     os._exit(0), skipping the interpreter's teardown. There a C++ thread of torch's distributed
     backend that is still joinable could abort the process with SIGABRT ("terminate called without
-    an active exception", no Python frame left): 2 of 6 runs of a rank started by hand on a loaded
+    an active exception", no Python frame left): 3 of 9 runs of a rank started by hand on a loaded
     2-vCPU machine, tests/test_tensor_parallel.py. Nothing this process owns needs the teardown."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

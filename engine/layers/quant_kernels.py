@@ -9,9 +9,10 @@ packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are the faster.
 - CPUs with AVX512-BF16 (and VBMI) but no AMX (vector_kernels(): Zen 4/5, many cloud Xeons):
   the same loops where they do not need AMX, and vector loops in place of the tile loops:
   int4_mm_dpbf16 (the AMX loop's converted blocks times the rows by vdpbf16ps) and, with
-  AVX512-VNNI, int8's: on Intel int8_mm_dpbusd (int8_mm_rows's byte dot products, register-blocked
-  over rows), elsewhere (AMD) int8_mm_dpbf16 (its codes converted per block to bfloat16, then
-  int4_mm_dpbf16's loop; ops.int8_split_bytes_preferred() says which), at every row count from
+  AVX512-VNNI, int8's: on AMD int8_mm_dpbf16 (its codes converted per block to bfloat16, then
+  int4_mm_dpbf16's loop), elsewhere (Intel) int8_mm_dpbusd (int8_mm_rows's byte dot products,
+  register-blocked over rows; ops.int8_split_bytes_preferred() says which, by the vendor rule in
+  kernels/csrc/cpu_features.h), at every row count from
   their thresholds up (no whole-weight conversion: it measured slower). Thresholds below,
   measured (bench/bench_quant_matmul.py).
 """
@@ -82,8 +83,8 @@ def vector_kernels():
 
 @functools.cache
 def vector_int8_loops():
-    """(the last row count int8_mm_rows takes, the op for more rows) without AMX-INT8: the byte
-    product loop where it is the faster (Intel), else the bfloat16 one."""
+    """(the last row count int8_mm_rows takes, the op for more rows) without AMX-INT8: the bfloat16
+    loop where it is the faster (AMD), else the byte product one (Intel)."""
     ops = vector_kernels()
     if ops.int8_split_bytes_preferred():
         return VECTOR_INT8_ROWS_MAX_ROWS, ops.int8_mm_dpbusd
