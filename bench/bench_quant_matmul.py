@@ -119,6 +119,11 @@ def main() -> None:
     if old is not None:
         for name in ("bf16 rows", "int4 AMX", "int8 AMX", "int8 rows"):
             names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
+        # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
+        # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
+        # back to back, gained 1.3x from it at two threads). Neither spins: each op wakes its worker.
+        for pool in (torch.ops.bento_llm, old):
+            pool.set_kernel_pool_spin_us(0)
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
