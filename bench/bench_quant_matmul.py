@@ -5,6 +5,8 @@
     python bench/bench_quant_matmul.py --shapes 3b --layers 2 --rows 1,16,64 --only "bf16 strips,int4 layer,int8 layer"
     python bench/bench_quant_matmul.py --baseline d98b55c --only "bf16 strips,int4 AMX,int8 AMX"   # A/B against a commit
     python bench/bench_quant_matmul.py --shapes 3b-head --layers 1 --rows 1,16 --threads 2 --only "int8 layer"
+    python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 1,4,16,64,256 --only "bf16 strips,bf16 rows,int8 layer"
+    python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 4,8,16,64 --baseline main --only "bf16 strips,bf16 rows"
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
 --layers random weights (as many as the model has layers, so the set does not sit in L2 the way
@@ -16,6 +18,9 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
   without AMX
 - bf16 strips: the engine's bfloat16 projection, column strips: kernels/csrc/amx_linear.cpp on AMX,
   else bf16_linear.cpp (AVX512-BF16)
+- bf16 rows: the same weight as it lies ([N, K], the tied LM head's layout, the embedding table),
+  through few_rows_bfloat16 (kernels/csrc/gemv_ops.cpp: brgemm on AMX, bf16_mm_rows' dot products
+  on AVX512-BF16) at any row count (the engine takes it up to AMX_FEW_ROWS rows, F.linear beyond)
 - int4 / int8 torch: PyTorch's packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm)
 - int4 / int8 AMX: kernels/csrc/quant_ops.cpp's AMX tile loops on the same codes (int4: AMX-BF16 on
   codes converted per call; int8: AMX-INT8 on the codes as they are, the input split per row into
@@ -34,7 +39,7 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - int4 / int8 AMX @REV, int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
   as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
   process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
-  AMX-INT8)
+  AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows)
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -55,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
-from engine.layers.linear_kernels import strips_linear, strips_ops  # noqa: E402
+from engine.layers.linear_kernels import avx512_bf16_ops, few_rows_bfloat16, strips_linear, strips_ops  # noqa: E402
 from engine.layers.quant import PackedQuantizedWeight, quantize, quantize_int4, quantize_int8  # noqa: E402
 from engine.layers.quant_kernels import amx_kernels, vector_kernels  # noqa: E402
 
@@ -65,26 +70,29 @@ SHAPES = {
     "3b": {"qkv": (5120, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)},
     # Its tied LM head, int8 rows in the engine (394 MB: one weight is beyond the caches; --layers 1)
     "3b-head": {"lm_head": (128256, 3072)},
+    # The default model's tied LM head (57 MB in bfloat16: beyond the caches; --layers 1): bfloat16
+    # rows (bf16 rows) without quantization, int8 rows (int8 layer) under int4 or int8
+    "head": {"lm_head": (49152, 576)},
 }
 
 
 def baseline_ops(revision: str):
-    """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) as at `revision`,
-    built as an extension of its own under another op namespace; and whether its int8 ops read
+    """torch.ops.bento_llm_baseline: kernels/csrc/quant_ops.cpp (and amx_tiles.h) and gemv_ops.cpp as
+    at `revision`, built as an extension of its own under another op namespace; and whether its int8 ops read
     today's AMX-INT8 layout (else the [N/64][K/2][64][2] one before it)."""
     import kernels.cpu_ops  # the flags it builds with
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
     # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
-    for name in ("quant_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"):
+    for name in ("quant_ops.cpp", "gemv_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"):
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
         if name == "quant_ops.cpp":
             int8_quads = "[N/64, K/4, 64, 4] int8 codes, K padded" in text
     kernels.cpu_ops.load_sources(f"bento_llm_quant_baseline_{revision}",
-                                 [directory / "quant_ops.cpp", directory / "thread_pool.cpp"])
+                                 [directory / "quant_ops.cpp", directory / "gemv_ops.cpp", directory / "thread_pool.cpp"])
     return torch.ops.bento_llm_baseline, int8_quads
 
 
@@ -97,7 +105,7 @@ def main() -> None:
     parser.add_argument("--us", action="store_true", help="microseconds per layer in every column, not ratios")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="default", help="the default model's projections, the 3B's, or its LM head")
     parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
-    parser.add_argument("--baseline", help="a git revision whose int4/int8 AMX tile loop is timed beside this one")
+    parser.add_argument("--baseline", help="a git revision whose int4/int8 loops and bfloat16 rows loop are timed beside this one's")
     parser.add_argument("--only", help="comma-separated columns to time (bfloat16 always runs; e.g. the 3B shapes "
                         "without PyTorch's slow many-row ops)")
     args = parser.parse_args()
@@ -105,13 +113,17 @@ def main() -> None:
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     ops, vec, cpu = amx_kernels(), vector_kernels(), torch.device("cpu")
     vnni = vec is not None and vec.avx512_vnni_supported()
-    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 dpbf16", "int8 rows",
+    names = ["int4 read", "int8 read", "AMX", "bf16 strips", "bf16 rows", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 dpbf16", "int8 rows",
              "int8 layer", "w8a8", "w8a8 plain"]
-    old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and ops is not None else (None, True)
+    old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and vec is not None else (None, True)
     if old is not None:
-        names[names.index("int4 AMX") + 1:names.index("int4 AMX") + 1] = ["int4 AMX @" + args.baseline]
-        names[names.index("int8 AMX") + 1:names.index("int8 AMX") + 1] = ["int8 AMX @" + args.baseline]
-        names[names.index("int8 rows") + 1:names.index("int8 rows") + 1] = ["int8 rows @" + args.baseline]
+        for name in ("bf16 rows", "int4 AMX", "int8 AMX", "int8 rows"):
+            names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
+        # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
+        # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
+        # back to back, gained 1.3x from it at two threads). Neither spins: each op wakes its worker.
+        for pool in (torch.ops.bento_llm, old):
+            pool.set_kernel_pool_spin_us(0)
     bandwidth = read_bandwidth(args.rounds)
     square = torch.randn(2048, 2048).bfloat16()
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
@@ -129,6 +141,7 @@ def main() -> None:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
         strip_ops = strips_ops()
         strips = [strip_ops.amx_linear_pack(w.bfloat16()) for w in weights] if strip_ops else []
+        plain = [w.bfloat16() for w in weights] if not args.only or "bf16 rows" in args.only else []
         int4 = [PackedQuantizedWeight(quantize_int4(w, group), torch.bfloat16, cpu) for w in weights]
         int8 = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu) for w in weights]
         int8_rows = [q.int8_rows().contiguous() for q in int8]  # PyTorch's [N][K] layout for its op
@@ -151,6 +164,8 @@ def main() -> None:
             }
             if strips:
                 runs["bf16 strips"] = lambda: [strips_linear(x, s, None, n) for s in strips]
+            if plain:
+                runs["bf16 rows"] = lambda: [few_rows_bfloat16(x, w) for w in plain]
             if ops is not None:
                 runs["int4 AMX"] = lambda: [ops.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX"] = lambda: [ops.int8_mm_amx(x, q.qweight, q.scales, n) for q in int8]
@@ -164,16 +179,20 @@ def main() -> None:
                 if ops is None:
                     runs["int8 dpbusd"] = lambda: [vec.int8_mm_dpbusd(x, q.qweight, q.scales, n) for q in int8]
                     runs["int8 dpbf16"] = lambda: [vec.int8_mm_dpbf16(x, q.qweight, q.scales, n) for q in int8]
-            if old is not None:
+            if old is not None and ops is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
+            if old is not None and "int8 rows" in runs:
                 runs["int8 rows @" + args.baseline] = lambda: [old.int8_mm_rows(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
+            if old is not None and plain and (ops is not None or avx512_bf16_ops() is not None):  # as few_rows_bfloat16
+                old_rows = old.bf16_mm_amx if ops is not None else old.bf16_mm_rows
+                runs["bf16 rows @" + args.baseline] = lambda: [old_rows(x, w) for w in plain]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
             if args.only:
                 wanted = {"bfloat16", *args.only.split(","),
-                          *(f"{f} @{args.baseline}" for f in ("int4 AMX", "int8 AMX", "int8 rows"))}
+                          *(f"{f} @{args.baseline}" for f in args.only.split(","))}
                 runs = {name: fn for name, fn in runs.items() if name in wanted}
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():

@@ -121,6 +121,16 @@ at::Tensor bf16_mm_amx(const at::Tensor& x, const at::Tensor& weight) {
 // A/B runs (e.g. 4 rows 6.6 -> 6.0, 16 rows 15.2 -> 14.4; two threads, 1 row 3.9 -> 2.6); two
 // blocks ahead no better; non-temporal 2x slower). At 64 rows the loop runs near the in-cache rate
 // of _mm512_dpbf16_ps here (~1.1-1.3 G/s a core, as oneDNN's bfloat16 matmul).
+// From 8 input rows the prefetches are spread over all the block's groups of 4 input rows rather
+// than issued by the first group alone (dot_block). On an EPYC Zen 4 (2 vCPUs, no AMX; the same
+// head, A/B in one process, load 3-4), the time before -> after, median: one thread's CPU time,
+// 8 rows 4.16 -> 3.33 ms, 16 rows 6.56 -> 5.81, 32 rows 10.73 -> 9.88, 64 rows 19.12 -> 17.61;
+// two threads' wall time, 8 rows 2.42 -> 2.04, 16 rows 3.56 -> 3.09, 64 rows 17.0 -> 15.2 (fastest
+// 9.76 -> 9.23); there as fast as bf16_linear on the same weight in column strips, or faster
+// (16 rows 3.43, 64 rows 16.2 / 9.40). Summing the lanes costs nothing measurable there (a loop
+// that skips sum_lanes16's shuffles ran as fast), and the alternatives measured slower: each
+// thread re-packing 48 weight rows at a time into strips for bf16_linear's micro-kernel (1.07-1.4x
+// at 16-64 rows) or broadcasting the weight's pairs against the input packed as strips (1.0-1.1x).
 // K needs no particular size: the last 1-31 columns are masked loads (zeros multiply zeros); the
 // last 1-15 weight rows repeat the last row and are not stored.
 
@@ -152,30 +162,36 @@ BENTO_BF16_TARGET inline __m512bh load_pairs(const c10::BFloat16* p, __mmask32 m
 }
 
 // acc[m * NB + i] += the products of weight row w[i] and input row m over columns [k, k + 32);
-// with Prefetch, the same columns of weight rows ahead[i] are asked into L2.
+// with Prefetch and now, the same columns of weight rows ahead[i] are asked into L2.
 template <int NB, int MB, bool Masked, bool Prefetch>
 BENTO_BF16_TARGET inline void accumulate(__m512* acc, const c10::BFloat16* const* w, const c10::BFloat16* const* ahead,
-                                         const c10::BFloat16* x, int64_t ldx, int64_t k, __mmask32 mask) {
+                                         const c10::BFloat16* x, int64_t ldx, int64_t k, __mmask32 mask, bool now) {
   __m512bh in[MB];
   for (int m = 0; m < MB; ++m) in[m] = load_pairs<Masked>(x + m * ldx + k, mask);
   for (int i = 0; i < NB; ++i) {
-    if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(ahead[i] + k), _MM_HINT_T1);
+    if (Prefetch && now) _mm_prefetch(reinterpret_cast<const char*>(ahead[i] + k), _MM_HINT_T1);
     const __m512bh row = load_pairs<Masked>(w[i] + k, mask);
     for (int m = 0; m < MB; ++m) acc[m * NB + i] = _mm512_dpbf16_ps(acc[m * NB + i], row, in[m]);
   }
 }
 
 // out[m, i] = x[m] . w[i] for m < MB, i < columns (<= NB), in bfloat16 (rounded to nearest even).
+// With Prefetch, the column chunks c = phase (mod phases) of weight rows ahead[i] are asked into L2.
 template <int NB, int MB, bool Prefetch>
 BENTO_BF16_TARGET void dot_tile(const c10::BFloat16* const* w, const c10::BFloat16* const* ahead, const c10::BFloat16* x,
-                                int64_t ldx, int64_t k_total, int64_t columns, c10::BFloat16* out, int64_t ldo) {
+                                int64_t ldx, int64_t k_total, int64_t columns, c10::BFloat16* out, int64_t ldo,
+                                int64_t phase = 0, int64_t phases = 1) {
   static_assert(NB * MB == 16, "a tile is 16 registers, summed across lanes together");
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= k_total; k += 32) accumulate<NB, MB, false, Prefetch>(acc, w, ahead, x, ldx, k, 0);
+  int64_t k = 0, wait = phase;  // chunks until the next prefetching one
+  for (; k + 32 <= k_total; k += 32) {
+    const bool now = wait == 0;
+    wait = now ? phases - 1 : wait - 1;
+    accumulate<NB, MB, false, Prefetch>(acc, w, ahead, x, ldx, k, 0, now);
+  }
   if (k < k_total)
-    accumulate<NB, MB, true, Prefetch>(acc, w, ahead, x, ldx, k, static_cast<__mmask32>((1ull << (k_total - k)) - 1));
+    accumulate<NB, MB, true, Prefetch>(acc, w, ahead, x, ldx, k, static_cast<__mmask32>((1ull << (k_total - k)) - 1), wait == 0);
   const __m256i sums = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum_lanes16(acc)));
   if (MB == 1) {
     _mm256_mask_storeu_epi16(out, static_cast<__mmask16>((1u << columns) - 1), sums);
@@ -187,7 +203,10 @@ BENTO_BF16_TARGET void dot_tile(const c10::BFloat16* const* w, const c10::BFloat
 }
 
 // Weight rows [n0, n0 + 16) against every input row: 4 rows at a time (4 x 4 tiles), then 2, then 1.
-// The first tiles also prefetch the next block's rows into L2 (the last block: its own last row again).
+// The tiles also prefetch the next block's rows into L2 (the last block: its own last row again),
+// spread over the groups of 4 input rows: group g asks for the column chunks c = g (mod groups), so
+// the next block's lines arrive while the whole block computes rather than in a burst during its
+// first group (below 8 rows the first group or tile asks for them all, as before).
 BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, int64_t k_total, int64_t n0,
                                  const c10::BFloat16* x, int64_t rows, int64_t ldx, c10::BFloat16* out) {
   const c10::BFloat16 *w[kRowsBlockN], *ahead[kRowsBlockN];
@@ -201,8 +220,7 @@ BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, i
   for (; m + 4 <= rows; m += 4)
     for (int64_t s = 0; s < 16 && s < columns; s += 4) {
       c10::BFloat16* o = out + m * n_total + n0 + s;
-      if (m == 0) dot_tile<4, 4, true>(w + s, ahead + s, x, ldx, k_total, part(s, 4), o, n_total);
-      else dot_tile<4, 4, false>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 4), o, n_total);
+      dot_tile<4, 4, true>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 4), o, n_total, m / 4, rows / 4);
     }
   if (rows - m >= 2) {
     for (int64_t s = 0; s < 16 && s < columns; s += 8) {
