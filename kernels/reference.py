@@ -511,25 +511,11 @@ def composed_decoder_layer(ops):
     (this module's, or the C++ backend's: the unfused layer the fused op must equal bit for bit)."""
 
     def decoder_layer(
-        residual: torch.Tensor,
-        x: torch.Tensor | None,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        cu_query_lens: torch.Tensor | None,
-        input_norm: torch.Tensor,
-        post_norm: torch.Tensor,
-        eps: float,
-        projections: list[str],
-        projection_tensors: list,
-        projection_ints: list[int],
-        num_heads: int,
-        scale: float,
-        sliding_window: int | None = None,
+        residual: torch.Tensor, x: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+        context_lens: torch.Tensor, cu_query_lens: torch.Tensor | None, input_norm: torch.Tensor,
+        post_norm: torch.Tensor, eps: float, projections: list[str], projection_tensors: list,
+        projection_ints: list[int], num_heads: int, scale: float, sliding_window: int | None = None,
         soft_cap: float | None = None,
     ) -> torch.Tensor:
         """A Llama-shaped decoder layer: residual += x (x None: the first layer, residual as is), its

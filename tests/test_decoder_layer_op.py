@@ -151,3 +151,23 @@ def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, 
     # second op after the matmul (its layers keep their Python path).
     assert (plans[3] is not None) == (family != "Qwen2Config" or quantization == "none")
     assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_decoder_layer_matches_the_cpp_op(gen, dtype):
+    from tests.test_cpu_ops import assert_close
+
+    qkv, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(
+        gen, [(1, 9), (4, 20), (1, 33)], HEADS, KV_HEADS, HEAD_DIM, 16, dtype)
+    weights = [m.weight.to(dtype) for m in projections(gen, "plain")]
+    each = [t for w in weights for t in (w * 0.5, None)]  # aten::linear's weight and bias
+    x, residual = (torch.randn(qkv.shape[0], HIDDEN, generator=gen).to(dtype) for _ in range(2))
+    norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
+    outs = []
+    for layer in (cpu_ops.decoder_layer, reference.decoder_layer):
+        res, caches = residual.clone(), [k_cache.clone(), v_cache.clone()]
+        out = layer(res, x, cos, sin, *caches, slots, tables, lens, cu, *norms, EPS, ["aten::linear"] * 4, each, [],
+                    HEADS, HEAD_DIM**-0.5)
+        outs.append((out, res))
+    for got, want in zip(*outs):
+        assert_close(got, want.float(), dtype)

@@ -167,13 +167,22 @@ at::Tensor decoder_layer(at::Tensor& residual, const std::optional<at::Tensor>& 
   static const auto silu_mul = registered<SiluSig>("bento_llm::silu_mul");
   TORCH_CHECK(projections.size() == 4, "projections must name q/k/v, o, gate/up and down's ops");
   ProjectionArgs args{projection_tensors, projection_ints};
-  const at::Tensor h = x.has_value() ? add_norm.call(residual, *x, input_norm, eps) : norm.call(residual, input_norm, eps);
+  // Each intermediate is freed as soon as the next step has read it (at 64 rows gate/up is 0.4 MB).
+  at::Tensor h = x.has_value() ? add_norm.call(residual, *x, input_norm, eps) : norm.call(residual, input_norm, eps);
   at::Tensor qkv = project(projections[0], h, args);
-  const at::Tensor attended = attention.call(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                                             cu_query_lens, num_heads, scale, sliding_window, soft_cap);
-  const at::Tensor h2 = add_norm.call(residual, project(projections[1], attended, args), post_norm, eps);
-  const at::Tensor gate_up = project(projections[2], h2, args);
-  const at::Tensor out = project(projections[3], silu_mul.call(gate_up), args);
+  h.reset();
+  at::Tensor attended = attention.call(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                       cu_query_lens, num_heads, scale, sliding_window, soft_cap);
+  qkv.reset();
+  at::Tensor o = project(projections[1], attended, args);
+  attended.reset();
+  h = add_norm.call(residual, o, post_norm, eps);
+  o.reset();
+  at::Tensor gate_up = project(projections[2], h, args);
+  h.reset();
+  const at::Tensor activated = silu_mul.call(gate_up);
+  gate_up.reset();
+  const at::Tensor out = project(projections[3], activated, args);
   TORCH_CHECK(args.next_tensor == projection_tensors.size() && args.next_int == projection_ints.size(),
               "the projections took ", args.next_tensor, " of ", projection_tensors.size(), " tensors and ",
               args.next_int, " of ", projection_ints.size(), " ints");
