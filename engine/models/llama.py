@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul, gated_activation
 from engine.forward_context import get_forward_context
+from engine.layers.activation import SiluAndMul, gated_activation
 from engine.layers.attention import Attention
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from engine.layers.linear_kernels import amx_linear_ops
@@ -88,10 +88,13 @@ class GatedMLP(StepModule):
         self.act = gated_activation(act)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def amx_fused_rows(self) -> int:
         if self.fused_rows is None:
             self.fused_rows = silu_mlp_fused_rows(self.gate_up_proj, self.down_proj) if isinstance(self.act, SiluAndMul) else 0
-        if x.shape[0] <= self.fused_rows:
+        return self.fused_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.amx_fused_rows():
             return amx_linear_ops().amx_silu_mlp(x if x.stride(-1) == 1 else x.contiguous(),
                                                  self.gate_up_proj.packed_weight, self.down_proj.packed_weight,
                                                  self.down_proj.out_features)
@@ -106,19 +109,17 @@ LAYER_OP_MAX_ROWS = 64
 
 def layer_op_plan(layer: "LlamaDecoderLayer", rows: int, rope: RopeTable | None) -> tuple | None:
     """(the layer's cache index, decoder_layer's arguments after the step's: norm weights, eps, the
-    projections' ops and arguments, heads, scale, window, soft cap) where the layer is the plain Llama one (no q/k norms,
-    full-width rotary, a SwiGLU MLP not fused on AMX) and each projection is one registered op at
-    `rows` rows (Linear.kernel_call); else None: the layer runs its Python path."""
+    projections' ops and arguments, heads, scale, window, soft cap) where the layer is the plain
+    Llama one (no q/k norms, full-width rotary, a SwiGLU MLP not fused on AMX) and each projection
+    is one registered op at `rows` rows (Linear.kernel_call); else None: its Python path."""
     attn, mlp, norms = layer.self_attn, layer.mlp, (layer.input_layernorm, layer.post_attention_layernorm)
     if (type(attn).forward is not LlamaAttention.forward or attn.norms_qk or not attn.use_rope or rope is None
             or rope.cos.shape[-1] != attn.head_dim or type(attn.attn) is not Attention
             or type(mlp) is not GatedMLP or not isinstance(mlp.act, SiluAndMul)
             or any(type(n) is not RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
         return None
-    if mlp.fused_rows is None:
-        mlp.fused_rows = silu_mlp_fused_rows(mlp.gate_up_proj, mlp.down_proj)
     calls = [p.kernel_call(rows) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if rows <= mlp.fused_rows or None in calls:
+    if rows <= mlp.amx_fused_rows() or None in calls:
         return None
     op = attn.attn
     return op.layer_idx, (norms[0].weight, norms[1].weight, norms[0].eps, [c[0] for c in calls],
