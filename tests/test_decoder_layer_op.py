@@ -125,17 +125,23 @@ def test_an_int_list_argument_takes_its_length_then_its_elements(gen):
     assert torch.equal(reference.projection("aten::linear", x, [torch.eye(8), None], []), x)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4"])
-@pytest.mark.parametrize("family", ["LlamaConfig", "Qwen2Config"])
-def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, family, quantization):
+ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
+                ("Qwen2Config", "int4", {}, "auto"), ("MistralConfig", "none", dict(sliding_window=4), "auto"),
+                ("LlamaConfig", "none", {}, "int8")]
+
+
+@pytest.mark.parametrize("family,quantization,overrides,kv_cache_dtype", ENGINE_CASES, ids=str)
+def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, family, quantization, overrides,
+                                                                     kv_cache_dtype):
     from engine import LLM, SamplingParams
     from engine.models.llama import LlamaDecoderLayer
     from tests.model_factories import make_tiny_checkpoint
 
     if not layout_available("strips" if quantization == "none" else quantization):
         pytest.skip("no vector kernels for this layout here: the layers run their Python path")
-    path = make_tiny_checkpoint(tmp_path, family)
-    llm = LLM(str(path), dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_seqs=8)
+    path = make_tiny_checkpoint(tmp_path, family, **overrides)
+    llm = LLM(str(path), dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_seqs=8,
+              kv_cache_dtype=kv_cache_dtype)
     prompts = ["Hello, my name is", "The history of the city goes back", "def add(a, b):"]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     results = {}
