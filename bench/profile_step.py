@@ -315,26 +315,37 @@ def stand_in_time(model, rows: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def layer_op_ab(steps, rounds: int) -> None:
+def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rounds: int) -> None:
     """Decode steps with the decoder layers as one decoder_layer op each (kernels/csrc/step_ops.cpp)
-    and on their Python path, alternating in this process, every pass printed (median step, and
-    fastest step: on a loaded machine the closer to a quiet one)."""
+    and on their Python path, switching every step (so both see the same load; a loaded machine
+    drifts between passes), ROUNDS runs of --steps steps; each run's median and fastest step printed."""
     from engine.models.llama import LlamaDecoderLayer
 
-    passes: dict[str, list[float]] = {"decoder_layer op": [], "Python layers": []}
-    fastest: dict[str, list[float]] = {name: [] for name in passes}
+    names = ["decoder_layer op", "Python layers"]
+    passes: dict[str, list[float]] = {name: [] for name in names}
+    fastest: dict[str, list[float]] = {name: [] for name in names}
     try:
         for i in range(rounds):
-            for name in passes if i % 2 == 0 else reversed(passes):
-                LlamaDecoderLayer.layer_op = name == "decoder_layer op"
-                times = steps()
-                passes[name].append(statistics.median(times) * 1e3)
-                fastest[name].append(min(times) * 1e3)
+            kept_modes: list[bool] = []  # whether each timed step ran the op
+
+            def switch(kept: bool) -> None:  # after every step: the next one runs the other way
+                if kept:
+                    kept_modes.append(LlamaDecoderLayer.layer_op)
+                LlamaDecoderLayer.layer_op = not LlamaDecoderLayer.layer_op
+
+            LlamaDecoderLayer.layer_op = i % 2 == 0
+            times = decode_steps(engine, batch, steps, vocab, on_step=switch, prompt_len=prompt_len)
+            by_mode: dict[str, list[float]] = {name: [] for name in names}
+            for t, op in zip(times, kept_modes):
+                by_mode[names[0] if op else names[1]].append(t)
+            for name in names:
+                passes[name].append(statistics.median(by_mode[name]) * 1e3)
+                fastest[name].append(min(by_mode[name]) * 1e3)
     finally:
         LlamaDecoderLayer.layer_op = True
     for name, ms in passes.items():
-        print(f"{name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; median of passes "
-              f"{statistics.median(ms):.2f}; fastest step per pass {' '.join(f'{t:.2f}' for t in fastest[name])}, "
+        print(f"{name}: step median per run {' '.join(f'{t:.2f}' for t in ms)} ms; median of runs "
+              f"{statistics.median(ms):.2f}; fastest step per run {' '.join(f'{t:.2f}' for t in fastest[name])}, "
               f"median {statistics.median(fastest[name]):.2f}")
 
 
@@ -378,7 +389,7 @@ def main() -> None:
                              "alternating, ROUNDS rounds")
     parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the decoder layers as one decoder_layer op vs their Python "
-                             "path, alternating, ROUNDS rounds")
+                             "path, switching every step, ROUNDS runs")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -408,8 +419,7 @@ def main() -> None:
                       args.ab_read_ahead)
         return
     if args.ab_layer_op:
-        layer_op_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
-                    args.ab_layer_op)
+        layer_op_ab(engine, args.batch, args.steps, vocab, args.prompt_len, args.ab_layer_op)
         return
     if args.ab_pool_spin:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)
