@@ -8,6 +8,7 @@
     python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
+    python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one decoder_layer op vs Python, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
@@ -17,8 +18,12 @@
 Prints three tables:
 1. the step by phase (median ms over the timed steps): scheduling, step-input preparation, the
    forward pass, sampling, and the engine's bookkeeping after (update, detokenize);
-2. the forward pass again with every projection's matmul skipped (zero outputs): what the step
-   spends in everything else inside the model;
+2. the forward pass again with every projection's matmul skipped (zero outputs; where a layer runs
+   as one decoder_layer op, each projection is an index_select of its input's first column, a
+   as one decoder_layer op, each projection is a new_zeros of the output's shape instead, a real
+   op: the stand-ins' own time, timed alone, is printed too): what the
+   step spends in everything else inside the model, with the decoder layers as one op each and on
+   their Python path;
 3. torch.profiler's ops over whole steps (self CPU time and calls per step) by op name, each
    split into its share per decoder layer and what runs outside the layers (embedding, final
    norm, LM head, sampling); then each op's fastest call per input shape (over 5 us), the
@@ -109,8 +114,8 @@ OP_GROUPS = [
     ("projections (matmuls in the layers)", lambda name, inside: inside and _is_matmul(name)),
     ("LM head (matmul outside the layers)", lambda name, inside: _is_matmul(name)),
     ("decode attention kernel", lambda name, inside: name.endswith(("decode_attention", "paged_attention"))),
-    ("rotary, KV-cache write, qkv_attention's own", lambda name, inside: name.endswith(
-        ("rotary_embedding_", "write_kv_cache", "qkv_attention"))),
+    ("rotary, KV-cache write, qkv_attention's and decoder_layer's own", lambda name, inside: name.endswith(
+        ("rotary_embedding_", "write_kv_cache", "qkv_attention", "decoder_layer"))),
     ("norms and SiLU", lambda name, inside: name.endswith(("rms_norm", "silu_mul"))),
     ("other ops in the layers (views, copies, empty)", lambda name, inside: inside),
     ("sampler and other ops outside the layers", lambda name, inside: True),
@@ -156,11 +161,14 @@ def decode_op_shares(events, in_layer) -> None:
 @contextlib.contextmanager
 def projections_skipped(model):
     """Every projection returns a zero output of its shape without reading its weight: what is
-    left of the forward pass is everything but the matmuls (fused MLPs run unfused for it)."""
+    left of the forward pass is everything but the matmuls (fused MLPs run unfused for it). A
+    layer that runs as one decoder_layer op calls aten::new_zeros of the output's shape instead (an
+    op it can call by name; stand_in_time says what these cost)."""
     from engine.layers.linear import Linear
+    from engine.models.llama import forget_layer_op_plans
 
     outputs: dict[tuple[int, int], torch.Tensor] = {}
-    project = Linear.project
+    project, kernel_call = Linear.project, Linear.kernel_call
     fused = {m: m.fused_rows for m in model.modules() if getattr(m, "fused_rows", None)}
     for m in fused:
         m.fused_rows = 0
@@ -171,11 +179,16 @@ def projections_skipped(model):
             outputs[key] = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype)
         return outputs[key]
 
-    Linear.project = zeros
+    def new_zeros(self, rows):
+        return None if kernel_call(self, rows) is None else ("aten::new_zeros", [], [2, rows, self.out_features])
+
+    Linear.project, Linear.kernel_call = zeros, new_zeros
+    forget_layer_op_plans(model)
     try:
         yield
     finally:
-        Linear.project = project
+        Linear.project, Linear.kernel_call = project, kernel_call
+        forget_layer_op_plans(model)
         for m, rows in fused.items():
             m.fused_rows = rows
 
@@ -285,6 +298,57 @@ def read_ahead_ab(steps, rounds: int) -> None:
     print(f"read ahead per step (MiB, each read-ahead pass): {' '.join(f'{b / 2**20:.1f}' for b in ahead)}")
 
 
+def stand_in_time(model, rows: int, repeats: int) -> float:
+    """Median seconds of a forward's projection stand-ins under projections_skipped (each layer's
+    four aten::new_zeros) called alone, from Python (so an upper bound: a call from Python costs
+    ~1 us more than decoder_layer's from C++)."""
+    from engine.layers.linear import Linear
+
+    x = torch.zeros(rows, 1, dtype=torch.bfloat16)
+    shapes = [(rows, m.out_features) for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for shape in shapes:
+            x.new_zeros(shape)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rounds: int) -> None:
+    """Decode steps with the decoder layers as one decoder_layer op each (kernels/csrc/step_ops.cpp)
+    and on their Python path, switching every step (so both see the same load; a loaded machine
+    drifts between passes), ROUNDS runs of --steps steps; each run's median and fastest step printed."""
+    from engine.models.llama import LlamaDecoderLayer
+
+    names = ["decoder_layer op", "Python layers"]
+    passes: dict[str, list[float]] = {name: [] for name in names}
+    fastest: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for i in range(rounds):
+            kept_modes: list[bool] = []  # whether each timed step ran the op
+
+            def switch(kept: bool) -> None:  # after every step: the next one runs the other way
+                if kept:
+                    kept_modes.append(LlamaDecoderLayer.layer_op)
+                LlamaDecoderLayer.layer_op = not LlamaDecoderLayer.layer_op
+
+            LlamaDecoderLayer.layer_op = i % 2 == 0
+            times = decode_steps(engine, batch, steps, vocab, on_step=switch, prompt_len=prompt_len)
+            by_mode: dict[str, list[float]] = {name: [] for name in names}
+            for t, op in zip(times, kept_modes):
+                by_mode[names[0] if op else names[1]].append(t)
+            for name in names:
+                passes[name].append(statistics.median(by_mode[name]) * 1e3)
+                fastest[name].append(min(by_mode[name]) * 1e3)
+    finally:
+        LlamaDecoderLayer.layer_op = True
+    for name, ms in passes.items():
+        print(f"{name}: step median per run {' '.join(f'{t:.2f}' for t in ms)} ms; median of runs "
+              f"{statistics.median(ms):.2f}; fastest step per run {' '.join(f'{t:.2f}' for t in fastest[name])}, "
+              f"median {statistics.median(fastest[name]):.2f}")
+
+
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
     """(median wall seconds, median seconds of this thread's CPU time) of the forward pass: on a
     loaded machine the thread's CPU time is the steadier one (it leaves out time the thread
@@ -323,6 +387,9 @@ def main() -> None:
     parser.add_argument("--ab-read-ahead", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
                              "alternating, ROUNDS rounds")
+    parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the decoder layers as one decoder_layer op vs their Python "
+                             "path, switching every step, ROUNDS runs")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -350,6 +417,9 @@ def main() -> None:
 
         read_ahead_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
                       args.ab_read_ahead)
+        return
+    if args.ab_layer_op:
+        layer_op_ab(engine, args.batch, args.steps, vocab, args.prompt_len, args.ab_layer_op)
         return
     if args.ab_pool_spin:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)
@@ -395,15 +465,26 @@ def main() -> None:
 
     # The last decode step's forward again, with and without the projections' matmuls.
     repeats = max(20, args.steps)
+    from engine.models.llama import LlamaDecoderLayer
+
     full = forward_times(runner, last_inputs[0], repeats)
     with projections_skipped(runner.model):
         rest = forward_times(runner, last_inputs[0], repeats)
+        LlamaDecoderLayer.layer_op = False
+        try:
+            python_rest = forward_times(runner, last_inputs[0], repeats)
+        finally:
+            LlamaDecoderLayer.layer_op = True
     print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
     print("| --- | --- | --- |")
     print(f"| whole | {full[0] * 1e3:.3f} | {full[1] * 1e3:.3f} |")
     print(f"| without the projections' matmuls (zero outputs) | {rest[0] * 1e3:.3f} | {rest[1] * 1e3:.3f} |")
     print(f"| ... per decoder layer | {rest[0] * 1e3 / len(runner.model.layers):.4f} | "
           f"{rest[1] * 1e3 / len(runner.model.layers):.4f} |")
+    print(f"| ... the same, decoder layers on their Python path (no decoder_layer op) | {python_rest[0] * 1e3:.3f} | "
+          f"{python_rest[1] * 1e3:.3f} |")
+    print(f"| (the decoder_layer ops' projection stand-ins, aten::new_zeros, timed alone from Python) | "
+          f"{stand_in_time(runner.model, args.batch, repeats) * 1e3:.3f} | |")
 
     # 2. and 3. ops under the profiler, each decoder layer marked by a record_function
     model = runner.model

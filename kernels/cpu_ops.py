@@ -26,7 +26,8 @@ from kernels.reference import copy_blocks, swap_blocks
 logger = logging.getLogger(__name__)
 
 # cpu_ops.cpp: attention, cache and pointwise ops; quant_ops.cpp: the AMX quantized matmuls;
-# step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention);
+# step_ops.cpp: a layer's rotation, cache write and attention in one call (qkv_attention), and a
+# whole decode layer in one (decoder_layer);
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
 # hand-written AMX tile loops (amx_tiles.h); bf16_linear.cpp: the same strips on AVX512-BF16 where
 # the CPU has no AMX; sampler_ops.cpp: the sampler's filters and draw;
@@ -40,7 +41,7 @@ _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",
-    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention", "argmax_rows",
+    "rms_norm", "add_rms_norm", "silu_mul", "rotary_embedding_", "qkv_attention", "decoder_layer", "argmax_rows",
     "filter_rows", "sample_rows",
 ]
 
@@ -101,6 +102,7 @@ write_kv_cache = _ops.write_kv_cache
 decode_attention = _ops.decode_attention
 paged_attention = _ops.paged_attention
 qkv_attention = _ops.qkv_attention
+decoder_layer = _ops.decoder_layer
 # Whether bfloat16 attention runs its tile products in bfloat16 on AMX here (see the source), now:
 # False without AMX, in AVX2 builds, and while torch.backends.mkldnn is disabled.
 bfloat16_tiles_available = _ops.bfloat16_tiles_available

@@ -479,3 +479,62 @@ def composed_qkv_attention(ops):
 
 
 qkv_attention = composed_qkv_attention(sys.modules[__name__])
+
+
+def projection(name: str, x: torch.Tensor, tensors: list, ints: list) -> torch.Tensor:
+    """decoder_layer's projection: the registered op `name` ("namespace::name[.overload]") on x, its
+    tensor and int arguments taken from the front of `tensors` and `ints` (consumed) in schema order
+    (an int list: its length, then its elements), any other argument at its default (as
+    kernels/csrc/step_ops.cpp's project)."""
+    base, _, overload = name.partition(".")
+    namespace, op_name = base.split("::")
+    op = getattr(getattr(getattr(torch.ops, namespace), op_name), overload or "default")
+    args = [x]
+    for arg in op._schema.arguments[1:]:
+        kind = str(arg.type)
+        if arg.kwarg_only:  # at its default
+            continue
+        if kind in ("Tensor", "Optional[Tensor]"):
+            args.append(tensors.pop(0))
+        elif kind == "int":
+            args.append(ints.pop(0))
+        elif kind in ("List[int]", "List[SymInt]"):  # its length, then its elements
+            length = ints.pop(0)
+            args.append([ints.pop(0) for _ in range(length)])
+        else:
+            args.append(arg.default_value)
+    return op(*args)
+
+
+def composed_decoder_layer(ops):
+    """decoder_layer made of a backend module's rms_norm, add_rms_norm, qkv_attention and silu_mul
+    (this module's, or the C++ backend's: the unfused layer the fused op must equal bit for bit)."""
+
+    def decoder_layer(
+        residual: torch.Tensor, x: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+        context_lens: torch.Tensor, cu_query_lens: torch.Tensor | None, input_norm: torch.Tensor,
+        post_norm: torch.Tensor, eps: float, projections: list[str], projection_tensors: list,
+        projection_ints: list[int], num_heads: int, scale: float, sliding_window: int | None = None,
+        soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        """A Llama-shaped decoder layer: residual += x (x None: the first layer, residual as is), its
+        norm, the q/k/v projection (projections[0], by name: see projection), qkv_attention, the o
+        projection, residual += it, its norm, gate/up, silu_mul, down. residual is updated in place;
+        returns the MLP's output."""
+        tensors, ints = list(projection_tensors), list(projection_ints)
+        h = ops.rms_norm(residual, input_norm, eps) if x is None else ops.add_rms_norm(residual, x, input_norm, eps)
+        qkv = projection(projections[0], h, tensors, ints)
+        attended = ops.qkv_attention(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                     cu_query_lens, num_heads, scale, sliding_window, soft_cap)
+        h = ops.add_rms_norm(residual, projection(projections[1], attended, tensors, ints), post_norm, eps)
+        gate_up = projection(projections[2], h, tensors, ints)
+        out = projection(projections[3], ops.silu_mul(gate_up), tensors, ints)
+        if tensors or ints:
+            raise ValueError(f"the projections left {len(tensors)} tensors and {len(ints)} ints unused")
+        return out
+
+    return decoder_layer
+
+
+decoder_layer = composed_decoder_layer(sys.modules[__name__])

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear_kernels import AMX_FEW_ROWS, few_rows_bfloat16, packed_rows, strips_linear, strips_ops
+from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, packed_rows, strips_kernel_call,
+                                          strips_linear, strips_ops)
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, quantize_blocks
+from engine.layers.quant_kernels import quantized_kernel_call
 from engine.layers.step_module import StepModule
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
 
@@ -98,6 +100,17 @@ class Linear(StepModule, nn.Linear):
         if bias is None and x.dtype == torch.bfloat16 and x.shape[0] <= AMX_FEW_ROWS:
             return few_rows_bfloat16(x, self.weight)
         return F.linear(x, self.weight, bias)
+
+    def kernel_call(self, rows: int) -> tuple[str, list, list[int]] | None:
+        """(op name, tensor arguments, int arguments after the input) where project() is that one
+        registered op for `rows` bfloat16 input rows (kernels/csrc/step_ops.cpp's decoder_layer calls
+        it so), else None."""
+        if self.strips:
+            return strips_kernel_call(rows, self._buffers["packed_weight"], self._parameters["bias"], self.out_features)
+        quantized = self._modules["quantized"]
+        if quantized is None or self._parameters["bias"] is not None:
+            return None
+        return quantized_kernel_call(quantized, rows)
 
     def row_blocks(self) -> list[tuple[int, int]]:
         """(first row, rows) of each checkpoint tensor this weight holds (fused: several)."""
@@ -218,6 +231,9 @@ class RowParallelLinear(Linear):
     def load_columns(self, param: nn.Parameter, weight, shard_id=None) -> None:
         check_shape(weight, (param.shape[0], self.full_in))
         place_rows(param, 0, read_part(weight, 1, self.in_start, param.shape[1]))
+
+    def kernel_call(self, rows: int) -> tuple[str, list, list[int]] | None:
+        return super().kernel_call(rows) if self.parallel is None else None  # the all-reduce is Python's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

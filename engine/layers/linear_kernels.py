@@ -110,6 +110,15 @@ def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, strips_ops().amx_linear_unpack(strips, out_features), bias)
 
 
+def strips_kernel_call(rows: int, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """(op name, tensor arguments, int arguments after the input) of the one op strips_linear runs
+    for `rows` bfloat16 rows without AMX (bf16_linear), else None (AMX CPUs keep their Python path).
+    For kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
+    if amx_linear_ops() is not None or rows > BF16_STRIPS_MAX_ROWS:
+        return None
+    return "bento_llm::bf16_linear", [strips, bias], [out_features]
+
+
 def packed_rows(rows: int) -> int:
     """The row count a packed matmul runs at. oneDNN builds a kernel for each input row count and
     keeps it for the life of the process (measured on an AMX Xeon: ~0.3 MB of heap per count and

@@ -110,10 +110,13 @@ def int4_matmul(x: torch.Tensor, qweight, scales, group_size: int, out_features:
         if rows >= AMX_MIN_ROWS:
             return ops.int4_mm_amx(x, qweight, scales, group_size, out_features)
         return ops.int4_mm_rows(x, qweight, scales, group_size, out_features) if rows <= INT4_ROWS_MAX_ROWS else None
+    return vector_int4_op(rows)(x, qweight, scales, group_size, out_features)
+
+
+def vector_int4_op(rows: int):
+    """The vector loop that multiplies `rows` input rows by an int4 weight (no AMX)."""
     ops = vector_kernels()
-    if rows <= VECTOR_INT4_ROWS_MAX_ROWS:
-        return ops.int4_mm_rows(x, qweight, scales, group_size, out_features)
-    return ops.int4_mm_dpbf16(x, qweight, scales, group_size, out_features)
+    return ops.int4_mm_rows if rows <= VECTOR_INT4_ROWS_MAX_ROWS else ops.int4_mm_dpbf16
 
 
 def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features: int, amx: bool) -> torch.Tensor:
@@ -126,6 +129,24 @@ def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features
             return x @ ops.int8_dequantize(qweight, scales, out_features)[:in_features]
         op = ops.int8_mm_amx if rows >= INT8_AMX_MIN_ROWS else ops.int8_mm_rows
     else:
-        few_rows, many_rows_op = vector_int8_loops()
-        op = vector_kernels().int8_mm_rows if rows <= few_rows else many_rows_op
+        op = vector_int8_op(rows)
     return op(x, qweight, scales, out_features)
+
+
+def vector_int8_op(rows: int):
+    """The vector loop that multiplies `rows` input rows by int8 codes (no AMX-INT8)."""
+    few_rows, many_rows_op = vector_int8_loops()
+    return vector_kernels().int8_mm_rows if rows <= few_rows else many_rows_op
+
+
+def quantized_kernel_call(weight, rows: int) -> tuple[str, list, list[int]] | None:
+    """(op name, tensor arguments, int arguments after the input) of the one op that multiplies
+    `rows` bfloat16 input rows by a PackedQuantizedWeight on the vector loops, as its forward
+    does; None where its forward is not that one call (AMX, w8a8, PyTorch's packed ops). For
+    kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
+    if not weight.vector or weight.w8a8:
+        return None
+    if weight.bits == 8:
+        return vector_int8_op(rows)._qualified_op_name, [weight.qweight, weight.scales], [weight.out_features]
+    return (vector_int4_op(rows)._qualified_op_name, [weight.qweight, weight.scales],
+            [weight.group_size, weight.out_features])

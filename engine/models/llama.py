@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.forward_context import get_forward_context
 from engine.layers.activation import SiluAndMul, gated_activation
 from engine.layers.attention import Attention
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
@@ -87,18 +88,50 @@ class GatedMLP(StepModule):
         self.act = gated_activation(act)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def amx_fused_rows(self) -> int:
         if self.fused_rows is None:
             self.fused_rows = silu_mlp_fused_rows(self.gate_up_proj, self.down_proj) if isinstance(self.act, SiluAndMul) else 0
-        if x.shape[0] <= self.fused_rows:
+        return self.fused_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.amx_fused_rows():
             return amx_linear_ops().amx_silu_mlp(x if x.stride(-1) == 1 else x.contiguous(),
                                                  self.gate_up_proj.packed_weight, self.down_proj.packed_weight,
                                                  self.down_proj.out_features)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# Input rows up to which a decoder layer may run as one backend op (decoder_layer, kernels/csrc/
+# step_ops.cpp): decode batches, where the Python-level calls cost as much as the kernels between the
+# projections; a plan (the ops and arguments) is kept per row count, so their number is bounded.
+LAYER_OP_MAX_ROWS = 64
+
+
+def layer_op_plan(layer: "LlamaDecoderLayer", rows: int, rope: RopeTable | None) -> tuple | None:
+    """(the layer's cache index, decoder_layer's arguments after the step's: norm weights, eps, the
+    projections' ops and arguments, heads, scale, window, soft cap) where the layer is the plain
+    Llama one (no q/k norms, full-width rotary, a SwiGLU MLP not fused on AMX) and each projection
+    is one registered op at `rows` rows (Linear.kernel_call); else None: its Python path."""
+    attn, mlp, norms = layer.self_attn, layer.mlp, (layer.input_layernorm, layer.post_attention_layernorm)
+    if (type(attn).forward is not LlamaAttention.forward or attn.norms_qk or not attn.use_rope or rope is None
+            or rope.cos.shape[-1] != attn.head_dim or type(attn.attn) is not Attention
+            or type(mlp) is not GatedMLP or not isinstance(mlp.act, SiluAndMul)
+            or any(type(n) is not RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
+        return None
+    calls = [p.kernel_call(rows) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if rows <= mlp.amx_fused_rows() or None in calls:
+        return None
+    op = attn.attn
+    return op.layer_idx, (norms[0].weight, norms[1].weight, norms[0].eps, [c[0] for c in calls],
+                          [t for c in calls for t in c[1]], [i for c in calls for i in c[2]], op.num_heads, op.scale,
+                          op.sliding_window, op.soft_cap)
+
+
 class LlamaDecoderLayer(nn.Module):
     attention_class = LlamaAttention
+    # Whether decode batches run the layer as one decoder_layer op where it can (layer_op_plan);
+    # bench/profile_step.py --ab-layer-op switches it off to compare.
+    layer_op = True
 
     def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelState | None):
         super().__init__()
@@ -111,12 +144,35 @@ class LlamaDecoderLayer(nn.Module):
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, parallel)
 
     def forward(self, x, residual, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.shape[0]
+        if self.layer_op and rows <= LAYER_OP_MAX_ROWS:
+            ctx = get_forward_context()
+            backend = ctx.backend
+            plans = self.__dict__.setdefault("layer_op_plans", {})  # cleared by forget_layer_op_plans
+            plan = plans.get(rows, False)
+            if plan is False:
+                plan = plans[rows] = layer_op_plan(self, rows, rope) if backend.name == "cpu" else None
+            if plan is not None:
+                meta, i = ctx.meta, plan[0]
+                if residual is None:  # the first layer: the embeddings are the residual stream
+                    residual, x = x, None
+                return backend.ops.decoder_layer(
+                    residual, x, rope.cos, rope.sin, backend.k_caches[i], backend.v_caches[i], meta.slot_mapping,
+                    meta.block_tables, meta.context_lens, None if meta.all_decode else meta.cu_query_lens, *plan[1],
+                ), residual
         if residual is None:  # the first layer: the embeddings are the residual stream
             residual, h = x, self.input_layernorm(x)
         else:
             h = self.input_layernorm(x, residual)
         h = self.post_attention_layernorm(self.self_attn(h, rope), residual)
         return self.mlp(h), residual
+
+
+def forget_layer_op_plans(model: nn.Module) -> None:
+    """Drop the decoder layers' kept decoder_layer plans: after a projection's weight or kernel
+    changes, the next step builds them again."""
+    for module in model.modules():
+        module.__dict__.pop("layer_op_plans", None)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -1,5 +1,6 @@
-// One attention layer's work after its fused q/k/v projection, as one op
-// (torch.ops.bento_llm.qkv_attention; the same name and arguments as kernels/reference.py's).
+// One attention layer's work after its fused q/k/v projection, as one op (qkv_attention), and a whole
+// Llama-shaped decoder layer at decode batch sizes as one op (decoder_layer, below): torch.ops.bento_llm's,
+// with the same names and arguments as kernels/reference.py's.
 //
 // Why: at decode batch sizes a layer's attention was five Python-level steps (slice and view the
 // fused projection into q/k and v, split q from k, rotate, write the cache, attend), each a torch
@@ -10,9 +11,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
 
 namespace {
 
@@ -69,6 +74,121 @@ at::Tensor qkv_attention(at::Tensor& qkv, const std::optional<at::Tensor>& cos, 
   return out.view({tokens, num_heads * dim});
 }
 
+using NormSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using AddNormSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+using SiluSig = at::Tensor(const at::Tensor&);
+using QkvSig = at::Tensor(at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::Tensor&,
+                          at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, int64_t, double, std::optional<int64_t>,
+                          std::optional<double>);
+
+// The registered op named "namespace::name" (or "namespace::name.overload"), looked up once per thread.
+const c10::OperatorHandle& op_named(const std::string& name) {
+  thread_local std::unordered_map<std::string, c10::OperatorHandle> found;
+  auto it = found.find(name);
+  if (it == found.end()) {
+    const auto dot = name.find('.');
+    const std::string base = name.substr(0, dot), overload = dot == std::string::npos ? "" : name.substr(dot + 1);
+    it = found.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(base.c_str(), overload.c_str())).first;
+  }
+  return it->second;
+}
+
+// Arguments of the projections, taken in order as each projection's op schema asks for them.
+struct ProjectionArgs {
+  const c10::List<std::optional<at::Tensor>>& tensors;
+  c10::IntArrayRef ints;
+  size_t next_tensor = 0, next_int = 0;
+};
+
+// One projection of x: the registered op `name` called through the dispatcher with x as its first
+// argument, its Tensor / Tensor? arguments from args.tensors and its int arguments from args.ints
+// (in schema order; an int list argument takes its length, then its elements), any other argument
+// at its default. The op is the one Linear.project runs for
+// these rows (engine/layers/linear.py's kernel_call names it), so there is one implementation of it.
+at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs& args) {
+  const c10::OperatorHandle& op = op_named(name);
+  const auto& schema = op.schema().arguments();
+  torch::jit::Stack stack;
+  stack.reserve(schema.size());
+  stack.emplace_back(x);
+  for (size_t i = 1; i < schema.size(); ++i) {
+    const c10::TypePtr& type = schema[i].type();
+    if (type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+      TORCH_CHECK(args.next_tensor < args.tensors.size(), name, " needs more tensor arguments than given");
+      const std::optional<at::Tensor> t = args.tensors.get(args.next_tensor++);
+      stack.emplace_back(t.has_value() ? c10::IValue(*t) : c10::IValue());
+    } else if (type->kind() == c10::TypeKind::IntType) {
+      TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
+      stack.emplace_back(args.ints[args.next_int++]);
+    } else if (type->kind() == c10::TypeKind::ListType && !schema[i].kwarg_only() &&
+               (type->containedType(0)->kind() == c10::TypeKind::IntType ||
+                type->containedType(0)->kind() == c10::TypeKind::SymIntType)) {
+      // An int list (a shape): its length, then its elements.
+      TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
+      const int64_t length = args.ints[args.next_int++];
+      TORCH_CHECK(length >= 0 && args.next_int + length <= args.ints.size(), name, " needs more int arguments than given");
+      stack.emplace_back(std::vector<int64_t>(args.ints.begin() + args.next_int, args.ints.begin() + args.next_int + length));
+      args.next_int += length;
+    } else {
+      TORCH_CHECK(schema[i].default_value().has_value(), name, "'s argument ", schema[i].name(),
+                  " is neither a tensor nor an int and has no default");
+      stack.push_back(*schema[i].default_value());
+    }
+  }
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A Llama-shaped pre-norm decoder layer at decode batch sizes, as one op: the residual add and
+// input norm, the fused q/k/v projection, qkv_attention, the output projection, the residual add
+// and post-attention norm, the gate/up projection, SiLU-and-multiply and the down projection.
+//
+// Why: each of those was a Python-level call (through several Python frames for the projections),
+// ~40 us per layer of a 30-layer model's ~10 ms batch-1 step on this 2-vCPU machine besides the
+// kernels; here they are dispatcher calls. Every kernel is a registered op called through the
+// dispatcher, in the order engine/models/llama.py's LlamaDecoderLayer calls them, so the result is
+// the unfused layer's bit for bit (tests/test_step_ops.py).
+//
+// residual: the residual stream, updated in place (residual += x, then += the attention's output);
+// x: the previous layer's output (None: the first layer, whose residual is the embedding as is).
+// projections: the ops of q/k/v, o, gate/up and down (see project()). Returns the MLP's output.
+at::Tensor decoder_layer(at::Tensor& residual, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& cos,
+                         const std::optional<at::Tensor>& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                         const std::optional<at::Tensor>& cu_query_lens, const at::Tensor& input_norm,
+                         const at::Tensor& post_norm, double eps, const std::vector<std::string>& projections,
+                         const c10::List<std::optional<at::Tensor>>& projection_tensors,
+                         c10::IntArrayRef projection_ints, int64_t num_heads, double scale,
+                         std::optional<int64_t> sliding_window, std::optional<double> soft_cap) {
+  static const auto norm = registered<NormSig>("bento_llm::rms_norm");
+  static const auto add_norm = registered<AddNormSig>("bento_llm::add_rms_norm");
+  static const auto attention = registered<QkvSig>("bento_llm::qkv_attention");
+  static const auto silu_mul = registered<SiluSig>("bento_llm::silu_mul");
+  TORCH_CHECK(projections.size() == 4, "projections must name q/k/v, o, gate/up and down's ops");
+  ProjectionArgs args{projection_tensors, projection_ints};
+  // Each intermediate is freed as soon as the next step has read it (at 64 rows gate/up is 0.4 MB).
+  at::Tensor h = x.has_value() ? add_norm.call(residual, *x, input_norm, eps) : norm.call(residual, input_norm, eps);
+  at::Tensor qkv = project(projections[0], h, args);
+  h.reset();
+  at::Tensor attended = attention.call(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                       cu_query_lens, num_heads, scale, sliding_window, soft_cap);
+  qkv.reset();
+  at::Tensor o = project(projections[1], attended, args);
+  attended.reset();
+  h = add_norm.call(residual, o, post_norm, eps);
+  o.reset();
+  at::Tensor gate_up = project(projections[2], h, args);
+  h.reset();
+  const at::Tensor activated = silu_mul.call(gate_up);
+  gate_up.reset();
+  const at::Tensor out = project(projections[3], activated, args);
+  TORCH_CHECK(args.next_tensor == projection_tensors.size() && args.next_int == projection_ints.size(),
+              "the projections took ", args.next_tensor, " of ", projection_tensors.size(), " tensors and ",
+              args.next_int, " of ", projection_ints.size(), " ints");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
@@ -77,4 +197,10 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
       "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? cu_query_lens, int num_heads, "
       "float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
       &qkv_attention);
+  m.def(
+      "decoder_layer(Tensor(a!) residual, Tensor? x, Tensor? cos, Tensor? sin, Tensor(b!) k_cache, "
+      "Tensor(c!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? cu_query_lens, "
+      "Tensor input_norm, Tensor post_norm, float eps, str[] projections, Tensor?[] projection_tensors, "
+      "int[] projection_ints, int num_heads, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
+      &decoder_layer);
 }

@@ -1,0 +1,179 @@
+"""decoder_layer: a Llama-shaped decoder layer at decode batch sizes as one op (kernels/csrc/
+step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
+projection through Linear.project), bit for bit, for every projection layout that names one op
+(Linear.kernel_call: bfloat16 strips, int4 and int8 codes) and for a plain op by name (aten::linear,
+which every CPU runs); then whole engines with the op on and off (seed printed; KERNEL_TEST_SEED=<n>
+replays it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.layers.linear import Linear
+from engine.layers.linear_kernels import avx512_bf16_ops
+from engine.layers.quant_kernels import vector_kernels
+from kernels import cpu_ops, reference
+from tests.test_step_ops import step_of
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
+
+
+def projections(gen, layout: str) -> list[Linear]:
+    """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "int4" or "int8" (their
+    vector loops), or "plain" (a bfloat16 weight that aten::linear multiplies), with biases
+    where the layout's one op takes them."""
+    shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
+              (INTERMEDIATE, HIDDEN)]
+    out = []
+    for i, (k, n) in enumerate(shapes):
+        bias = layout in ("strips", "plain") and i < 2  # q/k/v and o with biases (Qwen2's q/k/v, Phi's o)
+        linear = Linear(k, n, bias=bias).to(torch.bfloat16).requires_grad_(False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.2)
+            if bias:
+                linear.bias.copy_(torch.randn(n, generator=gen))
+        if layout != "plain":
+            assert linear.finalize(None if layout == "strips" else layout, 32, pack=True) == layout
+        out.append(linear)
+    return out
+
+
+def kernel_calls(linears: list[Linear], rows: int, layout: str):
+    if layout == "plain":
+        return [("aten::linear", [m.weight, m.bias], []) for m in linears]
+    return [m.kernel_call(rows) for m in linears]
+
+
+LAYOUTS = ["plain", "strips", "int4", "int8"]
+
+
+def layout_available(layout: str) -> bool:
+    if layout == "strips":
+        return avx512_bf16_ops() is not None and vector_kernels() is not None and not vector_kernels().amx_bf16_supported()
+    if layout in ("int4", "int8"):
+        ops = vector_kernels()
+        return ops is not None and not ops.amx_bf16_supported() and (layout == "int4" or ops.avx512_vnni_supported())
+    return True
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows,decode", [(1, True), (3, True), (16, True), (64, True), (3, False)], ids=str)
+@pytest.mark.parametrize("first", [False, True], ids=["later", "first"])
+def test_decoder_layer_is_the_unfused_layer_bit_for_bit(gen, layout, rows, decode, first):
+    if not layout_available(layout):
+        pytest.skip(f"no {layout} vector kernels on this CPU (AMX CPUs keep the Python path)")
+    linears = projections(gen, layout)
+    calls = kernel_calls(linears, rows, layout)
+    assert None not in calls
+    # Decodes at contexts 1..; mixed: a prefill chunk after cached context, and a decode.
+    steps = [(1, 1 + 7 * i) for i in range(rows)] if decode else [(2, 9), (1, 20)]
+    qkv, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(
+        gen, steps, HEADS, KV_HEADS, HEAD_DIM, 16, torch.bfloat16)
+    tokens = qkv.shape[0]
+    x = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
+    residual = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
+    norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
+    cu_arg = None if decode else cu
+    names, tensors, ints = [c[0] for c in calls], [t for c in calls for t in c[1]], [i for c in calls for i in c[2]]
+
+    # The unfused Python path: Linear.project (plain: F.linear, the op named for it).
+    project = [(lambda h, m=m: torch.nn.functional.linear(h, m.weight, m.bias)) if layout == "plain" else m
+               for m in linears]
+
+    def run(layer, python_projections: bool):
+        res, caches = residual.clone(), [k_cache.clone(), v_cache.clone()]
+        if python_projections:  # the backend's ops between the projections, as LlamaDecoderLayer calls them
+            h = cpu_ops.rms_norm(res, norms[0], EPS) if first else cpu_ops.add_rms_norm(res, x, norms[0], EPS)
+            attended = cpu_ops.qkv_attention(project[0](h), cos, sin, *caches, slots, tables, lens, cu_arg, HEADS,
+                                             HEAD_DIM**-0.5)
+            h = cpu_ops.add_rms_norm(res, project[1](attended), norms[1], EPS)
+            out = project[3](cpu_ops.silu_mul(project[2](h)))
+        else:
+            out = layer(res, None if first else x, cos, sin, *caches, slots, tables, lens, cu_arg, *norms, EPS, names,
+                        tensors, ints, HEADS, HEAD_DIM**-0.5)
+        return out, res, *caches
+
+    fused = run(cpu_ops.decoder_layer, False)
+    assert fused[0].shape == (tokens, HIDDEN)
+    for want in (run(None, True), run(reference.composed_decoder_layer(cpu_ops), False)):
+        for got, expected in zip(fused, want):
+            assert torch.equal(got.view(torch.int16).nan_to_num(), expected.view(torch.int16).nan_to_num())
+    assert not torch.equal(fused[1], residual)  # the residual stream was updated in place
+
+
+def test_decoder_layer_refuses_arguments_its_projections_do_not_take(gen):
+    qkv, cos, sin, k_cache, v_cache, slots, tables, lens, _ = step_of(gen, [(1, 5)], HEADS, KV_HEADS, HEAD_DIM, 16,
+                                                                     torch.float32)
+    linears = projections(gen, "plain")
+    weights = [m.weight.float() for m in linears]
+    x = torch.randn(1, HIDDEN, generator=gen)
+    norm = torch.ones(HIDDEN)
+    args = (x.clone(), x, cos, sin, k_cache, v_cache, slots, tables, lens, None, norm, norm, EPS, ["aten::linear"] * 4)
+    each = [t for w in weights for t in (w, None)]  # aten::linear's weight and bias
+    with pytest.raises(RuntimeError, match="took 8 of 9 tensors and 0 of 1 ints"):
+        cpu_ops.decoder_layer(*args, [*each, None], [3], HEADS, HEAD_DIM**-0.5)
+    with pytest.raises(RuntimeError, match="needs more tensor arguments"):
+        cpu_ops.decoder_layer(*args, each[:-1], [], HEADS, HEAD_DIM**-0.5)
+    out = cpu_ops.decoder_layer(*args, each, [], HEADS, HEAD_DIM**-0.5)
+    assert out.shape == x.shape and out.isfinite().all()
+
+
+def test_an_int_list_argument_takes_its_length_then_its_elements(gen):
+    x = torch.randn(2, 8, generator=gen)
+    assert reference.projection("aten::new_zeros", x, [], [2, 2, 5]).shape == (2, 5)
+    assert torch.equal(reference.projection("aten::linear", x, [torch.eye(8), None], []), x)
+
+
+ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
+                ("Qwen2Config", "int4", {}, "auto"), ("MistralConfig", "none", dict(sliding_window=4), "auto"),
+                ("LlamaConfig", "none", {}, "int8")]
+
+
+@pytest.mark.parametrize("family,quantization,overrides,kv_cache_dtype", ENGINE_CASES, ids=str)
+def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, family, quantization, overrides,
+                                                                     kv_cache_dtype):
+    from engine import LLM, SamplingParams
+    from engine.models.llama import LlamaDecoderLayer
+    from tests.model_factories import make_tiny_checkpoint
+
+    if not layout_available("strips" if quantization == "none" else quantization):
+        pytest.skip("no vector kernels for this layout here: the layers run their Python path")
+    path = make_tiny_checkpoint(tmp_path, family, **overrides)
+    llm = LLM(str(path), dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_seqs=8,
+              kv_cache_dtype=kv_cache_dtype)
+    prompts = ["Hello, my name is", "The history of the city goes back", "def add(a, b):"]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    results = {}
+    try:
+        for layer_op in (True, False):
+            LlamaDecoderLayer.layer_op = layer_op
+            outs = llm.generate(prompts, params)
+            results[layer_op] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+    finally:
+        LlamaDecoderLayer.layer_op = True
+    plans = llm.engine.runner.model_runner.model.layers[0].__dict__["layer_op_plans"]
+    # The three-sequence decodes ran as one op per layer; not Qwen2's int4 q/k/v, whose bias is a
+    # second op after the matmul (its layers keep their Python path).
+    assert (plans[3] is not None) == (family != "Qwen2Config" or quantization == "none")
+    assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_decoder_layer_matches_the_cpp_op(gen, dtype):
+    from tests.test_cpu_ops import assert_close
+
+    qkv, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(
+        gen, [(1, 9), (4, 20), (1, 33)], HEADS, KV_HEADS, HEAD_DIM, 16, dtype)
+    weights = [m.weight.to(dtype) for m in projections(gen, "plain")]
+    each = [t for w in weights for t in (w * 0.5, None)]  # aten::linear's weight and bias
+    x, residual = (torch.randn(qkv.shape[0], HIDDEN, generator=gen).to(dtype) for _ in range(2))
+    norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
+    outs = []
+    for layer in (cpu_ops.decoder_layer, reference.decoder_layer):
+        res, caches = residual.clone(), [k_cache.clone(), v_cache.clone()]
+        out = layer(res, x, cos, sin, *caches, slots, tables, lens, cu, *norms, EPS, ["aten::linear"] * 4, each, [],
+                    HEADS, HEAD_DIM**-0.5)
+        outs.append((out, res))
+    for got, want in zip(*outs):
+        assert_close(got, want.float(), dtype)
