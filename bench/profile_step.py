@@ -19,7 +19,6 @@ Prints three tables:
 1. the step by phase (median ms over the timed steps): scheduling, step-input preparation, the
    forward pass, sampling, and the engine's bookkeeping after (update, detokenize);
 2. the forward pass again with every projection's matmul skipped (zero outputs; where a layer runs
-   as one decoder_layer op, each projection is an index_select of its input's first column, a
    as one decoder_layer op, each projection is a new_zeros of the output's shape instead, a real
    op: the stand-ins' own time, timed alone, is printed too): what the
    step spends in everything else inside the model, with the decoder layers as one op each and on

@@ -115,7 +115,7 @@ def layer_op_plan(layer: "LlamaDecoderLayer", rows: int, rope: RopeTable | None)
     attn, mlp, norms = layer.self_attn, layer.mlp, (layer.input_layernorm, layer.post_attention_layernorm)
     if (type(attn).forward is not LlamaAttention.forward or attn.norms_qk or not attn.use_rope or rope is None
             or rope.cos.shape[-1] != attn.head_dim or type(attn.attn) is not Attention
-            or type(mlp) is not GatedMLP or not isinstance(mlp.act, SiluAndMul)
+            or type(mlp) is not GatedMLP or type(mlp.act) is not SiluAndMul
             or any(type(n) is not RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
         return None
     calls = [p.kernel_call(rows) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]

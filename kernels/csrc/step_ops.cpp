@@ -117,6 +117,8 @@ at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs&
     if (type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
       TORCH_CHECK(args.next_tensor < args.tensors.size(), name, " needs more tensor arguments than given");
       const std::optional<at::Tensor> t = args.tensors.get(args.next_tensor++);
+      TORCH_CHECK(t.has_value() || type->kind() == c10::TypeKind::OptionalType, name, "'s argument ",
+                  schema[i].name(), " is a Tensor: None given");
       stack.emplace_back(t.has_value() ? c10::IValue(*t) : c10::IValue());
     } else if (type->kind() == c10::TypeKind::IntType) {
       TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
@@ -148,7 +150,7 @@ at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs&
 // ~40 us per layer of a 30-layer model's ~10 ms batch-1 step on this 2-vCPU machine besides the
 // kernels; here they are dispatcher calls. Every kernel is a registered op called through the
 // dispatcher, in the order engine/models/llama.py's LlamaDecoderLayer calls them, so the result is
-// the unfused layer's bit for bit (tests/test_step_ops.py).
+// the unfused layer's bit for bit (tests/test_decoder_layer_op.py).
 //
 // residual: the residual stream, updated in place (residual += x, then += the attention's output);
 // x: the previous layer's output (None: the first layer, whose residual is the embedding as is).
