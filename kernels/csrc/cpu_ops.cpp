@@ -1120,25 +1120,32 @@ constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead into L1 (1
 // [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
 // rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
 // 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on into L1, the keys and
-// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
-// keys' lane_scale, written in a pass of their own: a vector load right after its lanes' scalar
-// stores waits for them, 15% of this function when it did).
+// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for
+// heads x kKeyTile floats, the keys' lane_scale, each 16 keys' written one pass of the loop before
+// their vector load (a vector load right after its lanes' scalar stores waits for them, 15% of
+// this function when it did) and after their prefetch into L1: a pass over the whole tile's scales
+// before the loop read every key's first line from memory one at a time (65% of this function at
+// batch 64 and 512 tokens of an int8 cache).
 template <typename C>
 void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, int64_t heads, const C* const* keys,
                  const C* const* values, const C* zeros, int64_t n, int64_t dim, float* key_scales) {
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t j = 0; j < round_up(n, 16); ++j) {
-      key_scales[h * kKeyTile + j] = j < n ? lane_scale(keys[h * kKeyTile + j], dim) : 0.0f;
+  const auto find_scales = [&](int64_t j0) {  // keys [j0, j0 + 16)'s scales, 0 from n on
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t j = j0; j < j0 + 16; ++j) {
+        key_scales[h * kKeyTile + j] = j < n ? lane_scale(keys[h * kKeyTile + j], dim) : 0.0f;
+      }
     }
-  }
+  };
   const int64_t span = heads * (dim + kScaleBytes);
   prefetch_spans<_MM_HINT_T0>(keys, 0, std::min(kKeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(keys, kKeysAhead, std::min(kL2KeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
+  find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
     prefetch_spans<_MM_HINT_T0>(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    if (j + 16 < n) find_scales(j + 16);  // in L1 since the pass before (kKeysAhead = 32)
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
@@ -1323,14 +1330,20 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
   write_rows(a, u, b.acc.data(), b.row_sum.data());
 }
 
-// Keys of a decode's item prefetched into L2 before the item before it runs (see prefetch_start).
-constexpr int64_t kStartKeys = 32;
+// Keys of a decode's item prefetched into L2 while the thread's item before it runs (see
+// prefetch_start): as many as the score loops keep in flight ahead (kL2KeysAhead), so an item
+// starts with its first window of keys and values on its way (32: the keys from 32 to 64 and
+// their values came from memory while the item's first keys were multiplied).
+constexpr int64_t kStartKeys = kL2KeysAhead;
 
 // The cache lines of the first kStartKeys keys' K and V rows (its unit's KV heads) of an item of
-// few query rows (a decode's), on their way into L2 while the item before it runs: the kernels
-// prefetch ahead within an item, not across items, so each item's first keys came from memory
-// while it waited (at 128 tokens of context a quarter of an item's keys). Prefill items are
-// compute-bound: none.
+// few query rows (a decode's), on their way into L2 while the item before it on the same thread
+// runs (for_each_dynamic's `following`): the kernels prefetch ahead within an item, not across
+// items, so each item's first keys came from memory while it waited (at 128 tokens of context
+// half an item's keys). Not the next item in order: with threads claiming items in turn, that one
+// is most often running on another thread already, its lines read into the wrong core's L2
+// (bench_kv_cache.py --before-tree on the 2-vCPU EPYC Zen 4: the same speed within that machine's
+// noise, +-10-20% under load). Prefill items are compute-bound: none.
 template <typename T, typename C>
 void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin) {
   if (u.rows(a.group) >= kMatmulRows) return;
@@ -1342,9 +1355,11 @@ void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin
   }
 }
 
-// Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
-// whichever thread is free (items come sorted costliest first, so the threads finish together),
-// on at most max_threads threads.
+// Runs fn(thread buffers, index, following) for index in [0, n), handed out one at a time in order
+// to whichever thread is free (items come sorted costliest first, so the threads finish
+// together), on at most max_threads threads. following: the index this thread runs next (n: none),
+// claimed before index runs, so that fn can start its reads (see prefetch_start): the item after
+// index in order is the one another thread is likely running by then.
 template <typename Fn>
 void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
   if (n == 0) return;
@@ -1352,7 +1367,11 @@ void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim,
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
   kernel_pool::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     TileBuffers& buffers = thread_buffers(rows, dim);
-    for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
+    for (int64_t i = next++; i < n;) {
+      const int64_t following = std::min<int64_t>(next++, n);
+      fn(buffers, i, following);
+      i = following;
+    }
     // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
     if (bf16_tiles) at::native::cpublas::brgemm_release();
   });
@@ -1398,9 +1417,10 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
-    if (index + 1 < num_items) {
-      const Item& after = items[index + 1];
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles,
+                   [&](TileBuffers& b, int64_t index, int64_t following) {
+    if (following < num_items) {
+      const Item& after = items[following];
       const Unit& next = units[after.unit];
       prefetch_start(a, next, next.kv_begin + after.part * next.part_keys);
     }
@@ -1423,7 +1443,8 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     if (units[i].parts > 1) split.push_back(i);
   }
-  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false,
+                   [&](TileBuffers& b, int64_t index, int64_t) {
     reduce_partitions(a, units[split[index]], workspace.data(), b);
   });
 }
