@@ -730,11 +730,15 @@ void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
 // The cache lines of span bytes from p on their way into the caches (Hint: _MM_HINT_T0 into L1,
 // T2 into L2): a decode's keys and values are short runs in blocks scattered through memory, which
 // the hardware prefetchers, trained on long streams, do not see coming.
+// Each line once: a bfloat16 decode's 128-byte rows start on a line, and prefetching the row's
+// last byte after its lines (as this did) asked for its second line twice.
 template <int Hint>
 inline void prefetch_span(const void* p, int64_t span) {
-  const char* row = static_cast<const char*>(p);
-  for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
-  _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + span - 1) & ~uintptr_t{63};
+  for (uintptr_t line = first; line <= last; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(line), static_cast<_mm_hint>(Hint));
+  }
 }
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
