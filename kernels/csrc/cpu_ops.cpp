@@ -741,6 +741,13 @@ inline void prefetch_span(const void* p, int64_t span) {
   }
 }
 
+// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
+// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
+// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
+// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
+// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
+constexpr int64_t kL2KeysAhead = 64;
+
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
 // dst[x * ld + l] = src[l][x] for l, x < 16: sixteen rows of 16 32-bit elements transposed in registers.
@@ -917,13 +924,6 @@ template <int Hint, typename C>
 inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
   for (int64_t j = begin; j < end; ++j) prefetch_span<Hint>(rows[j], span);
 }
-
-// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
-// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
-// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
-// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
-// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
-constexpr int64_t kL2KeysAhead = 64;
 
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
 // on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kL2KeysAhead on
