@@ -742,10 +742,15 @@ inline void prefetch_span(const void* p, int64_t span) {
 }
 
 // Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
-// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
-// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
-// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
-// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
+// into L2. Measured on an EPYC Zen 4 (one thread, CPU time, batch 16 and 64 at 128 to 2048 tokens
+// of context, K/V from memory): a bfloat16 decode prefetching only the next 16 keys (and these
+// 16's values) ran at ~3.7x its K/V's read time, the memory's latency and the products taking
+// turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise). Nothing is
+// prefetched into L1 besides: the keys are in L2 by the time they are read, and the 16 keys a pass
+// reads are independent loads that out-of-order execution overlaps, where prefetching each pass's
+// next 16 keys into L1 too cost issue slots and miss buffers: without it a bfloat16 decode took
+// 0.85-0.89x the time (bench_kv_cache.py --threads 1 --clock cpu --before-tree, 16 and 64
+// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x.
 constexpr int64_t kL2KeysAhead = 64;
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
@@ -926,17 +931,15 @@ inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int
 }
 
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kL2KeysAhead on
-// into L2 (accumulate_rows reads the values after the whole tile's scores).
+// on read `zeros`. Prefetches the keys and values kL2KeysAhead on into L2 (accumulate_rows reads
+// the values after the whole tile's scores).
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
   const int64_t span = dim * static_cast<int64_t>(sizeof(bf16));
-  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), span);
-  prefetch_spans<_MM_HINT_T2>(keys, 16, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), span);
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     const bf16* k[16];
@@ -1118,18 +1121,16 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(sum_each(parts[r]), scale));
 }
 
-constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead into L1 (16 measured slower, within the noise)
-
 // For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys
 // [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
 // rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
-// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on into L1, the keys and
-// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for
-// heads x kKeyTile floats, the keys' lane_scale, each 16 keys' written one pass of the loop before
-// their vector load (a vector load right after its lanes' scalar stores waits for them, 15% of
-// this function when it did) and after their prefetch into L1: a pass over the whole tile's scales
-// before the loop read every key's first line from memory one at a time (65% of this function at
-// batch 64 and 512 tokens of an int8 cache).
+// 16 keys at a time for every head, so each prefetch (the keys and values kL2KeysAhead on into L2)
+// has every head's products to hide behind. key_scales: room for heads x kKeyTile floats, the
+// keys' lane_scale, each 16 keys' written one pass of the loop before their vector load (a vector
+// load right after its lanes' scalar stores waits for them, 15% of this function when it did) and
+// long after their prefetch: a pass over the whole tile's scales before the loop read every key's
+// first line from memory one at a time (65% of this function at batch 64 and 512 tokens of an
+// int8 cache).
 template <typename C>
 void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, int64_t heads, const C* const* keys,
                  const C* const* values, const C* zeros, int64_t n, int64_t dim, float* key_scales) {
@@ -1141,15 +1142,13 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
     }
   };
   const int64_t span = heads * (dim + kScaleBytes);
-  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min(kKeysAhead, n), span);
-  prefetch_spans<_MM_HINT_T2>(keys, kKeysAhead, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T0>(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
-    if (j + 16 < n) find_scales(j + 16);  // in L1 since the pass before (kKeysAhead = 32)
+    if (j + 16 < n) find_scales(j + 16);  // prefetched 3 passes ago
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
