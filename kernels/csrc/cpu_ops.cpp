@@ -750,8 +750,11 @@ inline void prefetch_span(const void* p, int64_t span) {
 // reads are independent loads that out-of-order execution overlaps, where prefetching each pass's
 // next 16 keys into L1 too cost issue slots and miss buffers: without it a bfloat16 decode took
 // 0.85-0.89x the time (bench_kv_cache.py --threads 1 --clock cpu --before-tree, 16 and 64
-// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x.
-constexpr int64_t kL2KeysAhead = 64;
+// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x. Without the
+// L1 prefetches 32 ahead beat 64 (2 threads, quiet machine, 16 and 64 sequences at 128-2048
+// tokens: bfloat16 0.72-0.94x main's time at 32, 0.91-0.96x at 64; int8 0.75-0.86x and
+// 0.76-0.87x; 16: between; 128 slower than 64).
+constexpr int64_t kL2KeysAhead = 32;
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
@@ -1148,7 +1151,7 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
   for (int64_t j = 0; j < n; j += 16) {
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
-    if (j + 16 < n) find_scales(j + 16);  // prefetched 3 passes ago
+    if (j + 16 < n) find_scales(j + 16);  // prefetched a pass ago
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
@@ -1335,8 +1338,7 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
 
 // Keys of a decode's item prefetched into L2 while the thread's item before it runs (see
 // prefetch_start): as many as the score loops keep in flight ahead (kL2KeysAhead), so an item
-// starts with its first window of keys and values on its way (32: the keys from 32 to 64 and
-// their values came from memory while the item's first keys were multiplied).
+// starts with its first window of keys and values on its way.
 constexpr int64_t kStartKeys = kL2KeysAhead;
 
 // The cache lines of the first kStartKeys keys' K and V rows (its unit's KV heads) of an item of
