@@ -730,12 +730,31 @@ void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
 // The cache lines of span bytes from p on their way into the caches (Hint: _MM_HINT_T0 into L1,
 // T2 into L2): a decode's keys and values are short runs in blocks scattered through memory, which
 // the hardware prefetchers, trained on long streams, do not see coming.
+// Each line once: a bfloat16 decode's 128-byte rows start on a line, and prefetching the row's
+// last byte after its lines (as this did) asked for its second line twice.
 template <int Hint>
 inline void prefetch_span(const void* p, int64_t span) {
-  const char* row = static_cast<const char*>(p);
-  for (int64_t byte = 0; byte < span; byte += 64) _mm_prefetch(row + byte, static_cast<_mm_hint>(Hint));
-  _mm_prefetch(row + span - 1, static_cast<_mm_hint>(Hint));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + span - 1) & ~uintptr_t{63};
+  for (uintptr_t line = first; line <= last; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(line), static_cast<_mm_hint>(Hint));
+  }
 }
+
+// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
+// into L2. Measured on an EPYC Zen 4 (one thread, CPU time, batch 16 and 64 at 128 to 2048 tokens
+// of context, K/V from memory): a bfloat16 decode prefetching only the next 16 keys (and these
+// 16's values) ran at ~3.7x its K/V's read time, the memory's latency and the products taking
+// turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise). Nothing is
+// prefetched into L1 besides: the keys are in L2 by the time they are read, and the 16 keys a pass
+// reads are independent loads that out-of-order execution overlaps, where prefetching each pass's
+// next 16 keys into L1 too cost issue slots and miss buffers: without it a bfloat16 decode took
+// 0.85-0.89x the time (bench_kv_cache.py --threads 1 --clock cpu --before-tree, 16 and 64
+// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x. Without the
+// L1 prefetches 32 ahead beat 64 (2 threads, quiet machine, 16 and 64 sequences at 128-2048
+// tokens: bfloat16 0.72-0.94x main's time at 32, 0.91-0.96x at 64; int8 0.75-0.86x and
+// 0.76-0.87x; 16: between; 128 slower than 64).
+constexpr int64_t kL2KeysAhead = 32;
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
@@ -914,25 +933,16 @@ inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int
   for (int64_t j = begin; j < end; ++j) prefetch_span<Hint>(rows[j], span);
 }
 
-// Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
-// into L2, besides the next keys into L1. Measured on an EPYC Zen 4 (one thread, CPU time, batch
-// 16 and 64 at 128 to 2048 tokens of context, K/V from memory): a bfloat16 decode prefetching only
-// the next 16 keys (and these 16's values) ran at ~3.7x its K/V's read time, the memory's latency
-// and the products taking turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise).
-constexpr int64_t kL2KeysAhead = 64;
-
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
-// on read `zeros`. Prefetches the next 16 keys into L1, and the keys and values kL2KeysAhead on
-// into L2 (accumulate_rows reads the values after the whole tile's scores).
+// on read `zeros`. Prefetches the keys and values kL2KeysAhead on into L2 (accumulate_rows reads
+// the values after the whole tile's scores).
 __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld, const bf16* q, int64_t rows,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
   const int64_t span = dim * static_cast<int64_t>(sizeof(bf16));
-  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min<int64_t>(16, n), span);
-  prefetch_spans<_MM_HINT_T2>(keys, 16, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T0>(keys, j + 16, std::min(j + 32, n), span);
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     const bf16* k[16];
@@ -1114,31 +1124,34 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(sum_each(parts[r]), scale));
 }
 
-constexpr int64_t kKeysAhead = 32;  // keys prefetched this far ahead into L1 (16 measured slower, within the noise)
-
 // For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys
 // [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
 // rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
-// 16 keys at a time for every head, so each prefetch (the keys kKeysAhead on into L1, the keys and
-// values kL2KeysAhead on into L2) has every head's products to hide behind. key_scales: room for heads x kKeyTile floats (the
-// keys' lane_scale, written in a pass of their own: a vector load right after its lanes' scalar
-// stores waits for them, 15% of this function when it did).
+// 16 keys at a time for every head, so each prefetch (the keys and values kL2KeysAhead on into L2)
+// has every head's products to hide behind. key_scales: room for heads x kKeyTile floats, the
+// keys' lane_scale, each 16 keys' written one pass of the loop before their vector load (a vector
+// load right after its lanes' scalar stores waits for them, 15% of this function when it did) and
+// long after their prefetch: a pass over the whole tile's scales before the loop read every key's
+// first line from memory one at a time (65% of this function at batch 64 and 512 tokens of an
+// int8 cache).
 template <typename C>
 void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, int64_t heads, const C* const* keys,
                  const C* const* values, const C* zeros, int64_t n, int64_t dim, float* key_scales) {
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t j = 0; j < round_up(n, 16); ++j) {
-      key_scales[h * kKeyTile + j] = j < n ? lane_scale(keys[h * kKeyTile + j], dim) : 0.0f;
+  const auto find_scales = [&](int64_t j0) {  // keys [j0, j0 + 16)'s scales, 0 from n on
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t j = j0; j < j0 + 16; ++j) {
+        key_scales[h * kKeyTile + j] = j < n ? lane_scale(keys[h * kKeyTile + j], dim) : 0.0f;
+      }
     }
-  }
+  };
   const int64_t span = heads * (dim + kScaleBytes);
-  prefetch_spans<_MM_HINT_T0>(keys, 0, std::min(kKeysAhead, n), span);
-  prefetch_spans<_MM_HINT_T2>(keys, kKeysAhead, std::min(kL2KeysAhead, n), span);
+  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
   prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
+  find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T0>(keys, std::min(j + kKeysAhead, n), std::min(j + kKeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    if (j + 16 < n) find_scales(j + 16);  // prefetched a pass ago
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
       for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[h * kKeyTile + j + l] : zeros;
@@ -1323,14 +1336,19 @@ void reduce_partitions(const AttentionArgs<T, C>& a, const Unit& u, const float*
   write_rows(a, u, b.acc.data(), b.row_sum.data());
 }
 
-// Keys of a decode's item prefetched into L2 before the item before it runs (see prefetch_start).
-constexpr int64_t kStartKeys = 32;
+// Keys of a decode's item prefetched into L2 while the thread's item before it runs (see
+// prefetch_start): as many as the score loops keep in flight ahead (kL2KeysAhead), so an item
+// starts with its first window of keys and values on its way.
+constexpr int64_t kStartKeys = kL2KeysAhead;
 
 // The cache lines of the first kStartKeys keys' K and V rows (its unit's KV heads) of an item of
-// few query rows (a decode's), on their way into L2 while the item before it runs: the kernels
-// prefetch ahead within an item, not across items, so each item's first keys came from memory
-// while it waited (at 128 tokens of context a quarter of an item's keys). Prefill items are
-// compute-bound: none.
+// few query rows (a decode's), on their way into L2 while the item before it on the same thread
+// runs (for_each_dynamic's `following`): the kernels prefetch ahead within an item, not across
+// items, so each item's first keys came from memory while it waited (at 128 tokens of context
+// half an item's keys). Not the next item in order: with threads claiming items in turn, that one
+// is most often running on another thread already, its lines read into the wrong core's L2
+// (bench_kv_cache.py --before-tree on the 2-vCPU EPYC Zen 4: the same speed within that machine's
+// noise, +-10-20% under load). Prefill items are compute-bound: none.
 template <typename T, typename C>
 void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin) {
   if (u.rows(a.group) >= kMatmulRows) return;
@@ -1342,9 +1360,11 @@ void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin
   }
 }
 
-// Runs fn(thread buffers, index) for index in [0, n), handed out one at a time in order to
-// whichever thread is free (items come sorted costliest first, so the threads finish together),
-// on at most max_threads threads.
+// Runs fn(thread buffers, index, following) for index in [0, n), handed out one at a time in order
+// to whichever thread is free (items come sorted costliest first, so the threads finish
+// together), on at most max_threads threads. following: the index this thread runs next (n: none),
+// claimed before index runs, so that fn can start its reads (see prefetch_start): the item after
+// index in order is the one another thread is likely running by then.
 template <typename Fn>
 void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim, bool bf16_tiles, const Fn& fn) {
   if (n == 0) return;
@@ -1352,7 +1372,11 @@ void for_each_dynamic(int64_t n, int64_t max_threads, int64_t rows, int64_t dim,
   const int64_t threads = std::min<int64_t>({at::get_num_threads(), n, max_threads});
   kernel_pool::parallel_for(0, std::max<int64_t>(threads, 1), 1, [&](int64_t, int64_t) {
     TileBuffers& buffers = thread_buffers(rows, dim);
-    for (int64_t i = next++; i < n; i = next++) fn(buffers, i);
+    for (int64_t i = next++; i < n;) {
+      const int64_t following = std::min<int64_t>(next++, n);
+      fn(buffers, i, following);
+      i = following;
+    }
     // AMX tile state is per thread and oneDNN's matmuls configure it too: hand it back when done.
     if (bf16_tiles) at::native::cpublas::brgemm_release();
   });
@@ -1398,9 +1422,10 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
 #endif
   std::vector<float> workspace(workspace_size);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles, [&](TileBuffers& b, int64_t index) {
-    if (index + 1 < num_items) {
-      const Item& after = items[index + 1];
+  for_each_dynamic(num_items, max_threads, max_rows, a.dim, a.bf16_tiles,
+                   [&](TileBuffers& b, int64_t index, int64_t following) {
+    if (following < num_items) {
+      const Item& after = items[following];
       const Unit& next = units[after.unit];
       prefetch_start(a, next, next.kv_begin + after.part * next.part_keys);
     }
@@ -1423,7 +1448,8 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     if (units[i].parts > 1) split.push_back(i);
   }
-  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false, [&](TileBuffers& b, int64_t index) {
+  for_each_dynamic(static_cast<int64_t>(split.size()), max_threads, max_rows, a.dim, false,
+                   [&](TileBuffers& b, int64_t index, int64_t) {
     reduce_partitions(a, units[split[index]], workspace.data(), b);
   });
 }
