@@ -926,11 +926,13 @@ inline __m512 sum_each(__m512* v) {
                        _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// The cache lines of rows [begin, end), span bytes from each (a bfloat16 row; or a token's rows of
-// a unit's KV heads, adjacent in its slot), as prefetch_span.
-template <int Hint, typename C>
-inline void prefetch_spans(const C* const* rows, int64_t begin, int64_t end, int64_t span) {
-  for (int64_t j = begin; j < end; ++j) prefetch_span<Hint>(rows[j], span);
+// A score loop's keys [begin, end) into L2, then their values: span bytes from each row (a
+// bfloat16 row; or a token's rows of a unit's KV heads, adjacent in its slot), as prefetch_span.
+template <typename C>
+inline void prefetch_keys_and_values(const C* const* keys, const C* const* values, int64_t begin, int64_t end,
+                                     int64_t span) {
+  for (int64_t j = begin; j < end; ++j) prefetch_span<_MM_HINT_T2>(keys[j], span);
+  for (int64_t j = begin; j < end; ++j) prefetch_span<_MM_HINT_T2>(values[j], span);
 }
 
 // scores [rows][ld], keys [0, round_up(n, 16)) = q's rows (dim apart) . the key rows; keys from n
@@ -940,11 +942,9 @@ __attribute__((target("avx512bf16"))) void row_scores(float* scores, int64_t ld,
                                                       const bf16* const* keys, const bf16* const* values,
                                                       const bf16* zeros, int64_t n, int64_t dim) {
   const int64_t span = dim * static_cast<int64_t>(sizeof(bf16));
-  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
-  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
+  prefetch_keys_and_values(keys, values, 0, std::min(kL2KeysAhead, n), span);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
-    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_keys_and_values(keys, values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     const bf16* k[16];
     for (int l = 0; l < 16; ++l) k[l] = j + l < n ? keys[j + l] : zeros;
     for (int64_t r = 0; r < rows; ++r) {
@@ -1145,12 +1145,10 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
     }
   };
   const int64_t span = heads * (dim + kScaleBytes);
-  prefetch_spans<_MM_HINT_T2>(keys, 0, std::min(kL2KeysAhead, n), span);
-  prefetch_spans<_MM_HINT_T2>(values, 0, std::min(kL2KeysAhead, n), span);
+  prefetch_keys_and_values(keys, values, 0, std::min(kL2KeysAhead, n), span);
   find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
-    prefetch_spans<_MM_HINT_T2>(keys, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
-    prefetch_spans<_MM_HINT_T2>(values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
+    prefetch_keys_and_values(keys, values, std::min(j + kL2KeysAhead, n), std::min(j + kL2KeysAhead + 16, n), span);
     if (j + 16 < n) find_scales(j + 16);  // prefetched a pass ago
     for (int64_t h = 0; h < heads; ++h) {
       const C* k[16];
