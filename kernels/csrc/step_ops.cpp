@@ -102,9 +102,9 @@ struct ProjectionArgs {
 };
 
 // One projection of x: the registered op `name` called through the dispatcher with x as its first
-// argument, its Tensor / Tensor? arguments from args.tensors and its int arguments from args.ints
-// (in schema order; an int list argument takes its length, then its elements), any other argument
-// at its default. The op is the one Linear.project runs for
+// argument, its positional Tensor / Tensor? arguments from args.tensors and int arguments from
+// args.ints (in schema order; an int list argument takes its length, then its elements), any other
+// argument, keyword-only ones included, at its default (as kernels/reference.py's projection). The op is the one Linear.project runs for
 // these rows (engine/layers/linear.py's kernel_call names it), so there is one implementation of it.
 at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs& args) {
   const c10::OperatorHandle& op = op_named(name);
@@ -114,16 +114,17 @@ at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs&
   stack.emplace_back(x);
   for (size_t i = 1; i < schema.size(); ++i) {
     const c10::TypePtr& type = schema[i].type();
-    if (type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+    const bool positional = !schema[i].kwarg_only();
+    if (positional && type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
       TORCH_CHECK(args.next_tensor < args.tensors.size(), name, " needs more tensor arguments than given");
       const std::optional<at::Tensor> t = args.tensors.get(args.next_tensor++);
       TORCH_CHECK(t.has_value() || type->kind() == c10::TypeKind::OptionalType, name, "'s argument ",
                   schema[i].name(), " is a Tensor: None given");
       stack.emplace_back(t.has_value() ? c10::IValue(*t) : c10::IValue());
-    } else if (type->kind() == c10::TypeKind::IntType) {
+    } else if (positional && type->kind() == c10::TypeKind::IntType) {
       TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
       stack.emplace_back(args.ints[args.next_int++]);
-    } else if (type->kind() == c10::TypeKind::ListType && !schema[i].kwarg_only() &&
+    } else if (positional && type->kind() == c10::TypeKind::ListType &&
                (type->containedType(0)->kind() == c10::TypeKind::IntType ||
                 type->containedType(0)->kind() == c10::TypeKind::SymIntType)) {
       // An int list (a shape): its length, then its elements.
