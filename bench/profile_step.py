@@ -192,6 +192,18 @@ def projections_skipped(model):
             m.fused_rows = rows
 
 
+def pass_line(label: str, ms: list[float], fastest: list[float] | None = None, unit: str = "pass",
+              units: str = "passes") -> str:
+    """One A/B mode's line: its step median per pass (or run), their median, and where given the
+    fastest step per pass and their median (on a loaded machine the closer to a quiet one)."""
+    line = (f"{label}: step median per {unit} {' '.join(f'{t:.2f}' for t in ms)} ms; median of {units} "
+            f"{statistics.median(ms):.2f}")
+    if fastest is not None:
+        line += (f"; fastest step per {unit} {' '.join(f'{t:.2f}' for t in fastest)}, "
+                 f"median {statistics.median(fastest):.2f}")
+    return line
+
+
 def fused_mlp_ab(model, steps, rounds: int) -> None:
     """Decode steps with each MLP fused (amx_silu_mlp) and unfused (three calls), alternating in
     this process, every pass printed (other processes load a shared machine)."""
@@ -206,8 +218,7 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
                 m.fused_rows = rows if name == "fused" else 0
             passes[name].append(statistics.median(steps()) * 1e3)
     for name, ms in passes.items():
-        print(f"{name} MLPs: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
-              f"median of passes {statistics.median(ms):.2f}")
+        print(pass_line(f"{name} MLPs", ms))
 
 
 def lm_head_ab(steps, rounds: int) -> None:
@@ -229,8 +240,7 @@ def lm_head_ab(steps, rounds: int) -> None:
     finally:
         linear.avx512_bf16_ops = rows_ops
     for name, ms in passes.items():
-        print(f"LM head on {name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; "
-              f"median of passes {statistics.median(ms):.2f}")
+        print(pass_line(f"LM head on {name}", ms))
 
 
 def pool_ab(steps, spins: str, rounds: int) -> None:
@@ -265,8 +275,7 @@ def pool_ab(steps, spins: str, rounds: int) -> None:
     for name, ms in passes.items():
         workers, parts = worker_share[name]
         share = f"; workers ran {workers / parts:.0%} of {parts} parts" if parts else ""
-        print(f"{name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; median of passes "
-              f"{statistics.median(ms):.2f}{share}")
+        print(pass_line(name, ms) + share)
 
 
 def read_ahead_ab(steps, rounds: int) -> None:
@@ -291,9 +300,7 @@ def read_ahead_ab(steps, rounds: int) -> None:
     finally:
         ops.set_kernel_pool_read_ahead(True)
     for name, ms in passes.items():
-        print(f"{name}: step median per pass {' '.join(f'{t:.2f}' for t in ms)} ms; median of passes "
-              f"{statistics.median(ms):.2f}; fastest step per pass {' '.join(f'{t:.2f}' for t in fastest[name])}, "
-              f"median {statistics.median(fastest[name]):.2f}")
+        print(pass_line(name, ms, fastest[name]))
     print(f"read ahead per step (MiB, each read-ahead pass): {' '.join(f'{b / 2**20:.1f}' for b in ahead)}")
 
 
@@ -343,9 +350,7 @@ def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rou
     finally:
         LlamaDecoderLayer.layer_op = True
     for name, ms in passes.items():
-        print(f"{name}: step median per run {' '.join(f'{t:.2f}' for t in ms)} ms; median of runs "
-              f"{statistics.median(ms):.2f}; fastest step per run {' '.join(f'{t:.2f}' for t in fastest[name])}, "
-              f"median {statistics.median(fastest[name]):.2f}")
+        print(pass_line(name, ms, fastest[name], "run", "runs"))
 
 
 def forward_times(runner, inputs, repeats: int) -> tuple[float, float]:
