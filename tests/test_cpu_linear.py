@@ -280,12 +280,12 @@ def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_feat
 
 @needs_bf16_linear
 @pytest.mark.parametrize("threads", [1, 2])
-# 1-4 rows: one strip at a time with 4 or 2 accumulators per (row, strip), no prefetch; 5-8: 4 or 3
-# strips at once, one accumulator, prefetch; 9 and 12: an 8-row block, then 1 and 4 rows (from L2)
+# 1-2 rows: 8 strips at once, 3-6: 4, no prefetch; 7-8: 3 strips, prefetch; 9 and 12: an 8-row
+# block, then 1 and 4 rows (from L2)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12])
-# K of one 32-column step and of the default model's widest (1536); 150 and 1000: a last strip of 6
-# and 8 columns (each thread's share ends wherever the split falls)
-@pytest.mark.parametrize("out_features, in_features", [(150, 32), (1000, 576), (150, 1536), (7, 64)])
+# K of one 32-column step and of the default model's widest (1536); 150, 1000, 129: a last strip of
+# 6, 8 and 1 columns, a last group of fewer strips (10, 63 and 9 strips; two threads split them)
+@pytest.mark.parametrize("out_features, in_features", [(150, 32), (1000, 576), (129, 1536), (7, 64)])
 def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(threads, rows, out_features, in_features):
     """bf16_linear's few-row loops against the exact product plus bias under the stated rule: the
     products of bfloat16 values exact in float32, the K sums (and the bias) in float32 in any order,
