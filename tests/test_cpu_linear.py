@@ -286,7 +286,9 @@ def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_feat
 # K of one 32-column step and of the default model's widest (1536); 150, 1000, 129: a last strip of
 # 6, 8 and 1 columns, a last group of fewer strips (10, 63 and 9 strips; two threads split them)
 @pytest.mark.parametrize("out_features, in_features", [(150, 32), (1000, 576), (129, 1536), (7, 64)])
-def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(threads, rows, out_features, in_features):
+@pytest.mark.parametrize("streaming", [True, False])  # False: up to 6 rows on the prefetching loop (A/B switch)
+def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(threads, rows, out_features, in_features,
+                                                                              streaming):
     """bf16_linear's few-row loops against the exact product plus bias under the stated rule: the
     products of bfloat16 values exact in float32, the K sums (and the bias) in float32 in any order,
     one bfloat16 rounding at the end (assert_bfloat16_product, with the bias as one more input
@@ -299,9 +301,11 @@ def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(th
     packed = ops.amx_linear_pack(weight)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    ops.set_bf16_linear_streaming(streaming)
     try:
         out, no_bias = ops.bf16_linear(x, packed, bias, out_features), ops.bf16_linear(x, packed, None, out_features)
     finally:
+        ops.set_bf16_linear_streaming(True)
         torch.set_num_threads(previous)
     assert_bfloat16_product(no_bias, x, weight)
     ones = torch.ones(rows, 1, dtype=torch.bfloat16)

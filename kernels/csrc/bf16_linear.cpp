@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -57,6 +58,8 @@ constexpr int kBlockRows = 8;
 // there; a decode step reads every weight from memory); at 8 rows 0.92-1.04x, so from 7 rows the
 // loop keeps the prefetch.
 constexpr int kStreamingRows = 6;
+// False: those calls take the prefetching loop too (A/B benchmarks: set_bf16_linear_streaming).
+std::atomic<bool> streaming_enabled{true};
 // Strips per register block: as many as keep rows x strips + strips + 1 within 32 registers (at 1-2
 // rows while streaming, 8).
 constexpr int strips_for(int rows, bool streaming) { return streaming && rows <= 2 ? 8 : rows <= 6 ? 4 : 3; }
@@ -165,7 +168,8 @@ BF16_LINEAR_TARGET void rows_against_strips(const Problem& p, int64_t r0, int64_
 BF16_LINEAR_TARGET void run_strips(const Problem& p, int64_t t0, int64_t t1) {
   const int64_t strip_bytes = p.steps * kStepElems * 2;
   const int64_t chunk = std::max<int64_t>(4, kChunkBytes / strip_bytes);
-  if (p.rows <= kStreamingRows) return rows_against_strips<true>(p, 0, p.rows, t0, t1);  // one pass: no chunks
+  if (p.rows <= kStreamingRows && streaming_enabled.load(std::memory_order_relaxed))
+    return rows_against_strips<true>(p, 0, p.rows, t0, t1);  // one pass: no chunks
   for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
     const int64_t c1 = std::min(t1, c0 + chunk);
     for (int64_t r0 = 0; r0 < p.rows; r0 += kBlockRows)
@@ -197,4 +201,7 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   // Whether bf16_linear and bf16_mm_rows (gemv_ops.cpp) run here: the engine asks this once.
   m.def("avx512_bf16_kernels_supported() -> bool", &bf16_linear_supported);
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor", &bf16_linear);
+  // Benchmarks: whether calls of up to kStreamingRows rows take their streaming loop (default) or
+  // the prefetching loop of more rows (profile_step.py --ab-streaming times one against the other).
+  m.def("set_bf16_linear_streaming(bool on) -> ()", [](bool on) { streaming_enabled.store(on, std::memory_order_relaxed); });
 }
