@@ -42,21 +42,23 @@ constexpr int64_t kStepElems = kColumns * kK;
 
 // Rows of one register block: 8 rows x 3 strips = 24 accumulators (+ 3 weight, 1 input register).
 constexpr int kBlockRows = 8;
-// A call of at most kStreamingRows rows streams the weight from memory once, and few products per
-// weight line leave the loop bound by the read: there the strips are read without software
-// prefetch, 8 at once at 1-2 rows (the hardware prefetcher keeps more streams in flight). EPYC Zen 4 (2 vCPUs, no AMX), /tmp/mb16/gemv.cpp: this loop over 256 MiB of strips, one
-// thread, median of 7 interleaved rounds, as a fraction of a float32 sum's read rate in the same
-// round (load 2.7), 4 strips with the prefetch below -> this shape:
-//   K 576 (3072 x 576): 1 row 0.75 -> 1.01, 2 rows 0.82 -> 1.01, 4 rows 0.73 -> 0.79, 6 rows 0.73 -> 0.74;
-//   K 1536 (576 x 1536): 1 row 0.80 -> 0.93, 2 rows 0.91 -> 1.03, 4 rows 0.84 -> 0.97, 6 rows 0.83 -> 0.96;
-//   8 rows about even (0.65 / 0.64, 0.80 / 0.83: vdpbf16ps bounds the loop there).
+// A call of at most kStreamingRows rows streams the weight once, and few products per weight line
+// leave the loop bound by the read: there the strips are read without software prefetch, 8 at once
+// at 1-2 rows (more streams in flight for the hardware prefetcher). EPYC Zen 4 (2 vCPUs, no AMX),
+// microbenchmark of this loop (one thread, median of 7-11 interleaved rounds, load 2.7-4):
+// - from memory (256 MiB of strips), as a fraction of a float32 sum's rate in the same round, 4
+//   strips with the prefetch below -> this shape: K 576 (3072 x 576) 1 row 0.75 -> 1.01, 2 rows
+//   0.82 -> 1.01, 4 rows 0.73 -> 0.79, 6 rows 0.73 -> 0.74; K 1536 (576 x 1536) 1 row 0.80 -> 0.93,
+//   2 rows 0.91 -> 1.03, 4 rows 0.84 -> 0.97, 6 rows 0.83 -> 0.96; 8 rows about even (vdpbf16ps,
+//   ~1 a cycle, bounds the loop there);
+// - from L3 (8 MiB of strips, read once before each timed pass: the pool's read-ahead leaves a
+//   decode step's weights partly in cache): 1-2 rows 64-74 -> 77-88 GB/s (4 strips without
+//   prefetch: 88-94, but 0.84-0.90 of the sum from memory); 4-8 rows even (57, 38, 29 GB/s).
 // One strip at a time (one sequential stream, 2-4 accumulators over interleaved pairs) read 0.84-1.07
-// at K 576 but 0.5-0.7 at K 1536; 4 strips without prefetch 0.79-0.90 at 1-2 rows. In the op
-// (bench_quant_matmul.py --baseline main, 30 weights of each projection, one thread's CPU time):
-// 1.07-1.27x faster at 1-2 rows, 1.07-1.19x at 3-6 rows where the weights come from memory
-// (gate_up, down), 0.88-1.05x where 30 of them fit in L3 (o, qkv: the prefetch hides L3's latency
-// there; a decode step reads every weight from memory); at 8 rows 0.92-1.04x, so from 7 rows the
-// loop keeps the prefetch.
+// of the sum at K 576 but 0.5-0.7 at K 1536. In the engine (profile_step.py --ab-streaming, the
+// batch-1 bfloat16 decode step on 2 threads, this loop vs the prefetching one alternating in one
+// process): step median of passes 1.07-1.30x faster (four runs, load 3-4). From 7 rows the loop
+// keeps the prefetch (8 rows, bench_quant_matmul.py: 0.92-1.04x without it).
 constexpr int kStreamingRows = 6;
 // False: those calls take the prefetching loop too (A/B benchmarks: set_bf16_linear_streaming).
 std::atomic<bool> streaming_enabled{true};
