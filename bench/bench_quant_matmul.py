@@ -89,7 +89,8 @@ def baseline_ops(revision: str):
     # bf16_linear.cpp (and strips_call.h) where the revision has them.
     names = ["quant_ops.cpp", "gemv_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"]
     strips = [f"kernels/csrc/{name}" for name in ("bf16_linear.cpp", "strips_call.h")]
-    if all(subprocess.run(["git", "cat-file", "-e", f"{revision}:{path}"], cwd=root).returncode == 0 for path in strips):
+    if all(subprocess.run(["git", "cat-file", "-e", f"{revision}:{path}"], cwd=root, stderr=subprocess.DEVNULL).returncode == 0
+           for path in strips):
         names += ["bf16_linear.cpp", "strips_call.h"]
     for name in names:
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
