@@ -10,7 +10,7 @@ rotary_embedding_, silu_mul), at 1, 4 and 16 decode rows.
     python bench/bench_layer_ops.py --rows 1 --rounds 9 --calls 4000
 
 --before-tree DIR: that tree's cpu_ops.cpp, step_ops.cpp and thread_pool.cpp (and headers) built
-beside this one's with the op namespace renamed (bento_llm_before, as bench_kv_cache.py's), every
+beside this one's with the op namespace renamed (bench_kv_cache.py's load_before), every
 op timed through both, alternating round by round in this process; the "new/old" column is the
 ratio of the medians. Each number is the median over --rounds rounds of --calls calls (a call's
 mean within a round), every round printed for the layer op; a Python-level call costs ~1-2 us of
@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,29 +31,6 @@ import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait pol
 import torch  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, DIM, BLOCK, EPS = 576, 1536, 9, 3, 64, 16, 1e-5
-BEFORE_NAMESPACE = "bento_llm_before"
-
-
-def load_before(tree: str) -> None:
-    """That tree's cpu_ops.cpp, step_ops.cpp and thread_pool.cpp as torch.ops.bento_llm_before.*
-    (op namespace and the pool's C++ namespace renamed; built with the backend's flags, cached)."""
-    from kernels.cpu_ops import load_sources
-
-    src = Path(tree) / "kernels" / "csrc"
-    dst = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp")) / "bench_layer_ops_before"
-    dst.mkdir(parents=True, exist_ok=True)
-    names = ["cpu_ops.cpp", "step_ops.cpp", "thread_pool.cpp"]
-    for path in [*src.glob("*.h"), *(src / n for n in names)]:
-        text = (path.read_text().replace("TORCH_LIBRARY(bento_llm,", f"TORCH_LIBRARY({BEFORE_NAMESPACE},")
-                .replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", f"TORCH_LIBRARY_FRAGMENT({BEFORE_NAMESPACE},")
-                .replace('"bento_llm::', f'"{BEFORE_NAMESPACE}::')
-                .replace("kernel_pool", "kernel_pool_before"))
-        target = dst / path.name
-        if not target.exists() or target.read_text() != text:  # an unchanged copy is not rebuilt
-            target.write_text(text)
-    load_sources(BEFORE_NAMESPACE, [dst / n for n in names])
-
-
 def layer_inputs(rows: int, gen: torch.Generator) -> dict:
     """One decode step's inputs for `rows` sequences at contexts 10, 17, 24, ... (the new token's
     slot included), in a paged cache of shuffled blocks."""
@@ -138,7 +114,9 @@ def main() -> None:
 
     trees = {"new": torch.ops.bento_llm}
     if args.before_tree:
-        load_before(args.before_tree)
+        from bench.bench_kv_cache import BEFORE_NAMESPACE, load_before
+
+        load_before(args.before_tree, ("cpu_ops.cpp", "step_ops.cpp", "thread_pool.cpp"))
         trees["old"] = getattr(torch.ops, BEFORE_NAMESPACE)
     print(f"load {open('/proc/loadavg').read().split()[:3]}, {args.threads} threads, `python bench/bench_layer_ops.py "
           f"{' '.join(sys.argv[1:])}`")
