@@ -220,7 +220,7 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
     # int8 beyond its few-row loop: the byte products, or (AMD: cpu_features.h) the bfloat16 loop
     split_bytes = OPS.int8_split_bytes_preferred()
     int8_many = OPS.int8_mm_dpbusd if split_bytes else OPS.int8_mm_dpbf16
-    few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
+    few = (quant_kernels.vector_int4_rows_max_rows() if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
            else quant_kernels.VECTOR_INT8_DPBF16_ROWS_MAX_ROWS)
     for rows in (1, few, few + 1, 40, 2048):  # no whole-weight conversion at prefill sizes either
         x = torch.randn(rows, 96, generator=gen).bfloat16()
