@@ -51,7 +51,7 @@ def int4_weight(q: QuantizedWeight, tile: bool) -> torch.Tensor:
 def test_int4_vector_loops_equal_the_float_product_of_their_codes(op, group, outputs):
     """Every row count the loops' register blocks split differently (4 and 6 rows, their tails),
     150 outputs (three 64-column blocks, the last partial: on two threads one block's 32-column
-    halves go to different threads, in int4_mm_rows from 3 rows), 576 (nine blocks: the middle one
+    halves go to different threads, in int4_mm_rows from 4 rows), 576 (nine blocks: the middle one
     split so) and 640 (ten blocks streamed back to back), inputs centred on 1 (large
     group sums: int4_mm_rows takes the code bias out through them), rows strided. Rule: each
     output within the bfloat16 rounding of the output (2^-8 of it, with room) plus float32 sums'

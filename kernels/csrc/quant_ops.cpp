@@ -85,9 +85,12 @@ constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of conve
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
 constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
 // Input rows from which int4_mm_rows' threads split blocks by 32-column halves (for_each_half_block),
-// not whole blocks: from 3 rows its vdpbf16ps products, not its reads, bound it (a half costs half
-// the products but all of the block's code bytes).
-constexpr int64_t kInt4HalvesMinRows = 3;
+// not whole blocks: from 4 rows its vdpbf16ps products, not its reads, bound it (a half costs half
+// the products but all of the block's code bytes; at 3 rows the two took about as long, and halves
+// measured even). Two threads, spinning workers, Zen 4, load ~3.6, against whole blocks in one
+// process: fastest of 21-25 rounds 0.91-0.99x at 16-32 rows on the 9-block projections (o, down),
+// 0.91-0.96x on qkv (15 blocks).
+constexpr int64_t kInt4HalvesMinRows = 4;
 constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at once beyond kRowChunk rows
 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
