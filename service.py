@@ -147,7 +147,7 @@ class BentoLLM:
         if HUB_MODEL is not None:
             # At the commit the Bento pinned (BentoML rewrites the declaration when it loads one).
             model_path = hub_model_path(type(self).hub_weights, HUB_MODEL.gguf_file)
-        self.runtime = LLMRuntime(settings, model_path=model_path)
+        self.runtime = LLMRuntime(settings, model_path=model_path, freeze_heap_when_loaded=True)
         _runtime = self.runtime
         # In the background: /livez must answer while the weights load.
         self.runtime.start()

@@ -90,23 +90,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 BEFORE_NAMESPACE = "bento_llm_before"
 
 
-def load_before(tree: str) -> None:
+def load_before(tree: str, sources: tuple[str, ...] = ("cpu_ops.cpp", "thread_pool.cpp")) -> None:
     """That tree's attention as torch.ops.bento_llm_before.*: its cpu_ops.cpp and thread_pool.cpp
-    (and headers) copied with the op namespace and the pool's C++ namespace renamed, built with the
-    backend's flags (kernels.cpu_ops.load_sources; cached like the backend's own build)."""
+    (or `sources` of its kernels/csrc; bench_layer_ops.py adds step_ops.cpp) and headers copied with
+    the op namespace (and the ops named in the sources) and the pool's C++ namespace renamed, built
+    with the backend's flags (kernels.cpu_ops.load_sources; cached like the backend's own build)."""
     from kernels.cpu_ops import load_sources
 
     src = Path(tree) / "kernels" / "csrc"
     dst = Path(os.environ.get("TORCH_EXTENSIONS_DIR", tempfile.gettempdir())) / "bench_kv_cache_before"
     dst.mkdir(parents=True, exist_ok=True)
-    for path in [*src.glob("*.h"), src / "cpu_ops.cpp", src / "thread_pool.cpp"]:
+    for path in [*src.glob("*.h"), *(src / name for name in sources)]:
         text = (path.read_text().replace("TORCH_LIBRARY(bento_llm,", f"TORCH_LIBRARY({BEFORE_NAMESPACE},")
                 .replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", f"TORCH_LIBRARY_FRAGMENT({BEFORE_NAMESPACE},")
+                .replace('"bento_llm::', f'"{BEFORE_NAMESPACE}::')
                 .replace("kernel_pool", "kernel_pool_before"))
         target = dst / path.name
         if not target.exists() or target.read_text() != text:  # an unchanged copy is not rebuilt
             target.write_text(text)
-    load_sources(BEFORE_NAMESPACE, [dst / "cpu_ops.cpp", dst / "thread_pool.cpp"])
+    # One extension name per set of sources: two benchmarks' builds do not replace each other.
+    load_sources(BEFORE_NAMESPACE + "_" + "_".join(Path(name).stem for name in sources),
+                 [dst / name for name in sources])
 
 
 AUTO_LAYER_BYTES = 512 << 20  # past the 300 MiB L3 of the machine this was written on

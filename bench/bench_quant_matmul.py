@@ -7,10 +7,13 @@
     python bench/bench_quant_matmul.py --shapes 3b-head --layers 1 --rows 1,16 --threads 2 --only "int8 layer"
     python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 1,4,16,64,256 --only "bf16 strips,bf16 rows,int8 layer"
     python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 4,8,16,64 --baseline main --only "bf16 strips,bf16 rows"
+    python bench/bench_quant_matmul.py --hot --rows 1,2,4 --only "int4 rows,int8 rows"   # compute rate: one weight, in cache
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
 --layers random weights (as many as the model has layers, so the set does not sit in L2 the way
-one repeated weight would) in each format, then times one pass over all of them per format,
+one repeated weight would; --hot: one weight, passed --layers times, so it does, and the times are
+the loops' compute rate: where a loop's hot time is well under its time from memory, memory bounds
+it) in each format, then times one pass over all of them per format,
 interleaved in one process, keeping each format's best of --rounds. Time is the thread's CPU
 time at one thread (robust on a shared machine), wall time otherwise. Reported: bfloat16's
 microseconds per layer and each format's time relative to it (below 1 is faster):
@@ -36,7 +39,7 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
   both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
-- int4 / int8 AMX @REV, int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
+- int4 / int8 AMX @REV, int4 / int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
   as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
   process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
   AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows);
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--hot", action="store_true", help="one weight per format, multiplied --layers times (it stays in "
+                        "cache): each loop's compute rate, to read against the read columns")
     parser.add_argument("--us", action="store_true", help="microseconds per layer in every column, not ratios")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="default", help="the default model's projections, the 3B's, or its LM head")
     parser.add_argument("--group-size", type=int, default=32, help="int4's group size")
@@ -124,7 +129,7 @@ def main() -> None:
              "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and vec is not None else (None, True)
     if old is not None:
-        for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int8 AMX", "int8 rows"):
+        for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows"):
             names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
         # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
         # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
@@ -136,7 +141,7 @@ def main() -> None:
     square_packed = torch.ops.mkldnn._reorder_linear_weight(square, None)
     flops = 2 * 2048**3 / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(square, square_packed, None, "none", [], ""),
                                        args.rounds)
-    print(f"{args.threads} thread(s), {args.layers} weights per shape, best of {args.rounds}; "
+    print(f"{args.threads} thread(s), {'one weight (in cache) x ' if args.hot else ''}{args.layers} weights per shape, best of {args.rounds}; "
           f"AMX kernels {'available' if ops else 'NOT available (those columns are empty)'}; "
           f"vector kernels {'available' if vec else 'NOT available'}{'' if vnni or not vec else ' (int4 only: no AVX512-VNNI)'}; "
           f"memory read {bandwidth / 1e9:.1f} GB/s, bfloat16 matmul {flops / 1e12:.2f} TFLOP/s\n")
@@ -144,7 +149,7 @@ def main() -> None:
     print("|" + " --- |" * (3 + len(names)))
     group = args.group_size
     for shape, (n, k) in SHAPES[args.shapes].items():
-        weights = [torch.randn(n, k) * 0.02 for _ in range(args.layers)]
+        weights = [torch.randn(n, k) * 0.02 for _ in range(1 if args.hot else args.layers)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None) for w in weights]
         strip_ops = strips_ops()
         strips = [strip_ops.amx_linear_pack(w.bfloat16()) for w in weights] if strip_ops else []
@@ -160,6 +165,9 @@ def main() -> None:
                 for w in weights] if has_w8a8 else []
         w8a8_plain = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)
                       for w in weights] if has_w8a8 else []
+        if args.hot:  # the one weight, --layers times: each format's list as long as without --hot
+            packed, strips, plain, int4, int8, int8_rows, int8_old, w8a8, w8a8_plain = (
+                items * args.layers for items in (packed, strips, plain, int4, int8, int8_rows, int8_old, w8a8, w8a8_plain))
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k).bfloat16()
             runs = {
@@ -189,6 +197,8 @@ def main() -> None:
             if old is not None and ops is not None:
                 runs["int4 AMX @" + args.baseline] = lambda: [old.int4_mm_amx(x, q.qweight, q.scales, group, n) for q in int4]
                 runs["int8 AMX @" + args.baseline] = lambda: [old.int8_mm_amx(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
+            if old is not None and "int4 rows" in runs:
+                runs["int4 rows @" + args.baseline] = lambda: [old.int4_mm_rows(x, q.qweight, q.scales, group, n) for q in int4]
             if old is not None and "int8 rows" in runs:
                 runs["int8 rows @" + args.baseline] = lambda: [old.int8_mm_rows(x, p, q.scales, n) for p, q in zip(int8_old, int8)]
             if old is not None and plain and (ops is not None or avx512_bf16_ops() is not None):  # as few_rows_bfloat16

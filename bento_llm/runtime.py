@@ -8,6 +8,7 @@ and the routes answer 503 until it is ready.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -38,8 +39,16 @@ class LLMRuntime:
         settings: Settings,
         engine_factory: EngineFactory | None = None,
         model_path: str | None = None,
+        freeze_heap_when_loaded: bool = False,
     ) -> None:
         self.settings = settings
+        # The server's one runtime lives as long as its process: what exists once the model is
+        # loaded is moved out of the garbage collector's reach (gc.freeze), as vLLM does after
+        # start-up. With the default model loaded, ~316k objects are tracked and one full
+        # collection walks them all in ~165 ms (measured on this 2-vCPU Zen 4), holding the GIL:
+        # a stall of every stream each time one comes. Tests build many runtimes in one process
+        # and leave this off (frozen cyclic garbage of a discarded runtime would never be freed).
+        self.freeze_heap_when_loaded = freeze_heap_when_loaded
         self.model_name = settings.model_name
         # Where the weights really are (a packed GGUF inside a Bento), when not settings.model.
         self.model_path = model_path
@@ -110,6 +119,11 @@ class LLMRuntime:
             self.vocab_size = _vocab_size(engine, tokenizer)
             self.tokenizer = tokenizer
             self.tool_parser, self.reasoning_parser = _output_parsers(self.settings, tokenizer)
+            if self.freeze_heap_when_loaded:
+                gc.collect()  # what load left as garbage, freed, not frozen
+                gc.freeze()
+                logger.info("%d objects of the loaded model moved out of the garbage collector's reach (gc.freeze)",
+                            gc.get_freeze_count())
             self.engine = engine  # last: this is what flips /readyz
             self.load_seconds = time.perf_counter() - started
             logger.info("model %s ready in %.1f s", self.model_name, self.load_seconds)

@@ -126,6 +126,31 @@ def test_decoder_layer_refuses_arguments_its_projections_do_not_take(gen):
     assert zeros.shape == (1, HIDDEN) and not zeros.any()
 
 
+def test_decoder_layer_gives_the_same_bits_after_calls_of_other_shapes_and_dtypes(gen):
+    """decoder_layer keeps its norms' and activation's outputs across calls (step_ops.cpp's
+    LayerScratch): a call after calls of other row counts and dtypes gives the first call's bits."""
+    def case(rows, dtype):
+        qkv, cos, sin, k_cache, v_cache, slots, tables, lens, _ = step_of(
+            gen, [(1, 3 + 5 * i) for i in range(rows)], HEADS, KV_HEADS, HEAD_DIM, 16, dtype)
+        each = [t for m in projections(gen, "plain") for t in (m.weight.to(dtype), None)]  # aten::linear's weight and bias
+        x, residual = (torch.randn(rows, HIDDEN, generator=gen).to(dtype) for _ in range(2))
+        norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
+
+        def run():
+            res, caches = residual.clone(), [k_cache.clone(), v_cache.clone()]
+            out = cpu_ops.decoder_layer(res, x, cos, sin, *caches, slots, tables, lens, None, *norms, EPS,
+                                        ["aten::linear"] * 4, each, [], HEADS, HEAD_DIM**-0.5)
+            return [t.clone() for t in (out, res, *caches)]
+        return run
+
+    three, one, float32 = case(3, torch.bfloat16), case(1, torch.bfloat16), case(3, torch.float32)
+    first = three()
+    for other in (one, float32, three):
+        other()
+    for got, want in zip(three(), first):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_an_int_list_argument_takes_its_length_then_its_elements(gen):
     x = torch.randn(2, 8, generator=gen)
     assert reference.projection("aten::new_zeros", x, [], [2, 2, 5]).shape == (2, 5)

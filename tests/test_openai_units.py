@@ -441,6 +441,32 @@ def test_routes_answer_503_while_loading_then_serve():
     asyncio.run(runtime.shutdown())
 
 
+def test_server_runtime_freezes_the_loaded_heap_once_ready():
+    import gc
+
+    runtime = LLMRuntime(Settings(model="/nowhere/tiny"), engine_factory=lambda config: _Engine(),
+                         freeze_heap_when_loaded=True)
+    gc.unfreeze()
+    try:
+        runtime.start()
+        assert runtime.wait(10)
+        assert gc.get_freeze_count() > 0  # the loaded engine is out of the collector's reach
+    finally:
+        gc.unfreeze()  # this test process builds many runtimes: nothing stays frozen
+    asyncio.run(runtime.shutdown())
+
+
+def test_test_runtimes_leave_the_heap_unfrozen():
+    import gc
+
+    gc.unfreeze()
+    runtime = LLMRuntime(Settings(model="/nowhere/tiny"), engine_factory=lambda config: _Engine())
+    runtime.start()
+    assert runtime.wait(10)
+    assert gc.get_freeze_count() == 0
+    asyncio.run(runtime.shutdown())
+
+
 def test_failed_load_is_reported():
     def factory(config):
         raise FileNotFoundError("no weights here")

@@ -47,11 +47,12 @@ def int4_weight(q: QuantizedWeight, tile: bool) -> torch.Tensor:
 @needs_bf16
 @pytest.mark.parametrize("op", ["int4_mm_rows", "int4_mm_dpbf16"])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("outputs", [150, 640])
+@pytest.mark.parametrize("outputs", [150, 576, 640])
 def test_int4_vector_loops_equal_the_float_product_of_their_codes(op, group, outputs):
     """Every row count the loops' register blocks split differently (4 and 6 rows, their tails),
-    150 outputs (three 64-column blocks, the last partial: on two threads one block's halves go
-    to different threads) and 640 (ten blocks streamed back to back), inputs centred on 1 (large
+    150 outputs (three 64-column blocks, the last partial: on two threads one block's 32-column
+    halves go to different threads, in int4_mm_rows from 4 rows), 576 (nine blocks: the middle one
+    split so) and 640 (ten blocks streamed back to back), inputs centred on 1 (large
     group sums: int4_mm_rows takes the code bias out through them), rows strided. Rule: each
     output within the bfloat16 rounding of the output (2^-8 of it, with room) plus float32 sums'
     order (2e-5 of sum |x w|); two threads give bit-identical outputs to one."""
@@ -220,7 +221,7 @@ def test_a_bfloat16_layer_without_amx_takes_each_vector_loop_from_its_row_thresh
     # int8 beyond its few-row loop: the byte products, or (AMD: cpu_features.h) the bfloat16 loop
     split_bytes = OPS.int8_split_bytes_preferred()
     int8_many = OPS.int8_mm_dpbusd if split_bytes else OPS.int8_mm_dpbf16
-    few = (quant_kernels.VECTOR_INT4_ROWS_MAX_ROWS if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
+    few = (quant_kernels.vector_int4_rows_max_rows() if bits == 4 else quant_kernels.VECTOR_INT8_ROWS_MAX_ROWS if split_bytes
            else quant_kernels.VECTOR_INT8_DPBF16_ROWS_MAX_ROWS)
     for rows in (1, few, few + 1, 40, 2048):  # no whole-weight conversion at prefill sizes either
         x = torch.randn(rows, 96, generator=gen).bfloat16()

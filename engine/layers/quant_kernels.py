@@ -49,16 +49,33 @@ INT8_AMX_MIN_ROWS = 3
 # from here on int4_mm_dpbf16: 0.82-0.88x at 24 (int4_mm_rows 0.89-1.03x), 0.88-1.01x at 64
 # (PyTorch's op 1.06-1.13x), 0.98-1.03x at 1024.
 VECTOR_INT4_ROWS_MAX_ROWS = 12
+# Where AVX512-BF16's pair products are the fast way to multiply (AMD: cpu_features.h's vendor rule,
+# the one int8_split_bytes_preferred() reports) int4_mm_rows holds on longer: on a Zen 4 (2 vCPUs,
+# one thread, thread CPU time, the default model's four projections, 4 runs of
+# bench_quant_matmul --only "int4 rows,int4 dpbf16" to 24 rows, 2 beyond, load 2.6-3.3) it took
+# 0.54-0.76x bfloat16's time at 12 rows (int4_mm_dpbf16 0.63-0.93x), 0.67-0.82x at 16 (0.74-0.94x),
+# 0.79-0.90x at 24 (0.79-0.96x; ahead or even in all 16 cells), 0.84-0.96x at 32 (0.86-0.99x; ahead
+# in 7 of 8), behind from 48 (0.91-1.01x against 0.87-0.99x) and at 64. Both loops make the same
+# vdpbf16ps products (4 per row per 64 bytes of codes, the bound from 3 rows on: a copy of
+# int4_mm_rows' loop with the unpacking left out ran as fast); int4_mm_rows re-unpacks each block
+# per 4 rows, where int4_mm_dpbf16 converts and stores it once and reloads it per 6 rows. Two
+# threads were too noisy to time here (wall time, load 3-5); there int4_mm_rows splits whole
+# 64-column blocks, int4_mm_dpbf16 32-column halves (the 9-block projections: 5/4 against 4.5/4.5).
+VECTOR_INT4_ROWS_PAIRS_FAST_MAX_ROWS = 32
 # int8: int8_mm_rows (2 rows per pass) and int8_mm_dpbusd (3, block column sums once) within noise
 # of each other to 24 rows (0.3-0.6x), int8_mm_dpbusd ahead beyond (1024 rows: 0.63-0.68x vs
 # 0.70-0.81x; PyTorch's op: 0.7-0.8x at 1 row, 1.1-1.4x at 64).
 VECTOR_INT8_ROWS_MAX_ROWS = 2
 # Where int8_mm_dpbf16 is the many-row loop (AMD Zen 4, 2 vCPUs, one thread, thread CPU time, the
-# default model's four projections): int8_mm_rows up to here, 0.46-0.57x oneDNN's bfloat16 time at 3
-# rows (int8_mm_dpbf16 0.39-0.70x), even at 4 (0.59-0.69x / 0.45-0.76x); int8_mm_dpbf16 from here
-# on: 0.63-0.87x at 8 (int8_mm_rows 0.85-1.03x), 0.93-1.06x bf16_linear's time at 16, 1.01-1.03x
-# at 64 (int8_mm_dpbusd 1.6-1.9x and 2.0-2.1x).
-VECTOR_INT8_DPBF16_ROWS_MAX_ROWS = 3
+# default model's four projections): int8_mm_rows up to here: 0.27-0.33x oneDNN's bfloat16 time at 1
+# row (int8_mm_dpbf16 0.29-0.41x), even at 2 (0.32-0.35x / 0.30-0.40x); int8_mm_dpbf16 from here
+# on: 0.39-0.50x at 3 rows (int8_mm_rows 0.47-0.54x, ahead in 7 of 8 cells; 2 runs of
+# bench_quant_matmul --only "int8 rows,int8 dpbf16", load 2.6-3.3: int8_mm_rows' 3 rows are
+# passes of 2 and 1, 5 and 3 VNNI byte products per 64 codes, which issue at about half
+# vdpbf16ps' rate here), 0.43-0.64x at 4 (0.63-0.77x), 0.63-0.87x at 8 (int8_mm_rows
+# 0.85-1.03x), 0.93-1.06x bf16_linear's time at 16, 1.01-1.03x at 64 (int8_mm_dpbusd 1.6-1.9x
+# and 2.0-2.1x).
+VECTOR_INT8_DPBF16_ROWS_MAX_ROWS = 2
 # No whole-weight conversion for oneDNN (DENSE_MIN_ROWS on AMX) here: at 1024 rows that took
 # 1.04-1.10x bfloat16's time (the plain weight multiplies slower than the packed one),
 # int4_mm_dpbf16 0.98-1.03x, int8_mm_dpbusd 0.63-0.68x; at 2048 (two threads, noisy) 0.89-1.17x
@@ -113,10 +130,18 @@ def int4_matmul(x: torch.Tensor, qweight, scales, group_size: int, out_features:
     return vector_int4_op(rows)(x, qweight, scales, group_size, out_features)
 
 
+@functools.cache
+def vector_int4_rows_max_rows() -> int:
+    """The last row count int4_mm_rows takes without AMX (int4_mm_dpbf16 beyond): further where
+    AVX512-BF16's pair products are fast (AMD), by the vendor rule int8's loops follow."""
+    pairs_slow = vector_kernels().int8_split_bytes_preferred()
+    return VECTOR_INT4_ROWS_MAX_ROWS if pairs_slow else VECTOR_INT4_ROWS_PAIRS_FAST_MAX_ROWS
+
+
 def vector_int4_op(rows: int):
     """The vector loop that multiplies `rows` input rows by an int4 weight (no AMX)."""
     ops = vector_kernels()
-    return ops.int4_mm_rows if rows <= VECTOR_INT4_ROWS_MAX_ROWS else ops.int4_mm_dpbf16
+    return ops.int4_mm_rows if rows <= vector_int4_rows_max_rows() else ops.int4_mm_dpbf16
 
 
 def int8_matmul(x: torch.Tensor, qweight, scales, in_features: int, out_features: int, amx: bool) -> torch.Tensor:

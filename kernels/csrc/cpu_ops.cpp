@@ -21,6 +21,7 @@
 #include "attention_products.h"
 #include "cpu_features.h"
 #include "float_rows.h"
+#include "layer_kernels.h"
 #include "kv_codes.h"
 #include "silu_lanes.h"
 #include "thread_pool.h"
@@ -78,10 +79,16 @@ void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.numel() == x.size(1), "weight has ", weight.numel(), " elements for rows of ", x.size(1));
 }
 
-// y = x / rms(x) * weight, computed in float32 and rounded once to x's dtype.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// An op's output: dense, shaped and typed as it must be (decoder_layer passes its own, kept across calls).
+void check_out(const at::Tensor& out, c10::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == sizes && out.scalar_type() == dtype, "out must be dense ", sizes,
+              " of ", dtype, ", got ", out.sizes(), " of ", out.scalar_type());
+}
+
+// out = x / rms(x) * weight, computed in float32 and rounded once to x's dtype.
+void rms_norm_into(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
   check_norm_args(x, weight);
-  auto out = at::empty(x.sizes(), x.options());
+  check_out(out, x.sizes(), x.scalar_type());
   const int64_t rows = x.size(0), n = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
@@ -92,16 +99,21 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
       for (int64_t r = begin; r < end; ++r) rms_norm_row(dst + r * n, src + r * stride, w, n, static_cast<float>(eps));
     });
   });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  auto out = at::empty(x.sizes(), x.options());
+  rms_norm_into(x, weight, eps, out);
   return out;
 }
 
-// residual += x (rounded to the residual's dtype, as the unfused add would), then the norm of
-// the new residual: the pre-norm of one decoder sublayer in one pass.
-at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps) {
+// residual += x (rounded to the residual's dtype, as the unfused add would), then out = the norm
+// of the new residual: the pre-norm of one decoder sublayer in one pass.
+void add_rms_norm_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
   check_norm_args(x, weight);
   TORCH_CHECK(residual.is_contiguous() && residual.sizes() == x.sizes(), "residual must be dense and shaped like x");
   TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "residual and x must share a dtype");
-  auto out = at::empty(x.sizes(), x.options());
+  check_out(out, x.sizes(), x.scalar_type());
   const int64_t rows = x.size(0), n = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
@@ -116,6 +128,11 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x, const at::Ten
       }
     });
   });
+}
+
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  auto out = at::empty(x.sizes(), x.options());
+  add_rms_norm_into(residual, x, weight, eps, out);
   return out;
 }
 
@@ -168,12 +185,12 @@ void silu_mul_row(T* out, const T* gate, int64_t n) {
   silu_mul_tail(out, gate, up, i, n);
 }
 
-// SwiGLU's activation: gate_up is [tokens, 2 * I] (gate then up); out = silu(gate) * up.
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+// SwiGLU's activation: gate_up is [tokens, 2 * I] (gate then up); out [tokens, I] = silu(gate) * up.
+void silu_mul_into(const at::Tensor& gate_up, at::Tensor& out) {
   check_rows(gate_up, "gate_up", 2);
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
-  auto out = at::empty({rows, n}, gate_up.options());
+  check_out(out, {rows, n}, gate_up.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* src = gate_up.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -182,6 +199,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       for (int64_t r = begin; r < end; ++r) silu_mul_row(dst + r * n, src + r * stride, n);
     });
   });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  silu_mul_into(gate_up, out);
   return out;
 }
 
@@ -385,8 +407,11 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
               "k_cache and v_cache must have one shape and dtype");
   const bool quantized = is_quantized(k_cache);
-  const at::Tensor key = quantized ? key_in : key_in.to(k_cache.scalar_type());
-  const at::Tensor value = quantized ? value_in.to(key_in.scalar_type()) : value_in.to(v_cache.scalar_type());
+  // Converted only where the dtype differs: a to() that returns its input is still a dispatcher
+  // call (~0.2 us apiece at a batch-1 decode, whose copy takes less).
+  const auto as_dtype = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
+  const at::Tensor key = quantized ? key_in : as_dtype(key_in, k_cache.scalar_type());
+  const at::Tensor value = as_dtype(value_in, quantized ? key_in.scalar_type() : v_cache.scalar_type());
   check_rows(key, "key", 3);
   check_rows(value, "value", 3);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
@@ -1394,7 +1419,13 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   const int64_t kv_bytes = total_keys * 2 * a.dim * static_cast<int64_t>(sizeof(C));
   const int64_t max_threads = total_cost >= kParallelCost || kv_bytes >= kParallelBytes ? at::get_num_threads() : 1;
   const int64_t target = total_cost / kTargetItems + 1;
-  std::vector<Item> items;
+  // Kept across calls (cleared, capacity kept): a batch-1 decode's attention is a few
+  // microseconds, and each vector's allocation and free a measurable part of it. A reference:
+  // the parts below name the calling thread's vector (a thread_local named in a lambda would be
+  // the running thread's own).
+  static thread_local std::vector<Item> item_storage;
+  std::vector<Item>& items = item_storage;
+  items.clear();
   int64_t workspace_size = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     Unit& u = units[i];
@@ -1411,7 +1442,10 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
       items.push_back({i, p, rows * (std::min(u.kv_end(), begin + u.part_keys) - begin)});
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  // Sorted only where not already (a batch-1 decode's units cost the same): std::stable_sort
+  // allocates a buffer on every call. The same order either way.
+  const auto costlier = [](const Item& x, const Item& y) { return x.cost > y.cost; };
+  if (!std::is_sorted(items.begin(), items.end(), costlier)) std::stable_sort(items.begin(), items.end(), costlier);
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
     static thread_local std::vector<bf16> packed;  // grown as needed, kept across calls
@@ -1517,7 +1551,9 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& k_cache, const a
   const int64_t group = num_heads / k_cache.size(2), tile_tokens = std::max<int64_t>(1, kTileRows / group);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   auto out = at::empty(query.sizes(), query.options());
-  std::vector<Unit> units;
+  static thread_local std::vector<Unit> unit_storage;  // kept across calls, as paged_attention_kernel's items
+  std::vector<Unit>& units = unit_storage;
+  units.clear();
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t first = cu ? cu[s] : s, q_len = cu ? cu[s + 1] - cu[s] : 1, ctx = lens[s];
     if (ctx == 0 && q_len <= 1) {  // a padding row attends to nothing: zeros
@@ -1599,6 +1635,17 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
 }
 
 }  // namespace
+
+// layer_kernels.h: the kernels above into a caller's outputs, for step_ops.cpp's decoder_layer.
+namespace layer_kernels {
+void rms_norm_into(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
+  ::rms_norm_into(x, weight, eps, out);
+}
+void add_rms_norm_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
+  ::add_rms_norm_into(residual, x, weight, eps, out);
+}
+void silu_mul_into(const at::Tensor& gate_up, at::Tensor& out) { ::silu_mul_into(gate_up, out); }
+}  // namespace layer_kernels
 
 TORCH_LIBRARY(bento_llm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);

@@ -84,6 +84,13 @@ constexpr int64_t kTileK = 32;      // bfloat16 inputs per AMX tile row (64 byte
 constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of converted blocks (a multiple of 32)
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
 constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
+// Input rows from which int4_mm_rows' threads split blocks by 32-column halves (for_each_half_block),
+// not whole blocks: from 4 rows its vdpbf16ps products, not its reads, bound it (a half costs half
+// the products but all of the block's code bytes; at 3 rows the two took about as long, and halves
+// measured even). Two threads, spinning workers, Zen 4, load ~3.6, against whole blocks in one
+// process: fastest of 21-25 rounds 0.91-0.99x at 16-32 rows on the 9-block projections (o, down),
+// 0.91-0.96x on qkv (15 blocks).
+constexpr int64_t kInt4HalvesMinRows = 4;
 constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at once beyond kRowChunk rows
 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
@@ -212,6 +219,22 @@ template <typename F>
 void for_each_block(int64_t out_features, const F& fn, kernel_pool::Weight weight = {}) {
   kernel_pool::parallel_for(0, (out_features + kBlockN - 1) / kBlockN, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) fn(b, std::min(kBlockN, out_features - b * kBlockN));
+  }, weight);
+}
+
+// fn(b, h0, h1, last) for each 64-column block b of out_features, the threads splitting the blocks'
+// 32-column halves (units), so that a thread whose share ends inside a block takes only its
+// halves [h0, h1) (of 0, 1) of it (the default model's 9- and 15-block projections split 5/4 and
+// 8/7 by whole blocks); last: b is the thread's last block. tiled_matmul's loop, for the vector loops.
+template <typename F>
+void for_each_half_block(int64_t out_features, const F& fn, kernel_pool::Weight weight = {}) {
+  kernel_pool::parallel_for(0, 2 * ((out_features + kBlockN - 1) / kBlockN), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end;) {
+      const int64_t b = u / 2;
+      const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
+      fn(b, h0, h1, 2 * (b + 1) >= end);
+      u = 2 * b + h1;
+    }
   }, weight);
 }
 
@@ -460,10 +483,14 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
 // dot product multiplies it with (x[k], x[k + 1]) into float32 sums per group. Each group then
 // takes its column's scale s and zero z, with the bias removed through the group's sum of x
 // (x_sums, [R][groups]): sum x ((c - 8) s + z) = s sum x (128 + c) + (z - 136 s) sum x.
-template <int R>
+// Only the block's 32-column halves [H0, H1) (of 0, 1: low nibbles, high nibbles) are multiplied
+// and stored: int4_mm_rows splits a block between two threads by halves where the products, not
+// the reads, bound it (template bounds: the accumulators stay in registers).
+template <int R, int H0 = 0, int H1 = 2>
 BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const float* x_sums, int64_t k_total, int64_t group,
                                        const uint8_t* codes, const uint16_t* scales_and_zeros, int64_t n_padded, int64_t columns,
                                        c10::BFloat16* out, int64_t out_stride) {
+  constexpr int I0 = 2 * H0, I1 = 2 * H1;  // the 16-column groups multiplied
   const __m512i interleave = _mm512_load_si512(kInterleaveRowsForUnpack);
   const __m512i low_nibble = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8(0x43);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -471,31 +498,40 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
   const int64_t groups = k_total / group;
   __m512 total[R][4];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) total[r][i] = _mm512_setzero_ps();
+    for (int i = I0; i < I1; ++i) total[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     if (g + kScalePrefetchGroups < groups) {  // a group's 256 bytes of scales lie a row of N away: no stream prefetcher sees them
       const auto* ahead = reinterpret_cast<const char*>(scales_and_zeros + (g + kScalePrefetchGroups) * n_padded * 2);
-      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      for (int line = 2 * H0; line < 2 * H1; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     }
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+      for (int i = I0; i < I1; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(codes + k * 32 + kPrefetchAhead), _MM_HINT_T0);
       const __m512i both = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(codes + k * 32));
-      const __m512i low = _mm512_and_si512(both, low_nibble), high = _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble);
-      // Columns 16 i + [0, 16), each a (k, k + 1) pair of bfloat16 values 128 + code.
-      const __m512i w[4] = {_mm512_unpacklo_epi8(low, bias), _mm512_unpackhi_epi8(low, bias), _mm512_unpacklo_epi8(high, bias),
-                            _mm512_unpackhi_epi8(high, bias)};
+      // Columns 16 i + [0, 16), each a (k, k + 1) pair of bfloat16 values 128 + code (low
+      // nibbles: the first 32 columns, high: the last).
+      __m512i w[4];
+      if constexpr (H0 == 0) {
+        const __m512i low = _mm512_and_si512(both, low_nibble);
+        w[0] = _mm512_unpacklo_epi8(low, bias);
+        w[1] = _mm512_unpackhi_epi8(low, bias);
+      }
+      if constexpr (H1 == 2) {
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(both, 4), low_nibble);
+        w[2] = _mm512_unpacklo_epi8(high, bias);
+        w[3] = _mm512_unpackhi_epi8(high, bias);
+      }
       for (int r = 0; r < R; ++r) {
         uint32_t pair;
         std::memcpy(&pair, x + r * lda + k, sizeof(pair));
         const __m512bh xp = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
-        for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(w[i]), xp);
+        for (int i = I0; i < I1; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], reinterpret_cast<__m512bh>(w[i]), xp);
       }
     }
     const auto* sz = reinterpret_cast<const uint32_t*>(scales_and_zeros + g * n_padded * 2);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = I0; i < I1; ++i) {
       const __m512i pairs = _mm512_loadu_si512(sz + 16 * i);  // (scale, zero) of 16 columns
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
       const __m512 zero = _mm512_fnmadd_ps(offset, scale, _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)));
@@ -504,7 +540,7 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
       }
     }
   }
-  for (int i = 0; i < 4 && 16 * i < columns; ++i) {
+  for (int i = I0; i < I1 && 16 * i < columns; ++i) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
     for (int r = 0; r < R; ++r) {
       _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(total[r][i])));
@@ -545,21 +581,46 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
-  for_each_block(out_features, [&](int64_t b, int64_t columns) {
-    const int64_t n0 = b * kBlockN;
+  // Block b's 32-column halves [h0, h1) times every row, 4 rows per pass over its codes.
+  auto multiply = [&](int64_t b, int h0, int h1) {
+    const int64_t n0 = b * kBlockN, columns = std::min(kBlockN, out_features - n0);
     const uint8_t* block = codes + b * k_total * 32;
     for (int64_t m = 0; m < rows; m += 4) {
       const uint16_t* xm = a + m * lda;
       const float* sm = sums + m * groups;
       c10::BFloat16* ym = y + m * out_features + n0;
-      switch (std::min<int64_t>(4, rows - m)) {
-        case 1: int4_block_rows<1>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-        case 2: int4_block_rows<2>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-        case 3: int4_block_rows<3>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); break;
-        default: int4_block_rows<4>(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features);
+      const auto call = [&](auto fn) { fn(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); };
+      const int64_t r = std::min<int64_t>(4, rows - m);
+      if (h0 == 0 && h1 == 2) {
+        switch (r) {
+          case 1: call(int4_block_rows<1>); break;
+          case 2: call(int4_block_rows<2>); break;
+          case 3: call(int4_block_rows<3>); break;
+          default: call(int4_block_rows<4>);
+        }
+      } else if (h0 == 0) {
+        switch (r) {
+          case 1: call(int4_block_rows<1, 0, 1>); break;
+          case 2: call(int4_block_rows<2, 0, 1>); break;
+          case 3: call(int4_block_rows<3, 0, 1>); break;
+          default: call(int4_block_rows<4, 0, 1>);
+        }
+      } else {
+        switch (r) {
+          case 1: call(int4_block_rows<1, 1, 2>); break;
+          case 2: call(int4_block_rows<2, 1, 2>); break;
+          case 3: call(int4_block_rows<3, 1, 2>); break;
+          default: call(int4_block_rows<4, 1, 2>);
+        }
       }
     }
-  }, {codes, packed.numel()});
+  };
+  const kernel_pool::Weight weight{codes, packed.numel()};
+  if (rows < kInt4HalvesMinRows) {
+    for_each_block(out_features, [&](int64_t b, int64_t) { multiply(b, 0, 2); }, weight);
+  } else {  // a block split between threads: each reads all of its codes for its half
+    for_each_half_block(out_features, [&](int64_t b, int h0, int h1, bool) { multiply(b, h0, h1); }, weight);
+  }
   return out;
 }
 
@@ -640,28 +701,24 @@ void tile_all_rows(const uint16_t* x, int64_t lda, int64_t rows, const uint16_t*
 template <typename Fill>
 at::Tensor vector_tiled_matmul(const at::Tensor& x, int64_t out_features, int64_t k_tile, const c10::BFloat16* column_scale,
                                const Fill& fill) {
-  const int64_t rows = x.size(0), lda = x.stride(0), k_total = x.size(1), blocks = (out_features + kBlockN - 1) / kBlockN;
+  const int64_t rows = x.size(0), lda = x.stride(0), k_total = x.size(1);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0) return out;  // fill multiplies at least one row
   const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   auto* y = out.data_ptr<c10::BFloat16>();
-  kernel_pool::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {  // units: 32-column halves
+  for_each_half_block(out_features, [&](int64_t b, int h0, int h1, bool last) {
     uint16_t* tile = block_buffer(k_tile * kBlockN);
-    for (int64_t u = begin; u < end;) {
-      const int64_t b = u / 2, columns = std::min(kBlockN, out_features - b * kBlockN);
-      const int h0 = static_cast<int>(u % 2), h1 = static_cast<int>(std::min<int64_t>(2, end - 2 * b));
-      const int64_t done = fill(b, 2 * (b + 1) < end ? b + 1 : -1, tile, h0, h1, y + b * kBlockN);
-      const c10::BFloat16* scale = column_scale ? column_scale + b * kBlockN : nullptr;
-      const uint16_t* xr = a + done * lda;
-      c10::BFloat16* yb = y + done * out_features + b * kBlockN;
-      if (h0 == 0 && h1 == 2) {
-        tile_all_rows<0, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
-      } else if (h0 == 0) {
-        tile_all_rows<0, 2>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
-      } else {
-        tile_all_rows<2, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
-      }
-      u = 2 * b + h1;
+    const int64_t columns = std::min(kBlockN, out_features - b * kBlockN);
+    const int64_t done = fill(b, last ? -1 : b + 1, tile, h0, h1, y + b * kBlockN);
+    const c10::BFloat16* scale = column_scale ? column_scale + b * kBlockN : nullptr;
+    const uint16_t* xr = a + done * lda;
+    c10::BFloat16* yb = y + done * out_features + b * kBlockN;
+    if (h0 == 0 && h1 == 2) {
+      tile_all_rows<0, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
+    } else if (h0 == 0) {
+      tile_all_rows<0, 2>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
+    } else {
+      tile_all_rows<2, 4>(xr, lda, rows - done, tile, k_total, columns, scale, yb, out_features);
     }
   });
   return out;

@@ -14,6 +14,8 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include "layer_kernels.h"
+
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -24,6 +26,18 @@ namespace {
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> registered(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// A strided view of t's storage, made without the dispatcher: an as_strided call (dispatcher,
+// autograd's view bookkeeping) cost ~0.4 us apiece, as much as a batch-1 decode's rotation and
+// cache write together, and qkv_attention makes five per layer. For views that only our kernels
+// read or write within one op (or a fresh output): no autograd view (the ops run under
+// inference_mode and never take gradients), no version counter shared with t.
+at::Tensor internal_view(const at::Tensor& t, c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t offset) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(),
+                                                   t.dtype());
+  impl->set_sizes_and_strides(sizes, strides, offset);
+  return at::Tensor(std::move(impl));
 }
 
 using RotarySig = void(at::Tensor&, const at::Tensor&, const at::Tensor&);
@@ -55,11 +69,9 @@ at::Tensor qkv_attention(at::Tensor& qkv, const std::optional<at::Tensor>& cos, 
   TORCH_CHECK(num_heads > 0 && qkv.size(1) % heads == 0, "qkv's width ", qkv.size(1), " is not (num_heads ",
               num_heads, " + 2 * num_kv_heads ", kv_heads, ") * head_dim");
   const int64_t dim = qkv.size(1) / heads;
-  // Each view in one as_strided call: narrow + view cost three or four dispatcher calls apiece
-  // (narrow -> slice -> as_strided, then view), ten more per layer than these four.
   const int64_t row = qkv.stride(0), offset = qkv.storage_offset();
   const auto heads_view = [&](int64_t first_head, int64_t count) {
-    return qkv.as_strided({tokens, count, dim}, {row, dim, 1}, offset + first_head * dim);
+    return internal_view(qkv, {tokens, count, dim}, {row, dim, 1}, offset + first_head * dim);
   };
   at::Tensor qk = heads_view(0, num_heads + kv_heads);
   if (cos.has_value()) rotary.call(qk, *cos, *sin);
@@ -71,25 +83,53 @@ at::Tensor qkv_attention(at::Tensor& qkv, const std::optional<at::Tensor>& cos, 
           ? paged.call(q, k_cache, v_cache, block_tables, context_lens, *cu_query_lens, scale, sliding_window,
                        soft_cap)
           : decode.call(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap);
-  return out.view({tokens, num_heads * dim});
+  return internal_view(out, {tokens, num_heads * dim}, {num_heads * dim, 1}, out.storage_offset());
 }
 
-using NormSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
-using AddNormSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double);
-using SiluSig = at::Tensor(const at::Tensor&);
 using QkvSig = at::Tensor(at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::Tensor&,
                           at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const std::optional<at::Tensor>&, int64_t, double, std::optional<int64_t>,
                           std::optional<double>);
 
-// The registered op named "namespace::name" (or "namespace::name.overload"), looked up once per thread.
-const c10::OperatorHandle& op_named(const std::string& name) {
-  thread_local std::unordered_map<std::string, c10::OperatorHandle> found;
+// How project() fills one argument of a projection's op (after x, its first).
+enum class ArgKind { kTensor, kOptionalTensor, kInt, kIntList, kDefault };
+
+// A projection's op and the kind of each of its arguments after the first, read from its schema once.
+struct ProjectionOp {
+  c10::OperatorHandle handle;
+  std::vector<ArgKind> kinds;
+};
+
+// The registered op named "namespace::name" (or "namespace::name.overload"), looked up once per
+// thread, with its arguments' kinds: walking the schema's types on every call cost ~0.2 us a
+// projection (four a layer).
+const ProjectionOp& op_named(const std::string& name) {
+  thread_local std::unordered_map<std::string, ProjectionOp> found;
   auto it = found.find(name);
   if (it == found.end()) {
     const auto dot = name.find('.');
     const std::string base = name.substr(0, dot), overload = dot == std::string::npos ? "" : name.substr(dot + 1);
-    it = found.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(base.c_str(), overload.c_str())).first;
+    ProjectionOp op{c10::Dispatcher::singleton().findSchemaOrThrow(base.c_str(), overload.c_str()), {}};
+    const auto& schema = op.handle.schema().arguments();
+    for (size_t i = 1; i < schema.size(); ++i) {
+      const c10::TypePtr& type = schema[i].type();
+      const bool positional = !schema[i].kwarg_only();
+      ArgKind kind = ArgKind::kDefault;
+      if (positional && type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+        kind = type->kind() == c10::TypeKind::OptionalType ? ArgKind::kOptionalTensor : ArgKind::kTensor;
+      } else if (positional && type->kind() == c10::TypeKind::IntType) {
+        kind = ArgKind::kInt;
+      } else if (positional && type->kind() == c10::TypeKind::ListType &&
+                 (type->containedType(0)->kind() == c10::TypeKind::IntType ||
+                  type->containedType(0)->kind() == c10::TypeKind::SymIntType)) {
+        kind = ArgKind::kIntList;
+      } else {
+        TORCH_CHECK(schema[i].default_value().has_value(), name, "'s argument ", schema[i].name(),
+                    " is neither a tensor nor an int and has no default");
+      }
+      op.kinds.push_back(kind);
+    }
+    it = found.emplace(name, std::move(op)).first;
   }
   return it->second;
 }
@@ -107,41 +147,58 @@ struct ProjectionArgs {
 // argument, keyword-only ones included, at its default (as kernels/reference.py's projection). The op is the one Linear.project runs for
 // these rows (engine/layers/linear.py's kernel_call names it), so there is one implementation of it.
 at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs& args) {
-  const c10::OperatorHandle& op = op_named(name);
-  const auto& schema = op.schema().arguments();
+  const ProjectionOp& op = op_named(name);
+  const auto& schema = op.handle.schema().arguments();
   torch::jit::Stack stack;
   stack.reserve(schema.size());
   stack.emplace_back(x);
   for (size_t i = 1; i < schema.size(); ++i) {
-    const c10::TypePtr& type = schema[i].type();
-    const bool positional = !schema[i].kwarg_only();
-    if (positional && type->isSubtypeOf(*c10::OptionalType::ofTensor())) {
-      TORCH_CHECK(args.next_tensor < args.tensors.size(), name, " needs more tensor arguments than given");
-      const std::optional<at::Tensor> t = args.tensors.get(args.next_tensor++);
-      TORCH_CHECK(t.has_value() || type->kind() == c10::TypeKind::OptionalType, name, "'s argument ",
-                  schema[i].name(), " is a Tensor: None given");
-      stack.emplace_back(t.has_value() ? c10::IValue(*t) : c10::IValue());
-    } else if (positional && type->kind() == c10::TypeKind::IntType) {
-      TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
-      stack.emplace_back(args.ints[args.next_int++]);
-    } else if (positional && type->kind() == c10::TypeKind::ListType &&
-               (type->containedType(0)->kind() == c10::TypeKind::IntType ||
-                type->containedType(0)->kind() == c10::TypeKind::SymIntType)) {
-      // An int list (a shape): its length, then its elements.
-      TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
-      const int64_t length = args.ints[args.next_int++];
-      TORCH_CHECK(length >= 0 && args.next_int + length <= args.ints.size(), name, " needs more int arguments than given");
-      stack.emplace_back(std::vector<int64_t>(args.ints.begin() + args.next_int, args.ints.begin() + args.next_int + length));
-      args.next_int += length;
-    } else {
-      TORCH_CHECK(schema[i].default_value().has_value(), name, "'s argument ", schema[i].name(),
-                  " is neither a tensor nor an int and has no default");
-      stack.push_back(*schema[i].default_value());
+    switch (op.kinds[i - 1]) {
+      case ArgKind::kTensor:
+      case ArgKind::kOptionalTensor: {
+        TORCH_CHECK(args.next_tensor < args.tensors.size(), name, " needs more tensor arguments than given");
+        const std::optional<at::Tensor> t = args.tensors.get(args.next_tensor++);
+        TORCH_CHECK(t.has_value() || op.kinds[i - 1] == ArgKind::kOptionalTensor, name, "'s argument ",
+                    schema[i].name(), " is a Tensor: None given");
+        stack.emplace_back(t.has_value() ? c10::IValue(*t) : c10::IValue());
+        break;
+      }
+      case ArgKind::kInt:
+        TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
+        stack.emplace_back(args.ints[args.next_int++]);
+        break;
+      case ArgKind::kIntList: {  // a shape: its length, then its elements
+        TORCH_CHECK(args.next_int < args.ints.size(), name, " needs more int arguments than given");
+        const int64_t length = args.ints[args.next_int++];
+        TORCH_CHECK(length >= 0 && args.next_int + length <= args.ints.size(), name,
+                    " needs more int arguments than given");
+        stack.emplace_back(std::vector<int64_t>(args.ints.begin() + args.next_int,
+                                                args.ints.begin() + args.next_int + length));
+        args.next_int += length;
+        break;
+      }
+      case ArgKind::kDefault:
+        stack.push_back(*schema[i].default_value());
+        break;
     }
   }
-  op.callBoxed(&stack);
+  op.handle.callBoxed(&stack);
   return stack[0].toTensor();
 }
+
+// decoder_layer's intermediates that no projection returns: the norms' output (the q/k/v and
+// gate/up projections' input) and the SiLU-and-multiply's (the down projection's), one tensor each,
+// reused by every layer and step on the thread while rows, width and dtype stay (an at::empty cost
+// ~0.3 us, as much as a batch-1 norm's arithmetic). They live only within one decoder_layer call:
+// the projections read them and return tensors of their own.
+struct LayerScratch {
+  at::Tensor normed, activated;
+  at::Tensor& take(at::Tensor& t, int64_t rows, int64_t width, const at::TensorOptions& options) {
+    if (!t.defined() || t.size(0) != rows || t.size(1) != width || t.scalar_type() != options.dtype())
+      t = at::empty({rows, width}, options);
+    return t;
+  }
+};
 
 // A Llama-shaped pre-norm decoder layer at decode batch sizes, as one op: the residual add and
 // input norm, the fused q/k/v projection, qkv_attention, the output projection, the residual add
@@ -149,9 +206,10 @@ at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs&
 //
 // Why: each of those was a Python-level call (through several Python frames for the projections),
 // ~40 us per layer of a 30-layer model's ~10 ms batch-1 step on this 2-vCPU machine besides the
-// kernels; here they are dispatcher calls. Every kernel is a registered op called through the
-// dispatcher, in the order engine/models/llama.py's LlamaDecoderLayer calls them, so the result is
-// the unfused layer's bit for bit (tests/test_decoder_layer_op.py).
+// kernels; here they are C++ calls. Every kernel is a registered op's (the projections and
+// qkv_attention through the dispatcher; the norms and SiLU-and-multiply directly, into outputs kept
+// across calls: layer_kernels.h), called in the order engine/models/llama.py's LlamaDecoderLayer
+// calls them, so the result is the unfused layer's bit for bit (tests/test_decoder_layer_op.py).
 //
 // residual: the residual stream, updated in place (residual += x, then += the attention's output);
 // x: the previous layer's output (None: the first layer, whose residual is the embedding as is).
@@ -164,26 +222,30 @@ at::Tensor decoder_layer(at::Tensor& residual, const std::optional<at::Tensor>& 
                          const c10::List<std::optional<at::Tensor>>& projection_tensors,
                          c10::IntArrayRef projection_ints, int64_t num_heads, double scale,
                          std::optional<int64_t> sliding_window, std::optional<double> soft_cap) {
-  static const auto norm = registered<NormSig>("bento_llm::rms_norm");
-  static const auto add_norm = registered<AddNormSig>("bento_llm::add_rms_norm");
   static const auto attention = registered<QkvSig>("bento_llm::qkv_attention");
-  static const auto silu_mul = registered<SiluSig>("bento_llm::silu_mul");
   TORCH_CHECK(projections.size() == 4, "projections must name q/k/v, o, gate/up and down's ops");
   ProjectionArgs args{projection_tensors, projection_ints};
-  // Each intermediate is freed as soon as the next step has read it (at 64 rows gate/up is 0.4 MB).
-  at::Tensor h = x.has_value() ? add_norm.call(residual, *x, input_norm, eps) : norm.call(residual, input_norm, eps);
-  at::Tensor qkv = project(projections[0], h, args);
-  h.reset();
+  // The norms' and the activation's outputs, kept across calls on this thread (see LayerScratch).
+  thread_local LayerScratch scratch;
+  const int64_t rows = residual.size(0);
+  at::Tensor& normed = scratch.take(scratch.normed, rows, residual.size(1), residual.options());
+  if (x.has_value()) {
+    layer_kernels::add_rms_norm_into(residual, *x, input_norm, eps, normed);
+  } else {
+    layer_kernels::rms_norm_into(residual, input_norm, eps, normed);
+  }
+  // Each projection's output is freed as soon as the next step has read it (at 64 rows gate/up is 0.4 MB).
+  at::Tensor qkv = project(projections[0], normed, args);
   at::Tensor attended = attention.call(qkv, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
                                        cu_query_lens, num_heads, scale, sliding_window, soft_cap);
   qkv.reset();
   at::Tensor o = project(projections[1], attended, args);
   attended.reset();
-  h = add_norm.call(residual, o, post_norm, eps);
+  layer_kernels::add_rms_norm_into(residual, o, post_norm, eps, normed);
   o.reset();
-  at::Tensor gate_up = project(projections[2], h, args);
-  h.reset();
-  const at::Tensor activated = silu_mul.call(gate_up);
+  at::Tensor gate_up = project(projections[2], normed, args);
+  at::Tensor& activated = scratch.take(scratch.activated, rows, gate_up.size(1) / 2, gate_up.options());
+  layer_kernels::silu_mul_into(gate_up, activated);
   gate_up.reset();
   const at::Tensor out = project(projections[3], activated, args);
   TORCH_CHECK(args.next_tensor == projection_tensors.size() && args.next_int == projection_ints.size(),
