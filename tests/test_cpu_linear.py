@@ -305,7 +305,7 @@ def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(th
     try:
         out, no_bias = ops.bf16_linear(x, packed, bias, out_features), ops.bf16_linear(x, packed, None, out_features)
     finally:
-        ops.set_bf16_linear_streaming(True)
+        ops.set_bf16_linear_streaming(None)  # the CPU's rule again
         torch.set_num_threads(previous)
     assert_bfloat16_product(no_bias, x, weight)
     ones = torch.ones(rows, 1, dtype=torch.bfloat16)

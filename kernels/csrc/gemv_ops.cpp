@@ -250,7 +250,7 @@ BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, i
   }
   if (m < rows) {
     c10::BFloat16* o = out + m * n_total + n0;
-    if (rows == 1) dot_tile<16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
+    if (rows == 1 && cpu_features::few_rows_stream_weights()) dot_tile<16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
     else if (m == 0) dot_tile<16, 1, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
     else dot_tile<16, 1, false>(w, ahead, x + m * ldx, ldx, k_total, columns, o, n_total);
   }
