@@ -32,6 +32,7 @@ import torch
 
 from engine.gguf_index import GGUFIndex
 from engine.layers.quant import QuantizedWeight, amx_kernels
+from engine.layers.quant_kernels import int4_kernels_beat_bfloat16
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all
 
@@ -190,20 +191,22 @@ def block_projection_types(path: str) -> Counter:
 def auto_quantization(config, source) -> tuple[str | None, str]:
     """What quantization="auto" is for this model on this machine, and why (for the log): int4
     on the file's own codes for a GGUF whose projections are all Q4_0/Q4_1/Q4_K, run on CPU in
-    bfloat16 where the AMX int4 kernels are (there it measured 1.2-1.3x bfloat16's tokens/s at 16
-    concurrent sequences, 1.7-1.8x at one: bench/bench_quant.py); else None, weights in dtype."""
+    bfloat16 where our int4 kernels measured at least as fast as bfloat16 at 16 concurrent
+    sequences (quant_kernels.int4_kernels_beat_bfloat16: AMX, or AVX512-BF16 on AMD); else None,
+    weights in dtype. The codes are the file's own: int4 multiplies the very weights bfloat16
+    would hold dequantized."""
     if not source.path.lower().endswith(".gguf"):
         return None, "not a GGUF: a float checkpoint stays float unless quantization is set"
     if config.device != "cpu":
         return None, f"int4 is the default on CPU only, not {config.device}"
     if config.torch_dtype(source.checkpoint_dtype) != torch.bfloat16:
         return None, "activations are not bfloat16 (dtype float32, or no native bfloat16 on this CPU)"
-    if amx_kernels() is None:
-        return None, ("no AMX int4 kernels here (no AMX-BF16, or the C++ kernels did not build: see the log above); "
-                      "without them int4 is no clear win over bfloat16 from 16 rows up (its AVX512-BF16 loops took "
-                      "1.0-1.1x the bfloat16 projections' time at 16-64 rows on Zen 4, PyTorch's ops 2-8x)")
+    kernels = int4_kernels_beat_bfloat16()
+    if kernels is None:
+        return None, ("no int4 kernels here that measured as fast as bfloat16 at 16 sequences (they are AMX's, "
+                      "or AVX512-BF16's on AMD; not on this CPU, or the C++ kernels did not build: see the log above)")
     types = block_projection_types(source.path)
     if not types or set(types) - set(INT4_BLOCK_TYPES):
         _cached_reader.cache_clear()  # no block load follows
         return None, f"the file's projections are {dict(types)}, not all 4-bit blocks (Q4_0/Q4_1/Q4_K)"
-    return "int4", f"the file's projections are 4-bit blocks ({dict(types)}), kept as they are, on AMX"
+    return "int4", f"the file's projections are 4-bit blocks ({dict(types)}), kept as they are, on {kernels}"

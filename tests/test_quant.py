@@ -21,7 +21,8 @@ from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8
-from engine.layers.quant_kernels import AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS
+from engine.layers.quant_kernels import (AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS,
+                                         int4_kernels_beat_bfloat16)
 from engine.layers.rotation import hadamard_block, rotate
 
 gguf = pytest.importorskip("gguf")
@@ -594,10 +595,11 @@ def write_gguf_projections(path, types: dict[str, str]) -> str:
     return str(path)
 
 
-def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_with_the_amx_kernels(tmp_path, tiny_path):
+def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_whose_int4_kernels_beat_bfloat16(
+        tmp_path, tiny_path):
     """int4 on the file's own codes where every block projection is Q4_0/Q4_1/Q4_K, the device
-    is the CPU, activations are bfloat16 and the AMX int4 kernels run (there it measures
-    faster than bfloat16); in every other case the weights stay in dtype."""
+    is the CPU, activations are bfloat16 and our int4 kernels that measured at least as fast as
+    bfloat16 run (AMX's, or AVX512-BF16's on AMD); in every other case the weights stay in dtype."""
     from types import SimpleNamespace
 
     from engine.config import cpu_has_native_bfloat16
@@ -606,11 +608,11 @@ def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_with_
     four_bit = write_gguf_projections(tmp_path / "q4.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q4_1"})
     mixed = write_gguf_projections(tmp_path / "mixed.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q8_0"})
     gguf_source = lambda path: SimpleNamespace(path=path, checkpoint_dtype=None)  # noqa: E731  (what a GGUF ModelSource carries)
-    amx = amx_kernels() is not None and cpu_has_native_bfloat16()
+    fast = int4_kernels_beat_bfloat16() is not None and cpu_has_native_bfloat16()
     choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(four_bit))
-    assert choice == ("int4" if amx else None), why
+    assert choice == ("int4" if fast else None), why
     choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(mixed))
-    assert choice is None and ("Q8_0" in why if amx else True), why
+    assert choice is None and ("Q8_0" in why if fast else True), why
     for config in (EngineConfig(device="cpu", dtype="float32"), EngineConfig(device="cuda")):
         assert auto_quantization(config, gguf_source(four_bit))[0] is None, config
     safetensors = SimpleNamespace(path=str(tiny_path), checkpoint_dtype=torch.bfloat16)
@@ -618,9 +620,9 @@ def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_with_
         None, "not a GGUF: a float checkpoint stays float unless quantization is set")
 
 
-@needs_amx
+@pytest.mark.skipif(int4_kernels_beat_bfloat16() is None, reason="int4 is the default where AMX's or AMD's int4 kernels run")
 @pytest.mark.slow  # loads the default model: 15-35 s here
-def test_the_default_model_is_served_in_its_own_int4_by_default_on_amx_cpus():
+def test_the_default_model_is_served_in_its_own_int4_by_default_where_int4_beats_bfloat16():
     from engine.config import DEFAULT_MODEL
 
     llm = LLM(DEFAULT_MODEL, num_kv_blocks=16)

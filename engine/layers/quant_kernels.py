@@ -138,6 +138,21 @@ def vector_int4_rows_max_rows() -> int:
     return VECTOR_INT4_ROWS_MAX_ROWS if pairs_slow else VECTOR_INT4_ROWS_PAIRS_FAST_MAX_ROWS
 
 
+def int4_kernels_beat_bfloat16() -> str | None:
+    """Which of our int4 kernels run here and measured at least as fast as the bfloat16 projections
+    from one to 16 concurrent sequences (what quantization="auto" asks of int4: gguf_weights.py):
+    "AMX" (1.2-1.3x bfloat16's tokens/s at 16 sequences, 1.7-1.8x at one), "AVX512-BF16 on AMD"
+    (the vector loops where pair products are fast, the vendor rule of cpu_features.h: on a Zen 4,
+    bench/bench_quant.py's interleaved rounds, 1.06-1.15x at 16 and 1.85-2.11x at one, 0.96-0.99x
+    at 64), else None (Intel without AMX: unmeasured against bfloat16 there; no kernels)."""
+    if amx_kernels() is not None:
+        return "AMX"
+    vector = vector_kernels()
+    if vector is not None and not vector.int8_split_bytes_preferred():
+        return "AVX512-BF16 on AMD"
+    return None
+
+
 def vector_int4_op(rows: int):
     """The vector loop that multiplies `rows` input rows by an int4 weight (no AMX)."""
     ops = vector_kernels()
