@@ -54,6 +54,11 @@ def test_serve_in_the_repository_root_with_nothing_set(home, tmp_path):
         assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
         reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, temperature=0, max_tokens=8)
         assert reply.choices[0].message.content.strip() and reply.usage.completion_tokens <= 8
+        # The same greedy request again, now over the prompt's blocks the first one cached: the
+        # native route below takes that path too, so both run the very same computation. (A prompt
+        # run whole and one run on a cached prefix round differently in bfloat16; this model's first
+        # token here is a near tie in int4: -1.916 against -1.916, measured on a Zen 4.)
+        reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, temperature=0, max_tokens=8)
         with bentoml.SyncHTTPClient(server.url, timeout=300) as native:
             assert "".join(native.chat(messages=MESSAGES, max_tokens=8, temperature=0)) == reply.choices[0].message.content
         assert httpx.get(server.url + "/metrics").status_code == 200
