@@ -223,9 +223,11 @@ class LlamaForCausalLM(CausalLM):
         """At decode batch sizes, every layer in one DecoderStack call where each has a plan (the
         same decoder_layer per layer, without the Python between them); else the layers one by one."""
         stack = decoder_stack(self, x.shape[0], rope)
-        if stack is None:
-            return super().run_layers(x, rope)
-        ctx = get_forward_context()
-        meta, backend = ctx.meta, ctx.backend
-        return stack.run(x, rope.cos, rope.sin, backend.k_caches, backend.v_caches, meta.slot_mapping,
-                         meta.block_tables, meta.context_lens, None if meta.all_decode else meta.cu_query_lens)
+        if stack is not None:
+            ctx = get_forward_context()
+            meta, backend = ctx.meta, ctx.backend
+            if backend.name == "cpu":  # the stack runs the cpu backend's decoder_layer
+                return stack.run(x, rope.cos, rope.sin, backend.k_caches, backend.v_caches, meta.slot_mapping,
+                                 meta.block_tables, meta.context_lens,
+                                 None if meta.all_decode else meta.cu_query_lens)
+        return super().run_layers(x, rope)
