@@ -479,15 +479,19 @@ def main() -> None:
     from engine.models.llama import LlamaDecoderLayer
 
     full = forward_times(runner, last_inputs[0], repeats)
+    # The layers as one DecoderStack call, one decoder_layer op each, on their Python path: five
+    # interleaved rounds (a loaded machine drifts), the median of the rounds' medians.
+    rounds: list[list[tuple[float, float]]] = [[], [], []]
     with projections_skipped(runner.model):
-        rest = forward_times(runner, last_inputs[0], repeats)
         try:
-            LlamaDecoderLayer.layer_stack = False
-            op_rest = forward_times(runner, last_inputs[0], repeats)
-            LlamaDecoderLayer.layer_op = False
-            python_rest = forward_times(runner, last_inputs[0], repeats)
+            for _ in range(5):
+                for mode, times in enumerate(rounds):
+                    LlamaDecoderLayer.layer_op, LlamaDecoderLayer.layer_stack = mode < 2, mode == 0
+                    times.append(forward_times(runner, last_inputs[0], max(4, repeats // 5)))
         finally:
             LlamaDecoderLayer.layer_op = LlamaDecoderLayer.layer_stack = True
+    rest, op_rest, python_rest = ((statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+                                  for times in rounds)
     print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
     print("| --- | --- | --- |")
     print(f"| whole | {full[0] * 1e3:.3f} | {full[1] * 1e3:.3f} |")
