@@ -1,6 +1,7 @@
 // One attention layer's work after its fused q/k/v projection, as one op (qkv_attention), and a whole
 // Llama-shaped decoder layer at decode batch sizes as one op (decoder_layer, below): torch.ops.bento_llm's,
-// with the same names and arguments as kernels/reference.py's.
+// with the same names and arguments as kernels/reference.py's. DecoderStack (a torch.classes.bento_llm
+// custom class, cpu backend only: no reference twin) runs a step's whole stack of such layers in one call.
 //
 // Why: at decode batch sizes a layer's attention was five Python-level steps (slice and view the
 // fused projection into q/k and v, split q from k, rotate, write the cache, attend), each a torch
