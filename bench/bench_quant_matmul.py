@@ -42,7 +42,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
 - int4 / int8 AMX @REV, int4 / int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
   as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
   process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
-  AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows)
+  AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows);
+  bf16 strips @REV kernels/csrc/bf16_linear.cpp's (only without AMX, where bf16 strips runs it)
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -87,15 +88,21 @@ def baseline_ops(revision: str):
 
     root = Path(__file__).resolve().parent.parent
     directory = Path(tempfile.mkdtemp(prefix="bento-quant-baseline-"))
-    # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace.
-    for name in ("quant_ops.cpp", "gemv_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"):
+    # quant_ops.cpp and what it includes; the thread pool's ops too, under the baseline's namespace;
+    # bf16_linear.cpp (and strips_call.h) where the revision has them.
+    names = ["quant_ops.cpp", "gemv_ops.cpp", "amx_tiles.h", "cpu_features.h", "thread_pool.h", "thread_pool.cpp"]
+    strips = [f"kernels/csrc/{name}" for name in ("bf16_linear.cpp", "strips_call.h")]
+    if all(subprocess.run(["git", "cat-file", "-e", f"{revision}:{path}"], cwd=root, stderr=subprocess.DEVNULL).returncode == 0
+           for path in strips):
+        names += ["bf16_linear.cpp", "strips_call.h"]
+    for name in names:
         text = subprocess.run(["git", "show", f"{revision}:kernels/csrc/{name}"], cwd=root, check=True, capture_output=True,
                               text=True).stdout
         (directory / name).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(bento_llm,", "TORCH_LIBRARY_FRAGMENT(bento_llm_baseline,"))
         if name == "quant_ops.cpp":
             int8_quads = "[N/64, K/4, 64, 4] int8 codes, K padded" in text
     kernels.cpu_ops.load_sources(f"bento_llm_quant_baseline_{revision}",
-                                 [directory / "quant_ops.cpp", directory / "gemv_ops.cpp", directory / "thread_pool.cpp"])
+                                 [directory / name for name in names if name.endswith(".cpp")])
     return torch.ops.bento_llm_baseline, int8_quads
 
 
@@ -122,7 +129,7 @@ def main() -> None:
              "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and vec is not None else (None, True)
     if old is not None:
-        for name in ("bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows"):
+        for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows"):
             names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
         # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
         # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
@@ -197,6 +204,8 @@ def main() -> None:
             if old is not None and plain and (ops is not None or avx512_bf16_ops() is not None):  # as few_rows_bfloat16
                 old_rows = old.bf16_mm_amx if ops is not None else old.bf16_mm_rows
                 runs["bf16 rows @" + args.baseline] = lambda: [old_rows(x, w) for w in plain]
+            if old is not None and strips and ops is None and hasattr(old, "bf16_linear"):  # as strips_linear without AMX
+                runs["bf16 strips @" + args.baseline] = lambda: [old.bf16_linear(x, s, None, n) for s in strips]
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
@@ -208,8 +217,9 @@ def main() -> None:
             with torch.inference_mode():
                 for fn in runs.values():
                     fn()  # warm-up: oneDNN/brgemm kernels built, buffers touched
-                for _ in range(args.rounds):
-                    for name, fn in runs.items():
+                for round in range(args.rounds):
+                    # every other round in reverse, so no column always runs right after another
+                    for name, fn in (reversed(runs.items()) if round % 2 else runs.items()):
                         start = clock()
                         fn()
                         best[name] = min(best[name], (clock() - start) / args.layers)

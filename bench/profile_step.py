@@ -9,6 +9,7 @@
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
     python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
+    python bench/profile_step.py --quantization none --ab-streaming 6   # bf16_linear's few-row loop: streaming vs prefetching, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
@@ -321,6 +322,26 @@ def stand_in_time(model, rows: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def streaming_ab(steps, rounds: int) -> None:
+    """Decode steps with bf16_linear's calls of few rows on their streaming loop (no software
+    prefetch, kernels/csrc/bf16_linear.cpp) and on the prefetching loop of more rows, alternating
+    in this process, every pass printed (median step, and fastest step)."""
+    ops = torch.ops.bento_llm
+    passes: dict[str, list[float]] = {"streaming loop": [], "prefetching loop": []}
+    fastest: dict[str, list[float]] = {name: [] for name in passes}
+    try:
+        for i in range(rounds):
+            for name in passes if i % 2 == 0 else reversed(passes):
+                ops.set_bf16_linear_streaming(name == "streaming loop")
+                times = steps()
+                passes[name].append(statistics.median(times) * 1e3)
+                fastest[name].append(min(times) * 1e3)
+    finally:
+        ops.set_bf16_linear_streaming(None)  # the CPU's rule again
+    for name, ms in passes.items():
+        print(pass_line(f"bf16_linear, few rows on its {name}", ms, fastest[name]))
+
+
 def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rounds: int) -> None:
     """Decode steps with the decoder layers as one DecoderStack call, as one decoder_layer op each
     (kernels/csrc/step_ops.cpp) and on their Python path, the mode changing every step (so all see
@@ -398,6 +419,9 @@ def main() -> None:
     parser.add_argument("--ab-read-ahead", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
                              "alternating, ROUNDS rounds")
+    parser.add_argument("--ab-streaming", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with bf16_linear's few-row calls on their streaming loop vs the "
+                             "prefetching one, alternating, ROUNDS rounds (bfloat16 without AMX)")
     parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the decoder layers as one DecoderStack call vs one "
                              "decoder_layer op each vs their Python path, switching every step, ROUNDS runs")
@@ -428,6 +452,10 @@ def main() -> None:
 
         read_ahead_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
                       args.ab_read_ahead)
+        return
+    if args.ab_streaming:
+        streaming_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
+                     args.ab_streaming)
         return
     if args.ab_layer_op:
         layer_op_ab(engine, args.batch, args.steps, vocab, args.prompt_len, args.ab_layer_op)

@@ -279,6 +279,40 @@ def test_the_avx512_bf16_linear_equals_the_float_product(threads, rows, out_feat
 
 
 @needs_bf16_linear
+@pytest.mark.parametrize("threads", [1, 2])
+# 1-2 rows: 8 strips at once, 3-6: 4, no prefetch; 7-8: 3 strips, prefetch; 9 and 12: an 8-row
+# block, then 1 and 4 rows (from L2)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12])
+# K of one 32-column step and of the default model's widest (1536); 150, 1000, 129: a last strip of
+# 6, 8 and 1 columns, a last group of fewer strips (10, 63 and 9 strips; two threads split them)
+@pytest.mark.parametrize("out_features, in_features", [(150, 32), (1000, 576), (129, 1536), (7, 64)])
+@pytest.mark.parametrize("streaming", [True, False])  # False: up to 6 rows on the prefetching loop (A/B switch)
+def test_the_avx512_bf16_linear_at_few_rows_is_the_exact_product_rounded_once(threads, rows, out_features, in_features,
+                                                                              streaming):
+    """bf16_linear's few-row loops against the exact product plus bias under the stated rule: the
+    products of bfloat16 values exact in float32, the K sums (and the bias) in float32 in any order,
+    one bfloat16 rounding at the end (assert_bfloat16_product, with the bias as one more input
+    column of ones against a weight column of the bias: the same exact value, K + 1 terms)."""
+    gen = torch.Generator().manual_seed(rows * 10_000 + out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 2 * in_features, generator=gen).to(torch.bfloat16)[:, in_features:]  # rows not contiguous
+    ops = avx512_bf16_ops()
+    packed = ops.amx_linear_pack(weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ops.set_bf16_linear_streaming(streaming)
+    try:
+        out, no_bias = ops.bf16_linear(x, packed, bias, out_features), ops.bf16_linear(x, packed, None, out_features)
+    finally:
+        ops.set_bf16_linear_streaming(None)  # the CPU's rule again
+        torch.set_num_threads(previous)
+    assert_bfloat16_product(no_bias, x, weight)
+    ones = torch.ones(rows, 1, dtype=torch.bfloat16)
+    assert_bfloat16_product(out, torch.cat([x, ones], dim=1), torch.cat([weight, bias[:, None]], dim=1))
+
+
+@needs_bf16_linear
 def test_the_avx512_bf16_linear_refuses_what_it_cannot_read():
     ops = avx512_bf16_ops()
     packed = ops.amx_linear_pack(torch.randn(64, 96).to(torch.bfloat16))
