@@ -8,7 +8,7 @@
     python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
-    python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one decoder_layer op vs Python, A/B
+    python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
     python bench/profile_step.py --quantization none --ab-streaming 6   # bf16_linear's few-row loop: streaming vs prefetching, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
@@ -22,8 +22,8 @@ Prints three tables:
 2. the forward pass again with every projection's matmul skipped (zero outputs; where a layer runs
    as one decoder_layer op, each projection is a new_zeros of the output's shape instead, a real
    op: the stand-ins' own time, timed alone, is printed too): what the
-   step spends in everything else inside the model, with the decoder layers as one op each and on
-   their Python path;
+   step spends in everything else inside the model, with the decoder layers as one DecoderStack
+   call, as one op each and on their Python path;
 3. torch.profiler's ops over whole steps (self CPU time and calls per step) by op name, each
    split into its share per decoder layer and what runs outside the layers (embedding, final
    norm, LM head, sampling); then each op's fastest call per input shape (over 5 us), the
@@ -343,33 +343,40 @@ def streaming_ab(steps, rounds: int) -> None:
 
 
 def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rounds: int) -> None:
-    """Decode steps with the decoder layers as one decoder_layer op each (kernels/csrc/step_ops.cpp)
-    and on their Python path, switching every step (so both see the same load; a loaded machine
-    drifts between passes), ROUNDS runs of --steps steps; each run's median and fastest step printed."""
+    """Decode steps with the decoder layers as one DecoderStack call, as one decoder_layer op each
+    (kernels/csrc/step_ops.cpp) and on their Python path, the mode changing every step (so all see
+    the same load; a loaded machine drifts between passes), ROUNDS runs of --steps steps; each run's
+    median and fastest step printed."""
     from engine.models.llama import LlamaDecoderLayer
 
-    names = ["decoder_layer op", "Python layers"]
+    names = ["decoder stack", "decoder_layer op", "Python layers"]
     passes: dict[str, list[float]] = {name: [] for name in names}
     fastest: dict[str, list[float]] = {name: [] for name in names}
+
+    def set_mode(name: str) -> None:
+        LlamaDecoderLayer.layer_op, LlamaDecoderLayer.layer_stack = name != names[2], name == names[0]
+
     try:
         for i in range(rounds):
-            kept_modes: list[bool] = []  # whether each timed step ran the op
+            kept_modes: list[str] = []  # the mode each timed step ran
+            mode = [i % len(names)]
 
-            def switch(kept: bool) -> None:  # after every step: the next one runs the other way
+            def switch(kept: bool) -> None:  # after every step: the next one runs the next mode
                 if kept:
-                    kept_modes.append(LlamaDecoderLayer.layer_op)
-                LlamaDecoderLayer.layer_op = not LlamaDecoderLayer.layer_op
+                    kept_modes.append(names[mode[0]])
+                mode[0] = (mode[0] + 1) % len(names)
+                set_mode(names[mode[0]])
 
-            LlamaDecoderLayer.layer_op = i % 2 == 0
+            set_mode(names[mode[0]])
             times = decode_steps(engine, batch, steps, vocab, on_step=switch, prompt_len=prompt_len)
             by_mode: dict[str, list[float]] = {name: [] for name in names}
-            for t, op in zip(times, kept_modes):
-                by_mode[names[0] if op else names[1]].append(t)
+            for t, name in zip(times, kept_modes):
+                by_mode[name].append(t)
             for name in names:
                 passes[name].append(statistics.median(by_mode[name]) * 1e3)
                 fastest[name].append(min(by_mode[name]) * 1e3)
     finally:
-        LlamaDecoderLayer.layer_op = True
+        set_mode(names[0])
     for name, ms in passes.items():
         print(pass_line(name, ms, fastest[name], "run", "runs"))
 
@@ -416,8 +423,8 @@ def main() -> None:
                         help="only: --steps decode steps with bf16_linear's few-row calls on their streaming loop vs the "
                              "prefetching one, alternating, ROUNDS rounds (bfloat16 without AMX)")
     parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
-                        help="only: --steps decode steps with the decoder layers as one decoder_layer op vs their Python "
-                             "path, switching every step, ROUNDS runs")
+                        help="only: --steps decode steps with the decoder layers as one DecoderStack call vs one "
+                             "decoder_layer op each vs their Python path, switching every step, ROUNDS runs")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -500,19 +507,27 @@ def main() -> None:
     from engine.models.llama import LlamaDecoderLayer
 
     full = forward_times(runner, last_inputs[0], repeats)
+    # The layers as one DecoderStack call, one decoder_layer op each, on their Python path: five
+    # interleaved rounds (a loaded machine drifts), the median of the rounds' medians.
+    rounds: list[list[tuple[float, float]]] = [[], [], []]
     with projections_skipped(runner.model):
-        rest = forward_times(runner, last_inputs[0], repeats)
-        LlamaDecoderLayer.layer_op = False
         try:
-            python_rest = forward_times(runner, last_inputs[0], repeats)
+            for _ in range(5):
+                for mode, times in enumerate(rounds):
+                    LlamaDecoderLayer.layer_op, LlamaDecoderLayer.layer_stack = mode < 2, mode == 0
+                    times.append(forward_times(runner, last_inputs[0], max(4, repeats // 5)))
         finally:
-            LlamaDecoderLayer.layer_op = True
+            LlamaDecoderLayer.layer_op = LlamaDecoderLayer.layer_stack = True
+    rest, op_rest, python_rest = ((statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+                                  for times in rounds)
     print("\n| forward pass (the last decode step's inputs again) | wall ms (median) | this thread's CPU ms (median) |")
     print("| --- | --- | --- |")
     print(f"| whole | {full[0] * 1e3:.3f} | {full[1] * 1e3:.3f} |")
     print(f"| without the projections' matmuls (zero outputs) | {rest[0] * 1e3:.3f} | {rest[1] * 1e3:.3f} |")
     print(f"| ... per decoder layer | {rest[0] * 1e3 / len(runner.model.layers):.4f} | "
           f"{rest[1] * 1e3 / len(runner.model.layers):.4f} |")
+    print(f"| ... the same, one decoder_layer op per layer (no DecoderStack) | {op_rest[0] * 1e3:.3f} | "
+          f"{op_rest[1] * 1e3:.3f} |")
     print(f"| ... the same, decoder layers on their Python path (no decoder_layer op) | {python_rest[0] * 1e3:.3f} | "
           f"{python_rest[1] * 1e3:.3f} |")
     print(f"| (the decoder_layer ops' projection stand-ins, aten::new_zeros, timed alone from Python) | "

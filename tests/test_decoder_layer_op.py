@@ -2,8 +2,8 @@
 step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
 projection through Linear.project), bit for bit, for every projection layout that names one op
 (Linear.kernel_call: bfloat16 strips, int4 and int8 codes) and for a plain op by name (aten::linear,
-which every CPU runs); then whole engines with the op on and off (seed printed; KERNEL_TEST_SEED=<n>
-replays it)."""
+which every CPU runs); a DecoderStack against its layers' ops; then whole engines with the layers as
+one stack, one op each and on their Python path (seed printed; KERNEL_TEST_SEED=<n> replays it)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,47 @@ def test_an_int_list_argument_takes_its_length_then_its_elements(gen):
     assert torch.equal(reference.projection("aten::linear", x, [torch.eye(8), None], []), x)
 
 
+@pytest.mark.parametrize("rows,decode", [(1, True), (3, True), (16, True), (64, True), (3, False)], ids=str)
+def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
+    """DecoderStack.run (step_ops.cpp) against decoder_layer called per layer: three layers in
+    different projection layouts (those this CPU has), one with a sliding window, each on the
+    KV cache its cache index names (not the layers' order)."""
+    layouts = [layout for layout in ("strips", "int4", "int8", "plain") if layout_available(layout)][:3]
+    layouts += ["plain"] * (3 - len(layouts))
+    steps = [(1, 1 + 7 * i) for i in range(rows)] if decode else [(2, 9), (1, 20)]
+    _, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(gen, steps, HEADS, KV_HEADS, HEAD_DIM, 16,
+                                                                     torch.bfloat16)
+    caches = [(k_cache + i, v_cache - i) for i in range(3)]
+    step = (slots, tables, lens, None if decode else cu)
+    layers = []
+    for i, (layout, window) in enumerate(zip(layouts, (None, 4, None))):
+        calls = kernel_calls(projections(gen, layout), cos.shape[0], layout)
+        norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
+        layers.append((2 - i, (*norms, EPS, [c[0] for c in calls], [t for c in calls for t in c[1]],
+                               [n for c in calls for n in c[2]], HEADS, HEAD_DIM**-0.5, window, None)))
+    embeddings = torch.randn(cos.shape[0], HIDDEN, generator=gen).bfloat16()
+
+    def fresh():
+        return embeddings.clone(), [k.clone() for k, _ in caches], [v.clone() for _, v in caches]
+
+    residual, k_caches, v_caches = fresh()
+    x = None
+    for index, args in layers:
+        x = cpu_ops.decoder_layer(residual, x, cos, sin, k_caches[index], v_caches[index], *step, *args)
+    per_layer = (x, residual, *k_caches, *v_caches)
+    stack = torch.classes.bento_llm.DecoderStack()
+    for index, args in layers:
+        stack.add_layer(index, *args)
+    residual, k_caches, v_caches = fresh()
+    out, stack_residual = stack.run(residual, cos, sin, k_caches, v_caches, *step)
+    assert stack_residual is residual or torch.equal(stack_residual, residual)
+    for got, want in zip((out, stack_residual, *k_caches, *v_caches), per_layer):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not torch.equal(per_layer[2], caches[0][0])  # the caches were written
+    with pytest.raises(RuntimeError, match="no KV cache for layer 2"):
+        stack.run(embeddings.clone(), cos, sin, k_caches[:2], v_caches[:2], *step)
+
+
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
                 ("Qwen2Config", "int4", {}, "auto"), ("MistralConfig", "none", dict(sliding_window=4), "auto"),
                 ("LlamaConfig", "none", {}, "int8")]
@@ -176,19 +217,62 @@ def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, 
               kv_cache_dtype=kv_cache_dtype)
     prompts = ["Hello, my name is", "The history of the city goes back", "def add(a, b):"]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    model = llm.engine.runner.model_runner.model
     results = {}
+    # The layers as one DecoderStack call, as one decoder_layer op each, on their Python path.
     try:
-        for layer_op in (True, False):
-            LlamaDecoderLayer.layer_op = layer_op
+        for mode in ("stack", "layer op", "python"):
+            LlamaDecoderLayer.layer_op, LlamaDecoderLayer.layer_stack = mode != "python", mode == "stack"
             outs = llm.generate(prompts, params)
-            results[layer_op] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+            results[mode] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
     finally:
-        LlamaDecoderLayer.layer_op = True
-    plans = llm.engine.runner.model_runner.model.layers[0].__dict__["layer_op_plans"]
+        LlamaDecoderLayer.layer_op = LlamaDecoderLayer.layer_stack = True
+    plans = model.layers[0].__dict__["layer_op_plans"]
     # The three-sequence decodes ran as one op per layer; not Qwen2's int4 q/k/v, whose bias is a
     # second op after the matmul (its layers keep their Python path).
     assert (plans[3] is not None) == (family != "Qwen2Config" or quantization == "none")
-    assert results[True] == results[False]
+    assert (model.__dict__["layer_op_plans"][3] is not None) == (plans[3] is not None)
+    assert results["stack"] == results["layer op"] == results["python"]
+
+
+def test_a_model_with_a_layer_off_its_op_or_hooked_runs_layer_by_layer_and_rebuilds_its_stack(tmp_path):
+    from engine import LLM, SamplingParams
+    from engine.models.llama import forget_layer_op_plans
+    from tests.model_factories import make_tiny_checkpoint
+
+    if not layout_available("strips"):
+        pytest.skip("no bfloat16 vector kernels here: the layers run their Python path")
+    llm = LLM(str(make_tiny_checkpoint(tmp_path, "LlamaConfig")), dtype="bfloat16", quantization="none",
+              num_kv_blocks=64, max_num_seqs=8)
+    model = llm.engine.runner.model_runner.model
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+
+    def generate():
+        outs = llm.generate(["Hello, my name is", "def add(a, b):"], params)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    stacked = generate()
+    stack = model.__dict__["layer_op_plans"][2]  # (the DecoderStack, the hook dicts it checks)
+    assert stack is not None
+    calls = []
+    hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert generate() == stacked and calls  # hooked: the layers ran one by one
+    finally:
+        hook.remove()
+    forget_layer_op_plans(model)
+    assert "layer_op_plans" not in model.__dict__
+    assert generate() == stacked
+    rebuilt = model.__dict__["layer_op_plans"][2]
+    assert rebuilt is not None and rebuilt[0] is not stack[0]  # built again
+    # A layer without a plan (its norms' eps differ: layer_op_plan refuses it): no stack, the other
+    # layers still one op each.
+    forget_layer_op_plans(model)
+    model.layers[1].post_attention_layernorm.eps *= 2
+    generate()
+    assert model.__dict__["layer_op_plans"][2] is None
+    assert model.layers[1].__dict__["layer_op_plans"][2] is None
+    assert model.layers[0].__dict__["layer_op_plans"][2] is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

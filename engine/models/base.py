@@ -81,13 +81,19 @@ class CausalLM(nn.Module):
         vocabulary's logits, the other ranks None."""
         x = self.embed(token_ids)
         rope = self.rope_tables(positions, x.dtype)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope)
+        x, residual = self.run_layers(x, rope)
         if logits_indices is not None:  # None: every token's row, in order (no gather)
             x, residual = x[logits_indices], residual[logits_indices]
         x = self.norm(x, residual)
         return self.logits_processor(self.lm_head, x)
+
+    def run_layers(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over the embeddings x: (the last layer's output, the residual stream
+        before it is added)."""
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, rope)
+        return x, residual
 
     # ---- after construction -----------------------------------------------------------------
     def keep_norms_in_float32(self) -> None:

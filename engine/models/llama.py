@@ -132,6 +132,9 @@ class LlamaDecoderLayer(nn.Module):
     # Whether decode batches run the layer as one decoder_layer op where it can (layer_op_plan);
     # bench/profile_step.py --ab-layer-op switches it off to compare.
     layer_op = True
+    # Whether such a step runs all the layers as one DecoderStack call where every layer has a plan
+    # (decoder_stack); --ab-layer-op compares it with one op per layer.
+    layer_stack = True
 
     def __init__(self, config: ModelConfig, layer_idx: int, parallel: ParallelState | None):
         super().__init__()
@@ -148,10 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         if self.layer_op and rows <= LAYER_OP_MAX_ROWS:
             ctx = get_forward_context()
             backend = ctx.backend
-            plans = self.__dict__.setdefault("layer_op_plans", {})  # cleared by forget_layer_op_plans
-            plan = plans.get(rows, False)
-            if plan is False:
-                plan = plans[rows] = layer_op_plan(self, rows, rope) if backend.name == "cpu" else None
+            plan = self.op_plan(rows, rope, backend)
             if plan is not None:
                 meta, i = ctx.meta, plan[0]
                 if residual is None:  # the first layer: the embeddings are the residual stream
@@ -168,10 +168,47 @@ class LlamaDecoderLayer(nn.Module):
         h = self.post_attention_layernorm(self.self_attn(h, rope), residual)
         return self.mlp(h), residual
 
+    def op_plan(self, rows: int, rope: RopeTable, backend) -> tuple | None:
+        """This layer's layer_op_plan at `rows` rows, kept (forget_layer_op_plans drops it)."""
+        plans = self.__dict__.setdefault("layer_op_plans", {})
+        plan = plans.get(rows, False)
+        if plan is False:
+            plan = plans[rows] = layer_op_plan(self, rows, rope) if backend.name == "cpu" else None
+        return plan
+
+
+def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tuple | None:
+    """(a DecoderStack of every layer's plan at `rows` rows, the layers' forward hook dicts) where
+    every layer is a LlamaDecoderLayer (its forward, not a family's own) with a plan; else None."""
+    backend = get_forward_context().backend
+    if backend.name != "cpu" or any(type(layer).forward is not LlamaDecoderLayer.forward for layer in layers):
+        return None
+    plans = [layer.op_plan(rows, rope, backend) for layer in layers]
+    if None in plans:
+        return None
+    stack = torch.classes.bento_llm.DecoderStack()
+    for cache_index, args in plans:
+        stack.add_layer(cache_index, *args)
+    hooks = [d for layer in layers for d in (layer._forward_hooks, layer._forward_pre_hooks)]
+    return stack, hooks + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks]
+
+
+def decoder_stack(model: nn.Module, rows: int, rope: RopeTable):
+    """The model's DecoderStack for a step of `rows` rows (built once per row count, kept in the
+    model's __dict__ until forget_layer_op_plans), or None: the per-layer path, also while any layer
+    has a forward hook (bench/profile_step.py's per-layer attribution)."""
+    if not (LlamaDecoderLayer.layer_op and LlamaDecoderLayer.layer_stack) or rows > LAYER_OP_MAX_ROWS:
+        return None
+    stacks = model.__dict__.setdefault("layer_op_plans", {})
+    entry = stacks.get(rows, False)
+    if entry is False:
+        entry = stacks[rows] = build_decoder_stack(model.layers, rows, rope)
+    return None if entry is None or any(entry[1]) else entry[0]
+
 
 def forget_layer_op_plans(model: nn.Module) -> None:
-    """Drop the decoder layers' kept decoder_layer plans: after a projection's weight or kernel
-    changes, the next step builds them again."""
+    """Drop the decoder layers' kept decoder_layer plans and the model's DecoderStacks (the same
+    __dict__ key): after a projection's weight or kernel changes, the next step builds them again."""
     for module in model.modules():
         module.__dict__.pop("layer_op_plans", None)
 
@@ -181,3 +218,16 @@ class LlamaForCausalLM(CausalLM):
 
     def make_layer(self, layer_idx: int) -> nn.Module:
         return self.layer_class(self.config, layer_idx, self.parallel)
+
+    def run_layers(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """At decode batch sizes, every layer in one DecoderStack call where each has a plan (the
+        same decoder_layer per layer, without the Python between them); else the layers one by one."""
+        stack = decoder_stack(self, x.shape[0], rope)
+        if stack is not None:
+            ctx = get_forward_context()
+            meta, backend = ctx.meta, ctx.backend
+            if backend.name == "cpu":  # the stack runs the cpu backend's decoder_layer
+                return stack.run(x, rope.cos, rope.sin, backend.k_caches, backend.v_caches, meta.slot_mapping,
+                                 meta.block_tables, meta.context_lens,
+                                 None if meta.all_decode else meta.cu_query_lens)
+        return super().run_layers(x, rope)

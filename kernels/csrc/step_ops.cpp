@@ -1,6 +1,7 @@
 // One attention layer's work after its fused q/k/v projection, as one op (qkv_attention), and a whole
 // Llama-shaped decoder layer at decode batch sizes as one op (decoder_layer, below): torch.ops.bento_llm's,
-// with the same names and arguments as kernels/reference.py's.
+// with the same names and arguments as kernels/reference.py's. DecoderStack (a torch.classes.bento_llm
+// custom class, cpu backend only: no reference twin) runs a step's whole stack of such layers in one call.
 //
 // Why: at decode batch sizes a layer's attention was five Python-level steps (slice and view the
 // fused projection into q/k and v, split q from k, rotate, write the cache, attend), each a torch
@@ -12,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "layer_kernels.h"
@@ -254,6 +256,62 @@ at::Tensor decoder_layer(at::Tensor& residual, const std::optional<at::Tensor>& 
   return out;
 }
 
+// A decode step's whole stack of decoder layers as one call from Python: each layer's decoder_layer
+// arguments that do not change between steps (a layer_op_plan, engine/models/llama.py) kept here,
+// once per row count, and run() calls decoder_layer (the function above, not the op) for each layer
+// in turn.
+//
+// Why: at batch 1 the per-layer Python around the op (the layer loop, nn.Module.__call__,
+// LlamaDecoderLayer.forward, converting decoder_layer's 20 arguments, three of them lists) was
+// about half of a ~20 us layer besides the matmuls.
+struct DecoderStack : torch::CustomClassHolder {
+  struct Layer {
+    int64_t cache_index;
+    at::Tensor input_norm, post_norm;
+    double eps;
+    std::vector<std::string> projections;
+    c10::List<std::optional<at::Tensor>> projection_tensors;
+    std::vector<int64_t> projection_ints;
+    int64_t num_heads;
+    double scale;
+    std::optional<int64_t> sliding_window;
+    std::optional<double> soft_cap;
+  };
+  std::vector<Layer> layers;
+
+  void add_layer(int64_t cache_index, at::Tensor input_norm, at::Tensor post_norm, double eps,
+                 std::vector<std::string> projections, c10::List<std::optional<at::Tensor>> projection_tensors,
+                 std::vector<int64_t> projection_ints, int64_t num_heads, double scale,
+                 std::optional<int64_t> sliding_window, std::optional<double> soft_cap) {
+    TORCH_CHECK(cache_index >= 0, "a layer's cache index must not be negative");
+    layers.push_back({cache_index, std::move(input_norm), std::move(post_norm), eps, std::move(projections),
+                      std::move(projection_tensors), std::move(projection_ints), num_heads, scale, sliding_window,
+                      soft_cap});
+  }
+
+  // residual: the embeddings (the first layer's residual stream), updated in place as each layer's
+  // decoder_layer updates it. Returns [the last layer's output, the residual stream before it].
+  std::vector<at::Tensor> run(at::Tensor residual, const std::optional<at::Tensor>& cos,
+                              const std::optional<at::Tensor>& sin, const std::vector<at::Tensor>& k_caches,
+                              const std::vector<at::Tensor>& v_caches, const at::Tensor& slot_mapping,
+                              const at::Tensor& block_tables, const at::Tensor& context_lens,
+                              const std::optional<at::Tensor>& cu_query_lens) {
+    TORCH_CHECK(!layers.empty(), "a DecoderStack without layers");
+    std::optional<at::Tensor> x;
+    for (const Layer& layer : layers) {
+      TORCH_CHECK(layer.cache_index < static_cast<int64_t>(k_caches.size()) &&
+                      layer.cache_index < static_cast<int64_t>(v_caches.size()),
+                  "no KV cache for layer ", layer.cache_index);
+      at::Tensor k_cache = k_caches[layer.cache_index], v_cache = v_caches[layer.cache_index];
+      x = decoder_layer(residual, x, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                        cu_query_lens, layer.input_norm, layer.post_norm, layer.eps, layer.projections,
+                        layer.projection_tensors, layer.projection_ints, layer.num_heads, layer.scale,
+                        layer.sliding_window, layer.soft_cap);
+    }
+    return {*x, residual};
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
@@ -268,4 +326,8 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
       "Tensor input_norm, Tensor post_norm, float eps, str[] projections, Tensor?[] projection_tensors, "
       "int[] projection_ints, int num_heads, float scale, int? sliding_window=None, float? soft_cap=None) -> Tensor",
       &decoder_layer);
+  m.class_<DecoderStack>("DecoderStack")
+      .def(torch::init<>())
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("run", &DecoderStack::run);
 }
