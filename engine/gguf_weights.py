@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.gguf_index import GGUFIndex
-from engine.layers.quant import QuantizedWeight, amx_kernels
+from engine.layers.quant import QuantizedWeight
 from engine.layers.quant_kernels import int4_kernels_beat_bfloat16
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all

@@ -60,7 +60,8 @@ VECTOR_INT4_ROWS_MAX_ROWS = 12
 # int4_mm_rows' loop with the unpacking left out ran as fast); int4_mm_rows re-unpacks each block
 # per 4 rows, where int4_mm_dpbf16 converts and stores it once and reloads it per 6 rows. Two
 # threads were too noisy to time here (wall time, load 3-5); there int4_mm_rows splits whole
-# 64-column blocks, int4_mm_dpbf16 32-column halves (the 9-block projections: 5/4 against 4.5/4.5).
+# 64-column blocks below 4 rows and 32-column halves from 4 (as int4_mm_dpbf16: the 9-block
+# projections 4.5/4.5 rather than 5/4).
 VECTOR_INT4_ROWS_PAIRS_FAST_MAX_ROWS = 32
 # int8: int8_mm_rows (2 rows per pass) and int8_mm_dpbusd (3, block column sums once) within noise
 # of each other to 24 rows (0.3-0.6x), int8_mm_dpbusd ahead beyond (1024 rows: 0.63-0.68x vs

@@ -181,7 +181,8 @@ def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tu
     """(a DecoderStack of every layer's plan at `rows` rows, the layers' forward hook dicts) where
     every layer is a LlamaDecoderLayer (its forward, not a family's own) with a plan; else None."""
     backend = get_forward_context().backend
-    if backend.name != "cpu" or any(type(layer).forward is not LlamaDecoderLayer.forward for layer in layers):
+    if backend.name != "cpu" or any(type(layer).forward is not LlamaDecoderLayer.forward or "forward" in layer.__dict__
+                                      for layer in layers):
         return None
     plans = [layer.op_plan(rows, rope, backend) for layer in layers]
     if None in plans:
@@ -201,7 +202,7 @@ def decoder_stack(model: nn.Module, rows: int, rope: RopeTable):
         return None
     stacks = model.__dict__.setdefault("layer_op_plans", {})
     entry = stacks.get(rows, False)
-    if entry is False:
+    if entry is False:  # None is kept too (one backend per runner): no stack at this row count
         entry = stacks[rows] = build_decoder_stack(model.layers, rows, rope)
     return None if entry is None or any(entry[1]) else entry[0]
 

@@ -202,6 +202,7 @@ void silu_mul_into(const at::Tensor& gate_up, at::Tensor& out) {
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up", 2);
   auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
   silu_mul_into(gate_up, out);
   return out;

@@ -179,8 +179,8 @@ BENTO_BF16_TARGET inline void accumulate(__m512* acc, const c10::BFloat16* const
 // With Prefetch, the column chunks c = phase (mod phases) of weight rows ahead[i] are asked into L2.
 // RowByRow (one input row): each weight row is read whole before the next (one sequential stream
 // through the block rather than 16 streams a weight row apart), each line asking for the same line
-// of the next block's row into L2 as it goes. On an EPYC Zen 4 (2 vCPUs, /tmp/mb16's rows.cpp
-// microbenchmark: the 49152 x 576 head in 4 copies, median of 31 interleaved rounds against a
+// of the next block's row into L2 as it goes. On an EPYC Zen 4 (2 vCPUs, a standalone C++
+// microbenchmark of this loop: the 49152 x 576 head in 4 copies, median of 31 interleaved rounds against a
 // float32 sum in the same round, load 4.1-4.4) 1 input row reads 0.84-1.00 of the sum's rate this
 // way, 0.79-0.89 column chunk by chunk across the 16 rows (without the prefetch: 0.74-0.88 row by
 // row, 0.53 by chunks); at 4 rows row by row is bound by each register's chain of dependent

@@ -565,7 +565,8 @@ BENTO_AVX512_BF16 void group_sums(const uint16_t* x, int64_t lda, int64_t rows, 
 }
 
 // x [M, K] bfloat16 (a few rows) @ int4 weight (torch's CPU pack) -> [M, out_features], reading
-// the codes once per 4 rows; threads split the 64-column blocks.
+// the codes once per 4 rows; threads split the 64-column blocks (below kInt4HalvesMinRows rows) or
+// their 32-column halves.
 at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size,
                         int64_t out_features) {
   TORCH_CHECK(avx512_bf16_supported(), "int4_mm_rows needs a CPU with AVX512-BF16 and AVX512-VBMI");

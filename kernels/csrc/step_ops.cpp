@@ -85,6 +85,8 @@ at::Tensor qkv_attention(at::Tensor& qkv, const std::optional<at::Tensor>& cos, 
           ? paged.call(q, k_cache, v_cache, block_tables, context_lens, *cu_query_lens, scale, sliding_window,
                        soft_cap)
           : decode.call(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap);
+  // The attention kernels return a fresh dense [tokens, heads, dim]; checked, as the view assumes it.
+  TORCH_CHECK(out.is_contiguous(), "qkv_attention: the attention kernel's output must be contiguous");
   return internal_view(out, {tokens, num_heads * dim}, {num_heads * dim, 1}, out.storage_offset());
 }
 
@@ -196,7 +198,9 @@ at::Tensor project(const std::string& name, const at::Tensor& x, ProjectionArgs&
 struct LayerScratch {
   at::Tensor normed, activated;
   at::Tensor& take(at::Tensor& t, int64_t rows, int64_t width, const at::TensorOptions& options) {
-    if (!t.defined() || t.size(0) != rows || t.size(1) != width || t.scalar_type() != options.dtype())
+    // Also anew when inference mode changed: an inference tensor cannot enter a graph autograd records.
+    if (!t.defined() || t.size(0) != rows || t.size(1) != width || t.scalar_type() != options.dtype() ||
+        t.is_inference() != c10::InferenceMode::is_enabled())
       t = at::empty({rows, width}, options);
     return t;
   }
