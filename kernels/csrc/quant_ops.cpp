@@ -68,6 +68,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -590,30 +591,21 @@ at::Tensor int4_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at:
       const uint16_t* xm = a + m * lda;
       const float* sm = sums + m * groups;
       c10::BFloat16* ym = y + m * out_features + n0;
-      const auto call = [&](auto fn) { fn(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); };
-      const int64_t r = std::min<int64_t>(4, rows - m);
-      if (h0 == 0 && h1 == 2) {
-        switch (r) {
-          case 1: call(int4_block_rows<1>); break;
-          case 2: call(int4_block_rows<2>); break;
-          case 3: call(int4_block_rows<3>); break;
-          default: call(int4_block_rows<4>);
+      // int4_block_rows<rows of this pass, H0, H1>, the halves as template arguments.
+      const auto pass = [&](auto first_half, auto end_half) {
+        constexpr int H0 = decltype(first_half)::value, H1 = decltype(end_half)::value;
+        const auto call = [&](auto fn) { fn(xm, lda, sm, k_total, group_size, block, sz + n0 * 2, n_padded, columns, ym, out_features); };
+        switch (std::min<int64_t>(4, rows - m)) {
+          case 1: call(int4_block_rows<1, H0, H1>); break;
+          case 2: call(int4_block_rows<2, H0, H1>); break;
+          case 3: call(int4_block_rows<3, H0, H1>); break;
+          default: call(int4_block_rows<4, H0, H1>);
         }
-      } else if (h0 == 0) {
-        switch (r) {
-          case 1: call(int4_block_rows<1, 0, 1>); break;
-          case 2: call(int4_block_rows<2, 0, 1>); break;
-          case 3: call(int4_block_rows<3, 0, 1>); break;
-          default: call(int4_block_rows<4, 0, 1>);
-        }
-      } else {
-        switch (r) {
-          case 1: call(int4_block_rows<1, 1, 2>); break;
-          case 2: call(int4_block_rows<2, 1, 2>); break;
-          case 3: call(int4_block_rows<3, 1, 2>); break;
-          default: call(int4_block_rows<4, 1, 2>);
-        }
-      }
+      };
+      using std::integral_constant;
+      if (h0 == 0 && h1 == 2) pass(integral_constant<int, 0>{}, integral_constant<int, 2>{});
+      else if (h0 == 0) pass(integral_constant<int, 0>{}, integral_constant<int, 1>{});
+      else pass(integral_constant<int, 1>{}, integral_constant<int, 2>{});
     }
   };
   const kernel_pool::Weight weight{codes, packed.numel()};
