@@ -205,6 +205,21 @@ def pass_line(label: str, ms: list[float], fastest: list[float] | None = None, u
     return line
 
 
+def alternating_passes(steps, rounds: int, names: list[str], set_mode) -> tuple[dict, dict]:
+    """ROUNDS rounds of one pass of decode steps (steps()) per mode, set_mode(name) before each, the
+    order reversed every other round (a loaded machine drifts): each mode's step median and fastest
+    step per pass, in ms. The A/B options below share it."""
+    passes: dict[str, list[float]] = {name: [] for name in names}
+    fastest: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else reversed(names):
+            set_mode(name)
+            times = steps()
+            passes[name].append(statistics.median(times) * 1e3)
+            fastest[name].append(min(times) * 1e3)
+    return passes, fastest
+
+
 def fused_mlp_ab(model, steps, rounds: int) -> None:
     """Decode steps with each MLP fused (amx_silu_mlp) and unfused (three calls), alternating in
     this process, every pass printed (other processes load a shared machine)."""
@@ -212,12 +227,12 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
     if not mlps:
         print("no MLP runs fused here (no AMX strips: not bfloat16 on an AMX CPU, or quantized)")
         return
-    passes: dict[str, list[float]] = {"fused": [], "unfused": []}
-    for i in range(rounds):
-        for name in ("fused", "unfused") if i % 2 == 0 else ("unfused", "fused"):
-            for m, rows in mlps.items():
-                m.fused_rows = rows if name == "fused" else 0
-            passes[name].append(statistics.median(steps()) * 1e3)
+
+    def set_mode(name: str) -> None:
+        for m, rows in mlps.items():
+            m.fused_rows = rows if name == "fused" else 0
+
+    passes, _ = alternating_passes(steps, rounds, ["fused", "unfused"], set_mode)
     for name, ms in passes.items():
         print(pass_line(f"{name} MLPs", ms))
 
@@ -232,12 +247,12 @@ def lm_head_ab(steps, rounds: int) -> None:
     if rows_ops() is None or linear.amx_kernels() is not None:
         print("the LM head does not run on bf16_mm_rows here (AMX runs it, or no AVX512-BF16)")
         return
-    passes: dict[str, list[float]] = {"bf16_mm_rows": [], "torch.mv/mm": []}
+
+    def set_mode(name: str) -> None:
+        linear.avx512_bf16_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
+
     try:
-        for i in range(rounds):
-            for name in passes if i % 2 == 0 else reversed(passes):
-                linear.avx512_bf16_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
-                passes[name].append(statistics.median(steps()) * 1e3)
+        passes, _ = alternating_passes(steps, rounds, ["bf16_mm_rows", "torch.mv/mm"], set_mode)
     finally:
         linear.avx512_bf16_ops = rows_ops
     for name, ms in passes.items():
@@ -285,19 +300,22 @@ def read_ahead_ab(steps, rounds: int) -> None:
     pass printed (median step, and fastest step: on a loaded machine the closer to a quiet one),
     with the bytes read ahead per step."""
     ops = torch.ops.bento_llm
-    passes: dict[str, list[float]] = {"read-ahead": [], "no read-ahead": []}
-    fastest: dict[str, list[float]] = {name: [] for name in passes}
-    ahead: list[int] = []
+    ahead: list[int] = []  # bytes read ahead per step, each read-ahead pass
+    mode = ["read-ahead"]
+
+    def set_mode(name: str) -> None:
+        mode[0] = name
+        ops.set_kernel_pool_read_ahead(name == "read-ahead")
+
+    def counted_steps() -> list[float]:
+        before = ops.kernel_pool_stats()[8]
+        times = steps()
+        if mode[0] == "read-ahead":
+            ahead.append((ops.kernel_pool_stats()[8] - before) // max(len(times), 1))
+        return times
+
     try:
-        for i in range(rounds):
-            for name in passes if i % 2 == 0 else reversed(passes):
-                ops.set_kernel_pool_read_ahead(name == "read-ahead")
-                before = ops.kernel_pool_stats()[8]
-                times = steps()
-                passes[name].append(statistics.median(times) * 1e3)
-                fastest[name].append(min(times) * 1e3)
-                if name == "read-ahead":
-                    ahead.append((ops.kernel_pool_stats()[8] - before) // max(len(times), 1))
+        passes, fastest = alternating_passes(counted_steps, rounds, ["read-ahead", "no read-ahead"], set_mode)
     finally:
         ops.set_kernel_pool_read_ahead(True)
     for name, ms in passes.items():
@@ -327,15 +345,9 @@ def streaming_ab(steps, rounds: int) -> None:
     prefetch, kernels/csrc/bf16_linear.cpp) and on the prefetching loop of more rows, alternating
     in this process, every pass printed (median step, and fastest step)."""
     ops = torch.ops.bento_llm
-    passes: dict[str, list[float]] = {"streaming loop": [], "prefetching loop": []}
-    fastest: dict[str, list[float]] = {name: [] for name in passes}
     try:
-        for i in range(rounds):
-            for name in passes if i % 2 == 0 else reversed(passes):
-                ops.set_bf16_linear_streaming(name == "streaming loop")
-                times = steps()
-                passes[name].append(statistics.median(times) * 1e3)
-                fastest[name].append(min(times) * 1e3)
+        passes, fastest = alternating_passes(steps, rounds, ["streaming loop", "prefetching loop"],
+                                             lambda name: ops.set_bf16_linear_streaming(name == "streaming loop"))
     finally:
         ops.set_bf16_linear_streaming(None)  # the CPU's rule again
     for name, ms in passes.items():
