@@ -545,6 +545,13 @@ def test_silu_mul(gen, dtype, rows):
     assert_close(cpu_ops.silu_mul(gate_up), reference.silu_mul(gate_up.float()), dtype)
 
 
+def test_silu_mul_refuses_gate_up_of_other_ranks_or_an_odd_width(gen):
+    with pytest.raises(RuntimeError, match="gate_up must have 2 dimensions, got 1"):
+        cpu_ops.silu_mul(torch.randn(8, generator=gen))
+    with pytest.raises(RuntimeError, match="gate_up must have an even number of columns"):
+        cpu_ops.silu_mul(torch.randn(2, 7, generator=gen))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [1, 15, 16, 17, 1536 + 9])  # the vector loop's 16 lanes, and their tails
 def test_silu_mul_of_any_width_on_strided_rows_rounds_once(gen, dtype, width):

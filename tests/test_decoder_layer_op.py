@@ -196,6 +196,10 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
     assert not torch.equal(per_layer[2], caches[0][0])  # the caches were written
     with pytest.raises(RuntimeError, match="no KV cache for layer 2"):
         stack.run(embeddings.clone(), cos, sin, k_caches[:2], v_caches[:2], *step)
+    with pytest.raises(RuntimeError, match="a DecoderStack without layers"):
+        torch.classes.bento_llm.DecoderStack().run(embeddings.clone(), cos, sin, k_caches, v_caches, *step)
+    with pytest.raises(RuntimeError, match="a layer's cache index must not be negative"):
+        torch.classes.bento_llm.DecoderStack().add_layer(-1, *layers[0][1])
 
 
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
