@@ -1163,10 +1163,11 @@ at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor&
 // no software prefetch) or the one before it (<R, true, true>: column sums, prefetch into L1): the
 // CPU's rule (cpu_features::few_rows_stream_weights: AMD's, not Intel's, where the streaming loop
 // is unmeasured) unless a benchmark or test set it (set_int8_rows_streaming: -1 the rule, 0 the
-// prefetching loop, 1 the streaming loop). Both give the same bits. EPYC Zen 4, one thread, every
-// loop against the others in one process (bench/RESULTS.md, 13head): the weight in cache, 1.2x
-// (1 row) and 1.55x (2 rows) the prefetching loop's speed; the 28 MB LM head from memory at one
-// row, at a float32 sum's rate where the prefetching loop ran at 0.8x of it.
+// prefetching loop, 1 the streaming loop). Both give the same bits. EPYC Zen 4, one thread, the
+// loops interleaved in one process (bench/RESULTS.md, 13head): with the weight in cache 1.2x (1
+// row) and 1.55x (2 rows) the prefetching loop's speed (~2 cycles a 512-bit vpdpbusd: there the
+// products bound it); from memory 1.07-1.37x at 1-2 rows on the default model's projections and
+// its 28 MB LM head. Tried and slower from memory: 2, 4 or 8 streams at once through a block.
 std::atomic<int> int8_rows_streaming_override{-1};
 bool int8_rows_streaming() {
   const int forced = int8_rows_streaming_override.load(std::memory_order_relaxed);
