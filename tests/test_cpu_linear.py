@@ -174,6 +174,25 @@ def test_the_avx512_bfloat16_matmul_equals_the_float_product(rows, out_features,
 
 
 @needs_bf16_rows
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("out_features, in_features", [(49152, 576), (1000, 95), (17, 2048)])
+def test_the_avx512_bfloat16_matmul_at_one_row_is_the_float_product_on_both_loops(streaming, out_features, in_features):
+    """bf16_mm_rows at one row (the tied LM head at batch 1) on each of its loops, whichever this CPU's
+    rule takes (set_bf16_mm_rows_streaming: each weight row read whole, or the block's rows a chunk at
+    a time), on one and two threads: the same bound as every other row count."""
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, in_features, generator=gen).to(torch.bfloat16)
+    ops = linear.avx512_bf16_ops()
+    ops.set_bf16_mm_rows_streaming(streaming)
+    try:
+        for threads in (1, 2):
+            assert_bfloat16_product(bf16_mm_rows_at(threads, x, weight), x, weight)
+    finally:
+        ops.set_bf16_mm_rows_streaming(None)  # the CPU's rule again
+
+
+@needs_bf16_rows
 def test_the_avx512_bfloat16_matmul_reads_the_default_models_head_and_any_input_layout():
     """The default model's head shape (49152 x 576) at 1 and 3 rows, and inputs whose columns are
     not contiguous (copied first) or that have no rows."""

@@ -23,7 +23,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -61,13 +60,8 @@ constexpr int kBlockRows = 8;
 // keeps the prefetch (8 rows, bench_quant_matmul.py: 0.92-1.04x without it).
 constexpr int kStreamingRows = 6;
 // Whether calls of up to kStreamingRows rows take the streaming loop: the CPU's rule
-// (cpu_features::few_rows_stream_weights: AMD's, not Intel's) unless a benchmark or test set it
-// (set_bf16_linear_streaming: -1 the rule, 0 the prefetching loop, 1 the streaming loop).
-std::atomic<int> streaming_override{-1};
-bool streaming() {
-  const int forced = streaming_override.load(std::memory_order_relaxed);
-  return forced < 0 ? cpu_features::few_rows_stream_weights() : forced == 1;
-}
+// (cpu_features::few_rows_stream_weights: AMD's, not Intel's) unless set_bf16_linear_streaming forced one.
+cpu_features::StreamingChoice streaming_choice;
 // Strips per register block: as many as keep rows x strips + strips + 1 within 32 registers (at 1-2
 // rows while streaming, 8).
 constexpr int strips_for(int rows, bool streaming) { return streaming && rows <= 2 ? 8 : rows <= 6 ? 4 : 3; }
@@ -176,7 +170,7 @@ BF16_LINEAR_TARGET void rows_against_strips(const Problem& p, int64_t r0, int64_
 BF16_LINEAR_TARGET void run_strips(const Problem& p, int64_t t0, int64_t t1) {
   const int64_t strip_bytes = p.steps * kStepElems * 2;
   const int64_t chunk = std::max<int64_t>(4, kChunkBytes / strip_bytes);
-  if (p.rows <= kStreamingRows && streaming())
+  if (p.rows <= kStreamingRows && streaming_choice.streaming())
     return rows_against_strips<true>(p, 0, p.rows, t0, t1);  // one pass: no chunks
   for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
     const int64_t c1 = std::min(t1, c0 + chunk);
@@ -212,7 +206,5 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   // Benchmarks and tests: whether calls of up to kStreamingRows rows take their streaming loop or
   // the prefetching loop of more rows (profile_step.py --ab-streaming times one against the other);
   // None: the CPU's rule (cpu_features::few_rows_stream_weights).
-  m.def("set_bf16_linear_streaming(bool? on) -> ()", [](std::optional<bool> on) {
-    streaming_override.store(on.has_value() ? static_cast<int>(*on) : -1, std::memory_order_relaxed);
-  });
+  m.def("set_bf16_linear_streaming(bool? on) -> ()", [](std::optional<bool> on) { streaming_choice.force(on); });
 }

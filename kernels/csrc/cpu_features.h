@@ -3,6 +3,9 @@
 
 #pragma once
 
+#include <atomic>
+#include <optional>
+
 namespace cpu_features {
 
 // AVX512-BF16 with the AVX-512 subsets the bfloat16 kernels use (F, BW, VL, DQ): bf16_linear,
@@ -45,5 +48,21 @@ inline bool bf16_pair_products_fast() { return amd_with_avx512_bf16(); }
 // not per column, so two VNNI products per 64 codes and row where the prefetching loop makes three
 // at one row (1.2-1.55x its speed with the weight in cache on Zen 4; bench/RESULTS.md, 13head).
 inline bool few_rows_stream_weights() { return amd_with_avx512_bf16(); }
+
+// One kernel's choice between its streaming few-row loop and its prefetching one: the rule above
+// unless a benchmark or test forced one (force(true / false); force(nullopt): the rule again), so
+// that an A/B can time both loops in one process and a test can check both on any CPU. Each kernel
+// keeps its own (bf16_linear, bf16_mm_rows, int8_mm_rows); both loops of each give the same bits.
+class StreamingChoice {
+ public:
+  bool streaming() const {
+    const int forced = forced_.load(std::memory_order_relaxed);
+    return forced < 0 ? few_rows_stream_weights() : forced == 1;
+  }
+  void force(std::optional<bool> on) { forced_.store(on.has_value() ? static_cast<int>(*on) : -1, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int> forced_{-1};  // -1: the rule; 0: the prefetching loop; 1: the streaming loop
+};
 
 }  // namespace cpu_features

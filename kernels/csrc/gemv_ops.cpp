@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "cpu_features.h"
 #include "thread_pool.h"
@@ -219,6 +220,11 @@ BENTO_BF16_TARGET void dot_tile(const c10::BFloat16* const* w, const c10::BFloat
   for (int m = 0; m < MB; ++m) std::memcpy(out + m * ldo, lanes + m * NB, columns * sizeof(c10::BFloat16));
 }
 
+// Whether a 1-row call (the tied LM head at batch 1) reads each weight row of a block whole before
+// the next (dot_tile's RowByRow) or the block's 16 rows a 32-column chunk at a time: the CPU's rule
+// (cpu_features::few_rows_stream_weights) unless set_bf16_mm_rows_streaming forced one.
+cpu_features::StreamingChoice one_row_streaming_choice;
+
 // Weight rows [n0, n0 + 16) against every input row: 4 rows at a time (4 x 4 tiles), then 2, then 1
 // (a single input row: weight row by weight row, dot_tile's RowByRow).
 // The tiles also prefetch the next block's rows into L2 (the last block: its own last row again),
@@ -250,7 +256,7 @@ BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, i
   }
   if (m < rows) {
     c10::BFloat16* o = out + m * n_total + n0;
-    if (rows == 1 && cpu_features::few_rows_stream_weights()) dot_tile<16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
+    if (rows == 1 && one_row_streaming_choice.streaming()) dot_tile<16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
     else if (m == 0) dot_tile<16, 1, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
     else dot_tile<16, 1, false>(w, ahead, x + m * ldx, ldx, k_total, columns, o, n_total);
   }
@@ -289,4 +295,7 @@ at::Tensor bf16_mm_rows(const at::Tensor& x_in, const at::Tensor& weight) {
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("bf16_mm_amx(Tensor x, Tensor weight) -> Tensor", &bf16_mm_amx);
   m.def("bf16_mm_rows(Tensor x, Tensor weight) -> Tensor", &bf16_mm_rows);
+  // Benchmarks and tests: bf16_mm_rows at one row on its streaming loop (true), the prefetching one
+  // (false) or the CPU's rule (None).
+  m.def("set_bf16_mm_rows_streaming(bool? on) -> ()", [](std::optional<bool> on) { one_row_streaming_choice.force(on); });
 }

@@ -62,7 +62,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1162,17 +1161,12 @@ at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor&
 // Whether int8_mm_rows takes its streaming loop (int8_block_rows<R, false, false>: the row's bias,
 // no software prefetch) or the one before it (<R, true, true>: column sums, prefetch into L1): the
 // CPU's rule (cpu_features::few_rows_stream_weights: AMD's, not Intel's, where the streaming loop
-// is unmeasured) unless a benchmark or test set it (set_int8_rows_streaming: -1 the rule, 0 the
-// prefetching loop, 1 the streaming loop). Both give the same bits. EPYC Zen 4, one thread, the
+// is unmeasured) unless a benchmark or test forced one (set_int8_rows_streaming). Both give the same bits. EPYC Zen 4, one thread, the
 // loops interleaved in one process (bench/RESULTS.md, 13head): with the weight in cache 1.2x (1
 // row) and 1.55x (2 rows) the prefetching loop's speed (~2 cycles a 512-bit vpdpbusd: there the
 // products bound it); from memory 1.07-1.37x at 1-2 rows on the default model's projections and
 // its 28 MB LM head. Tried and slower from memory: 2, 4 or 8 streams at once through a block.
-std::atomic<int> int8_rows_streaming_override{-1};
-bool int8_rows_streaming() {
-  const int forced = int8_rows_streaming_override.load(std::memory_order_relaxed);
-  return forced < 0 ? cpu_features::few_rows_stream_weights() : forced == 1;
-}
+cpu_features::StreamingChoice int8_rows_streaming_choice;
 
 template <int R>
 BENTO_AVX512_VNNI void int8_block_rows_by(bool streaming, const int8_t* high, const uint8_t* low, const float* row_scale,
@@ -1185,7 +1179,7 @@ BENTO_AVX512_VNNI void int8_block_rows_by(bool streaming, const int8_t* high, co
 // The same product for a few rows (a decode step): no tile, the split rows times each block of
 // codes two rows at a time (int8_block_rows), threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
-  const bool streaming = int8_rows_streaming();
+  const bool streaming = int8_rows_streaming_choice.streaming();
   return int8_vnni_call("int8_mm_rows", x, packed, scales, out_features, [&](const Int8Block& b) {
     for (int64_t m = 0; m < b.rows; m += 2) {
       const int8_t* high = b.in.high + m * b.k_padded;
@@ -1610,9 +1604,7 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
   // Benchmarks and tests: int8_mm_rows on its streaming loop (true), its prefetching loop (false) or
   // the CPU's rule (None); profile_step-style A/Bs time one against the other.
-  m.def("set_int8_rows_streaming(bool? on) -> ()", [](std::optional<bool> on) {
-    int8_rows_streaming_override.store(on.has_value() ? static_cast<int>(*on) : -1, std::memory_order_relaxed);
-  });
+  m.def("set_int8_rows_streaming(bool? on) -> ()", [](std::optional<bool> on) { int8_rows_streaming_choice.force(on); });
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
   m.def("avx512_bf16_supported() -> bool", &avx512_bf16_supported);
   m.def("avx512_vnni_supported() -> bool", &avx512_vnni_supported);
