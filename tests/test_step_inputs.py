@@ -72,3 +72,23 @@ def test_rotary_tables_are_the_float32_tables_rows_rounded_once():
             want = full[positions][:, None, :].to(dtype)
             assert got.dtype == dtype and got.shape == (5, 1, 64) and got.is_contiguous()
             assert torch.equal(got, want)
+    rotary.cos = rotary.cos * 2  # a new buffer (as .to() makes): rounded again from it
+    assert torch.equal(rotary.table(positions, torch.bfloat16).cos, rotary.cos[positions][:, None, :].bfloat16())
+
+
+def test_inference_mode_runs_its_function_in_inference_mode_from_outside_and_inside_it():
+    """engine.forward_context.inference_mode: the function runs in inference mode (its tensors are
+    inference tensors) whether called outside it or within it, and the mode is off again after."""
+    from engine.forward_context import inference_mode
+
+    entered = []
+
+    @inference_mode
+    def make():
+        entered.append(torch.is_inference_mode_enabled())
+        return torch.ones(2)
+
+    assert make().is_inference() and not torch.is_inference_mode_enabled()
+    with torch.inference_mode():
+        assert make().is_inference()
+    assert entered == [True, True] and make.__name__ == "make"
