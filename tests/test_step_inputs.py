@@ -4,6 +4,7 @@ model's logits are the same either way."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine import LLM
@@ -92,3 +93,16 @@ def test_inference_mode_runs_its_function_in_inference_mode_from_outside_and_ins
     with torch.inference_mode():
         assert make().is_inference()
     assert entered == [True, True] and make.__name__ == "make"
+
+
+def test_forward_contexts_nest_and_each_restores_the_one_before_even_on_an_error():
+    from engine.forward_context import forward_context, get_forward_context
+
+    with forward_context("outer", "backend", None) as outer:
+        assert get_forward_context() is outer and outer.meta == "outer"
+        with pytest.raises(KeyError), forward_context("inner", "backend", None):
+            assert get_forward_context().meta == "inner"
+            raise KeyError("a layer failed")
+        assert get_forward_context() is outer
+    with pytest.raises(RuntimeError, match="outside a forward pass"):
+        get_forward_context()
