@@ -8,6 +8,8 @@
     python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 1,4,16,64,256 --only "bf16 strips,bf16 rows,int8 layer"
     python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 4,8,16,64 --baseline main --only "bf16 strips,bf16 rows"
     python bench/bench_quant_matmul.py --hot --rows 1,2,4 --only "int4 rows,int8 rows"   # compute rate: one weight, in cache
+    python bench/bench_quant_matmul.py --shapes head --layers 2 --rows 1,2 --threads 2 --us --only "int8 rows,int8 rows prefetching"
+        # int8_mm_rows' streaming and prefetching loops, A/B (the int4 model's LM head)
 
 For each shape (SmolLM2-135M: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) it builds
 --layers random weights (as many as the model has layers, so the set does not sit in L2 the way
@@ -30,6 +32,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
   16-bit fixed point)
 - int4 / int8 rows: its few-row loops over the same codes (int4: AVX512-BF16 on torch's layout;
   int8: AVX512-VNNI byte dot products on the split input)
+- int8 rows prefetching: int8_mm_rows on its prefetching loop (set_int8_rows_streaming(False)), which
+  Intel's CPUs take, where AMD's take its streaming loop (cpu_features.h's few_rows_stream_weights)
 - int4 dpbf16 / int8 dpbusd / int8 dpbf16: its vector loops for CPUs without AMX (int4: blocks
   converted per call as for AMX, times the rows by vdpbf16ps; int8 dpbusd: int8 rows's byte
   products, register-blocked over 3 rows; int8 dpbf16: the codes converted per block to bfloat16
@@ -106,6 +110,15 @@ def baseline_ops(revision: str):
     return torch.ops.bento_llm_baseline, int8_quads
 
 
+def int8_rows_prefetching(ops, x: torch.Tensor, weights: list, n: int) -> list:
+    """int8_mm_rows over the weights on its prefetching loop, whichever loop the CPU's rule picks."""
+    ops.set_int8_rows_streaming(False)
+    try:
+        return [ops.int8_mm_rows(x, q.qweight, q.scales, n) for q in weights]
+    finally:
+        ops.set_int8_rows_streaming(None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4,16,64,256,2000")
@@ -126,7 +139,7 @@ def main() -> None:
     ops, vec, cpu = amx_kernels(), vector_kernels(), torch.device("cpu")
     vnni = vec is not None and vec.avx512_vnni_supported()
     names = ["int4 read", "int8 read", "AMX", "bf16 strips", "bf16 rows", "int4 torch", "int4 AMX", "int4 dpbf16", "int4 rows", "int4 dense", "int4 layer", "int8 torch", "int8 AMX", "int8 dpbusd", "int8 dpbf16", "int8 rows",
-             "int8 layer", "w8a8", "w8a8 plain"]
+             "int8 rows prefetching", "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and vec is not None else (None, True)
     if old is not None:
         for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows"):
@@ -191,6 +204,7 @@ def main() -> None:
                     runs["int4 dpbf16"] = lambda: [vec.int4_mm_dpbf16(x, q.qweight, q.scales, group, n) for q in int4]
             if (ops is not None and ops.amx_int8_supported()) or (ops is None and vnni):
                 runs["int8 rows"] = lambda: [vec.int8_mm_rows(x, q.qweight, q.scales, n) for q in int8]
+                runs["int8 rows prefetching"] = lambda: int8_rows_prefetching(vec, x, int8, n)
                 if ops is None:
                     runs["int8 dpbusd"] = lambda: [vec.int8_mm_dpbusd(x, q.qweight, q.scales, n) for q in int8]
                     runs["int8 dpbf16"] = lambda: [vec.int8_mm_dpbf16(x, q.qweight, q.scales, n) for q in int8]

@@ -271,10 +271,14 @@ class AsyncEngine:
                     self._streams.pop(rid, None)
                     self.engine.discard_request(rid)
         # The next step starts once the readers have handled this one's outputs (or after a
-        # bound, for a loop that is busy elsewhere). Their Python then runs alone, not while the
-        # step's ops run: every op must take the GIL back from it between two kernels, while
-        # the other OpenMP threads wait at the op's barrier, and on a small CPU the readers'
-        # thread also takes a core from a thread of that barrier.
+        # bound, for a loop that is busy elsewhere), so that they do not run during it: there
+        # the readers' thread takes a core from a thread of the step's barriers on a small CPU,
+        # and the GIL from the step's Python (scheduling, inputs, sampling). The decode layers,
+        # one DecoderStack call, run without the GIL (torch releases it around a custom class's
+        # method), yet at one request on 2 vCPUs neither handing out without waiting nor
+        # handing out as the next step enters its layers was faster, interleaved request by
+        # request in one server (bench/RESULTS.md, 16serve1): most of the wait is the wake-ups
+        # and the socket write, which a reader running during the step costs it as well.
         deadline = start + _MAX_HANDOFF_WAIT_S
         for lock in handled:
             lock.acquire(timeout=max(0.0, deadline - time.perf_counter()))

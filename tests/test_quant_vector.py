@@ -121,6 +121,39 @@ def test_int8_vector_loops_stay_within_the_split_inputs_bound(op, inputs, output
         assert torch.equal(alone, shared), rows
 
 
+@needs_vnni
+@pytest.mark.parametrize("inputs,outputs", [(106, 150), (576, 49), (1536, 640)])
+def test_int8_rows_streaming_and_prefetching_loops_give_the_same_bits_within_the_bound(inputs, outputs):
+    """int8_mm_rows' two loops (set_int8_rows_streaming: the row's high-plane sum taken off, no
+    prefetch; the columns' code sums taken off, prefetch), whichever the CPU's rule picks: the same
+    exact integer sums, so the same bits, within the split input's bound, on one thread and two.
+    106 inputs (K padded to 128 with zero codes), 49 outputs (one partial block), codes -128 and 127
+    (w + 128 at the byte's ends), inputs centred on 3 with an outlier 10^4 times the rest in one row
+    in two (high planes near +-128: large row sums), rows strided."""
+    gen = torch.Generator().manual_seed(inputs + outputs)
+    q = quantize_int8(torch.randn(outputs, inputs, generator=gen))
+    q.codes[0, :3], q.codes[-1, -3:], q.codes[outputs // 2, ::7] = -128, 127, -128
+    packed = pack(q)
+    try:
+        for rows in [1, 2, 3, 16, 64, 257]:
+            x = torch.randn(2 * rows, inputs, generator=gen) + 3
+            x[::4, 7] = 1e4 * x[::4, 7].sign()
+            x = x.bfloat16()[::2]
+            exact, bound = int8_bound(x, q)
+            outs = []
+            for streaming in (True, False):
+                OPS.set_int8_rows_streaming(streaming)
+                for threads in (1, 2):
+                    out = on_threads(threads, lambda: OPS.int8_mm_rows(x, packed.qweight, packed.scales, outputs))
+                    assert out.shape == (rows, outputs) and out.dtype == torch.bfloat16
+                    error = (out.double() - exact).abs()
+                    assert (error <= bound).all(), (rows, streaming, threads, (error - bound).max())
+                    outs.append(out)
+            assert all(torch.equal(out, outs[0]) for out in outs[1:]), rows
+    finally:
+        OPS.set_int8_rows_streaming(None)  # the CPU's rule again
+
+
 def int8_exact(x: torch.Tensor, q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact product of int8_mm_dpbf16's weight (codes times bfloat16 scales, the input as it
     is) and its bound: the output's bfloat16 rounding (2^-8 of it, with room) plus float32 sums'

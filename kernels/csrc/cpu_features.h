@@ -40,6 +40,10 @@ inline bool bf16_pair_products_fast() { return amd_with_avx512_bf16(); }
 // the next): on an EPYC Zen 4 1.07-1.30x faster decode steps at batch 1. On a Xeon without AMX
 // the software prefetch into L1 had measured 0.75-0.85x the time without it at 1 row, so Intel's
 // CPUs keep the prefetching loops (the streaming ones are unmeasured there). Vendor rule, as above.
+// The same rule picks int8_mm_rows' loop (quant_ops.cpp, int8 codes at 1-2 rows: the int4 model's
+// LM head, int8's projections): no software prefetch and the high plane's +128 taken off per row,
+// not per column, so two VNNI products per 64 codes and row where the prefetching loop makes three
+// at one row (1.2-1.55x its speed with the weight in cache on Zen 4; bench/RESULTS.md, 13head).
 inline bool few_rows_stream_weights() { return amd_with_avx512_bf16(); }
 
 }  // namespace cpu_features

@@ -62,12 +62,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1040,18 +1042,19 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
 
 #define BENTO_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
 
-// The VNNI loops' store: out[r][16 i + j] = bf16(s_w s_x[r] (256 (high . w - bias) + low . w)) for a
-// block's `columns` (bias[i]: 128 times each column's code sum, the high plane's +128 taken off).
+// The VNNI loops' store: out[r][16 i + j] = bf16(s_w s_x[r] (256 (acc_high - bias) + acc_low)) for a
+// block's `columns` (bias[r][i]: what the +128 that made one plane's bytes unsigned added: 128 times
+// each column's code sum, or 128 times row r's high-plane sum).
 template <int R>
 BENTO_AVX512_VNNI inline void store_split_sums(const __m512i (&acc_high)[R][4], const __m512i (&acc_low)[R][4],
-                                               const __m512i* bias, const float* row_scale, const c10::BFloat16* scale,
+                                               const __m512i (&bias)[R][4], const float* row_scale, const c10::BFloat16* scale,
                                                int64_t columns, c10::BFloat16* out, int64_t out_stride) {
   const __m512 radix = _mm512_set1_ps(256.0f);
   for (int i = 0; i < 4 && 16 * i < columns; ++i) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
     const __m512 s = load_bfloat16(scale + 16 * i, mask);
     for (int r = 0; r < R; ++r) {
-      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias[i])), radix,
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_high[r][i], bias[r][i])), radix,
                                          _mm512_cvtepi32_ps(acc_low[r][i]));
       const __m512 v = _mm512_mul_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(row_scale[r])));
       _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
@@ -1064,12 +1067,17 @@ BENTO_AVX512_VNNI inline void store_split_sums(const __m512i (&acc_high)[R][4], 
 // reading the codes is the whole cost: each 64-byte vector of codes (16 columns x an input quad)
 // meets the row's quad broadcast, four products and their sum per column in one instruction
 // (vpdpbusd: unsigned x signed bytes into int32), so the loop keeps up with memory where a float
-// loop (convert, multiply-add: 12 instructions per 64 codes at one row) did not. The high plane
-// is signed: it enters as high + 128 (unsigned), and 128 times the column's code sum (a third
-// product, with ones) comes off at the end. Same sums as int8_tile_product, so the same result
-// rule: y = s_x s_w (256 high . w + low . w). The codes stream is prefetched kPrefetchAhead bytes
-// ahead into L1 (the blocks lie back to back, so this runs on into the next block).
-template <int R>
+// loop (convert, multiply-add: 12 instructions per 64 codes at one row) did not. One of the two
+// planes' signs has to go: the high plane is signed, and so are the codes.
+// - ColumnBias false (the row's): the codes enter as w + 128 (unsigned: a xor per vector) against
+//   the high plane's quad, and 128 times the row's high-plane sum comes off at the end, one number a
+//   row: two products per 64 codes and row.
+// - ColumnBias true: the high plane enters as high + 128 against the codes, and 128 times each
+//   column's code sum (a third product per 64 codes, with ones, shared by the R rows) comes off.
+// Both take the same exact integer sums (int8_tile_product's), so the same bits:
+// y = s_x s_w (256 high . w + low . w). Prefetch: the codes kPrefetchAhead bytes ahead are asked
+// into L1 (the blocks lie back to back, so this runs on into the next block).
+template <int R, bool ColumnBias, bool Prefetch>
 BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t k_padded,
                                        const int8_t* codes, const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out,
                                        int64_t out_stride) {
@@ -1081,26 +1089,39 @@ BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, c
   }
   for (int64_t p = 0; p < k_padded / 4; ++p) {
     const int8_t* line = codes + p * kInt8QuadBytes;
-    for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
+    if (Prefetch)
+      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
     __m512i h[R], lo[R];
     for (int r = 0; r < R; ++r) {
       int32_t quad_high, quad_low;
       std::memcpy(&quad_high, high + r * k_padded + 4 * p, 4);
       std::memcpy(&quad_low, low + r * k_padded + 4 * p, 4);
-      h[r] = _mm512_xor_si512(_mm512_set1_epi32(quad_high), sign);  // high + 128
+      const __m512i quad = _mm512_set1_epi32(quad_high);
+      h[r] = ColumnBias ? _mm512_xor_si512(quad, sign) : quad;  // ColumnBias: high + 128
       lo[r] = _mm512_set1_epi32(quad_low);
     }
     for (int i = 0; i < 4; ++i) {
       const __m512i w = _mm512_loadu_si512(line + 64 * i);
-      sums[i] = _mm512_dpbusd_epi32(sums[i], ones, w);
-      for (int r = 0; r < R; ++r) {
-        acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], h[r], w);
-        acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], lo[r], w);
+      if (ColumnBias) {
+        sums[i] = _mm512_dpbusd_epi32(sums[i], ones, w);
+        for (int r = 0; r < R; ++r) acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], h[r], w);
+      } else {
+        const __m512i biased = _mm512_xor_si512(w, sign);  // w + 128
+        for (int r = 0; r < R; ++r) acc_high[r][i] = _mm512_dpbusd_epi32(acc_high[r][i], biased, h[r]);
       }
+      for (int r = 0; r < R; ++r) acc_low[r][i] = _mm512_dpbusd_epi32(acc_low[r][i], lo[r], w);
     }
   }
-  __m512i bias[4];
-  for (int i = 0; i < 4; ++i) bias[i] = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
+  __m512i bias[R][4];
+  for (int r = 0; r < R; ++r) {
+    if (ColumnBias) {
+      for (int i = 0; i < 4; ++i) bias[r][i] = _mm512_slli_epi32(sums[i], 7);  // 128 times the column's code sum
+    } else {  // 128 times the row's high-plane sum (k_padded: a multiple of 64)
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < k_padded; k += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(high + r * k_padded + k));
+      for (int i = 0; i < 4; ++i) bias[r][i] = _mm512_set1_epi32(_mm512_reduce_add_epi32(sum) * 128);
+    }
+  }
   store_split_sums<R>(acc_high, acc_low, bias, row_scale, scale, columns, out, out_stride);
 }
 
@@ -1138,18 +1159,42 @@ at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor&
   return out;
 }
 
+// Whether int8_mm_rows takes its streaming loop (int8_block_rows<R, false, false>: the row's bias,
+// no software prefetch) or the one before it (<R, true, true>: column sums, prefetch into L1): the
+// CPU's rule (cpu_features::few_rows_stream_weights: AMD's, not Intel's, where the streaming loop
+// is unmeasured) unless a benchmark or test set it (set_int8_rows_streaming: -1 the rule, 0 the
+// prefetching loop, 1 the streaming loop). Both give the same bits. EPYC Zen 4, one thread, the
+// loops interleaved in one process (bench/RESULTS.md, 13head): with the weight in cache 1.2x (1
+// row) and 1.55x (2 rows) the prefetching loop's speed (~2 cycles a 512-bit vpdpbusd: there the
+// products bound it); from memory 1.07-1.37x at 1-2 rows on the default model's projections and
+// its 28 MB LM head. Tried and slower from memory: 2, 4 or 8 streams at once through a block.
+std::atomic<int> int8_rows_streaming_override{-1};
+bool int8_rows_streaming() {
+  const int forced = int8_rows_streaming_override.load(std::memory_order_relaxed);
+  return forced < 0 ? cpu_features::few_rows_stream_weights() : forced == 1;
+}
+
+template <int R>
+BENTO_AVX512_VNNI void int8_block_rows_by(bool streaming, const int8_t* high, const uint8_t* low, const float* row_scale,
+                                          int64_t k, const int8_t* codes, const c10::BFloat16* scale, int64_t columns,
+                                          c10::BFloat16* out, int64_t ld) {
+  if (streaming) return int8_block_rows<R, false, false>(high, low, row_scale, k, codes, scale, columns, out, ld);
+  int8_block_rows<R, true, true>(high, low, row_scale, k, codes, scale, columns, out, ld);
+}
+
 // The same product for a few rows (a decode step): no tile, the split rows times each block of
 // codes two rows at a time (int8_block_rows), threads split the blocks.
 at::Tensor int8_mm_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
+  const bool streaming = int8_rows_streaming();
   return int8_vnni_call("int8_mm_rows", x, packed, scales, out_features, [&](const Int8Block& b) {
     for (int64_t m = 0; m < b.rows; m += 2) {
       const int8_t* high = b.in.high + m * b.k_padded;
       const uint8_t* low = b.in.low + m * b.k_padded;
       c10::BFloat16* ym = b.out + m * b.out_stride;
       if (b.rows - m == 1) {
-        int8_block_rows<1>(high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
+        int8_block_rows_by<1>(streaming, high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
       } else {
-        int8_block_rows<2>(high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
+        int8_block_rows_by<2>(streaming, high, low, b.in.scale + m, b.k_padded, b.codes, b.scale, b.columns, ym, b.out_stride);
       }
     }
   });
@@ -1204,8 +1249,9 @@ BENTO_AVX512_VNNI void int8_rows_dpbusd(const int8_t* high, const uint8_t* low, 
       }
     }
   }
-  __m512i bias[4];
-  for (int i = 0; i < 4; ++i) bias[i] = _mm512_loadu_si512(column_bias + 16 * i);
+  __m512i bias[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) bias[r][i] = _mm512_loadu_si512(column_bias + 16 * i);
   store_split_sums<R>(acc_high, acc_low, bias, row_scale, scale, columns, out, out_stride);
 }
 
@@ -1562,6 +1608,11 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_dequantize(Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_dequantize);
   m.def("int8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_amx);
   m.def("int8_mm_rows(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_rows);
+  // Benchmarks and tests: int8_mm_rows on its streaming loop (true), its prefetching loop (false) or
+  // the CPU's rule (None); profile_step-style A/Bs time one against the other.
+  m.def("set_int8_rows_streaming(bool? on) -> ()", [](std::optional<bool> on) {
+    int8_rows_streaming_override.store(on.has_value() ? static_cast<int>(*on) : -1, std::memory_order_relaxed);
+  });
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
   m.def("avx512_bf16_supported() -> bool", &avx512_bf16_supported);
   m.def("avx512_vnni_supported() -> bool", &avx512_vnni_supported);
