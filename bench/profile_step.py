@@ -85,9 +85,13 @@ class PhaseTimer:
         return out
 
 
-def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, prompt_len: int = 32) -> list[float]:
+def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, prompt_len: int = 32,
+                 mark: bool = False) -> list[float]:
     """Adds `batch` requests of `prompt_len` tokens and steps the engine; the wall time of each
-    all-decode step. on_step(kept) after every step: kept, whether its time is in the list."""
+    all-decode step. on_step(kept) after every step: kept, whether its time is in the list. mark:
+    each step inside a profiler mark (decode_op_shares reads them), only where a profiler runs: a
+    record_function costs ~6 us a step even without one, which the phase table would count as the
+    engine's own."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
@@ -98,7 +102,7 @@ def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, promp
         running = engine.scheduler.running  # none before the first step: that one prefills
         decoding = bool(running) and all(s.num_computed_tokens == len(s.token_ids) - 1 for g in running for s in g.seqs)
         start = time.perf_counter()
-        with torch.profiler.record_function(DECODE_STEP if decoding else OTHER_STEP):  # for decode_op_shares
+        with torch.profiler.record_function(DECODE_STEP if decoding else OTHER_STEP) if mark else contextlib.nullcontext():
             engine.step()
         kept = decoding and bool(engine.scheduler.running)  # a step that finished nothing
         if kept:
@@ -562,7 +566,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
-        profiled = decode_steps(engine, args.batch, args.profile_steps, vocab, prompt_len=args.prompt_len)
+        profiled = decode_steps(engine, args.batch, args.profile_steps, vocab, prompt_len=args.prompt_len, mark=True)
     for h in hooks:
         h.remove()
     if args.trace:

@@ -157,11 +157,12 @@ class LLMEngine:
             if failures:
                 raise EngineStepError(list(failures), next(iter(failures.values())), [], failures)
             return []
-        logger.debug(
-            "step: %d seqs, %d tokens, %d preempted, %d blocks free",
-            len(schedule.scheduled), schedule.num_batched_tokens, schedule.num_preempted,
-            self.block_manager.num_free_blocks,
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # its arguments are sums and properties, computed every step else
+            logger.debug(
+                "step: %d seqs, %d tokens, %d preempted, %d blocks free",
+                len(schedule.scheduled), schedule.num_batched_tokens, schedule.num_preempted,
+                self.block_manager.num_free_blocks,
+            )
         try:
             result = self.runner.execute(schedule)
         except Exception as e:

@@ -13,7 +13,7 @@ import torch
 from engine.attention import AttentionBackend
 from engine import config as config_module
 from engine.config import EngineConfig
-from engine.forward_context import AttentionMetadata, forward_context
+from engine.forward_context import AttentionMetadata, forward_context, inference_mode
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.loader import ModelSource
@@ -275,7 +275,7 @@ class ModelRunner:
         )
         return PreparedStep(inputs, sampled_indices, prompt_rows)
 
-    @torch.inference_mode()
+    @inference_mode
     def execute_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: the step's forward pass; rank 0 gets the logits, other ranks None."""
         ids, positions, logits_indices, meta = self.buffers.fill(inputs)

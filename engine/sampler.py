@@ -60,7 +60,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: [len(seqs), vocab] in float32 or the model's dtype; row i belongs to seqs[i]."""
-        logits = logits[:, : self.vocab_size]
+        if logits.shape[1] != self.vocab_size:  # (a slice is a torch op from Python even when it keeps all)
+            logits = logits[:, : self.vocab_size]
         if all(_takes_raw_argmax(s) for s in seqs):
             # The logits as the LM head made them, read once: no float32 copy, no processors.
             n = len(seqs)

@@ -650,6 +650,28 @@ def test_argmax_rows_is_torch_argmax_with_ties_nan_infinities_and_strided_rows(g
         assert torch.equal(reference.argmax_rows(view), torch.argmax(view, dim=-1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
+def test_int8_quad_rows_is_the_gathered_codes_times_their_scales(gen, dtype, rows):
+    """A tied embedding's lookup in the LM head's int8 codes ([N/64][K/4][64][4], rows padded to 64
+    and K past in_features): each code times its row's scale, rounded once to the scales' dtype,
+    bit for bit the torch ops' gather (engine/layers/quant.py); 257 rows of 570 split over the pool."""
+    n, k, padded = 200, 570, 576
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen) * 0.02 + 1e-3).to(dtype)
+    layout = torch.nn.functional.pad(torch.cat([codes, codes.new_ones(256 - n, k)]), (0, padded - k), value=1)
+    layout = layout.reshape(-1, 64, padded // 4, 4).transpose(1, 2).contiguous()
+    index = torch.randint(0, n, (rows,), generator=gen)
+    index[0] = n - 1  # the last row of a partly filled block of 64
+    want = codes[index].to(dtype) * scales[index, None]
+    got = torch.ops.bento_llm.int8_quad_rows(layout, scales, index, k)
+    assert got.dtype == dtype and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="index 200 is out of range for 200 rows"):
+        torch.ops.bento_llm.int8_quad_rows(layout, scales, torch.tensor([0, n]), k)
+    with pytest.raises(RuntimeError, match="in_features must be in 1..576"):
+        torch.ops.bento_llm.int8_quad_rows(layout, scales, index, padded + 4)
+
+
 def test_argmax_rows_gives_the_same_indices_on_one_and_two_threads(gen):
     logits = torch.randn(64, 49152, generator=gen).to(torch.bfloat16)
     threads = torch.get_num_threads()

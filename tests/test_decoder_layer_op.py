@@ -189,15 +189,17 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
     for index, args in layers:
         stack.add_layer(index, *args)
     residual, k_caches, v_caches = fresh()
-    out, stack_residual = stack.run(residual, cos, sin, k_caches, v_caches, *step)
+    stack.set_caches(k_caches, v_caches)  # kept: each run writes these tensors
+    out, stack_residual = stack.run(residual, cos, sin, *step)
     assert stack_residual is residual or torch.equal(stack_residual, residual)
     for got, want in zip((out, stack_residual, *k_caches, *v_caches), per_layer):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert not torch.equal(per_layer[2], caches[0][0])  # the caches were written
+    stack.set_caches(k_caches[:2], v_caches[:2])
     with pytest.raises(RuntimeError, match="no KV cache for layer 2"):
-        stack.run(embeddings.clone(), cos, sin, k_caches[:2], v_caches[:2], *step)
+        stack.run(embeddings.clone(), cos, sin, *step)
     with pytest.raises(RuntimeError, match="a DecoderStack without layers"):
-        torch.classes.bento_llm.DecoderStack().run(embeddings.clone(), cos, sin, k_caches, v_caches, *step)
+        torch.classes.bento_llm.DecoderStack().run(embeddings.clone(), cos, sin, *step)
     with pytest.raises(RuntimeError, match="a layer's cache index must not be negative"):
         torch.classes.bento_llm.DecoderStack().add_layer(-1, *layers[0][1])
 

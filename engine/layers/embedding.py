@@ -95,8 +95,7 @@ class VocabParallelEmbedding(nn.Embedding):
             return self.grouped(token_ids)
         if self.quantized is None:
             return F.embedding(token_ids, self.weight)
-        scales = self.quantized.scales
-        return self.quantized.int8_rows(token_ids).to(scales.dtype) * scales[token_ids, None]
+        return self.quantized.embedding_rows(token_ids)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

@@ -258,15 +258,30 @@ class PackedQuantizedWeight(torch.nn.Module):
         codes = quads[index // _AMX_ROW_MULTIPLE, :, index % _AMX_ROW_MULTIPLE].view(torch.int8).flatten(-2)
         return codes[..., : self.in_features]
 
+    def embedding_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """code * scale of the output rows `index`, in the scales' dtype: a tied embedding's lookup
+        (int8 weight-only only). Our kernels' layout gathers in one op (cpu_ops.cpp's
+        int8_quad_rows: the same bits as the torch ops, ten of them, ~25 us a batch-1 step)."""
+        if (self.amx or self.vector) and self.bits == 8 and not self.w8a8:
+            if index.dim() == 1:  # (a reshape that changes nothing is still an op)
+                return torch.ops.bento_llm.int8_quad_rows(self.qweight, self.scales, index, self.in_features)
+            rows = torch.ops.bento_llm.int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features)
+            return rows.view(*index.shape, self.in_features)
+        return self.int8_rows(index).to(self.scales.dtype) * self.scales[index, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
             y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features,
                                           self.rotation)
             return y.to(x.dtype)
         if self.bits == 8 and (self.amx or self.vector):  # its own layout: every row count runs in quant_ops.cpp
-            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = int8_matmul(rows, self.qweight, self.scales, self.in_features, self.out_features, self.amx)
-            return y.to(x.dtype) if x.dim() == 2 else y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            # A decode step's LM head: 2-D bfloat16 rows as they come, without the reshape and casts
+            # that would return them unchanged (each still a torch call from Python).
+            rows = x if x.dim() == 2 and x.dtype == torch.bfloat16 else x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = int8_matmul(rows.contiguous(), self.qweight, self.scales, self.in_features, self.out_features, self.amx)
+            if x.dim() != 2:
+                y = y.reshape(*x.shape[:-1], -1)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         x = x.contiguous()
         if (self.amx or self.vector) and x.dtype == torch.bfloat16 and x.dim() == 2:
             y = int4_matmul(x, self.qweight, self.scales, self.group_size, self.out_features, self.amx)

@@ -100,5 +100,17 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
         """cos and sin at this step's positions, looked up once and shared by every layer; in
-        the model's dtype, as transformers rotates (computed in float32, rounded once)."""
-        return RopeTable(self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype))
+        the model's dtype, as transformers rotates (computed in float32, rounded once).
+
+        The tables are rounded to dtype once and kept [max_positions, 1, rotary_dim] (a bfloat16
+        model keeps them at half the float32 tables' size besides), so a step is one index_select
+        each: indexing, a view and a cast per table per step cost ~15 us of a batch-1 decode step
+        (more right after the step's weight read has cycled the caches). Rounding commutes with
+        the gather, so the values are the same bits."""
+        # Kept with the buffer they were rounded from (a .to() of the module replaces it) and their dtype.
+        source, rounded_dtype, cos, sin = self.__dict__.get("rounded", (None, None, None, None))
+        if source is not self._buffers["cos"] or rounded_dtype != dtype:
+            source, rounded_dtype = self._buffers["cos"], dtype
+            cos, sin = self.cos.to(dtype)[:, None, :], self.sin.to(dtype)[:, None, :]
+            self.__dict__["rounded"] = (source, dtype, cos, sin)
+        return RopeTable(cos.index_select(0, positions), sin.index_select(0, positions))

@@ -178,8 +178,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tuple | None:
-    """(a DecoderStack of every layer's plan at `rows` rows, the layers' forward hook dicts) where
-    every layer is a LlamaDecoderLayer (its forward, not a family's own) with a plan; else None."""
+    """(a DecoderStack of every layer's plan at `rows` rows on the backend's KV caches, the layers'
+    forward hook dicts, the backend) where every layer is a LlamaDecoderLayer (its forward, not a
+    family's own) with a plan; else None."""
     backend = get_forward_context().backend
     if backend.name != "cpu" or any(type(layer).forward is not LlamaDecoderLayer.forward or "forward" in layer.__dict__
                                       for layer in layers):
@@ -190,19 +191,23 @@ def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tu
     stack = torch.classes.bento_llm.DecoderStack()
     for cache_index, args in plans:
         stack.add_layer(cache_index, *args)
+    stack.set_caches(backend.k_caches, backend.v_caches)
     hooks = [d for layer in layers for d in (layer._forward_hooks, layer._forward_pre_hooks)]
-    return stack, hooks + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks]
+    return stack, hooks + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks], backend
 
 
 def decoder_stack(model: nn.Module, rows: int, rope: RopeTable):
-    """The model's DecoderStack for a step of `rows` rows (built once per row count, kept in the
-    model's __dict__ until forget_layer_op_plans), or None: the per-layer path, also while any layer
-    has a forward hook (bench/profile_step.py's per-layer attribution)."""
+    """The model's DecoderStack for a step of `rows` rows on this forward's backend (built once per
+    row count and backend, kept in the model's __dict__ until forget_layer_op_plans), or None: the
+    per-layer path, also while any layer has a forward hook (bench/profile_step.py's per-layer
+    attribution)."""
     if not (LlamaDecoderLayer.layer_op and LlamaDecoderLayer.layer_stack) or rows > LAYER_OP_MAX_ROWS:
         return None
     stacks = model.__dict__.setdefault("layer_op_plans", {})
     entry = stacks.get(rows, False)
-    if entry is False:  # None is kept too (one backend per runner): no stack at this row count
+    # None is kept too (one backend per runner): no stack at this row count. A stack holds its
+    # backend's KV caches: another backend's forward (a second runner's caches) builds its own.
+    if entry is False or (entry is not None and entry[2] is not get_forward_context().backend):
         entry = stacks[rows] = build_decoder_stack(model.layers, rows, rope)
     return None if entry is None or any(entry[1]) else entry[0]
 
@@ -227,8 +232,7 @@ class LlamaForCausalLM(CausalLM):
         if stack is not None:
             ctx = get_forward_context()
             meta, backend = ctx.meta, ctx.backend
-            if backend.name == "cpu":  # the stack runs the cpu backend's decoder_layer
-                return stack.run(x, rope.cos, rope.sin, backend.k_caches, backend.v_caches, meta.slot_mapping,
-                                 meta.block_tables, meta.context_lens,
+            if backend.name == "cpu":  # the stack runs the cpu backend's decoder_layer, on its caches
+                return stack.run(x, rope.cos, rope.sin, meta.slot_mapping, meta.block_tables, meta.context_lens,
                                  None if meta.all_decode else meta.cu_query_lens)
         return super().run_layers(x, rope)

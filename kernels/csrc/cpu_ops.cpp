@@ -265,6 +265,53 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   return out;
 }
 
+// ---------------------------------------------------------------- int8 rows, gathered
+
+// A tied embedding's lookup in the LM head's int8 codes: codes [N/64][K/4][64][4] (AMX-INT8's
+// order, quant_ops.cpp's int8 matmuls read it; K may be padded past in_features), scales [N] in
+// the output dtype, index int64 [rows] -> [rows, in_features] of code * scale, rounded once to
+// the scales' dtype: the bits of engine/layers/quant.py's gather codes.to(dtype) * scales[index]
+// (an int8 code and a bfloat16 scale multiply exactly in float32).
+//
+// Why: that gather was ten torch ops from Python (row block and lane, the strided gather, views,
+// the cast, the scales' gather and the product), ~25 us of a batch-1 decode step alone, and several
+// times that right after the step's weight read has cycled the caches; this is one.
+at::Tensor int8_quad_rows(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& index,
+                          int64_t in_features) {
+  TORCH_CHECK(codes.dim() == 4 && codes.size(2) == 64 && codes.size(3) == 4 && codes.scalar_type() == at::kChar &&
+                  codes.is_contiguous(),
+              "codes must be contiguous int8 [N/64, K/4, 64, 4]");
+  TORCH_CHECK(in_features > 0 && in_features <= codes.size(1) * 4, "in_features must be in 1..", codes.size(1) * 4);
+  TORCH_CHECK(scales.dim() == 1 && scales.is_contiguous() && scales.size(0) <= codes.size(0) * 64,
+              "scales must be contiguous [N], N at most codes' 64 * ", codes.size(0));
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "index must be int64 [rows]");
+  const at::Tensor ids = index.contiguous();
+  const int64_t rows = ids.size(0), vocab = scales.size(0), quads = codes.size(1);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "index ", id[r], " is out of range for ", vocab, " rows");
+  }
+  auto out = at::empty({rows, in_features}, scales.options());
+  const int8_t* src = codes.data_ptr<int8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scales.scalar_type(), "int8_quad_rows", [&] {
+    const scalar_t* scale = scales.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    kernel_pool::parallel_for(0, rows, row_grain(in_features), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t row = id[r];
+        // Row `row`'s quad q sits at block row / 64, quad q, lane row % 64.
+        const int8_t* lane = src + (row / 64) * quads * 256 + (row % 64) * 4;
+        const float s = static_cast<float>(scale[row]);
+        scalar_t* o = dst + r * in_features;
+        for (int64_t c = 0; c < in_features; ++c) {
+          o[c] = static_cast<scalar_t>(static_cast<float>(lane[(c / 4) * 256 + c % 4]) * s);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 void check_cache(const at::Tensor& cache, const char* name) {
   TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), name,
               " must be a dense [num_blocks, block_size, num_kv_heads, head_dim] tensor");
@@ -1653,6 +1700,7 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("argmax_rows(Tensor logits) -> Tensor", &argmax_rows);
+  m.def("int8_quad_rows(Tensor codes, Tensor scales, Tensor index, int in_features) -> Tensor", &int8_quad_rows);
   m.def("rotary_embedding_(Tensor(a!) qk, Tensor cos, Tensor sin) -> ()", &rotary_embedding_);
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &write_kv_cache);

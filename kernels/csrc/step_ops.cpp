@@ -262,12 +262,13 @@ at::Tensor decoder_layer(at::Tensor& residual, const std::optional<at::Tensor>& 
 
 // A decode step's whole stack of decoder layers as one call from Python: each layer's decoder_layer
 // arguments that do not change between steps (a layer_op_plan, engine/models/llama.py) kept here,
-// once per row count, and run() calls decoder_layer (the function above, not the op) for each layer
-// in turn.
+// once per row count, with the model's KV caches (set_caches), and run() calls decoder_layer (the
+// function above, not the op) for each layer in turn.
 //
 // Why: at batch 1 the per-layer Python around the op (the layer loop, nn.Module.__call__,
 // LlamaDecoderLayer.forward, converting decoder_layer's 20 arguments, three of them lists) was
-// about half of a ~20 us layer besides the matmuls.
+// about half of a ~20 us layer besides the matmuls. The caches are kept too: converting two lists
+// of a tensor per layer on every run cost ~5 us of a 30-layer step.
 struct DecoderStack : torch::CustomClassHolder {
   struct Layer {
     int64_t cache_index;
@@ -282,6 +283,7 @@ struct DecoderStack : torch::CustomClassHolder {
     std::optional<double> soft_cap;
   };
   std::vector<Layer> layers;
+  std::vector<at::Tensor> k_caches, v_caches;
 
   void add_layer(int64_t cache_index, at::Tensor input_norm, at::Tensor post_norm, double eps,
                  std::vector<std::string> projections, c10::List<std::optional<at::Tensor>> projection_tensors,
@@ -293,11 +295,17 @@ struct DecoderStack : torch::CustomClassHolder {
                       soft_cap});
   }
 
+  // The KV caches every run() writes and reads, each layer's at its cache index (the tensors, not
+  // copies: the runner's cache).
+  void set_caches(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
+    k_caches = std::move(k);
+    v_caches = std::move(v);
+  }
+
   // residual: the embeddings (the first layer's residual stream), updated in place as each layer's
   // decoder_layer updates it. Returns [the last layer's output, the residual stream before it].
   std::vector<at::Tensor> run(at::Tensor residual, const std::optional<at::Tensor>& cos,
-                              const std::optional<at::Tensor>& sin, const std::vector<at::Tensor>& k_caches,
-                              const std::vector<at::Tensor>& v_caches, const at::Tensor& slot_mapping,
+                              const std::optional<at::Tensor>& sin, const at::Tensor& slot_mapping,
                               const at::Tensor& block_tables, const at::Tensor& context_lens,
                               const std::optional<at::Tensor>& cu_query_lens) {
     TORCH_CHECK(!layers.empty(), "a DecoderStack without layers");
@@ -306,7 +314,8 @@ struct DecoderStack : torch::CustomClassHolder {
       TORCH_CHECK(layer.cache_index < static_cast<int64_t>(k_caches.size()) &&
                       layer.cache_index < static_cast<int64_t>(v_caches.size()),
                   "no KV cache for layer ", layer.cache_index);
-      at::Tensor k_cache = k_caches[layer.cache_index], v_cache = v_caches[layer.cache_index];
+      at::Tensor& k_cache = k_caches[layer.cache_index];
+      at::Tensor& v_cache = v_caches[layer.cache_index];
       x = decoder_layer(residual, x, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
                         cu_query_lens, layer.input_norm, layer.post_norm, layer.eps, layer.projections,
                         layer.projection_tensors, layer.projection_ints, layer.num_heads, layer.scale,
@@ -333,5 +342,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<>())
       .def("add_layer", &DecoderStack::add_layer)
+      .def("set_caches", &DecoderStack::set_caches)
       .def("run", &DecoderStack::run);
 }
