@@ -9,7 +9,7 @@
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
     python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
-    python bench/profile_step.py --quantization none --ab-streaming 6   # bf16_linear's few-row loop: streaming vs prefetching, A/B
+    python bench/profile_step.py --quantization none --ab-streaming 6   # the few-row matmuls' streaming loops vs prefetching ones, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
     python bench/profile_step.py --trace /tmp/step.json   # also a Chrome trace of the profiled steps
     python bench/profile_step.py --prompt-len 2000 --kv-cache-dtype int8   # an 8-bit KV cache, long context
@@ -345,17 +345,25 @@ def stand_in_time(model, rows: int, repeats: int) -> float:
 
 
 def streaming_ab(steps, rounds: int) -> None:
-    """Decode steps with bf16_linear's calls of few rows on their streaming loop (no software
-    prefetch, kernels/csrc/bf16_linear.cpp) and on the prefetching loop of more rows, alternating
-    in this process, every pass printed (median step, and fastest step)."""
+    """Decode steps with the few-row loops cpu_features.h's streaming rule picks (bf16_linear's at
+    1-6 rows, bf16_mm_rows' and int8_mm_rows' at 1-2: plain streams, no software prefetch) and with
+    their prefetching loops, alternating in this process, every pass printed (median step, and
+    fastest step). Covers bfloat16's projections and head and the int8 codes of int8's projections
+    and of int4's (GGUF) LM head."""
     ops = torch.ops.bento_llm
+    switches = (ops.set_bf16_linear_streaming, ops.set_bf16_mm_rows_streaming, ops.set_int8_rows_streaming)
+
+    def set_all(on: bool | None) -> None:
+        for switch in switches:
+            switch(on)
+
     try:
-        passes, fastest = alternating_passes(steps, rounds, ["streaming loop", "prefetching loop"],
-                                             lambda name: ops.set_bf16_linear_streaming(name == "streaming loop"))
+        passes, fastest = alternating_passes(steps, rounds, ["streaming loops", "prefetching loops"],
+                                             lambda name: set_all(name == "streaming loops"))
     finally:
-        ops.set_bf16_linear_streaming(None)  # the CPU's rule again
+        set_all(None)  # the CPU's rule again
     for name, ms in passes.items():
-        print(pass_line(f"bf16_linear, few rows on its {name}", ms, fastest[name]))
+        print(pass_line(f"few-row matmuls on their {name}", ms, fastest[name]))
 
 
 def layer_op_ab(engine, batch: int, steps: int, vocab: int, prompt_len: int, rounds: int) -> None:
@@ -436,8 +444,8 @@ def main() -> None:
                         help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
                              "alternating, ROUNDS rounds")
     parser.add_argument("--ab-streaming", type=int, default=0, metavar="ROUNDS",
-                        help="only: --steps decode steps with bf16_linear's few-row calls on their streaming loop vs the "
-                             "prefetching one, alternating, ROUNDS rounds (bfloat16 without AMX)")
+                        help="only: --steps decode steps with the few-row matmuls (bf16_linear, bf16_mm_rows, int8_mm_rows) "
+                             "on their streaming loops vs the prefetching ones, alternating, ROUNDS rounds (without AMX)")
     parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the decoder layers as one DecoderStack call vs one "
                              "decoder_layer op each vs their Python path, switching every step, ROUNDS runs")
