@@ -63,6 +63,8 @@ class _Buffer:
         if views is None:
             if len(self.views) >= _MAX_KEPT_VIEWS:  # prefill chunks of every length: keep a bounded few
                 self.views.clear()
+            # Made (and later written: copy_ on a device) in the step's inference mode: execute_model
+            # is fill's only caller, and a view made in inference mode cannot be written outside it.
             host = self.host[:n]
             views = self.views[n] = (host, host if self.on_device is self.host else self.on_device[:n])
         host, on_device = views

@@ -666,6 +666,9 @@ def test_int8_quad_rows_is_the_gathered_codes_times_their_scales(gen, dtype, row
     want = codes[index].to(dtype) * scales[index, None]
     got = torch.ops.bento_llm.int8_quad_rows(layout, scales, index, k)
     assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(torch.ops.bento_llm.int8_quad_rows(layout, scales, index.int(), k), want)  # int32 ids as torch's
+    with pytest.raises(RuntimeError, match="scales must be float32, bfloat16 or float16"):
+        torch.ops.bento_llm.int8_quad_rows(layout, scales.double(), index, k)
     with pytest.raises(RuntimeError, match="index 200 is out of range for 200 rows"):
         torch.ops.bento_llm.int8_quad_rows(layout, scales, torch.tensor([0, n]), k)
     with pytest.raises(RuntimeError, match="in_features must be in 1..576"):

@@ -281,6 +281,41 @@ def test_a_model_with_a_layer_off_its_op_or_hooked_runs_layer_by_layer_and_rebui
     assert model.layers[0].__dict__["layer_op_plans"][2] is not None
 
 
+def test_a_forward_on_another_backends_kv_caches_gets_stacks_on_those_caches(tmp_path):
+    """DecoderStack keeps the KV caches it was built on: a forward on another backend (other cache
+    tensors) replaces the model's stacks, writes only its own caches and decodes the same."""
+    from engine import LLM, SamplingParams
+    from engine.attention import AttentionBackend
+    from tests.model_factories import make_tiny_checkpoint
+
+    if not layout_available("strips"):
+        pytest.skip("no bfloat16 vector kernels here: the layers run their Python path")
+    llm = LLM(str(make_tiny_checkpoint(tmp_path, "LlamaConfig")), dtype="bfloat16", quantization="none",
+              num_kv_blocks=64, max_num_seqs=8, enable_prefix_caching=False)
+    runner = llm.engine.runner.model_runner
+    model = runner.model
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def generate():
+        return [o.outputs[0].token_ids for o in llm.generate(["Hello, my name is", "def add(a, b):"], params)]
+
+    first = generate()
+    old_stacks, old_backend = model.__dict__["layer_op_plans"], runner.backend
+    assert old_stacks[2] is not None and old_stacks.backend is old_backend
+    old_caches = [c.clone() for c in (*old_backend.k_caches, *old_backend.v_caches)]
+    k_caches = [torch.zeros_like(c) for c in old_backend.k_caches]
+    v_caches = [torch.zeros_like(c) for c in old_backend.v_caches]
+    runner.backend = AttentionBackend(old_backend.name, k_caches, v_caches)
+    try:
+        assert generate() == first
+        stacks = model.__dict__["layer_op_plans"]
+        assert stacks is not old_stacks and stacks.backend is runner.backend and stacks[2] is not None
+        assert all(c.abs().sum() > 0 for c in (*k_caches, *v_caches))  # every layer wrote its new cache
+        assert all(torch.equal(a, b) for a, b in zip(old_caches, (*old_backend.k_caches, *old_backend.v_caches)))
+    finally:
+        runner.backend = old_backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_reference_decoder_layer_matches_the_cpp_op(gen, dtype):
     from tests.test_cpu_ops import assert_close

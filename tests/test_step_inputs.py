@@ -75,6 +75,8 @@ def test_rotary_tables_are_the_float32_tables_rows_rounded_once():
             assert torch.equal(got, want)
     rotary.cos = rotary.cos * 2  # a new buffer (as .to() makes): rounded again from it
     assert torch.equal(rotary.table(positions, torch.bfloat16).cos, rotary.cos[positions][:, None, :].bfloat16())
+    rotary.sin = rotary.sin * 2  # either buffer alone
+    assert torch.equal(rotary.table(positions, torch.bfloat16).sin, rotary.sin[positions][:, None, :].bfloat16())
 
 
 def test_inference_mode_runs_its_function_in_inference_mode_from_outside_and_inside_it():

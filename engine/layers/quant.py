@@ -263,9 +263,10 @@ class PackedQuantizedWeight(torch.nn.Module):
         (int8 weight-only only). Our kernels' layout gathers in one op (cpu_ops.cpp's
         int8_quad_rows: the same bits as the torch ops, ten of them, ~25 us a batch-1 step)."""
         if (self.amx or self.vector) and self.bits == 8 and not self.w8a8:
+            ops = vector_kernels()
             if index.dim() == 1:  # (a reshape that changes nothing is still an op)
-                return torch.ops.bento_llm.int8_quad_rows(self.qweight, self.scales, index, self.in_features)
-            rows = torch.ops.bento_llm.int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features)
+                return ops.int8_quad_rows(self.qweight, self.scales, index, self.in_features)
+            rows = ops.int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features)
             return rows.view(*index.shape, self.in_features)
         return self.int8_rows(index).to(self.scales.dtype) * self.scales[index, None]
 

@@ -107,10 +107,9 @@ class RotaryEmbedding(nn.Module):
         each: indexing, a view and a cast per table per step cost ~15 us of a batch-1 decode step
         (more right after the step's weight read has cycled the caches). Rounding commutes with
         the gather, so the values are the same bits."""
-        # Kept with the buffer they were rounded from (a .to() of the module replaces it) and their dtype.
-        source, rounded_dtype, cos, sin = self.__dict__.get("rounded", (None, None, None, None))
-        if source is not self._buffers["cos"] or rounded_dtype != dtype:
-            source, rounded_dtype = self._buffers["cos"], dtype
+        # Kept with the buffers they were rounded from (a .to() of the module replaces them) and their dtype.
+        cos_source, sin_source, rounded_dtype, cos, sin = self.__dict__.get("rounded", (None,) * 5)
+        if cos_source is not self._buffers["cos"] or sin_source is not self._buffers["sin"] or rounded_dtype != dtype:
             cos, sin = self.cos.to(dtype)[:, None, :], self.sin.to(dtype)[:, None, :]
-            self.__dict__["rounded"] = (source, dtype, cos, sin)
+            self.__dict__["rounded"] = (self._buffers["cos"], self._buffers["sin"], dtype, cos, sin)
         return RopeTable(cos.index_select(0, positions), sin.index_select(0, positions))

@@ -179,7 +179,7 @@ class LlamaDecoderLayer(nn.Module):
 
 def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tuple | None:
     """(a DecoderStack of every layer's plan at `rows` rows on the backend's KV caches, the layers'
-    forward hook dicts, the backend) where every layer is a LlamaDecoderLayer (its forward, not a
+    forward hook dicts) where every layer is a LlamaDecoderLayer (its forward, not a
     family's own) with a plan; else None."""
     backend = get_forward_context().backend
     if backend.name != "cpu" or any(type(layer).forward is not LlamaDecoderLayer.forward or "forward" in layer.__dict__
@@ -193,7 +193,17 @@ def build_decoder_stack(layers: nn.ModuleList, rows: int, rope: RopeTable) -> tu
         stack.add_layer(cache_index, *args)
     stack.set_caches(backend.k_caches, backend.v_caches)
     hooks = [d for layer in layers for d in (layer._forward_hooks, layer._forward_pre_hooks)]
-    return stack, hooks + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks], backend
+    return stack, hooks + [nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks]
+
+
+class DecoderStacks(dict):
+    """A model's DecoderStacks by row count (None: no stack at that count), all on one backend's KV
+    caches: a forward on another backend (a test's, a profiling run's) replaces them all, so no
+    stack writes to, or keeps alive, caches its forward does not use."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
 
 
 def decoder_stack(model: nn.Module, rows: int, rope: RopeTable):
@@ -203,11 +213,12 @@ def decoder_stack(model: nn.Module, rows: int, rope: RopeTable):
     attribution)."""
     if not (LlamaDecoderLayer.layer_op and LlamaDecoderLayer.layer_stack) or rows > LAYER_OP_MAX_ROWS:
         return None
-    stacks = model.__dict__.setdefault("layer_op_plans", {})
+    backend = get_forward_context().backend
+    stacks = model.__dict__.get("layer_op_plans")
+    if stacks is None or stacks.backend is not backend:
+        stacks = model.__dict__["layer_op_plans"] = DecoderStacks(backend)
     entry = stacks.get(rows, False)
-    # None is kept too (one backend per runner): no stack at this row count. A stack holds its
-    # backend's KV caches: another backend's forward (a second runner's caches) builds its own.
-    if entry is False or (entry is not None and entry[2] is not get_forward_context().backend):
+    if entry is False:
         entry = stacks[rows] = build_decoder_stack(model.layers, rows, rope)
     return None if entry is None or any(entry[1]) else entry[0]
 

@@ -52,7 +52,8 @@ inline bool few_rows_stream_weights() { return amd_with_avx512_bf16(); }
 // One kernel's choice between its streaming few-row loop and its prefetching one: the rule above
 // unless a benchmark or test forced one (force(true / false); force(nullopt): the rule again), so
 // that an A/B can time both loops in one process and a test can check both on any CPU. Each kernel
-// keeps its own (bf16_linear, bf16_mm_rows, int8_mm_rows); both loops of each give the same bits.
+// keeps its own (bf16_linear, bf16_mm_rows, int8_mm_rows). int8_mm_rows' two loops give the same bits;
+// the bfloat16 ones are tested against the same error bound (tests/test_cpu_linear.py).
 class StreamingChoice {
  public:
   bool streaming() const {

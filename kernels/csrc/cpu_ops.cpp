@@ -269,9 +269,9 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 
 // A tied embedding's lookup in the LM head's int8 codes: codes [N/64][K/4][64][4] (AMX-INT8's
 // order, quant_ops.cpp's int8 matmuls read it; K may be padded past in_features), scales [N] in
-// the output dtype, index int64 [rows] -> [rows, in_features] of code * scale, rounded once to
-// the scales' dtype: the bits of engine/layers/quant.py's gather codes.to(dtype) * scales[index]
-// (an int8 code and a bfloat16 scale multiply exactly in float32).
+// the output dtype (float32, bfloat16 or float16), index int64 or int32 [rows] -> [rows, in_features]
+// of code * scale, rounded once to the scales' dtype: the bits of engine/layers/quant.py's gather
+// codes.to(dtype) * scales[index] (an int8 code and a 16-bit scale multiply exactly in float32).
 //
 // Why: that gather was ten torch ops from Python (row block and lane, the strided gather, views,
 // the cast, the scales' gather and the product), ~25 us of a batch-1 decode step alone, and several
@@ -284,8 +284,12 @@ at::Tensor int8_quad_rows(const at::Tensor& codes, const at::Tensor& scales, con
   TORCH_CHECK(in_features > 0 && in_features <= codes.size(1) * 4, "in_features must be in 1..", codes.size(1) * 4);
   TORCH_CHECK(scales.dim() == 1 && scales.is_contiguous() && scales.size(0) <= codes.size(0) * 64,
               "scales must be contiguous [N], N at most codes' 64 * ", codes.size(0));
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "index must be int64 [rows]");
-  const at::Tensor ids = index.contiguous();
+  TORCH_CHECK(codes.is_cpu() && scales.is_cpu() && index.is_cpu(), "int8_quad_rows: codes, scales and index must be CPU tensors");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf,
+              "scales must be float32, bfloat16 or float16 (the product is formed in float32)");
+  TORCH_CHECK(index.dim() == 1 && (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
+              "index must be int64 or int32 [rows]");
+  const at::Tensor ids = index.to(at::kLong).contiguous();  // (no copy for a dense int64 index)
   const int64_t rows = ids.size(0), vocab = scales.size(0), quads = codes.size(1);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {

@@ -1070,7 +1070,8 @@ BENTO_AVX512_VNNI inline void store_split_sums(const __m512i (&acc_high)[R][4], 
 // planes' signs has to go: the high plane is signed, and so are the codes.
 // - ColumnBias false (the row's): the codes enter as w + 128 (unsigned: a xor per vector) against
 //   the high plane's quad, and 128 times the row's high-plane sum comes off at the end, one number a
-//   row: two products per 64 codes and row.
+//   row (summed again per block: K/64 products against the block's K/2, under 1%): two products per
+//   64 codes and row.
 // - ColumnBias true: the high plane enters as high + 128 against the codes, and 128 times each
 //   column's code sum (a third product per 64 codes, with ones, shared by the R rows) comes off.
 // Both take the same exact integer sums (int8_tile_product's), so the same bits:
