@@ -6,6 +6,7 @@
     python bench/profile_step.py --quantization none   # the bfloat16 weights (default: int4 on the GGUF's codes)
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
+    python bench/profile_step.py --dtype float32 --quantization none --ab-lm-head 6   # f32_mm_rows vs F.linear
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
     python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
@@ -242,21 +243,22 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
 
 
 def lm_head_ab(steps, rounds: int) -> None:
-    """Decode steps with the tied LM head (a plain bfloat16 weight) on bf16_mm_rows (AVX512-BF16,
-    kernels/csrc/gemv_ops.cpp) and on PyTorch's torch.mv/mm as before it, alternating in this
-    process, every pass printed (other processes load a shared machine)."""
+    """Decode steps with the tied LM head (a plain weight) on our few-row loops (kernels/csrc/
+    gemv_ops.cpp: bf16_mm_rows in bfloat16, f32_mm_rows in float32) and on PyTorch's matmuls as
+    before them (bfloat16: torch.mv/mm; float32: F.linear), alternating in this process, every pass
+    printed (other processes load a shared machine)."""
     from engine.layers import linear_kernels as linear
 
     rows_ops = linear.avx512_bf16_ops
     if rows_ops() is None or linear.amx_kernels() is not None:
-        print("the LM head does not run on bf16_mm_rows here (AMX runs it, or no AVX512-BF16)")
+        print("the LM head does not run on bf16_mm_rows / f32_mm_rows here (AMX runs it, or no AVX512-BF16)")
         return
 
     def set_mode(name: str) -> None:
-        linear.avx512_bf16_ops = rows_ops if name == "bf16_mm_rows" else (lambda: None)
+        linear.avx512_bf16_ops = rows_ops if name == "our few-row loop" else (lambda: None)
 
     try:
-        passes, _ = alternating_passes(steps, rounds, ["bf16_mm_rows", "torch.mv/mm"], set_mode)
+        passes, _ = alternating_passes(steps, rounds, ["our few-row loop", "PyTorch's matmul"], set_mode)
     finally:
         linear.avx512_bf16_ops = rows_ops
     for name, ms in passes.items():
@@ -439,7 +441,8 @@ def main() -> None:
     parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
     parser.add_argument("--ab-lm-head", type=int, default=0, metavar="ROUNDS",
-                        help="only: --steps decode steps with the LM head on bf16_mm_rows vs torch.mv/mm, alternating, ROUNDS rounds")
+                        help="only: --steps decode steps with the LM head on bf16_mm_rows (float32: f32_mm_rows) vs "
+                        "PyTorch's matmul, alternating, ROUNDS rounds")
     parser.add_argument("--ab-read-ahead", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
                              "alternating, ROUNDS rounds")

@@ -240,6 +240,94 @@ def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_rows(torch.randn(2, 96).to(torch.bfloat16), weight.float())
 
 
+def f32_mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return linear.avx512_bf16_ops().f32_mm_rows(x, weight)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_float32_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Against the exact product (float64): each product rounds once (2^-24 relative) and K-term
+    float32 sums in any order err by at most K 2^-24 sum_k |x_k w_k| (allowed twice that)."""
+    exact = x.double() @ weight.double().T
+    assert out.dtype == torch.float32 and out.shape == exact.shape and out.is_contiguous()
+    bound = (x.shape[1] + 1) * 2.0**-23 * (x.double().abs() @ weight.double().abs().T)
+    error = (out.double() - exact).abs()
+    assert (error <= bound).all(), f"worst error {(error - bound).max().item()} past the bound"
+
+
+@needs_bf16_rows
+# 1, 15, 17, 33: a masked last chunk of 1, 15, 1 and 1 floats; 16, 576: none
+@pytest.mark.parametrize("in_features", [1, 15, 16, 17, 33, 576])
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 64, 257])
+def test_the_avx512_float32_matmul_equals_the_exact_product(rows, out_features, in_features):
+    """f32_mm_rows (bf16_mm_rows' loops on float32 FMAs: the exact mode's tied LM head) against the
+    float64 product on random inputs, one and two threads, dense and strided input rows."""
+    gen = torch.Generator().manual_seed(rows * 100_000 + out_features * 10 + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    wide = torch.randn(rows, in_features + 3, generator=gen)
+    for x in (wide[:, 3:].contiguous(), wide[:, 3:]):
+        for threads in (1, 2):
+            assert_float32_product(f32_mm_rows_at(threads, x, weight), x, weight)
+
+
+@needs_bf16_rows
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_avx512_float32_matmul_at_one_row_is_the_exact_product_on_both_loops(streaming):
+    """One row (the float32 head at batch 1) on each loop set_bf16_mm_rows_streaming picks, on the
+    default model's head shape and an odd one."""
+    gen = torch.Generator().manual_seed(11)
+    ops = linear.avx512_bf16_ops()
+    ops.set_bf16_mm_rows_streaming(streaming)
+    try:
+        for out_features, in_features in ((49152, 576), (1000, 95)):
+            weight = torch.randn(out_features, in_features, generator=gen)
+            x = torch.randn(1, in_features, generator=gen)
+            for threads in (1, 2):
+                assert_float32_product(f32_mm_rows_at(threads, x, weight), x, weight)
+    finally:
+        ops.set_bf16_mm_rows_streaming(None)
+
+
+@needs_bf16_rows
+def test_a_plain_float32_weight_runs_on_the_avx512_float32_matmul_up_to_few_rows(monkeypatch):
+    """few_rows_float32 (the float32 tied LM head's path) takes f32_mm_rows up to AMX_FEW_ROWS rows,
+    F.linear beyond; the results agree with F.linear's."""
+    real, calls = linear.avx512_bf16_ops(), []
+
+    class Spy:
+        def f32_mm_rows(self, x, weight):
+            calls.append(x.shape[0])
+            return real.f32_mm_rows(x, weight)
+
+    monkeypatch.setattr(linear, "avx512_bf16_ops", Spy)
+    layer = Linear(96, 100, bias=False)
+    assert layer.finalize(None, 32, pack=False) == "float"
+    with torch.inference_mode():
+        for rows in (1, 3, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), **TOL[torch.float32])
+    assert calls == [1, 3, linear.AMX_FEW_ROWS]
+
+
+@needs_bf16_rows
+def test_the_avx512_float32_matmul_refuses_what_it_cannot_read():
+    ops = linear.avx512_bf16_ops()
+    weight = torch.randn(64, 96)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.f32_mm_rows(torch.randn(2, 94), weight)
+    with pytest.raises(RuntimeError, match="x must be a .* float32 matrix"):
+        ops.f32_mm_rows(torch.randn(2, 96).to(torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.f32_mm_rows(torch.randn(2, 64), weight.T)
+    with pytest.raises(RuntimeError, match="weight must be a .* float32 matrix"):
+        ops.f32_mm_rows(torch.randn(2, 96), weight.double())
+
+
 def check_strips_product(matmul, threads: int, rows: int, out_features: int, in_features: int) -> None:
     """matmul(x, amx_linear_pack(W), bias, N) against the float32 product x W^T (+ bias) on random
     inputs, with bias and without, an input whose rows are not contiguous (row stride 2 K), on

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, packed_rows, strips_kernel_call,
-                                          strips_linear, strips_ops)
+from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, few_rows_float32, packed_rows,
+                                          strips_kernel_call, strips_linear, strips_ops)
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, quantize_blocks
 from engine.layers.quant_kernels import quantized_kernel_call
 from engine.layers.step_module import StepModule
@@ -97,8 +97,11 @@ class Linear(StepModule, nn.Linear):
                 x = F.pad(x, (0, 0, 0, padded - rows))
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
             return y if padded == rows else y[:rows]
-        if bias is None and x.dtype == torch.bfloat16 and x.shape[0] <= AMX_FEW_ROWS:
-            return few_rows_bfloat16(x, self.weight)
+        if bias is None and x.shape[0] <= AMX_FEW_ROWS:
+            if x.dtype == torch.bfloat16:
+                return few_rows_bfloat16(x, self.weight)
+            if x.dtype == torch.float32:
+                return few_rows_float32(x, self.weight)
         return F.linear(x, self.weight, bias)
 
     def kernel_call(self, rows: int) -> tuple[str, list, list[int]] | None:

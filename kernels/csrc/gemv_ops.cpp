@@ -141,6 +141,36 @@ constexpr int64_t kRowsBlockN = 16;  // weight rows per block: one tile's 16 out
 
 bool bf16_rows_supported() { return cpu_features::avx512_bf16(); }
 
+// What the loops below multiply: bfloat16 (32 per 512-bit register, one _mm512_dpbf16_ps pair
+// product per register, the sums rounded to bfloat16) or float32 (16 per register, one FMA, the
+// sums stored as they are: f32_mm_rows, the float32 LM head, where ATen's GEMV read the 49152 x 576
+// head at a third of a float32 sum's rate on two threads).
+struct Bf16Elems {
+  using T = c10::BFloat16;
+  using Vec = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int64_t kStep = 32;
+  template <bool Masked>
+  BENTO_BF16_TARGET static Vec load(const T* p, Mask mask) {
+    return reinterpret_cast<__m512bh>(Masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p));
+  }
+  BENTO_BF16_TARGET static __m512 dot(__m512 acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }
+  BENTO_BF16_TARGET static void store16(T* p, __mmask16 mask, __m512 v) {
+    _mm256_mask_storeu_epi16(p, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+};
+
+struct F32Elems {
+  using T = float;
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t kStep = 16;
+  template <bool Masked>
+  BENTO_BF16_TARGET static Vec load(const T* p, Mask mask) { return Masked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p); }
+  BENTO_BF16_TARGET static __m512 dot(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
+  BENTO_BF16_TARGET static void store16(T* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+};
+
 // Lane i of the result = the sum of acc[i]'s 16 lanes: pairs of registers are interleaved and added
 // (halving the registers, doubling the registers' sums each holds) four times.
 BENTO_BF16_TARGET inline __m512 sum_lanes16(const __m512* acc) {
@@ -157,26 +187,22 @@ BENTO_BF16_TARGET inline __m512 sum_lanes16(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88), _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
 }
 
-template <bool Masked>
-BENTO_BF16_TARGET inline __m512bh load_pairs(const c10::BFloat16* p, __mmask32 mask) {
-  return reinterpret_cast<__m512bh>(Masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p));
-}
-
-// acc[m * NB + i] += the products of weight row w[i] and input row m over columns [k, k + 32);
-// with Prefetch and now, the same columns of weight rows ahead[i] are asked into L2.
-template <int NB, int MB, bool Masked, bool Prefetch>
-BENTO_BF16_TARGET inline void accumulate(__m512* acc, const c10::BFloat16* const* w, const c10::BFloat16* const* ahead,
-                                         const c10::BFloat16* x, int64_t ldx, int64_t k, __mmask32 mask, bool now) {
-  __m512bh in[MB];
-  for (int m = 0; m < MB; ++m) in[m] = load_pairs<Masked>(x + m * ldx + k, mask);
+// acc[m * NB + i] += the products of weight row w[i] and input row m over columns [k, k + E::kStep)
+// (one 64-byte line of each); with Prefetch and now, the same line of weight rows ahead[i] is
+// asked into L2.
+template <class E, int NB, int MB, bool Masked, bool Prefetch>
+BENTO_BF16_TARGET inline void accumulate(__m512* acc, const typename E::T* const* w, const typename E::T* const* ahead,
+                                         const typename E::T* x, int64_t ldx, int64_t k, typename E::Mask mask, bool now) {
+  typename E::Vec in[MB];
+  for (int m = 0; m < MB; ++m) in[m] = E::template load<Masked>(x + m * ldx + k, mask);
   for (int i = 0; i < NB; ++i) {
     if (Prefetch && now) _mm_prefetch(reinterpret_cast<const char*>(ahead[i] + k), _MM_HINT_T1);
-    const __m512bh row = load_pairs<Masked>(w[i] + k, mask);
-    for (int m = 0; m < MB; ++m) acc[m * NB + i] = _mm512_dpbf16_ps(acc[m * NB + i], row, in[m]);
+    const typename E::Vec row = E::template load<Masked>(w[i] + k, mask);
+    for (int m = 0; m < MB; ++m) acc[m * NB + i] = E::dot(acc[m * NB + i], row, in[m]);
   }
 }
 
-// out[m, i] = x[m] . w[i] for m < MB, i < columns (<= NB), in bfloat16 (rounded to nearest even).
+// out[m, i] = x[m] . w[i] for m < MB, i < columns (<= NB), in E's type (bfloat16: rounded to nearest even).
 // With Prefetch, the column chunks c = phase (mod phases) of weight rows ahead[i] are asked into L2.
 // RowByRow (one input row): each weight row is read whole before the next (one sequential stream
 // through the block rather than 16 streams a weight row apart), each line asking for the same line
@@ -186,43 +212,45 @@ BENTO_BF16_TARGET inline void accumulate(__m512* acc, const c10::BFloat16* const
 // way, 0.79-0.89 column chunk by chunk across the 16 rows (without the prefetch: 0.74-0.88 row by
 // row, 0.53 by chunks); at 4 rows row by row is bound by each register's chain of dependent
 // vdpbf16ps (0.40 of the sum against 0.80).
-template <int NB, int MB, bool Prefetch, bool RowByRow = false>
-BENTO_BF16_TARGET void dot_tile(const c10::BFloat16* const* w, const c10::BFloat16* const* ahead, const c10::BFloat16* x,
-                                int64_t ldx, int64_t k_total, int64_t columns, c10::BFloat16* out, int64_t ldo,
+template <class E, int NB, int MB, bool Prefetch, bool RowByRow = false>
+BENTO_BF16_TARGET void dot_tile(const typename E::T* const* w, const typename E::T* const* ahead, const typename E::T* x,
+                                int64_t ldx, int64_t k_total, int64_t columns, typename E::T* out, int64_t ldo,
                                 int64_t phase = 0, int64_t phases = 1) {
   static_assert(NB * MB == 16, "a tile is 16 registers, summed across lanes together");
   static_assert(!RowByRow || MB == 1, "row by row: one input row");
+  constexpr int64_t step = E::kStep;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t whole = k_total / 32 * 32;
-  const __mmask32 last = static_cast<__mmask32>((1ull << (k_total - whole)) - 1);
+  const int64_t whole = k_total / step * step;
+  const auto last = static_cast<typename E::Mask>((1ull << (k_total - whole)) - 1);
   if constexpr (RowByRow) {
     for (int i = 0; i < NB; ++i) {
-      for (int64_t k = 0; k < whole; k += 32) accumulate<1, 1, false, Prefetch>(acc + i, w + i, ahead + i, x, ldx, k, 0, true);
-      if (whole < k_total) accumulate<1, 1, true, Prefetch>(acc + i, w + i, ahead + i, x, ldx, whole, last, true);
+      for (int64_t k = 0; k < whole; k += step) accumulate<E, 1, 1, false, Prefetch>(acc + i, w + i, ahead + i, x, ldx, k, 0, true);
+      if (whole < k_total) accumulate<E, 1, 1, true, Prefetch>(acc + i, w + i, ahead + i, x, ldx, whole, last, true);
     }
   } else {
     int64_t wait = phase;  // chunks until the next prefetching one
-    for (int64_t k = 0; k < whole; k += 32) {
+    for (int64_t k = 0; k < whole; k += step) {
       const bool now = wait == 0;
       wait = now ? phases - 1 : wait - 1;
-      accumulate<NB, MB, false, Prefetch>(acc, w, ahead, x, ldx, k, 0, now);
+      accumulate<E, NB, MB, false, Prefetch>(acc, w, ahead, x, ldx, k, 0, now);
     }
-    if (whole < k_total) accumulate<NB, MB, true, Prefetch>(acc, w, ahead, x, ldx, whole, last, wait == 0);
+    if (whole < k_total) accumulate<E, NB, MB, true, Prefetch>(acc, w, ahead, x, ldx, whole, last, wait == 0);
   }
-  const __m256i sums = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum_lanes16(acc)));
+  const __m512 sums = sum_lanes16(acc);
   if (MB == 1) {
-    _mm256_mask_storeu_epi16(out, static_cast<__mmask16>((1u << columns) - 1), sums);
+    E::store16(out, static_cast<__mmask16>((1u << columns) - 1), sums);
     return;
   }
-  alignas(32) c10::BFloat16 lanes[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
-  for (int m = 0; m < MB; ++m) std::memcpy(out + m * ldo, lanes + m * NB, columns * sizeof(c10::BFloat16));
+  alignas(64) typename E::T lanes[16];
+  E::store16(lanes, 0xffff, sums);
+  for (int m = 0; m < MB; ++m) std::memcpy(out + m * ldo, lanes + m * NB, columns * sizeof(typename E::T));
 }
 
 // Whether a 1-row call (the tied LM head at batch 1) reads each weight row of a block whole before
 // the next (dot_tile's RowByRow) or the block's 16 rows a 32-column chunk at a time: the CPU's rule
-// (cpu_features::few_rows_stream_weights) unless set_bf16_mm_rows_streaming forced one.
+// (cpu_features::few_rows_stream_weights) unless set_bf16_mm_rows_streaming forced one (both
+// bf16_mm_rows and f32_mm_rows follow it).
 cpu_features::StreamingChoice one_row_streaming_choice;
 
 // Weight rows [n0, n0 + 16) against every input row: 4 rows at a time (4 x 4 tiles), then 2, then 1
@@ -231,9 +259,11 @@ cpu_features::StreamingChoice one_row_streaming_choice;
 // spread over the groups of 4 input rows: group g asks for the column chunks c = g (mod groups), so
 // the next block's lines arrive while the whole block computes rather than in a burst during its
 // first group (below 8 rows the first group or tile asks for them all, as before).
-BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, int64_t k_total, int64_t n0,
-                                 const c10::BFloat16* x, int64_t rows, int64_t ldx, c10::BFloat16* out) {
-  const c10::BFloat16 *w[kRowsBlockN], *ahead[kRowsBlockN];
+template <class E>
+BENTO_BF16_TARGET void dot_block(const typename E::T* weight, int64_t n_total, int64_t k_total, int64_t n0,
+                                 const typename E::T* x, int64_t rows, int64_t ldx, typename E::T* out) {
+  using T = typename E::T;
+  const T *w[kRowsBlockN], *ahead[kRowsBlockN];
   for (int64_t i = 0; i < kRowsBlockN; ++i) {
     w[i] = weight + std::min(n0 + i, n_total - 1) * k_total;
     ahead[i] = weight + std::min(n0 + kRowsBlockN + i, n_total - 1) * k_total;
@@ -243,51 +273,67 @@ BENTO_BF16_TARGET void dot_block(const c10::BFloat16* weight, int64_t n_total, i
   int64_t m = 0;
   for (; m + 4 <= rows; m += 4)
     for (int64_t s = 0; s < 16 && s < columns; s += 4) {
-      c10::BFloat16* o = out + m * n_total + n0 + s;
-      dot_tile<4, 4, true>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 4), o, n_total, m / 4, rows / 4);
+      T* o = out + m * n_total + n0 + s;
+      dot_tile<E, 4, 4, true>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 4), o, n_total, m / 4, rows / 4);
     }
   if (rows - m >= 2) {
     for (int64_t s = 0; s < 16 && s < columns; s += 8) {
-      c10::BFloat16* o = out + m * n_total + n0 + s;
-      if (m == 0) dot_tile<8, 2, true>(w + s, ahead + s, x, ldx, k_total, part(s, 8), o, n_total);
-      else dot_tile<8, 2, false>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 8), o, n_total);
+      T* o = out + m * n_total + n0 + s;
+      if (m == 0) dot_tile<E, 8, 2, true>(w + s, ahead + s, x, ldx, k_total, part(s, 8), o, n_total);
+      else dot_tile<E, 8, 2, false>(w + s, ahead + s, x + m * ldx, ldx, k_total, part(s, 8), o, n_total);
     }
     m += 2;
   }
   if (m < rows) {
-    c10::BFloat16* o = out + m * n_total + n0;
-    if (rows == 1 && one_row_streaming_choice.streaming()) dot_tile<16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
-    else if (m == 0) dot_tile<16, 1, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
-    else dot_tile<16, 1, false>(w, ahead, x + m * ldx, ldx, k_total, columns, o, n_total);
+    T* o = out + m * n_total + n0;
+    if (rows == 1 && one_row_streaming_choice.streaming()) dot_tile<E, 16, 1, true, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
+    else if (m == 0) dot_tile<E, 16, 1, true>(w, ahead, x, ldx, k_total, columns, o, n_total);
+    else dot_tile<E, 16, 1, false>(w, ahead, x + m * ldx, ldx, k_total, columns, o, n_total);
   }
 }
 
 // A thread's part: weight blocks [begin, end). Its own function with the target attribute (the
 // parallel_for lambda has none).
-BENTO_BF16_TARGET void dot_blocks(const c10::BFloat16* weight, int64_t n_total, int64_t k_total, const c10::BFloat16* x,
-                                  int64_t rows, int64_t ldx, c10::BFloat16* out, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) dot_block(weight, n_total, k_total, b * kRowsBlockN, x, rows, ldx, out);
+template <class E>
+BENTO_BF16_TARGET void dot_blocks(const typename E::T* weight, int64_t n_total, int64_t k_total, const typename E::T* x,
+                                  int64_t rows, int64_t ldx, typename E::T* out, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) dot_block<E>(weight, n_total, k_total, b * kRowsBlockN, x, rows, ldx, out);
 }
 
-// x [M, K] bfloat16 @ weight [N, K]^T -> [M, N] bfloat16, for any M (the caller keeps it to the
-// few rows where it beats PyTorch's matmul), any K.
-at::Tensor bf16_mm_rows(const at::Tensor& x_in, const at::Tensor& weight) {
-  TORCH_CHECK(bf16_rows_supported(), "bf16_mm_rows needs a CPU with AVX512-BF16 (and AVX512F/BW/VL)");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "x: a [rows, K] bfloat16 matrix");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
-              "weight: a contiguous [N, K] bfloat16 matrix");
+// x [M, K] @ weight [N, K]^T -> [M, N] in E's type, for any M (the caller keeps it to the few rows
+// where it beats PyTorch's matmul), any K.
+template <class E>
+at::Tensor mm_rows(const char* name, at::ScalarType dtype, const char* dtype_name, const at::Tensor& x_in,
+                   const at::Tensor& weight) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == dtype, name, ": x must be a [rows, K] ", dtype_name, " matrix");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == dtype && weight.is_contiguous(), name,
+              ": weight must be a contiguous [N, K] ", dtype_name, " matrix");
+  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), name, ": CPU tensors only");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const int64_t rows = x.size(0), n_total = weight.size(0), k_total = weight.size(1), ldx = x.stride(0);
-  TORCH_CHECK(x.size(1) == k_total, "x has ", x.size(1), " columns, the weight ", k_total);
+  TORCH_CHECK(x.size(1) == k_total, name, ": x has ", x.size(1), " columns, the weight ", k_total);
   at::Tensor out = at::empty({rows, n_total}, x.options());
   if (rows == 0 || n_total == 0) return out;
-  const auto* w = weight.data_ptr<c10::BFloat16>();
-  const auto* in = x.data_ptr<c10::BFloat16>();
-  auto* y = out.data_ptr<c10::BFloat16>();
+  using T = typename E::T;
+  const T* w = weight.data_ptr<T>();
+  const T* in = x.data_ptr<T>();
+  T* y = out.data_ptr<T>();
   kernel_pool::parallel_for(0, (n_total + kRowsBlockN - 1) / kRowsBlockN, 1, [&](int64_t begin, int64_t end) {
-    dot_blocks(w, n_total, k_total, in, rows, ldx, y, begin, end);
-  }, {w, n_total * k_total * 2});
+    dot_blocks<E>(w, n_total, k_total, in, rows, ldx, y, begin, end);
+  }, {w, n_total * k_total * static_cast<int64_t>(sizeof(T))});
   return out;
+}
+
+at::Tensor bf16_mm_rows(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(bf16_rows_supported(), "bf16_mm_rows needs a CPU with AVX512-BF16 (and AVX512F/BW/VL)");
+  return mm_rows<Bf16Elems>("bf16_mm_rows", at::kBFloat16, "bfloat16", x, weight);
+}
+
+// The same loops in float32 (the exact mode's tied LM head). The file's functions are compiled for
+// AVX512-BF16 (one target attribute for both element types), so this asks the same CPU check.
+at::Tensor f32_mm_rows(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(bf16_rows_supported(), "f32_mm_rows needs a CPU with AVX512-BF16 (and AVX512F/BW/VL)");
+  return mm_rows<F32Elems>("f32_mm_rows", at::kFloat, "float32", x, weight);
 }
 
 }  // namespace
@@ -295,7 +341,8 @@ at::Tensor bf16_mm_rows(const at::Tensor& x_in, const at::Tensor& weight) {
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("bf16_mm_amx(Tensor x, Tensor weight) -> Tensor", &bf16_mm_amx);
   m.def("bf16_mm_rows(Tensor x, Tensor weight) -> Tensor", &bf16_mm_rows);
-  // Benchmarks and tests: bf16_mm_rows at one row on its streaming loop (true), the prefetching one
+  m.def("f32_mm_rows(Tensor x, Tensor weight) -> Tensor", &f32_mm_rows);
+  // Benchmarks and tests: bf16_mm_rows and f32_mm_rows at one row on their streaming loop (true), the prefetching one
   // (false) or the CPU's rule (None).
   m.def("set_bf16_mm_rows_streaming(bool? on) -> ()", [](std::optional<bool> on) { one_row_streaming_choice.force(on); });
 }
