@@ -435,7 +435,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
     parser.add_argument("--prompt-len", type=int, default=32,
                         help="tokens per prompt: the decode attention's context (chat64's is ~50-180)")
-    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
+    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler (0: none, the phase and forward tables only)")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
     parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
@@ -560,6 +560,8 @@ def main() -> None:
     print(f"| (the decoder_layer ops' projection stand-ins, aten::new_zeros, timed alone from Python) | "
           f"{stand_in_time(runner.model, args.batch, repeats) * 1e3:.3f} | |")
 
+    if args.profile_steps <= 0:  # the phase and forward tables only
+        return
     # 2. and 3. ops under the profiler, each decoder layer marked by a record_function
     model = runner.model
     hooks = []
