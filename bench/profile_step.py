@@ -435,7 +435,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed by phase")
     parser.add_argument("--prompt-len", type=int, default=32,
                         help="tokens per prompt: the decode attention's context (chat64's is ~50-180)")
-    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler (0: none, the phase and forward tables only)")
+    parser.add_argument("--profile-steps", type=int, default=16,
+                        help="decode steps under torch.profiler (0: none, the phase and forward tables only)")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--trace", help="write a Chrome trace of the profiled steps here")
     parser.add_argument("--ab-fused-mlp", type=int, default=0, metavar="ROUNDS",
