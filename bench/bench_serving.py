@@ -16,6 +16,7 @@ prints request throughput, output tokens/s and TTFT, TPOT and ITL (mean, median,
     python bench/bench_serving.py --hf-baseline --dtype bfloat16 --num-prompts 4
     # the weight formats side by side: one server per format, concurrency 1 (8 requests), 16 (32), 64 (64)
     python bench/bench_serving.py --formats none,int8,int4
+    python bench/bench_serving.py --formats none,int8,int4 --format-rounds 3   # interleaved: ratios per round
 
 Every request asks for exactly --max-tokens tokens (ignore_eos), as vLLM's random dataset
 does, so runs compare like with like. Output tokens are counted from the server's usage.
@@ -196,28 +197,59 @@ FORMAT_SWEEP = [(1, 8), (16, 32), (64, 64)]  # (concurrency, requests)
 
 def format_sweep(args: argparse.Namespace) -> None:
     """Issue 13's served table: each weight format in a server of its own (the other --server-arg
-    settings shared), the same requests at each concurrency, output tok/s and median TTFT."""
+    settings shared), all started first and kept up (an idle server's threads sleep), then
+    --format-rounds rounds in which every format meets the same requests at each concurrency, the
+    formats' order rotated each round, so that a machine whose speed drifts between minutes slows
+    every format of a round alike (formats run one after another minutes apart measured ratios
+    that moved by 0.1 between runs). Per round: output tok/s and its ratio to the first format in
+    that round; the table: each format's median tok/s, the median of its per-round ratios and its
+    median TTFT."""
+    from contextlib import ExitStack
+
     from bento_llm.testing import ServerProcess
 
-    rows = []
-    for quantization in args.formats.split(","):
-        server_args = {**dict(item.split("=", 1) for item in args.server_arg), "quantization": quantization}
-        with ServerProcess(args=server_args, log_path=f"/tmp/bento-llm-bench-serve-{quantization}.log") as server:
-            args.base_url = server.url
+    formats = args.formats.split(",")
+    shared = dict(item.split("=", 1) for item in args.server_arg)
+    runs: dict[tuple[str, int], list[dict]] = {}  # (format, concurrency) -> its rounds' summaries
+    ratios: dict[tuple[str, int], list[float]] = {}
+    with ExitStack() as stack:
+        urls = {}
+        for quantization in formats:  # started in turn: each load has the machine to itself
+            server = stack.enter_context(ServerProcess(args={**shared, "quantization": quantization},
+                                                       log_path=f"/tmp/bento-llm-bench-serve-{quantization}.log"))
+            urls[quantization] = server.url
+        for quantization in formats:  # one request each first: no round pays a server's first-call costs
+            args.base_url, args.max_concurrency = urls[quantization], 1
+            asyncio.run(run(args, make_prompts(1, args.seed + 1)))
+        for round_ in range(args.format_rounds):
+            order = formats[round_ % len(formats):] + formats[:round_ % len(formats)]
             for concurrency, requests in FORMAT_SWEEP:
                 args.max_concurrency, args.num_prompts = concurrency, requests
-                results, duration = asyncio.run(run(args, make_prompts(requests, args.seed)))
-                summary = summarize(results, duration, args)
-                print(f"{quantization} c={concurrency}: {summary['output_throughput']:.1f} tok/s, "
-                      f"median TTFT {summary['median_ttft_ms']:.0f} ms, failed {summary['failed']}", flush=True)
-                rows.append((quantization, summary))
-    base = {s["max_concurrency"]: s["output_throughput"] or float("nan") for q, s in rows if q == rows[0][0]}
-    print(f"\n{args.endpoint}, {args.max_tokens} tokens; output tok/s (ratio to {rows[0][0]}) and median TTFT\n")
-    print("| format | " + " | ".join(f"c={c}" for c, _ in FORMAT_SWEEP) + " |")
+                this_round = {}
+                for quantization in order:
+                    args.base_url = urls[quantization]
+                    results, duration = asyncio.run(run(args, make_prompts(requests, args.seed)))
+                    this_round[quantization] = summary = summarize(results, duration, args)
+                    runs.setdefault((quantization, concurrency), []).append(summary)
+                base = this_round[formats[0]]["output_throughput"] or float("nan")
+                for quantization in formats:
+                    summary = this_round[quantization]
+                    ratios.setdefault((quantization, concurrency), []).append(summary["output_throughput"] / base)
+                    print(f"round {round_} {quantization} c={concurrency}: {summary['output_throughput']:.1f} tok/s "
+                          f"({summary['output_throughput'] / base:.2f}x {formats[0]}), median TTFT "
+                          f"{summary['median_ttft_ms']:.0f} ms, failed {summary['failed']}", flush=True)
+    print(f"\n{args.endpoint}, {args.max_tokens} tokens, {args.format_rounds} interleaved round(s): median output tok/s "
+          f"(median of the per-round ratios to {formats[0]}; their range) and median TTFT\n")
+    print("| format | " + " | ".join(f"c={c} ({n} requests)" for c, n in FORMAT_SWEEP) + " |")
     print("| --- |" + " --- |" * len(FORMAT_SWEEP))
-    for quantization in dict.fromkeys(q for q, _ in rows):
-        cells = [f"{s['output_throughput']:.1f} ({s['output_throughput'] / base[s['max_concurrency']]:.2f}x), "
-                 f"{s['median_ttft_ms']:.0f} ms" for q, s in rows if q == quantization]
+    for quantization in formats:
+        cells = []
+        for concurrency, _ in FORMAT_SWEEP:
+            rounds, r = runs[(quantization, concurrency)], ratios[(quantization, concurrency)]
+            tok_s = float(np.median([s["output_throughput"] for s in rounds]))
+            ttft = float(np.median([s["median_ttft_ms"] for s in rounds]))
+            spread = f"; {min(r):.2f}-{max(r):.2f}" if len(r) > 1 else ""
+            cells.append(f"{tok_s:.1f} ({float(np.median(r)):.2f}x{spread}), {ttft:.0f} ms")
         print(f"| {quantization} | " + " | ".join(cells) + " |")
 
 
@@ -278,6 +310,8 @@ def main() -> None:
     parser.add_argument("--formats", default=None,
                         help="comma-separated quantizations (none, int8, int4, ...): launch one server per format and "
                              "run concurrency 1, 16 and 64 (8, 32 and 64 requests) against each; prints one table")
+    parser.add_argument("--format-rounds", type=int, default=1,
+                        help="with --formats: interleaved rounds (every format per concurrency, order rotated)")
     args = parser.parse_args()
     prompts = make_prompts(args.num_prompts, args.seed)
 
