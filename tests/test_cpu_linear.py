@@ -130,11 +130,14 @@ def test_the_amx_bfloat16_matmul_refuses_what_it_cannot_read():
 needs_bf16_rows = pytest.mark.skipif(linear.avx512_bf16_ops() is None, reason="no AVX512-BF16 or no C++ kernels here")
 
 
-def bf16_mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """gemv_ops.cpp's few-row matmul of x's dtype (bf16_mm_rows, f32_mm_rows) on `threads` threads."""
+    ops = linear.avx512_bf16_ops()
+    op = ops.bf16_mm_rows if x.dtype == torch.bfloat16 else ops.f32_mm_rows
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return linear.avx512_bf16_ops().bf16_mm_rows(x, weight)
+        return op(x, weight)
     finally:
         torch.set_num_threads(previous)
 
@@ -170,7 +173,7 @@ def test_the_avx512_bfloat16_matmul_equals_the_float_product(rows, out_features,
     wide = torch.randn(rows, in_features + 3, generator=gen).to(torch.bfloat16)
     for x in (wide[:, 3:].contiguous(), wide[:, 3:]):
         for threads in (1, 2):
-            assert_bfloat16_product(bf16_mm_rows_at(threads, x, weight), x, weight)
+            assert_bfloat16_product(mm_rows_at(threads, x, weight), x, weight)
 
 
 @needs_bf16_rows
@@ -187,7 +190,7 @@ def test_the_avx512_bfloat16_matmul_at_one_row_is_the_float_product_on_both_loop
     ops.set_bf16_mm_rows_streaming(streaming)
     try:
         for threads in (1, 2):
-            assert_bfloat16_product(bf16_mm_rows_at(threads, x, weight), x, weight)
+            assert_bfloat16_product(mm_rows_at(threads, x, weight), x, weight)
     finally:
         ops.set_bf16_mm_rows_streaming(None)  # the CPU's rule again
 
@@ -200,30 +203,39 @@ def test_the_avx512_bfloat16_matmul_reads_the_default_models_head_and_any_input_
     weight = torch.randn(49152, 576, generator=gen).to(torch.bfloat16)
     for rows in (1, 3):
         x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
-        assert_bfloat16_product(bf16_mm_rows_at(2, x, weight), x, weight)
+        assert_bfloat16_product(mm_rows_at(2, x, weight), x, weight)
     x = torch.randn(576, 2, generator=gen).to(torch.bfloat16).T  # column stride 2
-    assert_bfloat16_product(bf16_mm_rows_at(1, x, weight[:100].contiguous()), x, weight[:100])
-    assert bf16_mm_rows_at(1, x[:0], weight).shape == (0, 49152)
+    assert_bfloat16_product(mm_rows_at(1, x, weight[:100].contiguous()), x, weight[:100])
+    assert mm_rows_at(1, x[:0], weight).shape == (0, 49152)
 
 
 @needs_bf16_rows
-def test_a_plain_bfloat16_weight_runs_on_the_avx512_bfloat16_matmul_where_there_is_no_amx(monkeypatch):
-    """few_rows_bfloat16 (the tied LM head's path) picks bf16_mm_rows after AMX, up to AMX_FEW_ROWS rows."""
+@pytest.mark.parametrize("dtype, op", [(torch.bfloat16, "bf16_mm_rows"), (torch.float32, "f32_mm_rows")])
+def test_a_plain_weights_few_rows_run_on_the_avx512_matmul_of_its_dtype(monkeypatch, dtype, op):
+    """A plain weight (the tied LM head's path: few_rows_bfloat16 / few_rows_float32) multiplies up to
+    AMX_FEW_ROWS rows on gemv_ops.cpp's loops: bfloat16 on bf16_mm_rows where there is no AMX,
+    float32 on f32_mm_rows; F.linear beyond. The results are the float product's."""
     real, calls = linear.avx512_bf16_ops(), []
 
     class Spy:
-        def bf16_mm_rows(self, x, weight):
-            calls.append(x.shape[0])
-            return real.bf16_mm_rows(x, weight)
+        def __getattr__(self, name):
+            assert name == op
+
+            def spy(x, weight):
+                calls.append(x.shape[0])
+                return getattr(real, name)(x, weight)
+
+            return spy
 
     monkeypatch.setattr(linear, "avx512_bf16_ops", Spy)
-    layer = Linear(96, 100, bias=False).to(torch.bfloat16)
+    layer = Linear(96, 100, bias=False).to(dtype)
     assert layer.finalize(None, 32, pack=False) == "float"
     with torch.inference_mode():
-        for rows in (1, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
-            x = torch.randn(rows, 96).to(torch.bfloat16)
-            torch.testing.assert_close(layer(x).float(), x.float() @ layer.weight.float().T, atol=2e-2, rtol=2e-2)
-    assert calls == ([] if amx_ops() is not None else [1, linear.AMX_FEW_ROWS])
+        for rows in (1, 3, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
+            x = torch.randn(rows, 96).to(dtype)
+            torch.testing.assert_close(layer(x).float(), F.linear(x.float(), layer.weight.float()), **TOL[dtype])
+    few = [1, 3, linear.AMX_FEW_ROWS]
+    assert calls == ([] if dtype == torch.bfloat16 and amx_ops() is not None else few)
 
 
 @needs_bf16_rows
@@ -238,15 +250,6 @@ def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
         ops.bf16_mm_rows(torch.randn(2, 64).to(torch.bfloat16), weight.T)
     with pytest.raises(RuntimeError, match="bfloat16 matrix"):
         ops.bf16_mm_rows(torch.randn(2, 96).to(torch.bfloat16), weight.float())
-
-
-def f32_mm_rows_at(threads: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return linear.avx512_bf16_ops().f32_mm_rows(x, weight)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def assert_float32_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -272,7 +275,7 @@ def test_the_avx512_float32_matmul_equals_the_exact_product(rows, out_features, 
     wide = torch.randn(rows, in_features + 3, generator=gen)
     for x in (wide[:, 3:].contiguous(), wide[:, 3:]):
         for threads in (1, 2):
-            assert_float32_product(f32_mm_rows_at(threads, x, weight), x, weight)
+            assert_float32_product(mm_rows_at(threads, x, weight), x, weight)
 
 
 @needs_bf16_rows
@@ -288,30 +291,9 @@ def test_the_avx512_float32_matmul_at_one_row_is_the_exact_product_on_both_loops
             weight = torch.randn(out_features, in_features, generator=gen)
             x = torch.randn(1, in_features, generator=gen)
             for threads in (1, 2):
-                assert_float32_product(f32_mm_rows_at(threads, x, weight), x, weight)
+                assert_float32_product(mm_rows_at(threads, x, weight), x, weight)
     finally:
         ops.set_bf16_mm_rows_streaming(None)
-
-
-@needs_bf16_rows
-def test_a_plain_float32_weight_runs_on_the_avx512_float32_matmul_up_to_few_rows(monkeypatch):
-    """few_rows_float32 (the float32 tied LM head's path) takes f32_mm_rows up to AMX_FEW_ROWS rows,
-    F.linear beyond; the results agree with F.linear's."""
-    real, calls = linear.avx512_bf16_ops(), []
-
-    class Spy:
-        def f32_mm_rows(self, x, weight):
-            calls.append(x.shape[0])
-            return real.f32_mm_rows(x, weight)
-
-    monkeypatch.setattr(linear, "avx512_bf16_ops", Spy)
-    layer = Linear(96, 100, bias=False)
-    assert layer.finalize(None, 32, pack=False) == "float"
-    with torch.inference_mode():
-        for rows in (1, 3, linear.AMX_FEW_ROWS, linear.AMX_FEW_ROWS + 1):
-            x = torch.randn(rows, 96)
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), **TOL[torch.float32])
-    assert calls == [1, 3, linear.AMX_FEW_ROWS]
 
 
 @needs_bf16_rows
