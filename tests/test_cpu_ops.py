@@ -346,8 +346,10 @@ def test_bfloat16_prefill_chunks_sharing_packed_key_tiles_are_within_the_roundin
 SHORT_CONTEXTS = [1, 2, 15, 16, 17, 31, 32, 33, 255, 256, 257, 513]
 
 
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim", [(9, 3, 64), (12, 1, 32), (15, 1, 64), (10, 2, 128)],
-                         ids=str)
+# A decode's unit takes as many KV heads as keep it under 16 rows: 3 of 3 (9, 3), 2 of 2 (10, 2),
+# then units of 3 and 1 (16, 4), or one head where a group fills the unit (12, 1; 15, 1).
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim",
+                         [(9, 3, 64), (12, 1, 32), (15, 1, 64), (10, 2, 128), (16, 4, 64)], ids=str)
 def test_bfloat16_decodes_of_many_short_sequences_are_within_the_rounding(gen, num_heads, kv_heads, head_dim):
     ctx = SHORT_CONTEXTS + torch.randint(1, 48, (40,), generator=gen).tolist()
     k_cache, v_cache, tables, lens = paged_kv(gen, ctx, 16, kv_heads, head_dim, torch.bfloat16, extra_width=3)
