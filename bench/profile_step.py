@@ -242,7 +242,7 @@ def fused_mlp_ab(model, steps, rounds: int) -> None:
         print(pass_line(f"{name} MLPs", ms))
 
 
-def lm_head_ab(steps, rounds: int) -> None:
+def lm_head_ab(steps, rounds: int, float32: bool) -> None:
     """Decode steps with the tied LM head (a plain weight) on our few-row loops (kernels/csrc/
     gemv_ops.cpp: bf16_mm_rows in bfloat16, f32_mm_rows in float32) and on PyTorch's matmuls as
     before them (bfloat16: torch.mv/mm; float32: F.linear), alternating in this process, every pass
@@ -250,7 +250,7 @@ def lm_head_ab(steps, rounds: int) -> None:
     from engine.layers import linear_kernels as linear
 
     rows_ops = linear.avx512_bf16_ops
-    if rows_ops() is None or linear.amx_kernels() is not None:
+    if rows_ops() is None or (linear.amx_kernels() is not None and not float32):
         print("the LM head does not run on bf16_mm_rows / f32_mm_rows here (AMX runs it, or no AVX512-BF16)")
         return
 
@@ -473,7 +473,8 @@ def main() -> None:
                      args.ab_fused_mlp)
         return
     if args.ab_lm_head:
-        lm_head_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_lm_head)
+        lm_head_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_lm_head,
+                   args.dtype == "float32")
         return
     if args.ab_read_ahead:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)

@@ -5,7 +5,8 @@ CPU (engine/layers/linear.py's Linear keeps each weight in the one layout its ke
   has AMX-BF16, else AVX512-BF16 dot products (kernels/csrc/bf16_linear.cpp);
 - a plain [N, K] weight at few rows (the tied LM head, the embedding table as it lies): oneDNN's
   brgemm on AMX, else AVX512-BF16 dot products (bf16_mm_rows), else ATen's GEMV/GEMM
-  (kernels/csrc/gemv_ops.cpp);
+  (kernels/csrc/gemv_ops.cpp); in float32 (the exact mode's head) the same loops on FMAs
+  (f32_mm_rows) wherever those kernels run, AMX CPUs included;
 - else oneDNN's packed layout (packed_rows bounds the row counts it compiles kernels for).
 """
 
@@ -92,7 +93,7 @@ def amx_linear_ops():
 @functools.cache
 def avx512_bf16_ops():
     """torch.ops.bento_llm with the AVX512-BF16 kernels (bf16_linear on column strips,
-    bf16_mm_rows on a plain weight) where the CPU has AVX512-BF16 and PyTorch runs its AVX-512
+    bf16_mm_rows and f32_mm_rows on a plain weight) where the CPU has AVX512-BF16 and PyTorch runs its AVX-512
     kernels (not under ATEN_CPU_CAPABILITY=avx2), else None."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None

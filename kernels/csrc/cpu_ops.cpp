@@ -519,7 +519,8 @@ void write_kv_cache(const at::Tensor& key_in, const at::Tensor& value_in, at::Te
 // in float32, so scores exist for one [rows, kKeyTile] tile at a time.
 //
 // A unit of work is (sequence, KV head, query tile): the query heads sharing a KV head are rows
-// of one tile (row = token * group + head in group), so each K/V row is read once for the group.
+// of one tile (row = token * group + head in group), so each K/V row is read once for the group;
+// a decode's unit may take several KV heads (kv_heads_per_unit).
 // A unit much costlier than an even share of the batch (a lone decode at long context, a short
 // question after a long cached document) splits its keys into partitions reduced afterwards, as
 // the Triton decode kernel's split-K does. The split depends on the batch's shape only, never on
@@ -541,7 +542,7 @@ struct Unit {
   // (see prepack_contexts), packed_keys of them; nullptr where the unit packs as it goes.
   const c10::BFloat16* packed = nullptr;
   int64_t packed_keys = 0;
-  // KV heads from `head` on: 1, or several for a decode over an 8-bit cache (see attend_codes).
+  // KV heads from `head` on: 1, or several for a decode (kv_heads_per_unit: attend_codes, attend_bf16).
   // Row r of a unit is (token, KV head, query head in group), so a token's rows are its outputs'.
   int64_t kv_heads = 1;
   int64_t kv_end() const { return q_pos + tokens; }  // keys the tile's last token sees
@@ -1359,7 +1360,7 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     if (u.rows(a.group) < kMatmulRows && a.dim % 16 == 0) return attend_codes(a, u, k_begin, k_end, b);
   }
 #endif
-  TORCH_INTERNAL_ASSERT(u.kv_heads == 1, "a unit of several KV heads outside attend_codes");
+  TORCH_INTERNAL_ASSERT(u.kv_heads == 1, "a unit of several KV heads outside attend_codes and attend_bf16");
   const int64_t rows = u.tokens * a.group, width = a.group * a.dim;
   for (int64_t i = 0; i < u.tokens; ++i) {
     const T* src = a.q + (u.first_token + i) * a.q_stride + u.head * width;
@@ -1506,7 +1507,9 @@ void paged_attention_kernel(const AttentionArgs<T, C>& a, std::vector<Unit>& uni
   for (int64_t i = 0; i < static_cast<int64_t>(units.size()); ++i) {
     Unit& u = units[i];
     const int64_t rows = u.rows(a.group);
-    const int64_t keys = std::max(kPartitionKeys, (target + rows - 1) / rows);
+    // A unit of several KV heads does kv_heads units' work per key: its shortest partition is as
+    // short in work, not in keys (a lone 2048-token decode: 8 items, as 12 for its heads apart).
+    const int64_t keys = std::max(kPartitionKeys / u.kv_heads, (target + rows - 1) / rows);
     u.part_keys = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
     u.parts = (u.keys() + u.part_keys - 1) / u.part_keys;
     if (u.parts > 1) {
