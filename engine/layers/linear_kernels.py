@@ -93,8 +93,8 @@ def amx_linear_ops():
 @functools.cache
 def avx512_bf16_ops():
     """torch.ops.bento_llm with the AVX512-BF16 kernels (bf16_linear on column strips,
-    bf16_mm_rows and f32_mm_rows on a plain weight) where the CPU has AVX512-BF16 and PyTorch runs its AVX-512
-    kernels (not under ATEN_CPU_CAPABILITY=avx2), else None."""
+    bf16_mm_rows and f32_mm_rows on a plain weight) where the CPU has AVX512-BF16 and PyTorch runs
+    its AVX-512 kernels (not under ATEN_CPU_CAPABILITY=avx2), else None."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:

@@ -792,6 +792,17 @@ void find_rows(const C** dst, const C* cache, const int32_t* table, int64_t firs
   }
 }
 
+// Pointers to rows [first, first + n) of each of a unit's KV heads h, K's at keys + h * kKeyTile and
+// V's at values + h * kKeyTile: a decode's unit of several heads (attend_bf16, attend_codes).
+template <typename T, typename C>
+void find_unit_rows(const C** keys, const C** values, const AttentionArgs<T, C>& a, const Unit& u,
+                    const int32_t* table, int64_t first, int64_t n) {
+  for (int64_t h = 0; h < u.kv_heads; ++h) {
+    find_rows(keys + h * kKeyTile, a.k, table, first, n, u.head + h, a);
+    find_rows(values + h * kKeyTile, a.v, table, first, n, u.head + h, a);
+  }
+}
+
 // A token at position p sees keys (p - window, p]: the first row's window starts at q_pos - window + 1.
 template <typename T, typename C>
 int64_t first_visible(const AttentionArgs<T, C>& a, const Unit& u, int64_t k0, int64_t rows) {
@@ -1125,10 +1136,7 @@ void attend_bf16(const AttentionArgs<bf16, bf16>& a, const Unit& u, int64_t k_be
     const bf16 *k16 = b.k16.data(), *v16 = b.v16.data();
     int64_t keys = in_place ? round_up(n, 2) : round_up(n, kPackKeys);  // P's columns, zero from n on
     if (in_place) {
-      for (int64_t h = 0; h < u.kv_heads; ++h) {
-        find_rows(b.key_rows.data() + h * kKeyTile, a.k, table, k0, n, u.head + h, a);
-        find_rows(b.value_rows.data() + h * kKeyTile, a.v, table, k0, n, u.head + h, a);
-      }
+      find_unit_rows(b.key_rows.data(), b.value_rows.data(), a, u, table, k0, n);
       row_scores(scores, kKeyTile, b.q16.data(), head_rows, u.kv_heads, b.key_rows.data(), b.value_rows.data(),
                  b.zeros.data(), n, dim);
     } else {
@@ -1321,10 +1329,7 @@ void attend_codes(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, 
   float* value_scales = b.value_scales.data();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, k_end - k0);
-    for (int64_t h = 0; h < u.kv_heads; ++h) {
-      find_rows(key_rows.data() + h * kKeyTile, a.k, table, k0, n, u.head + h, a);
-      find_rows(value_rows.data() + h * kKeyTile, a.v, table, k0, n, u.head + h, a);
-    }
+    find_unit_rows(key_rows.data(), value_rows.data(), a, u, table, k0, n);
     code_scores(scores, kKeyTile, b.q.data(), head_rows, u.kv_heads, key_rows.data(), value_rows.data(), zeros, n,
                 dim, key_scales);
     if (a.soft_cap > 0.0f) {
