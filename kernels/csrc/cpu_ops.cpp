@@ -816,17 +816,20 @@ void reset_rows(const AttentionArgs<T, C>& a, int64_t rows, TileBuffers& b) {
   std::fill_n(b.acc.begin(), rows * a.dim, 0.0f);
 }
 
-// The cache lines of span bytes from p on their way into the caches (Hint: _MM_HINT_T0 into L1,
-// T2 into L2): a decode's keys and values are short runs in blocks scattered through memory, which
-// the hardware prefetchers, trained on long streams, do not see coming.
-// Each line once: a bfloat16 decode's 128-byte rows start on a line, and prefetching the row's
-// last byte after its lines (as this did) asked for its second line twice.
-template <int Hint>
+// The cache lines of span bytes from p on their way into L2: a decode's keys and values are short
+// runs in blocks scattered through memory, which the hardware prefetchers, trained on long
+// streams, do not see coming. Each line once: a bfloat16 decode's 128-byte rows start on a line,
+// and prefetching the row's last byte after its lines (as this did) asked for its second line
+// twice. Each prefetch is an asm statement, which the compiler may not delete: this loop of
+// _mm_prefetch calls, whose end GCC 12 at -O2 cannot prove, it deleted as a loop without effect
+// (C++'s forward-progress rule lets it assume the loop ends, and a prefetch changes no value), so
+// decode attention ran with no prefetch at all (objdump: not one prefetcht2 in row_scores) and
+// read its K/V from memory at 2.2-3x their read time (tests/test_cpu_ops.py checks the build).
 inline void prefetch_span(const void* p, int64_t span) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
   const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + span - 1) & ~uintptr_t{63};
   for (uintptr_t line = first; line <= last; line += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(line), static_cast<_mm_hint>(Hint));
+    asm volatile("prefetcht2 %0" : : "m"(*reinterpret_cast<const char*>(line)));
   }
 }
 
@@ -839,10 +842,10 @@ inline void prefetch_span(const void* p, int64_t span) {
 // reads are independent loads that out-of-order execution overlaps, where prefetching each pass's
 // next 16 keys into L1 too cost issue slots and miss buffers: without it a bfloat16 decode took
 // 0.85-0.89x the time (bench_kv_cache.py --threads 1 --clock cpu --before-tree, 16 and 64
-// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x. Without the
-// L1 prefetches 32 ahead beat 64 (2 threads, quiet machine, 16 and 64 sequences at 128-2048
-// tokens: bfloat16 0.72-0.94x main's time at 32, 0.91-0.96x at 64; int8 0.75-0.86x and
-// 0.76-0.87x; 16: between; 128 slower than 64).
+// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x. 16, 32, 64
+// and 128 ahead ran within the noise of each other (2 threads, 16 and 64 sequences at 128 and 512
+// tokens, each 1.24-1.50x faster than no prefetch for bfloat16, 1.4-1.8x for int8). An earlier
+// "32 beat 64" was measured while GCC had deleted every prefetch here (see prefetch_span).
 constexpr int64_t kL2KeysAhead = 32;
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
@@ -1024,8 +1027,8 @@ inline __m512 sum_each(__m512* v) {
 template <typename C>
 inline void prefetch_keys_and_values(const C* const* keys, const C* const* values, int64_t begin, int64_t end,
                                      int64_t span) {
-  for (int64_t j = begin; j < end; ++j) prefetch_span<_MM_HINT_T2>(keys[j], span);
-  for (int64_t j = begin; j < end; ++j) prefetch_span<_MM_HINT_T2>(values[j], span);
+  for (int64_t j = begin; j < end; ++j) prefetch_span(keys[j], span);
+  for (int64_t j = begin; j < end; ++j) prefetch_span(values[j], span);
 }
 
 // For each of `heads` KV heads h: scores [rows][ld] from scores + h * rows * ld, keys
@@ -1451,9 +1454,10 @@ constexpr int64_t kStartKeys = kL2KeysAhead;
 // runs (for_each_dynamic's `following`): the kernels prefetch ahead within an item, not across
 // items, so each item's first keys came from memory while it waited (at 128 tokens of context
 // half an item's keys). Not the next item in order: with threads claiming items in turn, that one
-// is most often running on another thread already, its lines read into the wrong core's L2
-// (bench_kv_cache.py --before-tree on the 2-vCPU EPYC Zen 4: the same speed within that machine's
-// noise, +-10-20% under load). Prefill items are compute-bound: none.
+// is most often running on another thread already, its lines read into the wrong core's L2.
+// Against none (bench_kv_cache.py --before-tree, 2-vCPU EPYC Zen 4, bfloat16, 16 and 64 sequences
+// at 128 and 512 tokens, two alternations): 1.37-1.58x the no-prefetch tree's speed with it,
+// 1.27-1.53x without. Prefill items are compute-bound: none.
 template <typename T, typename C>
 void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin) {
   if (u.rows(a.group) >= kMatmulRows) return;
@@ -1461,7 +1465,7 @@ void prefetch_start(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin
   const int64_t bytes = u.kv_heads * a.cache_row * static_cast<int64_t>(sizeof(C));
   for (int64_t p = k_begin; p < std::min(u.kv_end(), k_begin + kStartKeys); ++p) {
     const int64_t at = table[p / a.block_size] * a.block_stride + p % a.block_size * a.slot_stride + u.head * a.cache_row;
-    for (const C* cache : {a.k, a.v}) prefetch_span<_MM_HINT_T2>(cache + at, bytes);
+    for (const C* cache : {a.k, a.v}) prefetch_span(cache + at, bytes);
   }
 }
 
