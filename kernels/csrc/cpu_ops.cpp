@@ -836,18 +836,15 @@ inline void prefetch_span(const void* p, int64_t span) {
 }
 
 // Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
-// into L2. Measured on an EPYC Zen 4 (one thread, CPU time, batch 16 and 64 at 128 to 2048 tokens
-// of context, K/V from memory): a bfloat16 decode prefetching only the next 16 keys (and these
-// 16's values) ran at ~3.7x its K/V's read time, the memory's latency and the products taking
-// turns; 64 ahead made it 1.35-1.6x faster (128: the same within the noise). Nothing is
-// prefetched into L1 besides: the keys are in L2 by the time they are read, and the 16 keys a pass
-// reads are independent loads that out-of-order execution overlaps, where prefetching each pass's
-// next 16 keys into L1 too cost issue slots and miss buffers: without it a bfloat16 decode took
-// 0.85-0.89x the time (bench_kv_cache.py --threads 1 --clock cpu --before-tree, 16 and 64
-// sequences at 128 and 512 tokens; 0.94x with its cache in L3), an 8-bit one ~0.96x. 16, 32, 64
-// and 128 ahead ran within the noise of each other (2 threads, 16 and 64 sequences at 128 and 512
-// tokens, each 1.24-1.50x faster than no prefetch for bfloat16, 1.4-1.8x for int8). An earlier
-// "32 beat 64" was measured while GCC had deleted every prefetch here (see prefetch_span).
+// into L2, nothing into L1 (the 16 keys a pass reads are independent loads that out-of-order
+// execution overlaps once they are in L2). Measured on an EPYC Zen 4 with the prefetches in the
+// build (bench_kv_cache.py --before-tree, 2 threads, 16 and 64 sequences at 128 and 512 tokens,
+// K/V from memory): 16, 32, 64 and 128 keys ahead ran within the noise of each other, each
+// 1.24-1.50x faster than no prefetch for bfloat16 and 1.4-1.8x for int8 (into L1 instead: no
+// faster than none, see prefetch_span). (Earlier tunings here,
+// "32 beat 64" and "no L1 prefetches: 0.85-0.89x the time", were measured from 851624d on, while
+// GCC had deleted every prefetch in attention: see prefetch_span. The first one, before that:
+// prefetching only the next 16 keys ran at ~3.7x the K/V's read time, 64 ahead 1.35-1.6x faster.)
 constexpr int64_t kL2KeysAhead = 32;
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
@@ -1255,7 +1252,7 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
 // behind. key_scales: room for heads x kKeyTile floats, the
 // keys' lane_scale, each 16 keys' written one pass of the loop before their vector load (a vector
 // load right after its lanes' scalar stores waits for them, 15% of this function when it did) and
-// long after their prefetch: a pass over the whole tile's scales before the loop read every key's
+// after their prefetch (during the pass before, the last head's part a head's products before): a pass over the whole tile's scales before the loop read every key's
 // first line from memory one at a time (65% of this function at batch 64 and 512 tokens of an
 // int8 cache).
 template <typename C>
