@@ -569,18 +569,6 @@ struct AttentionArgs {
   bool bf16_rows;   // no AMX tiles, but units of few rows take attend_bf16's AVX512-BF16 row products
 };
 
-// Rows [first, first + n) of one KV head of a sequence's context, as dense float32 [n, dim].
-template <typename T, typename C>
-void stage_keys(float* dst, const C* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
-                const AttentionArgs<T, C>& a) {
-  // Block by block: one table lookup (and division) per run of rows, not per row.
-  for (int64_t j = 0; j < n;) {
-    const int64_t p = first + j, offset = p % a.block_size, run = std::min(a.block_size - offset, n - j);
-    const C* src = cache + table[p / a.block_size] * a.block_stride + offset * a.slot_stride + head * a.cache_row;
-    for (int64_t r = 0; r < run; ++r, ++j) load_row(dst + j * a.dim, src + r * a.slot_stride, a.dim);
-  }
-}
-
 // scores = soft_cap * tanh(scale * scores / soft_cap), tanh(x) = 1 - 2 / (e^2x + 1) on fast_exp
 // so the loop vectorizes; its absolute error stays near float32's epsilon times soft_cap.
 void soft_cap_scores(float* scores, int64_t count, float soft_cap, float scale) {
@@ -846,6 +834,22 @@ inline void prefetch_span(const void* p, int64_t span) {
 // GCC had deleted every prefetch in attention: see prefetch_span. The first one, before that:
 // prefetching only the next 16 keys ran at ~3.7x the K/V's read time, 64 ahead 1.35-1.6x faster.)
 constexpr int64_t kL2KeysAhead = 32;
+
+// Rows [first, first + n) (n <= kKeyTile) of one KV head of a sequence's context, as dense float32
+// [n, dim]; each row's lines on their way into L2 kL2KeysAhead rows before it is read (the rows
+// before that: prefetch_start's, or the caller's wait). The float path's decodes (a float32
+// model's; a float16 one's) read their K/V from memory as attend_bf16's do.
+template <typename T, typename C>
+void stage_keys(float* dst, const C* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
+                const AttentionArgs<T, C>& a) {
+  const C* rows[kKeyTile];
+  find_rows(rows, cache, table, first, n, head, a);
+  const int64_t bytes = a.cache_row * static_cast<int64_t>(sizeof(C));
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kL2KeysAhead < n) prefetch_span(rows[j + kL2KeysAhead], bytes);
+    load_row(dst + j * a.dim, rows[j], a.dim);
+  }
+}
 
 #if defined(__AVX512F__)  // the bfloat16 tile path: AVX-512 builds (every AMX CPU has it)
 
