@@ -826,13 +826,13 @@ inline void prefetch_span(const void* p, int64_t span) {
 // Keys (and their values) a decode's score loops (row_scores, code_scores) prefetch this far ahead
 // into L2, nothing into L1 (the 16 keys a pass reads are independent loads that out-of-order
 // execution overlaps once they are in L2). Measured on an EPYC Zen 4 with the prefetches in the
-// build (bench_kv_cache.py --before-tree, 2 threads, 16 and 64 sequences at 128 and 512 tokens,
-// K/V from memory): 16, 32, 64 and 128 keys ahead ran within the noise of each other, each
-// 1.24-1.50x faster than no prefetch for bfloat16 and 1.4-1.8x for int8 (into L1 instead: no
-// faster than none, see prefetch_span). (Earlier tunings here,
-// "32 beat 64" and "no L1 prefetches: 0.85-0.89x the time", were measured from 851624d on, while
-// GCC had deleted every prefetch in attention: see prefetch_span. The first one, before that:
-// prefetching only the next 16 keys ran at ~3.7x the K/V's read time, 64 ahead 1.35-1.6x faster.)
+// build (bench_kv_cache.py --before-tree, 2 threads, 16 and 64 sequences at 128 and 512 tokens, K/V
+// from memory): 16, 32, 64 and 128 keys ahead ran within the noise of each other, each 1.24-1.50x
+// faster than no prefetch for bfloat16 and 1.4-1.8x for int8 (into L1 instead: no faster than none,
+// see prefetch_span). (Earlier tunings here, "32 beat 64" and "no L1 prefetches: 0.85-0.89x the
+// time", were measured from 851624d on, while GCC had deleted every prefetch in attention: see
+// prefetch_span. The first one, before that: prefetching only the next 16 keys ran at ~3.7x the
+// K/V's read time, 64 ahead 1.35-1.6x faster.)
 constexpr int64_t kL2KeysAhead = 32;
 
 // Rows [first, first + n) (n <= kKeyTile) of one KV head of a sequence's context, as dense float32
@@ -1248,17 +1248,17 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(sum_each(parts[r]), scale));
 }
 
-// For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys
-// [0, round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
-// rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale 0).
-// 16 keys at a time for every head, so each prefetch (the keys and values kL2KeysAhead on into L2,
-// a part before each head's products: prefetch_pass_part) has every head's products to hide
-// behind. key_scales: room for heads x kKeyTile floats, the
-// keys' lane_scale, each 16 keys' written one pass of the loop before their vector load (a vector
-// load right after its lanes' scalar stores waits for them, 15% of this function when it did) and
-// after their prefetch (during the pass before, the last head's part a head's products before): a pass over the whole tile's scales before the loop read every key's
-// first line from memory one at a time (65% of this function at batch 64 and 512 tokens of an
-// int8 cache).
+// For each of `heads` KV heads h: scores [head_rows][ld] from scores + h * head_rows * ld, keys [0,
+// round_up(n, 16)) = q's float rows (dim apart, head h's from q + h * head_rows * dim) . the key
+// rows' values (head h's from keys + h * kKeyTile); keys from n on read `zeros` (codes and scale
+// 0). 16 keys at a time for every head, so each prefetch (the keys and values kL2KeysAhead on into
+// L2, a part before each head's products: prefetch_pass_part) has every head's products to hide
+// behind. key_scales: room for heads x kKeyTile floats, the keys' lane_scale, each 16 keys' written
+// one pass of the loop before their vector load (a vector load right after its lanes' scalar stores
+// waits for them, 15% of this function when it did) and after their prefetch (during the pass
+// before, the last head's part a head's products before): a pass over the whole tile's scales
+// before the loop read every key's first line from memory one at a time (65% of this function at
+// batch 64 and 512 tokens of an int8 cache).
 template <typename C>
 void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, int64_t heads, const C* const* keys,
                  const C* const* values, const C* zeros, int64_t n, int64_t dim, float* key_scales) {
