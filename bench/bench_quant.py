@@ -169,13 +169,13 @@ BATCHES = (1, 16, 64)
 
 
 def formats_here() -> tuple:
-    """FORMATS less w8a8 where this CPU cannot run it (it needs AMX-INT8: the engine refuses it)."""
-    from engine.layers.quant import amx_kernels
+    """FORMATS less w8a8 where this CPU cannot run it (it needs AMX-INT8 or AVX512-VNNI: the engine
+    refuses it)."""
+    from engine.layers.quant_kernels import w8a8_kernels
 
-    ops = amx_kernels()
-    if ops is not None and ops.amx_int8_supported():
+    if w8a8_kernels() is not None:
         return FORMATS
-    print("w8a8 left out: this CPU has no AMX-INT8", flush=True)
+    print("w8a8 left out: this CPU has neither AMX-INT8 nor AVX512-VNNI", flush=True)
     return tuple(f for f in FORMATS if f[1] != "w8a8")
 
 

@@ -40,8 +40,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
   as int4's, then the same vdpbf16ps loop); these, rows and dense need no AMX (AVX512-BF16 and VBMI; int8: AVX512-VNNI too)
 - int4 dense: the int4 weight converted whole to bfloat16 per call, then oneDNN's matmul
 - layer: what PackedQuantizedWeight runs at that row count (the faster of the two)
-- w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 (kernels/csrc/quant_ops.cpp),
-  both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
+- w8a8: int8 codes times the input quantized per row to int8, AMX-INT8 or, without AMX, AVX512-VNNI
+  (w8a8_mm_vnni; kernels/csrc/quant_ops.cpp), both rotated by w8a8's block Hadamard matrix (engine/layers/rotation.py) as the engine runs it;
   w8a8 plain: the same without the rotation (its cost is the difference)
 - int4 / int8 AMX @REV, int4 / int8 rows @REV (--baseline REV): those kernels of kernels/csrc/quant_ops.cpp
   as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
@@ -173,7 +173,9 @@ def main() -> None:
         # The baseline's int8 codes: today's, or [N/64][K/2][64][2] (bfloat16 tile order, before AMX-INT8).
         int8_old = [q.qweight if old_int8_quads else r.reshape(-1, 64, k // 2, 2).transpose(1, 2).contiguous()
                     for q, r in zip(int8, int8_rows)] if old is not None else []
-        has_w8a8 = ops is not None and ops.amx_int8_supported() and (not args.only or "w8a8" in args.only)
+        # w8a8: AMX-INT8's tile loop, or (no AMX) AVX512-VNNI's byte products, as the layer picks
+        has_w8a8 = ((ops is not None and ops.amx_int8_supported()) or (ops is None and vnni)) and (
+            not args.only or "w8a8" in args.only)
         w8a8 = [PackedQuantizedWeight(quantize(w, "w8a8", 32), torch.bfloat16, cpu, int8_activations=True)
                 for w in weights] if has_w8a8 else []
         w8a8_plain = [PackedQuantizedWeight(quantize_int8(w), torch.bfloat16, cpu, int8_activations=True)

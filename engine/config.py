@@ -41,7 +41,7 @@ _DTYPES = {
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")
 # Quantization at load (engine/layers/quant.py): weight-only int8 / int4 (int4's group sizes in
 # input columns below), or w8a8: int8 weights times int8 activations quantized per token (CPUs
-# with AMX-INT8).
+# with AMX-INT8 or AVX512-VNNI).
 QUANTIZATIONS = ("int8", "int4", "w8a8")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
 # The token embedding and LM head under quantization (engine/layers/embedding.py): "int8" rows
@@ -146,7 +146,8 @@ class EngineConfig:
                 f"got {self.embedding_quantization!r}"
             )
         if self.quantization == "w8a8" and self.device != "cpu":
-            raise ValueError("EngineConfig.quantization 'w8a8' runs on CPUs with AMX-INT8 only: use 'int8' or 'int4' on CUDA")
+            raise ValueError("EngineConfig.quantization 'w8a8' runs on CPUs only (AMX-INT8 or AVX512-VNNI): "
+                             "use 'int8' or 'int4' on CUDA")
         if self.quantization == "int4" and self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16", "bf16"):
             raise ValueError("EngineConfig.quantization 'int4' on CUDA runs in bfloat16 only: set dtype 'bfloat16' or 'auto'")
         # "auto" is resolved where the backend is built (engine/attention.py): on CPU it

@@ -1,7 +1,7 @@
 """decoder_layer: a Llama-shaped decoder layer at decode batch sizes as one op (kernels/csrc/
 step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
 projection through Linear.project), bit for bit, for every projection layout that names one op
-(Linear.kernel_call: bfloat16 strips, int4 and int8 codes) and for a plain op by name (aten::linear,
+(Linear.kernel_call: bfloat16 strips, int4 and int8 codes, w8a8) and for a plain op by name (aten::linear,
 which every CPU runs); a DecoderStack against its layers' ops; then whole engines with the layers as
 one stack, one op each and on their Python path (seed printed; KERNEL_TEST_SEED=<n> replays it)."""
 
@@ -12,7 +12,7 @@ import torch
 
 from engine.layers.linear import Linear
 from engine.layers.linear_kernels import avx512_bf16_ops
-from engine.layers.quant_kernels import vector_kernels
+from engine.layers.quant_kernels import vector_kernels, w8a8_kernels
 from kernels import cpu_ops, reference
 from tests.test_step_ops import step_of
 
@@ -20,7 +20,7 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
 
 
 def projections(gen, layout: str) -> list[Linear]:
-    """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "int4" or "int8" (their
+    """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "int4", "int8" or "w8a8" (their
     vector loops), or "plain" (a bfloat16 weight that aten::linear multiplies), with biases
     where the layout's one op takes them."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
@@ -45,7 +45,7 @@ def kernel_calls(linears: list[Linear], rows: int, layout: str):
     return [m.kernel_call(rows) for m in linears]
 
 
-LAYOUTS = ["plain", "strips", "int4", "int8"]
+LAYOUTS = ["plain", "strips", "int4", "int8", "w8a8"]
 
 
 def layout_available(layout: str) -> bool:
@@ -54,6 +54,8 @@ def layout_available(layout: str) -> bool:
     if layout in ("int4", "int8"):
         ops = vector_kernels()
         return ops is not None and not ops.amx_bf16_supported() and (layout == "int4" or ops.avx512_vnni_supported())
+    if layout == "w8a8":  # w8a8_mm_vnni (AMX runs w8a8_mm_amx, which names no op for the layer)
+        return w8a8_kernels() is not None and not w8a8_kernels().amx_bf16_supported()
     return True
 
 
@@ -205,7 +207,8 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
 
 
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
-                ("Qwen2Config", "int4", {}, "auto"), ("MistralConfig", "none", dict(sliding_window=4), "auto"),
+                ("Qwen2Config", "int4", {}, "auto"), ("LlamaConfig", "w8a8", {}, "auto"),
+                ("MistralConfig", "none", dict(sliding_window=4), "auto"),
                 ("LlamaConfig", "none", {}, "int8")]
 
 

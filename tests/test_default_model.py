@@ -167,14 +167,14 @@ def test_int4_keeps_the_files_own_q4_1_blocks():
     assert kept == 7 * source.hf_config.num_hidden_layers + 1  # and the token embedding's Q8_0 blocks
 
 
-def _has_amx_int8() -> bool:
-    from engine.layers.quant import amx_kernels
+def _has_w8a8() -> bool:
+    from engine.layers.quant_kernels import w8a8_kernels
 
-    return amx_kernels() is not None and amx_kernels().amx_int8_supported()
+    return w8a8_kernels() is not None
 
 
 @pytest.mark.parametrize("quantization", ["int4", "int8", pytest.param(
-    "w8a8", marks=pytest.mark.skipif(not _has_amx_int8(), reason="w8a8 needs AMX-INT8"))])
+    "w8a8", marks=pytest.mark.skipif(not _has_w8a8(), reason="w8a8 needs AMX-INT8 or AVX512-VNNI"))])
 def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quantization, default_llm, bfloat16_llm,
                                                                 first_tokens):
     """int4 (the file's own Q4_1 codes, bfloat16 scales), int8 (re-quantized per row) and w8a8
@@ -205,9 +205,13 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     # measured 3 of 8 against it, 4 against oneDNN's (2-vCPU Sapphire Rapids without AMX), while
     # it equals float32's greedy tokens on 5 of 8 (oneDNN's: 4; its outputs equal the correctly
     # rounded product as often as oneDNN's, 99.97%): the near-ties flip elsewhere, so the bar is 3.
+    # w8a8 without AMX (w8a8_mm_vnni: the same sums and outputs as AMX's kernel; the layers around
+    # it on AVX512-BF16 strips) measured 1 of 8 against float32 on a Zen 4, with the teacher-forced
+    # rule above holding as on AMX (96.1% agreement, median 0.046, worst 0.36; int8 there: 97.3%,
+    # 0.046, 0.30 and 3 of 8), so its bar there is 1.
     if quantization == "int4":
         on_avx512_strips = amx_linear_ops() is None and avx512_bf16_ops() is not None
         bar, baseline = (2 if not _onednn_packs_bfloat16() else 3 if on_avx512_strips else 4), bfloat16_llm
     else:
-        bar, baseline = 2, default_llm
+        bar, baseline = 1 if quantization == "w8a8" and amx_linear_ops() is None else 2, default_llm
     assert first_tokens_equal(greedy_tokens(llm), first_tokens(baseline)) >= bar

@@ -22,7 +22,7 @@ from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8
 from engine.layers.quant_kernels import (AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS,
-                                         int4_kernels_beat_bfloat16)
+                                         int4_kernels_beat_bfloat16, w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
 
 gguf = pytest.importorskip("gguf")
@@ -336,8 +336,7 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
         torch.set_num_threads(threads)
 
 
-needs_amx_int8 = pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(),
-                                    reason="w8a8 needs AMX-INT8")
+needs_w8a8 = pytest.mark.skipif(w8a8_kernels() is None, reason="w8a8 needs AMX-INT8 or AVX512-VNNI")
 
 
 def test_the_w8a8_rotation_is_the_block_hadamard_matrix_and_its_own_inverse():
@@ -373,13 +372,15 @@ def test_a_rotated_weight_dequantizes_to_the_weight_and_is_not_split_by_columns(
         q[:, :64]
 
 
-@needs_amx_int8
+@needs_w8a8
 def test_the_w8a8_kernel_refuses_a_rotation_block_that_does_not_tile_the_input():
     q = quantize(torch.randn(64, 96), "w8a8", 32)
     packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
     assert packed.rotation == 32
-    with pytest.raises(RuntimeError, match="rotation_block"):
-        amx_kernels().w8a8_mm_amx(torch.randn(2, 96).bfloat16(), packed.qweight, packed.scales, 64, 64)
+    ops = w8a8_kernels()
+    for matmul in [ops.w8a8_mm_vnni] if not packed.amx else [ops.w8a8_mm_amx, ops.w8a8_mm_vnni]:
+        with pytest.raises(RuntimeError, match="rotation_block"):
+            matmul(torch.randn(2, 96).bfloat16(), packed.qweight, packed.scales, 64, 64)
 
 
 def w8a8_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
@@ -390,7 +391,7 @@ def w8a8_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     return (torch.round(x / x_scale) @ q.codes.float().t()) * x_scale * q.scale.reshape(1, -1)
 
 
-@needs_amx_int8
+@needs_w8a8
 @pytest.mark.parametrize("cols,rotation", [(576, 64), (1536, 512), (388, 0)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
 def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(rows, cols, rotation):
@@ -419,9 +420,39 @@ def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(
     if rotation:  # the same product unrotated: the outlier coarsens every other channel's rounding
         plain = (w8a8_reference(x, quantize_int8(weight)) - full).norm() / full.norm()
         assert error < plain / 2, (error, plain)
+    if layer.quantized.amx:  # AMX CPUs have AVX512-VNNI too: both kernels, the same sums and outputs
+        packed = layer.quantized
+        assert torch.equal(w8a8_kernels().w8a8_mm_vnni(x, packed.qweight, packed.scales, 100, rotation), out)
 
 
-@needs_amx_int8
+@needs_w8a8
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 64, 300])
+def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and_codes(rows):
+    """w8a8_mm_vnni unrotated, every step redone in torch: each row rounded to int8 (scale max |x| /
+    127 in float32, round half to even), the int32 product with the weight's codes (exact here in
+    int64; the kernel biases the row's bytes by 128 for VNNI's unsigned x signed products and
+    subtracts 128 x each column's code sum), times column scale x row scale in float32, rounded to
+    bfloat16: equal bit for bit. Rows 1-6 are each register block, 7 one and a tail, 300 two
+    chunks of 256; 200 outputs, six 32-column units and a part of one."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(200, 320, generator=gen)
+    q = quantize_int8(weight)
+    packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
+    x = torch.randn(rows, 320, generator=gen) * 3
+    x[:, 7] *= 40
+    x = x.bfloat16()
+    out = w8a8_kernels().w8a8_mm_vnni(x, packed.qweight, packed.scales, 200, 0)
+    row_scale = x.float().abs().amax(1, keepdim=True) / 127
+    codes = torch.round(x.float() * (1 / row_scale))
+    assert codes.abs().max() == 127
+    sums = (codes.long() @ q.codes.long().t()).int().float()
+    expected = (sums * (packed.scales[:200].reshape(1, -1) * row_scale)).bfloat16()
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    if packed.amx:
+        assert torch.equal(w8a8_kernels().w8a8_mm_amx(x, packed.qweight, packed.scales, 200, 0), out)
+
+
+@needs_w8a8
 def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
     llm = LLM(str(tiny_path), num_kv_blocks=16, quantization="w8a8", dtype="float32")
     modules = list(llm.engine.runner.model_runner.model.modules())

@@ -21,6 +21,7 @@ from engine.attention import AttentionBackend
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.layers.moe import FusedMoE
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_blocks
+from engine.layers.quant_kernels import w8a8_kernels
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
 from tests.model_factories import make_tiny_checkpoint
@@ -203,7 +204,7 @@ def test_stacked_expert_tensors_load_as_their_per_expert_slices(gen, method):
     assert torch.equal(run_layer(stacked, x, logits), run_layer(per_expert, x, logits))
 
 
-@pytest.mark.skipif(amx_kernels() is None or not amx_kernels().amx_int8_supported(), reason="w8a8 needs AMX-INT8")
+@pytest.mark.skipif(w8a8_kernels() is None, reason="w8a8 needs AMX-INT8 or AVX512-VNNI")
 def test_w8a8_experts_hold_int8_codes_and_stay_within_w8a8s_rounding(gen):
     """w8a8 experts: int8 codes times the per-token int8 input, as w8a8's dense projections
     (tests/test_quant.py): within 3% of the float32 loop on the same dequantized experts."""

@@ -14,9 +14,11 @@ own packed matmuls multiply with.
   max |x| / 65534 per element) whose two byte planes multiply the codes (VNNI for 1-2 rows, AMX
   tiles from 3). From 1024 rows (a prefill chunk) either weight is converted whole to a transient
   bfloat16 [K, N] per call and multiplied by oneDNN (int8: code * scale rounded to bfloat16).
-- w8a8 (CPUs with AMX-INT8): int8 weights as int8 (one scale per output row), times the input
-  quantized per row to int8 on every call (max |x| / 127), int32 sums scaled back: nothing is
-  converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows. Both sides are rotated by the same
+- w8a8 (CPUs with AMX-INT8, or AVX512-VNNI without AMX): int8 weights as int8 (one scale per output
+  row), times the input quantized per row to int8 on every call (max |x| / 127), int32 sums
+  scaled back: nothing is converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows on AMX.
+  Without AMX, AVX512-VNNI's byte products (w8a8_mm_vnni, the same sums and outputs) make twice
+  AVX512-BF16's products per instruction. Both sides are rotated by the same
   block Hadamard matrix first (engine/layers/rotation.py: the weight at load, the input in the
   kernel), which cuts the activations' rounding error about 3x (README, "Weight quantization").
 - CPUs with AVX512-BF16 but no AMX (Zen 4/5, cloud VMs that hide it) take quant_ops.cpp's vector
@@ -38,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATION_GROUP_SIZES
-from engine.layers.quant_kernels import INT8_MAX_INPUTS, amx_kernels, int4_matmul, int8_matmul, vector_kernels
+from engine.layers.quant_kernels import (INT8_MAX_INPUTS, amx_kernels, int4_matmul, int8_matmul, vector_kernels,
+                                         w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
 
 # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
@@ -191,7 +194,7 @@ class PackedQuantizedWeight(torch.nn.Module):
         self.out_features, self.in_features = q.shape
         self.w8a8 = int8_activations
         if int8_activations:
-            self._init_w8a8(q, device)
+            self._init_w8a8(q, dtype, device)
             return
         # Our kernels run bfloat16 inputs on CPU (int4: input columns in pairs; int8: on AMX-INT8,
         # or without AMX on AVX512-VNNI): amx, or vector (quant_kernels.py's vector loops).
@@ -229,14 +232,18 @@ class PackedQuantizedWeight(torch.nn.Module):
         else:
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
 
-    def _init_w8a8(self, q: QuantizedWeight, device: torch.device) -> None:
+    def _init_w8a8(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> None:
         """int8 codes in the layout AMX-INT8 reads them ([N/64][K/4][64][4]: four input columns
-        of 64 outputs side by side), zero rows padding N to 64; float32 scales."""
-        ops = amx_kernels()
-        if device.type != "cpu" or ops is None or not ops.amx_int8_supported():
-            raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 and the C++ kernels (kernels/cpu_ops.py); "
-                             "this machine has neither: use 'int8' or 'int4'")
-        self.amx, self.vector = True, False
+        of 64 outputs side by side; AVX512-VNNI's byte products read the same), zero rows padding
+        N to 64; float32 scales."""
+        ops = w8a8_kernels() if device.type == "cpu" else None
+        self.amx = ops is not None and ops.amx_bf16_supported()
+        # vector: the forward is w8a8_mm_vnni on the rows as they come (a bfloat16 model's), one op
+        # that kernels/csrc/step_ops.cpp's decoder_layer can call; a float32 model's are cast first.
+        self.vector = ops is not None and not self.amx and dtype == torch.bfloat16
+        if ops is None:
+            raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 or AVX512-VNNI (and AVX512-BF16) and the C++ "
+                             "kernels (kernels/cpu_ops.py); this machine has neither: use 'int8' or 'int4'")
         self.rotation = q.rotation  # the kernel rotates each input row by the same blocks
         codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -272,8 +279,9 @@ class PackedQuantizedWeight(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
-            y = amx_kernels().w8a8_mm_amx(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features,
-                                          self.rotation)
+            ops = w8a8_kernels()
+            matmul = ops.w8a8_mm_amx if self.amx else ops.w8a8_mm_vnni
+            y = matmul(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features, self.rotation)
             return y.to(x.dtype)
         if self.bits == 8 and (self.amx or self.vector):  # its own layout: every row count runs in quant_ops.cpp
             # A decode step's LM head: 2-D bfloat16 rows as they come, without the reshape and casts

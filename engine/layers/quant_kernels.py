@@ -110,6 +110,17 @@ def vector_int8_loops():
 
 
 @functools.cache
+def w8a8_kernels():
+    """torch.ops.bento_llm where a w8a8 matmul can run (w8a8_mm_amx on AMX-INT8, else w8a8_mm_vnni
+    on AVX512-VNNI), else None."""
+    ops = vector_kernels()
+    if ops is None:
+        return None
+    amx = ops.amx_bf16_supported() and ops.amx_int8_supported()
+    return ops if amx or (not ops.amx_bf16_supported() and ops.avx512_vnni_supported()) else None
+
+
+@functools.cache
 def amx_kernels():
     """torch.ops.bento_llm with the AMX quantized matmuls, or None where they cannot run: no
     AMX-BF16, or not PyTorch's AVX-512 int4 layout, or the C++ kernels do not build."""
@@ -183,10 +194,13 @@ def vector_int8_op(rows: int):
 def quantized_kernel_call(weight, rows: int) -> tuple[str, list, list[int]] | None:
     """(op name, tensor arguments, int arguments after the input) of the one op that multiplies
     `rows` bfloat16 input rows by a PackedQuantizedWeight on the vector loops, as its forward
-    does; None where its forward is not that one call (AMX, w8a8, PyTorch's packed ops). For
+    does; None where its forward is not that one call (AMX, PyTorch's packed ops). For
     kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
-    if not weight.vector or weight.w8a8:
+    if not weight.vector:
         return None
+    if weight.w8a8:
+        return (vector_kernels().w8a8_mm_vnni._qualified_op_name, [weight.qweight, weight.scales],
+                [weight.out_features, weight.rotation])
     if weight.bits == 8:
         return vector_int8_op(rows)._qualified_op_name, [weight.qweight, weight.scales], [weight.out_features]
     return (vector_int4_op(rows)._qualified_op_name, [weight.qweight, weight.scales],

@@ -1421,14 +1421,15 @@ at::Tensor int8_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const a
 // codes rounded to nearest even). A function of its own, not the parallel_for lambda's body: a
 // lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
 // fail to compile in an AVX2 build of this file.
-BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out) {
+BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out, bool biased) {
   const float scale = input_scale(max_abs(in, k_total), 127.0f);
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  const __m128i bias = _mm_set1_epi8(biased ? -128 : 0);
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bfloat16(in + k, mask), inverse));  // round to nearest even
-    _mm_mask_storeu_epi8(codes + k, mask, _mm512_cvtsepi32_epi8(q));
+    _mm_mask_storeu_epi8(codes + k, mask, _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
   }
 }
 
@@ -1491,7 +1492,7 @@ BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_
 // (K float32). The transform is unnormalized (entries +-1): its 1 / sqrt(block) goes into the
 // row's scale.
 BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
-                                            float* scale_out) {
+                                            float* scale_out, bool biased) {
   float top;
   switch (std::min<int64_t>(block / 16, 16)) {
     case 1: top = hadamard_row<1>(in, k_total, block, work); break;
@@ -1503,27 +1504,40 @@ BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total,
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
   *scale_out = scale / std::sqrt(static_cast<float>(block));
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  const __m128i bias = _mm_set1_epi8(biased ? -128 : 0);
   for (int64_t k = 0; k < k_total; k += 16) {
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(work + k), inverse));  // round to nearest even
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
   }
 }
 
 // Each row of x [M, K] as int8 codes with one float32 scale, rotated first where
-// rotation_block > 0 (then K is a multiple of it). K is a multiple of 4.
+// rotation_block > 0 (then K is a multiple of it). K is a multiple of 4. biased: each code stored
+// as the unsigned byte code + 128 (the codes are within +-127, so 1..255), the operand AVX512-VNNI's
+// unsigned x signed byte products take (w8a8_mm_vnni).
 void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
-                   float* scales) {
+                   float* scales, bool biased) {
   kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     auto work = rotation_block > 0 ? aligned_buffer<float>(k_total) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const auto* row = reinterpret_cast<const uint16_t*>(x + r * lda);
       if (rotation_block > 0) {
-        quantize_rotated_row(row, k_total, rotation_block, work.get(), codes + r * k_total, scales + r);
+        quantize_rotated_row(row, k_total, rotation_block, work.get(), codes + r * k_total, scales + r, biased);
       } else {
-        quantize_row(row, k_total, codes + r * k_total, scales + r);
+        quantize_row(row, k_total, codes + r * k_total, scales + r, biased);
       }
     }
   });
+}
+
+// w8a8's output value: sum * (column_scale * row_scale) in float32, in that order. The file builds
+// with -fassociative-math, which may regroup a chain of products differently in each loop; the
+// empty asm makes the scales' product opaque, so both kernels round the same float32 (the tests
+// redo it in torch bit for bit).
+BENTO_AVX512_BF16 inline __m512 w8a8_value(__m512i sum, __m512 column_scale, float row_scale) {
+  __m512 scale = _mm512_mul_ps(column_scale, _mm512_set1_ps(row_scale));
+  asm("" : "+v"(scale));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
 }
 
 // out[m, n0 + j] = result[m, j] * row_scale[m] * column_scale[j] for j < columns, in bfloat16.
@@ -1533,8 +1547,7 @@ BENTO_AVX512_BF16 void store_scaled(const int32_t* result, int64_t rows, int64_t
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - j)) - 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + j);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(result + m * kBlockN + j)),
-                                     _mm512_mul_ps(s, _mm512_set1_ps(row_scale[m])));
+      const __m512 v = w8a8_value(_mm512_loadu_si512(result + m * kBlockN + j), s, row_scale[m]);
       _mm256_mask_storeu_epi16(out + m * out_stride + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
     }
   }
@@ -1553,21 +1566,29 @@ bool amx_int8_supported() {
 // converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
 // rotation_block > 0: the codes are of W R (R block Hadamard, engine/layers/rotation.py), and each
 // input row is rotated by the same R before its rounding.
-at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
-                       int64_t rotation_block) {
-  TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
+// w8a8's operands, as both its kernels (w8a8_mm_amx, w8a8_mm_vnni) take them.
+void check_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
+                int64_t rotation_block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
-  const int64_t rows = x.size(0), k_total = x.size(1), n_padded = packed.numel() / k_total;
+  const int64_t k_total = x.size(1), n_padded = k_total > 0 ? packed.numel() / k_total : 0;
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && k_total % 4 == 0 && n_padded % kBlockN == 0 &&
                   packed.numel() == n_padded * k_total && out_features <= n_padded,
               "packed: [N/64, K/4, 64, 4] int8 codes");
+  TORCH_CHECK(k_total <= kInt8MaxK, "w8a8: at most ", kInt8MaxK, " inputs (its int32 sums would wrap)");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() >= out_features, "scales: [N] float32");
   TORCH_CHECK(rotation_block == 0 || (rotation_block >= 16 && (rotation_block & (rotation_block - 1)) == 0 &&
                                       k_total % rotation_block == 0),
               "rotation_block: 0 or a power of two >= 16 dividing K");
+}
+
+at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
+                       int64_t rotation_block) {
+  TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
+  check_w8a8(x, packed, scales, out_features, rotation_block);
+  const int64_t rows = x.size(0), k_total = x.size(1);
   auto codes = aligned_buffer<int8_t>(rows * k_total);
   auto row_scale = aligned_buffer<float>(rows);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, codes.get(), row_scale.get());
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, codes.get(), row_scale.get(), false);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* w = packed.data_ptr<int8_t>();
@@ -1587,6 +1608,134 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
       }
     }
     at::native::cpublas::brgemm_release();
+  });
+  return out;
+}
+
+
+// w8a8 without AMX-INT8 (CPUs with AVX512-VNNI: Zen 4/5, Ice Lake and later Xeons). VNNI's byte
+// dot product (vpdpbusd) multiplies unsigned by signed bytes, so each input row is quantized
+// biased (quantize_rows: u = code + 128) and the weight's codes stay as they are, w8a8_mm_amx's
+// layout: u . w = x . w + 128 sum(w), and the second term (a column's code sum, taken per call in
+// the same instruction) is subtracted in int32, so the sums, and the outputs, are w8a8_mm_amx's
+// exactly. One vpdpbusd makes 64 byte products where vdpbf16ps makes 32 pair products, at the same
+// rate on Zen 4 (one 512-bit instruction a cycle a core, measured): twice bfloat16's peak.
+
+// Rows x 16-column groups of w8a8_unit_rows' register block: 6 x 2 = 12 int32 accumulators, one
+// broadcast input quad per 2 products. A Zen 4 core ran this shape at 224 G byte products a second
+// (97% of vpdpbusd's rate; 3 x 4: 160, 4 x 4: 168, 8 x 2: 214, a loop over one block's codes in L1).
+constexpr int kW8a8Rows = 6;
+constexpr int64_t kW8a8UnitColumns = 32;
+
+// R biased input rows (k_total bytes apart) times one unit's codes (its two 64-byte halves of each
+// 256-byte quad row) -> out[r][j] = bf16((u_r . w_j - bias_j) * (s_w[j] * s_x[r])) for j < columns
+// (w8a8_value, as w8a8_mm_amx's store_scaled). Bias: the unit's bias_j = 128 sum_k w_kj, what the biased
+// input adds, taken in this pass first (one more byte product per code vector, with ones) and
+// stored, else read. next (or null): the next unit's codes, asked into L2 at the offset this pass
+// reads, so that unit's first pass finds them there.
+template <int R, bool Bias>
+BENTO_AVX512_VNNI void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias,
+                                      const int8_t* next, const float* row_scale, const float* column_scale, int64_t columns,
+                                      c10::BFloat16* out, int64_t out_stride) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[R][2], sums[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < k_total; k += 4) {
+    const int8_t* quad = unit + k * kBlockN;
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlockN), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlockN + 64), _MM_HINT_T1);
+    }
+    const __m512i w0 = _mm512_loadu_si512(quad), w1 = _mm512_loadu_si512(quad + 64);
+    if (Bias) {
+      sums[0] = _mm512_dpbusd_epi32(sums[0], ones, w0);
+      sums[1] = _mm512_dpbusd_epi32(sums[1], ones, w1);
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, in + r * k_total + k, sizeof(four));
+      const __m512i u = _mm512_set1_epi32(four);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], u, w0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], u, w1);
+    }
+  }
+  if (Bias) {
+    _mm512_storeu_si512(bias, _mm512_slli_epi32(sums[0], 7));
+    _mm512_storeu_si512(bias + 16, _mm512_slli_epi32(sums[1], 7));
+  }
+  for (int i = 0; i < 2 && 16 * i < columns; ++i) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + 16 * i);
+    const __m512i b = _mm512_loadu_si512(bias + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = w8a8_value(_mm512_sub_epi32(acc[r][i], b), s, row_scale[r]);
+      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+template <bool Bias>
+void w8a8_unit_rows_by(int rows, const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias, const int8_t* next,
+                       const float* row_scale, const float* column_scale, int64_t columns, c10::BFloat16* out,
+                       int64_t out_stride) {
+  switch (rows) {
+    case 1: w8a8_unit_rows<1, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
+    case 2: w8a8_unit_rows<2, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
+    case 3: w8a8_unit_rows<3, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
+    case 4: w8a8_unit_rows<4, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
+    case 5: w8a8_unit_rows<5, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
+    default: w8a8_unit_rows<6, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
+  }
+}
+
+// A thread's units [begin, end) times every biased input row: kRowChunk rows at a time (they stay
+// in L2 while the units' codes pass). A unit's first pass of a chunk asks the next unit's codes
+// into L2 (the first chunk's also takes the unit's bias); the rest read it from cache.
+void w8a8_units(const uint8_t* in, const float* row_scale, int64_t rows, int64_t k_total, const int8_t* codes,
+                const float* column_scale, int64_t out_features, int64_t begin, int64_t end, c10::BFloat16* y) {
+  auto bias = aligned_buffer<int32_t>((end - begin) * kW8a8UnitColumns);
+  const auto unit_codes = [&](int64_t u) {
+    return codes + (u * kW8a8UnitColumns / kBlockN) * kBlockN * k_total + (u * kW8a8UnitColumns % kBlockN) * 4;
+  };
+  for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
+    const int64_t m1 = std::min(rows, m0 + kRowChunk);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n0 = u * kW8a8UnitColumns, columns = std::min(kW8a8UnitColumns, out_features - n0);
+      const int8_t* unit = unit_codes(u);
+      const int8_t* next = u + 1 < end ? unit_codes(u + 1) : nullptr;
+      int32_t* unit_bias = bias.get() + (u - begin) * kW8a8UnitColumns;
+      for (int64_t m = m0; m < m1; m += kW8a8Rows) {
+        const int r = static_cast<int>(std::min<int64_t>(kW8a8Rows, m1 - m));
+        if (m == 0) {
+          w8a8_unit_rows_by<true>(r, in + m * k_total, k_total, unit, unit_bias, next, row_scale + m, column_scale + n0, columns,
+                                  y + m * out_features + n0, out_features);
+        } else {
+          w8a8_unit_rows_by<false>(r, in + m * k_total, k_total, unit, unit_bias, m == m0 ? next : nullptr, row_scale + m,
+                                   column_scale + n0, columns, y + m * out_features + n0, out_features);
+        }
+      }
+    }
+  }
+}
+
+// w8a8_mm_amx's product on AVX512-VNNI, equal to it bit for bit: threads split 32-column units (so
+// the default model's 576-column projections split 9/9, not by 64-column blocks 5/4).
+at::Tensor w8a8_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
+                        int64_t rotation_block) {
+  TORCH_CHECK(avx512_bf16_supported() && avx512_vnni_supported(), "w8a8_mm_vnni needs a CPU with AVX512-VNNI and AVX512-BF16");
+  check_w8a8(x, packed, scales, out_features, rotation_block);
+  const int64_t rows = x.size(0), k_total = x.size(1);
+  // The biased rows, then their scales (rows * K is a multiple of 4 bytes), in the calling
+  // thread's block_buffer: no allocation or page faults per call, as int8's SplitInput.
+  auto* in = reinterpret_cast<uint8_t*>(block_buffer((rows * k_total + rows * static_cast<int64_t>(sizeof(float)) + 1) / 2));
+  auto* row_scale = reinterpret_cast<float*>(in + rows * k_total);
+  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, reinterpret_cast<int8_t*>(in), row_scale,
+                true);
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  const int64_t units = (out_features + kW8a8UnitColumns - 1) / kW8a8UnitColumns;
+  kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    w8a8_units(in, row_scale, rows, k_total, packed.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, begin, end,
+               out.data_ptr<c10::BFloat16>());
   });
   return out;
 }
@@ -1616,4 +1765,6 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("int8_split_bytes_preferred() -> bool", &int8_split_bytes_preferred);
   m.def("w8a8_mm_amx(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
         &w8a8_mm_amx);
+  m.def("w8a8_mm_vnni(Tensor x, Tensor packed, Tensor scales, int out_features, int rotation_block=0) -> Tensor",
+        &w8a8_mm_vnni);
 }
