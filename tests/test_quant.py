@@ -426,30 +426,52 @@ def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(
 
 
 @needs_w8a8
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 64, 300])
-def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and_codes(rows):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows,cols,outputs", [(1, 320, 200), (2, 320, 200), (3, 320, 200), (4, 320, 200), (5, 320, 200),
+                                               (6, 320, 200), (7, 100, 220), (64, 320, 220), (300, 100, 200)], ids=str)
+def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and_codes(rows, cols, outputs, threads):
     """w8a8_mm_vnni unrotated, every step redone in torch: each row rounded to int8 (scale max |x| /
     127 in float32, round half to even), the int32 product with the weight's codes (exact here in
     int64; the kernel biases the row's bytes by 128 for VNNI's unsigned x signed products and
     subtracts 128 x each column's code sum), times column scale x row scale in float32, rounded to
-    bfloat16: equal bit for bit. Rows 1-6 are each register block, 7 one and a tail, 300 two
-    chunks of 256; 200 outputs, six 32-column units and a part of one."""
-    gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(200, 320, generator=gen)
+    bfloat16: equal bit for bit, on one thread and on two (each its own units and their sums).
+    Rows 1-6 are each register block, 7 one and a tail, 300 two chunks of 256; 100 inputs end in a
+    masked part of 16; 200 outputs end in a unit of 8 columns, 220 in one of 28 (both halves, the
+    second masked). A row of zeros comes out zero, a row holding a NaN all NaN."""
+    gen = torch.Generator().manual_seed(rows + cols)
+    weight = torch.randn(outputs, cols, generator=gen)
     q = quantize_int8(weight)
     packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
-    x = torch.randn(rows, 320, generator=gen) * 3
+    x = torch.randn(rows, cols, generator=gen) * 3
     x[:, 7] *= 40
     x = x.bfloat16()
-    out = w8a8_kernels().w8a8_mm_vnni(x, packed.qweight, packed.scales, 200, 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = w8a8_kernels().w8a8_mm_vnni(x, packed.qweight, packed.scales, outputs, 0)
+        if rows > 2:
+            special = x.clone()
+            special[0], special[1, 3] = 0, float("nan")
+            zero_and_nan = w8a8_kernels().w8a8_mm_vnni(special, packed.qweight, packed.scales, outputs, 0)
+            assert (zero_and_nan[0] == 0).all() and zero_and_nan[1].isnan().all()
+            assert torch.equal(zero_and_nan[2:], out[2:])
+    finally:
+        torch.set_num_threads(before)
     row_scale = x.float().abs().amax(1, keepdim=True) / 127
     codes = torch.round(x.float() * (1 / row_scale))
     assert codes.abs().max() == 127
     sums = (codes.long() @ q.codes.long().t()).int().float()
-    expected = (sums * (packed.scales[:200].reshape(1, -1) * row_scale)).bfloat16()
+    expected = (sums * (packed.scales[:outputs].reshape(1, -1) * row_scale)).bfloat16()
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
     if packed.amx:
-        assert torch.equal(w8a8_kernels().w8a8_mm_amx(x, packed.qweight, packed.scales, 200, 0), out)
+        assert torch.equal(w8a8_kernels().w8a8_mm_amx(x, packed.qweight, packed.scales, outputs, 0), out)
+
+
+@needs_w8a8
+def test_w8a8_refuses_at_load_a_projection_wider_than_its_int32_sums_hold():
+    with pytest.raises(ValueError, match="at most 65536 inputs"):
+        PackedQuantizedWeight(quantize_int8(torch.randn(64, 65540)), torch.bfloat16, torch.device("cpu"),
+                              int8_activations=True)
 
 
 @needs_w8a8

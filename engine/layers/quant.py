@@ -244,6 +244,9 @@ class PackedQuantizedWeight(torch.nn.Module):
         if ops is None:
             raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 or AVX512-VNNI (and AVX512-BF16) and the C++ "
                              "kernels (kernels/cpu_ops.py); this machine has neither: use 'int8' or 'int4'")
+        if self.in_features > INT8_MAX_INPUTS:  # the kernels' int32 sums would wrap
+            raise ValueError(f"quantization='w8a8' takes projections of at most {INT8_MAX_INPUTS} inputs, this one has "
+                             f"{self.in_features}: use 'int8' or 'int4'")
         self.rotation = q.rotation  # the kernel rotates each input row by the same blocks
         codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()

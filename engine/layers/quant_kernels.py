@@ -112,7 +112,7 @@ def vector_int8_loops():
 @functools.cache
 def w8a8_kernels():
     """torch.ops.bento_llm where a w8a8 matmul can run (w8a8_mm_amx on AMX-INT8, else w8a8_mm_vnni
-    on AVX512-VNNI), else None."""
+    on AVX512-VNNI), else None (also for AMX-BF16 without AMX-INT8, which no CPU has)."""
     ops = vector_kernels()
     if ops is None:
         return None

@@ -1613,7 +1613,8 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 
 
-// w8a8 without AMX-INT8 (CPUs with AVX512-VNNI: Zen 4/5, Ice Lake and later Xeons). VNNI's byte
+// w8a8 without AMX-INT8 (CPUs with AVX512-VNNI and AVX512-BF16: Zen 4/5, Xeons whose AMX a VM hides;
+// not Ice Lake or Cascade Lake, which lack AVX512-BF16, as vector_kernels() asks). VNNI's byte
 // dot product (vpdpbusd) multiplies unsigned by signed bytes, so each input row is quantized
 // biased (quantize_rows: u = code + 128) and the weight's codes stay as they are, w8a8_mm_amx's
 // layout: u . w = x . w + 128 sum(w), and the second term (a column's code sum, taken per call in
