@@ -47,7 +47,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
   as they were at git revision REV, built beside this one, so a kernel change is timed A/B in one
   process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
   AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows);
-  bf16 strips @REV kernels/csrc/bf16_linear.cpp's (only without AMX, where bf16 strips runs it)
+  bf16 strips @REV kernels/csrc/bf16_linear.cpp's (only without AMX, where bf16 strips runs it); w8a8 @REV
+  its w8a8_mm_vnni (only without AMX, where the layer runs it; REV must have it)
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -142,7 +143,7 @@ def main() -> None:
              "int8 rows prefetching", "int8 layer", "w8a8", "w8a8 plain"]
     old, old_int8_quads = baseline_ops(args.baseline) if args.baseline and vec is not None else (None, True)
     if old is not None:
-        for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows"):
+        for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows", "w8a8"):
             names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
         # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
         # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
@@ -225,6 +226,8 @@ def main() -> None:
             if w8a8:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
+            if w8a8 and old is not None and ops is None and hasattr(old, "w8a8_mm_vnni"):  # the layer's kernel without AMX
+                runs["w8a8 @" + args.baseline] = lambda: [old.w8a8_mm_vnni(x, q.qweight, q.scales, n, q.rotation) for q in w8a8]
             if args.only:
                 wanted = {"bfloat16", *args.only.split(","),
                           *(f"{f} @{args.baseline}" for f in args.only.split(","))}

@@ -1622,49 +1622,53 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
 // exactly. One vpdpbusd makes 64 byte products where vdpbf16ps makes 32 pair products, at the same
 // rate on Zen 4 (one 512-bit instruction a cycle a core, measured): twice bfloat16's peak.
 
-// Rows x 16-column groups of w8a8_unit_rows' register block: 6 x 2 = 12 int32 accumulators, one
-// broadcast input quad per 2 products. A Zen 4 core ran this shape at 224 G byte products a second
-// (97% of vpdpbusd's rate; 3 x 4: 160, 4 x 4: 168, 8 x 2: 214, a loop over one block's codes in L1).
+// w8a8_unit_rows' register blocks, rows x 16-column vectors. From kW8a8FewRows + 1 rows: 6 x 2 over
+// 32-column units (12 int32 accumulators, one broadcast input quad per 2 products), the shape a
+// Zen 4 core ran at 224 G byte products a second (97% of vpdpbusd's rate; 3 x 4: 160, 4 x 4: 168,
+// 8 x 2: 214, a loop over one block's codes in L1). Up to kW8a8FewRows rows the codes' read bounds
+// a call, so it takes whole 64-column blocks (rows x 4): each pass reads every 256-byte quad row
+// whole, where a 32-column unit reads half of it and leaves the rest to the next unit. A/B in one
+// process (two threads, 30 weights per shape of the default model's): 0.75-1.00x the 32-column
+// units' time at 1-2 rows (mostly 0.86-0.96x), 0.92-1.13x at 4, where the 9-block projections
+// split 5/4 between two threads.
 constexpr int kW8a8Rows = 6;
-constexpr int64_t kW8a8UnitColumns = 32;
+constexpr int kW8a8FewRows = 2;
 
-// R biased input rows (k_total bytes apart) times one unit's codes (its two 64-byte halves of each
-// 256-byte quad row) -> out[r][j] = bf16((u_r . w_j - bias_j) * (s_w[j] * s_x[r])) for j < columns
-// (w8a8_value, as w8a8_mm_amx's store_scaled). Bias: the unit's bias_j = 128 sum_k w_kj, what the biased
-// input adds, taken in this pass first (one more byte product per code vector, with ones) and
-// stored, else read. next (or null): the next unit's codes, asked into L2 at the offset this pass
-// reads, so that unit's first pass finds them there.
-template <int R, bool Bias>
+// R biased input rows (k_total bytes apart) times one unit of 16 C columns (C 64-byte vectors of
+// each 256-byte quad row) -> out[r][j] = bf16((u_r . w_j - bias_j) * (s_w[j] * s_x[r])) for j <
+// columns (w8a8_value, as w8a8_mm_amx's store_scaled). Bias: the unit's bias_j = 128 sum_k w_kj,
+// what the biased input adds, taken in this pass first (one more byte product per code vector,
+// with ones) and stored, else read. next (or null): the next unit's codes, asked into L2 at the
+// offset this pass reads, so that unit's first pass finds them there.
+template <int R, int C, bool Bias>
 BENTO_AVX512_VNNI void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias,
                                       const int8_t* next, const float* row_scale, const float* column_scale, int64_t columns,
                                       c10::BFloat16* out, int64_t out_stride) {
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[R][2], sums[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  __m512i acc[R][C], sums[C];
+  for (int i = 0; i < C; ++i) {
+    sums[i] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[r][i] = _mm512_setzero_si512();
+  }
   for (int64_t k = 0; k < k_total; k += 4) {
     const int8_t* quad = unit + k * kBlockN;
-    if (next != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlockN), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlockN + 64), _MM_HINT_T1);
-    }
-    const __m512i w0 = _mm512_loadu_si512(quad), w1 = _mm512_loadu_si512(quad + 64);
-    if (Bias) {
-      sums[0] = _mm512_dpbusd_epi32(sums[0], ones, w0);
-      sums[1] = _mm512_dpbusd_epi32(sums[1], ones, w1);
+    __m512i w[C];
+    for (int i = 0; i < C; ++i) {
+      if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlockN + 64 * i), _MM_HINT_T1);
+      w[i] = _mm512_loadu_si512(quad + 64 * i);
+      if (Bias) sums[i] = _mm512_dpbusd_epi32(sums[i], ones, w[i]);
     }
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, in + r * k_total + k, sizeof(four));
       const __m512i u = _mm512_set1_epi32(four);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], u, w0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], u, w1);
+      for (int i = 0; i < C; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], u, w[i]);
     }
   }
   if (Bias) {
-    _mm512_storeu_si512(bias, _mm512_slli_epi32(sums[0], 7));
-    _mm512_storeu_si512(bias + 16, _mm512_slli_epi32(sums[1], 7));
+    for (int i = 0; i < C; ++i) _mm512_storeu_si512(bias + 16 * i, _mm512_slli_epi32(sums[i], 7));
   }
-  for (int i = 0; i < 2 && 16 * i < columns; ++i) {
+  for (int i = 0; i < C && 16 * i < columns; ++i) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + 16 * i);
     const __m512i b = _mm512_loadu_si512(bias + 16 * i);
@@ -1675,52 +1679,55 @@ BENTO_AVX512_VNNI void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const 
   }
 }
 
-template <bool Bias>
+// w8a8_unit_rows for `rows` (1..MaxRows) rows: the instantiation of that R.
+template <int C, bool Bias, int MaxRows, int R = 1>
 void w8a8_unit_rows_by(int rows, const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias, const int8_t* next,
                        const float* row_scale, const float* column_scale, int64_t columns, c10::BFloat16* out,
                        int64_t out_stride) {
-  switch (rows) {
-    case 1: w8a8_unit_rows<1, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
-    case 2: w8a8_unit_rows<2, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
-    case 3: w8a8_unit_rows<3, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
-    case 4: w8a8_unit_rows<4, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
-    case 5: w8a8_unit_rows<5, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride); break;
-    default: w8a8_unit_rows<6, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
+  if constexpr (R < MaxRows) {
+    if (rows > R) {
+      return w8a8_unit_rows_by<C, Bias, MaxRows, R + 1>(rows, in, k_total, unit, bias, next, row_scale, column_scale, columns,
+                                                         out, out_stride);
+    }
   }
+  w8a8_unit_rows<R, C, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
 }
 
-// A thread's units [begin, end) times every biased input row: kRowChunk rows at a time (they stay
-// in L2 while the units' codes pass). A unit's first pass of a chunk asks the next unit's codes
-// into L2 (the first chunk's also takes the unit's bias); the rest read it from cache.
+// A thread's units of 16 C columns [begin, end) times every biased input row, MaxRows at a time:
+// kRowChunk rows at a time (they stay in L2 while the units' codes pass). A unit's first pass of
+// a chunk asks the next unit's codes into L2 (the first chunk's also takes the unit's bias); the
+// rest read it from cache.
+template <int C, int MaxRows>
 void w8a8_units(const uint8_t* in, const float* row_scale, int64_t rows, int64_t k_total, const int8_t* codes,
                 const float* column_scale, int64_t out_features, int64_t begin, int64_t end, c10::BFloat16* y) {
-  auto bias = aligned_buffer<int32_t>((end - begin) * kW8a8UnitColumns);
-  const auto unit_codes = [&](int64_t u) {
-    return codes + (u * kW8a8UnitColumns / kBlockN) * kBlockN * k_total + (u * kW8a8UnitColumns % kBlockN) * 4;
-  };
+  constexpr int64_t width = 16 * C;
+  auto bias = aligned_buffer<int32_t>((end - begin) * width);
+  const auto unit_codes = [&](int64_t u) { return codes + (u * width / kBlockN) * kBlockN * k_total + (u * width % kBlockN) * 4; };
   for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
     const int64_t m1 = std::min(rows, m0 + kRowChunk);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t n0 = u * kW8a8UnitColumns, columns = std::min(kW8a8UnitColumns, out_features - n0);
+      const int64_t n0 = u * width, columns = std::min(width, out_features - n0);
       const int8_t* unit = unit_codes(u);
       const int8_t* next = u + 1 < end ? unit_codes(u + 1) : nullptr;
-      int32_t* unit_bias = bias.get() + (u - begin) * kW8a8UnitColumns;
-      for (int64_t m = m0; m < m1; m += kW8a8Rows) {
-        const int r = static_cast<int>(std::min<int64_t>(kW8a8Rows, m1 - m));
+      int32_t* unit_bias = bias.get() + (u - begin) * width;
+      for (int64_t m = m0; m < m1; m += MaxRows) {
+        const int r = static_cast<int>(std::min<int64_t>(MaxRows, m1 - m));
         if (m == 0) {
-          w8a8_unit_rows_by<true>(r, in + m * k_total, k_total, unit, unit_bias, next, row_scale + m, column_scale + n0, columns,
-                                  y + m * out_features + n0, out_features);
+          w8a8_unit_rows_by<C, true, MaxRows>(r, in + m * k_total, k_total, unit, unit_bias, next, row_scale + m,
+                                              column_scale + n0, columns, y + m * out_features + n0, out_features);
         } else {
-          w8a8_unit_rows_by<false>(r, in + m * k_total, k_total, unit, unit_bias, m == m0 ? next : nullptr, row_scale + m,
-                                   column_scale + n0, columns, y + m * out_features + n0, out_features);
+          w8a8_unit_rows_by<C, false, MaxRows>(r, in + m * k_total, k_total, unit, unit_bias, m == m0 ? next : nullptr,
+                                               row_scale + m, column_scale + n0, columns, y + m * out_features + n0,
+                                               out_features);
         }
       }
     }
   }
 }
 
-// w8a8_mm_amx's product on AVX512-VNNI, equal to it bit for bit: threads split 32-column units (so
-// the default model's 576-column projections split 9/9, not by 64-column blocks 5/4).
+// w8a8_mm_amx's product on AVX512-VNNI, equal to it bit for bit. Threads split 32-column units (so
+// the default model's 576-column projections split 9/9, not by 64-column blocks 5/4), or, up to
+// kW8a8FewRows rows, 64-column blocks.
 at::Tensor w8a8_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
                         int64_t rotation_block) {
   TORCH_CHECK(avx512_bf16_supported() && avx512_vnni_supported(), "w8a8_mm_vnni needs a CPU with AVX512-VNNI and AVX512-BF16");
@@ -1733,10 +1740,12 @@ at::Tensor w8a8_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const at:
   quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, reinterpret_cast<int8_t*>(in), row_scale,
                 true);
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  const int64_t units = (out_features + kW8a8UnitColumns - 1) / kW8a8UnitColumns;
+  const bool few = rows <= kW8a8FewRows;
+  const int64_t width = few ? kBlockN : kBlockN / 2, units = (out_features + width - 1) / width;
   kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    w8a8_units(in, row_scale, rows, k_total, packed.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, begin, end,
-               out.data_ptr<c10::BFloat16>());
+    const auto units_of = few ? w8a8_units<4, kW8a8FewRows> : w8a8_units<2, kW8a8Rows>;
+    units_of(in, row_scale, rows, k_total, packed.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, begin, end,
+             out.data_ptr<c10::BFloat16>());
   });
   return out;
 }
