@@ -48,7 +48,8 @@ microseconds per layer and each format's time relative to it (below 1 is faster)
   process (int8's run on the same codes in REV's layout where it differs: [N/64][K/2][64][2] before
   AMX-INT8); bf16 rows @REV likewise kernels/csrc/gemv_ops.cpp's (bf16_mm_amx on AMX, else bf16_mm_rows);
   bf16 strips @REV kernels/csrc/bf16_linear.cpp's (only without AMX, where bf16 strips runs it); w8a8 @REV
-  its w8a8_mm_vnni (only without AMX, where the layer runs it; REV must have it)
+  its w8a8_mm_vnni called directly, beside w8a8 op, this tree's (only without AMX, where the layer runs
+  it; REV must have it)
 and the limits, also relative to bfloat16's time: int4 read, the time to read int4's codes,
 scales and zeros at the measured memory bandwidth (int8 read: int8's codes and scales) (what bounds a few rows), and AMX, the
 product's FLOPs at the bfloat16 matmul throughput oneDNN reaches on a large square product
@@ -145,6 +146,7 @@ def main() -> None:
     if old is not None:
         for name in ("bf16 strips", "bf16 rows", "int4 AMX", "int4 rows", "int8 AMX", "int8 rows", "w8a8"):
             names.insert(names.index(name) + 1, f"{name} @{args.baseline}")
+        names.insert(names.index("w8a8") + 1, "w8a8 op")
         # Two kernel pools, one a build: a worker spinning idle in one takes a vCPU from the other's
         # op, and reads its next weight ahead while the other's ops run (the baseline's ops, timed
         # back to back, gained 1.3x from it at two threads). Neither spins: each op wakes its worker.
@@ -227,10 +229,12 @@ def main() -> None:
                 runs["w8a8"] = lambda: [q(x) for q in w8a8]
                 runs["w8a8 plain"] = lambda: [q(x) for q in w8a8_plain]
             if w8a8 and old is not None and ops is None and hasattr(old, "w8a8_mm_vnni"):  # the layer's kernel without AMX
+                # both ops called directly: the layer's Python (casts, the op lookup) adds a few us a call
+                runs["w8a8 op"] = lambda: [vec.w8a8_mm_vnni(x, q.qweight, q.scales, n, q.rotation) for q in w8a8]
                 runs["w8a8 @" + args.baseline] = lambda: [old.w8a8_mm_vnni(x, q.qweight, q.scales, n, q.rotation) for q in w8a8]
             if args.only:
-                wanted = {"bfloat16", *args.only.split(","),
-                          *(f"{f} @{args.baseline}" for f in args.only.split(","))}
+                wanted = {"bfloat16", *args.only.split(","), *(f"{f} @{args.baseline}" for f in args.only.split(",")),
+                          *(["w8a8 op"] if "w8a8" in args.only.split(",") else [])}
                 runs = {name: fn for name, fn in runs.items() if name in wanted}
             best = dict.fromkeys(runs, float("inf"))
             with torch.inference_mode():
