@@ -92,11 +92,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: HasBlocks, num_new_tokens: int) -> int:
         """Blocks that writing num_new_tokens more K/V slots would take from the free list."""
-        total = self._blocks_for(seq.num_computed_tokens + num_new_tokens)
-        new = max(0, total - len(seq.block_table))
-        if num_new_tokens > 0 and self._writes_shared_block(seq):
-            new += 1
-        return new
+        return self.blocks_needed_for([(seq, num_new_tokens)])
 
     def blocks_needed_for(self, chunks: list[tuple[HasBlocks, int]]) -> int:
         """blocks_needed over several sequences' writes in this order, counting a shared last
@@ -106,21 +102,22 @@ class BlockManager:
         for seq, num_new_tokens in chunks:
             total = self._blocks_for(seq.num_computed_tokens + num_new_tokens)
             needed += max(0, total - len(seq.block_table))
-            if num_new_tokens > 0 and seq.block_table and seq.num_computed_tokens % self.block_size:
+            if num_new_tokens > 0 and self._writes_shared_block(seq, copying):
                 last = seq.block_table[-1]
-                if self.ref_counts[last] - copying.get(last, 0) > 1:
-                    copying[last] = copying.get(last, 0) + 1
-                    needed += 1
+                copying[last] = copying.get(last, 0) + 1
+                needed += 1
         return needed
 
     def can_append(self, seq: HasBlocks, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
-    def _writes_shared_block(self, seq: HasBlocks) -> bool:
-        offset = seq.num_computed_tokens % self.block_size
-        if offset == 0 or not seq.block_table:
+    def _writes_shared_block(self, seq: HasBlocks, copying: dict[int, int] | None = None) -> bool:
+        """Whether seq's next write lands in a partly filled last block others still share (less
+        the `copying` references earlier writes of the same step have already moved off it)."""
+        if seq.num_computed_tokens % self.block_size == 0 or not seq.block_table:
             return False
-        return self.ref_counts[seq.block_table[-1]] > 1
+        last = seq.block_table[-1]
+        return self.ref_counts[last] - (copying or {}).get(last, 0) > 1
 
     def _take(self) -> int:
         # Never-used blocks first: evicting a cached block is the last resort.
