@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -25,6 +27,19 @@ if OPENMP_WAIT_APPLIED:
     os.environ["OMP_WAIT_POLICY"] = OPENMP_WAIT_POLICY
 
 import torch  # noqa: E402  (after the OpenMP setting above)
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache  # once per process
+def warn_if_openmp_spins() -> None:
+    """The setting above comes before torch loads; where torch was imported first (and the user
+    set neither variable), libgomp spins, which a shared machine pays for (the model runner calls
+    this as it builds the model)."""
+    if torch.get_num_threads() > 1 and not (OPENMP_WAIT_APPLIED or OPENMP_WAIT_SET_BY_USER):
+        logger.warning("torch was imported before engine, so its OpenMP threads spin ~5 ms at every barrier "
+                       "(libgomp's default): where other processes share the cores, steps can take 10x longer. "
+                       "Import engine first, or set OMP_WAIT_POLICY=PASSIVE before starting Python.")
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"

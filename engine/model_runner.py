@@ -3,7 +3,6 @@ rank's shard, turns a schedule into step inputs (rank 0), runs a step from them 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -11,8 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBackend
-from engine import config as config_module
-from engine.config import EngineConfig
+from engine.config import EngineConfig, warn_if_openmp_spins
 from engine.forward_context import AttentionMetadata, forward_context, inference_mode
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.layers.linear_kernels import can_pack_for_cpu
@@ -37,16 +35,6 @@ _READ_IN_PARTS_ABOVE = 32 << 20
 
 # KV memory on CPU when neither a block count nor a byte size is given.
 DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-@functools.cache  # once per process
-def warn_if_openmp_spins() -> None:
-    """engine/config.py sets OpenMP's passive wait before torch loads; where torch was imported
-    first (and the user set neither variable), libgomp spins, which a shared machine pays for."""
-    if torch.get_num_threads() > 1 and not (config_module.OPENMP_WAIT_APPLIED or config_module.OPENMP_WAIT_SET_BY_USER):
-        logger.warning("torch was imported before engine, so its OpenMP threads spin ~5 ms at every barrier "
-                       "(libgomp's default): where other processes share the cores, steps can take 10x longer. "
-                       "Import engine first, or set OMP_WAIT_POLICY=PASSIVE before starting Python.")
 
 
 @dataclass
