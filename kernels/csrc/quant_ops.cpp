@@ -1561,11 +1561,6 @@ bool amx_int8_supported() {
   return supported;
 }
 
-// w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
-// layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
-// converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
-// rotation_block > 0: the codes are of W R (R block Hadamard, engine/layers/rotation.py), and each
-// input row is rotated by the same R before its rounding.
 // w8a8's operands, as both its kernels (w8a8_mm_amx, w8a8_mm_vnni) take them.
 void check_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
                 int64_t rotation_block) {
@@ -1581,6 +1576,11 @@ void check_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
               "rotation_block: 0 or a power of two >= 16 dividing K");
 }
 
+// w8a8: x [M, K] bfloat16, quantized per row to int8 here, @ int8 weight codes in brgemm's VNNI
+// layout [N/64][K/4][64][4] with a float32 scale per output row -> [M, out_features]. Nothing is
+// converted per weight: AMX multiplies the codes as they are (int8 x int8 -> int32).
+// rotation_block > 0: the codes are of W R (R block Hadamard, engine/layers/rotation.py), and each
+// input row is rotated by the same R before its rounding.
 at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
                        int64_t rotation_block) {
   TORCH_CHECK(amx_int8_supported(), "w8a8 needs a CPU with AMX-INT8");
@@ -1611,7 +1611,6 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   });
   return out;
 }
-
 
 // w8a8 without AMX-INT8 (CPUs with AVX512-VNNI and AVX512-BF16: Zen 4/5, Xeons whose AMX a VM hides;
 // not Ice Lake or Cascade Lake, which lack AVX512-BF16, as vector_kernels() asks). VNNI's byte
@@ -1693,10 +1692,10 @@ void w8a8_unit_rows_by(int rows, const uint8_t* in, int64_t k_total, const int8_
   w8a8_unit_rows<R, C, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
 }
 
-// A thread's units of 16 C columns [begin, end) times every biased input row, MaxRows at a time:
-// kRowChunk rows at a time (they stay in L2 while the units' codes pass). A unit's first pass of
-// a chunk asks the next unit's codes into L2 (the first chunk's also takes the unit's bias); the
-// rest read it from cache.
+// A thread's units of 16 C columns [begin, end) times every biased input row, in chunks of
+// kRowChunk rows (they stay in L2 while the units' codes pass), MaxRows rows a pass. A unit's
+// first pass of a chunk asks the next unit's codes into L2 (the first chunk's also takes the
+// unit's bias); the rest read them from cache.
 template <int C, int MaxRows>
 void w8a8_units(const uint8_t* in, const float* row_scale, int64_t rows, int64_t k_total, const int8_t* codes,
                 const float* column_scale, int64_t out_features, int64_t begin, int64_t end, c10::BFloat16* y) {
