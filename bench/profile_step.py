@@ -7,6 +7,7 @@
     python bench/profile_step.py --quantization none --ab-fused-mlp 6   # MLPs fused vs not, A/B
     python bench/profile_step.py --quantization none --ab-lm-head 6   # LM head on bf16_mm_rows vs torch.mv, A/B
     python bench/profile_step.py --dtype float32 --quantization none --ab-lm-head 6   # f32_mm_rows vs F.linear
+    python bench/profile_step.py --quantization w8a8 --batch 64 --ab-lm-head 6   # w8a8's head as w8a8 vs int8 weight-only
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
     python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
@@ -265,6 +266,36 @@ def lm_head_ab(steps, rounds: int, float32: bool) -> None:
         print(pass_line(f"LM head on {name}", ms))
 
 
+def w8a8_head_ab(model, steps, rounds: int) -> None:
+    """Decode steps with w8a8's tied LM head as w8a8 (rotated int8 rows, the input rounded to
+    int8: w8a8_mm) and as int8 weight-only rows (int8_mm_dpbf16 / int8_mm_amx: what it was
+    before), alternating in this process, every pass printed. The weight-only table is built from
+    the w8a8 codes rotated back (a second rounding: for timing only)."""
+    from engine.layers.embedding import int8_rows
+    from engine.layers.quant import PackedQuantizedWeight
+    from engine.layers.rotation import rotate
+
+    head, embedding = model.lm_head, model.embed_tokens
+    w8a8 = head.quantized
+    if w8a8 is None or not w8a8.w8a8 or w8a8 is not embedding.quantized:
+        print("the LM head here is not a tied w8a8 table")
+        return
+    codes = w8a8.int8_rows().float() * w8a8.scales[: w8a8.out_features, None]
+    table = rotate(codes, w8a8.rotation) if w8a8.rotation else codes
+    weight_only = PackedQuantizedWeight(int8_rows(table), w8a8.dtype, table.device)
+    heads = {"w8a8 (rotated rows, int8 input)": w8a8, "int8 weight-only rows": weight_only}
+
+    def set_mode(name: str) -> None:
+        head.quantized = embedding.quantized = heads[name]
+
+    try:
+        passes, fastest = alternating_passes(steps, rounds, list(heads), set_mode)
+    finally:
+        set_mode(next(iter(heads)))
+    for name, ms in passes.items():
+        print(pass_line(f"LM head {name}", ms, fastest[name]))
+
+
 def pool_ab(steps, spins: str, rounds: int) -> None:
     """Decode steps with our kernels' regions on their pool (kernels/csrc/thread_pool.h), its
     workers spinning each of `spins` (comma-separated us) for the next op, or sleeping after each
@@ -443,7 +474,7 @@ def main() -> None:
                         help="only: --steps decode steps with the MLPs fused vs unfused, alternating, ROUNDS rounds")
     parser.add_argument("--ab-lm-head", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the LM head on bf16_mm_rows (float32: f32_mm_rows) vs "
-                        "PyTorch's matmul, alternating, ROUNDS rounds")
+                        "PyTorch's matmul (w8a8: its head as w8a8 vs int8 weight-only rows), alternating, ROUNDS rounds")
     parser.add_argument("--ab-read-ahead", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the pool's workers reading the next weight ahead vs not, "
                              "alternating, ROUNDS rounds")
@@ -471,6 +502,10 @@ def main() -> None:
     if args.ab_fused_mlp:
         fused_mlp_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
                      args.ab_fused_mlp)
+        return
+    if args.ab_lm_head and args.quantization == "w8a8":
+        w8a8_head_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
+                     args.ab_lm_head)
         return
     if args.ab_lm_head:
         lm_head_ab(lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len), args.ab_lm_head,

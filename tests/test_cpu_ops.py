@@ -726,6 +726,27 @@ def test_int8_quad_rows_is_the_gathered_codes_times_their_scales(gen, dtype, row
         torch.ops.bento_llm.int8_quad_rows(layout, scales, index, padded + 4)
 
 
+@pytest.mark.parametrize("block", [2, 32, 64])
+@pytest.mark.parametrize("rows", [1, 64, 257])
+def test_int8_quad_rows_rotates_w8a8s_rows_back(gen, block, rows):
+    """w8a8's tied table holds codes of W R: its lookup returns each row times R (rotation.py's
+    rotate, R its own inverse) in float32, as the codes times their scales rotated by torch."""
+    from engine.layers.rotation import rotate
+
+    n, k = 200, 576
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    layout = torch.cat([codes, codes.new_ones(256 - n, k)]).reshape(-1, 64, k // 4, 4).transpose(1, 2).contiguous()
+    index = torch.randint(0, n, (rows,), generator=gen)
+    want = rotate(codes[index].float() * scales[index, None], block)
+    got = torch.ops.bento_llm.int8_quad_rows(layout, scales, index, k, block)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, codes[index].float() * scales[index, None], atol=1e-3)  # (it did rotate)
+    for bad in (3, 1, 1024):
+        with pytest.raises(RuntimeError, match="rotation_block must be 0 or a power of two dividing in_features 576"):
+            torch.ops.bento_llm.int8_quad_rows(layout, scales, index, k, bad)
+
+
 def test_argmax_rows_gives_the_same_indices_on_one_and_two_threads(gen):
     logits = torch.randn(64, 49152, generator=gen).to(torch.bfloat16)
     threads = torch.get_num_threads()

@@ -1,7 +1,8 @@
 """The token embedding and LM head under quantization: int8 rows with one scale each, looked up
-exactly as the dequantized table's rows, one copy for a tied model's embedding and head, the
-head's accuracy rule on tiny tied and untied models, a GGUF's Q8_0 token_embd read into those
-rows, and a quantized load that finalizes each module as its weights land."""
+exactly as the dequantized table's rows, one copy for a tied model's embedding and head, under
+w8a8 a head of rotated rows that rounds its input to int8, the head's accuracy rule on tiny
+tied and untied models, a GGUF's Q8_0 token_embd read into those rows, and a quantized load
+that finalizes each module as its weights land."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from engine import DEFAULT_MODEL, LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8
+from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8, quantize_w8a8
+from engine.layers.quant_kernels import w8a8_kernels
+from engine.layers.rotation import hadamard_block, rotate
 from engine.models.base import CausalLM
 from tests.helpers import default_gguf_reader, make_tiny_llama
 
@@ -108,6 +111,70 @@ def test_an_untied_tables_grouped_rows_are_its_codes_dequantized_exactly(bits, g
     assert torch.equal(embedding(ids), q.dequantize()[ids])
 
 
+needs_w8a8 = pytest.mark.skipif(w8a8_kernels() is None, reason="w8a8 needs AMX-INT8 or AVX512-VNNI")
+
+
+@needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_w8a8_the_tied_table_is_int8_of_its_rotated_rows_and_a_lookup_rotates_them_back(dtype):
+    """w8a8's head multiplies rotated rows (as its projections do), so the one tied table holds
+    int8 codes of W R; a lookup gathers them and multiplies by R again (its own inverse): W's
+    rows up to their int8 rounding, as the unrotated table's lookup is."""
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(1000, 192, generator=gen) * 0.05).to(dtype)
+    weight[:, 5] *= 20  # an outlier column, as real tables have
+    embedding = VocabParallelEmbedding(1000, 192, parallel=None).to(dtype)
+    head = ParallelLMHead(embedding, tied=True).to(dtype)
+    head.retie()
+    with torch.no_grad():
+        embedding.load_rows(embedding.weight, weight)
+    assert embedding.finalize("int8", "w8a8") == "w8a8" and head.finalize("int8", 32, False, "w8a8") == "tied w8a8"
+    q = embedding.quantized
+    assert head.quantized is q and q.w8a8 and q.rotation == 64 == hadamard_block(192)
+    expected = quantize_w8a8(weight)  # int8 of W R, row by row
+    assert torch.equal(q.int8_rows(), expected.codes) and torch.equal(q.scales[:1000], expected.scale.reshape(-1))
+    codes = expected.codes.float() * expected.scale
+    ids = torch.randint(0, 1000, (300,), generator=gen)
+    rows = embedding(ids)
+    assert rows.dtype == dtype
+    ulp = 0 if dtype == torch.float32 else 2**-7  # one bfloat16 step: (the matmul and the butterflies round differently)
+    torch.testing.assert_close(rows.float(), rotate(codes[ids], 64).to(dtype).float(), atol=2e-6, rtol=ulp)
+    # R is orthogonal: a row's error is its rotated row's rounding error, at most half a step
+    # (max |W R| / 127) in each of its 192 entries.
+    error = (rows.float() - weight[ids].float()).norm(dim=1)
+    step = rotate(weight[ids].float(), 64).abs().amax(1) / 127
+    slack = 1 + (0 if dtype == torch.float32 else 2**-7 * 40)  # + bfloat16's rounding of the row
+    assert (error <= 0.5 * step * 192**0.5 * slack).all()
+
+
+@needs_w8a8
+@pytest.mark.parametrize("tied", [True, False])
+def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(tied):
+    """Tied or not, an int8 head under w8a8 projections is a w8a8 matmul of the rotated codes:
+    bfloat16 logits equal to w8a8_mm's on the same codes, within 2% of the float head's."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(1000, 192, generator=gen).bfloat16()
+    embedding = VocabParallelEmbedding(1000, 192, parallel=None).bfloat16()
+    head = ParallelLMHead(embedding, tied=tied).bfloat16()
+    head.retie()
+    with torch.no_grad():
+        embedding.load_rows(embedding.weight, weight)
+        if not tied:
+            embedding.load_rows(head.weight, weight)
+    embedding.finalize("int8", "w8a8")
+    assert head.finalize("int8", 32, False, "w8a8") == ("tied w8a8" if tied else "w8a8")
+    q = head.quantized
+    assert q.w8a8 and q.rotation == 64 and (q is embedding.quantized) == tied
+    x = torch.randn(7, 192, generator=gen).bfloat16()
+    with torch.inference_mode():
+        logits = head(x)
+    ops = w8a8_kernels()
+    matmul = ops.w8a8_mm_amx if q.amx else ops.w8a8_mm_vnni
+    assert torch.equal(logits, matmul(x, q.qweight, q.scales, 1000, 64))
+    float_logits = x.float() @ weight.float().t()
+    assert (logits.float() - float_logits).norm() / float_logits.norm() < 0.02
+
+
 def test_a_table_quantized_in_chunks_has_the_whole_tables_codes(monkeypatch):
     """The table is quantized a few hundred rows at a time (cache-sized float32 chunks, 3x less
     CPU for a 128k-row table): the codes and scales are those of quantizing it whole."""
@@ -117,6 +184,9 @@ def test_a_table_quantized_in_chunks_has_the_whole_tables_codes(monkeypatch):
     weight = torch.randn(100, 96, generator=torch.Generator().manual_seed(7)).bfloat16()
     chunked, whole = embedding_module.int8_rows(weight), quantize_int8(weight)
     assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scale, whole.scale)
+    chunked, whole = embedding_module.int8_rows(weight, w8a8=True), quantize_w8a8(weight)
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scale, whole.scale)
+    assert chunked.rotation == whole.rotation == 32
     chunked, whole = embedding_module.quantize_table(weight, "int4", 32), quantize_int4(weight, 32)
     assert all(torch.equal(a, b) for a, b in [(chunked.codes, whole.codes), (chunked.scale, whole.scale),
                                                 (chunked.zero, whole.zero)])

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.linear import Linear, check_shape, place_rows, set_loader
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8
+from engine.layers.quant import (PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8,
+                                 quantize_w8a8, w8a8_fits)
 from engine.parallel_state import ParallelState, rank_and_size, read_part
 
 # float32 bytes quantized at a time: quantize_int8/int4 make several float32 passes over their
@@ -79,14 +80,17 @@ class VocabParallelEmbedding(nn.Embedding):
             raise ValueError(f"the embedding is stored as int8 rows or in dtype, not {quantization!r}")
         weight = self.weight.detach()
         if self.tied_head is not None:
-            self.quantized = PackedQuantizedWeight(int8_rows(weight), weight.dtype, weight.device)
+            w8a8 = projections == "w8a8" and w8a8_fits(self.embedding_dim)  # the head rounds its input too
+            self.quantized = PackedQuantizedWeight(int8_rows(weight, w8a8), weight.dtype, weight.device, w8a8)
             self.tied_head.share(self.quantized)
         else:
             if file_codes is None or self.real_rows != self.num_embeddings:  # (a padded rank re-quantizes)
                 file_codes = quantize_table(weight, projections or "int8", group_size)
             self.grouped = GroupedRows(file_codes, weight.dtype)
         self.weight = None
-        if self.grouped is None or self.grouped.group_size == self.embedding_dim:
+        if self.grouped is None:
+            return "w8a8" if self.quantized.w8a8 else "int8"
+        if self.grouped.group_size == self.embedding_dim:
             return "int8"
         return f"int{self.grouped.bits} groups of {self.grouped.group_size}"
 
@@ -142,17 +146,17 @@ def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> Quanti
                            torch.cat([p.zero for p in parts]), group)
 
 
-def int8_rows(weight: torch.Tensor) -> QuantizedWeight:
-    """quantize_int8 (one scale per row), a few hundred rows at a time so its float32 working
-    copies stay in cache."""
+def int8_rows(weight: torch.Tensor, w8a8: bool = False) -> QuantizedWeight:
+    """quantize_int8 (one scale per row; w8a8: quantize_w8a8, of the rotated rows), a few
+    hundred rows at a time so its float32 working copies stay in cache."""
     rows, cols = weight.shape
     codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=weight.device)
     step = _chunk_rows(cols)
     for start in range(0, rows, step):
-        q = quantize_int8(weight[start : start + step])
+        q = (quantize_w8a8 if w8a8 else quantize_int8)(weight[start : start + step])
         codes[start : start + step], scale[start : start + step] = q.codes, q.scale
-    return QuantizedWeight(8, codes, scale, None, cols)
+    return QuantizedWeight(8, codes, scale, None, cols, q.rotation)
 
 
 class ParallelLMHead(Linear):
@@ -169,12 +173,17 @@ class ParallelLMHead(Linear):
         else:
             set_loader(self, "weight", embedding.load_rows)
 
-    def finalize(self, quantization: str | None, group_size: int, pack: bool) -> str:
-        """quantization: the embedding's ("int8" or None), never the projections' int4."""
+    def finalize(self, quantization: str | None, group_size: int, pack: bool, projections: str | None = None) -> str:
+        """quantization: the embedding's ("int8" or None), never the projections' int4. Under w8a8
+        projections an int8 head is w8a8 too (its rows rotated, its input rounded to int8)."""
         if self.tied:  # a packed copy would be a second copy of the embedding table
-            return "tied int8" if self.quantized is not None else "tied"
+            if self.quantized is None:
+                return "tied"
+            return "tied w8a8" if self.quantized.w8a8 else "tied int8"
         if quantization == "int8":  # quantized in row chunks, then kept as is by Linear.finalize
-            place_rows(self.weight, 0, int8_rows(self.weight.detach()))
+            w8a8 = projections == "w8a8" and w8a8_fits(self.in_features)
+            place_rows(self.weight, 0, int8_rows(self.weight.detach(), w8a8))
+            quantization = "w8a8" if w8a8 else quantization
         elif quantization is not None:
             raise ValueError(f"the LM head is stored as int8 rows or in dtype, not {quantization!r}")
         return super().finalize(quantization, group_size, pack)

@@ -145,6 +145,11 @@ def quantize_w8a8(weight: torch.Tensor) -> QuantizedWeight:
     return dataclasses.replace(quantize_int8(rotate(weight, block)), rotation=block)
 
 
+def w8a8_fits(in_features: int) -> bool:
+    """Whether w8a8's kernels take this input width: AMX-INT8 and VNNI read input columns in fours."""
+    return in_features % 4 == 0
+
+
 def int4_group_size(cols: int, wanted: int) -> int | None:
     """The largest supported group size up to `wanted` that divides the input width (None: none does)."""
     return next((g for g in sorted(QUANTIZATION_GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
@@ -152,8 +157,8 @@ def int4_group_size(cols: int, wanted: int) -> int | None:
 
 def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: int) -> QuantizedWeight | None:
     """A weight in `method`'s codes; None where it cannot be (the input width fits no group)."""
-    if method == "w8a8" and weight.shape[1] % 4:
-        return None  # AMX-INT8 takes input columns in fours
+    if method == "w8a8" and not w8a8_fits(weight.shape[1]):
+        return None
     if isinstance(weight, QuantizedWeight):
         if method == "int4" and weight.bits == 4:
             return weight
@@ -248,6 +253,7 @@ class PackedQuantizedWeight(torch.nn.Module):
             raise ValueError(f"quantization='w8a8' takes projections of at most {INT8_MAX_INPUTS} inputs, this one has "
                              f"{self.in_features}: use 'int8' or 'int4'")
         self.rotation = q.rotation  # the kernel rotates each input row by the same blocks
+        self.dtype = dtype  # a tied embedding's lookup returns rows in it
         codes = _pad_rows(q.codes, _AMX_ROW_MULTIPLE)
         tiles = codes.reshape(-1, 64, self.in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
         self.register_buffer("qweight", tiles)
@@ -255,10 +261,10 @@ class PackedQuantizedWeight(torch.nn.Module):
 
     def int8_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """int8 codes of the output rows `index` (all when None), [rows, in_features], whatever
-        the layout: what a tied embedding gathers (int8 weight-only only)."""
-        if self.bits != 8 or self.w8a8:
-            raise ValueError("only int8 weight-only rows are gathered")
-        if not (self.amx or self.vector):
+        the layout: what a tied embedding gathers (w8a8's are codes of the rotated rows)."""
+        if self.bits != 8:
+            raise ValueError("only int8 rows are gathered")
+        if not (self.amx or self.vector or self.w8a8):
             return self.qweight if index is None else self.qweight[index]
         if index is None:
             index = torch.arange(self.out_features, device=self.qweight.device)
@@ -269,10 +275,15 @@ class PackedQuantizedWeight(torch.nn.Module):
         return codes[..., : self.in_features]
 
     def embedding_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """code * scale of the output rows `index`, in the scales' dtype: a tied embedding's lookup
-        (int8 weight-only only). Our kernels' layout gathers in one op (cpu_ops.cpp's
-        int8_quad_rows: the same bits as the torch ops, ten of them, ~25 us a batch-1 step)."""
-        if (self.amx or self.vector) and self.bits == 8 and not self.w8a8:
+        """code * scale of the output rows `index`, in the model's dtype: a tied embedding's
+        lookup. Our kernels' layout gathers in one op (cpu_ops.cpp's int8_quad_rows: the same bits
+        as the torch ops, ten of them, ~25 us a batch-1 step). w8a8's rows are of W R: rotated
+        back (R is its own inverse), so the lookup is W's row up to int8 rounding."""
+        if self.w8a8:  # float32 rows (its scales'), rotated back in the op
+            rows = vector_kernels().int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features,
+                                                   self.rotation)
+            return rows.to(self.dtype).view(*index.shape, self.in_features)
+        if (self.amx or self.vector) and self.bits == 8:
             ops = vector_kernels()
             if index.dim() == 1:  # (a reshape that changes nothing is still an op)
                 return ops.int8_quad_rows(self.qweight, self.scales, index, self.in_features)

@@ -9,7 +9,9 @@ block-diagonal, one normalized Hadamard matrix of `block` columns per block, `bl
 power of two dividing the input width: 64 for SmolLM2's 576 = 9 x 64, 512 for its 1536 (mixing
 all 576 columns measured only ~10% better than blocks of 64). The weight is rotated once, at load,
 before its per-row int8 rounding; the input is rotated on every call inside the kernel, as it
-quantizes each row (kernels/csrc/quant_ops.cpp, w8a8_mm_amx / w8a8_mm_vnni).
+quantizes each row (kernels/csrc/quant_ops.cpp, w8a8_mm_amx / w8a8_mm_vnni). The LM head's
+table is rotated too: a tied embedding's lookup rotates its rows back (kernels/csrc/cpu_ops.cpp,
+int8_quad_rows).
 """
 
 from __future__ import annotations

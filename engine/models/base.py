@@ -114,7 +114,7 @@ class CausalLM(nn.Module):
         if isinstance(module, VocabParallelEmbedding):
             layouts[module] = module.finalize(embedding_quantization, quantization, group_size)
         elif isinstance(module, ParallelLMHead):
-            layouts[module] = module.finalize(embedding_quantization, group_size, pack)
+            layouts[module] = module.finalize(embedding_quantization, group_size, pack, quantization)
         elif isinstance(module, Linear):
             layouts[module] = module.finalize(quantization, group_size, pack)
         elif isinstance(module, FusedMoE):

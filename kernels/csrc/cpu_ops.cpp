@@ -273,11 +273,16 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 // of code * scale, rounded once to the scales' dtype: the bits of engine/layers/quant.py's gather
 // codes.to(dtype) * scales[index] (an int8 code and a 16-bit scale multiply exactly in float32).
 //
+// rotation_block > 0 (w8a8's table: codes of W R, R the block Hadamard matrix of
+// engine/layers/rotation.py): each row is rotated back, times R again (its own inverse), in
+// float32 before its one rounding.
+//
 // Why: that gather was ten torch ops from Python (row block and lane, the strided gather, views,
 // the cast, the scales' gather and the product), ~25 us of a batch-1 decode step alone, and several
-// times that right after the step's weight read has cycled the caches; this is one.
+// times that right after the step's weight read has cycled the caches; this is one. (w8a8's
+// rotation as a torch matmul of the rows' blocks took ~185 us a step more, waking OpenMP's threads.)
 at::Tensor int8_quad_rows(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& index,
-                          int64_t in_features) {
+                          int64_t in_features, int64_t rotation_block) {
   TORCH_CHECK(codes.dim() == 4 && codes.size(2) == 64 && codes.size(3) == 4 && codes.scalar_type() == at::kChar &&
                   codes.is_contiguous(),
               "codes must be contiguous int8 [N/64, K/4, 64, 4]");
@@ -289,6 +294,9 @@ at::Tensor int8_quad_rows(const at::Tensor& codes, const at::Tensor& scales, con
               "scales must be float32, bfloat16 or float16 (the product is formed in float32)");
   TORCH_CHECK(index.dim() == 1 && (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
               "index must be int64 or int32 [rows]");
+  TORCH_CHECK(rotation_block == 0 || (rotation_block >= 2 && (rotation_block & (rotation_block - 1)) == 0 &&
+                                      in_features % rotation_block == 0),
+              "rotation_block must be 0 or a power of two dividing in_features ", in_features, ", got ", rotation_block);
   const at::Tensor ids = index.to(at::kLong).contiguous();  // (no copy for a dense int64 index)
   const int64_t rows = ids.size(0), vocab = scales.size(0), quads = codes.size(1);
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -301,15 +309,33 @@ at::Tensor int8_quad_rows(const at::Tensor& codes, const at::Tensor& scales, con
     const scalar_t* scale = scales.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     kernel_pool::parallel_for(0, rows, row_grain(in_features), [&](int64_t begin, int64_t end) {
+      std::vector<float> rotated(rotation_block ? in_features : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = id[r];
         // Row `row`'s quad q sits at block row / 64, quad q, lane row % 64.
         const int8_t* lane = src + (row / 64) * quads * 256 + (row % 64) * 4;
         const float s = static_cast<float>(scale[row]);
         scalar_t* o = dst + r * in_features;
-        for (int64_t c = 0; c < in_features; ++c) {
-          o[c] = static_cast<scalar_t>(static_cast<float>(lane[(c / 4) * 256 + c % 4]) * s);
+        if (rotation_block == 0) {
+          for (int64_t c = 0; c < in_features; ++c) {
+            o[c] = static_cast<scalar_t>(static_cast<float>(lane[(c / 4) * 256 + c % 4]) * s);
+          }
+          continue;
         }
+        float* v = rotated.data();
+        for (int64_t c = 0; c < in_features; ++c) v[c] = static_cast<float>(lane[(c / 4) * 256 + c % 4]) * s;
+        // A fast Walsh-Hadamard transform of each block (Sylvester's order, as rotation.py's).
+        for (int64_t h = 1; h < rotation_block; h *= 2) {
+          for (int64_t i = 0; i < in_features; i += 2 * h) {
+            for (int64_t j = i; j < i + h; ++j) {
+              const float a = v[j], b = v[j + h];
+              v[j] = a + b;
+              v[j + h] = a - b;
+            }
+          }
+        }
+        const float norm = 1.0f / std::sqrt(static_cast<float>(rotation_block));
+        for (int64_t c = 0; c < in_features; ++c) o[c] = static_cast<scalar_t>(v[c] * norm);
       }
     });
   });
@@ -1758,7 +1784,8 @@ TORCH_LIBRARY(bento_llm, m) {
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("argmax_rows(Tensor logits) -> Tensor", &argmax_rows);
-  m.def("int8_quad_rows(Tensor codes, Tensor scales, Tensor index, int in_features) -> Tensor", &int8_quad_rows);
+  m.def("int8_quad_rows(Tensor codes, Tensor scales, Tensor index, int in_features, int rotation_block=0) -> Tensor",
+        &int8_quad_rows);
   m.def("rotary_embedding_(Tensor(a!) qk, Tensor cos, Tensor sin) -> ()", &rotary_embedding_);
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &write_kv_cache);

@@ -1745,7 +1745,7 @@ at::Tensor w8a8_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const at:
     const auto units_of = few ? w8a8_units<4, kW8a8FewRows> : w8a8_units<2, kW8a8Rows>;
     units_of(in, row_scale, rows, k_total, packed.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, begin, end,
              out.data_ptr<c10::BFloat16>());
-  });
+  }, {packed.data_ptr(), packed.numel()});
   return out;
 }
 
