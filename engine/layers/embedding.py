@@ -8,8 +8,9 @@ Quantized (EngineConfig.embedding_quantization, with `quantization` set), the LM
 table tied to it become int8 rows with one scale each: a lookup gathers the rows' codes and
 scales them (exactly the rows of the dequantized table), and the tied head multiplies with the
 same codes, so one copy serves both (under w8a8 projections, codes of the rows rotated as w8a8
-rotates, the head a w8a8 matmul, the lookup rotating its rows back). int8 even under int4: the head's logits decide every token
-(llama.cpp's Q4_K_M keeps token_embd/output at 6-8 bits too); for a 3B model with a 128k
+rotates, the head a w8a8 matmul, the lookup rotating its rows back). int8 even under int4: the
+head's logits decide every token (llama.cpp's Q4_K_M keeps token_embd/output at 6-8 bits too);
+for a 3B model with a 128k
 vocabulary it halves the largest tensor (788 MB in bfloat16). An untied table is only gathered
 from, never multiplied with, so it takes the projections' format (GroupedRows: int4 groups under
 int4), and a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 token_embd keeps its own codes.
