@@ -25,6 +25,7 @@ from torch import nn
 from engine.layers.linear import Linear, check_shape, place_rows, set_loader
 from engine.layers.quant import (PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8,
                                  quantize_w8a8, w8a8_fits)
+from engine.layers.rotation import hadamard_block
 from engine.parallel_state import ParallelState, rank_and_size, read_part
 
 # float32 bytes quantized at a time: quantize_int8/int4 make several float32 passes over their
@@ -158,7 +159,7 @@ def int8_rows(weight: torch.Tensor, w8a8: bool = False) -> QuantizedWeight:
     for start in range(0, rows, step):
         q = (quantize_w8a8 if w8a8 else quantize_int8)(weight[start : start + step])
         codes[start : start + step], scale[start : start + step] = q.codes, q.scale
-    return QuantizedWeight(8, codes, scale, None, cols, q.rotation)
+    return QuantizedWeight(8, codes, scale, None, cols, hadamard_block(cols) if w8a8 else 0)
 
 
 class ParallelLMHead(Linear):
