@@ -83,7 +83,7 @@ class VocabParallelEmbedding(nn.Embedding):
             raise ValueError(f"the embedding is stored as int8 rows or in dtype, not {quantization!r}")
         weight = self.weight.detach()
         if self.tied_head is not None:
-            w8a8 = projections == "w8a8" and w8a8_fits(self.embedding_dim)  # the head rounds its input too
+            w8a8 = head_is_w8a8(projections, self.embedding_dim)
             self.quantized = PackedQuantizedWeight(int8_rows(weight, w8a8), weight.dtype, weight.device, w8a8)
             self.tied_head.share(self.quantized)
         else:
@@ -149,6 +149,13 @@ def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> Quanti
                            torch.cat([p.zero for p in parts]), group)
 
 
+def head_is_w8a8(projections: str | None, width: int) -> bool:
+    """Whether an int8 LM head (and a table tied to it) is w8a8: under w8a8 projections, where
+    w8a8's kernels take its width. Its rows rotated and its input rounded to int8 as theirs, it
+    measured closer to float32 than int8 weight-only rows on the default model (README)."""
+    return projections == "w8a8" and w8a8_fits(width)
+
+
 def int8_rows(weight: torch.Tensor, w8a8: bool = False) -> QuantizedWeight:
     """quantize_int8 (one scale per row; w8a8: quantize_w8a8, of the rotated rows), a few
     hundred rows at a time so its float32 working copies stay in cache."""
@@ -184,7 +191,7 @@ class ParallelLMHead(Linear):
                 return "tied"
             return "tied w8a8" if self.quantized.w8a8 else "tied int8"
         if quantization == "int8":  # quantized in row chunks, then kept as is by Linear.finalize
-            w8a8 = projections == "w8a8" and w8a8_fits(self.in_features)
+            w8a8 = head_is_w8a8(projections, self.in_features)
             place_rows(self.weight, 0, int8_rows(self.weight.detach(), w8a8))
             quantization = "w8a8" if w8a8 else quantization
         elif quantization is not None:

@@ -279,16 +279,14 @@ class PackedQuantizedWeight(torch.nn.Module):
         lookup. Our kernels' layout gathers in one op (cpu_ops.cpp's int8_quad_rows: the same bits
         as the torch ops, ten of them, ~25 us a batch-1 step). w8a8's rows are of W R: rotated
         back (R is its own inverse), so the lookup is W's row up to int8 rounding."""
-        if self.w8a8:  # float32 rows (its scales'), rotated back in the op
-            rows = vector_kernels().int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features,
-                                                   self.rotation)
-            return rows.to(self.dtype).view(*index.shape, self.in_features)
-        if (self.amx or self.vector) and self.bits == 8:
-            ops = vector_kernels()
-            if index.dim() == 1:  # (a reshape that changes nothing is still an op)
-                return ops.int8_quad_rows(self.qweight, self.scales, index, self.in_features)
-            rows = ops.int8_quad_rows(self.qweight, self.scales, index.reshape(-1), self.in_features)
-            return rows.view(*index.shape, self.in_features)
+        if (self.amx or self.vector or self.w8a8) and self.bits == 8:
+            # (a reshape that changes nothing is still an op); w8a8: float32 rows (its scales'),
+            # rotated back in the op
+            flat = index if index.dim() == 1 else index.reshape(-1)
+            rows = vector_kernels().int8_quad_rows(self.qweight, self.scales, flat, self.in_features,
+                                                   self.rotation if self.w8a8 else 0)
+            rows = rows.to(self.dtype) if self.w8a8 else rows
+            return rows if index.dim() == 1 else rows.view(*index.shape, self.in_features)
         return self.int8_rows(index).to(self.scales.dtype) * self.scales[index, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
