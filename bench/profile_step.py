@@ -10,6 +10,7 @@
     python bench/profile_step.py --quantization w8a8 --batch 64 --ab-lm-head 6   # w8a8's head as w8a8 vs int8 weight-only
     python bench/profile_step.py --ab-pool-spin 200,50 6   # our kernels' pool spinning 200 / 50 / 0 us vs OpenMP, A/B
     python bench/profile_step.py --quantization none --ab-read-ahead 6   # pool workers reading the next weight ahead or not, A/B
+    python bench/profile_step.py --quantization none --ab-huge-pages 6   # weights on 2 MiB pages vs 4 KiB pages, A/B
     python bench/profile_step.py --quantization none --ab-layer-op 6   # decode layers as one DecoderStack call vs one decoder_layer op each vs Python, A/B
     python bench/profile_step.py --quantization none --ab-streaming 6   # the few-row matmuls' streaming loops vs prefetching ones, A/B
     python bench/profile_step.py --batch 64 --prompt-len 110   # chat64's shape: contexts ~50-180 while decoding
@@ -360,6 +361,32 @@ def read_ahead_ab(steps, rounds: int) -> None:
     print(f"read ahead per step (MiB, each read-ahead pass): {' '.join(f'{b / 2**20:.1f}' for b in ahead)}")
 
 
+def huge_pages_ab(model, steps, rounds: int) -> None:
+    """Decode steps with the weights in one arena on 2 MiB pages (the engine's placement,
+    engine/host_arena.py) and in one from torch's allocator (4 KiB pages unless THP is "always"),
+    moved between passes, alternating in this process, every pass printed (median step, and
+    fastest step)."""
+    from engine.host_arena import huge_page_buffer, huge_page_bytes, move_weights, plain_buffer
+    from engine.models.llama import forget_layer_op_plans
+
+    names = ["2 MiB pages", "4 KiB pages"]
+    on_huge: list[float] = []
+
+    def set_mode(name: str) -> None:
+        arena = move_weights(model, huge_page_buffer if name == names[0] else plain_buffer)
+        forget_layer_op_plans(model)  # the layers' plans are built again on the moved weights
+        if name == names[0] and arena is not None:
+            on_huge.append(huge_page_bytes(arena) / arena.numel())
+
+    try:
+        passes, fastest = alternating_passes(steps, rounds, names, set_mode)
+    finally:
+        set_mode(names[0])
+    for name, ms in passes.items():
+        print(pass_line(f"weights on {name}", ms, fastest[name]))
+    print(f"share of the arena the kernel gave huge pages, each 2 MiB pass: {' '.join(f'{s:.2f}' for s in on_huge)}")
+
+
 def stand_in_time(model, rows: int, repeats: int) -> float:
     """Median seconds of a forward's projection stand-ins under projections_skipped (each layer's
     four aten::new_zeros) called alone, from Python (so an upper bound: a call from Python costs
@@ -484,6 +511,9 @@ def main() -> None:
     parser.add_argument("--ab-layer-op", type=int, default=0, metavar="ROUNDS",
                         help="only: --steps decode steps with the decoder layers as one DecoderStack call vs one "
                              "decoder_layer op each vs their Python path, switching every step, ROUNDS runs")
+    parser.add_argument("--ab-huge-pages", type=int, default=0, metavar="ROUNDS",
+                        help="only: --steps decode steps with the weights on 2 MiB pages (the engine's) vs 4 KiB pages, "
+                             "moved between passes, alternating, ROUNDS rounds")
     parser.add_argument("--ab-pool-spin", nargs=2, default=None, metavar=("US", "ROUNDS"),
                         help="only: --steps decode steps with our kernels' pool spinning US us (a comma-separated list), spin 0, "
                              "and on OpenMP, rotating, ROUNDS rounds")
@@ -523,6 +553,10 @@ def main() -> None:
         return
     if args.ab_layer_op:
         layer_op_ab(engine, args.batch, args.steps, vocab, args.prompt_len, args.ab_layer_op)
+        return
+    if args.ab_huge_pages:
+        huge_pages_ab(runner.model, lambda: decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len),
+                      args.ab_huge_pages)
         return
     if args.ab_pool_spin:
         import kernels.cpu_ops  # noqa: F401  (the pool's ops)

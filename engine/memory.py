@@ -19,15 +19,29 @@ _STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (a tied weight counts once)."""
-    seen: dict[tuple[str, int], int] = {}
+    """Bytes of storage that `tensors` span, each byte once: a tied weight counts once, and
+    weights sharing one storage (engine/host_arena.py's arena) count their own bytes, not the
+    whole storage each."""
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    opaque: dict[int, int] = {}
     for t in tensors:
         try:
             storage = t.untyped_storage()
-            seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
         except NotImplementedError:  # oneDNN's packed weight hides its storage: its logical size
-            seen[("opaque", id(t))] = t.numel() * t.element_size()
-    return sum(seen.values())
+            opaque[id(t)] = t.numel() * t.element_size()
+            continue
+        size = t.element_size()
+        start = t.storage_offset() * size
+        extent = (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * size if t.numel() else 0
+        spans.setdefault((str(t.device), storage.data_ptr()), []).append((start, start + extent))
+    total = sum(opaque.values())
+    for ranges in spans.values():
+        covered = 0  # the union of the ranges, in order
+        for low, high in sorted(ranges):
+            if high > covered:
+                total += high - max(low, covered)
+                covered = high
+    return total
 
 
 def weight_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ from engine.attention import AttentionBackend
 from engine.config import EngineConfig, warn_if_openmp_spins
 from engine.forward_context import AttentionMetadata, forward_context, inference_mode
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
+from engine.host_arena import place_weights_on_huge_pages
 from engine.layers.linear_kernels import can_pack_for_cpu
 from engine.loader import ModelSource
 from engine.memory import HeapTrimmer, resident_report
@@ -122,6 +123,8 @@ class ModelRunner:
         layouts = model.finalize_weights(*layout)
         logger.info("%s: %d torch threads, %s activations, projections: %s", self.device, torch.get_num_threads(),
                     self.dtype, ", ".join(f"{n} {layout}" for layout, n in sorted(layouts.items())))
+        if self.device.type == "cpu":  # a step streams them in this order: one arena on 2 MiB pages
+            place_weights_on_huge_pages(model)
         self.model = model.eval()
         # The load's float temporaries are freed but still resident in the allocator's heap: given
         # back before the KV cache is allocated, so the load peaks at its resident size.
