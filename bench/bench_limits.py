@@ -13,6 +13,8 @@ bounds it, measured in the same run on the same machine.
                                                        # after each call (--gap-us, as a step's other ops
                                                        # leave), with our pool's workers reading the next
                                                        # weight ahead and without, alternating, 40 rounds
+    python bench/bench_limits.py --interleaved 8       # only: the batch-1 step against the weight read, both
+                                                       # measured in each of 8 rounds (the host's read drifts)
     python bench/bench_limits.py --lm-head             # only: the tied LM head alone at 1-64 rows, each
                                                        # kernel (bf16_mm_amx / bf16_mm_rows where the CPU
                                                        # runs them, torch.mv/mm, F.linear) vs its read time
@@ -79,6 +81,30 @@ def read_bandwidths(repeats: int, nbytes: int = 1 << 29) -> dict[str, float]:
         rates[pages] = nbytes / best_seconds(lambda: floats.sum(), repeats)
         del floats
     return rates
+
+
+def interleaved_batch1(engine, rounds: int, decode_tokens: int) -> list[str]:
+    """The batch-1 decode step against the weight read, each round measuring both back to back
+    (the read as read_bandwidths' faster sum, best of 3 passes over buffers kept for the run; then
+    one prompt's decode steps, their median): on a shared host whose read rate drifts 1.5x
+    between minutes, a ceiling measured once at the start says little about a step timed later.
+    Table rows, then the median of the rounds' ratios."""
+    from engine.host_arena import huge_page_buffer
+
+    nbytes = 1 << 29
+    buffers = {"2 MiB": huge_page_buffer(nbytes).view(torch.float32).uniform_(), "4 KiB": torch.rand(nbytes // 4)}
+    weight_bytes = step_read_bytes(engine.runner.model_runner.model)
+    vocab = engine.model_config.vocab_size
+    lines, ratios = [], []
+    for r in range(rounds):
+        rates = {pages: nbytes / best_seconds(lambda b=b: b.sum(), 3) for pages, b in buffers.items()}
+        read = weight_bytes / max(rates.values())
+        step = statistics.median(timed_steps(engine, [random_prompt(vocab, 32, 5000 + r)], decode_tokens))
+        ratios.append(step / read)
+        lines.append(f"| {r + 1} | {rates['2 MiB'] / 1e9:.1f} | {rates['4 KiB'] / 1e9:.1f} | {read * 1e3:.2f} "
+                     f"| {step * 1e3:.2f} | {step / read:.2f} |")
+    lines.append(f"| median of {rounds} rounds | | | | | **{statistics.median(ratios):.2f}** |")
+    return lines
 
 
 def read_bandwidth(repeats: int, nbytes: int = 1 << 29) -> float:
@@ -367,6 +393,8 @@ def main() -> None:
     parser.add_argument("--read-ahead", type=int, default=0, metavar="ROUNDS",
                         help="only: the projections at 1 row with the pool's workers reading the next weight ahead vs "
                              "not, alternating, ROUNDS rounds")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                        help="only: the batch-1 decode step against the weight read, both measured in every round")
     parser.add_argument("--gap-us", type=float, default=10.0, help="--read-ahead's busy wait after each call")
     parser.add_argument("--lm-head", action="store_true",
                         help="only time the tied LM head alone through each kernel at --rows (default 1,4,16,64)")
@@ -386,6 +414,14 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     chunk = min(args.prompt_len, engine.config.max_num_batched_tokens)
 
+    if args.interleaved:
+        timed_steps(engine, [random_prompt(vocab, 32, 0)], 4)  # warm-up
+        print(f"\n{args.model}, {args.dtype}, quantization {args.quantization}, {args.threads} threads, {cpu_features()}, "
+              f"{step_read_bytes(model) / 2**20:.0f} MiB read a step; `python bench/bench_limits.py {' '.join(sys.argv[1:])}`\n")
+        print("| round | read GB/s (2 MiB pages) | read GB/s (4 KiB pages) | weight read ms | batch-1 step ms | step / read |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n".join(interleaved_batch1(engine, args.interleaved, decode_tokens)))
+        return
     bandwidths = read_bandwidths(repeats)
     bandwidth = max(bandwidths.values())
     if args.lm_head:
