@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from engine.memory import HeapTrimmer, weight_tensors
+from engine.memory import release_free_heap, weight_tensors
 
 logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 _ALIGN = 64  # each weight's storage starts on a cache line (and any element size divides it)
+_TRIM_EVERY = 16 << 20
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
@@ -112,16 +113,19 @@ def move_storages(tensors: Iterable[torch.Tensor], allocate: Callable[[int], tor
     arena_storage = arena.untyped_storage()
     base = arena.storage_offset()
     # Each old storage is freed once its tensors point at the copy, and the heap is given back
-    # as it goes: the move peaks ~16 MiB above the model, not at twice it.
-    heap = HeapTrimmer(slack=16 << 20)
+    # every _TRIM_EVERY bytes freed: the move peaks that far above the model, not at twice it
+    # (and a small model's move makes no malloc_trim call, which walks the whole heap).
+    freed = 0
     for key, at in offsets.items():
         storage, holders = groups.pop(key)
         arena[at:at + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
         for t in holders:
             t.set_(arena_storage, (base + at) // t.element_size() + t.storage_offset(), t.size(), t.stride())
+        freed += storage.nbytes()
         del storage, holders
-        heap.maybe_trim()
-    heap.trim()
+        if freed >= _TRIM_EVERY:
+            release_free_heap()
+            freed = 0
     return arena
 
 
