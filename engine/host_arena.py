@@ -35,8 +35,8 @@ _TRIM_EVERY = 16 << 20
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A zero-filled uint8 CPU tensor of `nbytes`, 2 MiB-aligned, on transparent huge pages where
     the kernel allows them. Its pages are faulted in on first write (copy into it, or zero_())."""
-    if nbytes <= 0:
-        return torch.zeros(max(nbytes, 0), dtype=torch.uint8)
+    if nbytes <= 0 or not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no private anonymous mapping
+        return plain_buffer(max(nbytes, 0))
     # Private and anonymous: a shared anonymous mapping is shmem, whose huge pages are a separate
     # switch (shmem_enabled, "never" on most hosts).
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -50,6 +50,20 @@ def test_the_kernel_backs_the_buffer_with_huge_pages():
     assert huge_page_bytes(plain) <= huge_page_bytes(buf)
 
 
+def test_the_mapping_lives_as_long_as_its_last_tensor():
+    rss = process_memory().get("RssAnon")
+    if rss is None:
+        pytest.skip("no /proc")
+    buf = huge_page_buffer(64 * MiB)
+    buf.fill_(1)
+    view = buf[10:20]
+    del buf
+    assert process_memory()["RssAnon"] - rss > 48 * MiB  # the view keeps it mapped
+    assert int(view.sum()) == 10
+    del view
+    assert process_memory()["RssAnon"] - rss < 16 * MiB  # unmapped with the last tensor
+
+
 class Holder(nn.Module):
     """Weights as the model layer holds them: a parameter tied into a second module, a buffer that
     is a view of a larger tensor (the column strips are), another dtype."""
