@@ -3,9 +3,10 @@
 Why: a batch-1 decode step streams every weight from memory once (257 MiB in bfloat16 for the
 default model), and on 4 KiB pages that stream pays a TLB miss every 64 cache lines, while the
 CPU's stream prefetchers stop at each 4 KiB page's end. On the 2-vCPU EPYC Zen 4 (THP
-"madvise"), a 226 MB bfloat16 matrix-vector product (/tmp microbenchmark, row by row with an L2
+"madvise"), a 226 MB bfloat16 matrix-vector product (a C++ microbenchmark, row by row with an L2
 prefetch, median of 9 rounds) read 14.2 GB/s on 4 KiB pages against 21.7 on 2 MiB pages on one
-thread, 18.9 against 26.4 on two; torch's float32 sum 19.4 -> 28.3 GB/s on one thread.
+thread, 18.9 against 26.4 on two; torch's float32 sum 19.4 -> 28.3 GB/s on one thread; the
+default model's batch-1 step took 0.89-0.99x the time (bench/RESULTS.md, 2026-12-03 13:20 UTC).
 glibc's malloc hands large blocks 4 KiB pages unless THP is "always" (torch's CPU allocator asks
 for huge pages only under an environment variable, for every allocation of the process).
 
