@@ -67,20 +67,24 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def read_bandwidths(repeats: int, nbytes: int = 1 << 29) -> dict[str, float]:
-    """Bytes/s of a float32 sum over nbytes (far beyond the last-level cache), by the pages under
-    the buffer: 2 MiB ones (engine/host_arena.py's, where the engine keeps its weights) and torch's
-    allocator's (4 KiB pages unless THP is "always"). On the 2-vCPU EPYC Zen 4 the sum reads up to
-    ~1.3x as fast on 2 MiB pages."""
+def read_buffers(nbytes: int = 1 << 29) -> dict[str, torch.Tensor]:
+    """Random float32 buffers of nbytes (far beyond the last-level cache), by the pages under them:
+    2 MiB ones (engine/host_arena.py's, where the engine keeps its weights) and torch's
+    allocator's (4 KiB pages unless THP is "always")."""
     from engine.host_arena import huge_page_buffer
 
-    rates = {}
-    for pages, buf in (("2 MiB pages", lambda: huge_page_buffer(nbytes).view(torch.float32).uniform_()),
-                       ("4 KiB pages", lambda: torch.rand(nbytes // 4))):
-        floats = buf()
-        rates[pages] = nbytes / best_seconds(lambda: floats.sum(), repeats)
-        del floats
-    return rates
+    return {"2 MiB pages": huge_page_buffer(nbytes).view(torch.float32).uniform_(), "4 KiB pages": torch.rand(nbytes // 4)}
+
+
+def sum_rates(buffers: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """Bytes/s of a float32 sum over each buffer, the best of `repeats` passes."""
+    return {pages: b.numel() * 4 / best_seconds(lambda b=b: b.sum(), repeats) for pages, b in buffers.items()}
+
+
+def read_bandwidths(repeats: int, nbytes: int = 1 << 29) -> dict[str, float]:
+    """sum_rates over read_buffers: on the 2-vCPU EPYC Zen 4 the sum reads up to ~1.3x as fast on
+    2 MiB pages."""
+    return sum_rates(read_buffers(nbytes), repeats)
 
 
 def interleaved_batch1(engine, rounds: int, decode_tokens: int) -> list[str]:
@@ -89,19 +93,16 @@ def interleaved_batch1(engine, rounds: int, decode_tokens: int) -> list[str]:
     one prompt's decode steps, their median): on a shared host whose read rate drifts 1.5x
     between minutes, a ceiling measured once at the start says little about a step timed later.
     Table rows, then the median of the rounds' ratios."""
-    from engine.host_arena import huge_page_buffer
-
-    nbytes = 1 << 29
-    buffers = {"2 MiB": huge_page_buffer(nbytes).view(torch.float32).uniform_(), "4 KiB": torch.rand(nbytes // 4)}
+    buffers = read_buffers()
     weight_bytes = step_read_bytes(engine.runner.model_runner.model)
     vocab = engine.model_config.vocab_size
     lines, ratios = [], []
     for r in range(rounds):
-        rates = {pages: nbytes / best_seconds(lambda b=b: b.sum(), 3) for pages, b in buffers.items()}
+        rates = sum_rates(buffers, 3)
         read = weight_bytes / max(rates.values())
         step = statistics.median(timed_steps(engine, [random_prompt(vocab, 32, 5000 + r)], decode_tokens))
         ratios.append(step / read)
-        lines.append(f"| {r + 1} | {rates['2 MiB'] / 1e9:.1f} | {rates['4 KiB'] / 1e9:.1f} | {read * 1e3:.2f} "
+        lines.append(f"| {r + 1} | {rates['2 MiB pages'] / 1e9:.1f} | {rates['4 KiB pages'] / 1e9:.1f} | {read * 1e3:.2f} "
                      f"| {step * 1e3:.2f} | {step / read:.2f} |")
     lines.append(f"| median of {rounds} rounds | | | | | **{statistics.median(ratios):.2f}** |")
     return lines
