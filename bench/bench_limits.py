@@ -195,7 +195,7 @@ def amx_linear_table(model, bandwidth: float, rows_list: list[int], repeats: int
     from engine.layers.linear_kernels import amx_linear_ops, strips_ops
 
     ops = strips_ops()
-    linears = [(kind, m) for kind, m in model_linears(model) if m.strips]
+    linears = [(kind, m) for kind, m in model_linears(model) if m.strips and m.packed_weight.dtype == torch.bfloat16]
     if ops is None or not linears:
         return ["(no projection is kept in column strips here: no AMX-BF16 or AVX512-BF16, or not bfloat16)"]
     strips = ops.amx_linear if amx_linear_ops() is not None else ops.bf16_linear

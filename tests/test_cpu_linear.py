@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM
-from engine.layers import linear as linear_module
 from engine.layers import linear_kernels as linear
 from engine.layers.linear import Linear
 from engine.layers.linear_kernels import amx_linear_ops, avx512_bf16_ops, can_pack_for_cpu, packed_rows, strips_ops
@@ -34,8 +33,9 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
-    # bfloat16 on AMX or AVX512-BF16: column strips (kernels/csrc/amx_linear.cpp, bf16_linear.cpp).
-    strips = dtype == torch.bfloat16 and strips_ops() is not None
+    # bfloat16 on AMX or AVX512-BF16: column strips (kernels/csrc/amx_linear.cpp, bf16_linear.cpp);
+    # float32 where our AVX-512 kernels run: f32_linear.cpp's strips.
+    strips = (strips_ops() if dtype == torch.bfloat16 else avx512_bf16_ops()) is not None
     assert layer.finalize(None, 32, pack=True) == ("strips" if strips else "packed")
     assert layer.packed_weight is not None and layer.weight is None  # one copy: the packed one
     assert layer.strips == strips
@@ -487,11 +487,74 @@ def test_a_bfloat16_projection_on_strips_equals_f_linear_on_both_sides_of_the_cr
 
 @needs_strips
 def test_only_widths_the_strips_can_read_take_them():
-    """K not a multiple of 32 stays on oneDNN's packed layout; float32 too (the strips are bfloat16)."""
+    """In bfloat16, K not a multiple of 32 stays on oneDNN's packed layout; float32's strips take
+    any K (one line per k)."""
     odd = Linear(80, 64).to(torch.bfloat16)
     assert odd.finalize(None, 32, pack=True) == "packed" and not odd.strips
-    exact = Linear(96, 64)
-    assert exact.finalize(None, 32, pack=True) == "packed" and not exact.strips
+    odd_float = Linear(80, 64)
+    assert odd_float.finalize(None, 32, pack=True) == "strips" and odd_float.strips
+
+
+needs_f32_strips = pytest.mark.skipif(avx512_bf16_ops() is None, reason="our AVX-512 kernels do not run here")
+
+
+@needs_f32_strips
+@pytest.mark.parametrize("out_features, in_features", [(1, 1), (15, 64), (17, 75), (200, 1536)])
+def test_the_float32_strips_hold_the_weight_exactly_once(out_features, in_features):
+    """f32_strips_pack: [ceil(N/16), K, 16], columns past N zero; the weight comes back bit for bit."""
+    weight = torch.randn(out_features, in_features)
+    strips = linear.f32_strips_pack(weight)
+    assert strips.shape == (-(-out_features // 16), in_features, 16)
+    assert torch.equal(strips[0, :, 0], weight[0]) and torch.equal(strips[-1, :, (out_features - 1) % 16], weight[-1])
+    assert not strips[-1, :, (out_features - 1) % 16 + 1:].any()
+    assert torch.equal(linear.f32_strips_unpack(strips, out_features), weight)
+
+
+@needs_f32_strips
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 8, 9, 17, 64, 300])
+def test_a_float32_projection_on_strips_equals_float64_and_does_not_depend_on_its_batch(rows, bias):
+    """A float32 Linear keeps only f32_linear's strips and gives the float64 product to float32's
+    rounding over K (one FMA per product, in order), at every row count (1-6: the streaming
+    loop; more: row blocks of up to 8 over L2 chunks, 1-8 strips a block), for contiguous and
+    strided rows, N and K not multiples of 16; and each row's output is bit for bit the one it
+    gets alone: a request's greedy tokens do not depend on what it is batched with."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(75, 200, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(200, 75, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(200, generator=gen))
+    weight, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    assert layer.finalize(None, 32, pack=True) == "strips"
+    assert layer.weight is None and layer.strips and layer.packed_weight.dtype == torch.float32
+    x = torch.randn(rows, 75, generator=gen)
+    expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    with torch.inference_mode():
+        out = layer(x)
+        strided = layer(torch.cat([x, x], dim=1)[:, 75:])
+        alone = [layer(x[r:r + 1]) for r in range(0, rows, max(1, rows // 5))]
+    assert out.dtype == torch.float32 and out.shape == (rows, 200)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    assert torch.equal(strided, out)
+    for i, r in enumerate(range(0, rows, max(1, rows // 5))):
+        assert torch.equal(alone[i][0], out[r])
+
+
+@needs_f32_strips
+def test_f32_linear_refuses_what_it_cannot_read():
+    ops = avx512_bf16_ops()
+    strips = linear.f32_strips_pack(torch.randn(64, 96))
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.f32_linear(torch.randn(2, 64), strips, None, 64)
+    with pytest.raises(RuntimeError, match="float32 matrix"):
+        ops.f32_linear(torch.randn(2, 96).to(torch.bfloat16), strips, None, 64)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.f32_linear(torch.randn(2, 96), strips, None, 80)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.f32_linear(torch.randn(2, 96), strips, torch.randn(63), 64)
+    with pytest.raises(RuntimeError, match="layout"):
+        ops.f32_linear(torch.randn(2, 96), strips.view(4, 96, 4, 4), None, 64)
 
 
 @needs_strips
@@ -517,7 +580,7 @@ def test_the_bfloat16_engine_keeps_its_projections_only_as_strips(tiny_path, mon
     tokens = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     del llm, model, projections
 
-    monkeypatch.setattr(linear_module, "strips_ops", lambda: None)  # the layout a CPU with neither gets (finalize asks it)
+    monkeypatch.setattr(linear, "strips_ops", lambda: None)  # the layout a CPU with neither gets (finalize asks it)
     reference = LLM(str(tiny_path), num_kv_blocks=32, dtype="bfloat16", quantization="none")
     assert not any(m.strips for m in reference.engine.runner.model_runner.model.modules() if isinstance(m, Linear))
     assert reference.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == tokens

@@ -1,7 +1,7 @@
 """decoder_layer: a Llama-shaped decoder layer at decode batch sizes as one op (kernels/csrc/
 step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
 projection through Linear.project), bit for bit, for every projection layout that names one op
-(Linear.kernel_call: bfloat16 strips, int4 and int8 codes, w8a8) and for a plain op by name (aten::linear,
+(Linear.kernel_call: bfloat16 strips, float32 strips, int4 and int8 codes, w8a8) and for a plain op by name (aten::linear,
 which every CPU runs); a DecoderStack against its layers' ops; then whole engines with the layers as
 one stack, one op each and on their Python path (seed printed; KERNEL_TEST_SEED=<n> replays it)."""
 
@@ -20,23 +20,28 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
 
 
 def projections(gen, layout: str) -> list[Linear]:
-    """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "int4", "int8" or "w8a8" (their
-    vector loops), or "plain" (a bfloat16 weight that aten::linear multiplies), with biases
-    where the layout's one op takes them."""
+    """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "f32 strips" (float32),
+    "int4", "int8" or "w8a8" (their vector loops), or "plain" (a bfloat16 weight that aten::linear
+    multiplies), with biases where the layout's one op takes them."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
               (INTERMEDIATE, HIDDEN)]
     out = []
     for i, (k, n) in enumerate(shapes):
-        bias = layout in ("strips", "plain") and i < 2  # q/k/v and o with biases (Qwen2's q/k/v, Phi's o)
-        linear = Linear(k, n, bias=bias).to(torch.bfloat16).requires_grad_(False)
+        bias = layout in ("strips", "f32 strips", "plain") and i < 2  # q/k/v and o with biases (Qwen2's q/k/v, Phi's o)
+        linear = Linear(k, n, bias=bias).to(layout_dtype(layout)).requires_grad_(False)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.2)
             if bias:
                 linear.bias.copy_(torch.randn(n, generator=gen))
         if layout != "plain":
-            assert linear.finalize(None if layout == "strips" else layout, 32, pack=True) == layout
+            method = None if layout.endswith("strips") else layout
+            assert linear.finalize(method, 32, pack=True) == ("strips" if method is None else layout)
         out.append(linear)
     return out
+
+
+def layout_dtype(layout: str) -> torch.dtype:
+    return torch.float32 if layout == "f32 strips" else torch.bfloat16
 
 
 def kernel_calls(linears: list[Linear], rows: int, layout: str):
@@ -45,12 +50,14 @@ def kernel_calls(linears: list[Linear], rows: int, layout: str):
     return [m.kernel_call(rows) for m in linears]
 
 
-LAYOUTS = ["plain", "strips", "int4", "int8", "w8a8"]
+LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8"]
 
 
 def layout_available(layout: str) -> bool:
     if layout == "strips":
         return avx512_bf16_ops() is not None and vector_kernels() is not None and not vector_kernels().amx_bf16_supported()
+    if layout == "f32 strips":  # f32_linear, AMX CPUs included
+        return avx512_bf16_ops() is not None
     if layout in ("int4", "int8"):
         ops = vector_kernels()
         return ops is not None and not ops.amx_bf16_supported() and (layout == "int4" or ops.avx512_vnni_supported())
@@ -70,11 +77,12 @@ def test_decoder_layer_is_the_unfused_layer_bit_for_bit(gen, layout, rows, decod
     assert None not in calls
     # Decodes at contexts 1..; mixed: a prefill chunk after cached context, and a decode.
     steps = [(1, 1 + 7 * i) for i in range(rows)] if decode else [(2, 9), (1, 20)]
+    dtype = layout_dtype(layout)
     qkv, cos, sin, k_cache, v_cache, slots, tables, lens, cu = step_of(
-        gen, steps, HEADS, KV_HEADS, HEAD_DIM, 16, torch.bfloat16)
+        gen, steps, HEADS, KV_HEADS, HEAD_DIM, 16, dtype)
     tokens = qkv.shape[0]
-    x = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
-    residual = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
+    x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+    residual = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
     norms = [torch.rand(HIDDEN, generator=gen) + 0.5 for _ in range(2)]
     cu_arg = None if decode else cu
     names, tensors, ints = [c[0] for c in calls], [t for c in calls for t in c[1]], [i for c in calls for i in c[2]]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, few_rows_float32, packed_rows,
-                                          strips_kernel_call, strips_linear, strips_ops)
+from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, few_rows_float32, pack_strips, packed_rows,
+                                          strips_kernel_call, strips_linear)
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, quantize_blocks
 from engine.layers.quant_kernels import quantized_kernel_call
 from engine.layers.step_module import StepModule
@@ -65,7 +65,8 @@ class Linear(StepModule, nn.Linear):
     reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized; else on
     CPU, in bfloat16 where the CPU has AMX-BF16 or AVX512-BF16 (and K is a multiple of 32), the
     column-tile strips of kernels/csrc/amx_linear.cpp (AMX: 0.4-0.6x oneDNN's time at 1-64 rows)
-    and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); else oneDNN's
+    and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); in float32 where our AVX-512 kernels
+    run, f32_linear.cpp's strips (0.6-0.75x oneDNN's time at 1 row, even from 8); else oneDNN's
     blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call at 4-200 rows
     in float32, about 2x at any row count in bfloat16); else the float weight. The float weight
     is dropped after packing or quantizing.
@@ -134,10 +135,9 @@ class Linear(StepModule, nn.Linear):
                         quantization)
         for row, part in parts.items():  # a quantized checkpoint block in a float layer: dequantized
             self.weight.data.narrow(0, row, part.shape[0]).copy_(part.dequantize())
-        strips = pack and self.weight.dtype == torch.bfloat16 and self.in_features % 32 == 0
-        ops = strips_ops() if strips and self.weight.device.type == "cpu" else None
-        if ops is not None:
-            self.packed_weight = ops.amx_linear_pack(self.weight.detach())
+        strips = pack_strips(self.weight.detach()) if pack else None
+        if strips is not None:
+            self.packed_weight = strips
             self.strips = True
             self.weight = None
             return "strips"

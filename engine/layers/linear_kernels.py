@@ -2,7 +2,8 @@
 CPU (engine/layers/linear.py's Linear keeps each weight in the one layout its kernel reads):
 
 - column strips (amx_linear_pack's layout): AMX tiles (kernels/csrc/amx_linear.cpp) where the CPU
-  has AMX-BF16, else AVX512-BF16 dot products (kernels/csrc/bf16_linear.cpp);
+  has AMX-BF16, else AVX512-BF16 dot products (kernels/csrc/bf16_linear.cpp); in float32 (the exact
+  mode) strips of FMAs (f32_strips_pack, kernels/csrc/f32_linear.cpp) wherever our AVX-512 kernels run;
 - a plain [N, K] weight at few rows (the tied LM head, the embedding table as it lies): oneDNN's
   brgemm on AMX, else AVX512-BF16 dot products (bf16_mm_rows), else ATen's GEMV/GEMM
   (kernels/csrc/gemv_ops.cpp); in float32 (the exact mode's head) the same loops on FMAs
@@ -111,9 +112,46 @@ def strips_ops():
     return amx if amx is not None else avx512_bf16_ops()
 
 
+# float32 projections on strips (f32_linear) against oneDNN's packed float32 matmul, the default
+# model's four projection shapes x 30 layers in model order, two threads, EPYC Zen 4 (no AMX),
+# median of 3-7 interleaved passes (/tmp benchmark, 2026-12-03): 1 row 0.62-0.75x its time (19.8-23.5
+# against 12.2-17.5 GB/s), 2 rows 0.56x, 4 rows 0.80x, 8 rows 0.88-1.01x, 16 rows 0.98-1.07x, 64 rows
+# 0.97-1.09x, 256 rows 0.98x, 2000 rows 1.01x (~192 GFLOP/s both). One layout for every row count.
+
+
+def pack_strips(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] as the column strips this CPU multiplies in place, or None where it has no
+    such kernel for the weight's dtype and width: bfloat16 with K a multiple of 32 on AMX-BF16 or
+    AVX512-BF16 (amx_linear_pack), float32 wherever our AVX-512 kernels run (f32_strips_pack)."""
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and strips_ops() is not None:
+        return strips_ops().amx_linear_pack(weight)
+    if weight.dtype == torch.float32 and avx512_bf16_ops() is not None:
+        return f32_strips_pack(weight)
+    return None
+
+
+def f32_strips_pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 -> [ceil(N/16), K, 16]: strip s, line k holds w[16 s + j][k] for j < 16 (the
+    last strip's columns past N are zeros), f32_linear's layout (kernels/csrc/f32_linear.cpp)."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // 16) * 16, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+
+
+def f32_strips_unpack(strips: torch.Tensor, out_features: int) -> torch.Tensor:
+    """f32_strips_pack's inverse: the [out_features, K] float32 weight."""
+    return strips.transpose(1, 2).reshape(-1, strips.shape[1])[:out_features].contiguous()
+
+
 def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
-    """x @ W.T + bias for W kept as column strips: in place up to AMX_STRIPS_MAX_ROWS rows on AMX
-    (BF16_STRIPS_MAX_ROWS without), else through a plain copy of W made for this call (freed after it)."""
+    """x @ W.T + bias for W kept as column strips: in float32 in place (f32_linear); in bfloat16 in
+    place up to AMX_STRIPS_MAX_ROWS rows on AMX (BF16_STRIPS_MAX_ROWS without), else through a
+    plain copy of W made for this call (freed after it)."""
+    if strips.dtype == torch.float32:
+        return avx512_bf16_ops().f32_linear(x if x.stride(-1) == 1 else x.contiguous(), strips, bias, out_features)
     amx = amx_linear_ops()
     if x.dtype == torch.bfloat16 and x.shape[0] <= (BF16_STRIPS_MAX_ROWS if amx is None else AMX_STRIPS_MAX_ROWS):
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -125,8 +163,11 @@ def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | No
 
 def strips_kernel_call(rows: int, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
     """(op name, tensor arguments, int arguments after the input) of the one op strips_linear runs
-    for `rows` bfloat16 rows without AMX (bf16_linear), else None (AMX CPUs keep their Python path).
-    For kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
+    for `rows` rows: float32's f32_linear, bfloat16's bf16_linear without AMX, else None (AMX CPUs
+    keep their Python path in bfloat16). For kernels/csrc/step_ops.cpp's decoder_layer, which calls
+    the op by name."""
+    if strips.dtype == torch.float32:
+        return "bento_llm::f32_linear", [strips, bias], [out_features]
     if amx_linear_ops() is not None or rows > BF16_STRIPS_MAX_ROWS:
         return None
     return "bento_llm::bf16_linear", [strips, bias], [out_features]

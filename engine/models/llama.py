@@ -70,8 +70,9 @@ def silu_mlp_fused_rows(gate_up: Linear, down: Linear) -> int:
     """Rows up to which a SwiGLU MLP of these projections runs as one AMX op (amx_silu_mlp in
     kernels/csrc/amx_linear.cpp: one parallel region for gate/up, the activation and down, where
     the three calls took two): both weights in column strips on an AMX CPU, no biases, down not
-    split over ranks. 0 where it cannot."""
-    fusable = (gate_up.strips and down.strips and gate_up.bias is None and down.bias is None
+    split over ranks, bfloat16 (float32 strips are f32_linear's). 0 where it cannot."""
+    fusable = (gate_up.strips and down.strips and gate_up.packed_weight.dtype == torch.bfloat16
+               and gate_up.bias is None and down.bias is None
                and getattr(down, "parallel", None) is None and amx_linear_ops() is not None)
     # Asked only then: strips mean the kernels are built; a float32 model must not build them here.
     return amx_linear_ops().amx_silu_mlp_max_rows() if fusable else 0
