@@ -1,10 +1,12 @@
-"""The engine with its bfloat16 projections on column strips (kernels/csrc/amx_linear.cpp on AMX,
-bf16_linear.cpp on AVX512-BF16) against the same engine on oneDNN's packed layout (what a CPU
-with neither runs, and what a CPU without AMX ran before bf16_linear), both loaded in this one
-process and measured in alternation, so a shared machine's load falls on both alike.
+"""The engine with its projections on column strips (bfloat16: kernels/csrc/amx_linear.cpp on AMX,
+bf16_linear.cpp on AVX512-BF16; float32: f32_linear.cpp) against the same engine on oneDNN's
+packed layout (what a CPU with neither runs, and what the engine ran before those kernels), both
+loaded in this one process and measured in alternation, so a shared machine's load falls on both
+alike.
 
     python bench/bench_strips.py                 # decode steps at batch 1, 16, 64 and TTFT
     python bench/bench_strips.py --rounds 5 --prompt-len 1000
+    python bench/bench_strips.py --dtype float32   # the exact mode: f32_linear's strips vs oneDNN
 
 Per round and engine: the median engine.step() of all-decoding steps at each batch size, and one
 TTFT (a fresh prompt: no prefix-cache hits); the table gives each one's best round, its ratio to
@@ -28,17 +30,17 @@ import torch  # noqa: E402
 from bench.bench_limits import random_prompt, read_bandwidth, step_read_bytes, timed_steps  # noqa: E402
 
 
-def load(model: str, threads: int, strips: bool):
+def load(model: str, threads: int, strips: bool, dtype: str):
     from engine import LLM
     from engine.layers import linear
 
-    original = linear.strips_ops
+    original = linear.pack_strips
     if not strips:
-        linear.strips_ops = lambda: None  # the layout a CPU with neither AMX nor AVX512-BF16 gets
+        linear.pack_strips = lambda weight: None  # the layout a CPU without our strip kernels gets
     try:
-        llm = LLM(model, dtype="bfloat16", quantization="none", num_threads=threads, max_num_seqs=64)
+        llm = LLM(model, dtype=dtype, quantization="none", num_threads=threads, max_num_seqs=64)
     finally:
-        linear.strips_ops = original
+        linear.pack_strips = original
     layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, linear.Linear)]
     assert any(m.strips for m in layers) == strips, "the strips did not take (no AMX-BF16 or AVX512-BF16 here?)"
     return llm.engine
@@ -47,13 +49,15 @@ def load(model: str, threads: int, strips: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engines = {"strips": load(args.model, args.threads, True), "oneDNN": load(args.model, args.threads, False)}
+    engines = {"strips": load(args.model, args.threads, True, args.dtype),
+               "oneDNN": load(args.model, args.threads, False, args.dtype)}
     model = engines["strips"].runner.model_runner.model
     vocab = engines["strips"].model_config.vocab_size
     weight_read = step_read_bytes(model) / read_bandwidth(3)
@@ -72,7 +76,7 @@ def main() -> None:
             ttft = clock() - start
             key = f"TTFT, {args.prompt_len}-token prompt"
             best[name, key] = min(ttft, best.get((name, key), ttft))
-    print(f"\n{args.model}, bfloat16, {args.threads} threads ({clock.__name__}), weight-read time {weight_read * 1e3:.2f} ms, "
+    print(f"\n{args.model}, {args.dtype}, {args.threads} threads ({clock.__name__}), weight-read time {weight_read * 1e3:.2f} ms, "
           f"best of {args.rounds} alternating rounds; `python bench/bench_strips.py {' '.join(sys.argv[1:])}`\n")
     print("| measure | strips ms | oneDNN ms | strips / oneDNN | strips / read | oneDNN / read |")
     print("| --- | --- | --- | --- | --- | --- |")
