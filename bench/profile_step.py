@@ -406,13 +406,14 @@ def stand_in_time(model, rows: int, repeats: int) -> float:
 
 
 def streaming_ab(steps, rounds: int) -> None:
-    """Decode steps with the few-row loops cpu_features.h's streaming rule picks (bf16_linear's at
-    1-6 rows, bf16_mm_rows' and int8_mm_rows' at 1-2: plain streams, no software prefetch) and with
-    their prefetching loops, alternating in this process, every pass printed (median step, and
-    fastest step). Covers bfloat16's projections and head and the int8 codes of int8's projections
-    and of int4's (GGUF) LM head."""
+    """Decode steps with the few-row loops cpu_features.h's streaming rule picks (bf16_linear's and
+    f32_linear's at 1-6 rows, bf16_mm_rows' and int8_mm_rows' at 1-2: plain streams, no software
+    prefetch) and with their prefetching loops, alternating in this process, every pass printed
+    (median step, and fastest step). Covers bfloat16's and float32's projections, bfloat16's head
+    and the int8 codes of int8's projections and of int4's (GGUF) LM head."""
     ops = torch.ops.bento_llm
-    switches = (ops.set_bf16_linear_streaming, ops.set_bf16_mm_rows_streaming, ops.set_int8_rows_streaming)
+    switches = (ops.set_bf16_linear_streaming, ops.set_f32_linear_streaming, ops.set_bf16_mm_rows_streaming,
+                ops.set_int8_rows_streaming)
 
     def set_all(on: bool | None) -> None:
         for switch in switches:
