@@ -33,8 +33,6 @@ namespace {
 #define BF16_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 using strips_call::kColumns;  // output columns of a strip
-using strips_call::kK;        // K of one step of a strip (16 pairs, 1 KB)
-constexpr int64_t kStepElems = kColumns * kK;
 
 // The streaming rule (strips_loops.h): a call of at most strips_loops::kStreamingRows (6) rows
 // streams the weight once, and few products per weight line leave the loop bound by the read:
@@ -69,25 +67,18 @@ constexpr int64_t kPrefetchPairs = 24;
 bool bf16_linear_supported() { return cpu_features::avx512_bf16(); }
 
 struct Bf16Strips {
-  struct Problem {
-    const uint16_t* a;
-    int64_t lda, rows;
-    const uint16_t* w;
-    int64_t steps, n_total;
-    const c10::BFloat16* bias;
-    c10::BFloat16* y;
-  };
+  using Problem = strips_loops::Problem<uint16_t, c10::BFloat16>;
 
   // Strips per register block: as many as keep rows x strips + strips + 1 within 32 registers (at
   // 1-2 rows while streaming, 8).
   static constexpr int strips_for(int rows, bool streaming) { return streaming && rows <= 2 ? 8 : rows <= 6 ? 4 : 3; }
-  static int64_t strip_bytes(const Problem& p) { return p.steps * kStepElems * 2; }
+  static int64_t strip_bytes(const Problem& p) { return p.k * kColumns * 2; }
 
   // y[r][16 n + j] = bf16(sum_k a[r][k] w[16 n + j][k] + bias) for rows [r0, r0 + R), strips
   // [t, t + NS) (each K / 2 pairs long), j < 16 while 16 n + j < N.
   template <int R, int NS, bool Prefetch>
   BF16_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
-    const int64_t strip = p.steps * kStepElems, pairs = p.steps * kK / 2, columns = p.n_total - t * kColumns;
+    const int64_t strip = p.k * kColumns, pairs = p.k / 2, columns = p.n_total - t * kColumns;
     const uint16_t* a = p.a + r0 * p.lda;
     const uint16_t* b = p.w + t * strip;
     __m512 acc[R][NS];
@@ -129,12 +120,12 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const std:
                        int64_t n_total) {
   TORCH_CHECK(bf16_linear_supported(), "bf16_linear needs a CPU with AVX512-BF16");
   auto call = strips_call::check(x, packed, bias, n_total);
-  const int64_t rows = call.rows, steps = call.steps, tiles = call.tiles;
+  const int64_t rows = call.rows, tiles = call.tiles;
   const c10::BFloat16* bias_ptr = call.bias;
   at::Tensor out = call.out;
   if (rows == 0) return out;
   const Bf16Strips::Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows,
-                              reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>()), steps, n_total,
+                              reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>()), call.k, n_total,
                               bias_ptr, out.data_ptr<c10::BFloat16>()};
   strips_loops::run<Bf16Strips>(p, tiles, packed.data_ptr(), packed.numel() * 2, streaming_choice.streaming());
   return out;

@@ -33,30 +33,23 @@ constexpr int64_t kPrefetchLines = 24;
 bool f32_linear_supported() { return cpu_features::avx512_bf16(); }
 
 struct F32Strips {
-  struct Problem {
-    const float* a;
-    int64_t lda, rows;
-    const float* w;
-    int64_t k_total, n_total;
-    const float* bias;
-    float* y;
-  };
+  using Problem = strips_loops::Problem<float, float>;
 
   // As many strips as keep rows x strips + strips + 1 within 32 registers.
   static constexpr int strips_for(int rows, bool) { return rows <= 2 ? 8 : rows <= 6 ? 4 : 3; }
-  static int64_t strip_bytes(const Problem& p) { return p.k_total * kColumns * 4; }
+  static int64_t strip_bytes(const Problem& p) { return p.k * kColumns * 4; }
 
   // y[r][16 n + j] = sum_k a[r][k] w[16 n + j][k] + bias for rows [r0, r0 + R), strips [t, t + NS),
   // j < 16 while 16 n + j < N.
   template <int R, int NS, bool Prefetch>
   F32_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
-    const int64_t strip = p.k_total * kColumns, columns = p.n_total - t * kColumns;
+    const int64_t strip = p.k * kColumns, columns = p.n_total - t * kColumns;
     const float* a = p.a + r0 * p.lda;
     const float* b = p.w + t * strip;
     __m512 acc[R][NS];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.k_total; ++k) {
+    for (int64_t k = 0; k < p.k; ++k) {
       __m512 w[NS];
       if (Prefetch)
         for (int n = 0; n < NS; ++n)

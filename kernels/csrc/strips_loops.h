@@ -10,7 +10,7 @@
 // weight at few rows runs on the calling thread.
 //
 // A Kernel is a struct with
-//   using Problem = ...;  // one call: its `rows` and whatever block() reads
+//   using Problem = strips_loops::Problem<its element types>;
 //   static constexpr int strips_for(int rows, bool streaming);  // strips per register block
 //   static int64_t strip_bytes(const Problem&);
 //   template <int R, int NS, bool Prefetch> static void block(const Problem&, int64_t r0, int64_t t);
@@ -30,6 +30,18 @@ constexpr int kStreamingRows = 6;           // calls up to this many rows may st
 constexpr int64_t kChunkBytes = 512 << 10;  // weight bytes per chunk of strips that stays in L2
 // At most one row block with a weight under this: the calling thread alone (amx_linear's rule).
 constexpr int64_t kSerialLinearBytes = 256 << 10;
+
+// One call: x [rows, k] (rows lda elements apart) times the strips of an [n_total, k] weight, plus
+// bias (or none), into y [rows, n_total].
+template <class In, class Out>
+struct Problem {
+  const In* a;
+  int64_t lda, rows;
+  const In* w;
+  int64_t k, n_total;
+  const Out* bias;
+  Out* y;
+};
 
 // block<R, NS> on the first `count` (1..NS) strips from t: the last group of a thread's strips.
 template <class Kernel, int R, int NS, bool Prefetch>
