@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from engine import LLM
 from engine.layers import linear_kernels as linear
 from engine.layers.linear import Linear
-from engine.layers.linear_kernels import amx_linear_ops, avx512_bf16_ops, can_pack_for_cpu, packed_rows, strips_ops
+from engine.layers.linear_kernels import (amx_linear_ops, avx512_bf16_ops, can_pack_for_cpu, f32_strips_ops, packed_rows,
+                                          strips_ops)
 
 pytestmark = pytest.mark.skipif(
     not can_pack_for_cpu(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
@@ -35,7 +36,7 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
 
     # bfloat16 on AMX or AVX512-BF16: column strips (kernels/csrc/amx_linear.cpp, bf16_linear.cpp);
     # float32 where our AVX-512 kernels run: f32_linear.cpp's strips.
-    strips = (strips_ops() if dtype == torch.bfloat16 else avx512_bf16_ops()) is not None
+    strips = (strips_ops() if dtype == torch.bfloat16 else f32_strips_ops()) is not None
     assert layer.finalize(None, 32, pack=True) == ("strips" if strips else "packed")
     assert layer.packed_weight is not None and layer.weight is None  # one copy: the packed one
     assert layer.strips == strips
@@ -495,7 +496,7 @@ def test_only_widths_the_strips_can_read_take_them():
     assert odd_float.finalize(None, 32, pack=True) == "strips" and odd_float.strips
 
 
-needs_f32_strips = pytest.mark.skipif(avx512_bf16_ops() is None, reason="our AVX-512 kernels do not run here")
+needs_f32_strips = pytest.mark.skipif(f32_strips_ops() is None, reason="no AVX-512 or no C++ kernels here")
 
 
 @needs_f32_strips
@@ -543,7 +544,7 @@ def test_a_float32_projection_on_strips_equals_float64_and_does_not_depend_on_it
 
 @needs_f32_strips
 def test_f32_linear_refuses_what_it_cannot_read():
-    ops = avx512_bf16_ops()
+    ops = f32_strips_ops()
     strips = linear.f32_strips_pack(torch.randn(64, 96))
     with pytest.raises(RuntimeError, match="columns"):
         ops.f32_linear(torch.randn(2, 64), strips, None, 64)

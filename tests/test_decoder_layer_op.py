@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.layers.linear import Linear
-from engine.layers.linear_kernels import avx512_bf16_ops
+from engine.layers.linear_kernels import avx512_bf16_ops, f32_strips_ops
 from engine.layers.quant_kernels import vector_kernels, w8a8_kernels
 from kernels import cpu_ops, reference
 from tests.test_step_ops import step_of
@@ -56,8 +56,8 @@ LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8"]
 def layout_available(layout: str) -> bool:
     if layout == "strips":
         return avx512_bf16_ops() is not None and vector_kernels() is not None and not vector_kernels().amx_bf16_supported()
-    if layout == "f32 strips":  # f32_linear, AMX CPUs included
-        return avx512_bf16_ops() is not None
+    if layout == "f32 strips":  # f32_linear: any AVX-512 CPU, AMX ones included
+        return f32_strips_ops() is not None
     if layout in ("int4", "int8"):
         ops = vector_kernels()
         return ops is not None and not ops.amx_bf16_supported() and (layout == "int4" or ops.avx512_vnni_supported())

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
-from engine.layers.linear_kernels import avx512_bf16_ops, can_pack_for_cpu
+from engine.layers.linear_kernels import can_pack_for_cpu, f32_strips_ops
 from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8
 from engine.layers.quant_kernels import (AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS,
                                          int4_kernels_beat_bfloat16, w8a8_kernels)
@@ -524,7 +524,7 @@ def test_an_input_width_takes_the_largest_group_that_divides_it_or_stays_float()
     assert layer.quantized.group_size == 32
     odd = Linear(72, 32)  # 72 columns: no group of 32 or more divides them
     # Kept in float32: as f32_linear's strips where our AVX-512 kernels run, else oneDNN's layout.
-    assert odd.finalize("int4", 32, PACK) == ("float" if not PACK else "strips" if avx512_bf16_ops() else "packed")
+    assert odd.finalize("int4", 32, PACK) == ("float" if not PACK else "strips" if f32_strips_ops() else "packed")
     assert odd.quantized is None
 
 

@@ -65,8 +65,8 @@ class Linear(StepModule, nn.Linear):
     reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized; else on
     CPU, in bfloat16 where the CPU has AMX-BF16 or AVX512-BF16 (and K is a multiple of 32), the
     column-tile strips of kernels/csrc/amx_linear.cpp (AMX: 0.4-0.6x oneDNN's time at 1-64 rows)
-    and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); in float32 where our AVX-512 kernels
-    run, f32_linear.cpp's strips (0.6-0.75x oneDNN's time at 1 row, even from 8); else oneDNN's
+    and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); in float32 on any AVX-512 CPU,
+    f32_linear.cpp's strips (0.6-0.75x oneDNN's time at 1 row, even from 8); else oneDNN's
     blocked layout (packed once at load: 1.2-2x faster than F.linear's BLAS call at 4-200 rows
     in float32, about 2x at any row count in bfloat16); else the float weight. The float weight
     is dropped after packing or quantizing.

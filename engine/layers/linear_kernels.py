@@ -3,7 +3,7 @@ CPU (engine/layers/linear.py's Linear keeps each weight in the one layout its ke
 
 - column strips (amx_linear_pack's layout): AMX tiles (kernels/csrc/amx_linear.cpp) where the CPU
   has AMX-BF16, else AVX512-BF16 dot products (kernels/csrc/bf16_linear.cpp); in float32 (the exact
-  mode) strips of FMAs (f32_strips_pack, kernels/csrc/f32_linear.cpp) wherever our AVX-512 kernels run;
+  mode) strips of FMAs (f32_strips_pack, kernels/csrc/f32_linear.cpp) on any AVX-512 CPU;
 - a plain [N, K] weight at few rows (the tied LM head, the embedding table as it lies): oneDNN's
   brgemm on AMX, else AVX512-BF16 dot products (bf16_mm_rows), else ATen's GEMV/GEMM
   (kernels/csrc/gemv_ops.cpp); in float32 (the exact mode's head) the same loops on FMAs
@@ -106,6 +106,20 @@ def avx512_bf16_ops():
 
 
 @functools.cache
+def f32_strips_ops():
+    """torch.ops.bento_llm where f32_linear multiplies float32 strips: our kernels built for AVX-512
+    (PyTorch's AVX512 capability) on a CPU with AVX-512 F/BW/VL/DQ, AVX512-BF16 or not (Skylake-SP
+    to Ice Lake servers, where dtype=auto is float32, included); else None."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
+    except ImportError:
+        return None
+    return torch.ops.bento_llm if torch.ops.bento_llm.f32_linear_supported() else None
+
+
+@functools.cache
 def strips_ops():
     """The ops that multiply column strips here: AMX's (amx_linear), else AVX512-BF16's, else None."""
     amx = amx_linear_ops()
@@ -122,12 +136,12 @@ def strips_ops():
 def pack_strips(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [N, K] as the column strips this CPU multiplies in place, or None where it has no
     such kernel for the weight's dtype and width: bfloat16 with K a multiple of 32 on AMX-BF16 or
-    AVX512-BF16 (amx_linear_pack), float32 wherever our AVX-512 kernels run (f32_strips_pack)."""
+    AVX512-BF16 (amx_linear_pack), float32 on any AVX-512 CPU (f32_strips_ops; f32_strips_pack)."""
     if weight.device.type != "cpu":
         return None
     if weight.dtype == torch.bfloat16 and weight.shape[1] % 32 == 0 and strips_ops() is not None:
         return strips_ops().amx_linear_pack(weight)
-    if weight.dtype == torch.float32 and avx512_bf16_ops() is not None:
+    if weight.dtype == torch.float32 and f32_strips_ops() is not None:
         return f32_strips_pack(weight)
     return None
 
@@ -151,7 +165,7 @@ def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | No
     place up to AMX_STRIPS_MAX_ROWS rows on AMX (BF16_STRIPS_MAX_ROWS without), else through a
     plain copy of W made for this call (freed after it)."""
     if strips.dtype == torch.float32:
-        return avx512_bf16_ops().f32_linear(x if x.stride(-1) == 1 else x.contiguous(), strips, bias, out_features)
+        return f32_strips_ops().f32_linear(x if x.stride(-1) == 1 else x.contiguous(), strips, bias, out_features)
     amx = amx_linear_ops()
     if x.dtype == torch.bfloat16 and x.shape[0] <= (BF16_STRIPS_MAX_ROWS if amx is None else AMX_STRIPS_MAX_ROWS):
         x = x if x.stride(-1) == 1 else x.contiguous()

@@ -8,12 +8,18 @@
 
 namespace cpu_features {
 
+// The AVX-512 subsets of x86-64-v4 our float32 kernels use (F, BW, VL, DQ): f32_linear, on every
+// AVX-512 server CPU (Skylake-SP on, Zen 4 on), AVX512-BF16 or not.
+inline bool avx512_core() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return supported;
+}
+
 // AVX512-BF16 with the AVX-512 subsets the bfloat16 kernels use (F, BW, VL, DQ): bf16_linear,
 // bf16_mm_rows, attention's bfloat16 decode products, and (with VBMI) the int4/int8 vector loops.
 inline bool avx512_bf16() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("avx512bf16");
+  static const bool supported = avx512_core() && __builtin_cpu_supports("avx512bf16");
   return supported;
 }
 

@@ -30,7 +30,7 @@ cpu_features::StreamingChoice streaming_choice;
 // Past the streaming rows each strip's line this many k ahead is prefetched into L1.
 constexpr int64_t kPrefetchLines = 24;
 
-bool f32_linear_supported() { return cpu_features::avx512_bf16(); }
+bool f32_linear_supported() { return cpu_features::avx512_core(); }
 
 struct F32Strips {
   using Problem = strips_loops::Problem<float, float>;
@@ -74,7 +74,7 @@ struct F32Strips {
 // x [M, K] float32 @ strips (f32_strips_pack of an [N, K] weight) + bias -> [M, N] float32.
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& strips, const std::optional<at::Tensor>& bias,
                       int64_t n_total) {
-  TORCH_CHECK(f32_linear_supported(), "f32_linear needs a CPU with our AVX-512 kernels");
+  TORCH_CHECK(f32_linear_supported(), "f32_linear needs a CPU with AVX-512 (F, BW, VL, DQ)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x: a [rows, K] float32 matrix");
   TORCH_CHECK(strips.dim() == 3 && strips.scalar_type() == at::kFloat && strips.is_contiguous() &&
                   strips.size(2) == kColumns,
@@ -100,6 +100,8 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& strips, const std::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
+  // Whether f32_linear runs here (AVX-512 F/BW/VL/DQ, with or without AVX512-BF16): the engine asks this once.
+  m.def("f32_linear_supported() -> bool", &f32_linear_supported);
   m.def("f32_linear(Tensor x, Tensor strips, Tensor? bias, int out_features) -> Tensor", &f32_linear);
   // Benchmarks and tests: whether calls of up to strips_loops::kStreamingRows rows take the streaming loop (None:
   // the CPU's rule), as set_bf16_linear_streaming.
