@@ -169,9 +169,9 @@ def test_decode_attention_keeps_its_prefetches_in_the_build():
 # Every other kernel loop that asks memory ahead (any hint), by function: the matmuls' few-row and
 # many-row loops (bf16_linear's block<>, gemv_ops' dot_block, the int4 / int8 / w8a8 loops, the
 # AMX tiles'), the fused SiLU MLP, and the thread pool's read-ahead worker (Pool::Pool's thread).
-PREFETCHING_FUNCTIONS = ["::block<", "dot_block<", "int4_block_rows<", "dequantize_int4_block<", "int8_block_rows<",
-                         "int8_convert_rows<", "int8_column_bias(", "int8_units(", "w8a8_unit_rows<", "block_1xn<",
-                         "run_columns(", "run_strips(", "silu_mlp_slice(", "Pool::Pool("]
+PREFETCHING_FUNCTIONS = ["Bf16Strips::block<", "F32Strips::block<", "dot_block<", "int4_block_rows<",
+                         "dequantize_int4_block<", "int8_block_rows<", "int8_convert_rows<", "int8_column_bias(",
+                         "int8_units(", "w8a8_unit_rows<", "block_1xn<", "run_columns(", "silu_mlp_slice(", "Pool::Pool("]
 
 
 def test_the_other_kernels_keep_their_prefetches_in_the_build():
