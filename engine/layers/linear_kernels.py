@@ -155,11 +155,6 @@ def f32_strips_pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 16, k).transpose(1, 2).contiguous()
 
 
-def f32_strips_unpack(strips: torch.Tensor, out_features: int) -> torch.Tensor:
-    """f32_strips_pack's inverse: the [out_features, K] float32 weight."""
-    return strips.transpose(1, 2).reshape(-1, strips.shape[1])[:out_features].contiguous()
-
-
 def strips_linear(x: torch.Tensor, strips: torch.Tensor, bias: torch.Tensor | None, out_features: int):
     """x @ W.T + bias for W kept as column strips: in float32 in place (f32_linear); in bfloat16 in
     place up to AMX_STRIPS_MAX_ROWS rows on AMX (BF16_STRIPS_MAX_ROWS without), else through a
