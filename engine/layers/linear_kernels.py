@@ -92,31 +92,34 @@ def amx_linear_ops():
 
 
 @functools.cache
-def avx512_bf16_ops():
-    """torch.ops.bento_llm with the AVX512-BF16 kernels (bf16_linear on column strips,
-    bf16_mm_rows and f32_mm_rows on a plain weight) where the CPU has AVX512-BF16 and PyTorch runs
-    its AVX-512 kernels (not under ATEN_CPU_CAPABILITY=avx2), else None."""
+def avx512_kernels():
+    """torch.ops.bento_llm where our C++ kernels are built for AVX-512 (PyTorch runs its AVX-512
+    kernels: not under ATEN_CPU_CAPABILITY=avx2) and load, else None. Each kernel family then asks
+    the CPU for the subsets it needs."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:
         import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
     except ImportError:
         return None
-    return torch.ops.bento_llm if torch.ops.bento_llm.avx512_bf16_kernels_supported() else None
+    return torch.ops.bento_llm
+
+
+@functools.cache
+def avx512_bf16_ops():
+    """avx512_kernels() with the AVX512-BF16 kernels (bf16_linear on column strips, bf16_mm_rows and
+    f32_mm_rows on a plain weight) where the CPU has AVX512-BF16, else None."""
+    ops = avx512_kernels()
+    return ops if ops is not None and ops.avx512_bf16_kernels_supported() else None
 
 
 @functools.cache
 def f32_strips_ops():
-    """torch.ops.bento_llm where f32_linear multiplies float32 strips: our kernels built for AVX-512
-    (PyTorch's AVX512 capability) on a CPU with AVX-512 F/BW/VL/DQ, AVX512-BF16 or not (Skylake-SP
-    to Ice Lake servers, where dtype=auto is float32, included); else None."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    try:
-        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
-    except ImportError:
-        return None
-    return torch.ops.bento_llm if torch.ops.bento_llm.f32_linear_supported() else None
+    """avx512_kernels() where f32_linear multiplies float32 strips: a CPU with AVX-512 F/BW/VL/DQ,
+    AVX512-BF16 or not (Skylake-SP to Ice Lake servers, where dtype=auto is float32, included);
+    else None."""
+    ops = avx512_kernels()
+    return ops if ops is not None and ops.f32_linear_supported() else None
 
 
 @functools.cache
