@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 # whole decode layer in one (decoder_layer);
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
 # hand-written AMX tile loops (amx_tiles.h); bf16_linear.cpp: the same strips on AVX512-BF16 where
-# the CPU has no AMX; f32_linear.cpp: float32 projections on column strips of FMAs; sampler_ops.cpp: the sampler's filters and draw;
+# the CPU has no AMX; f32_linear.cpp: float32 projections on column strips of FMAs (both on
+# strips_loops.h's loop nest); sampler_ops.cpp: the sampler's filters and draw;
 # thread_pool.cpp: the thread pool all of them split their work on (thread_pool.h), not torch's
 # OpenMP threads.
 SOURCES = [Path(__file__).parent / "csrc" / name

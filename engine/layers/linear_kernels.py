@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.quant import amx_kernels
+from engine.layers.quant_kernels import avx512_kernels
 
 
 # Rows up to which a plain bfloat16 weight (the tied LM head) multiplies on AMX (kernels/csrc/
@@ -92,20 +93,6 @@ def amx_linear_ops():
 
 
 @functools.cache
-def avx512_kernels():
-    """torch.ops.bento_llm where our C++ kernels are built for AVX-512 (PyTorch runs its AVX-512
-    kernels: not under ATEN_CPU_CAPABILITY=avx2) and load, else None. Each kernel family then asks
-    the CPU for the subsets it needs."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    try:
-        import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
-    except ImportError:
-        return None
-    return torch.ops.bento_llm
-
-
-@functools.cache
 def avx512_bf16_ops():
     """avx512_kernels() with the AVX512-BF16 kernels (bf16_linear on column strips, bf16_mm_rows and
     f32_mm_rows on a plain weight) where the CPU has AVX512-BF16, else None."""
@@ -129,13 +116,6 @@ def strips_ops():
     return amx if amx is not None else avx512_bf16_ops()
 
 
-# float32 projections on strips (f32_linear) against oneDNN's packed float32 matmul, the default
-# model's four projection shapes x 30 layers in model order, two threads, EPYC Zen 4 (no AMX),
-# median of 3-7 interleaved passes (/tmp benchmark, 2026-12-03): 1 row 0.62-0.75x its time (19.8-23.5
-# against 12.2-17.5 GB/s), 2 rows 0.56x, 4 rows 0.80x, 8 rows 0.88-1.01x, 16 rows 0.98-1.07x, 64 rows
-# 0.97-1.09x, 256 rows 0.98x, 2000 rows 1.01x (~192 GFLOP/s both). One layout for every row count.
-
-
 def pack_strips(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [N, K] as the column strips this CPU multiplies in place, or None where it has no
     such kernel for the weight's dtype and width: bfloat16 with K a multiple of 32 on AMX-BF16 or
@@ -151,7 +131,12 @@ def pack_strips(weight: torch.Tensor) -> torch.Tensor | None:
 
 def f32_strips_pack(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] float32 -> [ceil(N/16), K, 16]: strip s, line k holds w[16 s + j][k] for j < 16 (the
-    last strip's columns past N are zeros), f32_linear's layout (kernels/csrc/f32_linear.cpp)."""
+    last strip's columns past N are zeros), f32_linear's layout (kernels/csrc/f32_linear.cpp), one
+    for every row count. Against oneDNN's packed float32 matmul (the default model's four
+    projection shapes x 30 layers in model order, two threads, EPYC Zen 4, median of 3-7
+    interleaved passes, bench/RESULTS.md 2026-12-03 15:31 UTC): 1 row 0.62-0.75x its time (19.8-23.5
+    against 12.2-17.5 GB/s), 2 rows 0.56x, 4 rows 0.80x, 8 rows 0.88-1.01x, 16 rows 0.98-1.07x, 64
+    rows 0.97-1.09x, 256 rows 0.98x, 2000 rows 1.01x (~192 GFLOP/s both)."""
     n, k = weight.shape
     padded = torch.zeros(-(-n // 16) * 16, k, dtype=weight.dtype)
     padded[:n] = weight

@@ -84,19 +84,26 @@ VECTOR_INT8_DPBF16_ROWS_MAX_ROWS = 2
 
 
 @functools.cache
-def vector_kernels():
-    """torch.ops.bento_llm where quant_ops.cpp's vector loops can run (AVX512-BF16 and VBMI; int8's
-    also AVX512-VNNI: ops.avx512_vnni_supported()) on PyTorch's AVX-512 int4 layout; else None
-    (no such CPU, or the C++ kernels do not build)."""
+def avx512_kernels():
+    """torch.ops.bento_llm where our C++ kernels are built for AVX-512 (PyTorch runs its AVX-512
+    kernels, so its int4 layout is the AVX-512 one: not under ATEN_CPU_CAPABILITY=avx2) and load,
+    else None. Each kernel family then asks the CPU for the subsets it needs."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     try:
         import kernels.cpu_ops  # noqa: F401  (builds and registers the ops)
     except ImportError as e:
-        logger.info("quantized matmuls: PyTorch's packed ops only (%s)", e)
+        logger.info("our AVX-512 kernels do not load: PyTorch's ops only (%s)", e)
         return None
-    ops = torch.ops.bento_llm
-    return ops if ops.avx512_bf16_supported() else None
+    return torch.ops.bento_llm
+
+
+@functools.cache
+def vector_kernels():
+    """avx512_kernels() where quant_ops.cpp's vector loops can run (AVX512-BF16 and VBMI; int8's
+    also AVX512-VNNI: ops.avx512_vnni_supported()) on PyTorch's AVX-512 int4 layout; else None."""
+    ops = avx512_kernels()
+    return ops if ops is not None and ops.avx512_bf16_supported() else None
 
 
 @functools.cache
