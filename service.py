@@ -53,7 +53,7 @@ RUNTIME_IMAGE = (
     # engine falls back to plain-torch ops, about 1.5x slower at decode batch sizes).
     .system_packages("g++")
     .python_packages(
-        "torch>=2.13,<2.14", "triton==3.7.1; platform_system == 'Linux'", "numpy", "transformers>=4.56",
+        "torch>=2.13,<2.14", "triton==3.7.1; platform_system == 'Linux'", "numpy", "transformers>=4.56,<5.25",
         "tokenizers", "safetensors", "gguf", "accelerate", "pydantic>=2", "pydantic-settings>=2.3", "tqdm",
         "fastapi", "prometheus-client", "ninja", "huggingface-hub", "xgrammar==0.2.9",
         "uvloop==0.23.0; platform_system != 'Windows'", "httptools==0.9.0",

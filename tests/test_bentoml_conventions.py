@@ -15,6 +15,7 @@ import httpx
 import pytest
 import yaml
 from opentelemetry.util.http import ExcludeList
+from packaging.requirements import Requirement
 
 from bento_llm.testing import REPO_ROOT, ServerProcess
 from tests.helpers import add_hub_snapshot, make_tiny_llama, own_kernel_cache
@@ -63,13 +64,18 @@ def test_runtime_resources_traffic_and_labels_are_declared_in_code(hub_bento):
     python_env = hub_bento["dir"] / "env" / "python"
     assert (python_env / "requirements.txt").read_text() == (python_env / "requirements.in").read_text()
     assert any("g++" in command for command in image["commands"])
-    # The container installs every runtime dependency pyproject.toml declares (a missing one,
-    # like xgrammar once, breaks its feature only inside a built Bento).
+    # The container installs every runtime dependency pyproject.toml declares, in the versions it
+    # allows (a missing one, like xgrammar once, breaks its feature only inside a built Bento; a
+    # looser one, like transformers without pyproject's <5.25, breaks the whole Bento).
     declared = tomllib.loads((Path(REPO_ROOT) / "pyproject.toml").read_text())["project"]["dependencies"]
-    for requirement in declared:
-        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-        if name != "bentoml":  # `bentoml build` installs its own version into every image
-            assert name in image["python_requirements"], f"{name} is in pyproject.toml but not in service.py's image"
+    lines = image["python_requirements"].splitlines()
+    in_image = {r.name: r for r in (Requirement(line) for line in lines if line.strip())}
+    for requirement in map(Requirement, declared):
+        if requirement.name != "bentoml":  # `bentoml build` installs its own version into every image
+            assert requirement.name in in_image, f"{requirement.name} is in pyproject.toml but not in service.py's image"
+            assert in_image[requirement.name].specifier == requirement.specifier, (
+                f"service.py's image asks for {in_image[requirement.name]}, pyproject.toml for {requirement}"
+            )
     # bentofile.yaml no longer says what the code says.
     bentofile = yaml.safe_load((Path(REPO_ROOT) / "bentofile.yaml").read_text())
     assert not {"python", "docker", "labels"} & set(bentofile)

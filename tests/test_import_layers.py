@@ -108,3 +108,14 @@ def test_the_checker_sees_an_upward_arrow_and_a_cycle():
     ]
     graph = {"engine.sampler": {"engine.scheduler"}, "engine.scheduler": {"engine.sampler"}}
     assert find_cycle(graph) == ["engine.sampler", "engine.scheduler", "engine.sampler"]
+
+
+def test_transformers_does_not_take_our_kernels_package_for_hugging_faces():
+    """Hugging Face's `kernels` distribution has our kernels/ package's import name. transformers
+    5.25 requires it and imports it when it is installed, which then loads ours and fails:
+    pyproject.toml keeps transformers below 5.25."""
+    import kernels
+    from transformers.utils.import_utils import is_kernels_available
+
+    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert not is_kernels_available(), "transformers would import our kernels/ package as Hugging Face's `kernels`"
