@@ -78,12 +78,18 @@ class RequestTimer:
         if new <= 0:
             return
         now = time.perf_counter()
+        # Several tokens can arrive in one item when the consumer lags a step. Each token after
+        # the first still counts one gap, and the gaps sum to the time from the first token seen
+        # to the last: an item's gap is spread over its tokens, and the tokens that came with the
+        # first one had none.
         if self.last is None:
             self.metrics.ttft.observe(now - self.start)
             new -= 1  # the first token has no gap before it
-        if new > 0 and self.last is not None:
-            # Several tokens can arrive in one item when the consumer lags a step; spread the gap.
-            self.metrics.itl.observe((now - self.last) / new, new)
+            gap = 0.0
+        else:
+            gap = (now - self.last) / new
+        if new > 0:
+            self.metrics.itl.observe(gap, new)
             if now >= self.metrics.itl.due:
                 self.metrics.itl.flush(now)
         self.last = now

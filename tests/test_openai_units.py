@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -352,6 +353,21 @@ def test_a_request_that_ends_flushes_its_inter_token_latencies():
     assert metrics.latency_totals()["itl_count"] == 1
     timer.finished("stop")
     assert metrics.latency_totals()["itl_count"] == 4
+
+
+def test_every_token_after_the_first_counts_one_gap_however_the_tokens_arrive():
+    """A lagging consumer can see its first item carry several tokens: those after the first
+    count as gaps of 0, so ITL counts tokens - 1 and sums to the first-to-last time."""
+    metrics = ServerMetrics("m", lambda: None)
+    timer = metrics.timer()
+    timer.tokens_seen(3)
+    first = timer.last
+    time.sleep(0.01)
+    timer.tokens_seen(8)
+    timer.finished("length")
+    totals = metrics.latency_totals()
+    assert totals["ttft_count"] == 1 and totals["itl_count"] == 7
+    assert totals["itl_sum"] == pytest.approx(timer.last - first) and totals["itl_sum"] >= 0.01
 
 
 def test_metrics_render_vllm_names():
