@@ -1,6 +1,7 @@
 """Decode attention over a 16-bit KV cache against an 8-bit one (kv_cache_dtype int8 / fp8_e4m3).
 
     python bench/bench_kv_cache.py                          # C++ kernels, 4k context, batch 1 and 16
+    python bench/bench_kv_cache.py --kv-dtypes f32 bf16      # a float32 model's cache beside bfloat16's
     python bench/bench_kv_cache.py --backend triton         # on a CUDA device
     python bench/bench_kv_cache.py --context-lens 256 --reps 3   # a quick check that it runs
     python bench/bench_kv_cache.py --layers 16              # K/V read from memory, as in a model's step
@@ -51,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
 import torch  # noqa: E402
 
-KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +136,9 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
         kv = torch.randn(2, ctx, kvh, d, device=device, dtype=torch.bfloat16)
         ops.write_kv_cache(kv[0], kv[1], k_cache, v_cache, slots)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    query = torch.randn(batch * args.query_len, args.num_heads, d, device=device, dtype=torch.bfloat16)
+    # A float32 cache is a float32 model's, whose queries are float32 too; the others, bfloat16's.
+    q_dtype = torch.float32 if kv_dtype == torch.float32 else torch.bfloat16
+    query = torch.randn(batch * args.query_len, args.num_heads, d, device=device, dtype=q_dtype)
     cu = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * args.query_len
     kv_bytes = 2 * k_cache[0].numel() * k_cache.element_size() * ctx / bs * batch
     count = min(1024, math.ceil(AUTO_LAYER_BYTES / kv_bytes)) if args.layers == "auto" else int(args.layers)

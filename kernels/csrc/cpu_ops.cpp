@@ -393,10 +393,32 @@ struct CodeLanes {
 #endif
 };
 
-// The row's scale times unit: lanes times it are the values (exactly: unit is a power of 2).
+// A float32 cache's rows as they are, for attend_codes: a float32 model's decodes read their K/V
+// in place, as an 8-bit cache's do, instead of staging each tile (see attend_codes).
+template <>
+struct CodeLanes<float> {
+  static constexpr float unit = 1.0f;
+  static float value(const float* src, int64_t d) { return src[d]; }
+#if defined(__AVX512F__)
+  static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#endif
+};
+
+// The row's scale times unit: lanes times it are the values (exactly: unit is a power of 2). A
+// float32 row has no scale: 1.
 template <typename C>
 inline float lane_scale(const C* row, int64_t dim) {
-  return load_scale(row + dim) * CodeLanes<C>::unit;
+  if constexpr (std::is_same_v<C, float>) {
+    return 1.0f;
+  } else {
+    return load_scale(row + dim) * CodeLanes<C>::unit;
+  }
+}
+
+// Bytes of one KV head's row in a cache of C: head_dim codes and their scale, or head_dim floats.
+template <typename C>
+constexpr int64_t row_bytes(int64_t dim) {
+  return std::is_same_v<C, float> ? dim * static_cast<int64_t>(sizeof(float)) : dim + kScaleBytes;
 }
 
 // One cache row -> dim float32 values.
@@ -726,7 +748,7 @@ struct TileBuffers {
     grow(k16, kKeyTile * dim);
     grow(v16, kKeyTile * round_up(dim, kPackColumns));
     grow(p16, rows * kKeyTile);
-    grow(zeros, dim);  // zero-initialized: packing reads it for the keys past a tile's end
+    grow(zeros, 2 * dim);  // zero-initialized: read for the keys past a tile's end (dim floats at most)
     grow(key_rows, kKeyTile * kMatmulRows);  // a decode unit's KV heads' rows (up to 15 heads), as key_scales
     grow(value_rows, kKeyTile * kMatmulRows);
   }
@@ -863,8 +885,9 @@ constexpr int64_t kL2KeysAhead = 32;
 
 // Rows [first, first + n) (n <= kKeyTile) of one KV head of a sequence's context, as dense float32
 // [n, dim]; each row's lines on their way into L2 kL2KeysAhead rows before it is read (the rows
-// before that: prefetch_start's, or the caller's wait). The float path's decodes (a float32
-// model's; a float16 one's) read their K/V from memory as attend_bf16's do.
+// before that: prefetch_start's, or the caller's wait). The float path's decodes (a float16
+// model's; a float32 one's where attend_codes does not run) read their K/V from memory as
+// attend_bf16's do.
 template <typename T, typename C>
 void stage_keys(float* dst, const C* cache, const int32_t* table, int64_t first, int64_t n, int64_t head,
                 const AttentionArgs<T, C>& a) {
@@ -1295,7 +1318,7 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
       }
     }
   };
-  const int64_t span = heads * (dim + kScaleBytes);
+  const int64_t span = heads * row_bytes<C>(dim);
   prefetch_keys_and_values(keys, values, 0, std::min(kL2KeysAhead, n), span);
   find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
@@ -1350,11 +1373,15 @@ void accumulate_code_rows(float* acc, int64_t rows, int64_t dim, const float* p,
   }
 }
 
-// attend() over an 8-bit cache for units under kMatmulRows rows, head_dim a multiple of 16:
-// scores have row stride kKeyTile. A decode's unit takes several KV heads (kv_heads_per_unit), read
-// together 16 keys at a time: with head_dim 64 a head's row (66 bytes) shares its cache lines with
-// its neighbours', so this fetches each line once, where units of a head each fetched the lines
-// a second and third time (an 8-bit decode then moved as many cache lines as a bfloat16 one).
+// attend() over an 8-bit or float32 cache for units under kMatmulRows rows, head_dim a multiple of
+// 16: scores have row stride kKeyTile. A decode's unit takes several KV heads (kv_heads_per_unit),
+// read together 16 keys at a time: with head_dim 64 a head's row (66 bytes) shares its cache lines
+// with its neighbours', so this fetches each line once, where units of a head each fetched the
+// lines a second and third time (an 8-bit decode then moved as many cache lines as a bfloat16 one).
+// A float32 row is read as it is (CodeLanes<float>, scale 1). A float32 decode used to stage and
+// transpose each tile first, as the tile path does: 1.31-1.37x slower at 16-64 sequences x
+// 128-2048 tokens from memory (bench_kv_cache.py --kv-dtypes f32 --layers auto --before-tree, 2
+// threads, a Xeon with AVX-512 and no AVX512-BF16); 8 to 64 keys of prefetch ahead ran alike.
 template <typename T, typename C>
 void attend_codes(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_t k_end, TileBuffers& b) {
   const int64_t rows = u.rows(a.group), width = u.kv_heads * a.group * a.dim, dim = a.dim;
@@ -1369,7 +1396,7 @@ void attend_codes(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, 
     key_rows.resize(u.kv_heads * kKeyTile);
     value_rows.resize(u.kv_heads * kKeyTile);
   }
-  const C* zeros = reinterpret_cast<const C*>(b.zeros.data());  // 2 dim zero bytes: codes and scale
+  const C* zeros = reinterpret_cast<const C*>(b.zeros.data());  // 4 dim zero bytes: a row of codes or floats
   const int32_t* table = a.tables + u.seq * a.table_stride;
   float* scores = b.scores.data();
   float* key_scales = b.key_scales.data();
@@ -1386,10 +1413,12 @@ void attend_codes(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, 
                    u.q_pos - k0 + 1, Float32Weights{n, 1.0f, b.row_sum.data()});
     for (int64_t h = 0; h < u.kv_heads; ++h) {
       const C* const* values = value_rows.data() + h * kKeyTile;
-      for (int64_t j = 0; j < n; ++j) value_scales[j] = lane_scale(values[j], dim);
       float* weights = scores + h * head_rows * kKeyTile;
-      for (int64_t r = 0; r < head_rows; ++r) {
-        for (int64_t j = 0; j < n; ++j) weights[r * kKeyTile + j] *= value_scales[j];
+      if constexpr (!std::is_same_v<C, float>) {  // a float32 row's scale is 1
+        for (int64_t j = 0; j < n; ++j) value_scales[j] = lane_scale(values[j], dim);
+        for (int64_t r = 0; r < head_rows; ++r) {
+          for (int64_t j = 0; j < n; ++j) weights[r * kKeyTile + j] *= value_scales[j];
+        }
       }
       accumulate_code_rows(b.acc.data() + h * head_rows * dim, head_rows, dim, weights, kKeyTile, values, n);
     }
@@ -1408,7 +1437,7 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
     // Without AMX: its in-place products on rows (in_place there), not on tiles (see attention_products.h).
     if (a.bf16_rows && u.rows(a.group) < kMatmulRows && a.dim % 32 == 0) return attend_bf16(a, u, k_begin, k_end, b);
   }
-  if constexpr (std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn>) {
+  if constexpr (std::is_same_v<C, int8_t> || std::is_same_v<C, c10::Float8_e4m3fn> || std::is_same_v<C, float>) {
     if (u.rows(a.group) < kMatmulRows && a.dim % 16 == 0) return attend_codes(a, u, k_begin, k_end, b);
   }
 #endif
@@ -1433,15 +1462,15 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
   }
 }
 
-// KV heads per unit for a sequence's q_len query tokens: several for a decode over an 8-bit cache
-// where attend_codes runs, or over a bfloat16 one where attend_bf16's in-place row products run, as
+// KV heads per unit for a sequence's q_len query tokens: several for a decode over an 8-bit or
+// float32 cache where attend_codes runs, or over a bfloat16 one where attend_bf16's in-place row products run, as
 // many as keep the unit under kMatmulRows rows; else 1. A bfloat16 decode's unit per KV head read
 // every third 128-byte run of a SmolLM2 cache's slots (3 KV heads side by side), the three units of
 // a sequence at different times on different threads: 16 sequences x 128-512 tokens from memory
 // read at 2.1-2.3x the K/V's read time, 64 x 512 at 4.5x (bench_kv_cache.py, EPYC Zen 4).
 int64_t kv_heads_per_unit(const at::Tensor& k_cache, int64_t group, int64_t q_len, int64_t dim) {
 #if defined(__AVX512F__)
-  const bool codes = is_quantized(k_cache) && dim % 16 == 0;
+  const bool codes = (is_quantized(k_cache) || k_cache.scalar_type() == at::kFloat) && dim % 16 == 0;
   const bool bf16_rows = k_cache.scalar_type() == at::kBFloat16 && dim % 32 == 0 && bf16_rows_available();
   if (q_len == 1 && (codes || bf16_rows)) {
     return std::clamp<int64_t>((kMatmulRows - 1) / group, 1, k_cache.size(2));
