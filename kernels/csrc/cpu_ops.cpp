@@ -1463,8 +1463,8 @@ void attend(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, int64_
 }
 
 // KV heads per unit for a sequence's q_len query tokens: several for a decode over an 8-bit or
-// float32 cache where attend_codes runs, or over a bfloat16 one where attend_bf16's in-place row products run, as
-// many as keep the unit under kMatmulRows rows; else 1. A bfloat16 decode's unit per KV head read
+// float32 cache where attend_codes runs, or over a bfloat16 one where attend_bf16's in-place row
+// products run, as many as keep the unit under kMatmulRows rows; else 1. A bfloat16 decode's unit per KV head read
 // every third 128-byte run of a SmolLM2 cache's slots (3 KV heads side by side), the three units of
 // a sequence at different times on different threads: 16 sequences x 128-512 tokens from memory
 // read at 2.1-2.3x the K/V's read time, 64 x 512 at 4.5x (bench_kv_cache.py, EPYC Zen 4).
