@@ -55,6 +55,21 @@ def test_quantized_matmul_equals_its_dequantized_weight_in_float32(method, group
     assert error < (0.01 if method == "int8" else 0.12), error
 
 
+def test_int4_on_float32_rows_warns_once_that_bfloat16_rows_run_it_faster(caplog):
+    from engine.layers import quant
+
+    quant._warn_int4_on_float32_rows.cache_clear()
+    weight = torch.randn(32, 64)
+    with caplog.at_level("WARNING", logger="engine.layers.quant"):
+        quantized_layer("int4", 32, weight.bfloat16(), dtype=torch.bfloat16)
+        quantized_layer("int8", 32, weight)  # int8's float32 rows take F.linear on its codes
+        assert not caplog.records
+        quantized_layer("int4", 32, weight)
+        quantized_layer("int4", 32, weight)
+    (record,) = caplog.records
+    assert "dtype=float32" in record.message and "dtype='bfloat16'" in record.message
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_matmul_in_bfloat16(method):
     gen = torch.Generator().manual_seed(1)

@@ -34,6 +34,8 @@ linears' loaders take this rank's shard of it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,8 @@ from engine.config import QUANTIZATION_GROUP_SIZES
 from engine.layers.quant_kernels import (INT8_MAX_INPUTS, amx_kernels, int4_matmul, int8_matmul, vector_kernels,
                                          w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
+
+logger = logging.getLogger(__name__)
 
 # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16; its AVX-512
 # layout, which our kernels read, tiles them by 64.
@@ -189,6 +193,13 @@ def quantize_blocks(blocks: list, method: str, group_size: int) -> QuantizedWeig
     return concat_rows(pieces)
 
 
+@functools.cache  # once per process, not per layer
+def _warn_int4_on_float32_rows() -> None:
+    logger.warning("quantization='int4' with dtype=float32 on CPU runs PyTorch's int4 op on float32 rows, 35-60x "
+                   "slower than on bfloat16 rows (a [3072, 576] weight on a Xeon without AVX512-BF16): dtype='bfloat16' "
+                   "runs it (or our int4 kernels) on bfloat16 rows")
+
+
 class PackedQuantizedWeight(torch.nn.Module):
     """One projection's weight in the layout its matmul reads, as buffers (so the model's
     memory report and .to() see them); no float copy is kept."""
@@ -218,6 +229,8 @@ class PackedQuantizedWeight(torch.nn.Module):
             self.register_buffer("qweight", codes.to(device))
             self.register_buffer("scales", q.scale.reshape(-1).to(device, dtype))
             return
+        if device.type == "cpu" and dtype == torch.float32:
+            _warn_int4_on_float32_rows()
         multiple = _AMX_ROW_MULTIPLE if self.amx or self.vector else _INT4_ROW_MULTIPLE
         rows = -(-self.out_features // multiple) * multiple
         codes, scale, zero = q.codes, q.scale, q.zero
@@ -309,7 +322,10 @@ class PackedQuantizedWeight(torch.nn.Module):
             if y is not None:
                 return y
         if self.bits == 8:
-            if x.device.type == "cuda":  # no int8 packed op on CUDA: dequantize per call
+            # No int8 packed op on CUDA; PyTorch's CPU op on float32 rows is a scalar-speed loop
+            # (3.2x this one's time at 1 row, 77x at 2,000, a [3072, 576] weight, bench in RESULTS):
+            # the codes converted per call, each output's scale after the sum (exact in float32).
+            if x.device.type == "cuda" or x.dtype == torch.float32:
                 return F.linear(x, self.qweight.to(x.dtype)) * self.scales
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         if x.device.type == "cuda":
