@@ -1,7 +1,8 @@
 """Quantized projections: the integer codes of a weight, and the layouts PyTorch's
 own packed matmuls multiply with.
 
-- int8: one scale per output row (symmetric), `torch.ops.aten._weight_int8pack_mm` on CPU.
+- int8: one scale per output row (symmetric), `torch.ops.aten._weight_int8pack_mm` on CPU
+  (float32 rows, which it multiplies at scalar speed: F.linear on the codes, then the scales).
 - int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
   code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
   `_weight_int4pack_mm` on CUDA (bfloat16 only).
