@@ -52,7 +52,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads libgomp
 import torch  # noqa: E402
 
-KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+             "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -197,8 +197,8 @@ def quantize_blocks(blocks: list, method: str, group_size: int) -> QuantizedWeig
 @functools.cache  # once per process, not per layer
 def _warn_int4_on_float32_rows() -> None:
     logger.warning("quantization='int4' with dtype=float32 on CPU runs PyTorch's int4 op on float32 rows, 35-60x "
-                   "slower than on bfloat16 rows (a [3072, 576] weight on a Xeon without AVX512-BF16): dtype='bfloat16' "
-                   "runs it (or our int4 kernels) on bfloat16 rows")
+                   "slower than on bfloat16 rows (a [3072, 576] weight on a Xeon without AVX512-BF16): "
+                   "dtype='bfloat16' runs it (or our int4 kernels) on bfloat16 rows")
 
 
 class PackedQuantizedWeight(torch.nn.Module):

@@ -415,12 +415,6 @@ inline float lane_scale(const C* row, int64_t dim) {
   }
 }
 
-// Bytes of one KV head's row in a cache of C: head_dim codes and their scale, or head_dim floats.
-template <typename C>
-constexpr int64_t row_bytes(int64_t dim) {
-  return std::is_same_v<C, float> ? dim * static_cast<int64_t>(sizeof(float)) : dim + kScaleBytes;
-}
-
 // One cache row -> dim float32 values.
 template <typename C>
 inline void load_row(float* dst, const C* src, int64_t dim) {
@@ -1307,10 +1301,12 @@ inline void code_scores_rows(float* scores, int64_t ld, const float* q, const C*
 // waits for them, 15% of this function when it did) and after their prefetch (during the pass
 // before, the last head's part a head's products before): a pass over the whole tile's scales
 // before the loop read every key's first line from memory one at a time (65% of this function at
-// batch 64 and 512 tokens of an int8 cache).
+// batch 64 and 512 tokens of an int8 cache). row_bytes: one KV head's row in the cache (codes and
+// scale, or floats), so a token's rows of the unit's heads span heads x row_bytes.
 template <typename C>
 void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, int64_t heads, const C* const* keys,
-                 const C* const* values, const C* zeros, int64_t n, int64_t dim, float* key_scales) {
+                 const C* const* values, const C* zeros, int64_t n, int64_t dim, int64_t row_bytes,
+                 float* key_scales) {
   const auto find_scales = [&](int64_t j0) {  // keys [j0, j0 + 16)'s scales, 0 from n on
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t j = j0; j < j0 + 16; ++j) {
@@ -1318,7 +1314,7 @@ void code_scores(float* scores, int64_t ld, const float* q, int64_t head_rows, i
       }
     }
   };
-  const int64_t span = heads * row_bytes<C>(dim);
+  const int64_t span = heads * row_bytes;
   prefetch_keys_and_values(keys, values, 0, std::min(kL2KeysAhead, n), span);
   find_scales(0);
   for (int64_t j = 0; j < n; j += 16) {
@@ -1405,7 +1401,7 @@ void attend_codes(const AttentionArgs<T, C>& a, const Unit& u, int64_t k_begin, 
     const int64_t n = std::min(kKeyTile, k_end - k0);
     find_unit_rows(key_rows.data(), value_rows.data(), a, u, table, k0, n);
     code_scores(scores, kKeyTile, b.q.data(), head_rows, u.kv_heads, key_rows.data(), value_rows.data(), zeros, n,
-                dim, key_scales);
+                dim, a.cache_row * static_cast<int64_t>(sizeof(C)), key_scales);
     if (a.soft_cap > 0.0f) {
       for (int64_t r = 0; r < rows; ++r) soft_cap_scores(scores + r * kKeyTile, n, a.soft_cap, 1.0f);
     }
