@@ -1,7 +1,8 @@
 """decoder_layer: a Llama-shaped decoder layer at decode batch sizes as one op (kernels/csrc/
 step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
 projection through Linear.project), bit for bit, for every projection layout that names one op
-(Linear.kernel_call: bfloat16 strips, float32 strips, int4 and int8 codes, w8a8) and for a plain op by name (aten::linear,
+(Linear.kernel_call: bfloat16 strips, float32 strips, int4 and int8 codes, w8a8 on bfloat16 and on float32 rows) and for a
+plain op by name (aten::linear,
 which every CPU runs); a DecoderStack against its layers' ops; then whole engines with the layers as
 one stack, one op each and on their Python path (seed printed; KERNEL_TEST_SEED=<n> replays it)."""
 
@@ -21,8 +22,8 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
 
 def projections(gen, layout: str) -> list[Linear]:
     """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "f32 strips" (float32),
-    "int4", "int8" or "w8a8" (their vector loops), or "plain" (a bfloat16 weight that aten::linear
-    multiplies), with biases where the layout's one op takes them."""
+    "int4", "int8" or "w8a8" (their vector loops), "f32 w8a8" (w8a8 in a float32 layer), or "plain"
+    (a bfloat16 weight that aten::linear multiplies), with biases where the layout's one op takes them."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
               (INTERMEDIATE, HIDDEN)]
     out = []
@@ -34,14 +35,14 @@ def projections(gen, layout: str) -> list[Linear]:
             if bias:
                 linear.bias.copy_(torch.randn(n, generator=gen))
         if layout != "plain":
-            method = None if layout.endswith("strips") else layout
-            assert linear.finalize(method, 32, pack=True) == ("strips" if method is None else layout)
+            method = None if layout.endswith("strips") else layout.removeprefix("f32 ")
+            assert linear.finalize(method, 32, pack=True) == ("strips" if method is None else method)
         out.append(linear)
     return out
 
 
 def layout_dtype(layout: str) -> torch.dtype:
-    return torch.float32 if layout == "f32 strips" else torch.bfloat16
+    return torch.float32 if layout.startswith("f32 ") else torch.bfloat16
 
 
 def kernel_calls(linears: list[Linear], rows: int, layout: str):
@@ -50,7 +51,7 @@ def kernel_calls(linears: list[Linear], rows: int, layout: str):
     return [m.kernel_call(rows) for m in linears]
 
 
-LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8"]
+LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8", "f32 w8a8"]
 
 
 def layout_available(layout: str) -> bool:
@@ -61,8 +62,9 @@ def layout_available(layout: str) -> bool:
     if layout in ("int4", "int8"):
         ops = vector_kernels()
         return ops is not None and not ops.amx_bf16_supported() and (layout == "int4" or ops.avx512_vnni_supported())
-    if layout == "w8a8":  # w8a8_mm_vnni (AMX runs w8a8_mm_amx, which names no op for the layer)
-        return w8a8_kernels() is not None and not w8a8_kernels().amx_bf16_supported()
+    if layout in ("w8a8", "f32 w8a8"):  # w8a8_mm_vnni (AMX runs w8a8_mm_amx, which names no op for the layer)
+        ops = w8a8_kernels()  # bfloat16 rows where the CPU has AVX512-BF16, float32 rows on any
+        return ops is not None and not ops.amx_bf16_supported() and (layout == "f32 w8a8" or ops.avx512_vnni_supported())
     return True
 
 
@@ -215,7 +217,7 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
 
 
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
-                ("Qwen2Config", "int4", {}, "auto"), ("LlamaConfig", "w8a8", {}, "auto"),
+                ("Qwen2Config", "int4", {}, "auto"), ("LlamaConfig", "w8a8", {}, "auto"), ("LlamaConfig", "f32 w8a8", {}, "auto"),
                 ("MistralConfig", "none", dict(sliding_window=4), "auto"),
                 ("LlamaConfig", "none", {}, "int8")]
 
@@ -223,6 +225,7 @@ ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {},
 @pytest.mark.parametrize("family,quantization,overrides,kv_cache_dtype", ENGINE_CASES, ids=str)
 def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, family, quantization, overrides,
                                                                      kv_cache_dtype):
+    """A bfloat16 engine, or a float32 one where the quantization says "f32 ..."."""
     from engine import LLM, SamplingParams
     from engine.models.llama import LlamaDecoderLayer
     from tests.model_factories import make_tiny_checkpoint
@@ -230,8 +233,9 @@ def test_an_engine_decodes_the_same_with_its_layers_as_one_op_and_not(tmp_path, 
     if not layout_available("strips" if quantization == "none" else quantization):
         pytest.skip("no vector kernels for this layout here: the layers run their Python path")
     path = make_tiny_checkpoint(tmp_path, family, **overrides)
-    llm = LLM(str(path), dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_num_seqs=8,
-              kv_cache_dtype=kv_cache_dtype)
+    dtype = layout_dtype(quantization)
+    llm = LLM(str(path), dtype=str(dtype).removeprefix("torch."), quantization=quantization.removeprefix("f32 "),
+              num_kv_blocks=64, max_num_seqs=8, kv_cache_dtype=kv_cache_dtype)
     prompts = ["Hello, my name is", "The history of the city goes back", "def add(a, b):"]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     model = llm.engine.runner.model_runner.model

@@ -354,6 +354,13 @@ def test_a_bfloat16_layer_takes_the_amx_kernel_from_its_row_threshold_on_two_thr
 needs_w8a8 = pytest.mark.skipif(w8a8_kernels() is None, reason="w8a8 needs AMX-INT8 or AVX512-VNNI")
 
 
+def w8a8_vnni_takes(dtype: torch.dtype) -> None:
+    """Skip unless w8a8_mm_vnni runs rows of `dtype` here: float32 on any AVX512-VNNI CPU, bfloat16
+    where it has AVX512-BF16 too."""
+    if dtype == torch.bfloat16 and not w8a8_kernels().avx512_vnni_supported():
+        pytest.skip("w8a8_mm_vnni takes bfloat16 rows on CPUs with AVX512-BF16 only")
+
+
 def test_the_w8a8_rotation_is_the_block_hadamard_matrix_and_its_own_inverse():
     """rotate(t, B) = t R, R block-diagonal with the normalized Sylvester Hadamard matrix of B
     columns per block (built here by Kronecker products, not by the transform under test)."""
@@ -388,14 +395,16 @@ def test_a_rotated_weight_dequantizes_to_the_weight_and_is_not_split_by_columns(
 
 
 @needs_w8a8
-def test_the_w8a8_kernel_refuses_a_rotation_block_that_does_not_tile_the_input():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_w8a8_kernel_refuses_a_rotation_block_that_does_not_tile_the_input(dtype):
+    w8a8_vnni_takes(dtype)
     q = quantize(torch.randn(64, 96), "w8a8", 32)
-    packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
+    packed = PackedQuantizedWeight(q, dtype, torch.device("cpu"), int8_activations=True)
     assert packed.rotation == 32
     ops = w8a8_kernels()
     for matmul in [ops.w8a8_mm_vnni] if not packed.amx else [ops.w8a8_mm_amx, ops.w8a8_mm_vnni]:
         with pytest.raises(RuntimeError, match="rotation_block"):
-            matmul(torch.randn(2, 96).bfloat16(), packed.qweight, packed.scales, 64, 64)
+            matmul(torch.randn(2, 96).to(packed.rows_dtype), packed.qweight, packed.scales, 64, 64)
 
 
 def w8a8_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
@@ -407,27 +416,40 @@ def w8a8_reference(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 
 @needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cols,rotation", [(576, 64), (1536, 512), (388, 0)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 257])
-def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(rows, cols, rotation):
+def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(rows, cols, rotation, dtype):
     """100 outputs (a partial 64-column tile); 576 and 1536 input columns (the default model's)
     rotated in blocks of 64 and 512, 388 (4 x 97: no block, and not a multiple of 16: the input's
     quantization runs a masked tail) unrotated. Every input row has an outlier channel, as a
     small model's do. Reference: w8a8_reference in float32; and the float product, which the
-    rotation brings within twice int8 weight-only's distance (unrotated: 3-7x farther, measured)."""
+    rotation brings within twice int8 weight-only's distance (unrotated: 3-7x farther, measured).
+    A float32 layer: its rows straight into w8a8_mm_vnni and float32 out (AMX: cast to bfloat16
+    and back), within float32 rounding of the reference where no bfloat16 rounding is between."""
     gen = torch.Generator().manual_seed(rows + cols)
     weight = torch.randn(100, cols, generator=gen).bfloat16()
-    layer = quantized_layer("w8a8", 32, weight, dtype=torch.bfloat16)
+    layer = quantized_layer("w8a8", 32, weight, dtype=dtype)
     assert layer.quantized.rotation == rotation
     q = quantize(weight, "w8a8", 32)
     x = torch.randn(rows, cols, generator=gen)
     x[:, 5] *= 50
-    x = x.bfloat16()
+    x = x.to(dtype)
     with torch.inference_mode():
         out = layer(x)
-    assert out.shape == (rows, 100) and out.dtype == torch.bfloat16
+    assert out.shape == (rows, 100) and out.dtype == dtype
+    assert layer.quantized.vector == (not layer.quantized.amx and layer.quantized.rows_dtype == dtype)
     expected = w8a8_reference(x, q)
-    assert (out.float() - expected).norm() / expected.norm() < 3e-3  # the sum's order, bfloat16 output
+    # bfloat16 rows or outputs: the sum's order and the bfloat16 rounding (measured 1.6-1.9e-3).
+    # float32 rows and outputs: the sums exact in int32, so only float32 rounding (measured 5e-8 to
+    # 1.2e-7), except where a rotated value sits on a rounding tie: the kernel's butterflies and
+    # torch's rotate round it apart by an ulp, and its code may round the other way (one such code
+    # ~7e-5 here; 1-2 of 257 x 576 and 257 x 1536 measured, none at 64 rows or unrotated).
+    if torch.bfloat16 in (dtype, layer.quantized.rows_dtype):
+        bound = 3e-3
+    else:
+        bound = 3e-4 if rotation else 1e-6
+    assert (out.float() - expected).norm() / expected.norm() < bound
     full = x.float() @ weight.float().t()
     error = (out.float() - full).norm() / full.norm()
     weight_only = (x.float() @ quantize_int8(weight).dequantize().t() - full).norm() / full.norm()
@@ -441,26 +463,29 @@ def test_w8a8_matmul_equals_its_rotated_per_row_quantized_input_times_its_codes(
 
 
 @needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows,cols,outputs", [(1, 320, 200), (2, 320, 250), (3, 320, 200), (4, 320, 200), (5, 320, 200),
                                                (6, 320, 200), (7, 100, 220), (64, 320, 220), (300, 100, 200)], ids=str)
-def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and_codes(rows, cols, outputs, threads):
+def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and_codes(rows, cols, outputs, threads, dtype):
     """w8a8_mm_vnni unrotated, every step redone in torch: each row rounded to int8 (scale max |x| /
     127 in float32, round half to even), the int32 product with the weight's codes (exact here in
     int64; the kernel biases the row's bytes by 128 for VNNI's unsigned x signed products and
     subtracts 128 x each column's code sum), times column scale x row scale in float32, rounded to
-    bfloat16: equal bit for bit, on one thread and on two (each its own units and their sums).
+    the rows' dtype (bfloat16, or float32 as it is): equal bit for bit, on one thread and on two
+    (each its own units and their sums).
     Rows 1-2 take 64-column units (each a register block), 3-6 and more 32-column ones, 7 a block
     and a tail, 300 two chunks of 256; 100 inputs end in a masked part of 16; 200 outputs end in a
     unit of 8 columns, 220 in one of 28 (two vectors, the second masked), 250 (2 rows) in a 64-column
     unit of 58 (four vectors). A row of zeros comes out zero, a row holding a NaN all NaN."""
+    w8a8_vnni_takes(dtype)
     gen = torch.Generator().manual_seed(rows + cols)
     weight = torch.randn(outputs, cols, generator=gen)
     q = quantize_int8(weight)
-    packed = PackedQuantizedWeight(q, torch.bfloat16, torch.device("cpu"), int8_activations=True)
+    packed = PackedQuantizedWeight(q, dtype, torch.device("cpu"), int8_activations=True)
     x = torch.randn(rows, cols, generator=gen) * 3
     x[:, 7] *= 40
-    x = x.bfloat16()
+    x = x.to(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -477,9 +502,9 @@ def test_w8a8_vnni_outputs_are_the_exact_integer_product_of_the_rounded_rows_and
     codes = torch.round(x.float() * (1 / row_scale))
     assert codes.abs().max() == 127
     sums = (codes.long() @ q.codes.long().t()).int().float()
-    expected = (sums * (packed.scales[:outputs].reshape(1, -1) * row_scale)).bfloat16()
-    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
-    if packed.amx:
+    expected = (sums * (packed.scales[:outputs].reshape(1, -1) * row_scale)).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    if packed.amx and dtype == torch.bfloat16:
         assert torch.equal(w8a8_kernels().w8a8_mm_amx(x, packed.qweight, packed.scales, outputs, 0), out)
 
 
@@ -497,6 +522,8 @@ def test_w8a8_layers_hold_only_int8_codes_and_take_float32_inputs(tiny_path):
     layers = [m for m in modules if isinstance(m, Linear) and not isinstance(m, ParallelLMHead) and m.quantized is not None]
     assert layers and all(m.weight is None and m.quantized.w8a8 and m.quantized.qweight.dtype == torch.int8 for m in layers)
     assert all(m.quantized.rotation == hadamard_block(m.quantized.in_features) > 0 for m in layers)  # rotated
+    # Without AMX the float32 rows go straight into w8a8_mm_vnni (one op: decoder_layer's), no casts.
+    assert all(m.quantized.vector == (not m.quantized.amx) for m in layers)
     # The LM head too (embedding_quantization int8): rounding its rotated input to int8 measured
     # closer to float32 than int8 weight-only rows on the default model (test_default_model.py).
     (head,) = [m for m in modules if isinstance(m, ParallelLMHead)]

@@ -148,14 +148,16 @@ def test_under_w8a8_the_tied_table_is_int8_of_its_rotated_rows_and_a_lookup_rota
 
 
 @needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tied", [True, False])
-def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(tied):
+def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(tied, dtype):
     """Tied or not, an int8 head under w8a8 projections is a w8a8 matmul of the rotated codes:
-    bfloat16 logits equal to w8a8_mm's on the same codes, within 2% of the float head's."""
+    logits equal to w8a8_mm's on the same codes (on the rows its kernel takes here: bfloat16 or
+    float32), within 2% of the float head's."""
     gen = torch.Generator().manual_seed(4)
-    weight = torch.randn(1000, 192, generator=gen).bfloat16()
-    embedding = VocabParallelEmbedding(1000, 192, parallel=None).bfloat16()
-    head = ParallelLMHead(embedding, tied=tied).bfloat16()
+    weight = torch.randn(1000, 192, generator=gen).to(dtype)
+    embedding = VocabParallelEmbedding(1000, 192, parallel=None).to(dtype)
+    head = ParallelLMHead(embedding, tied=tied).to(dtype)
     head.retie()
     with torch.no_grad():
         embedding.load_rows(embedding.weight, weight)
@@ -165,12 +167,12 @@ def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(t
     assert head.finalize("int8", 32, False, "w8a8") == ("tied w8a8" if tied else "w8a8")
     q = head.quantized
     assert q.w8a8 and q.rotation == 64 and (q is embedding.quantized) == tied
-    x = torch.randn(7, 192, generator=gen).bfloat16()
+    x = torch.randn(7, 192, generator=gen).to(dtype)
     with torch.inference_mode():
         logits = head(x)
     ops = w8a8_kernels()
     matmul = ops.w8a8_mm_amx if q.amx else ops.w8a8_mm_vnni
-    assert torch.equal(logits, matmul(x, q.qweight, q.scales, 1000, 64))
+    assert logits.dtype == dtype and torch.equal(logits, matmul(x.to(q.rows_dtype), q.qweight, q.scales, 1000, 64).to(dtype))
     float_logits = x.float() @ weight.float().t()
     assert (logits.float() - float_logits).norm() / float_logits.norm() < 0.02
 

@@ -19,9 +19,11 @@ own packed matmuls multiply with.
   row), times the input quantized per row to int8 on every call (max |x| / 127), int32 sums
   scaled back: nothing is converted per weight, 0.3-0.6x bfloat16's time at 1-64 rows on AMX.
   Without AMX, AVX512-VNNI's byte products (w8a8_mm_vnni, the same sums and outputs) make twice
-  AVX512-BF16's products per instruction. Both sides are rotated by the same
-  block Hadamard matrix first (engine/layers/rotation.py: the weight at load, the input in the
-  kernel), which cuts the activations' rounding error about 3x (README, "Weight quantization").
+  AVX512-BF16's products per instruction; it takes a float32 model's rows as they are, so CPUs
+  without AVX512-BF16 (Cascade Lake, Ice Lake) run it too, at four times float32's products per
+  instruction. Both sides are rotated by the same block Hadamard matrix first
+  (engine/layers/rotation.py: the weight at load, the input in the kernel), which cuts the
+  activations' rounding error about 3x (README, "Weight quantization").
 - CPUs with AVX512-BF16 but no AMX (Zen 4/5, cloud VMs that hide it) take quant_ops.cpp's vector
   loops instead of the tile loops, on the same layouts (int8: AMX-INT8's where there is
   AVX512-VNNI). Which kernel runs at which row count: engine/layers/quant_kernels.py.
@@ -43,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATION_GROUP_SIZES
-from engine.layers.quant_kernels import (INT8_MAX_INPUTS, amx_kernels, int4_matmul, int8_matmul, vector_kernels,
-                                         w8a8_kernels)
+from engine.layers.quant_kernels import (INT8_MAX_INPUTS, amx_kernels, avx512_kernels, int4_matmul, int8_matmul,
+                                         vector_kernels, w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
 
 logger = logging.getLogger(__name__)
@@ -256,13 +258,16 @@ class PackedQuantizedWeight(torch.nn.Module):
         of 64 outputs side by side; AVX512-VNNI's byte products read the same), zero rows padding
         N to 64; float32 scales."""
         ops = w8a8_kernels() if device.type == "cpu" else None
-        self.amx = ops is not None and ops.amx_bf16_supported()
-        # vector: the forward is w8a8_mm_vnni on the rows as they come (a bfloat16 model's), one op
-        # that kernels/csrc/step_ops.cpp's decoder_layer can call; a float32 model's are cast first.
-        self.vector = ops is not None and not self.amx and dtype == torch.bfloat16
         if ops is None:
-            raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 or AVX512-VNNI (and AVX512-BF16) and the C++ "
-                             "kernels (kernels/cpu_ops.py); this machine has neither: use 'int8' or 'int4'")
+            raise ValueError("quantization='w8a8' needs a CPU with AMX-INT8 or AVX512-VNNI and the C++ kernels "
+                             "(kernels/cpu_ops.py); this machine has neither: use 'int8' or 'int4'")
+        self.amx = ops.amx_bf16_supported()
+        # The rows the kernel takes: AMX's bfloat16; w8a8_mm_vnni's float32 (any VNNI CPU) or
+        # bfloat16 (with AVX512-BF16). vector: the model's own rows, so the forward is that one op,
+        # which kernels/csrc/step_ops.cpp's decoder_layer can call; other rows are cast.
+        takes_bfloat16 = self.amx or (dtype == torch.bfloat16 and ops.avx512_vnni_supported())
+        self.rows_dtype = torch.bfloat16 if takes_bfloat16 else torch.float32
+        self.vector = not self.amx and self.rows_dtype == dtype
         if self.in_features > INT8_MAX_INPUTS:  # the kernels' int32 sums would wrap
             raise ValueError(f"quantization='w8a8' takes projections of at most {INT8_MAX_INPUTS} inputs, this one has "
                              f"{self.in_features}: use 'int8' or 'int4'")
@@ -297,17 +302,17 @@ class PackedQuantizedWeight(torch.nn.Module):
             # (a reshape that changes nothing is still an op); w8a8: float32 rows (its scales'),
             # rotated back in the op
             flat = index if index.dim() == 1 else index.reshape(-1)
-            rows = vector_kernels().int8_quad_rows(self.qweight, self.scales, flat, self.in_features,
+            rows = avx512_kernels().int8_quad_rows(self.qweight, self.scales, flat, self.in_features,
                                                    self.rotation if self.w8a8 else 0)
             rows = rows.to(self.dtype) if self.w8a8 else rows
             return rows if index.dim() == 1 else rows.view(*index.shape, self.in_features)
         return self.int8_rows(index).to(self.scales.dtype) * self.scales[index, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w8a8:  # activations are rounded to 8 bits anyway: bfloat16 in, x's dtype out
+        if self.w8a8:  # activations are rounded to 8 bits anyway: rows_dtype in, x's dtype out
             ops = w8a8_kernels()
             matmul = ops.w8a8_mm_amx if self.amx else ops.w8a8_mm_vnni
-            y = matmul(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales, self.out_features, self.rotation)
+            y = matmul(x.to(self.rows_dtype).contiguous(), self.qweight, self.scales, self.out_features, self.rotation)
             return y.to(x.dtype)
         if self.bits == 8 and (self.amx or self.vector):  # its own layout: every row count runs in quant_ops.cpp
             # A decode step's LM head: 2-D bfloat16 rows as they come, without the reshape and casts

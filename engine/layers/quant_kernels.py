@@ -118,13 +118,16 @@ def vector_int8_loops():
 
 @functools.cache
 def w8a8_kernels():
-    """torch.ops.bento_llm where a w8a8 matmul can run (w8a8_mm_amx on AMX-INT8, else w8a8_mm_vnni
-    on AVX512-VNNI), else None (also for AMX-BF16 without AMX-INT8, which no CPU has)."""
-    ops = vector_kernels()
+    """torch.ops.bento_llm where a w8a8 matmul can run: w8a8_mm_amx on AMX-INT8, else w8a8_mm_vnni on
+    AVX512-VNNI (bfloat16 rows where the CPU has AVX512-BF16, float32 rows on any: Cascade Lake and
+    Ice Lake too, ops.w8a8_vnni_supported()); else None (also for AMX-BF16 without AMX-INT8, which
+    no CPU has)."""
+    ops = avx512_kernels()
     if ops is None:
         return None
-    amx = ops.amx_bf16_supported() and ops.amx_int8_supported()
-    return ops if amx or (not ops.amx_bf16_supported() and ops.avx512_vnni_supported()) else None
+    if ops.amx_bf16_supported():
+        return ops if ops.amx_int8_supported() else None
+    return ops if ops.w8a8_vnni_supported() else None
 
 
 @functools.cache
@@ -206,7 +209,7 @@ def quantized_kernel_call(weight, rows: int) -> tuple[str, list, list[int]] | No
     if not weight.vector:
         return None
     if weight.w8a8:
-        return (vector_kernels().w8a8_mm_vnni._qualified_op_name, [weight.qweight, weight.scales],
+        return (w8a8_kernels().w8a8_mm_vnni._qualified_op_name, [weight.qweight, weight.scales],
                 [weight.out_features, weight.rotation])
     if weight.bits == 8:
         return vector_int8_op(rows)._qualified_op_name, [weight.qweight, weight.scales], [weight.out_features]

@@ -97,6 +97,11 @@ constexpr int64_t kGroupBytes = 2 << 20;  // converted blocks a thread keeps at 
 
 #define BENTO_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
 #define BENTO_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+// AVX-512 without AVX512-BF16 or VBMI (Skylake-SP on): loading bfloat16 values (a shift) and
+// w8a8's row rounding. BENTO_AVX512_INT8 adds AVX512-VNNI (Cascade Lake, Ice Lake on): w8a8_mm_vnni's
+// byte products, which take float32 rows on CPUs without AVX512-BF16.
+#define BENTO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define BENTO_AVX512_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 // Byte j of two 32-byte rows side by side (out bytes 2j, 2j + 1: the first row's byte j, the
 // second's), in the order int4_block_rows unpacks them: 128-bit lane L holds the pairs of
@@ -207,12 +212,15 @@ BENTO_AVX512_BF16 inline void dequantize_int4_halves(const uint8_t* codes, const
 }
 
 // 16 bfloat16 values (masked) as floats.
-BENTO_AVX512_BF16 inline __m512 load_bfloat16(const uint16_t* p, __mmask16 mask) {
+BENTO_AVX512 inline __m512 load_bfloat16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
-BENTO_AVX512_BF16 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 mask) {
+BENTO_AVX512 inline __m512 load_bfloat16(const c10::BFloat16* p, __mmask16 mask) {
   return load_bfloat16(reinterpret_cast<const uint16_t*>(p), mask);
 }
+// 16 input values (masked) as floats: bfloat16 bits or float32 (w8a8's rows come in either).
+BENTO_AVX512 inline __m512 load_floats(const uint16_t* p, __mmask16 mask) { return load_bfloat16(p, mask); }
+BENTO_AVX512 inline __m512 load_floats(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 
 // fn(b, columns) for each 64-column block b of out_features (the last may be narrower), the
 // blocks split over the threads; `weight`: the codes the blocks read, for the pool's read-ahead
@@ -817,15 +825,16 @@ void check_int8_input(const at::Tensor& x, int64_t k_padded) {
               k_padded, " (padded to 64)");
 }
 
-// max |x| over a row of K bfloat16 values: the per-row scale of int8's and w8a8's input rounding.
-// NaN when the row holds a NaN (vmaxps drops NaN operands: without the flag a NaN input would
-// come out as finite outputs, where a bfloat16 weight's product passes it on).
-BENTO_AVX512_BF16 float max_abs(const uint16_t* in, int64_t k_total) {
+// max |x| over a row of K bfloat16 (or float32: T) values: the per-row scale of int8's and w8a8's
+// input rounding. NaN when the row holds a NaN (vmaxps drops NaN operands: without the flag a NaN
+// input would come out as finite outputs, where a bfloat16 weight's product passes it on).
+template <typename T>
+BENTO_AVX512 float max_abs(const T* in, int64_t k_total) {
   __m512 max = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    const __m512 v = load_bfloat16(in + k, mask);
+    const __m512 v = load_floats(in + k, mask);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     max = _mm512_max_ps(max, _mm512_abs_ps(v));
   }
@@ -1417,18 +1426,19 @@ at::Tensor int8_mm_dpbf16(const at::Tensor& x, const at::Tensor& packed, const a
   });
 }
 
-// One row of K bfloat16 values as int8 codes with one float32 scale (max |x| / 127, symmetric;
-// codes rounded to nearest even). A function of its own, not the parallel_for lambda's body: a
-// lambda does not inherit its enclosing function's target attribute, so AVX-512 intrinsics in it
-// fail to compile in an AVX2 build of this file.
-BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t* codes, float* scale_out, bool biased) {
+// One row of K bfloat16 (or float32: T) values as int8 codes with one float32 scale (max |x| / 127,
+// symmetric; codes rounded to nearest even). A function of its own, not the parallel_for lambda's
+// body: a lambda does not inherit its enclosing function's target attribute, so AVX-512
+// intrinsics in it fail to compile in an AVX2 build of this file.
+template <typename T>
+BENTO_AVX512 void quantize_row(const T* in, int64_t k_total, int8_t* codes, float* scale_out, bool biased) {
   const float scale = input_scale(max_abs(in, k_total), 127.0f);
   *scale_out = scale;
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
   const __m128i bias = _mm_set1_epi8(biased ? -128 : 0);
   for (int64_t k = 0; k < k_total; k += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, k_total - k)) - 1);
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bfloat16(in + k, mask), inverse));  // round to nearest even
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_floats(in + k, mask), inverse));  // round to nearest even
     _mm_mask_storeu_epi8(codes + k, mask, _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
   }
 }
@@ -1436,24 +1446,24 @@ BENTO_AVX512_BF16 void quantize_row(const uint16_t* in, int64_t k_total, int8_t*
 // One butterfly stage of the Walsh-Hadamard transform inside a vector: lanes i and i ^ h
 // (partner, h < 16) become x_i + x_(i^h) where bit h of i is clear (sign +1) and x_(i^h) - x_i
 // where it is set (sign -1): one fused multiply-add.
-BENTO_AVX512_BF16 inline __m512 butterfly(__m512 x, __m512 partner, __mmask16 high_lanes) {
+BENTO_AVX512 inline __m512 butterfly(__m512 x, __m512 partner, __mmask16 high_lanes) {
   return _mm512_fmadd_ps(x, _mm512_mask_blend_ps(high_lanes, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)), partner);
 }
 
-// Row `in` [K] widened to float32 into `work` (64-byte aligned) and multiplied there by the
+// Row `in` [K] (bfloat16 or float32: T) as float32 into `work` (64-byte aligned) and multiplied there by the
 // unnormalized Hadamard matrix of `block` columns, block by block (block: a power of two >= 16
 // dividing K, Span the vectors of min(block, 256) columns); returns the result's max |value|.
 // The transform's log2(block) butterfly passes run on Span vectors at a time in registers (the
 // first four between lanes of one vector, the next between vectors), the rest between vectors
 // in `work`, which stays in L1: two or three passes over the row in all, not log2(block).
-template <int Span>
-BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_t block, float* work) {
+template <int Span, typename T>
+BENTO_AVX512 float hadamard_row(const T* in, int64_t k_total, int64_t block, float* work) {
   const bool in_registers = block == 16 * Span;
   __m512 max = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_total; k += 16 * Span) {
     __m512 v[Span];
     for (int c = 0; c < Span; ++c) {
-      __m512 x = load_bfloat16(in + k + 16 * c, 0xFFFF);
+      __m512 x = load_floats(in + k + 16 * c, 0xFFFF);
       x = butterfly(x, _mm512_permute_ps(x, 0xB1), 0xAAAA);        // h = 1: swap neighbours
       x = butterfly(x, _mm512_permute_ps(x, 0x4E), 0xCCCC);        // h = 2: swap pairs
       x = butterfly(x, _mm512_shuffle_f32x4(x, x, 0xB1), 0xF0F0);  // h = 4: swap 128-bit quarters
@@ -1491,15 +1501,16 @@ BENTO_AVX512_BF16 float hadamard_row(const uint16_t* in, int64_t k_total, int64_
 // side of y = (x R)(W R)^T; engine/layers/rotation.py rotates the weight at load), in `work`
 // (K float32). The transform is unnormalized (entries +-1): its 1 / sqrt(block) goes into the
 // row's scale.
-BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
-                                            float* scale_out, bool biased) {
+template <typename T>
+BENTO_AVX512 void quantize_rotated_row(const T* in, int64_t k_total, int64_t block, float* work, int8_t* codes,
+                                       float* scale_out, bool biased) {
   float top;
   switch (std::min<int64_t>(block / 16, 16)) {
-    case 1: top = hadamard_row<1>(in, k_total, block, work); break;
-    case 2: top = hadamard_row<2>(in, k_total, block, work); break;
-    case 4: top = hadamard_row<4>(in, k_total, block, work); break;
-    case 8: top = hadamard_row<8>(in, k_total, block, work); break;
-    default: top = hadamard_row<16>(in, k_total, block, work);
+    case 1: top = hadamard_row<1, T>(in, k_total, block, work); break;
+    case 2: top = hadamard_row<2, T>(in, k_total, block, work); break;
+    case 4: top = hadamard_row<4, T>(in, k_total, block, work); break;
+    case 8: top = hadamard_row<8, T>(in, k_total, block, work); break;
+    default: top = hadamard_row<16, T>(in, k_total, block, work);
   }
   const float scale = top > 0.0f ? top / 127.0f : 1.0f;
   *scale_out = scale / std::sqrt(static_cast<float>(block));
@@ -1511,16 +1522,17 @@ BENTO_AVX512_BF16 void quantize_rotated_row(const uint16_t* in, int64_t k_total,
   }
 }
 
-// Each row of x [M, K] as int8 codes with one float32 scale, rotated first where
-// rotation_block > 0 (then K is a multiple of it). K is a multiple of 4. biased: each code stored
+// Each row of x [M, K] (bfloat16 bits or float32: T) as int8 codes with one float32 scale, rotated
+// first where rotation_block > 0 (then K is a multiple of it). K is a multiple of 4. biased: each code stored
 // as the unsigned byte code + 128 (the codes are within +-127, so 1..255), the operand AVX512-VNNI's
 // unsigned x signed byte products take (w8a8_mm_vnni).
-void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
+template <typename T>
+void quantize_rows(const T* x, int64_t lda, int64_t rows, int64_t k_total, int64_t rotation_block, int8_t* codes,
                    float* scales, bool biased) {
   kernel_pool::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     auto work = rotation_block > 0 ? aligned_buffer<float>(k_total) : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      const auto* row = reinterpret_cast<const uint16_t*>(x + r * lda);
+      const T* row = x + r * lda;
       if (rotation_block > 0) {
         quantize_rotated_row(row, k_total, rotation_block, work.get(), codes + r * k_total, scales + r, biased);
       } else {
@@ -1534,7 +1546,7 @@ void quantize_rows(const c10::BFloat16* x, int64_t lda, int64_t rows, int64_t k_
 // with -fassociative-math, which may regroup a chain of products differently in each loop; the
 // empty asm makes the scales' product opaque, so both kernels round the same float32 (the tests
 // redo it in torch bit for bit).
-BENTO_AVX512_BF16 inline __m512 w8a8_value(__m512i sum, __m512 column_scale, float row_scale) {
+BENTO_AVX512 inline __m512 w8a8_value(__m512i sum, __m512 column_scale, float row_scale) {
   __m512 scale = _mm512_mul_ps(column_scale, _mm512_set1_ps(row_scale));
   asm("" : "+v"(scale));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
@@ -1561,10 +1573,16 @@ bool amx_int8_supported() {
   return supported;
 }
 
-// w8a8's operands, as both its kernels (w8a8_mm_amx, w8a8_mm_vnni) take them.
+// w8a8's operands, as both its kernels (w8a8_mm_amx, w8a8_mm_vnni) take them; float_rows: x may be
+// float32 too (w8a8_mm_vnni's).
 void check_w8a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
-                int64_t rotation_block) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+                int64_t rotation_block, bool float_rows = false) {
+  if (float_rows) {
+    TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.stride(1) == 1,
+                "x: a [rows, K] bfloat16 or float32 matrix");
+  } else {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: a [rows, K] bfloat16 matrix");
+  }
   const int64_t k_total = x.size(1), n_padded = k_total > 0 ? packed.numel() / k_total : 0;
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && k_total % 4 == 0 && n_padded % kBlockN == 0 &&
                   packed.numel() == n_padded * k_total && out_features <= n_padded,
@@ -1588,7 +1606,8 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t rows = x.size(0), k_total = x.size(1);
   auto codes = aligned_buffer<int8_t>(rows * k_total);
   auto row_scale = aligned_buffer<float>(rows);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, codes.get(), row_scale.get(), false);
+  quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows, k_total, rotation_block,
+                codes.get(), row_scale.get(), false);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   auto* y = out.data_ptr<c10::BFloat16>();
   const auto* w = packed.data_ptr<int8_t>();
@@ -1612,8 +1631,8 @@ at::Tensor w8a8_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-// w8a8 without AMX-INT8 (CPUs with AVX512-VNNI and AVX512-BF16: Zen 4/5, Xeons whose AMX a VM hides;
-// not Ice Lake or Cascade Lake, which lack AVX512-BF16, as vector_kernels() asks). VNNI's byte
+// w8a8 without AMX-INT8 (CPUs with AVX512-VNNI: Zen 4/5, Xeons whose AMX a VM hides, and Cascade
+// Lake and Ice Lake, which lack AVX512-BF16 and take float32 rows: w8a8_vnni_supported()). VNNI's byte
 // dot product (vpdpbusd) multiplies unsigned by signed bytes, so each input row is quantized
 // biased (quantize_rows: u = code + 128) and the weight's codes stay as they are, w8a8_mm_amx's
 // layout: u . w = x . w + 128 sum(w), and the second term (a column's code sum, taken per call in
@@ -1634,15 +1653,17 @@ constexpr int kW8a8Rows = 6;
 constexpr int kW8a8FewRows = 2;
 
 // R biased input rows (k_total bytes apart) times one unit of 16 C columns (C 64-byte vectors of
-// each 256-byte quad row) -> out[r][j] = bf16((u_r . w_j - bias_j) * (s_w[j] * s_x[r])) for j <
-// columns (w8a8_value, as w8a8_mm_amx's store_scaled). Bias: the unit's bias_j = 128 sum_k w_kj,
-// what the biased input adds, taken in this pass first (one more byte product per code vector,
-// with ones) and stored, else read. next (or null): the next unit's codes, asked into L2 at the
-// offset this pass reads, so that unit's first pass finds them there.
-template <int R, int C, bool Bias>
-BENTO_AVX512_VNNI void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias,
+// each 256-byte quad row) -> out[r][j] = (u_r . w_j - bias_j) * (s_w[j] * s_x[r]) for j < columns
+// (w8a8_value, as w8a8_mm_amx's store_scaled), as Out: float, or bfloat16 (staged as floats and
+// converted by store_block: its vcvtneps2bf16 is AVX512-BF16's, which this loop does not ask of
+// the CPU). Bias: the unit's bias_j = 128 sum_k w_kj, what the biased input adds, taken in this
+// pass first (one more byte product per code vector, with ones) and stored, else read. next (or
+// null): the next unit's codes, asked into L2 at the offset this pass reads, so that unit's first
+// pass finds them there.
+template <int R, int C, bool Bias, typename Out>
+BENTO_AVX512_INT8 void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias,
                                       const int8_t* next, const float* row_scale, const float* column_scale, int64_t columns,
-                                      c10::BFloat16* out, int64_t out_stride) {
+                                      Out* out, int64_t out_stride) {
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc[R][C], sums[C];
   for (int i = 0; i < C; ++i) {
@@ -1667,38 +1688,44 @@ BENTO_AVX512_VNNI void w8a8_unit_rows(const uint8_t* in, int64_t k_total, const 
   if (Bias) {
     for (int i = 0; i < C; ++i) _mm512_storeu_si512(bias + 16 * i, _mm512_slli_epi32(sums[i], 7));
   }
+  constexpr bool to_float = std::is_same_v<Out, float>;
+  [[maybe_unused]] alignas(64) float staged[to_float ? 1 : R][16 * C];
   for (int i = 0; i < C && 16 * i < columns; ++i) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns - 16 * i)) - 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, column_scale + 16 * i);
     const __m512i b = _mm512_loadu_si512(bias + 16 * i);
     for (int r = 0; r < R; ++r) {
       const __m512 v = w8a8_value(_mm512_sub_epi32(acc[r][i], b), s, row_scale[r]);
-      _mm256_mask_storeu_epi16(out + r * out_stride + 16 * i, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      if constexpr (to_float) {
+        _mm512_mask_storeu_ps(out + r * out_stride + 16 * i, mask, v);
+      } else {
+        _mm512_store_ps(&staged[r][16 * i], v);
+      }
     }
   }
+  if constexpr (!to_float) store_block(&staged[0][0], 16 * C, R, columns, out, out_stride);
 }
 
 // w8a8_unit_rows for `rows` (1..MaxRows) rows: the instantiation of that R.
-template <int C, bool Bias, int MaxRows, int R = 1>
+template <int C, bool Bias, int MaxRows, typename Out, int R = 1>
 void w8a8_unit_rows_by(int rows, const uint8_t* in, int64_t k_total, const int8_t* unit, int32_t* bias, const int8_t* next,
-                       const float* row_scale, const float* column_scale, int64_t columns, c10::BFloat16* out,
-                       int64_t out_stride) {
+                       const float* row_scale, const float* column_scale, int64_t columns, Out* out, int64_t out_stride) {
   if constexpr (R < MaxRows) {
     if (rows > R) {
-      return w8a8_unit_rows_by<C, Bias, MaxRows, R + 1>(rows, in, k_total, unit, bias, next, row_scale, column_scale, columns,
-                                                         out, out_stride);
+      return w8a8_unit_rows_by<C, Bias, MaxRows, Out, R + 1>(rows, in, k_total, unit, bias, next, row_scale, column_scale,
+                                                              columns, out, out_stride);
     }
   }
-  w8a8_unit_rows<R, C, Bias>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
+  w8a8_unit_rows<R, C, Bias, Out>(in, k_total, unit, bias, next, row_scale, column_scale, columns, out, out_stride);
 }
 
 // A thread's units of 16 C columns [begin, end) times every biased input row, in chunks of
 // kRowChunk rows (they stay in L2 while the units' codes pass), MaxRows rows a pass. A unit's
 // first pass of a chunk asks the next unit's codes into L2 (the first chunk's also takes the
 // unit's bias); the rest read them from cache.
-template <int C, int MaxRows>
+template <int C, int MaxRows, typename Out>
 void w8a8_units(const uint8_t* in, const float* row_scale, int64_t rows, int64_t k_total, const int8_t* codes,
-                const float* column_scale, int64_t out_features, int64_t begin, int64_t end, c10::BFloat16* y) {
+                const float* column_scale, int64_t out_features, int64_t begin, int64_t end, Out* y) {
   constexpr int64_t width = 16 * C;
   auto bias = aligned_buffer<int32_t>((end - begin) * width);
   const auto unit_codes = [&](int64_t u) { return codes + (u * width / kBlockN) * kBlockN * k_total + (u * width % kBlockN) * 4; };
@@ -1712,39 +1739,61 @@ void w8a8_units(const uint8_t* in, const float* row_scale, int64_t rows, int64_t
       for (int64_t m = m0; m < m1; m += MaxRows) {
         const int r = static_cast<int>(std::min<int64_t>(MaxRows, m1 - m));
         if (m == 0) {
-          w8a8_unit_rows_by<C, true, MaxRows>(r, in + m * k_total, k_total, unit, unit_bias, next, row_scale + m,
-                                              column_scale + n0, columns, y + m * out_features + n0, out_features);
+          w8a8_unit_rows_by<C, true, MaxRows, Out>(r, in + m * k_total, k_total, unit, unit_bias, next, row_scale + m,
+                                                   column_scale + n0, columns, y + m * out_features + n0, out_features);
         } else {
-          w8a8_unit_rows_by<C, false, MaxRows>(r, in + m * k_total, k_total, unit, unit_bias, m == m0 ? next : nullptr,
-                                               row_scale + m, column_scale + n0, columns, y + m * out_features + n0,
-                                               out_features);
+          w8a8_unit_rows_by<C, false, MaxRows, Out>(r, in + m * k_total, k_total, unit, unit_bias, m == m0 ? next : nullptr,
+                                                    row_scale + m, column_scale + n0, columns, y + m * out_features + n0,
+                                                    out_features);
         }
       }
     }
   }
 }
 
-// w8a8_mm_amx's product on AVX512-VNNI, equal to it bit for bit. Threads split 32-column units (so
+// AVX-512 with AVX512-VNNI (Cascade Lake on; no AVX512-BF16 needed): what w8a8_mm_vnni asks of
+// the CPU for float32 rows (bfloat16 rows: avx512_vnni_supported() too, for their conversion).
+bool w8a8_vnni_supported() {
+  static const bool supported = cpu_features::avx512_core() && __builtin_cpu_supports("avx512vnni");
+  return supported;
+}
+
+// w8a8_mm_amx's product on AVX512-VNNI, equal to it bit for bit on bfloat16 rows; float32 rows (a
+// float32 model's) come out in float32, the same sums unrounded. Threads split 32-column units (so
 // the default model's 576-column projections split 9/9, not by 64-column blocks 5/4), or, up to
 // kW8a8FewRows rows, 64-column blocks.
 at::Tensor w8a8_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
                         int64_t rotation_block) {
-  TORCH_CHECK(avx512_bf16_supported() && avx512_vnni_supported(), "w8a8_mm_vnni needs a CPU with AVX512-VNNI and AVX512-BF16");
-  check_w8a8(x, packed, scales, out_features, rotation_block);
+  check_w8a8(x, packed, scales, out_features, rotation_block, true);
+  const bool float_rows = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(float_rows ? w8a8_vnni_supported() : avx512_vnni_supported(),
+              float_rows ? "w8a8_mm_vnni needs a CPU with AVX512-VNNI"
+                         : "w8a8_mm_vnni on bfloat16 rows needs a CPU with AVX512-VNNI and AVX512-BF16 (float32 rows: AVX512-VNNI)");
   const int64_t rows = x.size(0), k_total = x.size(1);
   // The biased rows, then their scales (rows * K is a multiple of 4 bytes), in the calling
   // thread's block_buffer: no allocation or page faults per call, as int8's SplitInput.
   auto* in = reinterpret_cast<uint8_t*>(block_buffer((rows * k_total + rows * static_cast<int64_t>(sizeof(float)) + 1) / 2));
   auto* row_scale = reinterpret_cast<float*>(in + rows * k_total);
-  quantize_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), rows, k_total, rotation_block, reinterpret_cast<int8_t*>(in), row_scale,
-                true);
+  auto* codes = reinterpret_cast<int8_t*>(in);
+  if (float_rows) {
+    quantize_rows(x.data_ptr<float>(), x.stride(0), rows, k_total, rotation_block, codes, row_scale, true);
+  } else {
+    quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), x.stride(0), rows, k_total, rotation_block,
+                  codes, row_scale, true);
+  }
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const bool few = rows <= kW8a8FewRows;
   const int64_t width = few ? kBlockN : kBlockN / 2, units = (out_features + width - 1) / width;
   kernel_pool::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    const auto units_of = few ? w8a8_units<4, kW8a8FewRows> : w8a8_units<2, kW8a8Rows>;
-    units_of(in, row_scale, rows, k_total, packed.data_ptr<int8_t>(), scales.data_ptr<float>(), out_features, begin, end,
-             out.data_ptr<c10::BFloat16>());
+    const int8_t* w = packed.data_ptr<int8_t>();
+    const float* column_scale = scales.data_ptr<float>();
+    if (float_rows) {
+      const auto units_of = few ? w8a8_units<4, kW8a8FewRows, float> : w8a8_units<2, kW8a8Rows, float>;
+      units_of(in, row_scale, rows, k_total, w, column_scale, out_features, begin, end, out.data_ptr<float>());
+    } else {
+      const auto units_of = few ? w8a8_units<4, kW8a8FewRows, c10::BFloat16> : w8a8_units<2, kW8a8Rows, c10::BFloat16>;
+      units_of(in, row_scale, rows, k_total, w, column_scale, out_features, begin, end, out.data_ptr<c10::BFloat16>());
+    }
   }, {packed.data_ptr(), packed.numel()});
   return out;
 }
@@ -1767,6 +1816,7 @@ TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
   m.def("avx512_bf16_supported() -> bool", &avx512_bf16_supported);
   m.def("avx512_vnni_supported() -> bool", &avx512_vnni_supported);
+  m.def("w8a8_vnni_supported() -> bool", &w8a8_vnni_supported);
   m.def("int4_mm_dpbf16(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int out_features) -> Tensor",
         &int4_mm_dpbf16);
   m.def("int8_mm_dpbusd(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor", &int8_mm_dpbusd);
