@@ -243,7 +243,7 @@ def lm_head_table(model, bandwidth: float, rows_list: list[int], repeats: int) -
     import torch.nn.functional as F
 
     from engine.layers.linear_kernels import avx512_bf16_ops
-    from engine.layers.quant import amx_kernels
+    from engine.layers.quant_kernels import amx_kernels
 
     weight = model.lm_head.weight
     if weight is None or weight.dtype != torch.bfloat16 or not getattr(model.lm_head, "tied", False):

@@ -5,6 +5,8 @@
                                                 # (groups of --group-size, 64 and 128)
     python bench/bench_quant.py --skip-3b --threads 2 --rounds 5
     python bench/bench_quant.py --only-3b       # the 3B-shaped checkpoint only (three group sizes, ~15 min on 2 cores)
+    python bench/bench_quant.py --skip-3b --dtype float32   # the formats in a float32 engine (CPUs without
+                                                # AVX512-BF16), against unquantized float32
 
 Default model, speed: all four formats are loaded into ONE process (each engine with its own
 --kv-mib KV cache, enough for 64 sequences), then timed in interleaved rounds: per round and
@@ -164,19 +166,20 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-FORMATS = (("bfloat16", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int4"), ("w8a8", "w8a8"))
+FORMATS = (("unquantized", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int4"), ("w8a8", "w8a8"))
 BATCHES = (1, 16, 64)
 
 
-def formats_here() -> tuple:
-    """FORMATS less w8a8 where this CPU cannot run it (it needs AMX-INT8 or AVX512-VNNI: the engine
-    refuses it)."""
+def formats_here(dtype: str) -> tuple:
+    """FORMATS (the unquantized one named by its dtype) less w8a8 where this CPU cannot run it (it
+    needs AMX-INT8 or AVX512-VNNI: the engine refuses it)."""
     from engine.layers.quant_kernels import w8a8_kernels
 
+    formats = ((dtype, None), *FORMATS[1:])
     if w8a8_kernels() is not None:
-        return FORMATS
+        return formats
     print("w8a8 left out: this CPU has neither AMX-INT8 nor AVX512-VNNI", flush=True)
-    return tuple(f for f in FORMATS if f[1] != "w8a8")
+    return tuple(f for f in formats if f[1] != "w8a8")
 
 
 def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:
@@ -190,9 +193,9 @@ def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:
     torch.set_num_threads(args.threads)
     engines = {}
     for name, quantization in formats:
-        engines[name] = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, num_threads=args.threads,
+        engines[name] = LLM(DEFAULT_MODEL, dtype=args.dtype, quantization=quantization or "none", num_threads=args.threads,
                             max_num_seqs=max(BATCHES), kv_cache_memory_bytes=args.kv_mib << 20)
-    prompts = [engines["bfloat16"].engine.apply_chat_template(c) for c in chat_prompts(max(BATCHES))]
+    prompts = [engines[args.dtype].engine.apply_chat_template(c) for c in chat_prompts(max(BATCHES))]
     warm = SamplingParams(temperature=0.0, max_tokens=2)
     for llm in engines.values():  # kernels built and buffers sized for every row count timed
         for batch in BATCHES:
@@ -207,7 +210,7 @@ def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:
                 outs = engines[name].generate(prompts[:batch], params, use_tqdm=False)
                 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
                 speeds[name][batch].append(tokens / (time.perf_counter() - start))
-            base = speeds["bfloat16"][batch][-1]
+            base = speeds[args.dtype][batch][-1]
             print(f"  round {r + 1}, batch {batch}: " + ", ".join(
                 f"{name} {speeds[name][batch][-1]:.1f} tok/s ({speeds[name][batch][-1] / base:.2f}x)" for name in names),
                 flush=True)
@@ -240,6 +243,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the engines' dtype, and the unquantized baseline's (the default model's formats)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the default model's formats")
@@ -256,15 +261,16 @@ def main() -> None:
     if not args.only_3b:
         print("default model, memory: each format alone in a process ...", flush=True)
         memory = {}
-        formats = formats_here()
+        formats = formats_here(args.dtype)
         for name, quantization in formats:
-            spec = dict(common, model=DEFAULT_MODEL, dtype="bfloat16", quantization=quantization, max_tokens=8, batches=[64])
+            spec = dict(common, model=DEFAULT_MODEL, dtype=args.dtype, quantization=quantization or "none", max_tokens=8,
+                        batches=[64])
             memory[name] = in_subprocess(spec)
         print("default model, speed: the formats in one process, interleaved rounds ...", flush=True)
         speeds = compare_in_process(args, formats)
-        print(f"\n{DEFAULT_MODEL} (Q4_1 GGUF), {args.max_tokens} tokens per sequence, {args.threads} threads; "
+        print(f"\n{DEFAULT_MODEL} (Q4_1 GGUF), {args.dtype}, {args.max_tokens} tokens per sequence, {args.threads} threads; "
               f"memory: each format alone with a 1 GiB KV cache; tok/s: one process, median of {args.rounds} "
-              "interleaved rounds (ratio: median of the per-round ratios to bfloat16)\n")
+              f"interleaved rounds (ratio: median of the per-round ratios to {args.dtype})\n")
         print(format_table(memory, speeds, BATCHES), flush=True)
     if args.skip_3b:
         return

@@ -71,7 +71,8 @@ import torch  # noqa: E402
 
 from bench.bench_limits import best_seconds, read_bandwidth  # noqa: E402
 from engine.layers.linear_kernels import avx512_bf16_ops, few_rows_bfloat16, strips_linear, strips_ops  # noqa: E402
-from engine.layers.quant import PackedQuantizedWeight, quantize, quantize_int4, quantize_int8  # noqa: E402
+from engine.layers.packed_weight import PackedQuantizedWeight  # noqa: E402
+from engine.layers.quant import quantize, quantize_int4, quantize_int8  # noqa: E402
 from engine.layers.quant_kernels import amx_kernels, vector_kernels  # noqa: E402
 
 SHAPES = {

@@ -274,7 +274,7 @@ def w8a8_head_ab(model, steps, rounds: int) -> None:
     before), alternating in this process, every pass printed. The weight-only table is built from
     the w8a8 codes rotated back (a second rounding: for timing only)."""
     from engine.layers.embedding import int8_rows
-    from engine.layers.quant import PackedQuantizedWeight
+    from engine.layers.packed_weight import PackedQuantizedWeight
     from engine.layers.rotation import rotate
 
     head, embedding = model.lm_head, model.embed_tokens

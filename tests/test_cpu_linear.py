@@ -92,7 +92,7 @@ def test_a_float_bfloat16_weight_gives_f_linear_results_at_any_row_count(rows, c
 
 
 def amx_ops():
-    from engine.layers.quant import amx_kernels
+    from engine.layers.quant_kernels import amx_kernels
 
     return amx_kernels()
 

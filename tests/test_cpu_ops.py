@@ -706,7 +706,7 @@ def test_argmax_rows_is_torch_argmax_with_ties_nan_infinities_and_strided_rows(g
 def test_int8_quad_rows_is_the_gathered_codes_times_their_scales(gen, dtype, rows):
     """A tied embedding's lookup in the LM head's int8 codes ([N/64][K/4][64][4], rows padded to 64
     and K past in_features): each code times its row's scale, rounded once to the scales' dtype,
-    bit for bit the torch ops' gather (engine/layers/quant.py); 257 rows of 570 split over the pool."""
+    bit for bit the torch ops' gather (engine/layers/packed_weight.py); 257 rows of 570 split over the pool."""
     n, k, padded = 200, 570, 576
     codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = (torch.rand(n, generator=gen) * 0.02 + 1e-3).to(dtype)

@@ -1,8 +1,8 @@
 """decoder_layer: a Llama-shaped decoder layer at decode batch sizes as one op (kernels/csrc/
 step_ops.cpp), against the same layer unfused (the backend's norms, qkv_attention and SwiGLU, each
 projection through Linear.project), bit for bit, for every projection layout that names one op
-(Linear.kernel_call: bfloat16 strips, float32 strips, int4 and int8 codes, w8a8 on bfloat16 and on float32 rows) and for a
-plain op by name (aten::linear,
+(Linear.kernel_call: bfloat16 strips, float32 strips, int4 and int8 codes on bfloat16 rows and in float32 strips, w8a8 on
+bfloat16 and on float32 rows) and for a plain op by name (aten::linear,
 which every CPU runs); a DecoderStack against its layers' ops; then whole engines with the layers as
 one stack, one op each and on their Python path (seed printed; KERNEL_TEST_SEED=<n> replays it)."""
 
@@ -22,8 +22,9 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
 
 def projections(gen, layout: str) -> list[Linear]:
     """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "f32 strips" (float32),
-    "int4", "int8" or "w8a8" (their vector loops), "f32 w8a8" (w8a8 in a float32 layer), or "plain"
-    (a bfloat16 weight that aten::linear multiplies), with biases where the layout's one op takes them."""
+    "int4", "int8" or "w8a8" (their vector loops), "f32 int4", "f32 int8" or "f32 w8a8" (in a float32
+    layer), or "plain" (a bfloat16 weight that aten::linear multiplies), with biases where the
+    layout's one op takes them."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
               (INTERMEDIATE, HIDDEN)]
     out = []
@@ -51,13 +52,13 @@ def kernel_calls(linears: list[Linear], rows: int, layout: str):
     return [m.kernel_call(rows) for m in linears]
 
 
-LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8", "f32 w8a8"]
+LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8", "f32 int4", "f32 int8", "f32 w8a8"]
 
 
 def layout_available(layout: str) -> bool:
     if layout == "strips":
         return avx512_bf16_ops() is not None and vector_kernels() is not None and not vector_kernels().amx_bf16_supported()
-    if layout == "f32 strips":  # f32_linear: any AVX-512 CPU, AMX ones included
+    if layout in ("f32 strips", "f32 int4", "f32 int8"):  # f32_linear's loops: any AVX-512 CPU, AMX ones included
         return f32_strips_ops() is not None
     if layout in ("int4", "int8"):
         ops = vector_kernels()
@@ -218,6 +219,7 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
 
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
                 ("Qwen2Config", "int4", {}, "auto"), ("LlamaConfig", "w8a8", {}, "auto"), ("LlamaConfig", "f32 w8a8", {}, "auto"),
+                ("LlamaConfig", "f32 int4", {}, "auto"),
                 ("MistralConfig", "none", dict(sliding_window=4), "auto"),
                 ("LlamaConfig", "none", {}, "int8")]
 

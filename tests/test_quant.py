@@ -20,8 +20,9 @@ from engine.gguf_weights import quantized_weight, unpermute_rows
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from engine.layers.linear_kernels import can_pack_for_cpu, f32_strips_ops
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_int4, quantize_int8
-from engine.layers.quant_kernels import (AMX_MIN_ROWS, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS,
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, quantize, quantize_int4, quantize_int8
+from engine.layers.quant_kernels import (AMX_MIN_ROWS, amx_kernels, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, int4_f32_kernels,
                                          int4_kernels_beat_bfloat16, w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
 
@@ -55,19 +56,61 @@ def test_quantized_matmul_equals_its_dequantized_weight_in_float32(method, group
     assert error < (0.01 if method == "int8" else 0.12), error
 
 
-def test_int4_on_float32_rows_warns_once_that_bfloat16_rows_run_it_faster(caplog):
-    from engine.layers import quant
+def test_int4_on_float32_rows_without_our_kernels_warns_once_that_bfloat16_rows_run_it_faster(caplog, monkeypatch):
+    """Where int4_f32_linear runs (AVX-512), a float32 int4 layer is its int4 strips, no warning;
+    elsewhere (simulated: no AVX-512 kernels) PyTorch's int4 op on float32 rows, with the warning."""
+    from engine.layers import packed_weight as quant
 
     quant._warn_int4_on_float32_rows.cache_clear()
     weight = torch.randn(32, 64)
-    with caplog.at_level("WARNING", logger="engine.layers.quant"):
+    with caplog.at_level("WARNING", logger="engine.layers.packed_weight"):
         quantized_layer("int4", 32, weight.bfloat16(), dtype=torch.bfloat16)
         quantized_layer("int8", 32, weight)  # int8's float32 rows take F.linear on its codes
+        assert quantized_layer("int4", 32, weight).quantized.f32_strips == (int4_f32_kernels() is not None)
         assert not caplog.records
-        quantized_layer("int4", 32, weight)
+        monkeypatch.setattr(quant, "int4_f32_kernels", lambda: None)
+        assert not quantized_layer("int4", 32, weight).quantized.f32_strips
         quantized_layer("int4", 32, weight)
     (record,) = caplog.records
     assert "dtype=float32" in record.message and "dtype='bfloat16'" in record.message
+
+
+@pytest.mark.skipif(int4_f32_kernels() is None, reason="int4_f32_linear needs a CPU with AVX-512")
+@pytest.mark.parametrize("method,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32)])
+def test_int4_and_int8_in_a_float32_layer_are_their_dequantized_weight_and_a_rows_output_does_not_depend_on_its_batch(
+        method, group):
+    """int4_f32_linear / int8_f32_linear (strips; each weight made in registers as code * scale +
+    (zero - 8 scale) in one FMA, int8's as code * scale; the sum over k in order, one FMA a
+    product): within float32 rounding of the float32 product with the dequantized weight; and each
+    row's output the same bits at every row count, in registers (up to 8 rows) or through the
+    strips converted per call (9 on), on one thread or two. 200 outputs: a last strip of 8
+    columns; 640 inputs: 20, 10 or 5 groups."""
+    gen = torch.Generator().manual_seed(group)
+    weight = torch.randn(200, 640, generator=gen)
+    q = quantize_int4(weight, group) if method == "int4" else quantize_int8(weight)
+    layer = quantized_layer(method, group, weight)
+    codes = layer.quantized.qweight
+    assert layer.quantized.f32_strips and codes.dtype == (torch.uint8 if method == "int4" else torch.int8)
+    assert codes.numel() == 13 * 16 * 640 // (2 if method == "int4" else 1)  # int4: a byte per two weights; 13 strips
+    if method == "int8":  # the rows a tied table gathers from the strips
+        assert torch.equal(layer.quantized.int8_rows(), q.codes)
+        index = torch.tensor([[3, 199], [17, 0]])
+        assert torch.equal(layer.quantized.int8_rows(index), q.codes[index])
+    x = torch.randn(40, 640, generator=gen)
+    expected = F.linear(x, q.dequantize())
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for rows in (1, 2, 5, 8, 9, 16, 40):
+                    outs[threads, rows] = layer(x[:rows])
+    finally:
+        torch.set_num_threads(before)
+    assert ((outs[2, 40] - expected).norm() / expected.norm()) < 1e-6
+    for (threads, rows), out in outs.items():
+        assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -539,7 +582,8 @@ def test_without_avx512_the_quantized_layers_keep_pytorchs_ops():
     script = textwrap.dedent(
         """
         import torch
-        from engine.layers.quant import amx_kernels, quantize_int4, quantize_int8
+        from engine.layers.quant import quantize_int4, quantize_int8
+        from engine.layers.quant_kernels import amx_kernels
         from tests.test_quant import quantized_layer
         weight = torch.randn(100, 128).bfloat16()
         layer = quantized_layer("int4", 32, weight, dtype=torch.bfloat16)

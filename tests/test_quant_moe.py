@@ -20,7 +20,9 @@ from engine import LLM, SamplingParams
 from engine.attention import AttentionBackend
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.layers.moe import FusedMoE
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, amx_kernels, quantize, quantize_blocks
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, quantize, quantize_blocks
+from engine.layers.quant_kernels import amx_kernels
 from engine.layers.quant_kernels import w8a8_kernels
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.layers import quant_kernels
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, quantize_int4, quantize_int8
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, quantize_int4, quantize_int8
 from engine.layers.quant_kernels import amx_kernels, vector_kernels
 
 OPS = vector_kernels()

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.linear import Linear, check_shape, place_rows, set_loader
-from engine.layers.quant import (PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_int4, quantize_int8,
-                                 quantize_w8a8, w8a8_fits)
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, int4_group_size, quantize_int4, quantize_int8, quantize_w8a8, w8a8_fits
 from engine.layers.rotation import hadamard_block
 from engine.parallel_state import ParallelState, rank_and_size, read_part
 

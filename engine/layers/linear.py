@@ -20,7 +20,8 @@ from torch import nn
 
 from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, few_rows_float32, pack_strips, packed_rows,
                                           strips_kernel_call, strips_linear)
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, quantize_blocks
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, quantize_blocks
 from engine.layers.quant_kernels import quantized_kernel_call
 from engine.layers.step_module import StepModule
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
@@ -62,8 +63,8 @@ def loader_of(module: nn.Module, name: str):
 
 class Linear(StepModule, nn.Linear):
     """nn.Linear whose weight, once loaded, is kept in exactly one layout: the one its matmul
-    reads (finalize). That is int8/int4 codes (engine/layers/quant.py) when quantized; else on
-    CPU, in bfloat16 where the CPU has AMX-BF16 or AVX512-BF16 (and K is a multiple of 32), the
+    reads (finalize). That is int8/int4 codes (engine/layers/packed_weight.py) when quantized;
+    else on CPU, in bfloat16 where the CPU has AMX-BF16 or AVX512-BF16 (and K is a multiple of 32), the
     column-tile strips of kernels/csrc/amx_linear.cpp (AMX: 0.4-0.6x oneDNN's time at 1-64 rows)
     and bf16_linear.cpp (no AMX: see BF16_STRIPS_MAX_ROWS); in float32 on any AVX-512 CPU,
     f32_linear.cpp's strips (0.6-0.75x oneDNN's time at 1 row, even from 8); else oneDNN's

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.layers.quant import amx_kernels
+from engine.layers.quant_kernels import amx_kernels
 from engine.layers.quant_kernels import avx512_kernels
 
 

@@ -10,7 +10,7 @@ every rank holds every expert's slice of the intermediate dimension (like a dens
 all-reduce sums the partial outputs.
 
 Quantized (quantization int8/int4/w8a8, CPU): each expert's gate+up and down are one
-PackedQuantizedWeight each (engine/layers/quant.py, the kernels the dense projections use),
+PackedQuantizedWeight each (engine/layers/packed_weight.py, the kernels the dense projections use),
 quantized as that expert's tensors arrive, so a load holds one expert's float weight at a time;
 the float stacks are never filled (they stay on "meta") and are dropped once every expert is in.
 A GGUF's Q4_0/Q4_1/Q4_K/Q8_0 expert blocks arrive as QuantizedWeights and keep their codes.
@@ -28,7 +28,8 @@ from torch import nn
 from engine.forward_context import get_forward_context
 from engine.layers.activation import gated_activation
 from engine.layers.linear import check_shape, set_loader
-from engine.layers.quant import PackedQuantizedWeight, QuantizedWeight, int4_group_size, quantize_blocks
+from engine.layers.packed_weight import PackedQuantizedWeight
+from engine.layers.quant import QuantizedWeight, int4_group_size, quantize_blocks
 from engine.parallel_state import ParallelState, rank_and_size, read_all, read_part
 
 logger = logging.getLogger(__name__)

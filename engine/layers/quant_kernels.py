@@ -1,5 +1,5 @@
 """Which of kernels/csrc/quant_ops.cpp's matmuls multiplies a quantized weight at which input row
-count (engine/layers/quant.py's PackedQuantizedWeight), on this CPU, and where PyTorch's own
+count (engine/layers/packed_weight.py's PackedQuantizedWeight), on this CPU, and where PyTorch's own
 packed ops (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are the faster.
 
 - AMX CPUs (amx_kernels()): int4 1-2 rows int4_mm_rows (AVX512-BF16 on the codes), 3-4 PyTorch's
@@ -96,6 +96,38 @@ def avx512_kernels():
         logger.info("our AVX-512 kernels do not load: PyTorch's ops only (%s)", e)
         return None
     return torch.ops.bento_llm
+
+
+@functools.cache
+def int4_f32_kernels():
+    """avx512_kernels() where int4_f32_linear and int8_f32_linear multiply int4 / int8 strips by
+    float32 rows (any AVX-512 CPU: f32_linear's loop nest, kernels/csrc/f32_linear.cpp), else None."""
+    ops = avx512_kernels()
+    return ops if ops is not None and ops.f32_linear_supported() else None
+
+
+def int4_f32_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight (codes [N, K] 0..15, scale and zero [N, K / group]; value = (code - 8) scale +
+    zero) in int4_f32_linear's layout: codes [ceil(N/16), K/2, 16] uint8 (k's code in the low nibble,
+    k + 1's in the high), groups [ceil(N/16), K/group, 2, 16] float32 (scale, zero - 8 scale: the
+    kernel makes code * scale + that). Padding columns: code 8, scale 0, zero 0, exactly 0."""
+    pad = -codes.shape[0] % 16
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+        scale, zero = torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
+    pairs = codes.to(torch.uint8).view(-1, 16, codes.shape[1] // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 1).contiguous()
+    scale = scale.float()
+    groups = torch.stack([scale, zero.float() - 8 * scale], dim=-1)  # [N, K/group, 2]
+    return packed, groups.view(-1, 16, *groups.shape[1:]).permute(0, 2, 3, 1).contiguous()
+
+
+def int8_f32_strips(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [N, K] with a scale per row (value = code * scale) in int8_f32_linear's layout:
+    codes [ceil(N/16), K, 16] int8 (padding columns 0), scales [N] float32."""
+    pad = -codes.shape[0] % 16
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, pad)) if pad else codes
+    return codes.view(-1, 16, codes.shape[1]).transpose(1, 2).contiguous(), scale.reshape(-1).float()
 
 
 @functools.cache
@@ -203,9 +235,12 @@ def vector_int8_op(rows: int):
 
 def quantized_kernel_call(weight, rows: int) -> tuple[str, list, list[int]] | None:
     """(op name, tensor arguments, int arguments after the input) of the one op that multiplies
-    `rows` bfloat16 input rows by a PackedQuantizedWeight on the vector loops, as its forward
-    does; None where its forward is not that one call (AMX, PyTorch's packed ops). For
+    `rows` bfloat16 input rows by a PackedQuantizedWeight on the vector loops (float32 rows: by its
+    int4 / int8 strips, or w8a8's), as its forward does; None where its forward is not that one call (AMX, PyTorch's packed ops). For
     kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
+    if weight.f32_strips:
+        op = "bento_llm::int4_f32_linear" if weight.bits == 4 else "bento_llm::int8_f32_linear"
+        return op, [weight.qweight, weight.scales], [weight.out_features]
     if not weight.vector:
         return None
     if weight.w8a8:

@@ -80,7 +80,7 @@ struct Bf16Strips {
   BF16_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
     const int64_t strip = p.k * kColumns, pairs = p.k / 2, columns = p.n_total - t * kColumns;
     const uint16_t* a = p.a + r0 * p.lda;
-    const uint16_t* b = p.w + t * strip;
+    const uint16_t* b = p.w + (t - p.first_strip) * strip;
     __m512 acc[R][NS];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();

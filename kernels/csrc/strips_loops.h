@@ -33,6 +33,8 @@ constexpr int64_t kSerialLinearBytes = 256 << 10;
 
 // One call: x [rows, k] (rows lda elements apart) times the strips of an [n_total, k] weight, plus
 // bias (or none), into y [rows, n_total].
+// first_strip: the strip w starts at (a chunk of a weight converted per call holds strips from
+// there on; a whole weight's w starts at strip 0).
 template <class In, class Out>
 struct Problem {
   const In* a;
@@ -41,6 +43,7 @@ struct Problem {
   int64_t k, n_total;
   const Out* bias;
   Out* y;
+  int64_t first_strip = 0;
 };
 
 // block<R, NS> on the first `count` (1..NS) strips from t: the last group of a thread's strips.
