@@ -90,7 +90,8 @@ class EngineConfig:
     # as they are (group 32). Norms stay in dtype; the embedding and LM head follow
     # embedding_quantization. "auto" (resolved when the model loads, logged, see
     # engine/gguf_weights.py auto_quantization): int4 for a GGUF whose projections are all 4-bit
-    # blocks, on CPU in bfloat16 with the AMX int4 kernels, where it measures faster; else None.
+    # blocks, on CPU where our int4 kernels measure faster (bfloat16: AMX's, AMD's AVX512-BF16
+    # loops; float32 from dtype="auto": AVX-512's int4 strips); else None.
     quantization: str | None = "auto"
     quantization_group_size: int = 32
     # With quantization set: the embedding and LM head in int8 rows even under int4 (the head
@@ -246,8 +247,9 @@ class EngineConfig:
             # A float32 checkpoint stays float32 (exact against transformers' float32); a 16-bit
             # or quantized one (GGUF: checkpoint_dtype None) runs in bfloat16 where the CPU has
             # native bfloat16 matmuls, float32 elsewhere (emulated bfloat16 is far slower).
-            # Quantized weights: the packed int4/int8 matmuls run float32 activations through a
-            # scalar path 10-200x slower than bfloat16 (measured), so bfloat16 wherever it is native.
+            # Quantized weights: the packed int4/int8 matmuls are fastest on bfloat16 rows, so
+            # bfloat16 wherever it is native (float32 rows: int4/int8 strips on AVX-512 CPUs,
+            # PyTorch's scalar-speed ops elsewhere).
             quantized = self.quantization not in (None, "auto")  # auto: int4 only for a GGUF (None here)
             if (checkpoint_dtype != torch.float32 or quantized) and cpu_has_native_bfloat16():
                 return torch.bfloat16

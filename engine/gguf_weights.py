@@ -32,7 +32,7 @@ import torch
 
 from engine.gguf_index import GGUFIndex
 from engine.layers.quant import QuantizedWeight
-from engine.layers.quant_kernels import int4_kernels_beat_bfloat16
+from engine.layers.quant_kernels import int4_f32_kernels, int4_kernels_beat_bfloat16
 from engine.models.config import ModelConfig
 from engine.parallel_state import read_all
 
@@ -190,21 +190,30 @@ def block_projection_types(path: str) -> Counter:
 
 def auto_quantization(config, source) -> tuple[str | None, str]:
     """What quantization="auto" is for this model on this machine, and why (for the log): int4
-    on the file's own codes for a GGUF whose projections are all Q4_0/Q4_1/Q4_K, run on CPU in
-    bfloat16 where our int4 kernels measured at least as fast as bfloat16 at 16 concurrent
-    sequences (quant_kernels.int4_kernels_beat_bfloat16: AMX, or AVX512-BF16 on AMD); else None,
-    weights in dtype. The codes are the file's own: int4 multiplies the very weights bfloat16
-    would hold dequantized."""
+    on the file's own codes for a GGUF whose projections are all Q4_0/Q4_1/Q4_K, run on CPU where
+    our int4 kernels measured at least as fast as the unquantized weights at 1-64 sequences: in
+    bfloat16 quant_kernels.int4_kernels_beat_bfloat16 (AMX, or AVX512-BF16 on AMD); in float32
+    chosen by dtype="auto" (a CPU without native bfloat16) int4_f32_linear's strips on any AVX-512
+    CPU (1.86x / 1.22x / 1.08x float32's tokens/s at 1 / 16 / 64 sequences on a Xeon without
+    AVX512-BF16, bench/bench_quant.py --dtype float32). dtype="float32" asked for is the exact
+    mode: its weights stay float32. Else None, weights in dtype. The codes are the file's own:
+    int4 multiplies the very weights the float dtype would hold dequantized."""
     if not source.path.lower().endswith(".gguf"):
         return None, "not a GGUF: a float checkpoint stays float unless quantization is set"
     if config.device != "cpu":
         return None, f"int4 is the default on CPU only, not {config.device}"
-    if config.torch_dtype(source.checkpoint_dtype) != torch.bfloat16:
-        return None, "activations are not bfloat16 (dtype float32, or no native bfloat16 on this CPU)"
-    kernels = int4_kernels_beat_bfloat16()
-    if kernels is None:
-        return None, ("no int4 kernels here that measured as fast as bfloat16 at 16 sequences (they are AMX's, "
-                      "or AVX512-BF16's on AMD; not on this CPU, or the C++ kernels did not build: see the log above)")
+    dtype = config.torch_dtype(source.checkpoint_dtype)
+    if dtype == torch.float32 and config.dtype == "auto":
+        kernels = "float32 FMAs on int4 strips (AVX-512)" if int4_f32_kernels() is not None else None
+        if kernels is None:
+            return None, "float32 activations on a CPU without AVX-512 (or the C++ kernels did not build): no int4 kernels"
+    elif dtype == torch.bfloat16:
+        kernels = int4_kernels_beat_bfloat16()
+        if kernels is None:
+            return None, ("no int4 kernels here that measured as fast as bfloat16 at 16 sequences (they are AMX's, "
+                          "or AVX512-BF16's on AMD; not on this CPU, or the C++ kernels did not build: see the log above)")
+    else:
+        return None, f"dtype={config.dtype} was asked for (float32: the exact mode, weights stay float32)"
     types = block_projection_types(source.path)
     if not types or set(types) - set(INT4_BLOCK_TYPES):
         _cached_reader.cache_clear()  # no block load follows

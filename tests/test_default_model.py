@@ -9,7 +9,7 @@ import torch
 
 from engine import DEFAULT_MODEL, LLM, SamplingParams
 from engine.layers.linear_kernels import _onednn_packs_bfloat16, amx_linear_ops, avx512_bf16_ops
-from engine.layers.quant import PackedQuantizedWeight
+from engine.layers.packed_weight import PackedQuantizedWeight
 from engine.loader import load_model_source
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
@@ -225,18 +225,36 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     assert first_tokens_equal(greedy_tokens(llm), first_tokens(baseline)) >= bar
 
 
-@pytest.mark.skipif(not _has_w8a8(), reason="w8a8 needs AMX-INT8 or AVX512-VNNI")
-def test_w8a8_in_float32_stays_close_to_float32_transformers(reference, default_llm, first_tokens):
-    """w8a8 in a float32 engine: what a CPU without AVX512-BF16 runs it in (Cascade Lake, Ice Lake:
-    w8a8_mm_vnni on the float32 rows, float32 out; AMX CPUs cast to bfloat16 and back). The
-    teacher-forced rule of the bfloat16 test above with its agreement bar at 93%: measured on a
-    Xeon without AVX512-BF16 94.1%, median 0.036, worst 0.39 (bfloat16 w8a8 there: 96.1%, 0.035,
-    0.36; float32 int8 weight-only: 96.9%, 0.035, 0.27; the same w8a8 with a float32 LM head: 96.9%,
-    0.021, 0.34: the head's int8 input rounding costs the most). Its first 16 greedy tokens equal
-    the float32 engine's on 1 of 8 prompts (the float32-head variant's on 0, int8 weight-only's on 3):
-    near-tie flips, so that count is not a bar here."""
-    llm = LLM(DEFAULT_MODEL, dtype="float32", quantization="w8a8", num_kv_blocks=256)
+def _has_int4_strips() -> bool:
+    from engine.layers.quant_kernels import int4_f32_kernels
+
+    return int4_f32_kernels() is not None
+
+
+@pytest.mark.parametrize("quantization", [
+    pytest.param("int4", marks=pytest.mark.skipif(not _has_int4_strips(), reason="int4 strips need AVX-512")),
+    pytest.param("w8a8", marks=pytest.mark.skipif(not _has_w8a8(), reason="w8a8 needs AMX-INT8 or AVX512-VNNI"))])
+def test_quantized_float32_stays_close_to_float32_transformers(reference, quantization, default_llm, first_tokens):
+    """The quantized formats a float32 engine runs fast: int4 (the default of dtype="auto" on a CPU
+    without native bfloat16: the file's Q4_1 codes in int4 strips, kernels/csrc/f32_linear.cpp) and
+    w8a8 (w8a8_mm_vnni on the float32 rows; AMX CPUs cast to bfloat16 and back), the embedding and
+    tied head int8 rows (the default). The teacher-forced rule of the bfloat16 test above; measured
+    on a Xeon without AVX512-BF16: int4 98.8%, median 0.019, worst 0.14, first 16 greedy tokens equal
+    the float32 engine's on 6 of 8 prompts (bar 4); w8a8 94.1%, 0.036, 0.39 (agreement bar 93%;
+    bfloat16 w8a8 there 96.1%, float32 int8 weight-only 96.9%, the same w8a8 with a float32 head
+    96.9%, 0.021: the head's int8 input rounding costs the most), 1 of 8 prompts (near-tie flips:
+    no bar). int4's projections alone (a float32 head) are the file's weights in float32: every
+    logprob within 2e-5 of transformers' (median 2e-6), all 8 prompts' greedy tokens equal."""
+    llm = LLM(DEFAULT_MODEL, dtype="float32", quantization=quantization, num_kv_blocks=256)
     median, worst, agree = score(llm, reference)
-    assert median < 0.05 and worst < 1.0 and agree >= 0.93, (median, worst, agree)
+    assert median < 0.05 and worst < 1.0 and agree >= (0.95 if quantization == "int4" else 0.93), (median, worst, agree)
     layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, PackedQuantizedWeight)]
-    assert layers and all(m.w8a8 and m.rows_dtype == (torch.bfloat16 if m.amx else torch.float32) for m in layers)
+    if quantization == "w8a8":
+        assert layers and all(m.w8a8 and m.rows_dtype == (torch.bfloat16 if m.amx else torch.float32) for m in layers)
+        return
+    assert layers and all(m.f32_strips for m in layers)
+    assert first_tokens_equal(greedy_tokens(llm), first_tokens(default_llm)) >= 4
+    exact = LLM(DEFAULT_MODEL, dtype="float32", quantization="int4", embedding_quantization="none", num_kv_blocks=256)
+    median, worst, agree = score(exact, reference)
+    assert worst < 1e-4 and agree == 1.0, (median, worst, agree)
+    assert first_tokens_equal(greedy_tokens(exact), first_tokens(default_llm)) == len(PROMPTS)

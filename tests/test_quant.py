@@ -737,20 +737,32 @@ def write_gguf_projections(path, types: dict[str, str]) -> str:
     return str(path)
 
 
-def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_whose_int4_kernels_beat_bfloat16(
+def auto_is_int4_here() -> bool:
+    """Whether quantization="auto" makes a 4-bit GGUF int4 on this CPU at dtype="auto": bfloat16
+    activations with AMX's or AMD's int4 kernels, or float32 ones (no native bfloat16) with
+    int4_f32_linear (AVX-512)."""
+    from engine.config import cpu_has_native_bfloat16
+
+    if cpu_has_native_bfloat16():
+        return int4_kernels_beat_bfloat16() is not None
+    return int4_f32_kernels() is not None
+
+
+def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_whose_int4_kernels_beat_its_dtype(
         tmp_path, tiny_path):
     """int4 on the file's own codes where every block projection is Q4_0/Q4_1/Q4_K, the device
-    is the CPU, activations are bfloat16 and our int4 kernels that measured at least as fast as
-    bfloat16 run (AMX's, or AVX512-BF16's on AMD); in every other case the weights stay in dtype."""
+    is the CPU, and our int4 kernels that measured at least as fast as the unquantized weights run
+    in the activations' dtype: bfloat16 (AMX's, or AVX512-BF16's on AMD), or float32 that
+    dtype="auto" chose (no native bfloat16: int4 strips on AVX-512); in every other case,
+    dtype="float32" asked for (the exact mode) among them, the weights stay in dtype."""
     from types import SimpleNamespace
 
-    from engine.config import cpu_has_native_bfloat16
     from engine.gguf_weights import auto_quantization
 
     four_bit = write_gguf_projections(tmp_path / "q4.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q4_1"})
     mixed = write_gguf_projections(tmp_path / "mixed.gguf", {"blk.0.attn_q.weight": "Q4_0", "blk.0.ffn_down.weight": "Q8_0"})
     gguf_source = lambda path: SimpleNamespace(path=path, checkpoint_dtype=None)  # noqa: E731  (what a GGUF ModelSource carries)
-    fast = int4_kernels_beat_bfloat16() is not None and cpu_has_native_bfloat16()
+    fast = auto_is_int4_here()
     choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(four_bit))
     assert choice == ("int4" if fast else None), why
     choice, why = auto_quantization(EngineConfig(device="cpu"), gguf_source(mixed))
@@ -762,9 +774,9 @@ def test_quantization_auto_is_int4_only_for_a_gguf_of_4_bit_blocks_on_cpus_whose
         None, "not a GGUF: a float checkpoint stays float unless quantization is set")
 
 
-@pytest.mark.skipif(int4_kernels_beat_bfloat16() is None, reason="int4 is the default where AMX's or AMD's int4 kernels run")
+@pytest.mark.skipif(not auto_is_int4_here(), reason="int4 is the default where AMX's, AMD's or (float32) AVX-512's int4 kernels run")
 @pytest.mark.slow  # loads the default model: 15-35 s here
-def test_the_default_model_is_served_in_its_own_int4_by_default_where_int4_beats_bfloat16():
+def test_the_default_model_is_served_in_its_own_int4_by_default_where_int4_beats_its_dtype():
     from engine.config import DEFAULT_MODEL
 
     llm = LLM(DEFAULT_MODEL, num_kv_blocks=16)
