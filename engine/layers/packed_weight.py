@@ -1,11 +1,10 @@
 """Quantized projections: a QuantizedWeight (engine/layers/quant.py) laid out for the matmul that
 multiplies it, as buffers (PackedQuantizedWeight).
 
-- int8: one scale per output row (symmetric), `torch.ops.aten._weight_int8pack_mm` on CPU
-  (float32 rows, which it multiplies at scalar speed: F.linear on the codes, then the scales).
-- int4: group-wise affine along the input dimension, value = (code - 8) * scale + zero with
-  code 0..15 (PyTorch's "tinygemm" convention), `_weight_int4pack_mm_for_cpu` on CPU and
-  `_weight_int4pack_mm` on CUDA (bfloat16 only).
+- int8 ([N][K] codes, a scale per row): `torch.ops.aten._weight_int8pack_mm` on CPU (float32 rows,
+  which it multiplies at scalar speed: F.linear on the codes converted per call, then the scales).
+- int4 (PyTorch's packed layout): `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm`
+  on CUDA (bfloat16 only).
 - A float32 model's int4 and int8 weights on an AVX-512 CPU (f32_strips): strips of 16 output
   columns that kernels/csrc/f32_linear.cpp's int4_f32_linear / int8_f32_linear multiply, each
   weight made in registers as its dequantized value, then f32_linear's FMAs (float32 rounding
@@ -33,7 +32,6 @@ multiplies it, as buffers (PackedQuantizedWeight).
   loops instead of the tile loops, on the same layouts (int8: AMX-INT8's where there is
   AVX512-VNNI). Which kernel runs at which row count: engine/layers/quant_kernels.py.
 """
-
 
 from __future__ import annotations
 
