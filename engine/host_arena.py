@@ -54,7 +54,9 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
 
 
 def plain_buffer(nbytes: int) -> torch.Tensor:
-    """The same from torch's allocator (4 KiB pages unless THP is "always"): benchmarks' baseline."""
+    """The same from torch's allocator (4 KiB pages unless THP is "always"): benchmarks' baseline.
+    Above glibc's largest mmap threshold (32 MiB) it is a fresh mapping; a smaller one can reuse
+    heap memory another library (numpy) advised for huge pages."""
     return torch.zeros(nbytes, dtype=torch.uint8)
 
 
