@@ -23,7 +23,7 @@ from engine.layers.linear_kernels import can_pack_for_cpu, f32_strips_ops
 from engine.layers.packed_weight import PackedQuantizedWeight
 from engine.layers.quant import QuantizedWeight, quantize, quantize_int4, quantize_int8
 from engine.layers.quant_kernels import (AMX_MIN_ROWS, amx_kernels, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, int4_f32_kernels,
-                                         int4_kernels_beat_bfloat16, w8a8_kernels)
+                                         int4_f32_strips, int4_kernels_beat_bfloat16, w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
 
 gguf = pytest.importorskip("gguf")
@@ -79,12 +79,12 @@ def test_int4_on_float32_rows_without_our_kernels_warns_once_that_bfloat16_rows_
 @pytest.mark.parametrize("method,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32)])
 def test_int4_and_int8_in_a_float32_layer_are_their_dequantized_weight_and_a_rows_output_does_not_depend_on_its_batch(
         method, group):
-    """int4_f32_linear / int8_f32_linear (strips; each weight made in registers as code * scale +
-    (zero - 8 scale) in one FMA, int8's as code * scale; the sum over k in order, one FMA a
-    product): within float32 rounding of the float32 product with the dequantized weight; and each
-    row's output the same bits at every row count, in registers (up to 8 rows) or through the
-    strips converted per call (9 on), on one thread or two. 200 outputs: a last strip of 8
-    columns; 640 inputs: 20, 10 or 5 groups."""
+    """int4_f32_linear / int8_f32_linear (strips; int4 factored per group as the sum of x * code
+    times the scale plus the group's sum of x times the offset, int8's weight made as code * scale;
+    sums over k in order): within float32 rounding of the float32 product with the dequantized
+    weight; and each row's output the same bits at every row count, in registers (up to 8 rows) or
+    through the strips converted per call (9 on), on one thread or two. 200 outputs: a last strip
+    of 8 columns; 640 inputs: 20, 10 or 5 groups."""
     gen = torch.Generator().manual_seed(group)
     weight = torch.randn(200, 640, generator=gen)
     q = quantize_int4(weight, group) if method == "int4" else quantize_int8(weight)
@@ -111,6 +111,21 @@ def test_int4_and_int8_in_a_float32_layer_are_their_dequantized_weight_and_a_row
     assert ((outs[2, 40] - expected).norm() / expected.norm()) < 1e-6
     for (threads, rows), out in outs.items():
         assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)
+
+
+@pytest.mark.skipif(int4_f32_kernels() is None, reason="int4_f32_linear needs a CPU with AVX-512")
+@pytest.mark.parametrize("group", [2, 40])
+def test_int4_f32_linear_takes_any_even_group_dividing_the_inputs(group):
+    """The op itself (the engine's groups are 32-256): groups of 2 and of 40 (group sums over a part
+    of a vector) at 1 and 12 rows, within float32 rounding of the dequantized weight."""
+    gen = torch.Generator().manual_seed(group)
+    q = quantize_int4(torch.randn(40, 160, generator=gen), group)
+    codes, scales = int4_f32_strips(q.codes, q.scale, q.zero)
+    x = torch.randn(12, 160, generator=gen)
+    expected = F.linear(x, q.dequantize())
+    for rows in (1, 12):
+        out = int4_f32_kernels().int4_f32_linear(x[:rows], codes, scales, 40)
+        assert ((out - expected[:rows]).norm() / expected[:rows].norm()) < 1e-6, rows
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -109,8 +109,9 @@ def int4_f32_kernels():
 def int4_f32_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An int4 weight (codes [N, K] 0..15, scale and zero [N, K / group]; value = (code - 8) scale +
     zero) in int4_f32_linear's layout: codes [ceil(N/16), K/2, 16] uint8 (k's code in the low nibble,
-    k + 1's in the high), groups [ceil(N/16), K/group, 2, 16] float32 (scale, zero - 8 scale: the
-    kernel makes code * scale + that). Padding columns: code 8, scale 0, zero 0, exactly 0."""
+    k + 1's in the high), groups [ceil(N/16), K/group, 2, 16] float32 (scale, offset = zero - 8 scale:
+    value = code * scale + offset, which the kernel factors per group). Padding columns: code 8,
+    scale 0, zero 0, exactly 0."""
     pad = -codes.shape[0] % 16
     if pad:
         codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])

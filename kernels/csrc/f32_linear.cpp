@@ -10,13 +10,19 @@
 // int4_f32_linear: an int4 weight (group-wise affine, engine/layers/quant.py's convention) in a
 // float32 model, on the same loop nest over int4 strips ([ceil(N/16)][K/2][16] bytes: byte j of
 // pair p holds column j's code for k = 2p in its low nibble, k = 2p + 1 in its high one; beside
-// them [ceil(N/16)][K/group][2][16] float32: each group's scale and zero - 8 scale). Each weight
-// is made in registers as code * scale + (zero - 8 scale), one FMA (its dequantized value up to
-// float32 rounding), then multiplied as f32_linear's: a fourth of its bytes read at few rows.
-// From kInt4DirectRows + 1 rows, where the conversion per row block would cost more than the FMAs
-// it feeds, each thread converts a chunk of strips once per call into float32 strips in L2 and
-// runs f32_linear's blocks on them. Why: CPUs without AVX512-BF16 (Skylake-SP to Ice Lake) run a
-// float32 model, and PyTorch's int4 op on float32 rows is a scalar loop (35-60x slower).
+// them [ceil(N/16)][K/group][2][16] float32: each group's scale and offset = zero - 8 scale). The
+// weight code * scale + offset is factored: per group, part = sum of x[k] * code over its k (the
+// code as read: one vpermps makes a nibble a float), then acc += part * scale + xsum * offset, with
+// xsum the group's sum of x (group_sums, once per call). A product costs one FMA on the code, the
+// scale and offset two FMAs a group: a fourth of the bytes of float32 read at few rows, and ~4
+// vector ops per pair of k and strip at one row where dequantizing each weight first took ~7 (a
+// 3072 x 576 weight at 1 row, 2 threads: 141 -> 68 us from memory, the read's limit at 20 GB/s;
+// the default model's decode step 13.2 -> 9.7 ms). Up to kInt4DirectRows rows the nibbles are
+// decoded per row block in registers (Int4Strips); more, each thread converts a chunk of strips
+// once per call into float codes in L2 for blocks of 8 rows x 3 strips (Int4ConvertedStrips). Both
+// make an output by the same operations in the same order: a row's output does not depend on its
+// batch. Why: CPUs without AVX512-BF16 (Skylake-SP to Ice Lake) run a float32 model, and
+// PyTorch's int4 op on float32 rows is a scalar loop (35-60x slower).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -126,73 +132,153 @@ struct Int4Problem {
   const float* scales;   // [strips][k / group][2][16]
   int64_t k, group, n_total;
   float* y;
+  const float* group_sums;             // [rows][k / group]: group_sums of a
+  const float* float_codes = nullptr;  // a chunk of strips' codes as floats from first_strip on (Int4ConvertedStrips)
+  int64_t first_strip = 0;
 };
 
-// The 16 weights of strip column j at k = 2 pair and 2 pair + 1, as floats: code * scale + offset.
-F32_LINEAR_TARGET inline void int4_pair(const uint8_t* pair_codes, __m512 scale, __m512 offset, __m512& w0, __m512& w1) {
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
-  w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), scale, offset);
-  w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), scale, offset);
+// sums[r][g] = the sum of a[r] over group g's inputs, 16 at a time then across the lanes: one
+// fixed order per row, whatever the row count.
+F32_LINEAR_TARGET void group_sums(const float* a, int64_t lda, int64_t rows, int64_t k, int64_t group, float* sums) {
+  const int64_t groups = k / group;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = a + r * lda + g * group;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += kColumns) {
+        const int64_t count = std::min<int64_t>(kColumns, group - i);
+        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), x + i));
+      }
+      sums[r * groups + g] = _mm512_reduce_add_ps(s);
+    }
 }
 
+// The codes 0..15 as floats in lanes 0..15: vpermps reads only the low 4 bits of each index, so one
+// permute turns every lane's low nibble into its code as a float (no mask, no int-to-float convert).
+F32_LINEAR_TARGET inline __m512 int4_code_values() {
+  return _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+}
+
+// Pair q (k = 2q, 2q + 1) of the 16 columns at `pair_codes` as two vectors of floats.
+F32_LINEAR_TARGET inline void int4_pair_codes(const uint8_t* pair_codes, __m512 values, __m512& c0, __m512& c1) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
+  c0 = _mm512_permutexvar_ps(bytes, values);
+  c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
+}
+
+// acc = part * scale + group_sum * offset + acc for rows [0, R) x strips [0, NS) at group g of
+// strip t's scales: a group's end in both int4 blocks.
+template <int R, int NS>
+F32_LINEAR_TARGET inline void int4_group_end(__m512 (&acc)[R][NS], const __m512 (&part)[R][NS], const float* sz, int64_t groups,
+                                             int64_t g, const float* sums) {
+  for (int n = 0; n < NS; ++n) {
+    const __m512 scale = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns);
+    const __m512 offset = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns + kColumns);
+    for (int r = 0; r < R; ++r) {
+      acc[r][n] = _mm512_fmadd_ps(part[r][n], scale, acc[r][n]);
+      acc[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(sums[r * groups + g]), offset, acc[r][n]);
+    }
+  }
+}
+
+// Both int4 blocks below make each output by the same operations in the same order (k ascending
+// within a group, int4_group_end at each group's end, groups ascending).
+
+// Int4Strips (up to kInt4DirectRows rows): rows [r0, r0 + R) x strips [t, t + NS), codes decoded
+// in registers a pair at a time.
 struct Int4Strips {
   using Problem = Int4Problem;
-
-  // rows x strips accumulators + 2 x strips (scale, offset) + the pair's two weights within 32 registers.
-  static constexpr int strips_for(int rows, bool) { return rows <= 1 ? 8 : rows <= 2 ? 6 : rows <= 4 ? 4 : rows <= 6 ? 3 : 2; }
+  // rows x strips partial sums and as many accumulators + the pair's codes within 32 registers.
+  static constexpr int strips_for(int rows, bool) { return rows <= 1 ? 8 : rows <= 2 ? 6 : rows <= 3 ? 4 : rows <= 4 ? 3 : rows <= 7 ? 2 : 1; }
   static int64_t strip_bytes(const Problem& p) { return p.k * kColumns / 2 + p.k / p.group * 2 * kColumns * 4; }
 
-  // y[r][16 n + j] = sum_k a[r][k] (code * scale + offset) for rows [r0, r0 + R), strips [t, t + NS).
   template <int R, int NS, bool Prefetch>
   F32_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
-    const int64_t pairs = p.k / 2, groups = p.k / p.group;
+    const int64_t pairs = p.k / 2, groups = p.k / p.group, half = p.group / 2;
     const float* a = p.a + r0 * p.lda;
     const uint8_t* c = p.codes + t * pairs * kColumns;
-    const float* sz = p.scales + t * groups * 2 * kColumns;
+    const __m512 values = int4_code_values();
     __m512 acc[R][NS];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      __m512 scale[NS], offset[NS];
-      for (int n = 0; n < NS; ++n) {
-        scale[n] = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns);
-        offset[n] = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns + kColumns);
-      }
-      for (int64_t q = g * p.group / 2; q < (g + 1) * p.group / 2; ++q) {
+      __m512 part[R][NS];
+      for (int r = 0; r < R; ++r)
+        for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
+      for (int64_t q = g * half; q < (g + 1) * half; ++q) {
         if (Prefetch && q % 4 == 0)  // a 64-byte line holds 4 pairs
           for (int n = 0; n < NS; ++n)
             _mm_prefetch(reinterpret_cast<const char*>(c + (n * pairs + q + 4 * kPrefetchLines) * kColumns), _MM_HINT_T0);
         for (int n = 0; n < NS; ++n) {
-          __m512 w0, w1;
-          int4_pair(c + (n * pairs + q) * kColumns, scale[n], offset[n], w0, w1);
+          __m512 c0, c1;
+          int4_pair_codes(c + (n * pairs + q) * kColumns, values, c0, c1);
           for (int r = 0; r < R; ++r) {
-            acc[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * p.lda + 2 * q]), w0, acc[r][n]);
-            acc[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * p.lda + 2 * q + 1]), w1, acc[r][n]);
+            part[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * p.lda + 2 * q]), c0, part[r][n]);
+            part[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * p.lda + 2 * q + 1]), c1, part[r][n]);
           }
         }
       }
+      int4_group_end<R, NS>(acc, part, p.scales + t * groups * 2 * kColumns, groups, g, p.group_sums + r0 * groups);
     }
     store_strips<R, NS>(acc, p.y + r0 * p.n_total, p.n_total, t, nullptr);
   }
 };
 
-// Int4 strips [t0, t1) as float32 strips (f32_linear's layout) into `out`: the same values
-// Int4Strips makes in registers.
-F32_LINEAR_TARGET void int4_to_float(const Int4Problem& p, int64_t t0, int64_t t1, float* out) {
-  const int64_t pairs = p.k / 2, groups = p.k / p.group;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* c = p.codes + t * pairs * kColumns;
-    const float* sz = p.scales + t * groups * 2 * kColumns;
-    float* w = out + (t - t0) * p.k * kColumns;
-    for (int64_t q = 0; q < pairs; ++q) {
-      const int64_t g = 2 * q / p.group;
-      __m512 w0, w1;
-      int4_pair(c + q * kColumns, _mm512_loadu_ps(sz + g * 2 * kColumns), _mm512_loadu_ps(sz + g * 2 * kColumns + kColumns),
-                w0, w1);
-      _mm512_storeu_ps(w + 2 * q * kColumns, w0);
-      _mm512_storeu_ps(w + (2 * q + 1) * kColumns, w1);
+// Int4ConvertedStrips (more rows): the same on a chunk's codes converted to floats (int4_to_float),
+// k at a time as F32Strips; the registers hold the partial sums of 8 rows x 3 strips, the
+// accumulators spill to L1 (touched once a group).
+struct Int4ConvertedStrips {
+  using Problem = Int4Problem;
+  static constexpr int strips_for(int rows, bool streaming) { return F32Strips::strips_for(rows, streaming); }
+  static int64_t strip_bytes(const Problem& p) { return p.k * kColumns * 4; }
+
+  template <int R, int NS, bool Prefetch>
+  F32_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
+    const int64_t strip = p.k * kColumns, groups = p.k / p.group;
+    const float* a = p.a + r0 * p.lda;
+    const float* b = p.float_codes + (t - p.first_strip) * strip;
+    __m512 acc[R][NS];
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 part[R][NS];
+      for (int r = 0; r < R; ++r)
+        for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
+        __m512 w[NS];
+        if (Prefetch)
+          for (int n = 0; n < NS; ++n)
+            _mm_prefetch(reinterpret_cast<const char*>(b + n * strip + (k + kPrefetchLines) * kColumns), _MM_HINT_T0);
+        for (int n = 0; n < NS; ++n) w[n] = _mm512_loadu_ps(b + n * strip + k * kColumns);
+        for (int r = 0; r < R; ++r) {
+          const __m512 x = _mm512_set1_ps(a[r * p.lda + k]);
+          for (int n = 0; n < NS; ++n) part[r][n] = _mm512_fmadd_ps(x, w[n], part[r][n]);
+        }
+      }
+      int4_group_end<R, NS>(acc, part, p.scales + t * groups * 2 * kColumns, groups, g, p.group_sums + r0 * groups);
     }
+    store_strips<R, NS>(acc, p.y + r0 * p.n_total, p.n_total, t, nullptr);
   }
+};
+
+// The codes of int4 strips [t0, t1) as floats in f32_linear's strip layout, into `out`.
+F32_LINEAR_TARGET void int4_to_float(const Int4Problem& p, int64_t t0, int64_t t1, float* out) {
+  const int64_t pairs = p.k / 2;
+  const __m512 values = int4_code_values();
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t q = 0; q < pairs; ++q) {
+      __m512 c0, c1;
+      int4_pair_codes(p.codes + (t * pairs + q) * kColumns, values, c0, c1);
+      _mm512_storeu_ps(out + ((t - t0) * p.k + 2 * q) * kColumns, c0);
+      _mm512_storeu_ps(out + ((t - t0) * p.k + 2 * q + 1) * kColumns, c1);
+    }
+}
+
+Int4Problem chunk_problem(const Int4Problem& p, const float* chunk, int64_t first_strip) {
+  Int4Problem f = p;
+  f.float_codes = chunk;
+  f.first_strip = first_strip;
+  return f;
 }
 
 struct FreeFloats {
@@ -200,8 +286,9 @@ struct FreeFloats {
 };
 
 // One thread's strips [t0, t1) at more than kInt4DirectRows rows: chunks of strips converted to
-// float32 (to_float: a chunk of f32_linear's kChunkBytes, in L2), every row block over each.
-template <class Problem, void (*to_float)(const Problem&, int64_t, int64_t, float*)>
+// float32 (to_float: a chunk of f32_linear's kChunkBytes, in L2), every row block of ChunkKernel
+// (its problem: chunk_problem) over each.
+template <class Problem, void (*to_float)(const Problem&, int64_t, int64_t, float*), class ChunkKernel>
 void converted_chunks(const Problem& p, int64_t t0, int64_t t1) {
   const int64_t strip_floats = p.k * kColumns;
   const int64_t chunk = std::max<int64_t>(4, strips_loops::kChunkBytes / (strip_floats * 4));
@@ -210,20 +297,21 @@ void converted_chunks(const Problem& p, int64_t t0, int64_t t1) {
   for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
     const int64_t c1 = std::min(t1, c0 + chunk);
     to_float(p, c0, c1, buffer.get());
-    const F32Strips::Problem f{p.a, p.lda, p.rows, buffer.get(), p.k, p.n_total, nullptr, p.y, c0};
+    const typename ChunkKernel::Problem f = chunk_problem(p, buffer.get(), c0);
     for (int64_t r0 = 0; r0 < p.rows; r0 += strips_loops::kBlockRows)
-      strips_loops::rows_against_strips<F32Strips, false>(f, r0, std::min<int64_t>(strips_loops::kBlockRows, p.rows - r0), c0, c1);
+      strips_loops::rows_against_strips<ChunkKernel, false>(f, r0, std::min<int64_t>(strips_loops::kBlockRows, p.rows - r0), c0, c1);
   }
 }
 
 // A call on quantized strips: in registers up to kInt4DirectRows rows (Kernel), else each thread's
-// strips converted chunk by chunk (to_float) for f32_linear's blocks.
-template <class Kernel, void (*to_float)(const typename Kernel::Problem&, int64_t, int64_t, float*)>
+// strips converted chunk by chunk (to_float) for ChunkKernel's blocks.
+template <class Kernel, void (*to_float)(const typename Kernel::Problem&, int64_t, int64_t, float*), class ChunkKernel>
 void run_quantized(const typename Kernel::Problem& p, int64_t tiles, const at::Tensor& codes) {
   if (p.rows <= kInt4DirectRows) {
     strips_loops::run<Kernel>(p, tiles, codes.data_ptr(), codes.numel(), streaming_choice.streaming());
   } else {
-    kernel_pool::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { converted_chunks<typename Kernel::Problem, to_float>(p, t0, t1); },
+    kernel_pool::parallel_for(0, tiles, 1,
+                              [&](int64_t t0, int64_t t1) { converted_chunks<typename Kernel::Problem, to_float, ChunkKernel>(p, t0, t1); },
                               {codes.data_ptr(), codes.numel()});
   }
 }
@@ -245,9 +333,12 @@ at::Tensor int4_f32_linear(const at::Tensor& x, const at::Tensor& codes, const a
               " does not match the strips");
   at::Tensor out = at::empty({rows, n_total}, x.options());
   if (rows == 0) return out;
+  const int64_t group = k_total / scales.size(1);
+  at::Tensor sums = at::empty({rows, scales.size(1)}, x.options());
+  group_sums(x.data_ptr<float>(), x.stride(0), rows, k_total, group, sums.data_ptr<float>());
   const Int4Problem p{x.data_ptr<float>(), x.stride(0), rows, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), k_total,
-                      k_total / scales.size(1), n_total, out.data_ptr<float>()};
-  run_quantized<Int4Strips, int4_to_float>(p, tiles, codes);
+                      group, n_total, out.data_ptr<float>(), sums.data_ptr<float>()};
+  run_quantized<Int4Strips, int4_to_float, Int4ConvertedStrips>(p, tiles, codes);
   return out;
 }
 
@@ -312,6 +403,10 @@ F32_LINEAR_TARGET void int8_to_float(const Int8Problem& p, int64_t t0, int64_t t
   }
 }
 
+F32Strips::Problem chunk_problem(const Int8Problem& p, const float* chunk, int64_t first_strip) {
+  return {p.a, p.lda, p.rows, chunk, p.k, p.n_total, nullptr, p.y, first_strip};
+}
+
 // x [M, K] float32 @ int8 strips (codes [ceil(N/16), K, 16] int8, scales [N] float32) -> [M, N] float32.
 at::Tensor int8_f32_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t n_total) {
   TORCH_CHECK(f32_linear_supported(), "int8_f32_linear needs a CPU with AVX-512 (F, BW, VL, DQ)");
@@ -328,7 +423,7 @@ at::Tensor int8_f32_linear(const at::Tensor& x, const at::Tensor& codes, const a
   if (rows == 0) return out;
   const Int8Problem p{x.data_ptr<float>(), x.stride(0), rows, codes.data_ptr<int8_t>(), scales.data_ptr<float>(), k_total,
                       n_total, out.data_ptr<float>()};
-  run_quantized<Int8Strips, int8_to_float>(p, tiles, codes);
+  run_quantized<Int8Strips, int8_to_float, F32Strips>(p, tiles, codes);
   return out;
 }
 
