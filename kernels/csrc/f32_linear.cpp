@@ -124,6 +124,11 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& strips, const std::
 // Row counts up to which int4 (and int8) strips are converted in registers per row block
 // (Int4Strips, Int8Strips); more convert each chunk once per call (converted_chunks).
 constexpr int64_t kInt4DirectRows = 8;
+// Groups ahead whose scale and offset lines Int4Strips prefetches (beside its codes' lines): their
+// own stream per strip, read once a group, which the hardware prefetcher left to miss. The default
+// model's 30 layers of int4 projections at 1 row: 0.93x the time without (median of 30 in-process
+// A/B rounds, this 2-vCPU Ice Lake).
+constexpr int64_t kScaleGroupsAhead = 4;
 
 struct Int4Problem {
   const float* a;
@@ -189,7 +194,9 @@ F32_LINEAR_TARGET inline void int4_group_end(__m512 (&acc)[R][NS], const __m512 
 struct Int4Strips {
   using Problem = Int4Problem;
   // rows x strips partial sums and as many accumulators + the pair's codes within 32 registers.
-  static constexpr int strips_for(int rows, bool) { return rows <= 1 ? 8 : rows <= 2 ? 6 : rows <= 3 ? 4 : rows <= 4 ? 3 : rows <= 7 ? 2 : 1; }
+  static constexpr int strips_for(int rows, bool) {
+    return rows <= 1 ? 8 : rows <= 2 ? 6 : rows <= 3 ? 4 : rows <= 4 ? 3 : rows <= 7 ? 2 : 1;
+  }
   static int64_t strip_bytes(const Problem& p) { return p.k * kColumns / 2 + p.k / p.group * 2 * kColumns * 4; }
 
   template <int R, int NS, bool Prefetch>
@@ -205,6 +212,12 @@ struct Int4Strips {
       __m512 part[R][NS];
       for (int r = 0; r < R; ++r)
         for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
+      if (Prefetch)
+        for (int n = 0; n < NS; ++n) {
+          const float* ahead = p.scales + ((t + n) * groups + g + kScaleGroupsAhead) * 2 * kColumns;
+          _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + kColumns), _MM_HINT_T0);
+        }
       for (int64_t q = g * half; q < (g + 1) * half; ++q) {
         if (Prefetch && q % 4 == 0)  // a 64-byte line holds 4 pairs
           for (int n = 0; n < NS; ++n)
