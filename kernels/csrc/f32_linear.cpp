@@ -63,6 +63,21 @@ F32_LINEAR_TARGET inline void store_strips(const __m512 (&acc)[R][NS], float* y,
   }
 }
 
+// One k of a float32 strips block: line k of NS strips (strip floats apart from b) times each of R
+// rows' a[r][k], added to sums[r][n]; Prefetch: those strips' lines kPrefetchLines ahead.
+template <int R, int NS, bool Prefetch>
+F32_LINEAR_TARGET inline void strips_k(__m512 (&sums)[R][NS], const float* a, int64_t lda, const float* b, int64_t strip, int64_t k) {
+  __m512 w[NS];
+  if (Prefetch)
+    for (int n = 0; n < NS; ++n)
+      _mm_prefetch(reinterpret_cast<const char*>(b + n * strip + (k + kPrefetchLines) * kColumns), _MM_HINT_T0);
+  for (int n = 0; n < NS; ++n) w[n] = _mm512_loadu_ps(b + n * strip + k * kColumns);
+  for (int r = 0; r < R; ++r) {
+    const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+    for (int n = 0; n < NS; ++n) sums[r][n] = _mm512_fmadd_ps(x, w[n], sums[r][n]);
+  }
+}
+
 struct F32Strips {
   using Problem = strips_loops::Problem<float, float>;
 
@@ -80,17 +95,7 @@ struct F32Strips {
     __m512 acc[R][NS];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.k; ++k) {
-      __m512 w[NS];
-      if (Prefetch)
-        for (int n = 0; n < NS; ++n)
-          _mm_prefetch(reinterpret_cast<const char*>(b + n * strip + (k + kPrefetchLines) * kColumns), _MM_HINT_T0);
-      for (int n = 0; n < NS; ++n) w[n] = _mm512_loadu_ps(b + n * strip + k * kColumns);
-      for (int r = 0; r < R; ++r) {
-        const __m512 x = _mm512_set1_ps(a[r * p.lda + k]);
-        for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_fmadd_ps(x, w[n], acc[r][n]);
-      }
-    }
+    for (int64_t k = 0; k < p.k; ++k) strips_k<R, NS, Prefetch>(acc, a, p.lda, b, strip, k);
     store_strips<R, NS>(acc, p.y + r0 * p.n_total, p.n_total, t, p.bias);
   }
 };
@@ -257,17 +262,7 @@ struct Int4ConvertedStrips {
       __m512 part[R][NS];
       for (int r = 0; r < R; ++r)
         for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
-      for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
-        __m512 w[NS];
-        if (Prefetch)
-          for (int n = 0; n < NS; ++n)
-            _mm_prefetch(reinterpret_cast<const char*>(b + n * strip + (k + kPrefetchLines) * kColumns), _MM_HINT_T0);
-        for (int n = 0; n < NS; ++n) w[n] = _mm512_loadu_ps(b + n * strip + k * kColumns);
-        for (int r = 0; r < R; ++r) {
-          const __m512 x = _mm512_set1_ps(a[r * p.lda + k]);
-          for (int n = 0; n < NS; ++n) part[r][n] = _mm512_fmadd_ps(x, w[n], part[r][n]);
-        }
-      }
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) strips_k<R, NS, Prefetch>(part, a, p.lda, b, strip, k);
       int4_group_end<R, NS>(acc, part, p.scales + t * groups * 2 * kColumns, groups, g, p.group_sums + r0 * groups);
     }
     store_strips<R, NS>(acc, p.y + r0 * p.n_total, p.n_total, t, nullptr);
