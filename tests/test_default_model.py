@@ -253,6 +253,7 @@ def test_quantized_float32_stays_close_to_float32_transformers(reference, quanti
         assert layers and all(m.w8a8 and m.rows_dtype == (torch.bfloat16 if m.amx else torch.float32) for m in layers)
         return
     assert layers and all(m.f32_strips for m in layers)
+    assert all(m.scales.dtype == torch.float16 for m in layers if m.bits == 4)  # the file's Q4_1 float16 scales
     assert first_tokens_equal(greedy_tokens(llm), first_tokens(default_llm)) >= 4
     exact = LLM(DEFAULT_MODEL, dtype="float32", quantization="int4", embedding_quantization="none", num_kv_blocks=256)
     median, worst, agree = score(exact, reference)

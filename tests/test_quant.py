@@ -128,6 +128,25 @@ def test_int4_f32_linear_takes_any_even_group_dividing_the_inputs(group):
         assert ((out - expected[:rows]).norm() / expected[:rows].norm()) < 1e-6, rows
 
 
+@pytest.mark.skipif(int4_f32_kernels() is None, reason="int4_f32_linear needs a CPU with AVX-512")
+def test_int4_f32_strips_keep_scales_in_float16_where_they_are_exactly_float16():
+    """A GGUF's Q4_0/Q4_1 scales and offsets are float16: the strips keep them so (a sixth fewer
+    bytes), and the products are the same bits as with them in float32; one that is not float16
+    stays float32."""
+    gen = torch.Generator().manual_seed(3)
+    q = quantize_int4(torch.randn(40, 160, generator=gen), 32)
+    scale = q.scale.half().float()
+    offset = (q.zero - 8 * q.scale).half().float()
+    codes, scales = int4_f32_strips(q.codes, scale, offset + 8 * scale)
+    assert scales.dtype == torch.float16
+    x = torch.randn(12, 160, generator=gen)
+    ops = int4_f32_kernels()
+    for rows in (1, 5, 12):  # in registers and converted per call
+        assert torch.equal(ops.int4_f32_linear(x[:rows], codes, scales, 40), ops.int4_f32_linear(x[:rows], codes, scales.float(), 40))
+    _, exact = int4_f32_strips(q.codes, q.scale, q.zero)
+    assert exact.dtype == torch.float32
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_matmul_in_bfloat16(method):
     gen = torch.Generator().manual_seed(1)

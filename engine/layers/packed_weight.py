@@ -6,10 +6,11 @@ multiplies it, as buffers (PackedQuantizedWeight).
 - int4 (PyTorch's packed layout): `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm`
   on CUDA (bfloat16 only).
 - A float32 model's int4 and int8 weights on an AVX-512 CPU (f32_strips): strips of 16 output
-  columns that kernels/csrc/f32_linear.cpp's int4_f32_linear / int8_f32_linear multiply, each
-  weight made in registers as its dequantized value, then f32_linear's FMAs (float32 rounding
-  of the dequantized product; 1.9x / 1.2x / 1.1x float32's tokens/s at 1 / 16 / 64 sequences for
-  int4). Elsewhere the float32 rows above.
+  columns that kernels/csrc/f32_linear.cpp's int4_f32_linear / int8_f32_linear multiply (int4
+  factored per group: x times the codes, then the group's scale and offset; int8's weight made as
+  code * scale; float32 rounding of the dequantized product either way; int4's scales in float16
+  where they are exactly float16, as a GGUF's; int4 2.8x / 1.5x / 1.1x float32's tokens/s at 1 /
+  16 / 64 sequences). Elsewhere the float32 rows above.
 - On AMX CPUs, bfloat16 inputs go to kernels/csrc/quant_ops.cpp instead (PyTorch's ops are vector
   loops, 3-20x slower than packed bfloat16 from 16 rows up). int4 keeps PyTorch's layout: 1-2
   rows run an AVX512-BF16 loop over the codes, 3-4 PyTorch's op, more our AMX tile loop on the

@@ -10,7 +10,8 @@
 // int4_f32_linear: an int4 weight (group-wise affine, engine/layers/quant.py's convention) in a
 // float32 model, on the same loop nest over int4 strips ([ceil(N/16)][K/2][16] bytes: byte j of
 // pair p holds column j's code for k = 2p in its low nibble, k = 2p + 1 in its high one; beside
-// them [ceil(N/16)][K/group][2][16] float32: each group's scale and offset = zero - 8 scale). The
+// them [ceil(N/16)][K/group][2][16] float32, or float16 where all are exactly float16 as a GGUF's
+// Q4_0/Q4_1 are: each group's scale and offset = zero - 8 scale, the same products). The
 // weight code * scale + offset is factored: per group, part = sum of x[k] * code over its k (the
 // code as read: one vpermps makes a nibble a float), then acc += part * scale + xsum * offset, with
 // xsum the group's sum of x (group_sums, once per call). A product costs one FMA on the code, the
@@ -34,6 +35,7 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 #include "cpu_features.h"
 #include "strips_loops.h"
@@ -135,11 +137,12 @@ constexpr int64_t kInt4DirectRows = 8;
 // A/B rounds, this 2-vCPU Ice Lake).
 constexpr int64_t kScaleGroupsAhead = 4;
 
+template <class Scale>
 struct Int4Problem {
   const float* a;
   int64_t lda, rows;
   const uint8_t* codes;  // [strips][k / 2][16]
-  const float* scales;   // [strips][k / group][2][16]
+  const Scale* scales;   // [strips][k / group][2][16]: float, or float16's bits (uint16_t)
   int64_t k, group, n_total;
   float* y;
   const float* group_sums;             // [rows][k / group]: group_sums of a
@@ -176,14 +179,20 @@ F32_LINEAR_TARGET inline void int4_pair_codes(const uint8_t* pair_codes, __m512 
   c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
 }
 
+// 16 of a group's scales or offsets as floats (float16: exact; vcvtph2ps).
+F32_LINEAR_TARGET inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
+F32_LINEAR_TARGET inline __m512 load_scales(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // acc = part * scale + group_sum * offset + acc for rows [0, R) x strips [0, NS) at group g of
 // strip t's scales: a group's end in both int4 blocks.
-template <int R, int NS>
-F32_LINEAR_TARGET inline void int4_group_end(__m512 (&acc)[R][NS], const __m512 (&part)[R][NS], const float* sz, int64_t groups,
+template <int R, int NS, class Scale>
+F32_LINEAR_TARGET inline void int4_group_end(__m512 (&acc)[R][NS], const __m512 (&part)[R][NS], const Scale* sz, int64_t groups,
                                              int64_t g, const float* sums) {
   for (int n = 0; n < NS; ++n) {
-    const __m512 scale = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns);
-    const __m512 offset = _mm512_loadu_ps(sz + (n * groups + g) * 2 * kColumns + kColumns);
+    const __m512 scale = load_scales(sz + (n * groups + g) * 2 * kColumns);
+    const __m512 offset = load_scales(sz + (n * groups + g) * 2 * kColumns + kColumns);
     for (int r = 0; r < R; ++r) {
       acc[r][n] = _mm512_fmadd_ps(part[r][n], scale, acc[r][n]);
       acc[r][n] = _mm512_fmadd_ps(_mm512_set1_ps(sums[r * groups + g]), offset, acc[r][n]);
@@ -196,13 +205,14 @@ F32_LINEAR_TARGET inline void int4_group_end(__m512 (&acc)[R][NS], const __m512 
 
 // Int4Strips (up to kInt4DirectRows rows): rows [r0, r0 + R) x strips [t, t + NS), codes decoded
 // in registers a pair at a time.
+template <class Scale>
 struct Int4Strips {
-  using Problem = Int4Problem;
+  using Problem = Int4Problem<Scale>;
   // rows x strips partial sums and as many accumulators + the pair's codes within 32 registers.
   static constexpr int strips_for(int rows, bool) {
     return rows <= 1 ? 8 : rows <= 2 ? 6 : rows <= 3 ? 4 : rows <= 4 ? 3 : rows <= 7 ? 2 : 1;
   }
-  static int64_t strip_bytes(const Problem& p) { return p.k * kColumns / 2 + p.k / p.group * 2 * kColumns * 4; }
+  static int64_t strip_bytes(const Problem& p) { return p.k * kColumns / 2 + p.k / p.group * 2 * kColumns * sizeof(Scale); }
 
   template <int R, int NS, bool Prefetch>
   F32_LINEAR_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
@@ -219,7 +229,7 @@ struct Int4Strips {
         for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
       if (Prefetch)
         for (int n = 0; n < NS; ++n) {
-          const float* ahead = p.scales + ((t + n) * groups + g + kScaleGroupsAhead) * 2 * kColumns;
+          const Scale* ahead = p.scales + ((t + n) * groups + g + kScaleGroupsAhead) * 2 * kColumns;
           _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(ahead + kColumns), _MM_HINT_T0);
         }
@@ -245,8 +255,9 @@ struct Int4Strips {
 // Int4ConvertedStrips (more rows): the same on a chunk's codes converted to floats (int4_to_float),
 // k at a time as F32Strips; the registers hold the partial sums of 8 rows x 3 strips, the
 // accumulators spill to L1 (touched once a group).
+template <class Scale>
 struct Int4ConvertedStrips {
-  using Problem = Int4Problem;
+  using Problem = Int4Problem<Scale>;
   static constexpr int strips_for(int rows, bool streaming) { return F32Strips::strips_for(rows, streaming); }
   static int64_t strip_bytes(const Problem& p) { return p.k * kColumns * 4; }
 
@@ -270,7 +281,8 @@ struct Int4ConvertedStrips {
 };
 
 // The codes of int4 strips [t0, t1) as floats in f32_linear's strip layout, into `out`.
-F32_LINEAR_TARGET void int4_to_float(const Int4Problem& p, int64_t t0, int64_t t1, float* out) {
+template <class Scale>
+F32_LINEAR_TARGET void int4_to_float(const Int4Problem<Scale>& p, int64_t t0, int64_t t1, float* out) {
   const int64_t pairs = p.k / 2;
   const __m512 values = int4_code_values();
   for (int64_t t = t0; t < t1; ++t)
@@ -282,8 +294,9 @@ F32_LINEAR_TARGET void int4_to_float(const Int4Problem& p, int64_t t0, int64_t t
     }
 }
 
-Int4Problem chunk_problem(const Int4Problem& p, const float* chunk, int64_t first_strip) {
-  Int4Problem f = p;
+template <class Scale>
+Int4Problem<Scale> chunk_problem(const Int4Problem<Scale>& p, const float* chunk, int64_t first_strip) {
+  Int4Problem<Scale> f = p;
   f.float_codes = chunk;
   f.first_strip = first_strip;
   return f;
@@ -333,10 +346,11 @@ at::Tensor int4_f32_linear(const at::Tensor& x, const at::Tensor& codes, const a
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == kColumns &&
                   codes.size(1) * 2 == k_total,
               "codes: [ceil(N/16), K/2, 16] uint8 int4 strips for K = ", k_total);
-  TORCH_CHECK(scales.dim() == 4 && scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.size(0) == tiles &&
+  const bool half_scales = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK(scales.dim() == 4 && (half_scales || scales.scalar_type() == at::kFloat) && scales.is_contiguous() && scales.size(0) == tiles &&
                   scales.size(1) > 0 && k_total % scales.size(1) == 0 && (k_total / scales.size(1)) % 2 == 0 &&
                   scales.size(2) == 2 && scales.size(3) == kColumns,
-              "scales: [ceil(N/16), K/group, 2, 16] float32 (an even group dividing K)");
+              "scales: [ceil(N/16), K/group, 2, 16] float32 or float16 (an even group dividing K)");
   TORCH_CHECK(n_total > (tiles - 1) * kColumns && n_total <= tiles * kColumns, "out_features ", n_total,
               " does not match the strips");
   at::Tensor out = at::empty({rows, n_total}, x.options());
@@ -344,9 +358,17 @@ at::Tensor int4_f32_linear(const at::Tensor& x, const at::Tensor& codes, const a
   const int64_t group = k_total / scales.size(1);
   at::Tensor sums = at::empty({rows, scales.size(1)}, x.options());
   group_sums(x.data_ptr<float>(), x.stride(0), rows, k_total, group, sums.data_ptr<float>());
-  const Int4Problem p{x.data_ptr<float>(), x.stride(0), rows, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), k_total,
-                      group, n_total, out.data_ptr<float>(), sums.data_ptr<float>()};
-  run_quantized<Int4Strips, int4_to_float, Int4ConvertedStrips>(p, tiles, codes);
+  const auto run = [&](const auto* scale_data) {
+    using Scale = std::remove_cv_t<std::remove_pointer_t<decltype(scale_data)>>;
+    const Int4Problem<Scale> p{x.data_ptr<float>(), x.stride(0), rows, codes.data_ptr<uint8_t>(), scale_data, k_total,
+                               group, n_total, out.data_ptr<float>(), sums.data_ptr<float>()};
+    run_quantized<Int4Strips<Scale>, int4_to_float<Scale>, Int4ConvertedStrips<Scale>>(p, tiles, codes);
+  };
+  if (half_scales) {
+    run(reinterpret_cast<const uint16_t*>(scales.data_ptr()));
+  } else {
+    run(scales.data_ptr<float>());
+  }
   return out;
 }
 
