@@ -65,6 +65,13 @@ F32_LINEAR_TARGET inline void store_strips(const __m512 (&acc)[R][NS], float* y,
   }
 }
 
+// Every (row, strip) sum of a block set to 0.
+template <int R, int NS>
+F32_LINEAR_TARGET inline void zero_sums(__m512 (&sums)[R][NS]) {
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NS; ++n) sums[r][n] = _mm512_setzero_ps();
+}
+
 // One k of a float32 strips block: line k of NS strips (strip floats apart from b) times each of R
 // rows' a[r][k], added to sums[r][n]; Prefetch: those strips' lines kPrefetchLines ahead.
 template <int R, int NS, bool Prefetch>
@@ -95,8 +102,7 @@ struct F32Strips {
     const float* a = p.a + r0 * p.lda;
     const float* b = p.w + (t - p.first_strip) * strip;
     __m512 acc[R][NS];
-    for (int r = 0; r < R; ++r)
-      for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
+    zero_sums(acc);
     for (int64_t k = 0; k < p.k; ++k) strips_k<R, NS, Prefetch>(acc, a, p.lda, b, strip, k);
     store_strips<R, NS>(acc, p.y + r0 * p.n_total, p.n_total, t, p.bias);
   }
@@ -221,12 +227,10 @@ struct Int4Strips {
     const uint8_t* c = p.codes + t * pairs * kColumns;
     const __m512 values = int4_code_values();
     __m512 acc[R][NS];
-    for (int r = 0; r < R; ++r)
-      for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
+    zero_sums(acc);
     for (int64_t g = 0; g < groups; ++g) {
       __m512 part[R][NS];
-      for (int r = 0; r < R; ++r)
-        for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
+      zero_sums(part);
       if (Prefetch)
         for (int n = 0; n < NS; ++n) {
           const Scale* ahead = p.scales + ((t + n) * groups + g + kScaleGroupsAhead) * 2 * kColumns;
@@ -267,12 +271,10 @@ struct Int4ConvertedStrips {
     const float* a = p.a + r0 * p.lda;
     const float* b = p.float_codes + (t - p.first_strip) * strip;
     __m512 acc[R][NS];
-    for (int r = 0; r < R; ++r)
-      for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
+    zero_sums(acc);
     for (int64_t g = 0; g < groups; ++g) {
       __m512 part[R][NS];
-      for (int r = 0; r < R; ++r)
-        for (int n = 0; n < NS; ++n) part[r][n] = _mm512_setzero_ps();
+      zero_sums(part);
       for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) strips_k<R, NS, Prefetch>(part, a, p.lda, b, strip, k);
       int4_group_end<R, NS>(acc, part, p.scales + t * groups * 2 * kColumns, groups, g, p.group_sums + r0 * groups);
     }
@@ -409,8 +411,7 @@ struct Int8Strips {
     const int8_t* c = p.codes + t * strip;
     __m512 acc[R][NS], scale[NS];
     for (int n = 0; n < NS; ++n) scale[n] = int8_strip_scales(p, t + n);
-    for (int r = 0; r < R; ++r)
-      for (int n = 0; n < NS; ++n) acc[r][n] = _mm512_setzero_ps();
+    zero_sums(acc);
     for (int64_t k = 0; k < p.k; ++k) {
       if (Prefetch && k % 4 == 0)  // a 64-byte line holds 4 k
         for (int n = 0; n < NS; ++n)
