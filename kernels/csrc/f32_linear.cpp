@@ -16,9 +16,10 @@
 // code as read: one vpermps makes a nibble a float), then acc += part * scale + xsum * offset, with
 // xsum the group's sum of x (group_sums, once per call). A product costs one FMA on the code, the
 // scale and offset two FMAs a group: a fourth of the bytes of float32 read at few rows, and ~4
-// vector ops per pair of k and strip at one row where dequantizing each weight first took ~7 (a
-// 3072 x 576 weight at 1 row, 2 threads: 141 -> 68 us from memory, the read's limit at 20 GB/s;
-// the default model's decode step 13.2 -> 9.7 ms). Up to kInt4DirectRows rows the nibbles are
+// vector ops per pair of k and strip at one row where dequantizing each weight first took ~7 (the
+// default model's offline decode against dequantizing first, one process, rounds alternating, a
+// 2-vCPU Ice Lake: 1.19x tok/s at 1 sequence, 1.09x at 16, 1.00x at 64; bench/RESULTS.md,
+// 2026-12-04). Up to kInt4DirectRows rows the nibbles are
 // decoded per row block in registers (Int4Strips); more, each thread converts a chunk of strips
 // once per call into float codes in L2 for blocks of 8 rows x 3 strips (Int4ConvertedStrips). Both
 // make an output by the same operations in the same order: a row's output does not depend on its
