@@ -39,9 +39,13 @@
 #include <type_traits>
 
 #include "cpu_features.h"
+#include "int4_groups.h"
 #include "strips_loops.h"
 
 namespace {
+
+using int4_groups::group_sums;
+using int4_groups::load_scales;
 
 #define F32_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
@@ -157,22 +161,6 @@ struct Int4Problem {
   int64_t first_strip = 0;
 };
 
-// sums[r][g] = the sum of a[r] over group g's inputs, 16 at a time then across the lanes: one
-// fixed order per row, whatever the row count.
-F32_LINEAR_TARGET void group_sums(const float* a, int64_t lda, int64_t rows, int64_t k, int64_t group, float* sums) {
-  const int64_t groups = k / group;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* x = a + r * lda + g * group;
-      __m512 s = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += kColumns) {
-        const int64_t count = std::min<int64_t>(kColumns, group - i);
-        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), x + i));
-      }
-      sums[r * groups + g] = _mm512_reduce_add_ps(s);
-    }
-}
-
 // The codes 0..15 as floats in lanes 0..15: vpermps reads only the low 4 bits of each index, so one
 // permute turns every lane's low nibble into its code as a float (no mask, no int-to-float convert).
 F32_LINEAR_TARGET inline __m512 int4_code_values() {
@@ -184,12 +172,6 @@ F32_LINEAR_TARGET inline void int4_pair_codes(const uint8_t* pair_codes, __m512 
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
   c0 = _mm512_permutexvar_ps(bytes, values);
   c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
-}
-
-// 16 of a group's scales or offsets as floats (float16: exact; vcvtph2ps).
-F32_LINEAR_TARGET inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
-F32_LINEAR_TARGET inline __m512 load_scales(const uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // acc = part * scale + group_sum * offset + acc for rows [0, R) x strips [0, NS) at group g of
