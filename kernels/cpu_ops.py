@@ -31,12 +31,13 @@ logger = logging.getLogger(__name__)
 # gemv_ops.cpp: AMX bfloat16 matmuls at few rows; amx_linear.cpp: the bfloat16 projections on
 # hand-written AMX tile loops (amx_tiles.h); bf16_linear.cpp: the same strips on AVX512-BF16 where
 # the CPU has no AMX; f32_linear.cpp: float32 projections on column strips of FMAs (both on
-# strips_loops.h's loop nest); sampler_ops.cpp: the sampler's filters and draw;
+# strips_loops.h's loop nest); w4a8_linear.cpp: int4 weights times rows rounded to int8 on
+# AVX512-VNNI (the same loop nest); sampler_ops.cpp: the sampler's filters and draw;
 # thread_pool.cpp: the thread pool all of them split their work on (thread_pool.h), not torch's
 # OpenMP threads.
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("cpu_ops.cpp", "quant_ops.cpp", "step_ops.cpp", "gemv_ops.cpp", "amx_linear.cpp",
-                        "bf16_linear.cpp", "f32_linear.cpp", "sampler_ops.cpp", "thread_pool.cpp")]
+                        "bf16_linear.cpp", "f32_linear.cpp", "w4a8_linear.cpp", "sampler_ops.cpp", "thread_pool.cpp")]
 # torch's name for the widest vector extension this CPU has -> the gcc target for it.
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 

@@ -225,6 +225,12 @@ def test_quantized_bfloat16_stays_close_to_float32_transformers(reference, quant
     assert first_tokens_equal(greedy_tokens(llm), first_tokens(baseline)) >= bar
 
 
+def _has_w4a8() -> bool:
+    from engine.layers.quant_kernels import w4a8_kernels
+
+    return w4a8_kernels() is not None
+
+
 def _has_int4_strips() -> bool:
     from engine.layers.quant_kernels import int4_f32_kernels
 
@@ -233,7 +239,8 @@ def _has_int4_strips() -> bool:
 
 @pytest.mark.parametrize("quantization", [
     pytest.param("int4", marks=pytest.mark.skipif(not _has_int4_strips(), reason="int4 strips need AVX-512")),
-    pytest.param("w8a8", marks=pytest.mark.skipif(not _has_w8a8(), reason="w8a8 needs AMX-INT8 or AVX512-VNNI"))])
+    pytest.param("w8a8", marks=pytest.mark.skipif(not _has_w8a8(), reason="w8a8 needs AMX-INT8 or AVX512-VNNI")),
+    pytest.param("w4a8", marks=pytest.mark.skipif(not _has_w4a8(), reason="w4a8 needs AVX-512 with AVX512-VNNI"))])
 def test_quantized_float32_stays_close_to_float32_transformers(reference, quantization, default_llm, first_tokens):
     """The quantized formats a float32 engine runs fast: int4 (the default of dtype="auto" on a CPU
     without native bfloat16: the file's Q4_1 codes in int4 strips, kernels/csrc/f32_linear.cpp) and
@@ -244,11 +251,21 @@ def test_quantized_float32_stays_close_to_float32_transformers(reference, quanti
     bfloat16 w8a8 there 96.1%, float32 int8 weight-only 96.9%, the same w8a8 with a float32 head
     96.9%, 0.021: the head's int8 input rounding costs the most), 1 of 8 prompts (near-tie flips:
     no bar). int4's projections alone (a float32 head) are the file's weights in float32: every
-    logprob within 2e-5 of transformers' (median 2e-6), all 8 prompts' greedy tokens equal."""
+    logprob within 2e-5 of transformers' (median 2e-6), all 8 prompts' greedy tokens equal.
+    w4a8 (the file's Q4_1 codes times each input rounded to int8 per group of 32, as llama.cpp's
+    Q4_1 x Q8_1; kernels/csrc/w4a8_linear.cpp) trades accuracy for speed: measured 89.5%, median
+    0.056, worst 0.71 on that Xeon (bars 87%, 0.07, 1.0), the first greedy tokens part early (no
+    bar)."""
     llm = LLM(DEFAULT_MODEL, dtype="float32", quantization=quantization, num_kv_blocks=256)
     median, worst, agree = score(llm, reference)
-    assert median < 0.05 and worst < 1.0 and agree >= (0.95 if quantization == "int4" else 0.93), (median, worst, agree)
     layers = [m for m in llm.engine.runner.model_runner.model.modules() if isinstance(m, PackedQuantizedWeight)]
+    if quantization == "w4a8":
+        assert median < 0.07 and worst < 1.0 and agree >= 0.87, (median, worst, agree)
+        projections = [m for m in layers if m.bits == 4]
+        assert projections and all(m.w4a8 and m.scales.dtype == torch.float16 for m in projections)
+        assert all(m.f32_strips for m in layers if m.bits == 8)  # the int8 head: weight-only, float32 rows
+        return
+    assert median < 0.05 and worst < 1.0 and agree >= (0.95 if quantization == "int4" else 0.93), (median, worst, agree)
     if quantization == "w8a8":
         assert layers and all(m.w8a8 and m.rows_dtype == (torch.bfloat16 if m.amx else torch.float32) for m in layers)
         return

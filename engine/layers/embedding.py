@@ -140,7 +140,7 @@ class GroupedRows(nn.Module):
 def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> QuantizedWeight:
     """A gather-only table in `method`'s format: int4 groups (where a group divides the width),
     else int8 rows."""
-    group = int4_group_size(weight.shape[1], group_size) if method == "int4" else None
+    group = int4_group_size(weight.shape[1], group_size) if method in ("int4", "w4a8") else None
     if group is None:
         return int8_rows(weight)
     step = _chunk_rows(weight.shape[1])

@@ -21,7 +21,7 @@ from torch import nn
 from engine.layers.linear_kernels import (AMX_FEW_ROWS, few_rows_bfloat16, few_rows_float32, pack_strips, packed_rows,
                                           strips_kernel_call, strips_linear)
 from engine.layers.packed_weight import PackedQuantizedWeight
-from engine.layers.quant import QuantizedWeight, quantize_blocks
+from engine.layers.quant import QuantizedWeight, quantize_blocks, rounds_activations
 from engine.layers.quant_kernels import quantized_kernel_call
 from engine.layers.step_module import StepModule
 from engine.parallel_state import ParallelState, kv_head_range, rank_and_size, read_all, read_part, weight_shape
@@ -129,7 +129,7 @@ class Linear(StepModule, nn.Linear):
             q = self._quantize(parts, quantization, group_size)
             if q is not None:
                 self.quantized = PackedQuantizedWeight(q, self.weight.dtype, self.weight.device,
-                                                       int8_activations=quantization == "w8a8")
+                                                       int8_activations=rounds_activations(quantization))
                 self.weight = None
                 return quantization
             logger.info("%s: input width %d fits no %s layout; kept in float", type(self).__name__, self.in_features,

@@ -29,7 +29,7 @@ from engine.forward_context import get_forward_context
 from engine.layers.activation import gated_activation
 from engine.layers.linear import check_shape, set_loader
 from engine.layers.packed_weight import PackedQuantizedWeight
-from engine.layers.quant import QuantizedWeight, int4_group_size, quantize_blocks
+from engine.layers.quant import QuantizedWeight, int4_group_size, quantize_blocks, rounds_activations
 from engine.parallel_state import ParallelState, rank_and_size, read_all, read_part
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class FusedMoE(nn.Module):
             if q is None:  # quantize_at_load checked the widths
                 raise ValueError(f"expert {expert}'s {projection} fits no {method} layout")
             self._packed[(expert, projection)] = PackedQuantizedWeight(q, *self._target,
-                                                                       int8_activations=method == "w8a8")
+                                                                       int8_activations=rounds_activations(method))
 
     def finalize(self) -> str:
         """After loading: the packed experts replace the (never filled) float stacks."""

@@ -26,7 +26,11 @@ multiplies it, as buffers (PackedQuantizedWeight).
   Without AMX, AVX512-VNNI's byte products (w8a8_mm_vnni, the same sums and outputs) make twice
   AVX512-BF16's products per instruction; it takes a float32 model's rows as they are, so CPUs
   without AVX512-BF16 (Cascade Lake, Ice Lake) run it too, at four times float32's products per
-  instruction. Both sides are rotated by the same block Hadamard matrix first
+  instruction.
+- w4a8 (AVX512-VNNI): int4's codes (a GGUF's 4-bit blocks as they are) in strips of 16 columns,
+  times each input row rounded to int8 per weight group (max |x| / 127 of the group), exact integer
+  sums per group, then the group's scale and offset (the offset on the exact float sum of the
+  inputs): kernels/csrc/w4a8_linear.cpp. Both sides are rotated by the same block Hadamard matrix first
   (engine/layers/rotation.py: the weight at load, the input in the kernel), which cuts the
   activations' rounding error about 3x (README, "Weight quantization").
 - CPUs with AVX512-BF16 but no AMX (Zen 4/5, cloud VMs that hide it) take quant_ops.cpp's vector
@@ -44,7 +48,8 @@ import torch.nn.functional as F
 
 from engine.layers.quant import QuantizedWeight
 from engine.layers.quant_kernels import (INT8_MAX_INPUTS, avx512_kernels, int4_f32_kernels, int4_f32_strips, int4_matmul,
-                                         int8_f32_strips, int8_matmul, vector_kernels, w8a8_kernels)
+                                         int8_f32_strips, int8_matmul, vector_kernels, w4a8_kernels, w4a8_strips,
+                                         w8a8_kernels)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +82,11 @@ class PackedQuantizedWeight(torch.nn.Module):
         super().__init__()
         self.bits, self.group_size = q.bits, q.group_size
         self.out_features, self.in_features = q.shape
-        self.w8a8 = int8_activations
+        self.w8a8 = int8_activations and q.bits == 8
+        self.w4a8 = int8_activations and q.bits == 4
+        if self.w4a8:
+            self._init_w4a8(q, dtype, device)
+            return
         # Weight-only int4/int8 in a float32 model on an AVX-512 CPU: in the strips of
         # int4_f32_linear / int8_f32_linear (kernels/csrc/f32_linear.cpp; its forward is that op).
         self.f32_strips = (not int8_activations and device.type == "cpu" and dtype == torch.float32
@@ -154,6 +163,18 @@ class PackedQuantizedWeight(torch.nn.Module):
         self.register_buffer("qweight", tiles)
         self.register_buffer("scales", F.pad(q.scale.reshape(-1).float(), (0, codes.shape[0] - self.out_features)))
 
+    def _init_w4a8(self, q: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> None:
+        """int4 codes in w4a8_linear's strips (kernels/csrc/w4a8_linear.cpp), scales and offsets as
+        int4_f32_linear's (float16 where exactly float16, as a GGUF's)."""
+        if device.type != "cpu" or w4a8_kernels() is None:
+            raise ValueError("quantization='w4a8' needs a CPU with AVX-512 and AVX512-VNNI and the C++ kernels "
+                             "(kernels/cpu_ops.py); this machine has neither: use 'int4'")
+        self.amx = self.vector = self.f32_strips = False
+        self.dtype = dtype
+        codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", scales)
+
     def int8_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """int8 codes of the output rows `index` (all when None), [rows, in_features], whatever
         the layout: what a tied embedding gathers (w8a8's are codes of the rotated rows)."""
@@ -189,6 +210,10 @@ class PackedQuantizedWeight(torch.nn.Module):
         return self.int8_rows(index).to(self.scales.dtype) * self.scales[index, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a8:  # float32 rows in, x's dtype out
+            rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+            y = w4a8_kernels().w4a8_linear(rows, self.qweight, self.scales, self.out_features)
+            return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)).to(x.dtype)
         if self.w8a8:  # activations are rounded to 8 bits anyway: rows_dtype in, x's dtype out
             ops = w8a8_kernels()
             matmul = ops.w8a8_mm_amx if self.amx else ops.w8a8_mm_vnni

@@ -6,6 +6,7 @@ make them at load. engine/layers/packed_weight.py lays them out for the matmuls 
   code 0..15 (PyTorch's "tinygemm" convention).
 - w8a8: int8 per row of the weight times the block Hadamard matrix R (engine/layers/rotation.py),
   whose input is rotated by the same R and rounded to int8 per row in the kernel.
+- w4a8: int4's codes, whose input is rounded to int8 per row and group in the kernel.
 
 A weight arrives as float (quantized here, at load) or already quantized (`QuantizedWeight`:
 a GGUF Q4_0/Q4_1/Q4_K tensor maps onto int4 group 32 exactly, see engine/gguf_weights.py).
@@ -116,6 +117,11 @@ def w8a8_fits(in_features: int) -> bool:
     return in_features % 4 == 0
 
 
+def rounds_activations(method: str | None) -> bool:
+    """Whether `method`'s kernels round each input row to int8 (w8a8, w4a8), not weight-only."""
+    return method in ("w8a8", "w4a8")
+
+
 def int4_group_size(cols: int, wanted: int) -> int | None:
     """The largest supported group size up to `wanted` that divides the input width (None: none does)."""
     return next((g for g in sorted(QUANTIZATION_GROUP_SIZES, reverse=True) if g <= wanted and cols % g == 0), None)
@@ -126,7 +132,7 @@ def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: in
     if method == "w8a8" and not w8a8_fits(weight.shape[1]):
         return None
     if isinstance(weight, QuantizedWeight):
-        if method == "int4" and weight.bits == 4:
+        if method in ("int4", "w4a8") and weight.bits == 4:
             return weight
         if weight.bits == 8 and weight.group_size == weight.shape[1]:  # per-row int8, rotated as w8a8 wants it
             wanted = hadamard_block(weight.shape[1]) if method == "w8a8" else 0

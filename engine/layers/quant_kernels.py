@@ -119,12 +119,41 @@ def int4_f32_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         scale, zero = torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
     pairs = codes.to(torch.uint8).view(-1, 16, codes.shape[1] // 2, 2)
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 1).contiguous()
+    return packed, _int4_strip_groups(scale, zero)
+
+
+def _int4_strip_groups(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Scale and zero [N, K/group] (N a multiple of 16) as int4 strips' groups: [N/16, K/group, 2,
+    16] (scale, offset = zero - 8 scale), float16 where all are exactly float16, else float32."""
     scale = scale.float()
     groups = torch.stack([scale, zero.float() - 8 * scale], dim=-1)  # [N, K/group, 2]
     half = groups.half()
     if torch.equal(half.float(), groups):
         groups = half
-    return packed, groups.view(-1, 16, *groups.shape[1:]).permute(0, 2, 3, 1).contiguous()
+    return groups.view(-1, 16, *groups.shape[1:]).permute(0, 2, 3, 1).contiguous()
+
+
+@functools.cache
+def w4a8_kernels():
+    """avx512_kernels() where w4a8_linear multiplies int4 strips by float32 rows rounded to int8 per
+    group (AVX-512 with AVX512-VNNI: Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4; kernels/csrc/
+    w4a8_linear.cpp), else None."""
+    ops = avx512_kernels()
+    return ops if ops is not None and ops.w4a8_supported() else None
+
+
+def w4a8_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight (as int4_f32_strips takes it) in w4a8_linear's layout: codes [ceil(N/16),
+    K/8, 16, 4] uint8, byte b of column j at step s holding k = 8s + b's code in its low nibble and
+    k = 8s + 4 + b's in its high one (a mask and a shift make two VNNI operands); scales as
+    int4_f32_strips'. Padding columns: code 8, scale 0, zero 0, exactly 0."""
+    pad = -codes.shape[0] % 16
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+        scale, zero = torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
+    steps = codes.to(torch.uint8).view(-1, 16, codes.shape[1] // 8, 2, 4)  # [strip, column, step, half, byte]
+    packed = (steps[..., 0, :] | (steps[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+    return packed, _int4_strip_groups(scale, zero)
 
 
 def int8_f32_strips(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +272,9 @@ def quantized_kernel_call(weight, rows: int) -> tuple[str, list, list[int]] | No
     `rows` bfloat16 input rows by a PackedQuantizedWeight on the vector loops (float32 rows: by its
     int4 / int8 strips, or w8a8's), as its forward does; None where its forward is not that one call (AMX, PyTorch's packed ops). For
     kernels/csrc/step_ops.cpp's decoder_layer, which calls the op by name."""
+    if weight.w4a8:
+        return ("bento_llm::w4a8_linear", [weight.qweight, weight.scales], [weight.out_features]) \
+            if weight.dtype == torch.float32 else None
     if weight.f32_strips:
         op = "bento_llm::int4_f32_linear" if weight.bits == 4 else "bento_llm::int8_f32_linear"
         return op, [weight.qweight, weight.scales], [weight.out_features]

@@ -1,0 +1,153 @@
+"""w4a8: int4 weights (a GGUF's 4-bit codes as they are) times each input row rounded to int8 per
+weight group, on AVX512-VNNI (kernels/csrc/w4a8_linear.cpp): the op against a float64 reference
+of the same arithmetic, its rounding error within the bound the input's rounding allows, a row's
+output independent of its batch, and the engine option end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.layers.linear import Linear
+from engine.layers.quant import quantize_int4
+from engine.layers.quant_kernels import w4a8_kernels, w4a8_strips
+
+pytestmark = pytest.mark.skipif(w4a8_kernels() is None, reason="w4a8 needs AVX-512 with AVX512-VNNI")
+
+
+def rounded_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's groups rounded as the kernel rounds them: (codes [rows, K] as int64, x_scale
+    [rows, K / group] float32) with code = round-half-even(x * (127 / max |x|)), x_scale = max |x| / 127."""
+    groups = x.view(x.shape[0], -1, group)
+    top = groups.abs().amax(dim=-1)
+    inverse = torch.where(top > 0, torch.tensor(127.0) / top, torch.zeros_like(top))
+    codes = (groups * inverse[..., None]).round().clamp(-127, 127)
+    return codes.view_as(x).long(), top / 127
+
+
+def reference_w4a8(x: torch.Tensor, q, out_features: int) -> torch.Tensor:
+    """sum over groups of scale * x_scale * (integer sum of code * rounded input) + offset * (float
+    sum of the group's inputs), in float64 from the kernel's float32 operands."""
+    group = q.group_size
+    codes, x_scale = rounded_rows(x, group)
+    w = q.codes.long().view(out_features, -1, group)  # [N, groups, group]
+    sums = torch.einsum("rgk,ngk->rng", codes.view(x.shape[0], -1, group), w).double()  # exact integers
+    scale = q.scale.float()
+    offset = q.zero.float() - 8 * scale
+    x_sums = x.view(x.shape[0], -1, group).sum(dim=-1).double()
+    step = (scale[None] * x_scale[:, None]).double()  # the kernel's float32 product scale * x_scale
+    return (sums * step + x_sums[:, None] * offset[None].double()).sum(dim=-1)
+
+
+def w4a8_layer(weight: torch.Tensor, group: int) -> Linear:
+    layer = Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    assert layer.finalize("w4a8", group, False) == "w4a8"
+    assert layer.quantized.w4a8 and layer.quantized.qweight.shape == (-(-weight.shape[0] // 16), weight.shape[1] // 8, 16, 4)
+    return layer
+
+
+@pytest.mark.parametrize("group", [32, 64, 256])
+def test_w4a8_linear_is_int4_codes_times_each_row_rounded_to_int8_per_group(group):
+    """The op equals a float64 evaluation of the same arithmetic (integer sums exact, then per
+    group scale * x_scale and offset * the group's float sum) within float32 rounding, at 1-33 rows;
+    a group of zeros rounds to zeros (x_scale 0), a column past N's last strip is not written."""
+    gen = torch.Generator().manual_seed(group)
+    weight = torch.randn(200, 512, generator=gen)  # 200 outputs: a last strip of 8 columns
+    q = quantize_int4(weight, group)
+    codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
+    x = torch.randn(33, 512, generator=gen)
+    x[3, :group] = 0
+    x[5, 7] = 40.0  # an outlier costs only its own group's precision
+    for rows in (1, 4, 9, 33):
+        out = w4a8_kernels().w4a8_linear(x[:rows], codes, scales, 200)
+        expected = reference_w4a8(x[:rows], q, 200)
+        assert out.shape == (rows, 200)
+        assert ((out.double() - expected).abs() <= 1e-5 * expected.abs() + 1e-4).all(), rows
+
+
+def test_w4a8_error_is_within_what_rounding_the_inputs_allows():
+    """Against the int4 weight-only product (the dequantized weight in float32), each output's
+    error is at most sum over k of |code * scale| * x_scale / 2 (each rounded input is within half a
+    step; the offset term uses the exact float sum), and the bound is not vacuous: the error is a
+    sizeable part of it somewhere."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(96, 256, generator=gen)
+    q = quantize_int4(weight, 32)
+    codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
+    x = torch.randn(16, 256, generator=gen) * torch.linspace(0.1, 5, 256)
+    out = w4a8_kernels().w4a8_linear(x, codes, scales, 96).double()
+    exact = F.linear(x.double(), q.dequantize().double())
+    _, x_scale = rounded_rows(x, 32)
+    magnitude = (q.codes.double().view(96, -1, 32) * q.scale.double()[..., None]).abs().sum(dim=-1)  # [N, groups]
+    bound = (magnitude[None] * x_scale.double()[:, None] / 2).sum(dim=-1)
+    error = (out - exact).abs()
+    assert (error <= bound + 1e-5 * exact.abs() + 1e-5).all()
+    assert (error / bound).max() > 0.1
+    assert ((out - exact).norm() / exact.norm()) < 0.02
+
+
+def test_a_rows_w4a8_output_does_not_depend_on_its_batch_or_threads():
+    """Integer sums do not depend on their order and each output's group ends run in one order: a
+    row's output is the same bits at 1-40 rows (register blocks of 1-8 rows, L2 chunks past 6) on
+    one thread or two."""
+    gen = torch.Generator().manual_seed(11)
+    layer = w4a8_layer(torch.randn(200, 640, generator=gen), 32)
+    x = torch.randn(40, 640, generator=gen)
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for rows in (1, 2, 3, 5, 7, 8, 9, 16, 40):
+                    outs[threads, rows] = layer(x[:rows])
+    finally:
+        torch.set_num_threads(before)
+    for (threads, rows), out in outs.items():
+        assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)
+
+
+def test_w4a8_takes_bfloat16_rows_and_returns_their_dtype():
+    gen = torch.Generator().manual_seed(2)
+    layer = w4a8_layer(torch.randn(64, 128, generator=gen), 32)
+    x = torch.randn(3, 128, generator=gen)
+    with torch.inference_mode():
+        out = layer(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), layer(x.bfloat16().float()), atol=0.05, rtol=0.01)
+
+
+def test_w4a8_op_names_a_bad_argument():
+    q = quantize_int4(torch.randn(32, 64), 32)
+    codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
+    ops = w4a8_kernels()
+    with pytest.raises(RuntimeError, match="x: a"):
+        ops.w4a8_linear(torch.randn(2, 64).double(), codes, scales, 32)
+    with pytest.raises(RuntimeError, match="codes"):
+        ops.w4a8_linear(torch.randn(2, 32), codes, scales, 32)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.w4a8_linear(torch.randn(2, 64), codes, scales, 40)
+
+
+def test_w4a8_is_a_cpu_option():
+    with pytest.raises(ValueError, match="quantization 'w4a8' runs on CPUs only"):
+        EngineConfig(quantization="w4a8", device="cuda")
+    EngineConfig(quantization="w4a8")  # accepted on CPU
+
+
+def test_an_engine_in_w4a8_generates_the_same_tokens_in_any_batch(tiny_path):
+    """A float32 model in w4a8 end to end (projections in w4a8 strips, decoder layers calling the
+    op): greedy tokens of each prompt alone equal those in a batch of three."""
+    llm = LLM(tiny_path, dtype="float32", quantization="w4a8", num_kv_blocks=64)
+    layers = [m for m in llm.engine.runner.model_runner.model.modules() if getattr(m, "w4a8", False)]
+    assert layers
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = ["Hello there", "The quick brown fox jumps over", "1 2 3"]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone and all(len(t) == 12 for t in together)
