@@ -345,7 +345,7 @@ def timed_steps(engine, prompts: list[list[int]], max_tokens: int, clock=time.pe
 # Where a prefill's time goes: torch.profiler's self time of each op, by the op names in each part.
 PREFILL_PARTS = {
     "projections": ("aten::mm", "aten::addmm", "amx_linear", "bf16_linear", "f32_linear", "mkldnn", "bf16_mm_amx", "int4", "int8",
-                    "w8a8"),
+                    "w8a8", "w4a8"),
     "attention (rotary, cache write, paged attention)": ("paged_attention", "qkv_attention", "write_kv_cache",
                                                          "rotary", "attention"),
     "norms and activation": ("rms_norm", "silu_mul", "gelu"),

@@ -1,6 +1,6 @@
 """Weight formats side by side: resident memory and offline decode throughput.
 
-    python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4 / w8a8, then a
+    python bench/bench_quant.py                 # default model in bfloat16 / int8 / int4 / w8a8 / w4a8, then a
                                                 # random Llama-3.2-3B-shaped checkpoint in int4
                                                 # (groups of --group-size, 64 and 128)
     python bench/bench_quant.py --skip-3b --threads 2 --rounds 5
@@ -166,20 +166,25 @@ def table(rows: list[tuple[str, dict]], batches: list[int]) -> str:
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-FORMATS = (("unquantized", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int4"), ("w8a8", "w8a8"))
+FORMATS = (("unquantized", None), ("int8", "int8"), ("int4 (its Q4_1 blocks)", "int4"), ("w8a8", "w8a8"),
+           ("w4a8 (its Q4_1 blocks)", "w4a8"))
 BATCHES = (1, 16, 64)
 
 
 def formats_here(dtype: str) -> tuple:
-    """FORMATS (the unquantized one named by its dtype) less w8a8 where this CPU cannot run it (it
-    needs AMX-INT8 or AVX512-VNNI: the engine refuses it)."""
-    from engine.layers.quant_kernels import w8a8_kernels
+    """FORMATS (the unquantized one named by its dtype) less w8a8 and w4a8 where this CPU cannot
+    run them (w8a8 needs AMX-INT8 or AVX512-VNNI, w4a8 AVX-512 with AVX512-VNNI: the engine refuses
+    them)."""
+    from engine.layers.quant_kernels import w4a8_kernels, w8a8_kernels
 
     formats = ((dtype, None), *FORMATS[1:])
-    if w8a8_kernels() is not None:
-        return formats
-    print("w8a8 left out: this CPU has neither AMX-INT8 nor AVX512-VNNI", flush=True)
-    return tuple(f for f in formats if f[1] != "w8a8")
+    if w8a8_kernels() is None:
+        print("w8a8 left out: this CPU has neither AMX-INT8 nor AVX512-VNNI", flush=True)
+        formats = tuple(f for f in formats if f[1] != "w8a8")
+    if w4a8_kernels() is None:
+        print("w4a8 left out: this CPU has no AVX-512 with AVX512-VNNI", flush=True)
+        formats = tuple(f for f in formats if f[1] != "w4a8")
+    return formats
 
 
 def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:

@@ -133,7 +133,7 @@ def _is_matmul(name: str) -> bool:
     # _linear_pointwise: oneDNN's packed matmul (the projections without AMX); mv/addmv: ATen's GEMV.
     return name.endswith(("::mm", "::addmm", "::mv", "::addmv", "::matmul", "::linear", "_linear_pointwise", "_mm_amx",
                           "_mm_rows", "_mm_dpbf16", "_mm_dpbusd", "_mm_vnni", "_dequantize", "amx_linear", "bf16_linear",
-                          "f32_linear"))
+                          "f32_linear", "w4a8_linear"))
 
 
 def decode_op_shares(events, in_layer) -> None:
