@@ -170,6 +170,22 @@ def _reinitialize(model: torch.nn.Module, seed: int, init_std: float) -> None:
             param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
 
 
+def outputs_by_threads_and_rows(layer, x: torch.Tensor, row_counts) -> dict[tuple[int, int], torch.Tensor]:
+    """(threads, rows) -> layer(x[:rows]) under inference mode, on one thread and on two (the
+    thread count restored after): what a batch-invariance test compares."""
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for rows in row_counts:
+                    outs[threads, rows] = layer(x[:rows])
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
 def load_hf_reference(path: str | os.PathLike):
     """The transformers model for a checkpoint directory, float32, eval mode, eager attention
     (the plainest reference to compare the engine against)."""

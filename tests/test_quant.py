@@ -25,6 +25,7 @@ from engine.layers.quant import QuantizedWeight, quantize, quantize_int4, quanti
 from engine.layers.quant_kernels import (AMX_MIN_ROWS, amx_kernels, DENSE_MIN_ROWS, INT4_ROWS_MAX_ROWS, INT8_AMX_MIN_ROWS, int4_f32_kernels,
                                          int4_f32_strips, int4_kernels_beat_bfloat16, w8a8_kernels)
 from engine.layers.rotation import hadamard_block, rotate
+from tests.helpers import outputs_by_threads_and_rows
 
 gguf = pytest.importorskip("gguf")
 PACK = can_pack_for_cpu(torch.device("cpu"), torch.float32)
@@ -98,16 +99,7 @@ def test_int4_and_int8_in_a_float32_layer_are_their_dequantized_weight_and_a_row
         assert torch.equal(layer.quantized.int8_rows(index), q.codes[index])
     x = torch.randn(40, 640, generator=gen)
     expected = F.linear(x, q.dequantize())
-    outs = {}
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                for rows in (1, 2, 5, 8, 9, 16, 40):
-                    outs[threads, rows] = layer(x[:rows])
-    finally:
-        torch.set_num_threads(before)
+    outs = outputs_by_threads_and_rows(layer, x, (1, 2, 5, 8, 9, 16, 40))
     assert ((outs[2, 40] - expected).norm() / expected.norm()) < 1e-6
     for (threads, rows), out in outs.items():
         assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)

@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.layers.linear import Linear
 from engine.layers.quant import quantize_int4
 from engine.layers.quant_kernels import w4a8_kernels, w4a8_strips
+from tests.helpers import outputs_by_threads_and_rows
 
 pytestmark = pytest.mark.skipif(w4a8_kernels() is None, reason="w4a8 needs AVX-512 with AVX512-VNNI")
 
@@ -98,16 +99,7 @@ def test_a_rows_w4a8_output_does_not_depend_on_its_batch_or_threads():
     gen = torch.Generator().manual_seed(11)
     layer = w4a8_layer(torch.randn(200, 640, generator=gen), 32)
     x = torch.randn(40, 640, generator=gen)
-    outs = {}
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                for rows in (1, 2, 3, 5, 7, 8, 9, 16, 40):
-                    outs[threads, rows] = layer(x[:rows])
-    finally:
-        torch.set_num_threads(before)
+    outs = outputs_by_threads_and_rows(layer, x, (1, 2, 3, 5, 7, 8, 9, 16, 40))
     for (threads, rows), out in outs.items():
         assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)
 
