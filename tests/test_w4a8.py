@@ -30,15 +30,15 @@ def rounded_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def reference_w4a8(x: torch.Tensor, q, out_features: int) -> torch.Tensor:
-    """sum over groups of scale * x_scale * (integer sum of code * rounded input) + offset * (float
-    sum of the group's inputs), in float64 from the kernel's float32 operands."""
+    """sum over groups of scale * x_scale * (integer sum of code * rounded input) + offset * x_scale
+    * (integer sum of the rounded inputs), in float64 from the kernel's float32 operands."""
     group = q.group_size
     codes, x_scale = rounded_rows(x, group)
     w = q.codes.long().view(out_features, -1, group)  # [N, groups, group]
     sums = torch.einsum("rgk,ngk->rng", codes.view(x.shape[0], -1, group), w).double()  # exact integers
     scale = q.scale.float()
     offset = q.zero.float() - 8 * scale
-    x_sums = x.view(x.shape[0], -1, group).sum(dim=-1).double()
+    x_sums = (codes.view(x.shape[0], -1, group).sum(dim=-1) * x_scale).double()  # the kernel's float32 product
     step = (scale[None] * x_scale[:, None]).double()  # the kernel's float32 product scale * x_scale
     return (sums * step + x_sums[:, None] * offset[None].double()).sum(dim=-1)
 
@@ -55,7 +55,7 @@ def w4a8_layer(weight: torch.Tensor, group: int) -> Linear:
 @pytest.mark.parametrize("group", [32, 64, 256])
 def test_w4a8_linear_is_int4_codes_times_each_row_rounded_to_int8_per_group(group):
     """The op equals a float64 evaluation of the same arithmetic (integer sums exact, then per
-    group scale * x_scale and offset * the group's float sum) within float32 rounding, at 1-33 rows;
+    group scale * x_scale and offset * x_scale * the rounded inputs' sum) within float32 rounding, at 1-33 rows;
     a group of zeros rounds to zeros (x_scale 0), a column past N's last strip is not written."""
     gen = torch.Generator().manual_seed(group)
     weight = torch.randn(200, 512, generator=gen)  # 200 outputs: a last strip of 8 columns
@@ -73,9 +73,11 @@ def test_w4a8_linear_is_int4_codes_times_each_row_rounded_to_int8_per_group(grou
 
 def test_w4a8_error_is_within_what_rounding_the_inputs_allows():
     """Against the int4 weight-only product (the dequantized weight in float32), each output's
-    error is at most sum over k of |code * scale| * x_scale / 2 (each rounded input is within half a
-    step; the offset term uses the exact float sum), and the bound is not vacuous: the error is a
-    sizeable part of it somewhere."""
+    error is at most sum over k of |w| * x_scale / 2 (each rounded input is within half a step, and
+    the product is the dequantized weight's with the rounded inputs), and the bound is not vacuous:
+    the error is a sizeable part of it somewhere. The weight's groups are offset as a GGUF's are
+    (offset about -8 scale): the offset's term on the exact input sum would leave the codes'
+    error, sum |code * scale| * x_scale / 2, several times larger."""
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(96, 256, generator=gen)
     q = quantize_int4(weight, 32)
@@ -84,7 +86,7 @@ def test_w4a8_error_is_within_what_rounding_the_inputs_allows():
     out = w4a8_kernels().w4a8_linear(x, codes, scales, 96).double()
     exact = F.linear(x.double(), q.dequantize().double())
     _, x_scale = rounded_rows(x, 32)
-    magnitude = (q.codes.double().view(96, -1, 32) * q.scale.double()[..., None]).abs().sum(dim=-1)  # [N, groups]
+    magnitude = q.dequantize().double().abs().view(96, -1, 32).sum(dim=-1)  # [N, groups]
     bound = (magnitude[None] * x_scale.double()[:, None] / 2).sum(dim=-1)
     error = (out - exact).abs()
     assert (error <= bound + 1e-5 * exact.abs() + 1e-5).all()

@@ -4,13 +4,14 @@
 // Lake), where int4_f32_linear's float32 FMAs make a quarter of VNNI's products per instruction.
 //
 // Each row's group of g inputs is rounded to int8 with its own scale (max |x| / 127,
-// round-to-nearest-even, quantize_groups): an outlier channel costs only its group's precision,
-// so no rotation is needed (w8a8 rotates because it rounds a whole row with one scale). Per group,
-// sum(x * (code * scale + offset)) is taken as scale * x_scale * sum(q * code) + offset * sum(x):
-// the integer sum exactly (vpdpbusd: unsigned codes 0..15 times signed q, four products a lane),
-// the offset's term on the group's exact float sum (int4_groups.h), so the only error besides
-// float32 rounding is the input's rounding, |x - q * x_scale| <= x_scale / 2 per input, times
-// |code * scale| (tests/test_quant.py checks that bound).
+// round-to-nearest-even, quantize_groups): an outlier channel costs only its group's precision.
+// Per group, the rounded input x' = q * x_scale times the weight code * scale + offset is
+// scale * x_scale * sum(q * code) + offset * x_scale * sum(q), both integer sums exact (vpdpbusd:
+// unsigned codes 0..15 times signed q, four products a lane), so the product is the dequantized
+// weight's with x' up to float32 rounding, and its error is sum |w| * x_scale / 2 at most
+// (tests/test_w4a8.py). The offset's term must take the rounded inputs' sum, not the exact one:
+// a GGUF's offset is about -8 scale, so with the exact sum the error would be that of the codes'
+// (code * scale = w - offset, biased) rather than the weight's, 2-3x larger on the default model.
 //
 // Codes: strips of 16 output columns, [ceil(N/16)][K/8][16][4] bytes: lane j of step s holds
 // column j's codes for k = 8s + b in the low nibble of byte b and k = 8s + 4 + b in its high
@@ -50,7 +51,7 @@ template <class Scale>
 struct W4A8Problem {
   const int8_t* q;          // [rows][k]: each row's inputs rounded per group
   const float* q_scales;    // [rows][groups]: each group's x_scale
-  const float* group_sums;  // [rows][groups]: each group's exact sum of x
+  const float* q_sums;      // [rows][groups]: each group's x_scale * sum(q)
   int64_t rows;
   const uint8_t* codes;  // [strips][k / 8][16][4]
   const Scale* scales;   // [strips][groups][2][16]
@@ -59,10 +60,9 @@ struct W4A8Problem {
 };
 
 // q[r][k] = x[r][k] / x_scale rounded to nearest even (x_scale = max |x| / 127 over k's group; 0
-// for a group of zeros), scales[r][g] = x_scale, sums[r][g] = the group's float sum of x.
+// for a group of zeros), scales[r][g] = x_scale, sums[r][g] = x_scale * the group's sum of q.
 W4A8_TARGET void quantize_groups(const float* a, int64_t lda, int64_t rows, int64_t k, int64_t group, int8_t* q,
                                  float* scales, float* sums) {
-  int4_groups::group_sums(a, lda, rows, k, group, sums);
   const int64_t groups = k / group;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t r = 0; r < rows; ++r)
@@ -73,10 +73,13 @@ W4A8_TARGET void quantize_groups(const float* a, int64_t lda, int64_t rows, int6
       const float top = _mm512_reduce_max_ps(amax);
       scales[r * groups + g] = top / 127.f;
       const __m512 inverse = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+      __m512i total = _mm512_setzero_si512();
       for (int64_t i = 0; i < group; i += kColumns) {
         const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse));
+        total = _mm512_add_epi32(total, codes);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * k + g * group + i), _mm512_cvtsepi32_epi8(codes));
       }
+      sums[r * groups + g] = scales[r * groups + g] * static_cast<float>(_mm512_reduce_add_epi32(total));
     }
 }
 
@@ -94,7 +97,7 @@ struct W4A8Strips {
   static int64_t strip_bytes(const Problem& p) { return p.k * kColumns / 2 + p.k / p.group * 2 * kColumns * sizeof(Scale); }
 
   // Rows [r0, r0 + R) x strips [t, t + NS): per group the integer sums, then for each (row, strip)
-  // acc += float(sum) * (scale * x_scale), acc += x_sum * offset. The float accumulators live in
+  // acc += float(sum) * (scale * x_scale), acc += (x_scale * sum(q)) * offset. The float accumulators live in
   // L1 (touched once a group), so the integer sums and the lines' operands keep the registers.
   template <int R, int NS, bool Prefetch>
   W4A8_TARGET static void block(const Problem& p, int64_t r0, int64_t t) {
@@ -141,7 +144,7 @@ struct W4A8Strips {
           const int64_t rg = (r0 + r) * groups + g;
           const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(p.q_scales[rg]));
           __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r][n]), step, _mm512_load_ps(acc[r][n]));
-          _mm512_store_ps(acc[r][n], _mm512_fmadd_ps(_mm512_set1_ps(p.group_sums[rg]), offset, sum));
+          _mm512_store_ps(acc[r][n], _mm512_fmadd_ps(_mm512_set1_ps(p.q_sums[rg]), offset, sum));
         }
       }
     }
