@@ -94,7 +94,7 @@ class EngineConfig:
     # blocks, on CPU where our int4 kernels measure faster (bfloat16: AMX's, AMD's AVX512-BF16
     # loops; float32 from dtype="auto": AVX-512's int4 strips); else None. "w4a8": int4's weights
     # (a GGUF's 4-bit blocks as they are) times each token's inputs rounded to int8 per group, as
-    # llama.cpp multiplies them on AVX512-VNNI: less accurate than int4 and w8a8 (README).
+    # llama.cpp multiplies them on AVX512-VNNI: less accurate than int4, more than w8a8 (README).
     quantization: str | None = "auto"
     quantization_group_size: int = 32
     # With quantization set: the embedding and LM head in int8 rows even under int4 (the head
