@@ -13,7 +13,7 @@ import torch
 
 from engine.layers.linear import Linear
 from engine.layers.linear_kernels import avx512_bf16_ops, f32_strips_ops
-from engine.layers.quant_kernels import vector_kernels, w8a8_kernels
+from engine.layers.quant_kernels import vector_kernels, w4a8_kernels, w8a8_kernels
 from kernels import cpu_ops, reference
 from tests.test_step_ops import step_of
 
@@ -22,7 +22,7 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS = 64, 96, 4, 2, 16, 1e-5
 
 def projections(gen, layout: str) -> list[Linear]:
     """q/k/v, o, gate/up and down in `layout`: "strips" (bfloat16), "f32 strips" (float32),
-    "int4", "int8" or "w8a8" (their vector loops), "f32 int4", "f32 int8" or "f32 w8a8" (in a float32
+    "int4", "int8" or "w8a8" (their vector loops), "f32 int4", "f32 int8", "f32 w8a8" or "f32 w4a8" (in a float32
     layer), or "plain" (a bfloat16 weight that aten::linear multiplies), with biases where the
     layout's one op takes them."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
@@ -52,7 +52,7 @@ def kernel_calls(linears: list[Linear], rows: int, layout: str):
     return [m.kernel_call(rows) for m in linears]
 
 
-LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8", "f32 int4", "f32 int8", "f32 w8a8"]
+LAYOUTS = ["plain", "strips", "f32 strips", "int4", "int8", "w8a8", "f32 int4", "f32 int8", "f32 w8a8", "f32 w4a8"]
 
 
 def layout_available(layout: str) -> bool:
@@ -66,6 +66,8 @@ def layout_available(layout: str) -> bool:
     if layout in ("w8a8", "f32 w8a8"):  # w8a8_mm_vnni (AMX runs w8a8_mm_amx, which names no op for the layer)
         ops = w8a8_kernels()  # bfloat16 rows where the CPU has AVX512-BF16, float32 rows on any
         return ops is not None and not ops.amx_bf16_supported() and (layout == "f32 w8a8" or ops.avx512_vnni_supported())
+    if layout == "f32 w4a8":  # w4a8_linear: float32 rows on AVX-512 with AVX512-VNNI, AMX CPUs included
+        return w4a8_kernels() is not None
     return True
 
 
@@ -219,7 +221,7 @@ def test_a_decoder_stack_is_its_layers_ops_bit_for_bit(gen, rows, decode):
 
 ENGINE_CASES = [("LlamaConfig", "none", {}, "auto"), ("LlamaConfig", "int4", {}, "auto"), ("Qwen2Config", "none", {}, "auto"),
                 ("Qwen2Config", "int4", {}, "auto"), ("LlamaConfig", "w8a8", {}, "auto"), ("LlamaConfig", "f32 w8a8", {}, "auto"),
-                ("LlamaConfig", "f32 int4", {}, "auto"),
+                ("LlamaConfig", "f32 int4", {}, "auto"), ("LlamaConfig", "f32 w4a8", {}, "auto"),
                 ("MistralConfig", "none", dict(sliding_window=4), "auto"),
                 ("LlamaConfig", "none", {}, "int8")]
 

@@ -23,7 +23,7 @@ from engine.layers.moe import FusedMoE
 from engine.layers.packed_weight import PackedQuantizedWeight
 from engine.layers.quant import QuantizedWeight, quantize, quantize_blocks
 from engine.layers.quant_kernels import amx_kernels
-from engine.layers.quant_kernels import w8a8_kernels
+from engine.layers.quant_kernels import w4a8_kernels, w8a8_kernels
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
 from tests.model_factories import make_tiny_checkpoint
@@ -217,6 +217,20 @@ def test_w8a8_experts_hold_int8_codes_and_stay_within_w8a8s_rounding(gen):
     out = run_layer(moe, x.bfloat16(), logits)
     expected = reference_moe(reference, x.bfloat16().float(), logits)
     assert (out.float() - expected).norm() / expected.norm() < 0.03
+
+
+@pytest.mark.skipif(w4a8_kernels() is None, reason="w4a8 needs AVX-512 with AVX512-VNNI")
+def test_w4a8_experts_hold_int4_codes_and_stay_within_w4a8s_rounding(gen):
+    """w4a8 experts: int4 codes in w4a8 strips times each token's input rounded to int8 per group,
+    as w4a8's dense projections (tests/test_w4a8.py): within 3% of the float32 loop on the same
+    dequantized experts."""
+    moe, reference = load_quantized(random_moe(gen), "w4a8", torch.float32)
+    assert all(m.w4a8 and m.qweight.dtype == torch.uint8 for m in [*moe.quantized_w13, *moe.quantized_w2])
+    x = torch.randn(48, 64, generator=gen)
+    logits = skewed_logits(gen, 48, 6)
+    out = run_layer(moe, x, logits)
+    expected = reference_moe(reference, x, logits)
+    assert (out - expected).norm() / expected.norm() < 0.03
 
 
 def test_a_quantized_moe_model_on_the_triton_backend_is_refused_naming_quantization(checkpoints):
