@@ -252,7 +252,9 @@ class EngineConfig:
             # native bfloat16 matmuls, float32 elsewhere (emulated bfloat16 is far slower).
             # Quantized weights: the packed int4/int8 matmuls are fastest on bfloat16 rows, so
             # bfloat16 wherever it is native (float32 rows: int4/int8 strips on AVX-512 CPUs,
-            # PyTorch's scalar-speed ops elsewhere).
+            # PyTorch's scalar-speed ops elsewhere). w4a8's kernel takes float32 rows: float32.
+            if self.quantization == "w4a8":
+                return torch.float32
             quantized = self.quantization not in (None, "auto")  # auto: int4 only for a GGUF (None here)
             if (checkpoint_dtype != torch.float32 or quantized) and cpu_has_native_bfloat16():
                 return torch.bfloat16

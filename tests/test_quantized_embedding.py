@@ -148,10 +148,11 @@ def test_under_w8a8_the_tied_table_is_int8_of_its_rotated_rows_and_a_lookup_rota
 
 
 @needs_w8a8
+@pytest.mark.parametrize("projections", ["w8a8", "w4a8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tied", [True, False])
-def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(tied, dtype):
-    """Tied or not, an int8 head under w8a8 projections is a w8a8 matmul of the rotated codes:
+def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(tied, dtype, projections):
+    """Tied or not, an int8 head under w8a8 (or w4a8) projections is a w8a8 matmul of the rotated codes:
     logits equal to w8a8_mm's on the same codes (on the rows its kernel takes here: bfloat16 or
     float32), within 2% of the float head's."""
     gen = torch.Generator().manual_seed(4)
@@ -163,8 +164,8 @@ def test_under_w8a8_the_lm_head_rounds_its_input_to_int8_as_the_projections_do(t
         embedding.load_rows(embedding.weight, weight)
         if not tied:
             embedding.load_rows(head.weight, weight)
-    embedding.finalize("int8", "w8a8")
-    assert head.finalize("int8", 32, False, "w8a8") == ("tied w8a8" if tied else "w8a8")
+    embedding.finalize("int8", projections)
+    assert head.finalize("int8", 32, False, projections) == ("tied w8a8" if tied else "w8a8")
     q = head.quantized
     assert q.w8a8 and q.rotation == 64 and (q is embedding.quantized) == tied
     x = torch.randn(7, 192, generator=gen).to(dtype)

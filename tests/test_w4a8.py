@@ -55,8 +55,9 @@ def w4a8_layer(weight: torch.Tensor, group: int) -> Linear:
 @pytest.mark.parametrize("group", [32, 64, 256])
 def test_w4a8_linear_is_int4_codes_times_each_row_rounded_to_int8_per_group(group):
     """The op equals a float64 evaluation of the same arithmetic (integer sums exact, then per
-    group scale * x_scale and offset * x_scale * the rounded inputs' sum) within float32 rounding, at 1-33 rows;
-    a group of zeros rounds to zeros (x_scale 0), a column past N's last strip is not written."""
+    group scale * x_scale and offset * x_scale * the rounded inputs' sum) within float32 rounding,
+    at 1-33 rows (row blocks of 1-8, more than one row block; 200 outputs: a last strip of 8
+    columns), with a group of zeros (x_scale 0) and an outlier among its group."""
     gen = torch.Generator().manual_seed(group)
     weight = torch.randn(200, 512, generator=gen)  # 200 outputs: a last strip of 8 columns
     q = quantize_int4(weight, group)
@@ -94,16 +95,36 @@ def test_w4a8_error_is_within_what_rounding_the_inputs_allows():
     assert ((out - exact).norm() / exact.norm()) < 0.02
 
 
-def test_a_rows_w4a8_output_does_not_depend_on_its_batch_or_threads():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_rows_w4a8_output_does_not_depend_on_its_batch_or_threads(streaming):
     """Integer sums do not depend on their order and each output's group ends run in one order: a
-    row's output is the same bits at 1-40 rows (register blocks of 1-8 rows, L2 chunks past 6) on
-    one thread or two."""
+    row's output is the same bits at 1-40 rows (register blocks of 1-8 rows, L2 chunks past 6, or
+    up to 6 rows streamed: both loops forced) on one thread or two."""
     gen = torch.Generator().manual_seed(11)
     layer = w4a8_layer(torch.randn(200, 640, generator=gen), 32)
     x = torch.randn(40, 640, generator=gen)
-    outs = outputs_by_threads_and_rows(layer, x, (1, 2, 3, 5, 7, 8, 9, 16, 40))
+    ops = w4a8_kernels()
+    ops.set_w4a8_linear_streaming(streaming)
+    try:
+        outs = outputs_by_threads_and_rows(layer, x, (1, 2, 3, 5, 7, 8, 9, 16, 40))
+    finally:
+        ops.set_w4a8_linear_streaming(None)
     for (threads, rows), out in outs.items():
         assert torch.equal(out, outs[1, 40][:rows]), (threads, rows)
+
+
+def test_a_nan_or_infinite_input_makes_nan_outputs_as_the_float_product_does():
+    """Rounding must not hide a non-finite input: its group's scale is NaN, so every output of
+    its row is NaN, and the other rows are untouched."""
+    gen = torch.Generator().manual_seed(8)
+    q = quantize_int4(torch.randn(48, 128, generator=gen), 32)
+    codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
+    x = torch.randn(4, 128, generator=gen)
+    clean = w4a8_kernels().w4a8_linear(x, codes, scales, 48)
+    x[1, 5], x[2, 70] = float("nan"), float("inf")
+    out = w4a8_kernels().w4a8_linear(x, codes, scales, 48)
+    assert out[1].isnan().all() and out[2].isnan().all()
+    assert torch.equal(out[[0, 3]], clean[[0, 3]])
 
 
 def test_w4a8_takes_bfloat16_rows_and_returns_their_dtype():
@@ -126,12 +147,16 @@ def test_w4a8_op_names_a_bad_argument():
         ops.w4a8_linear(torch.randn(2, 32), codes, scales, 32)
     with pytest.raises(RuntimeError, match="out_features"):
         ops.w4a8_linear(torch.randn(2, 64), codes, scales, 40)
+    with pytest.raises(RuntimeError, match="K > 0"):
+        ops.w4a8_linear(torch.randn(2, 0), codes, scales, 32)
 
 
-def test_w4a8_is_a_cpu_option():
+def test_w4a8_is_a_cpu_option_whose_auto_dtype_is_float32():
+    """Its kernel takes float32 rows: dtype auto is float32 even where the CPU has native bfloat16."""
     with pytest.raises(ValueError, match="quantization 'w4a8' runs on CPUs only"):
         EngineConfig(quantization="w4a8", device="cuda")
-    EngineConfig(quantization="w4a8")  # accepted on CPU
+    config = EngineConfig(quantization="w4a8", device="cpu")
+    assert config.torch_dtype(None) == torch.float32 and config.torch_dtype(torch.bfloat16) == torch.float32
 
 
 def test_an_engine_in_w4a8_generates_the_same_tokens_in_any_batch(tiny_path):

@@ -26,13 +26,14 @@ multiplies it, as buffers (PackedQuantizedWeight).
   Without AMX, AVX512-VNNI's byte products (w8a8_mm_vnni, the same sums and outputs) make twice
   AVX512-BF16's products per instruction; it takes a float32 model's rows as they are, so CPUs
   without AVX512-BF16 (Cascade Lake, Ice Lake) run it too, at four times float32's products per
-  instruction.
-- w4a8 (AVX512-VNNI): int4's codes (a GGUF's 4-bit blocks as they are) in strips of 16 columns,
-  times each input row rounded to int8 per weight group (max |x| / 127 of the group), exact integer
-  sums per group, then the group's scale and offset (the offset on the exact float sum of the
-  inputs): kernels/csrc/w4a8_linear.cpp. Both sides are rotated by the same block Hadamard matrix first
+  instruction. Both sides are rotated by the same block Hadamard matrix first
   (engine/layers/rotation.py: the weight at load, the input in the kernel), which cuts the
   activations' rounding error about 3x (README, "Weight quantization").
+- w4a8 (AVX512-VNNI, float32 rows): int4's codes (a GGUF's 4-bit blocks as they are) in strips of
+  16 columns, times each input row rounded to int8 per weight group (max |x| / 127 of the group, no
+  rotation): exact integer sums per group of code * rounded input and of the rounded inputs, then
+  the group's scale and offset times the input's scale, i.e. the dequantized weight times the
+  rounded inputs (kernels/csrc/w4a8_linear.cpp).
 - CPUs with AVX512-BF16 but no AMX (Zen 4/5, cloud VMs that hide it) take quant_ops.cpp's vector
   loops instead of the tile loops, on the same layouts (int8: AMX-INT8's where there is
   AVX512-VNNI). Which kernel runs at which row count: engine/layers/quant_kernels.py.

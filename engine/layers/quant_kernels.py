@@ -113,13 +113,20 @@ def int4_f32_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     value = code * scale + offset, which the kernel factors per group), float16 where every scale
     and offset is exactly one (a GGUF's Q4_0 and Q4_1 are: a sixth fewer bytes to read, the same
     products), else float32. Padding columns: code 8, scale 0, zero 0, exactly 0."""
-    pad = -codes.shape[0] % 16
-    if pad:
-        codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
-        scale, zero = torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
+    codes, scale, zero = _pad_to_strips(codes, scale, zero)
     pairs = codes.to(torch.uint8).view(-1, 16, codes.shape[1] // 2, 2)
     packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 1).contiguous()
     return packed, _int4_strip_groups(scale, zero)
+
+
+def _pad_to_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """An int4 weight's rows padded to a multiple of 16 (whole strips): code 8, scale 0, zero 0,
+    exactly 0 outputs, never stored."""
+    pad = -codes.shape[0] % 16
+    if not pad:
+        return codes, scale, zero
+    codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+    return codes, torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
 
 
 def _int4_strip_groups(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -147,10 +154,7 @@ def w4a8_strips(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     K/8, 16, 4] uint8, byte b of column j at step s holding k = 8s + b's code in its low nibble and
     k = 8s + 4 + b's in its high one (a mask and a shift make two VNNI operands); scales as
     int4_f32_strips'. Padding columns: code 8, scale 0, zero 0, exactly 0."""
-    pad = -codes.shape[0] % 16
-    if pad:
-        codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
-        scale, zero = torch.nn.functional.pad(scale, (0, 0, 0, pad)), torch.nn.functional.pad(zero, (0, 0, 0, pad))
+    codes, scale, zero = _pad_to_strips(codes, scale, zero)
     steps = codes.to(torch.uint8).view(-1, 16, codes.shape[1] // 8, 2, 4)  # [strip, column, step, half, byte]
     packed = (steps[..., 0, :] | (steps[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
     return packed, _int4_strip_groups(scale, zero)

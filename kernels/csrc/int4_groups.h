@@ -1,8 +1,8 @@
-// What the kernels that factor an int4 weight per group share (f32_linear.cpp's int4_f32_linear,
-// w4a8_linear.cpp's w4a8_linear): per group of g inputs, sum(x * (code * scale + offset)) =
-// scale * sum(x * code) + offset * sum(x), so the group's input sums (group_sums) are made once per
-// call and each group's scale and offset (int4 strips: [strips][K/group][2][16], float32 or
-// float16's bits) are read once per group.
+// The kernels that factor an int4 weight per group (f32_linear.cpp's int4_f32_linear,
+// w4a8_linear.cpp's w4a8_linear) take sum(x * (code * scale + offset)) = scale * sum(x * code) +
+// offset * sum(x) and read each group's scale and offset (int4 strips: [strips][K/group][2][16],
+// float32 or float16's bits) once per group: load_scales. int4_f32_linear's sums of x are
+// group_sums, once per call (w4a8_linear sums its rounded inputs instead, as it rounds them).
 
 #pragma once
 

@@ -27,11 +27,15 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
+#include <cstring>
+#include <optional>
 #include <type_traits>
 
 #include "cpu_features.h"
 #include "int4_groups.h"
 #include "strips_loops.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -44,6 +48,7 @@ constexpr int64_t kStepK = 8;          // inputs per 64-byte line of a strip
 constexpr int64_t kPrefetchLines = 16;  // past the streaming rows: each strip's line this many steps ahead
 constexpr int64_t kScaleGroupsAhead = 4;
 cpu_features::StreamingChoice streaming_choice;
+constexpr int64_t kQuantizeGrainRows = 64;  // rows per part of the input's rounding
 
 bool w4a8_supported() { return cpu_features::avx512_core() && __builtin_cpu_supports("avx512vnni"); }
 
@@ -59,18 +64,27 @@ struct W4A8Problem {
   float* y;
 };
 
-// q[r][k] = x[r][k] / x_scale rounded to nearest even (x_scale = max |x| / 127 over k's group; 0
-// for a group of zeros), scales[r][g] = x_scale, sums[r][g] = x_scale * the group's sum of q.
-W4A8_TARGET void quantize_groups(const float* a, int64_t lda, int64_t rows, int64_t k, int64_t group, int8_t* q,
+// Rows [r0, r1): q[r][k] = x[r][k] / x_scale rounded to nearest even (x_scale = max |x| / 127 over
+// k's group; 0 for a group of zeros; NaN for a group holding a NaN or an infinity, so that the
+// outputs are NaN as the float product's would be), scales[r][g] = x_scale, sums[r][g] = x_scale *
+// the group's sum of q.
+W4A8_TARGET void quantize_groups(const float* a, int64_t lda, int64_t r0, int64_t r1, int64_t k, int64_t group, int8_t* q,
                                  float* scales, float* sums) {
   const int64_t groups = k / group;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t r = 0; r < rows; ++r)
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const float* x = a + r * lda + g * group;
       __m512 amax = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += kColumns) amax = _mm512_max_ps(amax, _mm512_and_ps(_mm512_loadu_ps(x + i), sign));
-      const float top = _mm512_reduce_max_ps(amax);
+      __mmask16 non_finite = 0;  // lanes whose exponent bits are all ones: NaN or infinity (bits, not float
+                                 // compares, which the fast-math flags may fold)
+      for (int64_t i = 0; i < group; i += kColumns) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        amax = _mm512_max_ps(amax, _mm512_and_ps(v, sign));
+        non_finite |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent);
+      }
+      const float top = non_finite ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax);
       scales[r * groups + g] = top / 127.f;
       const __m512 inverse = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
       __m512i total = _mm512_setzero_si512();
@@ -128,9 +142,10 @@ struct W4A8Strips {
           high[n] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         }
         for (int r = 0; r < R; ++r) {
-          const int8_t* in = x + r * p.k + s * kStepK;
-          const __m512i first = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(in));
-          const __m512i second = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4));
+          int32_t quads[2];
+          std::memcpy(quads, x + r * p.k + s * kStepK, sizeof(quads));
+          const __m512i first = _mm512_set1_epi32(quads[0]);
+          const __m512i second = _mm512_set1_epi32(quads[1]);
           for (int n = 0; n < NS; ++n) {
             dot_bytes(part[r][n], low[n], first);
             dot_bytes(part[r][n], high[n], second);
@@ -163,7 +178,8 @@ struct W4A8Strips {
 // [M, N] float32.
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t n_total) {
   TORCH_CHECK(w4a8_supported(), "w4a8_linear needs a CPU with AVX-512 (F, BW, VL, DQ) and AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x: a [rows, K] float32 matrix");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+              "x: a [rows, K] float32 matrix, K > 0");
   const int64_t rows = x.size(0), k_total = x.size(1), tiles = codes.size(0);
   TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == kColumns &&
                   codes.size(3) == 4 && codes.size(1) * kStepK == k_total,
@@ -180,8 +196,11 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const int64_t groups = scales.size(1), group = k_total / groups;
   at::Tensor q = at::empty({rows, k_total}, x.options().dtype(at::kChar));
   at::Tensor row_groups = at::empty({2, rows, groups}, x.options());
-  quantize_groups(x.data_ptr<float>(), x.stride(0), rows, k_total, group, q.data_ptr<int8_t>(), row_groups[0].data_ptr<float>(),
-                  row_groups[1].data_ptr<float>());
+  // Rows rounded on both threads where there are enough of them (a prefill chunk's: ~1 us a row).
+  kernel_pool::parallel_for(0, rows, kQuantizeGrainRows, [&](int64_t r0, int64_t r1) {
+    quantize_groups(x.data_ptr<float>(), x.stride(0), r0, r1, k_total, group, q.data_ptr<int8_t>(),
+                    row_groups[0].data_ptr<float>(), row_groups[1].data_ptr<float>());
+  });
   const auto run = [&](const auto* scale_data) {
     using Scale = std::remove_cv_t<std::remove_pointer_t<decltype(scale_data)>>;
     const W4A8Problem<Scale> p{q.data_ptr<int8_t>(), row_groups[0].data_ptr<float>(), row_groups[1].data_ptr<float>(), rows,
@@ -201,4 +220,7 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
 TORCH_LIBRARY_FRAGMENT(bento_llm, m) {
   m.def("w4a8_supported() -> bool", &w4a8_supported);
   m.def("w4a8_linear(Tensor x, Tensor codes, Tensor scales, int n_total) -> Tensor", &w4a8_linear);
+  // Tests and benchmarks: whether calls of up to strips_loops::kStreamingRows rows take the streaming
+  // loop (None: the CPU's rule), as set_f32_linear_streaming.
+  m.def("set_w4a8_linear_streaming(bool? on) -> ()", [](std::optional<bool> on) { streaming_choice.force(on); });
 }
