@@ -169,7 +169,7 @@ class PackedQuantizedWeight(torch.nn.Module):
         int4_f32_linear's (float16 where exactly float16, as a GGUF's)."""
         if device.type != "cpu" or w4a8_kernels() is None:
             raise ValueError("quantization='w4a8' needs a CPU with AVX-512 and AVX512-VNNI and the C++ kernels "
-                             "(kernels/cpu_ops.py); this machine has neither: use 'int4'")
+                             "(kernels/cpu_ops.py), which this machine lacks: use 'int4'")
         self.amx = self.vector = self.f32_strips = False
         self.dtype = dtype
         codes, scales = w4a8_strips(q.codes, q.scale, q.zero)
