@@ -44,12 +44,10 @@
 
 namespace {
 
-using int4_groups::group_sums;
+using int4_groups::kColumns;  // output columns of a strip (one zmm of float32)
 using int4_groups::load_scales;
 
 #define F32_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
-constexpr int64_t kColumns = 16;  // output columns of a strip (one zmm of float32)
 // Whether calls of up to strips_loops::kStreamingRows rows stream: the CPU's rule unless
 // set_f32_linear_streaming forced one (as bf16_linear's).
 cpu_features::StreamingChoice streaming_choice;
@@ -160,6 +158,22 @@ struct Int4Problem {
   const float* float_codes = nullptr;  // a chunk of strips' codes as floats from first_strip on (Int4ConvertedStrips)
   int64_t first_strip = 0;
 };
+
+// sums[r][g] = the sum of a[r] over group g's inputs, 16 at a time then across the lanes: one
+// fixed order per row, whatever the row count.
+F32_LINEAR_TARGET void group_sums(const float* a, int64_t lda, int64_t rows, int64_t k, int64_t group, float* sums) {
+  const int64_t groups = k / group;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = a + r * lda + g * group;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += kColumns) {
+        const int64_t count = std::min<int64_t>(kColumns, group - i);
+        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), x + i));
+      }
+      sums[r * groups + g] = _mm512_reduce_add_ps(s);
+    }
+}
 
 // The codes 0..15 as floats in lanes 0..15: vpermps reads only the low 4 bits of each index, so one
 // permute turns every lane's low nibble into its code as a float (no mask, no int-to-float convert).
@@ -349,11 +363,7 @@ at::Tensor int4_f32_linear(const at::Tensor& x, const at::Tensor& codes, const a
                                group, n_total, out.data_ptr<float>(), sums.data_ptr<float>()};
     run_quantized<Int4Strips<Scale>, int4_to_float<Scale>, Int4ConvertedStrips<Scale>>(p, tiles, codes);
   };
-  if (half_scales) {
-    run(reinterpret_cast<const uint16_t*>(scales.data_ptr()));
-  } else {
-    run(scales.data_ptr<float>());
-  }
+  int4_groups::with_scales(scales.data_ptr(), half_scales, run);
   return out;
 }
 

@@ -26,9 +26,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -213,11 +214,7 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                                out.data_ptr<float>()};
     strips_loops::run<W4A8Strips<Scale>>(p, tiles, codes.data_ptr(), codes.numel(), streaming_choice.streaming());
   };
-  if (half_scales) {
-    run(reinterpret_cast<const uint16_t*>(scales.data_ptr()));
-  } else {
-    run(scales.data_ptr<float>());
-  }
+  int4_groups::with_scales(scales.data_ptr(), half_scales, run);
   return out;
 }
 
