@@ -177,14 +177,12 @@ def formats_here(dtype: str) -> tuple:
     them)."""
     from engine.layers.quant_kernels import w4a8_kernels, w8a8_kernels
 
-    formats = ((dtype, None), *FORMATS[1:])
-    if w8a8_kernels() is None:
-        print("w8a8 left out: this CPU has neither AMX-INT8 nor AVX512-VNNI", flush=True)
-        formats = tuple(f for f in formats if f[1] != "w8a8")
-    if w4a8_kernels() is None:
-        print("w4a8 left out: this CPU has no AVX-512 with AVX512-VNNI", flush=True)
-        formats = tuple(f for f in formats if f[1] != "w4a8")
-    return formats
+    missing = {method: why for method, kernels, why in (
+        ("w8a8", w8a8_kernels, "neither AMX-INT8 nor AVX512-VNNI"), ("w4a8", w4a8_kernels, "no AVX-512 with AVX512-VNNI"))
+        if kernels() is None}
+    for method, why in missing.items():
+        print(f"{method} left out: this CPU has {why}", flush=True)
+    return tuple(f for f in ((dtype, None), *FORMATS[1:]) if f[1] not in missing)
 
 
 def compare_in_process(args, formats) -> dict[str, dict[int, list[float]]]:

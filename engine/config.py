@@ -59,6 +59,10 @@ ATTENTION_BACKENDS = ("cpu", "torch", "triton")
 # with AMX-INT8 or AVX512-VNNI); w4a8: int4 weights (int4's groups) times activations rounded to
 # int8 per token and group (CPUs with AVX512-VNNI).
 QUANTIZATIONS = ("int8", "int4", "w8a8", "w4a8")
+# The methods whose kernels round each input row to int8 (CPU only), and those whose weights are
+# int4 codes.
+INT8_ACTIVATION_QUANTIZATIONS = ("w8a8", "w4a8")
+INT4_QUANTIZATIONS = ("int4", "w4a8")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
 # The token embedding and LM head under quantization (engine/layers/embedding.py): "int8" rows
 # with one scale each (a tied head multiplies with the same codes), "none" keeps them in dtype;
@@ -164,7 +168,7 @@ class EngineConfig:
                 f"EngineConfig.embedding_quantization must be one of {EMBEDDING_QUANTIZATIONS}, "
                 f"got {self.embedding_quantization!r}"
             )
-        if self.quantization in ("w8a8", "w4a8") and self.device != "cpu":
+        if self.quantization in INT8_ACTIVATION_QUANTIZATIONS and self.device != "cpu":
             raise ValueError(f"EngineConfig.quantization {self.quantization!r} runs on CPUs only "
                              "(AMX-INT8 or AVX512-VNNI): use 'int8' or 'int4' on CUDA")
         if self.quantization == "int4" and self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16", "bf16"):

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import INT4_QUANTIZATIONS
 from engine.layers.linear import Linear, check_shape, place_rows, set_loader
 from engine.layers.packed_weight import PackedQuantizedWeight
-from engine.layers.quant import QuantizedWeight, int4_group_size, quantize_int4, quantize_int8, quantize_w8a8, w8a8_fits
+from engine.layers.quant import (QuantizedWeight, int4_group_size, quantize_int4, quantize_int8, quantize_w8a8, rounds_activations,
+                                 w8a8_fits)
 from engine.layers.rotation import hadamard_block
 from engine.parallel_state import ParallelState, rank_and_size, read_part
 
@@ -140,7 +142,7 @@ class GroupedRows(nn.Module):
 def quantize_table(weight: torch.Tensor, method: str, group_size: int) -> QuantizedWeight:
     """A gather-only table in `method`'s format: int4 groups (where a group divides the width),
     else int8 rows."""
-    group = int4_group_size(weight.shape[1], group_size) if method in ("int4", "w4a8") else None
+    group = int4_group_size(weight.shape[1], group_size) if method in INT4_QUANTIZATIONS else None
     if group is None:
         return int8_rows(weight)
     step = _chunk_rows(weight.shape[1])
@@ -155,7 +157,7 @@ def head_is_w8a8(projections: str | None, width: int) -> bool:
     and its input rounded to int8 as theirs, it measured closer to float32 than int8 weight-only
     rows on the default model under w8a8, as close under w4a8, and at 16-64 rows takes 0.4x the
     time of int8_f32_linear's float32 FMAs (README)."""
-    return projections in ("w8a8", "w4a8") and w8a8_fits(width)
+    return rounds_activations(projections) and w8a8_fits(width)
 
 
 def int8_rows(weight: torch.Tensor, w8a8: bool = False) -> QuantizedWeight:

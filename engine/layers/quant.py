@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import QUANTIZATION_GROUP_SIZES
+from engine.config import INT4_QUANTIZATIONS, INT8_ACTIVATION_QUANTIZATIONS, QUANTIZATION_GROUP_SIZES
 from engine.layers.rotation import hadamard_block, rotate
 
 
@@ -119,7 +119,7 @@ def w8a8_fits(in_features: int) -> bool:
 
 def rounds_activations(method: str | None) -> bool:
     """Whether `method`'s kernels round each input row to int8 (w8a8, w4a8), not weight-only."""
-    return method in ("w8a8", "w4a8")
+    return method in INT8_ACTIVATION_QUANTIZATIONS
 
 
 def int4_group_size(cols: int, wanted: int) -> int | None:
@@ -132,7 +132,7 @@ def quantize(weight: torch.Tensor | QuantizedWeight, method: str, group_size: in
     if method == "w8a8" and not w8a8_fits(weight.shape[1]):
         return None
     if isinstance(weight, QuantizedWeight):
-        if method in ("int4", "w4a8") and weight.bits == 4:
+        if method in INT4_QUANTIZATIONS and weight.bits == 4:
             return weight
         if weight.bits == 8 and weight.group_size == weight.shape[1]:  # per-row int8, rotated as w8a8 wants it
             wanted = hadamard_block(weight.shape[1]) if method == "w8a8" else 0
