@@ -9,7 +9,7 @@
         --kv-dtypes bf16 int8 fp8_e4m3 --layers auto --before-tree /work/main   # issue 16's table, A/B
 
 Decode attention reads every cached K and V row once per step, so its time follows the cache's
-bytes: an 8-bit row is head_dim + 2 bytes where a 16-bit one is 2 x head_dim. The dtypes are timed
+bytes: an 8-bit row is head_dim + 2 bytes (on CUDA padded to 16) where a 16-bit one is 2 x head_dim. The dtypes are timed
 interleaved (A, B, A, B ...) in one process, and each row gives the median, so a noisy machine
 biases none of them; the ratio column is each dtype's median over the first dtype's.
 
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--before-tree", default=None, help="a checkout whose attention to time beside this one's")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="see above")
     p.add_argument("--query-len", type=int, default=1, help="query tokens per sequence (see above)")
+    p.add_argument("--unpadded", action="store_true",
+                   help="on CUDA, time each 8-bit cache with unpadded rows (head_dim + 2 bytes) beside the padded ones")
     args = p.parse_args(argv)
     if args.layers != "auto" and (not args.layers.isdigit() or int(args.layers) < 1):
         p.error("--layers must be a positive integer or auto")
@@ -118,7 +120,7 @@ def load_before(tree: str, sources: tuple[str, ...] = ("cpu_ops.cpp", "thread_po
 AUTO_LAYER_BYTES = 512 << 20  # past the 300 MiB L3 of the machine this was written on
 
 
-def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.device):
+def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.device, padded: bool = True):
     """Random K/V written through the backend's own cache write (so 8-bit rows carry real scales),
     in shuffled physical blocks; returns {label: timed call} (this tree's, and the --before-tree
     build's) and the K/V bytes one call reads."""
@@ -128,7 +130,7 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
     bs, kvh, d = args.block_size, args.num_kv_heads, args.head_dim
     per_seq = math.ceil(ctx / bs)
     num_blocks = batch * per_seq
-    row = d + (reference.KV_SCALE_BYTES if kv_dtype.itemsize == 1 else 0)
+    row = reference.kv_row_width(d, kv_dtype, device if padded else "cpu")
     k_cache = torch.zeros(num_blocks, bs, kvh, row, dtype=kv_dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     tables = torch.randperm(num_blocks, device=device).view(batch, per_seq).int()
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.kv_dtypes:
                 calls, kv_bytes = make_case(args, KV_DTYPES[name], batch, ctx, device)
                 cases.update({name + label: (call, kv_bytes) for label, call in calls.items()})
+                if args.unpadded and KV_DTYPES[name].itemsize == 1 and device.type == "cuda":
+                    calls, kv_bytes = make_case(args, KV_DTYPES[name], batch, ctx, device, padded=False)
+                    cases[name + " unpadded"] = (calls[""], kv_bytes)
             times = {name: [] for name in cases}
             for call, _ in cases.values():  # warm-up: kernel builds, first-touch pages
                 call()

@@ -70,7 +70,8 @@ QUANTIZATION_GROUP_SIZES = (32, 64, 128, 256)
 EMBEDDING_QUANTIZATIONS = ("auto", "int8", "none")
 # KV cache element types: the model's dtype ("auto"), a float type, or 8 bits with a float16
 # scale per token and KV head (kernels/reference.py): int8 (absmax / 127, the more accurate) or
-# fp8_e4m3 (absmax / 448). 8 bits hold 2 * head_dim / (head_dim + 2) times the tokens of 16.
+# fp8_e4m3 (absmax / 448). 8 bits hold 2 * head_dim / (head_dim + 2) times the tokens of 16 (on CUDA
+# rows pad to 16 bytes: kernels/reference.kv_row_width).
 KV_CACHE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,

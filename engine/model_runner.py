@@ -24,7 +24,7 @@ from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.step_inputs import StepBuffers, StepInputs
-from kernels.reference import KV_SCALE_BYTES
+from kernels.reference import kv_row_width
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ModelRunner:
     @property
     def cache_row(self) -> int:
         """Elements of one (token, KV head) row of the cache: an 8-bit row carries its scale."""
-        return self.model_config.head_dim + (KV_SCALE_BYTES if self.kv_dtype.itemsize == 1 else 0)
+        return kv_row_width(self.model_config.head_dim, self.kv_dtype, self.device)
 
     def _allocate_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shape = (num_blocks, self.block_size, self.num_local_kv_heads, self.cache_row)

@@ -21,7 +21,8 @@ Attention variants (every backend takes them, same names):
   soft_cap           scores become soft_cap * tanh(scores / soft_cap) after scaling (Gemma 2)
 
 8-bit KV cache (kv_cache_dtype int8 or fp8_e4m3): a cache of dtype int8 or float8_e4m3fn whose
-rows are head_dim + 2 wide: head_dim codes, then the row's scale as the 2 bytes of a float16.
+rows are head_dim + 2 wide: head_dim codes, then the row's scale as the 2 bytes of a float16; on
+CUDA the row is padded after the scale to a multiple of 16 bytes (kv_row_width says why).
 One scale per (token, KV head), set when the token is written: scale = max|x| / 127 (int8,
 codes rounded to nearest) or max|x| / 448 (e4m3, the format's largest finite value). A
 per-row scale needs no calibration and cannot clip, costs 2 bytes per head_dim (3% at 64), and
@@ -40,6 +41,11 @@ import torch.nn.functional as F
 
 
 KV_SCALE_BYTES = 2  # float16 scale after each row's codes
+# Triton reads 16 bytes per load only where every row starts 16-byte aligned. Rows of head_dim + 2
+# bytes (130 at head_dim 128) start 2-byte aligned at every other KV head, and the GPU kernels then
+# read the codes a byte at a time: 3-37x the time of a bfloat16 cache on an H200 (bench/RESULTS.md,
+# 2026-12-04). The C++ CPU kernels load unaligned rows at full speed, so only CUDA caches pad.
+GPU_KV_ROW_ALIGN = 16
 _CODE_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
@@ -47,8 +53,20 @@ def is_quantized(cache: torch.Tensor) -> bool:
     return cache.dtype in _CODE_MAX
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., head_dim] float -> [..., head_dim + 2] codes of dtype with their float16 scale."""
+def kv_row_width(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Elements of one (token, KV head) row of a cache of dtype on device: head_dim, or for an
+    8-bit cache its codes and scale, padded on CUDA to a multiple of GPU_KV_ROW_ALIGN bytes."""
+    if dtype.itemsize != 1:
+        return head_dim
+    width = head_dim + KV_SCALE_BYTES
+    if torch.device(device).type == "cuda":
+        width = -(-width // GPU_KV_ROW_ALIGN) * GPU_KV_ROW_ALIGN
+    return width
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """[..., head_dim] float -> [..., width] codes of dtype with their float16 scale, then zeros to
+    width (default head_dim + 2: no padding)."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / _CODE_MAX[dtype]).to(torch.float16)
     inv = torch.where(scale > 0, 1.0 / scale.float(), 0.0)  # an all-zero row: codes 0, scale 0
@@ -56,15 +74,17 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         codes = (xf * inv).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
     else:
         codes = (xf * inv).clamp_(-448.0, 448.0).to(dtype).view(torch.uint8)
-    out = torch.cat([codes, scale.view(torch.uint8)], dim=-1)
+    pad = (width or 0) - x.shape[-1] - KV_SCALE_BYTES
+    if width is not None and pad < 0:
+        raise ValueError(f"width {width} cannot hold {x.shape[-1]} codes and their scale")
+    out = torch.cat([codes, scale.view(torch.uint8), codes.new_zeros(*codes.shape[:-1], max(pad, 0))], dim=-1)
     return out.view(dtype)
 
 
-def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
-    """[..., head_dim + 2] codes and scale -> [..., head_dim] float32."""
+def dequantize_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[..., width] codes, scale (and padding) -> [..., head_dim] float32."""
     raw = rows.view(torch.uint8)
-    head_dim = raw.shape[-1] - KV_SCALE_BYTES
-    scale = raw[..., head_dim:].contiguous().view(torch.float16).float()
+    scale = raw[..., head_dim : head_dim + KV_SCALE_BYTES].contiguous().view(torch.float16).float()
     return raw[..., :head_dim].view(rows.dtype).float() * scale
 
 
@@ -79,7 +99,8 @@ def write_kv_cache(
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     if is_quantized(k_cache):
-        key, value = quantize_rows(key, k_cache.dtype), quantize_rows(value, v_cache.dtype)
+        width = k_cache.shape[-1]
+        key, value = quantize_rows(key, k_cache.dtype, width), quantize_rows(value, v_cache.dtype, width)
     num_blocks, block_size = k_cache.shape[:2]
     # index_copy_ has no float8 kernel: copy raw bytes (same width) for every dtype.
     for src, cache in ((key, k_cache), (value, v_cache)):
@@ -259,7 +280,8 @@ def _attention_in_float32(query, k_cache, v_cache, block_tables, context_lens, c
     out = torch.empty_like(query)
     group = query.shape[1] // k_cache.shape[2]
     cu, lens = cu_query_lens.tolist(), context_lens.tolist()
-    load = dequantize_rows if is_quantized(k_cache) else (lambda rows: rows.float())
+    head_dim = query.shape[-1]
+    load = (lambda rows: dequantize_rows(rows, head_dim)) if is_quantized(k_cache) else (lambda rows: rows.float())
     for i, length in enumerate(lens):
         q = query[cu[i] : cu[i + 1]].float()
         n = q.shape[0]

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import KV_SCALE_BYTES
+
 # Block copies move raw bytes: reinterpreting as same-width integers keeps NaN payloads intact and
 # makes any cache dtype (fp8 included) copyable without a per-dtype kernel.
 _INT_OF_WIDTH = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
@@ -88,12 +90,13 @@ def _quantize_store(x, dst_ptr, row_off, h, d, row_ok, HEAD_DIM: tl.constexpr, Q
 @triton.jit
 def _write_kv_cache_quant_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    num_kv_heads,
+    num_kv_heads, row_width,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """8-bit caches as int8 bytes [slots, kv_heads, HEAD_DIM + 2]: one program per token."""
+    """8-bit caches as int8 bytes [slots, kv_heads, row_width]: codes, scale, then padding to
+    row_width (untouched); one program per token."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
@@ -103,7 +106,7 @@ def _write_kv_cache_quant_kernel(
     k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask, other=0.0)
     v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask,
                 other=0.0)
-    row_off = (slot * num_kv_heads + h) * (HEAD_DIM + 2)
+    row_off = (slot * num_kv_heads + h) * row_width
     _quantize_store(k.to(tl.float32), k_cache_ptr, row_off, h, d, row_ok, HEAD_DIM, QUANT)
     _quantize_store(v.to(tl.float32), v_cache_ptr, row_off, h, d, row_ok, HEAD_DIM, QUANT)
 
@@ -121,11 +124,12 @@ def write_kv_cache(
         return
     quant = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_cache.dtype, 0)
     if quant:
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[-1] == head_dim + 2):
-            raise ValueError("an 8-bit cache must be dense [blocks, block_size, kv_heads, head_dim + 2]")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+                and k_cache.shape[-1] >= head_dim + KV_SCALE_BYTES):
+            raise ValueError("an 8-bit cache must be dense [blocks, block_size, kv_heads, head_dim + 2 (+ padding)]")
         _write_kv_cache_quant_kernel[(num_tokens,)](
             key, value, k_cache.view(torch.int8), v_cache.view(torch.int8), slot_mapping.contiguous(),
-            num_kv_heads, *key.stride(), *value.stride(),
+            num_kv_heads, k_cache.shape[-1], *key.stride(), *value.stride(),
             HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
             BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quant,
         )

@@ -440,6 +440,24 @@ def test_every_kernel_compiles_for_a_gpu_on_a_machine_without_one():
         assert kernel in done.stdout, kernel
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU bench/gpu_check.sh times the kernels themselves")
+def test_8bit_cache_rows_on_a_gpu_are_read_16_bytes_at_a_time():
+    """The decode attention's PTX for sm_90 over int8 and e4m3 caches: rows padded as the engine
+    lays them out on CUDA read their codes in 8-16 byte copies; unpadded rows (head_dim + 2 bytes)
+    read them byte by byte, which made an 8-bit cache 3-37x slower than bf16 on an H200."""
+    done = subprocess.run([sys.executable, "-m", "tests.triton_compile", "--vector-loads"],
+                          cwd=Path(__file__).parents[1], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if " rows of " in line]
+    assert len(lines) == 4, done.stdout[-2000:]
+    for line in lines:
+        single = int(line.split(": ")[1].split()[0])
+        # 144-byte rows: the scales' bytes alone; 130-byte rows: every code (the check can fail).
+        assert (single <= 32) if "rows of 144 bytes" in line else (single >= 128), line
+
+
 def test_triton_ops_has_the_reference_signatures():
     for name in ["write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks"]:
         assert inspect.signature(getattr(triton_ops, name)) == inspect.signature(getattr(reference, name)), name

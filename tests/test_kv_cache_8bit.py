@@ -36,15 +36,27 @@ def backend_ops(name: str):
     return ops, torch.device("cuda" if on_gpu else "cpu")
 
 
-def quantized(cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An 8-bit copy of a paged_kv cache; rows no context owns (NaN there) get a NaN scale, so a
-    kernel that reads past a context still fails loudly."""
-    codes = reference.quantize_rows(cache.nan_to_num(0.0), dtype)
+def quantized(cache: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """An 8-bit copy of a paged_kv cache, rows of width bytes (default unpadded); rows no context
+    owns (NaN there) get a NaN scale, so a kernel that reads past a context still fails loudly,
+    and padding bytes are 0xFF, so a kernel that reads them as codes or scale is caught too."""
+    codes = reference.quantize_rows(cache.nan_to_num(0.0), dtype, width)
     raw = codes.view(torch.uint8)
+    head_dim = cache.shape[-1]
+    raw[..., head_dim + reference.KV_SCALE_BYTES :] = 0xFF
     unowned = cache.isnan().any(-1)
-    raw[..., -2].masked_fill_(unowned, 0x00)  # float16 NaN is 0x7E00, little-endian
-    raw[..., -1].masked_fill_(unowned, 0x7E)
+    raw[..., head_dim].masked_fill_(unowned, 0x00)  # float16 NaN is 0x7E00, little-endian
+    raw[..., head_dim + 1].masked_fill_(unowned, 0x7E)
     return codes
+
+
+def row_widths(backend: str, head_dim: int) -> list[int]:
+    """The row widths a backend takes: unpadded everywhere, and on Triton also the CUDA layout's
+    (padded to 16 bytes), which the interpreter runs on CPU tensors in CI."""
+    widths = [head_dim + reference.KV_SCALE_BYTES]
+    if backend == "triton":
+        widths.append(reference.kv_row_width(head_dim, torch.int8, "cuda"))
+    return widths
 
 
 # ---------------------------------------------------------------- the format
@@ -58,7 +70,11 @@ def test_quantized_rows_are_within_half_a_step_of_the_input(gen, dtype):
     x[3, 1] = 0.0  # an all-zero row: scale 0, codes 0
     rows = reference.quantize_rows(x, dtype)
     assert rows.shape == (64, 4, 82) and rows.dtype == dtype
-    back = reference.dequantize_rows(rows)
+    back = reference.dequantize_rows(rows, 80)
+    padded = reference.quantize_rows(x, dtype, 96)  # the CUDA layout: the same bytes, then zeros
+    assert padded.shape == (64, 4, 96) and torch.equal(padded.view(torch.uint8)[..., :82], rows.view(torch.uint8))
+    assert not padded.view(torch.uint8)[..., 82:].any()
+    assert torch.equal(reference.dequantize_rows(padded, 80), back)
     scale = rows.view(torch.uint8)[..., 80:].contiguous().view(torch.float16).float()
     err = (back - x).abs()
     if dtype == torch.int8:
@@ -84,13 +100,16 @@ def test_write_kv_cache_quantizes_to_the_reference_bytes(gen, backend, source_dt
     slots = torch.randperm(3 * 16, generator=gen)[:num_tokens]
     slots[[1, 5]] = -1
     slots = slots.to(device)
-    garbage = torch.randint(-128, 128, (2, 3, 16, kv_heads, head_dim + 2), generator=gen, dtype=torch.int8)
-    k_cache, v_cache = garbage.to(device).view(dtype).unbind(0)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    ops.write_kv_cache(key, value, k_cache, v_cache, slots)
-    reference.write_kv_cache(key, value, k_ref, v_ref, slots)
-    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
-    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    for width in row_widths(backend, head_dim):
+        garbage = torch.randint(-128, 128, (2, 3, 16, kv_heads, width), generator=gen, dtype=torch.int8)
+        k_cache, v_cache = garbage.to(device).view(dtype).unbind(0)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+        reference.write_kv_cache(key, value, k_ref, v_ref, slots)
+        # Padding bytes are never read: only codes and scale must match.
+        used = head_dim + reference.KV_SCALE_BYTES
+        assert torch.equal(k_cache.view(torch.uint8)[..., :used], k_ref.view(torch.uint8)[..., :used]), width
+        assert torch.equal(v_cache.view(torch.uint8)[..., :used], v_ref.view(torch.uint8)[..., :used]), width
 
 
 @pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -152,18 +171,19 @@ def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, w
     rows = [(40, 40), (1, 77), (12, 50), (1, 1), (1, 33)] if backend == "triton" else \
         [(300, 300), (1, 77), (70, 333), (1, 1), (1, 2100)]
     k_float, v_float, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 2, 64, torch.float32, device=device)
-    k_cache, v_cache = quantized(k_float, dtype), quantized(v_float, dtype)
     cu = torch.tensor([0] + [q for q, _ in rows]).cumsum(0).int().to(device)
     query = torch.randn(int(cu[-1]), 6, 64, generator=gen).to(device)
     args = (tables, lens, cu, 0.125, window, 30.0)
-    out = ops.paged_attention(query, k_cache, v_cache, *args)
-    want = reference.paged_attention(query, k_cache, v_cache, *args)
-    assert not out.isnan().any()
-    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
     last = (cu[1:] - 1).long()
-    out = ops.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
-    want = reference.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
-    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    for width in row_widths(backend, 64):
+        k_cache, v_cache = quantized(k_float, dtype, width), quantized(v_float, dtype, width)
+        out = ops.paged_attention(query, k_cache, v_cache, *args)
+        want = reference.paged_attention(query, k_cache, v_cache, *args)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+        out = ops.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
+        want = reference.decode_attention(query[last], k_cache, v_cache, tables, lens, 0.125, window)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
     # ... and close to attention over the float cache it was quantized from. Bounds: twice the
     # worst over 40 seeds x 2 windows (int8 0.016 max, 0.003 mean; e4m3 0.145, 0.012); a one-token
     # context returns its V row, where e4m3's 2^-4 relative step shows undamped.
@@ -222,6 +242,18 @@ def test_kv_cache_dtype_is_validated_naming_the_field():
         EngineConfig(kv_cache_dtype="int4")
     assert EngineConfig(kv_cache_dtype="fp8_e4m3").kv_cache_torch_dtype(torch.bfloat16) == torch.float8_e4m3fn
     assert EngineConfig().kv_cache_torch_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_8bit_rows_pad_to_16_bytes_on_cuda_only():
+    """head_dim + 2 bytes on CPU (the C++ kernels read unaligned rows at full speed); on CUDA the
+    next multiple of 16, so every KV head's codes start 16-byte aligned for Triton's wide loads."""
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        assert [reference.kv_row_width(d, dtype, "cpu") for d in (64, 72, 128, 256)] == [66, 74, 130, 258]
+        assert [reference.kv_row_width(d, dtype, "cuda") for d in (64, 72, 128, 256)] == [80, 80, 144, 272]
+    for dtype in (torch.bfloat16, torch.float32):
+        assert reference.kv_row_width(128, dtype, "cuda") == reference.kv_row_width(128, dtype, "cpu") == 128
+    with pytest.raises(ValueError, match="width 70"):
+        reference.quantize_rows(torch.ones(3, 72), torch.int8, 70)
 
 
 @pytest.mark.slow  # engines / a subprocess: ~9 s

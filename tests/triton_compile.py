@@ -8,12 +8,19 @@ compiler still generates it), dots of mixed dtypes, and the half-precision paths
 interpreter never takes (it computes every dot in fp32). The wrappers' outputs are garbage:
 nothing runs.
 
+Each launch is bound by Triton's own binder for the target, so it compiles with the
+specialization a real launch gets (integer arguments of 1 as constants, arguments and pointers
+divisible by 16 marked so): what decides whether loads are vectorized.
+
 By default the pipeline stops after Triton's GPU IR (ttgir: the frontend, types and layouts, a
 few seconds for every kernel). --full runs it to the cubin with Triton's bundled ptxas and fails
-on shared memory past the smallest target card's limit (minutes, cold).
+on shared memory past the smallest target card's limit (minutes, cold). --vector-loads compiles
+the decode attention over 8-bit caches to PTX, with rows as the engine lays them out on CUDA and
+unpadded, and fails unless the padded rows' codes load 16 bytes at a time (where unpadded rows
+load byte by byte: 3-37x slower on an H200, bench/RESULTS.md 2026-12-04).
 
 Run in a fresh process, since Triton reads TRITON_INTERPRET when a kernel module is imported:
-    TRITON_INTERPRET=0 python -m tests.triton_compile [--full]
+    TRITON_INTERPRET=0 python -m tests.triton_compile [--full | --vector-loads]
 It prints one line per distinct kernel and exits non-zero on the first failure.
 """
 
@@ -47,50 +54,90 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         print("run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
-    full = argv == ["--full"]
-    if argv and not full:
-        print("usage: python -m tests.triton_compile [--full]", file=sys.stderr)
+    mode = argv[0] if argv else ""
+    if len(argv) > 1 or mode not in ("", "--full", "--vector-loads"):
+        print("usage: python -m tests.triton_compile [--full | --vector-loads]", file=sys.stderr)
         return 2
     import torch
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, mangle_type
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    if not full:
+    if mode == "":
         knobs.runtime.add_stages_inspection_hook = stop_after_ttgir
-    target = GPUTarget("cuda", TARGET_ARCH, 32)
+    target = GPUTarget("cuda", 90 if mode == "--vector-loads" else TARGET_ARCH, 32)
+    backend = make_backend(target)
     seen: set[tuple] = set()
+    compiled: list = []  # (kernel name, constexprs, compiled kernel) for --vector-loads
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
-        values = dict(zip((p.name for p in self.params), args)) | kwargs
-        signature, constexprs = {}, {}
-        for p in self.params:
-            if p.is_constexpr:
-                signature[p.name], constexprs[p.name] = "constexpr", values[p.name]
-            else:
-                signature[p.name] = mangle_type(values[p.name])
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        key = (self.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, _ = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, kwargs)
+        names = {path: self.params[path[0]].name for path in constexprs}
+        named = {names[path]: value for path, value in constexprs.items() if not self.params[path[0]].is_constexpr}
+        constants = {p.name: bound[p.name] for p in self.params if p.is_constexpr}
+        launch = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        key = (self.__name__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))), str(attrs),
+               tuple(launch.items()))
         if key in seen:
             return
         seen.add(key)
         try:
-            shared = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options
-                                    ).metadata.shared
+            kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=launch)
         except ReachedLowering:
-            print(f"{self.__name__} {constexprs} {options}")
+            print(f"{self.__name__} {constants} {launch}")
             return
-        print(f"{self.__name__} {constexprs} {options}: {shared} bytes of shared memory")
+        compiled.append((self.__name__, constants | named, kernel))
+        shared = kernel.metadata.shared
+        print(f"{self.__name__} {constants} {launch}: {shared} bytes of shared memory")
         if shared > SHARED_LIMIT:
             raise RuntimeError(f"{self.__name__} needs {shared} bytes of shared memory, over {SHARED_LIMIT}")
 
     JITFunction.run = compile_instead
+    if mode == "--vector-loads":
+        return check_vector_loads(torch, compiled)
     for scenario in (moe_launches, attention_launches):
         scenario(torch)
-    print(f"{len(seen)} kernels compiled for sm_{TARGET_ARCH}" + ("" if full else " (through ttgir)"))
+    print(f"{len(seen)} kernels compiled for sm_{TARGET_ARCH}" + (" (through ttgir)" if mode == "" else ""))
     return 0
+
+
+def check_vector_loads(torch, compiled: list) -> int:
+    """Decode attention over int8 and e4m3 caches (bf16 queries, the heads of an 8B model: 32 over
+    8 of 128), rows padded as the engine does on CUDA and unpadded: the loads in each kernel's PTX.
+    The padded rows must read their codes 8-16 bytes at a time, leaving single bytes for the scales
+    only (2 per row a thread holds); the unpadded rows show what the check catches."""
+    import re
+
+    from kernels.reference import kv_row_width
+    from kernels.triton_attention import attention
+
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 32, 8, 128, 16, 16
+    failed = False
+    for cache_dtype in (torch.int8, torch.float8_e4m3fn):
+        for device in ("cuda", "cpu"):  # the CPU's row is the unpadded one
+            width = kv_row_width(head_dim, cache_dtype, device)
+            k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, width).to(cache_dtype)
+            tables = torch.zeros(2, num_blocks // 2, dtype=torch.int32)
+            lens = torch.tensor([40, 64], dtype=torch.int32)
+            query = torch.zeros(2, num_heads, head_dim, dtype=torch.bfloat16)
+            compiled.clear()
+            attention(query, k_cache, k_cache, tables, lens, None, 0.1, num_segments=1)
+            (name, _, kernel), = [c for c in compiled if c[0] == "_paged_attention_kernel"]
+            ptx = kernel.asm["ptx"]
+            single = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", ptx))
+            # Wide reads: vector loads, or asynchronous copies to shared memory of 8 or 16 bytes
+            # (the compiler pipelines the K/V tiles through them once rows are aligned).
+            wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)) + \
+                len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x(?:8|10)\b", ptx))
+            print(f"{cache_dtype} rows of {width} bytes: {single} single-byte and {wide} wide (8-16 byte) reads in the PTX")
+            if width % 16 == 0 and (single > 32 or wide < 4):
+                print(f"  FAIL: rows of {width} bytes should load their codes as vectors")
+                failed = True
+    return 1 if failed else 0
 
 
 def moe_launches(torch) -> None:
@@ -108,8 +155,9 @@ def moe_launches(torch) -> None:
 
 def attention_launches(torch) -> None:
     """Decode and mixed batches over 16/32-bit caches in their own dtype and over 8-bit caches
-    (the codes carry their scale: head_dim + 2 bytes a row) with bf16 queries; one pass without
+    (the codes carry their scale, rows padded as on CUDA) with bf16 queries; one pass without
     variants, and split-K with a window and soft-cap."""
+    from kernels.reference import kv_row_width
     from kernels.triton_attention import attention
     from kernels.triton_cache import write_kv_cache
 
@@ -118,7 +166,7 @@ def attention_launches(torch) -> None:
     layouts = [(bf16, bf16), (torch.float16, torch.float16), (torch.float32, torch.float32), (bf16, torch.int8),
                (bf16, torch.float8_e4m3fn)]
     for dtype, cache_dtype in layouts:
-        width = head_dim + (2 if cache_dtype.itemsize == 1 else 0)
+        width = kv_row_width(head_dim, cache_dtype, "cuda")
         k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, width).to(cache_dtype)
         v_cache = torch.zeros_like(k_cache)
         key = torch.zeros(64, num_kv_heads, head_dim, dtype=dtype)
