@@ -17,9 +17,9 @@ Shapes are those of kernels/reference.py. Design points:
   the context), again without reading context_lens on the host.
 - Variants (kernels/reference.py): a sliding window starts each tile's key loop at its first
   row's window and masks per row; soft-capping applies cap * tanh(s / cap) to the scaled scores.
-- 8-bit caches (int8, or float8_e4m3fn read as raw bytes): K/V tiles are loaded as codes and
-  scaled by each row's float16 scale (the 2 bytes after its codes) in registers; nothing is
-  dequantized to memory.
+- 8-bit caches (int8, or float8_e4m3fn read as raw bytes): K/V tiles are loaded as codes, which
+  the dots take as they are; each row's float16 scale (the 2 bytes after its codes) multiplies
+  its score column (K) or probability column (V). Nothing is dequantized to memory.
 """
 
 from __future__ import annotations
@@ -40,40 +40,41 @@ MAX_SEGMENTS = 128  # bounds the reduce tile and the partial buffers
 
 
 @triton.jit
-def load_kv_tile(ptr, off_rows, d, mask, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, ROWS_FIRST: tl.constexpr):
-    """A K or V tile in float32 (or the cache's dtype when QUANT == 0): [BLOCK_N, BLOCK_D] when
-    ROWS_FIRST, else [BLOCK_D, BLOCK_N]. QUANT 1: int8 codes, 2: e4m3 bytes; each row's codes
-    are followed by its float16 scale."""
+def load_kv_tile(ptr, off_rows, d, mask, QUANT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """A K or V tile: [BLOCK_N, BLOCK_D] when ROWS_FIRST, else [BLOCK_D, BLOCK_N]; in the cache's
+    dtype (QUANT 0), or an 8-bit cache's codes as float32 values, unscaled (QUANT 1: int8, 2: e4m3
+    bytes). Every code is exact in bfloat16 (int8's 8 bits, e4m3's 4 significant bits), so the dot
+    takes them unrounded and each row's scale applies to its score (K) or probability (V) column:
+    BLOCK_N multiplies a tile where scaling the tile took BLOCK_N x BLOCK_D."""
     if ROWS_FIRST:
         offs = off_rows[:, None] + d[None, :]
-        row_mask = tl.max(mask.to(tl.int32), 1) > 0
     else:
         offs = off_rows[None, :] + d[:, None]
-        row_mask = tl.max(mask.to(tl.int32), 0) > 0
     x = tl.load(ptr + offs, mask=mask, other=0)
     # One if/else, no early return: the compiler generates the code after a `return` inside a
-    # constexpr branch too, and the scale's byte bitcasts do not compile for a 16-bit cache.
+    # constexpr branch too.
     if QUANT == 0:
         tile = x
+    elif QUANT == 1:
+        tile = x.to(tl.float32)
     else:
-        lo = tl.load(ptr + off_rows + HEAD_DIM, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
-        hi = tl.load(ptr + off_rows + HEAD_DIM + 1, mask=row_mask, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
-        scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-        if QUANT == 1:
-            values = x.to(tl.float32)
-        else:
-            # e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal.
-            code = x.to(tl.uint8, bitcast=True).to(tl.int32)
-            e = (code >> 3) & 15
-            m = (code & 7).to(tl.float32)
-            # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
-            mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
-            values = tl.where(code >= 128, -mag, mag)
-        if ROWS_FIRST:
-            tile = values * scale[:, None]
-        else:
-            tile = values * scale[None, :]
+        # e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal.
+        code = x.to(tl.uint8, bitcast=True).to(tl.int32)
+        e = (code >> 3) & 15
+        m = (code & 7).to(tl.float32)
+        # (8 + m) * 2^(e - 10), the power of two built from its bits (exact; CUDA's exp2 is not).
+        mag = tl.where(e == 0, m * 0.001953125, (m + 8.0) * ((e + 117) << 23).to(tl.float32, bitcast=True))
+        tile = tl.where(code >= 128, -mag, mag)
     return tile
+
+
+@triton.jit
+def load_row_scales(ptr, off_rows, row_ok, HEAD_DIM: tl.constexpr):
+    """The float16 scale after each 8-bit row's codes (2 bytes at HEAD_DIM), as float32 [BLOCK_N];
+    0 for rows outside the context (their scores are masked, their probabilities 0)."""
+    lo = tl.load(ptr + off_rows + HEAD_DIM, mask=row_ok, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+    hi = tl.load(ptr + off_rows + HEAD_DIM + 1, mask=row_ok, other=0).to(tl.uint8, bitcast=True).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -165,14 +166,16 @@ def _paged_attention_kernel(
         k_off = block * stride_kb + in_block * stride_kt + kv_head * stride_kh
         v_off = block * stride_vb + in_block * stride_vt + kv_head * stride_vh
         k = load_kv_tile(k_cache_ptr, k_off, d * stride_kd, n_ok[None, :] & d_ok[:, None],
-                         HEAD_DIM, QUANT, False)  # [BLOCK_D, BLOCK_N]
+                         QUANT, False)  # [BLOCK_D, BLOCK_N]
         v = load_kv_tile(v_cache_ptr, v_off, d * stride_vd, n_ok[:, None] & d_ok[None, :],
-                         HEAD_DIM, QUANT, True)  # [BLOCK_N, BLOCK_D]
+                         QUANT, True)  # [BLOCK_N, BLOCK_D]
         if DOT_FP32:
             # ieee: tf32 would cost fp32 inputs their precision for no gain in a memory-bound op.
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
+        if QUANT != 0:
+            s = s * load_row_scales(k_cache_ptr, k_off, n_ok, HEAD_DIM)[None, :]
         if SOFT_CAP:  # cap * tanh(s * scale / cap), tanh(x) = 1 - 2 / (e^2x + 1), in log2 units
             s = cap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * cap_scale * s) + 1.0))
         else:
@@ -187,6 +190,8 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT != 0:
+            p = p * load_row_scales(v_cache_ptr, v_off, n_ok, HEAD_DIM)[None, :]
         if DOT_FP32:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:

@@ -239,6 +239,28 @@ def test_a_plain_weights_few_rows_run_on_the_avx512_matmul_of_its_dtype(monkeypa
     assert calls == ([] if dtype == torch.bfloat16 and amx_ops() is not None else few)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_off_the_cpu_a_few_row_projection_is_one_matmul_with_no_copy(dtype):
+    """The few-row paths above are the CPU's. On another device (a GPU; here the meta device, which
+    runs the same dispatch without data) a plain weight's few rows go to F.linear: one matmul, no
+    transposed product and copy (which cost a GPU decode step 89 extra copies on an H200)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    layer = Linear(96, 100, bias=False).to(device="meta", dtype=dtype)
+    for rows in (1, 3, linear.AMX_FEW_ROWS):
+        ops = []
+        with torch.inference_mode(), Record():
+            y = layer(torch.empty(rows, 96, device="meta", dtype=dtype))
+        assert y.shape == (rows, 100)
+        matmuls = [op for op in ops if op in ("linear", "mm", "addmm", "mv")]
+        assert matmuls in (["linear"], ["mm"]) and not {"clone", "copy_"} & set(ops), (rows, ops)
+
+
 @needs_bf16_rows
 def test_the_avx512_bfloat16_matmul_refuses_what_it_cannot_read():
     ops = linear.avx512_bf16_ops()

@@ -99,7 +99,9 @@ class Linear(StepModule, nn.Linear):
                 x = F.pad(x, (0, 0, 0, padded - rows))
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
             return y if padded == rows else y[:rows]
-        if bias is None and x.shape[0] <= AMX_FEW_ROWS:
+        # The few-row kernels are the CPU's (measured there); on a GPU they were a transposed
+        # product and a copy per projection (an H200, bench/RESULTS.md 2026-12-04): cuBLAS via F.linear.
+        if bias is None and x.shape[0] <= AMX_FEW_ROWS and x.device.type == "cpu":
             if x.dtype == torch.bfloat16:
                 return few_rows_bfloat16(x, self.weight)
             if x.dtype == torch.float32:
