@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, under 8 minutes on one GPU; writes one results file.
+# The GPU checks in one command, about 6 minutes on an H200 (332 s on 2026-12-04, before stepops); writes one results file.
 #
 #   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--dry-run]
 #
@@ -9,6 +9,7 @@
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
 #   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml
+#   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches
 # --dry-run checks the arguments and writes the results file with every step "skipped": what
 # the CPU-only test suite runs. Record the card and the numbers in bench/RESULTS.md after a run.
 #
@@ -20,11 +21,11 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 OUT="$ROOT/bench/gpu_check_results.md"
-ALL_STEPS="kernels greedy bandwidth kvcache serving"
+ALL_STEPS="kernels greedy bandwidth kvcache serving stepops"
 STEPS="$ALL_STEPS"
 DRY_RUN=0
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -107,9 +108,10 @@ run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
 run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100
 run_step kvcache 60 "$PYTHON" bench/bench_kv_cache.py --backend triton --kv-dtypes bf16 int8 fp8_e4m3 \
   --batch-sizes 1 16 64 --context-lens 4096 --num-heads 32 --num-kv-heads 8 --head-dim 128
-case " $STEPS " in *" serving "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
+case " $STEPS " in *" serving "*|*" stepops "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
 run_step serving 200 "$PYTHON" bench/bench_serving.py --launch --server-arg "model=$SERVE_DIR/llama-1b" \
   --num-prompts 64 --max-tokens 128 --max-concurrency 16 --label "gpu-check random 1B llama"
+run_step stepops 90 "$PYTHON" bench/step_ops.py --model "$SERVE_DIR/llama-1b" --device cuda --batch 16
 
 echo "results: $OUT"
 exit $FAILED

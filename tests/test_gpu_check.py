@@ -26,7 +26,7 @@ def test_dry_run_writes_every_step_as_skipped(tmp_path):
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert text.startswith("# bento-llm GPU check") and "- card: none (dry run)" in text
-    for step in ("kernels", "greedy", "bandwidth", "serving"):
+    for step in ("kernels", "greedy", "bandwidth", "kvcache", "serving", "stepops"):
         assert f"## {step}: skipped (dry run)" in text
     assert "TRITON_INTERPRET" not in text and "tests/test_kernels.py" in text
 
@@ -52,6 +52,24 @@ def test_bad_arguments_exit_2_naming_them(args, message):
 def test_without_a_gpu_it_refuses_and_says_how_to_dry_run(tmp_path):
     done = run("--out", str(tmp_path / "r.md"))
     assert done.returncode == 3 and "no CUDA device" in done.stderr and "--dry-run" in done.stderr
+
+
+@pytest.mark.slow  # a tiny engine: ~10 s
+def test_the_step_ops_count_runs_on_cpu(tmp_path, capsys):
+    """bench/step_ops.py (the stepops step) on a tiny model on the CPU, its layers on their Python
+    path: a step time, the ops a step by name (the projections among them), and the copy sites."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import step_ops
+
+    from tests.helpers import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path)
+    assert step_ops.main(["--model", path, "--device", "cpu", "--batch", "2", "--steps", "3", "--count-steps", "2",
+                          "--python-layers"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cpu, bfloat16, 2 sequences: decode step median") and "aten ops a step" in out[0]
+    counts = {line.split()[1]: float(line.split()[0]) for line in out[1 : out.index("copies a step, by the engine line that issues them:")]}
+    assert counts.get("embedding") == 1.0 and sum(counts.values()) > 10
 
 
 def test_the_greedy_helper_passes_on_cpu_float32():

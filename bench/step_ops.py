@@ -1,0 +1,101 @@
+"""A decode step on any device, by the ops it dispatches: the step's wall time (synchronized), the
+aten ops per step by name, and the engine source lines that issue copies (clone, contiguous, dtype
+conversions, copy_, cat, roll, index_select). On a GPU every op is at least one kernel launch, so
+this counts the host work a step costs where the card idles (bench/RESULTS.md, 2026-12-04: an
+H200 busy ~2 ms of an 11.6 ms step of a 1.1B Llama). Part of bench/gpu_check.sh.
+
+    python bench/step_ops.py --model DIR --device cuda               # 16 sequences, bfloat16
+    python bench/step_ops.py --model DIR --device cpu --python-layers  # the layers' Python path on CPU
+Prints the step time, then the ops a step by name, then each copy's two innermost engine frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine  # noqa: E402,F401  first: engine/config.py sets OpenMP's wait policy before torch loads
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+COPIES = ("clone", "contiguous", "_to_copy", "copy_", "cat", "roll", "index_select")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten op dispatched, and for the copies the two innermost engine/kernels frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.sites = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        self.ops[name] += 1
+        if name in COPIES:
+            frames = [f for f in traceback.extract_stack() if "/engine/" in f.filename or "/kernels/" in f.filename]
+            self.sites[(name, " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                                          for f in reversed(frames[-2:])))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
+    parser.add_argument("--count-steps", type=int, default=4, help="decode steps whose ops are counted")
+    parser.add_argument("--python-layers", action="store_true",
+                        help="decoder layers on their Python path instead of one decoder_layer op each (CPU)")
+    args = parser.parse_args(argv)
+
+    from engine import LLM, SamplingParams
+    from engine.models.llama import LlamaDecoderLayer
+
+    if args.python_layers:
+        LlamaDecoderLayer.layer_op = False
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype,
+              **({"num_kv_blocks": 64 * args.batch} if args.device == "cpu" else {}))
+    eng = llm.engine
+    total = 8 + args.steps + args.count_steps
+    params = SamplingParams(temperature=0.0, max_tokens=total + 8, ignore_eos=True)
+    for i in range(args.batch):
+        eng.add_request(f"r{i}", f"Request {i}: tell me a story about the number {i * 7}.", params)
+    for _ in range(8):  # prefill, then a few decodes (kernel builds, first-touch pages)
+        eng.step()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        eng.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    counter = CountOps()
+    with counter:
+        for _ in range(args.count_steps):
+            eng.step()
+    while eng.has_unfinished_requests():
+        eng.step()
+
+    n = args.count_steps
+    print(f"{args.device}, {args.dtype}, {args.batch} sequences: decode step median {statistics.median(times) * 1e3:.2f} ms "
+          f"(min {min(times) * 1e3:.2f}) over {args.steps}; {sum(counter.ops.values()) / n:.0f} aten ops a step")
+    for name, count in counter.ops.most_common(25):
+        print(f"{count / n:8.1f}  {name}")
+    print("copies a step, by the engine line that issues them:")
+    for (name, site), count in counter.sites.most_common(25):
+        print(f"{count / n:8.1f}  {name:14s} {site}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
