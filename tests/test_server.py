@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import bentoml
@@ -246,10 +247,20 @@ def test_aborted_stream_gives_its_blocks_back(server):
 
 
 def test_abandoned_non_streaming_request_is_aborted(server):
+    """A client that hangs up mid-generation: the server aborts the request and frees its blocks.
+    The client hangs up once the metrics show the request running (a read timeout of a fixed
+    0.5 s let a fast host finish all 480 tokens first: the test then failed there)."""
     before = metric(wait_idle(server), "vllm:request_success_total", finished_reason="abort") or 0
-    body = {"model": "tiny", "prompt": "Tell me more", "max_tokens": 480, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", headers=AUTH, json=body, timeout=httpx.Timeout(5, read=0.5))
+    body = json.dumps({"model": "tiny", "prompt": "Tell me more", "max_tokens": 480, "n": 3, "ignore_eos": True})
+    url = httpx.URL(server.url)
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+    with socket.create_connection((url.host, url.port), timeout=5) as client:
+        client.sendall(request.encode())
+        deadline = time.monotonic() + 10
+        while not metric(scrape(server.url), "vllm:num_requests_running"):
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
     values = wait_idle(server, timeout=5)
     assert metric(values, "vllm:request_success_total", finished_reason="abort") == before + 1
 
