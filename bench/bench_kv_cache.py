@@ -9,7 +9,8 @@
         --kv-dtypes bf16 int8 fp8_e4m3 --layers auto --before-tree /work/main   # issue 16's table, A/B
 
 Decode attention reads every cached K and V row once per step, so its time follows the cache's
-bytes: an 8-bit row is head_dim + 2 bytes (on CUDA padded to 16) where a 16-bit one is 2 x head_dim. The dtypes are timed
+bytes: an 8-bit row is head_dim + 2 bytes (on CUDA padded to 16; KV MiB and GB/s count the rows as
+stored, padding included) where a 16-bit one is 2 x head_dim. The dtypes are timed
 interleaved (A, B, A, B ...) in one process, and each row gives the median, so a noisy machine
 biases none of them; the ratio column is each dtype's median over the first dtype's.
 

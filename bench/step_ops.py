@@ -1,7 +1,8 @@
 """A decode step on any device, by the ops it dispatches: the step's wall time (synchronized), the
 aten ops per step by name, and the engine source lines that issue copies (clone, contiguous, dtype
-conversions, copy_, cat, roll, index_select). On a GPU every op is at least one kernel launch, so
-this counts the host work a step costs where the card idles (bench/RESULTS.md, 2026-12-04: an
+conversions, copy_, cat, roll, index_select). On a GPU every op that computes (not views such as
+`t`, `view`, `slice`) is at least one kernel launch, so this counts the host work a step costs where
+the card idles (bench/RESULTS.md, 2026-12-04: an
 H200 busy ~2 ms of an 11.6 ms step of a 1.1B Llama). Part of bench/gpu_check.sh.
 
     python bench/step_ops.py --model DIR --device cuda               # 16 sequences, bfloat16
@@ -57,11 +58,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoder layers on their Python path instead of one decoder_layer op each (CPU)")
     args = parser.parse_args(argv)
 
-    from engine import LLM, SamplingParams
     from engine.models.llama import LlamaDecoderLayer
 
+    layer_op = LlamaDecoderLayer.layer_op
     if args.python_layers:
         LlamaDecoderLayer.layer_op = False
+    try:
+        return count_ops(args)
+    finally:
+        LlamaDecoderLayer.layer_op = layer_op  # a class attribute: the caller's process keeps its own
+
+
+def count_ops(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               **({"num_kv_blocks": 64 * args.batch} if args.device == "cpu" else {}))

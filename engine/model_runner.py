@@ -158,7 +158,7 @@ class ModelRunner:
 
     @property
     def cache_row(self) -> int:
-        """Elements of one (token, KV head) row of the cache: an 8-bit row carries its scale."""
+        """Elements of one (token, KV head) row of the cache: an 8-bit row carries its scale (padded on CUDA)."""
         return kv_row_width(self.model_config.head_dim, self.kv_dtype, self.device)
 
     def _allocate_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

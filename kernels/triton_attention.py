@@ -19,7 +19,8 @@ Shapes are those of kernels/reference.py. Design points:
   row's window and masks per row; soft-capping applies cap * tanh(s / cap) to the scaled scores.
 - 8-bit caches (int8, or float8_e4m3fn read as raw bytes): K/V tiles are loaded as codes, which
   the dots take as they are; each row's float16 scale (the 2 bytes after its codes) multiplies
-  its score column (K) or probability column (V). Nothing is dequantized to memory.
+  its score column (K) or probability column (V; for float16 queries, the V tile). Nothing is
+  dequantized to memory.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def load_kv_tile(ptr, off_rows, d, mask, QUANT: tl.constexpr, ROWS_FIRST: tl.con
     dtype (QUANT 0), or an 8-bit cache's codes as float32 values, unscaled (QUANT 1: int8, 2: e4m3
     bytes). Every code is exact in bfloat16 (int8's 8 bits, e4m3's 4 significant bits), so the dot
     takes them unrounded and each row's scale applies to its score (K) or probability (V) column:
-    BLOCK_N multiplies a tile where scaling the tile took BLOCK_N x BLOCK_D."""
+    BLOCK_N multiplies a tile where scaling the tile took BLOCK_N x BLOCK_D (float16 queries scale
+    the V tile instead: probabilities times small scales would go subnormal there)."""
     if ROWS_FIRST:
         offs = off_rows[:, None] + d[None, :]
     else:
@@ -191,7 +193,11 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT != 0:
-            p = p * load_row_scales(v_cache_ptr, v_off, n_ok, HEAD_DIM)[None, :]
+            v_scale = load_row_scales(v_cache_ptr, v_off, n_ok, HEAD_DIM)
+            if q.dtype == tl.float16:  # p * scale can fall below float16's normal range: scale the codes
+                v = v * v_scale[:, None]
+            else:  # bfloat16 has float32's exponent range
+                p = p * v_scale[None, :]
         if DOT_FP32:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:

@@ -192,6 +192,28 @@ def test_attention_reads_an_8bit_cache_like_the_reference(gen, backend, dtype, w
     assert err.max() <= max_bound and err.mean() <= mean_bound, (err.max(), err.mean())
 
 
+@pytest.mark.skipif(backend_ops("triton")[1].type != "cuda", reason="half-precision dots run on a GPU only "
+                    "(the interpreter computes every dot in float32)")
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("v_scale", [1.0, 1e-3], ids=["unit", "small"])
+def test_triton_8bit_attention_with_half_queries_is_close_to_the_reference(gen, query_dtype, dtype, v_scale):
+    """The GPU's production path: bf16 / fp16 queries, the codes into half-precision dots, each
+    row's scale on its score column and on its probability column (bf16) or V tile (fp16); small V
+    values (scales near 1e-5) would make probabilities times scales subnormal in fp16. Relative
+    error against the reference's float32 attention over the same codes (2.4e-3 measured in bf16
+    on an H200)."""
+    ops, device = backend_ops("triton")
+    rows = [(1, 77), (1, 1), (1, 300), (1, 33)]
+    k_float, v_float, tables, lens = paged_kv(gen, [c for _, c in rows], 16, 2, 64, torch.float32, device=device)
+    width = reference.kv_row_width(64, dtype, device)
+    k_cache, v_cache = quantized(k_float, dtype, width), quantized(v_float * v_scale, dtype, width)
+    query = torch.randn(len(rows), 6, 64, generator=gen).to(device)
+    out = ops.decode_attention(query.to(query_dtype), k_cache, v_cache, tables, lens, 0.125)
+    want = reference.decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    assert (out.float() - want).norm() / want.norm() < 1e-2
+
+
 # (query heads, KV heads): groups 1, 3, 6 and 16 (a decode's unit takes several KV heads while
 # under 16 rows, one at group 16: kv_heads_per_unit in cpu_ops.cpp).
 CPU_HEAD_SHAPES = [(8, 8), (9, 3), (12, 2), (16, 1)]
@@ -263,7 +285,7 @@ def test_the_same_cache_memory_holds_twice_the_tokens_in_8_bits(tmp_path):
     path = make_tiny_llama(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     memory = 4 << 20
     runners = {
-        kv: LLMEngine(model=path, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=memory)
+        kv: LLMEngine(model=path, device="cpu", dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=memory)
         .runner.model_runner
         for kv in ("bfloat16", "int8", "fp8_e4m3")
     }

@@ -16,8 +16,9 @@ By default the pipeline stops after Triton's GPU IR (ttgir: the frontend, types 
 few seconds for every kernel). --full runs it to the cubin with Triton's bundled ptxas and fails
 on shared memory past the smallest target card's limit (minutes, cold). --vector-loads compiles
 the decode attention over 8-bit caches to PTX, with rows as the engine lays them out on CUDA and
-unpadded, and fails unless the padded rows' codes load 16 bytes at a time (where unpadded rows
-load byte by byte: 3-37x slower on an H200, bench/RESULTS.md 2026-12-04).
+unpadded, and fails unless the padded rows' codes load 8-16 bytes at a time (where unpadded rows
+load byte by byte: 3-37x slower on an H200, bench/RESULTS.md 2026-12-04). The binding uses
+Triton's internals (create_function_from_signature, JITFunction._pack_args): pinned triton 3.7.1.
 
 Run in a fresh process, since Triton reads TRITON_INTERPRET when a kernel module is imported:
     TRITON_INTERPRET=0 python -m tests.triton_compile [--full | --vector-loads]
@@ -155,7 +156,8 @@ def moe_launches(torch) -> None:
 
 def attention_launches(torch) -> None:
     """Decode and mixed batches over 16/32-bit caches in their own dtype and over 8-bit caches
-    (the codes carry their scale, rows padded as on CUDA) with bf16 queries; one pass without
+    (the codes carry their scale, rows padded as on CUDA) with bf16 queries, and int8 with fp16
+    ones (their V scales apply to the tile, not the probabilities); one pass without
     variants, and split-K with a window and soft-cap."""
     from kernels.reference import kv_row_width
     from kernels.triton_attention import attention
@@ -164,7 +166,7 @@ def attention_launches(torch) -> None:
     bf16 = torch.bfloat16
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 16
     layouts = [(bf16, bf16), (torch.float16, torch.float16), (torch.float32, torch.float32), (bf16, torch.int8),
-               (bf16, torch.float8_e4m3fn)]
+               (bf16, torch.float8_e4m3fn), (torch.float16, torch.int8)]
     for dtype, cache_dtype in layouts:
         width = kv_row_width(head_dim, cache_dtype, "cuda")
         k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, width).to(cache_dtype)
