@@ -131,7 +131,7 @@ def make_case(args, kv_dtype: torch.dtype, batch: int, ctx: int, device: torch.d
     bs, kvh, d = args.block_size, args.num_kv_heads, args.head_dim
     per_seq = math.ceil(ctx / bs)
     num_blocks = batch * per_seq
-    row = reference.kv_row_width(d, kv_dtype, device if padded else "cpu")
+    row = reference.kv_row_width(d, kv_dtype, device if padded else "cpu")  # a CPU row: unpadded
     k_cache = torch.zeros(num_blocks, bs, kvh, row, dtype=kv_dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     tables = torch.randperm(num_blocks, device=device).view(batch, per_seq).int()

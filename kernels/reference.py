@@ -74,10 +74,10 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, width: int | None = None)
         codes = (xf * inv).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
     else:
         codes = (xf * inv).clamp_(-448.0, 448.0).to(dtype).view(torch.uint8)
-    pad = (width or 0) - x.shape[-1] - KV_SCALE_BYTES
-    if width is not None and pad < 0:
+    pad = 0 if width is None else width - x.shape[-1] - KV_SCALE_BYTES
+    if pad < 0:
         raise ValueError(f"width {width} cannot hold {x.shape[-1]} codes and their scale")
-    out = torch.cat([codes, scale.view(torch.uint8), codes.new_zeros(*codes.shape[:-1], max(pad, 0))], dim=-1)
+    out = torch.cat([codes, scale.view(torch.uint8), codes.new_zeros(*codes.shape[:-1], pad)], dim=-1)
     return out.view(dtype)
 
 

@@ -71,14 +71,12 @@ def main(argv: list[str]) -> int:
     target = GPUTarget("cuda", 90 if mode == "--vector-loads" else TARGET_ARCH, 32)
     backend = make_backend(target)
     seen: set[tuple] = set()
-    compiled: list = []  # (kernel name, constexprs, compiled kernel) for --vector-loads
+    compiled: list = []  # (kernel name, compiled kernel) for --vector-loads
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         binder = create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, _ = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, kwargs)
-        names = {path: self.params[path[0]].name for path in constexprs}
-        named = {names[path]: value for path, value in constexprs.items() if not self.params[path[0]].is_constexpr}
+        _, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, kwargs)
         constants = {p.name: bound[p.name] for p in self.params if p.is_constexpr}
         launch = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         key = (self.__name__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))), str(attrs),
@@ -91,7 +89,7 @@ def main(argv: list[str]) -> int:
         except ReachedLowering:
             print(f"{self.__name__} {constants} {launch}")
             return
-        compiled.append((self.__name__, constants | named, kernel))
+        compiled.append((self.__name__, kernel))
         shared = kernel.metadata.shared
         print(f"{self.__name__} {constants} {launch}: {shared} bytes of shared memory")
         if shared > SHARED_LIMIT:
@@ -127,7 +125,7 @@ def check_vector_loads(torch, compiled: list) -> int:
             query = torch.zeros(2, num_heads, head_dim, dtype=torch.bfloat16)
             compiled.clear()
             attention(query, k_cache, k_cache, tables, lens, None, 0.1, num_segments=1)
-            (name, _, kernel), = [c for c in compiled if c[0] == "_paged_attention_kernel"]
+            (kernel,) = [k for name, k in compiled if name == "_paged_attention_kernel"]
             ptx = kernel.asm["ptx"]
             single = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", ptx))
             # Wide reads: vector loads, or asynchronous copies to shared memory of 8 or 16 bytes
