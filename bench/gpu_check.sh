@@ -5,11 +5,13 @@
 #
 # Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
 #   kernels   the Triton kernel (attention, cache, fused MoE) and backend tests on the GPU (TRITON_INTERPRET=0)
+#   graphs    the decode step's CUDA graphs (tests/test_cuda_graphs.py): replay against eager decoding
 #   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
 #   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml
-#   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches
+#   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches, at 1, 16
+#             and 64 sequences, replayed from CUDA graphs and eagerly
 # --dry-run checks the arguments and writes the results file with every step "skipped": what
 # the CPU-only test suite runs. Record the card and the numbers in bench/RESULTS.md after a run.
 #
@@ -21,11 +23,11 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 OUT="$ROOT/bench/gpu_check_results.md"
-ALL_STEPS="kernels greedy bandwidth kvcache serving stepops"
+ALL_STEPS="kernels graphs greedy bandwidth kvcache serving stepops"
 STEPS="$ALL_STEPS"
 DRY_RUN=0
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -104,14 +106,15 @@ export TRITON_INTERPRET=0
 # The 8-bit KV cache file's Triton cases only (its other cases are CPU or engine tests).
 run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_moe.py tests/test_triton_backend.py \
   tests/test_kv_cache_8bit.py -k "not kv_cache_8bit or triton"
+run_step graphs 150 "$PYTHON" -m pytest -q -x tests/test_cuda_graphs.py
 run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
 run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100
 run_step kvcache 60 "$PYTHON" bench/bench_kv_cache.py --backend triton --kv-dtypes bf16 int8 fp8_e4m3 \
   --batch-sizes 1 16 64 --context-lens 4096 --num-heads 32 --num-kv-heads 8 --head-dim 128
 case " $STEPS " in *" serving "*|*" stepops "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
+run_step stepops 240 "$PYTHON" bench/step_ops.py --model "$SERVE_DIR/llama-1b" --device cuda --batch 1 16 64
 run_step serving 200 "$PYTHON" bench/bench_serving.py --launch --server-arg "model=$SERVE_DIR/llama-1b" \
   --num-prompts 64 --max-tokens 128 --max-concurrency 16 --label "gpu-check random 1B llama"
-run_step stepops 90 "$PYTHON" bench/step_ops.py --model "$SERVE_DIR/llama-1b" --device cuda --batch 16
 
 echo "results: $OUT"
 exit $FAILED

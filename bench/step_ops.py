@@ -3,9 +3,11 @@ aten ops per step by name, and the engine source lines that issue copies (clone,
 conversions, copy_, cat, roll, index_select). On a GPU every op that computes (not views such as
 `t`, `view`, `slice`) is at least one kernel launch, so this counts the host work a step costs where
 the card idles (bench/RESULTS.md, 2026-12-04: an
-H200 busy ~2 ms of an 11.6 ms step of a 1.1B Llama). Part of bench/gpu_check.sh.
+H200 busy ~2 ms of an 11.6 ms step of a 1.1B Llama). On CUDA it runs the step replayed from CUDA
+graphs, then eagerly, in one process (ops inside a replayed graph are not dispatched: what it counts
+then is the host's work outside the graph). Part of bench/gpu_check.sh.
 
-    python bench/step_ops.py --model DIR --device cuda               # 16 sequences, bfloat16
+    python bench/step_ops.py --model DIR --device cuda               # 16 sequences, bfloat16, graphs and eager
     python bench/step_ops.py --model DIR --device cpu --python-layers  # the layers' Python path on CPU
 Prints the step time, then the ops a step by name, then each copy's two innermost engine frames.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import statistics
 import sys
 import time
@@ -51,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="sequences a step (several: one run each)")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
     parser.add_argument("--count-steps", type=int, default=4, help="decode steps whose ops are counted")
+    parser.add_argument("--modes", nargs="+", choices=("graphs", "eager"), default=None,
+                        help="CUDA: decode steps replayed from CUDA graphs and/or eagerly, one after the other in "
+                             "this process (default both); the CPU has eager steps only")
     parser.add_argument("--python-layers", action="store_true",
                         help="decoder layers on their Python path instead of one decoder_layer op each (CPU)")
     args = parser.parse_args(argv)
@@ -63,22 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     layer_op = LlamaDecoderLayer.layer_op
     if args.python_layers:
         LlamaDecoderLayer.layer_op = False
+    on_cuda = args.device.startswith("cuda")
+    summary = []
     try:
-        return count_ops(args)
+        for batch in args.batch:
+            for mode in args.modes or (["graphs", "eager"] if on_cuda else ["eager"]):
+                summary.append((batch, mode, *count_ops(args, batch, enforce_eager=mode == "eager")))
+        print("summary: sequences, mode, decode step median, aten ops a step (outside any graph)")
+        for batch, mode, median, ops in summary:
+            print(f"  {batch:4d}  {mode:6s}  {median * 1e3:8.2f} ms  {ops:6.0f} ops")
+        return 0
     finally:
         LlamaDecoderLayer.layer_op = layer_op  # a class attribute: the caller's process keeps its own
 
 
-def count_ops(args: argparse.Namespace) -> int:
+def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tuple[float, float]:
+    """(median step seconds, aten ops a step) of `batch` sequences decoding, after printing both."""
     from engine import LLM, SamplingParams
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype,
-              **({"num_kv_blocks": 64 * args.batch} if args.device == "cpu" else {}))
+    # A fixed cache: the second engine of a CUDA A/B must not size its cache by the first one's leftovers.
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_kv_blocks=64 * batch, enforce_eager=enforce_eager)
     eng = llm.engine
     total = 8 + args.steps + args.count_steps
     params = SamplingParams(temperature=0.0, max_tokens=total + 8, ignore_eos=True)
-    for i in range(args.batch):
+    for i in range(batch):
         eng.add_request(f"r{i}", f"Request {i}: tell me a story about the number {i * 7}.", params)
     for _ in range(8):  # prefill, then a few decodes (kernel builds, first-touch pages)
         eng.step()
@@ -97,14 +112,19 @@ def count_ops(args: argparse.Namespace) -> int:
         eng.step()
 
     n = args.count_steps
-    print(f"{args.device}, {args.dtype}, {args.batch} sequences: decode step median {statistics.median(times) * 1e3:.2f} ms "
+    graphs = "eager" if eng.runner.model_runner.decode_graphs is None else "CUDA graphs"
+    print(f"{args.device}, {args.dtype}, {batch} sequences, {graphs}: decode step median {statistics.median(times) * 1e3:.2f} ms "
           f"(min {min(times) * 1e3:.2f}) over {args.steps}; {sum(counter.ops.values()) / n:.0f} aten ops a step")
     for name, count in counter.ops.most_common(25):
         print(f"{count / n:8.1f}  {name}")
     print("copies a step, by the engine line that issues them:")
     for (name, site), count in counter.sites.most_common(25):
         print(f"{count / n:8.1f}  {name:14s} {site}")
-    return 0
+    del llm, eng
+    if args.device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+    return statistics.median(times), sum(counter.ops.values()) / n
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ class EngineConfig:
     # "cpu": C++ kernels (CPU only); "torch": plain torch (any device); "triton": Triton kernels.
     # "auto": triton on CUDA; cpu on CPU, or torch where the C++ kernels cannot be built.
     attention_backend: str = "auto"
+    # CUDA only: True runs every step eagerly; False (vLLM's default too) captures the decode step
+    # as CUDA graphs at start-up and replays them (engine/cuda_graphs.py, where it applies).
+    enforce_eager: bool = False
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's choice
     tensor_parallel_size: int = 1

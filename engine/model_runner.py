@@ -11,6 +11,7 @@ import torch
 
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig, warn_if_openmp_spins
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, forward_context, inference_mode
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.host_arena import place_weights_on_huge_pages
@@ -141,11 +142,13 @@ class ModelRunner:
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device,
                                self.backend.ops.argmax_rows, self.backend.ops.sample_rows)
-        max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(
-            max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, max_blocks_per_seq, self.device
+            max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, self.max_blocks_per_seq,
+            self.device,
         )
         self.decoding = True  # whether the last step was decode only (execute_model)
+        self.decode_graphs = DecodeGraphs.captured_for(self)
         self.heap.trim()
         self.memory = resident_report(model, [*self.k_caches, *self.v_caches],
                                       self.buffers.nbytes() + self.sampler.buffers.nbytes())
@@ -269,6 +272,10 @@ class ModelRunner:
     @inference_mode
     def execute_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Every rank: the step's forward pass; rank 0 gets the logits, other ranks None."""
+        if self.decode_graphs is not None:
+            hidden = self.decode_graphs.run(inputs)
+            if hidden is not None:
+                return self.model.compute_logits(hidden)
         ids, positions, logits_indices, meta = self.buffers.fill(inputs)
         if self.device.type == "cpu" and meta.all_decode != self.decoding:
             self.decoding = meta.all_decode

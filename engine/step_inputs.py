@@ -34,6 +34,13 @@ class StepInputs:
     all_decode: bool
 
 
+def samples_every_row(step: StepInputs) -> bool:
+    """Whether the step's logits are every token's row, in order (a decode step where each
+    sequence samples): the model then takes its final hidden states without a gather."""
+    n = len(step.token_ids)
+    return len(step.logits_indices) == n and step.logits_indices == list(range(n))
+
+
 # Lengths whose views a _Buffer keeps at once.
 _MAX_KEPT_VIEWS = 64
 
@@ -102,9 +109,7 @@ class StepBuffers:
             max_context_len=max(step.context_lens),
         )
         ids = self.token_ids.fill(step.token_ids)
-        n = len(step.token_ids)
-        every_row = len(step.logits_indices) == n and step.logits_indices == list(range(n))
-        logits_indices = None if every_row else self.logits_indices.fill(step.logits_indices)
+        logits_indices = None if samples_every_row(step) else self.logits_indices.fill(step.logits_indices)
         return ids, self.positions.fill(step.positions), logits_indices, meta
 
 

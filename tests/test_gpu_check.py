@@ -67,7 +67,7 @@ def test_the_step_ops_count_runs_on_cpu(tmp_path, capsys):
     assert step_ops.main(["--model", path, "--device", "cpu", "--batch", "2", "--steps", "3", "--count-steps", "2",
                           "--python-layers"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("cpu, bfloat16, 2 sequences: decode step median") and "aten ops a step" in out[0]
+    assert out[0].startswith("cpu, bfloat16, 2 sequences, eager: decode step median") and "aten ops a step" in out[0]
     counts = {line.split()[1]: float(line.split()[0]) for line in out[1 : out.index("copies a step, by the engine line that issues them:")]}
     assert counts.get("embedding") == 1.0 and sum(counts.values()) > 10
 

@@ -79,13 +79,21 @@ class CausalLM(nn.Module):
         LM head is the largest matmul of a small model, so prefill positions that sample nothing
         skip it. Runs inside the runner's forward_context. Tensor parallel: rank 0 gets the full
         vocabulary's logits, the other ranks None."""
+        return self.compute_logits(self.hidden_states(token_ids, positions, logits_indices))
+
+    def hidden_states(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                      logits_indices: torch.Tensor | None) -> torch.Tensor:
+        """The final norm's output at logits_indices (None: every token, in order): what a
+        CUDA graph of the decode step records (engine/cuda_graphs.py)."""
         x = self.embed(token_ids)
         rope = self.rope_tables(positions, x.dtype)
         x, residual = self.run_layers(x, rope)
         if logits_indices is not None:  # None: every token's row, in order (no gather)
             x, residual = x[logits_indices], residual[logits_indices]
-        x = self.norm(x, residual)
-        return self.logits_processor(self.lm_head, x)
+        return self.norm(x, residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden)
 
     def run_layers(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers over the embeddings x: (the last layer's output, the residual stream
