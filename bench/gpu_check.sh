@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, about 6 minutes on an H200 (332 s on 2026-12-04, before stepops); writes one results file.
+# The GPU checks in one command, about 7 minutes on an H200 (332 s on 2026-12-04 before graphs and stepops; the steps'
+# timeouts add up to more: with a 15-minute device budget, run the steps a change needs with --only); writes one results file.
 #
 #   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--dry-run]
 #
@@ -27,7 +28,7 @@ ALL_STEPS="kernels graphs greedy bandwidth kvcache serving stepops"
 STEPS="$ALL_STEPS"
 DRY_RUN=0
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

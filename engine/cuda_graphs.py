@@ -9,10 +9,15 @@ one call. A graph replays fixed shapes and addresses, so:
   context length 0: attention reads nothing and returns zeros);
 - the graphs read inputs from static buffers of their own, filled each step by one host->device
   copy per input; block tables are rows of the longest context the engine allows, so a graph
-  serves any context (the attention kernel's split-K grid follows that width, not the batch's);
+  serves any context. Two costs follow that width, not the batch's (vLLM's persistent block table
+  pays the first too): each step copies its rows whole (128 rows of a 128k-token context: 4 MB),
+  and the attention kernel's split-K cuts that width, so a short context at a small batch runs in
+  fewer, longer segments than eagerly (a few microseconds at the sizes measured);
 - a graph covers the model up to the final norm: the LM head runs after replay on the n real
   rows (logits of padding would cost compute and, kept per graph, vocabulary-sized memory).
-Prefill and mixed steps, and steps that do not sample every row, run eagerly.
+Prefill and mixed steps, and steps that do not sample every row, run eagerly. The graphs' memory
+pool is reserved when the KV cache is sized (pool_bytes): the engine stays within
+gpu_memory_utilization.
 
 The Triton kernels never read a device value on the host (kernels/triton_ops.py), which is what
 capture requires; the engine captures only on that backend, in one process (a tensor-parallel
@@ -33,22 +38,42 @@ from engine.step_inputs import StepInputs, samples_every_row
 
 logger = logging.getLogger(__name__)
 
-# vLLM's default ladder: 1, 2, 4, then every multiple of 8 (padding wastes at most 7 rows).
+# A step of no sequences: loaded into a size, every row is padding.
+_PADDING = StepInputs(token_ids=[], positions=[], slot_mapping=[], block_tables=[], max_blocks=0, context_lens=[],
+                      cu_query_lens=[0], logits_indices=[], max_query_len=1, all_decode=True)
+
+# vLLM's default ladder: 1, 2, 4, then every multiple of 8 (padding wastes at most 7 rows), up to
+# vLLM's default largest size; larger decode batches run eagerly (their step is less host-bound).
 _LADDER_STEP = 8
+MAX_CAPTURE_SIZE = 512
+_SEGMENT = 20 << 20
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """The batch sizes to capture: the ladder up to max_num_seqs, and max_num_seqs itself, so
-    every decode batch the scheduler can form has a graph."""
-    ladder = [1, 2, 4, *range(_LADDER_STEP, max_num_seqs + 1, _LADDER_STEP)]
-    return sorted({s for s in ladder if s < max_num_seqs} | {max_num_seqs})
+def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """The batch sizes to capture: the ladder up to the largest decode batch the scheduler can
+    form (max_num_seqs sequences of one token each, within the token budget) or MAX_CAPTURE_SIZE,
+    and that size itself."""
+    top = min(max_num_seqs, max_num_batched_tokens, MAX_CAPTURE_SIZE)
+    ladder = [1, 2, 4, *range(_LADDER_STEP, top + 1, _LADDER_STEP)]
+    return sorted({s for s in ladder if s < top} | {top})
+
+
+def eager_reason(config, backend_name: str, parallel) -> str | None:
+    """Why a CUDA engine with these settings runs its decode steps eagerly, or None: it captures."""
+    if config.enforce_eager:
+        return "enforce_eager=true"
+    if backend_name != "triton":
+        return f"the {backend_name} attention backend (graphs capture the triton backend's kernels only)"
+    if parallel is not None:
+        return "tensor parallel (an all-reduce inside a graph is not built)"
+    return None
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, backend, max_num_seqs: int, max_blocks_per_seq: int,
+    def __init__(self, model: torch.nn.Module, backend, sizes: list[int], max_blocks_per_seq: int,
                  device: torch.device):
         self.model, self.backend, self.device = model, backend, device
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = sizes
         rows = self.sizes[-1]
         i64, i32 = torch.int64, torch.int32
         pinned = device.type == "cuda"
@@ -66,22 +91,40 @@ class DecodeGraphs:
         self.replays = 0  # steps served by a graph
 
     @classmethod
-    def for_runner(cls, runner) -> DecodeGraphs:
-        return cls(runner.model, runner.backend, runner.config.max_num_seqs, runner.max_blocks_per_seq, runner.device)
+    def for_runner(cls, runner, backend=None) -> DecodeGraphs:
+        """Uncaptured, over the runner's model and backend (or another backend: the profiling one)."""
+        sizes = capture_sizes(runner.config.max_num_seqs, runner.config.max_num_batched_tokens)
+        return cls(runner.model, backend or runner.backend, sizes, runner.max_blocks_per_seq, runner.device)
 
     @classmethod
     def captured_for(cls, runner) -> DecodeGraphs | None:
         """A model runner's decode graphs, captured, where they apply; else None (logged why)."""
-        if runner.device.type != "cuda" or runner.config.enforce_eager:
+        if runner.device.type != "cuda":
             return None
-        why_not = ("the attention backend is not triton" if runner.backend.name != "triton" else
-                   "tensor parallel (an all-reduce inside a graph is not built)" if runner.parallel is not None else None)
+        why_not = eager_reason(runner.config, runner.backend.name, runner.parallel)
         if why_not:
             logger.info("decode steps run eagerly: %s", why_not)
             return None
         graphs = cls.for_runner(runner)
         graphs.capture()
         return graphs
+
+    @classmethod
+    @torch.inference_mode()
+    def pool_bytes(cls, runner, backend) -> int:
+        """The memory the graphs' pool will hold, measured as the eager peak of the largest size's
+        forward over the padding state (a smaller size reuses what the largest freed): what the KV
+        cache must leave free. backend: the profiling run's, on its own small caches."""
+        graphs = cls.for_runner(runner, backend)
+        size = graphs.sizes[-1]
+        graphs.load(_PADDING, size)
+        torch.cuda.synchronize(runner.device)
+        torch.cuda.reset_peak_memory_stats(runner.device)
+        base = torch.cuda.memory_allocated(runner.device)
+        graphs.forward(size)
+        torch.cuda.synchronize(runner.device)
+        # Rounded up to the caching allocator's large segment (20 MiB): the pool reserves whole segments.
+        return -(-(torch.cuda.max_memory_allocated(runner.device) - base) // _SEGMENT) * _SEGMENT
 
     def padded_size(self, inputs: StepInputs) -> int | None:
         """The batch size whose graph runs this step, or None: the step runs eagerly."""
@@ -129,7 +172,7 @@ class DecodeGraphs:
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            self.load(StepInputs([], [], [], [], 0, [], [0], [], 1, True), size)
+            self.load(_PADDING, size)
             self.forward(size)  # outside the capture: kernels compile, lazily built tables are made
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()

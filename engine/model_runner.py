@@ -11,7 +11,7 @@ import torch
 
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig, warn_if_openmp_spins
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, eager_reason
 from engine.forward_context import AttentionMetadata, forward_context, inference_mode
 from engine.gguf_weights import auto_quantization, weights_keeping_gguf_blocks
 from engine.host_arena import place_weights_on_huge_pages
@@ -132,6 +132,7 @@ class ModelRunner:
         self.heap = HeapTrimmer()
         self.num_local_kv_heads = model.num_local_kv_heads
 
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         if parallel is not None:
             parallel.min_over_ranks(0)  # every rank loaded: profiling's collectives start together
         self.num_blocks = self._decide_num_blocks()
@@ -142,7 +143,6 @@ class ModelRunner:
         self.backend = AttentionBackend(config.attention_backend, self.k_caches, self.v_caches)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.max_num_seqs, self.device,
                                self.backend.ops.argmax_rows, self.backend.ops.sample_rows)
-        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs, self.max_blocks_per_seq,
             self.device,
@@ -219,13 +219,15 @@ class ModelRunner:
             self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev), positions, positions)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
+        # The decode graphs' pool, captured after the KV cache is allocated, is memory of its own.
+        graphs = 0 if eager_reason(self.config, backend.name, self.parallel) else DecodeGraphs.pool_bytes(self, backend)
         del k_caches, v_caches, backend
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         used_by_others = total - free - torch.cuda.memory_reserved(dev)
-        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
-        logger.info("profiled peak %.2f GiB at %d tokens; %.2f GiB left for the KV cache",
-                    peak / 2**30, num_tokens, budget / 2**30)
+        budget = total * self.config.gpu_memory_utilization - peak - graphs - used_by_others
+        logger.info("profiled peak %.2f GiB at %d tokens, %.2f GiB for decode graphs; %.2f GiB left for the KV cache",
+                    peak / 2**30, num_tokens, graphs / 2**30, budget / 2**30)
         return int(budget // self.bytes_per_block)
 
     # ---- a step -------------------------------------------------------------------------------

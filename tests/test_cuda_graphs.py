@@ -7,6 +7,7 @@ eager decoding's greedy tokens.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -38,20 +39,25 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("graphs"), num_hidden_layers=2, hidden_size=64,
-                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
+                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                           max_position_embeddings=1024)
 
 
 def engine_on(model: str, device: str, **kwargs) -> LLMEngine:
-    return LLMEngine(model=model, device=device, attention_backend="triton", dtype="float32", num_kv_blocks=48,
-                     max_num_seqs=16, max_model_len=256, **kwargs)
+    # Block tables 64 blocks wide (1024 tokens): the graphs' attention splits the key range (split-K)
+    # at small batches, as it does on the interpreter's 8-program target.
+    settings = dict(attention_backend="triton", dtype="float32", num_kv_blocks=80, max_num_seqs=16, max_model_len=1024)
+    return LLMEngine(model=model, device=device, **{**settings, **kwargs})
 
 
 def test_every_decode_batch_has_a_captured_size():
-    assert capture_sizes(128) == [1, 2, 4, *range(8, 129, 8)]
-    assert capture_sizes(5) == [1, 2, 4, 5]
-    assert capture_sizes(1) == [1]
+    assert capture_sizes(128, 2048) == [1, 2, 4, *range(8, 129, 8)]
+    assert capture_sizes(5, 2048) == [1, 2, 4, 5]
+    assert capture_sizes(1, 2048) == [1]
+    # A decode batch is at most max_num_seqs tokens and at most the token budget; 512 at most is captured.
+    assert capture_sizes(256, 100)[-1] == 100 and capture_sizes(1024, 4096)[-1] == 512
     for max_seqs in (1, 3, 12, 128):
-        sizes = capture_sizes(max_seqs)
+        sizes = capture_sizes(max_seqs, 2048)
         assert sizes[-1] == max_seqs
         # The smallest size holding n wastes at most 7 rows.
         assert all(min(s for s in sizes if s >= n) - n < 8 for n in range(1, max_seqs + 1))
@@ -123,7 +129,7 @@ def test_captured_graphs_replay_the_decode_steps_with_eager_tokens(tiny):
     del eager
     graphed = engine_on(tiny, "cuda")
     graphs = graphed.runner.model_runner.decode_graphs
-    assert graphs is not None and sorted(graphs.graphs) == capture_sizes(16)
+    assert graphs is not None and sorted(graphs.graphs) == capture_sizes(16, 2048)
     got = [o.outputs[0].token_ids for o in run_staggered(graphed, PROMPTS, every=2, params=GREEDY)]
     assert got == expected
     assert graphs.replays > 10
@@ -132,22 +138,24 @@ def test_captured_graphs_replay_the_decode_steps_with_eager_tokens(tiny):
 
 class GraphThenEager:
     """Each decode step a graph holds: replayed, then run again eagerly on the same inputs (which
-    rewrites the step's KV slots); both logits kept."""
+    rewrites the step's KV slots); both logits kept, and both versions of the KV caches."""
 
     def __init__(self, runner):
         self.runner, self.execute = runner, runner.execute_model
-        self.pairs = []
+        self.pairs, self.caches = [], []
         runner.execute_model = self
 
     def __call__(self, inputs):
         logits = self.execute(inputs)
-        graphs = self.runner.decode_graphs
+        graphs, runner = self.runner.decode_graphs, self.runner
         if graphs.padded_size(inputs) is not None:
-            self.runner.decode_graphs = None
+            replayed = torch.cat([c.float().flatten() for c in runner.k_caches + runner.v_caches])
+            runner.decode_graphs = None
             try:
                 self.pairs.append((logits.float(), self.execute(inputs).float()))
             finally:
-                self.runner.decode_graphs = graphs
+                runner.decode_graphs = graphs
+            self.caches.append((replayed, torch.cat([c.float().flatten() for c in runner.k_caches + runner.v_caches])))
         return logits
 
 
@@ -155,12 +163,30 @@ class GraphThenEager:
 @pytest.mark.parametrize("quantization,dtype,rel_tol", [(None, "float32", 1e-5), (None, "bfloat16", 0.02),
                                                         ("int4", "bfloat16", 0.02), ("int8", "bfloat16", 0.02)])
 def test_each_replayed_step_gives_the_eager_logits(tiny, quantization, dtype, rel_tol):
-    """Accuracy rule: a replayed step's logits are within rel_tol of the eager step's largest logit
-    (padding changes the matmuls' row counts, so half-precision results may differ in rounding)."""
-    engine = LLMEngine(model=tiny, device="cuda", attention_backend="triton", dtype=dtype, quantization=quantization,
-                       num_kv_blocks=48, max_num_seqs=16, max_model_len=256)
+    """Accuracy rule: a replayed step's logits are within rel_tol of the eager step's largest logit,
+    and so are the K/V it wrote (padding changes the matmuls' row counts, so half-precision results
+    may differ in rounding)."""
+    engine = engine_on(tiny, "cuda", dtype=dtype, quantization=quantization)
     recorder = GraphThenEager(engine.runner.model_runner)
     run_staggered(engine, PROMPTS, every=1, params=SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     assert len(recorder.pairs) >= 10
-    for graphed, eager in recorder.pairs:
+    for graphed, eager in recorder.pairs + recorder.caches:
         assert (graphed - eager).abs().max() <= rel_tol * eager.abs().max()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs: needs a GPU (bench/gpu_check.sh runs it there)")
+def test_a_profiled_engine_keeps_the_graphs_pool_within_its_memory_share(tiny):
+    """Without num_kv_blocks the KV cache takes what gpu_memory_utilization leaves after the
+    profiled peak and the graphs' pool (captured after the cache): the process stays within it."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    share = 0.2
+    total = torch.cuda.mem_get_info()[1]
+    engine = LLMEngine(model=tiny, device="cuda", attention_backend="triton", dtype="float32", max_num_seqs=16,
+                       max_model_len=1024, gpu_memory_utilization=share)
+    runner = engine.runner.model_runner
+    assert runner.decode_graphs is not None
+    run_staggered(engine, PROMPTS, every=1, params=GREEDY)
+    # The allocator rounds each cache tensor up to its 2 MiB pages.
+    slack = 2 * len(runner.k_caches + runner.v_caches) << 20
+    assert torch.cuda.memory_reserved() <= share * total + slack
