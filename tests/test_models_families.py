@@ -193,6 +193,32 @@ def test_family_greedy_equals_transformers_on_the_triton_backend(family, name):
     assert engine.block_manager.prefix_hits > 0
 
 
+# The families whose decode steps differ in what a CUDA graph of them records: a window on every
+# layer (freed blocks in the tables), q/k norms, the fused MoE, scaled residuals and logits, soft caps
+# beside a window (the final cap in compute_logits, after the graph).
+PADDED_DECODE_FAMILIES = ["mistral-window", "qwen3", "mixtral", "granite", "gemma2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PADDED_DECODE_FAMILIES)
+def test_family_greedy_equals_transformers_through_the_padded_decode_step(family, name):
+    """Decode steps through engine/cuda_graphs.py's padded step (static buffers, padding rows, the
+    LM head after): what a captured graph replays on a GPU, run here uncaptured on the interpreter."""
+    pytest.importorskip("triton")
+    from engine.cuda_graphs import DecodeGraphs
+
+    entry = family(name)
+    engine = LLMEngine(model=entry[0], num_kv_blocks=3, max_num_batched_tokens=16, attention_backend="triton")
+    runner = engine.runner.model_runner
+    if runner.decode_graphs is None:  # on a GPU the engine captured its own
+        runner.decode_graphs = DecodeGraphs.for_runner(runner)
+    padded = []
+    forward = runner.decode_graphs.forward
+    runner.decode_graphs.forward = lambda size: padded.append(size) or forward(size)
+    check(entry, run(engine, PROMPTS[:2], every=1))
+    assert padded or runner.decode_graphs.replays  # decode steps took the padded path
+
+
 def test_a_rope_type_that_depends_on_the_batch_is_refused_naming_the_field(tmp_path):
     path = make_tiny_checkpoint(tmp_path, "LlamaConfig", rope_parameters=dict(rope_type="dynamic", factor=2.0,
                                                                                 rope_theta=10000.0))
