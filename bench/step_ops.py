@@ -75,16 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch:
             for mode in args.modes or (["graphs", "eager"] if on_cuda else ["eager"]):
                 summary.append((batch, mode, *count_ops(args, batch, enforce_eager=mode == "eager")))
-        print("summary: sequences, mode, decode step median, aten ops a step (outside any graph)")
-        for batch, mode, median, ops in summary:
-            print(f"  {batch:4d}  {mode:6s}  {median * 1e3:8.2f} ms  {ops:6.0f} ops")
+        print("summary: sequences, mode, decode step median, aten ops a step (outside any graph), "
+              "the batch's prefill step the first time and again")
+        for batch, mode, median, ops, first, again in summary:
+            print(f"  {batch:4d}  {mode:6s}  {median * 1e3:8.2f} ms  {ops:6.0f} ops  prefill {first * 1e3:8.2f} / {again * 1e3:8.2f} ms")
         return 0
     finally:
         LlamaDecoderLayer.layer_op = layer_op  # a class attribute: the caller's process keeps its own
 
 
-def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tuple[float, float]:
-    """(median step seconds, aten ops a step) of `batch` sequences decoding, after printing both."""
+def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tuple[float, float, float, float]:
+    """(median decode step seconds, aten ops a step, the batch's prefill step seconds the first time
+    and again) of `batch` sequences, after printing them."""
     from engine import LLM, SamplingParams
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -93,28 +95,40 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
     eng = llm.engine
     total = 8 + args.steps + args.count_steps
     params = SamplingParams(temperature=0.0, max_tokens=total + 8, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(f"r{i}", f"Request {i}: tell me a story about the number {i * 7}.", params)
-    for _ in range(8):  # prefill, then a few decodes (kernel builds, first-touch pages)
-        eng.step()
-    times = []
-    for _ in range(args.steps):
+    def timed_step() -> float:
         sync()
         start = time.perf_counter()
         eng.step()
         sync()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def add_batch(tag: str) -> None:
+        for i in range(batch):
+            eng.add_request(f"{tag}{i}", f"{tag.title()} request {i}: tell me a story about the number {i * 7}.", params)
+
+    # The batch's prefill, its first time in this engine (in this process, for the first engine:
+    # kernel builds, Triton compiles for new shapes), and again after the decodes (steady).
+    add_batch("first")
+    prefill_first = timed_step()
+    for _ in range(7):  # a few decodes (kernel builds, first-touch pages)
+        eng.step()
+    times = [timed_step() for _ in range(args.steps)]
     counter = CountOps()
     with counter:
         for _ in range(args.count_steps):
             eng.step()
     while eng.has_unfinished_requests():
         eng.step()
+    add_batch("again")
+    prefill_again = timed_step()
+    while eng.has_unfinished_requests():
+        eng.step()
 
     n = args.count_steps
     graphs = "eager" if eng.runner.model_runner.decode_graphs is None else "CUDA graphs"
     print(f"{args.device}, {args.dtype}, {batch} sequences, {graphs}: decode step median {statistics.median(times) * 1e3:.2f} ms "
-          f"(min {min(times) * 1e3:.2f}) over {args.steps}; {sum(counter.ops.values()) / n:.0f} aten ops a step")
+          f"(min {min(times) * 1e3:.2f}) over {args.steps}; {sum(counter.ops.values()) / n:.0f} aten ops a step; "
+          f"the batch's prefill step {prefill_first * 1e3:.2f} ms the first time, {prefill_again * 1e3:.2f} ms again")
     for name, count in counter.ops.most_common(25):
         print(f"{count / n:8.1f}  {name}")
     print("copies a step, by the engine line that issues them:")
@@ -124,7 +138,7 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
     if args.device.startswith("cuda"):
         gc.collect()
         torch.cuda.empty_cache()
-    return statistics.median(times), sum(counter.ops.values()) / n
+    return statistics.median(times), sum(counter.ops.values()) / n, prefill_first, prefill_again
 
 
 if __name__ == "__main__":
