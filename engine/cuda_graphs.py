@@ -148,6 +148,8 @@ class DecodeGraphs:
         a["positions"][n:size] = 0
         a["slot_mapping"][n:size] = -1
         a["context_lens"][n:size] = 0
+        # Asynchronous copies out of buffers the next step rewrites: safe, since every step reads
+        # its sampled tokens back to the host (the sampler's .tolist()) before the next one loads.
         for name, host in self.host.items():
             if self.static[name] is not host:
                 self.static[name][:size].copy_(host[:size], non_blocking=True)
