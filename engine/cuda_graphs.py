@@ -106,7 +106,11 @@ class DecodeGraphs:
             logger.info("decode steps run eagerly: %s", why_not)
             return None
         graphs = cls.for_runner(runner)
-        graphs.capture()
+        try:
+            graphs.capture()
+        except RuntimeError as e:  # e.g. an op that reads a device value on the host while capturing
+            raise RuntimeError(f"capturing the decode step as CUDA graphs failed ({e}); enforce_eager=true "
+                               "runs every step eagerly") from e
         return graphs
 
     @classmethod
