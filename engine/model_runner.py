@@ -261,8 +261,13 @@ class ModelRunner:
                     prompt_rows.append((seq, p))
                     prompt_indices.append(cu[-2] + p - start)
         max_blocks = max(len(item.seq.block_table) for item in schedule.scheduled)
-        # Freed entries (NO_BLOCK, out of every window) read block 0, which the window masks.
-        tables = [max(b, 0) for item in schedule.scheduled for b in item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))]
+        tables: list[int] = []
+        for item in schedule.scheduled:
+            row = item.seq.block_table
+            if row and min(row) < 0:  # freed entries (NO_BLOCK, out of every window) read block 0, which the window masks
+                row = [max(b, 0) for b in row]
+            tables += row
+            tables += [0] * (max_blocks - len(row))
         inputs = StepInputs(
             token_ids=token_ids, positions=positions, slot_mapping=slots, block_tables=tables, max_blocks=max_blocks,
             context_lens=context_lens, cu_query_lens=cu, logits_indices=logits_indices + prompt_indices,
