@@ -10,7 +10,7 @@
 #   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
-#   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml
+#   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml, eager then graphs
 #   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches, at 1, 16
 #             and 64 sequences, replayed from CUDA graphs and eagerly
 # --dry-run checks the arguments and writes the results file with every step "skipped": what
@@ -114,8 +114,11 @@ run_step kvcache 60 "$PYTHON" bench/bench_kv_cache.py --backend triton --kv-dtyp
   --batch-sizes 1 16 64 --context-lens 4096 --num-heads 32 --num-kv-heads 8 --head-dim 128
 case " $STEPS " in *" serving "*|*" stepops "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
 run_step stepops 240 "$PYTHON" bench/step_ops.py --model "$SERVE_DIR/llama-1b" --device cuda --batch 1 16 64
-run_step serving 200 "$PYTHON" bench/bench_serving.py --launch --server-arg "model=$SERVE_DIR/llama-1b" \
-  --num-prompts 64 --max-tokens 128 --max-concurrency 16 --label "gpu-check random 1B llama"
+# The same requests eager (enforce_eager=true), then replayed from CUDA graphs: the baseline in the same run.
+run_step serving 300 bash -c "for eager in true false; do echo \"== enforce_eager=\$eager\"; \"$PYTHON\" bench/bench_serving.py \
+  --launch --server-arg model=$SERVE_DIR/llama-1b --server-arg enforce_eager=\$eager --num-prompts 64 --max-tokens 128 \
+  --max-concurrency 16 --label \"gpu-check random 1B llama, enforce_eager=\$eager\" | grep -E '^==|Successful|Failed|Output token|TTFT|TPOT' \
+  || exit 1; done"
 
 echo "results: $OUT"
 exit $FAILED
