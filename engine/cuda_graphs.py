@@ -81,7 +81,7 @@ class DecodeGraphs:
         self.host = {
             "token_ids": torch.zeros(rows, dtype=i64, pin_memory=pinned),
             "positions": torch.zeros(rows, dtype=i64, pin_memory=pinned),
-            "slot_mapping": torch.full((rows,), -1, dtype=i64).pin_memory() if pinned else torch.full((rows,), -1, dtype=i64),
+            "slot_mapping": torch.full((rows,), -1, dtype=i64, pin_memory=pinned),
             "context_lens": torch.zeros(rows, dtype=i32, pin_memory=pinned),
             "block_tables": torch.zeros(rows, max_blocks_per_seq, dtype=i32, pin_memory=pinned),
         }

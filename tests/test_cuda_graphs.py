@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from engine import SamplingParams  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs, capture_sizes  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.settings import engine_config_from_env  # noqa: E402
 from tests.conftest import assert_all_blocks_free  # noqa: E402
 from tests.helpers import make_tiny_llama  # noqa: E402
 from tests.test_correctness import run_staggered  # noqa: E402
@@ -63,6 +64,15 @@ def test_every_decode_batch_has_a_captured_size():
         assert all(min(s for s in sizes if s >= n) - n < 8 for n in range(1, max_seqs + 1))
 
 
+def test_enforce_eager_is_a_setting_and_a_bad_value_names_it(monkeypatch):
+    assert engine_config_from_env(model="m").enforce_eager is False
+    monkeypatch.setenv("BENTO_LLM_ENFORCE_EAGER", "true")
+    assert engine_config_from_env(model="m").enforce_eager is True
+    monkeypatch.setenv("BENTO_LLM_ENFORCE_EAGER", "sometimes")
+    with pytest.raises(ValueError, match="enforce_eager.*'sometimes'"):
+        engine_config_from_env(model="m")
+
+
 class DecodeSteps:
     """The real execute_model, recording each decode step's inputs and logits as it runs."""
 
@@ -85,6 +95,7 @@ def test_the_padded_step_gives_the_eager_logits_and_writes_only_its_slots(tiny):
     runner = engine.runner.model_runner
     recorded = DecodeSteps(runner)
     run_staggered(engine, PROMPTS, every=2, params=GREEDY)
+    assert_all_blocks_free(engine)
     graphs = DecodeGraphs.for_runner(runner)
     # The largest batch that runs padded: several real rows, and padding rows.
     inputs, eager_logits = max((step for step in recorded.steps if len(step[0].token_ids) not in graphs.sizes),
@@ -170,6 +181,7 @@ def test_each_replayed_step_gives_the_eager_logits(tiny, quantization, dtype, re
     recorder = GraphThenEager(engine.runner.model_runner)
     run_staggered(engine, PROMPTS, every=1, params=SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     assert len(recorder.pairs) >= 10
+    assert_all_blocks_free(engine)
     for graphed, eager in recorder.pairs + recorder.caches:
         assert (graphed - eager).abs().max() <= rel_tol * eager.abs().max()
 
@@ -187,6 +199,7 @@ def test_a_profiled_engine_keeps_the_graphs_pool_within_its_memory_share(tiny):
     runner = engine.runner.model_runner
     assert runner.decode_graphs is not None
     run_staggered(engine, PROMPTS, every=1, params=GREEDY)
+    assert_all_blocks_free(engine)
     # The allocator rounds each cache tensor up to its 2 MiB pages.
     slack = 2 * len(runner.k_caches + runner.v_caches) << 20
     assert torch.cuda.memory_reserved() <= share * total + slack

@@ -12,6 +12,7 @@ from engine import SamplingParams
 from engine.layers.moe import FusedMoE
 from engine.llm_engine import LLMEngine
 from engine.models.registry import architecture_for_model_type, supported_architectures
+from tests.conftest import assert_all_blocks_free
 from tests.greedy_reference import Comparison, compare_greedy, hf_greedy
 from tests.helpers import load_hf_reference
 from tests.model_factories import make_tiny_checkpoint
@@ -217,6 +218,7 @@ def test_family_greedy_equals_transformers_through_the_padded_decode_step(family
     runner.decode_graphs.forward = lambda size: padded.append(size) or forward(size)
     check(entry, run(engine, PROMPTS[:2], every=1))
     assert padded or runner.decode_graphs.replays  # decode steps took the padded path
+    assert_all_blocks_free(engine)
 
 
 def test_a_rope_type_that_depends_on_the_batch_is_refused_naming_the_field(tmp_path):
