@@ -94,7 +94,10 @@ def _find_seq(cu_query_lens_ptr, tile_idx, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Per-step integers (the batch, the split, the block tables' width) are not specialized: a value
+# of 1 or a multiple of 16 would compile another kernel when such a batch first arrives, a stall
+# of ~0.6 s on an H200 (tests/triton_compile.py --specializations checks every launch).
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "segment_size", "stride_table"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, context_lens_ptr, cu_query_lens_ptr,
@@ -218,7 +221,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])
 def _reduce_segments_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     num_heads, num_segments, stride_ot, stride_oh, stride_od,

@@ -50,7 +50,7 @@ def _tile_rows(sorted_pairs_ptr, num_padded_ptr, num_pairs, BLOCK_M: tl.constexp
     return pair, pair < num_pairs, live
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per step: one compile for every batch
 def _gate_up_kernel(
     out_ptr, x_ptr, w13_ptr, sorted_pairs_ptr, tile_expert_ptr, num_padded_ptr,
     num_pairs, inter, hidden,
@@ -87,7 +87,7 @@ def _gate_up_kernel(
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # per step: one compile for every batch
 def _down_kernel(
     out_ptr, h_ptr, w2_ptr, routing_weights_ptr, sorted_pairs_ptr, tile_expert_ptr, num_padded_ptr,
     num_pairs, hidden, inter,

@@ -20,8 +20,15 @@ unpadded, and fails unless the padded rows' codes load 8-16 bytes at a time (whe
 load byte by byte: 3-37x slower on an H200, bench/RESULTS.md 2026-12-04). The binding uses
 Triton's internals (create_function_from_signature, JITFunction._pack_args): pinned triton 3.7.1.
 
+--specializations compiles nothing: it binds the launches a serving engine makes over many batch shapes
+(decode batches of 1-70 sequences, block tables 1-40 wide, prefills of 1-300 tokens, MoE steps of 1-70
+tokens) and fails unless each kernel has one specialization per choice of its constexprs and launch
+options. A launch whose integer argument changed the specialization (1, a multiple of 16, anything else)
+would compile again mid-serving on a GPU: 0.6 s stalls of a request's first token on an H200
+(bench/RESULTS.md 2026-12-04 18:36), so per-step integers are the kernels' do_not_specialize.
+
 Run in a fresh process, since Triton reads TRITON_INTERPRET when a kernel module is imported:
-    TRITON_INTERPRET=0 python -m tests.triton_compile [--full | --vector-loads]
+    TRITON_INTERPRET=0 python -m tests.triton_compile [--full | --vector-loads | --specializations]
 It prints one line per distinct kernel and exits non-zero on the first failure.
 """
 
@@ -56,8 +63,8 @@ def main(argv: list[str]) -> int:
         print("run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
     mode = argv[0] if argv else ""
-    if len(argv) > 1 or mode not in ("", "--full", "--vector-loads"):
-        print("usage: python -m tests.triton_compile [--full | --vector-loads]", file=sys.stderr)
+    if len(argv) > 1 or mode not in ("", "--full", "--vector-loads", "--specializations"):
+        print("usage: python -m tests.triton_compile [--full | --vector-loads | --specializations]", file=sys.stderr)
         return 2
     import torch
     import triton
@@ -72,6 +79,7 @@ def main(argv: list[str]) -> int:
     backend = make_backend(target)
     seen: set[tuple] = set()
     compiled: list = []  # (kernel name, compiled kernel) for --vector-loads
+    variants: dict[tuple, set] = {}  # (kernel, constexprs, launch) -> specializations, for --specializations
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         binder = create_function_from_signature(self.signature, self.params, backend)
@@ -84,6 +92,9 @@ def main(argv: list[str]) -> int:
         if key in seen:
             return
         seen.add(key)
+        if mode == "--specializations":  # grouped by the declared constexprs: an argument of 1 adds its own
+            variants.setdefault((key[0], str(constants), key[4]), set()).add(key[1:4])
+            return
         try:
             kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=launch)
         except ReachedLowering:
@@ -98,6 +109,8 @@ def main(argv: list[str]) -> int:
     JITFunction.run = compile_instead
     if mode == "--vector-loads":
         return check_vector_loads(torch, compiled)
+    if mode == "--specializations":
+        return check_specializations(torch, variants)
     for scenario in (moe_launches, attention_launches):
         scenario(torch)
     print(f"{len(seen)} kernels compiled for sm_{TARGET_ARCH}" + (" (through ttgir)" if mode == "" else ""))
@@ -136,6 +149,40 @@ def check_vector_loads(torch, compiled: list) -> int:
             if width % 16 == 0 and (single > 32 or wide < 4):
                 print(f"  FAIL: rows of {width} bytes should load their codes as vectors")
                 failed = True
+    return 1 if failed else 0
+
+
+def check_specializations(torch, variants: dict[tuple, set]) -> int:
+    """Binds the serving engine's launches over many batch shapes; one specialization per
+    kernel and constexpr choice, or the kernel would compile again when a new shape arrives."""
+    from kernels.triton_attention import attention
+    from kernels.triton_cache import write_kv_cache
+    from kernels.triton_moe import fused_moe
+
+    bf16 = torch.bfloat16
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 64, 16, 64
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=bf16)
+    for num_seqs in (1, 2, 3, 7, 16, 17, 32, 48, 63, 64, 70):
+        for width in (1, 2, 3, 16, 17, 40):
+            tables = torch.zeros(num_seqs, width, dtype=torch.int32)
+            lens = torch.full((num_seqs,), width * block_size, dtype=torch.int32)
+            attention(torch.zeros(num_seqs, num_heads, head_dim, dtype=bf16), k_cache, k_cache, tables, lens, None, 0.1)
+            tokens = num_seqs * 5 - 1 if num_seqs > 1 else 300
+            cu = torch.linspace(0, tokens, num_seqs + 1).round().to(torch.int32)
+            attention(torch.zeros(tokens, num_heads, head_dim, dtype=bf16), k_cache, k_cache, tables, lens, cu, 0.1)
+        key = torch.zeros(num_seqs, num_kv_heads, head_dim, dtype=bf16)
+        write_kv_cache(key, key, k_cache, k_cache, torch.zeros(num_seqs, dtype=torch.int64))
+        num_experts, top_k, hidden, inter = 8, 2, 128, 64
+        weights, experts = torch.rand(num_seqs, num_experts).topk(top_k, dim=-1)
+        fused_moe(torch.zeros(num_seqs, hidden, dtype=bf16), torch.zeros(num_experts, 2 * inter, hidden, dtype=bf16),
+                  torch.zeros(num_experts, hidden, inter, dtype=bf16), weights, experts)
+    failed = False
+    for (name, constexprs, launch), specs in sorted(variants.items(), key=str):
+        if len(specs) > 1:
+            failed = True
+            print(f"FAIL: {name} {dict(launch)} compiles {len(specs)} times for one choice of constexprs: per-step integer "
+                  f"arguments are specialized (mark them do_not_specialize)\n  {constexprs}")
+    print(f"{len(variants)} kernel variants over the batch shapes" + (": each compiles once" if not failed else ""))
     return 1 if failed else 0
 
 
