@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncEngine", "EngineDeadError"]
 
-# The longest the step loop waits for the event loops to handle a step's outputs.
+# The longest the step loop waits for the event loops to handle a step's outputs, on CPU. On a
+# GPU the step does not run on the readers' cores, and the wait only idled the card: 17% of a
+# served run at 16 streams, 27% at 64 (an H200, bench/RESULTS.md 2026-12-04 18:36), so there
+# the step loop hands out and goes on.
 _MAX_HANDOFF_WAIT_S = 0.02
 
 
@@ -90,6 +93,7 @@ class AsyncEngine:
         self._stopped = False
         self._dead: BaseException | None = None
         self._handoff_seconds = 0.0  # EngineStats.step_handoff_seconds
+        self._handoff_wait_s = _MAX_HANDOFF_WAIT_S  # 0 once the engine is built on a GPU
         built = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(
@@ -189,6 +193,8 @@ class AsyncEngine:
         _name_os_thread(self._thread.name)
         try:
             self.engine = LLMEngine(config, **kwargs)
+            if self.engine.config.device != "cpu":
+                self._handoff_wait_s = 0.0
         except BaseException as e:  # raised again by __init__, in the caller's thread
             failure.append(e)
             return
@@ -279,7 +285,7 @@ class AsyncEngine:
         # handing out as the next step enters its layers was faster, interleaved request by
         # request in one server (bench/RESULTS.md, 16serve1): most of the wait is the wake-ups
         # and the socket write, which a reader running during the step costs it as well.
-        deadline = start + _MAX_HANDOFF_WAIT_S
+        deadline = start + self._handoff_wait_s
         for lock in handled:
             lock.acquire(timeout=max(0.0, deadline - time.perf_counter()))
         self._handoff_seconds += time.perf_counter() - start
