@@ -2,7 +2,7 @@
 # The GPU checks in one command, about 7 minutes on an H200 (332 s on 2026-12-04 before graphs and stepops; the steps'
 # timeouts add up to more: with a 15-minute device budget, run the steps a change needs with --only); writes one results file.
 #
-#   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--dry-run]
+#   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--model-dir DIR] [--dry-run]
 #
 # Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
 #   kernels   the Triton kernel (attention, cache, fused MoE) and backend tests on the GPU (TRITON_INTERPRET=0)
@@ -13,6 +13,10 @@
 #   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml, eager then graphs
 #   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches, at 1, 16
 #             and 64 sequences, replayed from CUDA graphs and eagerly
+#   overhead  bench/bench_served_overhead.py on the same model: served/offline throughput of the same requests at
+#             concurrency 16 and 64, and the share of the served run the step loop waited on the event loop
+# --model-dir keeps the random 1B Llama of serving/stepops/overhead in DIR (reused when DIR holds one), for runs
+# by hand after the check; by default it is made in a temporary directory and removed.
 # --dry-run checks the arguments and writes the results file with every step "skipped": what
 # the CPU-only test suite runs. Record the card and the numbers in bench/RESULTS.md after a run.
 #
@@ -24,11 +28,12 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 OUT="$ROOT/bench/gpu_check_results.md"
-ALL_STEPS="kernels graphs greedy bandwidth kvcache serving stepops"
+ALL_STEPS="kernels graphs greedy bandwidth kvcache serving stepops overhead"
 STEPS="$ALL_STEPS"
 DRY_RUN=0
+MODEL_DIR=""
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
         case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_check.sh: unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
       done
       shift 2 ;;
+    --model-dir) [ $# -ge 2 ] || { echo "gpu_check.sh: --model-dir needs a directory" >&2; exit 2; }; MODEL_DIR="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -82,8 +88,10 @@ run_step() {  # name, timeout seconds, command...
 
 SERVE_DIR="$(mktemp -d)"
 trap 'rm -rf "$SERVE_DIR"' EXIT
+LLAMA_1B="${MODEL_DIR:-$SERVE_DIR/llama-1b}"
 make_1b_llama() {  # a random-weight Llama of TinyLlama-1.1B's shape, bf16, with the default tokenizer
-  "$PYTHON" - "$SERVE_DIR/llama-1b" <<'PY'
+  [ -f "$LLAMA_1B/config.json" ] && return 0
+  "$PYTHON" - "$LLAMA_1B" <<'PY'
 import sys
 from pathlib import Path
 import torch
@@ -112,13 +120,18 @@ run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
 run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100
 run_step kvcache 60 "$PYTHON" bench/bench_kv_cache.py --backend triton --kv-dtypes bf16 int8 fp8_e4m3 \
   --batch-sizes 1 16 64 --context-lens 4096 --num-heads 32 --num-kv-heads 8 --head-dim 128
-case " $STEPS " in *" serving "*|*" stepops "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
-run_step stepops 240 "$PYTHON" bench/step_ops.py --model "$SERVE_DIR/llama-1b" --device cuda --batch 1 16 64
+case " $STEPS " in *" serving "*|*" stepops "*|*" overhead "*) [ "$DRY_RUN" = 1 ] || make_1b_llama ;; esac
+run_step stepops 240 "$PYTHON" bench/step_ops.py --model "$LLAMA_1B" --device cuda --batch 1 16 64
 # The same requests eager (enforce_eager=true), then replayed from CUDA graphs: the baseline in the same run.
 run_step serving 300 bash -c "for eager in true false; do echo \"== enforce_eager=\$eager\"; \"$PYTHON\" bench/bench_serving.py \
-  --launch --server-arg model=$SERVE_DIR/llama-1b --server-arg enforce_eager=\$eager --num-prompts 64 --max-tokens 128 \
+  --launch --server-arg model=$LLAMA_1B --server-arg enforce_eager=\$eager --num-prompts 64 --max-tokens 128 \
   --max-concurrency 16 --label \"gpu-check random 1B llama, enforce_eager=\$eager\" | grep -E '^==|Successful|Failed|Output token|TTFT|TPOT' \
   || exit 1; done"
+
+# The server and the offline engine share the card: each takes a fixed 8 GB KV cache instead of
+# gpu_memory_utilization's share of it (which counts the other process's memory as used).
+run_step overhead 300 "$PYTHON" bench/bench_served_overhead.py --server-arg model="$LLAMA_1B" \
+  --server-arg kv_cache_memory_bytes=8000000000 --rounds 1
 
 echo "results: $OUT"
 exit $FAILED
