@@ -1,7 +1,8 @@
 """The Triton backend: the same functions, names and signatures as kernels/reference.py, so the
 engine picks a backend by picking a module (`kernels.triton_ops` on CUDA, `kernels.cpu_ops` or
-`kernels.reference` on CPU); the model's pointwise ops here are reference.py's torch ops. Import
-it only after TRITON_INTERPRET is settled: Triton reads it at import time.
+`kernels.reference` on CPU); the per-token ops (norms, silu-and-mul, rotary) are kernels of
+triton_pointwise.py, the sampler's ops reference.py's torch ops. Import it only after
+TRITON_INTERPRET is settled: Triton reads it at import time.
 
 Host syncs: none of these functions reads a device value on the host (no .item()/.tolist());
 launch grids come from tensor shapes only (see kernels/triton_attention.py for how).
@@ -12,11 +13,11 @@ from __future__ import annotations
 import sys
 
 from kernels import reference
-from kernels.reference import (add_rms_norm, argmax_rows, filter_rows, rms_norm, rotary_embedding_, sample_rows,
-                               silu_mul)
+from kernels.reference import argmax_rows, filter_rows, sample_rows
 from kernels.triton_attention import decode_attention, paged_attention
 from kernels.triton_cache import copy_blocks, swap_blocks, write_kv_cache
 from kernels.triton_moe import fused_moe
+from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
 
 __all__ = [
     "write_kv_cache", "decode_attention", "paged_attention", "copy_blocks", "swap_blocks",

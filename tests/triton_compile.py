@@ -22,7 +22,7 @@ Triton's internals (create_function_from_signature, JITFunction._pack_args): pin
 
 --specializations compiles nothing: it binds the launches a serving engine makes over many batch shapes
 (decode batches of 1-70 sequences, block tables 1-40 wide, prefills of 1-300 tokens, MoE steps of 1-70
-tokens) and fails unless each kernel has one specialization per choice of its constexprs and launch
+tokens, the per-token kernels over as many rows) and fails unless each kernel has one specialization per choice of its constexprs and launch
 options. A launch whose integer argument changed the specialization (1, a multiple of 16, anything else)
 would compile again mid-serving on a GPU: 0.6 s stalls of a request's first token on an H200
 (bench/RESULTS.md 2026-12-04 18:36), so per-step integers are the kernels' do_not_specialize.
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         return check_vector_loads(torch, compiled)
     if mode == "--specializations":
         return check_specializations(torch, variants)
-    for scenario in (moe_launches, attention_launches):
+    for scenario in (moe_launches, attention_launches, pointwise_launches):
         scenario(torch)
     print(f"{len(seen)} kernels compiled for sm_{TARGET_ARCH}" + (" (through ttgir)" if mode == "" else ""))
     return 0
@@ -158,6 +158,7 @@ def check_specializations(torch, variants: dict[tuple, set]) -> int:
     from kernels.triton_attention import attention
     from kernels.triton_cache import write_kv_cache
     from kernels.triton_moe import fused_moe
+    from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
 
     bf16 = torch.bfloat16
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 64, 16, 64
@@ -176,6 +177,14 @@ def check_specializations(torch, variants: dict[tuple, set]) -> int:
         weights, experts = torch.rand(num_seqs, num_experts).topk(top_k, dim=-1)
         fused_moe(torch.zeros(num_seqs, hidden, dtype=bf16), torch.zeros(num_experts, 2 * inter, hidden, dtype=bf16),
                   torch.zeros(num_experts, hidden, inter, dtype=bf16), weights, experts)
+        for tokens in (num_seqs, num_seqs * 5 - 1):  # a decode step's rows, a prefill's
+            x = torch.zeros(tokens, 576, dtype=bf16)
+            rms_norm(x, torch.zeros(576), 1e-6)
+            add_rms_norm(x.clone(), x, torch.zeros(576), 1e-6)
+            silu_mul(torch.zeros(tokens, 2 * 1536, dtype=bf16))
+            qkv = torch.zeros(tokens, 17 * head_dim, dtype=bf16)
+            table = torch.zeros(tokens, 1, head_dim, dtype=bf16)
+            rotary_embedding_(qkv[:, : 15 * head_dim].view(tokens, 15, head_dim), table, table)
     failed = False
     for (name, constexprs, launch), specs in sorted(variants.items(), key=str):
         if len(specs) > 1:
@@ -197,6 +206,23 @@ def moe_launches(torch) -> None:
             w2 = torch.zeros(num_experts, hidden, inter, dtype=dtype)
             weights, experts = torch.rand(tokens, num_experts).topk(top_k, dim=-1)
             fused_moe(x, w13, w2, weights, experts, act)
+
+
+def pointwise_launches(torch) -> None:
+    """The norms (with and without the residual), silu-and-mul and rotary in each dtype, at a small
+    model's widths and a large one's (many rows a program, and one row of 8192)."""
+    from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rows, hidden, inter, heads, head_dim in ((3, 576, 1536, 15, 64), (2, 8192, 28672, 40, 128)):
+            x = torch.zeros(rows, hidden, dtype=dtype)
+            weight = torch.zeros(hidden)
+            rms_norm(x, weight, 1e-6)
+            add_rms_norm(x.clone(), x, weight, 1e-6)
+            silu_mul(torch.zeros(rows, 2 * inter, dtype=dtype))
+            qkv = torch.zeros(rows, (heads + 2) * head_dim, dtype=dtype)
+            table = torch.zeros(rows, 1, head_dim, dtype=dtype)
+            rotary_embedding_(qkv[:, : heads * head_dim].view(rows, heads, head_dim), table, table)
 
 
 def attention_launches(torch) -> None:
