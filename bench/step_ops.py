@@ -9,6 +9,8 @@ then is the host's work outside the graph). Part of bench/gpu_check.sh.
 
     python bench/step_ops.py --model DIR --device cuda               # 16 sequences, bfloat16, graphs and eager
     python bench/step_ops.py --model DIR --device cpu --python-layers  # the layers' Python path on CPU
+    TRITON_INTERPRET=1 python bench/step_ops.py --model DIR --device cpu --dtype float32 --attention-backend triton
+        # a GPU step's ops, counted on a CPU (Triton's interpreter runs the kernels; times mean nothing)
 Prints the step time, then the ops a step by name, then each copy's two innermost engine frames.
 """
 
@@ -33,13 +35,43 @@ COPIES = ("clone", "contiguous", "_to_copy", "copy_", "cat", "roll", "index_sele
 
 
 class CountOps(TorchDispatchMode):
-    """Counts every aten op dispatched, and for the copies the two innermost engine/kernels frames."""
+    """Counts every aten op dispatched, and for the copies the two innermost engine/kernels frames;
+    and each Triton kernel launch as an op named "triton:<kernel>" (a launch is no aten op; the
+    interpreter's own torch calls inside one are not counted)."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.sites = collections.Counter(), collections.Counter()
+        self.in_triton = False
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interpreter
+        import triton.runtime.jit as jit
+
+        self.patched = []
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            run = cls.run
+
+            def counted(fn, *args, _run=run, **kwargs):
+                self.ops[f"triton:{getattr(fn, '__name__', fn.fn.__name__)}"] += 1
+                inside, self.in_triton = self.in_triton, True
+                try:
+                    return _run(fn, *args, **kwargs)
+                finally:
+                    self.in_triton = inside
+
+            self.patched.append((cls, run))
+            cls.run = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, run in self.patched:
+            cls.run = run
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_triton:
+            return func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
         self.ops[name] += 1
         if name in COPIES:
@@ -62,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                              "this process (default both); the CPU has eager steps only")
     parser.add_argument("--python-layers", action="store_true",
                         help="decoder layers on their Python path instead of one decoder_layer op each (CPU)")
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "torch", "triton"),
+                        help="the engine's backend (triton on a CPU: under TRITON_INTERPRET=1, to count a GPU step's ops)")
     args = parser.parse_args(argv)
 
     from engine.models.llama import LlamaDecoderLayer
@@ -91,7 +125,8 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     # A fixed cache: the second engine of a CUDA A/B must not size its cache by the first one's leftovers.
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_kv_blocks=64 * batch, enforce_eager=enforce_eager)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_kv_blocks=64 * batch, enforce_eager=enforce_eager,
+              attention_backend=args.attention_backend)
     eng = llm.engine
     total = 8 + args.steps + args.count_steps
     params = SamplingParams(temperature=0.0, max_tokens=total + 8, ignore_eos=True)
