@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh [--out FILE] [--only STEP[,STEP...]] [--model-dir DIR] [--dry-run]
 #
 # Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
-#   kernels   the Triton kernel (attention, cache, fused MoE) and backend tests on the GPU (TRITON_INTERPRET=0)
+#   kernels   the Triton kernel (attention, cache, fused MoE, per-token ops) and backend tests on the GPU (TRITON_INTERPRET=0)
 #   graphs    the decode step's CUDA graphs (tests/test_cuda_graphs.py): replay against eager decoding
 #   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
@@ -113,7 +113,7 @@ PY
 
 export TRITON_INTERPRET=0
 # The 8-bit KV cache file's Triton cases only (its other cases are CPU or engine tests).
-run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_moe.py tests/test_triton_backend.py \
+run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_moe.py tests/test_triton_backend.py tests/test_triton_pointwise.py \
   tests/test_kv_cache_8bit.py -k "not kv_cache_8bit or triton"
 run_step graphs 150 "$PYTHON" -m pytest -q -x tests/test_cuda_graphs.py
 run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
