@@ -6,7 +6,8 @@
 #
 # Steps (each bounded by its own timeout, each recorded pass/fail with its output's tail):
 #   kernels   the Triton kernel (attention, cache, fused MoE, per-token ops) and backend tests on the GPU (TRITON_INTERPRET=0)
-#   graphs    the decode step's CUDA graphs (tests/test_cuda_graphs.py): replay against eager decoding
+#   graphs    the decode step's CUDA graphs (tests/test_cuda_graphs.py): replay against eager decoding; and
+#             the GPU engine's hand-off to the event loop, which does not wait (tests/test_api.py)
 #   greedy    greedy equality against transformers on CUDA: Qwen3 and Mixtral, fp32 and bf16
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
@@ -33,7 +34,7 @@ STEPS="$ALL_STEPS"
 DRY_RUN=0
 MODEL_DIR=""
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
         case " $ALL_STEPS " in *" $s "*) ;; *) echo "gpu_check.sh: unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
       done
       shift 2 ;;
-    --model-dir) [ $# -ge 2 ] || { echo "gpu_check.sh: --model-dir needs a directory" >&2; exit 2; }; MODEL_DIR="$2"; shift 2 ;;
+    --model-dir) [ $# -ge 2 ] || { echo "gpu_check.sh: --model-dir needs a directory" >&2; exit 2; }; MODEL_DIR="$(realpath -m "$2")"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -90,8 +91,9 @@ SERVE_DIR="$(mktemp -d)"
 trap 'rm -rf "$SERVE_DIR"' EXIT
 LLAMA_1B="${MODEL_DIR:-$SERVE_DIR/llama-1b}"
 make_1b_llama() {  # a random-weight Llama of TinyLlama-1.1B's shape, bf16, with the default tokenizer
-  [ -f "$LLAMA_1B/config.json" ] && return 0
-  "$PYTHON" - "$LLAMA_1B" <<'PY'
+  [ -d "$LLAMA_1B" ] && return 0  # moved into place whole (below): a directory there is a complete model
+  rm -rf "$LLAMA_1B.partial"
+  "$PYTHON" - "$LLAMA_1B.partial" <<'PY'
 import sys
 from pathlib import Path
 import torch
@@ -109,13 +111,14 @@ model.save_pretrained(sys.argv[1])
 for f in Path(default_tokenizer_dir()).iterdir():
     shutil.copy(f, Path(sys.argv[1]) / f.name)
 PY
+  mv "$LLAMA_1B.partial" "$LLAMA_1B"
 }
 
 export TRITON_INTERPRET=0
 # The 8-bit KV cache file's Triton cases only (its other cases are CPU or engine tests).
 run_step kernels 180 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_triton_moe.py tests/test_triton_backend.py tests/test_triton_pointwise.py \
   tests/test_kv_cache_8bit.py -k "not kv_cache_8bit or triton"
-run_step graphs 150 "$PYTHON" -m pytest -q -x tests/test_cuda_graphs.py
+run_step graphs 150 "$PYTHON" -m pytest -q -x tests/test_cuda_graphs.py tests/test_api.py -k "test_cuda_graphs or on_a_gpu"
 run_step greedy 150 "$PYTHON" bench/gpu_greedy.py --device cuda
 run_step bandwidth 90 "$PYTHON" bench/bench_kernels.py --batch-sizes 1 16 64 --context-lens 2048 8192 --rep-ms 100
 run_step kvcache 60 "$PYTHON" bench/bench_kv_cache.py --backend triton --kv-dtypes bf16 int8 fp8_e4m3 \
@@ -124,7 +127,7 @@ case " $STEPS " in *" serving "*|*" stepops "*|*" overhead "*) [ "$DRY_RUN" = 1 
 run_step stepops 240 "$PYTHON" bench/step_ops.py --model "$LLAMA_1B" --device cuda --batch 1 16 64
 # The same requests eager (enforce_eager=true), then replayed from CUDA graphs: the baseline in the same run.
 run_step serving 300 bash -c "for eager in true false; do echo \"== enforce_eager=\$eager\"; \"$PYTHON\" bench/bench_serving.py \
-  --launch --server-arg model=$LLAMA_1B --server-arg enforce_eager=\$eager --num-prompts 64 --max-tokens 128 \
+  --launch --server-arg model=\"$LLAMA_1B\" --server-arg enforce_eager=\$eager --num-prompts 64 --max-tokens 128 \
   --max-concurrency 16 --label \"gpu-check random 1B llama, enforce_eager=\$eager\" | grep -E '^==|Successful|Failed|Output token|TTFT|TPOT' \
   || exit 1; done"
 

@@ -53,7 +53,7 @@ class CountOps(TorchDispatchMode):
             run = cls.run
 
             def counted(fn, *args, _run=run, **kwargs):
-                self.ops[f"triton:{getattr(fn, '__name__', fn.fn.__name__)}"] += 1
+                self.ops[f"triton:{fn.fn.__name__}"] += 1
                 inside, self.in_triton = self.in_triton, True
                 try:
                     return _run(fn, *args, **kwargs)

@@ -71,13 +71,15 @@ def _name_os_thread(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME: 15 bytes at most
 
 
-def _push_all(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]], handled: Any) -> None:
+def _push_all(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]],
+              handled: Any | None) -> None:
     for stream, item in items:
         stream.push(item)
     # Queued behind the readers these pushes woke: runs once each has handled its output.
-    # `handled` is a held lock, released here: one C call on the loop, where Event.set runs a
-    # Condition's Python (profiled: ~20% of the loop's Python time at c=64).
-    loop.call_soon(handled.release)
+    # `handled` is a held lock (None: the step loop does not wait), released here: one C call on
+    # the loop, where Event.set runs a Condition's Python (profiled: ~20% of the loop's Python time at c=64).
+    if handled is not None:
+        loop.call_soon(handled.release)
 
 
 class AsyncEngine:
@@ -267,16 +269,18 @@ class AsyncEngine:
         start = time.perf_counter()
         handled: list[Any] = []  # one held lock per loop, released once the loop handled its items
         for loop, items in batches.items():
+            lock = threading.Lock() if self._handoff_wait_s else None
             try:
-                handled.append(threading.Lock())
-                handled[-1].acquire()
-                loop.call_soon_threadsafe(_push_all, loop, items, handled[-1])
+                if lock is not None:
+                    lock.acquire()
+                loop.call_soon_threadsafe(_push_all, loop, items, lock)
+                if lock is not None:
+                    handled.append(lock)
             except RuntimeError:  # the loop is closed: nobody awaits these streams any more
-                handled.pop()
                 for rid in rids[loop]:
                     self._streams.pop(rid, None)
                     self.engine.discard_request(rid)
-        # The next step starts once the readers have handled this one's outputs (or after a
+        # On CPU the next step starts once the readers have handled this one's outputs (or after a
         # bound, for a loop that is busy elsewhere), so that they do not run during it: there
         # the readers' thread takes a core from a thread of the step's barriers on a small CPU,
         # and the GIL from the step's Python (scheduling, inputs, sampling). The decode layers,

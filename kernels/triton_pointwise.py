@@ -10,8 +10,9 @@ than a batch's few rows of arithmetic.
 Same names, arguments and results as kernels/reference.py's functions, and the same rounding: where
 reference rounds an intermediate to the input's dtype (silu's output before the multiply, x * cos
 before the rotation's add, the residual sum before its norm), so does the kernel. So in float32 they
-match reference up to float32 reduction order, and in 16-bit types up to that, one rounding step
-away at most (tests/test_triton_pointwise.py). Layouts the kernels do not take (a last dimension
+match reference up to float32 reduction order, and in 16-bit types up to that and the last rounding
+(tests/test_triton_pointwise.py states the rule; under Triton's interpreter, which truncates to
+bfloat16, two bfloat16 steps). Layouts the kernels do not take (a last dimension
 that is not dense, rows wider than MAX_WIDTH) go to reference's functions.
 
 Per-step integers (the row counts) are do_not_specialize, as in triton_attention.py.
@@ -72,24 +73,31 @@ def _silu_mul_kernel(
 @triton.jit(do_not_specialize=["rows"])
 def _rotary_kernel(
     qk_ptr, cos_ptr, sin_ptr, rows, heads, stride_token, stride_head, stride_cos, stride_sin,
-    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    # A row is one (token, head); a program rotates ROWS of them whole, so reading x[d + half]
-    # never races another program's writes.
+    # A row is one (token, head), turned in place as its two halves: the element j < HALF and
+    # j + HALF are read and written by the same thread, so no thread overwrites what another
+    # (another warp of a wide row, or another program) has yet to read.
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     token, head = row // heads, row % heads
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    mask = (row < rows)[:, None] & d_ok[None, :]
-    base = qk_ptr + token[:, None] * stride_token + head[:, None] * stride_head
-    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    turned = tl.load(base + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token[:, None] * stride_cos + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token[:, None] * stride_sin + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    j = tl.arange(0, BLOCK_HALF)
+    mask = (row < rows)[:, None] & (j < HALF)[None, :]
+    first = qk_ptr + token[:, None] * stride_token + head[:, None] * stride_head + j[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    at_cos = cos_ptr + token[:, None] * stride_cos + j[None, :]
+    at_sin = sin_ptr + token[:, None] * stride_sin + j[None, :]
+    cos1 = tl.load(at_cos, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(at_cos + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(at_sin, mask=mask, other=0.0).to(tl.float32)  # signed: -sin for the first half
+    sin2 = tl.load(at_sin + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = qk_ptr.dtype.element_ty
-    # addcmul(qk * cos, roll(qk), sin): the product rounded to the dtype, then one rounding of the sum.
-    y = (x * cos).to(dtype).to(tl.float32) + turned * sin
-    tl.store(base + d[None, :], y.to(dtype), mask=mask)
+    # addcmul(qk * cos, roll(qk, HALF), sin): the product rounded to the dtype, then one rounding of
+    # the sum; the roll puts x2 beside the first half and x1 beside the second.
+    y1 = (x1 * cos1).to(dtype).to(tl.float32) + x2 * sin1
+    y2 = (x2 * cos2).to(dtype).to(tl.float32) + x1 * sin2
+    tl.store(first, y1.to(dtype), mask=mask)
+    tl.store(first + HALF, y2.to(dtype), mask=mask)
 
 
 def _rows_per_program(width: int) -> int:
@@ -122,15 +130,15 @@ def _dense_rows(*tensors: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """reference.rms_norm: float32 arithmetic, the result rounded once to x's dtype."""
-    if not (_dense_rows(x) and weight.is_contiguous() and x.shape[1] <= MAX_WIDTH):
-        return reference.rms_norm(x, weight, eps)
+    if not (_dense_rows(x) and weight.is_contiguous() and weight.shape == x.shape[1:] and x.shape[1] <= MAX_WIDTH):
+        return reference.rms_norm(x, weight, eps)  # reference also says what does not fit
     return _norm(x, None, weight, eps)
 
 
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """reference.add_rms_norm: residual += x in place (rounded to its dtype), then its norm."""
     if not (_dense_rows(residual, x) and x.shape == residual.shape and weight.is_contiguous()
-            and x.shape[1] <= MAX_WIDTH):
+            and weight.shape == x.shape[1:] and x.shape[1] <= MAX_WIDTH):
         return reference.add_rms_norm(residual, x, weight, eps)
     return _norm(x, residual, weight, eps)
 
@@ -154,18 +162,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary_embedding_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """reference.rotary_embedding_, in place on qk [tokens, heads, head_dim] (rows may be strided);
-    cos and sin [tokens, 1, head_dim], sin signed for the first half."""
+    cos and sin [tokens, 1, head_dim] in qk's dtype, sin signed for the first half."""
     tokens, heads, head_dim = qk.shape
-    if not (qk.stride(2) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and head_dim % 2 == 0
-            and cos.shape[-1] == head_dim and head_dim <= MAX_WIDTH):
-        return reference.rotary_embedding_(qk, cos, sin)
+    table_shape = (tokens, 1, head_dim)
+    if not (qk.stride(2) == 1 and head_dim % 2 == 0 and head_dim <= MAX_WIDTH
+            and cos.shape == table_shape and sin.shape == table_shape and cos.dtype == sin.dtype == qk.dtype
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1):
+        return reference.rotary_embedding_(qk, cos, sin)  # e.g. tables broadcast over tokens, or of another dtype
     rows = tokens * heads
     if rows == 0:
         return None
-    block_d = triton.next_power_of_2(head_dim)
+    block_half = triton.next_power_of_2(head_dim // 2)
     per_program = _rows_per_program(head_dim)
     _rotary_kernel[(triton.cdiv(rows, per_program),)](
         qk, cos, sin, rows, heads, qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0),
-        HEAD_DIM=head_dim, ROWS=per_program, BLOCK_D=block_d, num_warps=_warps(per_program * block_d),
+        HALF=head_dim // 2, ROWS=per_program, BLOCK_HALF=block_half, num_warps=_warps(per_program * 2 * block_half),
     )
     return None

@@ -440,12 +440,13 @@ def test_every_kernel_compiles_for_a_gpu_on_a_machine_without_one():
         assert kernel in done.stdout, kernel
 
 
-def test_a_new_batch_shape_never_compiles_a_triton_kernel_again():
+def test_per_step_integers_never_compile_a_triton_kernel_again():
     """tests/triton_compile.py --specializations binds the launches of decode and mixed steps of
-    1-70 sequences over block tables 1-40 wide, cache writes and MoE steps of 1-70 tokens, with
-    Triton's own binder for a GPU: each kernel gets one specialization per constexpr choice. An
-    integer argument of 1 or a multiple of 16 used to add one (a 0.6 s compile on an H200 when a
-    server first saw such a batch)."""
+    1-70 sequences over block tables 1-40 wide, cache writes, MoE steps and the per-token kernels
+    over as many rows, with Triton's own binder for a GPU: each kernel gets one specialization per
+    constexpr choice. An integer argument of 1 or a multiple of 16 used to add one (a 0.6 s compile
+    on an H200 when a server first saw such a batch). The constexpr choices themselves (attention's
+    tile height, split-K or not) are a few per model, each compiled once per process."""
     done = subprocess.run([sys.executable, "-m", "tests.triton_compile", "--specializations"],
                           cwd=Path(__file__).parents[1], env=dict(os.environ, TRITON_INTERPRET="0"),
                           capture_output=True, text=True, timeout=300)

@@ -80,7 +80,7 @@ def test_silu_mul_gives_the_reference_activation(dtype, rows, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 1, 128), (3, 12, 64), (7, 5, 8), (40, 15, 64)])
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 1, 128), (3, 12, 64), (7, 5, 8), (40, 15, 64), (4, 3, 96), (2, 4, 256)])
 def test_rotary_embedding_turns_the_q_and_k_heads_of_a_fused_projection_in_place(dtype, tokens, heads, head_dim):
     """qk is the first heads of a [tokens, (heads + v heads) * head_dim] projection: strided rows; the
     v heads after it stay as they are."""
@@ -98,7 +98,8 @@ def test_rotary_embedding_turns_the_q_and_k_heads_of_a_fused_projection_in_place
 
 
 def test_layouts_the_kernels_do_not_take_go_to_reference():
-    """A last dimension that is not dense (a transposed view) gives reference's result all the same."""
+    """A last dimension that is not dense (a transposed view), or rotary tables broadcast over the
+    tokens or in another dtype, give reference's result all the same."""
     torch.manual_seed(3)
     x = torch.randn(96, 12, device=DEVICE).t()  # [12, 96], rows dense in no dimension's sense
     weight = torch.rand(96, device=DEVICE) + 0.5
@@ -106,3 +107,11 @@ def test_layouts_the_kernels_do_not_take_go_to_reference():
     assert torch.equal(pointwise.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
     gate_up = torch.randn(40, 6, device=DEVICE).t()
     assert torch.equal(pointwise.silu_mul(gate_up), reference.silu_mul(gate_up))
+    qkv = torch.randn(3, 4 * 16, device=DEVICE, dtype=torch.bfloat16)
+    angles = torch.rand(1, 1, 8, device=DEVICE)
+    for cos, sin in ((torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([-angles.sin(), angles.sin()], -1).bfloat16()),
+                     (torch.cat([angles.cos()] * 2, -1).expand(3, 1, 16).float(), torch.cat([-angles.sin(), angles.sin()], -1).expand(3, 1, 16).float())):
+        ours, theirs = qkv.clone(), qkv.clone()
+        pointwise.rotary_embedding_(ours[:, :32].view(3, 2, 16), cos, sin)
+        reference.rotary_embedding_(theirs[:, :32].view(3, 2, 16), cos, sin)
+        assert torch.equal(ours, theirs)
