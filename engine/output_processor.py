@@ -37,12 +37,13 @@ def build_output(group: SequenceGroup, tokenizer) -> RequestOutput:
         seqs = sorted(group.seqs + group.finished, key=lambda s: s.index)
     report_cumulative = p.logprobs is not None or p.best_of > 1
     completions = [
-        CompletionOutput(
-            index=i,
-            text=_beam_text(tokenizer, seq) if p.use_beam_search else seq.output_text,
-            token_ids=seq.output_token_ids,
+        CompletionOutput.of_sequence_lists(
+            i,
+            _beam_text(tokenizer, seq) if p.use_beam_search else seq.output_text,
+            seq.token_ids,
+            seq.num_prompt_tokens,
+            seq.logprobs,
             cumulative_logprob=seq.cumulative_logprob if report_cumulative else None,
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )

@@ -47,6 +47,24 @@ def test_generate_accepts_token_ids_and_per_prompt_params(llm):
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3]
 
 
+def test_each_steps_output_keeps_the_tokens_and_logprobs_it_had_when_made(llm):
+    """Outputs are cumulative snapshots: one kept from an early step still holds that step's tokens
+    and logprobs after the request went on, though a step copies them only when they are first
+    read (CompletionOutput.of_sequence_lists: the copy grows with the output, and most outputs are
+    never read)."""
+    engine = llm.engine
+    engine.add_request("snapshots", "snapshots of a growing output", SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1))
+    kept = []
+    while engine.has_unfinished_requests():
+        kept += [out.outputs[0] for out in engine.step()]
+    assert len(kept) == 6
+    assert all("token_ids" not in vars(c) and "logprobs" not in vars(c) for c in kept)  # nothing copied yet
+    final = kept[-1]
+    assert [c.token_ids for c in kept] == [final.token_ids[: k + 1] for k in range(6)]
+    assert [c.logprobs for c in kept] == [final.logprobs[: k + 1] for k in range(6)]
+    assert kept[0].token_ids is kept[0].token_ids  # copied once, on the first read
+
+
 def test_chat_applies_the_models_chat_template(llm):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
