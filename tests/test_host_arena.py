@@ -69,10 +69,12 @@ def test_the_kernel_backs_the_buffer_with_huge_pages():
     plain = plain_buffer(64 * MiB)
     plain.fill_(1)
     # smaps reports per mapping: where the kernel merged the buffer's mapping with a neighbour (one
-    # full-suite run in three on a Zen 4 host reported 24 MiB of huge pages there), the count is
-    # not the buffer's own, so the check holds only where the mapping is the buffer's alone.
+    # full-suite run in three on a Zen 4 host reported 24 MiB of huge pages there), or the buffer
+    # starts inside a smaller mapping it does not fill (a full-suite run reported a 28.7 MiB one with
+    # 20 MiB of huge pages), the count is not the buffer's own, so the check holds only where the
+    # mapping is the buffer's alone: at least its size, at most a huge page more.
     low, high = mapping_bounds(plain)
-    if thp_mode() == "madvise" and high - low <= 64 * MiB + HUGE_PAGE:
+    if thp_mode() == "madvise" and 64 * MiB <= high - low <= 64 * MiB + HUGE_PAGE:
         assert huge_page_bytes(plain) == 0, (low, high)  # unadvised memory stays on 4 KiB pages
 
 
