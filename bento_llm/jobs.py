@@ -60,7 +60,7 @@ class Job:
         """(prompt index, cumulative RequestOutput) as they come, with metrics."""
         async for index, output in merge_streams(self.streams):
             timer = self.timers[index]
-            timer.tokens_seen(sum(len(o.token_ids) for o in output.outputs))
+            timer.tokens_seen(sum(o.num_token_ids for o in output.outputs))
             if output.finished:
                 self.finished.add(index)
                 reasons = [o.finish_reason for o in output.outputs]

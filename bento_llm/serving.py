@@ -154,7 +154,7 @@ class OpenAIServing:
         def logprobs_of(out: Any, start: int, offset: int) -> dict[str, Any] | None:
             if k is None:
                 return None
-            return fmt.completion_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k, offset)
+            return fmt.completion_logprobs(rt.token_text, out.token_ids_since(start), out.logprobs_since(start) or [], k, offset)
 
         if not request.stream:
 
@@ -217,7 +217,7 @@ class OpenAIServing:
             if k is None:
                 return None
             # "refusal" is required by OpenAI's schema; this server never refuses.
-            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids[start:], (out.logprobs or [])[start:], k), "refusal": None}
+            return {"content": fmt.chat_logprobs(rt.token_text, out.token_ids_since(start), out.logprobs_since(start) or [], k), "refusal": None}
 
         if not request.stream:
 

@@ -64,14 +64,14 @@ def completion_events(
                 continue
             delta = prefix + out.text[sent_text[index] :]
             start = sent_tokens[index]
-            if not delta and len(out.token_ids) == start and out.finish_reason is None:
+            if not delta and out.num_token_ids == start and out.finish_reason is None:
                 continue
             if out.finish_reason is not None:
                 done.add(index)
             lp = logprobs_of(out, start, offsets[index])
             offsets[index] += len(delta)
-            completion_tokens += len(out.token_ids) - start
-            sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
+            completion_tokens += out.num_token_ids - start
+            sent_text[index], sent_tokens[index] = len(out.text), out.num_token_ids
             parts.append(chunks.event([{"index": index, "text": delta, "logprobs": lp,
                                         "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]))  # fmt: skip
         return parts
@@ -104,9 +104,9 @@ def chat_events(
                 continue
             delta = messages[j].delta(echo + out.text, finished=out.finish_reason is not None)
             start = sent_tokens[j]
-            if delta or len(out.token_ids) > start:
-                completion_tokens += len(out.token_ids) - start
-                sent_tokens[j] = len(out.token_ids)
+            if delta or out.num_token_ids > start:
+                completion_tokens += out.num_token_ids - start
+                sent_tokens[j] = out.num_token_ids
                 lp = logprobs_of(out, start)
                 if lp is None and (not delta or list(delta) == ["content"]):  # the common chunk, from a template
                     parts.append(chunks.content(j, delta.get("content", "")))

@@ -41,6 +41,29 @@ class CompletionOutput:
                       "logprobs": None if logprobs is None else (logprobs, 0, len(logprobs))}
         return out
 
+    @property
+    def num_token_ids(self) -> int:
+        """len(token_ids), without copying an output from of_sequence_lists: a stream's reader
+        counts every output it takes (its copy would run on the event loop, every step)."""
+        if "token_ids" in self.__dict__:
+            return len(self.__dict__["token_ids"])
+        _, start, stop = self._spans["token_ids"]
+        return stop - start
+
+    def token_ids_since(self, n: int) -> list[int]:
+        """token_ids[n:], copying only those (a stream sends the new tokens' logprobs)."""
+        if "token_ids" in self.__dict__:
+            return self.__dict__["token_ids"][n:]
+        source, start, stop = self._spans["token_ids"]
+        return source[start + n : stop]
+
+    def logprobs_since(self, n: int) -> list[PositionLogprobs] | None:
+        """logprobs[n:] (None without logprobs), copying only those."""
+        if "logprobs" in self.__dict__:
+            return None if self.__dict__["logprobs"] is None else self.__dict__["logprobs"][n:]
+        span = self._spans["logprobs"]
+        return None if span is None else span[0][span[1] + n : span[2]]
+
     def __getattr__(self, name: str):
         """token_ids or logprobs of an output from of_sequence_lists, on their first read (only
         attributes not set reach here; the copy is then set, so later reads do not)."""
@@ -49,7 +72,9 @@ class CompletionOutput:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         span = spans[name]
         value = None if span is None else span[0][span[1] : span[2]]
-        setattr(self, name, value)  # spans stay: a copy.copy of this output shares the dict
+        setattr(self, name, value)
+        # Not kept alive by this output any more; a new dict, as a copy.copy of it shares this one.
+        self._spans = {key: other for key, other in spans.items() if key != name}
         return value
 
 

@@ -58,11 +58,17 @@ def test_each_steps_output_keeps_the_tokens_and_logprobs_it_had_when_made(llm):
     while engine.has_unfinished_requests():
         kept += [out.outputs[0] for out in engine.step()]
     assert len(kept) == 6
+    # A stream's reader counts the tokens and takes the new ones' logprobs: copying only those.
+    assert [c.num_token_ids for c in kept] == [1, 2, 3, 4, 5, 6]
+    third = kept[2]
+    since_one = (third.token_ids_since(1), third.logprobs_since(1))
     assert all("token_ids" not in vars(c) and "logprobs" not in vars(c) for c in kept)  # nothing copied yet
+    assert since_one == (kept[-1].token_ids[1:3], kept[-1].logprobs[1:3])
     final = kept[-1]
     assert [c.token_ids for c in kept] == [final.token_ids[: k + 1] for k in range(6)]
     assert [c.logprobs for c in kept] == [final.logprobs[: k + 1] for k in range(6)]
     assert kept[0].token_ids is kept[0].token_ids  # copied once, on the first read
+    assert (third.num_token_ids, third.token_ids_since(1), third.logprobs_since(1)) == (3, *since_one)
 
 
 def test_chat_applies_the_models_chat_template(llm):
