@@ -158,7 +158,6 @@ def check_specializations(torch, variants: dict[tuple, set]) -> int:
     from kernels.triton_attention import attention
     from kernels.triton_cache import write_kv_cache
     from kernels.triton_moe import fused_moe
-    from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
 
     bf16 = torch.bfloat16
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 64, 16, 64
@@ -178,13 +177,7 @@ def check_specializations(torch, variants: dict[tuple, set]) -> int:
         fused_moe(torch.zeros(num_seqs, hidden, dtype=bf16), torch.zeros(num_experts, 2 * inter, hidden, dtype=bf16),
                   torch.zeros(num_experts, hidden, inter, dtype=bf16), weights, experts)
         for tokens in (num_seqs, num_seqs * 5 - 1):  # a decode step's rows, a prefill's
-            x = torch.zeros(tokens, 576, dtype=bf16)
-            rms_norm(x, torch.zeros(576), 1e-6)
-            add_rms_norm(x.clone(), x, torch.zeros(576), 1e-6)
-            silu_mul(torch.zeros(tokens, 2 * 1536, dtype=bf16))
-            qkv = torch.zeros(tokens, 17 * head_dim, dtype=bf16)
-            table = torch.zeros(tokens, 1, head_dim, dtype=bf16)
-            rotary_embedding_(qkv[:, : 15 * head_dim].view(tokens, 15, head_dim), table, table)
+            launch_pointwise(torch, bf16, tokens, hidden=576, inter=1536, heads=15, head_dim=head_dim)
     failed = False
     for (name, constexprs, launch), specs in sorted(variants.items(), key=str):
         if len(specs) > 1:
@@ -211,18 +204,24 @@ def moe_launches(torch) -> None:
 def pointwise_launches(torch) -> None:
     """The norms (with and without the residual), silu-and-mul and rotary in each dtype, at a small
     model's widths and a large one's (many rows a program, and one row of 8192)."""
-    from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
-
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rows, hidden, inter, heads, head_dim in ((3, 576, 1536, 15, 64), (2, 8192, 28672, 40, 128)):
-            x = torch.zeros(rows, hidden, dtype=dtype)
-            weight = torch.zeros(hidden)
-            rms_norm(x, weight, 1e-6)
-            add_rms_norm(x.clone(), x, weight, 1e-6)
-            silu_mul(torch.zeros(rows, 2 * inter, dtype=dtype))
-            qkv = torch.zeros(rows, (heads + 2) * head_dim, dtype=dtype)
-            table = torch.zeros(rows, 1, head_dim, dtype=dtype)
-            rotary_embedding_(qkv[:, : heads * head_dim].view(rows, heads, head_dim), table, table)
+            launch_pointwise(torch, dtype, rows, hidden=hidden, inter=inter, heads=heads, head_dim=head_dim)
+
+
+def launch_pointwise(torch, dtype, rows: int, *, hidden: int, inter: int, heads: int, head_dim: int) -> None:
+    """Each per-token kernel once over `rows` rows of a model of these widths; rotary on the q/k
+    heads of a fused projection (strided rows), as the engine calls it."""
+    from kernels.triton_pointwise import add_rms_norm, rms_norm, rotary_embedding_, silu_mul
+
+    x = torch.zeros(rows, hidden, dtype=dtype)
+    weight = torch.zeros(hidden)
+    rms_norm(x, weight, 1e-6)
+    add_rms_norm(x.clone(), x, weight, 1e-6)
+    silu_mul(torch.zeros(rows, 2 * inter, dtype=dtype))
+    qkv = torch.zeros(rows, (heads + 2) * head_dim, dtype=dtype)
+    table = torch.zeros(rows, 1, head_dim, dtype=dtype)
+    rotary_embedding_(qkv[:, : heads * head_dim].view(rows, heads, head_dim), table, table)
 
 
 def attention_launches(torch) -> None:
