@@ -52,16 +52,18 @@ class CompletionOutput:
 
     def token_ids_since(self, n: int) -> list[int]:
         """token_ids[n:], copying only those (a stream sends the new tokens' logprobs)."""
-        if "token_ids" in self.__dict__:
-            return self.__dict__["token_ids"][n:]
-        source, start, stop = self._spans["token_ids"]
-        return source[start + n : stop]
+        return self._since("token_ids", n)
 
     def logprobs_since(self, n: int) -> list[PositionLogprobs] | None:
         """logprobs[n:] (None without logprobs), copying only those."""
-        if "logprobs" in self.__dict__:
-            return None if self.__dict__["logprobs"] is None else self.__dict__["logprobs"][n:]
-        span = self._spans["logprobs"]
+        return self._since("logprobs", n)
+
+    def _since(self, name: str, n: int) -> list | None:
+        """self.<name>[n:] (None where it is None), from the copy if one was made, else the span."""
+        if name in self.__dict__:
+            value = self.__dict__[name]
+            return None if value is None else value[n:]
+        span = self._spans[name]
         return None if span is None else span[0][span[1] + n : span[2]]
 
     def __getattr__(self, name: str):
@@ -70,13 +72,11 @@ class CompletionOutput:
         spans = self.__dict__.get("_spans")
         if spans is None or name not in spans:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        span = spans[name]
-        value = None if span is None else span[0][span[1] : span[2]]
+        value = self._since(name, 0)
         setattr(self, name, value)
         # Not kept alive by this output any more; a new dict, as a copy.copy of it shares this one.
         self._spans = {key: other for key, other in spans.items() if key != name}
         return value
-
 
 @dataclass
 class RequestMetrics:
