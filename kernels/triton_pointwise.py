@@ -128,17 +128,24 @@ def _dense_rows(*tensors: torch.Tensor) -> bool:
     return all(t.dim() == 2 and t.stride(1) == 1 for t in tensors)
 
 
+def _norm_takes(weight: torch.Tensor, *rows: torch.Tensor) -> bool:
+    """Whether the norm kernel takes these: rows of one shape, dense, no wider than MAX_WIDTH, and
+    a dense weight of their width (otherwise reference computes it, or says what does not fit)."""
+    shape = rows[0].shape
+    return (_dense_rows(*rows) and all(r.shape == shape for r in rows) and weight.is_contiguous()
+            and weight.shape == shape[1:] and shape[1] <= MAX_WIDTH)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """reference.rms_norm: float32 arithmetic, the result rounded once to x's dtype."""
-    if not (_dense_rows(x) and weight.is_contiguous() and weight.shape == x.shape[1:] and x.shape[1] <= MAX_WIDTH):
-        return reference.rms_norm(x, weight, eps)  # reference also says what does not fit
+    if not _norm_takes(weight, x):
+        return reference.rms_norm(x, weight, eps)
     return _norm(x, None, weight, eps)
 
 
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """reference.add_rms_norm: residual += x in place (rounded to its dtype), then its norm."""
-    if not (_dense_rows(residual, x) and x.shape == residual.shape and weight.is_contiguous()
-            and weight.shape == x.shape[1:] and x.shape[1] <= MAX_WIDTH):
+    if not _norm_takes(weight, residual, x):
         return reference.add_rms_norm(residual, x, weight, eps)
     return _norm(x, residual, weight, eps)
 
