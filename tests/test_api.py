@@ -69,6 +69,7 @@ def test_each_steps_output_keeps_the_tokens_and_logprobs_it_had_when_made(llm):
     assert [c.logprobs for c in kept] == [final.logprobs[: k + 1] for k in range(6)]
     assert kept[0].token_ids is kept[0].token_ids  # copied once, on the first read
     assert (third.num_token_ids, third.token_ids_since(1), third.logprobs_since(1)) == (3, *since_one)
+    assert_all_blocks_free(engine)
 
 
 def test_chat_applies_the_models_chat_template(llm):
@@ -327,6 +328,7 @@ def test_on_a_gpu_the_next_step_does_not_wait_for_the_event_loop(tiny_path):
         assert asyncio.run(main()) == [True]  # every other step of the request ran while the loop was blocked
         assert len(steps) >= 8
         assert engine.stats().step_handoff_seconds < 0.01
+        assert_all_blocks_free(engine.engine)
     finally:
         asyncio.run(engine.shutdown())
 
