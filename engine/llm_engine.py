@@ -203,10 +203,11 @@ class LLMEngine:
         # Per-request work: whatever one request's rows raise (in the sampler, or here) fails
         # that request alone; its blocks are freed and every other request goes on.
         outputs: list[RequestOutput] = []
+        failed = result.sampled.failed
         for request_id, rows in sampled.items():
             try:
                 group = self.requests[request_id]
-                failed_row = next((result.sampled.failed[r] for _, r in rows if r in result.sampled.failed), None)
+                failed_row = next((failed[r] for _, r in rows if r in failed), None) if failed else None
                 if failed_row is not None:
                     raise failed_row
                 output = self._advance(group, rows, result.sampled, now)

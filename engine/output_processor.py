@@ -26,15 +26,16 @@ def check_stop(seq: Sequence, num_new_chars: int, eos_token_ids: list[int], max_
 
 
 def build_output(group: SequenceGroup, tokenizer) -> RequestOutput:
-    p = group.params
+    first = group.first  # (a property: read once, as this runs for every request every step)
+    p = first.params
     if p.use_beam_search:
         # The best finished hypotheses; while running (or aborted), the best live beams.
         pool = group.finished or group.seqs
         seqs = sorted(pool, key=lambda s: -beam_score(s, p.length_penalty) if s.num_output_tokens else 0.0)
-    elif p.best_of > p.n:
-        seqs = sorted(group.seqs + group.finished, key=lambda s: -s.cumulative_logprob)
     else:
-        seqs = sorted(group.seqs + group.finished, key=lambda s: s.index)
+        seqs = group.seqs + group.finished
+        if len(seqs) > 1:  # n or best_of > 1; most requests have one sequence, nothing to order
+            seqs.sort(key=(lambda s: -s.cumulative_logprob) if p.best_of > p.n else (lambda s: s.index))
     report_cumulative = p.logprobs is not None or p.best_of > 1
     completions = [
         CompletionOutput.of_sequence_lists(
@@ -51,13 +52,13 @@ def build_output(group: SequenceGroup, tokenizer) -> RequestOutput:
     ]
     return RequestOutput(
         request_id=group.request_id,
-        prompt=group.prompt,
-        prompt_token_ids=group.prompt_token_ids,
+        prompt=first.prompt,
+        prompt_token_ids=first.prompt_token_ids,
         outputs=completions,
         finished=group.is_finished,
-        metrics=group.metrics,
+        metrics=first.metrics,
         num_cached_tokens=group.num_cached_tokens,
-        prompt_logprobs=list(group.first.prompt_logprobs) if group.first.prompt_logprobs is not None else None,
+        prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
     )
 
 

@@ -99,6 +99,8 @@ class Scheduler:
                     break
                 if group.status is not GroupStatus.RUNNING or id(group) in self._scheduled:
                     continue  # preempted earlier in this loop, or already in the batch
+                if decoding and self._schedule_lone_decode(group, out):
+                    continue
                 if all(s.num_uncomputed_tokens == 1 for s in group.seqs) == decoding:
                     self._schedule_running(group, out, may_preempt=True)
 
@@ -108,6 +110,23 @@ class Scheduler:
         if not out.num_preempted and not self.swapped:
             self._admit(out)
         return out
+
+    def _schedule_lone_decode(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
+        """A one-sequence request's next decode token whose slot is in its own last block: no
+        block to find, so nothing to preempt; _schedule_running's result, at a fraction of its
+        Python (a step's host work is most of a GPU step). False: nothing done, take that path."""
+        if len(group.seqs) != 1:
+            return False
+        seq = group.seqs[0]
+        # best_of > 1: the first sample forks (needs_fork); beams: chosen together.
+        if seq.params.best_of > 1 or seq.params.use_beam_search or len(seq.token_ids) - seq.num_computed_tokens != 1:
+            return False
+        if not self.block_manager.append_decode_slot(seq):
+            return False
+        out.scheduled.append(ScheduledSequence(seq, 1, [seq]))
+        self._budget -= 1
+        self._scheduled.add(id(group))
+        return True
 
     def _chunks(self, group: SequenceGroup, budget: int) -> list[Chunk]:
         """Each live sequence's tokens to feed this step, within the budget."""

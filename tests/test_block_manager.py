@@ -3,6 +3,7 @@ once), fork, free and a swap round trip through a second pool."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import pytest
@@ -66,6 +67,23 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), n=st.integers(1, BLOCK_SIZE + 1))
     def append(self, data, n):
         self._append(data.draw(st.sampled_from(self.seqs)), n)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def append_one_decode_slot(self, data):
+        """The scheduler's shortcut for one decode token: where it says yes, it did exactly what
+        append_slots(seq, 1) does (no block taken, none copied, the same fill level); where it
+        says no, it changed nothing."""
+        seq = data.draw(st.sampled_from(self.seqs))
+        general_bm, general_seq = copy.deepcopy((self.bm, seq))
+        before = copy.deepcopy((self.bm.filled, self.bm.ref_counts, seq.block_table))
+        if not self.bm.append_decode_slot(seq):
+            assert (self.bm.filled, self.bm.ref_counts, seq.block_table) == before
+            return
+        assert general_bm.append_slots(general_seq, 1) == []
+        assert (self.bm.filled, self.bm.ref_counts, seq.block_table, self.bm.num_free_blocks) == (
+            general_bm.filled, general_bm.ref_counts, general_seq.block_table, general_bm.num_free_blocks)
+        seq.num_computed_tokens += 1
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
