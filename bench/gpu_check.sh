@@ -12,8 +12,9 @@
 #   bandwidth the decode-attention bandwidth table of bench/bench_kernels.py
 #   kvcache   decode attention over a bf16 vs an 8-bit KV cache (bench/bench_kv_cache.py), 4k context
 #   serving   bench/bench_serving.py against a random-weight 1B-class Llama served by bentoml, eager then graphs
-#   stepops   bench/step_ops.py on the same model offline: a decode step's time and the ops it launches, at 1, 16
-#             and 64 sequences, replayed from CUDA graphs and eagerly
+#   stepops   bench/step_ops.py on the same model offline: a decode step's time, its phases (the engine's host work
+#             against the launch and the wait for the card) and the ops it launches, at 1, 16 and 64 sequences,
+#             replayed from CUDA graphs and eagerly
 #   overhead  bench/bench_served_overhead.py on the same model: served/offline throughput of the same requests at
 #             concurrency 16 and 64, and the share of the served run the step loop waited on the event loop
 # --model-dir keeps the random 1B Llama of serving/stepops/overhead in DIR (reused when DIR holds one), for runs

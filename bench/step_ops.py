@@ -11,7 +11,8 @@ then is the host's work outside the graph). Part of bench/gpu_check.sh.
     python bench/step_ops.py --model DIR --device cpu --python-layers  # the layers' Python path on CPU
     TRITON_INTERPRET=1 python bench/step_ops.py --model DIR --device cpu --dtype float32 --attention-backend triton
         # a GPU step's ops, counted on a CPU (Triton's interpreter runs the kernels; times mean nothing)
-Prints the step time, then the ops a step by name, then each copy's two innermost engine frames.
+Prints the step time and its phases (the engine's host work against the forward pass and the wait for
+it), then the ops a step by name, then each copy's two innermost engine frames.
 """
 
 from __future__ import annotations
@@ -118,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         LlamaDecoderLayer.layer_op = layer_op  # a class attribute: the caller's process keeps its own
 
 
+PHASES = ("schedule", "prepare inputs", "forward", "sample", "detokenize")
+
+
+def phase_timer(eng):
+    """profile_step.py's PhaseTimer on the engine's phases (PHASES), one step's seconds per take()."""
+    from bench.profile_step import PhaseTimer
+
+    runner = eng.runner.model_runner
+    timer = PhaseTimer()
+    for obj, method, name in zip((eng.scheduler, runner, runner, runner, eng.detokenizer),
+                                 ("schedule", "prepare", "execute_model", "sample", "step"), PHASES):
+        timer.wrap(obj, method, name)
+    return timer
+
+
 def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tuple[float, float, float, float]:
     """(median decode step seconds, aten ops a step, the batch's prefill step seconds the first time
     and again) of `batch` sequences, after printing them."""
@@ -147,7 +163,12 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
     prefill_first = timed_step()
     for _ in range(7):  # a few decodes (kernel builds, first-touch pages)
         eng.step()
-    times = [timed_step() for _ in range(args.steps)]
+    timer = phase_timer(eng)
+    times, phases = [], []
+    for _ in range(args.steps):
+        times.append(timed_step())
+        phases.append(timer.take())
+    timer.restore()
     counter = CountOps()
     with counter:
         for _ in range(args.count_steps):
@@ -164,6 +185,15 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
     print(f"{args.device}, {args.dtype}, {batch} sequences, {graphs}: decode step median {statistics.median(times) * 1e3:.2f} ms "
           f"(min {min(times) * 1e3:.2f}) over {args.steps}; {sum(counter.ops.values()) / n:.0f} aten ops a step; "
           f"the batch's prefill step {prefill_first * 1e3:.2f} ms the first time, {prefill_again * 1e3:.2f} ms again")
+    step = statistics.median(times)
+    print("the timed steps by phase, median ms (on a GPU the forward phase launches the step and sample waits for it; "
+          "what is left of the step is the engine's own host work):")
+    named = 0.0
+    for name in PHASES:
+        ms = statistics.median(p.get(name, 0.0) for p in phases) * 1e3
+        named += ms
+        print(f"{ms:8.3f}  {name}")
+    print(f"{step * 1e3 - named:8.3f}  rest of engine.step (bookkeeping, stops, outputs)")
     for name, count in counter.ops.most_common(25):
         print(f"{count / n:8.1f}  {name}")
     print("copies a step, by the engine line that issues them:")

@@ -57,7 +57,8 @@ def test_without_a_gpu_it_refuses_and_says_how_to_dry_run(tmp_path):
 @pytest.mark.slow  # a tiny engine: ~10 s
 def test_the_step_ops_count_runs_on_cpu(tmp_path, capsys):
     """bench/step_ops.py (the stepops step) on a tiny model on the CPU, its layers on their Python
-    path: a step time, the ops a step by name (the projections among them), and the copy sites."""
+    path: a step time, its phases (the engine's host work against the forward pass), the ops a step
+    by name (the projections among them), and the copy sites."""
     sys.path.insert(0, str(ROOT / "bench"))
     import step_ops
 
@@ -68,7 +69,12 @@ def test_the_step_ops_count_runs_on_cpu(tmp_path, capsys):
                           "--python-layers"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("cpu, bfloat16, 2 sequences, eager: decode step median") and "aten ops a step" in out[0]
-    counts = {line.split()[1]: float(line.split()[0]) for line in out[1 : out.index("copies a step, by the engine line that issues them:")]}
+    assert out[1].startswith("the timed steps by phase, median ms")
+    phases = {line.split(maxsplit=1)[1]: float(line.split()[0]) for line in out[2:8]}
+    assert list(phases) == ["schedule", "prepare inputs", "forward", "sample", "detokenize",
+                            "rest of engine.step (bookkeeping, stops, outputs)"]
+    assert phases["forward"] > 0 and all(phases[name] > 0 for name in ("schedule", "prepare inputs", "sample"))
+    counts = {line.split()[1]: float(line.split()[0]) for line in out[8 : out.index("copies a step, by the engine line that issues them:")]}
     assert counts.get("embedding") == 1.0 and sum(counts.values()) > 10
 
 
