@@ -73,7 +73,7 @@ def test_the_step_ops_count_runs_on_cpu(tmp_path, capsys):
     phases = {line.split(maxsplit=1)[1]: float(line.split()[0]) for line in out[2:8]}
     assert list(phases) == ["schedule", "prepare inputs", "forward", "sample", "detokenize",
                             "rest of engine.step (bookkeeping, stops, outputs)"]
-    assert phases["forward"] > 0 and all(phases[name] > 0 for name in ("schedule", "prepare inputs", "sample"))
+    assert phases["forward"] > 0 and all(phases[name] >= 0 for name in ("schedule", "prepare inputs", "sample", "detokenize"))
     counts = {line.split()[1]: float(line.split()[0]) for line in out[8 : out.index("copies a step, by the engine line that issues them:")]}
     assert counts.get("embedding") == 1.0 and sum(counts.values()) > 10
 
