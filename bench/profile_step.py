@@ -88,6 +88,29 @@ class PhaseTimer:
         return out
 
 
+# engine.step's phases as phase_timer times them, and what a step's median leaves besides them.
+PHASES = ("schedule", "prepare inputs", "forward", "sample", "detokenize")
+REST = "rest of engine.step (bookkeeping, stops, outputs)"
+
+
+def phase_timer(engine) -> PhaseTimer:
+    """A PhaseTimer on the engine's PHASES: its scheduler, its runner's input preparation, forward
+    pass and sampling, and its detokenizer (whatever each method is now: a wrapper set on the
+    runner before this call is timed as the forward pass)."""
+    runner = engine.runner.model_runner
+    timer = PhaseTimer()
+    for obj, method, phase in zip((engine.scheduler, runner, runner, runner, engine.detokenizer),
+                                  ("schedule", "prepare", "execute_model", "sample", "step"), PHASES):
+        timer.wrap(obj, method, phase)
+    return timer
+
+
+def phase_medians(phases: list[dict[str, float]], step: float) -> list[tuple[str, float]]:
+    """(phase, median seconds over the steps) for each of PHASES, then (REST, step less their sum)."""
+    medians = [(name, statistics.median(p.get(name, 0.0) for p in phases)) for name in PHASES]
+    return [*medians, (REST, step - sum(seconds for _, seconds in medians))]
+
+
 def decode_steps(engine, batch: int, steps: int, vocab: int, on_step=None, prompt_len: int = 32,
                  mark: bool = False) -> list[float]:
     """Adds `batch` requests of `prompt_len` tokens and steps the engine; the wall time of each
@@ -568,9 +591,6 @@ def main() -> None:
         return
 
     # 1. phases
-    timer = PhaseTimer()
-    timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(runner, "prepare", "prepare inputs")
     last_inputs = []
     execute_model = runner.execute_model
 
@@ -579,9 +599,7 @@ def main() -> None:
         return execute_model(inputs)
 
     runner.execute_model = keeping_inputs
-    timer.wrap(runner, "execute_model", "forward")
-    timer.wrap(runner, "sample", "sample")
-    timer.wrap(engine.detokenizer, "step", "detokenize")
+    timer = phase_timer(engine)
     phases: list[dict[str, float]] = []
     times = decode_steps(engine, args.batch, args.steps, vocab, prompt_len=args.prompt_len,
                          on_step=lambda kept: phases.append(timer.take()) if kept else timer.take())
@@ -594,12 +612,8 @@ def main() -> None:
           f"`python bench/profile_step.py {' '.join(sys.argv[1:])}`\n")
     print("| phase | ms per step (median) | share |")
     print("| --- | --- | --- |")
-    named = 0.0
-    for name in ("schedule", "prepare inputs", "forward", "sample", "detokenize"):
-        ms = statistics.median(p.get(name, 0.0) for p in phases)
-        named += ms
-        print(f"| {name} | {ms * 1e3:.3f} | {ms / step:.0%} |")
-    print(f"| rest of engine.step (bookkeeping, stops, outputs) | {(step - named) * 1e3:.3f} | {(step - named) / step:.0%} |")
+    for name, seconds in phase_medians(phases, step):
+        print(f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.0%} |")
     print(f"| **whole step** | **{step * 1e3:.3f}** | |")
 
     # The last decode step's forward again, with and without the projections' matmuls.

@@ -119,24 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         LlamaDecoderLayer.layer_op = layer_op  # a class attribute: the caller's process keeps its own
 
 
-PHASES = ("schedule", "prepare inputs", "forward", "sample", "detokenize")
-
-
-def phase_timer(eng):
-    """profile_step.py's PhaseTimer on the engine's phases (PHASES), one step's seconds per take()."""
-    from bench.profile_step import PhaseTimer
-
-    runner = eng.runner.model_runner
-    timer = PhaseTimer()
-    for obj, method, name in zip((eng.scheduler, runner, runner, runner, eng.detokenizer),
-                                 ("schedule", "prepare", "execute_model", "sample", "step"), PHASES):
-        timer.wrap(obj, method, name)
-    return timer
-
-
 def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tuple[float, float, float, float]:
     """(median decode step seconds, aten ops a step, the batch's prefill step seconds the first time
     and again) of `batch` sequences, after printing them."""
+    from bench.profile_step import phase_medians, phase_timer
     from engine import LLM, SamplingParams
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -188,12 +174,8 @@ def count_ops(args: argparse.Namespace, batch: int, enforce_eager: bool) -> tupl
     step = statistics.median(times)
     print("the timed steps by phase, median ms (on a GPU the forward phase launches the step and sample waits for it; "
           "what is left of the step is the engine's own host work):")
-    named = 0.0
-    for name in PHASES:
-        ms = statistics.median(p.get(name, 0.0) for p in phases) * 1e3
-        named += ms
-        print(f"{ms:8.3f}  {name}")
-    print(f"{step * 1e3 - named:8.3f}  rest of engine.step (bookkeeping, stops, outputs)")
+    for name, seconds in phase_medians(phases, step):
+        print(f"{seconds * 1e3:8.3f}  {name}")
     for name, count in counter.ops.most_common(25):
         print(f"{count / n:8.1f}  {name}")
     print("copies a step, by the engine line that issues them:")
