@@ -119,7 +119,7 @@ class Scheduler:
             return False
         seq = group.seqs[0]
         # best_of > 1: the first sample forks (needs_fork); beams: chosen together.
-        if seq.params.best_of > 1 or seq.params.use_beam_search or len(seq.token_ids) - seq.num_computed_tokens != 1:
+        if seq.params.best_of > 1 or seq.params.use_beam_search or seq.num_uncomputed_tokens != 1:
             return False
         if not self.block_manager.append_decode_slot(seq):
             return False
