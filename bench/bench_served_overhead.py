@@ -5,11 +5,13 @@ launched `bentoml serve`, interleaved in one run, reported as served/offline thr
     python bench/bench_served_overhead.py --concurrency 64 --rounds 3 --server-arg dtype=float32
     python bench/bench_served_overhead.py --temperature 1.0               # sampled, as OpenAI clients send by default
     python bench/bench_served_overhead.py --server-root /tmp/old-checkout --server-root .   # A/B two versions
+    python bench/bench_served_overhead.py --server-arg stream_interval=4    # 4 tokens per event (vLLM's --stream-interval)
+    python bench/bench_served_overhead.py --no-stream      # non-streaming requests: one JSON body each
 
 The offline side is the bare engine: LLMEngine.step() in a loop on this process's main thread,
 with at most c requests in flight (a finished one is replaced before the next step), greedy (or at
 --temperature), exactly --max-tokens tokens each (ignore_eos), on the prompts bench_serving.py
-sends, chat-templated by the engine. The served side is bench_serving.py's client (streaming chat,
+sends, chat-templated by the engine. The served side is bench_serving.py's client (streaming chat unless --no-stream,
 one connection per request) against a server built from the same settings. The two never run at
 once: the idle server waits on an event and the idle offline engine has nothing to step. On a shared machine each number is noisy;
 the ratio of neighbouring runs is what to read (rounds interleave offline and served runs).
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="both sides' sampling (0: greedy; 1.0: the OpenAI API's default when a client sends none)")
     parser.add_argument("--server-arg", action="append", default=[], help="KEY=VALUE, for the server and the offline engine alike")
+    parser.add_argument("--no-stream", dest="stream", action="store_false", help="non-streaming chat requests (one JSON body each)")
     parser.add_argument("--server-root", action="append", default=None,
                         help="serve this checkout (repeatable: A/B of server versions in one run); default this one")
     parser.add_argument("--log", default="/tmp/bento-llm-bench-overhead", help="servers' logs: this prefix + -N.log")
@@ -167,7 +170,7 @@ def main() -> None:
     texts = make_prompts(args.num_prompts, args.seed)
     # The client's settings, as bench_serving.py's command line would give them.
     client = argparse.Namespace(model=None, max_tokens=args.max_tokens, temperature=args.temperature, endpoint="chat", api_key=None,
-                                request_rate=float("inf"), seed=args.seed, max_concurrency=None)  # fmt: skip
+                                request_rate=float("inf"), seed=args.seed, max_concurrency=None, stream=args.stream)  # fmt: skip
     rows = []
     with contextlib.ExitStack() as stack:
         servers = []
@@ -212,7 +215,7 @@ def main() -> None:
                           f"{row['handoff']:.1%} of the time, event loop preempted {row['loop_preempted']:.2f} times per output token; wake-ups per output token: server "
                           f"{row['wakeups']:.2f} (event loop {row['loop_wakeups']:.2f}, engine {row['engine_wakeups']:.2f}, "
                           f"other threads {row['other_wakeups']:.2f}), offline engine {row['offline_wakeups']:.2f}", flush=True)  # fmt: skip
-    print(f"\n{args.num_prompts} streaming chat requests x {args.max_tokens} tokens, temperature {args.temperature}, "
+    print(f"\n{args.num_prompts} {'streaming' if args.stream else 'non-streaming'} chat requests x {args.max_tokens} tokens, temperature {args.temperature}, "
           f"server args {server_args or 'defaults'}")
     print("CPU ms per output token over the timed part; cores: CPU seconds per second of it; wake-ups: voluntary context")
     print("switches per output token (server: event loop / engine + OpenMP / other threads); handoff: share of the")

@@ -1,6 +1,6 @@
 """Serving benchmark in the manner of `vllm bench serve`.
 
-Sends a stream of streaming chat (or completion) requests to a running OpenAI-compatible
+Sends a stream of streaming (or, with --no-stream, plain) chat or completion requests to a running OpenAI-compatible
 server, at a given request rate (Poisson arrivals) and/or under a maximum concurrency, and
 prints request throughput, output tokens/s and TTFT, TPOT and ITL (mean, median, p99).
 
@@ -68,8 +68,11 @@ class RequestResult:
 
 
 async def send(session: aiohttp.ClientSession, args: argparse.Namespace, prompt: str) -> RequestResult:
+    stream = getattr(args, "stream", True)
     body: dict = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
-                  "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+                  "stream": stream, "ignore_eos": True}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if args.endpoint == "chat":
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     else:
@@ -81,26 +84,30 @@ async def send(session: aiohttp.ClientSession, args: argparse.Namespace, prompt:
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.read())[:200]!r}"
                 return result
-            async for raw in response.content:  # one SSE line at a time (an event may carry several tokens)
-                if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
-                    continue
-                chunk = json.loads(raw[6:])
-                if "error" in chunk:
-                    result.error = chunk["error"]["message"]
-                    return result
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices", []):
-                    text = choice.get("delta", {}).get("content") if args.endpoint == "chat" else choice.get("text")
-                    if not text:
-                        continue  # the role chunk and the finish chunk carry no token
-                    now = time.perf_counter()
-                    if result.ttft == 0.0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
+            if not stream:  # one JSON body at the end: no time to first token or gaps to measure
+                usage = (await response.json())["usage"]
+                result.prompt_tokens, result.output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            else:
+                async for raw in response.content:  # one SSE line at a time (an event may carry several tokens)
+                    if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = json.loads(raw[6:])
+                    if "error" in chunk:
+                        result.error = chunk["error"]["message"]
+                        return result
+                    if chunk.get("usage"):
+                        result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                        result.output_tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        text = choice.get("delta", {}).get("content") if args.endpoint == "chat" else choice.get("text")
+                        if not text:
+                            continue  # the role chunk and the finish chunk carry no token
+                        now = time.perf_counter()
+                        if result.ttft == 0.0:
+                            result.ttft = now - start
+                        else:
+                            result.itl.append(now - last)
+                        last = now
         result.latency = time.perf_counter() - start
         result.success = result.output_tokens > 0
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
@@ -145,8 +152,9 @@ async def run(args: argparse.Namespace, prompts: list[str], on_start: Callable[[
 def summarize(results: list[RequestResult], duration: float, args: argparse.Namespace) -> dict:
     ok = [r for r in results if r.success]
     ms = lambda xs: np.asarray(xs, dtype=float) * 1000  # noqa: E731
-    ttft = ms([r.ttft for r in ok])
-    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    streamed = [r for r in ok if r.ttft > 0]  # a non-streamed request has no first-token time
+    ttft = ms([r.ttft for r in streamed])
+    tpot = ms([(r.latency - r.ttft) / (r.output_tokens - 1) for r in streamed if r.output_tokens > 1])
     itl = ms([x for r in ok for x in r.itl])
     e2e = ms([r.latency for r in ok])
     out_tokens = sum(r.output_tokens for r in ok)
@@ -294,6 +302,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="non-streaming requests (one JSON body each): throughput and end-to-end latency only")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals; inf: all at once")
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -46,7 +46,7 @@ def prepare(runtime: LLMRuntime, prompt: str | None, messages: list[dict[str, An
 async def text_stream(runtime: LLMRuntime, prompt: Prompt, params: Any) -> AsyncIterator[str]:
     """Text increments until the request ends; closing the iterator aborts the request."""
     serving = OpenAIServing(runtime)
-    job = serving.start([random_id("gen")], [prompt], params, "prompt")
+    job = serving.start([random_id("gen")], [prompt], params, "prompt", stream=True)
     sent = 0
     try:
         async for _, output in job.outputs():

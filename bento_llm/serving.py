@@ -65,13 +65,16 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, {"structured_outputs": structured_outputs_param(request) or "tools"}) from None
 
-    def start(self, request_ids: list[str], prompts: list[Prompt], params: Any, param: str) -> Job:
+    def start(self, request_ids: list[str], prompts: list[Prompt], params: Any, param: str, stream: bool) -> Job:
+        """The engine requests; `stream`: whether their outputs go out as they come (else only
+        the final ones are read: the engine then hands over just the first and the last)."""
         engine = self.runtime.require_engine()
         job = Job(self.runtime, request_ids)
+        stream = stream and not buffered(params)  # a buffered stream sends only the final outputs too
         try:
             for request_id, prompt in zip(request_ids, prompts):
                 timer = self.runtime.metrics.timer()
-                job.streams.append(engine.add_request(request_id, prompt.token_ids, params))
+                job.streams.append(engine.add_request(request_id, prompt.token_ids, params, stream=stream))
                 job.timers.append(timer)
         except ValueError as e:
             job.abort_unfinished()
@@ -149,7 +152,7 @@ class OpenAIServing:
         # The text each prompt's choices start with: the prompt itself when echoed.
         echoes = [(p.text if p.text is not None else rt.tokenizer.decode(p.token_ids)) if request.echo else "" for p in prompts]
         ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}" for i in range(len(prompts))]
-        job = self.start(ids, prompts, params, "prompt")
+        job = self.start(ids, prompts, params, "prompt", request.stream)
 
         def logprobs_of(out: Any, start: int, offset: int) -> dict[str, Any] | None:
             if k is None:
@@ -211,7 +214,7 @@ class OpenAIServing:
         last = request.messages[-1]
         echo = last.text(len(request.messages) - 1) if request.echo and last.role == "assistant" else ""
         response_id, created, n = random_id("chatcmpl"), int(time.time()), params.n
-        job = self.start([response_id], [prompt], params, "messages")
+        job = self.start([response_id], [prompt], params, "messages", request.stream)
 
         def logprobs_of(out: Any, start: int) -> dict[str, Any] | None:
             if k is None:

@@ -22,6 +22,7 @@ from engine.config import EngineConfig
 from engine.kv_snapshot import kv_snapshot
 from engine.llm_engine import EngineDeadError, EngineStats, EngineStepError, LLMEngine, Prompt
 from engine.outputs import RequestOutput
+from engine.request_streams import FINAL_ONLY, RequestStream, push_all
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -35,51 +36,12 @@ __all__ = ["AsyncEngine", "EngineDeadError"]
 # the step loop hands out and goes on.
 _MAX_HANDOFF_WAIT_S = 0.02
 
-
-class _Stream:
-    """One request's newest output, or the error that ended it, for the coroutine reading it.
-
-    Outputs are cumulative (all text and tokens so far), so a reader that lags a few steps
-    loses nothing by reading only the newest: it sends the steps' tokens as one increment.
-    Written and read on the stream's event loop only."""
-
-    __slots__ = ("loop", "item", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.item: RequestOutput | BaseException | None = None
-        self.waiter: asyncio.Future | None = None
-
-    def push(self, item: RequestOutput | BaseException) -> None:
-        self.item = item
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def next(self) -> RequestOutput | BaseException:
-        while self.item is None:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        item, self.item = self.item, None
-        return item
-
-
 def _name_os_thread(name: str) -> None:
     """Give the calling thread its name in the OS too (top -H, /proc/<pid>/task/*/comm, perf):
     Python keeps thread names to itself. OpenMP workers started from this thread inherit it, so
     a step's CPU time shows as one group of threads. Linux only; elsewhere a no-op."""
     with contextlib.suppress(OSError, AttributeError):  # no prctl (not Linux)
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME: 15 bytes at most
-
-
-def _push_all(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestOutput | BaseException]],
-              handled: Any | None) -> None:
-    for stream, item in items:
-        stream.push(item)
-    # Queued behind the readers these pushes woke: runs once each has handled its output.
-    # `handled` is a held lock (None: the step loop does not wait), released here: one C call on
-    # the loop, where Event.set runs a Condition's Python (profiled: ~20% of the loop's Python time at c=64).
-    if handled is not None:
-        loop.call_soon(handled.release)
 
 
 class AsyncEngine:
@@ -89,7 +51,7 @@ class AsyncEngine:
         thread (one that loaded the model, another that steps) leaves libgomp with more threads
         than cores, where its workers stop spinning between parallel regions and sleep; each op
         then pays a futex wake-up (measured: steps 20-30% slower on 2 cores)."""
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopped = False
@@ -120,9 +82,11 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate at once (ValueError says what to change), then stream cumulative outputs.
-        Leaving the stream early aborts the request."""
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
+                    stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Validate at once (ValueError says what to change), then stream cumulative outputs:
+        every EngineConfig.stream_interval tokens, or with stream=False (a caller that wants
+        only the final output) the first and the last. Leaving the stream early aborts the request."""
         if self._dead is not None or self._stopped:
             raise EngineDeadError(f"the engine is not running: {self._dead!r}")
         if request_id in self._streams:
@@ -130,16 +94,16 @@ class AsyncEngine:
         seq = self.engine.make_sequence(request_id, prompt, params)
         if seq.grammar_future is not None:  # the loop starts the request once its grammar compiled
             seq.grammar_future.add_done_callback(lambda _: self._wakeup.set())
-        stream = _Stream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
+        reader = RequestStream(asyncio.get_running_loop(), self.config.stream_interval if stream else FINAL_ONLY)
+        self._streams[request_id] = reader
         self._commands.put(("add", seq))
         self._wakeup.set()
         if self._dead is not None:  # died while this request was being made: nobody will run it
             self._streams.pop(request_id, None)
             raise EngineDeadError(f"the engine is not running: {self._dead!r}")
-        return self._iterate(request_id, stream)
+        return self._iterate(request_id, reader)
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, request_id: str, stream: RequestStream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
@@ -255,7 +219,7 @@ class AsyncEngine:
         """Hands a step's errors and outputs to their streams with one wake-up per event loop
         (not one per request): each wake-up is a context switch that, on a small CPU, takes a
         core from the step's OpenMP threads and the GIL from its Python."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}
         rids: dict[asyncio.AbstractEventLoop, list[str]] = {}
         # Errors first: a request that failed ends with its error, whatever output it also has.
         for rid, item in (*errors.items(), *((out.request_id, out) for out in outputs)):
@@ -264,6 +228,8 @@ class AsyncEngine:
                 continue
             if isinstance(item, BaseException) or item.finished:
                 self._streams.pop(rid, None)  # pop: abort() may have taken it meanwhile
+            elif not stream.due(item):
+                continue
             batches.setdefault(stream.loop, []).append((stream, item))
             rids.setdefault(stream.loop, []).append(rid)
         start = time.perf_counter()
@@ -273,7 +239,7 @@ class AsyncEngine:
             try:
                 if lock is not None:
                     lock.acquire()
-                loop.call_soon_threadsafe(_push_all, loop, items, lock)
+                loop.call_soon_threadsafe(push_all, loop, items, lock)
                 if lock is not None:
                     handled.append(lock)
             except RuntimeError:  # the loop is closed: nobody awaits these streams any more

@@ -14,6 +14,8 @@ import torch
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from engine import async_engine as async_engine_module
 from engine import config as config_module
+from engine.outputs import RequestOutput
+from engine.request_streams import RequestStream
 from engine.settings import engine_config_from_env
 from tests.conftest import assert_all_blocks_free
 from tests.helpers import fail_detokenizing_the_doomed_prompt
@@ -243,6 +245,60 @@ def test_a_lagging_reader_gets_the_newest_output_with_every_token_since(async_en
     assert len(items) == 2 and [len(i.outputs[0].token_ids) for i in items] == [1, 8] and items[1].finished
     offline = llm.generate("a reader that falls behind", params, use_tqdm=False)[0].outputs[0]
     assert (items[1].outputs[0].token_ids, items[1].outputs[0].text) == (offline.token_ids, offline.text)
+
+
+def handed_over(monkeypatch, request_id: str) -> list[int]:
+    """The token counts of the outputs the step loop hands request_id's reader, as it hands them
+    (whether the reader keeps up or not)."""
+    counts: list[int] = []
+    push = RequestStream.push
+
+    def recording(self, item):
+        if isinstance(item, RequestOutput) and item.request_id == request_id:
+            counts.append(len(item.outputs[0].token_ids))
+        push(self, item)
+
+    monkeypatch.setattr(RequestStream, "push", recording)
+    return counts
+
+
+def test_a_stream_is_handed_an_output_every_stream_interval_tokens(tiny_path, llm, monkeypatch):
+    """vLLM's stream_interval: the first token at once, then every 3 tokens, the last always;
+    each output is cumulative, so the reader still gets every token."""
+    engine = AsyncEngine(EngineConfig(model=tiny_path, num_kv_blocks=16, stream_interval=3))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    counts = handed_over(monkeypatch, "every3")
+
+    async def main():
+        return await collect(engine.add_request("every3", "three at a time", params))
+
+    try:
+        items = asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown())
+    assert counts == [1, 4, 7, 8]
+    assert {len(i.outputs[0].token_ids) for i in items} <= {1, 4, 7, 8} and items[-1].finished
+    offline = llm.generate("three at a time", params, use_tqdm=False)[0].outputs[0]
+    assert (items[-1].outputs[0].token_ids, items[-1].outputs[0].text) == (offline.token_ids, offline.text)
+
+
+def test_a_reader_that_wants_only_the_final_output_is_handed_the_first_and_the_last(async_engine, monkeypatch):
+    """A non-streaming HTTP request (stream=False) reads only its final output; the first is
+    handed over too, for the time-to-first-token metric. The step loop does not wake its reader
+    for the steps between."""
+    assert async_engine.config.stream_interval == 1
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    counts = handed_over(monkeypatch, "final")
+    streamed = handed_over(monkeypatch, "each")
+
+    async def main():
+        return await asyncio.gather(collect(async_engine.add_request("final", "only the end", params, stream=False)),
+                                    collect(async_engine.add_request("each", "only the end", params)))
+
+    final, each = asyncio.run(main())
+    assert counts == [1, 8] and final[-1].finished and len(final[-1].outputs[0].token_ids) == 8
+    assert streamed == list(range(1, 9))  # a streamed request beside it: every token
+    assert final[-1].outputs[0].token_ids == each[-1].outputs[0].token_ids
 
 
 def test_a_step_wakes_the_event_loop_once_for_all_its_requests(async_engine):

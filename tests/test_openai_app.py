@@ -114,6 +114,36 @@ def test_a_lagging_stream_sends_the_tokens_it_missed_in_one_chunk(client, runtim
     assert after["ttft_count"] - before["ttft_count"] == 1 and after["itl_count"] - before["itl_count"] == 7
 
 
+def test_a_non_streaming_request_counts_its_first_token_and_every_gap(client, runtime):
+    """The engine hands a non-streaming request's reader only its first output and its last;
+    the latency metrics still see the first token and the seven gaps after it."""
+    before = runtime.metrics.latency_totals()
+    body = client.post("/v1/chat/completions", json={"messages": CHAT, **GREEDY}).json()
+    after = runtime.metrics.latency_totals()
+    assert body["usage"]["completion_tokens"] == 8
+    assert after["ttft_count"] - before["ttft_count"] == 1 and after["itl_count"] - before["itl_count"] == 7
+
+
+def test_stream_interval_sends_the_first_token_then_every_third(tmp_path):
+    """`stream_interval=3` (vLLM's --stream-interval): fewer, longer events; the same text and
+    logprobs as one token at a time, and the latency metrics still count every token."""
+    with loaded_runtime(make_tiny_llama(tmp_path), stream_interval=3) as rt, app_client(rt) as client:
+        request = {"messages": CHAT, **GREEDY, "logprobs": True}
+        body = client.post("/v1/chat/completions", json=request).json()
+        before = rt.metrics.latency_totals()
+        chunks = events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+        after = rt.metrics.latency_totals()
+        tokens = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+        counts = [len(choice["logprobs"]["content"]) for choice in tokens]
+        # [1, 3, 3, 1] when the reader keeps up; a reader that lags gets several intervals at once.
+        assert counts[0] == 1 and sum(counts) == 8 and all(n % 3 == 0 for n in counts[1:-1]), counts
+        assert "".join(choice["delta"]["content"] for choice in tokens) == body["choices"][0]["message"]["content"]
+        assert [lp["token"] for choice in tokens for lp in choice["logprobs"]["content"]] == \
+            [lp["token"] for lp in body["choices"][0]["logprobs"]["content"]]
+        assert after["ttft_count"] - before["ttft_count"] == 1 and after["itl_count"] - before["itl_count"] == 7
+        assert_no_request_left(rt)
+
+
 def test_max_completion_tokens_and_stop(client):
     body = client.post("/v1/chat/completions", json={"messages": CHAT, "temperature": 0, "max_completion_tokens": 3, "ignore_eos": True}).json()
     assert body["usage"]["completion_tokens"] == 3
@@ -257,8 +287,8 @@ def test_prompt_over_the_context_names_both_counts(client, runtime):
 def test_a_failing_request_gets_500_and_the_others_go_on(client, runtime, monkeypatch):
     original = runtime.engine.add_request
 
-    def add_request(request_id, prompt, params):
-        stream = original(request_id, prompt, params)
+    def add_request(request_id, prompt, params, **kwargs):
+        stream = original(request_id, prompt, params, **kwargs)
         if runtime.tokenizer.decode(prompt).endswith("BOOM"):
 
             async def exploding():

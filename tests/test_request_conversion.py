@@ -44,9 +44,9 @@ def received(app, monkeypatch) -> list[SamplingParams]:
     seen: list[SamplingParams] = []
     add_request = engine.add_request
 
-    def recording(request_id, prompt, params=None):
+    def recording(request_id, prompt, params=None, **kwargs):
         seen.append(params)
-        return add_request(request_id, prompt, params)
+        return add_request(request_id, prompt, params, **kwargs)
 
     monkeypatch.setattr(engine, "add_request", recording)
     return seen
