@@ -68,7 +68,7 @@ class RequestResult:
 
 
 async def send(session: aiohttp.ClientSession, args: argparse.Namespace, prompt: str) -> RequestResult:
-    stream = getattr(args, "stream", True)
+    stream = args.stream
     body: dict = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                   "stream": stream, "ignore_eos": True}  # fmt: skip
     if stream:
