@@ -6,6 +6,7 @@ launched `bentoml serve`, interleaved in one run, reported as served/offline thr
     python bench/bench_served_overhead.py --temperature 1.0               # sampled, as OpenAI clients send by default
     python bench/bench_served_overhead.py --server-root /tmp/old-checkout --server-root .   # A/B two versions
     python bench/bench_served_overhead.py --server-arg stream_interval=4    # 4 tokens per event (vLLM's --stream-interval)
+    python bench/bench_served_overhead.py --variant stream_interval=4       # this checkout as it is, and with 4, in one run
     python bench/bench_served_overhead.py --no-stream      # non-streaming requests: one JSON body each
 
 The offline side is the bare engine: LLMEngine.step() in a loop on this process's main thread,
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="non-streaming chat requests (one JSON body each)")
     parser.add_argument("--server-root", action="append", default=None,
                         help="serve this checkout (repeatable: A/B of server versions in one run); default this one")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="KEY=VALUE[,KEY=VALUE...]: one more server, from this checkout, with these settings over "
+                             "--server-arg's (repeatable: A/B of settings in one run; the offline engine keeps --server-arg's)")
     parser.add_argument("--log", default="/tmp/bento-llm-bench-overhead", help="servers' logs: this prefix + -N.log")
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to load (longer on a busy machine)")
     args = parser.parse_args()
@@ -166,7 +170,11 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the launched servers are stopped too
     server_args = dict(item.split("=", 1) for item in args.server_arg)
-    roots = args.server_root or [str(REPO_ROOT)]
+    # (label, checkout, settings) of each server: the roots with --server-arg's, then each variant.
+    servers_to_start = [(root, root, server_args) for root in (args.server_root or [str(REPO_ROOT)])]
+    for variant in args.variant:
+        servers_to_start.append((variant, str(REPO_ROOT), {**server_args, **dict(item.split("=", 1) for item in variant.split(","))}))
+    roots = [label for label, _, _ in servers_to_start]
     texts = make_prompts(args.num_prompts, args.seed)
     # The client's settings, as bench_serving.py's command line would give them.
     client = argparse.Namespace(model=None, max_tokens=args.max_tokens, temperature=args.temperature, endpoint="chat", api_key=None,
@@ -174,11 +182,11 @@ def main() -> None:
     rows = []
     with contextlib.ExitStack() as stack:
         servers = []
-        for i, root in enumerate(roots):
+        for i, (_, root, settings) in enumerate(servers_to_start):
             # Another checkout builds the C++ kernels from its own paths: in the same extensions
             # directory each load would rebuild over the other's (minutes each on a busy machine).
             env = {} if Path(root).resolve() == Path(REPO_ROOT).resolve() else {"TORCH_EXTENSIONS_DIR": f"{extensions_dir()}-server-{i}"}
-            server = ServerProcess(args=server_args, cwd=root, env=env, log_path=f"{args.log}-{i}.log").start()
+            server = ServerProcess(args=settings, cwd=root, env=env, log_path=f"{args.log}-{i}.log").start()
             stack.callback(server.stop)
             server.wait_ready(args.ready_timeout)
             servers.append(server)
