@@ -174,7 +174,7 @@ def main() -> None:
     servers_to_start = [(root, root, server_args) for root in (args.server_root or [str(REPO_ROOT)])]
     for variant in args.variant:
         servers_to_start.append((variant, str(REPO_ROOT), {**server_args, **dict(item.split("=", 1) for item in variant.split(","))}))
-    roots = [label for label, _, _ in servers_to_start]
+    labels = [label for label, _, _ in servers_to_start]
     texts = make_prompts(args.num_prompts, args.seed)
     # The client's settings, as bench_serving.py's command line would give them.
     client = argparse.Namespace(model=None, max_tokens=args.max_tokens, temperature=args.temperature, endpoint="chat", api_key=None,
@@ -198,7 +198,7 @@ def main() -> None:
         for c in concurrencies:
             for r in range(args.rounds):
                 offline = offline_run(engine, prompts, params, c)
-                for root, server, pid in zip(roots, servers, pids):
+                for label, server, pid in zip(labels, servers, pids):
                     client.base_url = server.url
                     served = served_run(client, texts, c, pid)
                     if served["failed"]:
@@ -207,7 +207,7 @@ def main() -> None:
                     if served["total_input_tokens"] != prompt_tokens:  # the same requests, or the ratio means nothing
                         print(f"warning: server saw {served['total_input_tokens']} prompt tokens, offline {prompt_tokens}")
                     tokens = served["total_output_tokens"]
-                    row = {"c": c, "round": r, "root": root, "offline": offline["output_throughput"], "served": served["output_throughput"],
+                    row = {"c": c, "round": r, "server": label, "offline": offline["output_throughput"], "served": served["output_throughput"],
                            "ratio": served["output_throughput"] / offline["output_throughput"], "offline_ms": offline["cpu_ms"],
                            **{f"{g}_ms": served[f"{g}_s"] / tokens * 1e3 for g in ("cpu", "loop", "loop_kernel", "engine", "other", "client")},
                            "cores": served["cpu_s"] / served["duration_s"], "offline_cores": offline["cores"],
@@ -216,7 +216,7 @@ def main() -> None:
                            "loop_preempted": served["loop_preempted"] / tokens,
                            "wakeups": served["wakeups"] / tokens, "offline_wakeups": offline["wakeups"]}  # fmt: skip
                     rows.append(row)
-                    print(f"c={c} round {r} {root}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
+                    print(f"c={c} round {r} {label}: offline {row['offline']:.0f} tok/s, served {row['served']:.0f} tok/s, "
                           f"served/offline {row['ratio']:.2f}; CPU ms per output token: server {row['cpu_ms']:.2f} (event loop "
                           f"{row['loop_ms']:.3f}, of it in the kernel {row['loop_kernel_ms']:.3f}, engine {row['engine_ms']:.2f}, other threads {row['other_ms']:.3f}), client "
                           f"{row['client_ms']:.3f}, offline engine {row['offline_ms']:.2f}; step loop waiting on the event loop "
@@ -233,14 +233,14 @@ def main() -> None:
           "server wake-ups | offline wake-ups | handoff |")  # fmt: skip
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for w in rows:
-        print(f"| {w['c']} | {w['round']} | {w['root']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
+        print(f"| {w['c']} | {w['round']} | {w['server']} | {w['offline']:.0f} | {w['served']:.0f} | {w['ratio']:.2f} | {w['cpu_ms']:.2f} | "
               f"{w['loop_ms']:.3f} | {w['loop_kernel_ms']:.3f} | {w['engine_ms']:.2f} | {w['other_ms']:.3f} | {w['cores']:.2f} | {w['client_ms']:.3f} | "
               f"{w['offline_ms']:.2f} | {w['offline_cores']:.2f} | {w['wakeups']:.2f} ({w['loop_wakeups']:.2f} / "
               f"{w['engine_wakeups']:.2f} / {w['other_wakeups']:.2f}) | {w['offline_wakeups']:.2f} | {w['handoff']:.1%} |")  # fmt: skip
     for c in concurrencies:
-        for root in roots:
-            ratios = [w["ratio"] for w in rows if w["c"] == c and w["root"] == root]
-            print(f"c={c} {root}: served/offline median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        for label in labels:
+            ratios = [w["ratio"] for w in rows if w["c"] == c and w["server"] == label]
+            print(f"c={c} {label}: served/offline median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":
