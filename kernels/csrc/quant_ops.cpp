@@ -85,6 +85,12 @@ constexpr int64_t kTileRows = 16;   // rows of an AMX tile
 constexpr int64_t kTileK = 32;      // bfloat16 inputs per AMX tile row (64 bytes)
 constexpr int64_t kRowChunk = 256;  // input rows per pass over a group of converted blocks (a multiple of 32)
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops ask for ahead of their reads
+// The few-row loops that stream a decode step's weights (int4_block_rows, int8_block_rows' streaming
+// loop) ask for the codes ahead as non-temporal (NTA): read once a step, the codes then need not
+// push the engine's own data (the step's Python, the sampler's, the KV cache) out of L2 and L3.
+// The default model's int4 batch-1 step, 2-vCPU Zen 5, alternating passes in one process
+// (bench/RESULTS.md 2026-12-04 23:33): 0.95x the time with T0 for int4's codes, 0.96x again with
+// NTA added to the int8 LM head's loop (which had no software prefetch).
 constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
 // Input rows from which int4_mm_rows' threads split blocks by 32-column halves (for_each_half_block),
 // not whole blocks: from 4 rows its vdpbf16ps products, not its reads, bound it (a half costs half
@@ -518,7 +524,7 @@ BENTO_AVX512_BF16 void int4_block_rows(const uint16_t* x, int64_t lda, const flo
     for (int r = 0; r < R; ++r)
       for (int i = I0; i < I1; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes + k * 32 + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(codes + k * 32 + kPrefetchAhead), _MM_HINT_NTA);
       const __m512i both = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(codes + k * 32));
       // Columns 16 i + [0, 16), each a (k, k + 1) pair of bfloat16 values 128 + code (low
       // nibbles: the first 32 columns, high: the last).
@@ -1084,8 +1090,9 @@ BENTO_AVX512_VNNI inline void store_split_sums(const __m512i (&acc_high)[R][4], 
 // - ColumnBias true: the high plane enters as high + 128 against the codes, and 128 times each
 //   column's code sum (a third product per 64 codes, with ones, shared by the R rows) comes off.
 // Both take the same exact integer sums (int8_tile_product's), so the same bits:
-// y = s_x s_w (256 high . w + low . w). Prefetch: the codes kPrefetchAhead bytes ahead are asked
-// into L1 (the blocks lie back to back, so this runs on into the next block).
+// y = s_x s_w (256 high . w + low . w). The codes kPrefetchAhead bytes ahead are asked for (the
+// blocks lie back to back, so this runs on into the next block): into L1 with Prefetch, else
+// (the streaming loop) as non-temporal (kPrefetchAhead's note).
 template <int R, bool ColumnBias, bool Prefetch>
 BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, const float* row_scale, int64_t k_padded,
                                        const int8_t* codes, const c10::BFloat16* scale, int64_t columns, c10::BFloat16* out,
@@ -1098,8 +1105,11 @@ BENTO_AVX512_VNNI void int8_block_rows(const int8_t* high, const uint8_t* low, c
   }
   for (int64_t p = 0; p < k_padded / 4; ++p) {
     const int8_t* line = codes + p * kInt8QuadBytes;
-    if (Prefetch)
-      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l), _MM_HINT_T0);
+    for (int l = 0; l < 4; ++l) {
+      const char* ahead = reinterpret_cast<const char*>(line + kPrefetchAhead + 64 * l);
+      if (Prefetch) _mm_prefetch(ahead, _MM_HINT_T0);
+      else _mm_prefetch(ahead, _MM_HINT_NTA);
+    }
     __m512i h[R], lo[R];
     for (int r = 0; r < R; ++r) {
       int32_t quad_high, quad_low;
@@ -1169,7 +1179,7 @@ at::Tensor int8_vnni_call(const char* op, const at::Tensor& x, const at::Tensor&
 }
 
 // Whether int8_mm_rows takes its streaming loop (int8_block_rows<R, false, false>: the row's bias,
-// no software prefetch) or the one before it (<R, true, true>: column sums, prefetch into L1): the
+// non-temporal prefetch) or the one before it (<R, true, true>: column sums, prefetch into L1): the
 // CPU's rule (cpu_features::few_rows_stream_weights: AMD's, not Intel's, where the streaming loop
 // is unmeasured) unless a benchmark or test forced one (set_int8_rows_streaming). Both give the same bits. EPYC Zen 4, one thread, the
 // loops interleaved in one process (bench/RESULTS.md, 13head): with the weight in cache 1.2x (1

@@ -63,12 +63,15 @@ constexpr int64_t kCheckEvery = 8;
 // kAheadMaxBytes of it in all (the worker's 1-2 MiB L2; what it evicts lands in L3 on Zen, and
 // the gaps between a layer's ops are too short for more), in as many parts as the pool has
 // threads: a part's first lines first, each thread's share of the next op is early in cache.
-// A gap long enough (between two decode steps: sampling, scheduling, ~0.5 ms at batch 1) goes on
-// to the weights after it along the chain learned, kAheadChainBytes in all (into L3).
+// Only the next weight. Going on along the learned chain in a long gap (8 MiB: the next step's
+// first layers, read while the engine samples and schedules between two decode steps) pushed the
+// engine's own data out of cache there. In one process on a 2-vCPU Zen 5 (bench/RESULTS.md
+// 2026-12-04 23:33), the int4 batch-1 step took 0.96x the time without it, and 0.88x together with
+// the few-row loops' non-temporal prefetches (quant_ops.cpp). bfloat16 at 1 and 64 rows and int4
+// at 16 and 64 were even or better. float32 batch 1 lost 1-2%.
 // The weights followed are remembered in kNextSlots slots (a 30-layer model has 121 matmuls).
 constexpr int64_t kAheadChunk = 4096;
 constexpr int64_t kAheadMaxBytes = 2 << 20;
-constexpr int64_t kAheadChainBytes = 8 << 20;
 constexpr int64_t kNextSlots = 2048;
 constexpr int64_t kProbeSlots = 8;
 
@@ -203,20 +206,19 @@ class Pool {
   }
 
  private:
-  // Slot of weight `key`: the weight whose op came after key's last time. Written by callers
-  // (under `busy`), read by workers following the chain: a torn read only misdirects prefetches.
+  // Slot of weight `key`: the weight whose op came after key's last time. Written and read by
+  // callers only, under `busy`.
   struct Next {
-    std::atomic<const void*> key{nullptr};
-    std::atomic<const void*> data{nullptr};
-    std::atomic<int64_t> bytes{0};
+    const void* key = nullptr;
+    const void* data = nullptr;
+    int64_t bytes = 0;
   };
 
-  // A worker's read-ahead: of the weights after op generation `gen`, the one it is on, how far it
-  // got (per part), and the bytes of the ones before it in the chain.
+  // A worker's read-ahead: the weight read ahead after op generation `gen`, and how far it got (per part).
   struct Ahead {
     uint64_t gen = 0;
     const char* data = nullptr;
-    int64_t bytes = 0, offset = 0, chain = 0;
+    int64_t bytes = 0, offset = 0;
   };
 
   // The weight read ahead after this op: the one that followed `weight` last time (learned here:
@@ -225,9 +227,7 @@ class Pool {
   void follow(Weight weight) {
     if (last_weight_ && last_weight_ != weight.data) {
       Next* s = slot(last_weight_);
-      s->data.store(weight.data, std::memory_order_relaxed);
-      s->bytes.store(weight.bytes, std::memory_order_relaxed);
-      s->key.store(last_weight_, std::memory_order_release);
+      *s = {last_weight_, weight.data, weight.bytes};
     }
     last_weight_ = weight.data;
     const Weight ahead = next_after(weight.data);
@@ -239,13 +239,12 @@ class Pool {
   // The slot of weight `key`: its own or a free one among kProbeSlots from its hash (open
   // addressing on its address), else the first of them, taken over. Bounded, so a process that
   // keeps making new weights (reloads, tests, benchmarks) neither fills the table for good nor
-  // scans all of it on every op; a slot taken over while a worker reads it only misdirects prefetches.
+  // scans all of it on every op; a slot taken over only misdirects one read-ahead.
   Next* slot(const void* key) {
     const uint64_t hash = ((reinterpret_cast<uintptr_t>(key) >> 6) * 0x9E3779B97F4A7C15ull) >> 32;
     for (int64_t i = 0; i < kProbeSlots; ++i) {
       Next& s = next_of_[(hash + i) % kNextSlots];
-      const void* k = s.key.load(std::memory_order_acquire);
-      if (k == key || k == nullptr) return &s;
+      if (s.key == key || s.key == nullptr) return &s;
     }
     return &next_of_[hash % kNextSlots];
   }
@@ -253,31 +252,23 @@ class Pool {
   // The weight that came after `key`'s op last time (none: data null).
   Weight next_after(const void* key) {
     const Next* s = slot(key);
-    if (s->key.load(std::memory_order_acquire) != key) return {};
-    return {s->data.load(std::memory_order_relaxed), s->bytes.load(std::memory_order_relaxed)};
+    if (s->key != key) return {};
+    return {s->data, s->bytes};
   }
 
   // Worker `worker` between ops: its share of the read-ahead weights into its cache, until op
   // `seen` is no longer the latest. A weight is cut into threads_ parts as its op will be, and
   // worker w reads parts w, w + workers, ... (one worker: all of them), a chunk of each in turn,
-  // from where it left off (`a`); then the weight after it, while the chain is under
-  // kAheadChainBytes. Prefetches: never a fault, even for a weight freed since.
+  // from where it left off (`a`). Prefetches: never a fault, even for a weight freed since.
   void read_weight_ahead(uint32_t seen, int64_t worker, Ahead& a) {
     const uint64_t g = ahead_gen_.load(std::memory_order_relaxed);
     if (g != a.gen)
       a = {g, static_cast<const char*>(ahead_data_.load(std::memory_order_relaxed)),
-           ahead_bytes_.load(std::memory_order_relaxed), 0, 0};
+           ahead_bytes_.load(std::memory_order_relaxed), 0};
     int64_t read = 0;
-    while (a.data && epoch_.load(std::memory_order_relaxed) == seen) {
-      const int64_t part = (a.bytes / threads_ + 63) & ~int64_t{63};
-      const int64_t limit = std::min(part, kAheadMaxBytes / threads_);
-      if (limit <= 0) break;  // a weight of under threads_ bytes: no part to read (ends the chain)
-      if (a.offset >= limit) {  // this weight is read: the one after it, if the chain has room
-        a.chain += limit * threads_;
-        const Weight next = next_after(a.data);
-        a = {a.gen, a.chain < kAheadChainBytes ? static_cast<const char*>(next.data) : nullptr, next.bytes, 0, a.chain};
-        continue;
-      }
+    const int64_t part = (a.bytes / threads_ + 63) & ~int64_t{63};
+    const int64_t limit = std::min(part, kAheadMaxBytes / threads_);  // 0: a weight of under threads_ bytes
+    while (a.data && a.offset < limit && epoch_.load(std::memory_order_relaxed) == seen) {
       for (int64_t q = worker; q < threads_; q += threads_ - 1) {
         const int64_t end = std::min({a.offset + kAheadChunk, limit, a.bytes - q * part});
         for (int64_t b = a.offset; b < end; b += 64) _mm_prefetch(a.data + q * part + b, _MM_HINT_T1);
