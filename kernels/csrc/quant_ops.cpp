@@ -91,7 +91,7 @@ constexpr int64_t kPrefetchAhead = 2048;  // bytes of codes the few-row loops as
 // The default model's int4 batch-1 step, 2-vCPU Zen 5, alternating passes in one process, with
 // the pool reading ahead only the next weight (bench/RESULTS.md 2026-12-04 23:33): int4's codes
 // NTA rather than T0 0.95x the time, the int8 LM head's loop (which had no software prefetch)
-// asking NTA 0.96x again. T0 here filled the cache that NTA spares.
+// asking NTA 0.96x again.
 constexpr int64_t kScalePrefetchGroups = 2;  // groups ahead whose scales int4's few-row loop asks for
 // Input rows from which int4_mm_rows' threads split blocks by 32-column halves (for_each_half_block),
 // not whole blocks: from 4 rows its vdpbf16ps products, not its reads, bound it (a half costs half
