@@ -274,6 +274,7 @@ def test_a_stream_is_handed_an_output_every_stream_interval_tokens(tiny_path, ll
 
     try:
         items = asyncio.run(main())
+        assert_all_blocks_free(engine.engine)
     finally:
         asyncio.run(engine.shutdown())
     assert counts == [1, 4, 7, 8]
@@ -299,6 +300,7 @@ def test_a_reader_that_wants_only_the_final_output_is_handed_the_first_and_the_l
     assert counts == [1, 8] and final[-1].finished and len(final[-1].outputs[0].token_ids) == 8
     assert streamed == list(range(1, 9))  # a streamed request beside it: every token
     assert final[-1].outputs[0].token_ids == each[-1].outputs[0].token_ids
+    assert_all_blocks_free(async_engine.engine)
 
 
 def test_a_step_wakes_the_event_loop_once_for_all_its_requests(async_engine):
