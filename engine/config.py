@@ -81,6 +81,8 @@ KV_CACHE_DTYPES = {
 }
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
+# stream_interval's largest value, in tokens.
+MAX_STREAM_INTERVAL = 4096
 
 
 @dataclass
@@ -147,6 +149,7 @@ class EngineConfig:
     # loop a wake-up and a socket write per stream per step (on a small CPU, time taken from the
     # step) at the price of a choppier stream. A non-streaming request gets only its first output
     # (time to first token) and its last, whatever this says. The offline LLM ignores it.
+    # At most MAX_STREAM_INTERVAL: beyond a few hundred tokens a stream is final-only in effect.
     stream_interval: int = 1
 
     def __post_init__(self) -> None:
@@ -219,8 +222,10 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
             )
-        if self.stream_interval < 1:
-            raise ValueError(f"EngineConfig.stream_interval must be at least 1, got {self.stream_interval}")
+        if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
+            raise ValueError(
+                f"EngineConfig.stream_interval must be in [1, {MAX_STREAM_INTERVAL}] tokens, got {self.stream_interval}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"EngineConfig.num_threads must be at least 1, got {self.num_threads}")
 

@@ -84,8 +84,10 @@ def test_settings_refuse_unknown_names_and_bad_values(environ):
         load_settings({"block_size": "7"}).engine_config()
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         load_settings({"kv_cache_dtype": "int3"}).engine_config()
-    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+    with pytest.raises(ValueError, match=r"stream_interval must be in \[1, 4096\] tokens, got 0"):
         load_settings({"stream_interval": "0"}).engine_config()
+    with pytest.raises(ValueError, match=r"stream_interval must be in \[1, 4096\] tokens, got 4097"):
+        load_settings({"stream_interval": "4097"}).engine_config()
 
 
 def test_sizes_are_pydantic_byte_sizes(environ):
